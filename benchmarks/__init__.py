@@ -1,0 +1,1 @@
+"""The ``jaggedrec-bench`` command line, installed as ``jaggedrec.benchmarks``."""

@@ -1,0 +1,98 @@
+"""Table configurations, with TorchRec's names and defaults."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum, unique
+from typing import Callable, List, Optional
+
+import torch
+
+
+@unique
+class PoolingType(Enum):
+    """How the rows of one bag are reduced to one vector."""
+
+    SUM = "SUM"
+    MEAN = "MEAN"
+
+
+@unique
+class DataType(Enum):
+    """Storage type of a table's rows. Pooled outputs are always fp32."""
+
+    FP32 = "FP32"
+    FP16 = "FP16"
+    BF16 = "BF16"
+
+    def to_torch(self) -> torch.dtype:
+        return _TORCH_DTYPES[self]
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_TORCH_DTYPES = {DataType.FP32: torch.float32, DataType.FP16: torch.float16, DataType.BF16: torch.bfloat16}
+
+
+@dataclass
+class BaseEmbeddingConfig:
+    """Fields shared by pooled and unpooled tables.
+
+    ``weight_init_min``/``weight_init_max`` default to -/+ sqrt(1 / num_embeddings),
+    and an empty ``feature_names`` means the table serves one feature named like it.
+    ``init_fn``, when given, is called on the table's ``[num_embeddings, embedding_dim]``
+    weight view and replaces the uniform init.
+    """
+
+    num_embeddings: int
+    embedding_dim: int
+    name: str = ""
+    data_type: DataType = DataType.FP32
+    feature_names: List[str] = field(default_factory=list)
+    weight_init_max: Optional[float] = None
+    weight_init_min: Optional[float] = None
+    init_fn: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None
+
+    def __post_init__(self) -> None:
+        label = f"table '{self.name}'"
+        if not self.name:
+            raise ValueError("an embedding table config needs a non-empty name")
+        for attr in ("num_embeddings", "embedding_dim"):
+            value = getattr(self, attr)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{label}: {attr} must be an int, got {type(value).__name__}")
+            if value <= 0:
+                raise ValueError(f"{label}: {attr} must be positive, got {value}")
+        if not isinstance(self.data_type, DataType):
+            raise TypeError(f"{label}: data_type must be a DataType, got {self.data_type!r}")
+        self.feature_names = list(self.feature_names) or [self.name]
+        if len(set(self.feature_names)) != len(self.feature_names):
+            raise ValueError(f"{label}: feature_names has duplicates: {self.feature_names}")
+        bound = math.sqrt(1.0 / self.num_embeddings)
+        if self.weight_init_max is None:
+            self.weight_init_max = bound
+        if self.weight_init_min is None:
+            self.weight_init_min = -bound
+
+    @property
+    def num_features(self) -> int:
+        return len(self.feature_names)
+
+
+@dataclass
+class EmbeddingBagConfig(BaseEmbeddingConfig):
+    """A table whose rows are pooled per bag (SUM or MEAN)."""
+
+    pooling: PoolingType = PoolingType.SUM
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.pooling, PoolingType):
+            raise TypeError(f"table '{self.name}': pooling must be a PoolingType, got {self.pooling!r}")
+
+
+@dataclass
+class EmbeddingConfig(BaseEmbeddingConfig):
+    """A table whose rows are returned per id, without pooling."""

@@ -1,0 +1,195 @@
+"""``EmbeddingBagCollection``: TorchRec's module over flat, table-batched storage."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from . import validation
+from .configs import EmbeddingBagConfig
+from .jagged_tensor import KeyedJaggedTensor
+from .keyed_tensor import KeyedTensor
+from .ops.pooled import BACKENDS, pooled_embedding_bags
+from .tables import TableLayout
+
+
+class EmbeddingBag(nn.Module):
+    """One table of a collection: a ``[rows, dim]`` view into the collection's flat storage.
+
+    It owns no parameter. ``weight`` is a live view of the owner's flat tensor, so writes
+    to it (``weight.data.copy_(...)``) reach the table, and the gradient flows to the flat
+    parameter that optimizers see.
+    """
+
+    def __init__(self, owner: "EmbeddingBagCollection", table: int) -> None:
+        super().__init__()
+        # Held outside nn.Module's registry: the owner is not a submodule of its tables.
+        self.__dict__["_owner"] = owner
+        self._table = table
+        slot = owner._layout.tables[table]
+        self.num_embeddings, self.embedding_dim = slot.rows, slot.dim
+        self.mode = "mean" if owner._layout.configs[table].pooling.value == "MEAN" else "sum"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.__dict__["_owner"].table_weight(self._table)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, mode='{self.mode}'"
+
+
+class EmbeddingBagCollection(nn.Module):
+    """Pools each feature's ids through its table, for all tables at once.
+
+    Args:
+        tables: one ``EmbeddingBagConfig`` per table; names must be unique.
+        is_weighted: the input KJTs carry per-id weights (``[N]`` floats).
+        device: where to allocate; ``"meta"`` allocates nothing.
+        backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
+        sparse: give the flat weights sparse COO gradients, as ``nn.EmbeddingBag(sparse=True)``.
+        validate: check each batch (lengths, id ranges) and raise a ``ValueError`` naming the
+            feature. On GPU the check reads one flag to the host; set False on hot paths.
+
+    ``forward(kjt)`` returns a ``KeyedTensor`` of ``[B, sum(dims)]`` fp32 values whose keys are
+    the tables' features in config order (``feature@table`` for a feature read by several
+    tables), whatever the KJT's key order.
+    """
+
+    def __init__(self, tables: Sequence[EmbeddingBagConfig], is_weighted: bool = False,
+                 device: Optional[torch.device] = None, backend: str = "auto", sparse: bool = False,
+                 validate: bool = True) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        for t in tables:
+            if not isinstance(t, EmbeddingBagConfig):
+                raise TypeError(f"tables must be EmbeddingBagConfig, got {type(t).__name__}")
+        self._layout = TableLayout(tables)
+        self._is_weighted = is_weighted
+        self._backend = backend
+        self._sparse = sparse
+        self.validate = validate
+        device = torch.device(device) if device is not None else None
+        self.flat_weights = nn.ParameterDict({
+            g.name: nn.Parameter(torch.empty(g.numel, dtype=g.dtype, device=device)) for g in self._layout.groups})
+        self.embedding_bags = nn.ModuleDict({
+            slot.name: EmbeddingBag(self, t) for t, slot in enumerate(self._layout.tables)})
+        self._embedding_names = self._layout.embedding_names
+        self._length_per_embedding = self._layout.embedding_dims()
+        self._feature_names = [list(c.feature_names) for c in self._layout.configs]
+        self._column_runs = self._layout.column_runs()
+        key_rows: Dict[str, int] = {}
+        key_tables: Dict[str, List[str]] = {}
+        for f in self._layout.features:
+            table = self._layout.tables[f.table]
+            key_rows[f.feature] = min(key_rows.get(f.feature, table.rows), table.rows)
+            key_tables.setdefault(f.feature, []).append(table.name)
+        self._spec = validation.FeatureSpec(key_rows, key_tables, is_weighted, type(self).__name__)
+        self._key_cache: Dict[Tuple[str, ...], List[List[int]]] = {}
+        self.register_state_dict_post_hook(_emit_table_weights)
+        self.register_load_state_dict_pre_hook(_absorb_table_weights)
+        if device is None or device.type != "meta":
+            self.reset_parameters()
+
+    # --- storage -----------------------------------------------------------------------
+    def table_weight(self, table: int) -> torch.Tensor:
+        """``[rows, dim]`` view of table ``table`` (config index) in its flat parameter."""
+        slot = self._layout.tables[table]
+        flat = self.flat_weights[self._layout.groups[slot.group].name]
+        return flat.narrow(0, slot.offset, slot.rows * slot.dim).view(slot.rows, slot.dim)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialise every table: its config's ``init_fn``, else uniform in [min, max]."""
+        for flat in self.flat_weights.values():
+            if flat.device.type != "meta":
+                flat.zero_()  # the alignment gaps between blocks stay zero
+        for t, config in enumerate(self._layout.configs):
+            view = self.table_weight(t)
+            if view.device.type == "meta":
+                continue
+            if config.init_fn is not None:
+                result = config.init_fn(view)
+                if isinstance(result, torch.Tensor) and result.data_ptr() != view.data_ptr():
+                    view.copy_(result)
+            else:
+                view.uniform_(config.weight_init_min, config.weight_init_max)
+
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        return list(self._layout.configs)
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    # --- forward -----------------------------------------------------------------------
+    def _group_keys(self, kjt_keys: List[str]) -> List[List[int]]:
+        """Per storage group, the KJT key index of each feature; cached per key order."""
+        cache_key = tuple(kjt_keys)
+        if cache_key not in self._key_cache:
+            position = validation.key_indices(kjt_keys, self._spec)
+            self._key_cache[cache_key] = [
+                [position[self._layout.features[i].feature] for i in g.features] for g in self._layout.groups]
+        return self._key_cache[cache_key]
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """
+        Args:
+            features: KJT with keys ``K`` (any order, a superset of the configured features),
+                ``[N]`` ids, ``[K*B]`` lengths or ``[K*B+1]`` offsets, and ``[N]`` weights when
+                ``is_weighted``.
+        Returns:
+            KeyedTensor with ``[B, sum(dims)]`` fp32 values.
+        """
+        group_keys = self._group_keys(features.keys())
+        validation.check_static(features, self._spec)
+        if self.validate and not torch.compiler.is_compiling():
+            validation.check_data(features, self._spec)
+        values, offsets = features.values(), features.offsets()
+        weights = features.weights_or_none()
+        outputs = [
+            pooled_embedding_bags(self.flat_weights[g.name], values, offsets, weights, list(g.weight_offsets),
+                                  list(g.rows), list(g.dims), keys, list(g.pooling), len(features.keys()),
+                                  self._backend, self._sparse)
+            for g, keys in zip(self._layout.groups, group_keys)]
+        if len(outputs) == 1:
+            pooled = outputs[0]
+        else:  # tables of several dtypes: interleave their columns back into output order
+            pooled = torch.cat([outputs[g].narrow(1, start, width) for g, start, width in self._column_runs], dim=1)
+        return KeyedTensor(self._embedding_names, self._length_per_embedding, pooled)
+
+
+# --- state_dict in TorchRec's format: one [rows, dim] entry per table ------------------------
+
+def _emit_table_weights(module: EmbeddingBagCollection, state_dict, prefix: str, local_metadata) -> None:
+    layout = module._layout
+    flats = {g.name: state_dict.pop(f"{prefix}flat_weights.{g.name}") for g in layout.groups}
+    for slot in layout.tables:
+        flat = flats[layout.groups[slot.group].name]
+        state_dict[f"{prefix}embedding_bags.{slot.name}.weight"] = (
+            flat.narrow(0, slot.offset, slot.rows * slot.dim).view(slot.rows, slot.dim))
+
+
+def _absorb_table_weights(module: EmbeddingBagCollection, state_dict, prefix: str, local_metadata, strict,
+                          missing_keys, unexpected_keys, error_msgs) -> None:
+    """Copy ``embedding_bags.<table>.weight`` entries into the flat parameters, in place."""
+    layout = module._layout
+    with torch.no_grad():
+        for t, slot in enumerate(layout.tables):
+            key = f"{prefix}embedding_bags.{slot.name}.weight"
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            value = state_dict.pop(key)
+            if tuple(value.shape) != (slot.rows, slot.dim):
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
+                                  f"the shape in current model is {(slot.rows, slot.dim)}.")
+                continue
+            target = module.table_weight(t)
+            if target.device.type != "meta":
+                target.copy_(value)
+    for g in layout.groups:
+        flat_key = f"{prefix}flat_weights.{g.name}"
+        if flat_key not in state_dict:  # already loaded above; let the default loader copy it onto itself
+            state_dict[flat_key] = module.flat_weights[g.name].detach()

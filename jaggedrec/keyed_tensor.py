@@ -1,0 +1,141 @@
+"""``KeyedTensor``: dense per-key blocks side by side, as an EmbeddingBagCollection returns them."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional
+
+import torch
+import torch.utils._pytree as pytree
+
+
+def _cumsum(sizes: List[int]) -> List[int]:
+    out = [0]
+    for n in sizes:
+        out.append(out[-1] + n)
+    return out
+
+
+@dataclasses.dataclass(init=False, repr=False, eq=False)
+class KeyedTensor:
+    """Dense blocks, one per key, concatenated along ``key_dim``.
+
+    Args:
+        keys: the K key names.
+        length_per_key: width of each key's block along ``key_dim``.
+        values: e.g. ``[B, sum(length_per_key)]`` for ``key_dim=1``.
+        key_dim: the dimension the blocks are laid along.
+    """
+
+    _keys: List[str]
+    _length_per_key: List[int]
+    _values: torch.Tensor
+    _key_dim: int
+    _offset_per_key: Optional[List[int]] = None
+    _index_per_key: Optional[Dict[str, int]] = None
+
+    def __init__(self, keys: List[str], length_per_key: List[int], values: torch.Tensor, key_dim: int = 1,
+                 offset_per_key: Optional[List[int]] = None,
+                 index_per_key: Optional[Dict[str, int]] = None) -> None:
+        if len(keys) != len(length_per_key):
+            raise ValueError(f"KeyedTensor: {len(keys)} keys but {len(length_per_key)} lengths")
+        self._keys = list(keys)
+        self._length_per_key = list(length_per_key)
+        self._values = values
+        self._key_dim = key_dim
+        self._offset_per_key = offset_per_key
+        self._index_per_key = index_per_key
+
+    @staticmethod
+    def from_tensor_list(keys: List[str], tensors: List[torch.Tensor], key_dim: int = 1,
+                         cat_dim: int = 1) -> "KeyedTensor":
+        """One tensor per key, concatenated along ``cat_dim``."""
+        return KeyedTensor(keys, [t.shape[key_dim] for t in tensors], torch.cat(tensors, dim=cat_dim), key_dim)
+
+    @staticmethod
+    def regroup(keyed_tensors: List["KeyedTensor"], groups: List[List[str]]) -> List[torch.Tensor]:
+        """One tensor per group: the named keys' blocks, gathered from any of ``keyed_tensors``, in order."""
+        where: Dict[str, KeyedTensor] = {}
+        for kt in keyed_tensors:
+            for key in kt.keys():
+                where.setdefault(key, kt)
+        out = []
+        for group in groups:
+            missing = [key for key in group if key not in where]
+            if missing:
+                raise KeyError(f"regroup: keys {missing} are in none of the KeyedTensors")
+            dims = {where[key].key_dim() for key in group}
+            if len(dims) != 1:
+                raise ValueError(f"regroup: group {group} mixes key_dims {sorted(dims)}")
+            out.append(torch.cat([where[key][key] for key in group], dim=dims.pop()))
+        return out
+
+    @staticmethod
+    def regroup_as_dict(keyed_tensors: List["KeyedTensor"], groups: List[List[str]],
+                        keys: List[str]) -> Dict[str, torch.Tensor]:
+        if len(groups) != len(keys):
+            raise ValueError(f"regroup_as_dict: {len(groups)} groups but {len(keys)} names")
+        return dict(zip(keys, KeyedTensor.regroup(keyed_tensors, groups)))
+
+    def keys(self) -> List[str]:
+        return self._keys
+
+    def values(self) -> torch.Tensor:
+        return self._values
+
+    def key_dim(self) -> int:
+        return self._key_dim
+
+    def length_per_key(self) -> List[int]:
+        return self._length_per_key
+
+    def offset_per_key(self) -> List[int]:
+        if self._offset_per_key is None:
+            self._offset_per_key = _cumsum(self._length_per_key)
+        return self._offset_per_key
+
+    def device(self) -> torch.device:
+        return self._values.device
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if self._index_per_key is None:
+            self._index_per_key = {k: i for i, k in enumerate(self._keys)}
+        if key not in self._index_per_key:
+            raise KeyError(f"key '{key}' is not in this KeyedTensor (keys: {self._keys})")
+        i = self._index_per_key[key]
+        start = self.offset_per_key()[i]
+        return self._values.narrow(self._key_dim, start, self._length_per_key[i])
+
+    def to_dict(self) -> Dict[str, torch.Tensor]:
+        blocks = torch.split(self._values, self._length_per_key, dim=self._key_dim)
+        return dict(zip(self._keys, blocks))
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "KeyedTensor":
+        return KeyedTensor(self._keys, self._length_per_key, self._values.to(device, non_blocking=non_blocking),
+                           self._key_dim, self._offset_per_key, self._index_per_key)
+
+    def __str__(self) -> str:
+        if not self._keys:
+            return "KeyedTensor()\n"
+        rows = [f'    "{key}": {self[key].tolist()}' for key in self._keys]
+        return "KeyedTensor({\n" + ",\n".join(rows) + "\n})\n"
+
+
+
+def _kt_flatten(kt: KeyedTensor):
+    return [kt._values], (list(kt._keys), list(kt._length_per_key), kt._key_dim)
+
+
+def _kt_flatten_with_keys(kt: KeyedTensor):
+    children, context = _kt_flatten(kt)
+    return [(pytree.GetAttrKey("_values"), children[0])], context
+
+
+def _kt_unflatten(children, context) -> KeyedTensor:
+    keys, length_per_key, key_dim = context
+    return KeyedTensor(keys, length_per_key, children[0], key_dim)
+
+
+pytree.register_pytree_node(KeyedTensor, _kt_flatten, _kt_unflatten,
+                            serialized_type_name="jaggedrec.KeyedTensor",
+                            flatten_with_keys_fn=_kt_flatten_with_keys)

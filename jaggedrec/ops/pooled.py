@@ -1,0 +1,153 @@
+"""``jaggedrec::pooled_embedding_bags``: every feature of an EmbeddingBagCollection in one op.
+
+The op knows tables only as slices of one flat weight tensor and features only as
+integer lists; it knows nothing of configs or names. Static facts about the tables are
+``int[]`` arguments, so torch.compile bakes them into the graph, and the batch size is
+read from the offsets' shape, never from device data.
+
+On CUDA (or with ``backend="triton"``) the op launches the Triton kernels; elsewhere
+it runs the torch path in ``pooled_torch``.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from . import pooled_torch
+from .registry import define_op
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _plan(weight_offsets, rows, dims, keys, pooling, num_keys) -> pooled_torch.PooledPlan:
+    t = pooled_torch.as_tuple
+    return pooled_torch.make_plan(t(weight_offsets), t(rows), t(dims), t(keys), t(pooling), num_keys)
+
+
+def _use_kernels(backend: str, weights: torch.Tensor) -> bool:
+    if backend == "triton":
+        raise NotImplementedError("the Triton backend is not built yet; use backend='torch'")
+    return False
+
+
+@define_op("jaggedrec::pooled_embedding_bags")
+def pooled_embedding_bags(
+    weights: torch.Tensor,
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    weight_offsets: List[int],
+    rows: List[int],
+    dims: List[int],
+    keys: List[int],
+    pooling: List[int],
+    num_keys: int,
+    backend: str,
+    sparse_grad: bool,
+) -> torch.Tensor:
+    """Pool each feature's rows from its table.
+
+    Args:
+        weights: ``[W]`` flat storage of every table, one dtype.
+        values: ``[N]`` int32/int64 ids, key-major as in a KJT.
+        offsets: ``[K*B+1]`` bag starts (same dtype as ``values``).
+        per_sample_weights: ``[N]`` float weights, or None.
+        weight_offsets: ``[F]`` element offset of each feature's table in ``weights``.
+        rows: ``[F]`` rows of each feature's table.
+        dims: ``[F]`` embedding dim of each feature's table.
+        keys: ``[F]`` index of each feature's key among the KJT's ``K`` keys.
+        pooling: ``[F]`` 0 for SUM, 1 for MEAN (divides by the bag length; empty bags give 0).
+        num_keys: K.
+        backend: "auto", "torch" or "triton".
+        sparse_grad: give ``weights`` a sparse COO gradient (eager only).
+    Returns:
+        ``[B, sum(dims)]`` fp32, features side by side in the order given.
+    """
+    plan = _plan(weight_offsets, rows, dims, keys, pooling, num_keys)
+    if _use_kernels(backend, weights):
+        raise AssertionError("unreachable")
+    return pooled_torch.pooled_forward(weights, values, offsets, per_sample_weights, plan, num_keys)
+
+
+@define_op("jaggedrec::pooled_embedding_bags_backward")
+def pooled_embedding_bags_backward(
+    grad_out: torch.Tensor,
+    weights: torch.Tensor,
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    weight_offsets: List[int],
+    rows: List[int],
+    dims: List[int],
+    keys: List[int],
+    pooling: List[int],
+    num_keys: int,
+    backend: str,
+    need_weight_grad: bool,
+    need_psw_grad: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dense gradients of :func:`pooled_embedding_bags`.
+
+    Args:
+        grad_out: ``[B, sum(dims)]``; the other arguments as in the forward.
+    Returns:
+        ``[W]`` weight gradient in the weights' dtype (``[0]`` unless ``need_weight_grad``),
+        ``[N]`` fp32 per-sample-weight gradient (``[0]`` unless ``need_psw_grad``).
+    """
+    plan = _plan(weight_offsets, rows, dims, keys, pooling, num_keys)
+    if _use_kernels(backend, weights):
+        raise AssertionError("unreachable")
+    grad_weights, grad_psw = pooled_torch.pooled_backward(
+        grad_out, weights, values, offsets, per_sample_weights, plan, num_keys, need_weight_grad, need_psw_grad)
+    if grad_weights is None:
+        grad_weights = weights.new_empty(0)
+    if grad_psw is None:
+        grad_psw = grad_out.new_empty(0, dtype=torch.float32)
+    return grad_weights, grad_psw
+
+
+def _sparse_weight_grad(grad_out, weights, values, offsets, psw, plan, num_keys) -> torch.Tensor:
+    """``[W]`` sparse COO gradient holding only the elements of touched rows."""
+    index_parts, value_parts = [], []
+    for p, rows, sums in pooled_torch.pooled_row_grads(grad_out, values, offsets, psw, plan, num_keys):
+        first = p.weight_start + rows.long() * p.dim
+        index_parts.append((first.unsqueeze(1) + torch.arange(p.dim, device=first.device)).reshape(-1))
+        value_parts.append(sums.reshape(-1))
+    if not index_parts:
+        return torch.sparse_coo_tensor(torch.empty(1, 0, dtype=torch.long, device=weights.device),
+                                       weights.new_empty(0), weights.shape)
+    grad = torch.sparse_coo_tensor(torch.cat(index_parts).unsqueeze(0), torch.cat(value_parts).to(weights.dtype),
+                                   weights.shape, is_coalesced=len(index_parts) == 1, check_invariants=False)
+    return grad if len(index_parts) == 1 else grad.coalesce()
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    (weights, values, offsets, psw, weight_offsets, rows, dims, keys, pooling, num_keys, backend,
+     sparse_grad) = inputs
+    ctx.save_for_backward(weights, values, offsets, psw)
+    ctx.static = (weight_offsets, rows, dims, keys, pooling, num_keys, backend)
+    ctx.sparse_grad = sparse_grad
+
+
+def _backward(ctx, grad_out):
+    weights, values, offsets, psw = ctx.saved_tensors
+    need_weight_grad, _, _, need_psw_grad = ctx.needs_input_grad[:4]
+    grad_weights = grad_psw = None
+    if ctx.sparse_grad and need_weight_grad:
+        plan = _plan(*ctx.static[:6])
+        grad_weights = _sparse_weight_grad(grad_out, weights, values, offsets, psw, plan, ctx.static[5])
+        need_weight_grad = False
+    if need_weight_grad or (need_psw_grad and psw is not None):
+        dense_w, dense_psw = torch.ops.jaggedrec.pooled_embedding_bags_backward(
+            grad_out.contiguous(), weights, values, offsets, psw, *ctx.static,
+            need_weight_grad, bool(need_psw_grad and psw is not None))
+        if need_weight_grad:
+            grad_weights = dense_w
+        if need_psw_grad and psw is not None:
+            grad_psw = dense_psw.to(psw.dtype)
+    return (grad_weights, None, None, grad_psw) + (None,) * 8
+
+
+pooled_embedding_bags.register_autograd(_backward, setup_context=_setup_context)

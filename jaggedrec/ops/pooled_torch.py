@@ -1,0 +1,318 @@
+"""The torch path of pooled embedding bags: what runs on CPU, and on GPU with ``backend="torch"``.
+
+The batch arrives as the KJT's raw ``values`` and ``offsets`` (key-major, ``[K*B+1]``).
+Instead of one ``embedding_bag`` call per feature, features that share an embedding dim
+are served by one call over the whole flat weight block of that dim: each id is shifted
+by its table's first row, and ``offsets`` are used as they are, so the call returns
+``[K*B, D]`` bag sums for every key at once. Nothing here reads device data to the host,
+so the path compiles with static shapes.
+
+A key used by two tables of the same dim (a shared feature) needs a second call, so the
+features of one dim are split into *passes* in which each key appears at most once.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
+
+POOLING_SUM, POOLING_MEAN = 0, 1
+
+# The per-sample-weight gradient gathers one table row per id; do it in slices so that a
+# batch of millions of ids does not allocate [N, D] temporaries at once.
+_PSW_GRAD_CHUNK = 1 << 18
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """Features of one dim served by one ``embedding_bag`` call (each key at most once)."""
+
+    dim: int
+    weight_start: int          # element offset of the block in the flat weights
+    num_rows: int              # rows of the [num_rows, dim] block view
+    features: Tuple[int, ...]  # feature indices, ascending
+    keys: Tuple[int, ...]      # KJT key of each feature
+    key_row_base: Tuple[int, ...]  # [K] first row of the key's table in the block, -1 if unused
+    mean: Tuple[bool, ...]     # MEAN pooling of each feature
+
+    @property
+    def covers_all_keys(self) -> bool:
+        return min(self.key_row_base) >= 0
+
+
+@dataclass(frozen=True)
+class PooledPlan:
+    passes: Tuple[_Pass, ...]
+    out_offsets: Tuple[int, ...]  # [F+1] output column of each feature
+    feature_rows: Tuple[int, ...]  # [F] rows of each feature's table
+
+
+@functools.lru_cache(maxsize=256)
+def make_plan(weight_offsets: Tuple[int, ...], rows: Tuple[int, ...], dims: Tuple[int, ...],
+              keys: Tuple[int, ...], pooling: Tuple[int, ...], num_keys: int) -> PooledPlan:
+    """Group features by dim, then into passes where each KJT key appears once."""
+    num_features = len(dims)
+    out_offsets = [0]
+    for d in dims:
+        out_offsets.append(out_offsets[-1] + d)
+    passes: List[_Pass] = []
+    for dim in sorted(set(dims)):
+        members = [f for f in range(num_features) if dims[f] == dim]
+        start = min(weight_offsets[f] for f in members)
+        end = max(weight_offsets[f] + rows[f] * dim for f in members)
+        for f in members:
+            if (weight_offsets[f] - start) % dim:
+                raise ValueError(f"feature {f}: table offset {weight_offsets[f]} is not row-aligned "
+                                 f"within the dim-{dim} block starting at {start}")
+        pending = members
+        while pending:
+            taken, seen, rest = [], set(), []
+            for f in pending:
+                (rest if keys[f] in seen else taken).append(f)
+                seen.add(keys[f])
+            base = [-1] * num_keys
+            for f in taken:
+                base[keys[f]] = (weight_offsets[f] - start) // dim
+            passes.append(_Pass(dim, start, (end - start) // dim, tuple(taken),
+                                tuple(keys[f] for f in taken), tuple(base),
+                                tuple(pooling[f] == POOLING_MEAN for f in taken)))
+            pending = rest
+    return PooledPlan(tuple(passes), tuple(out_offsets), tuple(rows))
+
+
+def _block(weights: torch.Tensor, p: _Pass) -> torch.Tensor:
+    return weights.narrow(0, p.weight_start, p.num_rows * p.dim).view(p.num_rows, p.dim)
+
+
+def _shifted_ids(p: _Pass, values: torch.Tensor,
+                 key_counts: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``[N]`` row of each id in the pass's block, and ``[N]`` bool "id belongs to the pass".
+
+    Ids of keys outside the pass point at row 0 (their bags are dropped); the mask is None
+    when the pass covers every key.
+    """
+    base = torch.tensor(p.key_row_base, dtype=values.dtype, device=values.device)
+    shift = torch.repeat_interleave(base, key_counts, output_size=values.shape[0])
+    ids = values + shift
+    if p.covers_all_keys:
+        return ids, None
+    in_pass = shift >= 0
+    return torch.where(in_pass, ids, torch.zeros_like(ids)), in_pass
+
+
+def _key_counts(offsets: torch.Tensor, batch: int) -> torch.Tensor:
+    """``[K]`` ids per key, from the key-major offsets without leaving the device."""
+    starts = offsets[::batch]
+    return (starts[1:] - starts[:-1]).long()
+
+
+def pooled_forward(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+                   per_sample_weights: Optional[torch.Tensor], plan: PooledPlan,
+                   num_keys: int) -> torch.Tensor:
+    """Pooled embeddings of every feature.
+
+    Args:
+        weights: ``[W]`` flat table storage.
+        values: ``[N]`` ids, key-major.
+        offsets: ``[K*B+1]`` bag starts.
+        per_sample_weights: ``[N]`` or None.
+    Returns:
+        ``[B, total_dim]`` fp32, feature ``f`` in columns ``plan.out_offsets[f]:[f+1]``.
+    """
+    batch = (offsets.shape[0] - 1) // num_keys
+    if batch == 0:
+        return weights.new_zeros((0, plan.out_offsets[-1]), dtype=torch.float32)
+    if not _host_readable(values, offsets):
+        return _forward_batched(weights, values, offsets, per_sample_weights, plan, num_keys, batch)
+    if len(plan.passes) == 1 or len({p.dim for p in plan.passes}) == 1:
+        if values.shape[0] == num_keys * batch and bool((offsets[1:] - offsets[:-1] == 1).all()):
+            return _forward_one_id_per_bag(weights, values, per_sample_weights, plan, num_keys, batch)
+    return _forward_per_feature(weights, values, offsets, per_sample_weights, plan, num_keys, batch)
+
+
+def _host_readable(*tensors: torch.Tensor) -> bool:
+    """Real CPU tensors in eager mode: reading a few offsets costs nothing and breaks no graph."""
+    return (not torch.compiler.is_compiling() and all(t.device.type == "cpu" for t in tensors)
+            and not any(is_fake(t) for t in tensors))
+
+
+def _forward_one_id_per_bag(weights, values, per_sample_weights, plan, num_keys, batch) -> torch.Tensor:
+    """Eager CPU, every bag holding exactly one id (one-hot features), all tables of one dim.
+
+    Pooling one row is the row itself (times its weight), so the output is a plain row
+    gather, taken batch-major so that it lands in output layout with no copy."""
+    p = plan.passes[0]
+    features = sorted((f, k, p.key_row_base[k]) for p in plan.passes for f, k in zip(p.features, p.keys))
+    keys = torch.tensor([k for _, k, _ in features])
+    base = torch.tensor([row for _, _, row in features], dtype=values.dtype)
+    ids = values.view(num_keys, batch).index_select(0, keys).t() + base  # [B, F]
+    rows = _block(weights, p).detach().index_select(0, ids.reshape(-1)).view(batch, len(features), p.dim)
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights.view(num_keys, batch).index_select(0, keys).t().unsqueeze(-1)
+    return rows.reshape(batch, plan.out_offsets[-1]).float()
+
+
+def _forward_per_feature(weights, values, offsets, per_sample_weights, plan, num_keys, batch) -> torch.Tensor:
+    """Eager CPU: one ``embedding_bag`` per feature on its own table's rows, so that each
+    call gathers from one table (cache friendly) and needs no id shift."""
+    starts = offsets[::batch].tolist()  # [K+1] first id of each key
+    pieces = {}
+    for p in plan.passes:
+        block = _block(weights, p).detach()
+        for f, k, mean in zip(p.features, p.keys, p.mean):
+            first, last = starts[k], starts[k + 1]
+            table = block.narrow(0, p.key_row_base[k], plan.feature_rows[f])
+            bag_offsets = offsets[k * batch:(k + 1) * batch + 1].to(values.dtype) - first
+            psw = None if per_sample_weights is None else per_sample_weights[first:last].to(table.dtype)
+            # unweighted MEAN is embedding_bag's own mode; weighted MEAN sums here, divides below
+            mode = "mean" if mean and psw is None else "sum"
+            pooled = F.embedding_bag(values[first:last], table, bag_offsets, mode=mode,
+                                     per_sample_weights=psw, include_last_offset=True)
+            if mean and psw is not None:
+                pooled = pooled / (bag_offsets[1:] - bag_offsets[:-1]).clamp(min=1).unsqueeze(1)
+            pieces[f] = pooled
+    return torch.cat([pieces[f] for f in range(len(pieces))], dim=1).float()
+
+
+def _forward_batched(weights, values, offsets, per_sample_weights, plan, num_keys, batch) -> torch.Tensor:
+    """Compiled or GPU: one ``embedding_bag`` per pass over all ids, no host reads, static shapes."""
+    key_counts = _key_counts(offsets, batch)
+    inv_lengths = _inverse_lengths(plan, offsets, num_keys, batch)
+    pieces = {}
+    for p in plan.passes:
+        table = _block(weights, p).detach()
+        psw = None if per_sample_weights is None else per_sample_weights.to(table.dtype)
+        ids, _ = _shifted_ids(p, values, key_counts)
+        bags = F.embedding_bag(ids, table, offsets.to(values.dtype), mode="sum", per_sample_weights=psw,
+                               include_last_offset=True).view(num_keys, batch, p.dim)
+        for f, k, mean in zip(p.features, p.keys, p.mean):
+            pieces[f] = bags[k] * inv_lengths[k].unsqueeze(1) if mean else bags[k]
+    # [B, D] blocks of each key -> [B, total_dim] feature columns, in one copy
+    return torch.cat([pieces[f] for f in range(len(pieces))], dim=1).float()
+
+
+def _inverse_lengths(plan: PooledPlan, offsets: torch.Tensor, num_keys: int, batch: int) -> Optional[torch.Tensor]:
+    """``[K, B]`` fp32 1/length (1 for empty bags) when some feature pools by MEAN, else None."""
+    if not any(any(p.mean) for p in plan.passes):
+        return None
+    lengths = (offsets[1:] - offsets[:-1]).view(num_keys, batch)
+    return 1.0 / lengths.clamp(min=1).to(torch.float32)
+
+
+def _bag_grads(p: _Pass, grad_out: torch.Tensor, plan: PooledPlan, inv_lengths: Optional[torch.Tensor],
+               num_keys: int, batch: int) -> torch.Tensor:
+    """``[K*B, D]`` fp32 gradient of each bag's sum (MEAN scale folded in); zero for keys outside the pass."""
+    bag_grads = grad_out.new_zeros((num_keys, batch, p.dim), dtype=torch.float32)
+    for f, k, mean in zip(p.features, p.keys, p.mean):
+        cols = grad_out[:, plan.out_offsets[f]:plan.out_offsets[f + 1]]
+        bag_grads[k] = cols * inv_lengths[k].unsqueeze(1) if mean else cols
+    return bag_grads.view(num_keys * batch, p.dim)
+
+
+def _bag_of_id(offsets: torch.Tensor, num_bags: int, num_ids: int) -> torch.Tensor:
+    """``[N]`` bag index of each id."""
+    lengths = (offsets[1:] - offsets[:-1]).long()
+    return torch.repeat_interleave(torch.arange(num_bags, device=offsets.device), lengths, output_size=num_ids)
+
+
+def _sum_rows_by_id(ids: torch.Tensor, bag_of_id: torch.Tensor, bag_grads: torch.Tensor,
+                    psw: Optional[torch.Tensor], num_rows: int, unique: bool):
+    """Sum ``psw[i] * bag_grads[bag_of_id[i]]`` over the ids of each row.
+
+    The backward of a gather-and-pool is itself a gather-and-pool: sort the ids, and each
+    row's run of ids becomes a bag over ``bag_grads``. Sorting is stable, so the order of
+    additions, and the result, are the same on every run.
+
+    Returns ``(rows, sums)``: with ``unique`` the touched rows ``[U]`` and ``[U, D]`` sums
+    (eager only, U depends on the data); otherwise ``None`` and dense ``[num_rows, D]`` sums.
+    """
+    narrow = ids.to(torch.int32) if num_rows < 2**31 else ids  # int32 sorts ~2x faster
+    sorted_ids, order = torch.sort(narrow, stable=True)
+    if unique:
+        rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    else:
+        rows = None
+        counts = torch.zeros(num_rows, dtype=torch.int64, device=ids.device)
+        counts.scatter_add_(0, sorted_ids.long(), torch.ones_like(sorted_ids, dtype=torch.int64))
+    run_offsets = F.pad(counts.cumsum(0), (1, 0))
+    sums = F.embedding_bag(bag_of_id[order], bag_grads, run_offsets, mode="sum",
+                           per_sample_weights=None if psw is None else psw[order].float(),
+                           include_last_offset=True)
+    return rows, sums
+
+
+def pooled_backward(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor,
+                    offsets: torch.Tensor, per_sample_weights: Optional[torch.Tensor], plan: PooledPlan,
+                    num_keys: int, need_weight_grad: bool,
+                    need_psw_grad: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Dense gradients of :func:`pooled_forward`.
+
+    Args:
+        grad_out: ``[B, total_dim]``.
+    Returns:
+        ``[W]`` weight gradient in the weights' dtype (or None), ``[N]`` per-sample-weight
+        gradient (or None).
+    """
+    batch = (offsets.shape[0] - 1) // num_keys
+    grad_weights = torch.zeros_like(weights, dtype=torch.float32) if need_weight_grad else None
+    grad_psw = torch.zeros(values.shape[0], dtype=torch.float32, device=values.device) if need_psw_grad else None
+    if batch == 0 or values.shape[0] == 0:
+        return _cast(grad_weights, weights.dtype), grad_psw
+    key_counts = _key_counts(offsets, batch)
+    bag_of_id = _bag_of_id(offsets, num_keys * batch, values.shape[0])
+    inv_lengths = _inverse_lengths(plan, offsets, num_keys, batch)
+    eager = _host_readable(values, offsets)
+    for p in plan.passes:
+        ids, _ = _shifted_ids(p, values, key_counts)
+        bag_grads = _bag_grads(p, grad_out, plan, inv_lengths, num_keys, batch)
+        if need_weight_grad:
+            block_grad = grad_weights.narrow(0, p.weight_start, p.num_rows * p.dim).view(p.num_rows, p.dim)
+            if eager:  # only the touched rows: far less memory traffic than a dense [rows, D] sum
+                rows, sums = _sum_rows_by_id(ids, bag_of_id, bag_grads, per_sample_weights, p.num_rows, unique=True)
+                block_grad.index_add_(0, rows.long(), sums)
+            else:
+                _, sums = _sum_rows_by_id(ids, bag_of_id, bag_grads, per_sample_weights, p.num_rows, unique=False)
+                block_grad.add_(sums)
+        if need_psw_grad:
+            table = _block(weights, p)
+            for lo in range(0, values.shape[0], _PSW_GRAD_CHUNK):
+                hi = min(lo + _PSW_GRAD_CHUNK, values.shape[0])
+                rows = table[ids[lo:hi]].float()
+                grad_psw[lo:hi] += (rows * bag_grads[bag_of_id[lo:hi]]).sum(1)
+    return _cast(grad_weights, weights.dtype), grad_psw
+
+
+def pooled_row_grads(grad_out: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+                     per_sample_weights: Optional[torch.Tensor], plan: PooledPlan,
+                     num_keys: int) -> List[Tuple[_Pass, torch.Tensor, torch.Tensor]]:
+    """Per pass, the touched rows ``[U]`` of its block and their summed gradients ``[U, D]`` fp32."""
+    batch = (offsets.shape[0] - 1) // num_keys
+    if batch == 0 or values.shape[0] == 0:
+        return []
+    key_counts = _key_counts(offsets, batch)
+    bag_of_id = _bag_of_id(offsets, num_keys * batch, values.shape[0])
+    inv_lengths = _inverse_lengths(plan, offsets, num_keys, batch)
+    out = []
+    for p in plan.passes:
+        ids, in_pass = _shifted_ids(p, values, key_counts)
+        bag_grads = _bag_grads(p, grad_out, plan, inv_lengths, num_keys, batch)
+        bags, psw = bag_of_id, per_sample_weights
+        if in_pass is not None:  # only rows this pass really touches
+            ids, bags = ids[in_pass], bags[in_pass]
+            psw = None if psw is None else psw[in_pass]
+        rows, sums = _sum_rows_by_id(ids, bags, bag_grads, psw, p.num_rows, unique=True)
+        out.append((p, rows, sums))
+    return out
+
+
+def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def as_tuple(xs: Sequence[int]) -> Tuple[int, ...]:
+    return tuple(int(x) for x in xs)

@@ -1,0 +1,35 @@
+"""How jaggedrec ops are registered with torch.library."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+try:  # Triton ships with torch's Linux wheels; elsewhere the ops fall back to plain custom ops.
+    import triton  # noqa: F401
+    from torch.library import triton_op, wrap_triton
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    HAS_TRITON = False
+    wrap_triton = None
+
+
+def define_op(name: str, mutates_args: Iterable[str] = ()) -> Callable:
+    """Register ``fn`` as the op ``name``.
+
+    With Triton present this is a ``triton_op``: torch.compile traces into its body and
+    sees the Triton launches, so the body doubles as the op's fake implementation and must
+    compute output shapes from sizes alone. Without Triton it is an opaque ``custom_op``
+    whose fake implementation is the same function run on fake tensors.
+    """
+
+    def decorate(fn: Callable):
+        if HAS_TRITON:
+            return triton_op(name, mutates_args=tuple(mutates_args))(fn)
+        op = torch.library.custom_op(name, mutates_args=tuple(mutates_args))(fn)
+        op.register_fake(fn)
+        return op
+
+    return decorate

@@ -1,0 +1,122 @@
+"""Input checks that turn a bad batch into an error naming the feature, not a wrong answer.
+
+Shape and dtype checks are free and always run. Data checks (negative lengths, lengths
+that don't add up, ids out of range) read one flag back from the device: on GPU that is a
+synchronisation, which ``validate=False`` skips on hot paths. The common case costs one
+min/max over the ids; the per-feature search runs only to word the error.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+
+from .jagged_tensor import KeyedJaggedTensor
+
+
+class FeatureSpec:
+    """What the checks need to know about the features a module reads."""
+
+    def __init__(self, key_rows: Dict[str, int], key_tables: Dict[str, List[str]], is_weighted: bool,
+                 owner: str) -> None:
+        self.key_rows = key_rows      # KJT key -> rows of the smallest table it indexes
+        self.key_tables = key_tables  # KJT key -> names of the tables it indexes
+        self.is_weighted = is_weighted
+        self.owner = owner
+
+
+def _label(spec: FeatureSpec, key: str) -> str:
+    return f"{spec.owner}: feature '{key}' (table {', '.join(repr(t) for t in spec.key_tables[key])})"
+
+
+def key_indices(kjt_keys: Sequence[str], spec: FeatureSpec) -> Dict[str, int]:
+    """Map each needed feature to its position among the KJT's keys, or raise naming the missing ones."""
+    position = {k: i for i, k in enumerate(kjt_keys)}
+    missing = [k for k in spec.key_rows if k not in position]
+    if missing:
+        raise ValueError(f"{spec.owner}: features {missing} are configured but missing from the "
+                         f"KeyedJaggedTensor (its keys: {list(kjt_keys)})")
+    if len(position) != len(kjt_keys):
+        dup = sorted({k for k in kjt_keys if list(kjt_keys).count(k) > 1})
+        raise ValueError(f"{spec.owner}: the KeyedJaggedTensor repeats keys {dup}")
+    return position
+
+
+def check_static(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
+    """Checks on dtypes and shapes only: no device data is read."""
+    values, weights = kjt.values(), kjt.weights_or_none()
+    features = list(spec.key_rows)
+    if values.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{spec.owner}: features {features}: ids must be int32 or int64, got {values.dtype}")
+    if values.dim() != 1:
+        raise ValueError(f"{spec.owner}: KJT values must be 1-D ids, got shape {tuple(values.shape)}")
+    if spec.is_weighted and weights is None:
+        raise ValueError(f"{spec.owner}: is_weighted=True but the KeyedJaggedTensor for features "
+                         f"{features} has no weights")
+    if not spec.is_weighted and weights is not None:
+        raise ValueError(f"{spec.owner}: the KeyedJaggedTensor for features {features} has weights but the "
+                         "collection was built with is_weighted=False")
+    if weights is not None:
+        if not weights.is_floating_point():
+            raise TypeError(f"{spec.owner}: per-id weights must be floating point, got {weights.dtype}")
+        if weights.shape != values.shape:
+            raise ValueError(f"{spec.owner}: {weights.numel()} weights for {values.numel()} ids")
+    num_keys, stride = len(kjt.keys()), kjt.stride()
+    lengths, offsets = kjt.lengths_or_none(), kjt.offsets_or_none()
+    if lengths is not None and lengths.numel() != num_keys * stride:
+        raise ValueError(f"{spec.owner}: lengths has {lengths.numel()} entries, expected "
+                         f"{num_keys} keys x batch {stride}")
+    if offsets is not None and offsets.numel() != num_keys * stride + 1:
+        raise ValueError(f"{spec.owner}: offsets has {offsets.numel()} entries, expected "
+                         f"{num_keys} keys x batch {stride} + 1")
+
+
+def check_data(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
+    """Checks that read the batch: lengths and id ranges. One device-to-host read when all is well."""
+    keys, stride = kjt.keys(), kjt.stride()
+    values, offsets = kjt.values(), kjt.offsets()
+    num_ids = values.numel()
+    if stride == 0:
+        return
+    lengths = offsets[1:] - offsets[:-1]
+    limit = min(spec.key_rows.values())
+    if num_ids:
+        low, high = torch.aminmax(values)
+    else:
+        low = high = offsets.new_zeros(())
+    flags = torch.stack([lengths.min() < 0, offsets[0] != 0, offsets[-1] != num_ids, low < 0, high >= limit])
+    if not bool(flags.any()):
+        return
+    bad_length, bad_start, bad_total, _, _ = flags.tolist()
+    if bad_length:
+        where = int(torch.nonzero(lengths < 0)[0])
+        raise ValueError(f"{_feature_label(spec, keys, where // stride)}: sample {where % stride} has "
+                         f"negative length {int(lengths[where])}")
+    if bad_start:
+        raise ValueError(f"{spec.owner}: offsets must start at 0, got {int(offsets[0])}")
+    if bad_total:
+        raise ValueError(f"{spec.owner}: lengths add up to {int(offsets[-1])} but values has {num_ids} ids")
+    _check_id_ranges(values, offsets, stride, keys, spec, [kjt.index_per_key()[k] for k in spec.key_rows])
+
+
+def _feature_label(spec: FeatureSpec, keys: Sequence[str], k: int) -> str:
+    key = keys[k]
+    return _label(spec, key) if key in spec.key_tables else f"{spec.owner}: feature '{key}'"
+
+
+def _check_id_ranges(values: torch.Tensor, offsets: torch.Tensor, stride: int, keys: Sequence[str],
+                     spec: FeatureSpec, used: List[int]) -> None:
+    starts = offsets[::stride].tolist()
+    for k in used:
+        key = keys[k]
+        ids = values[starts[k]:starts[k + 1]]
+        if ids.numel() == 0:
+            continue
+        rows = spec.key_rows[key]
+        bad = torch.nonzero((ids < 0) | (ids >= rows))
+        if bad.numel():
+            i = int(bad[0])
+            sample = int(torch.searchsorted(offsets, starts[k] + i, right=True)) - 1 - k * stride
+            raise ValueError(f"{_label(spec, key)}: id {int(ids[i])} in sample {sample} is out of "
+                             f"range [0, {rows})")
