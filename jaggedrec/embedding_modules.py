@@ -11,8 +11,9 @@ from . import validation
 from .configs import EmbeddingBagConfig
 from .jagged_tensor import KeyedJaggedTensor
 from .keyed_tensor import KeyedTensor
-from .ops.pooled import BACKENDS, pooled_embedding_bags
+from .ops.pooled import BACKENDS, pooled_embedding_bags, use_kernels
 from .tables import TableLayout
+from .bad_ids import BOUNDS_CHECKS, BadIdReport
 
 
 class EmbeddingBag(nn.Module):
@@ -51,6 +52,12 @@ class EmbeddingBagCollection(nn.Module):
         sparse: give the flat weights sparse COO gradients, as ``nn.EmbeddingBag(sparse=True)``.
         validate: check each batch (lengths, id ranges) and raise a ``ValueError`` naming the
             feature. On GPU the check reads one flag to the host; set False on hot paths.
+        bounds_check: what the Triton kernels do with ids outside their table, which they never
+            read: "raise" a ``ValueError`` naming the feature (reads one flag to the host, unless
+            ``validate`` already checked the batch), "clamp" (skip them, as zero rows, and warn
+            one step later without waiting for the GPU), or "off" (trust the ids).
+        deterministic: Triton backward with bit-identical weight gradients (sorts the ids);
+            False uses atomics, faster but with run-to-run rounding differences.
 
     ``forward(kjt)`` returns a ``KeyedTensor`` of ``[B, sum(dims)]`` fp32 values whose keys are
     the tables' features in config order (``feature@table`` for a feature read by several
@@ -59,10 +66,15 @@ class EmbeddingBagCollection(nn.Module):
 
     def __init__(self, tables: Sequence[EmbeddingBagConfig], is_weighted: bool = False,
                  device: Optional[torch.device] = None, backend: str = "auto", sparse: bool = False,
-                 validate: bool = True) -> None:
+                 validate: bool = True, bounds_check: str = "raise", deterministic: bool = True) -> None:
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if bounds_check not in BOUNDS_CHECKS:
+            raise ValueError(f"bounds_check must be one of {BOUNDS_CHECKS}, got {bounds_check!r}")
+        self._bounds_check = bounds_check
+        self._deterministic = deterministic
+        self._bad_id_report = BadIdReport()
         for t in tables:
             if not isinstance(t, EmbeddingBagConfig):
                 raise TypeError(f"tables must be EmbeddingBagConfig, got {type(t).__name__}")
@@ -124,6 +136,19 @@ class EmbeddingBagCollection(nn.Module):
         return self._is_weighted
 
     # --- forward -----------------------------------------------------------------------
+    def _report_bad_ids(self, features: KeyedJaggedTensor, bad_ids: List[torch.Tensor], checked: bool) -> None:
+        """Act on the kernels' counts of skipped ids (all zero on the torch path)."""
+        if not use_kernels(self._backend, bad_ids[0].device):
+            return
+        counts = torch.cat(bad_ids)
+        if self._bounds_check == "raise":
+            if not checked and bool(counts.any()):
+                validation.check_data(features, self._spec)  # words the error with feature, id and sample
+                raise AssertionError("the kernels skipped ids that validation accepts")  # pragma: no cover
+            return
+        names = [self._layout.features[i].feature for g in self._layout.groups for i in g.features]
+        self._bad_id_report.push(counts, names)
+
     def _group_keys(self, kjt_keys: List[str]) -> List[List[int]]:
         """Per storage group, the KJT key index of each feature; cached per key order."""
         cache_key = tuple(kjt_keys)
@@ -148,11 +173,16 @@ class EmbeddingBagCollection(nn.Module):
             validation.check_data(features, self._spec)
         values, offsets = features.values(), features.offsets()
         weights = features.weights_or_none()
-        outputs = [
-            pooled_embedding_bags(self.flat_weights[g.name], values, offsets, weights, list(g.weight_offsets),
-                                  list(g.rows), list(g.dims), keys, list(g.pooling), len(features.keys()),
-                                  self._backend, self._sparse)
-            for g, keys in zip(self._layout.groups, group_keys)]
+        outputs, bad_ids = [], []
+        for g, keys in zip(self._layout.groups, group_keys):
+            pooled, bad = pooled_embedding_bags(
+                self.flat_weights[g.name], values, offsets, weights, list(g.weight_offsets), list(g.rows),
+                list(g.dims), keys, list(g.pooling), len(features.keys()), self._backend,
+                self._bounds_check != "off", self._sparse, self._deterministic)
+            outputs.append(pooled)
+            bad_ids.append(bad)
+        if self._bounds_check != "off" and not torch.compiler.is_compiling():
+            self._report_bad_ids(features, bad_ids, checked=self.validate)
         if len(outputs) == 1:
             pooled = outputs[0]
         else:  # tables of several dtypes: interleave their columns back into output order

@@ -133,3 +133,56 @@ def shuffled_keys(gen: torch.Generator, keys: Sequence[str]) -> List[str]:
         order = torch.randperm(len(keys), generator=gen).tolist()
         if order != list(range(len(keys))):
             return [keys[i] for i in order]
+
+
+DTYPES = {jr.DataType.FP32: torch.float32, jr.DataType.FP16: torch.float16, jr.DataType.BF16: torch.bfloat16}
+
+
+def table_grad(ebc: jr.EmbeddingBagCollection, name: str) -> torch.Tensor:
+    """The gradient of one table, read from its flat parameter's gradient."""
+    view = ebc.embedding_bags[name].weight
+    flat = next(p for p in ebc.parameters() if p.dtype == view.dtype)
+    grad = flat.grad.to_dense() if flat.grad.is_sparse else flat.grad
+    return grad[view.storage_offset():view.storage_offset() + view.numel()].view_as(view)
+
+
+def check_module(seed: int, dims: Sequence[int], weighted: bool, data_type=jr.DataType.FP32, batch: int = 5,
+                 id_dtype: torch.dtype = torch.int64, use_offsets: bool = False, extra_key: bool = True,
+                 one_hot: bool = False, max_len: int = 5, device: str = "cpu", **module_kwargs):
+    """Build a random collection and batch, and check the forward and every gradient
+    against the float64 reference. The KJT's keys are shuffled, include a key no table
+    reads, and one configured feature has no ids. Returns ``(ebc, output)``."""
+    gen = torch.Generator().manual_seed(seed)
+    configs = random_configs(gen, dims, data_type)
+    ebc = jr.EmbeddingBagCollection(configs, is_weighted=weighted, device=device, **module_kwargs)
+    rows = key_rows(configs)
+    keys = shuffled_keys(gen, list(rows) + (["unused"] if extra_key else []))
+    rows["unused"] = 1000
+    empty = [k for k in keys if k != "f0"][:1]
+    b = random_kjt(gen, keys, rows, batch, max_len=max_len, weighted=weighted, empty_keys=empty,
+                   id_dtype=id_dtype, use_offsets=use_offsets, one_hot=one_hot)
+    kjt = b.kjt.to(torch.device(device))
+    if weighted:
+        kjt.weights().requires_grad_(True)
+
+    out = ebc(kjt)
+    tables64 = [ebc.embedding_bags[c.name].weight.detach().cpu().double().requires_grad_() for c in configs]
+    weights64 = {k: v[2].double().requires_grad_() for k, v in b.per_key.items()} if weighted else None
+    ref = reference_pooled(ebc, b, tables64, weights64)
+    dtype = DTYPES[data_type]
+    assert out.values().dtype == torch.float32
+    expected_keys = [f"{f}@{c.name}" if f == "f0" and len(dims) > 1 else f for c in configs for f in c.feature_names]
+    assert out.keys() == expected_keys
+    assert_close(out.values().cpu(), ref, dtype, "forward")
+
+    upstream = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    (out.values().double() * upstream.to(device)).sum().backward()
+    (ref * upstream).sum().backward()
+    for c, t64 in zip(configs, tables64):
+        assert_close(table_grad(ebc, c.name).cpu(), t64.grad, dtype, f"grad of {c.name}")
+    if weighted:
+        # ids of keys no table reads get a zero gradient
+        expected = torch.cat([torch.zeros_like(weights64[k]) if weights64[k].grad is None else weights64[k].grad
+                              for k in keys])
+        assert_close(kjt.weights().grad.cpu(), expected, dtype, "grad of per-id weights")
+    return ebc, out

@@ -5,19 +5,9 @@ import torch
 
 import jaggedrec as jr
 from jaggedrec.ops import pooled_torch
-from jr_testing import (assert_close, key_rows, random_configs, random_kjt, reference_pooled,
-                        shuffled_keys)
+from jr_testing import assert_close, check_module, key_rows, random_configs, random_kjt, reference_pooled
 
 DIM_SETS = [[4], [1, 3, 7], [130, 5, 64, 5], [2, 2, 16, 1, 33]]
-DTYPES = {jr.DataType.FP32: torch.float32, jr.DataType.FP16: torch.float16, jr.DataType.BF16: torch.bfloat16}
-
-
-def _table_grad(ebc, name):
-    """The gradient of one table, read from its flat parameter's gradient."""
-    view = ebc.embedding_bags[name].weight
-    flat = next(p for p in ebc.parameters() if p.dtype == view.dtype)
-    grad = flat.grad.to_dense() if flat.grad.is_sparse else flat.grad
-    return grad[view.storage_offset():view.storage_offset() + view.numel()].view_as(view)
 
 
 @pytest.fixture(params=["eager", "batched"])
@@ -28,40 +18,8 @@ def torch_path(request, monkeypatch):
     return request.param
 
 
-def _run_case(seed, dims, weighted, data_type=jr.DataType.FP32, batch=5, sparse=False, id_dtype=torch.int64,
-              use_offsets=False, extra_key=True, one_hot=False):
-    gen = torch.Generator().manual_seed(seed)
-    configs = random_configs(gen, dims, data_type)
-    ebc = jr.EmbeddingBagCollection(configs, is_weighted=weighted, backend="torch", sparse=sparse)
-    rows = key_rows(configs)
-    keys = shuffled_keys(gen, list(rows) + (["unused"] if extra_key else []))
-    rows["unused"] = 1000
-    empty = [k for k in keys if k != "f0"][:1]  # one configured feature has no ids at all
-    b = random_kjt(gen, keys, rows, batch, weighted=weighted, empty_keys=empty, id_dtype=id_dtype,
-                   use_offsets=use_offsets, one_hot=one_hot)
-    if weighted:
-        b.kjt.weights().requires_grad_(True)
-
-    out = ebc(b.kjt)
-    tables64 = [ebc.embedding_bags[c.name].weight.detach().double().requires_grad_() for c in configs]
-    weights64 = {k: v[2].double().requires_grad_() for k, v in b.per_key.items()} if weighted else None
-    ref = reference_pooled(ebc, b, tables64, weights64)
-    dtype = DTYPES[data_type]
-    assert out.values().dtype == torch.float32
-    assert out.keys() == [f.embedding_name for f in ebc._layout.features]
-    assert_close(out.values(), ref, dtype, "forward")
-
-    upstream = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
-    (out.values().double() * upstream).sum().backward()
-    (ref * upstream).sum().backward()
-    for c, t64 in zip(configs, tables64):
-        assert_close(_table_grad(ebc, c.name), t64.grad, dtype, f"grad of {c.name}")
-    if weighted:
-        # ids of keys no table reads get a zero gradient
-        expected = torch.cat([torch.zeros_like(weights64[k]) if weights64[k].grad is None else weights64[k].grad
-                              for k in keys])
-        assert_close(b.kjt.weights().grad, expected, dtype, "grad of per-id weights")
-    return ebc, out
+def _run_case(seed, dims, weighted, **kwargs):
+    return check_module(seed, dims, weighted, backend="torch", **kwargs)
 
 
 @pytest.mark.parametrize("dims", DIM_SETS)

@@ -20,7 +20,9 @@ def _args(gen, weighted, id_dtype=torch.int64, mean=True):
     offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(id_dtype)
     psw = torch.rand(8, generator=gen, requires_grad=True) if weighted else None
     pooling = [1 if mean else 0, 0, 1 if mean else 0]
-    return (weights, values, offsets, psw, weight_offsets, rows, dims, [0, 1, 1], pooling, num_keys, "torch", False)
+    # (..., backend, bounds_check, sparse_grad, deterministic)
+    return (weights, values, offsets, psw, weight_offsets, rows, dims, [0, 1, 1], pooling, num_keys, "torch", True,
+            False, True)
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -36,7 +38,7 @@ def test_opcheck_pooled_backward(weighted):
     weights, values, offsets, psw, *static = _args(gen, weighted)
     grad_out = torch.randn(3, 13, generator=gen)
     args = (grad_out, weights.detach(), values, offsets, None if psw is None else psw.detach(), *static[:7],
-            True, weighted)
+            True, weighted, True)
     torch.library.opcheck(OPS.pooled_embedding_bags_backward, args)
 
 

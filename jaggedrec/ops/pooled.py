@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import pooled_torch
-from .registry import define_op
+from .registry import HAS_TRITON, define_op
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -26,10 +26,20 @@ def _plan(weight_offsets, rows, dims, keys, pooling, num_keys) -> pooled_torch.P
     return pooled_torch.make_plan(t(weight_offsets), t(rows), t(dims), t(keys), t(pooling), num_keys)
 
 
-def _use_kernels(backend: str, weights: torch.Tensor) -> bool:
+def use_kernels(backend: str, device: torch.device) -> bool:
+    """Whether the op runs the Triton kernels for tensors on ``device``."""
+    if backend == "torch":
+        return False
     if backend == "triton":
-        raise NotImplementedError("the Triton backend is not built yet; use backend='torch'")
-    return False
+        if not HAS_TRITON:
+            raise RuntimeError("backend='triton' needs the triton package")
+        return True
+    return HAS_TRITON and device.type == "cuda"
+
+
+def _triton():
+    from . import pooled_triton  # imported lazily: it pulls in the kernels
+    return pooled_triton
 
 
 @define_op("jaggedrec::pooled_embedding_bags")
@@ -45,14 +55,16 @@ def pooled_embedding_bags(
     pooling: List[int],
     num_keys: int,
     backend: str,
+    bounds_check: bool,
     sparse_grad: bool,
-) -> torch.Tensor:
+    deterministic: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Pool each feature's rows from its table.
 
     Args:
         weights: ``[W]`` flat storage of every table, one dtype.
         values: ``[N]`` int32/int64 ids, key-major as in a KJT.
-        offsets: ``[K*B+1]`` bag starts (same dtype as ``values``).
+        offsets: ``[K*B+1]`` int32/int64 bag starts.
         per_sample_weights: ``[N]`` float weights, or None.
         weight_offsets: ``[F]`` element offset of each feature's table in ``weights``.
         rows: ``[F]`` rows of each feature's table.
@@ -61,14 +73,21 @@ def pooled_embedding_bags(
         pooling: ``[F]`` 0 for SUM, 1 for MEAN (divides by the bag length; empty bags give 0).
         num_keys: K.
         backend: "auto", "torch" or "triton".
+        bounds_check: (kernels) skip ids outside ``[0, rows)`` and count them; otherwise trust them.
         sparse_grad: give ``weights`` a sparse COO gradient (eager only).
+        deterministic: (kernels) bit-identical weight gradients, by sorting; else atomics.
     Returns:
-        ``[B, sum(dims)]`` fp32, features side by side in the order given.
+        ``[B, sum(dims)]`` fp32, features side by side in the order given, and ``[F]`` int64
+        counts of ids skipped by the bounds check (always zero on the torch path, whose
+        callers validate ids beforehand).
     """
     plan = _plan(weight_offsets, rows, dims, keys, pooling, num_keys)
-    if _use_kernels(backend, weights):
-        raise AssertionError("unreachable")
-    return pooled_torch.pooled_forward(weights, values, offsets, per_sample_weights, plan, num_keys)
+    if use_kernels(backend, weights.device):
+        tri = _triton()
+        meta = tri.feature_meta(plan, weight_offsets, rows, dims, keys, pooling, weights)
+        return tri.triton_forward(weights, values, offsets, per_sample_weights, meta, plan, num_keys, bounds_check)
+    pooled = pooled_torch.pooled_forward(weights, values, offsets, per_sample_weights, plan, num_keys)
+    return pooled, torch.zeros(len(dims), dtype=torch.int64, device=weights.device)
 
 
 @define_op("jaggedrec::pooled_embedding_bags_backward")
@@ -87,6 +106,7 @@ def pooled_embedding_bags_backward(
     backend: str,
     need_weight_grad: bool,
     need_psw_grad: bool,
+    deterministic: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dense gradients of :func:`pooled_embedding_bags`.
 
@@ -97,10 +117,14 @@ def pooled_embedding_bags_backward(
         ``[N]`` fp32 per-sample-weight gradient (``[0]`` unless ``need_psw_grad``).
     """
     plan = _plan(weight_offsets, rows, dims, keys, pooling, num_keys)
-    if _use_kernels(backend, weights):
-        raise AssertionError("unreachable")
-    grad_weights, grad_psw = pooled_torch.pooled_backward(
-        grad_out, weights, values, offsets, per_sample_weights, plan, num_keys, need_weight_grad, need_psw_grad)
+    if use_kernels(backend, weights.device):
+        tri = _triton()
+        meta = tri.feature_meta(plan, weight_offsets, rows, dims, keys, pooling, weights)
+        grad_weights, grad_psw = tri.triton_backward(grad_out, weights, values, offsets, per_sample_weights, meta,
+                                                     plan, num_keys, need_weight_grad, need_psw_grad, deterministic)
+    else:
+        grad_weights, grad_psw = pooled_torch.pooled_backward(grad_out, weights, values, offsets, per_sample_weights,
+                                                              plan, num_keys, need_weight_grad, need_psw_grad)
     if grad_weights is None:
         grad_weights = weights.new_empty(0)
     if grad_psw is None:
@@ -108,11 +132,17 @@ def pooled_embedding_bags_backward(
     return grad_weights, grad_psw
 
 
-def _sparse_weight_grad(grad_out, weights, values, offsets, psw, plan, num_keys) -> torch.Tensor:
+def _sparse_weight_grad(grad_out, weights, values, offsets, psw, static) -> torch.Tensor:
     """``[W]`` sparse COO gradient holding only the elements of touched rows."""
+    weight_offsets, rows, dims, keys, pooling, num_keys, backend = static
+    plan = _plan(weight_offsets, rows, dims, keys, pooling, num_keys)
+    if use_kernels(backend, weights.device):
+        tri = _triton()
+        meta = tri.feature_meta(plan, weight_offsets, rows, dims, keys, pooling, weights)
+        return tri.triton_sparse_grad(grad_out, weights, values, offsets, psw, meta, plan, num_keys)
     index_parts, value_parts = [], []
-    for p, rows, sums in pooled_torch.pooled_row_grads(grad_out, values, offsets, psw, plan, num_keys):
-        first = p.weight_start + rows.long() * p.dim
+    for p, touched, sums in pooled_torch.pooled_row_grads(grad_out, values, offsets, psw, plan, num_keys):
+        first = p.weight_start + touched.long() * p.dim
         index_parts.append((first.unsqueeze(1) + torch.arange(p.dim, device=first.device)).reshape(-1))
         value_parts.append(sums.reshape(-1))
     if not index_parts:
@@ -125,29 +155,30 @@ def _sparse_weight_grad(grad_out, weights, values, offsets, psw, plan, num_keys)
 
 def _setup_context(ctx, inputs, output) -> None:
     (weights, values, offsets, psw, weight_offsets, rows, dims, keys, pooling, num_keys, backend,
-     sparse_grad) = inputs
+     _bounds_check, sparse_grad, deterministic) = inputs
     ctx.save_for_backward(weights, values, offsets, psw)
     ctx.static = (weight_offsets, rows, dims, keys, pooling, num_keys, backend)
     ctx.sparse_grad = sparse_grad
+    ctx.deterministic = deterministic
 
 
-def _backward(ctx, grad_out):
+def _backward(ctx, grad_out, _grad_errors):
     weights, values, offsets, psw = ctx.saved_tensors
     need_weight_grad, _, _, need_psw_grad = ctx.needs_input_grad[:4]
+    need_psw_grad = bool(need_psw_grad and psw is not None)
     grad_weights = grad_psw = None
     if ctx.sparse_grad and need_weight_grad:
-        plan = _plan(*ctx.static[:6])
-        grad_weights = _sparse_weight_grad(grad_out, weights, values, offsets, psw, plan, ctx.static[5])
+        grad_weights = _sparse_weight_grad(grad_out, weights, values, offsets, psw, ctx.static)
         need_weight_grad = False
-    if need_weight_grad or (need_psw_grad and psw is not None):
+    if need_weight_grad or need_psw_grad:
         dense_w, dense_psw = torch.ops.jaggedrec.pooled_embedding_bags_backward(
             grad_out.contiguous(), weights, values, offsets, psw, *ctx.static,
-            need_weight_grad, bool(need_psw_grad and psw is not None))
+            need_weight_grad, need_psw_grad, ctx.deterministic)
         if need_weight_grad:
             grad_weights = dense_w
-        if need_psw_grad and psw is not None:
+        if need_psw_grad:
             grad_psw = dense_psw.to(psw.dtype)
-    return (grad_weights, None, None, grad_psw) + (None,) * 8
+    return (grad_weights, None, None, grad_psw) + (None,) * 10
 
 
 pooled_embedding_bags.register_autograd(_backward, setup_context=_setup_context)

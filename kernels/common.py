@@ -1,0 +1,27 @@
+"""Launch helpers shared by the kernels: interpreter detection, block sizes, wrap_triton."""
+
+from __future__ import annotations
+
+import os
+
+import triton
+
+try:  # inside a triton_op body, launches must go through wrap_triton so torch.compile can trace them
+    from torch.library import wrap_triton
+except ImportError:  # pragma: no cover - torch < 2.6
+    def wrap_triton(kernel):
+        return kernel
+
+# Column layout of the per-feature metadata tensor, ``[F, META_FIELDS]`` int64.
+META_WEIGHT_OFFSET, META_DIM, META_ROWS, META_OUT_COLUMN, META_KEY, META_MEAN = range(6)
+META_FIELDS = 6
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1, where every program instance costs ~1 ms: one config, no tuning."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def block_d(max_dim: int) -> int:
+    """Columns per tile: the widest dim rounded up to a power of two, at most 128; wider dims loop."""
+    return max(16, min(128, triton.next_power_of_2(max_dim)))

@@ -1,0 +1,109 @@
+"""Forward of pooled embedding bags: every feature of every table in one launch.
+
+Each program pools ``BLOCK_B`` bags of one feature, reading ids straight from the KJT's
+key-major ``values``/``offsets``. The bags advance together, one id position at a time,
+``UNROLL`` positions per step, so a step issues ``BLOCK_B * UNROLL`` independent row loads;
+each row load is a contiguous, vectorised ``BLOCK_D``-wide read. Short bags (one id, as in
+DLRM) therefore still keep many loads in flight, and the loop runs to the block's longest bag.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import META_FIELDS, block_d, interpreting, wrap_triton
+
+
+def _configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_B": 4, "UNROLL": 2}, num_warps=1)]
+    return [
+        triton.Config({"BLOCK_B": b, "UNROLL": u}, num_warps=w)
+        for b, u, w in [(8, 4, 4), (16, 2, 4), (16, 4, 4), (32, 2, 4), (32, 1, 8), (64, 1, 8), (4, 8, 2)]
+    ]
+
+
+@triton.autotune(configs=_configs(), key=["num_features", "BLOCK_D", "HAS_PSW"])
+@triton.jit
+def _pooled_fwd_kernel(
+    weights_ptr, values_ptr, offsets_ptr, psw_ptr, meta_ptr, out_ptr, errors_ptr,
+    batch_size, out_stride, num_features,
+    HAS_PSW: tl.constexpr, BOUNDS_CHECK: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr, UNROLL: tl.constexpr,
+):
+    # one program per BLOCK_B bags of one feature
+    f = tl.program_id(1)
+    meta = meta_ptr + f * 6
+    weight_offset = tl.load(meta + 0)
+    dim = tl.load(meta + 1)
+    num_rows = tl.load(meta + 2)
+    out_column = tl.load(meta + 3)
+    key = tl.load(meta + 4)
+    mean = tl.load(meta + 5)
+
+    bags = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    bag_mask = bags < batch_size
+    bag_ptrs = offsets_ptr + key * batch_size + bags
+    starts = tl.load(bag_ptrs, mask=bag_mask, other=0).to(tl.int64)
+    lengths = tl.load(bag_ptrs + 1, mask=bag_mask, other=0).to(tl.int64) - starts
+    longest = tl.max(lengths, axis=0)
+    table_ptr = weights_ptr + weight_offset
+    num_bad = tl.zeros([], dtype=tl.int32)
+
+    for d0 in range(0, dim, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_mask = cols < dim
+        acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+        for j in range(0, longest, UNROLL):
+            for u in tl.static_range(UNROLL):
+                present = (j + u) < lengths
+                ids = tl.load(values_ptr + starts + j + u, mask=present, other=0).to(tl.int64)
+                if BOUNDS_CHECK:
+                    bad = present & ((ids < 0) | (ids >= num_rows))
+                    present = present & ~bad
+                    if d0 == 0:
+                        num_bad += tl.sum(bad.to(tl.int32), axis=0)
+                rows = tl.load(table_ptr + ids[:, None] * dim + cols[None, :],
+                               mask=present[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+                if HAS_PSW:
+                    w = tl.load(psw_ptr + starts + j + u, mask=present, other=0.0).to(tl.float32)
+                    rows = rows * w[:, None]
+                acc += rows
+        if mean != 0:
+            acc = acc / tl.maximum(lengths, 1).to(tl.float32)[:, None]
+        tl.store(out_ptr + bags[:, None] * out_stride + out_column + cols[None, :], acc,
+                 mask=bag_mask[:, None] & col_mask[None, :])
+    if BOUNDS_CHECK:
+        if num_bad > 0:
+            tl.atomic_add(errors_ptr + f, num_bad.to(tl.int64))
+
+
+def pooled_fwd(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+               per_sample_weights: torch.Tensor | None, meta: torch.Tensor, out: torch.Tensor,
+               errors: torch.Tensor | None, max_dim: int) -> None:
+    """Pool every feature into ``out``, in one launch.
+
+    Args:
+        weights: ``[W]`` flat tables, fp32/fp16/bf16.
+        values: ``[N]`` int32/int64 ids, key-major.
+        offsets: ``[K*B+1]`` int32/int64 bag starts, key-major.
+        per_sample_weights: ``[N]`` float, or None.
+        meta: ``[F, 6]`` int64 per feature: weight offset, dim, rows, output column, key, mean.
+        out: ``[B, total_dim]`` fp32, written in full.
+        errors: ``[F]`` int64, incremented by the number of ids outside ``[0, rows)`` (those ids
+            are skipped); None to trust the ids and skip the check.
+        max_dim: the widest feature dim.
+    """
+    num_features = meta.shape[0]
+    batch_size = out.shape[0]
+    if num_features == 0 or batch_size == 0:
+        return
+    assert meta.shape[1] == META_FIELDS
+    grid = lambda cfg: (triton.cdiv(batch_size, cfg["BLOCK_B"]), num_features)  # noqa: E731
+    wrap_triton(_pooled_fwd_kernel)[grid](
+        weights, values, offsets, per_sample_weights if per_sample_weights is not None else out,
+        meta, out, errors if errors is not None else meta,
+        batch_size, out.stride(0), num_features,
+        HAS_PSW=per_sample_weights is not None, BOUNDS_CHECK=errors is not None, BLOCK_D=block_d(max_dim))

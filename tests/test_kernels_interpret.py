@@ -1,0 +1,114 @@
+"""The Triton kernels, run on the CPU by Triton's interpreter, against the float64 reference.
+
+The interpreter costs about a millisecond per program instance, so batches are tiny.
+On a CUDA machine these run compiled on the GPU instead.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import jaggedrec as jr
+from jr_testing import check_module, key_rows, random_kjt, reference_pooled, table_grad
+
+pytestmark = pytest.mark.interpret
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dims", [[4], [1, 3, 7], [130, 5, 2]])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_kernels_match_reference(dims, weighted, deterministic):
+    check_module(0, dims, weighted, backend="triton", deterministic=deterministic)
+
+
+@pytest.mark.parametrize("data_type", [jr.DataType.FP16, jr.DataType.BF16])
+def test_half_tables_accumulate_in_fp32(data_type):
+    check_module(1, [3, 8], True, data_type=data_type, backend="triton")
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_int32_and_int64_ids_and_offsets(id_dtype):
+    check_module(2, [5, 6], False, id_dtype=id_dtype, use_offsets=True, backend="triton")
+
+
+def test_wide_dim_loops_over_column_blocks():
+    check_module(3, [1024, 3], True, batch=3, max_len=3, backend="triton")
+
+
+def test_one_id_per_bag():
+    check_module(4, [8, 8], True, one_hot=True, backend="triton")
+
+
+def test_sparse_gradients():
+    ebc, _ = check_module(5, [4, 7, 4], True, backend="triton", sparse=True)
+    flat = next(ebc.parameters())
+    assert flat.grad.is_sparse and flat.grad._nnz() == flat.grad.coalesce()._nnz()  # one entry per element
+
+
+def test_deterministic_gradients_are_bit_identical():
+    grads = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        ebc, out = check_module(6, [8, 8], True, batch=6, max_len=8, backend="triton", deterministic=True)
+        grads.append(next(ebc.parameters()).grad.clone())
+    assert torch.equal(grads[0], grads[1])
+
+
+def _bad_batch():
+    configs = [jr.EmbeddingBagConfig(name="t_user", embedding_dim=4, num_embeddings=10, feature_names=["user"]),
+               jr.EmbeddingBagConfig(name="t_item", embedding_dim=3, num_embeddings=7, feature_names=["item"])]
+    kjt = jr.KeyedJaggedTensor(["user", "item"], torch.tensor([1, 2, 3, 9]), lengths=torch.tensor([1, 1, 1, 1]))
+    return configs, kjt
+
+
+def test_bounds_check_raise_names_feature_without_validation():
+    configs, kjt = _bad_batch()
+    ebc = jr.EmbeddingBagCollection(configs, backend="triton", validate=False, bounds_check="raise")
+    with pytest.raises(ValueError, match=r"feature 'item'.*id 9 in sample 1 is out of range \[0, 7\)"):
+        ebc(kjt)
+
+
+def test_bounds_check_clamp_skips_and_warns():
+    configs, kjt = _bad_batch()
+    ebc = jr.EmbeddingBagCollection(configs, backend="triton", validate=False, bounds_check="clamp")
+    with pytest.warns(RuntimeWarning, match="'item': 1"):
+        out = ebc(kjt)
+    item = ebc.embedding_bags["t_item"].weight.detach()
+    assert torch.allclose(out["item"][0], item[3])
+    assert torch.equal(out["item"][1], torch.zeros(3))  # the bad id was skipped, not read
+    out.values().sum().backward()  # and gets no gradient: no write outside the table
+    grad = table_grad(ebc, "t_item")
+    assert grad[3].eq(1).all() and grad.sum() == 3
+
+
+def test_bounds_check_off_trusts_ids():
+    configs, kjt = _bad_batch()
+    kjt = jr.KeyedJaggedTensor(["user", "item"], torch.tensor([1, 2, 3, 6]), lengths=torch.tensor([1, 1, 1, 1]))
+    ebc = jr.EmbeddingBagCollection(configs, backend="triton", validate=False, bounds_check="off")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = ebc(kjt)
+    assert torch.allclose(out["item"][1], ebc.embedding_bags["t_item"].weight[6])
+
+
+def test_kernel_output_has_no_unwritten_columns():
+    """Every output element is written: poison-free because the output starts uninitialised."""
+    gen = torch.Generator().manual_seed(7)
+    configs = [jr.EmbeddingBagConfig(name=f"t{i}", embedding_dim=d, num_embeddings=9, feature_names=[f"f{i}"])
+               for i, d in enumerate([3, 17])]
+    ebc = jr.EmbeddingBagCollection(configs, backend="triton")
+    rows = key_rows(configs)
+    for _ in range(3):
+        b = random_kjt(gen, list(rows)[::-1], rows, 6)
+        out = ebc(b.kjt).values()
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out.double(), reference_pooled(ebc, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dims", [[64] * 8, [128, 16, 4, 1024, 7]])
+def test_gpu_realistic_sizes(dims):
+    """GPU lane: realistic batches, compiled kernels, against the float64 reference."""
+    check_module(8, dims, True, batch=512, max_len=40, backend="triton", device="cuda")
