@@ -20,29 +20,29 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_kernels_match_reference(dims, weighted, deterministic):
-    check_module(0, dims, weighted, backend="triton", deterministic=deterministic)
+    check_module(0, dims, weighted, backend="triton", deterministic=deterministic, device=DEVICE)
 
 
 @pytest.mark.parametrize("data_type", [jr.DataType.FP16, jr.DataType.BF16])
 def test_half_tables_accumulate_in_fp32(data_type):
-    check_module(1, [3, 8], True, data_type=data_type, backend="triton")
+    check_module(1, [3, 8], True, data_type=data_type, backend="triton", device=DEVICE)
 
 
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
 def test_int32_and_int64_ids_and_offsets(id_dtype):
-    check_module(2, [5, 6], False, id_dtype=id_dtype, use_offsets=True, backend="triton")
+    check_module(2, [5, 6], False, id_dtype=id_dtype, use_offsets=True, backend="triton", device=DEVICE)
 
 
 def test_wide_dim_loops_over_column_blocks():
-    check_module(3, [1024, 3], True, batch=3, max_len=3, backend="triton")
+    check_module(3, [1024, 3], True, batch=3, max_len=3, backend="triton", device=DEVICE)
 
 
 def test_one_id_per_bag():
-    check_module(4, [8, 8], True, one_hot=True, backend="triton")
+    check_module(4, [8, 8], True, one_hot=True, backend="triton", device=DEVICE)
 
 
 def test_sparse_gradients():
-    ebc, _ = check_module(5, [4, 7, 4], True, backend="triton", sparse=True)
+    ebc, _ = check_module(5, [4, 7, 4], True, backend="triton", sparse=True, device=DEVICE)
     flat = next(ebc.parameters())
     assert flat.grad.is_sparse and flat.grad._nnz() == flat.grad.coalesce()._nnz()  # one entry per element
 
@@ -51,7 +51,7 @@ def test_deterministic_gradients_are_bit_identical():
     grads = []
     for _ in range(2):
         torch.manual_seed(0)
-        ebc, out = check_module(6, [8, 8], True, batch=6, max_len=8, backend="triton", deterministic=True)
+        ebc, out = check_module(6, [8, 8], True, batch=6, max_len=8, backend="triton", deterministic=True, device=DEVICE)
         grads.append(next(ebc.parameters()).grad.clone())
     assert torch.equal(grads[0], grads[1])
 
@@ -60,51 +60,64 @@ def _bad_batch():
     configs = [jr.EmbeddingBagConfig(name="t_user", embedding_dim=4, num_embeddings=10, feature_names=["user"]),
                jr.EmbeddingBagConfig(name="t_item", embedding_dim=3, num_embeddings=7, feature_names=["item"])]
     kjt = jr.KeyedJaggedTensor(["user", "item"], torch.tensor([1, 2, 3, 9]), lengths=torch.tensor([1, 1, 1, 1]))
-    return configs, kjt
+    return configs, kjt.to(torch.device(DEVICE))
 
 
 def test_bounds_check_raise_names_feature_without_validation():
     configs, kjt = _bad_batch()
-    ebc = jr.EmbeddingBagCollection(configs, backend="triton", validate=False, bounds_check="raise")
+    ebc = jr.EmbeddingBagCollection(configs, backend="triton", validate=False, bounds_check="raise", device=DEVICE)
     with pytest.raises(ValueError, match=r"feature 'item'.*id 9 in sample 1 is out of range \[0, 7\)"):
         ebc(kjt)
 
 
 def test_bounds_check_clamp_skips_and_warns():
     configs, kjt = _bad_batch()
-    ebc = jr.EmbeddingBagCollection(configs, backend="triton", validate=False, bounds_check="clamp")
+    ebc = jr.EmbeddingBagCollection(configs, backend="triton", validate=False, bounds_check="clamp", device=DEVICE)
     with pytest.warns(RuntimeWarning, match="'item': 1"):
         out = ebc(kjt)
-    item = ebc.embedding_bags["t_item"].weight.detach()
-    assert torch.allclose(out["item"][0], item[3])
-    assert torch.equal(out["item"][1], torch.zeros(3))  # the bad id was skipped, not read
+    item = ebc.embedding_bags["t_item"].weight.detach().cpu()
+    assert torch.allclose(out["item"][0].cpu(), item[3])
+    assert torch.equal(out["item"][1].cpu(), torch.zeros(3))  # the bad id was skipped, not read
     out.values().sum().backward()  # and gets no gradient: no write outside the table
-    grad = table_grad(ebc, "t_item")
+    grad = table_grad(ebc, "t_item").cpu()
     assert grad[3].eq(1).all() and grad.sum() == 3
 
 
 def test_bounds_check_off_trusts_ids():
     configs, kjt = _bad_batch()
     kjt = jr.KeyedJaggedTensor(["user", "item"], torch.tensor([1, 2, 3, 6]), lengths=torch.tensor([1, 1, 1, 1]))
-    ebc = jr.EmbeddingBagCollection(configs, backend="triton", validate=False, bounds_check="off")
+    kjt = kjt.to(torch.device(DEVICE))
+    ebc = jr.EmbeddingBagCollection(configs, backend="triton", validate=False, bounds_check="off", device=DEVICE)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = ebc(kjt)
     assert torch.allclose(out["item"][1], ebc.embedding_bags["t_item"].weight[6])
+    assert out["item"].device.type == DEVICE
 
 
-def test_kernel_output_has_no_unwritten_columns():
-    """Every output element is written: poison-free because the output starts uninitialised."""
+def test_forward_writes_every_output_element():
+    """Launch the forward into a NaN-poisoned output: every element must be overwritten,
+    including empty bags and the columns past a narrow feature's dim."""
+    from jaggedrec.kernels.pooled_fwd import pooled_fwd
     gen = torch.Generator().manual_seed(7)
-    configs = [jr.EmbeddingBagConfig(name=f"t{i}", embedding_dim=d, num_embeddings=9, feature_names=[f"f{i}"])
-               for i, d in enumerate([3, 17])]
-    ebc = jr.EmbeddingBagCollection(configs, backend="triton")
-    rows = key_rows(configs)
-    for _ in range(3):
-        b = random_kjt(gen, list(rows)[::-1], rows, 6)
-        out = ebc(b.kjt).values()
-        assert torch.isfinite(out).all()
-        torch.testing.assert_close(out.double(), reference_pooled(ebc, b), rtol=1e-5, atol=1e-5)
+    dims, rows, batch = [3, 17], [9, 5], 6
+    weights = torch.randn(9 * 3 + 5 * 17, generator=gen).to(DEVICE)
+    lengths = torch.tensor([2, 0, 1, 3, 0, 1, 0, 0, 4, 1, 2, 0])
+    offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+    values = torch.cat([torch.randint(0, 9, (7,), generator=gen), torch.randint(0, 5, (7,), generator=gen)])
+    meta = torch.tensor([[0, 3, 9, 0, 0, 0], [27, 17, 5, 3, 1, 1]])  # feature 1 pools by MEAN
+    out = torch.full((batch, 20), float("nan"), device=DEVICE)
+    pooled_fwd(weights, values.to(DEVICE), offsets.to(DEVICE), None, meta.to(DEVICE), out, None, 17)
+    out = out.cpu()
+    assert torch.isfinite(out).all()
+    w = weights.cpu()
+    t0, t1 = w[:27].view(9, 3), w[27:].view(5, 17)
+    for b in range(batch):
+        ids0 = values[offsets[b]:offsets[b + 1]]
+        ids1 = values[offsets[batch + b]:offsets[batch + b + 1]]
+        torch.testing.assert_close(out[b, :3], t0[ids0].sum(0))
+        expected1 = t1[ids1].mean(0) if ids1.numel() else torch.zeros(17)
+        torch.testing.assert_close(out[b, 3:], expected1)
 
 
 @pytest.mark.gpu

@@ -49,3 +49,21 @@ def test_plan_splits_shared_keys_into_passes():
     assert plan.out_offsets == (0, 3, 8, 13) and plan.feature_rows == (4, 6, 6)
     with pytest.raises(ValueError, match="not row-aligned"):
         pooled_torch.make_plan((0, 7), (4, 6), (5, 5), (0, 1), (0, 0), 2)
+
+
+def _to_cuda_triton(args):
+    moved = [a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
+    moved[10] = "triton"
+    return tuple(moved)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weighted", [False, True])
+def test_opcheck_triton_ops_on_gpu(weighted):
+    gen = torch.Generator().manual_seed(2)
+    torch.library.opcheck(OPS.pooled_embedding_bags, _to_cuda_triton(_args(gen, weighted)))
+    weights, values, offsets, psw, *static = _to_cuda_triton(_args(gen, weighted))
+    grad_out = torch.randn(3, 13, device="cuda")
+    args = (grad_out, weights.detach(), values, offsets, None if psw is None else psw.detach(), *static[:7],
+            True, weighted, True)
+    torch.library.opcheck(OPS.pooled_embedding_bags_backward, args)
