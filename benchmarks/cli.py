@@ -1,0 +1,233 @@
+"""``jaggedrec-bench``: jaggedrec against nn.EmbeddingBag, TorchRec and FBGEMM on the same inputs.
+
+Run ``jaggedrec-bench --help`` for the flags and ``jaggedrec-bench --list`` for the presets
+and providers. The exit status is 1 when some provider's output was wrong, 2 on bad flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import re
+import sys
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from .presets import DEFAULT_PRESET, PRESETS, preset_workloads
+from .providers import Provider, all_providers
+from .report import format_table, machine_info, skipped_summary, to_json, write_csv, write_json, write_plot
+from .runner import BASELINE, Options, WorkloadResult, quiet, run_workload
+from .timing import copy_bandwidth_gbps
+from .workload import DTYPES, MODES, Workload
+
+_EXAMPLES = """\
+examples:
+  jaggedrec-bench                                   # the default preset (dlrm), sized for this device
+  jaggedrec-bench --preset scaling --plot scaling.png --output scaling.json
+  jaggedrec-bench --tables 8 --num-embeddings 1M --dim 128 --batch-size 2048 --pooling-factor 20,50
+  jaggedrec-bench --preset dlrm --mode train --providers eb_loop,jaggedrec[torch],fbgemm_tbe
+
+A comma list in --tables, --num-embeddings, --batch-size or --pooling-factor sweeps over it.
+"""
+
+# CLI flag -> Workload field, for the flags that override preset fields
+_SWEEPABLE = {"tables": "tables", "num_embeddings": "num_embeddings", "batch_size": "batch_size",
+              "pooling_factor": "pooling_factor"}
+_SCALARS = ("bag_size", "distribution", "zipf_alpha", "dtype", "weighted", "mode")
+
+
+def _number(text: str) -> float:
+    """``"100000"``, ``"100_000"``, ``"100k"``, ``"1M"``, ``"1e6"`` -> a number."""
+    match = re.fullmatch(r"\s*([0-9_.eE+-]+)\s*([kKmMgG]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+    scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[match.group(2).lower()]
+    try:
+        return float(match.group(1).replace("_", "")) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _list_of(cast: Callable[[float], object]) -> Callable[[str], List[object]]:
+    def parse(text: str) -> List[object]:
+        values = [cast(_number(part)) for part in text.split(",") if part.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"no values in {text!r}")
+        return values
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaggedrec-bench", epilog=_EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Time jaggedrec's EmbeddingBagCollection against a loop of "
+                                            "nn.EmbeddingBag and the other peers, on the same inputs.")
+    shape = p.add_argument_group("workload (each overrides the preset)")
+    shape.add_argument("--preset", choices=list(PRESETS), help=f"named workload (default: {DEFAULT_PRESET})")
+    shape.add_argument("--tables", type=_list_of(int), help="number of tables (one feature each)")
+    shape.add_argument("--num-embeddings", type=_list_of(int), help="rows per table, e.g. 100k or 1M")
+    shape.add_argument("--dim", nargs="+", help="embedding dim, or one dim per table cycled: --dim 4,16,64")
+    shape.add_argument("--batch-size", type=_list_of(int), help="samples per batch")
+    shape.add_argument("--pooling-factor", type=_list_of(float), help="mean ids per bag")
+    shape.add_argument("--bag-size", choices=("fixed", "random"),
+                       help="fixed: every bag has the pooling factor's ids; random: uniform in [0, 2x], some empty")
+    shape.add_argument("--distribution", choices=("uniform", "zipf"), help="how ids are drawn")
+    shape.add_argument("--zipf-alpha", type=float, help="zipf exponent (default 1.1)")
+    shape.add_argument("--dtype", choices=list(DTYPES), help="table dtype (outputs are fp32)")
+    shape.add_argument("--weighted", action="store_true", default=None, help="per-id weights")
+    shape.add_argument("--mode", choices=MODES, help="forward (inference), backward (fwd+bwd), train (+SGD step)")
+    run = p.add_argument_group("run")
+    run.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    run.add_argument("--providers", help="comma list (default: all; those that can't run here say why)")
+    run.add_argument("--repeats", type=int, help="timed samples per provider (default 10 on CPU, 30 on CUDA)")
+    run.add_argument("--batches", type=int, default=3, help="distinct input batches to rotate over (default 3)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    run.add_argument("--list", action="store_true", help="list presets and providers, then exit")
+    out = p.add_argument_group("output")
+    out.add_argument("--output", metavar="FILE.json", help="write every result and the machine as JSON")
+    out.add_argument("--csv", metavar="FILE", help="one row per (config, provider); appends to a matching file")
+    out.add_argument("--plot", metavar="FILE.png", help="plot ms and GB/s per provider (needs matplotlib)")
+    return p
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())  # "jaggedrec[torch]" == "jaggedrec-torch"
+
+
+def select_providers(spec: Optional[str], names: Sequence[str], error: Callable[[str], None]) -> List[str]:
+    """The names ``spec`` picks from ``names`` (all when empty), in ``names``' order, baseline included."""
+    if not spec:
+        return list(names)
+    by_key = {_canonical(n): n for n in names}
+    chosen = []
+    for part in spec.replace(" ", ",").split(","):
+        if part and _canonical(part) not in by_key:
+            error(f"unknown provider {part!r}; choose from {', '.join(names)}")
+        if part and by_key[_canonical(part)] not in chosen:
+            chosen.append(by_key[_canonical(part)])
+    if BASELINE not in chosen:
+        chosen.insert(0, BASELINE)  # the reference every output is checked against
+    return [n for n in names if n in chosen]
+
+
+def build_workloads(args: argparse.Namespace, device: str) -> List[Workload]:
+    """The preset's configurations with the flags applied; a comma list in a flag sweeps it."""
+    base = preset_workloads(args.preset or DEFAULT_PRESET, device)
+    common = {f: getattr(args, f) for f in _SCALARS if getattr(args, f) is not None}
+    if args.dim:
+        common["dims"] = tuple(int(_number(d)) for part in args.dim for d in part.split(",") if d.strip())
+    sweeps = {field: getattr(args, flag) for flag, field in _SWEEPABLE.items() if getattr(args, flag)}
+    workloads: List[Workload] = []
+    for w in base:
+        for combo in itertools.product(*sweeps.values()):
+            candidate = w.replace(**common, **dict(zip(sweeps, combo)))
+            if candidate not in workloads:
+                workloads.append(candidate)
+    return workloads
+
+
+class _Progress:
+    """A tqdm bar over configurations when tqdm is installed, else one stderr line per phase."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled, self.index, self.bar = total, enabled, 0, None
+        if enabled and sys.stderr.isatty():  # in a log file, plain lines read better than a redrawn bar
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit="config", file=sys.stderr, leave=False, dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def phase(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(message)
+        elif self.enabled:
+            print(f"[{self.index + 1}/{self.total}] {message}", file=sys.stderr, flush=True)
+
+    def done_one(self) -> None:
+        self.index += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _listing() -> str:
+    lines = ["presets:"] + [f"  {name:11s} {p.description}" for name, p in PRESETS.items()]
+    lines += ["providers:"] + [f"  {p.name:17s} {p.description}" for p in all_providers()]
+    return "\n".join(lines)
+
+
+LEGEND = ("GB/s: (table rows gathered + fp32 output) bytes per step / median time, FBGEMM's convention "
+          "(backward counts both twice; train 3x rows, 2x output). % copy BW: of the tensor-copy bandwidth "
+          "measured in this run. vs loop: eb_loop's median / this median. peak MB: parameters, buffers and "
+          "optimizer state plus the extra memory at the peak of one step ({memory}).")
+
+
+def main(argv: Optional[Sequence[str]] = None,
+         provider_factory: Callable[[], List[Provider]] = all_providers) -> int:
+    """Run the CLI. ``provider_factory`` makes fresh providers per configuration (tests inject one)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        print(_listing())
+        return 0
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
+    try:
+        workloads = build_workloads(args, device)
+    except ValueError as e:
+        parser.error(str(e))
+    wanted = select_providers(args.providers, [p.name for p in provider_factory()], parser.error)
+    options = Options(repeats=args.repeats or (30 if device == "cuda" else 10), batches=max(1, args.batches),
+                      seed=args.seed)
+    machine = machine_info(device)
+    with quiet():
+        copy_gbps = copy_bandwidth_gbps(device, 256 if device == "cuda" else 128)
+    where = machine["gpu"] or f"{machine['cpu']} ({machine['cores']} cores)"
+    print(f"jaggedrec-bench on {where}: torch {machine['torch']}, triton {machine['triton']}; "
+          f"copy bandwidth {copy_gbps:.1f} GB/s (read + write)")
+    progress = _Progress(len(workloads), enabled=not args.no_progress)
+    runs: List[WorkloadResult] = []
+    try:
+        for w in workloads:
+            providers = [p for p in provider_factory() if p.name in wanted]
+            run = run_workload(w, providers, options, copy_gbps, progress.phase)
+            runs.append(run)
+            progress.write("\n" + format_table(run))
+            progress.done_one()
+    finally:
+        progress.close()
+    summary = skipped_summary(runs)
+    if summary:
+        print("\n" + summary)
+    memory = "CUDA max_memory_allocated" if device == "cuda" else "RSS-based on CPU, approximate"
+    print("\n" + LEGEND.format(memory=memory))
+    document = to_json(runs, machine, copy_gbps, args.preset or DEFAULT_PRESET,
+                       ["jaggedrec-bench"] + list(sys.argv[1:] if argv is None else argv))
+    if args.output:
+        write_json(args.output, document)
+    if args.csv:
+        write_csv(args.csv, document)
+    if args.plot:
+        why_not = write_plot(args.plot, runs, f"{args.preset or DEFAULT_PRESET}: {runs[0].workload.describe()}"
+                             if len(runs) == 1 else f"{args.preset or DEFAULT_PRESET} sweep, {where}")
+        if why_not:
+            print(f"--plot: {why_not}", file=sys.stderr)
+    wrong = sorted({n for run in runs for n, r in run.providers.items() if r.status == "wrong"})
+    if wrong:
+        print(f"WRONG results from: {', '.join(wrong)}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,236 @@
+"""One workload, every provider: build, verify against the loop, warm up, time, measure.
+
+The order of events, and why:
+
+1. build every provider from the same reference tables (a failure skips that provider);
+2. verify: each provider's forward on every batch must match the ``nn.EmbeddingBag`` loop
+   within the dtype's tolerance, else it is reported ``wrong`` and never timed. In backward
+   mode the weight gradient is checked too, through ``sum(grad * W) == sum(grad_out * out)``,
+   which holds for any linear lookup and needs no knowledge of the provider's layout;
+3. warm up on every batch (first-call costs: allocations, page faults, compilation);
+4. measure one step's peak memory, untimed;
+5. time in interleaved rounds, rotating over the batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .providers import Provider
+from .timing import Clock, MemoryProbe, plan_samples, quantiles, rounds_schedule
+from .workload import Batch, Workload, bytes_per_step, make_batches, reference_tables
+
+# abs and rel tolerance of a provider's output against the loop's, by table dtype
+TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+BASELINE = "eb_loop"
+
+
+@dataclass
+class Options:
+    repeats: int = 10       # timed samples per provider (fewer for steps over ~1 s)
+    batches: int = 3        # distinct input batches the samples rotate over
+    rounds: int = 5         # interleaved rounds the samples are spread over
+    seed: int = 0
+
+
+@dataclass
+class ProviderResult:
+    status: str                      # "ok", "skipped" or "wrong"
+    reason: Optional[str] = None     # why skipped or wrong
+    note: str = ""                   # how this provider runs this mode, when it differs
+    samples_ms: List[float] = field(default_factory=list)
+    median_ms: Optional[float] = None
+    p20_ms: Optional[float] = None
+    p80_ms: Optional[float] = None
+    gbps: Optional[float] = None
+    pct_of_copy_bw: Optional[float] = None
+    speedup_vs_loop: Optional[float] = None
+    peak_mem_mb: Optional[float] = None   # state_mb + step_mem_mb
+    state_mb: Optional[float] = None      # parameters, buffers, optimizer state
+    step_mem_mb: Optional[float] = None   # extra memory at the peak of one step
+    max_abs_err: Optional[float] = None
+
+
+@dataclass
+class WorkloadResult:
+    workload: Workload
+    providers: Dict[str, ProviderResult]
+    bytes_per_step: float  # mean over the batches, by workload.bytes_per_step
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence Python warnings and library log lines (FBGEMM, TorchRec, torch) during a run."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _fail(e: BaseException, when: str) -> str:
+    text = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{when}: {type(e).__name__}: {text}"
+
+
+def _max_abs_err(out: torch.Tensor, ref: torch.Tensor, tol: float) -> Optional[float]:
+    """Max abs error if ``out`` is outside ``|out - ref| <= tol + tol * |ref|``, else None."""
+    if tuple(out.shape) != tuple(ref.shape):
+        return float("inf")
+    out, ref = out.detach().double(), ref.double()
+    err = (out - ref).abs()
+    if bool((err <= tol + tol * ref.abs()).all()):
+        return None
+    return float(err.nan_to_num(float("inf")).max())
+
+
+def _gradient_error(p: Provider, batch: Batch, ref_out: torch.Tensor, tol: float) -> Optional[str]:
+    """Backward mode: check ``<dL/dW, W> == <grad_out, out>`` (the lookup is linear in W)."""
+    p.clear_grads()
+    out = p.forward(batch)
+    out.backward(batch.grad_out.to(out.dtype))
+    got = torch.zeros((), dtype=torch.float64, device=out.device)
+    for w in p.grad_params():
+        if w.grad is not None:
+            grad = w.grad.to_dense() if w.grad.is_sparse else w.grad
+            got += (grad.double() * w.detach().double()).sum()
+    g = batch.grad_out.double()
+    expected = (g * ref_out.double()).sum()
+    scale = (g.abs() * ref_out.double().abs()).sum() + 1e-30
+    p.clear_grads()
+    rel = float((got - expected).abs() / scale)
+    return None if rel <= tol else f"weight gradient check off by {rel:.2e} (relative; tol {tol:g})"
+
+
+def run_workload(w: Workload, providers: Sequence[Provider], options: Options, copy_gbps: Optional[float],
+                 progress: Callable[[str], None] = lambda msg: None) -> WorkloadResult:
+    """Every provider's result on ``w``; the first provider must be the ``eb_loop`` reference."""
+    if not providers or providers[0].name != BASELINE:
+        raise ValueError(f"the first provider must be the {BASELINE} reference")
+    results: Dict[str, ProviderResult] = {}
+    active: List[Provider] = []
+    with quiet():
+        for p in providers:
+            reason = p.skip_reason(w)
+            results[p.name] = ProviderResult("skipped", reason) if reason else ProviderResult("ok")
+        tables = reference_tables(w, options.seed)
+        batches = make_batches(w, options.batches, options.seed)
+        # samples rotate evenly over the batches, so their mean bytes goes with the median time
+        moved = sum(bytes_per_step(w, b.ids_per_feature) for b in batches) / len(batches)
+        for p in providers:
+            if results[p.name].status != "ok":
+                continue
+            progress(f"build {p.name}")
+            try:
+                p.build(tables, w)
+                results[p.name].state_mb = p.state_bytes() / 2**20
+                results[p.name].note = p.note
+                active.append(p)
+            except Exception as e:
+                if p.name == BASELINE:
+                    raise
+                results[p.name] = ProviderResult("skipped", _fail(e, "setup failed"))
+                p.release()
+        del tables
+        active = _verify(w, active, batches, results, progress)
+        _time_all(w, active, batches, options, results, progress)
+        for p in active:
+            p.release()
+        del active, batches
+        gc.collect()
+        if w.device == "cuda":
+            torch.cuda.empty_cache()
+    _derive_metrics(results, moved, copy_gbps)
+    return WorkloadResult(w, results, moved)
+
+
+def _verify(w, active, batches, results, progress) -> List[Provider]:
+    tol = TOLERANCES[w.dtype]
+    progress("verify")
+    with torch.no_grad():
+        refs = [active[0].forward(b).float() for b in batches]
+    kept = [active[0]]
+    for p in active[1:]:
+        try:
+            worst = None
+            for b, ref in zip(batches, refs):
+                with torch.no_grad():
+                    err = _max_abs_err(p.forward(b), ref, tol)
+                if err is not None:
+                    worst = max(worst or 0.0, err)
+            if worst is not None:
+                results[p.name] = ProviderResult("wrong", f"output differs from {BASELINE}: max abs err {worst:.3g} "
+                                                          f"(tol {tol:g} abs + {tol:g} rel)", p.note,
+                                                 max_abs_err=worst)
+            elif w.mode == "backward":
+                grad_err = _gradient_error(p, batches[0], refs[0], tol)
+                if grad_err is not None:
+                    results[p.name] = ProviderResult("wrong", grad_err, p.note)
+        except Exception as e:
+            results[p.name] = ProviderResult("skipped", _fail(e, "failed in verification"), p.note)
+        if results[p.name].status == "ok":
+            kept.append(p)
+        else:
+            p.release()
+    return kept
+
+
+def _time_all(w, active, batches, options, results, progress) -> None:
+    clock, probe = Clock(w.device), MemoryProbe(w.device)
+    samples = []
+    for p in list(active):
+        progress(f"warm up {p.name}")
+        try:
+            last = [clock.time_ms(lambda: p.step(b)) for b in batches][-1]
+            results[p.name].step_mem_mb = probe.measure(lambda: p.step(batches[0]))
+            p.clear_grads()
+            samples.append(plan_samples(last, options.repeats))
+        except Exception as e:
+            if p.name == BASELINE:
+                raise
+            results[p.name] = ProviderResult("skipped", _fail(e, "failed in warm-up"), p.note)
+            active.remove(p)
+            p.release()
+    counters = [0] * len(active)
+    rounds = max(1, min(options.rounds, min(samples)))
+    for r, chunk in enumerate(rounds_schedule(samples, rounds)):
+        progress(f"round {r + 1}/{rounds}")
+        for i, take in chunk:
+            p = active[i]
+            if results[p.name].status != "ok":
+                continue
+            try:
+                for _ in range(take):
+                    batch = batches[counters[i] % len(batches)]
+                    counters[i] += 1
+                    results[p.name].samples_ms.append(clock.time_ms(lambda: p.step(batch)))
+            except Exception as e:
+                if p.name == BASELINE:
+                    raise
+                results[p.name] = ProviderResult("skipped", _fail(e, "failed while timed"), p.note)
+            p.clear_grads()  # free dense gradients before the next provider runs
+
+
+def _derive_metrics(results: Dict[str, ProviderResult], moved: float, copy_gbps: Optional[float]) -> None:
+    baseline = results[BASELINE]
+    for r in results.values():
+        if r.status != "ok" or not r.samples_ms:
+            continue
+        r.median_ms, r.p20_ms, r.p80_ms = quantiles(r.samples_ms)
+        r.gbps = moved / (r.median_ms * 1e-3) / 1e9
+        if copy_gbps:
+            r.pct_of_copy_bw = 100.0 * r.gbps / copy_gbps
+        if baseline.median_ms:
+            r.speedup_vs_loop = baseline.median_ms / r.median_ms
+        if r.state_mb is not None and r.step_mem_mb is not None:
+            r.peak_mem_mb = r.state_mb + r.step_mem_mb

@@ -1,0 +1,217 @@
+"""What one benchmark configuration runs: its tables, its seeded input batches, and its bytes.
+
+A ``Workload`` is one point of a sweep. Every provider sees the same reference weights
+(:func:`reference_tables`) and the same batches (:func:`make_batches`), so their outputs can
+be compared element by element and their timings side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+import jaggedrec as jr
+
+DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MODES = ("forward", "backward", "train")
+MODE_LABELS = {
+    "forward": "forward (inference, no_grad)",
+    "backward": "forward+backward (dense grads)",
+    "train": "train step (fwd+bwd+SGD lr 0.01)",
+}
+# Traffic per step, in units of (gathered row bytes R, pooled output bytes O); see bytes_per_step.
+_TRAFFIC = {"forward": (1, 1), "backward": (2, 2), "train": (3, 2)}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One configuration. Tables are all SUM-pooled; table ``t`` serves feature ``f{t}``.
+
+    ``dims`` is cycled over the tables, so ``(64,)`` gives every table dim 64 and
+    ``(4, 16, 64)`` gives 4, 16, 64, 4, 16, ... ``bag_size`` is ``"fixed"`` (every bag holds
+    ``round(pooling_factor)`` ids, e.g. one-hot DLRM features) or ``"random"`` (uniform in
+    ``[0, 2 * pooling_factor]``, so the mean is the pooling factor and some bags are empty).
+    """
+
+    tables: int = 26
+    num_embeddings: int = 100_000
+    dims: Tuple[int, ...] = (64,)
+    batch_size: int = 4096
+    pooling_factor: float = 1.0
+    bag_size: str = "fixed"
+    distribution: str = "uniform"
+    zipf_alpha: float = 1.1
+    dtype: str = "fp32"
+    weighted: bool = False
+    mode: str = "forward"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.tables <= 0 or self.num_embeddings <= 0 or self.batch_size <= 0 or not self.dims:
+            raise ValueError(f"tables, num_embeddings, batch_size and dims must be positive: {self}")
+        if self.pooling_factor < 0:
+            raise ValueError(f"pooling_factor must be >= 0, got {self.pooling_factor}")
+        for field, allowed in (("bag_size", ("fixed", "random")), ("distribution", ("uniform", "zipf")),
+                               ("dtype", tuple(DTYPES)), ("mode", MODES), ("device", ("cpu", "cuda"))):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
+        if self.distribution == "zipf" and self.zipf_alpha <= 0:
+            raise ValueError(f"zipf_alpha must be positive, got {self.zipf_alpha}")
+
+    def replace(self, **changes) -> "Workload":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def table_dims(self) -> List[int]:
+        return [self.dims[t % len(self.dims)] for t in range(self.tables)]
+
+    @property
+    def total_dim(self) -> int:
+        return sum(self.table_dims)
+
+    @property
+    def keys(self) -> List[str]:
+        return [f"f{t}" for t in range(self.tables)]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def table_configs(self) -> List[jr.EmbeddingBagConfig]:
+        data_type = {"fp32": jr.DataType.FP32, "fp16": jr.DataType.FP16, "bf16": jr.DataType.BF16}[self.dtype]
+        return [jr.EmbeddingBagConfig(name=f"t{t}", embedding_dim=d, num_embeddings=self.num_embeddings,
+                                      feature_names=[f"f{t}"], data_type=data_type)
+                for t, d in enumerate(self.table_dims)]
+
+    def describe(self) -> str:
+        dims = str(self.dims[0]) if len(self.dims) == 1 else "[" + ",".join(map(str, self.dims)) + "]"
+        bags = f"{self.pooling_factor:g} ids/bag ({self.bag_size})"
+        ids = "uniform ids" if self.distribution == "uniform" else f"zipf({self.zipf_alpha:g}) ids"
+        return (f"{self.tables} tables x {self.num_embeddings:,} rows, dim {dims}, {self.dtype}, "
+                f"batch {self.batch_size}, {bags}, {ids}{', weighted' if self.weighted else ''}, "
+                f"{MODE_LABELS[self.mode]}, {self.device}")
+
+    def as_dict(self) -> Dict[str, object]:
+        out = dataclasses.asdict(self)
+        out["dims"] = list(self.dims)
+        return out
+
+
+@dataclass
+class Batch:
+    """One input batch in the KJT's key-major layout, plus what the timing needs.
+
+    Attributes:
+        values: ``[N]`` int64 ids, all of ``f0``, then all of ``f1``, ...
+        lengths: ``[T*B]`` int64 ids per (feature, sample).
+        offsets: ``[T*B+1]`` int64 bag starts.
+        weights: ``[N]`` fp32 per-id weights, or None.
+        key_counts: ``[T]`` int64 ids per feature, on the device.
+        key_offsets: ``T+1`` host ints, first id of each feature (what a data loader knows).
+        grad_out: ``[B, total_dim]`` fp32 upstream gradient for backward/train modes, or None.
+    """
+
+    values: torch.Tensor
+    lengths: torch.Tensor
+    offsets: torch.Tensor
+    weights: Optional[torch.Tensor]
+    key_counts: torch.Tensor
+    key_offsets: List[int]
+    grad_out: Optional[torch.Tensor]
+
+    @property
+    def ids_per_feature(self) -> List[int]:
+        return [b - a for a, b in zip(self.key_offsets[:-1], self.key_offsets[1:])]
+
+    def jaggedrec_kjt(self, keys: List[str]) -> jr.KeyedJaggedTensor:
+        """A fresh KJT over the batch's tensors (no copy), as a data loader hands one per step."""
+        return jr.KeyedJaggedTensor(keys, self.values, self.weights, lengths=self.lengths, offsets=self.offsets)
+
+
+@functools.lru_cache(maxsize=8)
+def _zipf_cdf(rows: int, alpha: float) -> torch.Tensor:
+    """``[rows]`` float64 CDF of P(rank k) proportional to 1/(k+1)^alpha."""
+    cdf = torch.arange(1, rows + 1, dtype=torch.float64).pow(-alpha).cumsum(0)
+    return cdf / cdf[-1]
+
+
+def _draw_ids(w: Workload, n: int, gen: torch.Generator, hot_order: Optional[torch.Tensor]) -> torch.Tensor:
+    if w.distribution == "uniform":
+        return torch.randint(0, w.num_embeddings, (n,), generator=gen)
+    ranks = torch.searchsorted(_zipf_cdf(w.num_embeddings, w.zipf_alpha), torch.rand(n, generator=gen,
+                                                                                      dtype=torch.float64))
+    # rank -> row through a per-table permutation: hot rows are scattered, not rows 0, 1, 2, ...
+    return hot_order[ranks.clamp_(max=w.num_embeddings - 1)]
+
+
+def _draw_lengths(w: Workload, gen: torch.Generator) -> torch.Tensor:
+    if w.bag_size == "fixed":
+        return torch.full((w.batch_size,), round(w.pooling_factor), dtype=torch.int64)
+    # uniform over {0, ..., floor(2L)}: mean L for integer L, and empty bags occur
+    return (torch.rand(w.batch_size, generator=gen) * (int(2 * w.pooling_factor) + 1)).long()
+
+
+def make_batches(w: Workload, count: int, seed: int = 0) -> List[Batch]:
+    """``count`` distinct batches, drawn on the CPU from ``seed`` and moved to ``w.device``."""
+    gen = torch.Generator().manual_seed(seed)
+    hot_orders = ([torch.randperm(w.num_embeddings, generator=gen) for _ in range(w.tables)]
+                  if w.distribution == "zipf" else [None] * w.tables)
+    batches = []
+    for _ in range(count):
+        lengths = [_draw_lengths(w, gen) for _ in range(w.tables)]
+        ids = [_draw_ids(w, int(n.sum()), gen, hot_orders[t]) for t, n in enumerate(lengths)]
+        counts = [x.numel() for x in ids]
+        key_offsets = [0]
+        for c in counts:
+            key_offsets.append(key_offsets[-1] + c)
+        lengths_t = torch.cat(lengths)
+        weights = torch.rand(key_offsets[-1], generator=gen) if w.weighted else None
+        grad_out = torch.randn(w.batch_size, w.total_dim, generator=gen) if w.mode != "forward" else None
+        to = functools.partial(_to, device=w.device)
+        batches.append(Batch(values=to(torch.cat(ids)), lengths=to(lengths_t),
+                             offsets=to(torch.nn.functional.pad(lengths_t.cumsum(0), (1, 0))),
+                             weights=to(weights), key_counts=to(torch.tensor(counts)), key_offsets=key_offsets,
+                             grad_out=to(grad_out)))
+    return batches
+
+
+def _to(t: Optional[torch.Tensor], device: str) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(device)
+
+
+def reference_tables(w: Workload, seed: int = 0) -> List[torch.Tensor]:
+    """One ``[rows, dim]`` table per feature, uniform in +-sqrt(1/rows) as TorchRec initialises,
+    drawn on the CPU from ``seed`` (so every device sees the same numbers) and moved to the device."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    bound = (1.0 / w.num_embeddings) ** 0.5
+    return [torch.empty(w.num_embeddings, d).uniform_(-bound, bound, generator=gen)
+            .to(device=w.device, dtype=w.torch_dtype) for d in w.table_dims]
+
+
+def bytes_per_step(w: Workload, ids_per_feature: Sequence[int]) -> int:
+    """Bytes one step moves, by FBGEMM's benchmark convention.
+
+    ``R = sum_f ids_f * dim_f * elsize`` (table rows gathered, in the table dtype) and
+    ``O = B * total_dim * 4`` (the fp32 pooled output). Ids, offsets and per-sample weights
+    are not counted. Per mode:
+
+    - forward: ``R + O`` (read the rows, write the output);
+    - backward: ``2R + 2O`` (the forward, then read the output gradient and write one row
+      gradient per id);
+    - train: ``3R + 2O`` (the forward, then read the output gradient, and read and write
+      each gathered row to apply the update).
+
+    Dense-gradient providers move more than this (they also clear and write the whole
+    gradient); GB/s counts only the bytes the work needs, so it rewards not doing that.
+    """
+    if len(ids_per_feature) != w.tables:
+        raise ValueError(f"need one id count per table ({w.tables}), got {len(ids_per_feature)}")
+    elsize = torch.empty(0, dtype=w.torch_dtype).element_size()
+    rows = sum(n * d * elsize for n, d in zip(ids_per_feature, w.table_dims))
+    out = w.batch_size * w.total_dim * 4
+    r, o = _TRAFFIC[w.mode]
+    return r * rows + o * out
