@@ -9,8 +9,10 @@ from torch import nn
 
 from . import validation
 from .configs import EmbeddingBagConfig
+from .fused_state import FusedOptimizerState
 from .jagged_tensor import KeyedJaggedTensor
 from .keyed_tensor import KeyedTensor
+from .optim import FusedOptimizer
 from .ops.pooled import BACKENDS, pooled_embedding_bags, use_kernels
 from .tables import TableLayout
 from .bad_ids import BOUNDS_CHECKS, BadIdReport
@@ -58,6 +60,9 @@ class EmbeddingBagCollection(nn.Module):
             one step later without waiting for the GPU), or "off" (trust the ids).
         deterministic: Triton backward with bit-identical weight gradients (sorts the ids);
             False uses atomics, faster but with run-to-run rounding differences.
+        fused_optimizer: a ``jaggedrec.optim`` config (SGD, RowWiseAdagrad, Adam): each backward
+            updates the touched rows in place and no weight gradient is made. Its state lives
+            in buffers beside the weights, so ``state_dict()`` holds it.
 
     ``forward(kjt)`` returns a ``KeyedTensor`` of ``[B, sum(dims)]`` fp32 values whose keys are
     the tables' features in config order (``feature@table`` for a feature read by several
@@ -66,7 +71,8 @@ class EmbeddingBagCollection(nn.Module):
 
     def __init__(self, tables: Sequence[EmbeddingBagConfig], is_weighted: bool = False,
                  device: Optional[torch.device] = None, backend: str = "auto", sparse: bool = False,
-                 validate: bool = True, bounds_check: str = "raise", deterministic: bool = True) -> None:
+                 validate: bool = True, bounds_check: str = "raise", deterministic: bool = True,
+                 fused_optimizer: Optional[FusedOptimizer] = None) -> None:
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -86,6 +92,14 @@ class EmbeddingBagCollection(nn.Module):
         device = torch.device(device) if device is not None else None
         self.flat_weights = nn.ParameterDict({
             g.name: nn.Parameter(torch.empty(g.numel, dtype=g.dtype, device=device)) for g in self._layout.groups})
+        if fused_optimizer is not None:
+            if not isinstance(fused_optimizer, FusedOptimizer):
+                raise TypeError(f"fused_optimizer must be a jaggedrec.optim config, got {fused_optimizer!r}")
+            if sparse:
+                raise ValueError("sparse=True and a fused_optimizer exclude each other: the fused "
+                                 "optimizer makes no gradient")
+        self._fused = fused_optimizer
+        self.fused_optimizer_state = FusedOptimizerState(self._layout, fused_optimizer, device)
         self.embedding_bags = nn.ModuleDict({
             slot.name: EmbeddingBag(self, t) for t, slot in enumerate(self._layout.tables)})
         self._embedding_names = self._layout.embedding_names
@@ -128,6 +142,21 @@ class EmbeddingBagCollection(nn.Module):
                     view.copy_(result)
             else:
                 view.uniform_(config.weight_init_min, config.weight_init_max)
+        self.fused_optimizer_state.reset()
+
+    @property
+    def fused_optimizer(self) -> Optional[FusedOptimizer]:
+        return self._fused
+
+    @property
+    def learning_rate(self) -> float:
+        """The fused optimizer's learning rate."""
+        return self.fused_optimizer_state.learning_rate()
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Change the fused optimizer's learning rate; compiled graphs read it from a buffer
+        and are not recompiled."""
+        self.fused_optimizer_state.set_learning_rate(lr)
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return list(self._layout.configs)
@@ -178,7 +207,8 @@ class EmbeddingBagCollection(nn.Module):
             pooled, bad = pooled_embedding_bags(
                 self.flat_weights[g.name], values, offsets, weights, list(g.weight_offsets), list(g.rows),
                 list(g.dims), keys, list(g.pooling), len(features.keys()), self._backend,
-                self._bounds_check != "off", self._sparse, self._deterministic)
+                self._bounds_check != "off", self._sparse, self._deterministic,
+                self._fused.kind if self._fused is not None else 0, self.fused_optimizer_state.tensors(g.name))
             outputs.append(pooled)
             bad_ids.append(bad)
         if self._bounds_check != "off" and not torch.compiler.is_compiling():

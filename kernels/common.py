@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import triton
+import triton.language as tl
 
 try:  # inside a triton_op body, launches must go through wrap_triton so torch.compile can trace them
     from torch.library import wrap_triton
@@ -12,9 +13,11 @@ except ImportError:  # pragma: no cover - torch < 2.6
     def wrap_triton(kernel):
         return kernel
 
-# Column layout of the per-feature metadata tensor, ``[F, META_FIELDS]`` int64.
-META_WEIGHT_OFFSET, META_DIM, META_ROWS, META_OUT_COLUMN, META_KEY, META_MEAN = range(6)
-META_FIELDS = 6
+# Column layout of the per-feature metadata tensor, ``[F, META_FIELDS]`` int64: the table's
+# element offset in the flat weights, dim, rows, the feature's output column, its KJT key,
+# MEAN (1) or SUM (0), and the table's first row in row-wise optimizer state.
+META_WEIGHT_OFFSET, META_DIM, META_ROWS, META_OUT_COLUMN, META_KEY, META_MEAN, META_ROW_BASE = range(7)
+META_FIELDS: tl.constexpr = tl.constexpr(7)
 
 
 def interpreting() -> bool:

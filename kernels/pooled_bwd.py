@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import torch
 import triton
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 import triton.language as tl
 
-from .common import block_d, interpreting, wrap_triton
+from .common import META_FIELDS, block_d, interpreting, wrap_triton
 
 
 def _q_configs(sizes):
@@ -39,7 +40,7 @@ def _contribution_scale(c, mask, num_values, batch_size, contrib_feature_ptr, ba
     f = tl.load(contrib_feature_ptr + c, mask=mask, other=0).to(tl.int64)
     v = c % num_values
     bag = tl.load(bag_of_value_ptr + v, mask=mask, other=0).to(tl.int64)
-    meta = meta_ptr + f * 6
+    meta = meta_ptr + f * META_FIELDS
     dim = tl.load(meta + 1, mask=mask, other=0)
     out_column = tl.load(meta + 3, mask=mask, other=0)
     key = tl.load(meta + 4, mask=mask, other=0)
@@ -69,26 +70,36 @@ def _rows_grad_kernel(
     if (row >= 0) & (row != previous):
         end = tl.load(run_end_ptr + p)
         first = tl.load(order_ptr + p)
-        dim = tl.load(meta_ptr + tl.load(contrib_feature_ptr + first).to(tl.int64) * 6 + 1)
+        dim = tl.load(meta_ptr + tl.load(contrib_feature_ptr + first).to(tl.int64) * META_FIELDS + 1)
         if DENSE:
             dest = dest_ptr + row
         else:
             dest = dest_ptr + tl.load(slot_ptr + p) * DEST_STRIDE
         for d0 in range(0, dim, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
-            col_mask = cols < dim
-            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for q0 in range(p, end, BLOCK_Q):
-                q = q0 + tl.arange(0, BLOCK_Q)
-                in_run = q < end
-                c = tl.load(order_ptr + q, mask=in_run, other=0)
-                _, sample, out_column, scale = _contribution_scale(
-                    c, in_run, num_values, batch_size, contrib_feature_ptr, bag_of_value_ptr, offsets_ptr,
-                    psw_ptr, meta_ptr, HAS_PSW)
-                grads = tl.load(grad_out_ptr + sample[:, None] * grad_stride + out_column[:, None] + cols[None, :],
-                                mask=in_run[:, None] & col_mask[None, :], other=0.0)
-                acc += tl.sum(grads * scale[:, None], axis=0)
-            tl.store(dest + cols, acc, mask=col_mask)
+            acc = sum_run(p, end, cols, cols < dim, grad_out_ptr, grad_stride, order_ptr, contrib_feature_ptr,
+                          bag_of_value_ptr, offsets_ptr, psw_ptr, meta_ptr, num_values, batch_size,
+                          HAS_PSW, BLOCK_Q)
+            tl.store(dest + cols, acc, mask=cols < dim)
+
+
+@triton.jit
+def sum_run(p, end, cols, col_mask, grad_out_ptr, grad_stride, order_ptr, contrib_feature_ptr, bag_of_value_ptr,
+            offsets_ptr, psw_ptr, meta_ptr, num_values, batch_size, HAS_PSW: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """``[BLOCK_D]`` fp32: columns ``cols`` of the gradient summed over sorted contributions
+    ``p..end-1`` (one row's run), in a fixed order, so the sum is the same on every run."""
+    acc = tl.zeros(cols.shape, dtype=tl.float32)
+    for q0 in range(p, end, BLOCK_Q):
+        q = q0 + tl.arange(0, BLOCK_Q)
+        in_run = q < end
+        c = tl.load(order_ptr + q, mask=in_run, other=0)
+        _, sample, out_column, scale = _contribution_scale(
+            c, in_run, num_values, batch_size, contrib_feature_ptr, bag_of_value_ptr, offsets_ptr,
+            psw_ptr, meta_ptr, HAS_PSW)
+        grads = tl.load(grad_out_ptr + sample[:, None] * grad_stride + out_column[:, None] + cols[None, :],
+                        mask=in_run[:, None] & col_mask[None, :], other=0.0)
+        acc += tl.sum(grads * scale[:, None], axis=0)
+    return acc
 
 
 @triton.autotune(configs=_q_configs([(16, 2), (32, 4), (64, 8)]), key=["BLOCK_D", "HAS_PSW"])
@@ -154,12 +165,12 @@ def rows_grad(grad_out: torch.Tensor, sorted_rows: torch.Tensor, order: torch.Te
         bag_of_value: ``[N]`` bag (key-major ``k*B + b``) of each id.
         offsets: ``[K*B+1]`` bag starts.
         per_sample_weights: ``[N]`` or None.
-        meta: ``[F, 6]`` int64 feature metadata.
+        meta: ``[F, META_FIELDS]`` int64 feature metadata (see ``common``).
         dest: fp32. Dense (``slot`` None): ``[W]``, row gradients land at their element offsets.
             Compact: ``[U, max_dim]``, run ``slot[p]`` lands in row ``slot[p]``.
         slot: ``[M]`` int64 compact row of each run start, or None.
     """
-    if sorted_rows.numel() == 0:
+    if statically_known_true(sorted_rows.numel() == 0):
         return
     wrap_triton(_rows_grad_kernel)[(sorted_rows.numel(),)](
         grad_out, grad_out.stride(0), sorted_rows, order, run_end, contrib_feature, bag_of_value, offsets,
@@ -176,7 +187,7 @@ def rows_grad_atomic(grad_out: torch.Tensor, rows: torch.Tensor, contrib_feature
 
     Args as in :func:`rows_grad`, with ``rows`` the unsorted ``[M]`` contribution rows.
     """
-    if rows.numel() == 0:
+    if statically_known_true(rows.numel() == 0):
         return
     grid = lambda cfg: (triton.cdiv(rows.numel(), cfg["BLOCK_Q"]),)  # noqa: E731
     wrap_triton(_rows_grad_atomic_kernel)[grid](
@@ -193,7 +204,7 @@ def psw_grad(grad_out: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, 
 
     Args as in :func:`rows_grad`; ``weights`` ``[W]``; ``out`` ``[M]`` fp32.
     """
-    if rows.numel() == 0:
+    if statically_known_true(rows.numel() == 0):
         return
     grid = lambda cfg: (triton.cdiv(rows.numel(), cfg["BLOCK_Q"]),)  # noqa: E731
     wrap_triton(_psw_grad_kernel)[grid](

@@ -35,7 +35,7 @@ def _pooled_fwd_kernel(
 ):
     # one program per BLOCK_B bags of one feature
     f = tl.program_id(1)
-    meta = meta_ptr + f * 6
+    meta = meta_ptr + f * META_FIELDS
     weight_offset = tl.load(meta + 0)
     dim = tl.load(meta + 1)
     num_rows = tl.load(meta + 2)
@@ -90,7 +90,7 @@ def pooled_fwd(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tenso
         values: ``[N]`` int32/int64 ids, key-major.
         offsets: ``[K*B+1]`` int32/int64 bag starts, key-major.
         per_sample_weights: ``[N]`` float, or None.
-        meta: ``[F, 6]`` int64 per feature: weight offset, dim, rows, output column, key, mean.
+        meta: ``[F, META_FIELDS]`` int64 per feature (see ``common``).
         out: ``[B, total_dim]`` fp32, written in full.
         errors: ``[F]`` int64, incremented by the number of ids outside ``[0, rows)`` (those ids
             are skipped); None to trust the ids and skip the check.

@@ -105,7 +105,7 @@ def test_forward_writes_every_output_element():
     lengths = torch.tensor([2, 0, 1, 3, 0, 1, 0, 0, 4, 1, 2, 0])
     offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
     values = torch.cat([torch.randint(0, 9, (7,), generator=gen), torch.randint(0, 5, (7,), generator=gen)])
-    meta = torch.tensor([[0, 3, 9, 0, 0, 0], [27, 17, 5, 3, 1, 1]])  # feature 1 pools by MEAN
+    meta = torch.tensor([[0, 3, 9, 0, 0, 0, 0], [27, 17, 5, 3, 1, 1, 9]])  # feature 1 pools by MEAN
     out = torch.full((batch, 20), float("nan"), device=DEVICE)
     pooled_fwd(weights, values.to(DEVICE), offsets.to(DEVICE), None, meta.to(DEVICE), out, None, 17)
     out = out.cpu()

@@ -58,6 +58,8 @@ def pooled_embedding_bags(
     bounds_check: bool,
     sparse_grad: bool,
     deterministic: bool,
+    optimizer: int,
+    optimizer_state: List[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Pool each feature's rows from its table.
 
@@ -76,6 +78,10 @@ def pooled_embedding_bags(
         bounds_check: (kernels) skip ids outside ``[0, rows)`` and count them; otherwise trust them.
         sparse_grad: give ``weights`` a sparse COO gradient (eager only).
         deterministic: (kernels) bit-identical weight gradients, by sorting; else atomics.
+        optimizer: 0 for an ordinary weight gradient; 1 SGD, 2 row-wise Adagrad, 3 Adam to
+            update the touched rows inside the backward instead, with no weight gradient.
+        optimizer_state: with an optimizer, ``[hparams [5], step [1], state1, state2]`` (see
+            :func:`pooled_embedding_bags_fused_update`); else empty.
     Returns:
         ``[B, sum(dims)]`` fp32, features side by side in the order given, and ``[F]`` int64
         counts of ids skipped by the bounds check (always zero on the torch path, whose
@@ -132,6 +138,50 @@ def pooled_embedding_bags_backward(
     return grad_weights, grad_psw
 
 
+@define_op("jaggedrec::pooled_embedding_bags_fused_update",
+           mutates_args=("weights", "step", "state1", "state2"))
+def pooled_embedding_bags_fused_update(
+    grad_out: torch.Tensor,
+    weights: torch.Tensor,
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    weight_offsets: List[int],
+    rows: List[int],
+    dims: List[int],
+    keys: List[int],
+    pooling: List[int],
+    num_keys: int,
+    backend: str,
+    optimizer: int,
+    hparams: torch.Tensor,
+    step: torch.Tensor,
+    state1: torch.Tensor,
+    state2: torch.Tensor,
+) -> None:
+    """One optimizer step on the rows this batch read, in place; duplicate ids are summed first.
+
+    Args:
+        grad_out: ``[B, sum(dims)]``; ``weights`` ... ``backend`` as in the forward.
+        optimizer: 1 SGD, 2 row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD), 3 lazy Adam.
+        hparams: ``[5]`` fp32 ``lr, eps, weight_decay, beta1, beta2`` (a tensor, so that a new
+            learning rate needs no recompilation).
+        step: ``[1]`` int64 steps taken; incremented.
+        state1: row-wise Adagrad ``[R]`` (R = rows of all tables), Adam ``[W]`` first moments.
+        state2: Adam ``[W]`` second moments. Unused states may be empty.
+    """
+    plan = _plan(weight_offsets, rows, dims, keys, pooling, num_keys)
+    if use_kernels(backend, weights.device):
+        tri = _triton()
+        meta = tri.feature_meta(plan, weight_offsets, rows, dims, keys, pooling, weights)
+        tri.triton_fused_update(grad_out, weights, values, offsets, per_sample_weights, meta, plan, num_keys,
+                                optimizer, hparams, step, state1, state2)
+        return
+    from . import fused_torch, pooled_triton
+    fused_torch.fused_update(grad_out, weights, values, offsets, per_sample_weights, plan, num_keys, optimizer,
+                             hparams, step, state1, state2, pooled_triton.table_row_bases(weight_offsets, rows))
+
+
 def _sparse_weight_grad(grad_out, weights, values, offsets, psw, static) -> torch.Tensor:
     """``[W]`` sparse COO gradient holding only the elements of touched rows."""
     weight_offsets, rows, dims, keys, pooling, num_keys, backend = static
@@ -155,19 +205,24 @@ def _sparse_weight_grad(grad_out, weights, values, offsets, psw, static) -> torc
 
 def _setup_context(ctx, inputs, output) -> None:
     (weights, values, offsets, psw, weight_offsets, rows, dims, keys, pooling, num_keys, backend,
-     _bounds_check, sparse_grad, deterministic) = inputs
-    ctx.save_for_backward(weights, values, offsets, psw)
+     _bounds_check, sparse_grad, deterministic, optimizer, optimizer_state) = inputs
+    ctx.save_for_backward(weights, values, offsets, psw, *optimizer_state)
     ctx.static = (weight_offsets, rows, dims, keys, pooling, num_keys, backend)
     ctx.sparse_grad = sparse_grad
     ctx.deterministic = deterministic
+    ctx.optimizer = optimizer
 
 
 def _backward(ctx, grad_out, _grad_errors):
-    weights, values, offsets, psw = ctx.saved_tensors
+    weights, values, offsets, psw, *optimizer_state = ctx.saved_tensors
     need_weight_grad, _, _, need_psw_grad = ctx.needs_input_grad[:4]
     need_psw_grad = bool(need_psw_grad and psw is not None)
     grad_weights = grad_psw = None
-    if ctx.sparse_grad and need_weight_grad:
+    if ctx.optimizer and need_weight_grad:  # the step happens here; no gradient leaves
+        torch.ops.jaggedrec.pooled_embedding_bags_fused_update(
+            grad_out.contiguous(), weights, values, offsets, psw, *ctx.static, ctx.optimizer, *optimizer_state)
+        need_weight_grad = False
+    elif ctx.sparse_grad and need_weight_grad:
         grad_weights = _sparse_weight_grad(grad_out, weights, values, offsets, psw, ctx.static)
         need_weight_grad = False
     if need_weight_grad or need_psw_grad:
@@ -178,7 +233,7 @@ def _backward(ctx, grad_out, _grad_errors):
             grad_weights = dense_w
         if need_psw_grad:
             grad_psw = dense_psw.to(psw.dtype)
-    return (grad_weights, None, None, grad_psw) + (None,) * 10
+    return (grad_weights, None, None, grad_psw) + (None,) * 11 + ([None] * len(optimizer_state),)
 
 
 pooled_embedding_bags.register_autograd(_backward, setup_context=_setup_context)

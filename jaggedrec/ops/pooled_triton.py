@@ -9,33 +9,45 @@ atomics. See ``kernels/pooled_bwd.py`` for the contribution layout.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from jaggedrec.kernels import pooled_bwd, pooled_fwd
+from jaggedrec.kernels import pooled_bwd, pooled_fused, pooled_fwd
+from jaggedrec.kernels.common import META_FIELDS
 
 from .pooled_torch import PooledPlan
 
 
+def table_row_bases(weight_offsets, rows) -> List[int]:
+    """Per feature, the first row of its table when the tables of the flat tensor are
+    numbered row after row in storage order: the index into row-wise optimizer state."""
+    first_row, total = {}, 0
+    for offset, num_rows in sorted(set(zip(weight_offsets, rows))):
+        first_row[offset] = total
+        total += num_rows
+    return [first_row[o] for o in weight_offsets]
+
+
 def _meta_rows(plan: PooledPlan, weight_offsets, rows, dims, keys, pooling) -> Tuple[Tuple[int, ...], ...]:
-    return tuple((weight_offsets[f], dims[f], rows[f], plan.out_offsets[f], keys[f], pooling[f])
+    row_bases = table_row_bases(weight_offsets, rows)
+    return tuple((weight_offsets[f], dims[f], rows[f], plan.out_offsets[f], keys[f], pooling[f], row_bases[f])
                  for f in range(len(dims)))
 
 
 @functools.lru_cache(maxsize=256)
 def _cached_meta(meta_rows: Tuple[Tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(meta_rows, dtype=torch.int64, device=device).view(-1, 6)
+    return torch.tensor(meta_rows, dtype=torch.int64, device=device).view(-1, int(META_FIELDS))
 
 
 def feature_meta(plan: PooledPlan, weight_offsets, rows, dims, keys, pooling,
                  like: torch.Tensor) -> torch.Tensor:
-    """``[F, 6]`` int64 on ``like``'s device. Eager calls reuse one cached copy, so the
-    host-to-device copy (which would wait for the stream) happens once per layout."""
+    """``[F, META_FIELDS]`` int64 on ``like``'s device. Eager calls reuse one cached copy, so
+    the host-to-device copy (which would wait for the stream) happens once per layout."""
     meta_rows = _meta_rows(plan, weight_offsets, rows, dims, keys, pooling)
     if torch.compiler.is_compiling() or is_fake(like):
-        return torch.tensor(meta_rows, dtype=torch.int64, device=like.device).view(-1, 6)
+        return torch.tensor(meta_rows, dtype=torch.int64, device=like.device).view(-1, int(META_FIELDS))
     return _cached_meta(meta_rows, like.device)
 
 
@@ -139,3 +151,18 @@ def triton_sparse_grad(grad_out: torch.Tensor, weights: torch.Tensor, values: to
     indices = (first_elements.unsqueeze(1) + columns.unsqueeze(0))[used]
     return torch.sparse_coo_tensor(indices.unsqueeze(0), compact[used].to(weights.dtype), weights.shape,
                                    is_coalesced=True, check_invariants=False)
+
+
+def triton_fused_update(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+                        per_sample_weights: Optional[torch.Tensor], meta: torch.Tensor, plan: PooledPlan,
+                        num_keys: int, optimizer: int, hparams: torch.Tensor, step: torch.Tensor,
+                        state1: torch.Tensor, state2: torch.Tensor) -> None:
+    """The fused optimizer step: sort the contributions by row, then one kernel sums each
+    row's gradient and updates the row and its state in place (see ``kernels/pooled_fused.py``)."""
+    step.add_(1)
+    feature, rows, bag_of_value = _contributions(weights, values, offsets, meta, plan, num_keys)
+    sorted_rows, order = torch.sort(rows, stable=True)
+    run_end = torch.searchsorted(sorted_rows, sorted_rows, right=True)
+    pooled_fused.fused_update(grad_out.contiguous().float(), sorted_rows, order, run_end, feature, bag_of_value,
+                              offsets, per_sample_weights, meta, weights, state1, state2, hparams, step, optimizer,
+                              max(plan_dims(plan)))

@@ -1,0 +1,69 @@
+"""Buffers of a collection's fused optimizer: hyperparameters, step counts and state.
+
+Kept flat beside the weights (one set per storage group), registered as buffers so that
+``state_dict()`` carries them and training resumes exactly from a checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from .optim import FusedOptimizer
+from .tables import TableLayout
+
+
+class FusedOptimizerState(nn.Module):
+    """Buffers ``hparams`` (``[5]`` fp32: lr, eps, weight_decay, beta1, beta2), and per storage
+    group ``<group>_step`` (``[1]`` int64) and one buffer per optimizer state
+    (``<group>_<name>``: ``[rows of all tables]`` row-wise or ``[W]`` element-wise, fp32)."""
+
+    def __init__(self, layout: TableLayout, optimizer: Optional[FusedOptimizer],
+                 device: Optional[torch.device]) -> None:
+        super().__init__()
+        self._optimizer = optimizer
+        self._groups = [g.name for g in layout.groups]
+        if optimizer is None:
+            return
+        self.register_buffer("hparams", torch.empty(5, dtype=torch.float32, device=device))
+        for g in layout.groups:
+            self.register_buffer(f"{g.name}_step", torch.empty(1, dtype=torch.int64, device=device))
+            rows = sum(layout.tables[t].rows for t in {layout.features[f].table for f in g.features})
+            for name, per in optimizer.state:
+                size = rows if per == "row" else g.numel
+                self.register_buffer(f"{g.name}_{name}", torch.empty(size, dtype=torch.float32, device=device))
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Step 0, zero state, the config's hyperparameters."""
+        if self._optimizer is None:
+            return
+        for name, buffer in self.named_buffers():
+            if buffer.device.type != "meta":
+                buffer.zero_()
+        self.set_learning_rate(self._optimizer.lr)
+
+    def set_learning_rate(self, lr: float) -> None:
+        if self._optimizer is None:
+            raise RuntimeError("this collection has no fused_optimizer")
+        if not lr >= 0:
+            raise ValueError(f"learning rate must be >= 0, got {lr}")
+        if self.hparams.device.type != "meta":
+            with torch.no_grad():
+                self.hparams.copy_(torch.tensor(self._optimizer.hyperparameters(lr), dtype=torch.float32))
+
+    def learning_rate(self) -> float:
+        if self._optimizer is None:
+            raise RuntimeError("this collection has no fused_optimizer")
+        return float(self.hparams[0])
+
+    def tensors(self, group: str) -> List[torch.Tensor]:
+        """The op's ``optimizer_state`` for one group: ``[hparams, step, state1, state2]``, or []."""
+        if self._optimizer is None:
+            return []
+        states = [getattr(self, f"{group}_{name}") for name, _ in self._optimizer.state]
+        while len(states) < 2:
+            states.append(self.hparams.new_empty(0))
+        return [self.hparams, getattr(self, f"{group}_step"), *states]
