@@ -66,6 +66,8 @@ def machine_info(device: str) -> Dict[str, object]:
         "cpu": _cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # other processes' load when the run started: on a shared machine it explains noise
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _version("triton"),

@@ -192,6 +192,7 @@ def _time_all(w, active, batches, options, results, progress) -> None:
         progress(f"warm up {p.name}")
         try:
             last = [clock.time_ms(lambda: p.step(b)) for b in batches][-1]
+            p.clear_grads()  # else the last warm-up's gradient is in the baseline and the step reuses it
             results[p.name].step_mem_mb = probe.measure(lambda: p.step(batches[0]))
             p.clear_grads()
             samples.append(plan_samples(last, options.repeats))

@@ -7,6 +7,8 @@ CPU it is ``time.perf_counter`` around the call.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import resource
 import time
@@ -89,9 +91,11 @@ class MemoryProbe:
 
     CUDA: ``torch.cuda.max_memory_allocated`` (exact, the caching allocator's view).
     CPU: the process's resident-set high-water mark (``VmHWM``), reset first through
-    ``/proc/self/clear_refs``; RSS-based, so approximate (allocator reuse and page
-    granularity). Where that reset is not possible, ``ru_maxrss`` serves, which only sees
-    peaks above the process's previous peak, and ``exact`` is False.
+    ``/proc/self/clear_refs``. Before that, ``malloc_trim`` hands free heap pages back to
+    the OS, so that memory the step reuses from earlier steps is counted when it is touched
+    again. Still RSS-based, so approximate (page granularity, allocator caches). Where the
+    reset is not possible, ``ru_maxrss`` serves, which only sees peaks above the process's
+    previous peak, and ``exact`` is False.
     """
 
     def __init__(self, device: str) -> None:
@@ -107,6 +111,7 @@ class MemoryProbe:
             fn()
             torch.cuda.synchronize()
             return (torch.cuda.max_memory_allocated() - base) / 2**20
+        _malloc_trim()
         if self.exact and _reset_hwm():
             base = _proc_status_kb("VmRSS")
             fn()
@@ -118,6 +123,14 @@ class MemoryProbe:
         if base is None or peak is None:
             return None
         return max(0.0, (peak - base) / 1024)
+
+
+def _malloc_trim() -> None:
+    """glibc's ``malloc_trim(0)``: return free heap pages to the OS; a no-op elsewhere."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _reset_hwm() -> bool:

@@ -184,12 +184,15 @@ def _to(t: Optional[torch.Tensor], device: str) -> Optional[torch.Tensor]:
 
 
 def reference_tables(w: Workload, seed: int = 0) -> List[torch.Tensor]:
-    """One ``[rows, dim]`` table per feature, uniform in +-sqrt(1/rows) as TorchRec initialises,
-    drawn on the CPU from ``seed`` (so every device sees the same numbers) and moved to the device."""
-    gen = torch.Generator().manual_seed(seed + 1)
+    """One ``[rows, dim]`` table per feature, uniform in +-sqrt(1/rows) as TorchRec initialises.
+
+    Drawn from ``seed`` on the device itself (CUDA tables of many GB would take long to draw
+    on the CPU), so the numbers differ between devices but not between runs or providers.
+    """
+    gen = torch.Generator(device=w.device).manual_seed(seed + 1)
     bound = (1.0 / w.num_embeddings) ** 0.5
-    return [torch.empty(w.num_embeddings, d).uniform_(-bound, bound, generator=gen)
-            .to(device=w.device, dtype=w.torch_dtype) for d in w.table_dims]
+    return [torch.empty(w.num_embeddings, d, device=w.device).uniform_(-bound, bound, generator=gen)
+            .to(w.torch_dtype) for d in w.table_dims]
 
 
 def bytes_per_step(w: Workload, ids_per_feature: Sequence[int]) -> int:
