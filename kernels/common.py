@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
+
+import torch
 
 import triton
 import triton.language as tl
@@ -28,3 +31,12 @@ def interpreting() -> bool:
 def block_d(max_dim: int) -> int:
     """Columns per tile: the widest dim rounded up to a power of two, at most 128; wider dims loop."""
     return max(16, min(128, triton.next_power_of_2(max_dim)))
+
+
+@functools.lru_cache(maxsize=None)
+def persistent_programs(device: torch.device) -> int:
+    """Programs for a persistent grid: a few per multiprocessor, so that every SM stays busy
+    while programs take turns over the work items (e.g. runs of equal rows)."""
+    if interpreting() or device.type != "cuda":
+        return 2
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count

@@ -11,20 +11,23 @@ plain torch ops and no host sync:
 
 Three kernels consume them:
 
-* ``_rows_grad_kernel``, deterministic: contributions sorted by row; the program at the start
-  of each run of equal rows sums the run in sorted order and writes the row once.
+* ``_rows_grad_kernel``, deterministic: contributions sorted by row; on a persistent grid,
+  programs take turns over the runs of equal rows, sum each run in sorted order and write
+  the row once.
 * ``_rows_grad_atomic_kernel``, fast: contributions in any order, ``atomic_add`` into rows.
 * ``_psw_grad_kernel``: per contribution, the dot of its row with its bag's output gradient.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 import triton.language as tl
 
-from .common import META_FIELDS, block_d, interpreting, wrap_triton
+from .common import META_FIELDS, block_d, interpreting, persistent_programs, wrap_triton
 
 
 def _q_configs(sizes):
@@ -57,24 +60,23 @@ def _contribution_scale(c, mask, num_values, batch_size, contrib_feature_ptr, ba
 @triton.autotune(configs=_q_configs([(16, 2), (32, 4), (64, 4)]), key=["BLOCK_D", "HAS_PSW"])
 @triton.jit
 def _rows_grad_kernel(
-    grad_out_ptr, grad_stride, sorted_rows_ptr, order_ptr, run_end_ptr, contrib_feature_ptr,
-    bag_of_value_ptr, offsets_ptr, psw_ptr, meta_ptr, dest_ptr, slot_ptr,
+    grad_out_ptr, grad_stride, sorted_rows_ptr, order_ptr, run_start_ptr, run_end_ptr, num_runs_ptr,
+    contrib_feature_ptr, bag_of_value_ptr, offsets_ptr, psw_ptr, meta_ptr, dest_ptr,
     num_values, batch_size,
     DENSE: tl.constexpr, DEST_STRIDE: tl.constexpr, HAS_PSW: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    # one program per sorted contribution; only the first of each run of equal rows works
-    p = tl.program_id(0)
-    row = tl.load(sorted_rows_ptr + p)
-    previous = tl.load(sorted_rows_ptr + p - 1, mask=p > 0, other=-1)
-    if (row >= 0) & (row != previous):
+    # persistent grid: programs take turns over the runs of equal rows, u = pid, pid + G, ...
+    num_runs = tl.load(num_runs_ptr)
+    for u in range(tl.program_id(0), num_runs, tl.num_programs(0)):
+        p = tl.load(run_start_ptr + u)
+        row = tl.load(sorted_rows_ptr + p)
         end = tl.load(run_end_ptr + p)
-        first = tl.load(order_ptr + p)
-        dim = tl.load(meta_ptr + tl.load(contrib_feature_ptr + first).to(tl.int64) * META_FIELDS + 1)
+        dim = tl.load(meta_ptr + tl.load(contrib_feature_ptr + tl.load(order_ptr + p)).to(tl.int64) * META_FIELDS + 1)
         if DENSE:
             dest = dest_ptr + row
         else:
-            dest = dest_ptr + tl.load(slot_ptr + p) * DEST_STRIDE
+            dest = dest_ptr + u * DEST_STRIDE
         for d0 in range(0, dim, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             acc = sum_run(p, end, cols, cols < dim, grad_out_ptr, grad_stride, order_ptr, contrib_feature_ptr,
@@ -150,34 +152,54 @@ def _psw_grad_kernel(
     tl.store(out_ptr + c, dot * scale, mask=in_range)
 
 
-def rows_grad(grad_out: torch.Tensor, sorted_rows: torch.Tensor, order: torch.Tensor, run_end: torch.Tensor,
-              contrib_feature: torch.Tensor, bag_of_value: torch.Tensor, offsets: torch.Tensor,
-              per_sample_weights: torch.Tensor | None, meta: torch.Tensor, dest: torch.Tensor,
-              slot: torch.Tensor | None, max_dim: int) -> None:
+class Runs(NamedTuple):
+    """Contributions sorted by row, and where each run of equal rows starts and ends."""
+
+    sorted_rows: torch.Tensor  # [M] int64 row element offsets, ascending; -1 (masked) first
+    order: torch.Tensor        # [M] int64 contribution index of each sorted entry
+    run_start: torch.Tensor    # [M+1] int64 sorted position of run u's first entry (u < num_runs)
+    run_end: torch.Tensor      # [M] int64 end of the run each sorted entry belongs to
+    num_runs: torch.Tensor     # [1] int64 on the device: read by the kernels, never by the host
+    is_start: torch.Tensor     # [M] bool
+
+
+def sort_runs(rows: torch.Tensor) -> Runs:
+    """Sort ``[M]`` contribution rows (-1 = masked) into runs, with static shapes and no host sync."""
+    num = rows.shape[0]
+    sorted_rows, order = torch.sort(rows, stable=True)
+    run_end = torch.searchsorted(sorted_rows, sorted_rows, right=True)
+    previous = torch.nn.functional.pad(sorted_rows, (1, 0), value=-1)[:-1]
+    is_start = (sorted_rows >= 0) & (sorted_rows != previous)
+    slot = torch.cumsum(is_start, 0) - 1
+    # non-starts all write to the spare slot M, which nobody reads
+    run_start = torch.zeros(num + 1, dtype=torch.int64, device=rows.device)
+    run_start.index_put_((torch.where(is_start, slot, num),), torch.arange(num, device=rows.device))
+    return Runs(sorted_rows, order, run_start, run_end, is_start.sum(dtype=torch.int64).reshape(1), is_start)
+
+
+def rows_grad(grad_out: torch.Tensor, runs: Runs, contrib_feature: torch.Tensor, bag_of_value: torch.Tensor,
+              offsets: torch.Tensor, per_sample_weights: torch.Tensor | None, meta: torch.Tensor,
+              dest: torch.Tensor, dense: bool, max_dim: int) -> None:
     """Deterministic row gradients: each touched row's sum, written once.
 
     Args:
         grad_out: ``[B, total_dim]`` fp32 contiguous.
-        sorted_rows: ``[M]`` int64 contribution rows (element offsets), sorted; -1 = masked.
-        order: ``[M]`` int64 contribution index of each sorted entry.
-        run_end: ``[M]`` int64 end of the run of equal rows each entry belongs to.
+        runs: the contributions sorted by row (:func:`sort_runs`).
         contrib_feature: ``[M]`` int32 feature of each contribution (by contribution index).
         bag_of_value: ``[N]`` bag (key-major ``k*B + b``) of each id.
         offsets: ``[K*B+1]`` bag starts.
         per_sample_weights: ``[N]`` or None.
         meta: ``[F, META_FIELDS]`` int64 feature metadata (see ``common``).
-        dest: fp32. Dense (``slot`` None): ``[W]``, row gradients land at their element offsets.
-            Compact: ``[U, max_dim]``, run ``slot[p]`` lands in row ``slot[p]``.
-        slot: ``[M]`` int64 compact row of each run start, or None.
+        dest: fp32. ``dense``: ``[W]``, row gradients land at their element offsets.
+            Otherwise ``[U, max_dim]``: run ``u`` lands in row ``u``.
     """
-    if statically_known_true(sorted_rows.numel() == 0):
+    if statically_known_true(runs.sorted_rows.numel() == 0):
         return
-    wrap_triton(_rows_grad_kernel)[(sorted_rows.numel(),)](
-        grad_out, grad_out.stride(0), sorted_rows, order, run_end, contrib_feature, bag_of_value, offsets,
-        per_sample_weights if per_sample_weights is not None else grad_out, meta, dest,
-        slot if slot is not None else order, bag_of_value.numel(), grad_out.shape[0],
-        DENSE=slot is None, DEST_STRIDE=max_dim, HAS_PSW=per_sample_weights is not None,
-        BLOCK_D=block_d(max_dim))
+    wrap_triton(_rows_grad_kernel)[(persistent_programs(grad_out.device),)](
+        grad_out, grad_out.stride(0), runs.sorted_rows, runs.order, runs.run_start, runs.run_end, runs.num_runs,
+        contrib_feature, bag_of_value, offsets, per_sample_weights if per_sample_weights is not None else grad_out,
+        meta, dest, bag_of_value.numel(), grad_out.shape[0],
+        DENSE=dense, DEST_STRIDE=max_dim, HAS_PSW=per_sample_weights is not None, BLOCK_D=block_d(max_dim))
 
 
 def rows_grad_atomic(grad_out: torch.Tensor, rows: torch.Tensor, contrib_feature: torch.Tensor,

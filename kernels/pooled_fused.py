@@ -1,8 +1,8 @@
 """Fused optimizer step inside the backward: each touched row is updated once, in place.
 
-Same contribution layout and sorting as ``pooled_bwd``: the program at the start of each run
-of equal rows sums the run's gradient in a fixed order (``sum_run``), so the update is
-deterministic, and applies the optimizer to that row and its state. No weight gradient is
+Same contribution layout and sorting as ``pooled_bwd``: programs take turns over the runs
+of equal rows, sum each run's gradient in a fixed order (``sum_run``), so the update is
+deterministic, and apply the optimizer to that row and its state. No weight gradient is
 ever written to memory.
 
 Optimizers (``OPTIMIZER``): 1 SGD; 2 row-wise Adagrad (one state value per row:
@@ -19,8 +19,8 @@ import triton
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 import triton.language as tl
 
-from .common import META_FIELDS, block_d, interpreting, wrap_triton
-from .pooled_bwd import sum_run
+from .common import META_FIELDS, block_d, interpreting, persistent_programs, wrap_triton
+from .pooled_bwd import Runs, sum_run
 
 SGD, ROWWISE_ADAGRAD, ADAM = 1, 2, 3
 
@@ -34,16 +34,16 @@ def _configs():
 @triton.autotune(configs=_configs(), key=["BLOCK_D", "HAS_PSW", "OPTIMIZER"])
 @triton.jit
 def _fused_update_kernel(
-    grad_out_ptr, grad_stride, sorted_rows_ptr, order_ptr, run_end_ptr, contrib_feature_ptr,
-    bag_of_value_ptr, offsets_ptr, psw_ptr, meta_ptr, weights_ptr, state1_ptr, state2_ptr, hparams_ptr, step_ptr,
-    num_values, batch_size,
+    grad_out_ptr, grad_stride, sorted_rows_ptr, order_ptr, run_start_ptr, run_end_ptr, num_runs_ptr,
+    contrib_feature_ptr, bag_of_value_ptr, offsets_ptr, psw_ptr, meta_ptr, weights_ptr, state1_ptr, state2_ptr,
+    hparams_ptr, step_ptr, num_values, batch_size,
     OPTIMIZER: tl.constexpr, HAS_PSW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    # one program per sorted contribution; only the first of each run of equal rows works
-    p = tl.program_id(0)
-    row = tl.load(sorted_rows_ptr + p)
-    previous = tl.load(sorted_rows_ptr + p - 1, mask=p > 0, other=-1)
-    if (row >= 0) & (row != previous):
+    # persistent grid: programs take turns over the runs of equal rows, u = pid, pid + G, ...
+    num_runs = tl.load(num_runs_ptr)
+    for u in range(tl.program_id(0), num_runs, tl.num_programs(0)):
+        p = tl.load(run_start_ptr + u)
+        row = tl.load(sorted_rows_ptr + p)
         end = tl.load(run_end_ptr + p)
         meta = meta_ptr + tl.load(contrib_feature_ptr + tl.load(order_ptr + p)).to(tl.int64) * META_FIELDS
         weight_offset = tl.load(meta + 0)
@@ -92,11 +92,10 @@ def _fused_update_kernel(
             tl.store(w_ptrs, w.to(weights_ptr.dtype.element_ty), mask=col_mask)
 
 
-def fused_update(grad_out: torch.Tensor, sorted_rows: torch.Tensor, order: torch.Tensor, run_end: torch.Tensor,
-                 contrib_feature: torch.Tensor, bag_of_value: torch.Tensor, offsets: torch.Tensor,
-                 per_sample_weights: torch.Tensor | None, meta: torch.Tensor, weights: torch.Tensor,
-                 state1: torch.Tensor, state2: torch.Tensor, hparams: torch.Tensor, step: torch.Tensor,
-                 optimizer: int, max_dim: int) -> None:
+def fused_update(grad_out: torch.Tensor, runs: Runs, contrib_feature: torch.Tensor, bag_of_value: torch.Tensor,
+                 offsets: torch.Tensor, per_sample_weights: torch.Tensor | None, meta: torch.Tensor,
+                 weights: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor, hparams: torch.Tensor,
+                 step: torch.Tensor, optimizer: int, max_dim: int) -> None:
     """Apply ``optimizer`` to every touched row of ``weights``, in place.
 
     Args as in ``pooled_bwd.rows_grad``, plus:
@@ -108,10 +107,10 @@ def fused_update(grad_out: torch.Tensor, sorted_rows: torch.Tensor, order: torch
         step: ``[1]`` int64 step count, already counting this step (Adam's bias correction).
         optimizer: 1 SGD, 2 row-wise Adagrad, 3 Adam.
     """
-    if statically_known_true(sorted_rows.numel() == 0):
+    if statically_known_true(runs.sorted_rows.numel() == 0):
         return
-    wrap_triton(_fused_update_kernel)[(sorted_rows.numel(),)](
-        grad_out, grad_out.stride(0), sorted_rows, order, run_end, contrib_feature, bag_of_value, offsets,
-        per_sample_weights if per_sample_weights is not None else grad_out, meta, weights, state1, state2,
-        hparams, step, bag_of_value.numel(), grad_out.shape[0],
+    wrap_triton(_fused_update_kernel)[(persistent_programs(grad_out.device),)](
+        grad_out, grad_out.stride(0), runs.sorted_rows, runs.order, runs.run_start, runs.run_end, runs.num_runs,
+        contrib_feature, bag_of_value, offsets, per_sample_weights if per_sample_weights is not None else grad_out,
+        meta, weights, state1, state2, hparams, step, bag_of_value.numel(), grad_out.shape[0],
         OPTIMIZER=optimizer, HAS_PSW=per_sample_weights is not None, BLOCK_D=block_d(max_dim))

@@ -113,10 +113,8 @@ def triton_backward(grad_out: torch.Tensor, weights: torch.Tensor, values: torch
     if need_weight_grad:
         dest = torch.zeros(weights.shape[0], dtype=torch.float32, device=weights.device)
         if deterministic:
-            sorted_rows, order = torch.sort(rows, stable=True)
-            run_end = torch.searchsorted(sorted_rows, sorted_rows, right=True)
-            pooled_bwd.rows_grad(grad_out, sorted_rows, order, run_end, feature, bag_of_value, offsets,
-                                 per_sample_weights, meta, dest, None, max_dim)
+            pooled_bwd.rows_grad(grad_out, pooled_bwd.sort_runs(rows), feature, bag_of_value, offsets,
+                                 per_sample_weights, meta, dest, True, max_dim)
         else:
             pooled_bwd.rows_grad_atomic(grad_out, rows, feature, bag_of_value, offsets, per_sample_weights,
                                         meta, dest, max_dim)
@@ -136,16 +134,14 @@ def triton_sparse_grad(grad_out: torch.Tensor, weights: torch.Tensor, values: to
     grad_out = grad_out.contiguous().float()
     max_dim = max(plan_dims(plan))
     feature, rows, bag_of_value = _contributions(weights, values, offsets, meta, plan, num_keys)
-    sorted_rows, order = torch.sort(rows, stable=True)
-    run_end = torch.searchsorted(sorted_rows, sorted_rows, right=True)
-    starts = (sorted_rows >= 0) & (sorted_rows != torch.nn.functional.pad(sorted_rows, (1, 0), value=-1)[:-1])
-    slot = torch.cumsum(starts, 0) - 1
-    num_rows = int(starts.sum())
+    runs = pooled_bwd.sort_runs(rows)
+    num_rows = int(runs.num_runs)  # eager only: the sparse gradient's size depends on the data
     compact = torch.zeros((num_rows, max_dim), dtype=torch.float32, device=weights.device)
-    pooled_bwd.rows_grad(grad_out, sorted_rows, order, run_end, feature, bag_of_value, offsets,
-                         per_sample_weights, meta, compact, slot, max_dim)
-    first_elements = sorted_rows[starts]
-    row_dims = meta[feature[order[starts]].long(), 1]
+    pooled_bwd.rows_grad(grad_out, runs, feature, bag_of_value, offsets, per_sample_weights, meta, compact, False,
+                         max_dim)
+    starts = runs.is_start
+    first_elements = runs.sorted_rows[starts]
+    row_dims = meta[feature[runs.order[starts]].long(), 1]
     columns = torch.arange(max_dim, device=weights.device)
     used = columns.unsqueeze(0) < row_dims.unsqueeze(1)
     indices = (first_elements.unsqueeze(1) + columns.unsqueeze(0))[used]
@@ -161,8 +157,6 @@ def triton_fused_update(grad_out: torch.Tensor, weights: torch.Tensor, values: t
     row's gradient and updates the row and its state in place (see ``kernels/pooled_fused.py``)."""
     step.add_(1)
     feature, rows, bag_of_value = _contributions(weights, values, offsets, meta, plan, num_keys)
-    sorted_rows, order = torch.sort(rows, stable=True)
-    run_end = torch.searchsorted(sorted_rows, sorted_rows, right=True)
-    pooled_fused.fused_update(grad_out.contiguous().float(), sorted_rows, order, run_end, feature, bag_of_value,
+    pooled_fused.fused_update(grad_out.contiguous().float(), pooled_bwd.sort_runs(rows), feature, bag_of_value,
                               offsets, per_sample_weights, meta, weights, state1, state2, hparams, step, optimizer,
                               max(plan_dims(plan)))
