@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--mode", choices=MODES, help="forward (inference), backward (fwd+bwd), train (+SGD step)")
     run = p.add_argument_group("run")
     run.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    run.add_argument("--providers", help="comma list (default: all; those that can't run here say why)")
+    run.add_argument("--providers", help="comma list of names or prefixes, e.g. jaggedrec,fbgemm (default: all; "
+                                         "those that can't run here say why)")
+    run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
     run.add_argument("--repeats", type=int, help="timed samples per provider (default 10 on CPU, 30 on CUDA)")
     run.add_argument("--batches", type=int, default=3, help="distinct input batches to rotate over (default 3)")
     run.add_argument("--seed", type=int, default=0)
@@ -100,13 +102,14 @@ def select_providers(spec: Optional[str], names: Sequence[str], error: Callable[
     """The names ``spec`` picks from ``names`` (all when empty), in ``names``' order, baseline included."""
     if not spec:
         return list(names)
-    by_key = {_canonical(n): n for n in names}
     chosen = []
-    for part in spec.replace(" ", ",").split(","):
-        if part and _canonical(part) not in by_key:
+    for part in filter(None, spec.replace(" ", ",").split(",")):
+        exact = [n for n in names if _canonical(n) == _canonical(part)]
+        # a prefix picks every provider it starts: "fbgemm", or "jaggedrec" for all its backends
+        matches = exact or [n for n in names if _canonical(n).startswith(_canonical(part))]
+        if not matches:
             error(f"unknown provider {part!r}; choose from {', '.join(names)}")
-        if part and by_key[_canonical(part)] not in chosen:
-            chosen.append(by_key[_canonical(part)])
+        chosen += [m for m in matches if m not in chosen]
     if BASELINE not in chosen:
         chosen.insert(0, BASELINE)  # the reference every output is checked against
     return [n for n in names if n in chosen]
@@ -193,6 +196,8 @@ def main(argv: Optional[Sequence[str]] = None,
     wanted = select_providers(args.providers, [p.name for p in provider_factory()], parser.error)
     options = Options(repeats=args.repeats or (30 if device == "cuda" else 10), batches=max(1, args.batches),
                       seed=args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     machine = machine_info(device)
     with quiet():
         copy_gbps = copy_bandwidth_gbps(device, 256 if device == "cuda" else 128)

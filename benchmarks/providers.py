@@ -17,6 +17,7 @@ TorchRec and FBGEMM live in ``peers.py``.
 
 from __future__ import annotations
 
+import inspect
 from typing import List, Optional, Sequence
 
 import torch
@@ -208,15 +209,28 @@ class Jaggedrec(Provider):
 
     def build(self, tables, w):
         self.mode, self.keys = w.mode, w.keys
-        # Training uses sparse COO gradients and torch.optim.SGD. When the module gains a fused
-        # optimizer, switch here: only this method knows how jaggedrec trains.
-        sparse = w.mode == "train"
-        ebc = jr.EmbeddingBagCollection(w.table_configs(), is_weighted=w.weighted, device=w.device,
-                                        backend=self.backend, sparse=sparse)
-        ebc.load_state_dict({f"embedding_bags.t{t}.weight": table for t, table in enumerate(tables)})
-        self.module = ebc
+        kwargs = {}
         if w.mode == "train":
-            self.note = "sparse grads (sparse=True) + torch.optim.SGD"
+            # Train as jaggedrec is meant to: the fused optimizer updates the touched rows inside
+            # the backward, as FBGEMM's EXACT_SGD does. Older jaggedrec: sparse grads + SGD.
+            if "fused_optimizer" in inspect.signature(jr.EmbeddingBagCollection).parameters:
+                from jaggedrec import optim
+
+                kwargs["fused_optimizer"] = optim.SGD(lr=LEARNING_RATE)
+                self.note = "fused SGD inside backward (fused_optimizer=optim.SGD)"
+            else:
+                kwargs["sparse"] = True
+                self.note = "sparse grads (sparse=True) + torch.optim.SGD"
+        ebc = jr.EmbeddingBagCollection(w.table_configs(), is_weighted=w.weighted, device=w.device,
+                                        backend=self.backend, **kwargs)
+        loaded = ebc.load_state_dict({f"embedding_bags.t{t}.weight": table for t, table in enumerate(tables)},
+                                     strict=False)
+        # only the fused optimizer's state may be missing: it keeps its fresh init
+        missing = [k for k in loaded.missing_keys if not k.startswith("fused_optimizer_state.")]
+        if missing or loaded.unexpected_keys:
+            raise RuntimeError(f"load_state_dict: missing {missing}, unexpected {loaded.unexpected_keys}")
+        self.module = ebc
+        if kwargs.get("sparse"):
             self.optimizer = torch.optim.SGD(ebc.parameters(), lr=LEARNING_RATE)
 
     def forward(self, batch):

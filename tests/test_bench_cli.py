@@ -65,6 +65,20 @@ def test_sweep_with_provider_subset_and_plot(tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_provider_selection_by_name_or_prefix():
+    names = [p.name for p in all_providers()]
+
+    def error(message):
+        raise ValueError(message)
+
+    assert cli.select_providers("jaggedrec,fbgemm", names, error) == [
+        "eb_loop", "jaggedrec[torch]", "jaggedrec[triton]", "fbgemm_tbe"]
+    assert cli.select_providers("JaggedRec-Torch", names, error) == ["eb_loop", "jaggedrec[torch]"]
+    assert cli.select_providers(None, names, error) == names
+    with pytest.raises(ValueError, match="unknown provider"):
+        cli.select_providers("tensorflow", names, error)
+
+
 def test_bytes_per_step_hand_worked():
     w = Workload(tables=2, dims=(4, 8), batch_size=3, dtype="fp32")
     # rows gathered: 10 ids of dim 4 and 6 ids of dim 8, 4 bytes each; output: 3 x (4+8) fp32
