@@ -180,12 +180,18 @@ class EmbeddingBagCollection(nn.Module):
 
     def _group_keys(self, kjt_keys: List[str]) -> List[List[int]]:
         """Per storage group, the KJT key index of each feature; cached per key order."""
+        if torch.compiler.is_compiling():
+            # No cache: the graph would guard on the dict's contents, and a later eager call
+            # that fills it would force a recompile. The result is a constant of the graph.
+            return self._find_group_keys(kjt_keys)
         cache_key = tuple(kjt_keys)
         if cache_key not in self._key_cache:
-            position = validation.key_indices(kjt_keys, self._spec)
-            self._key_cache[cache_key] = [
-                [position[self._layout.features[i].feature] for i in g.features] for g in self._layout.groups]
+            self._key_cache[cache_key] = self._find_group_keys(kjt_keys)
         return self._key_cache[cache_key]
+
+    def _find_group_keys(self, kjt_keys: List[str]) -> List[List[int]]:
+        position = validation.key_indices(kjt_keys, self._spec)
+        return [[position[self._layout.features[i].feature] for i in g.features] for g in self._layout.groups]
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """
@@ -198,7 +204,7 @@ class EmbeddingBagCollection(nn.Module):
         """
         group_keys = self._group_keys(features.keys())
         validation.check_static(features, self._spec)
-        if self.validate and not torch.compiler.is_compiling():
+        if self.validate:
             validation.check_data(features, self._spec)
         values, offsets = features.values(), features.offsets()
         weights = features.weights_or_none()

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.utils._pytree as pytree
+from torch._dynamo.decorators import mark_unbacked, maybe_mark_dynamic
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -25,6 +26,26 @@ def _check_integer(tensor: Optional[torch.Tensor], name: str, owner: str) -> Non
 def lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:
     """``[n]`` lengths -> ``[n+1]`` offsets starting at 0, in the lengths' dtype."""
     return torch.nn.functional.pad(lengths.cumsum(0, dtype=lengths.dtype), (1, 0))
+
+
+def _mark_dynamic(ids: Sequence[Optional[torch.Tensor]], bags: Sequence[Optional[torch.Tensor]]) -> None:
+    """Tell torch.compile, before it first sees a batch, which sizes change between batches.
+
+    ``ids`` (``[N]`` values and weights) become unbacked: the graph serves every N, 0 and 1
+    included, with no guard on it, where a plain dynamic size would be specialised (and the
+    graph recompiled) for batches of 0 or 1 ids. Only the op reads N, and it never branches
+    on it. ``bags`` (``[K*B]`` lengths, ``[K*B+1]`` offsets) become dynamic but stay backed,
+    so that user code may treat the batch size as any other size; B=1 then gets its own
+    graph, as it would for any dense input.
+    """
+    if torch.compiler.is_compiling():
+        return  # tensors made inside a graph are already symbolic
+    for t in ids:
+        if t is not None:
+            mark_unbacked(t, 0)
+    for t in bags:
+        if t is not None:
+            maybe_mark_dynamic(t, 0)
 
 
 def offsets_to_lengths(offsets: torch.Tensor) -> torch.Tensor:
@@ -213,6 +234,7 @@ class KeyedJaggedTensor:
         _check_integer(offsets, "offsets", "KeyedJaggedTensor")
         self._keys = list(keys)
         self._values, self._weights, self._lengths, self._offsets = values, weights, lengths, offsets
+        _mark_dynamic((values, weights), (lengths, offsets))
         if stride is None:
             if not self._keys:
                 stride = 0
@@ -298,12 +320,14 @@ class KeyedJaggedTensor:
         """``[K*B]`` ids per (key, sample)."""
         if self._lengths is None:
             self._lengths = offsets_to_lengths(self._offsets)
+            _mark_dynamic((), (self._lengths,))
         return self._lengths
 
     def offsets(self) -> torch.Tensor:
         """``[K*B+1]`` start of each (key, sample) bag in ``values``."""
         if self._offsets is None:
             self._offsets = lengths_to_offsets(self._lengths)
+            _mark_dynamic((), (self._offsets,))  # cached: a compiled graph may see it as an input
         return self._offsets
 
     def lengths_or_none(self) -> Optional[torch.Tensor]:
@@ -313,6 +337,11 @@ class KeyedJaggedTensor:
         return self._offsets
 
     def stride(self) -> int:
+        """B. While compiling it is read off the lengths' (or offsets') size, so that it is the
+        tensors' own symbol rather than a second, separately guarded int."""
+        if self._keys and torch.compiler.is_compiling():
+            bags = self._lengths.shape[0] if self._lengths is not None else self._offsets.shape[0] - 1
+            return bags // len(self._keys)
         return self._stride
 
     def device(self) -> torch.device:
@@ -452,3 +481,6 @@ pytree.register_pytree_node(JaggedTensor, _jt_flatten, _jt_unflatten,
 pytree.register_pytree_node(KeyedJaggedTensor, _kjt_flatten, _kjt_unflatten,
                             serialized_type_name="jaggedrec.KeyedJaggedTensor",
                             flatten_with_keys_fn=_with_keys(_kjt_flatten, _FIELDS))
+# torch.export.save pickles a program's example inputs; this lets torch.load(weights_only=True),
+# which export's loader tries first, rebuild them (they hold only tensors, ints, strings, lists)
+torch.serialization.add_safe_globals([JaggedTensor, KeyedJaggedTensor])

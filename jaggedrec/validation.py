@@ -4,6 +4,9 @@ Shape and dtype checks are free and always run. Data checks (negative lengths, l
 that don't add up, ids out of range) read one flag back from the device: on GPU that is a
 synchronisation, which ``validate=False`` skips on hot paths. The common case costs one
 min/max over the ids; the per-feature search runs only to word the error.
+
+A compiled graph can read nothing back to the host, so there the data checks become asserts
+in the graph (on CPU; see ``_assert_in_graph``).
 """
 
 from __future__ import annotations
@@ -60,7 +63,12 @@ def check_static(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
     if weights is not None:
         if not weights.is_floating_point():
             raise TypeError(f"{spec.owner}: per-id weights must be floating point, got {weights.dtype}")
-        if weights.shape != values.shape:
+        if torch.compiler.is_compiling():
+            # Compiled, both counts are unbacked sizes (see KeyedJaggedTensor): an `if` cannot
+            # compare them, a check can, and it makes them one symbol for the rest of the graph.
+            torch._check(weights.dim() == 1 and weights.shape[0] == values.shape[0],
+                         lambda: "KeyedJaggedTensor: per-id weights and ids differ in number")
+        elif weights.shape != values.shape:
             raise ValueError(f"{spec.owner}: {weights.numel()} weights for {values.numel()} ids")
     num_keys, stride = len(kjt.keys()), kjt.stride()
     lengths, offsets = kjt.lengths_or_none(), kjt.offsets_or_none()
@@ -74,6 +82,9 @@ def check_static(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
 
 def check_data(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
     """Checks that read the batch: lengths and id ranges. One device-to-host read when all is well."""
+    if torch.compiler.is_compiling():
+        _assert_in_graph(kjt, spec)
+        return
     keys, stride = kjt.keys(), kjt.stride()
     values, offsets = kjt.values(), kjt.offsets()
     num_ids = values.numel()
@@ -98,6 +109,37 @@ def check_data(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
     if bad_total:
         raise ValueError(f"{spec.owner}: lengths add up to {int(offsets[-1])} but values has {num_ids} ids")
     _check_id_ranges(values, offsets, stride, keys, spec, [kjt.index_per_key()[k] for k in spec.key_rows])
+
+
+def _assert_in_graph(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
+    """The data checks as ``torch._assert_async`` ops, for a compiled CPU forward.
+
+    A graph holds them without a host read or a graph break, and a failing one raises a
+    ``RuntimeError`` naming the feature (but not the id or sample: run eagerly for those).
+    Without them an id past its table would silently read a neighbouring table's row.
+    Skipped off CPU: on CUDA a failed assert is a device-side assert that ends the CUDA
+    context, and the Triton kernels bounds-check ids themselves.
+    """
+    values, offsets, keys = kjt.values(), kjt.offsets(), kjt.keys()
+    if values.device.type != "cpu" or not keys:
+        return
+    num_ids, stride = values.shape[0], kjt.stride()
+    lengths_ok = ((offsets[1:] >= offsets[:-1]).all() & (offsets[0] == 0) & (offsets[-1] == num_ids))
+    torch._assert_async(lengths_ok, f"{spec.owner}: the KeyedJaggedTensor has negative lengths, or lengths that "
+                                    "do not add up to its number of ids")
+    position = key_indices(keys, spec)
+    key_ends = offsets.index_select(0, torch.arange(1, len(keys) + 1, device=offsets.device) * stride)
+    # [N] key of each id; clamped so that lengths that don't add up cannot index past [K]
+    key_of_id = torch.searchsorted(key_ends, torch.arange(num_ids, device=values.device), right=True)
+    key_of_id = key_of_id.clamp(max=len(keys) - 1)
+    unchecked = torch.iinfo(values.dtype).max  # keys the module does not read
+    limits = torch.tensor([spec.key_rows.get(k, unchecked) for k in keys], dtype=values.dtype, device=values.device)
+    bad = (values < 0) | (values >= limits[key_of_id])
+    bad_per_key = torch.zeros(len(keys), dtype=torch.int64, device=values.device).index_add_(0, key_of_id, bad.long())
+    for key, rows in spec.key_rows.items():
+        torch._assert_async(bad_per_key[position[key]] == 0,
+                            f"{_label(spec, key)}: ids out of range [0, {rows}) (checked in the compiled graph; "
+                            "run eagerly to see the id and sample)")
 
 
 def _feature_label(spec: FeatureSpec, keys: Sequence[str], k: int) -> str:

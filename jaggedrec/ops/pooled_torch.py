@@ -20,6 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 POOLING_SUM, POOLING_MEAN = 0, 1
 
@@ -105,9 +106,11 @@ def _shifted_ids(p: _Pass, values: torch.Tensor,
     return torch.where(in_pass, ids, torch.zeros_like(ids)), in_pass
 
 
-def _key_counts(offsets: torch.Tensor, batch: int) -> torch.Tensor:
+def _key_counts(offsets: torch.Tensor, batch: int, num_keys: int) -> torch.Tensor:
     """``[K]`` ids per key, from the key-major offsets without leaving the device."""
-    starts = offsets[::batch]
+    # index_select, not offsets[::batch]: with a symbolic batch the slice's length is an
+    # expression the shape solver cannot reduce to K+1
+    starts = offsets.index_select(0, torch.arange(num_keys + 1, device=offsets.device) * batch)
     return (starts[1:] - starts[:-1]).long()
 
 
@@ -181,7 +184,7 @@ def _forward_per_feature(weights, values, offsets, per_sample_weights, plan, num
 
 def _forward_batched(weights, values, offsets, per_sample_weights, plan, num_keys, batch) -> torch.Tensor:
     """Compiled or GPU: one ``embedding_bag`` per pass over all ids, no host reads, static shapes."""
-    key_counts = _key_counts(offsets, batch)
+    key_counts = _key_counts(offsets, batch, num_keys)
     inv_lengths = _inverse_lengths(plan, offsets, num_keys, batch)
     pieces = {}
     for p in plan.passes:
@@ -261,9 +264,11 @@ def pooled_backward(grad_out: torch.Tensor, weights: torch.Tensor, values: torch
     batch = (offsets.shape[0] - 1) // num_keys
     grad_weights = torch.zeros_like(weights, dtype=torch.float32) if need_weight_grad else None
     grad_psw = torch.zeros(values.shape[0], dtype=torch.float32, device=values.device) if need_psw_grad else None
-    if batch == 0 or values.shape[0] == 0:
+    # In a compiled graph the id count is unbacked (see KeyedJaggedTensor): it cannot be
+    # tested without a guard, and the general path below serves 0 ids too.
+    if statically_known_true(batch == 0) or statically_known_true(values.shape[0] == 0):
         return _cast(grad_weights, weights.dtype), grad_psw
-    key_counts = _key_counts(offsets, batch)
+    key_counts = _key_counts(offsets, batch, num_keys)
     bag_of_id = _bag_of_id(offsets, num_keys * batch, values.shape[0])
     inv_lengths = _inverse_lengths(plan, offsets, num_keys, batch)
     eager = _host_readable(values, offsets)
@@ -280,11 +285,18 @@ def pooled_backward(grad_out: torch.Tensor, weights: torch.Tensor, values: torch
                 block_grad.add_(sums)
         if need_psw_grad:
             table = _block(weights, p)
-            for lo in range(0, values.shape[0], _PSW_GRAD_CHUNK):
-                hi = min(lo + _PSW_GRAD_CHUNK, values.shape[0])
+            for lo, hi in _psw_chunks(values.shape[0]):
                 rows = table[ids[lo:hi]].float()
                 grad_psw[lo:hi] += (rows * bag_grads[bag_of_id[lo:hi]]).sum(1)
     return _cast(grad_weights, weights.dtype), grad_psw
+
+
+def _psw_chunks(num_ids) -> List[Tuple[int, int]]:
+    """Slices of the ids for the per-sample-weight gradient. A symbolic count (compiled) is
+    one slice: looping over it would guard on its value."""
+    if not isinstance(num_ids, int):
+        return [(0, num_ids)]
+    return [(lo, min(lo + _PSW_GRAD_CHUNK, num_ids)) for lo in range(0, num_ids, _PSW_GRAD_CHUNK)]
 
 
 def pooled_row_grads(grad_out: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
@@ -294,7 +306,7 @@ def pooled_row_grads(grad_out: torch.Tensor, values: torch.Tensor, offsets: torc
     batch = (offsets.shape[0] - 1) // num_keys
     if batch == 0 or values.shape[0] == 0:
         return []
-    key_counts = _key_counts(offsets, batch)
+    key_counts = _key_counts(offsets, batch, num_keys)
     bag_of_id = _bag_of_id(offsets, num_keys * batch, values.shape[0])
     inv_lengths = _inverse_lengths(plan, offsets, num_keys, batch)
     out = []
