@@ -325,6 +325,10 @@ class KeyedJaggedTensor:
 
     def offsets(self) -> torch.Tensor:
         """``[K*B+1]`` start of each (key, sample) bag in ``values``."""
+        if self._lengths is not None and torch.compiler.is_compiling():
+            # Derived in the graph and not cached: the graph then reads only the lengths, whatever
+            # an eager call cached, and leaves the KJT as it found it, so reusing it can't recompile.
+            return lengths_to_offsets(self._lengths)
         if self._offsets is None:
             self._offsets = lengths_to_offsets(self._lengths)
             _mark_dynamic((), (self._offsets,))  # cached: a compiled graph may see it as an input

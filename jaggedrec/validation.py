@@ -71,7 +71,9 @@ def check_static(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
         elif weights.shape != values.shape:
             raise ValueError(f"{spec.owner}: {weights.numel()} weights for {values.numel()} ids")
     num_keys, stride = len(kjt.keys()), kjt.stride()
-    lengths, offsets = kjt.lengths_or_none(), kjt.offsets_or_none()
+    lengths = kjt.lengths_or_none()
+    # compiled, check only what the graph reads: offsets cached beside lengths are not (see offsets())
+    offsets = None if lengths is not None and torch.compiler.is_compiling() else kjt.offsets_or_none()
     if lengths is not None and lengths.numel() != num_keys * stride:
         raise ValueError(f"{spec.owner}: lengths has {lengths.numel()} entries, expected "
                          f"{num_keys} keys x batch {stride}")
