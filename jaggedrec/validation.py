@@ -127,8 +127,8 @@ def _assert_in_graph(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
         return
     num_ids, stride = values.shape[0], kjt.stride()
     lengths_ok = ((offsets[1:] >= offsets[:-1]).all() & (offsets[0] == 0) & (offsets[-1] == num_ids))
-    torch._assert_async(lengths_ok, f"{spec.owner}: the KeyedJaggedTensor has negative lengths, or lengths that "
-                                    "do not add up to its number of ids")
+    torch._assert_async(lengths_ok, _in_graph(f"{spec.owner}: the KeyedJaggedTensor has negative lengths, or "
+                                              "lengths that do not add up to its number of ids"))
     position = key_indices(keys, spec)
     key_ends = offsets.index_select(0, torch.arange(1, len(keys) + 1, device=offsets.device) * stride)
     # [N] key of each id; clamped so that lengths that don't add up cannot index past [K]
@@ -140,8 +140,13 @@ def _assert_in_graph(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
     bad_per_key = torch.zeros(len(keys), dtype=torch.int64, device=values.device).index_add_(0, key_of_id, bad.long())
     for key, rows in spec.key_rows.items():
         torch._assert_async(bad_per_key[position[key]] == 0,
-                            f"{_label(spec, key)}: ids out of range [0, {rows}) (checked in the compiled graph; "
-                            "run eagerly to see the id and sample)")
+                            _in_graph(f"{_label(spec, key)}: ids out of range [0, {rows}) (checked in the "
+                                      "compiled graph; run eagerly to see the id and sample)"))
+
+
+def _in_graph(message: str) -> str:
+    """Inductor pastes assert messages into C++ string literals unescaped."""
+    return message.replace("\\", "/").replace('"', "'").replace("\n", " ")
 
 
 def _feature_label(spec: FeatureSpec, keys: Sequence[str], k: int) -> str:

@@ -8,6 +8,7 @@ sizes dynamic itself, so the first compile is already dynamic, and only B=1 may 
 """
 
 import copy
+import dataclasses
 import io
 import logging
 from typing import List
@@ -258,18 +259,21 @@ def test_export_round_trip_with_dynamic_batch_and_ids(caplog):
 
 def test_compiled_forward_names_the_feature_of_a_bad_id():
     """Compiled on CPU, an id outside its table raises (no wrong answer, no graph break)."""
-    ebc = jr.EmbeddingBagCollection(CONFIGS, backend="torch")
+    odd = 'g"1\\'  # a quote and a backslash: the message must survive Inductor's C++ codegen
+    configs = [dataclasses.replace(c, feature_names=[odd if f == "g1" else f for f in c.feature_names])
+               for c in CONFIGS]
+    ebc = jr.EmbeddingBagCollection(configs, backend="torch")
     compiled = torch.compile(ebc, backend="inductor", fullgraph=True)
-    keys = ["f3", "f0", "unused", "f1", "g1", "f2"]
+    keys = ["f3", "f0", "unused", "f1", odd, "f2"]
     lengths = torch.tensor([1, 1, 2, 0, 1, 1, 1, 1, 1, 1, 1, 1])
     good = [3, 4, 1, 2, 5, 999, 0, 6, 7, 1, 2, 16]
     assert compiled(jr.KeyedJaggedTensor(keys, torch.tensor(good), lengths=lengths)).values().shape == (2, 35)
     # g1's id 11 is past the 11-row t1, but inside the dim-8 block it shares with t3: unchecked,
     # it would silently read t3's first row
-    for k, bad, table in ((8, 11, "t1"), (11, 17, "t2"), (3, -1, "t0")):
+    for k, bad, feature, table in ((8, 11, "g'1/", "t1"), (11, 17, "f2", "t2"), (3, -1, "f0", "t0")):
         ids = list(good)
         ids[k] = bad
-        with pytest.raises(RuntimeError, match=rf"feature '\w+' \(table .*'{table}'.*\): ids out of range"):
+        with pytest.raises(RuntimeError, match=rf"feature '{feature}' \(table .*'{table}'.*\): ids out of range"):
             compiled(jr.KeyedJaggedTensor(keys, torch.tensor(ids), lengths=lengths))
     with pytest.raises(RuntimeError, match="negative lengths, or lengths that do not add up"):
         compiled(jr.KeyedJaggedTensor(keys, torch.tensor(good[:-1]), lengths=lengths))
