@@ -139,3 +139,5 @@ def _kt_unflatten(children, context) -> KeyedTensor:
 pytree.register_pytree_node(KeyedTensor, _kt_flatten, _kt_unflatten,
                             serialized_type_name="jaggedrec.KeyedTensor",
                             flatten_with_keys_fn=_kt_flatten_with_keys)
+# so that torch.load(weights_only=True), which torch.export.load uses, accepts them
+torch.serialization.add_safe_globals([KeyedTensor])

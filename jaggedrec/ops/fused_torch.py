@@ -43,7 +43,7 @@ def fused_update(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Te
     if statically_known_true(batch == 0) or statically_known_true(values.shape[0] == 0):
         return
     grad_out = grad_out.float()
-    key_counts = _key_counts(offsets, batch, num_keys)
+    key_counts = pt._key_counts(offsets, batch, num_keys)
     bag_of_id = pt._bag_of_id(offsets, num_keys * batch, values.shape[0])
     inv_lengths = pt._inverse_lengths(plan, offsets, num_keys, batch)
     eager = pt._host_readable(values, offsets)
@@ -116,9 +116,3 @@ def _apply(block: torch.Tensor, rows: Optional[torch.Tensor], mask: Optional[tor
             keep = mask if value.dim() == 1 else mask.unsqueeze(1)
             dest.copy_(torch.where(keep, value, dest))
 
-
-def _key_counts(offsets: torch.Tensor, batch: int, num_keys: int) -> torch.Tensor:
-    """``[K]`` ids per key. (index_select rather than a strided slice: with a symbolic batch,
-    a slice's length is an expression the shape solver cannot reduce to K+1.)"""
-    starts = offsets.index_select(0, torch.arange(num_keys + 1, device=offsets.device) * batch)
-    return (starts[1:] - starts[:-1]).long()
