@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -90,6 +91,9 @@ class EmbeddingBagCollection(nn.Module):
         self._sparse = sparse
         self.validate = validate
         device = torch.device(device) if device is not None else None
+        # ids the Triton kernels skipped inside compiled graphs (see check_skipped_ids)
+        self.register_buffer("skipped_ids", torch.zeros(len(self._layout.features), dtype=torch.int64,
+                                                        device=device), persistent=False)
         self.flat_weights = nn.ParameterDict({
             g.name: nn.Parameter(torch.empty(g.numel, dtype=g.dtype, device=device)) for g in self._layout.groups})
         if fused_optimizer is not None:
@@ -143,6 +147,8 @@ class EmbeddingBagCollection(nn.Module):
             else:
                 view.uniform_(config.weight_init_min, config.weight_init_max)
         self.fused_optimizer_state.reset()
+        if self.skipped_ids.device.type != "meta":
+            self.skipped_ids.zero_()
 
     @property
     def fused_optimizer(self) -> Optional[FusedOptimizer]:
@@ -165,18 +171,38 @@ class EmbeddingBagCollection(nn.Module):
         return self._is_weighted
 
     # --- forward -----------------------------------------------------------------------
-    def _report_bad_ids(self, features: KeyedJaggedTensor, bad_ids: List[torch.Tensor], checked: bool) -> None:
-        """Act on the kernels' counts of skipped ids (all zero on the torch path)."""
-        if not use_kernels(self._backend, bad_ids[0].device):
+    def check_skipped_ids(self) -> None:
+        """Report the ids that compiled forwards skipped since the last call, then reset.
+
+        A compiled graph cannot stop to raise, so on the Triton path it only counts the ids
+        outside their tables (they are read as zero rows). Call this now and then (it reads the
+        counts from the device): ``bounds_check="raise"`` raises a ``ValueError`` naming the
+        features, ``"clamp"`` warns.
+        """
+        counts = self.skipped_ids.clone()
+        self.skipped_ids.zero_()
+        if not bool(counts.any()):
             return
+        names = self._kernel_feature_names()
+        bad = {names[i]: int(n) for i, n in enumerate(counts.tolist()) if n}
+        message = f"{type(self).__name__}: ids outside their table were skipped; count per feature: {bad}"
+        if self._bounds_check == "raise":
+            raise ValueError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    def _kernel_feature_names(self) -> List[str]:
+        """KJT key of each feature, in the order the kernels count them (group by group)."""
+        return [self._layout.features[i].feature for g in self._layout.groups for i in g.features]
+
+    def _report_bad_ids(self, features: KeyedJaggedTensor, bad_ids: List[torch.Tensor], checked: bool) -> None:
+        """Act on the kernels' counts of skipped ids in eager mode."""
         counts = torch.cat(bad_ids)
         if self._bounds_check == "raise":
             if not checked and bool(counts.any()):
                 validation.check_data(features, self._spec)  # words the error with feature, id and sample
                 raise AssertionError("the kernels skipped ids that validation accepts")  # pragma: no cover
             return
-        names = [self._layout.features[i].feature for g in self._layout.groups for i in g.features]
-        self._bad_id_report.push(counts, names)
+        self._bad_id_report.push(counts, self._kernel_feature_names())
 
     def _group_keys(self, kjt_keys: List[str]) -> List[List[int]]:
         """Per storage group, the KJT key index of each feature; cached per key order."""
@@ -217,8 +243,12 @@ class EmbeddingBagCollection(nn.Module):
                 self._fused.kind if self._fused is not None else 0, self.fused_optimizer_state.tensors(g.name))
             outputs.append(pooled)
             bad_ids.append(bad)
-        if self._bounds_check != "off" and not torch.compiler.is_compiling():
-            self._report_bad_ids(features, bad_ids, checked=self.validate)
+        if self._bounds_check != "off" and use_kernels(self._backend, self.skipped_ids.device):
+            if torch.compiler.is_compiling():
+                # a graph cannot stop to raise: it counts, and check_skipped_ids() reports
+                self.skipped_ids.add_(torch.cat(bad_ids))
+            else:
+                self._report_bad_ids(features, bad_ids, checked=self.validate)
         if len(outputs) == 1:
             pooled = outputs[0]
         else:  # tables of several dtypes: interleave their columns back into output order

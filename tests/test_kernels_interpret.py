@@ -125,3 +125,15 @@ def test_forward_writes_every_output_element():
 def test_gpu_realistic_sizes(dims):
     """GPU lane: realistic batches, compiled kernels, against the float64 reference."""
     check_module(8, dims, True, batch=512, max_len=40, backend="triton", device="cuda")
+
+
+def test_check_skipped_ids_reports_what_compiled_graphs_counted():
+    """A compiled graph only counts bad ids; check_skipped_ids() raises or warns afterwards."""
+    configs, kjt = _bad_batch()
+    for mode, expectation in (("raise", pytest.raises(ValueError, match="'item': 1")),
+                              ("clamp", pytest.warns(RuntimeWarning, match="'item': 1"))):
+        ebc = jr.EmbeddingBagCollection(configs, backend="triton", validate=False, bounds_check=mode, device=DEVICE)
+        ebc.skipped_ids.add_(torch.tensor([0, 1], device=DEVICE))  # what the graph's counting adds
+        with expectation:
+            ebc.check_skipped_ids()
+        ebc.check_skipped_ids()  # the counts were reset: nothing more to report
