@@ -36,7 +36,7 @@ BASELINE = "eb_loop"
 class Options:
     repeats: int = 10       # timed samples per provider (fewer for steps over ~1 s)
     batches: int = 3        # distinct input batches the samples rotate over
-    rounds: int = 5         # interleaved rounds the samples are spread over
+    rounds: int = 10        # interleaved rounds: finer interleaving spreads a neighbour's burst thinner
     seed: int = 0
 
 
