@@ -142,7 +142,7 @@ class _Progress:
 
                 self.bar = tqdm(total=total, unit="config", file=sys.stderr, leave=False, dynamic_ncols=True)
             except ImportError:
-                pass
+                print("(tqdm is not installed: progress comes as plain lines)", file=sys.stderr)
 
     def phase(self, message: str) -> None:
         if self.bar is not None:

@@ -137,6 +137,14 @@ def test_wrong_provider_is_reported_not_timed(tmp_path, capsys, mode):
     assert "WRONG" in capsys.readouterr().out
 
 
+def test_no_matplotlib_means_no_plot_and_a_reason(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    plot = tmp_path / "none.png"
+    assert cli.main(TINY + ["--providers", "eb_loop", "--plot", str(plot)]) == 0
+    assert not plot.exists()
+    assert "matplotlib is not installed" in capsys.readouterr().err
+
+
 def test_module_help_runs():
     done = subprocess.run([sys.executable, "-m", "jaggedrec.benchmarks", "--help"], capture_output=True, text=True,
                           timeout=120)
