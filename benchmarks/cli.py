@@ -204,6 +204,8 @@ def main(argv: Optional[Sequence[str]] = None,
     where = machine["gpu"] or f"{machine['cpu']} ({machine['cores']} cores)"
     print(f"jaggedrec-bench on {where}: torch {machine['torch']}, triton {machine['triton']}; "
           f"copy bandwidth {copy_gbps:.1f} GB/s (read + write)")
+    preset = args.preset or DEFAULT_PRESET
+    command = ["jaggedrec-bench"] + list(sys.argv[1:] if argv is None else argv)
     progress = _Progress(len(workloads), enabled=not args.no_progress)
     runs: List[WorkloadResult] = []
     try:
@@ -213,6 +215,8 @@ def main(argv: Optional[Sequence[str]] = None,
             runs.append(run)
             progress.write("\n" + format_table(run))
             progress.done_one()
+            if args.output:  # after every configuration, so a run cut short keeps what it measured
+                write_json(args.output, to_json(runs, machine, copy_gbps, preset, command))
     finally:
         progress.close()
     summary = skipped_summary(runs)
@@ -220,15 +224,12 @@ def main(argv: Optional[Sequence[str]] = None,
         print("\n" + summary)
     memory = "CUDA max_memory_allocated" if device == "cuda" else "RSS-based on CPU, approximate"
     print("\n" + LEGEND.format(memory=memory))
-    document = to_json(runs, machine, copy_gbps, args.preset or DEFAULT_PRESET,
-                       ["jaggedrec-bench"] + list(sys.argv[1:] if argv is None else argv))
-    if args.output:
-        write_json(args.output, document)
+    document = to_json(runs, machine, copy_gbps, preset, command)
     if args.csv:
         write_csv(args.csv, document)
     if args.plot:
-        why_not = write_plot(args.plot, runs, f"{args.preset or DEFAULT_PRESET}: {runs[0].workload.describe()}"
-                             if len(runs) == 1 else f"{args.preset or DEFAULT_PRESET} sweep, {where}")
+        why_not = write_plot(args.plot, runs, f"{preset}: {runs[0].workload.describe()}"
+                             if len(runs) == 1 else f"{preset} sweep, {where}")
         if why_not:
             print(f"--plot: {why_not}", file=sys.stderr)
     wrong = sorted({n for run in runs for n, r in run.providers.items() if r.status == "wrong"})
