@@ -11,6 +11,7 @@ from torch import nn
 from . import validation
 from .configs import EmbeddingBagConfig
 from .fused_state import FusedOptimizerState
+from .host_memory import advise_huge_pages
 from .jagged_tensor import KeyedJaggedTensor
 from .keyed_tensor import KeyedTensor
 from .optim import FusedOptimizer
@@ -96,6 +97,8 @@ class EmbeddingBagCollection(nn.Module):
                                                         device=device), persistent=False)
         self.flat_weights = nn.ParameterDict({
             g.name: nn.Parameter(torch.empty(g.numel, dtype=g.dtype, device=device)) for g in self._layout.groups})
+        for flat in self.flat_weights.values():
+            advise_huge_pages(flat)  # before reset_parameters first touches the pages
         if fused_optimizer is not None:
             if not isinstance(fused_optimizer, FusedOptimizer):
                 raise TypeError(f"fused_optimizer must be a jaggedrec.optim config, got {fused_optimizer!r}")

@@ -11,6 +11,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from .host_memory import advise_huge_pages
 from .optim import FusedOptimizer
 from .tables import TableLayout
 
@@ -33,7 +34,9 @@ class FusedOptimizerState(nn.Module):
             rows = sum(layout.tables[t].rows for t in {layout.features[f].table for f in g.features})
             for name, per in optimizer.state:
                 size = rows if per == "row" else g.numel
-                self.register_buffer(f"{g.name}_{name}", torch.empty(size, dtype=torch.float32, device=device))
+                state = torch.empty(size, dtype=torch.float32, device=device)
+                advise_huge_pages(state)
+                self.register_buffer(f"{g.name}_{name}", state)
 
     @torch.no_grad()
     def reset(self) -> None:

@@ -14,7 +14,7 @@ import torch
 
 import jaggedrec as jr
 from jaggedrec import optim
-from jaggedrec.ops import pooled_torch
+from jaggedrec.ops import fused_torch, pooled_torch
 from jr_testing import assert_close, key_rows, random_kjt, reference_pooled
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -99,11 +99,13 @@ def _train(opt_name, backend, weighted, lr_schedule=None, steps=5, seed=0):
 
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("backend", ["torch", "torch-static", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "torch-chunked", "torch-static", "triton"])
 def test_fused_optimizer_matches_dense_reference(opt_name, weighted, backend, monkeypatch):
     if backend == "torch-static":  # the static-shape branch that compiled graphs take
         monkeypatch.setattr(pooled_torch, "_host_readable", lambda *tensors: False)
-        backend = "torch"
+    if backend == "torch-chunked":  # the eager update, a few rows at a time
+        monkeypatch.setattr(fused_torch, "_CHUNK_ROWS", 3)
+    backend = "triton" if backend == "triton" else "torch"
     ebc, ref = _train(opt_name, backend, weighted)
     assert all(p.grad is None for p in ebc.parameters())  # no weight gradient was materialised
     for config, table in zip(_configs(), ref.tables):

@@ -3,10 +3,10 @@
 For each block of equal-dim tables, every id read by any pass is gathered into one list,
 so that a row read by two features (one table, two keys) still gets one update with the
 summed gradient. The ids are sorted, each row's gradient is summed with one
-``embedding_bag`` over the output gradient (see ``pooled_torch._sum_rows_by_id``), and the
-optimizer runs on those rows only, with vectorised index ops: no loop over rows or tables.
-Eagerly only the touched rows are gathered; in a compiled graph, whose shapes cannot depend
-on the data, the whole block is updated under a "touched" mask instead.
+``embedding_bag`` over the output gradient, and the optimizer runs on those rows only, with
+vectorised index ops: no loop over rows or tables. Eagerly, only the touched rows are
+gathered, a cache-sized chunk at a time; in a compiled graph, whose shapes cannot depend on
+the data, the whole block is updated under a "touched" mask instead.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import pooled_torch as pt
@@ -68,51 +69,79 @@ def fused_update(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Te
             live.append(torch.ones_like(pass_ids, dtype=torch.bool) if in_pass is None else in_pass)
         weights_of_ids = None if all(w is None for w in psw) else torch.cat(
             [torch.ones_like(i, dtype=torch.float32) if w is None else w.float() for i, w in zip(ids, psw)])
-        all_ids, all_bags, all_grads = torch.cat(ids), torch.cat(bags), torch.cat(grads)
+        all_ids, all_bags, all_grads = (t[0] if len(t) == 1 else torch.cat(t) for t in (ids, bags, grads))
         p0 = passes[0]
         block = pt._block(weights, p0)
-        block_row_base = row_bases[p0.features[0]] - p0.key_row_base[p0.keys[0]]
+        states = _state_views(optimizer, state1, state2, p0, row_bases[p0.features[0]] - p0.key_row_base[p0.keys[0]])
         if eager:
-            rows, sums = pt._sum_rows_by_id(all_ids, all_bags, all_grads, weights_of_ids, p0.num_rows, unique=True)
-            rows, mask = rows.long(), None
+            _update_touched_rows(block, states, all_ids, all_bags, all_grads, weights_of_ids, optimizer,
+                                 hparams.tolist(), int(step))
         else:
             _, sums = pt._sum_rows_by_id(all_ids, all_bags, all_grads, weights_of_ids, p0.num_rows, unique=False)
             counts = torch.zeros(p0.num_rows, dtype=torch.int64, device=all_ids.device)
             counts.scatter_add_(0, all_ids.long(), torch.cat(live).long())
-            rows, mask = None, counts > 0
-        _apply(block, rows, mask, sums, optimizer, hparams, step, state1, state2, p0, block_row_base)
+            touched = counts > 0
+            new = _step_rows(optimizer, block.float(), sums, *states, hparams.unbind(), step.float())
+            for dest, value in zip((block, *states), new):
+                if dest is not None:
+                    keep = touched if value.dim() == 1 else touched.unsqueeze(1)
+                    dest.copy_(torch.where(keep, value.to(dest.dtype), dest))
 
 
-def _apply(block: torch.Tensor, rows: Optional[torch.Tensor], mask: Optional[torch.Tensor], sums: torch.Tensor,
-           optimizer: int, hparams: torch.Tensor, step: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
-           p: "pt._Pass", block_row_base: int) -> None:
-    """Update ``block`` (``[R, D]``) at ``rows`` (``[U]``, with ``sums`` ``[U, D]``), or at every
-    row where ``mask`` (``[R]``) is set (with ``sums`` ``[R, D]``)."""
-    lr, eps, weight_decay, beta1, beta2 = hparams.unbind()
-    take = (lambda t: t.index_select(0, rows)) if rows is not None else (lambda t: t)
-    w = take(block).float()
-    g = sums if optimizer == SGD else sums + weight_decay * w
-    updates = []  # (destination, new value)
+# Rows per chunk in the eager update: the chunk's summed gradients and gathered rows stay in
+# cache between the gather, the arithmetic and the write back.
+_CHUNK_ROWS = 32768
+
+
+def _update_touched_rows(block, states, ids, bags, grads, weights_of_ids, optimizer, hparams, step) -> None:
+    """Eager: sort the ids, then per chunk of touched rows sum their gradients (one
+    ``embedding_bag`` over ``grads``), gather the rows and state, step, and write them back."""
+    sorted_ids, order = torch.sort(ids.to(torch.int32), stable=True)  # int32 sorts ~2x faster
+    rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    run_offsets = F.pad(counts.cumsum(0), (1, 0))
+    bags = bags[order]
+    weights_of_ids = None if weights_of_ids is None else weights_of_ids[order]
+    chunk_starts = list(range(0, rows.shape[0], _CHUNK_ROWS)) + [rows.shape[0]]
+    first_ids = run_offsets[chunk_starts].tolist()
+    for lo, hi, a, b in zip(chunk_starts, chunk_starts[1:], first_ids, first_ids[1:]):
+        sums = F.embedding_bag(bags[a:b], grads, run_offsets[lo:hi + 1] - a, mode="sum", include_last_offset=True,
+                               per_sample_weights=None if weights_of_ids is None else weights_of_ids[a:b])
+        chunk_rows = rows[lo:hi].long()
+        w = block.index_select(0, chunk_rows).float()
+        if optimizer == SGD:  # in place: one pass over the chunk
+            block.index_copy_(0, chunk_rows, w.add_(sums, alpha=-hparams[0]).to(block.dtype))
+            continue
+        current = [None if s is None else s.index_select(0, chunk_rows) for s in states]
+        new = _step_rows(optimizer, w, sums, *current, hparams, step)
+        for dest, value in zip((block, *states), new):
+            if dest is not None:
+                dest.index_copy_(0, chunk_rows, value.to(dest.dtype))
+
+
+def _state_views(optimizer, state1, state2, p: "pt._Pass", block_row_base: int):
+    """The optimizer state of one block of tables, indexed by the block's rows: row-wise
+    ``[R]``, element-wise ``[R, D]``; None where the optimizer keeps none."""
+    if optimizer == ROWWISE_ADAGRAD:
+        return state1.narrow(0, block_row_base, p.num_rows), None
+    if optimizer == ADAM:
+        return tuple(s.narrow(0, p.weight_start, p.num_rows * p.dim).view(p.num_rows, p.dim) for s in (state1, state2))
+    return None, None
+
+
+def _step_rows(optimizer, w, g, s1, s2, hparams, t):
+    """One optimizer step for rows ``w`` (``[n, D]`` fp32) with summed gradients ``g``.
+
+    ``hparams`` (lr, eps, weight_decay, beta1, beta2) and the step ``t`` are Python numbers
+    eagerly and 0-d tensors in compiled graphs; the formulas serve both.
+    Returns the new ``(w, s1, s2)``.
+    """
+    lr, eps, weight_decay, beta1, beta2 = hparams
     if optimizer == SGD:
-        new_w = w - lr * g
-    elif optimizer == ROWWISE_ADAGRAD:
-        row_state = state1.narrow(0, block_row_base, p.num_rows)
-        s = take(row_state) + g.square().mean(1)
-        updates.append((row_state, s))
-        new_w = w - (lr / (s.sqrt() + eps)).unsqueeze(1) * g
-    else:
-        moments = [s.narrow(0, p.weight_start, p.num_rows * p.dim).view(p.num_rows, p.dim) for s in (state1, state2)]
-        m = beta1 * take(moments[0]) + (1 - beta1) * g
-        v = beta2 * take(moments[1]) + (1 - beta2) * g.square()
-        updates += [(moments[0], m), (moments[1], v)]
-        t = step.float()
-        new_w = w - lr * (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + eps)
-    updates.append((block, new_w))
-    for dest, value in updates:
-        value = value.to(dest.dtype)
-        if rows is not None:
-            dest.index_copy_(0, rows, value)
-        else:
-            keep = mask if value.dim() == 1 else mask.unsqueeze(1)
-            dest.copy_(torch.where(keep, value, dest))
-
+        return w - lr * g, s1, s2
+    g = g + weight_decay * w
+    if optimizer == ROWWISE_ADAGRAD:
+        s1 = s1 + g.square().mean(1)
+        return w - (lr / (s1.sqrt() + eps)).unsqueeze(1) * g, s1, s2
+    s1 = beta1 * s1 + (1 - beta1) * g
+    s2 = beta2 * s2 + (1 - beta2) * g.square()
+    return w - lr * (s1 / (1 - beta1 ** t)) / ((s2 / (1 - beta2 ** t)).sqrt() + eps), s1, s2

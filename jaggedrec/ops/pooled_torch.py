@@ -210,6 +210,13 @@ def _inverse_lengths(plan: PooledPlan, offsets: torch.Tensor, num_keys: int, bat
 def _bag_grads(p: _Pass, grad_out: torch.Tensor, plan: PooledPlan, inv_lengths: Optional[torch.Tensor],
                num_keys: int, batch: int) -> torch.Tensor:
     """``[K*B, D]`` fp32 gradient of each bag's sum (MEAN scale folded in); zero for keys outside the pass."""
+    if p.keys == tuple(range(num_keys)) and p.features == tuple(range(len(plan.out_offsets) - 1)):
+        # every key, in output order: one transposing copy, no zero fill
+        bag_grads = grad_out.float().view(batch, num_keys, p.dim).transpose(0, 1).contiguous()
+        if inv_lengths is not None and any(p.mean):
+            scale = torch.where(torch.tensor(p.mean, device=grad_out.device).unsqueeze(1), inv_lengths, 1.0)
+            bag_grads.mul_(scale.unsqueeze(-1))
+        return bag_grads.view(num_keys * batch, p.dim)
     bag_grads = grad_out.new_zeros((num_keys, batch, p.dim), dtype=torch.float32)
     for f, k, mean in zip(p.features, p.keys, p.mean):
         cols = grad_out[:, plan.out_offsets[f]:plan.out_offsets[f + 1]]
@@ -220,7 +227,10 @@ def _bag_grads(p: _Pass, grad_out: torch.Tensor, plan: PooledPlan, inv_lengths: 
 def _bag_of_id(offsets: torch.Tensor, num_bags: int, num_ids: int) -> torch.Tensor:
     """``[N]`` bag index of each id."""
     lengths = (offsets[1:] - offsets[:-1]).long()
-    return torch.repeat_interleave(torch.arange(num_bags, device=offsets.device), lengths, output_size=num_ids)
+    # int32 when it fits: half the bytes to sort-gather in the backward
+    dtype = torch.int32 if num_bags < 2**31 else torch.int64
+    return torch.repeat_interleave(torch.arange(num_bags, device=offsets.device, dtype=dtype), lengths,
+                                   output_size=num_ids)
 
 
 def _sum_rows_by_id(ids: torch.Tensor, bag_of_id: torch.Tensor, bag_grads: torch.Tensor,
