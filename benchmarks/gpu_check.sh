@@ -74,12 +74,17 @@ if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.max.sm --format=csv || true
 fi
 
-# The GPU test lane: tests marked `gpu`. pytest exits 5 when none are collected; that is not a failure.
+# The GPU test lane: tests marked `gpu` (realistic sizes, opcheck, torch.compile on CUDA) and the
+# kernel tests, which run on CUDA when it is there; -rP prints the compiled-vs-eager timing.
+# pytest exits 5 when none are collected; that is not a failure.
 if $PY -c 'import pytest' 2>/dev/null; then
-    gpu_tests() { $PY -m pytest -q -m gpu tests -p no:cacheprovider; local rc=$?; (( rc == 5 )) && return 0; return $rc; }
+    gpu_tests() {
+        JAGGEDREC_AUTOTUNE=0 $PY -m pytest -q -rP -p no:cacheprovider -m "gpu or interpret" tests
+        local rc=$?; (( rc == 5 )) && return 0; return $rc
+    }
     export -f gpu_tests
     export PY
-    step gpu-tests 100 bash -c gpu_tests
+    step gpu-tests 150 bash -c gpu_tests
 else
     log "SKIP gpu-tests: pytest is not installed here"
 fi

@@ -24,8 +24,14 @@ META_FIELDS: tl.constexpr = tl.constexpr(7)
 
 
 def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1, where every program instance costs ~1 ms: one config, no tuning."""
+    """True under TRITON_INTERPRET=1, where every program instance costs ~1 ms."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def single_config() -> bool:
+    """One launch config, no autotuning: under the interpreter, and with JAGGEDREC_AUTOTUNE=0
+    (correctness runs on a GPU, where each tuned config costs a compile)."""
+    return interpreting() or os.environ.get("JAGGEDREC_AUTOTUNE", "1") == "0"
 
 
 def block_d(max_dim: int) -> int:

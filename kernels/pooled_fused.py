@@ -19,14 +19,14 @@ import triton
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 import triton.language as tl
 
-from .common import META_FIELDS, block_d, interpreting, persistent_programs, wrap_triton
+from .common import META_FIELDS, block_d, persistent_programs, single_config, wrap_triton
 from .pooled_bwd import Runs, sum_run
 
 SGD, ROWWISE_ADAGRAD, ADAM = 1, 2, 3
 
 
 def _configs():
-    if interpreting():
+    if single_config():
         return [triton.Config({"BLOCK_Q": 8}, num_warps=1)]
     return [triton.Config({"BLOCK_Q": q}, num_warps=w) for q, w in [(16, 2), (32, 4), (64, 4)]]
 

@@ -13,15 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import META_FIELDS, block_d, interpreting, wrap_triton
+from .common import META_FIELDS, block_d, single_config, wrap_triton
 
 
 def _configs():
-    if interpreting():
+    if single_config():
         return [triton.Config({"BLOCK_B": 4, "UNROLL": 2}, num_warps=1)]
     return [
         triton.Config({"BLOCK_B": b, "UNROLL": u}, num_warps=w)
-        for b, u, w in [(8, 4, 4), (16, 2, 4), (16, 4, 4), (32, 2, 4), (32, 1, 8), (64, 1, 8), (4, 8, 2)]
+        for b, u, w in [(8, 4, 4), (16, 2, 4), (32, 2, 4), (32, 1, 8), (64, 1, 8)]
     ]
 
 

@@ -97,9 +97,12 @@ def _train(opt_name, backend, weighted, lr_schedule=None, steps=5, seed=0):
     return ebc, ref
 
 
+TRITON = pytest.param("triton", marks=pytest.mark.interpret)
+
+
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("backend", ["torch", "torch-chunked", "torch-static", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "torch-chunked", "torch-static", TRITON])
 def test_fused_optimizer_matches_dense_reference(opt_name, weighted, backend, monkeypatch):
     if backend == "torch-static":  # the static-shape branch that compiled graphs take
         monkeypatch.setattr(pooled_torch, "_host_readable", lambda *tensors: False)
@@ -112,7 +115,7 @@ def test_fused_optimizer_matches_dense_reference(opt_name, weighted, backend, mo
         assert_close(ebc.embedding_bags[config.name].weight.detach().cpu(), table, what=f"{opt_name} {config.name}")
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", TRITON])
 def test_learning_rate_changes_between_steps(backend):
     ebc, ref = _train("rowwise_adagrad", backend, False, lr_schedule=[0.2, 0.1, 0.05, 0.4, 0.0])
     assert ebc.learning_rate == 0.0
