@@ -94,14 +94,13 @@ def check_data(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
         return
     lengths = offsets[1:] - offsets[:-1]
     limit = min(spec.key_rows.values())
-    if num_ids:
-        low, high = torch.aminmax(values)
-    else:
-        low = high = offsets.new_zeros(())
-    flags = torch.stack([lengths.min() < 0, offsets[0] != 0, offsets[-1] != num_ids, low < 0, high >= limit])
-    if not bool(flags.any()):
+    low, high = torch.aminmax(values) if num_ids else (offsets.new_zeros(()), offsets.new_zeros(()))
+    # the one read back to the host: shortest bag, first and last offset, smallest and largest id
+    shortest, first, last, low, high = torch.stack([t.long() for t in (lengths.min(), offsets[0], offsets[-1],
+                                                                       low, high)]).tolist()
+    bad_length, bad_start, bad_total = shortest < 0, first != 0, last != num_ids
+    if not (bad_length or bad_start or bad_total or low < 0 or high >= limit):
         return
-    bad_length, bad_start, bad_total, _, _ = flags.tolist()
     if bad_length:
         where = int(torch.nonzero(lengths < 0)[0])
         raise ValueError(f"{_feature_label(spec, keys, where // stride)}: sample {where % stride} has "

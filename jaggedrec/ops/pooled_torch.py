@@ -164,20 +164,22 @@ def _forward_per_feature(weights, values, offsets, per_sample_weights, plan, num
     """Eager CPU: one ``embedding_bag`` per feature on its own table's rows, so that each
     call gathers from one table (cache friendly) and needs no id shift."""
     starts = offsets[::batch].tolist()  # [K+1] first id of each key
+    # [K, B] start of each bag within its key's ids, for all keys in one op; each call takes
+    # its key's row and lets the last bag run to the end of the key's ids
+    local_starts = (offsets[:-1] - offsets[::batch][:-1].repeat_interleave(batch)).to(values.dtype).view(-1, batch)
+    lengths = (offsets[1:] - offsets[:-1]).view(-1, batch)
     pieces = {}
     for p in plan.passes:
         block = _block(weights, p).detach()
         for f, k, mean in zip(p.features, p.keys, p.mean):
             first, last = starts[k], starts[k + 1]
             table = block.narrow(0, p.key_row_base[k], plan.feature_rows[f])
-            bag_offsets = offsets[k * batch:(k + 1) * batch + 1].to(values.dtype) - first
             psw = None if per_sample_weights is None else per_sample_weights[first:last].to(table.dtype)
             # unweighted MEAN is embedding_bag's own mode; weighted MEAN sums here, divides below
             mode = "mean" if mean and psw is None else "sum"
-            pooled = F.embedding_bag(values[first:last], table, bag_offsets, mode=mode,
-                                     per_sample_weights=psw, include_last_offset=True)
+            pooled = F.embedding_bag(values[first:last], table, local_starts[k], mode=mode, per_sample_weights=psw)
             if mean and psw is not None:
-                pooled = pooled / (bag_offsets[1:] - bag_offsets[:-1]).clamp(min=1).unsqueeze(1)
+                pooled = pooled / lengths[k].clamp(min=1).unsqueeze(1)
             pieces[f] = pooled
     return torch.cat([pieces[f] for f in range(len(pieces))], dim=1).float()
 
