@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 from importlib import metadata
 from typing import Dict, List, Optional, Sequence
 

@@ -2,7 +2,8 @@
 
 from .configs import DataType, EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from .embedding_modules import EmbeddingBag, EmbeddingBagCollection
-from .jagged_tensor import JaggedTensor, KeyedJaggedTensor
+from .jagged_tensor import JaggedTensor
+from .keyed_jagged_tensor import KeyedJaggedTensor
 from .keyed_tensor import KeyedTensor
 
 __version__ = "0.1.0"

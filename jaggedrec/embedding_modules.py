@@ -12,7 +12,7 @@ from . import validation
 from .configs import EmbeddingBagConfig
 from .fused_state import FusedOptimizerState
 from .host_memory import advise_huge_pages
-from .jagged_tensor import KeyedJaggedTensor
+from .keyed_jagged_tensor import KeyedJaggedTensor
 from .keyed_tensor import KeyedTensor
 from .optim import FusedOptimizer
 from .ops.pooled import BACKENDS, pooled_embedding_bags, use_kernels

@@ -15,7 +15,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from .jagged_tensor import KeyedJaggedTensor
+from .keyed_jagged_tensor import KeyedJaggedTensor
 
 
 class FeatureSpec:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import jaggedrec as jr
-from jr_testing import check_module, key_rows, random_kjt, reference_pooled, table_grad
+from jr_testing import check_module, table_grad
 
 pytestmark = pytest.mark.interpret
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -100,7 +100,7 @@ def test_forward_writes_every_output_element():
     including empty bags and the columns past a narrow feature's dim."""
     from jaggedrec.kernels.pooled_fwd import pooled_fwd
     gen = torch.Generator().manual_seed(7)
-    dims, rows, batch = [3, 17], [9, 5], 6
+    batch = 6  # feature 0: 9 rows of dim 3; feature 1: 5 rows of dim 17
     weights = torch.randn(9 * 3 + 5 * 17, generator=gen).to(DEVICE)
     lengths = torch.tensor([2, 0, 1, 3, 0, 1, 0, 0, 4, 1, 2, 0])
     offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))

@@ -14,7 +14,7 @@ def _args(gen, weighted, id_dtype=torch.int64, mean=True):
     dims, rows = [3, 5, 5], [4, 6, 6]
     weight_offsets = [0, 32, 32]
     weights = torch.randn(32 + 30, generator=gen, requires_grad=True)
-    num_keys, batch = 2, 3
+    num_keys = 2  # batch 3
     lengths = torch.tensor([2, 0, 3, 1, 2, 0])
     values = torch.cat([torch.randint(0, 4, (5,), generator=gen), torch.randint(0, 6, (3,), generator=gen)]).to(id_dtype)
     offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(id_dtype)
