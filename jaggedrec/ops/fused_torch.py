@@ -96,16 +96,14 @@ _CHUNK_ROWS = 32768
 def _update_touched_rows(block, states, ids, bags, grads, weights_of_ids, optimizer, hparams, step) -> None:
     """Eager: sort the ids, then per chunk of touched rows sum their gradients (one
     ``embedding_bag`` over ``grads``), gather the rows and state, step, and write them back."""
-    sorted_ids, order = torch.sort(ids.to(torch.int32), stable=True)  # int32 sorts ~2x faster
-    rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-    run_offsets = F.pad(counts.cumsum(0), (1, 0))
-    bags = bags[order]
-    weights_of_ids = None if weights_of_ids is None else weights_of_ids[order]
+    runs = pt._row_runs(ids, bags, weights_of_ids, block.shape[0], unique=True)
+    rows = runs.rows
     chunk_starts = list(range(0, rows.shape[0], _CHUNK_ROWS)) + [rows.shape[0]]
-    first_ids = run_offsets[chunk_starts].tolist()
+    first_ids = runs.run_offsets[chunk_starts].tolist()
     for lo, hi, a, b in zip(chunk_starts, chunk_starts[1:], first_ids, first_ids[1:]):
-        sums = F.embedding_bag(bags[a:b], grads, run_offsets[lo:hi + 1] - a, mode="sum", include_last_offset=True,
-                               per_sample_weights=None if weights_of_ids is None else weights_of_ids[a:b])
+        sums = F.embedding_bag(runs.bags[a:b], grads, runs.run_offsets[lo:hi + 1] - a, mode="sum",
+                               include_last_offset=True,
+                               per_sample_weights=None if runs.weights is None else runs.weights[a:b])
         chunk_rows = rows[lo:hi].long()
         w = block.index_select(0, chunk_rows).float()
         if optimizer == SGD:  # in place: one pass over the chunk

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -235,17 +235,20 @@ def _bag_of_id(offsets: torch.Tensor, num_bags: int, num_ids: int) -> torch.Tens
                                    output_size=num_ids)
 
 
-def _sum_rows_by_id(ids: torch.Tensor, bag_of_id: torch.Tensor, bag_grads: torch.Tensor,
-                    psw: Optional[torch.Tensor], num_rows: int, unique: bool):
-    """Sum ``psw[i] * bag_grads[bag_of_id[i]]`` over the ids of each row.
+class RowRuns(NamedTuple):
+    """Ids sorted by row: each touched row's run of ids is a bag over the bag gradients."""
 
-    The backward of a gather-and-pool is itself a gather-and-pool: sort the ids, and each
-    row's run of ids becomes a bag over ``bag_grads``. Sorting is stable, so the order of
-    additions, and the result, are the same on every run.
+    rows: Optional[torch.Tensor]  # [U] touched rows ascending (eager), or None (all rows)
+    run_offsets: torch.Tensor     # [U+1] (or [num_rows+1]) start of each row's run
+    bags: torch.Tensor            # [N] bag of each sorted id
+    weights: Optional[torch.Tensor]  # [N] fp32 per-sample weight of each sorted id, or None
 
-    Returns ``(rows, sums)``: with ``unique`` the touched rows ``[U]`` and ``[U, D]`` sums
-    (eager only, U depends on the data); otherwise ``None`` and dense ``[num_rows, D]`` sums.
-    """
+
+def _row_runs(ids: torch.Tensor, bag_of_id: torch.Tensor, psw: Optional[torch.Tensor], num_rows: int,
+              unique: bool) -> RowRuns:
+    """Sort ids into runs of equal rows. Sorting is stable, so each run's order, and any sum
+    over it, is the same on every run. ``unique`` keeps only touched rows (eager only: U
+    depends on the data); otherwise every row gets a run, empty for untouched ones."""
     narrow = ids.to(torch.int32) if num_rows < 2**31 else ids  # int32 sorts ~2x faster
     sorted_ids, order = torch.sort(narrow, stable=True)
     if unique:
@@ -254,11 +257,24 @@ def _sum_rows_by_id(ids: torch.Tensor, bag_of_id: torch.Tensor, bag_grads: torch
         rows = None
         counts = torch.zeros(num_rows, dtype=torch.int64, device=ids.device)
         counts.scatter_add_(0, sorted_ids.long(), torch.ones_like(sorted_ids, dtype=torch.int64))
-    run_offsets = F.pad(counts.cumsum(0), (1, 0))
-    sums = F.embedding_bag(bag_of_id[order], bag_grads, run_offsets, mode="sum",
-                           per_sample_weights=None if psw is None else psw[order].float(),
+    return RowRuns(rows, F.pad(counts.cumsum(0), (1, 0)), bag_of_id[order],
+                   None if psw is None else psw[order].float())
+
+
+def _sum_rows_by_id(ids: torch.Tensor, bag_of_id: torch.Tensor, bag_grads: torch.Tensor,
+                    psw: Optional[torch.Tensor], num_rows: int, unique: bool):
+    """Sum ``psw[i] * bag_grads[bag_of_id[i]]`` over the ids of each row.
+
+    The backward of a gather-and-pool is itself a gather-and-pool: each row's run of ids
+    (:func:`_row_runs`) becomes a bag over ``bag_grads``.
+
+    Returns ``(rows, sums)``: with ``unique`` the touched rows ``[U]`` and ``[U, D]`` sums;
+    otherwise ``None`` and dense ``[num_rows, D]`` sums.
+    """
+    runs = _row_runs(ids, bag_of_id, psw, num_rows, unique)
+    sums = F.embedding_bag(runs.bags, bag_grads, runs.run_offsets, mode="sum", per_sample_weights=runs.weights,
                            include_last_offset=True)
-    return rows, sums
+    return runs.rows, sums
 
 
 def pooled_backward(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor,
