@@ -107,7 +107,7 @@ def test_fused_optimizer_matches_dense_reference(opt_name, weighted, backend, mo
     if backend == "torch-static":  # the static-shape branch that compiled graphs take
         monkeypatch.setattr(pooled_torch, "_host_readable", lambda *tensors: False)
     if backend == "torch-chunked":  # the eager update, a few rows at a time
-        monkeypatch.setattr(fused_torch, "_CHUNK_ROWS", 3)
+        monkeypatch.setattr(fused_torch, "_CHUNK_BYTES", 48)  # 1 to 4 rows
     backend = "triton" if backend == "triton" else "torch"
     ebc, ref = _train(opt_name, backend, weighted)
     assert all(p.grad is None for p in ebc.parameters())  # no weight gradient was materialised

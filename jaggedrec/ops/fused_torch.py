@@ -88,9 +88,11 @@ def fused_update(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Te
                     dest.copy_(torch.where(keep, value.to(dest.dtype), dest))
 
 
-# Rows per chunk in the eager update: the chunk's summed gradients and gathered rows stay in
-# cache between the gather, the arithmetic and the write back.
-_CHUNK_ROWS = 32768
+# Bytes of gathered rows per chunk in the eager update: the chunk's rows and summed gradients
+# stay in the cores' L2 between the gather, the arithmetic and the write back. On a 2-core
+# EPYC (1 MB L2 each) at dim 64, 2 MB chunks stepped ~10% faster than 8 MB ones and no
+# slower than 1 MB ones, where the per-chunk Python overhead starts to show.
+_CHUNK_BYTES = 2 << 20
 
 
 def _update_touched_rows(block, states, ids, bags, grads, weights_of_ids, optimizer, hparams, step) -> None:
@@ -98,7 +100,8 @@ def _update_touched_rows(block, states, ids, bags, grads, weights_of_ids, optimi
     ``embedding_bag`` over ``grads``), gather the rows and state, step, and write them back."""
     runs = pt._row_runs(ids, bags, weights_of_ids, block.shape[0], unique=True)
     rows = runs.rows
-    chunk_starts = list(range(0, rows.shape[0], _CHUNK_ROWS)) + [rows.shape[0]]
+    rows_per_chunk = max(1, _CHUNK_BYTES // (block.shape[1] * 4))
+    chunk_starts = list(range(0, rows.shape[0], rows_per_chunk)) + [rows.shape[0]]
     first_ids = runs.run_offsets[chunk_starts].tolist()
     for lo, hi, a, b in zip(chunk_starts, chunk_starts[1:], first_ids, first_ids[1:]):
         sums = F.embedding_bag(runs.bags[a:b], grads, runs.run_offsets[lo:hi + 1] - a, mode="sum",

@@ -257,8 +257,9 @@ def _row_runs(ids: torch.Tensor, bag_of_id: torch.Tensor, psw: Optional[torch.Te
         rows = None
         counts = torch.zeros(num_rows, dtype=torch.int64, device=ids.device)
         counts.scatter_add_(0, sorted_ids.long(), torch.ones_like(sorted_ids, dtype=torch.int64))
-    return RowRuns(rows, F.pad(counts.cumsum(0), (1, 0)), bag_of_id[order],
-                   None if psw is None else psw[order].float())
+    # index_select, not bag_of_id[order]: the advanced-indexing gather is ~2x slower on CPU
+    return RowRuns(rows, F.pad(counts.cumsum(0), (1, 0)), bag_of_id.index_select(0, order),
+                   None if psw is None else psw.index_select(0, order).float())
 
 
 def _sum_rows_by_id(ids: torch.Tensor, bag_of_id: torch.Tensor, bag_grads: torch.Tensor,
