@@ -14,6 +14,8 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from jaggedrec.host_memory import retain_freed_memory
+
 from .presets import DEFAULT_PRESET, PRESETS, preset_workloads
 from .providers import Provider, all_providers
 from .report import format_table, machine_info, skipped_summary, to_json, write_csv, write_json, write_plot
@@ -198,7 +200,11 @@ def main(argv: Optional[Sequence[str]] = None,
                       seed=args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # jaggedrec's CPU module sets this process-wide when built; set it before any timing, so
+    # that every provider, the copy bandwidth included, runs under the same allocator
+    retained = device == "cpu" and retain_freed_memory()
     machine = machine_info(device)
+    machine["malloc_retains_freed_memory"] = retained
     with quiet():
         copy_gbps = copy_bandwidth_gbps(device, 256 if device == "cuda" else 128)
     where = machine["gpu"] or f"{machine['cpu']} ({machine['cores']} cores)"

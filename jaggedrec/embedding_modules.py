@@ -11,7 +11,7 @@ from torch import nn
 from . import validation
 from .configs import EmbeddingBagConfig
 from .fused_state import FusedOptimizerState
-from .host_memory import advise_huge_pages
+from .host_memory import advise_huge_pages, retain_freed_memory
 from .keyed_jagged_tensor import KeyedJaggedTensor
 from .keyed_tensor import KeyedTensor
 from .optim import FusedOptimizer
@@ -125,6 +125,8 @@ class EmbeddingBagCollection(nn.Module):
         self.register_load_state_dict_pre_hook(_absorb_table_weights)
         if device is None or device.type != "meta":
             self.reset_parameters()
+        if any(flat.device.type == "cpu" for flat in self.flat_weights.values()):
+            retain_freed_memory()  # after the tables are allocated: they keep their own mappings
 
     # --- storage -----------------------------------------------------------------------
     def table_weight(self, table: int) -> torch.Tensor:

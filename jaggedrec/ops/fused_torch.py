@@ -45,7 +45,7 @@ def fused_update(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Te
         return
     grad_out = grad_out.float()
     key_counts = pt._key_counts(offsets, batch, num_keys)
-    bag_of_id = pt._bag_of_id(offsets, num_keys * batch, values.shape[0])
+    bag_of_id = pt._bag_of_id(offsets, num_keys, batch, values.shape[0])
     inv_lengths = pt._inverse_lengths(plan, offsets, num_keys, batch)
     eager = pt._host_readable(values, offsets)
     passes_by_dim: Dict[int, list] = {}

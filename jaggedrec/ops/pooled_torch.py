@@ -211,28 +211,30 @@ def _inverse_lengths(plan: PooledPlan, offsets: torch.Tensor, num_keys: int, bat
 
 def _bag_grads(p: _Pass, grad_out: torch.Tensor, plan: PooledPlan, inv_lengths: Optional[torch.Tensor],
                num_keys: int, batch: int) -> torch.Tensor:
-    """``[K*B, D]`` fp32 gradient of each bag's sum (MEAN scale folded in); zero for keys outside the pass."""
+    """``[B*K, D]`` fp32 gradient of each bag's sum (MEAN scale folded in), batch-major: row
+    ``b*K + k`` is key ``k``'s bag ``b`` (see :func:`_bag_of_id`); zero for keys outside the pass."""
     if p.keys == tuple(range(num_keys)) and p.features == tuple(range(len(plan.out_offsets) - 1)):
-        # every key, in output order: one transposing copy, no zero fill
-        bag_grads = grad_out.float().view(batch, num_keys, p.dim).transpose(0, 1).contiguous()
+        # every key, in output order: grad_out's rows already are the bags, batch-major;
+        # a key-major layout would cost a transposing copy of all of grad_out
+        bag_grads = grad_out.float().view(batch, num_keys, p.dim)
         if inv_lengths is not None and any(p.mean):
             scale = torch.where(torch.tensor(p.mean, device=grad_out.device).unsqueeze(1), inv_lengths, 1.0)
-            bag_grads.mul_(scale.unsqueeze(-1))
-        return bag_grads.view(num_keys * batch, p.dim)
-    bag_grads = grad_out.new_zeros((num_keys, batch, p.dim), dtype=torch.float32)
+            bag_grads = bag_grads * scale.t().unsqueeze(-1)
+        return bag_grads.reshape(batch * num_keys, p.dim)
+    bag_grads = grad_out.new_zeros((batch, num_keys, p.dim), dtype=torch.float32)
     for f, k, mean in zip(p.features, p.keys, p.mean):
         cols = grad_out[:, plan.out_offsets[f]:plan.out_offsets[f + 1]]
-        bag_grads[k] = cols * inv_lengths[k].unsqueeze(1) if mean else cols
-    return bag_grads.view(num_keys * batch, p.dim)
+        bag_grads[:, k] = cols * inv_lengths[k].unsqueeze(1) if mean else cols
+    return bag_grads.view(batch * num_keys, p.dim)
 
 
-def _bag_of_id(offsets: torch.Tensor, num_bags: int, num_ids: int) -> torch.Tensor:
-    """``[N]`` bag index of each id."""
+def _bag_of_id(offsets: torch.Tensor, num_keys: int, batch: int, num_ids: int) -> torch.Tensor:
+    """``[N]`` batch-major bag of each id: ``b*K + k`` for an id in key ``k``'s bag ``b``."""
     lengths = (offsets[1:] - offsets[:-1]).long()
     # int32 when it fits: half the bytes to sort-gather in the backward
-    dtype = torch.int32 if num_bags < 2**31 else torch.int64
-    return torch.repeat_interleave(torch.arange(num_bags, device=offsets.device, dtype=dtype), lengths,
-                                   output_size=num_ids)
+    dtype = torch.int32 if num_keys * batch < 2**31 else torch.int64
+    bags = torch.arange(num_keys * batch, device=offsets.device, dtype=dtype).view(batch, num_keys).t()
+    return torch.repeat_interleave(bags.reshape(-1), lengths, output_size=num_ids)
 
 
 class RowRuns(NamedTuple):
@@ -298,7 +300,7 @@ def pooled_backward(grad_out: torch.Tensor, weights: torch.Tensor, values: torch
     if statically_known_true(batch == 0) or statically_known_true(values.shape[0] == 0):
         return _cast(grad_weights, weights.dtype), grad_psw
     key_counts = _key_counts(offsets, batch, num_keys)
-    bag_of_id = _bag_of_id(offsets, num_keys * batch, values.shape[0])
+    bag_of_id = _bag_of_id(offsets, num_keys, batch, values.shape[0])
     inv_lengths = _inverse_lengths(plan, offsets, num_keys, batch)
     eager = _host_readable(values, offsets)
     for p in plan.passes:
@@ -336,7 +338,7 @@ def pooled_row_grads(grad_out: torch.Tensor, values: torch.Tensor, offsets: torc
     if batch == 0 or values.shape[0] == 0:
         return []
     key_counts = _key_counts(offsets, batch, num_keys)
-    bag_of_id = _bag_of_id(offsets, num_keys * batch, values.shape[0])
+    bag_of_id = _bag_of_id(offsets, num_keys, batch, values.shape[0])
     inv_lengths = _inverse_lengths(plan, offsets, num_keys, batch)
     out = []
     for p in plan.passes:
