@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import META_FIELDS, block_d, single_config, wrap_triton
+from .common import META_FIELDS, block_d, dim_alignment, single_config, wrap_triton
 
 
 def _configs():
@@ -25,21 +25,23 @@ def _configs():
     ]
 
 
-@triton.autotune(configs=_configs(), key=["num_features", "BLOCK_D", "HAS_PSW"])
+@triton.autotune(configs=_configs(), key=["num_features", "BLOCK_D", "HAS_PSW", "DIM_ALIGN"])
 @triton.jit
 def _pooled_fwd_kernel(
     weights_ptr, values_ptr, offsets_ptr, psw_ptr, meta_ptr, out_ptr, errors_ptr,
     batch_size, out_stride, num_features,
-    HAS_PSW: tl.constexpr, BOUNDS_CHECK: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_PSW: tl.constexpr, BOUNDS_CHECK: tl.constexpr, BLOCK_D: tl.constexpr, DIM_ALIGN: tl.constexpr,
     BLOCK_B: tl.constexpr, UNROLL: tl.constexpr,
 ):
     # one program per BLOCK_B bags of one feature
     f = tl.program_id(1)
     meta = meta_ptr + f * META_FIELDS
-    weight_offset = tl.load(meta + 0)
-    dim = tl.load(meta + 1)
+    # every dim, table offset and output column is a multiple of DIM_ALIGN: saying so lets
+    # the compiler turn each row's column loads and stores into 16-byte vector accesses
+    weight_offset = tl.multiple_of(tl.load(meta + 0), DIM_ALIGN)
+    dim = tl.multiple_of(tl.load(meta + 1), DIM_ALIGN)
     num_rows = tl.load(meta + 2)
-    out_column = tl.load(meta + 3)
+    out_column = tl.multiple_of(tl.load(meta + 3), DIM_ALIGN)
     key = tl.load(meta + 4)
     mean = tl.load(meta + 5)
 
@@ -82,7 +84,7 @@ def _pooled_fwd_kernel(
 
 def pooled_fwd(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
                per_sample_weights: torch.Tensor | None, meta: torch.Tensor, out: torch.Tensor,
-               errors: torch.Tensor | None, max_dim: int) -> None:
+               errors: torch.Tensor | None, dims) -> None:
     """Pool every feature into ``out``, in one launch.
 
     Args:
@@ -94,7 +96,7 @@ def pooled_fwd(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tenso
         out: ``[B, total_dim]`` fp32, written in full.
         errors: ``[F]`` int64, incremented by the number of ids outside ``[0, rows)`` (those ids
             are skipped); None to trust the ids and skip the check.
-        max_dim: the widest feature dim.
+        dims: ``[F]`` each feature's dim (host ints).
     """
     num_features = meta.shape[0]
     batch_size = out.shape[0]
@@ -106,4 +108,5 @@ def pooled_fwd(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tenso
         weights, values, offsets, per_sample_weights if per_sample_weights is not None else out,
         meta, out, errors if errors is not None else meta,
         batch_size, out.stride(0), num_features,
-        HAS_PSW=per_sample_weights is not None, BOUNDS_CHECK=errors is not None, BLOCK_D=block_d(max_dim))
+        HAS_PSW=per_sample_weights is not None, BOUNDS_CHECK=errors is not None, BLOCK_D=block_d(max(dims)),
+        DIM_ALIGN=dim_alignment(dims))

@@ -75,7 +75,7 @@ def triton_forward(weights: torch.Tensor, values: torch.Tensor, offsets: torch.T
     out = torch.empty((batch, plan.out_offsets[-1]), dtype=torch.float32, device=weights.device)
     errors = torch.zeros(meta.shape[0], dtype=torch.int64, device=weights.device)
     pooled_fwd.pooled_fwd(weights, values, offsets, per_sample_weights, meta, out,
-                          errors if bounds_check else None, max(plan_dims(plan)))
+                          errors if bounds_check else None, plan_dims(plan))
     return out, errors
 
 
