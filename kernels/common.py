@@ -39,31 +39,12 @@ def block_d(max_dim: int) -> int:
     return max(16, min(128, triton.next_power_of_2(max_dim)))
 
 
-def dim_alignment(dims) -> int:
-    """The largest power of two, at most 16, dividing every dim. Table offsets (row-aligned
-    in 32-element-aligned blocks) and output columns (sums of dims) are multiples of it too,
-    so kernels may promise it to the compiler (``tl.multiple_of``), which then loads and
-    stores each row in 16-byte vectors instead of one element at a time."""
-    align = 16
-    while any(d % align for d in dims):
-        align //= 2
-    return align
-
-
-def grid_programs(device: torch.device, work_items: int, block: int) -> int:
-    """Programs for ``work_items`` items, ``block`` per program per turn. On a GPU one
-    program per block, up to 64 per multiprocessor (beyond that they take turns); under the
-    interpreter, where each program costs ~1 ms, two that take turns."""
-    needed = max(1, -(-work_items // block))
-    if interpreting() or device.type != "cuda":
-        return min(needed, 2)
-    return min(needed, 64 * torch.cuda.get_device_properties(device).multi_processor_count)
-
-
 @functools.lru_cache(maxsize=None)
 def persistent_programs(device: torch.device) -> int:
-    """Programs for a persistent grid: a few per multiprocessor, so that every SM stays busy
-    while programs take turns over the work items (e.g. runs of equal rows)."""
+    """Programs for a persistent grid, whose programs take turns over the work (tiles of
+    runs, whose count stays on the device): about as many as the GPU keeps resident, 32 per
+    multiprocessor. The grid must not depend on the work's size, which in a compiled graph
+    is an unbacked symbol. Under the interpreter, where each program costs ~1 ms, two."""
     if interpreting() or device.type != "cuda":
         return 2
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 32 * torch.cuda.get_device_properties(device).multi_processor_count

@@ -9,18 +9,23 @@ plain torch ops and no host sync:
   outside its table (such ids were skipped in the forward, so they get no gradient);
 * ``contrib_row[c]``: element offset of the id's row in the flat weights (-1 when masked).
 
-Three kernels consume them:
+Sorted by row, the contributions form *runs* of equal rows (:func:`sort_runs`), and a run's
+gradient is a bag in the forward's sense: the sum, over its contributions, of their bags'
+output-gradient rows times a factor (per-sample weight, 1/length for MEAN). So the
+deterministic kernel is the forward's gather-and-sum again, over runs instead of bags:
+``BLOCK_U`` runs per program advance together, one contribution each per step, so that many
+independent row loads are in flight even though most runs hold one or two contributions;
+each run is summed in sorted order, which gives the same bits on every run.
 
-* ``_rows_grad_kernel``, deterministic: contributions sorted by row; on a persistent grid,
-  programs take turns over the runs of equal rows, sum each run in sorted order and write
-  the row once.
+* ``_rows_grad_kernel``, deterministic: per run, its sum, written once (dense, or compact
+  for the sparse gradient). ``pooled_fused`` applies optimizers with the same run sums.
 * ``_rows_grad_atomic_kernel``, fast: contributions in any order, ``atomic_add`` into rows.
 * ``_psw_grad_kernel``: per contribution, the dot of its row with its bag's output gradient.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -57,51 +62,66 @@ def _contribution_scale(c, mask, num_values, batch_size, contrib_feature_ptr, ba
     return dim, sample, out_column, scale
 
 
-@triton.autotune(configs=_q_configs([(16, 2), (32, 4), (64, 4)]), key=["BLOCK_D", "HAS_PSW"])
+def run_configs():
+    if single_config():
+        return [triton.Config({"BLOCK_U": 4, "UNROLL": 2}, num_warps=1)]
+    return [triton.Config({"BLOCK_U": u, "UNROLL": r}, num_warps=w)
+            for u, r, w in [(16, 2, 4), (32, 2, 4), (32, 1, 8), (64, 1, 8)]]
+
+
+@triton.jit
+def run_tile(u, live, run_start_ptr, run_feature_ptr, meta_ptr, DIM_ALIGN: tl.constexpr):
+    """For runs ``u`` (``[BLOCK_U]``): first sorted position, length, the longest length, and dim."""
+    start = tl.load(run_start_ptr + u, mask=live, other=0)
+    length = tl.load(run_start_ptr + u + 1, mask=live, other=0) - start
+    feature = tl.load(run_feature_ptr + u, mask=live, other=0)
+    dim = tl.multiple_of(tl.load(meta_ptr + feature * META_FIELDS + 1, mask=live, other=0), DIM_ALIGN)
+    return start, length, tl.max(length, axis=0), dim
+
+
+@triton.jit
+def run_sums(start, length, longest, cols, mask, grad_out_ptr, item_offset_ptr, item_scale_ptr,
+             HAS_SCALE: tl.constexpr, DIM_ALIGN: tl.constexpr, UNROLL: tl.constexpr):
+    """``[BLOCK_U, BLOCK_D]`` fp32: columns ``cols`` of each run's gradient, its contributions
+    added in sorted order (a fixed order: the same bits on every run). ``mask`` covers the
+    live runs' columns."""
+    acc = tl.zeros(mask.shape, dtype=tl.float32)
+    for j in range(0, longest, UNROLL):
+        for k in tl.static_range(UNROLL):
+            present = (j + k) < length
+            item = start + j + k
+            offset = tl.multiple_of(tl.load(item_offset_ptr + item, mask=present, other=0), DIM_ALIGN)
+            grads = tl.load(grad_out_ptr + offset[:, None] + cols[None, :], mask=present[:, None] & mask, other=0.0)
+            if HAS_SCALE:
+                grads = grads * tl.load(item_scale_ptr + item, mask=present, other=0.0)[:, None]
+            acc += grads
+    return acc
+
+
+@triton.autotune(configs=run_configs(), key=["BLOCK_D", "HAS_SCALE", "DIM_ALIGN", "DENSE"])
 @triton.jit
 def _rows_grad_kernel(
-    grad_out_ptr, grad_stride, sorted_rows_ptr, order_ptr, run_start_ptr, run_end_ptr, num_runs_ptr,
-    contrib_feature_ptr, bag_of_value_ptr, offsets_ptr, psw_ptr, meta_ptr, dest_ptr,
-    num_values, batch_size,
-    DENSE: tl.constexpr, DEST_STRIDE: tl.constexpr, HAS_PSW: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
+    grad_out_ptr, num_runs_ptr, run_start_ptr, run_row_ptr, run_feature_ptr, item_offset_ptr, item_scale_ptr,
+    meta_ptr, dest_ptr,
+    DENSE: tl.constexpr, DEST_STRIDE: tl.constexpr, HAS_SCALE: tl.constexpr, DIM_ALIGN: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_U: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    # persistent grid: programs take turns over the runs of equal rows, u = pid, pid + G, ...
+    # programs take turns over tiles of BLOCK_U runs: u0 = pid, pid + G, ... (times BLOCK_U)
     num_runs = tl.load(num_runs_ptr)
-    for u in range(tl.program_id(0), num_runs, tl.num_programs(0)):
-        p = tl.load(run_start_ptr + u)
-        row = tl.load(sorted_rows_ptr + p)
-        end = tl.load(run_end_ptr + p)
-        dim = tl.load(meta_ptr + tl.load(contrib_feature_ptr + tl.load(order_ptr + p)).to(tl.int64) * META_FIELDS + 1)
-        if DENSE:
-            dest = dest_ptr + row
-        else:
-            dest = dest_ptr + u * DEST_STRIDE
-        for d0 in range(0, dim, BLOCK_D):
+    for u0 in range(tl.program_id(0) * BLOCK_U, num_runs, tl.num_programs(0) * BLOCK_U):
+        u = u0 + tl.arange(0, BLOCK_U)
+        live = u < num_runs
+        start, length, longest, dim = run_tile(u, live, run_start_ptr, run_feature_ptr, meta_ptr, DIM_ALIGN)
+        if DENSE:  # the row's own place in a [W] gradient
+            dest = tl.multiple_of(tl.load(run_row_ptr + u, mask=live, other=0), DIM_ALIGN)
+        else:  # row u of a compact [U, DEST_STRIDE] gradient
+            dest = u.to(tl.int64) * DEST_STRIDE
+        for d0 in range(0, tl.max(dim, axis=0), BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
-            acc = sum_run(p, end, cols, cols < dim, grad_out_ptr, grad_stride, order_ptr, contrib_feature_ptr,
-                          bag_of_value_ptr, offsets_ptr, psw_ptr, meta_ptr, num_values, batch_size,
-                          HAS_PSW, BLOCK_Q)
-            tl.store(dest + cols, acc, mask=cols < dim)
-
-
-@triton.jit
-def sum_run(p, end, cols, col_mask, grad_out_ptr, grad_stride, order_ptr, contrib_feature_ptr, bag_of_value_ptr,
-            offsets_ptr, psw_ptr, meta_ptr, num_values, batch_size, HAS_PSW: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """``[BLOCK_D]`` fp32: columns ``cols`` of the gradient summed over sorted contributions
-    ``p..end-1`` (one row's run), in a fixed order, so the sum is the same on every run."""
-    acc = tl.zeros(cols.shape, dtype=tl.float32)
-    for q0 in range(p, end, BLOCK_Q):
-        q = q0 + tl.arange(0, BLOCK_Q)
-        in_run = q < end
-        c = tl.load(order_ptr + q, mask=in_run, other=0)
-        _, sample, out_column, scale = _contribution_scale(
-            c, in_run, num_values, batch_size, contrib_feature_ptr, bag_of_value_ptr, offsets_ptr,
-            psw_ptr, meta_ptr, HAS_PSW)
-        grads = tl.load(grad_out_ptr + sample[:, None] * grad_stride + out_column[:, None] + cols[None, :],
-                        mask=in_run[:, None] & col_mask[None, :], other=0.0)
-        acc += tl.sum(grads * scale[:, None], axis=0)
-    return acc
+            mask = live[:, None] & (cols[None, :] < dim[:, None])
+            acc = run_sums(start, length, longest, cols, mask, grad_out_ptr, item_offset_ptr, item_scale_ptr,
+                           HAS_SCALE, DIM_ALIGN, UNROLL)
+            tl.store(dest_ptr + dest[:, None] + cols[None, :], acc, mask=mask)
 
 
 @triton.autotune(configs=_q_configs([(16, 2), (32, 4), (64, 8)]), key=["BLOCK_D", "HAS_PSW"])
@@ -153,53 +173,77 @@ def _psw_grad_kernel(
 
 
 class Runs(NamedTuple):
-    """Contributions sorted by row, and where each run of equal rows starts and ends."""
+    """Contributions sorted by row. Run ``u < num_runs`` spans sorted positions
+    ``run_start[u]:run_start[u+1]``; masked contributions (row -1) sort first, in no run.
+    Per-run tensors are sized ``M`` (the contribution count), since the run count stays on
+    the device; entries from ``num_runs`` on are never read."""
 
-    sorted_rows: torch.Tensor  # [M] int64 row element offsets, ascending; -1 (masked) first
-    order: torch.Tensor        # [M] int64 contribution index of each sorted entry
-    run_start: torch.Tensor    # [M+1] int64 sorted position of run u's first entry (u < num_runs)
-    run_end: torch.Tensor      # [M] int64 end of the run each sorted entry belongs to
-    num_runs: torch.Tensor     # [1] int64 on the device: read by the kernels, never by the host
-    is_start: torch.Tensor     # [M] bool
-
-
-def sort_runs(rows: torch.Tensor) -> Runs:
-    """Sort ``[M]`` contribution rows (-1 = masked) into runs, with static shapes and no host sync."""
-    num = rows.shape[0]
-    sorted_rows, order = torch.sort(rows, stable=True)
-    run_end = torch.searchsorted(sorted_rows, sorted_rows, right=True)
-    previous = torch.nn.functional.pad(sorted_rows, (1, 0), value=-1)[:-1]
-    is_start = (sorted_rows >= 0) & (sorted_rows != previous)
-    slot = torch.cumsum(is_start, 0) - 1
-    # non-starts all write to the spare slot M, which nobody reads
-    run_start = torch.zeros(num + 1, dtype=torch.int64, device=rows.device)
-    run_start.index_put_((torch.where(is_start, slot, num),), torch.arange(num, device=rows.device))
-    return Runs(sorted_rows, order, run_start, run_end, is_start.sum(dtype=torch.int64).reshape(1), is_start)
+    num_runs: torch.Tensor     # [1] int64: read by the kernels, never by the host
+    run_start: torch.Tensor    # [M+2] int64; slots num_runs.. hold M
+    run_row: torch.Tensor      # [M] int64 element offset of each run's row in the flat weights
+    run_feature: torch.Tensor  # [M] int64 a feature reading the run's row (its table gives dim, state)
+    item_offset: torch.Tensor  # [M] int64 element of grad_out where each sorted contribution's bag row starts
+    item_scale: Optional[torch.Tensor]  # [M] fp32 per-sample weight times MEAN's 1/length; None: all 1
 
 
-def rows_grad(grad_out: torch.Tensor, runs: Runs, contrib_feature: torch.Tensor, bag_of_value: torch.Tensor,
-              offsets: torch.Tensor, per_sample_weights: torch.Tensor | None, meta: torch.Tensor,
-              dest: torch.Tensor, dense: bool, max_dim: int) -> None:
-    """Deterministic row gradients: each touched row's sum, written once.
+def sort_runs(rows: torch.Tensor, contrib_feature: torch.Tensor, bag_of_value: torch.Tensor, offsets: torch.Tensor,
+              per_sample_weights: Optional[torch.Tensor], meta: torch.Tensor, batch_size: int, grad_stride: int,
+              any_mean: bool) -> Runs:
+    """Sort ``[M]`` contribution rows into runs, with static shapes and no host sync.
 
     Args:
-        grad_out: ``[B, total_dim]`` fp32 contiguous.
-        runs: the contributions sorted by row (:func:`sort_runs`).
-        contrib_feature: ``[M]`` int32 feature of each contribution (by contribution index).
-        bag_of_value: ``[N]`` bag (key-major ``k*B + b``) of each id.
+        rows: ``[M]`` element offset of each contribution's row, -1 when masked.
+        contrib_feature: ``[M]`` int32 feature of each contribution, -1 when masked.
+        bag_of_value: ``[N]`` key-major bag (``k*B + b``) of each id.
         offsets: ``[K*B+1]`` bag starts.
         per_sample_weights: ``[N]`` or None.
         meta: ``[F, META_FIELDS]`` int64 feature metadata (see ``common``).
-        dest: fp32. ``dense``: ``[W]``, row gradients land at their element offsets.
-            Otherwise ``[U, max_dim]``: run ``u`` lands in row ``u``.
+        grad_stride: row stride of the ``[B, total_dim]`` output gradient.
+        any_mean: some feature pools by MEAN.
     """
-    if statically_known_true(runs.sorted_rows.numel() == 0):
+    num = rows.shape[0]
+    num_values = bag_of_value.shape[0]
+    sorted_rows, order = torch.sort(rows, stable=True)
+    previous = torch.nn.functional.pad(sorted_rows, (1, 0), value=-1)[:-1]
+    is_start = (sorted_rows >= 0) & (sorted_rows != previous)
+    slot = torch.cumsum(is_start, 0) - 1
+    run_start = torch.full((num + 2,), num, dtype=torch.int64, device=rows.device)
+    # non-starts all write to the spare last slot, which nobody reads
+    run_start.index_put_((torch.where(is_start, slot, num + 1),), torch.arange(num, device=rows.device))
+    first = run_start[:num].clamp(max=num - 1)  # past num_runs: any valid position
+    sorted_feature = contrib_feature.index_select(0, order).long().clamp(min=0)
+    value = order % num_values
+    bag = bag_of_value.index_select(0, value)
+    item_offset = (bag % batch_size) * grad_stride + meta[sorted_feature, 3]
+    scale = None if per_sample_weights is None else per_sample_weights.index_select(0, value).float()
+    if any_mean:
+        lengths = (offsets[1:] - offsets[:-1]).index_select(0, bag)
+        inverse = torch.where(meta[sorted_feature, 5] != 0, 1.0 / lengths.clamp(min=1).float(), 1.0)
+        scale = inverse if scale is None else scale * inverse
+    return Runs(is_start.sum(dtype=torch.int64).reshape(1), run_start, sorted_rows.index_select(0, first),
+                sorted_feature.index_select(0, first), item_offset, scale)
+
+
+def rows_grad(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, dest: torch.Tensor, dense: bool, max_dim: int,
+              alignment: int) -> None:
+    """Deterministic row gradients: each touched row's sum, written once.
+
+    Args:
+        grad_out: ``[B, total_dim]`` fp32 contiguous (the rows ``runs.item_offset`` points into).
+        runs: the contributions sorted by row (:func:`sort_runs`).
+        meta: ``[F, META_FIELDS]`` int64 feature metadata.
+        dest: fp32. ``dense``: ``[W]``, row gradients land at their element offsets.
+            Otherwise ``[M, max_dim]``: run ``u`` lands in row ``u``.
+        alignment: a power of two dividing every dim, table offset and output column.
+    """
+    num = runs.item_offset.shape[0]
+    if statically_known_true(num == 0):
         return
+    scale = runs.item_scale
     wrap_triton(_rows_grad_kernel)[(persistent_programs(grad_out.device),)](
-        grad_out, grad_out.stride(0), runs.sorted_rows, runs.order, runs.run_start, runs.run_end, runs.num_runs,
-        contrib_feature, bag_of_value, offsets, per_sample_weights if per_sample_weights is not None else grad_out,
-        meta, dest, bag_of_value.numel(), grad_out.shape[0],
-        DENSE=dense, DEST_STRIDE=max_dim, HAS_PSW=per_sample_weights is not None, BLOCK_D=block_d(max_dim))
+        grad_out, runs.num_runs, runs.run_start, runs.run_row, runs.run_feature, runs.item_offset,
+        scale if scale is not None else grad_out, meta, dest,
+        DENSE=dense, DEST_STRIDE=max_dim, HAS_SCALE=scale is not None, DIM_ALIGN=alignment, BLOCK_D=block_d(max_dim))
 
 
 def rows_grad_atomic(grad_out: torch.Tensor, rows: torch.Tensor, contrib_feature: torch.Tensor,

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import META_FIELDS, block_d, dim_alignment, single_config, wrap_triton
+from .common import META_FIELDS, block_d, single_config, wrap_triton
 
 
 def _configs():
@@ -47,6 +47,7 @@ def _pooled_fwd_kernel(
 
     bags = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     bag_mask = bags < batch_size
+    out_rows = tl.multiple_of(bags * out_stride, DIM_ALIGN)  # out_stride is the sum of the dims
     bag_ptrs = offsets_ptr + key * batch_size + bags
     starts = tl.load(bag_ptrs, mask=bag_mask, other=0).to(tl.int64)
     lengths = tl.load(bag_ptrs + 1, mask=bag_mask, other=0).to(tl.int64) - starts
@@ -75,7 +76,7 @@ def _pooled_fwd_kernel(
                 acc += rows
         if mean != 0:
             acc = acc / tl.maximum(lengths, 1).to(tl.float32)[:, None]
-        tl.store(out_ptr + bags[:, None] * out_stride + out_column + cols[None, :], acc,
+        tl.store(out_ptr + out_rows[:, None] + out_column + cols[None, :], acc,
                  mask=bag_mask[:, None] & col_mask[None, :])
     if BOUNDS_CHECK:
         if num_bad > 0:
@@ -84,7 +85,7 @@ def _pooled_fwd_kernel(
 
 def pooled_fwd(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
                per_sample_weights: torch.Tensor | None, meta: torch.Tensor, out: torch.Tensor,
-               errors: torch.Tensor | None, dims) -> None:
+               errors: torch.Tensor | None, max_dim: int, alignment: int) -> None:
     """Pool every feature into ``out``, in one launch.
 
     Args:
@@ -96,7 +97,8 @@ def pooled_fwd(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tenso
         out: ``[B, total_dim]`` fp32, written in full.
         errors: ``[F]`` int64, incremented by the number of ids outside ``[0, rows)`` (those ids
             are skipped); None to trust the ids and skip the check.
-        dims: ``[F]`` each feature's dim (host ints).
+        max_dim: the widest feature dim.
+        alignment: a power of two dividing every dim, table offset and output column.
     """
     num_features = meta.shape[0]
     batch_size = out.shape[0]
@@ -108,5 +110,5 @@ def pooled_fwd(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tenso
         weights, values, offsets, per_sample_weights if per_sample_weights is not None else out,
         meta, out, errors if errors is not None else meta,
         batch_size, out.stride(0), num_features,
-        HAS_PSW=per_sample_weights is not None, BOUNDS_CHECK=errors is not None, BLOCK_D=block_d(max(dims)),
-        DIM_ALIGN=dim_alignment(dims))
+        HAS_PSW=per_sample_weights is not None, BOUNDS_CHECK=errors is not None, BLOCK_D=block_d(max_dim),
+        DIM_ALIGN=alignment)

@@ -25,22 +25,23 @@ OPTIMIZERS = {
 }
 
 
-def _configs():
+def _configs(dims=(4, 4, 3)):
     # t_b's rows are read through key "y" and through key "x" (shared with t_a): two passes
     return [
-        jr.EmbeddingBagConfig(name="t_a", embedding_dim=4, num_embeddings=9, feature_names=["x"]),
-        jr.EmbeddingBagConfig(name="t_b", embedding_dim=4, num_embeddings=7, feature_names=["y", "x"],
+        jr.EmbeddingBagConfig(name="t_a", embedding_dim=dims[0], num_embeddings=9, feature_names=["x"]),
+        jr.EmbeddingBagConfig(name="t_b", embedding_dim=dims[1], num_embeddings=7, feature_names=["y", "x"],
                               pooling=jr.PoolingType.MEAN),
-        jr.EmbeddingBagConfig(name="t_c", embedding_dim=3, num_embeddings=5, feature_names=["z"]),
+        jr.EmbeddingBagConfig(name="t_c", embedding_dim=dims[2], num_embeddings=5, feature_names=["z"]),
     ]
 
 
 class Reference:
     """Float64 tables and optimizer state, stepped by the formulas in ``jaggedrec.optim``."""
 
-    def __init__(self, ebc, opt):
+    def __init__(self, ebc, opt, configs):
         self.opt = opt
-        self.tables = [ebc.embedding_bags[c.name].weight.detach().cpu().double().clone() for c in _configs()]
+        self.configs = configs
+        self.tables = [ebc.embedding_bags[c.name].weight.detach().cpu().double().clone() for c in configs]
         self.state = [dict(sum_sq=torch.zeros(t.shape[0], dtype=torch.float64), m=torch.zeros_like(t),
                            v=torch.zeros_like(t)) for t in self.tables]
         self.step_count = 0
@@ -51,7 +52,7 @@ class Reference:
         weights64 = {k: v[2].double() for k, v in batch.per_key.items()} if batch.per_key["x"][2] is not None else None
         out = reference_pooled(ebc, batch, leaves, weights64)
         (out * upstream).sum().backward()
-        for t, (config, table, leaf) in enumerate(zip(_configs(), self.tables, leaves)):
+        for t, (config, table, leaf) in enumerate(zip(self.configs, self.tables, leaves)):
             touched = torch.unique(torch.cat([batch.per_key[f][0] for f in config.feature_names]))
             g = leaf.grad[touched]
             w = table[touched]
@@ -79,12 +80,12 @@ def _batches(seed, weighted, count=5):
     return [random_kjt(gen, ["z", "y", "x"], rows, 4, max_len=4, weighted=weighted) for _ in range(count)], gen
 
 
-def _train(opt_name, backend, weighted, lr_schedule=None, steps=5, seed=0):
+def _train(opt_name, backend, weighted, lr_schedule=None, steps=5, seed=0, dims=(4, 4, 3)):
     opt = OPTIMIZERS[opt_name]
     torch.manual_seed(seed)
-    ebc = jr.EmbeddingBagCollection(_configs(), is_weighted=weighted, backend=backend, fused_optimizer=opt,
+    ebc = jr.EmbeddingBagCollection(_configs(dims), is_weighted=weighted, backend=backend, fused_optimizer=opt,
                                     device=DEVICE)
-    ref = Reference(ebc, opt)
+    ref = Reference(ebc, opt, _configs(dims))
     batches, gen = _batches(seed, weighted, steps)
     for i, b in enumerate(batches):
         lr = opt.lr if lr_schedule is None else lr_schedule[i]
@@ -113,6 +114,18 @@ def test_fused_optimizer_matches_dense_reference(opt_name, weighted, backend, mo
     assert all(p.grad is None for p in ebc.parameters())  # no weight gradient was materialised
     for config, table in zip(_configs(), ref.tables):
         assert_close(ebc.embedding_bags[config.name].weight.detach().cpu(), table, what=f"{opt_name} {config.name}")
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("backend", ["torch", TRITON])
+def test_fused_optimizer_wide_and_aligned_dims(opt_name, backend):
+    """Dims past one kernel tile (130 > 128 columns: row-wise Adagrad needs the whole row's
+    mean square before it updates), and dims of 16 and 8, which let the kernels use
+    vector loads."""
+    for dims in [(16, 16, 130), (16, 16, 8)]:
+        ebc, ref = _train(opt_name, backend, True, steps=3, dims=dims)
+        for config, table in zip(_configs(dims), ref.tables):
+            assert_close(ebc.embedding_bags[config.name].weight.detach().cpu(), table, what=f"{dims} {config.name}")
 
 
 @pytest.mark.parametrize("backend", ["torch", TRITON])

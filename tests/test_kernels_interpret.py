@@ -107,7 +107,7 @@ def test_forward_writes_every_output_element():
     values = torch.cat([torch.randint(0, 9, (7,), generator=gen), torch.randint(0, 5, (7,), generator=gen)])
     meta = torch.tensor([[0, 3, 9, 0, 0, 0, 0], [27, 17, 5, 3, 1, 1, 9]])  # feature 1 pools by MEAN
     out = torch.full((batch, 20), float("nan"), device=DEVICE)
-    pooled_fwd(weights, values.to(DEVICE), offsets.to(DEVICE), None, meta.to(DEVICE), out, None, [3, 17])
+    pooled_fwd(weights, values.to(DEVICE), offsets.to(DEVICE), None, meta.to(DEVICE), out, None, 17, 1)
     out = out.cpu()
     assert torch.isfinite(out).all()
     w = weights.cpu()

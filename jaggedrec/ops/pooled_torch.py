@@ -51,6 +51,9 @@ class PooledPlan:
     passes: Tuple[_Pass, ...]
     out_offsets: Tuple[int, ...]  # [F+1] output column of each feature
     feature_rows: Tuple[int, ...]  # [F] rows of each feature's table
+    # largest power of two (at most 16) dividing every dim and table offset, hence every output
+    # column: the kernels promise it to the compiler, which then moves rows in 16-byte vectors
+    alignment: int
 
 
 @functools.lru_cache(maxsize=256)
@@ -83,7 +86,10 @@ def make_plan(weight_offsets: Tuple[int, ...], rows: Tuple[int, ...], dims: Tupl
                                 tuple(keys[f] for f in taken), tuple(base),
                                 tuple(pooling[f] == POOLING_MEAN for f in taken)))
             pending = rest
-    return PooledPlan(tuple(passes), tuple(out_offsets), tuple(rows))
+    alignment = 16
+    while any(x % alignment for x in (*dims, *weight_offsets)):
+        alignment //= 2
+    return PooledPlan(tuple(passes), tuple(out_offsets), tuple(rows), alignment)
 
 
 def _block(weights: torch.Tensor, p: _Pass) -> torch.Tensor:

@@ -75,7 +75,7 @@ def triton_forward(weights: torch.Tensor, values: torch.Tensor, offsets: torch.T
     out = torch.empty((batch, plan.out_offsets[-1]), dtype=torch.float32, device=weights.device)
     errors = torch.zeros(meta.shape[0], dtype=torch.int64, device=weights.device)
     pooled_fwd.pooled_fwd(weights, values, offsets, per_sample_weights, meta, out,
-                          errors if bounds_check else None, plan_dims(plan))
+                          errors if bounds_check else None, max(plan_dims(plan)), plan.alignment)
     return out, errors
 
 
@@ -101,6 +101,12 @@ def _contributions(weights, values, offsets, meta, plan, num_keys):
     return feature, rows, bag_of_value.to(torch.int64)
 
 
+def _sorted_runs(grad_out, feature, rows, bag_of_value, offsets, per_sample_weights, meta, plan, num_keys):
+    return pooled_bwd.sort_runs(rows, feature, bag_of_value, offsets, per_sample_weights, meta,
+                                (offsets.shape[0] - 1) // num_keys, grad_out.stride(0),
+                                any(any(p.mean) for p in plan.passes))
+
+
 def triton_backward(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
                     per_sample_weights: Optional[torch.Tensor], meta: torch.Tensor, plan: PooledPlan,
                     num_keys: int, need_weight_grad: bool, need_psw_grad: bool,
@@ -113,8 +119,9 @@ def triton_backward(grad_out: torch.Tensor, weights: torch.Tensor, values: torch
     if need_weight_grad:
         dest = torch.zeros(weights.shape[0], dtype=torch.float32, device=weights.device)
         if deterministic:
-            pooled_bwd.rows_grad(grad_out, pooled_bwd.sort_runs(rows), feature, bag_of_value, offsets,
-                                 per_sample_weights, meta, dest, True, max_dim)
+            runs = _sorted_runs(grad_out, feature, rows, bag_of_value, offsets, per_sample_weights, meta, plan,
+                                num_keys)
+            pooled_bwd.rows_grad(grad_out, runs, meta, dest, True, max_dim, plan.alignment)
         else:
             pooled_bwd.rows_grad_atomic(grad_out, rows, feature, bag_of_value, offsets, per_sample_weights,
                                         meta, dest, max_dim)
@@ -134,17 +141,14 @@ def triton_sparse_grad(grad_out: torch.Tensor, weights: torch.Tensor, values: to
     grad_out = grad_out.contiguous().float()
     max_dim = max(plan_dims(plan))
     feature, rows, bag_of_value = _contributions(weights, values, offsets, meta, plan, num_keys)
-    runs = pooled_bwd.sort_runs(rows)
+    runs = _sorted_runs(grad_out, feature, rows, bag_of_value, offsets, per_sample_weights, meta, plan, num_keys)
     num_rows = int(runs.num_runs)  # eager only: the sparse gradient's size depends on the data
     compact = torch.zeros((num_rows, max_dim), dtype=torch.float32, device=weights.device)
-    pooled_bwd.rows_grad(grad_out, runs, feature, bag_of_value, offsets, per_sample_weights, meta, compact, False,
-                         max_dim)
-    starts = runs.is_start
-    first_elements = runs.sorted_rows[starts]
-    row_dims = meta[feature[runs.order[starts]].long(), 1]
+    pooled_bwd.rows_grad(grad_out, runs, meta, compact, False, max_dim, plan.alignment)
+    row_dims = meta[runs.run_feature[:num_rows], 1]
     columns = torch.arange(max_dim, device=weights.device)
     used = columns.unsqueeze(0) < row_dims.unsqueeze(1)
-    indices = (first_elements.unsqueeze(1) + columns.unsqueeze(0))[used]
+    indices = (runs.run_row[:num_rows].unsqueeze(1) + columns.unsqueeze(0))[used]
     return torch.sparse_coo_tensor(indices.unsqueeze(0), compact[used].to(weights.dtype), weights.shape,
                                    is_coalesced=True, check_invariants=False)
 
@@ -156,7 +160,8 @@ def triton_fused_update(grad_out: torch.Tensor, weights: torch.Tensor, values: t
     """The fused optimizer step: sort the contributions by row, then one kernel sums each
     row's gradient and updates the row and its state in place (see ``kernels/pooled_fused.py``)."""
     step.add_(1)
+    grad_out = grad_out.contiguous().float()
     feature, rows, bag_of_value = _contributions(weights, values, offsets, meta, plan, num_keys)
-    pooled_fused.fused_update(grad_out.contiguous().float(), pooled_bwd.sort_runs(rows), feature, bag_of_value,
-                              offsets, per_sample_weights, meta, weights, state1, state2, hparams, step, optimizer,
-                              max(plan_dims(plan)))
+    runs = _sorted_runs(grad_out, feature, rows, bag_of_value, offsets, per_sample_weights, meta, plan, num_keys)
+    pooled_fused.fused_update(grad_out, runs, meta, weights, state1, state2, hparams, step, optimizer,
+                              max(plan_dims(plan)), plan.alignment)
