@@ -20,7 +20,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 import triton.language as tl
 
 from .common import META_FIELDS, block_d, persistent_programs, wrap_triton
-from .pooled_bwd import Runs, run_configs, run_sums, run_tile
+from .pooled_bwd import Runs, long_run_sums, run_configs, run_sums, run_tile
 
 SGD, ROWWISE_ADAGRAD, ADAM = 1, 2, 3
 
@@ -57,8 +57,9 @@ def _step_tile(g, w, element, mask, step_size, weights_ptr, state1_ptr, state2_p
 @triton.jit
 def _fused_update_kernel(
     grad_out_ptr, num_runs_ptr, run_start_ptr, run_row_ptr, run_feature_ptr, item_offset_ptr, item_scale_ptr,
-    meta_ptr, weights_ptr, state1_ptr, state2_ptr, hparams_ptr, step_ptr,
-    OPTIMIZER: tl.constexpr, HAS_SCALE: tl.constexpr, DIM_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
+    long_rank_ptr, long_sums_ptr, meta_ptr, weights_ptr, state1_ptr, state2_ptr, hparams_ptr, step_ptr,
+    OPTIMIZER: tl.constexpr, HAS_SCALE: tl.constexpr, DIM_ALIGN: tl.constexpr, ROW_STRIDE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     ONE_TILE: tl.constexpr, BLOCK_U: tl.constexpr, UNROLL: tl.constexpr,
 ):
     lr = tl.load(hparams_ptr + 0)
@@ -72,15 +73,16 @@ def _fused_update_kernel(
     for u0 in range(tl.program_id(0) * BLOCK_U, num_runs, tl.num_programs(0) * BLOCK_U):
         u = u0 + tl.arange(0, BLOCK_U)
         live = u < num_runs
-        start, length, longest, dim = run_tile(u, live, run_start_ptr, run_feature_ptr, meta_ptr, DIM_ALIGN)
+        start, length, longest, dim, long_rank = run_tile(u, live, run_start_ptr, run_feature_ptr, long_rank_ptr,
+                                                          meta_ptr, DIM_ALIGN)
         row = tl.multiple_of(tl.load(run_row_ptr + u, mask=live, other=0), DIM_ALIGN)
         step_size = tl.full([BLOCK_U], 1.0, tl.float32) * lr
         if ONE_TILE:  # every dim fits one tile: gather each run's gradient once
             cols = tl.arange(0, BLOCK_D)
             mask = live[:, None] & (cols[None, :] < dim[:, None])
             element = row[:, None] + cols[None, :]
-            g = run_sums(start, length, longest, cols, mask, grad_out_ptr, item_offset_ptr, item_scale_ptr,
-                         HAS_SCALE, DIM_ALIGN, UNROLL)
+            g = run_sums(start, length, longest, long_rank, cols, mask, grad_out_ptr, item_offset_ptr,
+                         item_scale_ptr, long_sums_ptr, ROW_STRIDE, HAS_SCALE, DIM_ALIGN, UNROLL)
             w = tl.load(weights_ptr + element, mask=mask, other=0.0).to(tl.float32)
             g = g + weight_decay * w
             if OPTIMIZER == 2:
@@ -95,8 +97,8 @@ def _fused_update_kernel(
                 for d0 in range(0, tl.max(dim, axis=0), BLOCK_D):
                     cols = d0 + tl.arange(0, BLOCK_D)
                     mask = live[:, None] & (cols[None, :] < dim[:, None])
-                    g = run_sums(start, length, longest, cols, mask, grad_out_ptr, item_offset_ptr, item_scale_ptr,
-                                 HAS_SCALE, DIM_ALIGN, UNROLL)
+                    g = run_sums(start, length, longest, long_rank, cols, mask, grad_out_ptr, item_offset_ptr,
+                         item_scale_ptr, long_sums_ptr, ROW_STRIDE, HAS_SCALE, DIM_ALIGN, UNROLL)
                     w = tl.load(weights_ptr + row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                     g = g + weight_decay * w
                     squares += tl.sum(g * g, axis=1)
@@ -106,8 +108,8 @@ def _fused_update_kernel(
                 cols = d0 + tl.arange(0, BLOCK_D)
                 mask = live[:, None] & (cols[None, :] < dim[:, None])
                 element = row[:, None] + cols[None, :]
-                g = run_sums(start, length, longest, cols, mask, grad_out_ptr, item_offset_ptr, item_scale_ptr,
-                             HAS_SCALE, DIM_ALIGN, UNROLL)
+                g = run_sums(start, length, longest, long_rank, cols, mask, grad_out_ptr, item_offset_ptr,
+                         item_scale_ptr, long_sums_ptr, ROW_STRIDE, HAS_SCALE, DIM_ALIGN, UNROLL)
                 w = tl.load(weights_ptr + element, mask=mask, other=0.0).to(tl.float32)
                 g = g + weight_decay * w
                 _step_tile(g, w, element, mask, step_size, weights_ptr, state1_ptr, state2_ptr, lr, eps, beta1, beta2,
@@ -132,8 +134,10 @@ def fused_update(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, weights
     if statically_known_true(num == 0):
         return
     scale = runs.item_scale
+    long_sums = long_run_sums(grad_out, runs, meta, max_dim, alignment)
     wrap_triton(_fused_update_kernel)[(persistent_programs(grad_out.device),)](
         grad_out, runs.num_runs, runs.run_start, runs.run_row, runs.run_feature, runs.item_offset,
-        scale if scale is not None else grad_out, meta, weights, state1, state2, hparams, step,
-        OPTIMIZER=optimizer, HAS_SCALE=scale is not None, DIM_ALIGN=alignment, BLOCK_D=block_d(max_dim),
+        scale if scale is not None else grad_out, runs.long_rank, long_sums, meta, weights, state1, state2, hparams,
+        step, OPTIMIZER=optimizer, HAS_SCALE=scale is not None, DIM_ALIGN=alignment, ROW_STRIDE=max_dim,
+        BLOCK_D=block_d(max_dim),
         ONE_TILE=max_dim <= block_d(max_dim))

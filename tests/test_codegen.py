@@ -36,13 +36,14 @@ def aligned():
 
 
 def test_row_traffic_is_vectorised_when_dims_allow(aligned):
-    for kernel in ("fwd", "rows_grad", "fused_adagrad"):
+    for kernel in ("fwd", "rows_grad", "fused_adagrad", "long_runs"):
         ops = aligned[kernel]
-        assert ops.get("ld.global.v4.b32", 0) >= 8, (kernel, ops)  # the [BLOCK, 64] row gathers
-        assert ops.get("st.global.v4.b32", 0) >= 4, (kernel, ops)  # the [BLOCK, 64] row writes
+        assert ops.get("ld.global.v4.b32", 0) >= 4, (kernel, ops)  # the row gathers
+    for kernel in ("fwd", "rows_grad", "fused_adagrad"):  # [BLOCK, 64] row writes
+        assert aligned[kernel].get("st.global.v4.b32", 0) >= 4, (kernel, aligned[kernel])
 
 
 def test_odd_dims_get_scalar_accesses():
     ops = _compile(1)
-    for kernel in ("fwd", "rows_grad", "fused_adagrad"):
+    for kernel in ("fwd", "rows_grad", "fused_adagrad", "long_runs"):
         assert not any(".v4" in op or ".v2" in op for op in ops[kernel]), (kernel, ops[kernel])

@@ -128,6 +128,19 @@ def test_fused_optimizer_wide_and_aligned_dims(opt_name, backend):
             assert_close(ebc.embedding_bags[config.name].weight.detach().cpu(), table, what=f"{dims} {config.name}")
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_fused_optimizer_hot_rows(opt_name, monkeypatch):
+    """Triton: rows read more than LONG_RUN times in a batch get their gradient from the
+    long-run kernel; with the bar at 1, the tiny batches here have both kinds of rows."""
+    from jaggedrec.kernels import pooled_bwd
+    monkeypatch.setattr(pooled_bwd, "LONG_RUN", 1)
+    for dims in [(4, 4, 3), (16, 16, 130)]:
+        ebc, ref = _train(opt_name, "triton", True, steps=3, dims=dims)
+        for config, table in zip(_configs(dims), ref.tables):
+            assert_close(ebc.embedding_bags[config.name].weight.detach().cpu(), table, what=f"{dims} {config.name}")
+
+
 @pytest.mark.parametrize("backend", ["torch", TRITON])
 def test_learning_rate_changes_between_steps(backend):
     ebc, ref = _train("rowwise_adagrad", backend, False, lr_schedule=[0.2, 0.1, 0.05, 0.4, 0.0])

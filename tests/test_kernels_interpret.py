@@ -33,6 +33,16 @@ def test_int32_and_int64_ids_and_offsets(id_dtype):
     check_module(2, [5, 6], False, id_dtype=id_dtype, use_offsets=True, backend="triton", device=DEVICE)
 
 
+@pytest.mark.parametrize("long_run", [0, 2])
+def test_hot_rows_take_the_long_run_path(long_run, monkeypatch):
+    """Runs of more than LONG_RUN contributions (hot rows) are summed by their own kernel.
+    Lower the bar so that tiny batches have such runs beside short ones (0: every run)."""
+    from jaggedrec.kernels import pooled_bwd
+    monkeypatch.setattr(pooled_bwd, "LONG_RUN", long_run)
+    check_module(6, [4, 130, 3], True, backend="triton", deterministic=True, device=DEVICE)
+    check_module(7, [8, 8], True, backend="triton", sparse=True, device=DEVICE)
+
+
 def test_wide_dim_loops_over_column_blocks():
     check_module(3, [1024, 3], True, batch=3, max_len=3, backend="triton", device=DEVICE)
 
