@@ -100,6 +100,9 @@ NO_COMPILE="eb_loop,eb_concat,jaggedrec[torch],jaggedrec[triton],torchrec_ebc,fb
 bench dlrm-forward 60 --preset dlrm --mode forward --providers "$NO_COMPILE"
 bench dlrm-backward 55 --preset dlrm --mode backward --providers "$NO_COMPILE"
 bench dlrm-train 55 --preset dlrm --mode train --providers "$NO_COMPILE"
+# zipf ids: hot rows, whose long runs of ids the backward sums with a kernel of their own
+bench dlrm-train-zipf 40 --preset dlrm --mode train --distribution zipf --pooling-factor 20 \
+    --providers "eb_loop,jaggedrec[triton],fbgemm_tbe"
 bench pooling-forward 65 --preset pooling --mode forward --providers "$NO_COMPILE"
 bench scaling-forward 75 --preset scaling --mode forward --providers "$NO_COMPILE"
 bench dlrm-forward-compiled 70 --preset dlrm --mode forward --providers "eb_loop,eb_loop_compiled,jaggedrec[triton]"

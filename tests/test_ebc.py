@@ -10,10 +10,14 @@ from jr_testing import assert_close, check_module, key_rows, random_configs, ran
 DIM_SETS = [[4], [1, 3, 7], [130, 5, 64, 5], [2, 2, 16, 1, 33]]
 
 
-@pytest.fixture(params=["eager", "batched"])
+@pytest.fixture(params=["eager-small", "eager-per-feature", "static"])
 def torch_path(request, monkeypatch):
-    """Run on the eager CPU path, or on the host-sync-free path that compiled graphs and GPUs take."""
-    if request.param == "batched":
+    """Run on the eager CPU path (which takes one call per dim block for small batches like
+    these, and one call per feature from 4096 ids per feature up), or on the host-sync-free
+    path that compiled graphs and GPUs take."""
+    if request.param == "eager-per-feature":
+        monkeypatch.setattr(pooled_torch, "_PER_FEATURE_MIN_IDS", 0)
+    if request.param == "static":
         monkeypatch.setattr(pooled_torch, "_host_readable", lambda *tensors: False)
     return request.param
 
