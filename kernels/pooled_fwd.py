@@ -47,7 +47,7 @@ def _pooled_fwd_kernel(
 
     bags = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     bag_mask = bags < batch_size
-    out_rows = tl.multiple_of(bags * out_stride, DIM_ALIGN)  # out_stride is the sum of the dims
+    out_rows = tl.multiple_of(bags.to(tl.int64) * out_stride, DIM_ALIGN)  # out_stride: the sum of the dims
     bag_ptrs = offsets_ptr + key * batch_size + bags
     starts = tl.load(bag_ptrs, mask=bag_mask, other=0).to(tl.int64)
     lengths = tl.load(bag_ptrs + 1, mask=bag_mask, other=0).to(tl.int64) - starts
