@@ -42,6 +42,25 @@ def test_opcheck_pooled_backward(weighted):
     torch.library.opcheck(OPS.pooled_embedding_bags_backward, args)
 
 
+def _fused_args(gen, optimizer, weighted, backend="torch"):
+    weights, values, offsets, psw, weight_offsets, rows, dims, keys, pooling, num_keys, *_ = _args(gen, weighted)
+    grad_out = torch.randn(3, 13, generator=gen)
+    total_rows = 4 + 6  # tables of 4 and 6 rows; features 1 and 2 share the second
+    state1 = torch.rand(total_rows if optimizer == 2 else weights.numel() if optimizer == 3 else 0, generator=gen)
+    state2 = torch.rand(weights.numel() if optimizer == 3 else 0, generator=gen)
+    hparams = torch.tensor([0.1, 1e-6, 0.01, 0.9, 0.99])
+    step = torch.tensor([3], dtype=torch.int64)
+    return (grad_out, weights.detach(), values, offsets, None if psw is None else psw.detach(), weight_offsets, rows,
+            dims, keys, pooling, num_keys, backend, optimizer, hparams, step, state1, state2)
+
+
+@pytest.mark.parametrize("optimizer", [1, 2, 3])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_opcheck_fused_update(optimizer, weighted):
+    gen = torch.Generator().manual_seed(2)
+    torch.library.opcheck(OPS.pooled_embedding_bags_fused_update, _fused_args(gen, optimizer, weighted))
+
+
 def test_plan_splits_shared_keys_into_passes():
     plan = pooled_torch.make_plan((0, 32, 32), (4, 6, 6), (3, 5, 5), (0, 1, 1), (0, 0, 0), 2)
     # dim 3 alone; dim 5 has key 1 twice, so it needs two passes
@@ -67,3 +86,7 @@ def test_opcheck_triton_ops_on_gpu(weighted):
     args = (grad_out, weights.detach(), values, offsets, None if psw is None else psw.detach(), *static[:7],
             True, weighted, True)
     torch.library.opcheck(OPS.pooled_embedding_bags_backward, args)
+    for optimizer in (1, 2, 3):
+        fused = _fused_args(gen, optimizer, weighted, backend="triton")
+        torch.library.opcheck(OPS.pooled_embedding_bags_fused_update,
+                              tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in fused))
