@@ -192,3 +192,11 @@ def test_timing_helpers():
     assert plan_samples(5000.0, repeats=10) == 3  # 5 s steps: as many as fit in 10 s, at least 3
     assert plan_samples(50.0, repeats=10) == 10
     assert plan_samples(0.01, repeats=10) == 100  # cheap steps: more samples, at most 10x
+
+
+def test_cpu_floor_runs_on_a_tiny_shape(capsys):
+    from jaggedrec.benchmarks import cpu_floor
+    cpu_floor.main(["--tables", "2", "--rows", "50", "--dim", "8", "--batch-size", "16", "--pooling-factor", "3",
+                    "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "write back: index_copy_" in out and "floor:" in out
