@@ -62,6 +62,16 @@ def _contribution_scale(c, mask, num_values, batch_size, contrib_feature_ptr, ba
     return dim, sample, out_column, scale
 
 
+@triton.jit
+def _aligned_rows(live, row, dim, sample, out_column, grad_stride, DIM_ALIGN: tl.constexpr):
+    """Per contribution: its row's element offset, its dim, and where its bag's gradient row
+    starts in grad_out, each promised to be a multiple of DIM_ALIGN (dead lanes: 0)."""
+    row = tl.multiple_of(tl.where(live, row, 0), DIM_ALIGN)
+    dim = tl.multiple_of(tl.where(live, dim, 0), DIM_ALIGN)
+    grad_row = tl.multiple_of(tl.where(live, sample * grad_stride + out_column, 0), DIM_ALIGN)
+    return row, dim, grad_row
+
+
 def run_configs():
     if single_config():
         return [triton.Config({"BLOCK_U": 4, "UNROLL": 2}, num_warps=1)]
@@ -165,12 +175,12 @@ def _rows_grad_kernel(
             tl.store(dest_ptr + dest[:, None] + cols[None, :], acc, mask=mask)
 
 
-@triton.autotune(configs=_q_configs([(16, 2), (32, 4), (64, 8)]), key=["BLOCK_D", "HAS_PSW"])
+@triton.autotune(configs=_q_configs([(16, 2), (32, 4), (64, 8)]), key=["BLOCK_D", "HAS_PSW", "DIM_ALIGN"])
 @triton.jit
 def _rows_grad_atomic_kernel(
     grad_out_ptr, grad_stride, rows_ptr, contrib_feature_ptr, bag_of_value_ptr, offsets_ptr, psw_ptr,
     meta_ptr, dest_ptr, num_contributions, num_values, batch_size, max_dim,
-    HAS_PSW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
+    HAS_PSW: tl.constexpr, DIM_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     # one program per BLOCK_Q contributions, in input order
     c = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -179,20 +189,21 @@ def _rows_grad_atomic_kernel(
     dim, sample, out_column, scale = _contribution_scale(
         c, live, num_values, batch_size, contrib_feature_ptr, bag_of_value_ptr, offsets_ptr, psw_ptr, meta_ptr,
         HAS_PSW)
+    row, dim, grad_row = _aligned_rows(live, row, dim, sample, out_column, grad_stride, DIM_ALIGN)
     for d0 in range(0, max_dim, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = live[:, None] & (cols[None, :] < dim[:, None])
-        grads = tl.load(grad_out_ptr + sample[:, None] * grad_stride + out_column[:, None] + cols[None, :],
-                        mask=mask, other=0.0)
-        tl.atomic_add(dest_ptr + row[:, None] + cols[None, :], grads * scale[:, None], mask=mask)
+        grads = tl.load(grad_out_ptr + grad_row[:, None] + cols[None, :], mask=mask, other=0.0)
+        # relaxed: sums need no ordering with other memory, and acq_rel would fence every add
+        tl.atomic_add(dest_ptr + row[:, None] + cols[None, :], grads * scale[:, None], mask=mask, sem="relaxed")
 
 
-@triton.autotune(configs=_q_configs([(16, 2), (32, 4), (64, 8)]), key=["BLOCK_D"])
+@triton.autotune(configs=_q_configs([(16, 2), (32, 4), (64, 8)]), key=["BLOCK_D", "DIM_ALIGN"])
 @triton.jit
 def _psw_grad_kernel(
     grad_out_ptr, grad_stride, weights_ptr, rows_ptr, contrib_feature_ptr, bag_of_value_ptr, offsets_ptr,
     meta_ptr, out_ptr, num_contributions, num_values, batch_size, max_dim,
-    BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
+    DIM_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     # one program per BLOCK_Q contributions: d(out)/d(psw) is the row itself, MEAN-scaled
     c = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -202,12 +213,12 @@ def _psw_grad_kernel(
     dim, sample, out_column, scale = _contribution_scale(
         c, live, num_values, batch_size, contrib_feature_ptr, bag_of_value_ptr, offsets_ptr, offsets_ptr, meta_ptr,
         False)
+    row, dim, grad_row = _aligned_rows(live, row, dim, sample, out_column, grad_stride, DIM_ALIGN)
     dot = tl.zeros([BLOCK_Q], dtype=tl.float32)
     for d0 in range(0, max_dim, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = live[:, None] & (cols[None, :] < dim[:, None])
-        grads = tl.load(grad_out_ptr + sample[:, None] * grad_stride + out_column[:, None] + cols[None, :],
-                        mask=mask, other=0.0)
+        grads = tl.load(grad_out_ptr + grad_row[:, None] + cols[None, :], mask=mask, other=0.0)
         rows = tl.load(weights_ptr + row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dot += tl.sum(grads * rows, axis=1)
     tl.store(out_ptr + c, dot * scale, mask=in_range)
@@ -315,7 +326,7 @@ def rows_grad(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, dest: torc
 
 def rows_grad_atomic(grad_out: torch.Tensor, rows: torch.Tensor, contrib_feature: torch.Tensor,
                      bag_of_value: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None,
-                     meta: torch.Tensor, dest: torch.Tensor, max_dim: int) -> None:
+                     meta: torch.Tensor, dest: torch.Tensor, max_dim: int, alignment: int) -> None:
     """Row gradients by ``atomic_add`` into ``dest`` (``[W]`` fp32, zeroed): fast, order not fixed.
 
     Args as in :func:`rows_grad`, with ``rows`` the unsorted ``[M]`` contribution rows.
@@ -327,12 +338,12 @@ def rows_grad_atomic(grad_out: torch.Tensor, rows: torch.Tensor, contrib_feature
         grad_out, grad_out.stride(0), rows, contrib_feature, bag_of_value, offsets,
         per_sample_weights if per_sample_weights is not None else grad_out, meta, dest,
         rows.numel(), bag_of_value.numel(), grad_out.shape[0], max_dim,
-        HAS_PSW=per_sample_weights is not None, BLOCK_D=block_d(max_dim))
+        HAS_PSW=per_sample_weights is not None, DIM_ALIGN=alignment, BLOCK_D=block_d(max_dim))
 
 
 def psw_grad(grad_out: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, contrib_feature: torch.Tensor,
              bag_of_value: torch.Tensor, offsets: torch.Tensor, meta: torch.Tensor, out: torch.Tensor,
-             max_dim: int) -> None:
+             max_dim: int, alignment: int) -> None:
     """``out[c]`` = (row of contribution c) . (its bag's output gradient), MEAN-scaled; 0 if masked.
 
     Args as in :func:`rows_grad`; ``weights`` ``[W]``; ``out`` ``[M]`` fp32.
@@ -342,4 +353,5 @@ def psw_grad(grad_out: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, 
     grid = lambda cfg: (triton.cdiv(rows.numel(), cfg["BLOCK_Q"]),)  # noqa: E731
     wrap_triton(_psw_grad_kernel)[grid](
         grad_out, grad_out.stride(0), weights, rows, contrib_feature, bag_of_value, offsets, meta, out,
-        rows.numel(), bag_of_value.numel(), grad_out.shape[0], max_dim, BLOCK_D=block_d(max_dim))
+        rows.numel(), bag_of_value.numel(), grad_out.shape[0], max_dim, DIM_ALIGN=alignment,
+        BLOCK_D=block_d(max_dim))

@@ -46,4 +46,11 @@ out["long_runs"] = ptx_ops(pooled_bwd._long_run_sums_kernel, dict(
     grad_out_ptr=f32, num_long_ptr=i64, long_runs_ptr=i64, run_start_ptr=i64, run_feature_ptr=i64,
     item_offset_ptr=i64, item_scale_ptr=f32, meta_ptr=i64, long_sums_ptr=f32),
     dict(ROW_STRIDE=64, HAS_SCALE=True, DIM_ALIGN=align, BLOCK_D=64, BLOCK_Q=32))
+contrib = dict(grad_out_ptr=f32, grad_stride="i32", rows_ptr=i64, contrib_feature_ptr="*i32", bag_of_value_ptr=i64,
+               offsets_ptr=i64, meta_ptr=i64, num_contributions="i32", num_values="i32", batch_size="i32",
+               max_dim="i32")
+out["rows_grad_atomic"] = ptx_ops(pooled_bwd._rows_grad_atomic_kernel, dict(contrib, psw_ptr=f32, dest_ptr=f32),
+                                  dict(HAS_PSW=False, DIM_ALIGN=align, BLOCK_D=64, BLOCK_Q=32))
+out["psw_grad"] = ptx_ops(pooled_bwd._psw_grad_kernel, dict(contrib, weights_ptr=f32, out_ptr=f32),
+                          dict(DIM_ALIGN=align, BLOCK_D=64, BLOCK_Q=32))
 print(json.dumps(out))

@@ -43,7 +43,15 @@ def test_row_traffic_is_vectorised_when_dims_allow(aligned):
         assert aligned[kernel].get("st.global.v4.b32", 0) >= 4, (kernel, aligned[kernel])
 
 
+def test_atomic_backward_adds_without_fences(aligned):
+    # deterministic=False: relaxed reductions (red), not acquire-release atomics that fence
+    ops = aligned["rows_grad_atomic"]
+    assert any(op.startswith("red.global") and "relaxed" in op for op in ops), ops
+    assert not any(op.startswith("atom.global") for op in ops), ops
+    assert ops.get("ld.global.v4.b32", 0) >= 4 and aligned["psw_grad"].get("ld.global.v4.b32", 0) >= 4
+
+
 def test_odd_dims_get_scalar_accesses():
     ops = _compile(1)
-    for kernel in ("fwd", "rows_grad", "fused_adagrad", "long_runs"):
+    for kernel in ("fwd", "rows_grad", "fused_adagrad", "long_runs", "rows_grad_atomic", "psw_grad"):
         assert not any(".v4" in op or ".v2" in op for op in ops[kernel]), (kernel, ops[kernel])

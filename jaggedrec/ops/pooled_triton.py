@@ -124,12 +124,12 @@ def triton_backward(grad_out: torch.Tensor, weights: torch.Tensor, values: torch
             pooled_bwd.rows_grad(grad_out, runs, meta, dest, True, max_dim, plan.alignment)
         else:
             pooled_bwd.rows_grad_atomic(grad_out, rows, feature, bag_of_value, offsets, per_sample_weights,
-                                        meta, dest, max_dim)
+                                        meta, dest, max_dim, plan.alignment)
         grad_weights = dest if weights.dtype == torch.float32 else dest.to(weights.dtype)
     if need_psw_grad:
         per_contribution = torch.empty(rows.shape[0], dtype=torch.float32, device=weights.device)
         pooled_bwd.psw_grad(grad_out, weights, rows, feature, bag_of_value, offsets, meta, per_contribution,
-                            max_dim)
+                            max_dim, plan.alignment)
         grad_psw = per_contribution.view(len(plan.passes), values.shape[0]).sum(0)
     return grad_weights, grad_psw
 
