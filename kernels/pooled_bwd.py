@@ -247,7 +247,7 @@ LONG_RUN = 32
 
 def sort_runs(rows: torch.Tensor, contrib_feature: torch.Tensor, bag_of_value: torch.Tensor, offsets: torch.Tensor,
               per_sample_weights: Optional[torch.Tensor], meta: torch.Tensor, batch_size: int, grad_stride: int,
-              any_mean: bool) -> Runs:
+              any_mean: bool, narrow_keys: bool) -> Runs:
     """Sort ``[M]`` contribution rows into runs, with static shapes and no host sync.
 
     Args:
@@ -259,10 +259,13 @@ def sort_runs(rows: torch.Tensor, contrib_feature: torch.Tensor, bag_of_value: t
         meta: ``[F, META_FIELDS]`` int64 feature metadata (see ``common``).
         grad_stride: row stride of the ``[B, total_dim]`` output gradient.
         any_mean: some feature pools by MEAN.
+        narrow_keys: every row offset is below 2**31 (sort int32 keys).
     """
     num = rows.shape[0]
     num_values = bag_of_value.shape[0]
-    sorted_rows, order = torch.sort(rows, stable=True)
+    # 32-bit keys when every row offset fits: a radix sort then needs half the passes
+    keys = rows.to(torch.int32) if narrow_keys else rows
+    sorted_rows, order = torch.sort(keys, stable=True)
     previous = torch.nn.functional.pad(sorted_rows, (1, 0), value=-1)[:-1]
     is_start = (sorted_rows >= 0) & (sorted_rows != previous)
     slot = torch.cumsum(is_start, 0) - 1
@@ -283,7 +286,7 @@ def sort_runs(rows: torch.Tensor, contrib_feature: torch.Tensor, bag_of_value: t
     long_rank = torch.where(is_long, torch.cumsum(is_long, 0) - 1, -1)
     long_runs = torch.zeros(num + 1, dtype=torch.int64, device=rows.device)
     long_runs.index_put_((torch.where(is_long, long_rank, num),), torch.arange(num, device=rows.device))
-    return Runs(is_start.sum(dtype=torch.int64).reshape(1), run_start, sorted_rows.index_select(0, first),
+    return Runs(is_start.sum(dtype=torch.int64).reshape(1), run_start, sorted_rows.index_select(0, first).long(),
                 sorted_feature.index_select(0, first), item_offset, scale, long_rank, long_runs,
                 is_long.sum(dtype=torch.int64).reshape(1))
 

@@ -101,10 +101,11 @@ def _contributions(weights, values, offsets, meta, plan, num_keys):
     return feature, rows, bag_of_value.to(torch.int64)
 
 
-def _sorted_runs(grad_out, feature, rows, bag_of_value, offsets, per_sample_weights, meta, plan, num_keys):
+def _sorted_runs(grad_out, feature, rows, bag_of_value, offsets, per_sample_weights, meta, plan, num_keys,
+                 weights_numel):
     return pooled_bwd.sort_runs(rows, feature, bag_of_value, offsets, per_sample_weights, meta,
                                 (offsets.shape[0] - 1) // num_keys, grad_out.stride(0),
-                                any(any(p.mean) for p in plan.passes))
+                                any(any(p.mean) for p in plan.passes), weights_numel < 2**31)
 
 
 def triton_backward(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
@@ -120,7 +121,7 @@ def triton_backward(grad_out: torch.Tensor, weights: torch.Tensor, values: torch
         dest = torch.zeros(weights.shape[0], dtype=torch.float32, device=weights.device)
         if deterministic:
             runs = _sorted_runs(grad_out, feature, rows, bag_of_value, offsets, per_sample_weights, meta, plan,
-                                num_keys)
+                                num_keys, weights.numel())
             pooled_bwd.rows_grad(grad_out, runs, meta, dest, True, max_dim, plan.alignment)
         else:
             pooled_bwd.rows_grad_atomic(grad_out, rows, feature, bag_of_value, offsets, per_sample_weights,
@@ -141,7 +142,8 @@ def triton_sparse_grad(grad_out: torch.Tensor, weights: torch.Tensor, values: to
     grad_out = grad_out.contiguous().float()
     max_dim = max(plan_dims(plan))
     feature, rows, bag_of_value = _contributions(weights, values, offsets, meta, plan, num_keys)
-    runs = _sorted_runs(grad_out, feature, rows, bag_of_value, offsets, per_sample_weights, meta, plan, num_keys)
+    runs = _sorted_runs(grad_out, feature, rows, bag_of_value, offsets, per_sample_weights, meta, plan, num_keys,
+                        weights.numel())
     num_rows = int(runs.num_runs)  # eager only: the sparse gradient's size depends on the data
     compact = torch.zeros((num_rows, max_dim), dtype=torch.float32, device=weights.device)
     pooled_bwd.rows_grad(grad_out, runs, meta, compact, False, max_dim, plan.alignment)
@@ -162,6 +164,7 @@ def triton_fused_update(grad_out: torch.Tensor, weights: torch.Tensor, values: t
     step.add_(1)
     grad_out = grad_out.contiguous().float()
     feature, rows, bag_of_value = _contributions(weights, values, offsets, meta, plan, num_keys)
-    runs = _sorted_runs(grad_out, feature, rows, bag_of_value, offsets, per_sample_weights, meta, plan, num_keys)
+    runs = _sorted_runs(grad_out, feature, rows, bag_of_value, offsets, per_sample_weights, meta, plan, num_keys,
+                        weights.numel())
     pooled_fused.fused_update(grad_out, runs, meta, weights, state1, state2, hparams, step, optimizer,
                               max(plan_dims(plan)), plan.alignment)
