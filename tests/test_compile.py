@@ -307,3 +307,37 @@ def test_gpu_compiled_forward_matches_eager():
           f"eager {eager_ms:.3f} ms, compiled {compiled_ms:.3f} ms")
     _assert_no_graph_breaks()
     assert counter.frame_count <= 2
+
+
+def test_triton_backward_glue_compiles_with_unbacked_id_counts():
+    """The torch ops that prepare the Triton backward (contributions, sorting into runs,
+    hot-row lists) trace into one graph when the id count is unbacked, as it is in a compiled
+    model, and match eager. The kernels themselves need a GPU to compile; this is the part
+    that can be checked here."""
+    from torch._dynamo.decorators import mark_unbacked
+
+    from jaggedrec.kernels import pooled_bwd
+    from jaggedrec.ops import pooled_torch, pooled_triton
+
+    # two tables of 5 rows, dims 8 and 8; key 1 is read by both (two passes); MEAN on feature 0
+    weight_offsets, rows, dims, keys, pooling = (0, 40, 40), (5, 5, 5), (8, 8, 8), (0, 1, 1), (1, 0, 0)
+    plan = pooled_torch.make_plan(weight_offsets, rows, dims, keys, pooling, 2)
+    weights = torch.randn(80)
+    meta = pooled_triton.feature_meta(plan, weight_offsets, rows, dims, keys, pooling, weights)
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([2, 0, 3, 4, 1, 2])  # batch 3, with an empty bag
+    offsets = F.pad(lengths.cumsum(0), (1, 0))
+    values = torch.randint(0, 5, (int(offsets[-1]),), generator=gen)
+    psw = torch.rand(values.shape[0], generator=gen)
+
+    def glue(values, offsets, psw):
+        feature, rows_, bag_of_value = pooled_triton._contributions(weights, values, offsets, meta, plan, 2)
+        runs = pooled_bwd.sort_runs(rows_, feature, bag_of_value, offsets, psw, meta, 3, 24, True, True)
+        return tuple(t for t in runs)
+
+    eager = glue(values, offsets, psw)
+    for t in (values, psw):
+        mark_unbacked(t, 0)
+    compiled = torch.compile(glue, fullgraph=True, backend="inductor")(values, offsets, psw)
+    for name, a, b in zip(pooled_bwd.Runs._fields, eager, compiled):
+        assert torch.equal(a, b), name
