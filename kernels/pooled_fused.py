@@ -1,6 +1,6 @@
 """Fused optimizer step inside the backward: each touched row is updated once, in place.
 
-Same runs as ``pooled_bwd`` (contributions sorted by row): programs take tiles of
+Same runs as ``row_runs`` (contributions sorted by row): programs take tiles of
 ``BLOCK_U`` runs, sum each run's gradient in sorted order (``run_sums``), so the update is
 deterministic, and apply the optimizer to those rows and their state. No weight gradient is
 ever written to memory.
@@ -20,7 +20,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 import triton.language as tl
 
 from .common import META_FIELDS, block_d, persistent_programs, wrap_triton
-from .pooled_bwd import Runs, long_run_sums, run_configs, run_sums, run_tile
+from .row_runs import Runs, long_run_sums, run_configs, run_sums, run_tile
 
 SGD, ROWWISE_ADAGRAD, ADAM = 1, 2, 3
 
@@ -121,7 +121,7 @@ def fused_update(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, weights
                  max_dim: int, alignment: int) -> None:
     """Apply ``optimizer`` to every touched row of ``weights``, in place.
 
-    Args as in ``pooled_bwd.rows_grad``, plus:
+    Args as in ``row_runs.rows_grad``, plus:
         weights: ``[W]`` flat tables (updated).
         state1: row-wise Adagrad ``[R]`` fp32 sums of mean squares (R = rows of all tables), or
             Adam ``[W]`` fp32 first moments; unused for SGD.

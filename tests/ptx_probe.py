@@ -12,7 +12,7 @@ from collections import Counter
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from jaggedrec.kernels import pooled_bwd, pooled_fused, pooled_fwd
+from jaggedrec.kernels import pooled_bwd, pooled_fused, pooled_fwd, row_runs
 
 def ptx_ops(kernel, types, constexprs, num_warps=4):
     fn = getattr(kernel, "fn", kernel) if hasattr(kernel, "configs") else kernel  # under triton.autotune or not
@@ -35,14 +35,14 @@ out["fwd"] = ptx_ops(pooled_fwd._pooled_fwd_kernel, {
 runs = {n: i64 for n in ["num_runs_ptr", "run_start_ptr", "run_row_ptr", "run_feature_ptr", "item_offset_ptr",
                           "long_rank_ptr", "meta_ptr"]}
 runs.update(grad_out_ptr=f32, item_scale_ptr=f32, long_sums_ptr=f32)
-out["rows_grad"] = ptx_ops(pooled_bwd._rows_grad_kernel, dict(runs, dest_ptr=f32),
+out["rows_grad"] = ptx_ops(row_runs._rows_grad_kernel, dict(runs, dest_ptr=f32),
                            dict(DENSE=True, ROW_STRIDE=64, HAS_SCALE=True, DIM_ALIGN=align, BLOCK_D=64, BLOCK_U=32,
                                 UNROLL=2))
 out["fused_adagrad"] = ptx_ops(pooled_fused._fused_update_kernel, dict(
     runs, weights_ptr=f32, state1_ptr=f32, state2_ptr=f32, hparams_ptr=f32, step_ptr=i64),
     dict(OPTIMIZER=2, HAS_SCALE=False, DIM_ALIGN=align, ROW_STRIDE=64, BLOCK_D=64, ONE_TILE=True, BLOCK_U=32,
          UNROLL=2))
-out["long_runs"] = ptx_ops(pooled_bwd._long_run_sums_kernel, dict(
+out["long_runs"] = ptx_ops(row_runs._long_run_sums_kernel, dict(
     grad_out_ptr=f32, num_long_ptr=i64, long_runs_ptr=i64, run_start_ptr=i64, run_feature_ptr=i64,
     item_offset_ptr=i64, item_scale_ptr=f32, meta_ptr=i64, long_sums_ptr=f32),
     dict(ROW_STRIDE=64, HAS_SCALE=True, DIM_ALIGN=align, BLOCK_D=64, BLOCK_Q=32))

@@ -316,7 +316,7 @@ def test_triton_backward_glue_compiles_with_unbacked_id_counts():
     that can be checked here."""
     from torch._dynamo.decorators import mark_unbacked
 
-    from jaggedrec.kernels import pooled_bwd
+    from jaggedrec.kernels import row_runs
     from jaggedrec.ops import pooled_torch, pooled_triton
 
     # two tables of 5 rows, dims 8 and 8; key 1 is read by both (two passes); MEAN on feature 0
@@ -332,12 +332,12 @@ def test_triton_backward_glue_compiles_with_unbacked_id_counts():
 
     def glue(values, offsets, psw):
         feature, rows_, bag_of_value = pooled_triton._contributions(weights, values, offsets, meta, plan, 2)
-        runs = pooled_bwd.sort_runs(rows_, feature, bag_of_value, offsets, psw, meta, 3, 24, True, True)
+        runs = row_runs.sort_runs(rows_, feature, bag_of_value, offsets, psw, meta, 3, 24, True, True)
         return tuple(t for t in runs)
 
     eager = glue(values, offsets, psw)
     for t in (values, psw):
         mark_unbacked(t, 0)
     compiled = torch.compile(glue, fullgraph=True, backend="inductor")(values, offsets, psw)
-    for name, a, b in zip(pooled_bwd.Runs._fields, eager, compiled):
+    for name, a, b in zip(row_runs.Runs._fields, eager, compiled):
         assert torch.equal(a, b), name

@@ -133,8 +133,8 @@ def test_fused_optimizer_wide_and_aligned_dims(opt_name, backend):
 def test_fused_optimizer_hot_rows(opt_name, monkeypatch):
     """Triton: rows read more than LONG_RUN times in a batch get their gradient from the
     long-run kernel; with the bar at 1, the tiny batches here have both kinds of rows."""
-    from jaggedrec.kernels import pooled_bwd
-    monkeypatch.setattr(pooled_bwd, "LONG_RUN", 1)
+    from jaggedrec.kernels import row_runs
+    monkeypatch.setattr(row_runs, "LONG_RUN", 1)
     for dims in [(4, 4, 3), (16, 16, 130)]:
         ebc, ref = _train(opt_name, "triton", True, steps=3, dims=dims)
         for config, table in zip(_configs(dims), ref.tables):

@@ -37,8 +37,8 @@ def test_int32_and_int64_ids_and_offsets(id_dtype):
 def test_hot_rows_take_the_long_run_path(long_run, monkeypatch):
     """Runs of more than LONG_RUN contributions (hot rows) are summed by their own kernel.
     Lower the bar so that tiny batches have such runs beside short ones (0: every run)."""
-    from jaggedrec.kernels import pooled_bwd
-    monkeypatch.setattr(pooled_bwd, "LONG_RUN", long_run)
+    from jaggedrec.kernels import row_runs
+    monkeypatch.setattr(row_runs, "LONG_RUN", long_run)
     check_module(6, [4, 130, 3], True, backend="triton", deterministic=True, device=DEVICE)
     check_module(7, [8, 8], True, backend="triton", sparse=True, device=DEVICE)
 

@@ -3,7 +3,8 @@
 Forward is one launch over every feature. Backward lists the (feature, id) contributions
 with a few torch ops that never read device data on the host (``output_size`` is always
 given), then launches the row-gradient kernel: sorted and deterministic by default, or with
-atomics. See ``kernels/pooled_bwd.py`` for the contribution layout.
+atomics. See ``kernels/pooled_bwd.py`` for the contribution layout and ``kernels/row_runs.py``
+for the runs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from jaggedrec.kernels import pooled_bwd, pooled_fused, pooled_fwd
+from jaggedrec.kernels import pooled_bwd, pooled_fused, pooled_fwd, row_runs
 from jaggedrec.kernels.common import META_FIELDS
 
 from .pooled_torch import PooledPlan
@@ -103,7 +104,7 @@ def _contributions(weights, values, offsets, meta, plan, num_keys):
 
 def _sorted_runs(grad_out, feature, rows, bag_of_value, offsets, per_sample_weights, meta, plan, num_keys,
                  weights_numel):
-    return pooled_bwd.sort_runs(rows, feature, bag_of_value, offsets, per_sample_weights, meta,
+    return row_runs.sort_runs(rows, feature, bag_of_value, offsets, per_sample_weights, meta,
                                 (offsets.shape[0] - 1) // num_keys, grad_out.stride(0),
                                 any(any(p.mean) for p in plan.passes), weights_numel < 2**31)
 
@@ -122,7 +123,7 @@ def triton_backward(grad_out: torch.Tensor, weights: torch.Tensor, values: torch
         if deterministic:
             runs = _sorted_runs(grad_out, feature, rows, bag_of_value, offsets, per_sample_weights, meta, plan,
                                 num_keys, weights.numel())
-            pooled_bwd.rows_grad(grad_out, runs, meta, dest, True, max_dim, plan.alignment)
+            row_runs.rows_grad(grad_out, runs, meta, dest, True, max_dim, plan.alignment)
         else:
             pooled_bwd.rows_grad_atomic(grad_out, rows, feature, bag_of_value, offsets, per_sample_weights,
                                         meta, dest, max_dim, plan.alignment)
@@ -146,7 +147,7 @@ def triton_sparse_grad(grad_out: torch.Tensor, weights: torch.Tensor, values: to
                         weights.numel())
     num_rows = int(runs.num_runs)  # eager only: the sparse gradient's size depends on the data
     compact = torch.zeros((num_rows, max_dim), dtype=torch.float32, device=weights.device)
-    pooled_bwd.rows_grad(grad_out, runs, meta, compact, False, max_dim, plan.alignment)
+    row_runs.rows_grad(grad_out, runs, meta, compact, False, max_dim, plan.alignment)
     row_dims = meta[runs.run_feature[:num_rows], 1]
     columns = torch.arange(max_dim, device=weights.device)
     used = columns.unsqueeze(0) < row_dims.unsqueeze(1)
