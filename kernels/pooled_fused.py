@@ -19,8 +19,8 @@ import triton
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 import triton.language as tl
 
-from .common import META_FIELDS, block_d, persistent_programs, wrap_triton
-from .row_runs import Runs, long_run_sums, run_configs, run_sums, run_tile
+from .common import META_FIELDS, persistent_programs, wrap_triton
+from .row_runs import Runs, launch_args, run_configs, run_sums, run_tile
 
 SGD, ROWWISE_ADAGRAD, ADAM = 1, 2, 3
 
@@ -130,14 +130,9 @@ def fused_update(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, weights
         step: ``[1]`` int64 step count, already counting this step (Adam's bias correction).
         optimizer: 1 SGD, 2 row-wise Adagrad, 3 Adam.
     """
-    num = runs.item_offset.shape[0]
-    if statically_known_true(num == 0):
+    if statically_known_true(runs.item_offset.shape[0] == 0):
         return
-    scale = runs.item_scale
-    long_sums = long_run_sums(grad_out, runs, meta, max_dim, alignment)
+    args, constants = launch_args(grad_out, runs, meta, max_dim, alignment)
     wrap_triton(_fused_update_kernel)[(persistent_programs(grad_out.device),)](
-        grad_out, runs.num_runs, runs.run_start, runs.run_row, runs.run_feature, runs.item_offset,
-        scale if scale is not None else grad_out, runs.long_rank, long_sums, meta, weights, state1, state2, hparams,
-        step, OPTIMIZER=optimizer, HAS_SCALE=scale is not None, DIM_ALIGN=alignment, ROW_STRIDE=max_dim,
-        BLOCK_D=block_d(max_dim),
-        ONE_TILE=max_dim <= block_d(max_dim))
+        *args, weights, state1, state2, hparams, step, OPTIMIZER=optimizer, ONE_TILE=max_dim <= constants["BLOCK_D"],
+        **constants)

@@ -223,12 +223,18 @@ def rows_grad(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, dest: torc
             Otherwise ``[M, max_dim]``: run ``u`` lands in row ``u``.
         alignment: a power of two dividing every dim, table offset and output column.
     """
-    num = runs.item_offset.shape[0]
-    if statically_known_true(num == 0):
+    if statically_known_true(runs.item_offset.shape[0] == 0):
         return
+    args, constants = launch_args(grad_out, runs, meta, max_dim, alignment)
+    wrap_triton(_rows_grad_kernel)[(persistent_programs(grad_out.device),)](
+        *args, dest, DENSE=dense, **constants)
+
+
+def launch_args(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, max_dim: int, alignment: int):
+    """What every run-tile kernel takes first: the run tensors (after summing the long runs),
+    and the constexprs ``ROW_STRIDE``, ``HAS_SCALE``, ``DIM_ALIGN``, ``BLOCK_D``."""
     scale = runs.item_scale
     long_sums = long_run_sums(grad_out, runs, meta, max_dim, alignment)
-    wrap_triton(_rows_grad_kernel)[(persistent_programs(grad_out.device),)](
-        grad_out, runs.num_runs, runs.run_start, runs.run_row, runs.run_feature, runs.item_offset,
-        scale if scale is not None else grad_out, runs.long_rank, long_sums, meta, dest,
-        DENSE=dense, ROW_STRIDE=max_dim, HAS_SCALE=scale is not None, DIM_ALIGN=alignment, BLOCK_D=block_d(max_dim))
+    args = (grad_out, runs.num_runs, runs.run_start, runs.run_row, runs.run_feature, runs.item_offset,
+            scale if scale is not None else grad_out, runs.long_rank, long_sums, meta)
+    return args, dict(ROW_STRIDE=max_dim, HAS_SCALE=scale is not None, DIM_ALIGN=alignment, BLOCK_D=block_d(max_dim))
