@@ -70,6 +70,15 @@ def run_sums(start, length, longest, long_rank, cols, mask, grad_out_ptr, item_o
     return acc
 
 
+def _long_run_config():
+    # one config, not a search: the reduction tree of tl.sum depends on the block shape, and
+    # the sums must be the same bits in every process
+    if single_config():
+        return [triton.Config({"BLOCK_Q": 8}, num_warps=1)]
+    return [triton.Config({"BLOCK_Q": 32}, num_warps=4)]
+
+
+@triton.autotune(configs=_long_run_config(), key=["BLOCK_D"])
 @triton.jit
 def _long_run_sums_kernel(
     grad_out_ptr, num_long_ptr, long_runs_ptr, run_start_ptr, run_feature_ptr, item_offset_ptr, item_scale_ptr,
@@ -79,8 +88,7 @@ def _long_run_sums_kernel(
 ):
     # A hot row's run would hold up its whole tile of runs, one contribution per step; here
     # one program takes a long run BLOCK_Q contributions at a time. Programs take turns over
-    # the long runs. One fixed config (no autotuning): the reduction tree of tl.sum depends on
-    # the block shape, and the sums must be the same bits in every process.
+    # the long runs.
     num_long = tl.load(num_long_ptr)
     for i in range(tl.program_id(0), num_long, tl.num_programs(0)):
         u = tl.load(long_runs_ptr + i)
@@ -206,8 +214,7 @@ def long_run_sums(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, max_di
     wrap_triton(_long_run_sums_kernel)[(persistent_programs(grad_out.device),)](
         grad_out, runs.num_long, runs.long_runs, runs.run_start, runs.run_feature, runs.item_offset,
         scale if scale is not None else grad_out, meta, sums,
-        ROW_STRIDE=max_dim, HAS_SCALE=scale is not None, DIM_ALIGN=alignment, BLOCK_D=block_d(max_dim),
-        BLOCK_Q=8 if single_config() else 32, num_warps=1 if single_config() else 4)
+        ROW_STRIDE=max_dim, HAS_SCALE=scale is not None, DIM_ALIGN=alignment, BLOCK_D=block_d(max_dim))
     return sums
 
 
