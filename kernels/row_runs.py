@@ -146,13 +146,13 @@ class Runs(NamedTuple):
     the device; entries from ``num_runs`` on are never read."""
 
     num_runs: torch.Tensor     # [1] int64: read by the kernels, never by the host
-    run_start: torch.Tensor    # [M+2] int64; slots num_runs.. hold M
+    run_start: torch.Tensor    # [2M+1] int64; slots num_runs..M hold M, slots past M are scratch
     run_row: torch.Tensor      # [M] int64 element offset of each run's row in the flat weights
     run_feature: torch.Tensor  # [M] int64 a feature reading the run's row (its table gives dim, state)
     item_offset: torch.Tensor  # [M] int64 element of grad_out where each sorted contribution's bag row starts
     item_scale: Optional[torch.Tensor]  # [M] fp32 per-sample weight times MEAN's 1/length; None: all 1
     long_rank: torch.Tensor    # [M] int64 rank of each run among the long runs, -1 for the others
-    long_runs: torch.Tensor    # [M+1] int64 the long runs, in order (the first num_long entries)
+    long_runs: torch.Tensor    # [2M] int64 the long runs, in order (the first num_long entries)
     num_long: torch.Tensor     # [1] int64 runs of more than LONG_RUN contributions
 
 
@@ -184,9 +184,12 @@ def sort_runs(rows: torch.Tensor, contrib_feature: torch.Tensor, bag_of_value: t
     previous = torch.nn.functional.pad(sorted_rows, (1, 0), value=-1)[:-1]
     is_start = (sorted_rows >= 0) & (sorted_rows != previous)
     slot = torch.cumsum(is_start, 0) - 1
-    run_start = torch.full((num + 2,), num, dtype=torch.int64, device=rows.device)
-    # non-starts all write to the spare last slot, which nobody reads
-    run_start.index_put_((torch.where(is_start, slot, num + 1),), torch.arange(num, device=rows.device))
+    positions = torch.arange(num, device=rows.device)
+    # Compaction with static shapes: each start writes its position to its run's slot; every
+    # other entry writes to a spare slot of its own past M (one shared spare slot would have
+    # millions of GPU threads storing to one address).
+    run_start = torch.full((2 * num + 1,), num, dtype=torch.int64, device=rows.device)
+    run_start.index_put_((torch.where(is_start, slot, num + 1 + positions),), positions)
     first = run_start[:num].clamp(max=num - 1)  # past num_runs: any valid position
     sorted_feature = contrib_feature.index_select(0, order).long().clamp(min=0)
     value = order % num_values
@@ -199,8 +202,8 @@ def sort_runs(rows: torch.Tensor, contrib_feature: torch.Tensor, bag_of_value: t
         scale = inverse if scale is None else scale * inverse
     is_long = (run_start[1:num + 1] - run_start[:num]) > LONG_RUN  # past num_runs: length 0
     long_rank = torch.where(is_long, torch.cumsum(is_long, 0) - 1, -1)
-    long_runs = torch.zeros(num + 1, dtype=torch.int64, device=rows.device)
-    long_runs.index_put_((torch.where(is_long, long_rank, num),), torch.arange(num, device=rows.device))
+    long_runs = torch.zeros(2 * num, dtype=torch.int64, device=rows.device)
+    long_runs.index_put_((torch.where(is_long, long_rank, num + positions),), positions)
     return Runs(is_start.sum(dtype=torch.int64).reshape(1), run_start, sorted_rows.index_select(0, first).long(),
                 sorted_feature.index_select(0, first), item_offset, scale, long_rank, long_runs,
                 is_long.sum(dtype=torch.int64).reshape(1))
