@@ -6,7 +6,7 @@ summed gradient. The ids are sorted, each row's gradient is summed with one
 ``embedding_bag`` over the output gradient, and the optimizer runs on those rows only, with
 vectorised index ops: no loop over rows or tables. Eagerly, only the touched rows are
 gathered, a cache-sized chunk at a time; in a compiled graph, whose shapes cannot depend on
-the data, the whole block is updated under a "touched" mask instead.
+the data, one slot per id stands in for the touched rows (see ``_update_runs_static``).
 """
 
 from __future__ import annotations
@@ -77,15 +77,8 @@ def fused_update(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Te
             _update_touched_rows(block, states, all_ids, all_bags, all_grads, weights_of_ids, optimizer,
                                  hparams.tolist(), int(step))
         else:
-            _, sums = pt._sum_rows_by_id(all_ids, all_bags, all_grads, weights_of_ids, p0.num_rows, unique=False)
-            counts = torch.zeros(p0.num_rows, dtype=torch.int64, device=all_ids.device)
-            counts.scatter_add_(0, all_ids.long(), torch.cat(live).long())
-            touched = counts > 0
-            new = _step_rows(optimizer, block.float(), sums, *states, hparams.unbind(), step.float())
-            for dest, value in zip((block, *states), new):
-                if dest is not None:
-                    keep = touched if value.dim() == 1 else touched.unsqueeze(1)
-                    dest.copy_(torch.where(keep, value.to(dest.dtype), dest))
+            _update_runs_static(block, states, all_ids, all_bags, all_grads, weights_of_ids, torch.cat(live),
+                                optimizer, hparams, step)
 
 
 # Bytes of gathered rows per chunk in the eager update: the chunk's rows and summed gradients
@@ -117,6 +110,49 @@ def _update_touched_rows(block, states, ids, bags, grads, weights_of_ids, optimi
         for dest, value in zip((block, *states), new):
             if dest is not None:
                 dest.index_copy_(0, chunk_rows, value.to(dest.dtype))
+
+
+def _update_runs_static(block, states, ids, bags, grads, weights_of_ids, live, optimizer, hparams, step) -> None:
+    """Compiled graphs: the same update with static shapes, over ``n`` slots for the ``n`` ids
+    (the touched-row count stays on the device), touching only the rows the batch read.
+
+    Sorted by row, the ids form runs; slot ``u`` of one ``embedding_bag`` over the runs holds
+    run ``u``'s summed gradient. Every slot then steps a row and writes it back: slots past
+    the live runs redo the last live run, so that duplicate writes to a row carry the same
+    value and agree whatever their order. Cost follows the batch, not the tables: the
+    whole-table masked update this replaced took 99 ms per compiled step at one id per bag
+    (26 tables of 100k rows, eager 25 ms); now 19 ms (eager 18). At 20 ids per bag, 272 ms
+    (eager 246; the masked update ~190).
+    """
+    num_rows, n = block.shape[0], ids.shape[0]
+    device = ids.device
+    # dead ids (keys outside their pass) sort last, past every row, in a run of their own
+    keys = torch.where(live, ids, num_rows)
+    sorted_rows, order = torch.sort(keys.to(torch.int32) if num_rows < 2**31 else keys.long(), stable=True)
+    is_start = sorted_rows != F.pad(sorted_rows, (1, 0), value=-1)[:-1]
+    positions = torch.arange(n, device=device)
+    # run u starts at run_start[u]; entries past the runs hold n (each non-start scatters to a
+    # scratch slot of its own past n)
+    run_start = torch.full((2 * n + 1,), n, dtype=torch.int64, device=device)
+    run_start.index_put_((torch.where(is_start, torch.cumsum(is_start, 0) - 1, n + 1 + positions),), positions)
+    psw = None if weights_of_ids is None else weights_of_ids.index_select(0, order)
+    sums = F.embedding_bag(bags.index_select(0, order), grads, run_start[:n + 1], mode="sum",
+                           include_last_offset=True, per_sample_weights=psw)  # [n, D]
+    num_live = (is_start & (sorted_rows < num_rows)).sum()
+    any_live = num_live > 0  # with none, slot 0 rewrites row 0 as it is
+    live_slot = positions < num_live
+    last = (num_live - 1).clamp(min=0).reshape(1)
+    rows = sorted_rows.index_select(0, run_start[:n].clamp(max=n - 1)).long()
+    rows = torch.where(live_slot, rows, rows.index_select(0, last))
+    rows = torch.where(any_live, rows, 0)
+    # where, not a gather: compiled, the last live run's row broadcasts into the step's loop
+    grads_of_rows = torch.where(live_slot.unsqueeze(1), sums, sums.index_select(0, last))
+    w = block.index_select(0, rows).float()
+    current = [None if s is None else s.index_select(0, rows) for s in states]
+    new = _step_rows(optimizer, w, grads_of_rows, *current, hparams.unbind(), step.float())
+    for dest, value, old in zip((block, *states), new, (w, *current)):
+        if dest is not None:
+            dest.index_put_((rows,), torch.where(any_live, value, old).to(dest.dtype))
 
 
 def _state_views(optimizer, state1, state2, p: "pt._Pass", block_row_base: int):
