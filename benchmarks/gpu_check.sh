@@ -105,7 +105,8 @@ bench dlrm-train-zipf 40 --preset dlrm --mode train --distribution zipf --poolin
     --providers "eb_loop,jaggedrec[triton],fbgemm_tbe"
 bench pooling-forward 65 --preset pooling --mode forward --providers "$NO_COMPILE"
 bench scaling-forward 75 --preset scaling --mode forward --providers "$NO_COMPILE"
-bench dlrm-forward-compiled 70 --preset dlrm --mode forward --providers "eb_loop,eb_loop_compiled,jaggedrec[triton]"
+bench dlrm-forward-compiled 70 --preset dlrm --mode forward \
+    --providers "eb_loop,eb_loop_compiled,jaggedrec[triton],jaggedrec_compiled"
 
 log "summary (median ms, GB/s, speedup over the nn.EmbeddingBag loop; every number measured in this run):"
 $PY - "$OUT" <<'EOF' || true

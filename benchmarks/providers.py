@@ -237,9 +237,35 @@ class Jaggedrec(Provider):
         return self.module(batch.jaggedrec_kjt(self.keys)).values()
 
 
+class CompiledJaggedrec(Jaggedrec):
+    """jaggedrec under ``torch.compile(fullgraph=True)``: forward, and in training the
+    backward with the fused optimizer, compiled once for every batch (dynamic sizes)."""
+
+    name = "jaggedrec_compiled"
+
+    def __init__(self) -> None:
+        super().__init__("auto")
+        self.name = CompiledJaggedrec.name
+        self.description = ("torch.compile(fullgraph=True) of jaggedrec.EmbeddingBagCollection (backend auto: "
+                            "Triton on CUDA, the torch path on CPU)")
+
+    def skip_reason(self, w):
+        if w.tables > _COMPILE_MAX_TABLES:
+            return f"more than {_COMPILE_MAX_TABLES} tables: compile time grows with every table"
+        return None
+
+    def build(self, tables, w):
+        super().build(tables, w)
+        module = self.module
+        self._compiled = torch.compile(lambda kjt: module(kjt).values(), fullgraph=True)
+
+    def forward(self, batch):
+        return self._compiled(batch.jaggedrec_kjt(self.keys))
+
+
 def all_providers() -> List[Provider]:
     """Every provider, in report order; the ``eb_loop`` baseline comes first."""
     from .peers import FbgemmTBE, TorchRecEBC
 
     return [EmbeddingBagLoop(), EmbeddingBagConcat(), CompiledEmbeddingBagLoop(), Jaggedrec("torch"),
-            Jaggedrec("triton"), TorchRecEBC(), FbgemmTBE()]
+            Jaggedrec("triton"), CompiledJaggedrec(), TorchRecEBC(), FbgemmTBE()]

@@ -42,6 +42,7 @@ def test_end_to_end_json_has_every_provider(tmp_path, capsys):
             assert r["peak_mem_mb"] is not None and r["state_mb"] > 0
     assert providers["eb_loop"]["speedup_vs_loop"] == pytest.approx(1.0)
     assert providers["jaggedrec[torch]"]["status"] == "ok"
+    assert providers["jaggedrec_compiled"]["status"] == "ok"  # verified against the loop, then timed
     assert "CUDA" in providers["jaggedrec[triton]"]["reason"]
     assert "dim" in providers["eb_concat"]["reason"]  # dims 4 and 8: no single concatenated weight
     with open(table, newline="") as f:
@@ -72,7 +73,7 @@ def test_provider_selection_by_name_or_prefix():
         raise ValueError(message)
 
     assert cli.select_providers("jaggedrec,fbgemm", names, error) == [
-        "eb_loop", "jaggedrec[torch]", "jaggedrec[triton]", "fbgemm_tbe"]
+        "eb_loop", "jaggedrec[torch]", "jaggedrec[triton]", "jaggedrec_compiled", "fbgemm_tbe"]
     assert cli.select_providers("JaggedRec-Torch", names, error) == ["eb_loop", "jaggedrec[torch]"]
     assert cli.select_providers(None, names, error) == names
     with pytest.raises(ValueError, match="unknown provider"):
