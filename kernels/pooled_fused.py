@@ -37,6 +37,21 @@ def _adagrad_step_size(squares, u, live, row, dim, run_feature_ptr, meta_ptr, st
 
 
 @triton.jit
+def _decayed_tile(d0, start, length, longest, long_rank, live, row, dim, grad_out_ptr, item_offset_ptr,
+                  item_scale_ptr, long_sums_ptr, weights_ptr, weight_decay, ROW_STRIDE: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, DIM_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr):
+    """Columns ``d0 .. d0+BLOCK_D-1`` of a tile of runs' rows: the gradient with weight decay
+    added, the rows (fp32), the mask of live columns, and the elements' offsets."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    mask = live[:, None] & (cols[None, :] < dim[:, None])
+    element = row[:, None] + cols[None, :]
+    g = run_sums(start, length, longest, long_rank, cols, mask, grad_out_ptr, item_offset_ptr, item_scale_ptr,
+                 long_sums_ptr, ROW_STRIDE, HAS_SCALE, DIM_ALIGN, UNROLL)
+    w = tl.load(weights_ptr + element, mask=mask, other=0.0).to(tl.float32)
+    return g + weight_decay * w, w, mask, element
+
+
+@triton.jit
 def _step_tile(g, w, element, mask, step_size, weights_ptr, state1_ptr, state2_ptr, lr, eps, beta1, beta2, t,
                OPTIMIZER: tl.constexpr):
     """Update one ``[BLOCK_U, BLOCK_D]`` tile of rows (``element``: their element offsets)."""
@@ -71,20 +86,14 @@ def _fused_update_kernel(
     # programs take turns over tiles of BLOCK_U runs: u0 = pid, pid + G, ... (times BLOCK_U)
     num_runs = tl.load(num_runs_ptr)
     for u0 in range(tl.program_id(0) * BLOCK_U, num_runs, tl.num_programs(0) * BLOCK_U):
-        u = u0 + tl.arange(0, BLOCK_U)
-        live = u < num_runs
-        start, length, longest, dim, long_rank = run_tile(u, live, run_start_ptr, run_feature_ptr, long_rank_ptr,
-                                                          meta_ptr, DIM_ALIGN)
+        u, live, start, length, longest, dim, long_rank = run_tile(
+            u0, num_runs, run_start_ptr, run_feature_ptr, long_rank_ptr, meta_ptr, DIM_ALIGN, BLOCK_U)
         row = tl.multiple_of(tl.load(run_row_ptr + u, mask=live, other=0), DIM_ALIGN)
         step_size = tl.full([BLOCK_U], 1.0, tl.float32) * lr
         if ONE_TILE:  # every dim fits one tile: gather each run's gradient once
-            cols = tl.arange(0, BLOCK_D)
-            mask = live[:, None] & (cols[None, :] < dim[:, None])
-            element = row[:, None] + cols[None, :]
-            g = run_sums(start, length, longest, long_rank, cols, mask, grad_out_ptr, item_offset_ptr,
-                         item_scale_ptr, long_sums_ptr, ROW_STRIDE, HAS_SCALE, DIM_ALIGN, UNROLL)
-            w = tl.load(weights_ptr + element, mask=mask, other=0.0).to(tl.float32)
-            g = g + weight_decay * w
+            g, w, mask, element = _decayed_tile(
+                0, start, length, longest, long_rank, live, row, dim, grad_out_ptr, item_offset_ptr, item_scale_ptr,
+                long_sums_ptr, weights_ptr, weight_decay, ROW_STRIDE, HAS_SCALE, DIM_ALIGN, BLOCK_D, UNROLL)
             if OPTIMIZER == 2:
                 step_size = _adagrad_step_size(tl.sum(g * g, axis=1), u, live, row, dim, run_feature_ptr, meta_ptr,
                                                state1_ptr, lr, eps)
@@ -95,23 +104,18 @@ def _fused_update_kernel(
                 # the step size needs mean(g^2) over all of a row's columns before any update
                 squares = tl.zeros([BLOCK_U], dtype=tl.float32)
                 for d0 in range(0, tl.max(dim, axis=0), BLOCK_D):
-                    cols = d0 + tl.arange(0, BLOCK_D)
-                    mask = live[:, None] & (cols[None, :] < dim[:, None])
-                    g = run_sums(start, length, longest, long_rank, cols, mask, grad_out_ptr, item_offset_ptr,
-                         item_scale_ptr, long_sums_ptr, ROW_STRIDE, HAS_SCALE, DIM_ALIGN, UNROLL)
-                    w = tl.load(weights_ptr + row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                    g = g + weight_decay * w
+                    g, w, mask, element = _decayed_tile(
+                        d0, start, length, longest, long_rank, live, row, dim, grad_out_ptr, item_offset_ptr,
+                        item_scale_ptr, long_sums_ptr, weights_ptr, weight_decay, ROW_STRIDE, HAS_SCALE, DIM_ALIGN,
+                        BLOCK_D, UNROLL)
                     squares += tl.sum(g * g, axis=1)
                 step_size = _adagrad_step_size(squares, u, live, row, dim, run_feature_ptr, meta_ptr, state1_ptr, lr,
                                                eps)
             for d0 in range(0, tl.max(dim, axis=0), BLOCK_D):
-                cols = d0 + tl.arange(0, BLOCK_D)
-                mask = live[:, None] & (cols[None, :] < dim[:, None])
-                element = row[:, None] + cols[None, :]
-                g = run_sums(start, length, longest, long_rank, cols, mask, grad_out_ptr, item_offset_ptr,
-                         item_scale_ptr, long_sums_ptr, ROW_STRIDE, HAS_SCALE, DIM_ALIGN, UNROLL)
-                w = tl.load(weights_ptr + element, mask=mask, other=0.0).to(tl.float32)
-                g = g + weight_decay * w
+                g, w, mask, element = _decayed_tile(
+                    d0, start, length, longest, long_rank, live, row, dim, grad_out_ptr, item_offset_ptr,
+                    item_scale_ptr, long_sums_ptr, weights_ptr, weight_decay, ROW_STRIDE, HAS_SCALE, DIM_ALIGN,
+                    BLOCK_D, UNROLL)
                 _step_tile(g, w, element, mask, step_size, weights_ptr, state1_ptr, state2_ptr, lr, eps, beta1, beta2,
                            t, OPTIMIZER)
 

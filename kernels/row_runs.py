@@ -36,15 +36,19 @@ def run_configs():
 
 
 @triton.jit
-def run_tile(u, live, run_start_ptr, run_feature_ptr, long_rank_ptr, meta_ptr, DIM_ALIGN: tl.constexpr):
-    """For runs ``u`` (``[BLOCK_U]``): first sorted position, length (0 for a long run, whose
-    sum ``_long_run_sums_kernel`` made), the longest length, dim, and rank among long runs (-1)."""
+def run_tile(u0, num_runs, run_start_ptr, run_feature_ptr, long_rank_ptr, meta_ptr, DIM_ALIGN: tl.constexpr,
+             BLOCK_U: tl.constexpr):
+    """The tile of runs ``u = u0 .. u0+BLOCK_U-1``: ``u``, which are live (``u < num_runs``),
+    first sorted position, length (0 for a long run, whose sum ``_long_run_sums_kernel``
+    made), the longest length, dim, and rank among long runs (-1)."""
+    u = u0 + tl.arange(0, BLOCK_U)
+    live = u < num_runs
     start = tl.load(run_start_ptr + u, mask=live, other=0)
     long_rank = tl.load(long_rank_ptr + u, mask=live, other=-1)
     length = tl.where(long_rank < 0, tl.load(run_start_ptr + u + 1, mask=live, other=0) - start, 0)
     feature = tl.load(run_feature_ptr + u, mask=live, other=0)
     dim = tl.multiple_of(tl.load(meta_ptr + feature * META_FIELDS + 1, mask=live, other=0), DIM_ALIGN)
-    return start, length, tl.max(length, axis=0), dim, long_rank
+    return u, live, start, length, tl.max(length, axis=0), dim, long_rank
 
 
 @triton.jit
@@ -123,10 +127,8 @@ def _rows_grad_kernel(
     # programs take turns over tiles of BLOCK_U runs: u0 = pid, pid + G, ... (times BLOCK_U)
     num_runs = tl.load(num_runs_ptr)
     for u0 in range(tl.program_id(0) * BLOCK_U, num_runs, tl.num_programs(0) * BLOCK_U):
-        u = u0 + tl.arange(0, BLOCK_U)
-        live = u < num_runs
-        start, length, longest, dim, long_rank = run_tile(u, live, run_start_ptr, run_feature_ptr, long_rank_ptr,
-                                                          meta_ptr, DIM_ALIGN)
+        u, live, start, length, longest, dim, long_rank = run_tile(
+            u0, num_runs, run_start_ptr, run_feature_ptr, long_rank_ptr, meta_ptr, DIM_ALIGN, BLOCK_U)
         if DENSE:  # the row's own place in a [W] gradient
             dest = tl.multiple_of(tl.load(run_row_ptr + u, mask=live, other=0), DIM_ALIGN)
         else:  # row u of a compact [U, ROW_STRIDE] gradient
