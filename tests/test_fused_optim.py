@@ -101,19 +101,57 @@ def _train(opt_name, backend, weighted, lr_schedule=None, steps=5, seed=0, dims=
 TRITON = pytest.param("triton", marks=pytest.mark.interpret)
 
 
+def _counted(fn, calls, name):
+    def counting(*args):
+        calls[name] += 1
+        return fn(*args)
+    return counting
+
+
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("backend", ["torch", "torch-chunked", "torch-static", TRITON])
+@pytest.mark.parametrize("backend", ["torch", "torch-scattered", "torch-chunked", "torch-static", TRITON])
 def test_fused_optimizer_matches_dense_reference(opt_name, weighted, backend, monkeypatch):
+    calls = {"_step_row_range": 0, "_step_scattered_rows": 0}
+    for name in calls:  # which eager update each chunk of rows took
+        monkeypatch.setattr(fused_torch, name, _counted(getattr(fused_torch, name), calls, name))
     if backend == "torch-static":  # the static-shape branch that compiled graphs take
         monkeypatch.setattr(pooled_torch, "_host_readable", lambda *tensors: False)
-    if backend == "torch-chunked":  # the eager update, a few rows at a time
+    if backend == "torch-scattered":  # the eager update of touched rows only, as with few ids
+        monkeypatch.setattr(fused_torch, "_STREAM_MIN_IDS_PER_ROW", math.inf)
+    if backend == "torch-chunked":  # a few rows at a time, some chunks whole and some scattered
         monkeypatch.setattr(fused_torch, "_CHUNK_BYTES", 48)  # 1 to 4 rows
-    backend = "triton" if backend == "triton" else "torch"
-    ebc, ref = _train(opt_name, backend, weighted)
+        monkeypatch.setattr(fused_torch, "_STREAM_MIN_IDS_PER_ROW", 0.75)
+    ebc, ref = _train(opt_name, "triton" if backend == "triton" else "torch", weighted)
+    taken = {name for name, n in calls.items() if n}
+    assert taken == {"torch": {"_step_row_range"}, "torch-scattered": {"_step_scattered_rows"},
+                     "torch-chunked": set(calls)}.get(backend, set())
     assert all(p.grad is None for p in ebc.parameters())  # no weight gradient was materialised
     for config, table in zip(_configs(), ref.tables):
         assert_close(ebc.embedding_bags[config.name].weight.detach().cpu(), table, what=f"{opt_name} {config.name}")
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("data_type", [jr.DataType.FP32, jr.DataType.FP16])
+def test_row_range_and_scattered_updates_agree_bitwise(opt_name, data_type, monkeypatch):
+    """The eager update steps dense chunks of rows whole and sparse ones row by row; the two
+    must leave every row, touched or not, and every state value exactly alike."""
+    def train(min_ids_per_row):
+        monkeypatch.setattr(fused_torch, "_STREAM_MIN_IDS_PER_ROW", min_ids_per_row)
+        torch.manual_seed(3)
+        configs = _configs((5, 5, 3))
+        for c in configs:
+            c.data_type = data_type
+        ebc = jr.EmbeddingBagCollection(configs, is_weighted=True, fused_optimizer=OPTIMIZERS[opt_name])
+        batches, gen = _batches(3, weighted=True)
+        for b in batches:
+            out = ebc(b.kjt).values()
+            out.backward(torch.randn(out.shape, generator=gen))
+        return ebc.state_dict()
+
+    whole, scattered = train(0.0), train(math.inf)
+    for name, value in whole.items():
+        assert torch.equal(value, scattered[name]), name
 
 
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))

@@ -109,6 +109,14 @@ def _shifted_ids(p: _Pass, values: torch.Tensor,
     Ids of keys outside the pass point at row 0 (their bags are dropped); the mask is None
     when the pass covers every key.
     """
+    if p.covers_all_keys and _host_readable(values, key_counts):
+        # one add per key into one output: ~4x faster on CPU than the repeat_interleave below
+        # (0.7 vs 3 ms for 2.1M ids), which also writes and reads an [N] shift
+        ids, start = torch.empty_like(values), 0
+        for count, base in zip(key_counts.tolist(), p.key_row_base):
+            torch.add(values.narrow(0, start, count), base, out=ids.narrow(0, start, count))
+            start += count
+        return ids, None
     base = torch.tensor(p.key_row_base, dtype=values.dtype, device=values.device)
     shift = torch.repeat_interleave(base, key_counts, output_size=values.shape[0])
     ids = values + shift
@@ -281,6 +289,8 @@ def _row_runs(ids: torch.Tensor, bag_of_id: torch.Tensor, psw: Optional[torch.Te
     sorted_ids, order = torch.sort(narrow, stable=True)
     if unique:
         rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    elif _host_readable(sorted_ids):  # ~2.5x faster than the scatter below; its size depends on the data
+        rows, counts = None, torch.bincount(sorted_ids, minlength=num_rows)
     else:
         rows = None
         counts = torch.zeros(num_rows, dtype=torch.int64, device=ids.device)
