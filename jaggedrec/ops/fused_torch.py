@@ -4,9 +4,11 @@ For each block of equal-dim tables, every id read by any pass is gathered into o
 so that a row read by two features (one table, two keys) still gets one update with the
 summed gradient. The ids are sorted, each row's gradient is summed with one
 ``embedding_bag`` over the output gradient, and the optimizer runs on those rows only, with
-vectorised index ops: no loop over rows or tables. Eagerly, only the touched rows are
-gathered, a cache-sized chunk at a time; in a compiled graph, whose shapes cannot depend on
-the data, one slot per id stands in for the touched rows (see ``_update_runs_static``).
+vectorised index ops: no loop over rows or tables. Eagerly, the rows are stepped a
+cache-sized chunk at a time: a chunk where many rows were touched is streamed whole, in
+order, and elsewhere only the touched rows are gathered and written back. In a compiled
+graph, whose shapes cannot depend on the data, one slot per id stands in for the touched
+rows (see ``_update_runs_static``).
 """
 
 from __future__ import annotations
@@ -87,14 +89,14 @@ def fused_update(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Te
 # than 1 MB ones, where the per-chunk Python overhead starts to show.
 _CHUNK_BYTES = 2 << 20
 
-# A chunk of rows with at least this many ids per row is stepped whole: its rows are read and
-# written in order, untouched rows left as they were. Sparser chunks gather and write back
-# only their touched rows. In order, a table streams at ~50 GB/s on a 2-core EPYC; gathering
-# and writing back scattered rows ran at ~9 and ~6 GB/s, so at dim 64 a touched row costs as
-# much as ~10 streamed ones (26 x 100k x 64, 20 ids per bag: 56% of rows touched, update
-# 134 -> 48 ms). Each id touches at most one row, so 1/8 id per row means at most 1/8 of the
-# chunk's rows touched.
-_STREAM_MIN_IDS_PER_ROW = 1 / 8
+# With at least this fraction of a block's rows touched, the rows are stepped whole, a chunk
+# at a time, read and written in order, untouched ones left as they were; with fewer, only
+# the touched rows are gathered and written back. In order, a table streams at ~50 GB/s on a
+# 2-core EPYC; scattered rows were gathered at ~9 GB/s and written back at ~6, so at dim 64
+# a touched row costs as much as ~6-10 streamed ones. 26 x 100k x 64, 20 ids per bag, fused
+# SGD step: uniform ids (56% of rows touched) 166 -> 130 ms streamed; zipf-like ids (22%
+# touched) streamed ~10% slower than scattered.
+_STREAM_MIN_TOUCHED = 1 / 4
 
 
 def _update_touched_rows(block, states, ids, bags, grads, weights_of_ids, optimizer, hparams, step) -> None:
@@ -108,62 +110,82 @@ def _update_touched_rows(block, states, ids, bags, grads, weights_of_ids, optimi
     """
     num_rows, dim = block.shape
     rows_per_chunk = max(1, _CHUNK_BYTES // (dim * 4))
-    # With few ids, runs only for touched rows (sorted); otherwise one run per row, empty for
-    # untouched rows, so that a chunk of runs is a range of rows
-    every_row = ids.shape[0] >= num_rows * _STREAM_MIN_IDS_PER_ROW
-    runs = pt._row_runs(ids, bags, weights_of_ids, num_rows, unique=not every_row)
-    num_runs = num_rows if every_row else runs.rows.shape[0]
+    runs = pt._row_runs(ids, bags, weights_of_ids, num_rows, unique=True)
+    # Only SGD and row-wise Adagrad leave a row as it was when stepped with a zero gradient;
+    # Adam's moments would decay
+    stream = optimizer != ADAM and runs.rows.shape[0] >= num_rows * _STREAM_MIN_TOUCHED
+    run_offsets = runs.run_offsets
+    if stream:  # one run per row, empty for untouched rows: a chunk of runs is a range of rows
+        counts = torch.zeros(num_rows, dtype=run_offsets.dtype).index_copy_(0, runs.rows.long(),
+                                                                             run_offsets[1:] - run_offsets[:-1])
+        run_offsets = F.pad(counts.cumsum(0), (1, 0))
+    num_runs = run_offsets.shape[0] - 1
     chunk_starts = list(range(0, num_runs, rows_per_chunk)) + [num_runs]
-    first_ids = runs.run_offsets[chunk_starts].tolist()
+    first_ids = run_offsets[chunk_starts].tolist()
     for lo, hi, a, b in zip(chunk_starts, chunk_starts[1:], first_ids, first_ids[1:]):
         if a == b:
             continue
-        run_offsets = runs.run_offsets[lo:hi + 1]
-        sums = F.embedding_bag(runs.bags[a:b], grads, run_offsets - a, mode="sum", include_last_offset=True,
+        sums = F.embedding_bag(runs.bags[a:b], grads, run_offsets[lo:hi + 1] - a, mode="sum", include_last_offset=True,
                                per_sample_weights=None if runs.weights is None else runs.weights[a:b])  # [hi-lo, D]
-        if not every_row:
-            _step_scattered_rows(block, states, runs.rows[lo:hi].long(), sums, optimizer, hparams, step)
-        elif b - a >= (hi - lo) * _STREAM_MIN_IDS_PER_ROW:
-            _step_row_range(block, states, lo, hi, sums, run_offsets, optimizer, hparams, step)
+        if stream:
+            touched = run_offsets[lo + 1:hi + 1] > run_offsets[lo:hi] if optimizer != SGD else None
+            _step_row_range(block, states, lo, hi, sums, touched, optimizer, hparams)
         else:
-            touched = torch.nonzero(run_offsets[1:] > run_offsets[:-1]).squeeze(1)
-            _step_scattered_rows(block, states, touched + lo, sums.index_select(0, touched), optimizer, hparams,
-                                 step)
+            _step_scattered_rows(block, states, runs.rows[lo:hi].long(), sums, optimizer, hparams, step)
 
 
 def _step_scattered_rows(block, states, rows, sums, optimizer, hparams, step) -> None:
-    """Step rows ``rows`` (``[U]``, distinct) with summed gradients ``sums`` (``[U, D]``):
-    gather them and their state, step, write back."""
+    """Step rows ``rows`` (``[U]``, distinct) with summed gradients ``sums`` (``[U, D]``,
+    consumed): gather them and their state, step, write back."""
     w = block.index_select(0, rows).float()
-    if optimizer == SGD:  # in place: one pass over the chunk
-        block.index_copy_(0, rows, w.add_(sums, alpha=-hparams[0]).to(block.dtype))
-        return
     current = [None if s is None else s.index_select(0, rows) for s in states]
-    new = _step_rows(optimizer, w, sums, *current, hparams, step)
-    for dest, value in zip((block, *states), new):
+    _step_in_place(optimizer, w, sums, *current, hparams, step)
+    for dest, value in zip((block, *states), (w, *current)):
         if dest is not None:
             dest.index_copy_(0, rows, value.to(dest.dtype))
 
 
-def _step_row_range(block, states, lo, hi, sums, run_offsets, optimizer, hparams, step) -> None:
-    """Step rows ``lo:hi`` in place with summed gradients ``sums`` (``[hi-lo, D]``, zero for
-    untouched rows); ``run_offsets`` (``[hi-lo+1]``) bound each row's run of ids."""
+def _step_row_range(block, states, lo, hi, sums, touched, optimizer, hparams) -> None:
+    """Step rows ``lo:hi`` (SGD or row-wise Adagrad) in place with summed gradients ``sums``
+    (``[hi-lo, D]``, zero for untouched rows, consumed); ``touched``: ``[hi-lo]`` bool, or
+    None for SGD, which has no weight decay."""
     w = block[lo:hi]
+    work = w if w.dtype == torch.float32 else w.float()
+    # a zero gradient leaves a row as it was, bit for bit; weight decay must not reach it
+    _step_in_place(optimizer, work, sums, *(None if s is None else s[lo:hi] for s in states), hparams, 0,
+                   touched=touched)
+    if work is not w:
+        w.copy_(work)
+
+
+def _step_in_place(optimizer, w, g, s1, s2, hparams, step, touched=None) -> None:
+    """Eager: one optimizer step, in place, for rows ``w`` (``[n, D]`` fp32) with summed
+    gradients ``g`` (``[n, D]`` fp32, overwritten) and state ``s1``, ``s2`` (updated).
+
+    The formulas of :func:`_step_rows`, in fewer passes over the chunk: in-place ops, no
+    temporaries of ``[n, D]`` but one. ``touched``: ``[n]`` bool, None when all rows were
+    touched; untouched rows (zero gradient) get neither weight decay nor a step.
+    """
+    lr, eps, weight_decay, beta1, beta2 = hparams
     if optimizer == SGD:
-        # an untouched row adds -lr * 0 and stays as it was, bit for bit
-        if w.dtype == torch.float32:
-            w.add_(sums, alpha=-hparams[0])
-        else:
-            w.copy_(w.float().add_(sums, alpha=-hparams[0]))
+        w.add_(g, alpha=-lr)
         return
-    # weight decay and Adam's moment decay would move untouched rows: keep their old values
-    touched = run_offsets[1:] > run_offsets[:-1]
-    current = [None if s is None else s[lo:hi] for s in states]
-    new = _step_rows(optimizer, w.float(), sums, *current, hparams, step)
-    for dest, value in zip((w, *current), new):
-        if dest is not None:
-            keep = touched if dest.dim() == 1 else touched.unsqueeze(1)
-            dest.copy_(torch.where(keep, value, dest.float()))
+    if weight_decay:
+        if touched is None:
+            g.add_(w, alpha=weight_decay)
+        else:
+            g.addcmul_(w, touched.unsqueeze(1).to(w.dtype), value=weight_decay)
+    if optimizer == ROWWISE_ADAGRAD:
+        s1.add_(g.square().mean(1))
+        step_size = lr / (s1.sqrt() + eps)
+        if touched is not None:  # with eps 0, a never-touched row's step size is inf, and inf * 0 NaN
+            step_size = torch.where(touched, step_size, 0.0)
+        w.addcmul_(g, step_size.unsqueeze(1), value=-1)
+        return
+    s1.mul_(beta1).add_(g, alpha=1 - beta1)
+    s2.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denominator = s2.div(1 - beta2 ** step).sqrt_().add_(eps)
+    w.addcdiv_(s1, denominator, value=-lr / (1 - beta1 ** step))
 
 
 def _update_runs_static(block, states, ids, bags, grads, weights_of_ids, live, optimizer, hparams, step) -> None:
@@ -220,10 +242,10 @@ def _state_views(optimizer, state1, state2, p: "pt._Pass", block_row_base: int):
 
 
 def _step_rows(optimizer, w, g, s1, s2, hparams, t):
-    """One optimizer step for rows ``w`` (``[n, D]`` fp32) with summed gradients ``g``.
-
-    ``hparams`` (lr, eps, weight_decay, beta1, beta2) and the step ``t`` are Python numbers
-    eagerly and 0-d tensors in compiled graphs; the formulas serve both.
+    """One optimizer step for rows ``w`` (``[n, D]`` fp32) with summed gradients ``g``, as
+    functional ops that Inductor fuses (compiled graphs; eager steps in place, see
+    :func:`_step_in_place`). ``hparams`` (lr, eps, weight_decay, beta1, beta2) and the step
+    ``t`` are 0-d tensors.
     Returns the new ``(w, s1, s2)``.
     """
     lr, eps, weight_decay, beta1, beta2 = hparams
