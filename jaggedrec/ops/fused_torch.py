@@ -110,15 +110,13 @@ def _update_touched_rows(block, states, ids, bags, grads, weights_of_ids, optimi
     """
     num_rows, dim = block.shape
     rows_per_chunk = max(1, _CHUNK_BYTES // (dim * 4))
-    runs = pt._row_runs(ids, bags, weights_of_ids, num_rows, unique=True)
+    sorted_ids, order = pt._sort_rows(ids, num_rows)
     # Only SGD and row-wise Adagrad leave a row as it was when stepped with a zero gradient;
     # Adam's moments would decay
-    stream = optimizer != ADAM and runs.rows.shape[0] >= num_rows * _STREAM_MIN_TOUCHED
+    stream = optimizer != ADAM and int((sorted_ids[1:] != sorted_ids[:-1]).sum()) + 1 >= num_rows * _STREAM_MIN_TOUCHED
+    # streamed, one run per row (empty for untouched rows): a chunk of runs is a range of rows
+    runs = pt._row_runs(sorted_ids, order, bags, weights_of_ids, num_rows, unique=not stream)
     run_offsets = runs.run_offsets
-    if stream:  # one run per row, empty for untouched rows: a chunk of runs is a range of rows
-        counts = torch.zeros(num_rows, dtype=run_offsets.dtype).index_copy_(0, runs.rows.long(),
-                                                                             run_offsets[1:] - run_offsets[:-1])
-        run_offsets = F.pad(counts.cumsum(0), (1, 0))
     num_runs = run_offsets.shape[0] - 1
     chunk_starts = list(range(0, num_runs, rows_per_chunk)) + [num_runs]
     first_ids = run_offsets[chunk_starts].tolist()

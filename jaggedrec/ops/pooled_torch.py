@@ -280,20 +280,25 @@ class RowRuns(NamedTuple):
     weights: Optional[torch.Tensor]  # [N] fp32 per-sample weight of each sorted id, or None
 
 
-def _row_runs(ids: torch.Tensor, bag_of_id: torch.Tensor, psw: Optional[torch.Tensor], num_rows: int,
-              unique: bool) -> RowRuns:
-    """Sort ids into runs of equal rows. Sorting is stable, so each run's order, and any sum
-    over it, is the same on every run. ``unique`` keeps only touched rows (eager only: U
-    depends on the data); otherwise every row gets a run, empty for untouched ones."""
+def _sort_rows(ids: torch.Tensor, num_rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``[N]`` ids sorted (int32 when rows fit), and ``[N]`` the order that sorts them. Stable,
+    so each run of equal ids, and any sum over it, comes out the same on every run."""
     narrow = ids.to(torch.int32) if num_rows < 2**31 else ids  # int32 sorts ~2x faster
-    sorted_ids, order = torch.sort(narrow, stable=True)
+    return torch.sort(narrow, stable=True)
+
+
+def _row_runs(sorted_ids: torch.Tensor, order: torch.Tensor, bag_of_id: torch.Tensor, psw: Optional[torch.Tensor],
+              num_rows: int, unique: bool) -> RowRuns:
+    """Runs of equal rows in sorted ids (see :func:`_sort_rows`). ``unique`` keeps only
+    touched rows (eager only: U depends on the data); otherwise every row gets a run, empty
+    for untouched ones."""
     if unique:
         rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
     elif _host_readable(sorted_ids):  # ~2.5x faster than the scatter below; its size depends on the data
         rows, counts = None, torch.bincount(sorted_ids, minlength=num_rows)
     else:
         rows = None
-        counts = torch.zeros(num_rows, dtype=torch.int64, device=ids.device)
+        counts = torch.zeros(num_rows, dtype=torch.int64, device=sorted_ids.device)
         counts.scatter_add_(0, sorted_ids.long(), torch.ones_like(sorted_ids, dtype=torch.int64))
     # index_select, not bag_of_id[order]: the advanced-indexing gather is ~2x slower on CPU
     return RowRuns(rows, F.pad(counts.cumsum(0), (1, 0)), bag_of_id.index_select(0, order),
@@ -310,7 +315,7 @@ def _sum_rows_by_id(ids: torch.Tensor, bag_of_id: torch.Tensor, bag_grads: torch
     Returns ``(rows, sums)``: with ``unique`` the touched rows ``[U]`` and ``[U, D]`` sums;
     otherwise ``None`` and dense ``[num_rows, D]`` sums.
     """
-    runs = _row_runs(ids, bag_of_id, psw, num_rows, unique)
+    runs = _row_runs(*_sort_rows(ids, num_rows), bag_of_id, psw, num_rows, unique)
     sums = F.embedding_bag(runs.bags, bag_grads, runs.run_offsets, mode="sum", per_sample_weights=runs.weights,
                            include_last_offset=True)
     return runs.rows, sums
