@@ -200,4 +200,5 @@ def test_cpu_floor_runs_on_a_tiny_shape(capsys):
     cpu_floor.main(["--tables", "2", "--rows", "50", "--dim", "8", "--batch-size", "16", "--pooling-factor", "3",
                     "--repeats", "1"])
     out = capsys.readouterr().out
-    assert "write back: index_copy_" in out and "floor:" in out
+    assert "write back: index_copy_" in out and "streamed:" in out
+    assert "floor, touched rows scattered" in out and "floor, every row streamed" in out
