@@ -272,3 +272,31 @@ def test_compiled_training_with_fused_optimizer_matches_eager(opt_name):
         for (name, a), (_, e) in zip(model.state_dict().items(), eager.state_dict().items()):
             torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg=f"{name} after step {i}")
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")  # the plan: pure
+def test_static_update_compiled_matches_eager(opt_name, monkeypatch):
+    """On CPU the fused update is an opaque op that runs eagerly even in compiled graphs; its
+    static-shape twin serves the torch backend on GPU, traced into compiled graphs. Here that
+    twin is compiled by Inductor (on CPU) and trained against the eager update."""
+    from jaggedrec.ops import pooled
+
+    torch._dynamo.reset()
+    eager_update = pooled._fused_update_torch
+    compiled_update = torch.compile(eager_update, fullgraph=True, dynamic=False)
+
+    def train(update):
+        monkeypatch.setattr(pooled, "_fused_update_torch", update)
+        torch.manual_seed(11)
+        ebc = jr.EmbeddingBagCollection(_configs(), is_weighted=True, fused_optimizer=OPTIMIZERS[opt_name])
+        batches, gen = _batches(11, weighted=True, count=4)
+        for b in batches:
+            out = ebc(b.kjt).values()
+            out.backward(torch.randn(out.shape, generator=gen))
+        return ebc.state_dict()
+
+    compiled, eager = train(compiled_update), train(eager_update)
+    for name, value in eager.items():
+        torch.testing.assert_close(compiled[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    torch._dynamo.reset()

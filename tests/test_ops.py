@@ -58,7 +58,10 @@ def _fused_args(gen, optimizer, weighted, backend="torch"):
 @pytest.mark.parametrize("weighted", [False, True])
 def test_opcheck_fused_update(optimizer, weighted):
     gen = torch.Generator().manual_seed(2)
-    torch.library.opcheck(OPS.pooled_embedding_bags_fused_update, _fused_args(gen, optimizer, weighted))
+    args = _fused_args(gen, optimizer, weighted)
+    torch.library.opcheck(OPS.pooled_embedding_bags_fused_update, args)
+    # the CPU update inside it, which compiled graphs call without tracing into it
+    torch.library.opcheck(OPS.pooled_embedding_bags_fused_update_host, args[:11] + args[12:])
 
 
 def test_plan_splits_shared_keys_into_passes():

@@ -6,9 +6,11 @@ summed gradient. The ids are sorted, each row's gradient is summed with one
 ``embedding_bag`` over the output gradient, and the optimizer runs on those rows only, with
 vectorised index ops: no loop over rows or tables. Eagerly, the rows are stepped a
 cache-sized chunk at a time: a chunk where many rows were touched is streamed whole, in
-order, and elsewhere only the touched rows are gathered and written back. In a compiled
-graph, whose shapes cannot depend on the data, one slot per id stands in for the touched
-rows (see ``_update_runs_static``).
+order, and elsewhere only the touched rows are gathered and written back. Off CPU (the
+torch backend on a GPU, where reading sizes to the host would stall it, and in compiled
+graphs there), one slot per id stands in for the touched rows with static shapes (see
+``_update_runs_static``); on CPU even a compiled graph calls the eager update, through an op
+that torch.compile does not trace into (``ops/pooled.py``).
 """
 
 from __future__ import annotations
@@ -187,7 +189,7 @@ def _step_in_place(optimizer, w, g, s1, s2, hparams, step, touched=None) -> None
 
 
 def _update_runs_static(block, states, ids, bags, grads, weights_of_ids, live, optimizer, hparams, step) -> None:
-    """Compiled graphs: the same update with static shapes, over ``n`` slots for the ``n`` ids
+    """Off CPU: the same update with static shapes, over ``n`` slots for the ``n`` ids
     (the touched-row count stays on the device), touching only the rows the batch read.
 
     Sorted by row, the ids form runs; slot ``u`` of one ``embedding_bag`` over the runs holds
@@ -241,7 +243,7 @@ def _state_views(optimizer, state1, state2, p: "pt._Pass", block_row_base: int):
 
 def _step_rows(optimizer, w, g, s1, s2, hparams, t):
     """One optimizer step for rows ``w`` (``[n, D]`` fp32) with summed gradients ``g``, as
-    functional ops that Inductor fuses (compiled graphs; eager steps in place, see
+    functional ops that Inductor fuses (static path; the eager one steps in place, see
     :func:`_step_in_place`). ``hparams`` (lr, eps, weight_decay, beta1, beta2) and the step
     ``t`` are 0-d tensors.
     Returns the new ``(w, s1, s2)``.

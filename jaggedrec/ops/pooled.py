@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import pooled_torch
-from .registry import HAS_TRITON, define_op
+from .registry import HAS_TRITON, define_host_op, define_op
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -177,8 +177,33 @@ def pooled_embedding_bags_fused_update(
         tri.triton_fused_update(grad_out, weights, values, offsets, per_sample_weights, meta, plan, num_keys,
                                 optimizer, hparams, step, state1, state2)
         return
+    if weights.device.type == "cpu":
+        torch.ops.jaggedrec.pooled_embedding_bags_fused_update_host(
+            grad_out, weights, values, offsets, per_sample_weights, weight_offsets, rows, dims, keys, pooling,
+            num_keys, optimizer, hparams, step, state1, state2)
+        return
+    _fused_update_torch(grad_out, weights, values, offsets, per_sample_weights, weight_offsets, rows, dims, keys,
+                        pooling, num_keys, optimizer, hparams, step, state1, state2)
+
+
+@define_host_op("jaggedrec::pooled_embedding_bags_fused_update_host", mutates_args=("weights", "step", "state1", "state2"))
+def _fused_update_host(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+                       per_sample_weights: Optional[torch.Tensor], weight_offsets: List[int], rows: List[int],
+                       dims: List[int], keys: List[int], pooling: List[int], num_keys: int, optimizer: int,
+                       hparams: torch.Tensor, step: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor) -> None:
+    """The torch-path update on CPU, opaque to torch.compile, so that a compiled backward runs
+    the eager update (cache-sized chunks, touched rows streamed or scattered as the data
+    decides) and not its static-shape twin, whose ``[ids, dim]`` temporaries made a compiled
+    step at 20 ids per bag several times slower than the eager one."""
+    _fused_update_torch(grad_out, weights, values, offsets, per_sample_weights, weight_offsets, rows, dims, keys,
+                        pooling, num_keys, optimizer, hparams, step, state1, state2)
+
+
+def _fused_update_torch(grad_out, weights, values, offsets, per_sample_weights, weight_offsets, rows, dims, keys,
+                        pooling, num_keys, optimizer, hparams, step, state1, state2) -> None:
     from . import fused_torch, pooled_triton
-    fused_torch.fused_update(grad_out, weights, values, offsets, per_sample_weights, plan, num_keys, optimizer,
+    fused_torch.fused_update(grad_out, weights, values, offsets, per_sample_weights,
+                             _plan(weight_offsets, rows, dims, keys, pooling, num_keys), num_keys, optimizer,
                              hparams, step, state1, state2, pooled_triton.table_row_bases(weight_offsets, rows))
 
 

@@ -33,3 +33,18 @@ def define_op(name: str, mutates_args: Iterable[str] = ()) -> Callable:
         return op
 
     return decorate
+
+
+def define_host_op(name: str, mutates_args: Iterable[str]) -> Callable:
+    """Register ``fn``, which mutates ``mutates_args`` and returns None, as an opaque op.
+
+    torch.compile does not trace into it: a compiled graph calls it with real tensors, so its
+    body may read device data to the host and pick shapes from the data, as eager code does.
+    """
+
+    def decorate(fn: Callable):
+        op = torch.library.custom_op(name, mutates_args=tuple(mutates_args))(fn)
+        op.register_fake(lambda *args: None)
+        return op
+
+    return decorate
