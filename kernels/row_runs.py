@@ -32,7 +32,7 @@ def run_configs():
     if single_config():
         return [triton.Config({"BLOCK_U": 4, "UNROLL": 2}, num_warps=1)]
     return [triton.Config({"BLOCK_U": u, "UNROLL": r}, num_warps=w)
-            for u, r, w in [(16, 2, 4), (32, 2, 4), (32, 1, 8), (64, 1, 8)]]
+            for u, r, w in [(32, 2, 4), (32, 1, 8), (64, 1, 8)]]
 
 
 @triton.jit
@@ -58,7 +58,9 @@ def run_sums(start, length, longest, long_rank, cols, mask, grad_out_ptr, item_o
     """``[BLOCK_U, BLOCK_D]`` fp32: columns ``cols`` of each run's gradient, its contributions
     added in sorted order (a fixed order: the same bits on every run); a long run's comes
     ready-made from ``long_sums``. ``mask`` covers the live runs' columns."""
-    acc = tl.zeros(mask.shape, dtype=tl.float32)
+    long_rows = long_rank.to(tl.int64) * ROW_STRIDE
+    acc = tl.load(long_sums_ptr + long_rows[:, None] + cols[None, :], mask=(long_rank >= 0)[:, None] & mask,
+                  other=0.0)
     for j in range(0, longest, UNROLL):
         for k in tl.static_range(UNROLL):
             present = (j + k) < length
@@ -68,9 +70,6 @@ def run_sums(start, length, longest, long_rank, cols, mask, grad_out_ptr, item_o
             if HAS_SCALE:
                 grads = grads * tl.load(item_scale_ptr + item, mask=present, other=0.0)[:, None]
             acc += grads
-    long_rows = long_rank.to(tl.int64) * ROW_STRIDE
-    acc += tl.load(long_sums_ptr + long_rows[:, None] + cols[None, :], mask=(long_rank >= 0)[:, None] & mask,
-                   other=0.0)
     return acc
 
 
