@@ -101,6 +101,11 @@ def _train(opt_name, backend, weighted, lr_schedule=None, steps=5, seed=0, dims=
 TRITON = pytest.param("triton", marks=pytest.mark.interpret)
 
 
+def _stream_from(monkeypatch, touched_fraction):
+    """Make the eager update stream whole blocks from this fraction of touched rows on."""
+    monkeypatch.setattr(fused_torch, "_STREAM_MIN_TOUCHED", dict.fromkeys((1, 2, 3), touched_fraction))
+
+
 def _counted(fn, calls, name):
     def counting(*args):
         calls[name] += 1
@@ -122,12 +127,11 @@ def test_fused_optimizer_matches_dense_reference(opt_name, weighted, backend, mo
         monkeypatch.setattr(fused_torch, "_CHUNK_BYTES", 48)  # 1 to 4 rows
     # eager: touched rows only (as with few ids), or every row of the block streamed
     if backend in ("torch-scattered", "torch-chunked"):
-        monkeypatch.setattr(fused_torch, "_STREAM_MIN_TOUCHED", math.inf)
+        _stream_from(monkeypatch, math.inf)
     if backend in ("torch", "torch-chunked-streamed"):
-        monkeypatch.setattr(fused_torch, "_STREAM_MIN_TOUCHED", 0.0)
+        _stream_from(monkeypatch, 0.0)
     ebc, ref = _train(opt_name, "triton" if backend == "triton" else "torch", weighted)
-    # Adam's moments decay, so its rows are never streamed
-    streamed = backend in ("torch", "torch-chunked-streamed") and opt_name != "adam"
+    streamed = backend in ("torch", "torch-chunked-streamed")
     expected = set() if backend in ("torch-static", "triton") else {
         "_step_row_range" if streamed else "_step_scattered_rows"}
     assert {name for name, n in calls.items() if n} == expected
@@ -142,7 +146,7 @@ def test_row_range_and_scattered_updates_agree_bitwise(opt_name, data_type, monk
     """The eager update steps dense chunks of rows whole and sparse ones row by row; the two
     must leave every row, touched or not, and every state value exactly alike."""
     def train(min_touched):
-        monkeypatch.setattr(fused_torch, "_STREAM_MIN_TOUCHED", min_touched)
+        _stream_from(monkeypatch, min_touched)
         torch.manual_seed(3)
         configs = _configs((5, 5, 3))
         for c in configs:

@@ -15,6 +15,7 @@ that torch.compile does not trace into (``ops/pooled.py``).
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional
 
 import torch
@@ -95,10 +96,13 @@ _CHUNK_BYTES = 2 << 20
 # at a time, read and written in order, untouched ones left as they were; with fewer, only
 # the touched rows are gathered and written back. In order, a table streams at ~50 GB/s on a
 # 2-core EPYC; scattered rows were gathered at ~9 GB/s and written back at ~6, so at dim 64
-# a touched row costs as much as ~6-10 streamed ones. 26 x 100k x 64, 20 ids per bag, fused
-# SGD step: uniform ids (56% of rows touched) 166 -> 130 ms streamed; zipf-like ids (22%
-# touched) streamed ~10% slower than scattered.
-_STREAM_MIN_TOUCHED = 1 / 4
+# a touched row costs as much as ~6-10 streamed ones, but streaming also does the optimizer's
+# math for every row. 26 x 100k x 64, batch 4096, uniform ids, streamed vs scattered step:
+#   SGD:              34% touched 96 vs 112 ms, 56% 126 vs 155; zipf-like, 22%: ~10% slower
+#   row-wise Adagrad: 34% touched 138 vs 117 ms, 56% 170 vs 187
+#   Adam:             34% touched 366 vs 262 ms, 56% 364 vs 391
+# The thresholds sit near the break-even points those imply (linear in between).
+_STREAM_MIN_TOUCHED = {SGD: 1 / 4, ROWWISE_ADAGRAD: 1 / 2, ADAM: 1 / 2}
 
 
 def _update_touched_rows(block, states, ids, bags, grads, weights_of_ids, optimizer, hparams, step) -> None:
@@ -113,9 +117,7 @@ def _update_touched_rows(block, states, ids, bags, grads, weights_of_ids, optimi
     num_rows, dim = block.shape
     rows_per_chunk = max(1, _CHUNK_BYTES // (dim * 4))
     sorted_ids, order = pt._sort_rows(ids, num_rows)
-    # Only SGD and row-wise Adagrad leave a row as it was when stepped with a zero gradient;
-    # Adam's moments would decay
-    stream = optimizer != ADAM and int((sorted_ids[1:] != sorted_ids[:-1]).sum()) + 1 >= num_rows * _STREAM_MIN_TOUCHED
+    stream = int((sorted_ids[1:] != sorted_ids[:-1]).sum()) + 1 >= num_rows * _STREAM_MIN_TOUCHED[optimizer]
     # streamed, one run per row (empty for untouched rows): a chunk of runs is a range of rows
     runs = pt._row_runs(sorted_ids, order, bags, weights_of_ids, num_rows, unique=not stream)
     run_offsets = runs.run_offsets
@@ -129,7 +131,7 @@ def _update_touched_rows(block, states, ids, bags, grads, weights_of_ids, optimi
                                per_sample_weights=None if runs.weights is None else runs.weights[a:b])  # [hi-lo, D]
         if stream:
             touched = run_offsets[lo + 1:hi + 1] > run_offsets[lo:hi] if optimizer != SGD else None
-            _step_row_range(block, states, lo, hi, sums, touched, optimizer, hparams)
+            _step_row_range(block, states, lo, hi, sums, touched, optimizer, hparams, step)
         else:
             _step_scattered_rows(block, states, runs.rows[lo:hi].long(), sums, optimizer, hparams, step)
 
@@ -145,14 +147,13 @@ def _step_scattered_rows(block, states, rows, sums, optimizer, hparams, step) ->
             dest.index_copy_(0, rows, value.to(dest.dtype))
 
 
-def _step_row_range(block, states, lo, hi, sums, touched, optimizer, hparams) -> None:
-    """Step rows ``lo:hi`` (SGD or row-wise Adagrad) in place with summed gradients ``sums``
-    (``[hi-lo, D]``, zero for untouched rows, consumed); ``touched``: ``[hi-lo]`` bool, or
-    None for SGD, which has no weight decay."""
+def _step_row_range(block, states, lo, hi, sums, touched, optimizer, hparams, step) -> None:
+    """Step rows ``lo:hi`` in place with summed gradients ``sums`` (``[hi-lo, D]``, zero for
+    untouched rows, consumed); ``touched``: ``[hi-lo]`` bool, or None for SGD, for which a
+    zero gradient is no step."""
     w = block[lo:hi]
     work = w if w.dtype == torch.float32 else w.float()
-    # a zero gradient leaves a row as it was, bit for bit; weight decay must not reach it
-    _step_in_place(optimizer, work, sums, *(None if s is None else s[lo:hi] for s in states), hparams, 0,
+    _step_in_place(optimizer, work, sums, *(None if s is None else s[lo:hi] for s in states), hparams, step,
                    touched=touched)
     if work is not w:
         w.copy_(work)
@@ -164,7 +165,8 @@ def _step_in_place(optimizer, w, g, s1, s2, hparams, step, touched=None) -> None
 
     The formulas of :func:`_step_rows`, in fewer passes over the chunk: in-place ops, no
     temporaries of ``[n, D]`` but one. ``touched``: ``[n]`` bool, None when all rows were
-    touched; untouched rows (zero gradient) get neither weight decay nor a step.
+    touched; untouched rows (zero gradient) come out bit for bit as they were: no weight
+    decay, no step, no moment decay.
     """
     lr, eps, weight_decay, beta1, beta2 = hparams
     if optimizer == SGD:
@@ -182,9 +184,14 @@ def _step_in_place(optimizer, w, g, s1, s2, hparams, step, touched=None) -> None
             step_size = torch.where(touched, step_size, 0.0)
         w.addcmul_(g, step_size.unsqueeze(1), value=-1)
         return
-    s1.mul_(beta1).add_(g, alpha=1 - beta1)
-    s2.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    # Adam: moments move toward g by lerp, whose weight is 0 for untouched rows (lazy Adam
+    # leaves their moments alone), and their step divides by an infinite denominator
+    keep = None if touched is None else touched.unsqueeze(1).to(w.dtype)
+    s1.lerp_(g, 1 - beta1 if keep is None else keep * (1 - beta1))
+    s2.lerp_(g.square_(), 1 - beta2 if keep is None else keep * (1 - beta2))
     denominator = s2.div(1 - beta2 ** step).sqrt_().add_(eps)
+    if touched is not None:
+        denominator.masked_fill_(~touched.unsqueeze(1), math.inf)
     w.addcdiv_(s1, denominator, value=-lr / (1 - beta1 ** step))
 
 
