@@ -99,7 +99,8 @@ def test_bounds_check_off_trusts_ids():
     kjt = kjt.to(torch.device(DEVICE))
     ebc = jr.EmbeddingBagCollection(configs, backend="triton", validate=False, bounds_check="off", device=DEVICE)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        # ours only: triton 3.6's interpreter raises numpy deprecation warnings of its own
+        warnings.filterwarnings("error", message="EmbeddingBagCollection")
         out = ebc(kjt)
     assert torch.allclose(out["item"][1], ebc.embedding_bags["t_item"].weight[6])
     assert out["item"].device.type == DEVICE
