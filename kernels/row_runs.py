@@ -31,6 +31,7 @@ from .common import META_FIELDS, block_d, persistent_programs, single_config, wr
 def run_configs():
     if single_config():
         return [triton.Config({"BLOCK_U": 4, "UNROLL": 2}, num_warps=1)]
+    # no 16-run tiles: triton 3.6 (the GPU machines') fails to lay out the run sums' loop at 16
     return [triton.Config({"BLOCK_U": u, "UNROLL": r}, num_warps=w)
             for u, r, w in [(32, 2, 4), (32, 1, 8), (64, 1, 8)]]
 
@@ -58,6 +59,8 @@ def run_sums(start, length, longest, long_rank, cols, mask, grad_out_ptr, item_o
     """``[BLOCK_U, BLOCK_D]`` fp32: columns ``cols`` of each run's gradient, its contributions
     added in sorted order (a fixed order: the same bits on every run); a long run's comes
     ready-made from ``long_sums``. ``mask`` covers the live runs' columns."""
+    # start from the long runs' sums (a long run has length 0 here, every other run loads 0):
+    # added after the loop instead, the same sum, triton 3.6 could not lay the loop out
     long_rows = long_rank.to(tl.int64) * ROW_STRIDE
     acc = tl.load(long_sums_ptr + long_rows[:, None] + cols[None, :], mask=(long_rank >= 0)[:, None] & mask,
                   other=0.0)

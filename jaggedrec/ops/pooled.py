@@ -170,9 +170,9 @@ def pooled_embedding_bags_fused_update(
         state1: row-wise Adagrad ``[R]`` (R = rows of all tables), Adam ``[W]`` first moments.
         state2: Adam ``[W]`` second moments. Unused states may be empty.
     """
-    plan = _plan(weight_offsets, rows, dims, keys, pooling, num_keys)
     if use_kernels(backend, weights.device):
         tri = _triton()
+        plan = _plan(weight_offsets, rows, dims, keys, pooling, num_keys)
         meta = tri.feature_meta(plan, weight_offsets, rows, dims, keys, pooling, weights)
         tri.triton_fused_update(grad_out, weights, values, offsets, per_sample_weights, meta, plan, num_keys,
                                 optimizer, hparams, step, state1, state2)
