@@ -11,10 +11,18 @@ import triton
 import triton.language as tl
 
 try:  # inside a triton_op body, launches must go through wrap_triton so torch.compile can trace them
-    from torch.library import wrap_triton
+    from torch.library import wrap_triton as _torch_wrap_triton
 except ImportError:  # pragma: no cover - torch < 2.6
-    def wrap_triton(kernel):
+    _torch_wrap_triton = None
+
+
+def wrap_triton(kernel):
+    # interpreted kernels are never traced; torch 2.11's wrap_triton, outside a triton_op, would
+    # try and fail on an autotuned one (torch 2.13 hands it back unwrapped, as here)
+    if _torch_wrap_triton is None or interpreting():
         return kernel
+    return _torch_wrap_triton(kernel)
+
 
 # Column layout of the per-feature metadata tensor, ``[F, META_FIELDS]`` int64: the table's
 # element offset in the flat weights, dim, rows, the feature's output column, its KJT key,

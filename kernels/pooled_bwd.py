@@ -25,6 +25,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 import triton.language as tl
 
 from .common import META_FIELDS, block_d, single_config, wrap_triton
+from .tuning import autotune
 
 
 def _q_configs(sizes):
@@ -64,7 +65,7 @@ def _aligned_rows(live, row, dim, sample, out_column, grad_stride, DIM_ALIGN: tl
     return row, dim, grad_row
 
 
-@triton.autotune(configs=_q_configs([(16, 2), (32, 4), (64, 8)]), key=["BLOCK_D", "HAS_PSW", "DIM_ALIGN"])
+@autotune(configs=_q_configs([(16, 2), (32, 4), (64, 8)]), key=["BLOCK_D", "HAS_PSW", "DIM_ALIGN"])
 @triton.jit
 def _rows_grad_atomic_kernel(
     grad_out_ptr, grad_stride, rows_ptr, contrib_feature_ptr, bag_of_value_ptr, offsets_ptr, psw_ptr,
@@ -87,7 +88,7 @@ def _rows_grad_atomic_kernel(
         tl.atomic_add(dest_ptr + row[:, None] + cols[None, :], grads * scale[:, None], mask=mask, sem="relaxed")
 
 
-@triton.autotune(configs=_q_configs([(16, 2), (32, 4), (64, 8)]), key=["BLOCK_D", "DIM_ALIGN"])
+@autotune(configs=_q_configs([(16, 2), (32, 4), (64, 8)]), key=["BLOCK_D", "DIM_ALIGN"])
 @triton.jit
 def _psw_grad_kernel(
     grad_out_ptr, grad_stride, weights_ptr, rows_ptr, contrib_feature_ptr, bag_of_value_ptr, offsets_ptr,

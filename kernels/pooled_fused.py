@@ -21,6 +21,7 @@ import triton.language as tl
 
 from .common import META_FIELDS, persistent_programs, wrap_triton
 from .row_runs import Runs, launch_args, run_configs, run_sums, run_tile
+from .tuning import autotune
 
 SGD, ROWWISE_ADAGRAD, ADAM = 1, 2, 3
 
@@ -68,7 +69,7 @@ def _step_tile(g, w, element, mask, step_size, weights_ptr, state1_ptr, state2_p
     tl.store(weights_ptr + element, w.to(weights_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=run_configs(), key=["BLOCK_D", "HAS_SCALE", "DIM_ALIGN", "OPTIMIZER"])
+@autotune(configs=run_configs(), key=["BLOCK_D", "HAS_SCALE", "DIM_ALIGN", "OPTIMIZER"])
 @triton.jit
 def _fused_update_kernel(
     grad_out_ptr, num_runs_ptr, run_start_ptr, run_row_ptr, run_feature_ptr, item_offset_ptr, item_scale_ptr,

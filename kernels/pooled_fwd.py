@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .common import META_FIELDS, block_d, single_config, wrap_triton
+from .tuning import autotune
 
 
 def _configs():
@@ -25,7 +26,7 @@ def _configs():
     ]
 
 
-@triton.autotune(configs=_configs(), key=["num_features", "BLOCK_D", "HAS_PSW", "DIM_ALIGN"])
+@autotune(configs=_configs(), key=["num_features", "BLOCK_D", "HAS_PSW", "DIM_ALIGN"])
 @triton.jit
 def _pooled_fwd_kernel(
     weights_ptr, values_ptr, offsets_ptr, psw_ptr, meta_ptr, out_ptr, errors_ptr,
@@ -68,8 +69,15 @@ def _pooled_fwd_kernel(
                     present = present & ~bad
                     if d0 == 0:
                         num_bad += tl.sum(bad.to(tl.int32), axis=0)
+                    row_mask = present[:, None]
+                else:
+                    # the same mask, compared afresh in 2-D: with one `present` masking both the
+                    # ids load and the row load, triton 3.6's layout pass moved the ids load to
+                    # the rows' layout but left its mask behind (an invalid tt.load: no build
+                    # at BLOCK_B >= 32); with bounds checks the row mask already differs
+                    row_mask = (j + u) < lengths[:, None]
                 rows = tl.load(table_ptr + ids[:, None] * dim + cols[None, :],
-                               mask=present[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+                               mask=row_mask & col_mask[None, :], other=0.0).to(tl.float32)
                 if HAS_PSW:
                     w = tl.load(psw_ptr + starts + j + u, mask=present, other=0.0).to(tl.float32)
                     rows = rows * w[:, None]

@@ -26,6 +26,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 import triton.language as tl
 
 from .common import META_FIELDS, block_d, persistent_programs, single_config, wrap_triton
+from .tuning import autotune
 
 
 def run_configs():
@@ -84,7 +85,7 @@ def _long_run_config():
     return [triton.Config({"BLOCK_Q": 32}, num_warps=4)]
 
 
-@triton.autotune(configs=_long_run_config(), key=["BLOCK_D"])
+@autotune(configs=_long_run_config(), key=["BLOCK_D"])
 @triton.jit
 def _long_run_sums_kernel(
     grad_out_ptr, num_long_ptr, long_runs_ptr, run_start_ptr, run_feature_ptr, item_offset_ptr, item_scale_ptr,
@@ -118,7 +119,7 @@ def _long_run_sums_kernel(
             tl.store(long_sums_ptr + (i + tl.zeros([], dtype=tl.int64)) * ROW_STRIDE + cols, acc, mask=col_mask)
 
 
-@triton.autotune(configs=run_configs(), key=["BLOCK_D", "HAS_SCALE", "DIM_ALIGN", "DENSE"])
+@autotune(configs=run_configs(), key=["BLOCK_D", "HAS_SCALE", "DIM_ALIGN", "DENSE"])
 @triton.jit
 def _rows_grad_kernel(
     grad_out_ptr, num_runs_ptr, run_start_ptr, run_row_ptr, run_feature_ptr, item_offset_ptr, item_scale_ptr,

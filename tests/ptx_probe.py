@@ -2,23 +2,35 @@
 memory instructions by kind. Run as a script, without TRITON_INTERPRET (``test_codegen``).
 
     python tests/ptx_probe.py ALIGNMENT   ->  {"fwd": {"ld.global.v4.b32": 8, ...}, ...}
-    python tests/ptx_probe.py sweep       ->  {"compiled": 61, "failed": ["fused OPTIMIZER=3 ...", ...]}
+    python tests/ptx_probe.py sweep       ->  {"compiled": 228, "failed": ["fwd BOUNDS_CHECK=False ...", ...], ...}
+    python tests/ptx_probe.py sweep --strict   (the same, exiting with 1 when a variant fails)
 
-``sweep`` compiles every variant the library can launch (each constexpr switch, table dtype,
-id dtype and autotune config), so that a Triton release that cannot build one of them is
-found before a GPU is spent on it: triton 3.6, which the GPU machines have, failed on the
-backward's run sums while 3.9 built them.
+``sweep`` builds every variant the library can launch, so that a Triton release that cannot
+build one is found before a GPU is spent on it: every combination of each kernel's constexpr
+switches at every autotune config (the tuned ones and JAGGEDREC_AUTOTUNE=0's), then each table
+dtype, id dtype, per-id weight dtype and dim layout at every config. Triton 3.6, which the GPU
+machines have, failed on the backward's run sums, and on the forward without bounds checks at
+32+ bags (a single config per switch, as the sweep once built, missed that); 3.9 built both.
+Builds run in two processes (``JAGGEDREC_SWEEP_PROCESSES``); a kernel constexpr the sweep
+does not cover counts as a failure.
 """
 
+import itertools
 import json
+import multiprocessing
+import os
 import re
 import sys
+import time
 from collections import Counter
+
+os.environ["JAGGEDREC_AUTOTUNE"] = "1"  # the kernels' configs are the tuned ones, whatever the caller's setting
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from jaggedrec.kernels import pooled_bwd, pooled_fused, pooled_fwd, row_runs
+from jaggedrec.kernels.common import block_d
 
 def ptx(kernel, types, constexprs, num_warps=4):
     fn = getattr(kernel, "fn", kernel) if hasattr(kernel, "configs") else kernel  # under triton.autotune or not
@@ -48,52 +60,114 @@ CONTRIB = dict(grad_out_ptr=f32, grad_stride="i32", rows_ptr=i64, contrib_featur
                max_dim="i32")
 
 
-def sweep():
-    """Compile each kernel for every autotune config at a base variant, then each switch,
-    table dtype and id dtype off that base; return the variants that failed."""
-    kernels = [  # (name, kernel, argument types, base constexprs, variants: (what, types, constexprs))
-        ("fwd", pooled_fwd._pooled_fwd_kernel, FWD,
-         dict(HAS_PSW=False, BOUNDS_CHECK=True, BLOCK_D=64, DIM_ALIGN=4),
-         [("psw", {}, dict(HAS_PSW=True)), ("no bounds check", {}, dict(BOUNDS_CHECK=False)),
-          ("fp16", {"weights_ptr": "*fp16"}, {}), ("bf16", {"weights_ptr": "*bf16"}, {}),
-          ("int32 ids", {"values_ptr": "*i32", "offsets_ptr": "*i32"}, {}), ("dim 130", {}, dict(BLOCK_D=256,
-                                                                                                 DIM_ALIGN=2)),
-          ("odd dims", {}, dict(DIM_ALIGN=1, BLOCK_D=8))]),
-        ("rows_grad", row_runs._rows_grad_kernel, dict(RUNS, dest_ptr=f32),
-         dict(DENSE=True, ROW_STRIDE=64, HAS_SCALE=False, DIM_ALIGN=4, BLOCK_D=64),
-         [("compact", {}, dict(DENSE=False)), ("scale", {}, dict(HAS_SCALE=True)),
-          ("odd dims", {}, dict(DIM_ALIGN=1, BLOCK_D=8, ROW_STRIDE=7))]),
-        ("long_runs", row_runs._long_run_sums_kernel, LONG,
-         dict(ROW_STRIDE=64, HAS_SCALE=False, DIM_ALIGN=4, BLOCK_D=64),
-         [("scale", {}, dict(HAS_SCALE=True)), ("odd dims", {}, dict(DIM_ALIGN=1, BLOCK_D=8, ROW_STRIDE=7))]),
-        ("fused", pooled_fused._fused_update_kernel, FUSED,
-         dict(OPTIMIZER=2, HAS_SCALE=False, DIM_ALIGN=4, ROW_STRIDE=64, BLOCK_D=64, ONE_TILE=True),
-         [(f"OPTIMIZER={o} ONE_TILE={t}", {}, dict(OPTIMIZER=o, ONE_TILE=t)) for o in (1, 2, 3) for t in (True, False)]
-         + [("scale", {}, dict(HAS_SCALE=True)), ("fp16", {"weights_ptr": "*fp16"}, {}),
-            ("bf16", {"weights_ptr": "*bf16"}, {}), ("odd dims", {}, dict(DIM_ALIGN=1, BLOCK_D=8, ROW_STRIDE=7))]),
-        ("rows_grad_atomic", pooled_bwd._rows_grad_atomic_kernel, dict(CONTRIB, psw_ptr=f32, dest_ptr=f32),
-         dict(HAS_PSW=False, DIM_ALIGN=4, BLOCK_D=64), [("psw", {}, dict(HAS_PSW=True))]),
-        ("psw_grad", pooled_bwd._psw_grad_kernel, dict(CONTRIB, weights_ptr=f32, out_ptr=f32),
-         dict(DIM_ALIGN=4, BLOCK_D=64), [("fp16", {"weights_ptr": "*fp16"}, {})]),
-    ]
-    compiled, failed = 0, []
-    for name, kernel, types, base, variants in kernels:
-        configs = [(f"config {c.kwargs} warps {c.num_warps}", {}, dict(c.kwargs), c.num_warps) for c in kernel.configs]
-        first = dict(configs[0][2])
-        for what, extra_types, extra, *warps in configs + [v + (kernel.configs[0].num_warps,) for v in variants]:
-            constexprs = dict(base, **first)
-            constexprs.update(extra)
-            try:
-                ptx(kernel, dict(types, **extra_types), constexprs, *warps)
-                compiled += 1
-            except Exception as e:  # noqa: BLE001 - report every failure, keep going
-                failed.append(f"{name} {what}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-    return {"compiled": compiled, "failed": failed}
+# The dims a launch can have, as the launchers turn them into constexprs: BLOCK_D from the
+# widest dim (common.block_d: dim 130 loops over 128-wide tiles), DIM_ALIGN the power of two
+# dividing every dim and offset, ROW_STRIDE the widest dim, ONE_TILE whether it fits one tile.
+def dims(max_dim, align):
+    bd = block_d(max_dim)
+    return dict(BLOCK_D=bd, DIM_ALIGN=align, ROW_STRIDE=max_dim, ONE_TILE=max_dim <= bd)
 
+
+BASE_DIMS = dims(64, 4)
+DIM_VARIANTS = [("dim 1", dims(1, 1)), ("dim 130", dims(130, 2))]
+TABLES = [("fp16 tables", {"weights_ptr": "*fp16"}), ("bf16 tables", {"weights_ptr": "*bf16"})]
+# 16-byte vectors of a 16-bit table need 8-aligned dims (fp32 gets them from 4 on)
+ALIGNED_16BIT = ("fp16 tables 16-aligned", {"weights_ptr": "*fp16"}, dims(64, 16))
+PSW = [("fp16 per-id weights", {"psw_ptr": "*fp16"}), ("fp64 per-id weights", {"psw_ptr": "*fp64"})]
+
+
+def _kernels():
+    """(name, kernel, argument types, switches, extra variants). Every combination of the
+    switches is built at every config; each extra variant (what, types, constexprs) at every
+    config, with the switches at their first values unless it sets them."""
+    tables = [(w, t, {}) for w, t in TABLES] + [ALIGNED_16BIT]
+    psw = [(w, t, dict(HAS_PSW=True)) for w, t in PSW]
+    wide = [(w, {}, c) for w, c in DIM_VARIANTS]
+    i32_ids = [("int32 ids", {"values_ptr": "*i32", "offsets_ptr": "*i32"}, {})]
+    i32_offsets = [("int32 offsets", {"offsets_ptr": "*i32"}, {})]
+    return [
+        ("fwd", pooled_fwd._pooled_fwd_kernel, FWD, dict(HAS_PSW=[False, True], BOUNDS_CHECK=[True, False]),
+         tables + i32_ids + wide + psw),
+        ("rows_grad", row_runs._rows_grad_kernel, dict(RUNS, dest_ptr=f32),
+         dict(DENSE=[True, False], HAS_SCALE=[False, True]), wide),
+        ("long_runs", row_runs._long_run_sums_kernel, LONG, dict(HAS_SCALE=[False, True]), wide),
+        ("fused", pooled_fused._fused_update_kernel, FUSED,
+         dict(OPTIMIZER=[2, 1, 3], ONE_TILE=[True, False], HAS_SCALE=[False, True]), tables + wide),
+        ("rows_grad_atomic", pooled_bwd._rows_grad_atomic_kernel, dict(CONTRIB, psw_ptr=f32, dest_ptr=f32),
+         dict(HAS_PSW=[False, True]), i32_offsets + wide + psw),
+        ("psw_grad", pooled_bwd._psw_grad_kernel, dict(CONTRIB, weights_ptr=f32, out_ptr=f32), {},
+         tables + i32_offsets + wide),
+    ]
+
+
+def _untuned_configs():
+    """Per kernel, the config it launches with JAGGEDREC_AUTOTUNE=0 (correctness runs on GPUs)."""
+    os.environ["JAGGEDREC_AUTOTUNE"] = "0"
+    try:
+        return {"fwd": pooled_fwd._configs(), "rows_grad": row_runs.run_configs(),
+                "long_runs": row_runs._long_run_config(), "fused": row_runs.run_configs(),
+                "rows_grad_atomic": pooled_bwd._q_configs([]), "psw_grad": pooled_bwd._q_configs([])}
+    finally:
+        os.environ["JAGGEDREC_AUTOTUNE"] = "1"
+
+
+def variants():
+    """Every (label, kernel name, argument types, constexprs, num_warps) the sweep builds, and
+    the constexprs of a kernel that it does not cover (a new switch must be added here)."""
+    out, uncovered = [], []
+    untuned = _untuned_configs()
+    for name, kernel, types, switches, extras in _kernels():
+        configs = list({(tuple(sorted(c.kwargs.items())), c.num_warps): c
+                        for c in kernel.configs + untuned[name]}.values())
+        params = {p.name for p in kernel.fn.params if p.is_constexpr}
+        covered = set(switches) | set(BASE_DIMS) | {k for c in configs for k in c.kwargs}
+        uncovered += [f"{name}: constexpr {p} is not swept" for p in sorted(params - covered)]
+        first = {k: v[0] for k, v in switches.items()}
+        combos = [("", dict(zip(switches, values)), {}) for values in itertools.product(*switches.values())]
+        combos += [(" " + what, dict(first, **extra), extra_types) for what, extra_types, extra in extras]
+        for what, constexprs, extra_types in combos:
+            for c in configs:
+                full = {k: v for k, v in dict(BASE_DIMS, **constexprs).items() if k in params}
+                full.update(c.kwargs)
+                label = " ".join(f"{k}={v}" for k, v in constexprs.items() if k in switches)
+                out.append((f"{name}{what} {label} config {c.kwargs} warps {c.num_warps}".replace("  ", " "),
+                            name, dict(types, **extra_types), full, c.num_warps))
+    return out, uncovered
+
+
+def _build(variant):
+    label, name, types, constexprs, num_warps = variant
+    kernel = KERNELS[name]
+    try:
+        ptx(kernel, types, constexprs, num_warps)
+        return None
+    except Exception as e:  # noqa: BLE001 - report every failure, keep going
+        return f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def sweep(processes=2):
+    """Build every variant (see ``variants``) in ``processes`` worker processes: the count
+    built, the failures, and the time taken."""
+    todo, uncovered = variants()
+    start = time.time()
+    if processes > 1:
+        # forked before any build; compiles are independent, so they split evenly
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            results = pool.map(_build, todo, chunksize=4)
+    else:
+        results = [_build(v) for v in todo]
+    failed = [r for r in results if r]
+    return {"compiled": len(todo) - len(failed), "failed": uncovered + failed, "variants": len(todo),
+            "seconds": round(time.time() - start, 1), "triton": triton.__version__}
+
+
+KERNELS = {name: kernel for name, kernel, *_ in _kernels()}
 
 if sys.argv[1] == "sweep":
-    print(json.dumps(sweep()))
-    sys.exit(0)
+    result = sweep(int(os.environ.get("JAGGEDREC_SWEEP_PROCESSES", "2")))
+    print(json.dumps(result))
+    # --strict (CI): the exit status says whether every variant built
+    sys.exit(1 if "--strict" in sys.argv and result["failed"] else 0)
 align = int(sys.argv[1])
 out = {}
 out["fwd"] = ptx_ops(pooled_fwd._pooled_fwd_kernel, FWD,
