@@ -37,9 +37,26 @@ def use_kernels(backend: str, device: torch.device) -> bool:
     return HAS_TRITON and device.type == "cuda"
 
 
-def _triton():
+def _triton(*storage: torch.Tensor):
+    """The Triton path, for ``storage`` (flat weights, optimizer state) that the kernels index
+    as dense ``[W]`` tensors; they are updated in place, so a strided one cannot be copied."""
+    for t in storage:
+        if not t.is_contiguous():
+            raise ValueError(f"the Triton kernels need contiguous flat tables and optimizer state, got a tensor "
+                             f"of shape {tuple(t.shape)} and strides {t.stride()}")
     from . import pooled_triton  # imported lazily: it pulls in the kernels
     return pooled_triton
+
+
+def _batch_inputs(values: torch.Tensor, offsets: torch.Tensor, per_sample_weights: Optional[torch.Tensor]):
+    """The batch as both paths index it: dense 1-D tensors (the kernels compute addresses as if
+    every stride were 1; a column of an ``[N, 3]`` batch, or an expanded stride-0 tensor, would
+    be misread), offsets int32 or int64. A tensor that already is so is passed through; any
+    other costs one copy."""
+    if offsets.dtype not in (torch.int32, torch.int64):
+        offsets = offsets.long()
+    return (values.contiguous(), offsets.contiguous(),
+            None if per_sample_weights is None else per_sample_weights.contiguous())
 
 
 @define_op("jaggedrec::pooled_embedding_bags")
@@ -80,16 +97,18 @@ def pooled_embedding_bags(
         deterministic: (kernels) bit-identical weight gradients, by sorting; else atomics.
         optimizer: 0 for an ordinary weight gradient; 1 SGD, 2 row-wise Adagrad, 3 Adam to
             update the touched rows inside the backward instead, with no weight gradient.
-        optimizer_state: with an optimizer, ``[hparams [5], step [1], state1, state2]`` (see
-            :func:`pooled_embedding_bags_fused_update`); else empty.
+        optimizer_state: with an optimizer, ``[hparams [5], step [1], state1, state2, trigger [0]]``
+            (see :func:`pooled_embedding_bags_fused_update`): the step runs in the backward when
+            ``trigger``, or ``weights``, requires grad; else empty.
     Returns:
         ``[B, sum(dims)]`` fp32, features side by side in the order given, and ``[F]`` int64
         counts of ids skipped by the bounds check (always zero on the torch path, whose
         callers validate ids beforehand).
     """
     plan = _plan(weight_offsets, rows, dims, keys, pooling, num_keys)
+    values, offsets, per_sample_weights = _batch_inputs(values, offsets, per_sample_weights)
     if use_kernels(backend, weights.device):
-        tri = _triton()
+        tri = _triton(weights)
         meta = tri.feature_meta(plan, weight_offsets, rows, dims, keys, pooling, weights)
         return tri.triton_forward(weights, values, offsets, per_sample_weights, meta, plan, num_keys, bounds_check)
     pooled = pooled_torch.pooled_forward(weights, values, offsets, per_sample_weights, plan, num_keys)
@@ -123,8 +142,9 @@ def pooled_embedding_bags_backward(
         ``[N]`` fp32 per-sample-weight gradient (``[0]`` unless ``need_psw_grad``).
     """
     plan = _plan(weight_offsets, rows, dims, keys, pooling, num_keys)
+    values, offsets, per_sample_weights = _batch_inputs(values, offsets, per_sample_weights)
     if use_kernels(backend, weights.device):
-        tri = _triton()
+        tri = _triton(weights)
         meta = tri.feature_meta(plan, weight_offsets, rows, dims, keys, pooling, weights)
         grad_weights, grad_psw = tri.triton_backward(grad_out, weights, values, offsets, per_sample_weights, meta,
                                                      plan, num_keys, need_weight_grad, need_psw_grad, deterministic)
@@ -170,8 +190,9 @@ def pooled_embedding_bags_fused_update(
         state1: row-wise Adagrad ``[R]`` (R = rows of all tables), Adam ``[W]`` first moments.
         state2: Adam ``[W]`` second moments. Unused states may be empty.
     """
+    values, offsets, per_sample_weights = _batch_inputs(values, offsets, per_sample_weights)
     if use_kernels(backend, weights.device):
-        tri = _triton()
+        tri = _triton(weights, state1, state2)
         plan = _plan(weight_offsets, rows, dims, keys, pooling, num_keys)
         meta = tri.feature_meta(plan, weight_offsets, rows, dims, keys, pooling, weights)
         tri.triton_fused_update(grad_out, weights, values, offsets, per_sample_weights, meta, plan, num_keys,
@@ -211,8 +232,9 @@ def _sparse_weight_grad(grad_out, weights, values, offsets, psw, static) -> torc
     """``[W]`` sparse COO gradient holding only the elements of touched rows."""
     weight_offsets, rows, dims, keys, pooling, num_keys, backend = static
     plan = _plan(weight_offsets, rows, dims, keys, pooling, num_keys)
+    values, offsets, psw = _batch_inputs(values, offsets, psw)
     if use_kernels(backend, weights.device):
-        tri = _triton()
+        tri = _triton(weights)
         meta = tri.feature_meta(plan, weight_offsets, rows, dims, keys, pooling, weights)
         return tri.triton_sparse_grad(grad_out, weights, values, offsets, psw, meta, plan, num_keys)
     index_parts, value_parts = [], []
@@ -231,7 +253,7 @@ def _sparse_weight_grad(grad_out, weights, values, offsets, psw, static) -> torc
 def _setup_context(ctx, inputs, output) -> None:
     (weights, values, offsets, psw, weight_offsets, rows, dims, keys, pooling, num_keys, backend,
      _bounds_check, sparse_grad, deterministic, optimizer, optimizer_state) = inputs
-    ctx.save_for_backward(weights, values, offsets, psw, *optimizer_state)
+    ctx.save_for_backward(weights, values, offsets, psw, *optimizer_state[:4])
     ctx.static = (weight_offsets, rows, dims, keys, pooling, num_keys, backend)
     ctx.sparse_grad = sparse_grad
     ctx.deterministic = deterministic
@@ -242,23 +264,30 @@ def _backward(ctx, grad_out, _grad_errors):
     weights, values, offsets, psw, *optimizer_state = ctx.saved_tensors
     need_weight_grad, _, _, need_psw_grad = ctx.needs_input_grad[:4]
     need_psw_grad = bool(need_psw_grad and psw is not None)
+    trigger_grad = bool(ctx.optimizer and ctx.needs_input_grad[15][-1])
     grad_weights = grad_psw = None
-    if ctx.optimizer and need_weight_grad:  # the step happens here; no gradient leaves
-        torch.ops.jaggedrec.pooled_embedding_bags_fused_update(
-            grad_out.contiguous(), weights, values, offsets, psw, *ctx.static, ctx.optimizer, *optimizer_state)
-        need_weight_grad = False
-    elif ctx.sparse_grad and need_weight_grad:
-        grad_weights = _sparse_weight_grad(grad_out, weights, values, offsets, psw, ctx.static)
-        need_weight_grad = False
-    if need_weight_grad or need_psw_grad:
+    # the step happens here; no weight gradient leaves
+    fused_step = bool(ctx.optimizer and (need_weight_grad or trigger_grad))
+    sparse = bool(ctx.sparse_grad and need_weight_grad)
+    dense_weight_grad = need_weight_grad and not (fused_step or sparse)
+    # before the fused step: d(out)/d(per-sample weight) is a row as the forward read it
+    if dense_weight_grad or need_psw_grad:
         dense_w, dense_psw = torch.ops.jaggedrec.pooled_embedding_bags_backward(
             grad_out.contiguous(), weights, values, offsets, psw, *ctx.static,
-            need_weight_grad, need_psw_grad, ctx.deterministic)
-        if need_weight_grad:
+            dense_weight_grad, need_psw_grad, ctx.deterministic)
+        if dense_weight_grad:
             grad_weights = dense_w
         if need_psw_grad:
             grad_psw = dense_psw.to(psw.dtype)
-    return (grad_weights, None, None, grad_psw) + (None,) * 11 + ([None] * len(optimizer_state),)
+    if fused_step:
+        torch.ops.jaggedrec.pooled_embedding_bags_fused_update(
+            grad_out.contiguous(), weights, values, offsets, psw, *ctx.static, ctx.optimizer, *optimizer_state)
+    elif sparse:
+        grad_weights = _sparse_weight_grad(grad_out, weights, values, offsets, psw, ctx.static)
+    state_grads = [None] * len(ctx.needs_input_grad[15])
+    if trigger_grad:
+        state_grads[-1] = grad_out.new_zeros(0, dtype=torch.float32)
+    return (grad_weights, None, None, grad_psw) + (None,) * 11 + (state_grads,)
 
 
 pooled_embedding_bags.register_autograd(_backward, setup_context=_setup_context)

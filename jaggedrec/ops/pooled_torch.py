@@ -34,6 +34,10 @@ _PER_FEATURE_MIN_IDS = 4096
 # batch of millions of ids does not allocate [N, D] temporaries at once.
 _PSW_GRAD_CHUNK = 1 << 18
 
+# fp16/bf16 rows are widened to fp32 before they are summed, this many bytes of widened rows
+# at a time (eager CPU), so that the widened copy is still in cache when it is summed.
+_WIDE_CHUNK_BYTES = 1 << 20
+
 
 @dataclass(frozen=True)
 class _Pass:
@@ -166,6 +170,42 @@ def _host_readable(*tensors: torch.Tensor) -> bool:
             and not any(is_fake(t) for t in tensors))
 
 
+def _pooled_rows(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, psw: Optional[torch.Tensor],
+                 mean: bool) -> torch.Tensor:
+    """``[n, D]`` fp32: bag ``i`` pools ``table[ids[offsets[i]:offsets[i+1]]]``, times ``psw``
+    (``[N]`` or None), summed in fp32; ``mean`` divides by the bag length (unweighted only).
+
+    Args:
+        ids: ``[N]`` rows of ``table`` (``[R, D]``); offsets: ``[n+1]``, in the ids' dtype.
+    """
+    mode = "mean" if mean else "sum"
+    if table.dtype == torch.float32:
+        return F.embedding_bag(ids, table, offsets, mode=mode, include_last_offset=True,
+                               per_sample_weights=None if psw is None else psw.to(torch.float32))
+    # embedding_bag sums fp16/bf16 rows into an output of their own dtype: two fp16 rows of 40000
+    # would give inf, and bf16 1 + 2**-8 would give 1. So gather, widen, then sum widened rows.
+    num_bags = offsets.shape[0] - 1
+    if not _host_readable(ids, offsets):
+        return _widened_sums(ids, table, offsets, psw, mode)
+    out = torch.empty((num_bags, table.shape[1]), dtype=torch.float32)
+    chunk_ids = max(1, _WIDE_CHUNK_BYTES // (4 * table.shape[1]))
+    # chunks of whole bags, about chunk_ids ids each (a longer bag is a chunk of its own)
+    bounds = torch.searchsorted(offsets, torch.arange(0, ids.shape[0], chunk_ids, dtype=offsets.dtype)).tolist()
+    bounds = sorted(set(min(b, num_bags) for b in bounds) | {0, num_bags})
+    starts = offsets[bounds].tolist()
+    for lo, hi, a, b in zip(bounds, bounds[1:], starts, starts[1:]):
+        out[lo:hi] = _widened_sums(ids[a:b], table, offsets[lo:hi + 1] - a, None if psw is None else psw[a:b], mode)
+    return out
+
+
+def _widened_sums(ids, table, offsets, psw, mode) -> torch.Tensor:
+    rows = table.index_select(0, ids).to(torch.float32)
+    if psw is not None:
+        rows.mul_(psw.to(torch.float32).unsqueeze(1))
+    positions = torch.arange(ids.shape[0], dtype=offsets.dtype, device=ids.device)
+    return F.embedding_bag(positions, rows, offsets, mode=mode, include_last_offset=True)
+
+
 def _forward_one_id_per_bag(weights, values, per_sample_weights, plan, num_keys, batch) -> torch.Tensor:
     """Eager CPU, every bag holding exactly one id (one-hot features), all tables of one dim.
 
@@ -176,10 +216,11 @@ def _forward_one_id_per_bag(weights, values, per_sample_weights, plan, num_keys,
     keys = torch.tensor([k for _, k, _ in features])
     base = torch.tensor([row for _, _, row in features], dtype=values.dtype)
     ids = values.view(num_keys, batch).index_select(0, keys).t() + base  # [B, F]
-    rows = _block(weights, p).detach().index_select(0, ids.reshape(-1)).view(batch, len(features), p.dim)
+    rows = _block(weights, p).detach().index_select(0, ids.reshape(-1)).view(batch, len(features), p.dim).float()
     if per_sample_weights is not None:
-        rows = rows * per_sample_weights.view(num_keys, batch).index_select(0, keys).t().unsqueeze(-1)
-    return rows.reshape(batch, plan.out_offsets[-1]).float()
+        psw = per_sample_weights.view(num_keys, batch).index_select(0, keys).t().unsqueeze(-1)
+        rows = rows * psw.to(torch.float32)
+    return rows.reshape(batch, plan.out_offsets[-1])
 
 
 def _forward_per_feature(weights, values, offsets, per_sample_weights, plan, num_keys, batch) -> torch.Tensor:
@@ -196,14 +237,14 @@ def _forward_per_feature(weights, values, offsets, per_sample_weights, plan, num
         for f, k, mean in zip(p.features, p.keys, p.mean):
             first, last = starts[k], starts[k + 1]
             table = block.narrow(0, p.key_row_base[k], plan.feature_rows[f])
-            psw = None if per_sample_weights is None else per_sample_weights[first:last].to(table.dtype)
+            psw = None if per_sample_weights is None else per_sample_weights[first:last]
+            bag_offsets = F.pad(local_starts[k], (0, 1), value=last - first)
             # unweighted MEAN is embedding_bag's own mode; weighted MEAN sums here, divides below
-            mode = "mean" if mean and psw is None else "sum"
-            pooled = F.embedding_bag(values[first:last], table, local_starts[k], mode=mode, per_sample_weights=psw)
+            pooled = _pooled_rows(values[first:last], table, bag_offsets, psw, mean and psw is None)
             if mean and psw is not None:
                 pooled = pooled / lengths[k].clamp(min=1).unsqueeze(1)
             pieces[f] = pooled
-    return torch.cat([pieces[f] for f in range(len(pieces))], dim=1).float()
+    return torch.cat([pieces[f] for f in range(len(pieces))], dim=1)
 
 
 def _forward_batched(weights, values, offsets, per_sample_weights, plan, num_keys, batch) -> torch.Tensor:
@@ -213,20 +254,18 @@ def _forward_batched(weights, values, offsets, per_sample_weights, plan, num_key
     pieces = {}
     for p in plan.passes:
         table = _block(weights, p).detach()
-        psw = None if per_sample_weights is None else per_sample_weights.to(table.dtype)
         ids, _ = _shifted_ids(p, values, key_counts)
-        bags = F.embedding_bag(ids, table, offsets.to(values.dtype), mode="sum", per_sample_weights=psw,
-                               include_last_offset=True).view(num_keys, batch, p.dim)
+        bags = _pooled_rows(ids, table, offsets.to(values.dtype), per_sample_weights, False).view(num_keys, batch, p.dim)
         if _in_output_order(p, plan, num_keys):
             # one transposing copy into [B, total_dim]; a cat of K slices costs ~1.5x more
             if inv_lengths is not None and any(p.mean):
                 mean = torch.tensor(p.mean, device=bags.device).unsqueeze(1)
                 bags = bags * torch.where(mean, inv_lengths, 1.0).unsqueeze(-1)
-            return bags.transpose(0, 1).reshape(batch, plan.out_offsets[-1]).float()
+            return bags.transpose(0, 1).reshape(batch, plan.out_offsets[-1])
         for f, k, mean in zip(p.features, p.keys, p.mean):
             pieces[f] = bags[k] * inv_lengths[k].unsqueeze(1) if mean else bags[k]
     # [B, D] blocks of each key -> [B, total_dim] feature columns, in one copy
-    return torch.cat([pieces[f] for f in range(len(pieces))], dim=1).float()
+    return torch.cat([pieces[f] for f in range(len(pieces))], dim=1)
 
 
 def _inverse_lengths(plan: PooledPlan, offsets: torch.Tensor, num_keys: int, batch: int) -> Optional[torch.Tensor]:
