@@ -95,16 +95,18 @@ class EmbeddingBagCollection(nn.Module):
         # ids the Triton kernels skipped inside compiled graphs (see check_skipped_ids)
         self.register_buffer("skipped_ids", torch.zeros(len(self._layout.features), dtype=torch.int64,
                                                         device=device), persistent=False)
-        self.flat_weights = nn.ParameterDict({
-            g.name: nn.Parameter(torch.empty(g.numel, dtype=g.dtype, device=device)) for g in self._layout.groups})
-        for flat in self.flat_weights.values():
-            advise_huge_pages(flat)  # before reset_parameters first touches the pages
         if fused_optimizer is not None:
             if not isinstance(fused_optimizer, FusedOptimizer):
                 raise TypeError(f"fused_optimizer must be a jaggedrec.optim config, got {fused_optimizer!r}")
             if sparse:
                 raise ValueError("sparse=True and a fused_optimizer exclude each other: the fused "
                                  "optimizer makes no gradient")
+        # updated in place by a fused optimizer, which needs no gradient of them (see FusedOptimizerState)
+        self.flat_weights = nn.ParameterDict({
+            g.name: nn.Parameter(torch.empty(g.numel, dtype=g.dtype, device=device),
+                                 requires_grad=fused_optimizer is None) for g in self._layout.groups})
+        for flat in self.flat_weights.values():
+            advise_huge_pages(flat)  # before reset_parameters first touches the pages
         self._fused = fused_optimizer
         self.fused_optimizer_state = FusedOptimizerState(self._layout, fused_optimizer, device)
         self.embedding_bags = nn.ModuleDict({
@@ -237,7 +239,7 @@ class EmbeddingBagCollection(nn.Module):
         validation.check_static(features, self._spec)
         if self.validate:
             validation.check_data(features, self._spec)
-        values, offsets = features.values(), features.offsets()
+        values, offsets = features.values(), features._lookup_offsets()
         weights = features.weights_or_none()
         outputs, bad_ids = [], []
         for g, keys in zip(self._layout.groups, group_keys):

@@ -21,9 +21,17 @@ def _check_integer(tensor: Optional[torch.Tensor], name: str, owner: str) -> Non
         raise TypeError(f"{owner}: {name} must be an integer tensor, got {tensor.dtype}")
 
 
+def offsets_dtype(lengths_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of offsets derived from lengths of ``lengths_dtype``: int32 for int32 lengths
+    (valid lengths are non-negative and add up to the id count, so their partial sums fit),
+    int64 otherwise: summed in their own dtype, uint8 lengths [200, 200] would give offsets
+    [0, 200, 144]. Validation checks the lengths themselves, not offsets derived from them."""
+    return torch.int32 if lengths_dtype == torch.int32 else torch.int64
+
+
 def lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:
-    """``[n]`` lengths -> ``[n+1]`` offsets starting at 0, in the lengths' dtype."""
-    return torch.nn.functional.pad(lengths.cumsum(0, dtype=lengths.dtype), (1, 0))
+    """``[n]`` lengths -> ``[n+1]`` offsets starting at 0, int32 or int64 (:func:`offsets_dtype`)."""
+    return torch.nn.functional.pad(lengths.cumsum(0, dtype=offsets_dtype(lengths.dtype)), (1, 0))
 
 
 def offsets_to_lengths(offsets: torch.Tensor) -> torch.Tensor:

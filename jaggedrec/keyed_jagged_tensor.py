@@ -69,6 +69,8 @@ class KeyedJaggedTensor:
     _length_per_key: Optional[List[int]] = None
     _offset_per_key: Optional[List[int]] = None
     _index_per_key: Optional[Dict[str, int]] = None
+    # the offsets are known to agree with the lengths: derived from them here, or checked
+    _offsets_agree: bool = False
 
     def __init__(self, keys: List[str], values: torch.Tensor, weights: Optional[torch.Tensor] = None,
                  lengths: Optional[torch.Tensor] = None, offsets: Optional[torch.Tensor] = None,
@@ -93,6 +95,7 @@ class KeyedJaggedTensor:
         self._length_per_key = length_per_key
         self._offset_per_key = offset_per_key
         self._index_per_key = index_per_key
+        self._offsets_agree = False
 
     # --- construction -------------------------------------------------------------
     @staticmethod
@@ -176,8 +179,27 @@ class KeyedJaggedTensor:
             return lengths_to_offsets(self._lengths)
         if self._offsets is None:
             self._offsets = lengths_to_offsets(self._lengths)
+            self._offsets_agree = True
             _mark_dynamic((), (self._offsets,))  # cached: a compiled graph may see it as an input
         return self._offsets
+
+    def _lookup_offsets(self) -> torch.Tensor:
+        """``[K*B+1]`` the offsets the embedding modules pool with: those of the lengths whenever
+        the KJT has lengths. A compiled graph reads only the lengths (see :meth:`offsets`), so
+        eager code must too, or a KJT given lengths and offsets that disagree would give two
+        answers. Offsets given beside the lengths serve once validation has found that they
+        agree (``validate=True``; see :meth:`_mark_offsets_checked`)."""
+        # compiling: no look at the cached offsets, which would guard the graph on their presence
+        if self._lengths is not None and (torch.compiler.is_compiling() or self._offsets_unchecked()):
+            return lengths_to_offsets(self._lengths)  # not cached: the caller's offsets stay as given
+        return self.offsets()
+
+    def _offsets_unchecked(self) -> bool:
+        """The caller gave both lengths and offsets, which may disagree: validation compares them."""
+        return self._lengths is not None and self._offsets is not None and not self._offsets_agree
+
+    def _mark_offsets_checked(self) -> None:
+        self._offsets_agree = True
 
     def lengths_or_none(self) -> Optional[torch.Tensor]:
         return self._lengths
@@ -270,9 +292,11 @@ class KeyedJaggedTensor:
     # --- movement -------------------------------------------------------------------
     def _map(self, fn) -> "KeyedJaggedTensor":
         opt = lambda t: None if t is None else fn(t)  # noqa: E731
-        return KeyedJaggedTensor(self._keys, fn(self._values), opt(self._weights), opt(self._lengths),
-                                 opt(self._offsets), self._stride, self._length_per_key,
-                                 self._offset_per_key, self._index_per_key)
+        kjt = KeyedJaggedTensor(self._keys, fn(self._values), opt(self._weights), opt(self._lengths),
+                                opt(self._offsets), self._stride, self._length_per_key,
+                                self._offset_per_key, self._index_per_key)
+        kjt._offsets_agree = self._offsets_agree
+        return kjt
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "KeyedJaggedTensor":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))

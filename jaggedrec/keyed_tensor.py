@@ -54,11 +54,12 @@ class KeyedTensor:
 
     @staticmethod
     def regroup(keyed_tensors: List["KeyedTensor"], groups: List[List[str]]) -> List[torch.Tensor]:
-        """One tensor per group: the named keys' blocks, gathered from any of ``keyed_tensors``, in order."""
+        """One tensor per group: the named keys' blocks, gathered from any of ``keyed_tensors``, in
+        order. A key in several KeyedTensors is taken from the last of them, as TorchRec does."""
         where: Dict[str, KeyedTensor] = {}
         for kt in keyed_tensors:
             for key in kt.keys():
-                where.setdefault(key, kt)
+                where[key] = kt
         out = []
         for group in groups:
             missing = [key for key in group if key not in where]

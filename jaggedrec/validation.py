@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Dict, List, Sequence
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .keyed_jagged_tensor import KeyedJaggedTensor
 
@@ -53,7 +54,7 @@ def check_static(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
     if values.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{spec.owner}: features {features}: ids must be int32 or int64, got {values.dtype}")
     if values.dim() != 1:
-        raise ValueError(f"{spec.owner}: KJT values must be 1-D ids, got shape {tuple(values.shape)}")
+        raise ValueError(f"{spec.owner}: KJT values must be 1-D [N] ids, got shape {tuple(values.shape)}")
     if spec.is_weighted and weights is None:
         raise ValueError(f"{spec.owner}: is_weighted=True but the KeyedJaggedTensor for features "
                          f"{features} has no weights")
@@ -63,10 +64,13 @@ def check_static(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
     if weights is not None:
         if not weights.is_floating_point():
             raise TypeError(f"{spec.owner}: per-id weights must be floating point, got {weights.dtype}")
+        if weights.dim() != 1:
+            raise ValueError(f"{spec.owner}: KJT weights must be 1-D [N], one per id, got shape "
+                             f"{tuple(weights.shape)}")
         if torch.compiler.is_compiling():
             # Compiled, both counts are unbacked sizes (see KeyedJaggedTensor): an `if` cannot
             # compare them, a check can, and it makes them one symbol for the rest of the graph.
-            torch._check(weights.dim() == 1 and weights.shape[0] == values.shape[0],
+            torch._check(weights.shape[0] == values.shape[0],
                          lambda: "KeyedJaggedTensor: per-id weights and ids differ in number")
         elif weights.shape != values.shape:
             raise ValueError(f"{spec.owner}: {weights.numel()} weights for {values.numel()} ids")
@@ -74,41 +78,69 @@ def check_static(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
     lengths = kjt.lengths_or_none()
     # compiled, check only what the graph reads: offsets cached beside lengths are not (see offsets())
     offsets = None if lengths is not None and torch.compiler.is_compiling() else kjt.offsets_or_none()
-    if lengths is not None and lengths.numel() != num_keys * stride:
-        raise ValueError(f"{spec.owner}: lengths has {lengths.numel()} entries, expected "
-                         f"{num_keys} keys x batch {stride}")
-    if offsets is not None and offsets.numel() != num_keys * stride + 1:
-        raise ValueError(f"{spec.owner}: offsets has {offsets.numel()} entries, expected "
-                         f"{num_keys} keys x batch {stride} + 1")
+    for name, t, expected, extra in (("lengths", lengths, "[K*B]", 0), ("offsets", offsets, "[K*B+1]", 1)):
+        if t is None:
+            continue
+        if t.dim() != 1:
+            raise ValueError(f"{spec.owner}: KJT {name} must be 1-D {expected}, got shape {tuple(t.shape)}")
+        if t.numel() != num_keys * stride + extra:
+            raise ValueError(f"{spec.owner}: {name} has {t.numel()} entries, expected "
+                             f"{num_keys} keys x batch {stride}" + (" + 1" if extra else ""))
+    _check_ids_have_bags(values, stride, spec)
+
+
+def _check_ids_have_bags(values: torch.Tensor, stride, spec: FeatureSpec) -> None:
+    """A batch of no bags (``B == 0``: empty lengths) must hold no ids: they would be dropped
+    silently. Free: it compares sizes, with or without ``validate``."""
+    if not torch.compiler.is_compiling():
+        if stride == 0 and values.numel() > 0:
+            raise ValueError(f"{spec.owner}: the KeyedJaggedTensor has {values.numel()} ids but no bags "
+                             "(its lengths are empty): every id must belong to a bag")
+    elif statically_known_true(stride == 0):
+        torch._check(values.shape[0] == 0, lambda: f"{spec.owner}: the KeyedJaggedTensor has ids but no bags")
 
 
 def check_data(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
-    """Checks that read the batch: lengths and id ranges. One device-to-host read when all is well."""
+    """Checks that read the batch: lengths (and offsets, when given beside them), and id ranges.
+    One device-to-host read when all is well."""
     if torch.compiler.is_compiling():
         _assert_in_graph(kjt, spec)
         return
     keys, stride = kjt.keys(), kjt.stride()
-    values, offsets = kjt.values(), kjt.offsets()
+    values = kjt.values()
     num_ids = values.numel()
     if stride == 0:
-        return
-    lengths = offsets[1:] - offsets[:-1]
-    limit = min(spec.key_rows.values())
+        return  # no bags, and check_static saw to it that there are no ids
+    lengths = kjt.lengths_or_none()
+    both = kjt._offsets_unchecked()  # given lengths and offsets: compared, then the offsets serve
+    offsets = kjt.offsets() if both else kjt._lookup_offsets()
+    if lengths is None:
+        lengths = offsets[1:] - offsets[:-1]
     low, high = torch.aminmax(values) if num_ids else (offsets.new_zeros(()), offsets.new_zeros(()))
-    # the one read back to the host: shortest bag, first and last offset, smallest and largest id
-    shortest, first, last, low, high = torch.stack([t.long() for t in (lengths.min(), offsets[0], offsets[-1],
-                                                                       low, high)]).tolist()
-    bad_length, bad_start, bad_total = shortest < 0, first != 0, last != num_ids
-    if not (bad_length or bad_start or bad_total or low < 0 or high >= limit):
+    # lengths are checked themselves, summed in int64, so that narrow or wrapped sums cannot hide
+    checks = [lengths.min(), offsets[0], lengths.sum(dtype=torch.int64), low, high]
+    if both:
+        checks.append((offsets[1:] - offsets[:-1] != lengths).any())
+    # the one read back to the host: shortest bag, first offset, id count, smallest and largest id
+    shortest, first, total, low, high, *disagree = torch.stack([t.long() for t in checks]).tolist()
+    bad_length, bad_start, bad_total = shortest < 0, first != 0, total != num_ids
+    if not (bad_length or bad_start or bad_total or any(disagree) or low < 0 or high >= min(spec.key_rows.values())):
+        if both:
+            kjt._mark_offsets_checked()
         return
     if bad_length:
         where = int(torch.nonzero(lengths < 0)[0])
         raise ValueError(f"{_feature_label(spec, keys, where // stride)}: sample {where % stride} has "
                          f"negative length {int(lengths[where])}")
     if bad_start:
-        raise ValueError(f"{spec.owner}: offsets must start at 0, got {int(offsets[0])}")
+        raise ValueError(f"{spec.owner}: offsets must start at 0, got {first}")
     if bad_total:
-        raise ValueError(f"{spec.owner}: lengths add up to {int(offsets[-1])} but values has {num_ids} ids")
+        raise ValueError(f"{spec.owner}: lengths add up to {total} but values has {num_ids} ids")
+    if any(disagree):
+        where = int(torch.nonzero(offsets[1:] - offsets[:-1] != lengths)[0])
+        raise ValueError(f"{_feature_label(spec, keys, where // stride)}: the KJT's lengths and offsets "
+                         f"disagree: sample {where % stride} has length {int(lengths[where])}, but offsets "
+                         f"{int(offsets[where])} -> {int(offsets[where + 1])}")
     _check_id_ranges(values, offsets, stride, keys, spec, [kjt.index_per_key()[k] for k in spec.key_rows])
 
 
@@ -121,7 +153,7 @@ def _assert_in_graph(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
     Skipped off CPU: on CUDA a failed assert is a device-side assert that ends the CUDA
     context, and the Triton kernels bounds-check ids themselves.
     """
-    values, offsets, keys = kjt.values(), kjt.offsets(), kjt.keys()
+    values, offsets, keys = kjt.values(), kjt._lookup_offsets(), kjt.keys()
     if values.device.type != "cpu" or not keys:
         return
     num_ids, stride = values.shape[0], kjt.stride()

@@ -142,3 +142,25 @@ def test_pytree_round_trip_drops_batch_size_from_context():
 def test_sparse_types_are_dataclasses():
     import dataclasses
     assert all(dataclasses.is_dataclass(c) for c in (JaggedTensor, KeyedJaggedTensor, KeyedTensor))
+
+
+def test_regroup_takes_a_repeated_key_from_the_last_keyed_tensor():
+    first = KeyedTensor(["x", "y"], [1, 2], torch.tensor([[1.0, 2.0, 3.0]]))
+    second = KeyedTensor(["y", "z"], [2, 1], torch.tensor([[4.0, 5.0, 6.0]]))
+    grouped = KeyedTensor.regroup([first, second], [["y", "x"], ["z"]])
+    assert grouped[0].tolist() == [[4.0, 5.0, 1.0]] and grouped[1].tolist() == [[6.0]]
+    as_dict = KeyedTensor.regroup_as_dict([first, second], [["y"]], ["g"])
+    assert as_dict["g"].tolist() == [[4.0, 5.0]]
+
+
+def test_regroup_matches_torchrec_when_installed():
+    torchrec_kt = pytest.importorskip("torchrec.sparse.jagged_tensor").KeyedTensor
+    gen = torch.Generator().manual_seed(0)
+    blocks = [(["a", "b", "c"], [2, 1, 3]), (["c", "d"], [3, 2]), (["b", "e", "a"], [1, 1, 2])]
+    values = [torch.randn(4, sum(lengths), generator=gen) for _, lengths in blocks]
+    groups = [["c", "a"], ["d", "b", "e"], ["a"]]
+    ours = KeyedTensor.regroup([KeyedTensor(k, n, v) for (k, n), v in zip(blocks, values)], groups)
+    theirs = torchrec_kt.regroup([torchrec_kt(k, n, v) for (k, n), v in zip(blocks, values)], groups)
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)

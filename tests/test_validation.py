@@ -98,3 +98,57 @@ def test_bad_configs():
         jr.EmbeddingBagConfig(num_embeddings=3, embedding_dim=2)
     with pytest.raises(ValueError, match="backend must be one of"):
         jr.EmbeddingBagCollection(CONFIGS, backend="cuda")
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_ids_without_bags(validate):
+    """Empty lengths but three ids: the ids would be dropped (or, on the kernels, misread)."""
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="has 3 ids but no bags"):
+            _ebc(validate=validate, backend=backend)(_kjt([1, 2, 3], lengths=torch.tensor([], dtype=torch.long)))
+
+
+def test_lengths_and_offsets_that_disagree():
+    # user: [1], [2]; item: [3], [] by the lengths, but [1], [2, 3], [], [] by the offsets
+    kwargs = dict(lengths=torch.tensor([1, 1, 1, 0]), offsets=torch.tensor([0, 1, 3, 3, 3]))
+    with pytest.raises(ValueError, match=r"feature 'user'.*lengths and offsets disagree: sample 1 has length 1, "
+                                         r"but offsets 1 -> 3"):
+        _ebc()(_kjt([1, 2, 3], **kwargs))
+    with pytest.raises(ValueError, match="offsets must start at 0, got 1"):
+        _ebc()(_kjt([1, 2, 3], lengths=torch.tensor([1, 1, 1, 0]), offsets=torch.tensor([1, 2, 3, 4, 4])))
+    agreeing = _kjt([1, 2, 3], lengths=torch.tensor([1, 1, 1, 0]), offsets=torch.tensor([0, 1, 2, 3, 3]))
+    assert _ebc()(agreeing).values().shape == (2, 7)
+
+
+def test_lengths_win_over_disagreeing_offsets_without_validation():
+    """validate=False trusts the batch; given both, eager and compiled both pool by the lengths."""
+    torch._dynamo.reset()
+    ebc = _ebc(validate=False)
+    compiled = torch.compile(ebc, fullgraph=True)
+    lengths, offsets = torch.tensor([1, 1, 1, 0]), torch.tensor([0, 1, 3, 3, 3])
+    by_lengths = ebc(_kjt([1, 2, 3], lengths=lengths)).values()
+    both = _kjt([1, 2, 3], lengths=lengths, offsets=offsets)
+    assert torch.equal(ebc(both).values(), by_lengths)
+    assert torch.equal(compiled(both).values(), by_lengths)
+    user, item = ebc.embedding_bags["t_user"].weight, ebc.embedding_bags["t_item"].weight
+    assert torch.equal(by_lengths, torch.cat([torch.stack([user[1], user[2]]), torch.stack([item[3], item[0] * 0])], 1))
+    assert both.offsets().tolist() == [0, 1, 3, 3, 3]  # the caller's offsets are left as given
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_tensors_of_the_wrong_rank(validate):
+    lengths = torch.tensor([1, 1, 1, 0])
+    with pytest.raises(ValueError, match=r"KJT weights must be 1-D \[N\], one per id, got shape \(3, 1\)"):
+        _ebc(is_weighted=True, validate=validate)(_kjt([1, 2, 3], lengths=lengths, weights=torch.ones(3, 1)))
+    with pytest.raises(ValueError, match=r"KJT lengths must be 1-D \[K\*B\], got shape \(2, 2\)"):
+        _ebc(validate=validate)(_kjt([1, 2, 3], lengths=lengths.view(2, 2)))
+    with pytest.raises(ValueError, match=r"KJT offsets must be 1-D \[K\*B\+1\], got shape \(1, 5\)"):
+        _ebc(validate=validate)(_kjt([1, 2, 3], offsets=torch.tensor([[0, 1, 2, 3, 3]])))
+    with pytest.raises(ValueError, match=r"KJT values must be 1-D \[N\] ids, got shape \(3, 1\)"):
+        _ebc(validate=validate)(_kjt([[1], [2], [3]], lengths=lengths))
+
+
+def test_negative_length_is_found_in_narrow_lengths():
+    with pytest.raises(ValueError, match=r"feature 'item'.*sample 0 has negative length -1"):
+        _ebc()(_kjt([1, 2], lengths=torch.tensor([1, 1, -1, 1], dtype=torch.int8)))
