@@ -19,7 +19,16 @@ from .tables import TableLayout
 class FusedOptimizerState(nn.Module):
     """Buffers ``hparams`` (``[5]`` fp32: lr, eps, weight_decay, beta1, beta2), and per storage
     group ``<group>_step`` (``[1]`` int64) and one buffer per optimizer state
-    (``<group>_<name>``: ``[rows of all tables]`` row-wise or ``[W]`` element-wise, fp32)."""
+    (``<group>_<name>``: ``[rows of all tables]`` row-wise or ``[W]`` element-wise, fp32).
+
+    With a fused optimizer the tables' flat weights require no gradient: the backward updates
+    them in place, and a compiled graph may mutate an input in its backward only if that input
+    requires no gradient (torch 2.11's AOTAutograd refuses it with "a leaf Variable that
+    requires grad is being used in an in-place operation"). What makes autograd run the
+    collection's backward is then ``backward_trigger``, an empty parameter passed to every op
+    call (as FBGEMM's fused embeddings do); its gradient is empty too, so that DDP and
+    optimizers find nothing to do with it. It stays out of ``state_dict()``.
+    """
 
     def __init__(self, layout: TableLayout, optimizer: Optional[FusedOptimizer],
                  device: Optional[torch.device]) -> None:
@@ -28,6 +37,9 @@ class FusedOptimizerState(nn.Module):
         self._groups = [g.name for g in layout.groups]
         if optimizer is None:
             return
+        self.backward_trigger = nn.Parameter(torch.zeros(0, dtype=torch.float32, device=device))
+        self.register_state_dict_post_hook(_drop_trigger)
+        self.register_load_state_dict_pre_hook(_keep_trigger)
         self.register_buffer("hparams", torch.empty(5, dtype=torch.float32, device=device))
         for g in layout.groups:
             self.register_buffer(f"{g.name}_step", torch.empty(1, dtype=torch.int64, device=device))
@@ -63,10 +75,21 @@ class FusedOptimizerState(nn.Module):
         return float(self.hparams[0])
 
     def tensors(self, group: str) -> List[torch.Tensor]:
-        """The op's ``optimizer_state`` for one group: ``[hparams, step, state1, state2]``, or []."""
+        """The op's ``optimizer_state`` for one group: ``[hparams, step, state1, state2,
+        backward_trigger]``, or []."""
         if self._optimizer is None:
             return []
         states = [getattr(self, f"{group}_{name}") for name, _ in self._optimizer.state]
         while len(states) < 2:
             states.append(self.hparams.new_empty(0))
-        return [self.hparams, getattr(self, f"{group}_step"), *states]
+        return [self.hparams, getattr(self, f"{group}_step"), *states, self.backward_trigger]
+
+
+def _drop_trigger(module: FusedOptimizerState, state_dict, prefix: str, local_metadata) -> None:
+    state_dict.pop(f"{prefix}backward_trigger", None)
+
+
+def _keep_trigger(module: FusedOptimizerState, state_dict, prefix: str, local_metadata, strict, missing_keys,
+                  unexpected_keys, error_msgs) -> None:
+    """Checkpoints carry no trigger (see the class): let the loader copy the module's own onto itself."""
+    state_dict.setdefault(f"{prefix}backward_trigger", module.backward_trigger.detach())

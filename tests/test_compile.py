@@ -189,6 +189,9 @@ def test_training_step_matches_eager(optimizers):
             F.binary_cross_entropy_with_logits(out, labels).backward()
             o.step()
         for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+            if name == "ebc.fused_optimizer_state.backward_trigger":  # runs the fused step; its gradient is empty
+                assert p.grad.numel() == q.grad.numel() == 0
+                continue
             assert (p.grad is None) == (q.grad is None) == (fused is not None and name.startswith("ebc."))
             if p.grad is not None:
                 assert_close(p.grad, q.grad, torch.float16, f"step {step}: gradient of {name}")

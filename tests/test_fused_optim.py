@@ -135,7 +135,7 @@ def test_fused_optimizer_matches_dense_reference(opt_name, weighted, backend, mo
     expected = set() if backend in ("torch-static", "triton") else {
         "_step_row_range" if streamed else "_step_scattered_rows"}
     assert {name for name, n in calls.items() if n} == expected
-    assert all(p.grad is None for p in ebc.parameters())  # no weight gradient was materialised
+    assert all(p.grad is None for p in ebc.flat_weights.values())  # no weight gradient was materialised
     for config, table in zip(_configs(), ref.tables):
         assert_close(ebc.embedding_bags[config.name].weight.detach().cpu(), table, what=f"{opt_name} {config.name}")
 
@@ -304,3 +304,29 @@ def test_static_update_compiled_matches_eager(opt_name, monkeypatch):
     for name, value in eager.items():
         torch.testing.assert_close(compiled[name], value, rtol=1e-5, atol=1e-6, msg=name)
     torch._dynamo.reset()
+
+
+def test_fused_tables_need_no_gradient():
+    """The fused step rewrites the flat weights in the backward, so they require no gradient
+    (a compiled backward may mutate only such inputs); an empty trigger parameter makes
+    autograd run the step. It gets an empty gradient and stays out of checkpoints."""
+    torch.manual_seed(3)
+    ebc = jr.EmbeddingBagCollection(_configs(), fused_optimizer=optim.SGD(lr=0.5))
+    assert not any(p.requires_grad for p in ebc.flat_weights.values())
+    trigger = ebc.fused_optimizer_state.backward_trigger
+    assert trigger.requires_grad and trigger.numel() == 0
+    assert not any("backward_trigger" in k for k in ebc.state_dict())
+    before = ebc.flat_weights["fp32"].detach().clone()
+    b = _batches(5, False, 1)[0][0]
+    out = ebc(b.kjt).values()
+    assert out.requires_grad
+    out.sum().backward()
+    assert trigger.grad is not None and trigger.grad.numel() == 0
+    assert not torch.equal(before, ebc.flat_weights["fp32"].detach())
+    with torch.no_grad():  # inference: no backward, no step
+        ebc(b.kjt)
+    frozen = copy.deepcopy(ebc).requires_grad_(False)  # a frozen collection takes no step
+    kept = frozen.flat_weights["fp32"].detach().clone()
+    assert not frozen(b.kjt).values().requires_grad
+    assert torch.equal(kept, frozen.flat_weights["fp32"])
+    ebc.load_state_dict(copy.deepcopy(ebc.state_dict()))  # strict: the trigger is not missing

@@ -84,6 +84,34 @@ def test_torchrec_state_dict_round_trip_when_installed():
     theirs.load_state_dict(ours.state_dict())
 
 
+def test_fused_checkpoints_move_to_and_from_torchrec_with_strict_false():
+    """The README's recipe: a fused collection's optimizer state has no place in TorchRec's
+    module, so checkpoints cross with strict=False, weights only, in both directions."""
+    torchrec = pytest.importorskip("torchrec")
+    from jaggedrec import optim
+    configs = [torchrec.EmbeddingBagConfig(name=c.name, embedding_dim=c.embedding_dim, num_embeddings=c.num_embeddings,
+                                           feature_names=c.feature_names) for c in CONFIGS[:2]]
+    theirs = torchrec.EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
+    ours = jr.EmbeddingBagCollection(CONFIGS[:2], fused_optimizer=optim.RowWiseAdagrad(lr=0.1))
+    kjt = jr.KeyedJaggedTensor(["fa", "fb", "fc"], torch.tensor([1, 2, 3, 0, 3]),
+                               lengths=torch.tensor([2, 0, 1, 1, 0, 1]))
+    ours(kjt).values().square().sum().backward()  # one step: weights and state move off their init
+    state = ours.fused_optimizer_state.fp32_sum_sq.clone()
+    assert state.any()
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        theirs.load_state_dict(ours.state_dict())
+    theirs.load_state_dict(ours.state_dict(), strict=False)
+    for name in ("a", "b"):
+        assert torch.equal(theirs.embedding_bags[name].weight, ours.embedding_bags[name].weight)
+    with torch.no_grad():
+        theirs.embedding_bags["a"].weight.mul_(-2)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        ours.load_state_dict(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict(), strict=False)
+    assert torch.equal(ours.embedding_bags["a"].weight, theirs.embedding_bags["a"].weight)
+    assert torch.equal(ours.fused_optimizer_state.fp32_sum_sq, state)
+
+
 def test_init_bounds_and_init_fn():
     torch.manual_seed(0)
     configs = [jr.EmbeddingBagConfig(name="u", embedding_dim=8, num_embeddings=100),

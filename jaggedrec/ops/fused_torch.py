@@ -173,10 +173,13 @@ def _step_in_place(optimizer, w, g, s1, s2, hparams, step, touched=None) -> None
         w.add_(g, alpha=-lr)
         return
     if weight_decay:
-        if touched is None:
-            g.add_(w, alpha=weight_decay)
-        else:
-            g.addcmul_(w, touched.unsqueeze(1).to(w.dtype), value=weight_decay)
+        # one rounding of wd * w on both paths: add_(w, alpha=wd) may fuse the multiply into the
+        # add (one rounding less) where addcmul_ does not, and streamed and scattered rows then
+        # differ in the last bit
+        decay = w * weight_decay
+        if touched is not None:
+            decay.mul_(touched.unsqueeze(1))
+        g.add_(decay)
     if optimizer == ROWWISE_ADAGRAD:
         s1.add_(g.square().mean(1))
         step_size = lr / (s1.sqrt() + eps)
