@@ -15,7 +15,7 @@ from .host_memory import advise_huge_pages, retain_freed_memory
 from .keyed_jagged_tensor import KeyedJaggedTensor
 from .keyed_tensor import KeyedTensor
 from .optim import FusedOptimizer
-from .ops.pooled import BACKENDS, pooled_embedding_bags, use_kernels
+from .ops.pooled import BACKENDS, run_pooled_embedding_bags, use_kernels
 from .tables import TableLayout
 from .bad_ids import BOUNDS_CHECKS, BadIdReport
 
@@ -243,7 +243,7 @@ class EmbeddingBagCollection(nn.Module):
         weights = features.weights_or_none()
         outputs, bad_ids = [], []
         for g, keys in zip(self._layout.groups, group_keys):
-            pooled, bad = pooled_embedding_bags(
+            pooled, bad = run_pooled_embedding_bags(
                 self.flat_weights[g.name], values, offsets, weights, list(g.weight_offsets), list(g.rows),
                 list(g.dims), keys, list(g.pooling), len(features.keys()), self._backend,
                 self._bounds_check != "off", self._sparse, self._deterministic,
