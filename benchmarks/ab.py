@@ -21,6 +21,8 @@ import statistics
 import subprocess
 import sys
 
+from .workload import add_shape_arguments
+
 # Runs in the child, against whichever jaggedrec comes first on its path.
 _CHILD = r"""
 import json, sys, time
@@ -75,13 +77,7 @@ def main(argv=None) -> None:
     parser.add_argument("--base", required=True, help="checkout to compare against")
     parser.add_argument("--new", default=".", help="checkout under test (default: this one)")
     parser.add_argument("--mode", choices=("forward", "train"), default="forward")
-    parser.add_argument("--tables", type=int, default=26)
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--pooling-factor", type=int, default=1)
-    parser.add_argument("--bag-size", choices=("fixed", "random"), default="fixed")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    add_shape_arguments(parser, pooling_factor=1)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--samples", type=int, default=10)
     args = parser.parse_args(argv)

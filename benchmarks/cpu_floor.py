@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 from jaggedrec.host_memory import advise_huge_pages, retain_freed_memory
 
+from .workload import add_shape_arguments
+
 # Rows per chunk in the write-back timings: the same 2 MB (at dim 64) as the fused step.
 _CHUNK = 8192
 
@@ -103,11 +105,7 @@ def measure(tables: int, rows: int, dim: int, batch_size: int, pooling_factor: i
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tables", type=int, default=26)
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--pooling-factor", type=int, default=20)
+    add_shape_arguments(parser, pooling_factor=20, bags_and_dtype=False)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
     times = measure(args.tables, args.rows, args.dim, args.batch_size, args.pooling_factor, args.repeats)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import jaggedrec as jr
 from jaggedrec import validation
 
-from .workload import DTYPES, Workload, make_batches, reference_tables
+from .workload import Workload, add_shape_arguments, make_batches, reference_tables
 
 
 def _parts(w: Workload, tables: List[torch.Tensor], batch) -> Dict[str, Callable[[], object]]:
@@ -64,10 +64,13 @@ def _parts(w: Workload, tables: List[torch.Tensor], batch) -> Dict[str, Callable
         "  offsets from lengths (cumsum)": lambda: kjt()._lookup_offsets(),
     }
     if block is not None and w.pooling_factor == 1 and w.bag_size == "fixed":
-        shifted = batch.values.view(num_keys, size).t() + base
+        shifted = (batch.values.view(num_keys, size).t() + base).reshape(-1)
+        one_each = torch.arange(shifted.numel() + 1)
         parts.update({
             "  one id per bag: the id shift into [B, F] order": lambda: batch.values.view(num_keys, size).t() + base,
-            "  one id per bag: the row gather (index_select)": lambda: block.index_select(0, shifted.reshape(-1)),
+            "  one id per bag: the row gather (embedding_bag, as the op)": lambda: F.embedding_bag(
+                shifted, block, one_each, mode="sum", include_last_offset=True),
+            "  one id per bag: the row gather (index_select)": lambda: block.index_select(0, shifted),
         })
     loop = [torch.nn.EmbeddingBag.from_pretrained(t, mode="sum") for t in tables]
     starts = [0] + torch.tensor(batch.ids_per_feature).cumsum(0).tolist()
@@ -121,13 +124,7 @@ def measure(w: Workload, rounds: int) -> Dict[str, float]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tables", type=int, default=26)
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--pooling-factor", type=float, default=1.0)
-    parser.add_argument("--bag-size", choices=("fixed", "random"), default="fixed")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    add_shape_arguments(parser, pooling_factor=1.0)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
