@@ -11,6 +11,7 @@ it runs the torch path in ``pooled_torch``.
 
 from __future__ import annotations
 
+import inspect
 from typing import List, Optional, Tuple
 
 import torch
@@ -22,8 +23,9 @@ BACKENDS = ("auto", "torch", "triton")
 
 
 def _plan(weight_offsets, rows, dims, keys, pooling, num_keys) -> pooled_torch.PooledPlan:
-    t = pooled_torch.as_tuple
-    return pooled_torch.make_plan(t(weight_offsets), t(rows), t(dims), t(keys), t(pooling), num_keys)
+    # tuples: the plan is cached on them (lru_cache needs hashable arguments)
+    return pooled_torch.make_plan(tuple(weight_offsets), tuple(rows), tuple(dims), tuple(keys), tuple(pooling),
+                                  num_keys)
 
 
 def use_kernels(backend: str, device: torch.device) -> bool:
@@ -115,21 +117,24 @@ def _pooled_embedding_bags(
 
 
 pooled_embedding_bags = define_op("jaggedrec::pooled_embedding_bags")(_pooled_embedding_bags)
+# where run_pooled_embedding_bags finds these among the op's arguments, read off its signature
+_BACKEND_ARG, _OPTIMIZER_STATE_ARG = (list(inspect.signature(_pooled_embedding_bags).parameters).index(name)
+                                      for name in ("backend", "optimizer_state"))
 
 
-def run_pooled_embedding_bags(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
-                              per_sample_weights: Optional[torch.Tensor], *args) -> Tuple[torch.Tensor, torch.Tensor]:
+def run_pooled_embedding_bags(*args) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`pooled_embedding_bags` as the modules call it, with the same arguments. An eager
     CPU forward that autograd will not see (inference) runs the op's body without the
     dispatcher, whose custom-op machinery costs ~0.1 ms a call on a 2-core EPYC (a fifth of the
     forward of 10 tables of 512 bags). Anything else goes through the op: a gradient to come, a
     compiled or traced graph, fake tensors, the kernels."""
-    backend, optimizer_state = args[6], args[-1]
+    weights, values, offsets, per_sample_weights = args[:4]
+    backend, optimizer_state = args[_BACKEND_ARG], args[_OPTIMIZER_STATE_ARG]
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (weights, per_sample_weights, *optimizer_state))
     if needs_grad or use_kernels(backend, weights.device) or not pooled_torch._host_readable(weights, values, offsets):
-        return pooled_embedding_bags(weights, values, offsets, per_sample_weights, *args)
-    return _pooled_embedding_bags(weights, values, offsets, per_sample_weights, *args)
+        return pooled_embedding_bags(*args)
+    return _pooled_embedding_bags(*args)
 
 
 @define_op("jaggedrec::pooled_embedding_bags_backward")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -498,6 +498,3 @@ def pooled_row_grads(grad_out: torch.Tensor, values: torch.Tensor, offsets: torc
 def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
-
-def as_tuple(xs: Sequence[int]) -> Tuple[int, ...]:
-    return tuple(xs)
