@@ -51,6 +51,14 @@ class Variant:
     constexprs: Dict[str, object]
     num_warps: int
     loop: Optional[str] = None  # what its innermost loop does, when the bound applies to it
+    row_bytes: int = 4  # bytes per element of the rows the loop gathers
+
+    def row_loads_per_step(self, load_bytes: int) -> int:
+        """Row-load instructions per thread in one iteration of the source loop: its tile of
+        ``rows x BLOCK_D`` elements over the program's threads, ``load_bytes`` at a time."""
+        c = self.constexprs
+        rows = c.get("BLOCK_B", c.get("BLOCK_U", c.get("BLOCK_Q", 1))) * c.get("UNROLL", 1)
+        return max(1, rows * c["BLOCK_D"] * self.row_bytes // (32 * self.num_warps * max(load_bytes, 1)))
 
 
 def compile_variant(v: Variant, arch: int = 90):
@@ -105,20 +113,23 @@ class Reading:
     blocks_per_sm: int
     occupancy: float
     row_load_bytes: int  # the widest row load, per thread (16: a 16-byte vector)
-    round_trips: int  # the worst innermost loop's serial DRAM round trips per iteration
-    row_loads_per_iteration: int
+    round_trips: float  # the worst innermost loop's serial DRAM round trips per source iteration
+    steps_per_iteration: int  # source iterations per machine-code iteration (the compiler's unrolling)
+    row_loads_per_iteration: int  # per machine-code iteration
     peak_row_loads: int  # per thread
     peak_kb_per_sm: float
     unwaited: List[str]  # the decoder check (empty when every load's result is waited for)
     loop: Optional[str] = None
-    program_round_trips: Dict[str, int] = dataclasses.field(default_factory=dict)  # ids per bag -> whole program
+    prologue_round_trips: int = 0  # before the first gather/run loop
+    constexprs: Dict[str, object] = dataclasses.field(default_factory=dict)
+    row_bytes: int = 4  # bytes per element of the gathered rows
 
     @property
     def bound_applies(self) -> bool:
         return self.loop is not None
 
 
-def read(v: Variant, ids_per_bag: Sequence[int] = ()) -> Reading:
+def read(v: Variant) -> Reading:
     compiled = compile_variant(v)
     cubin = compiled.asm["cubin"]
     code = next(iter(sass.parse(sass.disassemble(cubin, cuobjdump())).values()))
@@ -126,15 +137,20 @@ def read(v: Variant, ids_per_bag: Sequence[int] = ()) -> Reading:
     occ = occupancy(res["registers"], max(res["shared"], int(getattr(compiled.metadata, "shared", 0) or 0)),
                     v.num_warps)
     timings = [sass.simulate(code, s, e) for s, e in sass.innermost_loops(code)]
-    worst = max(timings, key=lambda t: (t.round_trips, -t.peak_in_flight), default=None)
+    # the compiler may unroll a loop further (LLVM did, 4 times, for 1-vector-per-thread tiles):
+    # its machine iteration then holds several source iterations, each with its own row loads
+    steps = [max(1, round(t.data_loads / v.row_loads_per_step(t.load_bytes))) for t in timings]
+    per_step = [t.round_trips / n for t, n in zip(timings, steps)]
+    worst = max(range(len(timings)), key=lambda i: (per_step[i], -timings[i].peak_in_flight), default=None)
     peak = max((t.peak_in_flight for t in timings), default=0)
     width = max((t.load_bytes for t in timings), default=0)
     return Reading(
         v.kernel, v.label, v.num_warps, res["registers"], res["local"], max(res["shared"], 0),
-        occ["blocks"], occ["occupancy"], width, worst.round_trips if worst else 0,
-        worst.data_loads if worst else 0, peak, peak * width * 32 * occ["warps"] / 1024, sass.unwaited_reads(code),
-        v.loop, {str(n): sass.program_round_trips(code, math.ceil(n / v.constexprs.get("UNROLL", 1)))
-                 for n in ids_per_bag})
+        occ["blocks"], occ["occupancy"], width, round(per_step[worst], 2) if timings else 0,
+        steps[worst] if timings else 0, timings[worst].data_loads if timings else 0, peak,
+        peak * width * 32 * occ["warps"] / 1024, sass.unwaited_reads(code),
+        v.loop, sass.prologue_round_trips(code, min(s for s, _ in sass.innermost_loops(code))) if timings else 0,
+        dict(v.constexprs), v.row_bytes)
 
 
 # ----------------------------------------------------------------------------- the variants
@@ -168,18 +184,19 @@ def _alignment(dtype: str, dim: int) -> int:
 def workload_variants(dtype: str = "fp32", dim: int = 128, ids: str = "int64", weighted: bool = False,
                       legacy: Optional[bool] = None) -> List[Variant]:
     """Every variant the library launches for tables of ``dtype`` and ``dim`` with ``ids``
-    ids: the forward with and without bounds checks, the deterministic backward (dense and
+    ids: the forward, the deterministic backward (dense and
     compact gradients, and the long runs' sums), the fused step for each optimizer, and the
-    atomic backward; each at every autotune config."""
+    atomic backward; each at every autotune config. ``legacy`` sets LEGACY_LOOPS (None: the
+    kernels' default, False)."""
     from jaggedrec.kernels import pooled_bwd, pooled_fused, pooled_fwd, row_runs
     from jaggedrec.kernels.common import block_d
 
     fwd, runs, fused, long_runs, contrib, table = _types(dtype, ids)
     dims = dict(BLOCK_D=block_d(dim), DIM_ALIGN=_alignment(dtype, dim))
-    switch = {} if legacy is None else {"LEGACY_LOOPS": legacy}
+    switch = {"LEGACY_LOOPS": bool(legacy)}
     out: List[Variant] = []
 
-    def add(kernel, fn, types, constexprs, loop=None):
+    def add(kernel, fn, types, constexprs, loop=None, row_bytes=4):
         params = {p.name for p in fn.fn.params if p.is_constexpr}
         for config in fn.configs:
             full = {k: v for k, v in dict(dims, ROW_STRIDE=dim, ONE_TILE=dim <= dims["BLOCK_D"], **switch,
@@ -187,10 +204,10 @@ def workload_variants(dtype: str = "fp32", dim: int = 128, ids: str = "int64", w
             full.update(config.kwargs)
             label = " ".join([f"{k}={v}" for k, v in constexprs.items()]
                              + [f"{k}={v}" for k, v in config.kwargs.items()] + [f"warps={config.num_warps}"])
-            out.append(Variant(kernel, label, fn, types, full, config.num_warps, loop))
+            out.append(Variant(kernel, label, fn, types, full, config.num_warps, loop, row_bytes))
 
-    for check in (True, False):
-        add("fwd", pooled_fwd._pooled_fwd_kernel, fwd, dict(HAS_PSW=weighted, BOUNDS_CHECK=check), "gather")
+    add("fwd", pooled_fwd._pooled_fwd_kernel, fwd, dict(HAS_PSW=weighted), "gather",
+        2 if dtype in ("fp16", "bf16") else 4)
     for dense in (True, False):
         add("rows_grad", row_runs._rows_grad_kernel, dict(runs, dest_ptr="*fp32"),
             dict(DENSE=dense, HAS_SCALE=weighted), "runs")
@@ -217,15 +234,21 @@ CARDS = [Card("H100", 3.0, "about 90% of the 3.35 TB/s datasheet peak; not measu
          Card("H200", 4.3, "measured on this workplace's H200 (device/KINDS.md, 2026-10-28)")]
 
 
-def estimate(reading: Reading, block: int, dim: int, ids_per_bag: int, elem_bytes: int, card: Card,
+def program_round_trips(reading: Reading, ids_per_bag: int, unroll: int) -> float:
+    """A forward program's serial round trips: the chain before its loop, then the loop's
+    round trips for each of its ``ceil(L / UNROLL)`` iterations."""
+    return reading.prologue_round_trips + math.ceil(ids_per_bag / unroll) * reading.round_trips
+
+
+def estimate(reading: Reading, block: int, unroll: int, dim: int, ids_per_bag: int, elem_bytes: int, card: Card,
              latency_ns: float) -> float:
     """Little's law for the forward, as a fraction of copy bandwidth: each resident program
-    moves ``block`` bags' rows in (its whole program's serial round trips) x latency, so a
-    multiprocessor moves blocks_per_sm x bytes per program in that time. Bytes: the rows
-    read and the pooled output written. An estimate from machine code, not a measurement."""
+    moves ``block`` bags' rows in its serial round trips x latency, so a multiprocessor moves
+    blocks_per_sm x bytes per program in that time. Bytes: the rows read and the pooled
+    output written. An estimate from machine code, not a measurement."""
     rows = block * ids_per_bag * dim * elem_bytes
     out = block * dim * 4
-    trips = reading.program_round_trips[str(ids_per_bag)]
+    trips = program_round_trips(reading, ids_per_bag, unroll)
     bandwidth = MULTIPROCESSORS * reading.blocks_per_sm * (rows + out) / (trips * latency_ns * 1e-9)
     return min(1.0, bandwidth / (card.copy_tbps * 1e12))
 
@@ -233,13 +256,13 @@ def estimate(reading: Reading, block: int, dim: int, ids_per_bag: int, elem_byte
 # ----------------------------------------------------------------------------- printing
 
 def table(readings: Sequence[Reading]) -> str:
-    header = ("kernel", "variant", "regs", "local", "smem", "occ%", "row ld B", "trips/iter", "row lds/iter",
-              "peak lds/thr", "peak KB/SM")
+    header = ("kernel", "variant", "regs", "local", "smem", "occ%", "row ld B", "trips/iter", "unrolled",
+              "row lds/iter", "peak lds/thr", "peak KB/SM")
     rows = [header]
     for r in readings:
         rows.append((r.kernel, r.label, str(r.registers), str(r.local_bytes), str(r.shared_bytes),
-                     f"{100 * r.occupancy:.0f}", str(r.row_load_bytes), str(r.round_trips),
-                     str(r.row_loads_per_iteration), str(r.peak_row_loads), f"{r.peak_kb_per_sm:.1f}"))
+                     f"{100 * r.occupancy:.0f}", str(r.row_load_bytes), f"{r.round_trips:g}",
+                     f"x{r.steps_per_iteration}", str(r.row_loads_per_iteration), str(r.peak_row_loads), f"{r.peak_kb_per_sm:.1f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -261,11 +284,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  True if args.legacy_loops else None)
     readings = []
     for v in variants:
-        readings.append(read(v, (1, 20) if args.estimate and v.kernel == "fwd" else ()))
+        readings.append(read(v))
     print(f"# triton {triton.__version__}, sm_90a; workload: {args.dtype} tables, dim {args.dim}, {args.ids} ids"
           f"{', weighted' if args.weighted else ''}{', legacy loops' if args.legacy_loops else ''}")
-    print("# trips/iter: serial DRAM round trips per iteration of the innermost gather/run loop (global")
-    print("# loads one unit of latency, all else none); occupancy: theoretical, H100/H200 limits")
+    print("# trips/iter: serial DRAM round trips per source iteration of the innermost gather/run loop")
+    print("# (global loads one unit of latency, all else none); unrolled: source iterations per machine")
+    print("# iteration; row lds/iter: per machine iteration; occupancy: theoretical, H100/H200 limits")
     print(table(readings))
     bad = [(r.kernel, r.label, p) for r in readings for p in r.unwaited]
     print(f"# decoder check: {'every load result is read after a wait on its scoreboard' if not bad else bad}")
@@ -277,14 +301,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if r.kernel != "fwd":
                 continue
             block = int(re.search(r"BLOCK_B=(\d+)", r.label).group(1))
+            unroll = int(re.search(r"UNROLL=(\d+)", r.label).group(1))
             cells = []
             for card in CARDS:
                 for latency in (900, 1200):
                     for n in (1, 20):
                         cells.append(f"{card.name} {latency}ns L={n}: "
-                                     f"{100 * estimate(r, block, args.dim, n, elem, card, latency):.0f}%")
-            print(f"{r.label} (program trips L=1: {r.program_round_trips['1']}, "
-                  f"L=20: {r.program_round_trips['20']}):\n    " + ", ".join(cells))
+                                     f"{100 * estimate(r, block, unroll, args.dim, n, elem, card, latency):.0f}%")
+            print(f"{r.label} (program trips L=1: {program_round_trips(r, 1, unroll):g}, "
+                  f"L=20: {program_round_trips(r, 20, unroll):g}):\n    " + ", ".join(cells))
         for card in CARDS:
             print(f"# {card.name} copy {card.copy_tbps} TB/s: {card.source}")
     if args.json:

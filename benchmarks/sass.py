@@ -211,7 +211,11 @@ def simulate(code: Sequence[Instruction], start: int, end: int, iterations: int 
     """Issue the loop body ``iterations`` times in order (every instruction, predicated or
     not, as the worst case), each global load taking one unit of latency and every other op
     none; the round trips are the units that pass in the last iteration."""
-    rows = data_loads(code, start, end)
+    data = data_loads(code, start, end)
+    # the row loads are the widest data loads: per-id weights and scales are 4-byte scalars
+    # beside 16-byte row vectors (with scalar rows, they count as rows too)
+    widest = max((code[i].load_bytes for i in data), default=0)
+    rows = {i for i in data if code[i].load_bytes == widest}
     outstanding: Dict[int, List[Tuple[float, bool]]] = {b: [] for b in range(6)}  # (done at, is a row load)
     now = 0.0
     ends = []
@@ -229,7 +233,6 @@ def simulate(code: Sequence[Instruction], start: int, end: int, iterations: int 
             peak = max(peak, in_flight)
         ends.append(now)
     per_iteration = ends[-1] - ends[-2] if iterations > 1 else ends[-1]
-    widest = max((code[i].load_bytes for i in rows), default=0)
     return LoopTiming(round(per_iteration), len(rows), widest, peak, sum(code[i].load_bytes for i in rows))
 
 
@@ -281,32 +284,16 @@ def unwaited_reads(code: Sequence[Instruction]) -> List[str]:
     return problems
 
 
-def program_round_trips(code: Sequence[Instruction], iterations: int) -> int:
-    """Serial DRAM round trips of one program: its code issued in order from the start to
-    the first unconditional EXIT (every instruction, as the worst case), the innermost loops
-    run ``iterations`` times each and every other loop once, with the latencies of
-    :func:`simulate`."""
-    index = {ins.address: i for i, ins in enumerate(code)}
-    inner = set(innermost_loops(code))
-    taken: Dict[Tuple[int, int], int] = {}
+def prologue_round_trips(code: Sequence[Instruction], end: int) -> int:
+    """Serial DRAM round trips before instruction ``end`` (a loop's first), the code issued in
+    order from the start with the latencies of :func:`simulate`: the chain of dependent loads
+    (metadata, offsets, ids) a program waits for before its loop."""
     outstanding: Dict[int, List[Tuple[float, bool]]] = {b: [] for b in range(6)}
-    now, i = 0.0, 0
-    while i < len(code):
-        ins = code[i]
+    now = 0.0
+    for ins in code[:end]:
         now = _wait(ins, now, outstanding)
         if ins.write_barrier != NO_BARRIER:
             outstanding[ins.write_barrier].append((now + (1.0 if ins.is_global_load else 0.0), False))
         if ins.read_barrier != NO_BARRIER:
             outstanding[ins.read_barrier].append((now, False))
-        if ins.base == "EXIT" and not ins.predicate:
-            break
-        target = ins.branch_target()
-        if target is not None and target <= ins.address and target in index:
-            loop = (index[target], i)
-            if loop in inner and taken.get(loop, 0) < iterations - 1:
-                taken[loop] = taken.get(loop, 0) + 1
-                i = index[target]
-                continue
-            taken[loop] = 0
-        i += 1
     return round(now)

@@ -42,6 +42,12 @@ def single_config() -> bool:
     return interpreting() or os.environ.get("JAGGEDREC_AUTOTUNE", "1") == "0"
 
 
+def legacy_loops() -> bool:
+    """JAGGEDREC_LEGACY_LOOPS=1 launches the gather and run loops as they were before they
+    loaded ahead (see ``pooled_fwd._gather``), so that a GPU can time both on the same inputs."""
+    return os.environ.get("JAGGEDREC_LEGACY_LOOPS", "0") == "1"
+
+
 def block_d(max_dim: int) -> int:
     """Columns per tile: the widest dim rounded up to a power of two, at most 128; wider dims loop."""
     return max(16, min(128, triton.next_power_of_2(max_dim)))

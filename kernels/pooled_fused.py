@@ -40,14 +40,15 @@ def _adagrad_step_size(squares, u, live, row, dim, run_feature_ptr, meta_ptr, st
 @triton.jit
 def _decayed_tile(d0, start, length, longest, long_rank, live, row, dim, grad_out_ptr, item_offset_ptr,
                   item_scale_ptr, long_sums_ptr, weights_ptr, weight_decay, ROW_STRIDE: tl.constexpr,
-                  HAS_SCALE: tl.constexpr, DIM_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr):
+                  HAS_SCALE: tl.constexpr, DIM_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
+                  LEGACY_LOOPS: tl.constexpr):
     """Columns ``d0 .. d0+BLOCK_D-1`` of a tile of runs' rows: the gradient with weight decay
     added, the rows (fp32), the mask of live columns, and the elements' offsets."""
     cols = d0 + tl.arange(0, BLOCK_D)
     mask = live[:, None] & (cols[None, :] < dim[:, None])
     element = row[:, None] + cols[None, :]
     g = run_sums(start, length, longest, long_rank, cols, mask, grad_out_ptr, item_offset_ptr, item_scale_ptr,
-                 long_sums_ptr, ROW_STRIDE, HAS_SCALE, DIM_ALIGN, UNROLL)
+                 long_sums_ptr, ROW_STRIDE, HAS_SCALE, DIM_ALIGN, UNROLL, LEGACY_LOOPS)
     w = tl.load(weights_ptr + element, mask=mask, other=0.0).to(tl.float32)
     return g + weight_decay * w, w, mask, element
 
@@ -75,7 +76,7 @@ def _fused_update_kernel(
     grad_out_ptr, num_runs_ptr, run_start_ptr, run_row_ptr, run_feature_ptr, item_offset_ptr, item_scale_ptr,
     long_rank_ptr, long_sums_ptr, meta_ptr, weights_ptr, state1_ptr, state2_ptr, hparams_ptr, step_ptr,
     OPTIMIZER: tl.constexpr, HAS_SCALE: tl.constexpr, DIM_ALIGN: tl.constexpr, ROW_STRIDE: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, LEGACY_LOOPS: tl.constexpr,
     ONE_TILE: tl.constexpr, BLOCK_U: tl.constexpr, UNROLL: tl.constexpr,
 ):
     lr = tl.load(hparams_ptr + 0)
@@ -94,7 +95,8 @@ def _fused_update_kernel(
         if ONE_TILE:  # every dim fits one tile: gather each run's gradient once
             g, w, mask, element = _decayed_tile(
                 0, start, length, longest, long_rank, live, row, dim, grad_out_ptr, item_offset_ptr, item_scale_ptr,
-                long_sums_ptr, weights_ptr, weight_decay, ROW_STRIDE, HAS_SCALE, DIM_ALIGN, BLOCK_D, UNROLL)
+                long_sums_ptr, weights_ptr, weight_decay, ROW_STRIDE, HAS_SCALE, DIM_ALIGN, BLOCK_D, UNROLL,
+                LEGACY_LOOPS)
             if OPTIMIZER == 2:
                 step_size = _adagrad_step_size(tl.sum(g * g, axis=1), u, live, row, dim, run_feature_ptr, meta_ptr,
                                                state1_ptr, lr, eps)
@@ -108,7 +110,7 @@ def _fused_update_kernel(
                     g, w, mask, element = _decayed_tile(
                         d0, start, length, longest, long_rank, live, row, dim, grad_out_ptr, item_offset_ptr,
                         item_scale_ptr, long_sums_ptr, weights_ptr, weight_decay, ROW_STRIDE, HAS_SCALE, DIM_ALIGN,
-                        BLOCK_D, UNROLL)
+                        BLOCK_D, UNROLL, LEGACY_LOOPS)
                     squares += tl.sum(g * g, axis=1)
                 step_size = _adagrad_step_size(squares, u, live, row, dim, run_feature_ptr, meta_ptr, state1_ptr, lr,
                                                eps)
@@ -116,7 +118,7 @@ def _fused_update_kernel(
                 g, w, mask, element = _decayed_tile(
                     d0, start, length, longest, long_rank, live, row, dim, grad_out_ptr, item_offset_ptr,
                     item_scale_ptr, long_sums_ptr, weights_ptr, weight_decay, ROW_STRIDE, HAS_SCALE, DIM_ALIGN,
-                    BLOCK_D, UNROLL)
+                    BLOCK_D, UNROLL, LEGACY_LOOPS)
                 _step_tile(g, w, element, mask, step_size, weights_ptr, state1_ptr, state2_ptr, lr, eps, beta1, beta2,
                            t, OPTIMIZER)
 

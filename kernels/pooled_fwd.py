@@ -5,6 +5,9 @@ key-major ``values``/``offsets``. The bags advance together, one id position at 
 ``UNROLL`` positions per step, so a step issues ``BLOCK_B * UNROLL`` independent row loads;
 each row load is a contiguous, vectorised ``BLOCK_D``-wide read. Short bags (one id, as in
 DLRM) therefore still keep many loads in flight, and the loop runs to the block's longest bag.
+Each step's ids are loaded one step ahead (``_gather``), so that the loop waits for one DRAM
+round trip per step; ``python -m jaggedrec.benchmarks.codegen_report`` reads that off the
+machine code.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import META_FIELDS, block_d, single_config, wrap_triton
+from .common import META_FIELDS, block_d, legacy_loops, single_config, wrap_triton
 from .tuning import autotune
 
 
@@ -22,8 +25,98 @@ def _configs():
         return [triton.Config({"BLOCK_B": 4, "UNROLL": 2}, num_warps=1)]
     return [
         triton.Config({"BLOCK_B": b, "UNROLL": u}, num_warps=w)
-        for b, u, w in [(8, 4, 4), (16, 2, 4), (32, 2, 4), (32, 1, 8), (64, 1, 8)]
+        for b, u, w in [(8, 4, 4), (16, 2, 4), (32, 1, 8), (64, 1, 8)]
     ]
+
+
+@triton.jit
+def _ids_at(values_ptr, starts, lengths, position, UNROLL: tl.constexpr):
+    """The ids at positions ``position .. position+UNROLL-1`` of each bag: ``UNROLL`` ``[BLOCK_B]`` tensors."""
+    out = ()
+    for u in tl.static_range(UNROLL):
+        out = out + (tl.load(values_ptr + starts + (position + u), mask=(position + u) < lengths, other=0),)
+    return out
+
+
+@triton.jit
+def _rows_at(ids, position, d0, cols, col_mask, starts, lengths, num_rows, dim, table_ptr, psw_ptr,
+             HAS_PSW: tl.constexpr, UNROLL: tl.constexpr):
+    """Columns ``cols`` of the rows of ``ids`` (at ``position``), ``UNROLL`` ``[BLOCK_B, BLOCK_D]``
+    tensors in the table's dtype, their per-id weights, and ``[BLOCK_B]`` counts of bad ids.
+    A bad id's row is not loaded. Bad ids are checked and counted even when the caller will
+    not read the counts: with the rows' mask depending on positions alone, ptxas gave later
+    loads the registers of rows still in flight (seen with codegen_report)."""
+    rows = ()
+    weights = ()
+    bad_ids = tl.zeros(starts.shape, dtype=tl.int32)
+    for u in tl.static_range(UNROLL):
+        row = ids[u].to(tl.int64)
+        present = (position + u) < lengths
+        bad = present & ((row < 0) | (row >= num_rows))
+        present = present & ~bad
+        bad_ids += (bad & (d0 == 0)).to(tl.int32)
+        rows = rows + (tl.load(table_ptr + row[:, None] * dim + cols[None, :], mask=present[:, None] & col_mask[None, :],
+                               other=0.0),)
+        if HAS_PSW:
+            weights = weights + (tl.load(psw_ptr + starts + (position + u), mask=present, other=0.0).to(tl.float32),)
+        else:
+            weights = weights + (1.0,)
+    return rows, weights, bad_ids
+
+
+@triton.jit
+def _gather(acc, bad_ids, d0, cols, col_mask, starts, lengths, longest, num_rows, dim, table_ptr, values_ptr,
+            psw_ptr, HAS_PSW: tl.constexpr, UNROLL: tl.constexpr):
+    """Add columns ``cols`` of every bag's rows to ``acc`` ``[BLOCK_B, BLOCK_D]``, position by
+    position, and count the bad ids per bag into ``bad_ids``.
+
+    Pipelined two deep: an iteration adds the rows that the one before loaded, while it loads
+    the next step's rows and the ids of the step after. No load is waited for in the
+    iteration that issues it, whatever registers ptxas gives it, so a step costs one DRAM
+    round trip where loading each id just before its row cost two or more."""
+    ahead = _ids_at(values_ptr, starts, lengths, 0, UNROLL)
+    rows_next, weights_next, bad = _rows_at(ahead, 0, d0, cols, col_mask, starts, lengths, num_rows, dim, table_ptr,
+                                            psw_ptr, HAS_PSW, UNROLL)
+    bad_ids += bad
+    ahead = _ids_at(values_ptr, starts, lengths, UNROLL, UNROLL)
+    for j in range(0, longest, UNROLL):
+        rows_now = rows_next
+        weights_now = weights_next
+        ids_next = ahead
+        ahead = _ids_at(values_ptr, starts, lengths, j + 2 * UNROLL, UNROLL)
+        rows_next, weights_next, bad = _rows_at(ids_next, j + UNROLL, d0, cols, col_mask, starts, lengths, num_rows,
+                                                dim, table_ptr, psw_ptr, HAS_PSW, UNROLL)
+        bad_ids += bad
+        for u in tl.static_range(UNROLL):
+            if HAS_PSW:
+                acc += rows_now[u].to(tl.float32) * weights_now[u][:, None]
+            else:
+                acc += rows_now[u].to(tl.float32)
+    return acc, bad_ids
+
+
+@triton.jit
+def _legacy_gather(acc, num_bad, d0, cols, col_mask, starts, lengths, longest, num_rows, dim, table_ptr,
+                   values_ptr, psw_ptr, HAS_PSW: tl.constexpr, UNROLL: tl.constexpr):
+    """The loop before ``_gather`` (LEGACY_LOOPS, JAGGEDREC_LEGACY_LOOPS=1), kept until a GPU has
+    timed both: each id is loaded just before its row, range-checked, and bad ids are summed
+    every step."""
+    for j in range(0, longest, UNROLL):
+        for u in tl.static_range(UNROLL):
+            present = (j + u) < lengths
+            ids = tl.load(values_ptr + starts + j + u, mask=present, other=0).to(tl.int64)
+            bad = present & ((ids < 0) | (ids >= num_rows))
+            present = present & ~bad
+            if d0 == 0:
+                num_bad += tl.sum(bad.to(tl.int32), axis=0)
+            row_mask = present[:, None]
+            rows = tl.load(table_ptr + ids[:, None] * dim + cols[None, :],
+                           mask=row_mask & col_mask[None, :], other=0.0).to(tl.float32)
+            if HAS_PSW:
+                w = tl.load(psw_ptr + starts + j + u, mask=present, other=0.0).to(tl.float32)
+                rows = rows * w[:, None]
+            acc += rows
+    return acc, num_bad
 
 
 @autotune(configs=_configs(), key=["num_features", "BLOCK_D", "HAS_PSW", "DIM_ALIGN"])
@@ -31,8 +124,8 @@ def _configs():
 def _pooled_fwd_kernel(
     weights_ptr, values_ptr, offsets_ptr, psw_ptr, meta_ptr, out_ptr, errors_ptr,
     batch_size, out_stride, num_features,
-    HAS_PSW: tl.constexpr, BOUNDS_CHECK: tl.constexpr, BLOCK_D: tl.constexpr, DIM_ALIGN: tl.constexpr,
-    BLOCK_B: tl.constexpr, UNROLL: tl.constexpr,
+    HAS_PSW: tl.constexpr, BLOCK_D: tl.constexpr, DIM_ALIGN: tl.constexpr,
+    LEGACY_LOOPS: tl.constexpr, BLOCK_B: tl.constexpr, UNROLL: tl.constexpr,
 ):
     # one program per BLOCK_B bags of one feature
     f = tl.program_id(1)
@@ -55,45 +148,30 @@ def _pooled_fwd_kernel(
     longest = tl.max(lengths, axis=0)
     table_ptr = weights_ptr + weight_offset
     num_bad = tl.zeros([], dtype=tl.int32)
+    bad_ids = tl.zeros([BLOCK_B], dtype=tl.int32)  # per bag; summed once, after the loops
 
     for d0 in range(0, dim, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_mask = cols < dim
         acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-        for j in range(0, longest, UNROLL):
-            for u in tl.static_range(UNROLL):
-                present = (j + u) < lengths
-                ids = tl.load(values_ptr + starts + j + u, mask=present, other=0).to(tl.int64)
-                if BOUNDS_CHECK:
-                    bad = present & ((ids < 0) | (ids >= num_rows))
-                    present = present & ~bad
-                    if d0 == 0:
-                        num_bad += tl.sum(bad.to(tl.int32), axis=0)
-                    row_mask = present[:, None]
-                else:
-                    # the same mask, compared afresh in 2-D: with one `present` masking both the
-                    # ids load and the row load, triton 3.6's layout pass moved the ids load to
-                    # the rows' layout but left its mask behind (an invalid tt.load: no build
-                    # at BLOCK_B >= 32); with bounds checks the row mask already differs
-                    row_mask = (j + u) < lengths[:, None]
-                rows = tl.load(table_ptr + ids[:, None] * dim + cols[None, :],
-                               mask=row_mask & col_mask[None, :], other=0.0).to(tl.float32)
-                if HAS_PSW:
-                    w = tl.load(psw_ptr + starts + j + u, mask=present, other=0.0).to(tl.float32)
-                    rows = rows * w[:, None]
-                acc += rows
+        if LEGACY_LOOPS:
+            acc, num_bad = _legacy_gather(acc, num_bad, d0, cols, col_mask, starts, lengths, longest, num_rows,
+                                          dim, table_ptr, values_ptr, psw_ptr, HAS_PSW, UNROLL)
+        else:
+            acc, bad_ids = _gather(acc, bad_ids, d0, cols, col_mask, starts, lengths, longest, num_rows, dim,
+                                   table_ptr, values_ptr, psw_ptr, HAS_PSW, UNROLL)
         if mean != 0:
             acc = acc / tl.maximum(lengths, 1).to(tl.float32)[:, None]
         tl.store(out_ptr + out_rows[:, None] + out_column + cols[None, :], acc,
                  mask=bag_mask[:, None] & col_mask[None, :])
-    if BOUNDS_CHECK:
-        if num_bad > 0:
-            tl.atomic_add(errors_ptr + f, num_bad.to(tl.int64))
+    num_bad += tl.sum(bad_ids, axis=0)
+    if num_bad > 0:
+        tl.atomic_add(errors_ptr + f, num_bad.to(tl.int64))
 
 
 def pooled_fwd(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
                per_sample_weights: torch.Tensor | None, meta: torch.Tensor, out: torch.Tensor,
-               errors: torch.Tensor | None, max_dim: int, alignment: int) -> None:
+               errors: torch.Tensor, max_dim: int, alignment: int) -> None:
     """Pool every feature into ``out``, in one launch.
 
     Args:
@@ -103,8 +181,9 @@ def pooled_fwd(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tenso
         per_sample_weights: ``[N]`` float, or None.
         meta: ``[F, META_FIELDS]`` int64 per feature (see ``common``).
         out: ``[B, total_dim]`` fp32, written in full.
-        errors: ``[F]`` int64, incremented by the number of ids outside ``[0, rows)`` (those ids
-            are skipped); None to trust the ids and skip the check.
+        errors: ``[F]`` int64, incremented by the number of ids outside ``[0, rows)``; those ids
+            are always skipped (the check costs two compares per id, and its count is read
+            only when the caller asks for it).
         max_dim: the widest feature dim.
         alignment: a power of two dividing every dim, table offset and output column.
     """
@@ -116,7 +195,7 @@ def pooled_fwd(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tenso
     grid = lambda cfg: (triton.cdiv(batch_size, cfg["BLOCK_B"]), num_features)  # noqa: E731
     wrap_triton(_pooled_fwd_kernel)[grid](
         weights, values, offsets, per_sample_weights if per_sample_weights is not None else out,
-        meta, out, errors if errors is not None else meta,
+        meta, out, errors,
         batch_size, out.stride(0), num_features,
-        HAS_PSW=per_sample_weights is not None, BOUNDS_CHECK=errors is not None, BLOCK_D=block_d(max_dim),
-        DIM_ALIGN=alignment)
+        HAS_PSW=per_sample_weights is not None, BLOCK_D=block_d(max_dim),
+        DIM_ALIGN=alignment, LEGACY_LOOPS=legacy_loops())

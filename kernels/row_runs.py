@@ -25,7 +25,7 @@ import triton
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 import triton.language as tl
 
-from .common import META_FIELDS, block_d, persistent_programs, single_config, wrap_triton
+from .common import META_FIELDS, block_d, legacy_loops, persistent_programs, single_config, wrap_triton
 from .tuning import autotune
 
 
@@ -54,17 +54,82 @@ def run_tile(u0, num_runs, run_start_ptr, run_feature_ptr, long_rank_ptr, meta_p
 
 
 @triton.jit
+def _run_offsets(item_offset_ptr, start, length, position, UNROLL: tl.constexpr):
+    """The grad_out offsets of sorted positions ``position .. position+UNROLL-1`` of each run,
+    ``UNROLL`` ``[BLOCK_U]`` int64 tensors; -1 past a run's end."""
+    out = ()
+    for k in tl.static_range(UNROLL):
+        out = out + (tl.load(item_offset_ptr + start + (position + k), mask=(position + k) < length, other=-1),)
+    return out
+
+
+@triton.jit
+def _run_rows(offsets, start, length, position, cols, mask, grad_out_ptr, item_scale_ptr, HAS_SCALE: tl.constexpr,
+              DIM_ALIGN: tl.constexpr, UNROLL: tl.constexpr):
+    """Columns ``cols`` of the gradient rows at ``offsets`` (0 where -1), ``UNROLL`` ``[BLOCK_U,
+    BLOCK_D]`` fp32 tensors, and their scales (1 without HAS_SCALE)."""
+    rows = ()
+    scales = ()
+    for k in tl.static_range(UNROLL):
+        present = offsets[k] >= 0
+        # the promise holds for every lane that loads (a masked lane's -1 is never used);
+        # made on the row pointers, as a promise on loop-carried offsets is lost
+        row_ptrs = tl.multiple_of(grad_out_ptr + offsets[k], DIM_ALIGN)
+        rows = rows + (tl.load(row_ptrs[:, None] + cols[None, :], mask=present[:, None] & mask, other=0.0),)
+        if HAS_SCALE:
+            scales = scales + (tl.load(item_scale_ptr + start + (position + k), mask=present, other=0.0),)
+        else:
+            scales = scales + (1.0,)
+    return rows, scales
+
+
+@triton.jit
 def run_sums(start, length, longest, long_rank, cols, mask, grad_out_ptr, item_offset_ptr, item_scale_ptr,
              long_sums_ptr, ROW_STRIDE: tl.constexpr, HAS_SCALE: tl.constexpr, DIM_ALIGN: tl.constexpr,
-             UNROLL: tl.constexpr):
+             UNROLL: tl.constexpr, LEGACY_LOOPS: tl.constexpr):
     """``[BLOCK_U, BLOCK_D]`` fp32: columns ``cols`` of each run's gradient, its contributions
     added in sorted order (a fixed order: the same bits on every run); a long run's comes
-    ready-made from ``long_sums``. ``mask`` covers the live runs' columns."""
+    ready-made from ``long_sums``. ``mask`` covers the live runs' columns.
+
+    The loop is pipelined two deep (below), so that it waits for one DRAM round trip per
+    step where loading each offset just before its row cost two or more: ptxas gave later
+    loads the registers of rows still in flight, which then had to come back first (seen
+    with ``codegen_report``)."""
     # start from the long runs' sums (a long run has length 0 here, every other run loads 0):
     # added after the loop instead, the same sum, triton 3.6 could not lay the loop out
     long_rows = long_rank.to(tl.int64) * ROW_STRIDE
     acc = tl.load(long_sums_ptr + long_rows[:, None] + cols[None, :], mask=(long_rank >= 0)[:, None] & mask,
                   other=0.0)
+    if LEGACY_LOOPS:
+        acc = _legacy_run_sums(acc, start, length, longest, cols, mask, grad_out_ptr, item_offset_ptr,
+                               item_scale_ptr, HAS_SCALE, DIM_ALIGN, UNROLL)
+    else:
+        # two stages: an iteration adds the gradient rows loaded by the one before, while it
+        # loads the next step's rows and the offsets of the step after; no load is waited for
+        # in the iteration that issues it, whatever registers ptxas gives them
+        ahead = _run_offsets(item_offset_ptr, start, length, 0, UNROLL)
+        rows_next, scales_next = _run_rows(ahead, start, length, 0, cols, mask, grad_out_ptr, item_scale_ptr,
+                                           HAS_SCALE, DIM_ALIGN, UNROLL)
+        ahead = _run_offsets(item_offset_ptr, start, length, UNROLL, UNROLL)
+        for j in range(0, longest, UNROLL):
+            rows_now = rows_next
+            scales_now = scales_next
+            offsets_next = ahead
+            ahead = _run_offsets(item_offset_ptr, start, length, j + 2 * UNROLL, UNROLL)
+            rows_next, scales_next = _run_rows(offsets_next, start, length, j + UNROLL, cols, mask, grad_out_ptr,
+                                               item_scale_ptr, HAS_SCALE, DIM_ALIGN, UNROLL)
+            for k in tl.static_range(UNROLL):
+                if HAS_SCALE:
+                    acc += rows_now[k] * scales_now[k][:, None]
+                else:
+                    acc += rows_now[k]
+    return acc
+
+
+@triton.jit
+def _legacy_run_sums(acc, start, length, longest, cols, mask, grad_out_ptr, item_offset_ptr, item_scale_ptr,
+                     HAS_SCALE: tl.constexpr, DIM_ALIGN: tl.constexpr, UNROLL: tl.constexpr):
+    """The run loop before ``run_sums`` loaded ahead (LEGACY_LOOPS), kept until a GPU has timed both."""
     for j in range(0, longest, UNROLL):
         for k in tl.static_range(UNROLL):
             present = (j + k) < length
@@ -125,7 +190,7 @@ def _rows_grad_kernel(
     grad_out_ptr, num_runs_ptr, run_start_ptr, run_row_ptr, run_feature_ptr, item_offset_ptr, item_scale_ptr,
     long_rank_ptr, long_sums_ptr, meta_ptr, dest_ptr,
     DENSE: tl.constexpr, ROW_STRIDE: tl.constexpr, HAS_SCALE: tl.constexpr, DIM_ALIGN: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_U: tl.constexpr, UNROLL: tl.constexpr,
+    BLOCK_D: tl.constexpr, LEGACY_LOOPS: tl.constexpr, BLOCK_U: tl.constexpr, UNROLL: tl.constexpr,
 ):
     # programs take turns over tiles of BLOCK_U runs: u0 = pid, pid + G, ... (times BLOCK_U)
     num_runs = tl.load(num_runs_ptr)
@@ -140,7 +205,7 @@ def _rows_grad_kernel(
             cols = d0 + tl.arange(0, BLOCK_D)
             mask = live[:, None] & (cols[None, :] < dim[:, None])
             acc = run_sums(start, length, longest, long_rank, cols, mask, grad_out_ptr, item_offset_ptr,
-                           item_scale_ptr, long_sums_ptr, ROW_STRIDE, HAS_SCALE, DIM_ALIGN, UNROLL)
+                           item_scale_ptr, long_sums_ptr, ROW_STRIDE, HAS_SCALE, DIM_ALIGN, UNROLL, LEGACY_LOOPS)
             tl.store(dest_ptr + dest[:, None] + cols[None, :], acc, mask=mask)
 
 
@@ -247,9 +312,10 @@ def rows_grad(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, dest: torc
 
 def launch_args(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, max_dim: int, alignment: int):
     """What every run-tile kernel takes first: the run tensors (after summing the long runs),
-    and the constexprs ``ROW_STRIDE``, ``HAS_SCALE``, ``DIM_ALIGN``, ``BLOCK_D``."""
+    and the constexprs ``ROW_STRIDE``, ``HAS_SCALE``, ``DIM_ALIGN``, ``BLOCK_D``, ``LEGACY_LOOPS``."""
     scale = runs.item_scale
     long_sums = long_run_sums(grad_out, runs, meta, max_dim, alignment)
     args = (grad_out, runs.num_runs, runs.run_start, runs.run_row, runs.run_feature, runs.item_offset,
             scale if scale is not None else grad_out, runs.long_rank, long_sums, meta)
-    return args, dict(ROW_STRIDE=max_dim, HAS_SCALE=scale is not None, DIM_ALIGN=alignment, BLOCK_D=block_d(max_dim))
+    return args, dict(ROW_STRIDE=max_dim, HAS_SCALE=scale is not None, DIM_ALIGN=alignment, BLOCK_D=block_d(max_dim),
+                      LEGACY_LOOPS=legacy_loops())

@@ -2,7 +2,7 @@
 memory instructions by kind. Run as a script, without TRITON_INTERPRET (``test_codegen``).
 
     python tests/ptx_probe.py ALIGNMENT   ->  {"fwd": {"ld.global.v4.b32": 8, ...}, ...}
-    python tests/ptx_probe.py sweep       ->  {"compiled": 228, "failed": ["fwd BOUNDS_CHECK=False ...", ...], ...}
+    python tests/ptx_probe.py sweep       ->  {"compiled": 219, "failed": ["fwd HAS_PSW=True ...", ...], ...}
     python tests/ptx_probe.py sweep --strict   (the same, exiting with 1 when a variant fails)
 
 ``sweep`` builds every variant the library can launch, so that a Triton release that cannot
@@ -65,7 +65,7 @@ CONTRIB = dict(grad_out_ptr=f32, grad_stride="i32", rows_ptr=i64, contrib_featur
 # dividing every dim and offset, ROW_STRIDE the widest dim, ONE_TILE whether it fits one tile.
 def dims(max_dim, align):
     bd = block_d(max_dim)
-    return dict(BLOCK_D=bd, DIM_ALIGN=align, ROW_STRIDE=max_dim, ONE_TILE=max_dim <= bd)
+    return dict(BLOCK_D=bd, DIM_ALIGN=align, ROW_STRIDE=max_dim, ONE_TILE=max_dim <= bd, LEGACY_LOOPS=False)
 
 
 BASE_DIMS = dims(64, 4)
@@ -85,14 +85,16 @@ def _kernels():
     wide = [(w, {}, c) for w, c in DIM_VARIANTS]
     i32_ids = [("int32 ids", {"values_ptr": "*i32", "offsets_ptr": "*i32"}, {})]
     i32_offsets = [("int32 offsets", {"offsets_ptr": "*i32"}, {})]
+    # the loops before they were pipelined, kept selectable until a GPU has timed both
+    legacy = [("legacy loops", {}, dict(LEGACY_LOOPS=True))]
     return [
-        ("fwd", pooled_fwd._pooled_fwd_kernel, FWD, dict(HAS_PSW=[False, True], BOUNDS_CHECK=[True, False]),
-         tables + i32_ids + wide + psw),
+        ("fwd", pooled_fwd._pooled_fwd_kernel, FWD, dict(HAS_PSW=[False, True]),
+         tables + i32_ids + wide + psw + legacy),
         ("rows_grad", row_runs._rows_grad_kernel, dict(RUNS, dest_ptr=f32),
-         dict(DENSE=[True, False], HAS_SCALE=[False, True]), wide),
+         dict(DENSE=[True, False], HAS_SCALE=[False, True]), wide + legacy),
         ("long_runs", row_runs._long_run_sums_kernel, LONG, dict(HAS_SCALE=[False, True]), wide),
         ("fused", pooled_fused._fused_update_kernel, FUSED,
-         dict(OPTIMIZER=[2, 1, 3], ONE_TILE=[True, False], HAS_SCALE=[False, True]), tables + wide),
+         dict(OPTIMIZER=[2, 1, 3], ONE_TILE=[True, False], HAS_SCALE=[False, True]), tables + wide + legacy),
         ("rows_grad_atomic", pooled_bwd._rows_grad_atomic_kernel, dict(CONTRIB, psw_ptr=f32, dest_ptr=f32),
          dict(HAS_PSW=[False, True]), i32_offsets + wide + psw),
         ("psw_grad", pooled_bwd._psw_grad_kernel, dict(CONTRIB, weights_ptr=f32, out_ptr=f32), {},
@@ -171,13 +173,13 @@ if sys.argv[1] == "sweep":
 align = int(sys.argv[1])
 out = {}
 out["fwd"] = ptx_ops(pooled_fwd._pooled_fwd_kernel, FWD,
-                     dict(HAS_PSW=False, BOUNDS_CHECK=True, BLOCK_D=64, DIM_ALIGN=align, BLOCK_B=32, UNROLL=2))
+                     dict(HAS_PSW=False, BLOCK_D=64, DIM_ALIGN=align, LEGACY_LOOPS=False, BLOCK_B=32, UNROLL=2))
 out["rows_grad"] = ptx_ops(row_runs._rows_grad_kernel, dict(RUNS, dest_ptr=f32),
                            dict(DENSE=True, ROW_STRIDE=64, HAS_SCALE=True, DIM_ALIGN=align, BLOCK_D=64, BLOCK_U=32,
-                                UNROLL=2))
+                                UNROLL=2, LEGACY_LOOPS=False))
 out["fused_adagrad"] = ptx_ops(pooled_fused._fused_update_kernel, FUSED,
                                dict(OPTIMIZER=2, HAS_SCALE=False, DIM_ALIGN=align, ROW_STRIDE=64, BLOCK_D=64,
-                                    ONE_TILE=True, BLOCK_U=32, UNROLL=2))
+                                    ONE_TILE=True, BLOCK_U=32, UNROLL=2, LEGACY_LOOPS=False))
 out["long_runs"] = ptx_ops(row_runs._long_run_sums_kernel, LONG,
                            dict(ROW_STRIDE=64, HAS_SCALE=True, DIM_ALIGN=align, BLOCK_D=64, BLOCK_Q=32))
 out["rows_grad_atomic"] = ptx_ops(pooled_bwd._rows_grad_atomic_kernel, dict(CONTRIB, psw_ptr=f32, dest_ptr=f32),

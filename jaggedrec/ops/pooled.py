@@ -93,7 +93,7 @@ def _pooled_embedding_bags(
         pooling: ``[F]`` 0 for SUM, 1 for MEAN (divides by the bag length; empty bags give 0).
         num_keys: K.
         backend: "auto", "torch" or "triton".
-        bounds_check: (kernels) skip ids outside ``[0, rows)`` and count them; otherwise trust them.
+        bounds_check: (kernels) return the counts of ids outside ``[0, rows)``, which are skipped either way.
         sparse_grad: give ``weights`` a sparse COO gradient (eager only).
         deterministic: (kernels) bit-identical weight gradients, by sorting; else atomics.
         optimizer: 0 for an ordinary weight gradient; 1 SGD, 2 row-wise Adagrad, 3 Adam to

@@ -75,8 +75,9 @@ def triton_forward(weights: torch.Tensor, values: torch.Tensor, offsets: torch.T
     batch = (offsets.shape[0] - 1) // num_keys
     out = torch.empty((batch, plan.out_offsets[-1]), dtype=torch.float32, device=weights.device)
     errors = torch.zeros(meta.shape[0], dtype=torch.int64, device=weights.device)
-    pooled_fwd.pooled_fwd(weights, values, offsets, per_sample_weights, meta, out,
-                          errors if bounds_check else None, max(plan_dims(plan)), plan.alignment)
+    # the kernel skips and counts bad ids either way; unchecked, the counts are not read
+    pooled_fwd.pooled_fwd(weights, values, offsets, per_sample_weights, meta, out, errors, max(plan_dims(plan)),
+                          plan.alignment)
     return out, errors
 
 
