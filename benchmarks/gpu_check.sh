@@ -84,7 +84,7 @@ if $PY -c 'import pytest' 2>/dev/null; then
     }
     export -f gpu_tests
     export PY
-    step gpu-tests 150 bash -c gpu_tests
+    step gpu-tests 100 bash -c gpu_tests
 else
     log "SKIP gpu-tests: pytest is not installed here"
 fi
@@ -94,18 +94,31 @@ bench() {  # bench NAME LIMIT_S ARGS...: one benchmark run, its files named afte
     step "bench-$name" "$limit" $PY -m jaggedrec.benchmarks --device "$DEVICE" --no-progress "$@" "${EXTRA[@]}" \
         --output "$OUT/$name.json" --csv "$OUT/$name.csv" --plot "$OUT/$name.png"
 }
-# Most important first. torch.compile gets its own last step: a slow compile then costs only
+# Most important first (the steps past the 450 s budget are skipped, the log says which).
+# torch.compile gets its own last step: a slow compile then costs only
 # that step (a run cut off by its timeout keeps the configurations it finished, in its JSON).
 NO_COMPILE="eb_loop,eb_concat,jaggedrec[torch],jaggedrec[triton],torchrec_ebc,fbgemm_tbe"
-bench dlrm-forward 60 --preset dlrm --mode forward --providers "$NO_COMPILE"
-bench dlrm-backward 55 --preset dlrm --mode backward --providers "$NO_COMPILE"
-bench dlrm-train 55 --preset dlrm --mode train --providers "$NO_COMPILE"
+# Pipelined loops against the loops they replaced (JAGGEDREC_LEGACY_LOOPS=1), on the same seeded
+# inputs, alternated twice, for the forward, the backward and a train step at the dlrm preset
+for round in 1 2; do
+    for legacy in 1 0; do
+        for mode in forward train; do
+            JAGGEDREC_LEGACY_LOOPS=$legacy bench "loops-legacy$legacy-$mode-$round" 20 --preset dlrm --mode "$mode" \
+                --providers "jaggedrec[triton]"
+        done
+    done
+done
+# every autotune config's time, forward, backward and each fused step, both loops
+step autotune-times 60 $PY -m jaggedrec.benchmarks.autotune_times --output "$OUT/autotune_times.json"
+bench dlrm-forward 45 --preset dlrm --mode forward --providers "$NO_COMPILE"
+bench dlrm-backward 40 --preset dlrm --mode backward --providers "$NO_COMPILE"
+bench dlrm-train 40 --preset dlrm --mode train --providers "$NO_COMPILE"
 # zipf ids: hot rows, whose long runs of ids the backward sums with a kernel of their own
-bench dlrm-train-zipf 40 --preset dlrm --mode train --distribution zipf --pooling-factor 20 \
+bench dlrm-train-zipf 30 --preset dlrm --mode train --distribution zipf --pooling-factor 20 \
     --providers "eb_loop,jaggedrec[triton],fbgemm_tbe"
-bench pooling-forward 65 --preset pooling --mode forward --providers "$NO_COMPILE"
-bench scaling-forward 75 --preset scaling --mode forward --providers "$NO_COMPILE"
-bench dlrm-forward-compiled 70 --preset dlrm --mode forward \
+bench pooling-forward 45 --preset pooling --mode forward --providers "$NO_COMPILE"
+bench scaling-forward 45 --preset scaling --mode forward --providers "$NO_COMPILE"
+bench dlrm-forward-compiled 50 --preset dlrm --mode forward \
     --providers "eb_loop,eb_loop_compiled,jaggedrec[triton],jaggedrec_compiled"
 
 log "summary (median ms, GB/s, speedup over the nn.EmbeddingBag loop; every number measured in this run):"
