@@ -258,7 +258,8 @@ class EmbeddingBagCollection(nn.Module):
             pooled = outputs[0]
         else:  # tables of several dtypes: interleave their columns back into output order
             pooled = torch.cat([outputs[g].narrow(1, start, width) for g, start, width in self._column_runs], dim=1)
-        pooled = vbe.expand_by_inverse_indices(pooled, batch.inverse_indices, self._length_per_embedding)
+        pooled = vbe.expand_by_inverse_indices(pooled, batch.inverse_indices, self._length_per_embedding,
+                                               batch.batch_size)
         return KeyedTensor(self._embedding_names, self._length_per_embedding, pooled)
 
 

@@ -34,9 +34,11 @@ def _configs(dims=(3, 5, 8)) -> List[jr.EmbeddingBagConfig]:
 
 def random_vbe(gen: torch.Generator, keys: Sequence[str], rows: Dict[str, int], batch: int,
                bags: Dict[str, int], weighted: bool = False, id_dtype=torch.int64,
-               empty_keys: Sequence[str] = ("none",)) -> Tuple[jr.KeyedJaggedTensor, Batch]:
+               empty_keys: Sequence[str] = ("none",), in_order: Sequence[str] = ()
+               ) -> Tuple[jr.KeyedJaggedTensor, Batch]:
     """A VBE KJT with ``bags[key]`` distinct bags per key (empty bags, duplicate ids, a key with
-    no ids), random inverse indices over a batch of ``batch``, and the same batch expanded."""
+    no ids), random inverse indices over a batch of ``batch`` (``in_order`` keys: sample ``b``
+    reads bag ``b``, which the collection pools without a gather), and the same batch expanded."""
     vbe_values, vbe_lengths, vbe_weights, inverse, expanded = [], [], [], [], {}
     for key in keys:
         n_bags = bags[key]
@@ -49,8 +51,9 @@ def random_vbe(gen: torch.Generator, keys: Sequence[str], rows: Dict[str, int], 
         weights = torch.rand(n, generator=gen) + 0.25
         # every bag read by some sample, as deduplication makes them (a bag no sample reads has
         # its rows read all the same: lazy Adam then decays their moments, as FBGEMM's would)
-        inv = torch.cat([torch.arange(n_bags), torch.randint(0, n_bags, (batch - n_bags,), generator=gen)])
-        inv = inv[torch.randperm(batch, generator=gen)]
+        inv = torch.cat([torch.arange(min(n_bags, batch)),
+                         torch.randint(0, n_bags, (max(0, batch - n_bags),), generator=gen)])
+        inv = torch.arange(batch) if key in in_order else inv[torch.randperm(batch, generator=gen)]
         starts = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
         take = [torch.arange(int(starts[b]), int(starts[b + 1])) for b in inv.tolist()]
         take = torch.cat(take) if take else torch.empty(0, dtype=torch.int64)
@@ -84,7 +87,11 @@ def test_vbe_forward_and_backward_match_expanded_batch(backend, weighted, id_dty
     keys = shuffled_keys(gen, ["user", "item", "hist", "none", "extra"])  # an extra key it ignores
     rows = {**key_rows(configs), "extra": 4}
     batch = 6 if backend == "triton" else 9
-    kjt, ref = random_vbe(gen, keys, rows, batch, {**_bags(batch), "extra": 2}, weighted, id_dtype)
+    # weighted: "extra" has more bags than the batch has samples, so the widest key sets the
+    # op's stride and the output is gathered anew; else the output is the op's, in place
+    extra_bags = batch + 2 if weighted else 2
+    kjt, ref = random_vbe(gen, keys, rows, batch, {**_bags(batch), "extra": extra_bags}, weighted, id_dtype,
+                          in_order=("item",))
     assert kjt.stride() == batch and kjt.variable_stride_per_key()
 
     tables64 = [ebc.embedding_bags[c.name].weight.detach().double().requires_grad_() for c in configs]
@@ -136,7 +143,7 @@ def test_vbe_fused_optimizers_match_expanded_batch(backend, opt):
     keys = ["hist", "user", "none", "item"]
     batch = 5 if backend == "triton" else 8
     for step in range(3):
-        kjt, ref = random_vbe(gen, keys, key_rows(configs), batch, _bags(batch))
+        kjt, ref = random_vbe(gen, keys, key_rows(configs), batch, _bags(batch), in_order=("item",) * (step % 2))
         grad_out = torch.randn(batch, sum(c.embedding_dim * len(c.feature_names) for c in configs), generator=gen)
         (vbe_ebc(kjt).values() * grad_out).sum().backward()
         (twin(_expanded_kjt(keys, ref)).values() * grad_out).sum().backward()
@@ -198,3 +205,24 @@ def test_vbe_id_out_of_range_names_feature_and_bag():
                                inverse_indices=(["user", "item", "hist", "none"], torch.zeros(4, 3, dtype=torch.long)))
     with pytest.raises(ValueError, match=r"feature 'hist' \(table 't_item'\): id 14 in sample 0 is out of range"):
         ebc(kjt)
+
+
+def test_vbe_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) through a VBE batch, forward and backward. The strides
+    are part of the KJT's pytree context, so a batch of new strides compiles anew."""
+    gen = torch.Generator().manual_seed(7)
+    configs = _configs()
+    ebc = jr.EmbeddingBagCollection(configs)
+    twin = copy.deepcopy(ebc)
+    compiled = torch.compile(ebc, fullgraph=True)
+    keys = ["user", "item", "hist", "none"]
+    for batch in (6, 6):  # the second batch reuses the graph
+        kjt, ref = random_vbe(gen, keys, key_rows(configs), batch, _bags(batch))
+        out = compiled(kjt).values()
+        assert_close(out, reference_pooled(twin, ref), what=f"compiled VBE forward, batch {batch}")
+        grad_out = torch.randn(out.shape, generator=gen)
+        (out * grad_out).sum().backward()
+        (twin(_expanded_kjt(keys, ref)).values() * grad_out).sum().backward()
+        for c in configs:
+            assert_close(table_grad(ebc, c.name), table_grad(twin, c.name), what=f"compiled VBE gradient {c.name}")
+        ebc.zero_grad(), twin.zero_grad()

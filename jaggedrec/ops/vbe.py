@@ -50,21 +50,36 @@ def vbe_offsets(lengths: torch.Tensor, stride_per_key: List[int]) -> torch.Tenso
 
 
 @torch.fx.wrap
-def expand_by_inverse_indices(pooled: torch.Tensor, inverse_indices: Optional[torch.Tensor],
-                              dims: List[int]) -> torch.Tensor:
+def expand_by_inverse_indices(pooled: torch.Tensor, inverse_indices: Optional[List[Optional[torch.Tensor]]],
+                              dims: List[int], batch_size: int) -> torch.Tensor:
     """Each feature's pooled bags expanded to the full batch; ``pooled`` itself when there are
     no inverse indices (every sample has its own bag).
 
     Args:
         pooled: ``[B', sum(dims)]`` one row per bag slot, features side by side.
-        inverse_indices: ``[F, B]`` int, the bag slot of each sample, one row per output feature
-            (in ``[0, B_k)`` of the feature's key), or None.
+        inverse_indices: per output feature, ``[B]`` int, the bag slot of each sample (in
+            ``[0, B_k)`` of the feature's key), or None where sample ``b`` reads slot ``b``
+            (its columns are taken as they are); or None for every feature.
         dims: ``[F]`` width of each feature's columns.
+        batch_size: B.
     Returns:
-        ``[B, sum(dims)]``: row ``b``, feature ``f`` is ``pooled[inverse_indices[f, b]]``'s columns of ``f``.
+        ``[B, sum(dims)]``: row ``b``, feature ``f`` is ``pooled[inverse_indices[f][b]]``'s columns of ``f``.
     """
     if inverse_indices is None:
         return pooled
-    inverse_indices = inverse_indices.long()
-    columns = torch.split(pooled, dims, dim=1)
-    return torch.cat([block.index_select(0, inverse_indices[f]) for f, block in enumerate(columns)], dim=1)
+    starts = [0]
+    for d in dims:
+        starts.append(starts[-1] + d)
+    gathered = [None if inv is None else pooled.narrow(1, starts[f], dims[f]).index_select(0, inv.long())
+                for f, inv in enumerate(inverse_indices)]
+    if pooled.shape[0] == batch_size and any(g is None for g in gathered):
+        # write the gathered features over their own columns: the features read in order (most
+        # of them, typically) are then not copied at all. Autograd sends each gathered block's
+        # gradient back through its gather (summing shared bags) and none through what it
+        # overwrote; the op saves no output, so writing into its output is safe.
+        for f, g in enumerate(gathered):
+            if g is not None:
+                pooled.narrow(1, starts[f], dims[f]).copy_(g)
+        return pooled
+    return torch.cat([pooled.narrow(1, starts[f], dims[f]).narrow(0, 0, batch_size) if g is None else g
+                      for f, g in enumerate(gathered)], dim=1)
