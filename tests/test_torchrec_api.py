@@ -60,6 +60,37 @@ def test_vbe_kjt_operations_match_torchrec(seed):
     _same_kjt(KeyedJaggedTensor.from_jt_dict(ours.to_dict()), tr.KeyedJaggedTensor.from_jt_dict(theirs.to_dict()))
 
 
+def test_vbe_kjt_views_permute_split_concat_and_str():
+    """Worked by hand (the TorchRec comparison above needs torchrec installed). Keys a, b, c with
+    2, 0 and 3 bags: a = [[1, 2], []], b = [], c = [[3], [4, 5], [6]]."""
+    kjt = KeyedJaggedTensor(["a", "b", "c"], torch.tensor([1, 2, 3, 4, 5, 6]), torch.tensor([.5, 1, 2, 3, 4, 5]),
+                            lengths=torch.tensor([2, 0, 1, 2, 1], dtype=torch.int32),
+                            stride_per_key_per_rank=[[1, 1], [0, 0], [2, 1]])
+    assert kjt.stride() == 3 and kjt.stride_per_key() == [2, 0, 3] and kjt.lengths_offset_per_key() == [0, 2, 2, 5]
+    assert kjt.length_per_key() == [2, 0, 4] and kjt.offset_per_key() == [0, 2, 2, 6]
+    c = kjt["c"]
+    assert c.values().tolist() == [3, 4, 5, 6] and c.lengths().tolist() == [1, 2, 1]
+    assert c.offsets().tolist() == [0, 1, 3, 4] and c.weights().tolist() == [2, 3, 4, 5]
+    assert kjt.to_dict()["b"].lengths().numel() == 0 and kjt.to_dict()["b"].offsets().tolist() == [0]
+    swapped = kjt.permute([2, 0, 0])
+    assert swapped.keys() == ["c", "a", "a"] and swapped.stride_per_key() == [3, 2, 2]
+    assert swapped.values().tolist() == [3, 4, 5, 6, 1, 2, 1, 2]
+    assert swapped.lengths().tolist() == [1, 2, 1, 2, 0, 2, 0]
+    assert swapped.stride_per_key_per_rank() == [[2, 1], [1, 1], [1, 1]] and swapped.inverse_indices_or_none() is None
+    head, tail = kjt.split([2, 1])
+    assert head.keys() == ["a", "b"] and head.lengths().tolist() == [2, 0] and head.stride() == 3
+    assert tail.values().tolist() == [3, 4, 5, 6] and tail.stride_per_key_per_rank() == [[2, 1]]
+    joined = KeyedJaggedTensor.concat([tail, head])
+    assert joined.keys() == ["c", "a", "b"] and joined.stride_per_key() == [3, 2, 0]
+    assert joined.lengths().tolist() == [1, 2, 1, 2, 0] and joined.values().tolist() == [3, 4, 5, 6, 1, 2]
+    with pytest.raises(ValueError, match="VBE"):
+        plain = KeyedJaggedTensor(["d"], torch.tensor([7]), torch.ones(1), lengths=torch.tensor([1]))
+        KeyedJaggedTensor.concat([kjt, plain])
+    assert str(KeyedJaggedTensor(["a", "c"], torch.tensor([1, 2, 3, 4, 5, 6]), lengths=torch.tensor([2, 0, 1, 2, 1]),
+                                 stride_per_key_per_rank=[[2], [3]])) == (
+        'KeyedJaggedTensor({\n    "a": [[1, 2], []],\n    "c": [[3], [4, 5], [6]]\n})\n')
+
+
 def test_vbe_stride_pytree_and_empty_like():
     inverse = torch.tensor([[0, 1, 0], [0, 0, 0]])
     kjt = KeyedJaggedTensor(["f1", "f2"], torch.tensor([5, 6, 7, 1, 2]), lengths=torch.tensor([3, 1, 1]),
@@ -116,6 +147,7 @@ def test_small_methods():
     assert blank.offsets().numel() == 0
     kt = KeyedTensor(["x", "y"], [2, 3], torch.rand(4, 5, dtype=torch.float64))
     assert kt.size_in_bytes() == 4 * 5 * 8
+    assert kt._key_indices() == {"x": 0, "y": 1}  # TorchRec's regroup helpers read it
 
     kjt = KeyedJaggedTensor(["a", "b"], torch.tensor([1, 2, 3, 4]), lengths=torch.tensor([1, 0, 2, 1]))
     assert kjt.length_per_key_or_none() is None and kjt.offset_per_key_or_none() is None
