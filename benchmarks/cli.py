@@ -36,7 +36,7 @@ A comma list in --tables, --num-embeddings, --batch-size or --pooling-factor swe
 # CLI flag -> Workload field, for the flags that override preset fields
 _SWEEPABLE = {"tables": "tables", "num_embeddings": "num_embeddings", "batch_size": "batch_size",
               "pooling_factor": "pooling_factor"}
-_SCALARS = ("bag_size", "distribution", "zipf_alpha", "dtype", "weighted", "mode")
+_SCALARS = ("bag_size", "distribution", "zipf_alpha", "dtype", "weighted", "mode", "vbe_users")
 
 
 def _number(text: str) -> float:
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--zipf-alpha", type=float, help="zipf exponent (default 1.1)")
     shape.add_argument("--dtype", choices=list(DTYPES), help="table dtype (outputs are fp32)")
     shape.add_argument("--weighted", action="store_true", default=None, help="per-id weights")
+    shape.add_argument("--vbe-users", type=int,
+                       help="f0 is a user feature: the batch's samples come from this many users, and "
+                            "jaggedrec_vbe pools each user's bag once (variable batch per feature)")
     shape.add_argument("--mode", choices=MODES, help="forward (inference), backward (fwd+bwd), train (+SGD step)")
     run = p.add_argument_group("run")
     run.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")

@@ -64,6 +64,14 @@ PRESETS: Dict[str, Preset] = {
         cuda=(dict(tables=12, num_embeddings=500_000, dims=_MIXED_DIMS, batch_size=8192, pooling_factor=10,
                    bag_size="random"),),
     ),
+    "vbe": Preset(
+        "a user feature (f0, 20 ids per bag) shared by the samples of each of 256 users in a batch of 4096: "
+        "jaggedrec_vbe pools each user's bag once (VBE), the others the expanded batch; 1 and 8 tables",
+        cpu=_sweep(dict(num_embeddings=100_000, dims=(64,), batch_size=4096, pooling_factor=20, bag_size="random",
+                        vbe_users=256), "tables", (1, 8)),
+        cuda=_sweep(dict(num_embeddings=500_000, dims=(128,), batch_size=16384, pooling_factor=20,
+                         bag_size="random", vbe_users=1024), "tables", (1, 8)),
+    ),
 }
 
 

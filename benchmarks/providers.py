@@ -263,9 +263,28 @@ class CompiledJaggedrec(Jaggedrec):
         return self._compiled(batch.jaggedrec_kjt(self.keys))
 
 
+class JaggedrecVbe(Jaggedrec):
+    """jaggedrec fed the variable-batch (VBE) form of a batch whose ``f0`` comes from
+    ``vbe_users`` users: each user's bag is pooled once, then expanded to its samples."""
+
+    def __init__(self) -> None:
+        super().__init__("auto")
+        self.name = "jaggedrec_vbe"
+        self.description = ("jaggedrec.EmbeddingBagCollection (backend auto) on a VBE KJT: f0 deduplicated "
+                            "per user (stride_per_key_per_rank, inverse_indices)")
+
+    def skip_reason(self, w):
+        if not w.vbe_users:
+            return "needs a batch with a deduplicated feature (--vbe-users, or --preset vbe)"
+        return None
+
+    def forward(self, batch):
+        return self.module(batch.vbe.jaggedrec_kjt(self.keys)).values()
+
+
 def all_providers() -> List[Provider]:
     """Every provider, in report order; the ``eb_loop`` baseline comes first."""
     from .peers import FbgemmTBE, TorchRecEBC
 
     return [EmbeddingBagLoop(), EmbeddingBagConcat(), CompiledEmbeddingBagLoop(), Jaggedrec("torch"),
-            Jaggedrec("triton"), CompiledJaggedrec(), TorchRecEBC(), FbgemmTBE()]
+            Jaggedrec("triton"), CompiledJaggedrec(), JaggedrecVbe(), TorchRecEBC(), FbgemmTBE()]

@@ -35,6 +35,11 @@ class Workload:
     ``(4, 16, 64)`` gives 4, 16, 64, 4, 16, ... ``bag_size`` is ``"fixed"`` (every bag holds
     ``round(pooling_factor)`` ids, e.g. one-hot DLRM features) or ``"random"`` (uniform in
     ``[0, 2 * pooling_factor]``, so the mean is the pooling factor and some bags are empty).
+
+    ``vbe_users > 0`` makes feature ``f0`` a user feature: the batch's samples come from
+    ``vbe_users`` distinct users (each at least once), and a sample's ``f0`` bag is its user's.
+    Every batch then also holds the deduplicated form (:class:`VbeBatch`), one ``f0`` bag per
+    user, that a variable-batch (VBE) KJT carries.
     """
 
     tables: int = 26
@@ -49,8 +54,11 @@ class Workload:
     weighted: bool = False
     mode: str = "forward"
     device: str = "cpu"
+    vbe_users: int = 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.vbe_users <= self.batch_size:
+            raise ValueError(f"vbe_users must be in [0, batch_size={self.batch_size}], got {self.vbe_users}")
         if self.tables <= 0 or self.num_embeddings <= 0 or self.batch_size <= 0 or not self.dims:
             raise ValueError(f"tables, num_embeddings, batch_size and dims must be positive: {self}")
         if self.pooling_factor < 0:
@@ -91,14 +99,37 @@ class Workload:
         dims = str(self.dims[0]) if len(self.dims) == 1 else "[" + ",".join(map(str, self.dims)) + "]"
         bags = f"{self.pooling_factor:g} ids/bag ({self.bag_size})"
         ids = "uniform ids" if self.distribution == "uniform" else f"zipf({self.zipf_alpha:g}) ids"
+        vbe = f", f0 from {self.vbe_users} users (VBE)" if self.vbe_users else ""
         return (f"{self.tables} tables x {self.num_embeddings:,} rows, dim {dims}, {self.dtype}, "
-                f"batch {self.batch_size}, {bags}, {ids}{', weighted' if self.weighted else ''}, "
+                f"batch {self.batch_size}, {bags}, {ids}{', weighted' if self.weighted else ''}{vbe}, "
                 f"{MODE_LABELS[self.mode]}, {self.device}")
 
     def as_dict(self) -> Dict[str, object]:
         out = dataclasses.asdict(self)
         out["dims"] = list(self.dims)
         return out
+
+
+@dataclass
+class VbeBatch:
+    """A batch with feature ``f0`` deduplicated: one bag per user, and each sample's user.
+
+    Attributes:
+        values, lengths, weights: as in :class:`Batch`, but ``f0`` has ``vbe_users`` bags.
+        inverse_indices: ``[T, B]`` int64, each sample's bag of each feature (``f0``: its
+            user; the others: the sample itself).
+    """
+
+    values: torch.Tensor
+    lengths: torch.Tensor
+    weights: Optional[torch.Tensor]
+    inverse_indices: torch.Tensor
+    stride_per_key: List[int]
+
+    def jaggedrec_kjt(self, keys: List[str]) -> jr.KeyedJaggedTensor:
+        return jr.KeyedJaggedTensor(keys, self.values, self.weights, lengths=self.lengths,
+                                    stride_per_key_per_rank=[[b] for b in self.stride_per_key],
+                                    inverse_indices=(keys, self.inverse_indices))
 
 
 @dataclass
@@ -113,6 +144,7 @@ class Batch:
         key_counts: ``[T]`` int64 ids per feature, on the device.
         key_offsets: ``T+1`` host ints, first id of each feature (what a data loader knows).
         grad_out: ``[B, total_dim]`` fp32 upstream gradient for backward/train modes, or None.
+        vbe: the same batch with ``f0`` deduplicated (``vbe_users > 0``), or None.
     """
 
     values: torch.Tensor
@@ -122,6 +154,7 @@ class Batch:
     key_counts: torch.Tensor
     key_offsets: List[int]
     grad_out: Optional[torch.Tensor]
+    vbe: Optional[VbeBatch] = None
 
     @property
     def ids_per_feature(self) -> List[int]:
@@ -160,23 +193,56 @@ def make_batches(w: Workload, count: int, seed: int = 0) -> List[Batch]:
     gen = torch.Generator().manual_seed(seed)
     hot_orders = ([torch.randperm(w.num_embeddings, generator=gen) for _ in range(w.tables)]
                   if w.distribution == "zipf" else [None] * w.tables)
+    to = functools.partial(_to, device=w.device)
     batches = []
     for _ in range(count):
         lengths = [_draw_lengths(w, gen) for _ in range(w.tables)]
         ids = [_draw_ids(w, int(n.sum()), gen, hot_orders[t]) for t, n in enumerate(lengths)]
+        weights = [torch.rand(x.numel(), generator=gen) for x in ids] if w.weighted else None
+        vbe = None
+        if w.vbe_users:
+            vbe, lengths[0], ids[0], f0_weights = _deduplicate_first_feature(w, lengths, ids, weights, gen)
+            vbe = VbeBatch(to(vbe.values), to(vbe.lengths), to(vbe.weights), to(vbe.inverse_indices),
+                           vbe.stride_per_key)
+            if weights is not None:
+                weights[0] = f0_weights
         counts = [x.numel() for x in ids]
         key_offsets = [0]
         for c in counts:
             key_offsets.append(key_offsets[-1] + c)
         lengths_t = torch.cat(lengths)
-        weights = torch.rand(key_offsets[-1], generator=gen) if w.weighted else None
         grad_out = torch.randn(w.batch_size, w.total_dim, generator=gen) if w.mode != "forward" else None
-        to = functools.partial(_to, device=w.device)
         batches.append(Batch(values=to(torch.cat(ids)), lengths=to(lengths_t),
                              offsets=to(torch.nn.functional.pad(lengths_t.cumsum(0), (1, 0))),
-                             weights=to(weights), key_counts=to(torch.tensor(counts)), key_offsets=key_offsets,
-                             grad_out=to(grad_out)))
+                             weights=to(None if weights is None else torch.cat(weights)),
+                             key_counts=to(torch.tensor(counts)), key_offsets=key_offsets,
+                             grad_out=to(grad_out), vbe=vbe))
     return batches
+
+
+def _deduplicate_first_feature(w: Workload, lengths: List[torch.Tensor], ids: List[torch.Tensor],
+                               weights: Optional[List[torch.Tensor]], gen: torch.Generator):
+    """``f0``'s first ``vbe_users`` drawn bags become the users' bags, and each sample is given
+    a user (each user at least once). Returns the VBE batch (on the CPU), and ``f0``'s lengths,
+    ids and weights expanded to the full batch."""
+    users = w.vbe_users
+    user_lengths = lengths[0][:users]
+    user_ids = ids[0][:int(user_lengths.sum())]
+    user_weights = None if weights is None else weights[0][:user_ids.numel()]
+    inverse = torch.cat([torch.arange(users), torch.randint(0, users, (w.batch_size - users,), generator=gen)])
+    inverse = inverse[torch.randperm(w.batch_size, generator=gen)]
+    # ids of the expanded f0: each sample's user's bag, in sample order
+    starts = torch.nn.functional.pad(user_lengths.cumsum(0), (1, 0))
+    sample_lengths = user_lengths[inverse]
+    within = torch.arange(int(sample_lengths.sum())) - torch.repeat_interleave(
+        torch.nn.functional.pad(sample_lengths.cumsum(0), (1, 0))[:-1], sample_lengths)
+    take = torch.repeat_interleave(starts[:-1][inverse], sample_lengths) + within
+    samples = torch.arange(w.batch_size)
+    vbe = VbeBatch(values=torch.cat([user_ids] + ids[1:]), lengths=torch.cat([user_lengths] + lengths[1:]),
+                   weights=None if weights is None else torch.cat([user_weights] + weights[1:]),
+                   inverse_indices=torch.stack([inverse] + [samples] * (w.tables - 1)),
+                   stride_per_key=[users] + [w.batch_size] * (w.tables - 1))
+    return vbe, sample_lengths, user_ids[take], None if weights is None else user_weights[take]
 
 
 def _to(t: Optional[torch.Tensor], device: str) -> Optional[torch.Tensor]:

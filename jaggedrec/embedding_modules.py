@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
+from . import batch as batch_reader
 from . import validation
 from .configs import EmbeddingBagConfig
 from .fused_state import FusedOptimizerState
@@ -15,7 +16,9 @@ from .host_memory import advise_huge_pages, retain_freed_memory
 from .keyed_jagged_tensor import KeyedJaggedTensor
 from .keyed_tensor import KeyedTensor
 from .optim import FusedOptimizer
-from .ops.pooled import BACKENDS, run_pooled_embedding_bags, use_kernels
+from .ops import pooled as pooled_ops
+from .ops import vbe
+from .ops.pooled import BACKENDS, use_kernels
 from .tables import TableLayout
 from .bad_ids import BOUNDS_CHECKS, BadIdReport
 
@@ -122,7 +125,10 @@ class EmbeddingBagCollection(nn.Module):
             key_rows[f.feature] = min(key_rows.get(f.feature, table.rows), table.rows)
             key_tables.setdefault(f.feature, []).append(table.name)
         self._spec = validation.FeatureSpec(key_rows, key_tables, is_weighted, type(self).__name__)
-        self._key_cache: Dict[Tuple[str, ...], List[List[int]]] = {}
+        # the KJT key each group's features read, and each output feature's (tuples: fx constants)
+        self._group_features = tuple(tuple(self._layout.features[i].feature for i in g.features)
+                                     for g in self._layout.groups)
+        self._output_features = tuple(f for c in self._layout.configs for f in c.feature_names)
         self.register_state_dict_post_hook(_emit_table_weights)
         self.register_load_state_dict_pre_hook(_absorb_table_weights)
         if device is None or device.type != "meta":
@@ -163,8 +169,16 @@ class EmbeddingBagCollection(nn.Module):
 
     @property
     def learning_rate(self) -> float:
-        """The fused optimizer's learning rate."""
+        """The fused optimizer's learning rate; ``AttributeError`` without a fused optimizer (an
+        attribute this collection lacks, for ``hasattr`` and ``getattr(..., default)``)."""
+        if self._fused is None:
+            raise AttributeError(f"{type(self).__name__} has no fused_optimizer, hence no learning_rate")
         return self.fused_optimizer_state.learning_rate()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the tables live."""
+        return next(iter(self.flat_weights.values())).device
 
     def set_learning_rate(self, lr: float) -> None:
         """Change the fused optimizer's learning rate; compiled graphs read it from a buffer
@@ -211,47 +225,31 @@ class EmbeddingBagCollection(nn.Module):
             return
         self._bad_id_report.push(counts, self._kernel_feature_names())
 
-    def _group_keys(self, kjt_keys: List[str]) -> List[List[int]]:
-        """Per storage group, the KJT key index of each feature; cached per key order."""
-        if torch.compiler.is_compiling():
-            # No cache: the graph would guard on the dict's contents, and a later eager call
-            # that fills it would force a recompile. The result is a constant of the graph.
-            return self._find_group_keys(kjt_keys)
-        cache_key = tuple(kjt_keys)
-        if cache_key not in self._key_cache:
-            self._key_cache[cache_key] = self._find_group_keys(kjt_keys)
-        return self._key_cache[cache_key]
-
-    def _find_group_keys(self, kjt_keys: List[str]) -> List[List[int]]:
-        position = validation.key_indices(kjt_keys, self._spec)
-        return [[position[self._layout.features[i].feature] for i in g.features] for g in self._layout.groups]
-
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """
         Args:
             features: KJT with keys ``K`` (any order, a superset of the configured features),
                 ``[N]`` ids, ``[K*B]`` lengths or ``[K*B+1]`` offsets, and ``[N]`` weights when
-                ``is_weighted``.
+                ``is_weighted``; or a VBE KJT (``stride_per_key_per_rank``, ``inverse_indices``),
+                whose bags are pooled once each and then expanded to the batch.
         Returns:
             KeyedTensor with ``[B, sum(dims)]`` fp32 values.
         """
-        group_keys = self._group_keys(features.keys())
-        validation.check_static(features, self._spec)
-        if self.validate:
-            validation.check_data(features, self._spec)
-        values, offsets = features.values(), features._lookup_offsets()
-        weights = features.weights_or_none()
+        # The module's own calls go through module attributes (batch_reader.read_batch, ...):
+        # those are what torch.fx.wrap swaps for graph nodes while symbolic_trace runs.
+        batch = batch_reader.read_batch(features, self._spec, self._group_features, self._output_features,
+                                        self.validate)
         outputs, bad_ids = [], []
-        for g, keys in zip(self._layout.groups, group_keys):
-            pooled, bad = run_pooled_embedding_bags(
-                self.flat_weights[g.name], values, offsets, weights, list(g.weight_offsets), list(g.rows),
-                list(g.dims), keys, list(g.pooling), len(features.keys()), self._backend,
+        for i, g in enumerate(self._layout.groups):
+            pooled, bad = pooled_ops.run_pooled_embedding_bags(
+                self.flat_weights[g.name], batch.values, batch.offsets, batch.weights, list(g.weight_offsets),
+                list(g.rows), list(g.dims), batch.group_keys[i], list(g.pooling), batch.num_keys, self._backend,
                 self._bounds_check != "off", self._sparse, self._deterministic,
                 self._fused.kind if self._fused is not None else 0, self.fused_optimizer_state.tensors(g.name))
             outputs.append(pooled)
             bad_ids.append(bad)
         if self._bounds_check != "off" and use_kernels(self._backend, self.skipped_ids.device):
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_compiling() or isinstance(pooled, torch.fx.Proxy):
                 # a graph cannot stop to raise: it counts, and check_skipped_ids() reports
                 self.skipped_ids.add_(torch.cat(bad_ids))
             else:
@@ -260,6 +258,8 @@ class EmbeddingBagCollection(nn.Module):
             pooled = outputs[0]
         else:  # tables of several dtypes: interleave their columns back into output order
             pooled = torch.cat([outputs[g].narrow(1, start, width) for g, start, width in self._column_runs], dim=1)
+        pooled = vbe.expand_by_inverse_indices(pooled, batch.inverse_indices, self._length_per_embedding,
+                                               batch.batch_size)
         return KeyedTensor(self._embedding_names, self._length_per_embedding, pooled)
 
 

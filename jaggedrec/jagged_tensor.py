@@ -11,14 +11,36 @@ import dataclasses
 from typing import List, Optional
 
 import torch
+import torch.fx._symbolic_trace as fx_trace
 import torch.utils._pytree as pytree
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
+class SparseTypeMeta(fx_trace.ProxyableClassMeta):
+    """Metaclass of the sparse types: under ``torch.fx.symbolic_trace`` a constructor call on
+    traced values becomes one node of the graph instead of running ``__init__`` (whose checks
+    would branch on traced values), as TorchRec's types do."""
+
+    def __call__(cls, *args, **kwargs):
+        # Outside fx tracing, plain construction. Read as a flag: torch's own check
+        # (is_fx_tracing) logs a warning on first use, which every KJT would then trigger.
+        if not fx_trace._is_fx_tracing_flag:
+            return type.__call__(cls, *args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class IntegerDtypeError(TypeError, AssertionError):
+    """Lengths or offsets that are not integers. A ``TypeError``, and also an
+    ``AssertionError``, which is what TorchRec's constructors raise for it, so that code
+    written against either catches it."""
+
+
 def _check_integer(tensor: Optional[torch.Tensor], name: str, owner: str) -> None:
-    if tensor is not None and tensor.dtype not in _INT_DTYPES:
-        raise TypeError(f"{owner}: {name} must be an integer tensor, got {tensor.dtype}")
+    # an empty tensor of any dtype is accepted: ``torch.tensor([])`` (float) is how TorchRec's
+    # users write "no bags", and there is nothing in it to misread
+    if tensor is not None and tensor.dtype not in _INT_DTYPES and tensor.numel() > 0:
+        raise IntegerDtypeError(f"{owner}: {name} must be an integer tensor, got {tensor.dtype}")
 
 
 def offsets_dtype(lengths_dtype: torch.dtype) -> torch.dtype:
@@ -40,6 +62,10 @@ def offsets_to_lengths(offsets: torch.Tensor) -> torch.Tensor:
 
 
 def _values_string(values: torch.Tensor, start: int, end: int) -> str:
+    """``[v, v]`` for 1-D values, ``[[v, v], [v, v]]`` for ``[N, D]`` ones."""
+    if values.dim() > 2:
+        raise ValueError(f"cannot print {values.dim()}-D values of shape {tuple(values.shape)}: "
+                         "only [N] and [N, D] values print")
     return "[" + ", ".join(str(v) for v in values[start:end].tolist()) + "]"
 
 
@@ -56,12 +82,24 @@ def _feature_string(values: torch.Tensor, weights: Optional[torch.Tensor], offse
             f'{indent}    "weights": {_bags_string(weights, offsets, first, last)}\n{indent}}}')
 
 
+@torch.fx.wrap
+def _optional_mask(tensor: Optional[torch.Tensor], mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """``tensor[mask]``, or None. One fx node: a traced ``is not None`` would be decided at
+    trace time, for every later call."""
+    return None if tensor is None else tensor[mask]
+
+
+def size_in_bytes(*tensors: Optional[torch.Tensor]) -> int:
+    """Bytes held by the given tensors' elements (None counts 0)."""
+    return sum(t.element_size() * t.numel() for t in tensors if t is not None)
+
+
 @dataclasses.dataclass(init=False, repr=False, eq=False)
-class JaggedTensor:
+class JaggedTensor(metaclass=SparseTypeMeta):
     """One feature for a batch: bag ``b`` holds ``values[offsets[b]:offsets[b+1]]``.
 
     Args:
-        values: ``[N]`` ids (or any values).
+        values: ``[N]`` ids (or any values; ``[N, D]`` rows also work).
         weights: optional ``[N]`` per-value weights.
         lengths: ``[B]`` ids per bag. Derived from ``offsets`` when missing.
         offsets: ``[B+1]`` bag starts, ``offsets[0] == 0``. Derived from ``lengths`` when missing.
@@ -81,16 +119,30 @@ class JaggedTensor:
         self._values, self._weights, self._lengths, self._offsets = values, weights, lengths, offsets
 
     @staticmethod
-    def empty(is_weighted: bool = False, device: Optional[torch.device] = None) -> "JaggedTensor":
-        zero = torch.zeros(1, dtype=torch.long, device=device)
-        return JaggedTensor(torch.empty(0, dtype=torch.long, device=device),
-                            weights=torch.empty(0, device=device) if is_weighted else None,
-                            lengths=zero[:0], offsets=zero)
+    def empty(is_weighted: bool = False, device: Optional[torch.device] = None,
+              values_dtype: Optional[torch.dtype] = None, weights_dtype: Optional[torch.dtype] = None,
+              lengths_dtype: torch.dtype = torch.int32) -> "JaggedTensor":
+        """No bags. Lengths and offsets are both empty, as TorchRec makes them."""
+        empty_lengths = torch.empty(0, dtype=lengths_dtype, device=device)
+        return JaggedTensor(torch.empty(0, dtype=values_dtype, device=device),
+                            weights=torch.empty(0, dtype=weights_dtype, device=device) if is_weighted else None,
+                            lengths=empty_lengths, offsets=empty_lengths)
+
+    @staticmethod
+    def empty_like(jt: "JaggedTensor", device: Optional[torch.device] = None) -> "JaggedTensor":
+        """With no ``device``: no bags, in ``jt``'s dtypes and device. With a ``device``:
+        uninitialised tensors of ``jt``'s shapes and dtypes there (a buffer to copy into)."""
+        if device is None:
+            like = lambda t: None if t is None else t.new_empty(0)  # noqa: E731
+            return JaggedTensor(like(jt._values), like(jt._weights), lengths=jt.lengths().new_empty(0))
+        like = lambda t: None if t is None else torch.empty_like(t, device=device)  # noqa: E731
+        return JaggedTensor(like(jt._values), like(jt._weights), like(jt._lengths), like(jt._offsets))
 
     @staticmethod
     def from_dense(values: List[torch.Tensor], weights: Optional[List[torch.Tensor]] = None) -> "JaggedTensor":
-        """One tensor per bag -> JaggedTensor. ``values[b]`` is ``[L_b]``."""
-        lengths = torch.tensor([v.numel() for v in values], dtype=torch.long,
+        """One tensor per bag -> JaggedTensor. ``values[b]`` is ``[L_b]``; lengths are int32,
+        as TorchRec's."""
+        lengths = torch.tensor([v.size(0) for v in values], dtype=torch.int32,
                                device=values[0].device if values else None)
         return JaggedTensor(torch.cat(values) if values else torch.empty(0, dtype=torch.long),
                             weights=torch.cat(weights) if weights is not None else None, lengths=lengths)
@@ -100,8 +152,7 @@ class JaggedTensor:
                            weights: Optional[torch.Tensor] = None) -> "JaggedTensor":
         """``[B, L]`` padded values and ``[B]`` lengths -> JaggedTensor of the first ``lengths[b]`` of each row."""
         mask = torch.arange(values.size(1), device=values.device) < lengths.unsqueeze(-1)
-        return JaggedTensor(values[mask], weights=weights[mask] if weights is not None else None,
-                            lengths=lengths)
+        return JaggedTensor(values[mask], weights=_optional_mask(weights, mask), lengths=lengths)
 
     def values(self) -> torch.Tensor:
         return self._values
@@ -133,6 +184,10 @@ class JaggedTensor:
     def device(self) -> torch.device:
         return self._values.device
 
+    def size_in_bytes(self) -> int:
+        """Bytes of the values, weights, and whichever of lengths and offsets are held."""
+        return size_in_bytes(self._values, self._weights, self._lengths, self._offsets)
+
     def to_dense(self) -> List[torch.Tensor]:
         """One ``[L_b]`` tensor per bag."""
         return list(torch.split(self._values, self.lengths().tolist()))
@@ -143,15 +198,17 @@ class JaggedTensor:
         return list(torch.split(self._weights, self.lengths().tolist()))
 
     def _padded(self, source: torch.Tensor, desired_length: Optional[int], padding_value: float) -> torch.Tensor:
+        """``[B, L]`` for ``[N]`` source, ``[B, L, D]`` for ``[N, D]``."""
         lengths = self.lengths().long()
         num_bags = lengths.numel()
         width = int(lengths.max()) if desired_length is None and num_bags else (desired_length or 0)
-        out = torch.full((num_bags, width), padding_value, dtype=source.dtype, device=source.device)
-        bag = torch.repeat_interleave(torch.arange(num_bags, device=source.device), lengths,
-                                      output_size=source.numel())
-        position = torch.arange(source.numel(), device=source.device) - self.offsets().long()[bag]
+        out = torch.full((num_bags, width, *source.shape[1:]), padding_value, dtype=source.dtype,
+                         device=source.device)
+        # values past the last bag are allowed (TorchRec's are), hence no output_size here
+        bag = torch.repeat_interleave(torch.arange(num_bags, device=source.device), lengths)
+        position = torch.arange(bag.numel(), device=source.device) - self.offsets().long()[bag]
         keep = position < width
-        out[bag[keep], position[keep]] = source[keep]
+        out[bag[keep], position[keep]] = source[:bag.numel()][keep]
         return out
 
     def to_padded_dense(self, desired_length: Optional[int] = None, padding_value: float = 0.0) -> torch.Tensor:

@@ -8,14 +8,16 @@ the module's forward path needs it, so the GPU never waits on the host there.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch._dynamo.decorators import mark_unbacked, maybe_mark_dynamic
 
-from .jagged_tensor import (JAGGED_FIELDS, JaggedTensor, _check_integer, _feature_string, flatten_with_keys_fn,
-                            lengths_to_offsets, offsets_to_lengths)
+from .jagged_tensor import (JAGGED_FIELDS, JaggedTensor, SparseTypeMeta, _check_integer, _feature_string,
+                            flatten_with_keys_fn, lengths_to_offsets, offsets_to_lengths, size_in_bytes)
+
 
 def _mark_dynamic(ids: Sequence[Optional[torch.Tensor]], bags: Sequence[Optional[torch.Tensor]]) -> None:
     """Tell torch.compile, before it first sees a batch, which sizes change between batches.
@@ -38,7 +40,7 @@ def _mark_dynamic(ids: Sequence[Optional[torch.Tensor]], bags: Sequence[Optional
 
 
 @dataclasses.dataclass(init=False, repr=False, eq=False)
-class KeyedJaggedTensor:
+class KeyedJaggedTensor(metaclass=SparseTypeMeta):
     """Several jagged features over one batch, stored key-major.
 
     For keys ``["f0", "f1"]`` and batch size ``B = 3``::
@@ -51,13 +53,30 @@ class KeyedJaggedTensor:
         lengths = [2, 0, 1, 1, 1, 3]                 # [K*B], all of f0, then all of f1
         offsets = [0, 2, 2, 3, 4, 5, 8]              # [K*B+1]
 
+    **Variable batch per feature (VBE).** With ``stride_per_key_per_rank``, key ``k`` has its
+    own number of bags ``B_k = sum(stride_per_key_per_rank[k])`` (one entry per rank that sent
+    them; one rank outside distributed code), so that a feature shared by many samples (the
+    user of a batch of one user's impressions) is sent once per distinct value. Lengths are
+    then ``[sum(B_k)]``, key-major. ``inverse_indices = (keys, [K', B] tensor)`` maps each of
+    the ``B`` samples to its bag of each key, and an EmbeddingBagCollection expands its output
+    to the full batch through it. For ``f0`` with 2 distinct bags serving a batch of 3::
+
+        "f0"    [V0, V1]    [V2]          stride_per_key_per_rank = [[2], [3]]
+        "f1"    [V3]        [V4]   [V5]   inverse_indices = (["f0", "f1"], [[0, 1, 0], [0, 1, 2]])
+
     Args:
         keys: the K feature names.
         values: ``[N]`` ids, key-major.
         weights: optional ``[N]`` per-id weights.
-        lengths: ``[K*B]`` ids per (key, sample); or give ``offsets``.
+        lengths: ``[K*B]`` ids per (key, sample) (VBE: ``[sum(B_k)]``); or give ``offsets``.
         offsets: ``[K*B+1]``; or give ``lengths``.
-        stride: B. Derived from the lengths' or offsets' shape when missing.
+        stride: B. Derived when missing: from the lengths' or offsets' shape, and for VBE from
+            the inverse indices' width, else the largest ``B_k``.
+        stride_per_key_per_rank: ``[K][R]`` bags of each key from each rank (a list or an int
+            tensor): makes the KJT VBE.
+        inverse_indices: ``(keys, [K', B] int tensor)``, sample -> bag, per key.
+        stride_per_key, length_per_key, offset_per_key, lengths_offset_per_key, index_per_key:
+            host metadata already known to the caller (else derived on first use).
     """
 
     _keys: List[str]
@@ -65,33 +84,53 @@ class KeyedJaggedTensor:
     _weights: Optional[torch.Tensor]
     _lengths: Optional[torch.Tensor]
     _offsets: Optional[torch.Tensor]
-    _stride: int
+    _stride: Optional[int]
+    # VBE: [K, R] int32 on the host, kept as given (TorchRec's validator reads it as given)
+    _stride_per_key_per_rank: Optional[torch.Tensor]
+    _inverse_indices: Optional[Tuple[List[str], torch.Tensor]]
+    _stride_per_key: Optional[List[int]] = None
+    _lengths_offset_per_key: Optional[List[int]] = None
     _length_per_key: Optional[List[int]] = None
     _offset_per_key: Optional[List[int]] = None
     _index_per_key: Optional[Dict[str, int]] = None
     # the offsets are known to agree with the lengths: derived from them here, or checked
     _offsets_agree: bool = False
+    # TorchRec's cache of to_dict(), which its helpers (ComputeKJTToJTDict) read; never filled
+    # here, where to_dict() makes views
+    _jt_dict: Optional[Dict[str, JaggedTensor]] = None
 
     def __init__(self, keys: List[str], values: torch.Tensor, weights: Optional[torch.Tensor] = None,
                  lengths: Optional[torch.Tensor] = None, offsets: Optional[torch.Tensor] = None,
-                 stride: Optional[int] = None, length_per_key: Optional[List[int]] = None,
-                 offset_per_key: Optional[List[int]] = None,
-                 index_per_key: Optional[Dict[str, int]] = None) -> None:
+                 stride: Optional[int] = None,
+                 stride_per_key_per_rank: Optional[Union[torch.Tensor, List[List[int]]]] = None,
+                 stride_per_key: Optional[List[int]] = None, length_per_key: Optional[List[int]] = None,
+                 lengths_offset_per_key: Optional[List[int]] = None, offset_per_key: Optional[List[int]] = None,
+                 index_per_key: Optional[Dict[str, int]] = None, jt_dict: Optional[Dict[str, JaggedTensor]] = None,
+                 inverse_indices: Optional[Tuple[List[str], torch.Tensor]] = None) -> None:
+        del jt_dict  # TorchRec's cache of to_dict(); to_dict() here is cheap views
         _check_integer(lengths, "lengths", "KeyedJaggedTensor")
         _check_integer(offsets, "offsets", "KeyedJaggedTensor")
         self._keys = list(keys)
         self._values, self._weights, self._lengths, self._offsets = values, weights, lengths, offsets
         _mark_dynamic((values, weights), (lengths, offsets))
-        if stride is None:
-            if not self._keys:
-                stride = 0
-            elif lengths is not None:
+        if isinstance(stride_per_key_per_rank, (list, tuple)):
+            if stride_per_key is None and all(isinstance(r, (list, tuple)) for r in stride_per_key_per_rank):
+                stride_per_key = [sum(r) for r in stride_per_key_per_rank]  # known here: no read back
+            stride_per_key_per_rank = torch.tensor(stride_per_key_per_rank, dtype=torch.int32)
+        self._stride_per_key_per_rank = stride_per_key_per_rank
+        self._inverse_indices = inverse_indices
+        if stride is None and stride_per_key_per_rank is None:
+            # from shapes only, never from data; a KJT of no lengths nor offsets has no bags
+            # (its lengths() says so when asked: TorchRec builds such KJTs for its validator)
+            if self._keys and lengths is not None:
                 stride = lengths.numel() // len(self._keys)
-            elif offsets is not None:
+            elif self._keys and offsets is not None and offsets.numel() > 0:
                 stride = (offsets.numel() - 1) // len(self._keys)
             else:
-                raise ValueError("KeyedJaggedTensor with keys needs lengths or offsets")
-        self._stride = stride
+                stride = 0
+        self._stride = stride  # VBE without a given stride: derived on first use (see stride())
+        self._stride_per_key = stride_per_key
+        self._lengths_offset_per_key = lengths_offset_per_key
         self._length_per_key = length_per_key
         self._offset_per_key = offset_per_key
         self._index_per_key = index_per_key
@@ -100,56 +139,61 @@ class KeyedJaggedTensor:
     # --- construction -------------------------------------------------------------
     @staticmethod
     def from_lengths_sync(keys: List[str], values: torch.Tensor, lengths: torch.Tensor,
-                          weights: Optional[torch.Tensor] = None, stride: Optional[int] = None) -> "KeyedJaggedTensor":
-        return KeyedJaggedTensor(keys, values, weights, lengths=lengths, stride=stride).sync()
+                          weights: Optional[torch.Tensor] = None, stride: Optional[int] = None,
+                          stride_per_key_per_rank: Optional[List[List[int]]] = None,
+                          inverse_indices: Optional[Tuple[List[str], torch.Tensor]] = None) -> "KeyedJaggedTensor":
+        return KeyedJaggedTensor(keys, values, weights, lengths=lengths, stride=stride,
+                                 stride_per_key_per_rank=stride_per_key_per_rank,
+                                 inverse_indices=inverse_indices).sync()
 
     @staticmethod
     def from_offsets_sync(keys: List[str], values: torch.Tensor, offsets: torch.Tensor,
-                          weights: Optional[torch.Tensor] = None, stride: Optional[int] = None) -> "KeyedJaggedTensor":
-        return KeyedJaggedTensor(keys, values, weights, offsets=offsets, stride=stride).sync()
+                          weights: Optional[torch.Tensor] = None, stride: Optional[int] = None,
+                          stride_per_key_per_rank: Optional[List[List[int]]] = None,
+                          inverse_indices: Optional[Tuple[List[str], torch.Tensor]] = None) -> "KeyedJaggedTensor":
+        return KeyedJaggedTensor(keys, values, weights, offsets=offsets, stride=stride,
+                                 stride_per_key_per_rank=stride_per_key_per_rank,
+                                 inverse_indices=inverse_indices).sync()
 
     @staticmethod
     def from_jt_dict(jt_dict: Dict[str, JaggedTensor]) -> "KeyedJaggedTensor":
-        """Stack per-feature JaggedTensors of one batch size into a KJT, keys in dict order."""
+        """Stack per-feature JaggedTensors into a KJT, keys in dict order; features of different
+        batch sizes make a VBE KJT (one rank), as in TorchRec."""
         keys = list(jt_dict)
         jts = list(jt_dict.values())
-        strides = {jt.lengths().numel() for jt in jts}
-        if len(strides) > 1:
-            raise ValueError(f"from_jt_dict: features have different batch sizes {sorted(strides)}")
+        strides = [jt.lengths().numel() for jt in jts]
         weighted = {jt.weights_or_none() is not None for jt in jts}
         if len(weighted) > 1:
             raise ValueError("from_jt_dict: either all features have weights or none do")
         weights = torch.cat([jt.weights() for jt in jts]) if weighted == {True} else None
+        same = len(set(strides)) <= 1
         return KeyedJaggedTensor(keys, torch.cat([jt.values() for jt in jts]), weights,
                                  lengths=torch.cat([jt.lengths() for jt in jts]),
-                                 stride=strides.pop() if strides else 0,
-                                 length_per_key=[jt.values().numel() for jt in jts])
+                                 stride=(strides[0] if strides else 0) if same else None,
+                                 stride_per_key_per_rank=None if same else [[s] for s in strides],
+                                 length_per_key=[jt.values().size(0) for jt in jts])
 
     @staticmethod
-    def empty(is_weighted: bool = False, device: Optional[torch.device] = None) -> "KeyedJaggedTensor":
-        return KeyedJaggedTensor([], torch.empty(0, dtype=torch.long, device=device),
-                                 torch.empty(0, device=device) if is_weighted else None,
-                                 lengths=torch.empty(0, dtype=torch.long, device=device), stride=0)
+    def empty(is_weighted: bool = False, device: Optional[torch.device] = None,
+              values_dtype: Optional[torch.dtype] = None, weights_dtype: Optional[torch.dtype] = None,
+              lengths_dtype: torch.dtype = torch.int32) -> "KeyedJaggedTensor":
+        return KeyedJaggedTensor([], torch.empty(0, dtype=values_dtype, device=device),
+                                 torch.empty(0, dtype=weights_dtype, device=device) if is_weighted else None,
+                                 lengths=torch.empty(0, dtype=lengths_dtype, device=device), stride=0)
+
+    @staticmethod
+    def empty_like(kjt: "KeyedJaggedTensor", device: Optional[torch.device] = None) -> "KeyedJaggedTensor":
+        """With no ``device``: no keys, in ``kjt``'s dtypes, keeping its stride (or VBE strides).
+        With a ``device``: uninitialised tensors of ``kjt``'s shapes there, with its keys and
+        host metadata (a buffer to copy a batch into)."""
+        return _kjt_empty_like(kjt, device)
 
     @staticmethod
     def concat(kjt_list: List["KeyedJaggedTensor"]) -> "KeyedJaggedTensor":
-        """Join KJTs of one batch size into one whose keys are all of theirs, in order."""
-        if not kjt_list:
-            raise ValueError("concat needs at least one KeyedJaggedTensor")
-        strides = {kjt.stride() for kjt in kjt_list}
-        if len(strides) > 1:
-            raise ValueError(f"concat: KJTs have different strides {sorted(strides)}")
-        weighted = {kjt.weights_or_none() is not None for kjt in kjt_list}
-        if len(weighted) > 1:
-            raise ValueError("concat: either all KJTs have weights or none do")
-        return KeyedJaggedTensor(
-            [k for kjt in kjt_list for k in kjt.keys()],
-            torch.cat([kjt.values() for kjt in kjt_list]),
-            torch.cat([kjt.weights() for kjt in kjt_list]) if weighted == {True} else None,
-            lengths=torch.cat([kjt.lengths() for kjt in kjt_list]), stride=strides.pop(),
-            length_per_key=[n for kjt in kjt_list for n in kjt.length_per_key()])
+        """Join KJTs of one batch size (or all VBE) into one whose keys are all of theirs, in order."""
+        return _kjt_concat(kjt_list)
 
-    # --- accessors ----------------------------------------------------------------
+    # --- accessors ------------------------------------------------------------------
     def keys(self) -> List[str]:
         return self._keys
 
@@ -164,9 +208,14 @@ class KeyedJaggedTensor:
     def weights_or_none(self) -> Optional[torch.Tensor]:
         return self._weights
 
+    def _no_bags_given(self) -> ValueError:
+        return ValueError(f"this KeyedJaggedTensor (keys {self._keys}) was built with neither lengths nor offsets")
+
     def lengths(self) -> torch.Tensor:
-        """``[K*B]`` ids per (key, sample)."""
+        """``[K*B]`` ids per (key, sample); VBE ``[sum(B_k)]``."""
         if self._lengths is None:
+            if self._offsets is None:
+                raise self._no_bags_given()
             self._lengths = offsets_to_lengths(self._offsets)
             _mark_dynamic((), (self._lengths,))
         return self._lengths
@@ -178,6 +227,8 @@ class KeyedJaggedTensor:
             # an eager call cached, and leaves the KJT as it found it, so reusing it can't recompile.
             return lengths_to_offsets(self._lengths)
         if self._offsets is None:
+            if self._lengths is None:
+                raise self._no_bags_given()
             self._offsets = lengths_to_offsets(self._lengths)
             self._offsets_agree = True
             _mark_dynamic((), (self._offsets,))  # cached: a compiled graph may see it as an input
@@ -207,39 +258,113 @@ class KeyedJaggedTensor:
     def offsets_or_none(self) -> Optional[torch.Tensor]:
         return self._offsets
 
-    def stride(self) -> int:
-        """B. While compiling it is read off the lengths' (or offsets') size, so that it is the
-        tensors' own symbol rather than a second, separately guarded int."""
-        if self._keys and torch.compiler.is_compiling():
-            bags = self._lengths.shape[0] if self._lengths is not None else self._offsets.shape[0] - 1
-            return bags // len(self._keys)
-        return self._stride
-
     def device(self) -> torch.device:
         return self._values.device
 
+    def size_in_bytes(self) -> int:
+        """Bytes of the tensors held (values, weights, lengths, offsets, VBE strides)."""
+        return size_in_bytes(self._values, self._weights, self._lengths, self._offsets,
+                             self._stride_per_key_per_rank)
+
+    # --- batch size -------------------------------------------------------------------
+    def stride(self) -> int:
+        """B. While compiling it is read off the lengths' (or offsets') size, so that it is the
+        tensors' own symbol rather than a second, separately guarded int. VBE: the width of the
+        inverse indices when given, else the largest ``B_k``."""
+        if self._keys and torch.compiler.is_compiling() and self._stride_per_key_per_rank is None:
+            bags = self._lengths.shape[0] if self._lengths is not None else self._offsets.shape[0] - 1
+            return bags // len(self._keys)
+        if self._stride is None:  # VBE
+            if self._inverse_indices is not None and self._inverse_indices[1].numel() > 0:
+                self._stride = self._inverse_indices[1].shape[-1]
+            else:
+                per_key = self.stride_per_key()
+                self._stride = max(per_key) if per_key else 0
+        return self._stride
+
+    def variable_stride_per_key(self) -> bool:
+        """Whether keys have their own batch sizes (``stride_per_key_per_rank`` was given)."""
+        return self._stride_per_key_per_rank is not None
+
+    def stride_per_key(self) -> List[int]:
+        """``[K]`` bags of each key: B for every key, or VBE's ``B_k``."""
+        if self._stride_per_key is None:
+            spkpr = self._stride_per_key_per_rank
+            if spkpr is None:
+                self._stride_per_key = [self.stride()] * len(self._keys)
+            else:  # a tensor not of [K, R] (TorchRec's validator reports it) has no strides
+                self._stride_per_key = spkpr.sum(1).tolist() if spkpr.dim() == 2 else []
+        return self._stride_per_key
+
+    def stride_per_key_per_rank(self) -> List[List[int]]:
+        """``[K][R]`` as given for a VBE KJT; ``[]`` otherwise."""
+        spkpr = self._stride_per_key_per_rank
+        return [] if spkpr is None else spkpr.tolist()
+
+    def lengths_offset_per_key(self) -> List[int]:
+        """``[K+1]`` start of each key's bags in ``lengths``."""
+        if self._lengths_offset_per_key is None:
+            self._lengths_offset_per_key = _cumsum(self.stride_per_key())
+        return self._lengths_offset_per_key
+
+    def inverse_indices(self) -> Tuple[List[str], torch.Tensor]:
+        if self._inverse_indices is None:
+            raise ValueError(f"this KeyedJaggedTensor (keys {self._keys}) has no inverse_indices")
+        return self._inverse_indices
+
+    def inverse_indices_or_none(self) -> Optional[Tuple[List[str], torch.Tensor]]:
+        return self._inverse_indices
+
+    # --- ids per key (host) -------------------------------------------------------------
     def sync(self) -> "KeyedJaggedTensor":
         """Read the per-key sizes to the host now, so later splits don't wait."""
-        self.offset_per_key()
+        if not torch.compiler.is_compiling():
+            self.offset_per_key()
+        return self
+
+    def unsync(self) -> "KeyedJaggedTensor":
+        """Forget the per-key sizes read by :meth:`sync`."""
+        self._length_per_key = None
+        self._offset_per_key = None
         return self
 
     def length_per_key(self) -> List[int]:
         """Number of ids of each key (read from the device once, then cached)."""
         if self._length_per_key is None:
-            if self._keys:
-                per_key = self.lengths().view(len(self._keys), self._stride).sum(1)
-                self._length_per_key = per_key.tolist()
-            else:
-                self._length_per_key = []
+            self._length_per_key = self._count_per_key()
+        return self._length_per_key
+
+    def _count_per_key(self) -> List[int]:
+        num_keys = len(self._keys)
+        if not num_keys:
+            return []
+        if self._values.is_meta:
+            # nothing to read: a split that adds up, so that meta KJTs still split and view
+            # (TorchRec does the same)
+            total = self._values.shape[0]
+            counts = [total // num_keys] * num_keys
+            counts[0] += total % num_keys
+            return counts
+        lengths = self.lengths()
+        if lengths.numel() == 0:
+            return [0] * num_keys
+        if self._stride_per_key_per_rank is None:
+            return lengths.reshape(num_keys, self.stride()).sum(1).tolist()
+        # VBE: ids before each key's first bag, from one cumsum (no per-key calls)
+        bounds = torch.tensor(self.lengths_offset_per_key(), device=lengths.device)
+        before = torch.nn.functional.pad(lengths.reshape(-1).cumsum(0), (1, 0)).index_select(0, bounds)
+        return (before[1:] - before[:-1]).tolist()
+
+    def length_per_key_or_none(self) -> Optional[List[int]]:
         return self._length_per_key
 
     def offset_per_key(self) -> List[int]:
         """``[K+1]`` start of each key's ids in ``values``."""
         if self._offset_per_key is None:
-            offsets = [0]
-            for n in self.length_per_key():
-                offsets.append(offsets[-1] + n)
-            self._offset_per_key = offsets
+            self._offset_per_key = _cumsum(self.length_per_key())
+        return self._offset_per_key
+
+    def offset_per_key_or_none(self) -> Optional[List[int]]:
         return self._offset_per_key
 
     def index_per_key(self) -> Dict[str, int]:
@@ -247,44 +372,68 @@ class KeyedJaggedTensor:
             self._index_per_key = {key: i for i, key in enumerate(self._keys)}
         return self._index_per_key
 
+    _key_indices = index_per_key  # TorchRec's private name, which its helpers call
+
     # --- views per key --------------------------------------------------------------
+    def _jagged(self, k: int, compute_offsets: bool = True) -> JaggedTensor:
+        start, end = self.offset_per_key()[k], self.offset_per_key()[k + 1]
+        bag_start, bag_end = self.lengths_offset_per_key()[k], self.lengths_offset_per_key()[k + 1]
+        all_lengths = self.lengths().reshape(-1)
+        lengths = all_lengths[bag_start:bag_end]
+        offsets = None
+        if compute_offsets:
+            # a KJT of no bags at all gives empty offsets, as TorchRec's does
+            offsets = lengths if all_lengths.numel() == 0 else lengths_to_offsets(lengths)
+        return JaggedTensor(self._values[start:end], None if self._weights is None else self._weights[start:end],
+                            lengths=lengths, offsets=offsets)
+
     def __getitem__(self, key: str) -> JaggedTensor:
         if key not in self.index_per_key():
             raise KeyError(f"feature '{key}' is not in this KeyedJaggedTensor (keys: {self._keys})")
-        k = self.index_per_key()[key]
-        start, end = self.offset_per_key()[k], self.offset_per_key()[k + 1]
-        lengths = self.lengths()[k * self._stride:(k + 1) * self._stride]
-        return JaggedTensor(self._values[start:end],
-                            None if self._weights is None else self._weights[start:end],
-                            lengths=lengths, offsets=lengths_to_offsets(lengths))
+        return self._jagged(self.index_per_key()[key])
 
-    def to_dict(self) -> Dict[str, JaggedTensor]:
-        return {key: self[key] for key in self._keys}
+    def to_dict(self, compute_offsets: bool = True) -> Dict[str, JaggedTensor]:
+        """One JaggedTensor per key (views); ``compute_offsets=False`` leaves their offsets unset."""
+        return {key: self._jagged(k, compute_offsets) for k, key in enumerate(self._keys)}
+
+    def _vbe_rows(self, indices: Sequence[int]) -> Optional[torch.Tensor]:
+        spkpr = self._stride_per_key_per_rank
+        return None if spkpr is None else spkpr[list(indices)]
 
     def permute(self, indices: List[int], indices_tensor: Optional[torch.Tensor] = None) -> "KeyedJaggedTensor":
-        """A KJT whose key ``i`` is this one's key ``indices[i]`` (keys may repeat or drop)."""
+        """A KJT whose key ``i`` is this one's key ``indices[i]`` (keys may repeat or drop).
+        Inverse indices are dropped, as TorchRec drops them."""
         del indices_tensor  # accepted for TorchRec compatibility; the host list is enough here
         starts, length_per_key = self.offset_per_key(), self.length_per_key()
-        pieces = lambda t: [t[starts[i]:starts[i + 1]] for i in indices]  # noqa: E731
-        lengths = self.lengths().view(len(self._keys), self._stride)[list(indices)].reshape(-1)
+        pieces = lambda t, at: [t[at[i]:at[i + 1]] for i in indices]  # noqa: E731
+        if self._stride_per_key_per_rank is None:
+            lengths = self.lengths().view(len(self._keys), self._stride)[list(indices)].reshape(-1)
+            stride_per_key = None
+        else:
+            lengths = _cat_or_empty(pieces(self.lengths(), self.lengths_offset_per_key()), self.lengths())
+            stride_per_key = [self.stride_per_key()[i] for i in indices]
         return KeyedJaggedTensor(
-            [self._keys[i] for i in indices], _cat_or_empty(pieces(self._values), self._values),
-            None if self._weights is None else _cat_or_empty(pieces(self._weights), self._weights),
-            lengths=lengths, stride=self._stride, length_per_key=[length_per_key[i] for i in indices])
+            [self._keys[i] for i in indices], _cat_or_empty(pieces(self._values, starts), self._values),
+            None if self._weights is None else _cat_or_empty(pieces(self._weights, starts), self._weights),
+            lengths=lengths, stride=self._stride, stride_per_key_per_rank=self._vbe_rows(indices),
+            stride_per_key=stride_per_key, length_per_key=[length_per_key[i] for i in indices])
 
     def split(self, segments: Sequence[int]) -> List["KeyedJaggedTensor"]:
-        """Split into KJTs of ``segments[i]`` consecutive keys each."""
+        """Split into KJTs of ``segments[i]`` consecutive keys each (inverse indices dropped)."""
         if sum(segments) != len(self._keys):
             raise ValueError(f"split: segments {list(segments)} do not add up to {len(self._keys)} keys")
         out, first = [], 0
-        starts = self.offset_per_key()
+        starts, bag_starts = self.offset_per_key(), self.lengths_offset_per_key()
+        lengths, stride = self.lengths().reshape(-1), self.stride()
         for size in segments:
             last = first + size
             lo, hi = starts[first], starts[last]
             out.append(KeyedJaggedTensor(
                 self._keys[first:last], self._values[lo:hi],
                 None if self._weights is None else self._weights[lo:hi],
-                lengths=self.lengths()[first * self._stride:last * self._stride], stride=self._stride,
+                lengths=lengths[bag_starts[first]:bag_starts[last]], stride=stride,
+                stride_per_key_per_rank=self._vbe_rows(range(first, last)),
+                stride_per_key=self.stride_per_key()[first:last],
                 length_per_key=self.length_per_key()[first:last]))
             first = last
         return out
@@ -292,46 +441,150 @@ class KeyedJaggedTensor:
     # --- movement -------------------------------------------------------------------
     def _map(self, fn) -> "KeyedJaggedTensor":
         opt = lambda t: None if t is None else fn(t)  # noqa: E731
-        kjt = KeyedJaggedTensor(self._keys, fn(self._values), opt(self._weights), opt(self._lengths),
-                                opt(self._offsets), self._stride, self._length_per_key,
-                                self._offset_per_key, self._index_per_key)
+        inverse = self._inverse_indices
+        kjt = KeyedJaggedTensor(
+            self._keys, fn(self._values), opt(self._weights), opt(self._lengths), opt(self._offsets),
+            stride=self._stride, stride_per_key_per_rank=self._stride_per_key_per_rank,
+            stride_per_key=self._stride_per_key, length_per_key=self._length_per_key,
+            lengths_offset_per_key=self._lengths_offset_per_key, offset_per_key=self._offset_per_key,
+            index_per_key=self._index_per_key, inverse_indices=None if inverse is None else (inverse[0], fn(inverse[1])))
         kjt._offsets_agree = self._offsets_agree
         return kjt
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> "KeyedJaggedTensor":
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+    def to(self, device: torch.device, non_blocking: bool = False,
+           dtype: Optional[torch.dtype] = None) -> "KeyedJaggedTensor":
+        """A copy on ``device``; ``dtype`` converts the weights only, as in TorchRec."""
+        kjt = self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        if dtype is not None and kjt._weights is not None:
+            kjt._weights = kjt._weights.to(dtype)
+        return kjt
 
     def pin_memory(self) -> "KeyedJaggedTensor":
         return self._map(lambda t: t.pin_memory())
 
+    def clear_storage(self) -> int:
+        """Free the tensors' memory now (their storage shrinks to 0 bytes) while this object lives
+        on; returns the bytes freed. The KJT must not be read afterwards."""
+        freed = 0
+        for t in (self._values, self._lengths, self._offsets, self._weights):
+            if t is not None:
+                freed += t.element_size() * t.numel()
+                t.untyped_storage().resize_(0)
+        return freed
+
     def __str__(self) -> str:
-        if not self._keys:
+        if not self._keys or (self._lengths is None and self._offsets is None):
             return "KeyedJaggedTensor()\n"
-        offsets, stride = self.offsets().tolist(), self._stride
-        rows = [f'    "{key}": ' + _feature_string(self._values, self._weights, offsets,
-                                                     k * stride, (k + 1) * stride, "    ")
+        offsets, bags = self.offsets().tolist(), self.lengths_offset_per_key()
+        rows = [f'    "{key}": ' + _feature_string(self._values, self._weights, offsets, bags[k], bags[k + 1], "    ")
                 for k, key in enumerate(self._keys)]
         return "KeyedJaggedTensor({\n" + ",\n".join(rows) + "\n})\n"
+
+
+def _cumsum(sizes: Sequence[int]) -> List[int]:
+    out = [0]
+    for n in sizes:
+        out.append(out[-1] + n)
+    return out
 
 
 def _cat_or_empty(pieces: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return torch.cat(pieces) if pieces else like[:0]
 
 
+# --- builders that torch.fx records as one node each (``torch.fx.wrap``): they iterate and branch
+# on their arguments, which a traced graph cannot -------------------------------------------------
+
+@torch.fx.wrap
+def _kjt_concat(kjt_list: List[KeyedJaggedTensor]) -> KeyedJaggedTensor:
+    if not kjt_list:
+        raise ValueError("concat needs at least one KeyedJaggedTensor")
+    weighted = {kjt.weights_or_none() is not None for kjt in kjt_list}
+    if len(weighted) > 1:
+        raise ValueError("concat: either all KJTs have weights or none do")
+    vbe = {kjt.variable_stride_per_key() for kjt in kjt_list}
+    if len(vbe) > 1:
+        raise ValueError("concat: either all KJTs have variable batch per feature (VBE) or none do")
+    stride, spkpr = None, None
+    if vbe == {True}:
+        spkpr = [row for kjt in kjt_list for row in kjt.stride_per_key_per_rank()]
+    else:
+        strides = {kjt.stride() for kjt in kjt_list}
+        if len(strides) > 1:
+            raise ValueError(f"concat: KJTs have different strides {sorted(strides)}")
+        stride = strides.pop()
+    inverses = [kjt.inverse_indices_or_none() for kjt in kjt_list]
+    if any(inv is None for inv in inverses) and any(inv is not None for inv in inverses):
+        raise ValueError("concat: either all KJTs have inverse_indices or none do")
+    inverse = None
+    if inverses[0] is not None:
+        inverse = ([k for inv in inverses for k in inv[0]], torch.cat([inv[1] for inv in inverses]))
+    return KeyedJaggedTensor(
+        [k for kjt in kjt_list for k in kjt.keys()],
+        torch.cat([kjt.values() for kjt in kjt_list]),
+        torch.cat([kjt.weights() for kjt in kjt_list]) if weighted == {True} else None,
+        lengths=torch.cat([kjt.lengths().reshape(-1) for kjt in kjt_list]), stride=stride,
+        stride_per_key_per_rank=spkpr, inverse_indices=inverse,
+        length_per_key=[n for kjt in kjt_list for n in kjt.length_per_key()])
+
+
+@torch.fx.wrap
+def _kjt_empty_like(kjt: KeyedJaggedTensor, device: Optional[torch.device]) -> KeyedJaggedTensor:
+    vbe = kjt.variable_stride_per_key()
+    stride = None if vbe else kjt.stride()
+    spkpr = kjt._stride_per_key_per_rank if vbe else None
+    if device is None:
+        empty = lambda t: None if t is None else t.new_empty(0)  # noqa: E731
+        return KeyedJaggedTensor([], empty(kjt.values()), empty(kjt.weights_or_none()),
+                                 lengths=kjt.lengths().new_empty(0), stride=stride, stride_per_key_per_rank=spkpr)
+    like = lambda t: None if t is None else torch.empty_like(t, device=device)  # noqa: E731
+    inverse = kjt.inverse_indices_or_none()
+    return KeyedJaggedTensor(
+        kjt.keys(), like(kjt.values()), like(kjt.weights_or_none()), like(kjt.lengths_or_none()),
+        like(kjt.offsets_or_none()), stride=stride, stride_per_key_per_rank=spkpr,
+        stride_per_key=kjt._stride_per_key, length_per_key=kjt._length_per_key, offset_per_key=kjt._offset_per_key,
+        inverse_indices=None if inverse is None else (inverse[0], like(inverse[1])))
+
+
 # --- pytree: lets torch.compile and torch.export take KJTs as inputs and outputs -------------
 # Only tensors are leaves. The batch size is not context: it is re-derived from the
-# lengths' shape, so that a new batch size is a new shape, not a new graph.
+# lengths' shape, so that a new batch size is a new shape, not a new graph. A plain KJT's
+# context is its key list, as before VBE (programs exported then still load); a VBE KJT's, or
+# one with inverse indices, is (keys, stride_per_key_per_rank, inverse-index keys), and its
+# inverse-index tensor is a fifth child.
 
 def _kjt_flatten(kjt: KeyedJaggedTensor):
-    return [kjt._values, kjt._weights, kjt._lengths, kjt._offsets], list(kjt._keys)
+    children = [kjt._values, kjt._weights, kjt._lengths, kjt._offsets]
+    inverse = kjt._inverse_indices
+    if inverse is None and not kjt.variable_stride_per_key():
+        return children, list(kjt._keys)
+    spkpr = kjt.stride_per_key_per_rank() if kjt.variable_stride_per_key() else None
+    return children + [None if inverse is None else inverse[1]], (
+        list(kjt._keys), spkpr, None if inverse is None else list(inverse[0]))
 
 
-def _kjt_unflatten(children, keys) -> KeyedJaggedTensor:
-    values, weights, lengths, offsets = children
-    return KeyedJaggedTensor(keys, values, weights, lengths=lengths, offsets=offsets)
+def _kjt_unflatten(children, context) -> KeyedJaggedTensor:
+    if len(children) not in (4, 5):
+        raise ValueError(f"a KeyedJaggedTensor flattens to 4 or 5 tensors, got {len(children)}")
+    values, weights, lengths, offsets = children[:4]
+    if isinstance(context, tuple):
+        keys, spkpr, inverse_keys = context
+    else:
+        keys, spkpr, inverse_keys = context, None, None
+    inverse = None
+    if len(children) == 5 and children[4] is not None:
+        inverse = (list(inverse_keys if inverse_keys is not None else keys), children[4])
+    return KeyedJaggedTensor(keys, values, weights, lengths=lengths, offsets=offsets,
+                             stride_per_key_per_rank=spkpr, inverse_indices=inverse)
 
 
+def _kjt_flatten_spec(kjt: KeyedJaggedTensor, spec: pytree.TreeSpec) -> List[Optional[torch.Tensor]]:
+    return _kjt_flatten(kjt)[0]
+
+
+_KJT_FIELDS = JAGGED_FIELDS + ("_inverse_indices",)
 pytree.register_pytree_node(KeyedJaggedTensor, _kjt_flatten, _kjt_unflatten,
                             serialized_type_name="jaggedrec.KeyedJaggedTensor",
-                            flatten_with_keys_fn=flatten_with_keys_fn(_kjt_flatten, JAGGED_FIELDS))
+                            flatten_with_keys_fn=flatten_with_keys_fn(_kjt_flatten, _KJT_FIELDS))
+fx_pytree.register_pytree_flatten_spec(KeyedJaggedTensor, _kjt_flatten_spec)
 torch.serialization.add_safe_globals([KeyedJaggedTensor])

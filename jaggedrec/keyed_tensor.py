@@ -6,7 +6,10 @@ import dataclasses
 from typing import Dict, List, Optional
 
 import torch
+import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
+
+from .jagged_tensor import SparseTypeMeta, size_in_bytes
 
 
 def _cumsum(sizes: List[int]) -> List[int]:
@@ -17,7 +20,7 @@ def _cumsum(sizes: List[int]) -> List[int]:
 
 
 @dataclasses.dataclass(init=False, repr=False, eq=False)
-class KeyedTensor:
+class KeyedTensor(metaclass=SparseTypeMeta):
     """Dense blocks, one per key, concatenated along ``key_dim``.
 
     Args:
@@ -56,27 +59,13 @@ class KeyedTensor:
     def regroup(keyed_tensors: List["KeyedTensor"], groups: List[List[str]]) -> List[torch.Tensor]:
         """One tensor per group: the named keys' blocks, gathered from any of ``keyed_tensors``, in
         order. A key in several KeyedTensors is taken from the last of them, as TorchRec does."""
-        where: Dict[str, KeyedTensor] = {}
-        for kt in keyed_tensors:
-            for key in kt.keys():
-                where[key] = kt
-        out = []
-        for group in groups:
-            missing = [key for key in group if key not in where]
-            if missing:
-                raise KeyError(f"regroup: keys {missing} are in none of the KeyedTensors")
-            dims = {where[key].key_dim() for key in group}
-            if len(dims) != 1:
-                raise ValueError(f"regroup: group {group} mixes key_dims {sorted(dims)}")
-            out.append(torch.cat([where[key][key] for key in group], dim=dims.pop()))
-        return out
+        return _regroup(keyed_tensors, groups)
 
     @staticmethod
     def regroup_as_dict(keyed_tensors: List["KeyedTensor"], groups: List[List[str]],
                         keys: List[str]) -> Dict[str, torch.Tensor]:
-        if len(groups) != len(keys):
-            raise ValueError(f"regroup_as_dict: {len(groups)} groups but {len(keys)} names")
-        return dict(zip(keys, KeyedTensor.regroup(keyed_tensors, groups)))
+        """:meth:`regroup`, each group's tensor named by ``keys``."""
+        return _regroup_as_dict(keyed_tensors, groups, keys)
 
     def keys(self) -> List[str]:
         return self._keys
@@ -98,9 +87,17 @@ class KeyedTensor:
     def device(self) -> torch.device:
         return self._values.device
 
-    def __getitem__(self, key: str) -> torch.Tensor:
+    def size_in_bytes(self) -> int:
+        return size_in_bytes(self._values)
+
+    def _key_indices(self) -> Dict[str, int]:
+        """Key -> position; TorchRec's regroup helpers read it under this name."""
         if self._index_per_key is None:
             self._index_per_key = {k: i for i, k in enumerate(self._keys)}
+        return self._index_per_key
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        self._key_indices()
         if key not in self._index_per_key:
             raise KeyError(f"key '{key}' is not in this KeyedTensor (keys: {self._keys})")
         i = self._index_per_key[key]
@@ -122,6 +119,36 @@ class KeyedTensor:
         return "KeyedTensor({\n" + ",\n".join(rows) + "\n})\n"
 
 
+# --- regroup: plain functions that torch.fx records as one node each (``torch.fx.wrap``), since
+# they iterate their arguments, which a traced graph cannot ---------------------------------
+
+@torch.fx.wrap
+def _regroup(keyed_tensors: List[KeyedTensor], groups: List[List[str]]) -> List[torch.Tensor]:
+    where: Dict[str, KeyedTensor] = {}
+    for kt in keyed_tensors:
+        for key in kt.keys():
+            where[key] = kt
+    out = []
+    for group in groups:
+        missing = [key for key in group if key not in where]
+        if missing:
+            raise KeyError(f"regroup: keys {missing} are in none of the KeyedTensors")
+        dims = {where[key].key_dim() for key in group}
+        if len(dims) != 1:
+            raise ValueError(f"regroup: group {group} mixes key_dims {sorted(dims)}")
+        out.append(torch.cat([where[key][key] for key in group], dim=dims.pop()))
+    return out
+
+
+@torch.fx.wrap
+def _regroup_as_dict(keyed_tensors: List[KeyedTensor], groups: List[List[str]],
+                     keys: List[str]) -> Dict[str, torch.Tensor]:
+    if len(groups) != len(keys):
+        raise ValueError(f"regroup_as_dict: {len(groups)} groups but {len(keys)} names")
+    return dict(zip(keys, _regroup(keyed_tensors, groups)))
+
+
+# --- pytree -------------------------------------------------------------------------------------
 
 def _kt_flatten(kt: KeyedTensor):
     return [kt._values], (list(kt._keys), list(kt._length_per_key), kt._key_dim)
@@ -137,8 +164,18 @@ def _kt_unflatten(children, context) -> KeyedTensor:
     return KeyedTensor(keys, length_per_key, children[0], key_dim)
 
 
+def _kt_flatten_spec(kt: KeyedTensor, spec: pytree.TreeSpec) -> List[torch.Tensor]:
+    """``kt``'s values laid out in the key order of ``spec`` (torch.export's output spec): an
+    exported program's caller may hand back a KeyedTensor whose keys come in another order."""
+    keys, _length_per_key, key_dim = spec.context
+    if list(kt.keys()) == list(keys):
+        return [kt.values()]
+    return [torch.cat([kt[key] for key in keys], dim=key_dim)]
+
+
 pytree.register_pytree_node(KeyedTensor, _kt_flatten, _kt_unflatten,
                             serialized_type_name="jaggedrec.KeyedTensor",
                             flatten_with_keys_fn=_kt_flatten_with_keys)
+fx_pytree.register_pytree_flatten_spec(KeyedTensor, _kt_flatten_spec)
 # so that torch.load(weights_only=True), which torch.export.load uses, accepts them
 torch.serialization.add_safe_globals([KeyedTensor])

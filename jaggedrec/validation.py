@@ -11,7 +11,7 @@ in the graph (on CPU; see ``_assert_in_graph``).
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, NamedTuple, Sequence
 
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -19,31 +19,30 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .keyed_jagged_tensor import KeyedJaggedTensor
 
 
-class FeatureSpec:
-    """What the checks need to know about the features a module reads."""
+class FeatureSpec(NamedTuple):
+    """What the checks need to know about the features a module reads. A NamedTuple of plain
+    values, so that a torch.fx graph can hold it as a constant argument."""
 
-    def __init__(self, key_rows: Dict[str, int], key_tables: Dict[str, List[str]], is_weighted: bool,
-                 owner: str) -> None:
-        self.key_rows = key_rows      # KJT key -> rows of the smallest table it indexes
-        self.key_tables = key_tables  # KJT key -> names of the tables it indexes
-        self.is_weighted = is_weighted
-        self.owner = owner
+    key_rows: Dict[str, int]           # KJT key -> rows of the smallest table it indexes
+    key_tables: Dict[str, List[str]]   # KJT key -> names of the tables it indexes
+    is_weighted: bool
+    owner: str
 
 
 def _label(spec: FeatureSpec, key: str) -> str:
     return f"{spec.owner}: feature '{key}' (table {', '.join(repr(t) for t in spec.key_tables[key])})"
 
 
-def key_indices(kjt_keys: Sequence[str], spec: FeatureSpec) -> Dict[str, int]:
+def key_indices(kjt_keys: Sequence[str], needed: Sequence[str], owner: str) -> Dict[str, int]:
     """Map each needed feature to its position among the KJT's keys, or raise naming the missing ones."""
     position = {k: i for i, k in enumerate(kjt_keys)}
-    missing = [k for k in spec.key_rows if k not in position]
+    missing = [k for k in needed if k not in position]
     if missing:
-        raise ValueError(f"{spec.owner}: features {missing} are configured but missing from the "
+        raise ValueError(f"{owner}: features {missing} are configured but missing from the "
                          f"KeyedJaggedTensor (its keys: {list(kjt_keys)})")
     if len(position) != len(kjt_keys):
         dup = sorted({k for k in kjt_keys if list(kjt_keys).count(k) > 1})
-        raise ValueError(f"{spec.owner}: the KeyedJaggedTensor repeats keys {dup}")
+        raise ValueError(f"{owner}: the KeyedJaggedTensor repeats keys {dup}")
     return position
 
 
@@ -75,6 +74,10 @@ def check_static(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
         elif weights.shape != values.shape:
             raise ValueError(f"{spec.owner}: {weights.numel()} weights for {values.numel()} ids")
     num_keys, stride = len(kjt.keys()), kjt.stride()
+    if kjt.lengths_or_none() is None and kjt.offsets_or_none() is None and num_keys:
+        raise ValueError(f"{spec.owner}: the KeyedJaggedTensor has neither lengths nor offsets")
+    vbe = kjt.variable_stride_per_key()
+    num_bags = _check_vbe_strides(kjt, spec) if vbe else num_keys * stride
     lengths = kjt.lengths_or_none()
     # compiled, check only what the graph reads: offsets cached beside lengths are not (see offsets())
     offsets = None if lengths is not None and torch.compiler.is_compiling() else kjt.offsets_or_none()
@@ -83,20 +86,34 @@ def check_static(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
             continue
         if t.dim() != 1:
             raise ValueError(f"{spec.owner}: KJT {name} must be 1-D {expected}, got shape {tuple(t.shape)}")
-        if t.numel() != num_keys * stride + extra:
-            raise ValueError(f"{spec.owner}: {name} has {t.numel()} entries, expected "
-                             f"{num_keys} keys x batch {stride}" + (" + 1" if extra else ""))
-    _check_ids_have_bags(values, stride, spec)
+        if t.numel() != num_bags + extra:
+            expected = f"{num_bags} bags (the sum of stride_per_key)" if vbe else f"{num_keys} keys x batch {stride}"
+            raise ValueError(f"{spec.owner}: {name} has {t.numel()} entries, expected {expected}"
+                             + (" + 1" if extra else ""))
+    _check_ids_have_bags(values, num_bags, spec)
 
 
-def _check_ids_have_bags(values: torch.Tensor, stride, spec: FeatureSpec) -> None:
-    """A batch of no bags (``B == 0``: empty lengths) must hold no ids: they would be dropped
+def _check_vbe_strides(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> int:
+    """A VBE KJT's strides, checked against its keys; returns its number of bags."""
+    spkpr = kjt._stride_per_key_per_rank
+    if spkpr.dim() != 2 or spkpr.shape[0] != len(kjt.keys()):
+        raise ValueError(f"{spec.owner}: stride_per_key_per_rank must be [keys, ranks] = [{len(kjt.keys())}, R], "
+                         f"got shape {tuple(spkpr.shape)}")
+    per_key = kjt.stride_per_key()
+    negative = [k for k, b in zip(kjt.keys(), per_key) if b < 0]
+    if negative:
+        raise ValueError(f"{spec.owner}: features {negative} have a negative stride in stride_per_key_per_rank")
+    return sum(per_key)
+
+
+def _check_ids_have_bags(values: torch.Tensor, num_bags, spec: FeatureSpec) -> None:
+    """A batch of no bags (empty lengths) must hold no ids: they would be dropped
     silently. Free: it compares sizes, with or without ``validate``."""
     if not torch.compiler.is_compiling():
-        if stride == 0 and values.numel() > 0:
+        if num_bags == 0 and values.numel() > 0:
             raise ValueError(f"{spec.owner}: the KeyedJaggedTensor has {values.numel()} ids but no bags "
                              "(its lengths are empty): every id must belong to a bag")
-    elif statically_known_true(stride == 0):
+    elif statically_known_true(num_bags == 0):
         torch._check(values.shape[0] == 0, lambda: f"{spec.owner}: the KeyedJaggedTensor has ids but no bags")
 
 
@@ -106,11 +123,11 @@ def check_data(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
     if torch.compiler.is_compiling():
         _assert_in_graph(kjt, spec)
         return
-    keys, stride = kjt.keys(), kjt.stride()
+    keys, bag_starts = kjt.keys(), kjt.lengths_offset_per_key()
     values = kjt.values()
     num_ids = values.numel()
-    if stride == 0:
-        return  # no bags, and check_static saw to it that there are no ids
+    if bag_starts[-1] == 0 or values.is_meta:
+        return  # no bags (check_static saw to it that there are no ids), or no data to read
     lengths = kjt.lengths_or_none()
     both = kjt._offsets_unchecked()  # given lengths and offsets: compared, then the offsets serve
     offsets = kjt.offsets() if both else kjt._lookup_offsets()
@@ -130,18 +147,25 @@ def check_data(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
         return
     if bad_length:
         where = int(torch.nonzero(lengths < 0)[0])
-        raise ValueError(f"{_feature_label(spec, keys, where // stride)}: sample {where % stride} has "
-                         f"negative length {int(lengths[where])}")
+        k, sample = _bag_position(bag_starts, where)
+        raise ValueError(f"{_feature_label(spec, keys, k)}: sample {sample} has negative length {int(lengths[where])}")
     if bad_start:
         raise ValueError(f"{spec.owner}: offsets must start at 0, got {first}")
     if bad_total:
         raise ValueError(f"{spec.owner}: lengths add up to {total} but values has {num_ids} ids")
     if any(disagree):
         where = int(torch.nonzero(offsets[1:] - offsets[:-1] != lengths)[0])
-        raise ValueError(f"{_feature_label(spec, keys, where // stride)}: the KJT's lengths and offsets "
-                         f"disagree: sample {where % stride} has length {int(lengths[where])}, but offsets "
+        k, sample = _bag_position(bag_starts, where)
+        raise ValueError(f"{_feature_label(spec, keys, k)}: the KJT's lengths and offsets "
+                         f"disagree: sample {sample} has length {int(lengths[where])}, but offsets "
                          f"{int(offsets[where])} -> {int(offsets[where + 1])}")
-    _check_id_ranges(values, offsets, stride, keys, spec, [kjt.index_per_key()[k] for k in spec.key_rows])
+    _check_id_ranges(values, offsets, bag_starts, keys, spec, [kjt.index_per_key()[k] for k in spec.key_rows])
+
+
+def _bag_position(bag_starts: List[int], bag: int):
+    """(key index, sample) of bag ``bag`` of the KJT's lengths."""
+    k = max(i for i in range(len(bag_starts) - 1) if bag_starts[i] <= bag)
+    return k, bag - bag_starts[k]
 
 
 def _assert_in_graph(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
@@ -156,12 +180,16 @@ def _assert_in_graph(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
     values, offsets, keys = kjt.values(), kjt._lookup_offsets(), kjt.keys()
     if values.device.type != "cpu" or not keys:
         return
-    num_ids, stride = values.shape[0], kjt.stride()
+    num_ids = values.shape[0]
     lengths_ok = ((offsets[1:] >= offsets[:-1]).all() & (offsets[0] == 0) & (offsets[-1] == num_ids))
     torch._assert_async(lengths_ok, _in_graph(f"{spec.owner}: the KeyedJaggedTensor has negative lengths, or "
                                               "lengths that do not add up to its number of ids"))
-    position = key_indices(keys, spec)
-    key_starts = offsets.index_select(0, torch.arange(len(keys) + 1, device=offsets.device) * stride)
+    position = key_indices(keys, list(spec.key_rows), spec.owner)
+    if kjt.variable_stride_per_key():
+        bag_starts = torch.tensor(kjt.lengths_offset_per_key(), device=offsets.device)
+    else:  # from the batch's size, a symbol of the graph, rather than a list of constants
+        bag_starts = torch.arange(len(keys) + 1, device=offsets.device) * kjt.stride()
+    key_starts = offsets.index_select(0, bag_starts)
     # clamped so that lengths that don't add up cannot make a negative count or overrun [N]
     key_starts = key_starts.clamp(min=0, max=num_ids)
     key_counts = (key_starts[1:] - key_starts[:-1]).clamp(min=0)
@@ -188,9 +216,9 @@ def _feature_label(spec: FeatureSpec, keys: Sequence[str], k: int) -> str:
     return _label(spec, key) if key in spec.key_tables else f"{spec.owner}: feature '{key}'"
 
 
-def _check_id_ranges(values: torch.Tensor, offsets: torch.Tensor, stride: int, keys: Sequence[str],
+def _check_id_ranges(values: torch.Tensor, offsets: torch.Tensor, bag_starts: List[int], keys: Sequence[str],
                      spec: FeatureSpec, used: List[int]) -> None:
-    starts = offsets[::stride].tolist()
+    starts = offsets.index_select(0, torch.tensor(bag_starts, device=offsets.device)).tolist()
     for k in used:
         key = keys[k]
         ids = values[starts[k]:starts[k + 1]]
@@ -200,6 +228,6 @@ def _check_id_ranges(values: torch.Tensor, offsets: torch.Tensor, stride: int, k
         bad = torch.nonzero((ids < 0) | (ids >= rows))
         if bad.numel():
             i = int(bad[0])
-            sample = int(torch.searchsorted(offsets, starts[k] + i, right=True)) - 1 - k * stride
+            sample = int(torch.searchsorted(offsets, starts[k] + i, right=True)) - 1 - bag_starts[k]
             raise ValueError(f"{_label(spec, key)}: id {int(ids[i])} in sample {sample} is out of "
                              f"range [0, {rows})")

@@ -73,7 +73,7 @@ def test_provider_selection_by_name_or_prefix():
         raise ValueError(message)
 
     assert cli.select_providers("jaggedrec,fbgemm", names, error) == [
-        "eb_loop", "jaggedrec[torch]", "jaggedrec[triton]", "jaggedrec_compiled", "fbgemm_tbe"]
+        "eb_loop", "jaggedrec[torch]", "jaggedrec[triton]", "jaggedrec_compiled", "jaggedrec_vbe", "fbgemm_tbe"]
     assert cli.select_providers("JaggedRec-Torch", names, error) == ["eb_loop", "jaggedrec[torch]"]
     assert cli.select_providers(None, names, error) == names
     with pytest.raises(ValueError, match="unknown provider"):
@@ -202,3 +202,29 @@ def test_cpu_floor_runs_on_a_tiny_shape(capsys):
     out = capsys.readouterr().out
     assert "write back: index_copy_" in out and "streamed:" in out
     assert "floor, touched rows scattered" in out and "floor, every row streamed" in out
+
+
+@pytest.mark.parametrize("mode", ["forward", "train"])
+def test_vbe_batches_expand_to_the_same_batch_and_the_vbe_provider_is_checked(tmp_path, mode):
+    """The deduplicated f0 (VBE) expands to exactly the batch the other providers see, and
+    jaggedrec_vbe's output is checked against the loop before it is timed."""
+    w = Workload(tables=2, num_embeddings=40, dims=(4,), batch_size=12, pooling_factor=2, bag_size="random",
+                 vbe_users=3, weighted=True)
+    for b in make_batches(w, 2, seed=1):
+        kjt = b.vbe.jaggedrec_kjt(w.keys)
+        assert kjt.stride_per_key() == [3, 12] and kjt.stride() == 12
+        users = b.vbe.inverse_indices[0]
+        assert sorted(set(users.tolist())) == [0, 1, 2]
+        f0 = kjt["f0"]
+        expanded = b.lengths[:12]
+        assert expanded.tolist() == f0.lengths()[users].tolist()
+        per_user = f0.to_dense()
+        assert b.values[:b.key_offsets[1]].tolist() == [i for u in users.tolist() for i in per_user[u].tolist()]
+        assert torch.equal(b.values[b.key_offsets[1]:], kjt["f1"].values())
+    out = tmp_path / "vbe.json"
+    args = TINY + ["--vbe-users", "3", "--weighted", "--mode", mode, "--providers", "jaggedrec", "--output", str(out)]
+    assert cli.main(args) == 0
+    providers = json.loads(out.read_text())["runs"][0]["providers"]
+    assert providers["jaggedrec_vbe"]["status"] == "ok"
+    assert cli.main(TINY + ["--providers", "jaggedrec_vbe", "--output", str(out)]) == 0
+    assert "vbe-users" in json.loads(out.read_text())["runs"][0]["providers"]["jaggedrec_vbe"]["reason"]

@@ -92,9 +92,11 @@ def test_kjt_from_jt_dict_permute_split_concat():
     assert joined.keys() == ["f1", "f0"] and joined.values().tolist() == swapped.values().tolist()
     with pytest.raises(ValueError, match="segments"):
         kjt.split([1])
-    with pytest.raises(ValueError, match="batch sizes"):
-        KeyedJaggedTensor.from_jt_dict({"a": JaggedTensor(torch.tensor([1]), lengths=torch.tensor([1])),
-                                        "b": JaggedTensor(torch.tensor([1]), lengths=torch.tensor([1, 0]))})
+    # features of different batch sizes stack into a VBE KJT, as TorchRec's from_jt_dict does
+    vbe = KeyedJaggedTensor.from_jt_dict({"a": JaggedTensor(torch.tensor([1]), lengths=torch.tensor([1])),
+                                          "b": JaggedTensor(torch.tensor([2]), lengths=torch.tensor([0, 1]))})
+    assert vbe.variable_stride_per_key() and vbe.stride_per_key() == [1, 2]
+    assert vbe.stride_per_key_per_rank() == [[1], [2]] and vbe["b"].lengths().tolist() == [0, 1]
 
 
 def test_kjt_to_device_and_lazy_offsets_keep_dtype():

@@ -122,6 +122,7 @@ _BACKEND_ARG, _OPTIMIZER_STATE_ARG = (list(inspect.signature(_pooled_embedding_b
                                       for name in ("backend", "optimizer_state"))
 
 
+@torch.fx.wrap  # one node of a torch.fx graph: it branches on its arguments
 def run_pooled_embedding_bags(*args) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`pooled_embedding_bags` as the modules call it, with the same arguments. An eager
     CPU forward that autograd will not see (inference) runs the op's body without the

@@ -1,0 +1,122 @@
+"""What an embedding module reads from a ``KeyedJaggedTensor``: the batch checked, its features
+located among the KJT's keys, and a VBE batch spread to one stride with its inverse indices.
+
+:func:`read_batch` is one ``torch.fx.wrap``'d call, so that ``torch.fx.symbolic_trace`` of a
+module records it as one node and runs it on each real KJT: the key lookup and the checks
+branch on the KJT's contents, which a traced graph cannot.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from . import validation
+from .keyed_jagged_tensor import KeyedJaggedTensor
+from .ops import vbe
+from .validation import FeatureSpec
+
+
+class Batch(NamedTuple):
+    """A KJT as the pooling op takes it."""
+
+    values: torch.Tensor             # [N] ids
+    offsets: torch.Tensor            # [K*B'+1]; B' = B, or max(B_k) for VBE (see ops/vbe.py)
+    weights: Optional[torch.Tensor]  # [N] per-id weights
+    group_keys: List[List[int]]      # per storage group, the KJT key index of each of its features
+    num_keys: int                    # K
+    batch_size: int                  # B
+    # per output feature, [B] the bag of each sample, or None where sample b reads bag b
+    inverse_indices: Optional[List[Optional[torch.Tensor]]]
+
+
+@torch.fx.wrap
+def read_batch(kjt: KeyedJaggedTensor, spec: FeatureSpec, group_features: Tuple[Tuple[str, ...], ...],
+               output_features: Tuple[str, ...], validate: bool) -> Batch:
+    """Check ``kjt`` (shapes always, data when ``validate``) and lay it out for the op.
+
+    Args:
+        group_features: per storage group, the KJT key each of its features reads.
+        output_features: the KJT key of each output feature, in output order.
+    """
+    group_keys = group_key_positions(tuple(kjt.keys()), group_features, tuple(spec.key_rows), spec.owner)
+    validation.check_static(kjt, spec)
+    if validate:
+        validation.check_data(kjt, spec)
+    if kjt.variable_stride_per_key():
+        offsets = vbe.vbe_offsets(kjt.lengths(), kjt.stride_per_key())
+    else:
+        offsets = kjt._lookup_offsets()
+    inverse = _output_inverse_indices(kjt, output_features, spec, validate)
+    return Batch(kjt.values(), offsets, kjt.weights_or_none(), group_keys, len(kjt.keys()), kjt.stride(), inverse)
+
+
+def group_key_positions(kjt_keys: Tuple[str, ...], group_features: Tuple[Tuple[str, ...], ...],
+                        needed: Tuple[str, ...], owner: str) -> List[List[int]]:
+    """Per group, the position of each feature's key among ``kjt_keys``; raises naming the
+    missing features. Cached per key order, except while compiling: the graph would guard on
+    the cache, and a later eager call that fills it would force a recompile."""
+    if torch.compiler.is_compiling():
+        return _find_key_positions(kjt_keys, group_features, needed, owner)
+    return _cached_key_positions(kjt_keys, group_features, needed, owner)
+
+
+def _find_key_positions(kjt_keys: Tuple[str, ...], group_features: Tuple[Tuple[str, ...], ...],
+                        needed: Tuple[str, ...], owner: str) -> List[List[int]]:
+    position = validation.key_indices(kjt_keys, needed, owner)
+    return [[position[f] for f in group] for group in group_features]
+
+
+_cached_key_positions = functools.lru_cache(maxsize=256)(_find_key_positions)
+
+
+def _output_inverse_indices(kjt: KeyedJaggedTensor, output_features: Sequence[str], spec: FeatureSpec,
+                            validate: bool) -> Optional[List[Optional[torch.Tensor]]]:
+    """The KJT's inverse indices, one ``[B]`` row per output feature; None without them."""
+    inverse = kjt.inverse_indices_or_none()
+    if inverse is None:
+        if kjt.variable_stride_per_key():
+            raise ValueError(f"{spec.owner}: the KeyedJaggedTensor has a variable batch per feature "
+                             "(stride_per_key_per_rank) but no inverse_indices to expand its bags to the batch")
+        return None
+    keys, table = inverse
+    row = {k: i for i, k in enumerate(keys)}
+    missing = [f for f in dict.fromkeys(output_features) if f not in row]
+    if missing:
+        raise ValueError(f"{spec.owner}: features {missing} have no row in the KeyedJaggedTensor's "
+                         f"inverse_indices (its keys: {list(keys)})")
+    if table.dim() != 2 or table.shape[0] != len(keys):
+        raise ValueError(f"{spec.owner}: inverse_indices must be [{len(keys)} keys, B], got shape {tuple(table.shape)}")
+    rows = [row[f] for f in output_features]
+    per_feature = table.index_select(0, torch.tensor(rows, device=table.device))
+    if validate and not torch.compiler.is_compiling() and table.numel() and not table.is_meta:
+        _check_inverse_range(kjt, output_features, per_feature, spec)
+    rows_of = list(per_feature.unbind(0))
+    if table.device.type == "cpu" and not torch.compiler.is_compiling() and not table.is_meta:
+        # Features whose samples each have their own bag, in order (every one but the
+        # deduplicated ones, typically), need no gather: skipping theirs saves a gather forward
+        # and a scatter backward of [B, dim] each. Found with one read, on CPU only (a GPU would
+        # wait for it, where the gathers cost little).
+        strides, where, batch = kjt.stride_per_key(), kjt.index_per_key(), table.shape[1]
+        full = [f for f, name in enumerate(output_features) if strides[where[name]] == batch]
+        if full:
+            in_order = (per_feature[full] == torch.arange(batch, device=table.device)).all(dim=1).tolist()
+            for f, same in zip(full, in_order):
+                if same:
+                    rows_of[f] = None
+    return rows_of
+
+
+def _check_inverse_range(kjt: KeyedJaggedTensor, output_features: Sequence[str], per_feature: torch.Tensor,
+                         spec: FeatureSpec) -> None:
+    """Each sample's bag must exist: ``0 <= inverse < B_k`` (one read to the host)."""
+    low, high = per_feature.aminmax(dim=1)
+    strides = kjt.stride_per_key()
+    where = kjt.index_per_key()
+    for f, lo, hi in zip(output_features, low.tolist(), high.tolist()):
+        bags = strides[where[f]]
+        if lo < 0 or hi >= bags:
+            raise ValueError(f"{spec.owner}: feature '{f}': inverse_indices hold {lo if lo < 0 else hi}, outside "
+                             f"its {bags} bags [0, {bags})")
