@@ -244,7 +244,7 @@ class EmbeddingBagCollection(nn.Module):
             pooled, bad = pooled_ops.run_pooled_embedding_bags(
                 self.flat_weights[g.name], batch.values, batch.offsets, batch.weights, list(g.weight_offsets),
                 list(g.rows), list(g.dims), batch.group_keys[i], list(g.pooling), batch.num_keys, self._backend,
-                self._bounds_check != "off", self._sparse, self._deterministic,
+                self._sparse, self._deterministic,
                 self._fused.kind if self._fused is not None else 0, self.fused_optimizer_state.tensors(g.name))
             outputs.append(pooled)
             bad_ids.append(bad)

@@ -20,8 +20,8 @@ def _args(gen, weighted, id_dtype=torch.int64, mean=True):
     offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(id_dtype)
     psw = torch.rand(8, generator=gen, requires_grad=True) if weighted else None
     pooling = [1 if mean else 0, 0, 1 if mean else 0]
-    # (..., backend, bounds_check, sparse_grad, deterministic, optimizer, optimizer_state)
-    return (weights, values, offsets, psw, weight_offsets, rows, dims, [0, 1, 1], pooling, num_keys, "torch", True,
+    # (..., backend, sparse_grad, deterministic, optimizer, optimizer_state)
+    return (weights, values, offsets, psw, weight_offsets, rows, dims, [0, 1, 1], pooling, num_keys, "torch",
             False, True, 0, [])
 
 

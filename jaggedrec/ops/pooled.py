@@ -73,7 +73,6 @@ def _pooled_embedding_bags(
     pooling: List[int],
     num_keys: int,
     backend: str,
-    bounds_check: bool,
     sparse_grad: bool,
     deterministic: bool,
     optimizer: int,
@@ -93,7 +92,6 @@ def _pooled_embedding_bags(
         pooling: ``[F]`` 0 for SUM, 1 for MEAN (divides by the bag length; empty bags give 0).
         num_keys: K.
         backend: "auto", "torch" or "triton".
-        bounds_check: (kernels) return the counts of ids outside ``[0, rows)``, which are skipped either way.
         sparse_grad: give ``weights`` a sparse COO gradient (eager only).
         deterministic: (kernels) bit-identical weight gradients, by sorting; else atomics.
         optimizer: 0 for an ordinary weight gradient; 1 SGD, 2 row-wise Adagrad, 3 Adam to
@@ -103,15 +101,16 @@ def _pooled_embedding_bags(
             ``trigger``, or ``weights``, requires grad; else empty.
     Returns:
         ``[B, sum(dims)]`` fp32, features side by side in the order given, and ``[F]`` int64
-        counts of ids skipped by the bounds check (always zero on the torch path, whose
-        callers validate ids beforehand).
+        counts of the ids outside ``[0, rows)``, which the kernels skip (always zero on the
+        torch path, whose callers validate ids beforehand); a caller that trusts its ids
+        need not read them.
     """
     plan = _plan(weight_offsets, rows, dims, keys, pooling, num_keys)
     values, offsets, per_sample_weights = _batch_inputs(values, offsets, per_sample_weights)
     if use_kernels(backend, weights.device):
         tri = _triton(weights)
         meta = tri.feature_meta(plan, weight_offsets, rows, dims, keys, pooling, weights)
-        return tri.triton_forward(weights, values, offsets, per_sample_weights, meta, plan, num_keys, bounds_check)
+        return tri.triton_forward(weights, values, offsets, per_sample_weights, meta, plan, num_keys)
     pooled = pooled_torch.pooled_forward(weights, values, offsets, per_sample_weights, plan, num_keys)
     return pooled, torch.zeros(len(dims), dtype=torch.int64, device=weights.device)
 
@@ -275,7 +274,7 @@ def _sparse_weight_grad(grad_out, weights, values, offsets, psw, static) -> torc
 
 def _setup_context(ctx, inputs, output) -> None:
     (weights, values, offsets, psw, weight_offsets, rows, dims, keys, pooling, num_keys, backend,
-     _bounds_check, sparse_grad, deterministic, optimizer, optimizer_state) = inputs
+     sparse_grad, deterministic, optimizer, optimizer_state) = inputs
     ctx.save_for_backward(weights, values, offsets, psw, *optimizer_state[:4])
     ctx.static = (weight_offsets, rows, dims, keys, pooling, num_keys, backend)
     ctx.sparse_grad = sparse_grad
@@ -287,7 +286,7 @@ def _backward(ctx, grad_out, _grad_errors):
     weights, values, offsets, psw, *optimizer_state = ctx.saved_tensors
     need_weight_grad, _, _, need_psw_grad = ctx.needs_input_grad[:4]
     need_psw_grad = bool(need_psw_grad and psw is not None)
-    trigger_grad = bool(ctx.optimizer and ctx.needs_input_grad[15][-1])
+    trigger_grad = bool(ctx.optimizer and ctx.needs_input_grad[_OPTIMIZER_STATE_ARG][-1])
     grad_weights = grad_psw = None
     # the step happens here; no weight gradient leaves
     fused_step = bool(ctx.optimizer and (need_weight_grad or trigger_grad))
@@ -307,10 +306,10 @@ def _backward(ctx, grad_out, _grad_errors):
             grad_out.contiguous(), weights, values, offsets, psw, *ctx.static, ctx.optimizer, *optimizer_state)
     elif sparse:
         grad_weights = _sparse_weight_grad(grad_out, weights, values, offsets, psw, ctx.static)
-    state_grads = [None] * len(ctx.needs_input_grad[15])
+    state_grads = [None] * len(ctx.needs_input_grad[_OPTIMIZER_STATE_ARG])
     if trigger_grad:
         state_grads[-1] = grad_out.new_zeros(0, dtype=torch.float32)
-    return (grad_weights, None, None, grad_psw) + (None,) * 11 + (state_grads,)
+    return (grad_weights, None, None, grad_psw) + (None,) * (_OPTIMIZER_STATE_ARG - 4) + (state_grads,)
 
 
 pooled_embedding_bags.register_autograd(_backward, setup_context=_setup_context)

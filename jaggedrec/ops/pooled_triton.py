@@ -70,12 +70,11 @@ def _cached_pass_features(table, device: torch.device) -> torch.Tensor:
 
 def triton_forward(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
                    per_sample_weights: Optional[torch.Tensor], meta: torch.Tensor, plan: PooledPlan,
-                   num_keys: int, bounds_check: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                   num_keys: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns ``[B, total_dim]`` fp32 pooled output and ``[F]`` int64 counts of skipped bad ids."""
     batch = (offsets.shape[0] - 1) // num_keys
     out = torch.empty((batch, plan.out_offsets[-1]), dtype=torch.float32, device=weights.device)
     errors = torch.zeros(meta.shape[0], dtype=torch.int64, device=weights.device)
-    # the kernel skips and counts bad ids either way; unchecked, the counts are not read
     pooled_fwd.pooled_fwd(weights, values, offsets, per_sample_weights, meta, out, errors, max(plan_dims(plan)),
                           plan.alignment)
     return out, errors
