@@ -61,16 +61,19 @@ class Variant:
         return max(1, rows * c["BLOCK_D"] * self.row_bytes // (32 * self.num_warps * max(load_bytes, 1)))
 
 
-def compile_variant(v: Variant, arch: int = 90):
-    """``triton.compile`` of one variant for sm_``arch`` (no GPU needed); pointers 16-byte aligned,
-    as torch allocates them."""
-    fn = getattr(v.fn, "fn", v.fn)
-    sig = {name: v.types.get(name, "constexpr") for name in fn.arg_names}
-    consts = {(fn.arg_names.index(n),): value for n, value in v.constexprs.items()}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if v.types.get(n, "").startswith("*")}
+def compile_kernel(kernel, types: Dict[str, str], constexprs: Dict[str, object], num_warps: int, arch: int = 90):
+    """``triton.compile`` of ``kernel`` (jit or autotuned) for sm_``arch``, no GPU needed: argument
+    ``types`` by name (the rest constexprs), pointers 16-byte aligned, as torch allocates them."""
+    fn = getattr(kernel, "fn", kernel)
+    sig = {name: types.get(name, "constexpr") for name in fn.arg_names}
+    consts = {(fn.arg_names.index(n),): value for n, value in constexprs.items()}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if types.get(n, "").startswith("*")}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": v.num_warps})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def compile_variant(v: Variant):
+    return compile_kernel(v.fn, v.types, v.constexprs, v.num_warps)
 
 
 def cuobjdump() -> str:
@@ -155,7 +158,9 @@ def read(v: Variant) -> Reading:
 
 # ----------------------------------------------------------------------------- the variants
 
-def _types(dtype: str, ids: str):
+def argument_types(dtype: str = "fp32", ids: str = "int64"):
+    """The kernels' argument types for ``dtype`` tables and ``ids`` ids: (forward, run-tile kernels,
+    fused step, long-run sums, contribution kernels, table pointer type)."""
     table, index = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}[dtype], {"int64": "*i64", "int32": "*i32"}[ids]
     f32, i64 = "*fp32", "*i64"
     fwd = {"weights_ptr": table, "values_ptr": index, "offsets_ptr": index, "psw_ptr": f32, "meta_ptr": i64,
@@ -172,7 +177,7 @@ def _types(dtype: str, ids: str):
     return fwd, runs, fused, long_runs, contrib, table
 
 
-def _alignment(dtype: str, dim: int) -> int:
+def _alignment(dim: int) -> int:
     # as the op plans it for one table (or several of the same dim): the largest power of two
     # up to 16 dividing the dim (the tables' offsets are multiples of their dims)
     alignment = 16
@@ -191,8 +196,8 @@ def workload_variants(dtype: str = "fp32", dim: int = 128, ids: str = "int64", w
     from jaggedrec.kernels import pooled_bwd, pooled_fused, pooled_fwd, row_runs
     from jaggedrec.kernels.common import block_d
 
-    fwd, runs, fused, long_runs, contrib, table = _types(dtype, ids)
-    dims = dict(BLOCK_D=block_d(dim), DIM_ALIGN=_alignment(dtype, dim))
+    fwd, runs, fused, long_runs, contrib, table = argument_types(dtype, ids)
+    dims = dict(BLOCK_D=block_d(dim), DIM_ALIGN=_alignment(dim))
     switch = {"LEGACY_LOOPS": bool(legacy)}
     out: List[Variant] = []
 
@@ -300,8 +305,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for r in readings:
             if r.kernel != "fwd":
                 continue
-            block = int(re.search(r"BLOCK_B=(\d+)", r.label).group(1))
-            unroll = int(re.search(r"UNROLL=(\d+)", r.label).group(1))
+            block, unroll = r.constexprs["BLOCK_B"], r.constexprs["UNROLL"]
             cells = []
             for card in CARDS:
                 for latency in (900, 1200):

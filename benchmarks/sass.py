@@ -224,16 +224,21 @@ def simulate(code: Sequence[Instruction], start: int, end: int, iterations: int 
         for i in range(start, end + 1):
             ins = code[i]
             now = _wait(ins, now, outstanding)
-            if ins.write_barrier != NO_BARRIER:
-                latency = 1.0 if ins.is_global_load else 0.0
-                outstanding[ins.write_barrier].append((now + latency, i in rows))
-            if ins.read_barrier != NO_BARRIER:
-                outstanding[ins.read_barrier].append((now, False))
+            _issue(ins, now, outstanding, i in rows)
             in_flight = sum(1 for b in outstanding.values() for done, row in b if row and done > now)
             peak = max(peak, in_flight)
         ends.append(now)
     per_iteration = ends[-1] - ends[-2] if iterations > 1 else ends[-1]
     return LoopTiming(round(per_iteration), len(rows), widest, peak, sum(code[i].load_bytes for i in rows))
+
+
+def _issue(ins: Instruction, now: float, outstanding: Dict[int, List[Tuple[float, bool]]], row: bool) -> None:
+    """Count ``ins`` on its scoreboards: a global load is done one unit after it issues,
+    everything else (and the reading of any op's sources) at once."""
+    if ins.write_barrier != NO_BARRIER:
+        outstanding[ins.write_barrier].append((now + (1.0 if ins.is_global_load else 0.0), row))
+    if ins.read_barrier != NO_BARRIER:
+        outstanding[ins.read_barrier].append((now, False))
 
 
 def _wait(ins: Instruction, now: float, outstanding: Dict[int, List[Tuple[float, bool]]]) -> float:
@@ -292,8 +297,5 @@ def prologue_round_trips(code: Sequence[Instruction], end: int) -> int:
     now = 0.0
     for ins in code[:end]:
         now = _wait(ins, now, outstanding)
-        if ins.write_barrier != NO_BARRIER:
-            outstanding[ins.write_barrier].append((now + (1.0 if ins.is_global_load else 0.0), False))
-        if ins.read_barrier != NO_BARRIER:
-            outstanding[ins.read_barrier].append((now, False))
+        _issue(ins, now, outstanding, False)
     return round(now)

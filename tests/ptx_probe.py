@@ -27,37 +27,21 @@ from collections import Counter
 os.environ["JAGGEDREC_AUTOTUNE"] = "1"  # the kernels' configs are the tuned ones, whatever the caller's setting
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from jaggedrec.benchmarks.codegen_report import argument_types, compile_kernel
 from jaggedrec.kernels import pooled_bwd, pooled_fused, pooled_fwd, row_runs
 from jaggedrec.kernels.common import block_d
 
+
 def ptx(kernel, types, constexprs, num_warps=4):
-    fn = getattr(kernel, "fn", kernel) if hasattr(kernel, "configs") else kernel  # under triton.autotune or not
-    sig = {name: types.get(name, "constexpr") for name in fn.arg_names}
-    consts = {(fn.arg_names.index(n),): v for n, v in constexprs.items()}
-    # pointer arguments 16-byte aligned, as torch allocates them
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if types.get(n, "").startswith("*")}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
+    return compile_kernel(kernel, types, constexprs, num_warps).asm["ptx"]
 
 
 def ptx_ops(kernel, types, constexprs, num_warps=4):
     return Counter(re.findall(r"(?:ld|st|red|atom)\.global[\.\w]*", ptx(kernel, types, constexprs, num_warps)))
 
 
-f32, i64 = "*fp32", "*i64"
-FWD = {"weights_ptr": f32, "values_ptr": i64, "offsets_ptr": i64, "psw_ptr": f32, "meta_ptr": i64, "out_ptr": f32,
-       "errors_ptr": i64, "batch_size": "i32", "out_stride": "i32", "num_features": "i32"}
-RUNS = {n: i64 for n in ["num_runs_ptr", "run_start_ptr", "run_row_ptr", "run_feature_ptr", "item_offset_ptr",
-                         "long_rank_ptr", "meta_ptr"]}
-RUNS.update(grad_out_ptr=f32, item_scale_ptr=f32, long_sums_ptr=f32)
-FUSED = dict(RUNS, weights_ptr=f32, state1_ptr=f32, state2_ptr=f32, hparams_ptr=f32, step_ptr=i64)
-LONG = dict(grad_out_ptr=f32, num_long_ptr=i64, long_runs_ptr=i64, run_start_ptr=i64, run_feature_ptr=i64,
-            item_offset_ptr=i64, item_scale_ptr=f32, meta_ptr=i64, long_sums_ptr=f32)
-CONTRIB = dict(grad_out_ptr=f32, grad_stride="i32", rows_ptr=i64, contrib_feature_ptr="*i32", bag_of_value_ptr=i64,
-               offsets_ptr=i64, meta_ptr=i64, num_contributions="i32", num_values="i32", batch_size="i32",
-               max_dim="i32")
+f32 = "*fp32"
+FWD, RUNS, FUSED, LONG, CONTRIB, _ = argument_types("fp32", "int64")  # the same tables as the report's
 
 
 # The dims a launch can have, as the launchers turn them into constexprs: BLOCK_D from the
