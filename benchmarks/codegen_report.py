@@ -193,7 +193,7 @@ def workload_variants(dtype: str = "fp32", dim: int = 128, ids: str = "int64", w
     compact gradients, and the long runs' sums), the fused step for each optimizer, and the
     atomic backward; each at every autotune config. ``legacy`` sets LEGACY_LOOPS (None: the
     kernels' default, False)."""
-    from jaggedrec.kernels import pooled_bwd, pooled_fused, pooled_fwd, row_runs
+    from jaggedrec.kernels import pooled_bwd, pooled_fused, pooled_fwd, row_runs, sequence_fwd
     from jaggedrec.kernels.common import block_d
 
     fwd, runs, fused, long_runs, contrib, table = argument_types(dtype, ids)
@@ -223,6 +223,14 @@ def workload_variants(dtype: str = "fp32", dim: int = 128, ids: str = "int64", w
         dict(HAS_PSW=weighted))
     if weighted:
         add("psw_grad", pooled_bwd._psw_grad_kernel, dict(contrib, weights_ptr=table, out_ptr="*fp32"), {})
+    # the EmbeddingCollection's forward (rows out in the tables' dtype) and its atomic backward
+    seq = {k: fwd[k] for k in ("weights_ptr", "values_ptr", "offsets_ptr", "meta_ptr", "errors_ptr", "batch_size",
+                               "num_features")}
+    add("seq_fwd", sequence_fwd._sequence_fwd_kernel, dict(seq, out_ptr=table), dict(BLOCK_F=16), "gather",
+        2 if dtype in ("fp16", "bf16") else 4)
+    add("seq_grad_atomic", sequence_fwd._rows_grad_atomic_kernel,
+        dict(grad_out_ptr="*fp32", rows_ptr="*i64", item_offset_ptr="*i64", contrib_feature_ptr="*i32",
+             meta_ptr="*i64", dest_ptr="*fp32", num_contributions="i32"), {})
     return out
 
 

@@ -16,6 +16,7 @@ import torch
 from . import validation
 from .keyed_jagged_tensor import KeyedJaggedTensor
 from .ops import vbe
+from .tables import StorageGroup
 from .validation import FeatureSpec
 
 
@@ -25,7 +26,7 @@ class Batch(NamedTuple):
     values: torch.Tensor             # [N] ids
     offsets: torch.Tensor            # [K*B'+1]; B' = B, or max(B_k) for VBE (see ops/vbe.py)
     weights: Optional[torch.Tensor]  # [N] per-id weights
-    group_keys: List[List[int]]      # per storage group, the KJT key index of each of its features
+    group_tables: List[List[int]]    # per storage group, the ops' ``tables`` argument (FeatureTables)
     num_keys: int                    # K
     batch_size: int                  # B
     # per output feature, [B] the bag of each sample, or None where sample b reads bag b
@@ -33,15 +34,15 @@ class Batch(NamedTuple):
 
 
 @torch.fx.wrap
-def read_batch(kjt: KeyedJaggedTensor, spec: FeatureSpec, group_features: Tuple[Tuple[str, ...], ...],
+def read_batch(kjt: KeyedJaggedTensor, spec: FeatureSpec, groups: Tuple[StorageGroup, ...],
                output_features: Tuple[str, ...], validate: bool) -> Batch:
-    """Check ``kjt`` (shapes always, data when ``validate``) and lay it out for the op.
+    """Check ``kjt`` (shapes always, data when ``validate``) and lay it out for the ops.
 
     Args:
-        group_features: per storage group, the KJT key each of its features reads.
+        groups: the module's storage groups (one op call each).
         output_features: the KJT key of each output feature, in output order.
     """
-    group_keys = group_key_positions(tuple(kjt.keys()), group_features, tuple(spec.key_rows), spec.owner)
+    group_tables = group_feature_tables(tuple(kjt.keys()), groups, tuple(spec.key_rows), spec.owner)
     validation.check_static(kjt, spec)
     if validate:
         validation.check_data(kjt, spec)
@@ -50,26 +51,27 @@ def read_batch(kjt: KeyedJaggedTensor, spec: FeatureSpec, group_features: Tuple[
     else:
         offsets = kjt._lookup_offsets()
     inverse = _output_inverse_indices(kjt, output_features, spec, validate)
-    return Batch(kjt.values(), offsets, kjt.weights_or_none(), group_keys, len(kjt.keys()), kjt.stride(), inverse)
+    return Batch(kjt.values(), offsets, kjt.weights_or_none(), group_tables, len(kjt.keys()), kjt.stride(), inverse)
 
 
-def group_key_positions(kjt_keys: Tuple[str, ...], group_features: Tuple[Tuple[str, ...], ...],
-                        needed: Tuple[str, ...], owner: str) -> List[List[int]]:
-    """Per group, the position of each feature's key among ``kjt_keys``; raises naming the
-    missing features. Cached per key order, except while compiling: the graph would guard on
-    the cache, and a later eager call that fills it would force a recompile."""
+def group_feature_tables(kjt_keys: Tuple[str, ...], groups: Tuple[StorageGroup, ...], needed: Tuple[str, ...],
+                         owner: str) -> List[List[int]]:
+    """Per group, its features located among ``kjt_keys``, as the ops' ``tables`` argument;
+    raises naming the missing features. Cached per key order, except while compiling: the
+    graph would guard on the cache, and a later eager call that fills it would force a
+    recompile."""
     if torch.compiler.is_compiling():
-        return _find_key_positions(kjt_keys, group_features, needed, owner)
-    return _cached_key_positions(kjt_keys, group_features, needed, owner)
+        return _find_feature_tables(kjt_keys, groups, needed, owner)
+    return _cached_feature_tables(kjt_keys, groups, needed, owner)
 
 
-def _find_key_positions(kjt_keys: Tuple[str, ...], group_features: Tuple[Tuple[str, ...], ...],
-                        needed: Tuple[str, ...], owner: str) -> List[List[int]]:
+def _find_feature_tables(kjt_keys: Tuple[str, ...], groups: Tuple[StorageGroup, ...], needed: Tuple[str, ...],
+                         owner: str) -> List[List[int]]:
     position = validation.key_indices(kjt_keys, needed, owner)
-    return [[position[f] for f in group] for group in group_features]
+    return [g.feature_tables([position[f] for f in g.key_names], len(kjt_keys)) for g in groups]
 
 
-_cached_key_positions = functools.lru_cache(maxsize=256)(_find_key_positions)
+_cached_feature_tables = functools.lru_cache(maxsize=256)(_find_feature_tables)
 
 
 def _output_inverse_indices(kjt: KeyedJaggedTensor, output_features: Sequence[str], spec: FeatureSpec,
@@ -120,3 +122,13 @@ def _check_inverse_range(kjt: KeyedJaggedTensor, output_features: Sequence[str],
         if lo < 0 or hi >= bags:
             raise ValueError(f"{spec.owner}: feature '{f}': inverse_indices hold {lo if lo < 0 else hi}, outside "
                              f"its {bags} bags [0, {bags})")
+
+
+@torch.fx.wrap
+def key_lengths(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> List[int]:
+    """``[K]`` ids of each key, for an op whose output has a row per id (read from the device
+    once per KJT, then cached in it)."""
+    if kjt.variable_stride_per_key():
+        raise ValueError(f"{spec.owner}: a KeyedJaggedTensor with a variable batch per feature "
+                         "(stride_per_key_per_rank) is not supported here; pass one bag per sample")
+    return kjt.length_per_key()

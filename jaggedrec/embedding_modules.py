@@ -1,54 +1,39 @@
-"""``EmbeddingBagCollection``: TorchRec's module over flat, table-batched storage."""
+"""TorchRec's embedding modules over flat, table-batched storage: ``EmbeddingBagCollection``
+(pooled, a ``KeyedTensor`` of ``[B, sum(dims)]``) and ``EmbeddingCollection`` (one row per id,
+a ``JaggedTensor`` per feature). What they share lives in ``table_collection.py``; each
+forward reads the batch (``batch.py``) and calls its op once per storage group (``ops/``).
+"""
 
 from __future__ import annotations
 
-import warnings
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from torch import nn
 
 from . import batch as batch_reader
-from . import validation
-from .configs import EmbeddingBagConfig
-from .fused_state import FusedOptimizerState
-from .host_memory import advise_huge_pages, retain_freed_memory
+from .configs import EmbeddingBagConfig, EmbeddingConfig
+from .jagged_tensor import JaggedTensor
 from .keyed_jagged_tensor import KeyedJaggedTensor
 from .keyed_tensor import KeyedTensor
-from .optim import FusedOptimizer
 from .ops import pooled as pooled_ops
+from .ops import sequence as sequence_ops
 from .ops import vbe
-from .ops.pooled import BACKENDS, use_kernels
-from .tables import TableLayout
-from .bad_ids import BOUNDS_CHECKS, BadIdReport
+from .optim import FusedOptimizer
+from .table_collection import TableCollection, TableView
 
 
-class EmbeddingBag(nn.Module):
-    """One table of a collection: a ``[rows, dim]`` view into the collection's flat storage.
-
-    It owns no parameter. ``weight`` is a live view of the owner's flat tensor, so writes
-    to it (``weight.data.copy_(...)``) reach the table, and the gradient flows to the flat
-    parameter that optimizers see.
-    """
+class EmbeddingBag(TableView):
+    """One table of an ``EmbeddingBagCollection`` (see ``TableView``)."""
 
     def __init__(self, owner: "EmbeddingBagCollection", table: int) -> None:
-        super().__init__()
-        # Held outside nn.Module's registry: the owner is not a submodule of its tables.
-        self.__dict__["_owner"] = owner
-        self._table = table
-        slot = owner._layout.tables[table]
-        self.num_embeddings, self.embedding_dim = slot.rows, slot.dim
+        super().__init__(owner, table)
         self.mode = "mean" if owner._layout.configs[table].pooling.value == "MEAN" else "sum"
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.__dict__["_owner"].table_weight(self._table)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, mode='{self.mode}'"
 
 
-class EmbeddingBagCollection(nn.Module):
+class EmbeddingBagCollection(TableCollection):
     """Pools each feature's ids through its table, for all tables at once.
 
     Args:
@@ -74,156 +59,27 @@ class EmbeddingBagCollection(nn.Module):
     tables), whatever the KJT's key order.
     """
 
+    config_type = EmbeddingBagConfig
+    view_type = EmbeddingBag
+    views_name = "embedding_bags"
+
     def __init__(self, tables: Sequence[EmbeddingBagConfig], is_weighted: bool = False,
                  device: Optional[torch.device] = None, backend: str = "auto", sparse: bool = False,
                  validate: bool = True, bounds_check: str = "raise", deterministic: bool = True,
                  fused_optimizer: Optional[FusedOptimizer] = None) -> None:
-        super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if bounds_check not in BOUNDS_CHECKS:
-            raise ValueError(f"bounds_check must be one of {BOUNDS_CHECKS}, got {bounds_check!r}")
-        self._bounds_check = bounds_check
-        self._deterministic = deterministic
-        self._bad_id_report = BadIdReport()
-        for t in tables:
-            if not isinstance(t, EmbeddingBagConfig):
-                raise TypeError(f"tables must be EmbeddingBagConfig, got {type(t).__name__}")
-        self._layout = TableLayout(tables)
+        super().__init__(tables, device, backend, sparse, validate, bounds_check, deterministic, fused_optimizer,
+                         is_weighted)
         self._is_weighted = is_weighted
-        self._backend = backend
-        self._sparse = sparse
-        self.validate = validate
-        device = torch.device(device) if device is not None else None
-        # ids the Triton kernels skipped inside compiled graphs (see check_skipped_ids)
-        self.register_buffer("skipped_ids", torch.zeros(len(self._layout.features), dtype=torch.int64,
-                                                        device=device), persistent=False)
-        if fused_optimizer is not None:
-            if not isinstance(fused_optimizer, FusedOptimizer):
-                raise TypeError(f"fused_optimizer must be a jaggedrec.optim config, got {fused_optimizer!r}")
-            if sparse:
-                raise ValueError("sparse=True and a fused_optimizer exclude each other: the fused "
-                                 "optimizer makes no gradient")
-        # updated in place by a fused optimizer, which needs no gradient of them (see FusedOptimizerState)
-        self.flat_weights = nn.ParameterDict({
-            g.name: nn.Parameter(torch.empty(g.numel, dtype=g.dtype, device=device),
-                                 requires_grad=fused_optimizer is None) for g in self._layout.groups})
-        for flat in self.flat_weights.values():
-            advise_huge_pages(flat)  # before reset_parameters first touches the pages
-        self._fused = fused_optimizer
-        self.fused_optimizer_state = FusedOptimizerState(self._layout, fused_optimizer, device)
-        self.embedding_bags = nn.ModuleDict({
-            slot.name: EmbeddingBag(self, t) for t, slot in enumerate(self._layout.tables)})
         self._embedding_names = self._layout.embedding_names
         self._length_per_embedding = self._layout.embedding_dims()
         self._feature_names = [list(c.feature_names) for c in self._layout.configs]
         self._column_runs = self._layout.column_runs()
-        key_rows: Dict[str, int] = {}
-        key_tables: Dict[str, List[str]] = {}
-        for f in self._layout.features:
-            table = self._layout.tables[f.table]
-            key_rows[f.feature] = min(key_rows.get(f.feature, table.rows), table.rows)
-            key_tables.setdefault(f.feature, []).append(table.name)
-        self._spec = validation.FeatureSpec(key_rows, key_tables, is_weighted, type(self).__name__)
-        # the KJT key each group's features read, and each output feature's (tuples: fx constants)
-        self._group_features = tuple(tuple(self._layout.features[i].feature for i in g.features)
-                                     for g in self._layout.groups)
-        self._output_features = tuple(f for c in self._layout.configs for f in c.feature_names)
-        self.register_state_dict_post_hook(_emit_table_weights)
-        self.register_load_state_dict_pre_hook(_absorb_table_weights)
-        if device is None or device.type != "meta":
-            self.reset_parameters()
-        if any(flat.device.type == "cpu" for flat in self.flat_weights.values()):
-            retain_freed_memory()  # after the tables are allocated: they keep their own mappings
-
-    # --- storage -----------------------------------------------------------------------
-    def table_weight(self, table: int) -> torch.Tensor:
-        """``[rows, dim]`` view of table ``table`` (config index) in its flat parameter."""
-        slot = self._layout.tables[table]
-        flat = self.flat_weights[self._layout.groups[slot.group].name]
-        return flat.narrow(0, slot.offset, slot.rows * slot.dim).view(slot.rows, slot.dim)
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Re-initialise every table: its config's ``init_fn``, else uniform in [min, max]."""
-        for flat in self.flat_weights.values():
-            if flat.device.type != "meta":
-                flat.zero_()  # the alignment gaps between blocks stay zero
-        for t, config in enumerate(self._layout.configs):
-            view = self.table_weight(t)
-            if view.device.type == "meta":
-                continue
-            if config.init_fn is not None:
-                result = config.init_fn(view)
-                if isinstance(result, torch.Tensor) and result.data_ptr() != view.data_ptr():
-                    view.copy_(result)
-            else:
-                view.uniform_(config.weight_init_min, config.weight_init_max)
-        self.fused_optimizer_state.reset()
-        if self.skipped_ids.device.type != "meta":
-            self.skipped_ids.zero_()
-
-    @property
-    def fused_optimizer(self) -> Optional[FusedOptimizer]:
-        return self._fused
-
-    @property
-    def learning_rate(self) -> float:
-        """The fused optimizer's learning rate; ``AttributeError`` without a fused optimizer (an
-        attribute this collection lacks, for ``hasattr`` and ``getattr(..., default)``)."""
-        if self._fused is None:
-            raise AttributeError(f"{type(self).__name__} has no fused_optimizer, hence no learning_rate")
-        return self.fused_optimizer_state.learning_rate()
-
-    @property
-    def device(self) -> torch.device:
-        """Where the tables live."""
-        return next(iter(self.flat_weights.values())).device
-
-    def set_learning_rate(self, lr: float) -> None:
-        """Change the fused optimizer's learning rate; compiled graphs read it from a buffer
-        and are not recompiled."""
-        self.fused_optimizer_state.set_learning_rate(lr)
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return list(self._layout.configs)
 
     def is_weighted(self) -> bool:
         return self._is_weighted
-
-    # --- forward -----------------------------------------------------------------------
-    def check_skipped_ids(self) -> None:
-        """Report the ids that compiled forwards skipped since the last call, then reset.
-
-        A compiled graph cannot stop to raise, so on the Triton path it only counts the ids
-        outside their tables (they are read as zero rows). Call this now and then (it reads the
-        counts from the device): ``bounds_check="raise"`` raises a ``ValueError`` naming the
-        features, ``"clamp"`` warns.
-        """
-        counts = self.skipped_ids.clone()
-        self.skipped_ids.zero_()
-        if not bool(counts.any()):
-            return
-        names = self._kernel_feature_names()
-        bad = {names[i]: int(n) for i, n in enumerate(counts.tolist()) if n}
-        message = f"{type(self).__name__}: ids outside their table were skipped; count per feature: {bad}"
-        if self._bounds_check == "raise":
-            raise ValueError(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
-
-    def _kernel_feature_names(self) -> List[str]:
-        """KJT key of each feature, in the order the kernels count them (group by group)."""
-        return [self._layout.features[i].feature for g in self._layout.groups for i in g.features]
-
-    def _report_bad_ids(self, features: KeyedJaggedTensor, bad_ids: List[torch.Tensor], checked: bool) -> None:
-        """Act on the kernels' counts of skipped ids in eager mode."""
-        counts = torch.cat(bad_ids)
-        if self._bounds_check == "raise":
-            if not checked and bool(counts.any()):
-                validation.check_data(features, self._spec)  # words the error with feature, id and sample
-                raise AssertionError("the kernels skipped ids that validation accepts")  # pragma: no cover
-            return
-        self._bad_id_report.push(counts, self._kernel_feature_names())
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """
@@ -237,23 +93,15 @@ class EmbeddingBagCollection(nn.Module):
         """
         # The module's own calls go through module attributes (batch_reader.read_batch, ...):
         # those are what torch.fx.wrap swaps for graph nodes while symbolic_trace runs.
-        batch = batch_reader.read_batch(features, self._spec, self._group_features, self._output_features,
-                                        self.validate)
+        batch = batch_reader.read_batch(features, self._spec, self._groups, self._output_features, self.validate)
         outputs, bad_ids = [], []
-        for i, g in enumerate(self._layout.groups):
+        for i, g in enumerate(self._groups):
             pooled, bad = pooled_ops.run_pooled_embedding_bags(
-                self.flat_weights[g.name], batch.values, batch.offsets, batch.weights, list(g.weight_offsets),
-                list(g.rows), list(g.dims), batch.group_keys[i], list(g.pooling), batch.num_keys, self._backend,
-                self._sparse, self._deterministic,
-                self._fused.kind if self._fused is not None else 0, self.fused_optimizer_state.tensors(g.name))
+                self.flat_weights[g.name], batch.values, batch.offsets, batch.weights, batch.group_tables[i],
+                self._backend, self._sparse, self._deterministic, *self._optimizer_args(g.name))
             outputs.append(pooled)
             bad_ids.append(bad)
-        if self._bounds_check != "off" and use_kernels(self._backend, self.skipped_ids.device):
-            if torch.compiler.is_compiling() or isinstance(pooled, torch.fx.Proxy):
-                # a graph cannot stop to raise: it counts, and check_skipped_ids() reports
-                self.skipped_ids.add_(torch.cat(bad_ids))
-            else:
-                self._report_bad_ids(features, bad_ids, checked=self.validate)
+        self._handle_bad_ids(features, bad_ids, pooled)
         if len(outputs) == 1:
             pooled = outputs[0]
         else:  # tables of several dtypes: interleave their columns back into output order
@@ -263,36 +111,102 @@ class EmbeddingBagCollection(nn.Module):
         return KeyedTensor(self._embedding_names, self._length_per_embedding, pooled)
 
 
-# --- state_dict in TorchRec's format: one [rows, dim] entry per table ------------------------
-
-def _emit_table_weights(module: EmbeddingBagCollection, state_dict, prefix: str, local_metadata) -> None:
-    layout = module._layout
-    flats = {g.name: state_dict.pop(f"{prefix}flat_weights.{g.name}") for g in layout.groups}
-    for slot in layout.tables:
-        flat = flats[layout.groups[slot.group].name]
-        state_dict[f"{prefix}embedding_bags.{slot.name}.weight"] = (
-            flat.narrow(0, slot.offset, slot.rows * slot.dim).view(slot.rows, slot.dim))
+class Embedding(TableView):
+    """One table of an ``EmbeddingCollection`` (see ``TableView``)."""
 
 
-def _absorb_table_weights(module: EmbeddingBagCollection, state_dict, prefix: str, local_metadata, strict,
-                          missing_keys, unexpected_keys, error_msgs) -> None:
-    """Copy ``embedding_bags.<table>.weight`` entries into the flat parameters, in place."""
-    layout = module._layout
-    with torch.no_grad():
-        for t, slot in enumerate(layout.tables):
-            key = f"{prefix}embedding_bags.{slot.name}.weight"
-            if key not in state_dict:
-                missing_keys.append(key)
-                continue
-            value = state_dict.pop(key)
-            if tuple(value.shape) != (slot.rows, slot.dim):
-                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
-                                  f"the shape in current model is {(slot.rows, slot.dim)}.")
-                continue
-            target = module.table_weight(t)
-            if target.device.type != "meta":
-                target.copy_(value)
-    for g in layout.groups:
-        flat_key = f"{prefix}flat_weights.{g.name}"
-        if flat_key not in state_dict:  # already loaded above; let the default loader copy it onto itself
-            state_dict[flat_key] = module.flat_weights[g.name].detach()
+class EmbeddingCollection(TableCollection):
+    """Looks up each feature's ids in its table, one row per id, for all tables at once.
+
+    Args:
+        tables: one ``EmbeddingConfig`` per table; names must be unique. Dims may differ
+            (TorchRec's module needs one dim for all).
+        device: where to allocate; ``"meta"`` allocates nothing.
+        need_indices: each output JaggedTensor also carries the feature's ids, as its weights
+            (TorchRec's convention).
+        backend, validate, bounds_check, deterministic, sparse, fused_optimizer: as in
+            ``EmbeddingBagCollection``.
+
+    ``forward(kjt)`` returns ``Dict[str, JaggedTensor]`` in config order (keys as in the bag
+    collection: the feature, or ``feature@table`` for a feature read by several tables): values
+    ``[N_f, dim]`` in the table's dtype, one row per id of the feature in the KJT's order, with
+    the KJT's lengths for that feature. Every feature of a dtype is gathered by one op call
+    into one flat buffer, and each value is a view of it.
+    """
+
+    config_type = EmbeddingConfig
+    view_type = Embedding
+    views_name = "embeddings"
+
+    def __init__(self, tables: Sequence[EmbeddingConfig], device: Optional[torch.device] = None,
+                 need_indices: bool = False, backend: str = "auto", validate: bool = True,
+                 bounds_check: str = "raise", deterministic: bool = True, sparse: bool = False,
+                 fused_optimizer: Optional[FusedOptimizer] = None) -> None:
+        super().__init__(tables, device, backend, sparse, validate, bounds_check, deterministic, fused_optimizer,
+                         None)
+        self._need_indices = need_indices
+        self._embedding_names = self._layout.embedding_names
+        self._embedding_dim = self._layout.configs[0].embedding_dim
+        # per output feature: its storage group and its position among the group's features
+        place = {i: (g, j) for g, group in enumerate(self._groups) for j, i in enumerate(group.features)}
+        self._output_places = tuple(place[i] for i in range(len(self._layout.features)))
+
+    def embedding_configs(self) -> List[EmbeddingConfig]:
+        return list(self._layout.configs)
+
+    def need_indices(self) -> bool:
+        return self._need_indices
+
+    def embedding_dim(self) -> int:
+        """The first table's dim (TorchRec's module has one dim for all tables)."""
+        return self._embedding_dim
+
+    def embedding_names_by_table(self) -> List[List[str]]:
+        names = iter(self._embedding_names)
+        return [[next(names) for _ in c.feature_names] for c in self._layout.configs]
+
+    def forward(self, features: KeyedJaggedTensor) -> Dict[str, JaggedTensor]:
+        """
+        Args:
+            features: KJT with keys ``K`` (any order, a superset of the configured features),
+                ``[N]`` ids, ``[K*B]`` lengths or ``[K*B+1]`` offsets; weights are ignored.
+        Returns:
+            per feature, a JaggedTensor of ``[N_f, dim]`` rows.
+        """
+        batch = batch_reader.read_batch(features, self._spec, self._groups, self._output_features, self.validate)
+        key_lengths = batch_reader.key_lengths(features, self._spec)
+        flats, bad_ids = [], []
+        for i, g in enumerate(self._groups):
+            flat, bad = sequence_ops.run_sequence_embeddings(
+                self.flat_weights[g.name], batch.values, batch.offsets, batch.group_tables[i], key_lengths,
+                self._backend, self._sparse, self._deterministic, *self._optimizer_args(g.name))
+            flats.append(flat)
+            bad_ids.append(bad)
+        self._handle_bad_ids(features, bad_ids, flat)
+        return jagged_outputs(flats, features, key_lengths, self._groups, self._output_places,
+                              self._embedding_names, self._need_indices)
+
+
+@torch.fx.wrap  # reads the KJT's key order and id counts, which a traced graph cannot
+def jagged_outputs(flats: List[torch.Tensor], kjt: KeyedJaggedTensor, key_lengths: List[int], groups,
+                   output_places, embedding_names: List[str], need_indices: bool) -> Dict[str, JaggedTensor]:
+    """Each output feature's rows, as a ``[N_f, dim]`` view of its group's flat output, with the KJT's
+    lengths for its key (and its ids as weights when ``need_indices``)."""
+    index = kjt.index_per_key()
+    # each group's flat output cut into its features' [N, dim] blocks
+    blocks = []
+    for flat, g in zip(flats, groups):
+        counts = [key_lengths[index[name]] for name in g.key_names]
+        parts = torch.split(flat, [n * d for n, d in zip(counts, g.dims)])
+        blocks.append([p.view(n, d) for p, n, d in zip(parts, counts, g.dims)])
+    stride = kjt.stride()
+    lengths = kjt.lengths().reshape(-1)
+    id_starts = kjt.offset_per_key() if need_indices else None
+    out: Dict[str, JaggedTensor] = {}
+    for name, (g, j) in zip(embedding_names, output_places):
+        k = index[groups[g].key_names[j]]
+        ids = None
+        if need_indices:
+            ids = kjt.values().narrow(0, id_starts[k], key_lengths[k])
+        out[name] = JaggedTensor(blocks[g][j], weights=ids, lengths=lengths.narrow(0, k * stride, stride))
+    return out

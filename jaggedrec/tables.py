@@ -13,7 +13,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from .configs import EmbeddingBagConfig, PoolingType
+from .configs import BaseEmbeddingConfig, PoolingType
+from .ops.feature_tables import FeatureTables
 
 _BLOCK_ALIGN = 32
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -45,14 +46,21 @@ class StorageGroup:
     numel: int
     features: Tuple[int, ...]
     # Per feature, in the op's argument form:
+    key_names: Tuple[str, ...]  # the KJT key it reads
     weight_offsets: Tuple[int, ...]
     rows: Tuple[int, ...]
     dims: Tuple[int, ...]
     pooling: Tuple[int, ...]
 
+    def feature_tables(self, keys: Sequence[int], num_keys: int) -> List[int]:
+        """The ops' ``tables`` argument for a KJT of ``num_keys`` keys in which feature ``i``
+        of this group reads key ``keys[i]`` (see ``ops/feature_tables.py``)."""
+        return FeatureTables(self.weight_offsets, self.rows, self.dims, tuple(keys), self.pooling,
+                             num_keys).encode()
+
 
 class TableLayout:
-    """Flat-storage plan for a list of ``EmbeddingBagConfig``.
+    """Flat-storage plan for a list of table configs (``EmbeddingBagConfig`` or ``EmbeddingConfig``).
 
     Attributes:
         tables: one slot per config, in config order.
@@ -61,13 +69,13 @@ class TableLayout:
         groups: one per dtype, in order of first appearance.
     """
 
-    def __init__(self, configs: Sequence[EmbeddingBagConfig]) -> None:
+    def __init__(self, configs: Sequence[BaseEmbeddingConfig]) -> None:
         names = [c.name for c in configs]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"duplicate table names: {duplicates}")
         if not configs:
-            raise ValueError("an EmbeddingBagCollection needs at least one table")
+            raise ValueError("an embedding collection needs at least one table")
         self.configs = list(configs)
 
         dtypes: List[torch.dtype] = []
@@ -95,7 +103,7 @@ class TableLayout:
                 uses[f] = uses.get(f, 0) + 1
         self.features = [
             FeatureSlot(f, f"{f}@{c.name}" if uses[f] > 1 else f, t,
-                        int(c.pooling == PoolingType.MEAN))
+                        int(getattr(c, "pooling", None) == PoolingType.MEAN))
             for t, c in enumerate(configs) for f in c.feature_names]
 
         self.groups = []
@@ -103,7 +111,8 @@ class TableLayout:
             fs = tuple(i for i, s in enumerate(self.features) if self.tables[s.table].group == g)
             tabs = [self.tables[self.features[i].table] for i in fs]
             self.groups.append(StorageGroup(
-                _DTYPE_NAMES[dtype], dtype, sizes[g], fs, tuple(t.offset for t in tabs),
+                _DTYPE_NAMES[dtype], dtype, sizes[g], fs, tuple(self.features[i].feature for i in fs),
+                tuple(t.offset for t in tabs),
                 tuple(t.rows for t in tabs), tuple(t.dim for t in tabs),
                 tuple(self.features[i].pooling for i in fs)))
 

@@ -11,7 +11,7 @@ in the graph (on CPU; see ``_assert_in_graph``).
 
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -25,7 +25,7 @@ class FeatureSpec(NamedTuple):
 
     key_rows: Dict[str, int]           # KJT key -> rows of the smallest table it indexes
     key_tables: Dict[str, List[str]]   # KJT key -> names of the tables it indexes
-    is_weighted: bool
+    is_weighted: Optional[bool]        # None: weights are not read (an EmbeddingCollection ignores them)
     owner: str
 
 
@@ -57,10 +57,10 @@ def check_static(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
     if spec.is_weighted and weights is None:
         raise ValueError(f"{spec.owner}: is_weighted=True but the KeyedJaggedTensor for features "
                          f"{features} has no weights")
-    if not spec.is_weighted and weights is not None:
+    if spec.is_weighted is False and weights is not None:
         raise ValueError(f"{spec.owner}: the KeyedJaggedTensor for features {features} has weights but the "
                          "collection was built with is_weighted=False")
-    if weights is not None:
+    if weights is not None and spec.is_weighted is not None:
         if not weights.is_floating_point():
             raise TypeError(f"{spec.owner}: per-id weights must be floating point, got {weights.dtype}")
         if weights.dim() != 1:

@@ -18,7 +18,7 @@ run. Runs of more than ``LONG_RUN`` contributions (hot rows) would hold up their
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -219,7 +219,7 @@ class Runs(NamedTuple):
     run_start: torch.Tensor    # [2M+1] int64; slots num_runs..M hold M, slots past M are scratch
     run_row: torch.Tensor      # [M] int64 element offset of each run's row in the flat weights
     run_feature: torch.Tensor  # [M] int64 a feature reading the run's row (its table gives dim, state)
-    item_offset: torch.Tensor  # [M] int64 element of grad_out where each sorted contribution's bag row starts
+    item_offset: torch.Tensor  # [M] int64 element of grad_out where each sorted contribution's gradient row starts
     item_scale: Optional[torch.Tensor]  # [M] fp32 per-sample weight times MEAN's 1/length; None: all 1
     long_rank: torch.Tensor    # [M] int64 rank of each run among the long runs, -1 for the others
     long_runs: torch.Tensor    # [2M] int64 the long runs, in order (the first num_long entries)
@@ -230,24 +230,22 @@ class Runs(NamedTuple):
 LONG_RUN = 32
 
 
-def sort_runs(rows: torch.Tensor, contrib_feature: torch.Tensor, bag_of_value: torch.Tensor, offsets: torch.Tensor,
-              per_sample_weights: Optional[torch.Tensor], meta: torch.Tensor, batch_size: int, grad_stride: int,
-              any_mean: bool, narrow_keys: bool) -> Runs:
+def sort_runs(rows: torch.Tensor, contrib_feature: torch.Tensor, narrow_keys: bool,
+              gradient_rows: Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, Optional[torch.Tensor]]]
+              ) -> Runs:
     """Sort ``[M]`` contribution rows into runs, with static shapes and no host sync.
 
     Args:
         rows: ``[M]`` element offset of each contribution's row, -1 when masked.
         contrib_feature: ``[M]`` int32 feature of each contribution, -1 when masked.
-        bag_of_value: ``[N]`` key-major bag (``k*B + b``) of each id.
-        offsets: ``[K*B+1]`` bag starts.
-        per_sample_weights: ``[N]`` or None.
-        meta: ``[F, META_FIELDS]`` int64 feature metadata (see ``common``).
-        grad_stride: row stride of the ``[B, total_dim]`` output gradient.
-        any_mean: some feature pools by MEAN.
         narrow_keys: every row offset is below 2**31 (sort int32 keys).
+        gradient_rows: what the op says of its contributions, given ``[M]`` contribution
+            indices in sorted order and ``[M]`` int64 their features (masked ones clamped to
+            0): ``[M]`` int64 the element of the output gradient where each one's gradient
+            row starts, and ``[M]`` fp32 its factor, or None for all 1. A pooled bag's row for
+            a pooled op, the id's own output row for a sequence op.
     """
     num = rows.shape[0]
-    num_values = bag_of_value.shape[0]
     # 32-bit keys when every row offset fits: a radix sort then needs half the passes
     keys = rows.to(torch.int32) if narrow_keys else rows
     sorted_rows, order = torch.sort(keys, stable=True)
@@ -262,14 +260,7 @@ def sort_runs(rows: torch.Tensor, contrib_feature: torch.Tensor, bag_of_value: t
     run_start.index_put_((torch.where(is_start, slot, num + 1 + positions),), positions)
     first = run_start[:num].clamp(max=num - 1)  # past num_runs: any valid position
     sorted_feature = contrib_feature.index_select(0, order).long().clamp(min=0)
-    value = order % num_values
-    bag = bag_of_value.index_select(0, value)
-    item_offset = (bag % batch_size) * grad_stride + meta[sorted_feature, 3]
-    scale = None if per_sample_weights is None else per_sample_weights.index_select(0, value).float()
-    if any_mean:
-        lengths = (offsets[1:] - offsets[:-1]).index_select(0, bag)
-        inverse = torch.where(meta[sorted_feature, 5] != 0, 1.0 / lengths.clamp(min=1).float(), 1.0)
-        scale = inverse if scale is None else scale * inverse
+    item_offset, scale = gradient_rows(order, sorted_feature)
     is_long = (run_start[1:num + 1] - run_start[:num]) > LONG_RUN  # past num_runs: length 0
     long_rank = torch.where(is_long, torch.cumsum(is_long, 0) - 1, -1)
     long_runs = torch.zeros(2 * num, dtype=torch.int64, device=rows.device)
@@ -296,7 +287,7 @@ def rows_grad(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, dest: torc
     """Deterministic row gradients: each touched row's sum, written once.
 
     Args:
-        grad_out: ``[B, total_dim]`` fp32 contiguous (the rows ``runs.item_offset`` points into).
+        grad_out: fp32 contiguous output gradient (the rows ``runs.item_offset`` points into).
         runs: the contributions sorted by row (:func:`sort_runs`).
         meta: ``[F, META_FIELDS]`` int64 feature metadata.
         dest: fp32. ``dense``: ``[W]``, row gradients land at their element offsets.

@@ -36,10 +36,10 @@ def aligned():
 
 
 def test_row_traffic_is_vectorised_when_dims_allow(aligned):
-    for kernel in ("fwd", "rows_grad", "fused_adagrad", "long_runs"):
+    for kernel in ("fwd", "rows_grad", "fused_adagrad", "long_runs", "seq_fwd"):
         ops = aligned[kernel]
         assert ops.get("ld.global.v4.b32", 0) >= 4, (kernel, ops)  # the row gathers
-    for kernel in ("fwd", "rows_grad", "fused_adagrad"):  # [BLOCK, 64] row writes
+    for kernel in ("fwd", "rows_grad", "fused_adagrad", "seq_fwd"):  # [BLOCK, 64] row writes
         assert aligned[kernel].get("st.global.v4.b32", 0) >= 4, (kernel, aligned[kernel])
     # the run sums' gathers (two unrolled steps), not only the hot-row sums' load
     assert aligned["rows_grad"].get("ld.global.v4.b32", 0) >= 12, aligned["rows_grad"]
@@ -48,14 +48,18 @@ def test_row_traffic_is_vectorised_when_dims_allow(aligned):
 def test_atomic_backward_adds_without_fences(aligned):
     # deterministic=False: relaxed reductions (red), not acquire-release atomics that fence
     ops = aligned["rows_grad_atomic"]  # triton 3.9 emits red.global...relaxed, 3.6 atom.global...relaxed
-    adds = [op for op in ops if op.startswith(("red.global", "atom.global"))]
-    assert adds and all("relaxed" in op for op in adds), ops
+    for kernel in ("rows_grad_atomic", "seq_grad_atomic"):
+        ops = aligned[kernel]
+        adds = [op for op in ops if op.startswith(("red.global", "atom.global"))]
+        assert adds and all("relaxed" in op for op in adds), (kernel, ops)
+    ops = aligned["rows_grad_atomic"]
     assert ops.get("ld.global.v4.b32", 0) >= 4 and aligned["psw_grad"].get("ld.global.v4.b32", 0) >= 4
 
 
 def test_odd_dims_get_scalar_accesses():
     ops = _compile(1)
-    for kernel in ("fwd", "rows_grad", "fused_adagrad", "long_runs", "rows_grad_atomic", "psw_grad"):
+    for kernel in ("fwd", "rows_grad", "fused_adagrad", "long_runs", "rows_grad_atomic", "psw_grad", "seq_fwd",
+                   "seq_grad_atomic"):
         assert not any(".v4" in op or ".v2" in op for op in ops[kernel]), (kernel, ops[kernel])
 
 

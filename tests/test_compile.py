@@ -320,13 +320,14 @@ def test_triton_backward_glue_compiles_with_unbacked_id_counts():
     from torch._dynamo.decorators import mark_unbacked
 
     from jaggedrec.kernels import row_runs
-    from jaggedrec.ops import pooled_torch, pooled_triton
+    from jaggedrec.ops import pooled_triton, runs_triton
+    from jaggedrec.ops.feature_tables import FeatureTables
 
     # two tables of 5 rows, dims 8 and 8; key 1 is read by both (two passes); MEAN on feature 0
-    weight_offsets, rows, dims, keys, pooling = (0, 40, 40), (5, 5, 5), (8, 8, 8), (0, 1, 1), (1, 0, 0)
-    plan = pooled_torch.make_plan(weight_offsets, rows, dims, keys, pooling, 2)
+    tables = FeatureTables((0, 40, 40), (5, 5, 5), (8, 8, 8), (0, 1, 1), (1, 0, 0), 2)
     weights = torch.randn(80)
-    meta = pooled_triton.feature_meta(plan, weight_offsets, rows, dims, keys, pooling, weights)
+    meta = tables.meta(weights)
+    grad_out = torch.randn(3, 24)
     gen = torch.Generator().manual_seed(0)
     lengths = torch.tensor([2, 0, 3, 4, 1, 2])  # batch 3, with an empty bag
     offsets = F.pad(lengths.cumsum(0), (1, 0))
@@ -334,8 +335,8 @@ def test_triton_backward_glue_compiles_with_unbacked_id_counts():
     psw = torch.rand(values.shape[0], generator=gen)
 
     def glue(values, offsets, psw):
-        feature, rows_, bag_of_value = pooled_triton._contributions(weights, values, offsets, meta, plan, 2)
-        runs = row_runs.sort_runs(rows_, feature, bag_of_value, offsets, psw, meta, 3, 24, True, True)
+        parts = runs_triton.contributions(values, offsets, tables, meta)
+        runs = pooled_triton._runs(grad_out, weights, offsets, psw, parts, tables, meta)
         return tuple(t for t in runs)
 
     eager = glue(values, offsets, psw)

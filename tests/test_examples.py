@@ -19,3 +19,10 @@ def test_train_dlrm_loss_falls():
     # balanced clicks start near log(2); the hidden id scores let the model get well below
     assert result["first_loss"] > 0.6
     assert result["last_loss"] < result["first_loss"] - 0.12
+
+
+def test_sequence_attention_loss_falls():
+    result = _load("sequence_attention").main(["--steps", "300"])
+    # labels are balanced-ish: the loss starts near log(2); the parity rule is learnable from the rows
+    assert result["first_loss"] > 0.65
+    assert result["last_loss"] < result["first_loss"] - 0.07

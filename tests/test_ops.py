@@ -5,6 +5,7 @@ import torch
 
 import jaggedrec  # noqa: F401  (registers the ops)
 from jaggedrec.ops import pooled_torch
+from jaggedrec.ops.feature_tables import FeatureTables, feature_tables
 
 OPS = torch.ops.jaggedrec
 
@@ -20,9 +21,9 @@ def _args(gen, weighted, id_dtype=torch.int64, mean=True):
     offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(id_dtype)
     psw = torch.rand(8, generator=gen, requires_grad=True) if weighted else None
     pooling = [1 if mean else 0, 0, 1 if mean else 0]
-    # (..., backend, sparse_grad, deterministic, optimizer, optimizer_state)
-    return (weights, values, offsets, psw, weight_offsets, rows, dims, [0, 1, 1], pooling, num_keys, "torch",
-            False, True, 0, [])
+    tables = FeatureTables(tuple(weight_offsets), tuple(rows), tuple(dims), (0, 1, 1), tuple(pooling), num_keys)
+    # (..., tables, backend, sparse_grad, deterministic, optimizer, optimizer_state)
+    return weights, values, offsets, psw, tables.encode(), "torch", False, True, 0, []
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -37,21 +38,21 @@ def test_opcheck_pooled_backward(weighted):
     gen = torch.Generator().manual_seed(1)
     weights, values, offsets, psw, *static = _args(gen, weighted)
     grad_out = torch.randn(3, 13, generator=gen)
-    args = (grad_out, weights.detach(), values, offsets, None if psw is None else psw.detach(), *static[:7],
+    args = (grad_out, weights.detach(), values, offsets, None if psw is None else psw.detach(), *static[:2],
             True, weighted, True)
     torch.library.opcheck(OPS.pooled_embedding_bags_backward, args)
 
 
 def _fused_args(gen, optimizer, weighted, backend="torch"):
-    weights, values, offsets, psw, weight_offsets, rows, dims, keys, pooling, num_keys, *_ = _args(gen, weighted)
+    weights, values, offsets, psw, tables, *_ = _args(gen, weighted)
     grad_out = torch.randn(3, 13, generator=gen)
     total_rows = 4 + 6  # tables of 4 and 6 rows; features 1 and 2 share the second
     state1 = torch.rand(total_rows if optimizer == 2 else weights.numel() if optimizer == 3 else 0, generator=gen)
     state2 = torch.rand(weights.numel() if optimizer == 3 else 0, generator=gen)
     hparams = torch.tensor([0.1, 1e-6, 0.01, 0.9, 0.99])
     step = torch.tensor([3], dtype=torch.int64)
-    return (grad_out, weights.detach(), values, offsets, None if psw is None else psw.detach(), weight_offsets, rows,
-            dims, keys, pooling, num_keys, backend, optimizer, hparams, step, state1, state2)
+    return (grad_out, weights.detach(), values, offsets, None if psw is None else psw.detach(), tables, backend,
+            optimizer, hparams, step, state1, state2)
 
 
 @pytest.mark.parametrize("optimizer", [1, 2, 3])
@@ -61,7 +62,7 @@ def test_opcheck_fused_update(optimizer, weighted):
     args = _fused_args(gen, optimizer, weighted)
     torch.library.opcheck(OPS.pooled_embedding_bags_fused_update, args)
     # the CPU update inside it, which compiled graphs call without tracing into it
-    torch.library.opcheck(OPS.pooled_embedding_bags_fused_update_host, args[:11] + args[12:])
+    torch.library.opcheck(OPS.pooled_embedding_bags_fused_update_host, args[:6] + args[7:])
 
 
 def test_plan_splits_shared_keys_into_passes():
@@ -73,9 +74,20 @@ def test_plan_splits_shared_keys_into_passes():
         pooled_torch.make_plan((0, 7), (4, 6), (5, 5), (0, 1), (0, 0), 2)
 
 
+def test_feature_tables_round_trip_and_reject_bad_encodings():
+    tables = FeatureTables((0, 32, 32), (4, 6, 6), (3, 5, 5), (1, 0, 0), (0, 1, 0), 2)
+    assert feature_tables(tables.encode()) == tables
+    assert tables.row_bases == (0, 4, 4)  # the two features of the second table share its state rows
+    assert tables.meta(torch.empty(0)).tolist()[1] == [32, 5, 6, 3, 0, 1, 4]
+    with pytest.raises(ValueError, match="not an encoded"):
+        feature_tables([2, 2, 0, 1])
+    with pytest.raises(ValueError, match="outside"):
+        FeatureTables((0,), (4,), (3,), (2,), (0,), 2)
+
+
 def _to_cuda_triton(args):
     moved = [a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
-    moved[10] = "triton"
+    moved[5] = "triton"
     return tuple(moved)
 
 
@@ -86,7 +98,7 @@ def test_opcheck_triton_ops_on_gpu(weighted):
     torch.library.opcheck(OPS.pooled_embedding_bags, _to_cuda_triton(_args(gen, weighted)))
     weights, values, offsets, psw, *static = _to_cuda_triton(_args(gen, weighted))
     grad_out = torch.randn(3, 13, device="cuda")
-    args = (grad_out, weights.detach(), values, offsets, None if psw is None else psw.detach(), *static[:7],
+    args = (grad_out, weights.detach(), values, offsets, None if psw is None else psw.detach(), *static[:2],
             True, weighted, True)
     torch.library.opcheck(OPS.pooled_embedding_bags_backward, args)
     for optimizer in (1, 2, 3):

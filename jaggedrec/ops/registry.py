@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -35,8 +35,9 @@ def define_op(name: str, mutates_args: Iterable[str] = ()) -> Callable:
     return decorate
 
 
-def define_host_op(name: str, mutates_args: Iterable[str]) -> Callable:
-    """Register ``fn``, which mutates ``mutates_args`` and returns None, as an opaque op.
+def define_host_op(name: str, mutates_args: Iterable[str] = (), fake: Optional[Callable] = None) -> Callable:
+    """Register ``fn`` as an opaque op: it mutates ``mutates_args`` and returns None, or
+    returns what ``fake`` (the same arguments, fake tensors) says it returns.
 
     torch.compile does not trace into it: a compiled graph calls it with real tensors, so its
     body may read device data to the host and pick shapes from the data, as eager code does.
@@ -44,7 +45,7 @@ def define_host_op(name: str, mutates_args: Iterable[str]) -> Callable:
 
     def decorate(fn: Callable):
         op = torch.library.custom_op(name, mutates_args=tuple(mutates_args))(fn)
-        op.register_fake(lambda *args: None)
+        op.register_fake(fake if fake is not None else (lambda *args: None))
         return op
 
     return decorate

@@ -1,0 +1,102 @@
+"""What the Triton paths of every op share: the batch's ids as *contributions*, and what the
+sorted runs of contributions give (a dense or sparse weight gradient, a fused optimizer step).
+
+A contribution is one (pass, id) pair: id ``c % N`` as read by the feature of pass ``c // N``
+(a pass holds each KJT key at most once; a key read by two tables needs two passes). Each
+op says where in its output gradient a contribution's gradient row lies (a bag's row for
+the pooled op, the id's own row for the sequence op); everything after that is the same.
+See ``kernels/row_runs.py`` for the runs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple, Optional, Tuple
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+from jaggedrec.kernels import pooled_fused, row_runs
+
+from .feature_tables import FeatureTables
+
+
+class Contributions(NamedTuple):
+    feature: torch.Tensor       # [P*N] int32 feature of each contribution, -1 masked (not read, or a bad id)
+    rows: torch.Tensor          # [P*N] int64 element offset of its row in the flat weights, -1 masked
+    bag_of_value: torch.Tensor  # [N] int64 key-major bag (k*B + b) of each id
+
+
+def _pass_features(tables: FeatureTables, like: torch.Tensor) -> torch.Tensor:
+    """``[P, K]`` int32: the feature that reads key k in pass p, or -1."""
+    table = [[-1] * tables.num_keys for _ in tables.plan.passes]
+    for p, pass_ in enumerate(tables.plan.passes):
+        for f, k in zip(pass_.features, pass_.keys):
+            table[p][k] = f
+    if torch.compiler.is_compiling() or is_fake(like):
+        return torch.tensor(table, dtype=torch.int32, device=like.device)
+    return _cached_pass_features(tuple(map(tuple, table)), like.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_pass_features(table, device: torch.device) -> torch.Tensor:
+    return torch.tensor(table, dtype=torch.int32, device=device)
+
+
+def contributions(values: torch.Tensor, offsets: torch.Tensor, tables: FeatureTables,
+                  meta: torch.Tensor) -> Contributions:
+    """Every (pass, id) pair of the batch (``[N]`` ids, ``[K*B+1]`` offsets), with no host sync."""
+    num_ids = values.shape[0]
+    num_keys = tables.num_keys
+    batch = (offsets.shape[0] - 1) // num_keys
+    lengths = (offsets[1:] - offsets[:-1]).long()
+    bag_of_value = torch.repeat_interleave(torch.arange(num_keys * batch, device=values.device), lengths,
+                                           output_size=num_ids)
+    key_of_value = torch.div(bag_of_value, batch, rounding_mode="floor") if batch else bag_of_value
+    feature = _pass_features(tables, meta)[:, key_of_value].reshape(-1)  # [P*N]
+    ids = values.long().repeat(len(tables.plan.passes))
+    safe = feature.clamp(min=0).long()
+    in_table = (feature >= 0) & (ids >= 0) & (ids < meta[safe, 2])
+    rows = torch.where(in_table, meta[safe, 0] + ids * meta[safe, 1], -1)
+    feature = torch.where(in_table, feature, -1).to(torch.int32)
+    return Contributions(feature, rows, bag_of_value.to(torch.int64))
+
+
+GradientRows = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+def sorted_runs(parts: Contributions, weights: torch.Tensor, gradient_rows: GradientRows) -> row_runs.Runs:
+    return row_runs.sort_runs(parts.rows, parts.feature, weights.numel() < 2**31, gradient_rows)
+
+
+def dense_grad(grad_out: torch.Tensor, runs: row_runs.Runs, weights: torch.Tensor, tables: FeatureTables,
+               meta: torch.Tensor) -> torch.Tensor:
+    """``[W]`` weight gradient in the weights' dtype; each touched row written once, in a fixed order."""
+    dest = torch.zeros(weights.shape[0], dtype=torch.float32, device=weights.device)
+    row_runs.rows_grad(grad_out, runs, meta, dest, True, max(tables.dims), tables.plan.alignment)
+    return dest if weights.dtype == torch.float32 else dest.to(weights.dtype)
+
+
+def sparse_grad(grad_out: torch.Tensor, runs: row_runs.Runs, weights: torch.Tensor, tables: FeatureTables,
+                meta: torch.Tensor) -> torch.Tensor:
+    """``[W]`` sparse COO gradient over the touched rows' elements (eager: sizes the output on the host)."""
+    max_dim = max(tables.dims)
+    num_rows = int(runs.num_runs)  # eager only: the sparse gradient's size depends on the data
+    compact = torch.zeros((num_rows, max_dim), dtype=torch.float32, device=weights.device)
+    row_runs.rows_grad(grad_out, runs, meta, compact, False, max_dim, tables.plan.alignment)
+    row_dims = meta[runs.run_feature[:num_rows], 1]
+    columns = torch.arange(max_dim, device=weights.device)
+    used = columns.unsqueeze(0) < row_dims.unsqueeze(1)
+    indices = (runs.run_row[:num_rows].unsqueeze(1) + columns.unsqueeze(0))[used]
+    return torch.sparse_coo_tensor(indices.unsqueeze(0), compact[used].to(weights.dtype), weights.shape,
+                                   is_coalesced=True, check_invariants=False)
+
+
+def fused_update(grad_out: torch.Tensor, runs: row_runs.Runs, weights: torch.Tensor, tables: FeatureTables,
+                 meta: torch.Tensor, optimizer: int, hparams: torch.Tensor, step: torch.Tensor, state1: torch.Tensor,
+                 state2: torch.Tensor) -> None:
+    """The fused optimizer step: one kernel sums each run's gradient and updates its row and
+    the row's state in place (see ``kernels/pooled_fused.py``)."""
+    step.add_(1)
+    pooled_fused.fused_update(grad_out, runs, meta, weights, state1, state2, hparams, step, optimizer,
+                              max(tables.dims), tables.plan.alignment)

@@ -1,0 +1,156 @@
+"""The torch path of sequence (unpooled) embeddings: what runs on CPU, and on GPU with ``backend="torch"``.
+
+The output is one flat tensor, feature after feature in the op's order: feature ``f``, which
+reads key ``k``, holds ``[N_k, dim_f]`` rows, one per id of the key, in the KJT's order.
+
+Instead of one ``embedding`` call per feature, neighbouring features that read neighbouring
+keys through tables of one dim form a *segment*: their ids are one slice of the KJT's
+values and their rows one slice of the output, so one ``index_select`` over the dim's whole
+block of tables (each id shifted by its table's first row) writes them all, in place.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+
+from . import fused_torch
+from . import pooled_torch as pt
+from .feature_tables import FeatureTables
+
+
+class Segment(NamedTuple):
+    features: Tuple[int, ...]  # consecutive features, in the op's order
+    keys: Tuple[int, ...]      # their keys, consecutive and increasing
+    block: "pt._Pass"          # a pass of their dim: the [rows, dim] block of tables they read
+    row_bases: Tuple[int, ...]  # per feature, its table's first row in the block
+
+
+@functools.lru_cache(maxsize=256)
+def segments(tables: FeatureTables) -> Tuple[Segment, ...]:
+    """The features cut into segments (see the module docstring)."""
+    plan = tables.plan
+    block_of, base_of = {}, {}
+    for p in plan.passes:
+        for f, k in zip(p.features, p.keys):
+            block_of[f], base_of[f] = p, p.key_row_base[k]
+    out: List[Segment] = []
+    for f in range(tables.num_features):
+        last = out[-1] if out else None
+        if (last is not None and tables.dims[last.features[-1]] == tables.dims[f]
+                and tables.keys[f] == last.keys[-1] + 1):
+            out[-1] = Segment(last.features + (f,), last.keys + (tables.keys[f],), last.block,
+                              last.row_bases + (base_of[f],))
+        else:
+            out.append(Segment((f,), (tables.keys[f],), block_of[f], (base_of[f],)))
+    return tuple(out)
+
+
+def host_readable(*tensors: torch.Tensor) -> bool:
+    """Real tensors in host memory: the eager path may read their sizes and data."""
+    return pt._host_readable(*tensors)
+
+
+def output_sizes(tables: FeatureTables, key_lengths: List[int]) -> List[int]:
+    """``[F]`` elements of each feature's part of the flat output."""
+    return [key_lengths[k] * d for k, d in zip(tables.keys, tables.dims)]
+
+
+def _key_starts(key_lengths: List[int]) -> List[int]:
+    starts = [0]
+    for n in key_lengths:
+        starts.append(starts[-1] + n)
+    return starts
+
+
+def _segment_ids(seg: Segment, values: torch.Tensor, key_lengths: List[int], key_starts: List[int]):
+    """The segment's ``[n]`` ids shifted to rows of its block, and ``n``; or None without ids."""
+    lo, hi = key_starts[seg.keys[0]], key_starts[seg.keys[-1] + 1]
+    if hi == lo:
+        return None
+    ids = values.narrow(0, lo, hi - lo)
+    if len(set(seg.row_bases)) == 1:
+        return ids + seg.row_bases[0] if seg.row_bases[0] else ids
+    bases = torch.tensor(seg.row_bases, dtype=ids.dtype, device=ids.device)
+    counts = torch.tensor([key_lengths[k] for k in seg.keys], device=ids.device)
+    return ids + torch.repeat_interleave(bases, counts, output_size=hi - lo)
+
+
+def _walk(tables: FeatureTables, values: torch.Tensor, key_lengths: List[int]):
+    """Per segment with ids: the segment, its shifted ids, and its first output element."""
+    key_starts = _key_starts(key_lengths)
+    sizes = output_sizes(tables, key_lengths)
+    position = 0
+    for seg in segments(tables):
+        ids = _segment_ids(seg, values, key_lengths, key_starts)
+        if ids is not None:
+            yield seg, ids, position
+        position += sum(sizes[f] for f in seg.features)
+
+
+def sequence_forward(weights: torch.Tensor, values: torch.Tensor, tables: FeatureTables,
+                     key_lengths: List[int]) -> torch.Tensor:
+    """``[sum_f N_{key(f)} * dim_f]`` rows in the weights' dtype (layout: the module docstring)."""
+    out = weights.new_empty(sum(output_sizes(tables, key_lengths)))
+    for seg, ids, position in _walk(tables, values, key_lengths):
+        dim = seg.block.dim
+        torch.index_select(pt._block(weights, seg.block), 0, ids, out=out.narrow(0, position, ids.shape[0] * dim)
+                           .view(-1, dim))
+    return out
+
+
+def _segment_grads(grad_out: torch.Tensor, seg: Segment, ids: torch.Tensor, position: int) -> torch.Tensor:
+    return grad_out.narrow(0, position, ids.shape[0] * seg.block.dim).view(-1, seg.block.dim).float()
+
+
+def sequence_backward(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, tables: FeatureTables,
+                      key_lengths: List[int]) -> torch.Tensor:
+    """``[W]`` dense weight gradient in the weights' dtype, summed in fp32."""
+    grad = torch.zeros(weights.shape[0], dtype=torch.float32, device=weights.device)
+    for seg, ids, position in _walk(tables, values, key_lengths):
+        pt._block(grad, seg.block).index_add_(0, ids.long(), _segment_grads(grad_out, seg, ids, position))
+    return grad if weights.dtype == torch.float32 else grad.to(weights.dtype)
+
+
+def sequence_sparse_grad(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor,
+                         tables: FeatureTables, key_lengths: List[int]) -> torch.Tensor:
+    """``[W]`` sparse COO gradient over the touched rows' elements, coalesced."""
+    index_parts, value_parts = [], []
+    for seg, ids, position in _walk(tables, values, key_lengths):
+        first = seg.block.weight_start + ids.long() * seg.block.dim
+        index_parts.append((first.unsqueeze(1) + torch.arange(seg.block.dim, device=first.device)).reshape(-1))
+        value_parts.append(_segment_grads(grad_out, seg, ids, position).reshape(-1))
+    if not index_parts:
+        return torch.sparse_coo_tensor(torch.empty(1, 0, dtype=torch.long, device=weights.device),
+                                       weights.new_empty(0), weights.shape)
+    return torch.sparse_coo_tensor(torch.cat(index_parts).unsqueeze(0), torch.cat(value_parts).to(weights.dtype),
+                                   weights.shape, check_invariants=False).coalesce()
+
+
+def sequence_fused_update(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor,
+                          tables: FeatureTables, key_lengths: List[int], optimizer: int, hparams: torch.Tensor,
+                          step: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor) -> None:
+    """One optimizer step on the rows this batch read, in place. Each dim block's ids are
+    stepped together, so that a row read by two features gets one step with the summed gradient."""
+    step.add_(1)
+    by_block: dict = {}
+    for seg, ids, position in _walk(tables, values, key_lengths):
+        entry = by_block.setdefault(seg.block.weight_start, (seg, [], []))
+        entry[1].append(ids)
+        entry[2].append(_segment_grads(grad_out, seg, ids, position))
+    eager = pt._host_readable(values, grad_out)
+    for seg, ids, grads in by_block.values():
+        ids, grads = (t[0] if len(t) == 1 else torch.cat(t) for t in (ids, grads))
+        block = pt._block(weights, seg.block)
+        states = fused_torch._state_views(optimizer, state1, state2, seg.block,
+                                          tables.row_bases[seg.features[0]] - seg.row_bases[0])
+        rows_of_grads = torch.arange(ids.shape[0], device=ids.device)
+        if eager:
+            fused_torch._update_touched_rows(block, states, ids, rows_of_grads, grads, None, optimizer,
+                                             hparams.tolist(), int(step))
+        else:
+            fused_torch._update_runs_static(block, states, ids, rows_of_grads, grads, None,
+                                            torch.ones_like(ids, dtype=torch.bool), optimizer, hparams, step)
+
