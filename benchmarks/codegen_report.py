@@ -163,8 +163,9 @@ def argument_types(dtype: str = "fp32", ids: str = "int64"):
     fused step, long-run sums, contribution kernels, table pointer type)."""
     table, index = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}[dtype], {"int64": "*i64", "int32": "*i32"}[ids]
     f32, i64 = "*fp32", "*i64"
-    fwd = {"weights_ptr": table, "values_ptr": index, "offsets_ptr": index, "psw_ptr": f32, "meta_ptr": i64,
-           "out_ptr": f32, "errors_ptr": i64, "batch_size": "i32", "out_stride": "i32", "num_features": "i32"}
+    fwd = {"weights_ptr": table, "values_ptr": index, "offsets_ptr": index, "psw_ptr": f32, "inverse_ptr": i64,
+           "meta_ptr": i64, "out_ptr": f32, "errors_ptr": i64, "batch_size": "i32", "bag_stride": "i32",
+           "out_stride": "i32", "num_features": "i32"}
     runs = {n: i64 for n in ["num_runs_ptr", "run_start_ptr", "run_row_ptr", "run_feature_ptr", "item_offset_ptr",
                              "long_rank_ptr", "meta_ptr"]}
     runs.update(grad_out_ptr=f32, item_scale_ptr=f32, long_sums_ptr=f32)
@@ -211,8 +212,9 @@ def workload_variants(dtype: str = "fp32", dim: int = 128, ids: str = "int64", w
                              + [f"{k}={v}" for k, v in config.kwargs.items()] + [f"warps={config.num_warps}"])
             out.append(Variant(kernel, label, fn, types, full, config.num_warps, loop, row_bytes))
 
-    add("fwd", pooled_fwd._pooled_fwd_kernel, fwd, dict(HAS_PSW=weighted), "gather",
-        2 if dtype in ("fp16", "bf16") else 4)
+    for inverse in (False, True):  # True: VBE, each output row reads its bag through the inverse index
+        add("fwd", pooled_fwd._pooled_fwd_kernel, fwd, dict(HAS_PSW=weighted, HAS_INVERSE=inverse), "gather",
+            2 if dtype in ("fp16", "bf16") else 4)
     for dense in (True, False):
         add("rows_grad", row_runs._rows_grad_kernel, dict(runs, dest_ptr="*fp32"),
             dict(DENSE=dense, HAS_SCALE=weighted), "runs")

@@ -52,8 +52,8 @@ def _parts(w: Workload, tables: List[torch.Tensor], batch) -> Dict[str, Callable
 
     def op():
         return torch.ops.jaggedrec.pooled_embedding_bags(
-            flat, batch.values, offsets, None, group.feature_tables(range(num_keys), num_keys), "torch", False, True,
-            0, [])
+            flat, batch.values, offsets, None, None, group.feature_tables(range(num_keys), num_keys), "torch", False,
+            True, 0, [])
 
     parts = {
         "jaggedrec module (validate=True)": lambda: ebc(kjt()),

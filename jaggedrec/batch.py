@@ -29,8 +29,9 @@ class Batch(NamedTuple):
     group_tables: List[List[int]]    # per storage group, the ops' ``tables`` argument (FeatureTables)
     num_keys: int                    # K
     batch_size: int                  # B
-    # per output feature, [B] the bag of each sample, or None where sample b reads bag b
-    inverse_indices: Optional[List[Optional[torch.Tensor]]]
+    # per storage group, [F_g, B] int64: the bag slot each sample reads, per feature; None
+    # when every sample has its own bag
+    group_inverse: List[Optional[torch.Tensor]]
 
 
 @torch.fx.wrap
@@ -51,7 +52,12 @@ def read_batch(kjt: KeyedJaggedTensor, spec: FeatureSpec, groups: Tuple[StorageG
     else:
         offsets = kjt._lookup_offsets()
     inverse = _output_inverse_indices(kjt, output_features, spec, validate)
-    return Batch(kjt.values(), offsets, kjt.weights_or_none(), group_tables, len(kjt.keys()), kjt.stride(), inverse)
+    if inverse is None:
+        group_inverse = [None] * len(groups)
+    else:
+        group_inverse = [inverse.index_select(0, torch.tensor(g.features, device=inverse.device)) for g in groups]
+    return Batch(kjt.values(), offsets, kjt.weights_or_none(), group_tables, len(kjt.keys()), kjt.stride(),
+                 group_inverse)
 
 
 def group_feature_tables(kjt_keys: Tuple[str, ...], groups: Tuple[StorageGroup, ...], needed: Tuple[str, ...],
@@ -75,8 +81,8 @@ _cached_feature_tables = functools.lru_cache(maxsize=256)(_find_feature_tables)
 
 
 def _output_inverse_indices(kjt: KeyedJaggedTensor, output_features: Sequence[str], spec: FeatureSpec,
-                            validate: bool) -> Optional[List[Optional[torch.Tensor]]]:
-    """The KJT's inverse indices, one ``[B]`` row per output feature; None without them."""
+                            validate: bool) -> Optional[torch.Tensor]:
+    """The KJT's inverse indices, ``[F, B]`` int64, one row per output feature; None without them."""
     inverse = kjt.inverse_indices_or_none()
     if inverse is None:
         if kjt.variable_stride_per_key():
@@ -92,23 +98,10 @@ def _output_inverse_indices(kjt: KeyedJaggedTensor, output_features: Sequence[st
     if table.dim() != 2 or table.shape[0] != len(keys):
         raise ValueError(f"{spec.owner}: inverse_indices must be [{len(keys)} keys, B], got shape {tuple(table.shape)}")
     rows = [row[f] for f in output_features]
-    per_feature = table.index_select(0, torch.tensor(rows, device=table.device))
+    per_feature = table.index_select(0, torch.tensor(rows, device=table.device)).long()
     if validate and not torch.compiler.is_compiling() and table.numel() and not table.is_meta:
         _check_inverse_range(kjt, output_features, per_feature, spec)
-    rows_of = list(per_feature.unbind(0))
-    if table.device.type == "cpu" and not torch.compiler.is_compiling() and not table.is_meta:
-        # Features whose samples each have their own bag, in order (every one but the
-        # deduplicated ones, typically), need no gather: skipping theirs saves a gather forward
-        # and a scatter backward of [B, dim] each. Found with one read, on CPU only (a GPU would
-        # wait for it, where the gathers cost little).
-        strides, where, batch = kjt.stride_per_key(), kjt.index_per_key(), table.shape[1]
-        full = [f for f, name in enumerate(output_features) if strides[where[name]] == batch]
-        if full:
-            in_order = (per_feature[full] == torch.arange(batch, device=table.device)).all(dim=1).tolist()
-            for f, same in zip(full, in_order):
-                if same:
-                    rows_of[f] = None
-    return rows_of
+    return per_feature
 
 
 def _check_inverse_range(kjt: KeyedJaggedTensor, output_features: Sequence[str], per_feature: torch.Tensor,

@@ -17,7 +17,6 @@ from .keyed_jagged_tensor import KeyedJaggedTensor
 from .keyed_tensor import KeyedTensor
 from .ops import pooled as pooled_ops
 from .ops import sequence as sequence_ops
-from .ops import vbe
 from .optim import FusedOptimizer
 from .table_collection import TableCollection, TableView
 
@@ -87,7 +86,7 @@ class EmbeddingBagCollection(TableCollection):
             features: KJT with keys ``K`` (any order, a superset of the configured features),
                 ``[N]`` ids, ``[K*B]`` lengths or ``[K*B+1]`` offsets, and ``[N]`` weights when
                 ``is_weighted``; or a VBE KJT (``stride_per_key_per_rank``, ``inverse_indices``),
-                whose bags are pooled once each and then expanded to the batch.
+                whose bags are pooled once each and read by every sample that shares them.
         Returns:
             KeyedTensor with ``[B, sum(dims)]`` fp32 values.
         """
@@ -97,8 +96,9 @@ class EmbeddingBagCollection(TableCollection):
         outputs, bad_ids = [], []
         for i, g in enumerate(self._groups):
             pooled, bad = pooled_ops.run_pooled_embedding_bags(
-                self.flat_weights[g.name], batch.values, batch.offsets, batch.weights, batch.group_tables[i],
-                self._backend, self._sparse, self._deterministic, *self._optimizer_args(g.name))
+                self.flat_weights[g.name], batch.values, batch.offsets, batch.weights, batch.group_inverse[i],
+                batch.group_tables[i], self._backend, self._sparse, self._deterministic,
+                *self._optimizer_args(g.name))
             outputs.append(pooled)
             bad_ids.append(bad)
         self._handle_bad_ids(features, bad_ids, pooled)
@@ -106,8 +106,6 @@ class EmbeddingBagCollection(TableCollection):
             pooled = outputs[0]
         else:  # tables of several dtypes: interleave their columns back into output order
             pooled = torch.cat([outputs[g].narrow(1, start, width) for g, start, width in self._column_runs], dim=1)
-        pooled = vbe.expand_by_inverse_indices(pooled, batch.inverse_indices, self._length_per_embedding,
-                                               batch.batch_size)
         return KeyedTensor(self._embedding_names, self._length_per_embedding, pooled)
 
 

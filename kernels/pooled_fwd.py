@@ -119,15 +119,17 @@ def _legacy_gather(acc, num_bad, d0, cols, col_mask, starts, lengths, longest, n
     return acc, num_bad
 
 
-@autotune(configs=_configs(), key=["num_features", "BLOCK_D", "HAS_PSW", "DIM_ALIGN"])
+@autotune(configs=_configs(), key=["num_features", "BLOCK_D", "HAS_PSW", "DIM_ALIGN", "HAS_INVERSE"])
 @triton.jit
 def _pooled_fwd_kernel(
-    weights_ptr, values_ptr, offsets_ptr, psw_ptr, meta_ptr, out_ptr, errors_ptr,
-    batch_size, out_stride, num_features,
-    HAS_PSW: tl.constexpr, BLOCK_D: tl.constexpr, DIM_ALIGN: tl.constexpr,
+    weights_ptr, values_ptr, offsets_ptr, psw_ptr, inverse_ptr, meta_ptr, out_ptr, errors_ptr,
+    batch_size, bag_stride, out_stride, num_features,
+    HAS_PSW: tl.constexpr, HAS_INVERSE: tl.constexpr, BLOCK_D: tl.constexpr, DIM_ALIGN: tl.constexpr,
     LEGACY_LOOPS: tl.constexpr, BLOCK_B: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    # one program per BLOCK_B bags of one feature
+    # one program per BLOCK_B output rows (samples) of one feature; sample b pools bag b, or
+    # (HAS_INVERSE, VBE) the bag its feature's inverse index names: no second pass expands
+    # pooled bags to the batch
     f = tl.program_id(1)
     meta = meta_ptr + f * META_FIELDS
     # every dim, table offset and output column is a multiple of DIM_ALIGN: saying so lets
@@ -139,10 +141,14 @@ def _pooled_fwd_kernel(
     key = tl.load(meta + 4)
     mean = tl.load(meta + 5)
 
-    bags = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    bag_mask = bags < batch_size
-    out_rows = tl.multiple_of(bags.to(tl.int64) * out_stride, DIM_ALIGN)  # out_stride: the sum of the dims
-    bag_ptrs = offsets_ptr + key * batch_size + bags
+    samples = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    bag_mask = samples < batch_size
+    out_rows = tl.multiple_of(samples.to(tl.int64) * out_stride, DIM_ALIGN)  # out_stride: the sum of the dims
+    if HAS_INVERSE:
+        bags = tl.load(inverse_ptr + f * batch_size + samples, mask=bag_mask, other=0)
+    else:
+        bags = samples
+    bag_ptrs = offsets_ptr + key * bag_stride + bags
     starts = tl.load(bag_ptrs, mask=bag_mask, other=0).to(tl.int64)
     lengths = tl.load(bag_ptrs + 1, mask=bag_mask, other=0).to(tl.int64) - starts
     longest = tl.max(lengths, axis=0)
@@ -171,16 +177,19 @@ def _pooled_fwd_kernel(
 
 def pooled_fwd(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
                per_sample_weights: torch.Tensor | None, meta: torch.Tensor, out: torch.Tensor,
-               errors: torch.Tensor, max_dim: int, alignment: int) -> None:
+               errors: torch.Tensor, max_dim: int, alignment: int, bag_stride: int,
+               inverse_indices: torch.Tensor | None = None) -> None:
     """Pool every feature into ``out``, in one launch.
 
     Args:
         weights: ``[W]`` flat tables, fp32/fp16/bf16.
         values: ``[N]`` int32/int64 ids, key-major.
-        offsets: ``[K*B+1]`` int32/int64 bag starts, key-major.
+        offsets: ``[K*B'+1]`` int32/int64 bag starts, key-major, ``bag_stride`` (B') bags per key.
         per_sample_weights: ``[N]`` float, or None.
         meta: ``[F, META_FIELDS]`` int64 per feature (see ``common``).
         out: ``[B, total_dim]`` fp32, written in full.
+        inverse_indices: ``[F, B]`` int64 contiguous, the bag (in ``[0, B')``) each sample of
+            each feature pools (VBE); None: sample ``b`` pools bag ``b`` (``B == B'``).
         errors: ``[F]`` int64, incremented by the number of ids outside ``[0, rows)``; those ids
             are always skipped (the check costs two compares per id, and its count is read
             only when the caller asks for it).
@@ -195,7 +204,7 @@ def pooled_fwd(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tenso
     grid = lambda cfg: (triton.cdiv(batch_size, cfg["BLOCK_B"]), num_features)  # noqa: E731
     wrap_triton(_pooled_fwd_kernel)[grid](
         weights, values, offsets, per_sample_weights if per_sample_weights is not None else out,
-        meta, out, errors,
-        batch_size, out.stride(0), num_features,
-        HAS_PSW=per_sample_weights is not None, BLOCK_D=block_d(max_dim),
+        inverse_indices if inverse_indices is not None else offsets, meta, out, errors,
+        batch_size, bag_stride, out.stride(0), num_features,
+        HAS_PSW=per_sample_weights is not None, HAS_INVERSE=inverse_indices is not None, BLOCK_D=block_d(max_dim),
         DIM_ALIGN=alignment, LEGACY_LOOPS=legacy_loops())

@@ -76,7 +76,7 @@ def _kernels():
     # the loops before they were pipelined, kept selectable until a GPU has timed both
     legacy = [("legacy loops", {}, dict(LEGACY_LOOPS=True))]
     return [
-        ("fwd", pooled_fwd._pooled_fwd_kernel, FWD, dict(HAS_PSW=[False, True]),
+        ("fwd", pooled_fwd._pooled_fwd_kernel, FWD, dict(HAS_PSW=[False, True], HAS_INVERSE=[False, True]),
          tables + i32_ids + wide + psw + legacy),
         ("rows_grad", row_runs._rows_grad_kernel, dict(RUNS, dest_ptr=f32),
          dict(DENSE=[True, False], HAS_SCALE=[False, True]), wide + legacy),
@@ -166,7 +166,8 @@ if sys.argv[1] == "sweep":
 align = int(sys.argv[1])
 out = {}
 out["fwd"] = ptx_ops(pooled_fwd._pooled_fwd_kernel, FWD,
-                     dict(HAS_PSW=False, BLOCK_D=64, DIM_ALIGN=align, LEGACY_LOOPS=False, BLOCK_B=32, UNROLL=2))
+                     dict(HAS_PSW=False, HAS_INVERSE=False, BLOCK_D=64, DIM_ALIGN=align, LEGACY_LOOPS=False,
+                          BLOCK_B=32, UNROLL=2))
 out["rows_grad"] = ptx_ops(row_runs._rows_grad_kernel, dict(RUNS, dest_ptr=f32),
                            dict(DENSE=True, ROW_STRIDE=64, HAS_SCALE=True, DIM_ALIGN=align, BLOCK_D=64, BLOCK_U=32,
                                 UNROLL=2, LEGACY_LOOPS=False))

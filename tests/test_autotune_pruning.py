@@ -177,11 +177,12 @@ def _observe():
 
     k = pooled_fwd._pooled_fwd_kernel
     types = dict(weights_ptr=torch.float32, values_ptr=torch.int64, offsets_ptr=torch.int64, psw_ptr=torch.float32,
-                 meta_ptr=torch.int64, out_ptr=torch.float32, errors_ptr=torch.int64, batch_size=3, out_stride=3,
-                 num_features=3)
+                 inverse_ptr=torch.int64, meta_ptr=torch.int64, out_ptr=torch.float32, errors_ptr=torch.int64,
+                 batch_size=3, bag_stride=3, out_stride=3, num_features=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        kept = k.early_config_prune(k.configs, types, HAS_PSW=False, BLOCK_D=64, DIM_ALIGN=4, LEGACY_LOOPS=False)
+        kept = k.early_config_prune(k.configs, types, HAS_PSW=False, HAS_INVERSE=False, BLOCK_D=64, DIM_ALIGN=4,
+                                    LEGACY_LOOPS=False)
     seen["library"] = {"configs": [tuning._describe(c) for c in kept],
                        "all_configs": [tuning._describe(c) for c in k.configs],
                        "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning]}

@@ -362,3 +362,15 @@ def test_matches_torchrec_embedding_collection_when_installed():
             torch.testing.assert_close(ours.embeddings[c.name].weight, theirs.embeddings[c.name].weight,
                                        **TOLERANCES[torch.float32])
         theirs.load_state_dict(ours.state_dict())
+
+
+def test_fx_symbolic_trace_runs_on_new_batches():
+    torch.manual_seed(14)
+    ec = jr.EmbeddingCollection(_configs())
+    graph = torch.fx.symbolic_trace(ec)
+    for seed in (40, 41):  # batches of different sizes and key orders, through the one graph
+        batch, _ = _batch(seed, batch=2 + seed % 3)
+        got, expected = graph(batch.kjt), ec(batch.kjt)
+        assert list(got) == list(expected)
+        for name in expected:
+            assert torch.equal(got[name].values(), expected[name].values()), name

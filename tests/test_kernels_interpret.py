@@ -119,7 +119,7 @@ def test_forward_writes_every_output_element():
     meta = torch.tensor([[0, 3, 9, 0, 0, 0, 0], [27, 17, 5, 3, 1, 1, 9]])  # feature 1 pools by MEAN
     out = torch.full((batch, 20), float("nan"), device=DEVICE)
     errors = torch.full((2,), 0, dtype=torch.int64, device=DEVICE)
-    pooled_fwd(weights, values.to(DEVICE), offsets.to(DEVICE), None, meta.to(DEVICE), out, errors, 17, 1)
+    pooled_fwd(weights, values.to(DEVICE), offsets.to(DEVICE), None, meta.to(DEVICE), out, errors, 17, 1, batch)
     out = out.cpu()
     assert torch.isfinite(out).all() and errors.eq(0).all()
     w = weights.cpu()

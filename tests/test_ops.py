@@ -22,8 +22,8 @@ def _args(gen, weighted, id_dtype=torch.int64, mean=True):
     psw = torch.rand(8, generator=gen, requires_grad=True) if weighted else None
     pooling = [1 if mean else 0, 0, 1 if mean else 0]
     tables = FeatureTables(tuple(weight_offsets), tuple(rows), tuple(dims), (0, 1, 1), tuple(pooling), num_keys)
-    # (..., tables, backend, sparse_grad, deterministic, optimizer, optimizer_state)
-    return weights, values, offsets, psw, tables.encode(), "torch", False, True, 0, []
+    # (..., inverse_indices, tables, backend, sparse_grad, deterministic, optimizer, optimizer_state)
+    return weights, values, offsets, psw, None, tables.encode(), "torch", False, True, 0, []
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -38,20 +38,20 @@ def test_opcheck_pooled_backward(weighted):
     gen = torch.Generator().manual_seed(1)
     weights, values, offsets, psw, *static = _args(gen, weighted)
     grad_out = torch.randn(3, 13, generator=gen)
-    args = (grad_out, weights.detach(), values, offsets, None if psw is None else psw.detach(), *static[:2],
+    args = (grad_out, weights.detach(), values, offsets, None if psw is None else psw.detach(), *static[1:3],
             True, weighted, True)
     torch.library.opcheck(OPS.pooled_embedding_bags_backward, args)
 
 
 def _fused_args(gen, optimizer, weighted, backend="torch"):
-    weights, values, offsets, psw, tables, *_ = _args(gen, weighted)
+    weights, values, offsets, psw, _, tables, *_ = _args(gen, weighted)
     grad_out = torch.randn(3, 13, generator=gen)
     total_rows = 4 + 6  # tables of 4 and 6 rows; features 1 and 2 share the second
     state1 = torch.rand(total_rows if optimizer == 2 else weights.numel() if optimizer == 3 else 0, generator=gen)
     state2 = torch.rand(weights.numel() if optimizer == 3 else 0, generator=gen)
     hparams = torch.tensor([0.1, 1e-6, 0.01, 0.9, 0.99])
     step = torch.tensor([3], dtype=torch.int64)
-    return (grad_out, weights.detach(), values, offsets, None if psw is None else psw.detach(), tables, backend,
+    return (grad_out, weights.detach(), values, offsets, None if psw is None else psw.detach(), None, tables, backend,
             optimizer, hparams, step, state1, state2)
 
 
@@ -62,7 +62,7 @@ def test_opcheck_fused_update(optimizer, weighted):
     args = _fused_args(gen, optimizer, weighted)
     torch.library.opcheck(OPS.pooled_embedding_bags_fused_update, args)
     # the CPU update inside it, which compiled graphs call without tracing into it
-    torch.library.opcheck(OPS.pooled_embedding_bags_fused_update_host, args[:6] + args[7:])
+    torch.library.opcheck(OPS.pooled_embedding_bags_fused_update_host, args[:7] + args[8:])
 
 
 def test_plan_splits_shared_keys_into_passes():
@@ -87,7 +87,7 @@ def test_feature_tables_round_trip_and_reject_bad_encodings():
 
 def _to_cuda_triton(args):
     moved = [a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
-    moved[5] = "triton"
+    moved[6] = "triton"
     return tuple(moved)
 
 
@@ -98,10 +98,34 @@ def test_opcheck_triton_ops_on_gpu(weighted):
     torch.library.opcheck(OPS.pooled_embedding_bags, _to_cuda_triton(_args(gen, weighted)))
     weights, values, offsets, psw, *static = _to_cuda_triton(_args(gen, weighted))
     grad_out = torch.randn(3, 13, device="cuda")
-    args = (grad_out, weights.detach(), values, offsets, None if psw is None else psw.detach(), *static[:2],
+    args = (grad_out, weights.detach(), values, offsets, None if psw is None else psw.detach(), *static[1:3],
             True, weighted, True)
     torch.library.opcheck(OPS.pooled_embedding_bags_backward, args)
     for optimizer in (1, 2, 3):
         fused = _fused_args(gen, optimizer, weighted, backend="triton")
         torch.library.opcheck(OPS.pooled_embedding_bags_fused_update,
                               tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in fused))
+
+
+def _sequence_args(gen, id_dtype=torch.int64):
+    # the same two tables; key 1 read twice, key 0 has an empty bag
+    weights, values, offsets, _, _, tables, *_ = _args(gen, False, id_dtype)
+    key_lengths = [5, 3]
+    return weights, values, offsets, tables, key_lengths
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_opcheck_sequence_ops(id_dtype):
+    gen = torch.Generator().manual_seed(3)
+    weights, values, offsets, tables, key_lengths = _sequence_args(gen, id_dtype)
+    torch.library.opcheck(OPS.sequence_embeddings,
+                          (weights, values, offsets, tables, key_lengths, "torch", False, True, 0, []))
+    grad_out = torch.randn(5 * 3 + 3 * 5 + 3 * 5, generator=gen)
+    torch.library.opcheck(OPS.sequence_embeddings_backward,
+                          (grad_out, weights.detach(), values, offsets, tables, key_lengths, "torch", True))
+    for optimizer in (1, 2, 3):
+        state1 = torch.rand(10 if optimizer == 2 else weights.numel() if optimizer == 3 else 0, generator=gen)
+        state2 = torch.rand(weights.numel() if optimizer == 3 else 0, generator=gen)
+        torch.library.opcheck(OPS.sequence_embeddings_fused_update,
+                              (grad_out, weights.detach(), values, offsets, tables, key_lengths, "torch", optimizer,
+                               torch.tensor([0.1, 1e-6, 0.01, 0.9, 0.99]), torch.tensor([3]), state1, state2))

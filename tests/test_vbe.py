@@ -154,6 +154,33 @@ def test_vbe_fused_optimizers_match_expanded_batch(backend, opt):
         assert not torch.equal(vbe_ebc.embedding_bags[c.name].weight, initial.embedding_bags[c.name].weight)
 
 
+@pytest.mark.parametrize("backend", ["torch", TRITON])
+def test_a_bag_no_sample_reads_is_not_touched(backend):
+    """Lazy Adam steps only the rows a batch read. A VBE bag that no sample's inverse index
+    names (bag 1, id 5, here) was pooled but read by nobody: its rows get no step, no weight
+    decay and no moments, and a sparse gradient leaves them out, as in the expanded batch."""
+    config = jr.EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10, feature_names=["u"])
+    kjt = jr.KeyedJaggedTensor(["u"], torch.tensor([1, 2, 5, 2, 7]), lengths=torch.tensor([2, 1, 2]),
+                               stride_per_key_per_rank=[[3]], inverse_indices=(["u"], torch.tensor([[0, 2, 0, 2]])))
+    expanded = jr.KeyedJaggedTensor(["u"], torch.tensor([1, 2, 2, 7, 1, 2, 2, 7]), lengths=torch.tensor([2, 2, 2, 2]))
+    grad_out = torch.randn(4, 4, generator=torch.Generator().manual_seed(3))
+    adam = optim.Adam(lr=0.1, weight_decay=0.05)
+    torch.manual_seed(0)
+    vbe_ebc = jr.EmbeddingBagCollection([config], backend=backend, fused_optimizer=adam)
+    twin = copy.deepcopy(vbe_ebc)
+    before = vbe_ebc.embedding_bags["t"].weight.clone()
+    (vbe_ebc(kjt).values() * grad_out).sum().backward()
+    (twin(expanded).values() * grad_out).sum().backward()
+    after = vbe_ebc.embedding_bags["t"].weight
+    assert torch.equal(after[5], before[5])
+    assert not torch.equal(after[7], before[7])
+    for name, value in twin.state_dict().items():
+        assert_close(vbe_ebc.state_dict()[name], value, what=name)
+    sparse = jr.EmbeddingBagCollection([config], backend=backend, sparse=True)
+    (sparse(kjt).values() * grad_out).sum().backward()
+    assert sorted(set((sparse.flat_weights["fp32"].grad.coalesce().indices()[0] // 4).tolist())) == [1, 2, 7]
+
+
 def test_vbe_without_full_batch_features_and_inverse_only_kjt():
     """A non-VBE KJT with inverse indices is expanded too (TorchRec's module does so)."""
     gen = torch.Generator().manual_seed(5)

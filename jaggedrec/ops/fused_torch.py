@@ -30,7 +30,7 @@ SGD, ROWWISE_ADAGRAD, ADAM = 1, 2, 3
 def fused_update(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
                  per_sample_weights: Optional[torch.Tensor], plan: pt.PooledPlan, num_keys: int, optimizer: int,
                  hparams: torch.Tensor, step: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
-                 row_bases: List[int]) -> None:
+                 row_bases: List[int], id_read: Optional[torch.Tensor] = None) -> None:
     """Apply ``optimizer`` to the rows of ``weights`` that this batch read, in place.
 
     Args:
@@ -41,6 +41,7 @@ def fused_update(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Te
         step: ``[1]`` int64, incremented here.
         state1, state2: optimizer state (``[R]`` row-wise, or ``[W]`` element-wise), updated.
         row_bases: ``[F]`` first row of each feature's table in row-wise state.
+        id_read: ``[N]`` bool, the ids to step (VBE: those of bags some sample reads); None: all.
     """
     step.add_(1)
     batch = (offsets.shape[0] - 1) // num_keys
@@ -60,6 +61,8 @@ def fused_update(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Te
         ids, bags, psw, grads, live = [], [], [], [], []
         for j, p in enumerate(passes):
             pass_ids, in_pass = pt._shifted_ids(p, values, key_counts)
+            if id_read is not None:
+                in_pass = id_read if in_pass is None else in_pass & id_read
             pass_bags, pass_psw = bag_of_id + j * num_keys * batch, per_sample_weights
             if in_pass is not None and eager:  # keep only the ids this pass reads
                 pass_ids, pass_bags = pass_ids[in_pass], pass_bags[in_pass]

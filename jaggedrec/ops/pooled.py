@@ -16,9 +16,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import pooled_torch
+from . import pooled_torch, vbe
+from .backends import batch_inputs, check_storage, use_kernels
 from .feature_tables import feature_tables
-from .backends import BACKENDS, batch_inputs, check_storage, use_kernels  # noqa: F401 (BACKENDS: re-exported)
 from .registry import define_host_op, define_op
 from .weight_grads import state_grads, weight_grad
 
@@ -33,6 +33,7 @@ def _pooled_embedding_bags(
     values: torch.Tensor,
     offsets: torch.Tensor,
     per_sample_weights: Optional[torch.Tensor],
+    inverse_indices: Optional[torch.Tensor],
     tables: List[int],
     backend: str,
     sparse_grad: bool,
@@ -47,6 +48,9 @@ def _pooled_embedding_bags(
         values: ``[N]`` int32/int64 ids, key-major as in a KJT.
         offsets: ``[K*B+1]`` int32/int64 bag starts.
         per_sample_weights: ``[N]`` float weights, or None.
+        inverse_indices: VBE (see ``vbe.py``): ``[F, B]`` int64, the bag slot of key ``keys[f]``
+            (in ``[0, B')``, ``offsets`` being ``[K*B'+1]``) that sample ``b`` of feature ``f``
+            reads; or None, where every sample reads its own bag (``B = B'``).
         tables: the ``F`` features and their tables, ``FeatureTables.encode()``; pooling 0 is SUM,
             1 MEAN (divides by the bag length; empty bags give 0).
         backend: "auto", "torch" or "triton".
@@ -66,8 +70,10 @@ def _pooled_embedding_bags(
     tables = feature_tables(tables)
     values, offsets, per_sample_weights = batch_inputs(values, offsets, per_sample_weights)
     if use_kernels(backend, weights.device):
-        return _triton(weights).triton_forward(weights, values, offsets, per_sample_weights, tables)
+        return _triton(weights).triton_forward(weights, values, offsets, per_sample_weights, inverse_indices, tables)
     pooled = pooled_torch.pooled_forward(weights, values, offsets, per_sample_weights, tables.plan, tables.num_keys)
+    if inverse_indices is not None:
+        pooled = vbe.expand_rows(pooled, inverse_indices, tables.plan.out_offsets)
     return pooled, torch.zeros(tables.num_features, dtype=torch.int64, device=weights.device)
 
 
@@ -139,6 +145,7 @@ def pooled_embedding_bags_fused_update(
     values: torch.Tensor,
     offsets: torch.Tensor,
     per_sample_weights: Optional[torch.Tensor],
+    inverse_indices: Optional[torch.Tensor],
     tables: List[int],
     backend: str,
     optimizer: int,
@@ -150,7 +157,9 @@ def pooled_embedding_bags_fused_update(
     """One optimizer step on the rows this batch read, in place; duplicate ids are summed first.
 
     Args:
-        grad_out: ``[B, sum(dims)]``; ``weights`` ... ``backend`` as in the forward.
+        grad_out: ``[B', sum(dims)]``, one row per bag slot (VBE: the samples' gradients summed
+            per bag); ``weights`` ... ``backend`` as in the forward. ``inverse_indices`` (VBE)
+            only say which bags some sample read: the ids of the others are not stepped.
         optimizer: 1 SGD, 2 row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD), 3 lazy Adam.
         hparams: ``[5]`` fp32 ``lr, eps, weight_decay, beta1, beta2`` (a tensor, so that a new
             learning rate needs no recompilation).
@@ -161,46 +170,51 @@ def pooled_embedding_bags_fused_update(
     values, offsets, per_sample_weights = batch_inputs(values, offsets, per_sample_weights)
     if use_kernels(backend, weights.device):
         _triton(weights, state1, state2).triton_fused_update(grad_out, weights, values, offsets, per_sample_weights,
-                                                             feature_tables(tables), optimizer, hparams, step,
-                                                             state1, state2)
+                                                             inverse_indices, feature_tables(tables), optimizer,
+                                                             hparams, step, state1, state2)
         return
     if weights.device.type == "cpu":
         torch.ops.jaggedrec.pooled_embedding_bags_fused_update_host(
-            grad_out, weights, values, offsets, per_sample_weights, tables, optimizer, hparams, step, state1, state2)
+            grad_out, weights, values, offsets, per_sample_weights, inverse_indices, tables, optimizer, hparams, step,
+            state1, state2)
         return
-    _fused_update_torch(grad_out, weights, values, offsets, per_sample_weights, tables, optimizer, hparams, step,
-                        state1, state2)
+    _fused_update_torch(grad_out, weights, values, offsets, per_sample_weights, inverse_indices, tables, optimizer,
+                        hparams, step, state1, state2)
 
 
 @define_host_op("jaggedrec::pooled_embedding_bags_fused_update_host", mutates_args=("weights", "step", "state1", "state2"))
 def _fused_update_host(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
-                       per_sample_weights: Optional[torch.Tensor], tables: List[int], optimizer: int,
-                       hparams: torch.Tensor, step: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor) -> None:
+                       per_sample_weights: Optional[torch.Tensor], inverse_indices: Optional[torch.Tensor],
+                       tables: List[int], optimizer: int, hparams: torch.Tensor, step: torch.Tensor,
+                       state1: torch.Tensor, state2: torch.Tensor) -> None:
     """The torch-path update on CPU, opaque to torch.compile, so that a compiled backward runs
     the eager update (cache-sized chunks, touched rows streamed or scattered as the data
     decides) and not its static-shape twin, whose ``[ids, dim]`` temporaries made a compiled
     step at 20 ids per bag several times slower than the eager one."""
-    _fused_update_torch(grad_out, weights, values, offsets, per_sample_weights, tables, optimizer, hparams, step,
-                        state1, state2)
+    _fused_update_torch(grad_out, weights, values, offsets, per_sample_weights, inverse_indices, tables, optimizer,
+                        hparams, step, state1, state2)
 
 
-def _fused_update_torch(grad_out, weights, values, offsets, per_sample_weights, tables, optimizer, hparams, step,
-                        state1, state2) -> None:
+def _fused_update_torch(grad_out, weights, values, offsets, per_sample_weights, inverse_indices, tables, optimizer,
+                        hparams, step, state1, state2) -> None:
     from . import fused_torch
     tables = feature_tables(tables)
     fused_torch.fused_update(grad_out, weights, values, offsets, per_sample_weights, tables.plan, tables.num_keys,
-                             optimizer, hparams, step, state1, state2, list(tables.row_bases))
+                             optimizer, hparams, step, state1, state2, list(tables.row_bases),
+                             vbe.ids_read(inverse_indices, tables, offsets, values.shape[0]))
 
 
-def _sparse_weight_grad(grad_out, weights, values, offsets, psw, tables: List[int], backend: str) -> torch.Tensor:
-    """``[W]`` sparse COO gradient holding only the elements of touched rows."""
+def _sparse_weight_grad(grad_out, weights, values, offsets, psw, inverse_indices, tables: List[int],
+                        backend: str) -> torch.Tensor:
+    """``[W]`` sparse COO gradient holding only the elements of touched rows (VBE: of bags some sample reads)."""
     tables = feature_tables(tables)
     values, offsets, psw = batch_inputs(values, offsets, psw)
     if use_kernels(backend, weights.device):
-        return _triton(weights).triton_sparse_grad(grad_out, weights, values, offsets, psw, tables)
+        return _triton(weights).triton_sparse_grad(grad_out, weights, values, offsets, psw, inverse_indices, tables)
     index_parts, value_parts = [], []
+    id_read = vbe.ids_read(inverse_indices, tables, offsets, values.shape[0])
     for p, touched, sums in pooled_torch.pooled_row_grads(grad_out, values, offsets, psw, tables.plan,
-                                                          tables.num_keys):
+                                                          tables.num_keys, id_read):
         first = p.weight_start + touched.long() * p.dim
         index_parts.append((first.unsqueeze(1) + torch.arange(p.dim, device=first.device)).reshape(-1))
         value_parts.append(sums.reshape(-1))
@@ -213,8 +227,9 @@ def _sparse_weight_grad(grad_out, weights, values, offsets, psw, tables: List[in
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    (weights, values, offsets, psw, tables, backend, sparse_grad, deterministic, optimizer, optimizer_state) = inputs
-    ctx.save_for_backward(weights, values, offsets, psw, *optimizer_state[:4])
+    (weights, values, offsets, psw, inverse, tables, backend, sparse_grad, deterministic, optimizer,
+     optimizer_state) = inputs
+    ctx.save_for_backward(weights, values, offsets, psw, inverse, *optimizer_state[:4])
     ctx.static = (tables, backend)
     ctx.sparse_grad = sparse_grad
     ctx.deterministic = deterministic
@@ -222,8 +237,12 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_out, _grad_errors):
-    weights, values, offsets, psw, *optimizer_state = ctx.saved_tensors
+    weights, values, offsets, psw, inverse, *optimizer_state = ctx.saved_tensors
     need_weight_grad, _, _, need_psw_grad = ctx.needs_input_grad[:4]
+    if inverse is not None:  # VBE: from here on, one gradient row per bag slot
+        tables = feature_tables(ctx.static[0])
+        grad_out = vbe.sum_shared_bags(grad_out, inverse, tables.plan.out_offsets,
+                                       (offsets.shape[0] - 1) // tables.num_keys)
     need_psw_grad = bool(need_psw_grad and psw is not None)
     needs_state_grad = ctx.needs_input_grad[_OPTIMIZER_STATE_ARG]
     plan = weight_grad(ctx.optimizer, ctx.sparse_grad, need_weight_grad, needs_state_grad)
@@ -239,9 +258,10 @@ def _backward(ctx, grad_out, _grad_errors):
             grad_psw = dense_psw.to(psw.dtype)
     if plan.fused_step:
         torch.ops.jaggedrec.pooled_embedding_bags_fused_update(
-            grad_out.contiguous(), weights, values, offsets, psw, *ctx.static, ctx.optimizer, *optimizer_state)
+            grad_out.contiguous(), weights, values, offsets, psw, inverse, *ctx.static, ctx.optimizer,
+            *optimizer_state)
     elif plan.sparse:
-        grad_weights = _sparse_weight_grad(grad_out, weights, values, offsets, psw, *ctx.static)
+        grad_weights = _sparse_weight_grad(grad_out, weights, values, offsets, psw, inverse, *ctx.static)
     return ((grad_weights, None, None, grad_psw) + (None,) * (_OPTIMIZER_STATE_ARG - 4)
             + (state_grads(plan, needs_state_grad, grad_out),))
 

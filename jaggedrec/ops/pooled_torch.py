@@ -473,9 +473,10 @@ def _psw_chunks(num_ids) -> List[Tuple[int, int]]:
 
 
 def pooled_row_grads(grad_out: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
-                     per_sample_weights: Optional[torch.Tensor], plan: PooledPlan,
-                     num_keys: int) -> List[Tuple[_Pass, torch.Tensor, torch.Tensor]]:
-    """Per pass, the touched rows ``[U]`` of its block and their summed gradients ``[U, D]`` fp32."""
+                     per_sample_weights: Optional[torch.Tensor], plan: PooledPlan, num_keys: int,
+                     id_read: Optional[torch.Tensor] = None) -> List[Tuple[_Pass, torch.Tensor, torch.Tensor]]:
+    """Per pass, the touched rows ``[U]`` of its block and their summed gradients ``[U, D]`` fp32
+    (``id_read``: ``[N]`` bool, the ids that count; None: all)."""
     batch = (offsets.shape[0] - 1) // num_keys
     if batch == 0 or values.shape[0] == 0:
         return []
@@ -485,6 +486,8 @@ def pooled_row_grads(grad_out: torch.Tensor, values: torch.Tensor, offsets: torc
     out = []
     for p in plan.passes:
         ids, in_pass = _shifted_ids(p, values, key_counts)
+        if id_read is not None:
+            in_pass = id_read if in_pass is None else in_pass & id_read
         bag_grads = _bag_grads(p, grad_out, plan, inv_lengths, num_keys, batch)
         bags, psw = bag_of_id, per_sample_weights
         if in_pass is not None:  # only rows this pass really touches

@@ -14,19 +14,22 @@ import torch
 
 from jaggedrec.kernels import pooled_bwd, pooled_fwd
 
-from . import runs_triton
+from . import runs_triton, vbe
 from .feature_tables import FeatureTables
 
 
 def triton_forward(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
-                   per_sample_weights: Optional[torch.Tensor],
+                   per_sample_weights: Optional[torch.Tensor], inverse_indices: Optional[torch.Tensor],
                    tables: FeatureTables) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``[B, total_dim]`` fp32 pooled output and ``[F]`` int64 counts of skipped bad ids."""
-    batch = (offsets.shape[0] - 1) // tables.num_keys
+    """Returns ``[B, total_dim]`` fp32 pooled output and ``[F]`` int64 counts of skipped bad ids.
+    With ``inverse_indices`` (``[F, B]``, VBE) each output row reads its bag slot through them."""
+    slots = (offsets.shape[0] - 1) // tables.num_keys
+    batch = slots if inverse_indices is None else inverse_indices.shape[1]
     out = torch.empty((batch, tables.plan.out_offsets[-1]), dtype=torch.float32, device=weights.device)
     errors = torch.zeros(tables.num_features, dtype=torch.int64, device=weights.device)
     pooled_fwd.pooled_fwd(weights, values, offsets, per_sample_weights, tables.meta(weights), out, errors,
-                          max(tables.dims), tables.plan.alignment)
+                          max(tables.dims), tables.plan.alignment, slots,
+                          None if inverse_indices is None else inverse_indices.contiguous())
     return out, errors
 
 
@@ -84,21 +87,27 @@ def triton_backward(grad_out: torch.Tensor, weights: torch.Tensor, values: torch
 
 
 def triton_sparse_grad(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
-                       per_sample_weights: Optional[torch.Tensor], tables: FeatureTables) -> torch.Tensor:
-    """``[W]`` sparse COO gradient over the touched rows' elements (eager: sizes the output on the host)."""
+                       per_sample_weights: Optional[torch.Tensor], inverse_indices: Optional[torch.Tensor],
+                       tables: FeatureTables) -> torch.Tensor:
+    """``[W]`` sparse COO gradient over the touched rows' elements (eager: sizes the output on the
+    host); ``grad_out`` has one row per bag slot, and VBE bags no sample reads touch nothing."""
     grad_out = grad_out.contiguous().float()
     meta = tables.meta(weights)
-    parts = runs_triton.contributions(values, offsets, tables, meta)
+    parts = runs_triton.contributions(values, offsets, tables, meta,
+                                      vbe.ids_read(inverse_indices, tables, offsets, values.shape[0]))
     runs = _runs(grad_out, weights, offsets, per_sample_weights, parts, tables, meta)
     return runs_triton.sparse_grad(grad_out, runs, weights, tables, meta)
 
 
 def triton_fused_update(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
-                        per_sample_weights: Optional[torch.Tensor], tables: FeatureTables, optimizer: int,
-                        hparams: torch.Tensor, step: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor) -> None:
-    """The fused optimizer step on the rows this batch read (see ``runs_triton.fused_update``)."""
+                        per_sample_weights: Optional[torch.Tensor], inverse_indices: Optional[torch.Tensor],
+                        tables: FeatureTables, optimizer: int, hparams: torch.Tensor, step: torch.Tensor,
+                        state1: torch.Tensor, state2: torch.Tensor) -> None:
+    """The fused optimizer step on the rows this batch read (see ``runs_triton.fused_update``);
+    ``grad_out`` has one row per bag slot, and VBE bags no sample reads are not stepped."""
     grad_out = grad_out.contiguous().float()
     meta = tables.meta(weights)
-    parts = runs_triton.contributions(values, offsets, tables, meta)
+    parts = runs_triton.contributions(values, offsets, tables, meta,
+                                      vbe.ids_read(inverse_indices, tables, offsets, values.shape[0]))
     runs = _runs(grad_out, weights, offsets, per_sample_weights, parts, tables, meta)
     runs_triton.fused_update(grad_out, runs, weights, tables, meta, optimizer, hparams, step, state1, state2)

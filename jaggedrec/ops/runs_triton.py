@@ -43,9 +43,10 @@ def _cached_pass_features(table, device: torch.device) -> torch.Tensor:
     return torch.tensor(table, dtype=torch.int32, device=device)
 
 
-def contributions(values: torch.Tensor, offsets: torch.Tensor, tables: FeatureTables,
-                  meta: torch.Tensor) -> Contributions:
-    """Every (pass, id) pair of the batch (``[N]`` ids, ``[K*B+1]`` offsets), with no host sync."""
+def contributions(values: torch.Tensor, offsets: torch.Tensor, tables: FeatureTables, meta: torch.Tensor,
+                  id_read: Optional[torch.Tensor] = None) -> Contributions:
+    """Every (pass, id) pair of the batch (``[N]`` ids, ``[K*B+1]`` offsets), with no host sync;
+    ``id_read`` (``[N]`` bool, or None for all) masks the ids that get no gradient at all."""
     num_ids = values.shape[0]
     num_keys = tables.num_keys
     batch = (offsets.shape[0] - 1) // num_keys
@@ -57,6 +58,8 @@ def contributions(values: torch.Tensor, offsets: torch.Tensor, tables: FeatureTa
     ids = values.long().repeat(len(tables.plan.passes))
     safe = feature.clamp(min=0).long()
     in_table = (feature >= 0) & (ids >= 0) & (ids < meta[safe, 2])
+    if id_read is not None:
+        in_table = in_table & id_read.repeat(len(tables.plan.passes))
     rows = torch.where(in_table, meta[safe, 0] + ids * meta[safe, 1], -1)
     feature = torch.where(in_table, feature, -1).to(torch.int32)
     return Contributions(feature, rows, bag_of_value.to(torch.int64))

@@ -1,28 +1,31 @@
-"""Variable batch per feature (VBE): pool each feature's distinct bags, then expand to the batch.
+"""Variable batch per feature (VBE): each feature's distinct bags pooled once, read by many samples.
 
-A VBE batch holds ``B_k`` bags for key ``k`` (``[sum(B_k)]`` lengths, key-major) and an
-``[F, B]`` inverse index per output feature that says which of its key's bags each of the
-``B`` samples reads. The pooling op takes ``[K*B'+1]`` offsets of one stride ``B'``, so:
+A VBE batch holds ``B_k`` bags for key ``k`` (``[sum(B_k)]`` lengths, key-major) and, per
+feature, a ``[B]`` inverse index that says which of its key's bags each of the ``B`` samples
+reads. The pooling op takes ``[K*B'+1]`` offsets of one stride ``B'``, so :func:`vbe_offsets`
+spreads the bags over ``B' = max(B_k)`` slots per key (the slots past a key's ``B_k`` are empty
+bags, which cost no row reads). The op is then given the ``[F, B]`` inverse indices and
+returns ``[B, sum(dims)]``:
 
-1. :func:`vbe_offsets` spreads the bags over ``B' = max(B_k)`` slots per key; the slots past a
-   key's ``B_k`` are empty bags, which cost the op no row reads;
-2. the op pools that ``[B', sum(dims)]`` (every id read once, however many samples share it);
-3. :func:`expand_by_inverse_indices` gathers each feature's rows into ``[B, sum(dims)]``.
+* on the Triton path, each output row reads its bag through the inverse index, in the one
+  forward launch: no pooled ``[B', sum(dims)]`` is written and gathered again;
+* on the torch path, the op pools the ``[B', sum(dims)]`` slots, then :func:`expand_rows`.
 
-Autograd runs step 3 backwards as an ``index_add`` (the gradients of samples that share a bag
-are summed into it), so the op's backward and its fused optimizer steps see one gradient row per
-distinct bag, as if the batch held only those. Step 3 is plain torch ops, the same for the torch
-and Triton backends; it is one function so that a kernel which reads each output row's bag
-through the inverse index (no gather pass) can replace it.
+Backward, :func:`sum_shared_bags` sums the gradients of the samples that share a bag, so the
+weight gradient and the fused optimizer steps see one gradient row per distinct bag, as if the
+batch held only those; and :func:`ids_read` keeps a bag that no sample reads from counting as
+touched.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from ..jagged_tensor import lengths_to_offsets
+from .feature_tables import FeatureTables
 
 
 @torch.fx.wrap
@@ -49,37 +52,66 @@ def vbe_offsets(lengths: torch.Tensor, stride_per_key: List[int]) -> torch.Tenso
     return lengths_to_offsets(spread)
 
 
-@torch.fx.wrap
-def expand_by_inverse_indices(pooled: torch.Tensor, inverse_indices: Optional[List[Optional[torch.Tensor]]],
-                              dims: List[int], batch_size: int) -> torch.Tensor:
-    """Each feature's pooled bags expanded to the full batch; ``pooled`` itself when there are
-    no inverse indices (every sample has its own bag).
+def expand_rows(pooled: torch.Tensor, inverse: torch.Tensor, out_offsets: Sequence[int]) -> torch.Tensor:
+    """The torch path's expansion: each feature's bag rows gathered to the full batch.
 
     Args:
-        pooled: ``[B', sum(dims)]`` one row per bag slot, features side by side.
-        inverse_indices: per output feature, ``[B]`` int, the bag slot of each sample (in
-            ``[0, B_k)`` of the feature's key), or None where sample ``b`` reads slot ``b``
-            (its columns are taken as they are); or None for every feature.
-        dims: ``[F]`` width of each feature's columns.
-        batch_size: B.
+        pooled: ``[B', total_dim]`` one row per bag slot, features side by side.
+        inverse: ``[F, B]`` int64, the bag slot each sample reads, per feature.
+        out_offsets: ``[F+1]`` each feature's first column.
     Returns:
-        ``[B, sum(dims)]``: row ``b``, feature ``f`` is ``pooled[inverse_indices[f][b]]``'s columns of ``f``.
+        ``[B, total_dim]``. A feature whose samples read their own slots in order (on CPU, found
+        with one read) is narrowed rather than gathered, when the batch has ``B`` slots.
     """
-    if inverse_indices is None:
-        return pooled
-    starts = [0]
-    for d in dims:
-        starts.append(starts[-1] + d)
-    gathered = [None if inv is None else pooled.narrow(1, starts[f], dims[f]).index_select(0, inv.long())
-                for f, inv in enumerate(inverse_indices)]
-    if pooled.shape[0] == batch_size and any(g is None for g in gathered):
-        # write the gathered features over their own columns: the features read in order (most
-        # of them, typically) are then not copied at all. Autograd sends each gathered block's
-        # gradient back through its gather (summing shared bags) and none through what it
-        # overwrote; the op saves no output, so writing into its output is safe.
-        for f, g in enumerate(gathered):
-            if g is not None:
-                pooled.narrow(1, starts[f], dims[f]).copy_(g)
-        return pooled
-    return torch.cat([pooled.narrow(1, starts[f], dims[f]).narrow(0, 0, batch_size) if g is None else g
-                      for f, g in enumerate(gathered)], dim=1)
+    batch = inverse.shape[1]
+    identity = _in_order(inverse, pooled.shape[0])
+    parts = []
+    for f in range(inverse.shape[0]):
+        columns = pooled.narrow(1, out_offsets[f], out_offsets[f + 1] - out_offsets[f])
+        parts.append(columns.narrow(0, 0, batch) if identity[f] else columns.index_select(0, inverse[f]))
+    return torch.cat(parts, dim=1)
+
+
+def sum_shared_bags(grad_out: torch.Tensor, inverse: torch.Tensor, out_offsets: Sequence[int],
+                    num_slots: int) -> torch.Tensor:
+    """The expansion's backward: ``[B', total_dim]`` fp32, each slot's row the sum of the
+    output-gradient rows of the samples that read it (zero for a slot nobody reads)."""
+    identity = _in_order(inverse, num_slots)
+    grad = grad_out.new_zeros((num_slots, grad_out.shape[1]), dtype=torch.float32)
+    for f in range(inverse.shape[0]):
+        lo, width = out_offsets[f], out_offsets[f + 1] - out_offsets[f]
+        rows = grad_out.narrow(1, lo, width).float()
+        if identity[f]:
+            grad.narrow(1, lo, width).narrow(0, 0, rows.shape[0]).copy_(rows)
+        else:
+            grad.narrow(1, lo, width).index_add_(0, inverse[f], rows)
+    return grad
+
+
+def ids_read(inverse: Optional[torch.Tensor], tables: FeatureTables, offsets: torch.Tensor,
+             num_ids: int) -> Optional[torch.Tensor]:
+    """``[N]`` bool: the id's bag is read by some sample; None without inverse indices (all are).
+    An unread bag's ids get no optimizer step (a lazy optimizer must not count them as
+    touched), though the forward pooled them.
+
+    Args:
+        inverse: ``[F, B]`` the bag slot each sample reads, per feature of ``tables``.
+        offsets: ``[K*B'+1]`` the spread bags' offsets.
+    """
+    if inverse is None:
+        return None
+    width = (offsets.shape[0] - 1) // tables.num_keys
+    read = torch.zeros(tables.num_keys * width, dtype=torch.bool, device=inverse.device)
+    bags = (torch.tensor(tables.keys, device=inverse.device).unsqueeze(1) * width + inverse).reshape(-1)
+    read.index_fill_(0, bags, True)
+    return torch.repeat_interleave(read, (offsets[1:] - offsets[:-1]).long(), output_size=num_ids)
+
+
+def _in_order(inverse: torch.Tensor, num_slots: int) -> List[bool]:
+    """Per feature, whether sample ``b`` reads slot ``b`` for every ``b``: one read, on CPU
+    eager only (a GPU would wait for it, where the gathers cost little)."""
+    batch = inverse.shape[1]
+    if (inverse.device.type != "cpu" or torch.compiler.is_compiling() or is_fake(inverse)
+            or batch > num_slots or not batch):
+        return [False] * inverse.shape[0]
+    return (inverse == torch.arange(batch, device=inverse.device)).all(dim=1).tolist()

@@ -1,12 +1,12 @@
 """pytest plugin for the TorchRec conformance run (``run.sh``): makes TorchRec's test files
 importable from a checkout and, with ``JAGGEDREC_SUITE=jaggedrec``, points TorchRec's sparse
-types, table configs and ``EmbeddingBagCollection`` at jaggedrec's.
+types, table configs, ``EmbeddingBagCollection`` and ``EmbeddingCollection`` at jaggedrec's.
 
 The test bodies are TorchRec's, unchanged: they import ``torchrec.sparse.jagged_tensor`` and
 friends at collection time, and this plugin is loaded (``-p shim``) before any test file is
 imported, so those imports already see jaggedrec's classes. TorchRec's own helpers that the
 tests call (``jt_is_equal``, ``validate_keyed_jagged_tensor``, ``torchrec.fx.symbolic_trace``,
-``EmbeddingCollection`` ...) stay TorchRec's and are handed jaggedrec objects, which is what a
+...) stay TorchRec's and are handed jaggedrec objects, which is what a
 user who swaps the import meets too.
 """
 
@@ -39,8 +39,9 @@ def _point_torchrec_at_jaggedrec() -> None:
         setattr(torchrec, name, getattr(jaggedrec, name))
     for name in ("EmbeddingBagConfig", "EmbeddingConfig", "PoolingType", "DataType"):
         setattr(tr_configs, name, getattr(jaggedrec, name))
-    tr_modules.EmbeddingBagCollection = jaggedrec.EmbeddingBagCollection
-    torchrec.EmbeddingBagCollection = jaggedrec.EmbeddingBagCollection
+    for name in ("EmbeddingBagCollection", "EmbeddingCollection"):
+        setattr(tr_modules, name, getattr(jaggedrec, name))
+        setattr(torchrec, name, getattr(jaggedrec, name))
 
 
 if os.environ.get("JAGGEDREC_SUITE") == "jaggedrec":
