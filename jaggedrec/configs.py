@@ -20,13 +20,25 @@ class PoolingType(Enum):
 
 @unique
 class DataType(Enum):
-    """Storage type of a table's rows. Pooled outputs are always fp32."""
+    """Storage type of a table's rows. Pooled outputs are always fp32. INT8 and INT4 are
+    row-wise quantized (a scale and a bias per row) and serve only ``jaggedrec.quant``'s
+    inference module."""
 
     FP32 = "FP32"
     FP16 = "FP16"
     BF16 = "BF16"
+    INT8 = "INT8"
+    INT4 = "INT4"
+
+    @property
+    def is_quantized(self) -> bool:
+        return self in (DataType.INT8, DataType.INT4)
 
     def to_torch(self) -> torch.dtype:
+        if self.is_quantized:
+            raise ValueError(f"DataType.{self.value} tables are row-wise quantized, for inference: train the table "
+                             f"in FP32, FP16 or BF16, then convert the module with "
+                             f"jaggedrec.quant.EmbeddingBagCollection.from_float")
         return _TORCH_DTYPES[self]
 
     def __str__(self) -> str:

@@ -34,6 +34,10 @@ class FeatureTables:
         keys: index of the feature's key among the KJT's ``num_keys`` keys.
         pooling: 0 SUM, 1 MEAN (sequence ops ignore it).
         num_keys: K, the KJT's key count.
+        storage: quantized ops only: each table's storage type (``STORAGE_INT8``,
+            ``STORAGE_INT4``, ``STORAGE_FP16``); weight offsets are then byte offsets. Empty for
+            float ops, whose tables have the flat tensor's dtype.
+        row_bytes: quantized ops only: each table's row stride in bytes.
     """
 
     weight_offsets: Tuple[int, ...]
@@ -42,9 +46,13 @@ class FeatureTables:
     keys: Tuple[int, ...]
     pooling: Tuple[int, ...]
     num_keys: int
+    storage: Tuple[int, ...] = ()
+    row_bytes: Tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         sizes = {len(self.weight_offsets), len(self.rows), len(self.dims), len(self.keys), len(self.pooling)}
+        if self.storage or self.row_bytes:
+            sizes |= {len(self.storage), len(self.row_bytes)}
         if len(sizes) != 1:
             raise ValueError(f"FeatureTables: per-feature fields of different lengths {sorted(sizes)}")
         if any(k < 0 or k >= self.num_keys for k in self.keys):
@@ -55,9 +63,10 @@ class FeatureTables:
         return len(self.dims)
 
     def encode(self) -> List[int]:
-        """``[F, K, weight_offsets, rows, dims, keys, pooling]`` flattened: the ops' ``tables`` argument."""
+        """``[F, K, weight_offsets, rows, dims, keys, pooling, storage?, row_bytes?]`` flattened:
+        the ops' ``tables`` argument (the last two only for a quantized op)."""
         return [self.num_features, self.num_keys, *self.weight_offsets, *self.rows, *self.dims, *self.keys,
-                *self.pooling]
+                *self.pooling, *self.storage, *self.row_bytes]
 
     # plain properties, not cached_property: Python 3.11's takes a lock, which torch.compile
     # cannot trace; the plan is cached by make_plan, the rest costs O(F)
@@ -103,8 +112,13 @@ def feature_tables(encoded: Sequence[int]) -> FeatureTables:
 
 @functools.lru_cache(maxsize=256)
 def _decode(encoded: Tuple[int, ...]) -> FeatureTables:
-    if len(encoded) < 2 or len(encoded) != 2 + 5 * encoded[0]:
+    n = encoded[0] if encoded else 0
+    if len(encoded) < 2 or len(encoded) not in (2 + 5 * n, 2 + 7 * n):
         raise ValueError(f"not an encoded FeatureTables: {list(encoded)[:12]}")
-    n = encoded[0]
-    fields = [tuple(encoded[2 + i * n: 2 + (i + 1) * n]) for i in range(5)]
-    return FeatureTables(*fields, num_keys=encoded[1])
+    fields = [tuple(encoded[2 + i * n: 2 + (i + 1) * n]) for i in range((len(encoded) - 2) // n if n else 5)]
+    return FeatureTables(*fields[:5], num_keys=encoded[1], storage=fields[5] if len(fields) > 5 else (),
+                         row_bytes=fields[6] if len(fields) > 6 else ())
+
+
+# storage types of a quantized op's tables (FeatureTables.storage)
+STORAGE_INT8, STORAGE_INT4, STORAGE_FP16 = 1, 2, 3
