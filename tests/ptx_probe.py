@@ -28,7 +28,7 @@ os.environ["JAGGEDREC_AUTOTUNE"] = "1"  # the kernels' configs are the tuned one
 
 import triton
 from jaggedrec.benchmarks.codegen_report import argument_types, compile_kernel
-from jaggedrec.kernels import pooled_bwd, pooled_fused, pooled_fwd, row_runs, sequence_fwd
+from jaggedrec.kernels import pooled_bwd, pooled_fused, pooled_fwd, quant_fwd, row_runs, sequence_fwd
 from jaggedrec.kernels.common import block_d
 
 
@@ -44,6 +44,9 @@ f32 = "*fp32"
 FWD, RUNS, FUSED, LONG, CONTRIB, _ = argument_types("fp32", "int64")  # the same tables as the report's
 SEQ = {"weights_ptr": f32, "values_ptr": "*i64", "offsets_ptr": "*i64", "meta_ptr": "*i64", "out_ptr": f32,
        "errors_ptr": "*i64", "batch_size": "i32", "num_features": "i32"}
+QUANT = {"int8_ptr": "*u8", "int4_ptr": "*u8", "fp16_ptr": "*u8", "values_ptr": "*i64", "offsets_ptr": "*i64",
+         "psw_ptr": f32, "meta_ptr": "*i64", "out_ptr": f32, "errors_ptr": "*i64", "batch_size": "i32",
+         "out_stride": "i32", "num_features": "i32"}
 SEQ_ATOMIC = {"grad_out_ptr": f32, "rows_ptr": "*i64", "item_offset_ptr": "*i64", "contrib_feature_ptr": "*i32",
               "meta_ptr": "*i64", "dest_ptr": f32, "num_contributions": "i32"}
 
@@ -91,6 +94,9 @@ def _kernels():
         ("seq_fwd", sequence_fwd._sequence_fwd_kernel, SEQ, dict(BLOCK_F=[16, 128]),
          [(w, dict(t, out_ptr=t["weights_ptr"]), c) for w, t, c in tables] + i32_ids + wide),
         ("seq_grad_atomic", sequence_fwd._rows_grad_atomic_kernel, SEQ_ATOMIC, {}, wide),
+        # quantized tables: every storage type in one kernel; rows 16- or 4-byte aligned
+        ("quant_fwd", quant_fwd._quant_fwd_kernel, QUANT, dict(HAS_PSW=[False, True], ROW_ALIGN=[16, 4]),
+         i32_ids + wide + [(w, t, {}) for w, t in PSW]),
     ]
 
 
@@ -101,7 +107,8 @@ def _untuned_configs():
         return {"fwd": pooled_fwd._configs(), "rows_grad": row_runs.run_configs(),
                 "long_runs": row_runs._long_run_config(), "fused": row_runs.run_configs(),
                 "rows_grad_atomic": pooled_bwd._q_configs([]), "psw_grad": pooled_bwd._q_configs([]),
-                "seq_fwd": sequence_fwd._configs(), "seq_grad_atomic": sequence_fwd._atomic_configs()}
+                "seq_fwd": sequence_fwd._configs(), "seq_grad_atomic": sequence_fwd._atomic_configs(),
+                "quant_fwd": quant_fwd._configs()}
     finally:
         os.environ["JAGGEDREC_AUTOTUNE"] = "1"
 
@@ -182,6 +189,8 @@ out["psw_grad"] = ptx_ops(pooled_bwd._psw_grad_kernel, dict(CONTRIB, weights_ptr
                           dict(DIM_ALIGN=align, BLOCK_D=64, BLOCK_Q=32))
 out["seq_fwd"] = ptx_ops(sequence_fwd._sequence_fwd_kernel, SEQ,
                         dict(BLOCK_F=16, BLOCK_D=64, DIM_ALIGN=align, BLOCK_B=32, UNROLL=2))
+out["quant_fwd"] = ptx_ops(quant_fwd._quant_fwd_kernel, QUANT,
+                          dict(HAS_PSW=False, BLOCK_D=64, ROW_ALIGN=16, DIM_ALIGN=align, BLOCK_B=32))
 out["seq_grad_atomic"] = ptx_ops(sequence_fwd._rows_grad_atomic_kernel, SEQ_ATOMIC,
                                  dict(BLOCK_D=64, DIM_ALIGN=align, BLOCK_Q=32))
 print(json.dumps(out))

@@ -41,6 +41,11 @@ def test_row_traffic_is_vectorised_when_dims_allow(aligned):
         assert ops.get("ld.global.v4.b32", 0) >= 4, (kernel, ops)  # the row gathers
     for kernel in ("fwd", "rows_grad", "fused_adagrad", "seq_fwd"):  # [BLOCK, 64] row writes
         assert aligned[kernel].get("st.global.v4.b32", 0) >= 4, (kernel, aligned[kernel])
+    # quantized rows: INT8 codes and FP16 values in 16-byte vectors, INT4's half-width bytes in 8-byte ones
+    # (a 32-bag tile of dim 64 gives each thread 8 of them), the pooled rows stored in vectors
+    ops = aligned["quant_fwd"]
+    assert ops.get("ld.global.v4.b32", 0) >= 2 and ops.get("ld.global.v2.b32", 0) >= 1, ops
+    assert ops.get("st.global.v4.b32", 0) >= 4, ops
     # the run sums' gathers (two unrolled steps), not only the hot-row sums' load
     assert aligned["rows_grad"].get("ld.global.v4.b32", 0) >= 12, aligned["rows_grad"]
 
@@ -59,7 +64,7 @@ def test_atomic_backward_adds_without_fences(aligned):
 def test_odd_dims_get_scalar_accesses():
     ops = _compile(1)
     for kernel in ("fwd", "rows_grad", "fused_adagrad", "long_runs", "rows_grad_atomic", "psw_grad", "seq_fwd",
-                   "seq_grad_atomic"):
+                   "seq_grad_atomic", "quant_fwd"):
         assert not any(".v4" in op or ".v2" in op for op in ops[kernel]), (kernel, ops[kernel])
 
 

@@ -221,3 +221,34 @@ def test_export_loads_and_serves_in_a_fresh_process(tmp_path):
     run = subprocess.run([sys.executable, "-c", SERVE, str(inputs)], input=buffer.getvalue(), capture_output=True,
                          timeout=300)
     assert run.returncode == 0 and b"served" in run.stdout, run.stderr.decode()[-3000:]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("weighted", [False, True])
+def test_triton_kernel_matches_the_torch_path(weighted):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ebc = _float_module(weighted)
+    q = quant.EmbeddingBagCollection.from_float(ebc, DataType.INT4, {"t0": DataType.INT8, "t3": DataType.FP16},
+                                                row_align=16)
+    kernels = quant.EmbeddingBagCollection(q.embedding_bag_configs(), is_weighted=weighted, device=device,
+                                           row_align=16, backend="triton")
+    kernels.load_state_dict(q.state_dict())
+    gen = torch.Generator().manual_seed(8)
+    batch = random_kjt(gen, shuffled_keys(gen, list(ROWS)), ROWS, 3, weighted=weighted, empty_keys=("d",))
+    kjt = batch.kjt.to(device)
+    torch.testing.assert_close(kernels(kjt).values().cpu(), q(batch.kjt).values(), rtol=1e-5, atol=1e-5)
+    assert (kernels(kjt).values().cpu() - ebc(batch.kjt).values()).abs().le(_bound(q, ebc, batch) + 1e-5).all()
+
+
+@pytest.mark.interpret
+def test_triton_kernel_refuses_unaligned_rows_and_names_bad_ids():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ebc = _float_module(False)
+    packed = quant.EmbeddingBagCollection.from_float(ebc, DataType.INT8, row_align=1, backend="triton")
+    kjt = random_kjt(torch.Generator().manual_seed(9), list(ROWS), ROWS, 2).kjt.to(device)
+    with pytest.raises(ValueError, match="row_align=16"):
+        packed.to(device)(kjt)
+    q = quant.EmbeddingBagCollection.from_float(ebc, DataType.INT8, row_align=16, backend="triton", validate=False)
+    bad = jr.KeyedJaggedTensor(["a", "b", "c", "d"], torch.tensor([1, 7, 2, 3]), lengths=torch.tensor([1, 1, 1, 1]))
+    with pytest.raises(ValueError, match="'b'"):
+        q.to(device)(bad.to(device))

@@ -7,19 +7,21 @@ Tables live in one flat uint8 buffer per storage type (INT8, INT4, FP16; layouts
 The torch path (CPU) pools each feature with torch's own row-wise quantized embedding-bag
 ops (``torch.ops.quantized.embedding_bag_byte_rowwise_offsets`` and the 4-bit one, FBGEMM's
 CPU kernels, which ship with torch): they read the codes, scale and bias of each row and sum
-in fp32. FP16 rows go through the float path's widening sums. The op is opaque to
-torch.compile (the 4-bit op has no fake implementation), with a fake of its own.
+in fp32. FP16 rows go through the float path's widening sums. That path runs inside an opaque
+op (the 4-bit op has no fake implementation), with a fake of its own. On CUDA one Triton
+launch pools every feature of every storage type (``kernels/quant_fwd.py``).
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from . import pooled_torch
 from .feature_tables import STORAGE_FP16, STORAGE_INT4, STORAGE_INT8, FeatureTables, feature_tables
-from .registry import define_host_op
+from .backends import batch_inputs, use_kernels
+from .registry import define_host_op, define_op
 
 
 def _fake(int8, int4, fp16, values, offsets, per_sample_weights, tables):
@@ -102,4 +104,29 @@ def _quantized_forward(int8: torch.Tensor, int4: torch.Tensor, fp16: torch.Tenso
     return torch.cat(pieces, dim=1)
 
 
-quantized_embedding_bags = define_host_op("jaggedrec::quantized_embedding_bags", fake=_fake)(_quantized_forward)
+define_host_op("jaggedrec::quantized_embedding_bags_host", fake=_fake)(_quantized_forward)
+
+
+@define_op("jaggedrec::quantized_embedding_bags")
+def quantized_embedding_bags(int8: torch.Tensor, int4: torch.Tensor, fp16: torch.Tensor, values: torch.Tensor,
+                             offsets: torch.Tensor, per_sample_weights: Optional[torch.Tensor], tables: List[int],
+                             backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pool each feature's rows from its quantized table.
+
+    Args:
+        int8, int4, fp16: each storage type's flat uint8 buffer (empty when unused).
+        values: ``[N]`` int32/int64 ids; offsets: ``[K*B+1]`` bag starts; per_sample_weights: ``[N]`` or None.
+        tables: ``FeatureTables.encode()`` with ``storage`` and ``row_bytes`` (byte offsets).
+        backend: "auto" (the kernels on CUDA), "torch" or "triton".
+    Returns:
+        ``[B, sum(dims)]`` fp32, and ``[F]`` int64 counts of the ids outside their tables, which
+        the kernel skips (zero on the torch path, whose callers validate ids first).
+    """
+    decoded = feature_tables(tables)
+    if use_kernels(backend, values.device):
+        from . import quantized_triton  # imported lazily: it pulls in the kernels
+        values, offsets, per_sample_weights = batch_inputs(values, offsets, per_sample_weights)
+        return quantized_triton.triton_forward(int8, int4, fp16, values, offsets, per_sample_weights, decoded)
+    pooled = torch.ops.jaggedrec.quantized_embedding_bags_host(int8, int4, fp16, values, offsets, per_sample_weights,
+                                                               tables)
+    return pooled, torch.zeros(decoded.num_features, dtype=torch.int64, device=values.device)

@@ -16,7 +16,9 @@ from ..embedding_modules import EmbeddingBagCollection as FloatEmbeddingBagColle
 from ..keyed_jagged_tensor import KeyedJaggedTensor
 from ..keyed_tensor import KeyedTensor
 from ..ops import quantized as quantized_ops
+from ..bad_ids import BOUNDS_CHECKS, BadIdReport
 from ..ops import vbe
+from ..ops.backends import BACKENDS, use_kernels
 from .rowwise import QUANT_TYPES, quantize_rows
 from .storage import STORAGE_CODES, QuantGroup, QuantLayout
 
@@ -34,7 +36,7 @@ class EmbeddingBagCollection(nn.Module):
 
     Args:
         tables: ``EmbeddingBagConfig`` per table, ``data_type`` INT8, INT4 or FP16.
-        is_weighted, device, validate: as in ``jaggedrec.EmbeddingBagCollection``.
+        is_weighted, device, validate, backend, bounds_check: as in ``jaggedrec.EmbeddingBagCollection``.
         row_align: each row's stride is rounded up to this many bytes; default 16 on CUDA
             (vector loads), 1 elsewhere (torch's CPU quantized ops need the exact layout).
 
@@ -46,8 +48,14 @@ class EmbeddingBagCollection(nn.Module):
 
     def __init__(self, tables: Sequence[EmbeddingBagConfig], is_weighted: bool = False,
                  device: Optional[torch.device] = None, validate: bool = True,
-                 row_align: Optional[int] = None) -> None:
+                 row_align: Optional[int] = None, backend: str = "auto", bounds_check: str = "raise") -> None:
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if bounds_check not in BOUNDS_CHECKS:
+            raise ValueError(f"bounds_check must be one of {BOUNDS_CHECKS}, got {bounds_check!r}")
+        self._backend, self._bounds_check = backend, bounds_check
+        self._bad_id_report = BadIdReport()
         for t in tables:
             if not isinstance(t, EmbeddingBagConfig):
                 raise TypeError(f"tables must be EmbeddingBagConfig, got {type(t).__name__}")
@@ -86,7 +94,7 @@ class EmbeddingBagCollection(nn.Module):
     @classmethod
     def from_float(cls, ebc: FloatEmbeddingBagCollection, data_type: DataType = DataType.INT8,
                    per_table_data_type: Optional[Dict[str, DataType]] = None, validate: Optional[bool] = None,
-                   row_align: Optional[int] = None) -> "EmbeddingBagCollection":
+                   row_align: Optional[int] = None, backend: Optional[str] = None) -> "EmbeddingBagCollection":
         """Quantize a float collection's tables row by row: every table to ``data_type``, or
         to its entry in ``per_table_data_type`` (by table name), e.g. big tables INT4 and small
         ones FP16."""
@@ -101,7 +109,8 @@ class EmbeddingBagCollection(nn.Module):
             configs.append(q)
         device = ebc.device
         module = cls(configs, is_weighted=ebc.is_weighted(), device=device,
-                     validate=ebc.validate if validate is None else validate, row_align=row_align)
+                     validate=ebc.validate if validate is None else validate, row_align=row_align,
+                     backend=ebc._backend if backend is None else backend, bounds_check=ebc._bounds_check)
         with torch.no_grad():
             for t, c in enumerate(configs):
                 weight = ebc.embedding_bags[c.name].weight
@@ -132,9 +141,15 @@ class EmbeddingBagCollection(nn.Module):
             KeyedTensor with ``[B, sum(dims)]`` fp32 values.
         """
         batch = batch_reader.read_batch(features, self._spec, self._groups, self._output_features, self.validate)
-        pooled = quantized_ops.quantized_embedding_bags(
+        pooled, bad_ids = quantized_ops.quantized_embedding_bags(
             self.qweights_int8, self.qweights_int4, self.qweights_fp16, batch.values, batch.offsets, batch.weights,
-            batch.group_tables[0])
+            batch.group_tables[0], self._backend)
+        if (self._bounds_check != "off" and use_kernels(self._backend, self.device)
+                and not torch.compiler.is_compiling() and not isinstance(pooled, torch.fx.Proxy)):
+            if self._bounds_check == "clamp":
+                self._bad_id_report.push(bad_ids, list(self._output_features))
+            elif not self.validate and bool(bad_ids.any()):
+                validation.check_data(features, self._spec)  # raises, naming the feature, id and sample
         inverse = batch.group_inverse[0]
         if inverse is not None:
             pooled = vbe.expand_rows(pooled, inverse, _column_offsets(self._length_per_embedding))

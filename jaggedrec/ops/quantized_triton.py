@@ -1,0 +1,57 @@
+"""The Triton path of quantized embedding bags: one launch over every feature (``kernels/quant_fwd.py``)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+from jaggedrec.kernels import quant_fwd
+
+from .feature_tables import FeatureTables
+
+
+def _meta_rows(tables: FeatureTables) -> Tuple[Tuple[int, ...], ...]:
+    columns, rows = 0, []
+    for f in range(tables.num_features):
+        rows.append((tables.weight_offsets[f], tables.dims[f], tables.rows[f], columns, tables.keys[f],
+                     tables.pooling[f], tables.storage[f], tables.row_bytes[f]))
+        columns += tables.dims[f]
+    return tuple(rows)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_meta(meta_rows, device: torch.device) -> torch.Tensor:
+    return torch.tensor(meta_rows, dtype=torch.int64, device=device)
+
+
+def _alignment(values) -> int:
+    """The largest power of two (at most 16) dividing every one of ``values``."""
+    align = 16
+    while any(x % align for x in values):
+        align //= 2
+    return align
+
+
+def triton_forward(int8: torch.Tensor, int4: torch.Tensor, fp16: torch.Tensor, values: torch.Tensor,
+                   offsets: torch.Tensor, per_sample_weights: Optional[torch.Tensor], tables: FeatureTables):
+    """``[B, sum(dims)]`` fp32 pooled output and ``[F]`` int64 counts of skipped bad ids."""
+    align = _alignment((*tables.row_bytes, *tables.weight_offsets))
+    if align < 4:
+        # a row's fp32 (INT8) or fp16 (INT4) scale and bias must be aligned for the GPU to load them
+        raise ValueError(f"the Triton kernel needs row strides and table offsets that are multiples of 4 bytes, got "
+                         f"alignment {align}: build the quantized collection with row_align=16 (the default on "
+                         f"CUDA), or from_float on a CUDA collection")
+    rows = _meta_rows(tables)
+    if torch.compiler.is_compiling() or is_fake(values):
+        meta = torch.tensor(rows, dtype=torch.int64, device=values.device)
+    else:
+        meta = _cached_meta(rows, values.device)
+    batch = (offsets.shape[0] - 1) // tables.num_keys
+    out = torch.empty((batch, sum(tables.dims)), dtype=torch.float32, device=values.device)
+    errors = torch.zeros(tables.num_features, dtype=torch.int64, device=values.device)
+    quant_fwd.quant_fwd(int8, int4, fp16, values, offsets, per_sample_weights, meta, out, errors, max(tables.dims),
+                        align, _alignment(tables.dims))
+    return out, errors

@@ -1,0 +1,159 @@
+"""Forward of quantized embedding bags: every feature of every table, INT8, INT4 and FP16, in one launch.
+
+The pooled forward's loop (``pooled_fwd``) over quantized rows: each program pools
+``BLOCK_B`` bags of one feature, whose table's storage type (``QMETA_STORAGE``) picks how a
+row is read. A row's codes are loaded as bytes from its start (16-byte aligned where the
+layout is, ``ROW_ALIGN``), its scale and bias from its last bytes, and it is dequantized in
+registers (``code * scale + bias``) before it is added, in fp32. Ids outside their table are
+skipped and counted, as in the float kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import block_d, single_config, wrap_triton
+from .tuning import autotune
+
+# per-feature metadata, [F, QMETA_FIELDS] int64: the table's first byte in its storage type's
+# buffer, dim, rows, the feature's output column, its KJT key, MEAN (1) or SUM (0), storage
+# type (1 INT8, 2 INT4, 3 FP16) and row stride in bytes
+QMETA_FIELDS: tl.constexpr = tl.constexpr(8)
+
+
+def _configs():
+    if single_config():
+        return [triton.Config({"BLOCK_B": 4}, num_warps=1)]
+    return [triton.Config({"BLOCK_B": b}, num_warps=w) for b, w in [(16, 4), (32, 8)]]
+
+
+@triton.jit
+def _dequantized_rows(table_ptr, ids, present, d0, cols, col_mask, dim, row_bytes, STORAGE: tl.constexpr,
+                      ROW_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``[BLOCK_B, BLOCK_D]`` fp32 columns ``cols`` of the rows ``ids`` (0 where not ``present``)."""
+    rows = tl.multiple_of(table_ptr + ids * row_bytes, ROW_ALIGN)  # each row's first byte
+    mask = present[:, None] & col_mask[None, :]
+    if STORAGE == 3:  # FP16 values
+        values = tl.load(rows.to(tl.pointer_type(tl.float16))[:, None] + cols[None, :], mask=mask, other=0.0)
+        return values.to(tl.float32)
+    if STORAGE == 1:  # INT8 codes, fp32 scale and bias
+        codes = tl.load(rows[:, None] + cols[None, :], mask=mask, other=0).to(tl.float32)
+        meta = (rows + row_bytes - 8).to(tl.pointer_type(tl.float32))
+        scale = tl.load(meta, mask=present, other=0.0)
+        bias = tl.load(meta + 1, mask=present, other=0.0)
+    else:  # INT4 codes, two per byte (low nibble first), fp16 scale and bias
+        # the tile's BLOCK_D/2 bytes, loaded once each (contiguous, so in vectors), then split
+        pairs = d0 // 2 + tl.arange(0, BLOCK_D // 2)
+        if DIM_ALIGN >= 2:  # even dims: the mask's bound keeps their alignment, and the loads their width
+            num_bytes = tl.multiple_of(dim // 2, DIM_ALIGN // 2)
+        else:
+            num_bytes = (dim + 1) // 2
+        packed = tl.load(rows[:, None] + pairs[None, :], mask=present[:, None] & (pairs < num_bytes)[None, :],
+                         other=0).to(tl.int32)
+        codes = tl.interleave(packed & 15, packed >> 4).to(tl.float32)
+        meta = (rows + row_bytes - 4).to(tl.pointer_type(tl.float16))
+        scale = tl.load(meta, mask=present, other=0.0).to(tl.float32)
+        bias = tl.load(meta + 1, mask=present, other=0.0).to(tl.float32)
+    return tl.where(mask, codes * scale[:, None] + bias[:, None], 0.0)
+
+
+@triton.jit
+def _pool(acc, bad_ids, d0, cols, col_mask, dim, starts, lengths, longest, num_rows, row_bytes, table_ptr, values_ptr,
+          psw_ptr, HAS_PSW: tl.constexpr, STORAGE: tl.constexpr, ROW_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr,
+          BLOCK_D: tl.constexpr):
+    """Add columns ``cols`` of every bag's dequantized rows to ``acc``, one id position at a
+    time; ids are loaded one position ahead of their rows."""
+    ids_next = tl.load(values_ptr + starts, mask=lengths > 0, other=0)
+    for j in range(0, longest):
+        present = j < lengths
+        ids = ids_next.to(tl.int64)
+        ids_next = tl.load(values_ptr + starts + j + 1, mask=(j + 1) < lengths, other=0)
+        bad = present & ((ids < 0) | (ids >= num_rows))
+        present = present & ~bad
+        bad_ids += (bad & (d0 == 0)).to(tl.int32)
+        rows = _dequantized_rows(table_ptr, ids, present, d0, cols, col_mask, dim, row_bytes, STORAGE, ROW_ALIGN,
+                                 DIM_ALIGN, BLOCK_D)
+        if HAS_PSW:
+            rows = rows * tl.load(psw_ptr + starts + j, mask=present, other=0.0).to(tl.float32)[:, None]
+        acc += rows
+    return acc, bad_ids
+
+
+@autotune(configs=_configs(), key=["num_features", "BLOCK_D", "HAS_PSW", "ROW_ALIGN", "DIM_ALIGN"])
+@triton.jit
+def _quant_fwd_kernel(
+    int8_ptr, int4_ptr, fp16_ptr, values_ptr, offsets_ptr, psw_ptr, meta_ptr, out_ptr, errors_ptr,
+    batch_size, out_stride, num_features,
+    HAS_PSW: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    f = tl.program_id(1)
+    meta = meta_ptr + f * QMETA_FIELDS
+    # the layout's alignments, promised to the compiler so that rows move in vectors: every row
+    # stride and table offset a multiple of ROW_ALIGN bytes, every dim and output column of DIM_ALIGN
+    first_byte = tl.multiple_of(tl.load(meta + 0), ROW_ALIGN)
+    dim = tl.multiple_of(tl.load(meta + 1), DIM_ALIGN)
+    num_rows = tl.load(meta + 2)
+    out_column = tl.multiple_of(tl.load(meta + 3), DIM_ALIGN)
+    key = tl.load(meta + 4)
+    mean = tl.load(meta + 5)
+    storage = tl.load(meta + 6)
+    row_bytes = tl.multiple_of(tl.load(meta + 7), ROW_ALIGN)
+
+    bags = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    bag_mask = bags < batch_size
+    bag_ptrs = offsets_ptr + key * batch_size + bags
+    starts = tl.load(bag_ptrs, mask=bag_mask, other=0).to(tl.int64)
+    lengths = tl.load(bag_ptrs + 1, mask=bag_mask, other=0).to(tl.int64) - starts
+    longest = tl.max(lengths, axis=0)
+    bad_ids = tl.zeros([BLOCK_B], dtype=tl.int32)
+    for d0 in range(0, dim, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_mask = cols < dim
+        acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+        # the storage type is the same for the whole program: one branch, outside the loop
+        if storage == 1:
+            acc, bad_ids = _pool(acc, bad_ids, d0, cols, col_mask, dim, starts, lengths, longest, num_rows, row_bytes,
+                                 int8_ptr + first_byte, values_ptr, psw_ptr, HAS_PSW, 1, ROW_ALIGN, DIM_ALIGN, BLOCK_D)
+        elif storage == 2:
+            acc, bad_ids = _pool(acc, bad_ids, d0, cols, col_mask, dim, starts, lengths, longest, num_rows, row_bytes,
+                                 int4_ptr + first_byte, values_ptr, psw_ptr, HAS_PSW, 2, ROW_ALIGN, DIM_ALIGN, BLOCK_D)
+        else:
+            acc, bad_ids = _pool(acc, bad_ids, d0, cols, col_mask, dim, starts, lengths, longest, num_rows, row_bytes,
+                                 fp16_ptr + first_byte, values_ptr, psw_ptr, HAS_PSW, 3, ROW_ALIGN, DIM_ALIGN, BLOCK_D)
+        if mean != 0:
+            acc = acc / tl.maximum(lengths, 1).to(tl.float32)[:, None]
+        out_rows = tl.multiple_of(bags.to(tl.int64) * out_stride, DIM_ALIGN)  # out_stride: the sum of the dims
+        tl.store(out_ptr + out_rows[:, None] + out_column + cols[None, :], acc, mask=bag_mask[:, None] & col_mask[None, :])
+    num_bad = tl.sum(bad_ids, axis=0)
+    if num_bad > 0:
+        tl.atomic_add(errors_ptr + f, num_bad.to(tl.int64))
+
+
+def quant_fwd(int8: torch.Tensor, int4: torch.Tensor, fp16: torch.Tensor, values: torch.Tensor,
+              offsets: torch.Tensor, per_sample_weights: torch.Tensor | None, meta: torch.Tensor, out: torch.Tensor,
+              errors: torch.Tensor, max_dim: int, row_align: int, dim_align: int) -> None:
+    """Pool every feature of the quantized tables into ``out``, in one launch.
+
+    Args:
+        int8, int4, fp16: the storage types' flat uint8 buffers (any may be empty).
+        values: ``[N]`` ids; offsets: ``[K*B+1]`` bag starts, key-major.
+        per_sample_weights: ``[N]`` float, or None.
+        meta: ``[F, QMETA_FIELDS]`` int64 (see above).
+        out: ``[B, total_dim]`` fp32, written in full; errors: ``[F]`` int64 counts of bad ids.
+        row_align: a power of two dividing every row stride and table offset; dim_align: one
+            dividing every dim (hence every output column).
+    """
+    num_features, batch_size = meta.shape[0], out.shape[0]
+    if num_features == 0 or batch_size == 0:
+        return
+    # an empty buffer still needs an address: hand the kernel a live one in its place
+    live = next(b for b in (int8, int4, fp16) if b.numel())
+    buffers = [b if b.numel() else live for b in (int8, int4, fp16)]
+    grid = lambda cfg: (triton.cdiv(batch_size, cfg["BLOCK_B"]), num_features)  # noqa: E731
+    wrap_triton(_quant_fwd_kernel)[grid](
+        *buffers, values, offsets, per_sample_weights if per_sample_weights is not None else out, meta, out, errors,
+        batch_size, out.stride(0), num_features,
+        HAS_PSW=per_sample_weights is not None, BLOCK_D=block_d(max_dim), ROW_ALIGN=row_align, DIM_ALIGN=dim_align)
