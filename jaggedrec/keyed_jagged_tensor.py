@@ -11,12 +11,10 @@ import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.fx._pytree as fx_pytree
-import torch.utils._pytree as pytree
 from torch._dynamo.decorators import mark_unbacked, maybe_mark_dynamic
 
-from .jagged_tensor import (JAGGED_FIELDS, JaggedTensor, SparseTypeMeta, _check_integer, _feature_string,
-                            flatten_with_keys_fn, lengths_to_offsets, offsets_to_lengths, size_in_bytes)
+from .jagged_tensor import (JaggedTensor, SparseTypeMeta, _check_integer, _feature_string, lengths_to_offsets,
+                            offsets_to_lengths, size_in_bytes)
 
 
 def _mark_dynamic(ids: Sequence[Optional[torch.Tensor]], bags: Sequence[Optional[torch.Tensor]]) -> None:
@@ -546,45 +544,5 @@ def _kjt_empty_like(kjt: KeyedJaggedTensor, device: Optional[torch.device]) -> K
         inverse_indices=None if inverse is None else (inverse[0], like(inverse[1])))
 
 
-# --- pytree: lets torch.compile and torch.export take KJTs as inputs and outputs -------------
-# Only tensors are leaves. The batch size is not context: it is re-derived from the
-# lengths' shape, so that a new batch size is a new shape, not a new graph. A plain KJT's
-# context is its key list, as before VBE (programs exported then still load); a VBE KJT's, or
-# one with inverse indices, is (keys, stride_per_key_per_rank, inverse-index keys), and its
-# inverse-index tensor is a fifth child.
-
-def _kjt_flatten(kjt: KeyedJaggedTensor):
-    children = [kjt._values, kjt._weights, kjt._lengths, kjt._offsets]
-    inverse = kjt._inverse_indices
-    if inverse is None and not kjt.variable_stride_per_key():
-        return children, list(kjt._keys)
-    spkpr = kjt.stride_per_key_per_rank() if kjt.variable_stride_per_key() else None
-    return children + [None if inverse is None else inverse[1]], (
-        list(kjt._keys), spkpr, None if inverse is None else list(inverse[0]))
-
-
-def _kjt_unflatten(children, context) -> KeyedJaggedTensor:
-    if len(children) not in (4, 5):
-        raise ValueError(f"a KeyedJaggedTensor flattens to 4 or 5 tensors, got {len(children)}")
-    values, weights, lengths, offsets = children[:4]
-    if isinstance(context, tuple):
-        keys, spkpr, inverse_keys = context
-    else:
-        keys, spkpr, inverse_keys = context, None, None
-    inverse = None
-    if len(children) == 5 and children[4] is not None:
-        inverse = (list(inverse_keys if inverse_keys is not None else keys), children[4])
-    return KeyedJaggedTensor(keys, values, weights, lengths=lengths, offsets=offsets,
-                             stride_per_key_per_rank=spkpr, inverse_indices=inverse)
-
-
-def _kjt_flatten_spec(kjt: KeyedJaggedTensor, spec: pytree.TreeSpec) -> List[Optional[torch.Tensor]]:
-    return _kjt_flatten(kjt)[0]
-
-
-_KJT_FIELDS = JAGGED_FIELDS + ("_inverse_indices",)
-pytree.register_pytree_node(KeyedJaggedTensor, _kjt_flatten, _kjt_unflatten,
-                            serialized_type_name="jaggedrec.KeyedJaggedTensor",
-                            flatten_with_keys_fn=flatten_with_keys_fn(_kjt_flatten, _KJT_FIELDS))
-fx_pytree.register_pytree_flatten_spec(KeyedJaggedTensor, _kjt_flatten_spec)
-torch.serialization.add_safe_globals([KeyedJaggedTensor])
+# The pytree registration builds KeyedJaggedTensors, so it is imported once the class exists.
+from . import kjt_pytree  # noqa: E402,F401  (registers KeyedJaggedTensor as a pytree node)
