@@ -184,12 +184,12 @@ class KeyedJaggedTensor(metaclass=SparseTypeMeta):
         """With no ``device``: no keys, in ``kjt``'s dtypes, keeping its stride (or VBE strides).
         With a ``device``: uninitialised tensors of ``kjt``'s shapes there, with its keys and
         host metadata (a buffer to copy a batch into)."""
-        return _kjt_empty_like(kjt, device)
+        return _ops.empty_like(kjt, device)
 
     @staticmethod
     def concat(kjt_list: List["KeyedJaggedTensor"]) -> "KeyedJaggedTensor":
         """Join KJTs of one batch size (or all VBE) into one whose keys are all of theirs, in order."""
-        return _kjt_concat(kjt_list)
+        return _ops.concat(kjt_list)
 
     # --- accessors ------------------------------------------------------------------
     def keys(self) -> List[str]:
@@ -394,47 +394,16 @@ class KeyedJaggedTensor(metaclass=SparseTypeMeta):
         """One JaggedTensor per key (views); ``compute_offsets=False`` leaves their offsets unset."""
         return {key: self._jagged(k, compute_offsets) for k, key in enumerate(self._keys)}
 
-    def _vbe_rows(self, indices: Sequence[int]) -> Optional[torch.Tensor]:
-        spkpr = self._stride_per_key_per_rank
-        return None if spkpr is None else spkpr[list(indices)]
-
+    # --- key transforms (bodies in kjt_ops.py) -------------------------------------------
     def permute(self, indices: List[int], indices_tensor: Optional[torch.Tensor] = None) -> "KeyedJaggedTensor":
         """A KJT whose key ``i`` is this one's key ``indices[i]`` (keys may repeat or drop).
         Inverse indices are dropped, as TorchRec drops them."""
         del indices_tensor  # accepted for TorchRec compatibility; the host list is enough here
-        starts, length_per_key = self.offset_per_key(), self.length_per_key()
-        pieces = lambda t, at: [t[at[i]:at[i + 1]] for i in indices]  # noqa: E731
-        if self._stride_per_key_per_rank is None:
-            lengths = self.lengths().view(len(self._keys), self._stride)[list(indices)].reshape(-1)
-            stride_per_key = None
-        else:
-            lengths = _cat_or_empty(pieces(self.lengths(), self.lengths_offset_per_key()), self.lengths())
-            stride_per_key = [self.stride_per_key()[i] for i in indices]
-        return KeyedJaggedTensor(
-            [self._keys[i] for i in indices], _cat_or_empty(pieces(self._values, starts), self._values),
-            None if self._weights is None else _cat_or_empty(pieces(self._weights, starts), self._weights),
-            lengths=lengths, stride=self._stride, stride_per_key_per_rank=self._vbe_rows(indices),
-            stride_per_key=stride_per_key, length_per_key=[length_per_key[i] for i in indices])
+        return _ops.permute(self, indices)
 
     def split(self, segments: Sequence[int]) -> List["KeyedJaggedTensor"]:
         """Split into KJTs of ``segments[i]`` consecutive keys each (inverse indices dropped)."""
-        if sum(segments) != len(self._keys):
-            raise ValueError(f"split: segments {list(segments)} do not add up to {len(self._keys)} keys")
-        out, first = [], 0
-        starts, bag_starts = self.offset_per_key(), self.lengths_offset_per_key()
-        lengths, stride = self.lengths().reshape(-1), self.stride()
-        for size in segments:
-            last = first + size
-            lo, hi = starts[first], starts[last]
-            out.append(KeyedJaggedTensor(
-                self._keys[first:last], self._values[lo:hi],
-                None if self._weights is None else self._weights[lo:hi],
-                lengths=lengths[bag_starts[first]:bag_starts[last]], stride=stride,
-                stride_per_key_per_rank=self._vbe_rows(range(first, last)),
-                stride_per_key=self.stride_per_key()[first:last],
-                length_per_key=self.length_per_key()[first:last]))
-            first = last
-        return out
+        return _ops.split(self, segments)
 
     # --- movement -------------------------------------------------------------------
     def _map(self, fn) -> "KeyedJaggedTensor":
@@ -486,63 +455,8 @@ def _cumsum(sizes: Sequence[int]) -> List[int]:
     return out
 
 
-def _cat_or_empty(pieces: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return torch.cat(pieces) if pieces else like[:0]
-
-
-# --- builders that torch.fx records as one node each (``torch.fx.wrap``): they iterate and branch
-# on their arguments, which a traced graph cannot -------------------------------------------------
-
-@torch.fx.wrap
-def _kjt_concat(kjt_list: List[KeyedJaggedTensor]) -> KeyedJaggedTensor:
-    if not kjt_list:
-        raise ValueError("concat needs at least one KeyedJaggedTensor")
-    weighted = {kjt.weights_or_none() is not None for kjt in kjt_list}
-    if len(weighted) > 1:
-        raise ValueError("concat: either all KJTs have weights or none do")
-    vbe = {kjt.variable_stride_per_key() for kjt in kjt_list}
-    if len(vbe) > 1:
-        raise ValueError("concat: either all KJTs have variable batch per feature (VBE) or none do")
-    stride, spkpr = None, None
-    if vbe == {True}:
-        spkpr = [row for kjt in kjt_list for row in kjt.stride_per_key_per_rank()]
-    else:
-        strides = {kjt.stride() for kjt in kjt_list}
-        if len(strides) > 1:
-            raise ValueError(f"concat: KJTs have different strides {sorted(strides)}")
-        stride = strides.pop()
-    inverses = [kjt.inverse_indices_or_none() for kjt in kjt_list]
-    if any(inv is None for inv in inverses) and any(inv is not None for inv in inverses):
-        raise ValueError("concat: either all KJTs have inverse_indices or none do")
-    inverse = None
-    if inverses[0] is not None:
-        inverse = ([k for inv in inverses for k in inv[0]], torch.cat([inv[1] for inv in inverses]))
-    return KeyedJaggedTensor(
-        [k for kjt in kjt_list for k in kjt.keys()],
-        torch.cat([kjt.values() for kjt in kjt_list]),
-        torch.cat([kjt.weights() for kjt in kjt_list]) if weighted == {True} else None,
-        lengths=torch.cat([kjt.lengths().reshape(-1) for kjt in kjt_list]), stride=stride,
-        stride_per_key_per_rank=spkpr, inverse_indices=inverse,
-        length_per_key=[n for kjt in kjt_list for n in kjt.length_per_key()])
-
-
-@torch.fx.wrap
-def _kjt_empty_like(kjt: KeyedJaggedTensor, device: Optional[torch.device]) -> KeyedJaggedTensor:
-    vbe = kjt.variable_stride_per_key()
-    stride = None if vbe else kjt.stride()
-    spkpr = kjt._stride_per_key_per_rank if vbe else None
-    if device is None:
-        empty = lambda t: None if t is None else t.new_empty(0)  # noqa: E731
-        return KeyedJaggedTensor([], empty(kjt.values()), empty(kjt.weights_or_none()),
-                                 lengths=kjt.lengths().new_empty(0), stride=stride, stride_per_key_per_rank=spkpr)
-    like = lambda t: None if t is None else torch.empty_like(t, device=device)  # noqa: E731
-    inverse = kjt.inverse_indices_or_none()
-    return KeyedJaggedTensor(
-        kjt.keys(), like(kjt.values()), like(kjt.weights_or_none()), like(kjt.lengths_or_none()),
-        like(kjt.offsets_or_none()), stride=stride, stride_per_key_per_rank=spkpr,
-        stride_per_key=kjt._stride_per_key, length_per_key=kjt._length_per_key, offset_per_key=kjt._offset_per_key,
-        inverse_indices=None if inverse is None else (inverse[0], like(inverse[1])))
-
-
-# The pytree registration builds KeyedJaggedTensors, so it is imported once the class exists.
-from . import kjt_pytree  # noqa: E402,F401  (registers KeyedJaggedTensor as a pytree node)
+# Below the class, since both build KeyedJaggedTensors: the transforms the methods above delegate
+# to (looked up as ``_ops.name`` when called, which is also where torch.fx.wrap swaps in its
+# graph nodes while tracing), and the pytree registration, a side effect of the import.
+from . import kjt_ops as _ops  # noqa: E402
+from . import kjt_pytree  # noqa: E402,F401
