@@ -158,19 +158,7 @@ class KeyedJaggedTensor(KJTMetadata, metaclass=SparseTypeMeta):
     def from_jt_dict(jt_dict: Dict[str, JaggedTensor]) -> "KeyedJaggedTensor":
         """Stack per-feature JaggedTensors into a KJT, keys in dict order; features of different
         batch sizes make a VBE KJT (one rank), as in TorchRec."""
-        keys = list(jt_dict)
-        jts = list(jt_dict.values())
-        strides = [jt.lengths().numel() for jt in jts]
-        weighted = {jt.weights_or_none() is not None for jt in jts}
-        if len(weighted) > 1:
-            raise ValueError("from_jt_dict: either all features have weights or none do")
-        weights = torch.cat([jt.weights() for jt in jts]) if weighted == {True} else None
-        same = len(set(strides)) <= 1
-        return KeyedJaggedTensor(keys, torch.cat([jt.values() for jt in jts]), weights,
-                                 lengths=torch.cat([jt.lengths() for jt in jts]),
-                                 stride=(strides[0] if strides else 0) if same else None,
-                                 stride_per_key_per_rank=None if same else [[s] for s in strides],
-                                 length_per_key=[jt.values().size(0) for jt in jts])
+        return _ops.from_jt_dict(jt_dict)
 
     @staticmethod
     def empty(is_weighted: bool = False, device: Optional[torch.device] = None,

@@ -1,16 +1,34 @@
 """The bodies of the ``KeyedJaggedTensor`` methods that build new KJTs from existing ones:
-``permute`` and ``split`` (one KJT's keys), ``concat`` (several KJTs' keys into one) and
-``empty_like``. Each function here is the method of the same name, whose docstring says what
-it returns; the methods delegate, so the class file stays about what a KJT holds.
+``permute`` and ``split`` (one KJT's keys), ``concat`` (several KJTs' keys into one),
+``from_jt_dict`` (JaggedTensors' features into one KJT) and ``empty_like``. Each function
+here is the method of the same name, whose docstring says what it returns; the methods
+delegate, so the class file stays about what a KJT holds.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .jagged_tensor import JaggedTensor
 from .keyed_jagged_tensor import KeyedJaggedTensor
+
+
+def from_jt_dict(jt_dict: Dict[str, JaggedTensor]) -> KeyedJaggedTensor:
+    keys = list(jt_dict)
+    jts = list(jt_dict.values())
+    strides = [jt.lengths().numel() for jt in jts]
+    weighted = {jt.weights_or_none() is not None for jt in jts}
+    if len(weighted) > 1:
+        raise ValueError("from_jt_dict: either all features have weights or none do")
+    weights = torch.cat([jt.weights() for jt in jts]) if weighted == {True} else None
+    same = len(set(strides)) <= 1
+    return KeyedJaggedTensor(keys, torch.cat([jt.values() for jt in jts]), weights,
+                             lengths=torch.cat([jt.lengths() for jt in jts]),
+                             stride=(strides[0] if strides else 0) if same else None,
+                             stride_per_key_per_rank=None if same else [[s] for s in strides],
+                             length_per_key=[jt.values().size(0) for jt in jts])
 
 
 def _vbe_rows(kjt: KeyedJaggedTensor, indices: Sequence[int]) -> Optional[torch.Tensor]:
