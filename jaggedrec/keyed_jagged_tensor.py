@@ -3,6 +3,11 @@
 The tensors are the only required state; everything read back to the host
 (``length_per_key``, ``offset_per_key``) is computed on first use and cached, and nothing on
 the module's forward path needs it, so the GPU never waits on the host there.
+
+This file holds the dataclass: its fields, construction, the tensors and their per-key views.
+Beside it: ``kjt_metadata.py`` (the host metadata: batch sizes, VBE, ids per key, a mixin),
+``kjt_ops.py`` (permute, split, concat and the other KJTs-from-KJTs builders the methods
+delegate to) and ``kjt_compile.py`` (dynamic sizes and the pytree registration).
 """
 
 from __future__ import annotations
@@ -11,31 +16,10 @@ import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch._dynamo.decorators import mark_unbacked, maybe_mark_dynamic
 
 from .jagged_tensor import (JaggedTensor, SparseTypeMeta, _check_integer, _feature_string, lengths_to_offsets,
                             offsets_to_lengths, size_in_bytes)
 from .kjt_metadata import KJTMetadata
-
-
-def _mark_dynamic(ids: Sequence[Optional[torch.Tensor]], bags: Sequence[Optional[torch.Tensor]]) -> None:
-    """Tell torch.compile, before it first sees a batch, which sizes change between batches.
-
-    ``ids`` (``[N]`` values and weights) become unbacked: the graph serves every N, 0 and 1
-    included, with no guard on it, where a plain dynamic size would be specialised (and the
-    graph recompiled) for batches of 0 or 1 ids. Only the op reads N, and it never branches
-    on it. ``bags`` (``[K*B]`` lengths, ``[K*B+1]`` offsets) become dynamic but stay backed,
-    so that user code may treat the batch size as any other size; B=1 then gets its own
-    graph, as it would for any dense input.
-    """
-    if torch.compiler.is_compiling():
-        return  # tensors made inside a graph are already symbolic
-    for t in ids:
-        if t is not None:
-            mark_unbacked(t, 0)
-    for t in bags:
-        if t is not None:
-            maybe_mark_dynamic(t, 0)
 
 
 @dataclasses.dataclass(init=False, repr=False, eq=False)
@@ -111,7 +95,7 @@ class KeyedJaggedTensor(KJTMetadata, metaclass=SparseTypeMeta):
         _check_integer(offsets, "offsets", "KeyedJaggedTensor")
         self._keys = list(keys)
         self._values, self._weights, self._lengths, self._offsets = values, weights, lengths, offsets
-        _mark_dynamic((values, weights), (lengths, offsets))
+        _compile.mark_dynamic_sizes((values, weights), (lengths, offsets))
         if isinstance(stride_per_key_per_rank, (list, tuple)):
             if stride_per_key is None and all(isinstance(r, (list, tuple)) for r in stride_per_key_per_rank):
                 stride_per_key = [sum(r) for r in stride_per_key_per_rank]  # known here: no read back
@@ -204,7 +188,7 @@ class KeyedJaggedTensor(KJTMetadata, metaclass=SparseTypeMeta):
             if self._offsets is None:
                 raise self._no_bags_given()
             self._lengths = offsets_to_lengths(self._offsets)
-            _mark_dynamic((), (self._lengths,))
+            _compile.mark_dynamic_sizes((), (self._lengths,))
         return self._lengths
 
     def offsets(self) -> torch.Tensor:
@@ -218,7 +202,7 @@ class KeyedJaggedTensor(KJTMetadata, metaclass=SparseTypeMeta):
                 raise self._no_bags_given()
             self._offsets = lengths_to_offsets(self._lengths)
             self._offsets_agree = True
-            _mark_dynamic((), (self._offsets,))  # cached: a compiled graph may see it as an input
+            _compile.mark_dynamic_sizes((), (self._offsets,))  # cached: a compiled graph may see it as an input
         return self._offsets
 
     def _lookup_offsets(self) -> torch.Tensor:
@@ -331,6 +315,7 @@ class KeyedJaggedTensor(KJTMetadata, metaclass=SparseTypeMeta):
 
 # Below the class, since both build KeyedJaggedTensors: the transforms the methods above delegate
 # to (looked up as ``_ops.name`` when called, which is also where torch.fx.wrap swaps in its
-# graph nodes while tracing), and the pytree registration, a side effect of the import.
+# graph nodes while tracing), and what torch.compile is told of KJTs, whose pytree registration
+# is a side effect of the import.
+from . import kjt_compile as _compile  # noqa: E402
 from . import kjt_ops as _ops  # noqa: E402
-from . import kjt_pytree  # noqa: E402,F401

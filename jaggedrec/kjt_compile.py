@@ -1,19 +1,42 @@
-"""How a ``KeyedJaggedTensor`` flattens to tensors (a pytree node), so that torch.compile and
-torch.export take KJTs as inputs and outputs, and ``torch.load(weights_only=True)`` accepts them.
+"""What torch.compile and torch.export are told of a ``KeyedJaggedTensor``: which of its sizes
+change between batches (:func:`mark_dynamic_sizes`, called as the KJT is given or derives its
+tensors), and how it flattens to tensors (a pytree node), so that compiled and exported
+programs take KJTs as inputs and outputs; ``torch.load(weights_only=True)`` accepts them too.
 
 Imported by ``keyed_jagged_tensor.py`` right after the class, for the registration's side effect.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
+from torch._dynamo.decorators import mark_unbacked, maybe_mark_dynamic
 
 from .jagged_tensor import JAGGED_FIELDS, flatten_with_keys_fn
 from .keyed_jagged_tensor import KeyedJaggedTensor
+
+
+def mark_dynamic_sizes(ids: Sequence[Optional[torch.Tensor]], bags: Sequence[Optional[torch.Tensor]]) -> None:
+    """Tell torch.compile, before it first sees a batch, which sizes change between batches.
+
+    ``ids`` (``[N]`` values and weights) become unbacked: the graph serves every N, 0 and 1
+    included, with no guard on it, where a plain dynamic size would be specialised (and the
+    graph recompiled) for batches of 0 or 1 ids. Only the op reads N, and it never branches
+    on it. ``bags`` (``[K*B]`` lengths, ``[K*B+1]`` offsets) become dynamic but stay backed,
+    so that user code may treat the batch size as any other size; B=1 then gets its own
+    graph, as it would for any dense input.
+    """
+    if torch.compiler.is_compiling():
+        return  # tensors made inside a graph are already symbolic
+    for t in ids:
+        if t is not None:
+            mark_unbacked(t, 0)
+    for t in bags:
+        if t is not None:
+            maybe_mark_dynamic(t, 0)
 
 
 # --- pytree: lets torch.compile and torch.export take KJTs as inputs and outputs -------------
