@@ -3,6 +3,11 @@
 The tensors are the only required state; everything read back to the host
 (``length_per_key``, ``offset_per_key``) is computed on first use and cached, and nothing on
 the module's forward path needs it, so the GPU never waits on the host there.
+
+This file holds the dataclass: its fields, construction, the tensors and their per-key views.
+Beside it: ``kjt_metadata.py`` (the host metadata: batch sizes, VBE, ids per key, a mixin),
+``kjt_ops.py`` (permute, split, concat and the other KJTs-from-KJTs builders the methods
+delegate to) and ``kjt_compile.py`` (dynamic sizes and the pytree registration).
 """
 
 from __future__ import annotations
@@ -11,36 +16,14 @@ import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.fx._pytree as fx_pytree
-import torch.utils._pytree as pytree
-from torch._dynamo.decorators import mark_unbacked, maybe_mark_dynamic
 
-from .jagged_tensor import (JAGGED_FIELDS, JaggedTensor, SparseTypeMeta, _check_integer, _feature_string,
-                            flatten_with_keys_fn, lengths_to_offsets, offsets_to_lengths, size_in_bytes)
-
-
-def _mark_dynamic(ids: Sequence[Optional[torch.Tensor]], bags: Sequence[Optional[torch.Tensor]]) -> None:
-    """Tell torch.compile, before it first sees a batch, which sizes change between batches.
-
-    ``ids`` (``[N]`` values and weights) become unbacked: the graph serves every N, 0 and 1
-    included, with no guard on it, where a plain dynamic size would be specialised (and the
-    graph recompiled) for batches of 0 or 1 ids. Only the op reads N, and it never branches
-    on it. ``bags`` (``[K*B]`` lengths, ``[K*B+1]`` offsets) become dynamic but stay backed,
-    so that user code may treat the batch size as any other size; B=1 then gets its own
-    graph, as it would for any dense input.
-    """
-    if torch.compiler.is_compiling():
-        return  # tensors made inside a graph are already symbolic
-    for t in ids:
-        if t is not None:
-            mark_unbacked(t, 0)
-    for t in bags:
-        if t is not None:
-            maybe_mark_dynamic(t, 0)
+from .jagged_tensor import (JaggedTensor, SparseTypeMeta, _check_integer, _feature_string, lengths_to_offsets,
+                            offsets_to_lengths, size_in_bytes)
+from .kjt_metadata import KJTMetadata
 
 
 @dataclasses.dataclass(init=False, repr=False, eq=False)
-class KeyedJaggedTensor(metaclass=SparseTypeMeta):
+class KeyedJaggedTensor(KJTMetadata, metaclass=SparseTypeMeta):
     """Several jagged features over one batch, stored key-major.
 
     For keys ``["f0", "f1"]`` and batch size ``B = 3``::
@@ -112,7 +95,7 @@ class KeyedJaggedTensor(metaclass=SparseTypeMeta):
         _check_integer(offsets, "offsets", "KeyedJaggedTensor")
         self._keys = list(keys)
         self._values, self._weights, self._lengths, self._offsets = values, weights, lengths, offsets
-        _mark_dynamic((values, weights), (lengths, offsets))
+        _compile.mark_dynamic_sizes((values, weights), (lengths, offsets))
         if isinstance(stride_per_key_per_rank, (list, tuple)):
             if stride_per_key is None and all(isinstance(r, (list, tuple)) for r in stride_per_key_per_rank):
                 stride_per_key = [sum(r) for r in stride_per_key_per_rank]  # known here: no read back
@@ -159,19 +142,7 @@ class KeyedJaggedTensor(metaclass=SparseTypeMeta):
     def from_jt_dict(jt_dict: Dict[str, JaggedTensor]) -> "KeyedJaggedTensor":
         """Stack per-feature JaggedTensors into a KJT, keys in dict order; features of different
         batch sizes make a VBE KJT (one rank), as in TorchRec."""
-        keys = list(jt_dict)
-        jts = list(jt_dict.values())
-        strides = [jt.lengths().numel() for jt in jts]
-        weighted = {jt.weights_or_none() is not None for jt in jts}
-        if len(weighted) > 1:
-            raise ValueError("from_jt_dict: either all features have weights or none do")
-        weights = torch.cat([jt.weights() for jt in jts]) if weighted == {True} else None
-        same = len(set(strides)) <= 1
-        return KeyedJaggedTensor(keys, torch.cat([jt.values() for jt in jts]), weights,
-                                 lengths=torch.cat([jt.lengths() for jt in jts]),
-                                 stride=(strides[0] if strides else 0) if same else None,
-                                 stride_per_key_per_rank=None if same else [[s] for s in strides],
-                                 length_per_key=[jt.values().size(0) for jt in jts])
+        return _ops.from_jt_dict(jt_dict)
 
     @staticmethod
     def empty(is_weighted: bool = False, device: Optional[torch.device] = None,
@@ -186,12 +157,12 @@ class KeyedJaggedTensor(metaclass=SparseTypeMeta):
         """With no ``device``: no keys, in ``kjt``'s dtypes, keeping its stride (or VBE strides).
         With a ``device``: uninitialised tensors of ``kjt``'s shapes there, with its keys and
         host metadata (a buffer to copy a batch into)."""
-        return _kjt_empty_like(kjt, device)
+        return _ops.empty_like(kjt, device)
 
     @staticmethod
     def concat(kjt_list: List["KeyedJaggedTensor"]) -> "KeyedJaggedTensor":
         """Join KJTs of one batch size (or all VBE) into one whose keys are all of theirs, in order."""
-        return _kjt_concat(kjt_list)
+        return _ops.concat(kjt_list)
 
     # --- accessors ------------------------------------------------------------------
     def keys(self) -> List[str]:
@@ -217,7 +188,7 @@ class KeyedJaggedTensor(metaclass=SparseTypeMeta):
             if self._offsets is None:
                 raise self._no_bags_given()
             self._lengths = offsets_to_lengths(self._offsets)
-            _mark_dynamic((), (self._lengths,))
+            _compile.mark_dynamic_sizes((), (self._lengths,))
         return self._lengths
 
     def offsets(self) -> torch.Tensor:
@@ -231,7 +202,7 @@ class KeyedJaggedTensor(metaclass=SparseTypeMeta):
                 raise self._no_bags_given()
             self._offsets = lengths_to_offsets(self._lengths)
             self._offsets_agree = True
-            _mark_dynamic((), (self._offsets,))  # cached: a compiled graph may see it as an input
+            _compile.mark_dynamic_sizes((), (self._offsets,))  # cached: a compiled graph may see it as an input
         return self._offsets
 
     def _lookup_offsets(self) -> torch.Tensor:
@@ -266,114 +237,6 @@ class KeyedJaggedTensor(metaclass=SparseTypeMeta):
         return size_in_bytes(self._values, self._weights, self._lengths, self._offsets,
                              self._stride_per_key_per_rank)
 
-    # --- batch size -------------------------------------------------------------------
-    def stride(self) -> int:
-        """B. While compiling it is read off the lengths' (or offsets') size, so that it is the
-        tensors' own symbol rather than a second, separately guarded int. VBE: the width of the
-        inverse indices when given, else the largest ``B_k``."""
-        if self._keys and torch.compiler.is_compiling() and self._stride_per_key_per_rank is None:
-            bags = self._lengths.shape[0] if self._lengths is not None else self._offsets.shape[0] - 1
-            return bags // len(self._keys)
-        if self._stride is None:  # VBE
-            if self._inverse_indices is not None and self._inverse_indices[1].numel() > 0:
-                self._stride = self._inverse_indices[1].shape[-1]
-            else:
-                per_key = self.stride_per_key()
-                self._stride = max(per_key) if per_key else 0
-        return self._stride
-
-    def variable_stride_per_key(self) -> bool:
-        """Whether keys have their own batch sizes (``stride_per_key_per_rank`` was given)."""
-        return self._stride_per_key_per_rank is not None
-
-    def stride_per_key(self) -> List[int]:
-        """``[K]`` bags of each key: B for every key, or VBE's ``B_k``."""
-        if self._stride_per_key is None:
-            spkpr = self._stride_per_key_per_rank
-            if spkpr is None:
-                self._stride_per_key = [self.stride()] * len(self._keys)
-            else:  # a tensor not of [K, R] (TorchRec's validator reports it) has no strides
-                self._stride_per_key = spkpr.sum(1).tolist() if spkpr.dim() == 2 else []
-        return self._stride_per_key
-
-    def stride_per_key_per_rank(self) -> List[List[int]]:
-        """``[K][R]`` as given for a VBE KJT; ``[]`` otherwise."""
-        spkpr = self._stride_per_key_per_rank
-        return [] if spkpr is None else spkpr.tolist()
-
-    def lengths_offset_per_key(self) -> List[int]:
-        """``[K+1]`` start of each key's bags in ``lengths``."""
-        if self._lengths_offset_per_key is None:
-            self._lengths_offset_per_key = _cumsum(self.stride_per_key())
-        return self._lengths_offset_per_key
-
-    def inverse_indices(self) -> Tuple[List[str], torch.Tensor]:
-        if self._inverse_indices is None:
-            raise ValueError(f"this KeyedJaggedTensor (keys {self._keys}) has no inverse_indices")
-        return self._inverse_indices
-
-    def inverse_indices_or_none(self) -> Optional[Tuple[List[str], torch.Tensor]]:
-        return self._inverse_indices
-
-    # --- ids per key (host) -------------------------------------------------------------
-    def sync(self) -> "KeyedJaggedTensor":
-        """Read the per-key sizes to the host now, so later splits don't wait."""
-        if not torch.compiler.is_compiling():
-            self.offset_per_key()
-        return self
-
-    def unsync(self) -> "KeyedJaggedTensor":
-        """Forget the per-key sizes read by :meth:`sync`."""
-        self._length_per_key = None
-        self._offset_per_key = None
-        return self
-
-    def length_per_key(self) -> List[int]:
-        """Number of ids of each key (read from the device once, then cached)."""
-        if self._length_per_key is None:
-            self._length_per_key = self._count_per_key()
-        return self._length_per_key
-
-    def _count_per_key(self) -> List[int]:
-        num_keys = len(self._keys)
-        if not num_keys:
-            return []
-        if self._values.is_meta:
-            # nothing to read: a split that adds up, so that meta KJTs still split and view
-            # (TorchRec does the same)
-            total = self._values.shape[0]
-            counts = [total // num_keys] * num_keys
-            counts[0] += total % num_keys
-            return counts
-        lengths = self.lengths()
-        if lengths.numel() == 0:
-            return [0] * num_keys
-        if self._stride_per_key_per_rank is None:
-            return lengths.reshape(num_keys, self.stride()).sum(1).tolist()
-        # VBE: ids before each key's first bag, from one cumsum (no per-key calls)
-        bounds = torch.tensor(self.lengths_offset_per_key(), device=lengths.device)
-        before = torch.nn.functional.pad(lengths.reshape(-1).cumsum(0), (1, 0)).index_select(0, bounds)
-        return (before[1:] - before[:-1]).tolist()
-
-    def length_per_key_or_none(self) -> Optional[List[int]]:
-        return self._length_per_key
-
-    def offset_per_key(self) -> List[int]:
-        """``[K+1]`` start of each key's ids in ``values``."""
-        if self._offset_per_key is None:
-            self._offset_per_key = _cumsum(self.length_per_key())
-        return self._offset_per_key
-
-    def offset_per_key_or_none(self) -> Optional[List[int]]:
-        return self._offset_per_key
-
-    def index_per_key(self) -> Dict[str, int]:
-        if self._index_per_key is None:
-            self._index_per_key = {key: i for i, key in enumerate(self._keys)}
-        return self._index_per_key
-
-    _key_indices = index_per_key  # TorchRec's private name, which its helpers call
-
     # --- views per key --------------------------------------------------------------
     def _jagged(self, k: int, compute_offsets: bool = True) -> JaggedTensor:
         start, end = self.offset_per_key()[k], self.offset_per_key()[k + 1]
@@ -396,47 +259,16 @@ class KeyedJaggedTensor(metaclass=SparseTypeMeta):
         """One JaggedTensor per key (views); ``compute_offsets=False`` leaves their offsets unset."""
         return {key: self._jagged(k, compute_offsets) for k, key in enumerate(self._keys)}
 
-    def _vbe_rows(self, indices: Sequence[int]) -> Optional[torch.Tensor]:
-        spkpr = self._stride_per_key_per_rank
-        return None if spkpr is None else spkpr[list(indices)]
-
+    # --- key transforms (bodies in kjt_ops.py) -------------------------------------------
     def permute(self, indices: List[int], indices_tensor: Optional[torch.Tensor] = None) -> "KeyedJaggedTensor":
         """A KJT whose key ``i`` is this one's key ``indices[i]`` (keys may repeat or drop).
         Inverse indices are dropped, as TorchRec drops them."""
         del indices_tensor  # accepted for TorchRec compatibility; the host list is enough here
-        starts, length_per_key = self.offset_per_key(), self.length_per_key()
-        pieces = lambda t, at: [t[at[i]:at[i + 1]] for i in indices]  # noqa: E731
-        if self._stride_per_key_per_rank is None:
-            lengths = self.lengths().view(len(self._keys), self._stride)[list(indices)].reshape(-1)
-            stride_per_key = None
-        else:
-            lengths = _cat_or_empty(pieces(self.lengths(), self.lengths_offset_per_key()), self.lengths())
-            stride_per_key = [self.stride_per_key()[i] for i in indices]
-        return KeyedJaggedTensor(
-            [self._keys[i] for i in indices], _cat_or_empty(pieces(self._values, starts), self._values),
-            None if self._weights is None else _cat_or_empty(pieces(self._weights, starts), self._weights),
-            lengths=lengths, stride=self._stride, stride_per_key_per_rank=self._vbe_rows(indices),
-            stride_per_key=stride_per_key, length_per_key=[length_per_key[i] for i in indices])
+        return _ops.permute(self, indices)
 
     def split(self, segments: Sequence[int]) -> List["KeyedJaggedTensor"]:
         """Split into KJTs of ``segments[i]`` consecutive keys each (inverse indices dropped)."""
-        if sum(segments) != len(self._keys):
-            raise ValueError(f"split: segments {list(segments)} do not add up to {len(self._keys)} keys")
-        out, first = [], 0
-        starts, bag_starts = self.offset_per_key(), self.lengths_offset_per_key()
-        lengths, stride = self.lengths().reshape(-1), self.stride()
-        for size in segments:
-            last = first + size
-            lo, hi = starts[first], starts[last]
-            out.append(KeyedJaggedTensor(
-                self._keys[first:last], self._values[lo:hi],
-                None if self._weights is None else self._weights[lo:hi],
-                lengths=lengths[bag_starts[first]:bag_starts[last]], stride=stride,
-                stride_per_key_per_rank=self._vbe_rows(range(first, last)),
-                stride_per_key=self.stride_per_key()[first:last],
-                length_per_key=self.length_per_key()[first:last]))
-            first = last
-        return out
+        return _ops.split(self, segments)
 
     # --- movement -------------------------------------------------------------------
     def _map(self, fn) -> "KeyedJaggedTensor":
@@ -481,110 +313,9 @@ class KeyedJaggedTensor(metaclass=SparseTypeMeta):
         return "KeyedJaggedTensor({\n" + ",\n".join(rows) + "\n})\n"
 
 
-def _cumsum(sizes: Sequence[int]) -> List[int]:
-    out = [0]
-    for n in sizes:
-        out.append(out[-1] + n)
-    return out
-
-
-def _cat_or_empty(pieces: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return torch.cat(pieces) if pieces else like[:0]
-
-
-# --- builders that torch.fx records as one node each (``torch.fx.wrap``): they iterate and branch
-# on their arguments, which a traced graph cannot -------------------------------------------------
-
-@torch.fx.wrap
-def _kjt_concat(kjt_list: List[KeyedJaggedTensor]) -> KeyedJaggedTensor:
-    if not kjt_list:
-        raise ValueError("concat needs at least one KeyedJaggedTensor")
-    weighted = {kjt.weights_or_none() is not None for kjt in kjt_list}
-    if len(weighted) > 1:
-        raise ValueError("concat: either all KJTs have weights or none do")
-    vbe = {kjt.variable_stride_per_key() for kjt in kjt_list}
-    if len(vbe) > 1:
-        raise ValueError("concat: either all KJTs have variable batch per feature (VBE) or none do")
-    stride, spkpr = None, None
-    if vbe == {True}:
-        spkpr = [row for kjt in kjt_list for row in kjt.stride_per_key_per_rank()]
-    else:
-        strides = {kjt.stride() for kjt in kjt_list}
-        if len(strides) > 1:
-            raise ValueError(f"concat: KJTs have different strides {sorted(strides)}")
-        stride = strides.pop()
-    inverses = [kjt.inverse_indices_or_none() for kjt in kjt_list]
-    if any(inv is None for inv in inverses) and any(inv is not None for inv in inverses):
-        raise ValueError("concat: either all KJTs have inverse_indices or none do")
-    inverse = None
-    if inverses[0] is not None:
-        inverse = ([k for inv in inverses for k in inv[0]], torch.cat([inv[1] for inv in inverses]))
-    return KeyedJaggedTensor(
-        [k for kjt in kjt_list for k in kjt.keys()],
-        torch.cat([kjt.values() for kjt in kjt_list]),
-        torch.cat([kjt.weights() for kjt in kjt_list]) if weighted == {True} else None,
-        lengths=torch.cat([kjt.lengths().reshape(-1) for kjt in kjt_list]), stride=stride,
-        stride_per_key_per_rank=spkpr, inverse_indices=inverse,
-        length_per_key=[n for kjt in kjt_list for n in kjt.length_per_key()])
-
-
-@torch.fx.wrap
-def _kjt_empty_like(kjt: KeyedJaggedTensor, device: Optional[torch.device]) -> KeyedJaggedTensor:
-    vbe = kjt.variable_stride_per_key()
-    stride = None if vbe else kjt.stride()
-    spkpr = kjt._stride_per_key_per_rank if vbe else None
-    if device is None:
-        empty = lambda t: None if t is None else t.new_empty(0)  # noqa: E731
-        return KeyedJaggedTensor([], empty(kjt.values()), empty(kjt.weights_or_none()),
-                                 lengths=kjt.lengths().new_empty(0), stride=stride, stride_per_key_per_rank=spkpr)
-    like = lambda t: None if t is None else torch.empty_like(t, device=device)  # noqa: E731
-    inverse = kjt.inverse_indices_or_none()
-    return KeyedJaggedTensor(
-        kjt.keys(), like(kjt.values()), like(kjt.weights_or_none()), like(kjt.lengths_or_none()),
-        like(kjt.offsets_or_none()), stride=stride, stride_per_key_per_rank=spkpr,
-        stride_per_key=kjt._stride_per_key, length_per_key=kjt._length_per_key, offset_per_key=kjt._offset_per_key,
-        inverse_indices=None if inverse is None else (inverse[0], like(inverse[1])))
-
-
-# --- pytree: lets torch.compile and torch.export take KJTs as inputs and outputs -------------
-# Only tensors are leaves. The batch size is not context: it is re-derived from the
-# lengths' shape, so that a new batch size is a new shape, not a new graph. A plain KJT's
-# context is its key list, as before VBE (programs exported then still load); a VBE KJT's, or
-# one with inverse indices, is (keys, stride_per_key_per_rank, inverse-index keys), and its
-# inverse-index tensor is a fifth child.
-
-def _kjt_flatten(kjt: KeyedJaggedTensor):
-    children = [kjt._values, kjt._weights, kjt._lengths, kjt._offsets]
-    inverse = kjt._inverse_indices
-    if inverse is None and not kjt.variable_stride_per_key():
-        return children, list(kjt._keys)
-    spkpr = kjt.stride_per_key_per_rank() if kjt.variable_stride_per_key() else None
-    return children + [None if inverse is None else inverse[1]], (
-        list(kjt._keys), spkpr, None if inverse is None else list(inverse[0]))
-
-
-def _kjt_unflatten(children, context) -> KeyedJaggedTensor:
-    if len(children) not in (4, 5):
-        raise ValueError(f"a KeyedJaggedTensor flattens to 4 or 5 tensors, got {len(children)}")
-    values, weights, lengths, offsets = children[:4]
-    if isinstance(context, tuple):
-        keys, spkpr, inverse_keys = context
-    else:
-        keys, spkpr, inverse_keys = context, None, None
-    inverse = None
-    if len(children) == 5 and children[4] is not None:
-        inverse = (list(inverse_keys if inverse_keys is not None else keys), children[4])
-    return KeyedJaggedTensor(keys, values, weights, lengths=lengths, offsets=offsets,
-                             stride_per_key_per_rank=spkpr, inverse_indices=inverse)
-
-
-def _kjt_flatten_spec(kjt: KeyedJaggedTensor, spec: pytree.TreeSpec) -> List[Optional[torch.Tensor]]:
-    return _kjt_flatten(kjt)[0]
-
-
-_KJT_FIELDS = JAGGED_FIELDS + ("_inverse_indices",)
-pytree.register_pytree_node(KeyedJaggedTensor, _kjt_flatten, _kjt_unflatten,
-                            serialized_type_name="jaggedrec.KeyedJaggedTensor",
-                            flatten_with_keys_fn=flatten_with_keys_fn(_kjt_flatten, _KJT_FIELDS))
-fx_pytree.register_pytree_flatten_spec(KeyedJaggedTensor, _kjt_flatten_spec)
-torch.serialization.add_safe_globals([KeyedJaggedTensor])
+# Below the class, since both build KeyedJaggedTensors: the transforms the methods above delegate
+# to (looked up as ``_ops.name`` when called, which is also where torch.fx.wrap swaps in its
+# graph nodes while tracing), and what torch.compile is told of KJTs, whose pytree registration
+# is a side effect of the import.
+from . import kjt_compile as _compile  # noqa: E402
+from . import kjt_ops as _ops  # noqa: E402

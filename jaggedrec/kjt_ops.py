@@ -1,0 +1,131 @@
+"""The bodies of the ``KeyedJaggedTensor`` methods that build new KJTs from existing ones:
+``permute`` and ``split`` (one KJT's keys), ``concat`` (several KJTs' keys into one),
+``from_jt_dict`` (JaggedTensors' features into one KJT) and ``empty_like``. Each function
+here is the method of the same name, whose docstring says what it returns; the methods
+delegate, so the class file stays about what a KJT holds.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .jagged_tensor import JaggedTensor
+from .keyed_jagged_tensor import KeyedJaggedTensor
+
+
+def from_jt_dict(jt_dict: Dict[str, JaggedTensor]) -> KeyedJaggedTensor:
+    keys = list(jt_dict)
+    jts = list(jt_dict.values())
+    strides = [jt.lengths().numel() for jt in jts]
+    weighted = {jt.weights_or_none() is not None for jt in jts}
+    if len(weighted) > 1:
+        raise ValueError("from_jt_dict: either all features have weights or none do")
+    weights = torch.cat([jt.weights() for jt in jts]) if weighted == {True} else None
+    same = len(set(strides)) <= 1
+    return KeyedJaggedTensor(keys, torch.cat([jt.values() for jt in jts]), weights,
+                             lengths=torch.cat([jt.lengths() for jt in jts]),
+                             stride=(strides[0] if strides else 0) if same else None,
+                             stride_per_key_per_rank=None if same else [[s] for s in strides],
+                             length_per_key=[jt.values().size(0) for jt in jts])
+
+
+def _vbe_rows(kjt: KeyedJaggedTensor, indices: Sequence[int]) -> Optional[torch.Tensor]:
+    """``[len(indices), R]`` the VBE strides of those keys; None for a KJT that is not VBE."""
+    spkpr = kjt._stride_per_key_per_rank
+    return None if spkpr is None else spkpr[list(indices)]
+
+
+def permute(kjt: KeyedJaggedTensor, indices: List[int]) -> KeyedJaggedTensor:
+    starts, length_per_key = kjt.offset_per_key(), kjt.length_per_key()
+    pieces = lambda t, at: [t[at[i]:at[i + 1]] for i in indices]  # noqa: E731
+    if kjt._stride_per_key_per_rank is None:
+        lengths = kjt.lengths().view(len(kjt._keys), kjt._stride)[list(indices)].reshape(-1)
+        stride_per_key = None
+    else:
+        lengths = _cat_or_empty(pieces(kjt.lengths(), kjt.lengths_offset_per_key()), kjt.lengths())
+        stride_per_key = [kjt.stride_per_key()[i] for i in indices]
+    return KeyedJaggedTensor(
+        [kjt._keys[i] for i in indices], _cat_or_empty(pieces(kjt._values, starts), kjt._values),
+        None if kjt._weights is None else _cat_or_empty(pieces(kjt._weights, starts), kjt._weights),
+        lengths=lengths, stride=kjt._stride, stride_per_key_per_rank=_vbe_rows(kjt, indices),
+        stride_per_key=stride_per_key, length_per_key=[length_per_key[i] for i in indices])
+
+
+def split(kjt: KeyedJaggedTensor, segments: Sequence[int]) -> List[KeyedJaggedTensor]:
+    if sum(segments) != len(kjt._keys):
+        raise ValueError(f"split: segments {list(segments)} do not add up to {len(kjt._keys)} keys")
+    out, first = [], 0
+    starts, bag_starts = kjt.offset_per_key(), kjt.lengths_offset_per_key()
+    lengths, stride = kjt.lengths().reshape(-1), kjt.stride()
+    for size in segments:
+        last = first + size
+        lo, hi = starts[first], starts[last]
+        out.append(KeyedJaggedTensor(
+            kjt._keys[first:last], kjt._values[lo:hi],
+            None if kjt._weights is None else kjt._weights[lo:hi],
+            lengths=lengths[bag_starts[first]:bag_starts[last]], stride=stride,
+            stride_per_key_per_rank=_vbe_rows(kjt, range(first, last)),
+            stride_per_key=kjt.stride_per_key()[first:last],
+            length_per_key=kjt.length_per_key()[first:last]))
+        first = last
+    return out
+
+
+def _cat_or_empty(pieces: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.cat(pieces) if pieces else like[:0]
+
+
+# --- builders that torch.fx records as one node each (``torch.fx.wrap``): they iterate and branch
+# on their arguments, which a traced graph cannot -------------------------------------------------
+
+@torch.fx.wrap
+def concat(kjt_list: List[KeyedJaggedTensor]) -> KeyedJaggedTensor:
+    if not kjt_list:
+        raise ValueError("concat needs at least one KeyedJaggedTensor")
+    weighted = {kjt.weights_or_none() is not None for kjt in kjt_list}
+    if len(weighted) > 1:
+        raise ValueError("concat: either all KJTs have weights or none do")
+    vbe = {kjt.variable_stride_per_key() for kjt in kjt_list}
+    if len(vbe) > 1:
+        raise ValueError("concat: either all KJTs have variable batch per feature (VBE) or none do")
+    stride, spkpr = None, None
+    if vbe == {True}:
+        spkpr = [row for kjt in kjt_list for row in kjt.stride_per_key_per_rank()]
+    else:
+        strides = {kjt.stride() for kjt in kjt_list}
+        if len(strides) > 1:
+            raise ValueError(f"concat: KJTs have different strides {sorted(strides)}")
+        stride = strides.pop()
+    inverses = [kjt.inverse_indices_or_none() for kjt in kjt_list]
+    if any(inv is None for inv in inverses) and any(inv is not None for inv in inverses):
+        raise ValueError("concat: either all KJTs have inverse_indices or none do")
+    inverse = None
+    if inverses[0] is not None:
+        inverse = ([k for inv in inverses for k in inv[0]], torch.cat([inv[1] for inv in inverses]))
+    return KeyedJaggedTensor(
+        [k for kjt in kjt_list for k in kjt.keys()],
+        torch.cat([kjt.values() for kjt in kjt_list]),
+        torch.cat([kjt.weights() for kjt in kjt_list]) if weighted == {True} else None,
+        lengths=torch.cat([kjt.lengths().reshape(-1) for kjt in kjt_list]), stride=stride,
+        stride_per_key_per_rank=spkpr, inverse_indices=inverse,
+        length_per_key=[n for kjt in kjt_list for n in kjt.length_per_key()])
+
+
+@torch.fx.wrap
+def empty_like(kjt: KeyedJaggedTensor, device: Optional[torch.device]) -> KeyedJaggedTensor:
+    vbe = kjt.variable_stride_per_key()
+    stride = None if vbe else kjt.stride()
+    spkpr = kjt._stride_per_key_per_rank if vbe else None
+    if device is None:
+        empty = lambda t: None if t is None else t.new_empty(0)  # noqa: E731
+        return KeyedJaggedTensor([], empty(kjt.values()), empty(kjt.weights_or_none()),
+                                 lengths=kjt.lengths().new_empty(0), stride=stride, stride_per_key_per_rank=spkpr)
+    like = lambda t: None if t is None else torch.empty_like(t, device=device)  # noqa: E731
+    inverse = kjt.inverse_indices_or_none()
+    return KeyedJaggedTensor(
+        kjt.keys(), like(kjt.values()), like(kjt.weights_or_none()), like(kjt.lengths_or_none()),
+        like(kjt.offsets_or_none()), stride=stride, stride_per_key_per_rank=spkpr,
+        stride_per_key=kjt._stride_per_key, length_per_key=kjt._length_per_key, offset_per_key=kjt._offset_per_key,
+        inverse_indices=None if inverse is None else (inverse[0], like(inverse[1])))
