@@ -252,3 +252,33 @@ def test_triton_kernel_refuses_unaligned_rows_and_names_bad_ids():
     bad = jr.KeyedJaggedTensor(["a", "b", "c", "d"], torch.tensor([1, 7, 2, 3]), lengths=torch.tensor([1, 1, 1, 1]))
     with pytest.raises(ValueError, match="'b'"):
         q.to(device)(bad.to(device))
+
+
+@pytest.mark.parametrize("data_type,torch_dtype", [(DataType.INT8, torch.qint8), (DataType.INT4, torch.quint4x2)])
+def test_agrees_with_torchrecs_quantized_module_when_installed(data_type, torch_dtype):
+    """TorchRec's quantized collection (FBGEMM's IntNBit rows: fp16 scale and bias before the
+    codes) quantizes the same float rows a little differently (about 3% of INT8 codes differ,
+    from its fp16 scale); both stay within the bound, so they agree within twice it."""
+    torchrec = pytest.importorskip("torchrec")
+    from torchrec.quant.embedding_modules import EmbeddingBagCollection as TorchRecQuant
+    configs = [torchrec.EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=60, feature_names=[f"f{i}"])
+               for i, dim in enumerate((16, 64))]
+    torch.manual_seed(10)
+    float_theirs = torchrec.EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
+    float_theirs.qconfig = torch.ao.quantization.QConfig(
+        activation=torch.ao.quantization.PlaceholderObserver.with_args(dtype=torch.float),
+        weight=torch.ao.quantization.PlaceholderObserver.with_args(dtype=torch_dtype))
+    theirs = TorchRecQuant.from_float(float_theirs)
+    float_ours = jr.EmbeddingBagCollection([jr.EmbeddingBagConfig(name=c.name, embedding_dim=c.embedding_dim,
+                                                                  num_embeddings=60, feature_names=c.feature_names)
+                                            for c in configs])
+    float_ours.load_state_dict(float_theirs.state_dict())
+    ours = quant.EmbeddingBagCollection.from_float(float_ours, data_type)
+    gen = torch.Generator().manual_seed(11)
+    batch = random_kjt(gen, ["f1", "f0"], {"f0": 60, "f1": 60}, 8, max_len=6)
+    kjt = batch.kjt
+    mine = ours(kjt)
+    expected = theirs(torchrec.KeyedJaggedTensor(kjt.keys(), kjt.values(), lengths=kjt.lengths()))
+    assert mine.keys() == expected.keys()
+    bound = _bound(ours, float_ours, batch)
+    assert ((mine.values() - expected.values()).abs() <= 2 * bound + 1e-6).all()
