@@ -282,3 +282,41 @@ def test_agrees_with_torchrecs_quantized_module_when_installed(data_type, torch_
     assert mine.keys() == expected.keys()
     bound = _bound(ours, float_ours, batch)
     assert ((mine.values() - expected.values()).abs() <= 2 * bound + 1e-6).all()
+
+
+def _spec_bound(q, batch_spec, weighted):
+    """``[B, total_dim]`` the bound of :func:`_bound`, from a hypothesis ``BatchSpec``."""
+    columns = []
+    for t, c in enumerate(q.embedding_bag_configs()):
+        per_row = error_bound(q.table_rows(t), c.data_type, c.embedding_dim).double()
+        for feature in c.feature_names:
+            bound = torch.zeros(batch_spec.batch, dtype=torch.float64)
+            for b, bag in enumerate(batch_spec.bags[feature]):
+                w = batch_spec.weights[feature][b] if weighted else [1.0] * len(bag)
+                bound[b] = sum(abs(x) * per_row[i] for i, x in zip(bag, w))
+                if c.pooling == jr.PoolingType.MEAN:
+                    bound[b] /= max(1, len(bag))
+            columns.append(bound.unsqueeze(1).expand(-1, c.embedding_dim))
+    return torch.cat(columns, dim=1)
+
+
+def test_property_any_collection_and_batch_within_the_bound():
+    from hypothesis import given, settings, strategies as st
+    from property_strategies import batches, collections
+    from test_properties import SETTINGS
+
+    @settings(max_examples=120, **SETTINGS)
+    @given(data=st.data())
+    def check(data):
+        coll = data.draw(collections(data_types=(DataType.FP32,), max_rows=300))
+        batch = data.draw(batches(coll, layouts=("contiguous",)))
+        types = data.draw(st.lists(st.sampled_from(QUANT), min_size=len(coll.tables), max_size=len(coll.tables)))
+        torch.manual_seed(coll.seed)
+        ebc = jr.EmbeddingBagCollection(coll.configs(), is_weighted=coll.weighted)
+        q = quant.EmbeddingBagCollection.from_float(ebc, DataType.INT8,
+                                                    {t.name: d for t, d in zip(coll.tables, types)})
+        kjt = batch.kjt()
+        error = (q(kjt).values().double() - ebc(kjt).values().double()).abs()
+        assert (error <= _spec_bound(q, batch, coll.weighted) * (1 + 1e-6) + 1e-7).all()
+
+    check()

@@ -92,10 +92,17 @@ def _round_half(x: torch.Tensor, down: bool) -> torch.Tensor:
     return torch.where(wrong, torch.nextafter(h, toward), h)
 
 
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    """A dense copy with fresh strides: the dtype views below need offsets and strides aligned to
+    their element size, which neither contiguous() (a one-row slice counts as contiguous at any
+    offset) nor clone() (it keeps such a slice's strides) promises."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
 def scale_bias(rows: torch.Tensor, data_type: DataType, dim: int):
     """``[R]`` fp32 scales and biases of ``[R, stride]`` quantized rows (INT8, INT4)."""
     stride = rows.shape[1]
-    meta = rows[:, stride - _META_BYTES[data_type]:].contiguous()
+    meta = _fresh(rows[:, stride - _META_BYTES[data_type]:])
     if data_type == DataType.INT8:
         pair = meta.view(torch.float32)
     else:
@@ -106,7 +113,7 @@ def scale_bias(rows: torch.Tensor, data_type: DataType, dim: int):
 def dequantize_rows(rows: torch.Tensor, data_type: DataType, dim: int) -> torch.Tensor:
     """``[R, stride]`` uint8 rows -> ``[R, D]`` fp32."""
     if data_type == DataType.FP16:
-        return rows[:, :2 * dim].contiguous().view(torch.float16).float()
+        return _fresh(rows[:, :2 * dim]).view(torch.float16).float()
     if data_type == DataType.INT8:
         codes = rows[:, :dim].float()
     else:
