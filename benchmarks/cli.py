@@ -186,6 +186,17 @@ LEGEND = ("GB/s: (table rows gathered + fp32 output) bytes per step / median tim
 def main(argv: Optional[Sequence[str]] = None,
          provider_factory: Callable[[], List[Provider]] = all_providers) -> int:
     """Run the CLI. ``provider_factory`` makes fresh providers per configuration (tests inject one)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--module" in argv:  # the unpooled EmbeddingCollection has a benchmark of its own
+        at = argv.index("--module")
+        module = argv[at + 1] if at + 1 < len(argv) else ""
+        if module not in ("ebc", "ec"):
+            print(f"jaggedrec-bench: --module must be ebc or ec, got {module!r}", file=sys.stderr)
+            return 2
+        del argv[at:at + 2]
+        if module == "ec":
+            from . import sequence
+            return sequence.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list:

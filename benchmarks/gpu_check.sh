@@ -113,6 +113,9 @@ step autotune-times 60 $PY -m jaggedrec.benchmarks.autotune_times --output "$OUT
 bench dlrm-forward 45 --preset dlrm --mode forward --providers "$NO_COMPILE"
 bench dlrm-backward 40 --preset dlrm --mode backward --providers "$NO_COMPILE"
 bench dlrm-train 40 --preset dlrm --mode train --providers "$NO_COMPILE"
+# the unpooled EmbeddingCollection (its own benchmark: the nn.Embedding loop, TorchRec's EC), every mode
+step bench-ec 30 $PY -m jaggedrec.benchmarks --module ec --device "$DEVICE" --batch 4096 --repeats 20 \
+    --output "$OUT/ec.json"
 # zipf ids: hot rows, whose long runs of ids the backward sums with a kernel of their own
 bench dlrm-train-zipf 30 --preset dlrm --mode train --distribution zipf --pooling-factor 20 \
     --providers "eb_loop,jaggedrec[triton],fbgemm_tbe"
@@ -129,7 +132,9 @@ rows = [("run", "config", "provider", "status", "median ms", "GB/s", "vs loop")]
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
     doc = json.load(open(path))
     for run in doc.get("runs", []):
-        c = run["config"]
+        c = run.get("config")
+        if c is None:  # the EmbeddingCollection's benchmark (--module ec): its own layout, printed in its log
+            continue
         config = f"T={c['tables']} B={c['batch_size']} L={c['pooling_factor']:g} D={','.join(map(str, c['dims']))}"
         for name, r in run["providers"].items():
             ok = r["status"] == "ok"

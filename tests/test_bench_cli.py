@@ -228,3 +228,26 @@ def test_vbe_batches_expand_to_the_same_batch_and_the_vbe_provider_is_checked(tm
     assert providers["jaggedrec_vbe"]["status"] == "ok"
     assert cli.main(TINY + ["--providers", "jaggedrec_vbe", "--output", str(out)]) == 0
     assert "vbe-users" in json.loads(out.read_text())["runs"][0]["providers"]["jaggedrec_vbe"]["reason"]
+
+
+def test_module_ec_runs_every_provider_in_each_mode(tmp_path, capsys):
+    """``--module ec``: the EmbeddingCollection against the nn.Embedding loop (and TorchRec's EC
+    and FBGEMM's TBE where they import), outputs checked before timing; mixed dims skip the
+    providers that need one dim, saying why."""
+    out = tmp_path / "ec.json"
+    assert cli.main(["--module", "ec", "--preset", "sequence", "mixed-dims", "--mode", "forward", "backward",
+                     "train", "--tables", "3", "--rows", "50", "--batch", "4", "--ids-per-bag", "2",
+                     "--repeats", "2", "--batches", "2", "--output", str(out)]) == 0
+    runs = json.load(open(out))["runs"]
+    assert [(r["preset"], r["mode"]) for r in runs] == [(p, m) for p in ("sequence", "mixed-dims")
+                                                        for m in ("forward", "backward", "train")]
+    for run in runs:
+        results = run["results"]
+        for name in ("embedding_loop", "jaggedrec"):
+            assert results[name]["status"] == "ok" and results[name]["median_ms"] > 0, (run["mode"], name)
+        assert results["embedding_loop"]["vs_loop"] == 1.0
+        if run["preset"] == "mixed-dims":
+            assert "one dim" in results["torchrec_ec"]["reason"]
+        assert not any(r["status"] == "skipped" and r["reason"].startswith("wrong") for r in results.values())
+    assert "vs loop" in capsys.readouterr().out
+    assert cli.main(["--module", "nope"]) == 2

@@ -374,3 +374,14 @@ def test_fx_symbolic_trace_runs_on_new_batches():
         assert list(got) == list(expected)
         for name in expected:
             assert torch.equal(got[name].values(), expected[name].values()), name
+
+
+def test_long_features_are_served_table_by_table(monkeypatch):
+    """With many ids per feature the torch path calls each table on its own (no id shift):
+    forward, gradients and fused steps through that path, against the same references."""
+    from jaggedrec.ops import sequence_torch
+    monkeypatch.setattr(sequence_torch, "_PER_FEATURE_MIN_IDS", 1)
+    test_forward_matches_reference_torch_path((4, 4, 4), torch.int64)
+    test_weight_gradients_match_reference("torch", True, (4, 4, 4))
+    test_sparse_gradients_equal_dense("torch")
+    test_fused_optimizers_match_dense_reference("adam", "torch")
