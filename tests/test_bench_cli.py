@@ -246,8 +246,8 @@ def test_module_ec_runs_every_provider_in_each_mode(tmp_path, capsys):
         for name in ("embedding_loop", "jaggedrec"):
             assert results[name]["status"] == "ok" and results[name]["median_ms"] > 0, (run["mode"], name)
         assert results["embedding_loop"]["vs_loop"] == 1.0
-        if run["preset"] == "mixed-dims":
-            assert "one dim" in results["torchrec_ec"]["reason"]
+        if run["preset"] == "mixed-dims":  # (or not importable, where TorchRec is not installed)
+            assert any(why in results["torchrec_ec"]["reason"] for why in ("one dim", "not importable"))
         assert not any(r["status"] == "skipped" and r["reason"].startswith("wrong") for r in results.values())
     assert "vs loop" in capsys.readouterr().out
     assert cli.main(["--module", "nope"]) == 2
