@@ -77,14 +77,24 @@ def sum_shared_bags(grad_out: torch.Tensor, inverse: torch.Tensor, out_offsets: 
     """The expansion's backward: ``[B', total_dim]`` fp32, each slot's row the sum of the
     output-gradient rows of the samples that read it (zero for a slot nobody reads)."""
     identity = _in_order(inverse, num_slots)
-    grad = grad_out.new_zeros((num_slots, grad_out.shape[1]), dtype=torch.float32)
+    if all(identity) and grad_out.shape[0] == num_slots:
+        return grad_out.float()
+    if any(identity) and grad_out.shape[0] == num_slots:
+        # start from the gradient itself: the in-order features' columns are already their bags'
+        grad = grad_out.float().clone()
+    else:
+        grad = grad_out.new_zeros((num_slots, grad_out.shape[1]), dtype=torch.float32)
     for f in range(inverse.shape[0]):
         lo, width = out_offsets[f], out_offsets[f + 1] - out_offsets[f]
         rows = grad_out.narrow(1, lo, width).float()
         if identity[f]:
-            grad.narrow(1, lo, width).narrow(0, 0, rows.shape[0]).copy_(rows)
-        else:
-            grad.narrow(1, lo, width).index_add_(0, inverse[f], rows)
+            if grad_out.shape[0] != num_slots:
+                grad.narrow(1, lo, width).narrow(0, 0, rows.shape[0]).copy_(rows)
+            continue
+        target = grad.narrow(1, lo, width)
+        if grad_out.shape[0] == num_slots and any(identity):
+            target.zero_()
+        target.index_add_(0, inverse[f], rows)
     return grad
 
 
