@@ -251,3 +251,12 @@ def test_module_ec_runs_every_provider_in_each_mode(tmp_path, capsys):
         assert not any(r["status"] == "skipped" and r["reason"].startswith("wrong") for r in results.values())
     assert "vs loop" in capsys.readouterr().out
     assert cli.main(["--module", "nope"]) == 2
+
+
+def test_quant_speed_checks_and_times_every_provider():
+    from jaggedrec.benchmarks import quant_speed
+    w = preset_workloads("pooling", "cpu")[0].replace(num_embeddings=300, batch_size=8, tables=3)
+    results = quant_speed.run(w, repeats=2, batches=2)
+    for name in ("jaggedrec fp32", "jaggedrec int8", "jaggedrec int4", "torch ops loop int8", "torch ops loop int4"):
+        assert results[name]["status"] == "ok" and results[name]["median_ms"] > 0, (name, results[name])
+    assert results["jaggedrec int4"]["bytes"] < results["jaggedrec int8"]["bytes"] < results["jaggedrec fp32"]["bytes"]
