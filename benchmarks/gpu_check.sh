@@ -113,6 +113,8 @@ step autotune-times 60 $PY -m jaggedrec.benchmarks.autotune_times --output "$OUT
 bench dlrm-forward 45 --preset dlrm --mode forward --providers "$NO_COMPILE"
 bench dlrm-backward 40 --preset dlrm --mode backward --providers "$NO_COMPILE"
 bench dlrm-train 40 --preset dlrm --mode train --providers "$NO_COMPILE"
+# quantized tables (INT8, INT4 rows dequantized in the one forward launch) against the fp32 module
+step quant-forward 30 $PY -m jaggedrec.benchmarks.quant_speed --device "$DEVICE" --preset dlrm pooling --repeats 15
 # the unpooled EmbeddingCollection (its own benchmark: the nn.Embedding loop, TorchRec's EC), every mode
 step bench-ec 30 $PY -m jaggedrec.benchmarks --module ec --device "$DEVICE" --batch 4096 --repeats 20 \
     --output "$OUT/ec.json"

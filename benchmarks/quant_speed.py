@@ -1,7 +1,10 @@
 """Forward speed of jaggedrec.quant against the fp32 module, TorchRec's quantized collection and
 torch's own quantized embedding-bag ops in a per-table loop, at the pooled benchmark's presets.
 
-    python -m jaggedrec.benchmarks.quant_speed [--preset dlrm pooling] [--repeats 15]
+    python -m jaggedrec.benchmarks.quant_speed [--preset dlrm pooling] [--repeats 15] [--device cuda]
+
+On CUDA the quantized module runs its Triton kernel (rows 16-byte aligned) against the fp32
+module's; torch's quantized ops and TorchRec's module are CPU-only here, so they are skipped.
 
 Every provider pools the same batches (rotating) from the same fp32 tables, quantized by each
 its own way; providers take turns, one forward each (``no_grad``), and the table shows medians,
@@ -47,7 +50,7 @@ class Float(Provider):
     name = "jaggedrec fp32"
 
     def __init__(self, w: Workload, tables: Sequence[torch.Tensor]) -> None:
-        self.module = jr.EmbeddingBagCollection(w.table_configs(), validate=False)
+        self.module = jr.EmbeddingBagCollection(w.table_configs(), validate=False, device=w.device)
         with torch.no_grad():
             for t, table in enumerate(tables):
                 self.module.embedding_bags[f"t{t}"].weight.copy_(table)
@@ -70,6 +73,9 @@ class TorchLoop(Provider):
 
     def __init__(self, tables: Sequence[torch.Tensor], data_type: DataType) -> None:
         self.name = f"torch ops loop {data_type.value.lower()}"
+        self._error = "torch's quantized embedding-bag ops run on CPU" if tables[0].is_cuda else None
+        if self._error:
+            return
         pack = (torch.ops.quantized.embedding_bag_byte_prepack if data_type == DataType.INT8
                 else torch.ops.quantized.embedding_bag_4bit_prepack)
         self.op = (torch.ops.quantized.embedding_bag_byte_rowwise_offsets if data_type == DataType.INT8
@@ -86,6 +92,9 @@ class TorchLoop(Provider):
             out.append(self.op(rows, ids, offsets, False, 0, False, None, None, True))
         return torch.cat(out, dim=1)
 
+    def skip_reason(self):
+        return self._error
+
     def table_bytes(self) -> int:
         return sum(p.numel() for p in self.packed)
 
@@ -93,7 +102,9 @@ class TorchLoop(Provider):
 class TorchRecQuant(Provider):
     def __init__(self, w: Workload, tables: Sequence[torch.Tensor], data_type: DataType) -> None:
         self.name = f"torchrec quant {data_type.value.lower()}"
-        self._error = None
+        self._error = "set up here for TorchRec's CPU quantized module only" if w.device == "cuda" else None
+        if self._error:
+            return
         try:
             import torchrec
             from torchrec.quant.embedding_modules import EmbeddingBagCollection as TorchRecQEBC
@@ -146,7 +157,7 @@ def run(w: Workload, repeats: int, batches: int) -> Dict[str, Dict[str, object]]
                 continue
             active.append(p)
             results[p.name] = {"status": "ok", "samples": [], "bytes": p.table_bytes()}
-        clock = Clock("cpu")
+        clock = Clock(w.device)
         for r in range(repeats):
             i = r % len(data)
             for p in (active if r % 2 == 0 else active[::-1]):
@@ -166,11 +177,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--num-embeddings", type=int, help="override the presets' rows per table")
     parser.add_argument("--batch-size", type=int, help="override the presets' batch size")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    machine = machine_info("cpu")
-    print(f"quant_speed on {machine['cpu']} ({machine['cores']} cores): torch {machine['torch']}")
+    machine = machine_info(args.device)
+    where = machine["gpu"] or f"{machine['cpu']} ({machine['cores']} cores)"
+    print(f"quant_speed on {where}: torch {machine['torch']}, triton {machine['triton']}")
     for preset in args.preset:
-        for w in preset_workloads(preset, "cpu"):
+        for w in preset_workloads(preset, args.device):
             changes = {k: v for k, v in (("num_embeddings", args.num_embeddings), ("batch_size", args.batch_size))
                        if v is not None}
             w = w.replace(mode="forward", **changes)

@@ -113,7 +113,8 @@ class EmbeddingBagCollection(nn.Module):
                      backend=ebc._backend if backend is None else backend, bounds_check=ebc._bounds_check)
         with torch.no_grad():
             for t, c in enumerate(configs):
-                weight = ebc.embedding_bags[c.name].weight
+                # on the CPU: a one-off, with the same rounding (nextafter on fp16) on every device
+                weight = ebc.embedding_bags[c.name].weight.detach().cpu()
                 module.table_rows(t).copy_(quantize_rows(weight, c.data_type, module._layout.row_align))
         return module
 
