@@ -2,6 +2,10 @@
 
 Run ``jaggedrec-bench --help`` for the flags and ``jaggedrec-bench --list`` for the presets
 and providers. The exit status is 1 when some provider's output was wrong, 2 on bad flags.
+
+``jaggedrec-bench --module ec`` runs the same benchmark for the unpooled EmbeddingCollection
+(one row per id): the same presets and flags, the ``nn.Embedding`` loop as the baseline, and
+by default every mode (``--mode`` takes a comma list there).
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ import torch
 from jaggedrec.host_memory import retain_freed_memory
 
 from .presets import DEFAULT_PRESET, PRESETS, preset_workloads
-from .providers import Provider, all_providers
+from .providers import Provider, all_providers, ec_providers
 from .report import format_table, machine_info, skipped_summary, to_json, write_csv, write_json, write_plot
-from .runner import BASELINE, Options, WorkloadResult, quiet, run_workload
+from .runner import BASELINE, POOLED, UNPOOLED, Options, WorkloadResult, quiet, run_workload
 from .timing import copy_bandwidth_gbps
 from .workload import DTYPES, MODES, Workload
 
@@ -32,6 +36,18 @@ examples:
 
 A comma list in --tables, --num-embeddings, --batch-size or --pooling-factor sweeps over it.
 """
+
+_EC_EXAMPLES = """\
+examples:
+  jaggedrec-bench --module ec                       # the pooling preset's tables, forward, backward and train
+  jaggedrec-bench --module ec --preset mixed-dims --mode forward,train
+  jaggedrec-bench --module ec --pooling-factor 20 --providers embedding_loop,jaggedrec,torchrec
+
+The presets are the bag collection's (--list); --pooling-factor is then the mean ids per
+feature of a sample (a sequence's length). A comma list in --mode, --tables, --num-embeddings,
+--batch-size or --pooling-factor sweeps over it.
+"""
+DEFAULT_EC_PRESET = "pooling"  # long id lists are what an unpooled lookup serves (sequence models)
 
 # CLI flag -> Workload field, for the flags that override preset fields
 _SWEEPABLE = {"tables": "tables", "num_embeddings": "num_embeddings", "batch_size": "batch_size",
@@ -60,13 +76,21 @@ def _list_of(cast: Callable[[float], object]) -> Callable[[str], List[object]]:
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jaggedrec-bench", epilog=_EXAMPLES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Time jaggedrec's EmbeddingBagCollection against a loop of "
-                                            "nn.EmbeddingBag and the other peers, on the same inputs.")
+def build_parser(module: str = "ebc") -> argparse.ArgumentParser:
+    """The flags of ``--module ebc`` (the bag collection, the default) or ``--module ec``."""
+    if module == "ec":
+        p = argparse.ArgumentParser(prog="jaggedrec-bench --module ec", epilog=_EC_EXAMPLES,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                                    description="Time jaggedrec's EmbeddingCollection (one row per id) against a "
+                                                "loop of nn.Embedding and the other peers, on the same inputs.")
+    else:
+        p = argparse.ArgumentParser(prog="jaggedrec-bench", epilog=_EXAMPLES,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                                    description="Time jaggedrec's EmbeddingBagCollection against a loop of "
+                                                "nn.EmbeddingBag and the other peers, on the same inputs.")
+    default_preset = DEFAULT_EC_PRESET if module == "ec" else DEFAULT_PRESET
     shape = p.add_argument_group("workload (each overrides the preset)")
-    shape.add_argument("--preset", choices=list(PRESETS), help=f"named workload (default: {DEFAULT_PRESET})")
+    shape.add_argument("--preset", choices=list(PRESETS), help=f"named workload (default: {default_preset})")
     shape.add_argument("--tables", type=_list_of(int), help="number of tables (one feature each)")
     shape.add_argument("--num-embeddings", type=_list_of(int), help="rows per table, e.g. 100k or 1M")
     shape.add_argument("--dim", nargs="+", help="embedding dim, or one dim per table cycled: --dim 4,16,64")
@@ -81,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--vbe-users", type=int,
                        help="f0 is a user feature: the batch's samples come from this many users, and "
                             "jaggedrec_vbe pools each user's bag once (variable batch per feature)")
-    shape.add_argument("--mode", choices=MODES, help="forward (inference), backward (fwd+bwd), train (+SGD step)")
+    if module == "ec":
+        shape.add_argument("--mode", type=_modes, help="forward (inference), backward (fwd+bwd), train (+SGD step), "
+                                                       "or a comma list of them (default: all three)")
+    else:
+        shape.add_argument("--mode", choices=MODES, help="forward (inference), backward (fwd+bwd), train (+SGD step)")
     run = p.add_argument_group("run")
     run.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     run.add_argument("--providers", help="comma list of names or prefixes, e.g. jaggedrec,fbgemm (default: all; "
@@ -99,11 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _modes(text: str) -> List[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(f"modes are {', '.join(MODES)}; got {text!r}")
+    return list(dict.fromkeys(modes))
+
+
 def _canonical(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())  # "jaggedrec[torch]" == "jaggedrec-torch"
 
 
-def select_providers(spec: Optional[str], names: Sequence[str], error: Callable[[str], None]) -> List[str]:
+def select_providers(spec: Optional[str], names: Sequence[str], error: Callable[[str], None],
+                     baseline: str = BASELINE) -> List[str]:
     """The names ``spec`` picks from ``names`` (all when empty), in ``names``' order, baseline included."""
     if not spec:
         return list(names)
@@ -115,14 +152,14 @@ def select_providers(spec: Optional[str], names: Sequence[str], error: Callable[
         if not matches:
             error(f"unknown provider {part!r}; choose from {', '.join(names)}")
         chosen += [m for m in matches if m not in chosen]
-    if BASELINE not in chosen:
-        chosen.insert(0, BASELINE)  # the reference every output is checked against
+    if baseline not in chosen:
+        chosen.insert(0, baseline)  # the reference every output is checked against
     return [n for n in names if n in chosen]
 
 
-def build_workloads(args: argparse.Namespace, device: str) -> List[Workload]:
+def build_workloads(args: argparse.Namespace, device: str, default_preset: str = DEFAULT_PRESET) -> List[Workload]:
     """The preset's configurations with the flags applied; a comma list in a flag sweeps it."""
-    base = preset_workloads(args.preset or DEFAULT_PRESET, device)
+    base = preset_workloads(args.preset or default_preset, device)
     common = {f: getattr(args, f) for f in _SCALARS if getattr(args, f) is not None}
     if args.dim:
         common["dims"] = tuple(int(_number(d)) for part in args.dim for d in part.split(",") if d.strip())
@@ -171,9 +208,9 @@ class _Progress:
             self.bar.close()
 
 
-def _listing() -> str:
+def _listing(providers: Callable[[], List[Provider]] = all_providers) -> str:
     lines = ["presets:"] + [f"  {name:11s} {p.description}" for name, p in PRESETS.items()]
-    lines += ["providers:"] + [f"  {p.name:17s} {p.description}" for p in all_providers()]
+    lines += ["providers:"] + [f"  {p.name:17s} {p.description}" for p in providers()]
     return "\n".join(lines)
 
 
@@ -181,35 +218,61 @@ LEGEND = ("GB/s: (table rows gathered + fp32 output) bytes per step / median tim
           "(backward counts both twice; train 3x rows, 2x output). % copy BW: of the tensor-copy bandwidth "
           "measured in this run. vs loop: eb_loop's median / this median. peak MB: parameters, buffers and "
           "optimizer state plus the extra memory at the peak of one step ({memory}).")
+EC_LEGEND = ("GB/s: (table rows gathered + rows written out, both in the table dtype) bytes per step / median "
+             "time (backward counts both twice; train 3x rows, 2x output: FBGEMM's convention, the output being "
+             "one row per id). % copy BW: of the tensor-copy bandwidth measured in this run. vs loop: "
+             "embedding_loop's median / this median. peak MB: parameters, buffers and optimizer state plus the "
+             "extra memory at the peak of one step ({memory}).")
+
+
+def _pop_module(argv: List[str]) -> Optional[str]:
+    """Take ``--module NAME`` (or ``--module=NAME``) out of ``argv``; "ebc" when absent."""
+    for at, arg in enumerate(argv):
+        if arg == "--module":
+            module = argv[at + 1] if at + 1 < len(argv) else ""
+            del argv[at:at + 2]
+            return module
+        if arg.startswith("--module="):
+            del argv[at]
+            return arg.split("=", 1)[1]
+    return "ebc"
 
 
 def main(argv: Optional[Sequence[str]] = None,
-         provider_factory: Callable[[], List[Provider]] = all_providers) -> int:
-    """Run the CLI. ``provider_factory`` makes fresh providers per configuration (tests inject one)."""
+         provider_factory: Optional[Callable[[], List[Provider]]] = None) -> int:
+    """Run the CLI. ``provider_factory`` makes fresh providers per configuration (tests inject one;
+    by default the module's own: every pooled provider, or with ``--module ec`` the unpooled ones)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--module" in argv:  # the unpooled EmbeddingCollection has a benchmark of its own
-        at = argv.index("--module")
-        module = argv[at + 1] if at + 1 < len(argv) else ""
-        if module not in ("ebc", "ec"):
-            print(f"jaggedrec-bench: --module must be ebc or ec, got {module!r}", file=sys.stderr)
-            return 2
-        del argv[at:at + 2]
-        if module == "ec":
-            from . import sequence
-            return sequence.main(argv)
-    parser = build_parser()
+    # taken out before parsing, so that the bag collection's flags and help stay as they were
+    module_name = _pop_module(argv)
+    if module_name not in ("ebc", "ec"):
+        print(f"jaggedrec-bench: --module must be ebc or ec, got {module_name!r}", file=sys.stderr)
+        return 2
+    unpooled = module_name == "ec"
+    module = UNPOOLED if unpooled else POOLED
+    provider_factory = provider_factory or (ec_providers if unpooled else all_providers)
+    parser = build_parser(module_name)
     args = parser.parse_args(argv)
     if args.list:
-        print(_listing())
+        print(_listing(provider_factory))
         return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
+    modes: List[Optional[str]] = [None]
+    if unpooled:
+        if args.weighted:
+            parser.error("--weighted: an unpooled lookup has no per-id weights to apply")
+        modes, args.mode = args.mode or list(MODES), None
     try:
-        workloads = build_workloads(args, device)
+        workloads = build_workloads(args, device, DEFAULT_EC_PRESET if unpooled else DEFAULT_PRESET)
+        if unpooled:  # each configuration in every mode, one after the other: the same ids each time
+            workloads = [w.replace(mode=m) for w in workloads for m in modes]
+            if any(w.vbe_users for w in workloads):
+                parser.error("--vbe-users / --preset vbe: jaggedrec's EmbeddingCollection refuses a VBE KJT")
     except ValueError as e:
         parser.error(str(e))
-    wanted = select_providers(args.providers, [p.name for p in provider_factory()], parser.error)
+    wanted = select_providers(args.providers, [p.name for p in provider_factory()], parser.error, module.baseline)
     options = Options(repeats=args.repeats or (30 if device == "cuda" else 10), batches=max(1, args.batches),
                       seed=args.seed)
     if args.threads:
@@ -224,27 +287,28 @@ def main(argv: Optional[Sequence[str]] = None,
     where = machine["gpu"] or f"{machine['cpu']} ({machine['cores']} cores)"
     print(f"jaggedrec-bench on {where}: torch {machine['torch']}, triton {machine['triton']}; "
           f"copy bandwidth {copy_gbps:.1f} GB/s (read + write)")
-    preset = args.preset or DEFAULT_PRESET
-    command = ["jaggedrec-bench"] + list(sys.argv[1:] if argv is None else argv)
+    preset = args.preset or (DEFAULT_EC_PRESET if unpooled else DEFAULT_PRESET)
+    command = ["jaggedrec-bench"] + (["--module", "ec"] if unpooled else []) + list(argv)
     progress = _Progress(len(workloads), enabled=not args.no_progress)
+    document_module = "ec" if unpooled else None  # the pooled documents keep their layout
     runs: List[WorkloadResult] = []
     try:
         for w in workloads:
             providers = [p for p in provider_factory() if p.name in wanted]
-            run = run_workload(w, providers, options, copy_gbps, progress.phase)
+            run = run_workload(w, providers, options, copy_gbps, progress.phase, module)
             runs.append(run)
-            progress.write("\n" + format_table(run))
+            progress.write("\n" + format_table(run, f"EmbeddingCollection: {w.describe()}" if unpooled else ""))
             progress.done_one()
             if args.output:  # after every configuration, so a run cut short keeps what it measured
-                write_json(args.output, to_json(runs, machine, copy_gbps, preset, command))
+                write_json(args.output, to_json(runs, machine, copy_gbps, preset, command, module=document_module))
     finally:
         progress.close()
     summary = skipped_summary(runs)
     if summary:
         print("\n" + summary)
     memory = "CUDA max_memory_allocated" if device == "cuda" else "RSS-based on CPU, approximate"
-    print("\n" + LEGEND.format(memory=memory))
-    document = to_json(runs, machine, copy_gbps, preset, command)
+    print("\n" + (EC_LEGEND if unpooled else LEGEND).format(memory=memory))
+    document = to_json(runs, machine, copy_gbps, preset, command, module=document_module)
     if args.csv:
         write_csv(args.csv, document)
     if args.plot:

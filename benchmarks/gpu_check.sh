@@ -115,9 +115,11 @@ bench dlrm-backward 40 --preset dlrm --mode backward --providers "$NO_COMPILE"
 bench dlrm-train 40 --preset dlrm --mode train --providers "$NO_COMPILE"
 # quantized tables (INT8, INT4 rows dequantized in the one forward launch) against the fp32 module
 step quant-forward 30 $PY -m jaggedrec.benchmarks.quant_speed --device "$DEVICE" --preset dlrm pooling --repeats 15
-# the unpooled EmbeddingCollection (its own benchmark: the nn.Embedding loop, TorchRec's EC), every mode
-step bench-ec 30 $PY -m jaggedrec.benchmarks --module ec --device "$DEVICE" --batch 4096 --repeats 20 \
-    --output "$OUT/ec.json"
+# the unpooled EmbeddingCollection (--module ec: the nn.Embedding loop as the baseline, TorchRec's EC and
+# FBGEMM's PoolingMode.NONE where installed), forward, backward and train in one run: the pooling preset's
+# tables, 8 of them, 20 ids per feature (~330k rows a step, 2 GB of tables per provider); about 20 s
+bench ec 30 --module ec --preset pooling --tables 8 --pooling-factor 20 \
+    --providers "embedding_loop,jaggedrec[triton],torchrec_ec,fbgemm_tbe_none,fbgemm_inference_none"
 # zipf ids: hot rows, whose long runs of ids the backward sums with a kernel of their own
 bench dlrm-train-zipf 30 --preset dlrm --mode train --distribution zipf --pooling-factor 20 \
     --providers "eb_loop,jaggedrec[triton],fbgemm_tbe"
@@ -135,9 +137,11 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
     doc = json.load(open(path))
     for run in doc.get("runs", []):
         c = run.get("config")
-        if c is None:  # the EmbeddingCollection's benchmark (--module ec): its own layout, printed in its log
+        if c is None:  # a layout of its own (another script's JSON)
             continue
         config = f"T={c['tables']} B={c['batch_size']} L={c['pooling_factor']:g} D={','.join(map(str, c['dims']))}"
+        if doc.get("module"):  # --module ec: one file holds every mode
+            config += f" {doc['module']} {c['mode']}"
         for name, r in run["providers"].items():
             ok = r["status"] == "ok"
             rows.append((os.path.basename(path)[:-5], config, name, r["status"],

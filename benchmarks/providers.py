@@ -288,3 +288,113 @@ def all_providers() -> List[Provider]:
 
     return [EmbeddingBagLoop(), EmbeddingBagConcat(), CompiledEmbeddingBagLoop(), Jaggedrec("torch"),
             Jaggedrec("triton"), CompiledJaggedrec(), JaggedrecVbe(), TorchRecEBC(), FbgemmTBE()]
+
+
+# --- the unpooled EmbeddingCollection (``--module ec``) ---------------------------------------
+
+
+class EcProvider(Provider):
+    """An unpooled lookup, set up for one workload. On an :class:`~.workload.EcBatch`:
+
+    - ``rows(batch)``: per feature ``f0, f1, ...``, its ``[N_f, dim_f]`` rows (one per id);
+    - ``forward(batch)``: those rows flattened and concatenated, ``[sum_f N_f * dim_f]``: what
+      the runner checks against the ``nn.Embedding`` loop (mixed dims allow no one matrix).
+      Only the checks call it, so its copy is never timed;
+    - ``step(batch)``: as :meth:`Provider.step`, with ``rows`` and the per-feature gradients.
+    """
+
+    def rows(self, batch: Batch) -> List[torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, batch):
+        return torch.cat([r.reshape(-1) for r in self.rows(batch)])
+
+    def step(self, batch: Batch) -> None:
+        if self.mode == "forward":
+            with torch.no_grad():
+                self.rows(batch)
+            return
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.clear_grads()
+        outs = self.rows(batch)
+        grads = batch.grads
+        if outs and outs[0].dtype != grads[0].dtype:  # TorchRec's module upcasts fp16 rows to fp32
+            grads = [g.to(outs[0].dtype) for g in grads]
+        torch.autograd.backward(outs, grads)
+        if self.mode == "train" and self.optimizer is not None:
+            self.optimizer.step()
+
+
+def ec_table_configs(w: Workload) -> List[jr.EmbeddingConfig]:
+    """The workload's tables as ``EmbeddingConfig``: table ``t{t}`` serves feature ``f{t}``."""
+    data_type = {"fp32": jr.DataType.FP32, "fp16": jr.DataType.FP16, "bf16": jr.DataType.BF16}[w.dtype]
+    return [jr.EmbeddingConfig(name=f"t{t}", embedding_dim=d, num_embeddings=w.num_embeddings,
+                               feature_names=[f"f{t}"], data_type=data_type)
+            for t, d in enumerate(w.table_dims)]
+
+
+class EmbeddingLoop(EcProvider):
+    name = "embedding_loop"
+    description = ("one nn.Embedding per table, called in a Python loop (what TorchRec's unsharded "
+                   "EmbeddingCollection does)")
+
+    def build(self, tables, w):
+        self.mode, self.w = w.mode, w
+        sparse = w.mode == "train"
+        self.module = nn.ModuleList(nn.Embedding(t.shape[0], t.shape[1], sparse=sparse, _weight=t.clone())
+                                    for t in tables)
+        if w.mode == "train":
+            self.note = "sparse grads (nn.Embedding(sparse=True)) + torch.optim.SGD"
+            self.optimizer = torch.optim.SGD(self.module.parameters(), lr=LEARNING_RATE)
+
+    def rows(self, batch):
+        # feature boundaries from the host, as for the bag loop: no device-to-host read
+        bounds = batch.key_offsets
+        return [table(batch.values[bounds[f]:bounds[f + 1]]) for f, table in enumerate(self.module)]
+
+
+class JaggedrecEC(EcProvider):
+    """jaggedrec's EmbeddingCollection with one backend, with its default ``validate=True``."""
+
+    def __init__(self, backend: str) -> None:
+        super().__init__()
+        self.backend = backend
+        self.name = f"jaggedrec[{backend}]"
+        self.description = f"jaggedrec.EmbeddingCollection(backend={backend!r}): one gather per dtype"
+
+    def skip_reason(self, w):
+        if self.backend == "triton" and w.device != "cuda":
+            return "Triton kernels need CUDA (on CPU only TRITON_INTERPRET=1 runs them, far too slow to time)"
+        return None
+
+    def build(self, tables, w):
+        self.mode, self.keys = w.mode, w.keys
+        fused = None
+        if w.mode == "train":
+            # as for the bag collection: the fused SGD updates the touched rows inside the backward
+            from jaggedrec import optim
+
+            fused = optim.SGD(lr=LEARNING_RATE)
+            self.note = "fused SGD inside backward (fused_optimizer=optim.SGD)"
+        ec = jr.EmbeddingCollection(ec_table_configs(w), device=w.device, backend=self.backend,
+                                    fused_optimizer=fused)
+        loaded = ec.load_state_dict({f"embeddings.t{t}.weight": table for t, table in enumerate(tables)},
+                                    strict=False)
+        missing = [k for k in loaded.missing_keys if not k.startswith("fused_optimizer_state.")]
+        if missing or loaded.unexpected_keys:
+            raise RuntimeError(f"load_state_dict: missing {missing}, unexpected {loaded.unexpected_keys}")
+        self.module = ec
+
+    def rows(self, batch):
+        out = self.module(batch.jaggedrec_kjt(self.keys))
+        return [out[k].values() for k in self.keys]
+
+
+def ec_providers() -> List[Provider]:
+    """Every provider of ``--module ec``, in report order; the ``embedding_loop`` baseline first."""
+    from .peers import FbgemmInferenceTBENone, FbgemmTBENone, TorchRecEC
+
+    return [EmbeddingLoop(), JaggedrecEC("torch"), JaggedrecEC("triton"), TorchRecEC(), FbgemmTBENone(),
+            FbgemmInferenceTBENone()]

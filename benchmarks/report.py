@@ -7,6 +7,9 @@ JSON layout::
                "providers": {name: {"status", "reason", "note", "median_ms", "p20_ms", "p80_ms",
                                     "gbps", "pct_of_copy_bw", "speedup_vs_loop", "peak_mem_mb",
                                     "state_mb", "step_mem_mb", "max_abs_err", "samples_ms"}}}]}
+
+``jaggedrec-bench --module ec`` writes the same layout with ``"module": "ec"`` after
+``"command"`` (the bag collection's documents have no ``"module"`` key).
 """
 
 from __future__ import annotations
@@ -125,17 +128,20 @@ def skipped_summary(runs: Sequence[WorkloadResult]) -> str:
 
 
 def to_json(runs: Sequence[WorkloadResult], machine: Dict[str, object], copy_gbps: Optional[float],
-            preset: Optional[str], command: Sequence[str]) -> Dict[str, object]:
-    return {
+            preset: Optional[str], command: Sequence[str], module: Optional[str] = None) -> Dict[str, object]:
+    document: Dict[str, object] = {
         "machine": machine,
         "copy_bandwidth_gbps": copy_gbps,
         "preset": preset,
         "command": list(command),
-        "runs": [{"config": run.workload.as_dict(), "label": run.workload.describe(),
-                  "bytes_per_step": run.bytes_per_step,
-                  "providers": {n: dataclasses.asdict(r) for n, r in run.providers.items()}}
-                 for run in runs],
     }
+    if module is not None:
+        document["module"] = module
+    document["runs"] = [{"config": run.workload.as_dict(), "label": run.workload.describe(),
+                         "bytes_per_step": run.bytes_per_step,
+                         "providers": {n: dataclasses.asdict(r) for n, r in run.providers.items()}}
+                        for run in runs]
+    return document
 
 
 def write_json(path: str, document: Dict[str, object]) -> None:
@@ -150,10 +156,13 @@ _CSV_MACHINE_FIELDS = ("date", "device", "gpu", "cpu", "torch", "triton", "jagge
 
 
 def write_csv(path: str, document: Dict[str, object]) -> None:
-    """One row per (configuration, provider); appends when the file exists with the same header."""
+    """One row per (configuration, provider); appends when the file exists with the same header.
+    A ``--module ec`` document's rows start with a ``module`` column, so they never append to a
+    bag collection's file."""
     config_fields = list(document["runs"][0]["config"]) if document["runs"] else []
-    header = (["preset"] + config_fields + ["provider"] + list(_CSV_RESULT_FIELDS) + ["copy_bandwidth_gbps"]
-              + list(_CSV_MACHINE_FIELDS))
+    module = [document["module"]] if "module" in document else []
+    header = (["module"] * len(module) + ["preset"] + config_fields + ["provider"] + list(_CSV_RESULT_FIELDS)
+              + ["copy_bandwidth_gbps"] + list(_CSV_MACHINE_FIELDS))
     append = False
     if os.path.exists(path) and os.path.getsize(path) > 0:
         with open(path, newline="") as f:
@@ -166,7 +175,7 @@ def write_csv(path: str, document: Dict[str, object]) -> None:
         for run in document["runs"]:
             config = [" ".join(map(str, v)) if isinstance(v, list) else v for v in run["config"].values()]
             for name, r in run["providers"].items():
-                writer.writerow([document["preset"]] + config + [name] + [r[k] for k in _CSV_RESULT_FIELDS]
+                writer.writerow(module + [document["preset"]] + config + [name] + [r[k] for k in _CSV_RESULT_FIELDS]
                                 + [document["copy_bandwidth_gbps"]] + [machine.get(k) for k in _CSV_MACHINE_FIELDS])
 
 

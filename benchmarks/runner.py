@@ -4,7 +4,8 @@ The order of events, and why:
 
 1. build every provider from the same reference tables (a failure skips that provider);
 2. verify: each provider's forward on every batch must match the ``nn.EmbeddingBag`` loop
-   within the dtype's tolerance, else it is reported ``wrong`` and never timed. In backward
+   (the ``nn.Embedding`` loop for the unpooled collection, :data:`UNPOOLED`) within the
+   dtype's tolerance, else it is reported ``wrong`` and never timed. In backward
    mode the weight gradient is checked too, through ``sum(grad * W) == sum(grad_out * out)``,
    which holds for any linear lookup and needs no knowledge of the provider's layout;
 3. warm up on every batch (first-call costs: allocations, page faults, compilation);
@@ -25,11 +26,28 @@ import torch
 
 from .providers import Provider
 from .timing import Clock, MemoryProbe, plan_samples, quantiles, rounds_schedule
-from .workload import Batch, Workload, bytes_per_step, make_batches, reference_tables
+from .workload import (Batch, Workload, bytes_per_step, ec_bytes_per_step, make_batches, make_ec_batches,
+                       reference_tables)
 
 # abs and rel tolerance of a provider's output against the loop's, by table dtype
 TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 BASELINE = "eb_loop"
+
+
+@dataclass(frozen=True)
+class Module:
+    """What differs between the module benchmarks: the baseline provider's name (the first
+    provider, the reference every output is checked against and every ratio is taken to),
+    how batches are drawn, and how a step's bytes are counted."""
+
+    name: str
+    baseline: str
+    make_batches: Callable[[Workload, int, int], List[Batch]]
+    bytes_per_step: Callable[[Workload, Sequence[int]], float]
+
+
+POOLED = Module("ebc", BASELINE, make_batches, bytes_per_step)
+UNPOOLED = Module("ec", "embedding_loop", make_ec_batches, ec_bytes_per_step)
 
 
 @dataclass
@@ -113,10 +131,12 @@ def _gradient_error(p: Provider, batch: Batch, ref_out: torch.Tensor, tol: float
 
 
 def run_workload(w: Workload, providers: Sequence[Provider], options: Options, copy_gbps: Optional[float],
-                 progress: Callable[[str], None] = lambda msg: None) -> WorkloadResult:
-    """Every provider's result on ``w``; the first provider must be the ``eb_loop`` reference."""
-    if not providers or providers[0].name != BASELINE:
-        raise ValueError(f"the first provider must be the {BASELINE} reference")
+                 progress: Callable[[str], None] = lambda msg: None, module: Module = POOLED) -> WorkloadResult:
+    """Every provider's result on ``w``; the first provider must be ``module``'s baseline
+    (``eb_loop`` for the bag collection), the reference."""
+    baseline = module.baseline
+    if not providers or providers[0].name != baseline:
+        raise ValueError(f"the first provider must be the {baseline} reference")
     results: Dict[str, ProviderResult] = {}
     active: List[Provider] = []
     with quiet():
@@ -124,9 +144,9 @@ def run_workload(w: Workload, providers: Sequence[Provider], options: Options, c
             reason = p.skip_reason(w)
             results[p.name] = ProviderResult("skipped", reason) if reason else ProviderResult("ok")
         tables = reference_tables(w, options.seed)
-        batches = make_batches(w, options.batches, options.seed)
+        batches = module.make_batches(w, options.batches, options.seed)
         # samples rotate evenly over the batches, so their mean bytes goes with the median time
-        moved = sum(bytes_per_step(w, b.ids_per_feature) for b in batches) / len(batches)
+        moved = sum(module.bytes_per_step(w, b.ids_per_feature) for b in batches) / len(batches)
         for p in providers:
             if results[p.name].status != "ok":
                 continue
@@ -137,24 +157,24 @@ def run_workload(w: Workload, providers: Sequence[Provider], options: Options, c
                 results[p.name].note = p.note
                 active.append(p)
             except Exception as e:
-                if p.name == BASELINE:
+                if p.name == baseline:
                     raise
                 results[p.name] = ProviderResult("skipped", _fail(e, "setup failed"))
                 p.release()
         del tables
-        active = _verify(w, active, batches, results, progress)
-        _time_all(w, active, batches, options, results, progress)
+        active = _verify(w, active, batches, results, progress, baseline)
+        _time_all(w, active, batches, options, results, progress, baseline)
         for p in active:
             p.release()
         del active, batches
         gc.collect()
         if w.device == "cuda":
             torch.cuda.empty_cache()
-    _derive_metrics(results, moved, copy_gbps)
+    _derive_metrics(results, moved, copy_gbps, baseline)
     return WorkloadResult(w, results, moved)
 
 
-def _verify(w, active, batches, results, progress) -> List[Provider]:
+def _verify(w, active, batches, results, progress, baseline=BASELINE) -> List[Provider]:
     tol = TOLERANCES[w.dtype]
     progress("verify")
     with torch.no_grad():
@@ -169,7 +189,7 @@ def _verify(w, active, batches, results, progress) -> List[Provider]:
                 if err is not None:
                     worst = max(worst or 0.0, err)
             if worst is not None:
-                results[p.name] = ProviderResult("wrong", f"output differs from {BASELINE}: max abs err {worst:.3g} "
+                results[p.name] = ProviderResult("wrong", f"output differs from {baseline}: max abs err {worst:.3g} "
                                                           f"(tol {tol:g} abs + {tol:g} rel)", p.note,
                                                  max_abs_err=worst)
             elif w.mode == "backward":
@@ -185,7 +205,7 @@ def _verify(w, active, batches, results, progress) -> List[Provider]:
     return kept
 
 
-def _time_all(w, active, batches, options, results, progress) -> None:
+def _time_all(w, active, batches, options, results, progress, baseline=BASELINE) -> None:
     clock, probe = Clock(w.device), MemoryProbe(w.device)
     samples = []
     for p in list(active):
@@ -197,7 +217,7 @@ def _time_all(w, active, batches, options, results, progress) -> None:
             p.clear_grads()
             samples.append(plan_samples(last, options.repeats))
         except Exception as e:
-            if p.name == BASELINE:
+            if p.name == baseline:
                 raise
             results[p.name] = ProviderResult("skipped", _fail(e, "failed in warm-up"), p.note)
             active.remove(p)
@@ -216,14 +236,15 @@ def _time_all(w, active, batches, options, results, progress) -> None:
                     counters[i] += 1
                     results[p.name].samples_ms.append(clock.time_ms(lambda: p.step(batch)))
             except Exception as e:
-                if p.name == BASELINE:
+                if p.name == baseline:
                     raise
                 results[p.name] = ProviderResult("skipped", _fail(e, "failed while timed"), p.note)
             p.clear_grads()  # free dense gradients before the next provider runs
 
 
-def _derive_metrics(results: Dict[str, ProviderResult], moved: float, copy_gbps: Optional[float]) -> None:
-    baseline = results[BASELINE]
+def _derive_metrics(results: Dict[str, ProviderResult], moved: float, copy_gbps: Optional[float],
+                    baseline_name: str = BASELINE) -> None:
+    baseline = results[baseline_name]
     for r in results.values():
         if r.status != "ok" or not r.samples_ms:
             continue

@@ -298,3 +298,63 @@ def add_shape_arguments(parser, pooling_factor: float, bags_and_dtype: bool = Tr
     if bags_and_dtype:
         parser.add_argument("--bag-size", choices=("fixed", "random"), default="fixed")
         parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+
+
+# --- the unpooled EmbeddingCollection (``--module ec``) ---------------------------------------
+
+# Traffic per step of an unpooled lookup, in units of R (bytes of the rows gathered, in the
+# table dtype). The output is one row per id, so its bytes are R too; see ec_bytes_per_step.
+_EC_TRAFFIC = {"forward": 2, "backward": 4, "train": 5}
+
+
+@dataclass
+class EcBatch(Batch):
+    """A :class:`Batch` for the unpooled lookup, whose upstream gradient is one row per id.
+
+    Attributes (beyond :class:`Batch`'s; ``grad_out`` changes shape):
+        grad_out: ``[sum_f N_f * dim_f]`` gradient of every feature's rows, flattened and
+            concatenated in key order, in the table dtype; None in forward mode.
+        grads: per feature, the ``[N_f, dim_f]`` view of ``grad_out`` for that feature's rows;
+            None in forward mode.
+    """
+
+    grads: Optional[List[torch.Tensor]] = None
+
+
+def make_ec_batches(w: Workload, count: int, seed: int = 0) -> List[EcBatch]:
+    """``count`` batches for the unpooled lookup: the ids and lengths of :func:`make_batches`
+    (drawn as in forward mode, so every mode of one configuration sees the same ids), plus an
+    upstream gradient row per id when ``w.mode`` needs one."""
+    batches = make_batches(w.replace(mode="forward"), count, seed)
+    gen = torch.Generator().manual_seed(seed + 7)  # the gradients' own stream: the ids stay as drawn
+    out = []
+    for b in batches:
+        grad_out = grads = None
+        if w.mode != "forward":
+            sizes = [n * d for n, d in zip(b.ids_per_feature, w.table_dims)]
+            grad_out = torch.randn(sum(sizes), generator=gen).to(device=w.device, dtype=w.torch_dtype)
+            grads = [g.view(n, d) for g, n, d in zip(grad_out.split(sizes), b.ids_per_feature, w.table_dims)]
+        fields = {f.name: getattr(b, f.name) for f in dataclasses.fields(Batch)}
+        out.append(EcBatch(**dict(fields, grad_out=grad_out), grads=grads))
+    return out
+
+
+def ec_bytes_per_step(w: Workload, ids_per_feature: Sequence[int]) -> int:
+    """Bytes one step of the unpooled lookup moves: :func:`bytes_per_step`'s convention with
+    the pooled output replaced by one output row per id, in the table dtype.
+
+    ``R = sum_f ids_f * dim_f * elsize`` (rows gathered), and the output is ``R`` bytes too:
+
+    - forward: ``2R`` (read the rows, write them out);
+    - backward: ``4R`` (the forward, then read the output gradient and write one row
+      gradient per id);
+    - train: ``5R`` (the forward, then read the output gradient, and read and write each
+      gathered row to apply the update).
+
+    Ids and lengths are not counted, nor the fp32 upcast a provider may write for fp16 tables.
+    """
+    if len(ids_per_feature) != w.tables:
+        raise ValueError(f"need one id count per table ({w.tables}), got {len(ids_per_feature)}")
+    elsize = torch.empty(0, dtype=w.torch_dtype).element_size()
+    rows = sum(n * d * elsize for n, d in zip(ids_per_feature, w.table_dims))
+    return _EC_TRAFFIC[w.mode] * rows

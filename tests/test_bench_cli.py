@@ -11,9 +11,9 @@ import torch
 
 from jaggedrec.benchmarks import cli
 from jaggedrec.benchmarks.presets import PRESETS, preset_workloads
-from jaggedrec.benchmarks.providers import EmbeddingBagLoop, Provider, all_providers
+from jaggedrec.benchmarks.providers import EmbeddingBagLoop, EmbeddingLoop, Provider, all_providers, ec_providers
 from jaggedrec.benchmarks.timing import plan_samples, quantiles, rounds_schedule
-from jaggedrec.benchmarks.workload import Workload, bytes_per_step, make_batches
+from jaggedrec.benchmarks.workload import Workload, bytes_per_step, ec_bytes_per_step, make_batches, make_ec_batches
 
 # 3 tables of dims 4, 8, 4: small enough that a whole run takes about a second
 TINY = ["--device", "cpu", "--tables", "3", "--num-embeddings", "50", "--dim", "4,8", "--batch-size", "8",
@@ -27,6 +27,7 @@ def test_end_to_end_json_has_every_provider(tmp_path, capsys):
     for key in ("platform", "cpu", "cores", "python", "torch", "triton", "numpy", "gpu", "date"):
         assert key in doc["machine"]
     assert doc["copy_bandwidth_gbps"] > 0
+    assert list(doc) == ["machine", "copy_bandwidth_gbps", "preset", "command", "runs"]  # no "module" key
     (run,) = doc["runs"]
     assert run["config"]["dims"] == [4, 8] and run["config"]["tables"] == 3
     providers = run["providers"]
@@ -230,29 +231,6 @@ def test_vbe_batches_expand_to_the_same_batch_and_the_vbe_provider_is_checked(tm
     assert "vbe-users" in json.loads(out.read_text())["runs"][0]["providers"]["jaggedrec_vbe"]["reason"]
 
 
-def test_module_ec_runs_every_provider_in_each_mode(tmp_path, capsys):
-    """``--module ec``: the EmbeddingCollection against the nn.Embedding loop (and TorchRec's EC
-    and FBGEMM's TBE where they import), outputs checked before timing; mixed dims skip the
-    providers that need one dim, saying why."""
-    out = tmp_path / "ec.json"
-    assert cli.main(["--module", "ec", "--preset", "sequence", "mixed-dims", "--mode", "forward", "backward",
-                     "train", "--tables", "3", "--rows", "50", "--batch", "4", "--ids-per-bag", "2",
-                     "--repeats", "2", "--batches", "2", "--output", str(out)]) == 0
-    runs = json.load(open(out))["runs"]
-    assert [(r["preset"], r["mode"]) for r in runs] == [(p, m) for p in ("sequence", "mixed-dims")
-                                                        for m in ("forward", "backward", "train")]
-    for run in runs:
-        results = run["results"]
-        for name in ("embedding_loop", "jaggedrec"):
-            assert results[name]["status"] == "ok" and results[name]["median_ms"] > 0, (run["mode"], name)
-        assert results["embedding_loop"]["vs_loop"] == 1.0
-        if run["preset"] == "mixed-dims":  # (or not importable, where TorchRec is not installed)
-            assert any(why in results["torchrec_ec"]["reason"] for why in ("one dim", "not importable"))
-        assert not any(r["status"] == "skipped" and r["reason"].startswith("wrong") for r in results.values())
-    assert "vs loop" in capsys.readouterr().out
-    assert cli.main(["--module", "nope"]) == 2
-
-
 def test_quant_speed_checks_and_times_every_provider():
     from jaggedrec.benchmarks import quant_speed
     w = preset_workloads("pooling", "cpu")[0].replace(num_embeddings=300, batch_size=8, tables=3)
@@ -260,3 +238,136 @@ def test_quant_speed_checks_and_times_every_provider():
     for name in ("jaggedrec fp32", "jaggedrec int8", "jaggedrec int4", "torch ops loop int8", "torch ops loop int4"):
         assert results[name]["status"] == "ok" and results[name]["median_ms"] > 0, (name, results[name])
     assert results["jaggedrec int4"]["bytes"] < results["jaggedrec int8"]["bytes"] < results["jaggedrec fp32"]["bytes"]
+
+
+# --module ec: the same tiny shape, one dim (so TorchRec's EC and FBGEMM's PoolingMode.NONE can run)
+TINY_EC = ["--module", "ec"] + [a if a != "4,8" else "8" for a in TINY]
+
+
+def test_module_ec_end_to_end_every_mode(tmp_path, capsys):
+    """``--module ec``: every provider in every mode (forward, backward, train by default), each
+    output checked against the nn.Embedding loop before it is timed, ratios to that loop."""
+    out, table = tmp_path / "ec.json", tmp_path / "ec.csv"
+    assert cli.main(TINY_EC + ["--output", str(out), "--csv", str(table)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["module"] == "ec" and doc["preset"] == "pooling"
+    assert doc["command"][:3] == ["jaggedrec-bench", "--module", "ec"]
+    assert [r["config"]["mode"] for r in doc["runs"]] == ["forward", "backward", "train"]
+    names = [p.name for p in ec_providers()]
+    for run in doc["runs"]:
+        mode, providers = run["config"]["mode"], run["providers"]
+        assert run["config"]["dims"] == [8] and run["label"].startswith("3 tables")
+        assert list(providers) == names
+        for name, r in providers.items():
+            assert r["status"] in ("ok", "skipped"), (mode, name, r)
+            if r["status"] == "skipped":
+                assert r["reason"] and r["median_ms"] is None, (mode, name)
+            else:
+                assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], (mode, name)
+                assert r["gbps"] == pytest.approx(run["bytes_per_step"] / (r["median_ms"] * 1e-3) / 1e9)
+        assert providers["embedding_loop"]["speedup_vs_loop"] == pytest.approx(1.0)
+        assert providers["jaggedrec[torch]"]["status"] == "ok", mode
+        assert providers["jaggedrec[torch]"]["speedup_vs_loop"] > 0
+        assert "CUDA" in providers["jaggedrec[triton]"]["reason"]
+        for peer in ("torchrec_ec", "fbgemm_tbe_none", "fbgemm_inference_none"):
+            r = providers[peer]  # runs where the library imports, else says so
+            assert r["status"] == "ok" or "not importable" in r["reason"] or mode != "forward", (peer, r)
+        if mode == "backward":
+            assert "dense-gradient backward" in (providers["fbgemm_tbe_none"]["reason"] or "not importable")
+        if mode != "forward":
+            assert "no backward" in providers["fbgemm_inference_none"]["reason"] or \
+                "not importable" in providers["fbgemm_inference_none"]["reason"]
+    by_mode = {r["config"]["mode"]: r for r in doc["runs"]}
+    # same ids in every mode; the byte count is 2, 4 and 5 times the rows' bytes
+    rows = by_mode["forward"]["bytes_per_step"] / 2
+    assert by_mode["backward"]["bytes_per_step"] == pytest.approx(4 * rows)
+    assert by_mode["train"]["bytes_per_step"] == pytest.approx(5 * rows)
+    with open(table, newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert {r["module"] for r in csv_rows} == {"ec"} and len(csv_rows) == 3 * len(names)
+    printed = capsys.readouterr().out
+    assert "EmbeddingCollection: 3 tables" in printed and "vs loop" in printed
+    assert "embedding_loop's median" in printed and "skipped:" in printed
+
+
+def test_module_ec_mixed_dims_skip_the_one_dim_peers(tmp_path):
+    out = tmp_path / "mixed.json"
+    args = ["--module", "ec"] + TINY + ["--mode", "forward,train", "--providers", "jaggedrec-torch,torchrec,fbgemm",
+                                        "--output", str(out)]
+    assert cli.main(args) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["config"]["mode"] for r in runs] == ["forward", "train"]
+    for run in runs:
+        providers = run["providers"]
+        assert list(providers) == ["embedding_loop", "jaggedrec[torch]", "torchrec_ec", "fbgemm_tbe_none",
+                                   "fbgemm_inference_none"]
+        assert providers["jaggedrec[torch]"]["status"] == "ok"  # mixed dims are fine for jaggedrec
+        for peer in ("torchrec_ec", "fbgemm_tbe_none"):
+            reason = providers[peer]["reason"]
+            assert "one embedding dim" in reason or "not importable" in reason, (peer, reason)
+
+
+def test_ec_bytes_per_step_hand_worked():
+    w = Workload(tables=2, dims=(4, 8), batch_size=3, dtype="fp32")
+    # rows gathered: 10 ids of dim 4 and 6 ids of dim 8, 4 bytes each = 352; written out: 352 again
+    assert ec_bytes_per_step(w, [10, 6]) == 2 * 352
+    assert ec_bytes_per_step(w.replace(dtype="fp16"), [10, 6]) == 2 * 176
+    assert ec_bytes_per_step(w.replace(mode="backward"), [10, 6]) == 4 * 352
+    assert ec_bytes_per_step(w.replace(mode="train"), [10, 6]) == 5 * 352  # pooled's 3R + 2O with O = R
+    with pytest.raises(ValueError, match="one id count per table"):
+        ec_bytes_per_step(w, [10])
+
+
+def test_ec_batches_have_a_gradient_row_per_id_and_the_same_ids_in_every_mode():
+    w = Workload(tables=2, num_embeddings=30, dims=(4, 8), batch_size=5, pooling_factor=3, bag_size="random",
+                 dtype="fp16")
+    forward = make_ec_batches(w, 2, seed=4)
+    train = make_ec_batches(w.replace(mode="train"), 2, seed=4)
+    for f, t in zip(forward, train):
+        assert torch.equal(f.values, t.values) and torch.equal(f.lengths, t.lengths)
+        assert f.grad_out is None and f.grads is None
+        assert [tuple(g.shape) for g in t.grads] == [(n, d) for n, d in zip(t.ids_per_feature, (4, 8))]
+        assert t.grad_out.dtype == torch.float16 and t.grad_out.numel() == sum(g.numel() for g in t.grads)
+        assert t.grads[1].data_ptr() == t.grad_out[t.grads[0].numel():].data_ptr()  # views of one buffer
+
+
+class _EcOffByAHundredth(EmbeddingLoop):
+    name = "ec_off_by_a_hundredth"
+
+    def rows(self, batch):
+        return [r + 1e-2 for r in super().rows(batch)]
+
+
+class _EcDoubleGradient(EmbeddingLoop):
+    """Right rows, twice the right gradient."""
+
+    name = "ec_double_gradient"
+
+    def rows(self, batch):
+        return [r + (r - r.detach()) for r in super().rows(batch)]
+
+
+@pytest.mark.parametrize("mode", ["forward", "backward"])
+def test_module_ec_wrong_provider_is_reported_not_timed(tmp_path, capsys, mode):
+    out = tmp_path / "wrong.json"
+    rc = cli.main(TINY_EC + ["--mode", mode, "--output", str(out)],
+                  provider_factory=lambda: [EmbeddingLoop(), _EcOffByAHundredth(), _EcDoubleGradient()])
+    assert rc == 1
+    providers = json.loads(out.read_text())["runs"][0]["providers"]
+    wrong = providers["ec_off_by_a_hundredth"]
+    assert wrong["status"] == "wrong" and "differs from embedding_loop" in wrong["reason"]
+    assert wrong["median_ms"] is None and wrong["samples_ms"] == []
+    assert providers["ec_double_gradient"]["status"] == ("wrong" if mode == "backward" else "ok")
+    assert "WRONG" in capsys.readouterr().out
+
+
+def test_module_flag_errors(capsys):
+    assert cli.main(["--module", "nope"]) == 2
+    assert "--module must be ebc or ec" in capsys.readouterr().err
+    for bad in (["--weighted"], ["--mode", "forward,sideways"], ["--vbe-users", "2"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(TINY_EC + bad)
+        assert e.value.code == 2, bad
+    assert cli.main(["--module", "ec", "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "embedding_loop" in listing and "fbgemm_tbe_none" in listing and "eb_loop " not in listing
