@@ -273,7 +273,8 @@ def test_module_ec_end_to_end_every_mode(tmp_path, capsys):
             r = providers[peer]  # runs where the library imports, else says so
             assert r["status"] == "ok" or "not importable" in r["reason"] or mode != "forward", (peer, r)
         if mode == "backward":
-            assert "dense-gradient backward" in (providers["fbgemm_tbe_none"]["reason"] or "not importable")
+            why = providers["fbgemm_tbe_none"]["reason"] or ""
+            assert "dense-gradient backward" in why or "not importable" in why, why
         if mode != "forward":
             assert "no backward" in providers["fbgemm_inference_none"]["reason"] or \
                 "not importable" in providers["fbgemm_inference_none"]["reason"]
