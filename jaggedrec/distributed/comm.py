@@ -1,0 +1,155 @@
+"""The collectives a sharded collection runs, from ``torch.distributed`` only.
+
+* ``agree_on_batch``: the first collective of every step. Each rank tells every other its
+  status (did its batch pass the checks), its batch size and how many ids it will send.
+  A rank whose batch was rejected still takes part, so a bad batch raises on every rank,
+  with the bad rank's message, instead of leaving the others waiting in the next collective.
+* ``exchange``: uneven all-to-alls (lengths, ids, weights), launched together, then waited.
+* ``OutputDist``: the pooled rows' way back, one autograd function: an all-to-all for the
+  exchanged columns, a reduce-scatter for the row-wise partial sums, and the replicas'
+  local slice; launched asynchronously (``Pending.wait`` completes them). Its backward runs
+  the transposed collectives in a fixed order on every rank and divides by the world size:
+  the loss is the mean of the ranks' losses, as DDP's averaging makes it for dense weights.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+_MESSAGE_BYTES = 1024
+
+
+class BatchRejected(ValueError):
+    """Another rank's batch failed the checks; the message is that rank's error."""
+
+
+def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group, async_op: bool):
+    # reduce_scatter_single replaces reduce_scatter_tensor from torch 2.13 on
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, input, group=group, async_op=async_op)
+
+
+def all_gather(output: torch.Tensor, input: torch.Tensor, group, async_op: bool):
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(output, input, group=group, async_op=async_op)
+
+
+def agree_on_batch(error: Optional[BaseException], batch_size: int, send_counts: Sequence[int], group,
+                   owner: str) -> List[int]:
+    """Exchange status, batch size and id counts; return the id count each rank sends here.
+
+    Raises on every rank when any rank's batch was rejected (``error`` there), or when the
+    ranks' batch sizes differ.
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    mine = torch.tensor([[int(error is not None), batch_size, n] for n in send_counts], dtype=torch.int64)
+    theirs = torch.empty_like(mine)
+    dist.all_to_all_single(theirs, mine, group=group)
+    status, sizes, counts = theirs.unbind(1)
+    if bool(status.any()):
+        text = f"{type(error).__name__}: {error}" if error is not None else ""
+        buffer = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
+        raw = text.encode()[:_MESSAGE_BYTES]
+        if raw:
+            buffer[:len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+        messages = torch.empty(world * _MESSAGE_BYTES, dtype=torch.uint8)
+        all_gather(messages, buffer, group, async_op=False)
+        if error is not None:
+            raise error
+        bad = [r for r in range(world) if status[r]]
+        first = bytes(messages.view(world, _MESSAGE_BYTES)[bad[0]].tolist()).rstrip(b"\0").decode(errors="replace")
+        raise BatchRejected(f"{owner}: rank {bad[0]} rejected its batch, so every rank stops this step "
+                            f"(ranks {bad} failed): {first}")
+    if bool((sizes != batch_size).any()):
+        raise ValueError(f"{owner}: every rank must pass the same batch size in a step; ranks 0..{world - 1} "
+                         f"passed {sizes.tolist()} (this is rank {rank})")
+    return counts.tolist()
+
+
+def exchange(sends: Sequence[Tuple[torch.Tensor, List[int], List[int]]], group) -> List[torch.Tensor]:
+    """Uneven all-to-alls of ``(tensor, send splits, receive splits)`` along dim 0, launched
+    together and then waited; returns the received tensors."""
+    received, works = [], []
+    for tensor, send_splits, recv_splits in sends:
+        out = tensor.new_empty((sum(recv_splits),) + tuple(tensor.shape[1:]))
+        works.append(dist.all_to_all_single(out, tensor.contiguous(), recv_splits, send_splits, group=group,
+                                            async_op=True))
+        received.append(out)
+    for w in works:
+        w.wait()
+    return received
+
+
+class Pending:
+    """The output dist's collectives still in flight (filled by ``OutputDist.forward``)."""
+
+    def __init__(self) -> None:
+        self.works: list = []
+
+    def wait(self) -> None:
+        # torch 2.13's reduce_scatter_single copies its result into the output when waited:
+        # recorded by autograd, that copy would cut the output off from OutputDist's backward
+        with torch.no_grad():
+            for w in self.works:
+                w.wait()
+        self.works = []
+
+
+class OutputDist(torch.autograd.Function):
+    """``(exchange [W*B, Dx], reduce [W*B, Dr], replica [W*B, Dp])`` pooled for the global batch
+    -> ``(received [sum_r B*Dx_r], reduced [B, Dr], own replica rows [B, Dp])`` for this rank's
+    bags. ``exchange_widths[r]`` is rank r's ``Dx``; every rank knows them all."""
+
+    @staticmethod
+    def forward(ctx, exchange_rows: torch.Tensor, reduce_rows: torch.Tensor, replica_rows: torch.Tensor,
+                exchange_widths: List[int], batch_size: int, group, pending: Pending):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        b = batch_size
+        ctx.group, ctx.b, ctx.widths, ctx.world = group, b, exchange_widths, world
+        ctx.shapes = (exchange_rows.shape, reduce_rows.shape, replica_rows.shape)
+        received = exchange_rows.new_empty(b * sum(exchange_widths))
+        if any(exchange_widths):
+            pending.works.append(dist.all_to_all_single(
+                received, exchange_rows.contiguous().view(-1), [b * w for w in exchange_widths],
+                [b * exchange_widths[rank]] * world, group=group, async_op=True))
+        reduced = reduce_rows.new_empty(b, reduce_rows.shape[1])
+        if reduce_rows.shape[1]:
+            pending.works.append(reduce_scatter(reduced, reduce_rows.contiguous(), group, async_op=True))
+        own = replica_rows.narrow(0, rank * b, b).clone()
+        return received, reduced, own
+
+    @staticmethod
+    def backward(ctx, grad_received, grad_reduced, grad_own):
+        group, b, widths, world = ctx.group, ctx.b, ctx.widths, ctx.world
+        rank = dist.get_rank(group)
+        x_shape, r_shape, p_shape = ctx.shapes
+        scale = 1.0 / world
+        grad_x = torch.zeros(x_shape, dtype=grad_received.dtype if grad_received is not None else torch.float32)
+        grad_x = _on(grad_x, grad_received, grad_reduced, grad_own)
+        if any(widths):
+            g = grad_received if grad_received is not None else grad_x.new_zeros(b * sum(widths))
+            dist.all_to_all_single(grad_x.view(-1), g.contiguous(), [b * widths[rank]] * world,
+                                   [b * w for w in widths], group=group)
+            grad_x.mul_(scale)
+        grad_r = grad_x.new_zeros(r_shape)
+        if r_shape[1]:
+            g = grad_reduced if grad_reduced is not None else grad_x.new_zeros(b, r_shape[1])
+            all_gather(grad_r, g.contiguous(), group, async_op=False)
+            grad_r.mul_(scale)
+        grad_p = grad_x.new_zeros(p_shape)
+        if p_shape[1]:
+            g = grad_own if grad_own is not None else grad_x.new_zeros(b, p_shape[1])
+            all_gather(grad_p, g.contiguous(), group, async_op=False)
+            grad_p.mul_(scale)
+        return grad_x, grad_r, grad_p, None, None, None, None
+
+
+def _on(like: torch.Tensor, *grads) -> torch.Tensor:
+    """``like`` moved to the device of the first gradient given."""
+    for g in grads:
+        if g is not None:
+            return like.to(g.device)
+    return like

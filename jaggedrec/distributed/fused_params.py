@@ -1,0 +1,78 @@
+"""The sharders' ``fused_params``, in TorchRec's form, mapped onto ``jaggedrec.optim``::
+
+    {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.02, "eps": 0.002}
+
+``optimizer`` may be FBGEMM's ``EmbOptimType`` (when installed), the ``EmbOptimType`` here
+(the same names, no FBGEMM needed) or its name as a string. A parameter given an optimizer
+by ``torch.distributed.optim._apply_optimizer_in_backward`` (TorchRec's second way) is read
+the same way: ``torch.optim.SGD`` and ``torch.optim.Adam`` map onto the fused SGD and Adam.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from .. import optim
+
+
+class EmbOptimType(Enum):
+    """FBGEMM's optimizer names that jaggedrec fuses."""
+
+    SGD = "sgd"
+    EXACT_SGD = "exact_sgd"
+    EXACT_ROWWISE_ADAGRAD = "exact_row_wise_adagrad"
+    ROWWISE_ADAGRAD = "row_wise_adagrad"
+    ADAM = "adam"
+
+
+_KNOWN = ("learning_rate", "eps", "weight_decay", "beta1", "beta2", "optimizer")
+
+
+def fused_optimizer_from_params(fused_params: Optional[Dict[str, Any]]) -> Optional[optim.FusedOptimizer]:
+    """The ``jaggedrec.optim`` config for ``fused_params``, or None when it names no optimizer."""
+    if not fused_params or "optimizer" not in fused_params:
+        return None
+    unknown = sorted(set(fused_params) - set(_KNOWN))
+    if unknown:
+        raise ValueError(f"fused_params: jaggedrec does not know the keys {unknown} (it reads {list(_KNOWN)})")
+    kind = fused_params["optimizer"]
+    name = (kind.name if isinstance(kind, Enum) else str(kind)).upper()
+    lr = float(fused_params.get("learning_rate", 0.01))
+    eps = float(fused_params.get("eps", 1e-8))
+    decay = float(fused_params.get("weight_decay", 0.0))
+    if name in ("SGD", "EXACT_SGD"):
+        return optim.SGD(lr)
+    if name in ("EXACT_ROWWISE_ADAGRAD", "ROWWISE_ADAGRAD", "EXACT_ROW_WISE_ADAGRAD", "ROW_WISE_ADAGRAD"):
+        return optim.RowWiseAdagrad(lr, eps=eps, weight_decay=decay)
+    if name == "ADAM":
+        betas = (float(fused_params.get("beta1", 0.9)), float(fused_params.get("beta2", 0.999)))
+        return optim.Adam(lr, betas=betas, eps=eps, weight_decay=decay)
+    raise ValueError(f"fused_params: optimizer {kind!r} is not fused by jaggedrec; use SGD/EXACT_SGD, "
+                     f"EXACT_ROWWISE_ADAGRAD or ADAM")
+
+
+def fused_optimizer_in_backward(module: nn.Module) -> Optional[optim.FusedOptimizer]:
+    """The optimizer ``_apply_optimizer_in_backward`` attached to the module's weights, if any."""
+    found = set()
+    for p in module.parameters():
+        for cls, kwargs in zip(getattr(p, "_optimizer_classes", ()), getattr(p, "_optimizer_kwargs", ())):
+            found.add((cls, tuple(sorted(kwargs.items()))))
+    if not found:
+        return None
+    if len(found) > 1:
+        raise ValueError(f"the collection's weights were given different in-backward optimizers: {found}")
+    cls, kwargs = found.pop()
+    kwargs = dict(kwargs)
+    if cls is torch.optim.SGD:
+        if kwargs.get("momentum", 0) or kwargs.get("weight_decay", 0):
+            raise ValueError("an in-backward torch.optim.SGD is fused without momentum or weight decay")
+        return optim.SGD(float(kwargs.get("lr", 0.001)))
+    if cls is torch.optim.Adam:
+        return optim.Adam(float(kwargs.get("lr", 0.001)), betas=tuple(kwargs.get("betas", (0.9, 0.999))),
+                          eps=float(kwargs.get("eps", 1e-8)), weight_decay=float(kwargs.get("weight_decay", 0.0)))
+    raise ValueError(f"in-backward optimizer {cls.__name__} is not fused by jaggedrec; use torch.optim.SGD or "
+                     f"torch.optim.Adam, or the sharder's fused_params")

@@ -1,0 +1,149 @@
+"""The input dist: each rank's KJT of ``B`` bags in, this rank's local KJT of ``W * B`` bags out.
+
+Every rank sends every other rank, for each of that rank's local features (``ShardLayout``),
+its ``B`` bags: all of a feature's ids for a whole-row shard, or for a row-split shard only
+the ids in the shard's rows, shifted to the shard's first row. Rank ``r`` lays the received
+bags out source by source, so that bag ``s * B + b`` of a local feature is bag ``b`` of rank
+``s``: the order the output dist sends rows back in.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import validation
+from ..keyed_jagged_tensor import KeyedJaggedTensor
+from .comm import agree_on_batch, exchange
+from .shard_layout import Shard, ShardLayout
+
+
+class InputDist(nn.Module):
+    """Routes one collection's features to the ranks holding their shards."""
+
+    def __init__(self, layout: ShardLayout, rank: int, group, spec: validation.FeatureSpec,
+                 is_weighted: bool) -> None:
+        super().__init__()
+        self._layout, self._rank, self._group = layout, rank, group
+        self._spec, self._is_weighted = spec, is_weighted
+        self._keys = layout.keys_needed()
+        self._world = layout.world_size
+        # row-split tables: each shard's first row, for the bucketization
+        self._row_starts = {t: torch.tensor([s.row_offset for s in shards], dtype=torch.int64)
+                            for t, shards in enumerate(layout.table_shards) if shards[0].row_split}
+        self._local_keys = [local for local, _, _ in layout.local_features[rank]]
+
+    def extra_repr(self) -> str:
+        return f"world_size={self._world}, rank={self._rank}, features={self._keys}"
+
+    def forward(self, features: KeyedJaggedTensor) -> Tuple[KeyedJaggedTensor, int, Dict[str, torch.Tensor]]:
+        """
+        Args:
+            features: this rank's KJT: ``B`` bags per key, keys in any order.
+        Returns:
+            the local KJT (this rank's local keys, ``W * B`` bags each), ``B``, and this
+            rank's own ``[B]`` lengths per unsharded key (the MEAN tables' divisors).
+        """
+        error: Optional[BaseException] = None
+        sends, batch_size, own_lengths = None, -1, {}
+        try:
+            _check(features, self._spec)
+            batch_size = features.stride()
+            own_lengths, sends = self._route(features, batch_size)
+        except (ValueError, TypeError) as e:
+            error = e
+        counts = [0] * self._world if sends is None else [int(v.numel()) for v in sends[1]]
+        recv_counts = agree_on_batch(error, batch_size, counts, self._group, self._spec.owner)
+        b, world = batch_size, self._world
+        n_local = len(self._local_keys)
+        lengths, values, weights = sends
+        send_lengths = [b * len(self._layout.local_features[r]) for r in range(world)]
+        parts = [(torch.cat(lengths), send_lengths, [b * n_local] * world),
+                 (torch.cat(values), counts, recv_counts)]
+        if self._is_weighted:
+            parts.append((torch.cat(weights), counts, recv_counts))
+        received = exchange(parts, self._group)
+        return self._local_kjt(received, b, n_local), b, own_lengths
+
+    def _route(self, kjt: KeyedJaggedTensor, b: int):
+        """Per destination rank: the lengths, ids and weights it gets, its local features' in order."""
+        index = kjt.index_per_key()
+        starts, counts = kjt.offset_per_key(), kjt.length_per_key()
+        all_lengths = kjt.lengths().view(-1)
+        weights = kjt.weights_or_none()
+        own: Dict[str, torch.Tensor] = {}
+        per_key = {}
+        for key in self._keys:
+            k = index[key]
+            ids = kjt.values().narrow(0, starts[k], counts[k]).long()
+            w = weights.narrow(0, starts[k], counts[k]).float() if weights is not None else None
+            lens = all_lengths.narrow(0, k * b, b).long()
+            own[key] = lens
+            per_key[key] = (lens, ids, w)
+        buckets: Dict[Tuple[int, str], list] = {}
+        lengths_out, values_out, weights_out = [], [], []
+        for r in range(self._world):
+            ls, vs, ws = [], [], []
+            for _, key, shard in self._layout.local_features[r]:
+                lens, ids, w = per_key[key]
+                if shard.row_split:
+                    if (shard.table, key) not in buckets:
+                        buckets[(shard.table, key)] = self._bucketize(shard.table, lens, ids, w, b)
+                    lens, ids, w = buckets[(shard.table, key)][shard.index]
+                ls.append(lens)
+                vs.append(ids)
+                if w is not None:
+                    ws.append(w)
+            lengths_out.append(_cat(ls, torch.int64))
+            values_out.append(_cat(vs, torch.int64))
+            weights_out.append(_cat(ws, torch.float32))
+        return own, (lengths_out, values_out, weights_out)
+
+    def _bucketize(self, table: int, lens: torch.Tensor, ids: torch.Tensor, w: Optional[torch.Tensor], b: int):
+        """One row-split table's bags cut per shard: ``[(lengths [B], ids shifted to the shard, weights)]``."""
+        row_starts = self._row_starts[table].to(ids.device)
+        n = row_starts.numel()
+        shard_of = torch.searchsorted(row_starts[1:], ids, right=True)
+        bag = torch.repeat_interleave(torch.arange(b, device=ids.device), lens)
+        slot = shard_of * b + bag
+        order = torch.argsort(slot, stable=True)  # ids keep their order within a bag
+        per_slot = torch.bincount(slot, minlength=n * b).view(n, b)
+        moved = ids[order] - row_starts[shard_of[order]]
+        sizes = per_slot.sum(1).tolist()
+        id_parts = torch.split(moved, sizes)
+        w_parts = torch.split(w[order], sizes) if w is not None else [None] * n
+        return [(per_slot[i], id_parts[i], w_parts[i]) for i in range(n)]
+
+    def _local_kjt(self, received: List[torch.Tensor], b: int, n_local: int) -> KeyedJaggedTensor:
+        """Reorder the received ``[source, feature]`` blocks into ``[feature, source]``."""
+        world = self._world
+        lengths = received[0].view(world, n_local, b)
+        values = received[1]
+        weights = received[2] if self._is_weighted else None
+        sizes = lengths.sum(-1)  # [source, feature] id counts
+        src_start = (torch.cumsum(sizes.view(-1), 0) - sizes.view(-1)).view(world, n_local)
+        dst_sizes = sizes.t().reshape(-1)
+        dst_start = torch.cumsum(dst_sizes, 0) - dst_sizes
+        gather = (torch.repeat_interleave(src_start.t().reshape(-1) - dst_start, dst_sizes)
+                  + torch.arange(values.numel(), device=values.device))
+        return KeyedJaggedTensor(self._local_keys, values[gather],
+                                 weights[gather] if weights is not None else None,
+                                 lengths=lengths.permute(1, 0, 2).reshape(-1), stride=world * b)
+
+
+def _check(kjt: KeyedJaggedTensor, spec: validation.FeatureSpec) -> None:
+    """The unsharded module's checks, always on: an id outside its table must fail here, on
+    its own rank, not in another rank's lookup."""
+    if kjt.variable_stride_per_key():
+        raise ValueError(f"{spec.owner}: a sharded collection takes one batch size for all features; "
+                         f"variable-batch (VBE) KJTs are not supported when sharded")
+    validation.key_indices(kjt.keys(), list(spec.key_rows), spec.owner)
+    validation.check_static(kjt, spec)
+    validation.check_data(kjt, spec)
+
+
+def _cat(parts: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat(parts).to(dtype) if parts else torch.zeros(0, dtype=dtype)

@@ -1,0 +1,160 @@
+"""Test bodies that run on every rank of a gloo world (see ``distributed_harness.py``).
+
+Every rank builds the same seeded module and the same W per-rank batches, so each can
+compute the reference itself: the float64 loop of ``F.embedding_bag`` (``jr_testing``) over
+the global batch (the ranks' batches, rank by rank), or, for training, the unsharded
+module stepped on the global batch with the loss averaged over the ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+import torch.distributed as dist
+
+import jaggedrec as jr
+from jaggedrec import optim
+from jaggedrec.distributed.comm import BatchRejected
+from jaggedrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from jaggedrec.distributed.sharding_plan import (column_wise, construct_module_sharding_plan, data_parallel,
+                                                 row_wise, table_row_wise, table_wise)
+from jaggedrec.distributed.types import ShardingEnv
+from jr_testing import Batch, assert_close, key_rows, random_configs, random_kjt, reference_pooled, shuffled_keys
+
+
+def plans(world: int, names: Sequence[str], dims: Sequence[int]) -> Dict[str, dict]:
+    """Every sharding type for all tables, and a mixed plan."""
+    local = 1 if world == 2 else world
+    hosts = world // local
+    out = {
+        "table_wise": {n: table_wise(rank=(i + 1) % world) for i, n in enumerate(names)},
+        "row_wise": {n: row_wise() for n in names},
+        "column_wise": {n: column_wise(ranks=[(i + j) % world for j in range(min(d, world + 1))])
+                        for i, (n, d) in enumerate(zip(names, dims))},
+        "table_row_wise": {n: table_row_wise(host_index=i % hosts) for i, n in enumerate(names)},
+        "data_parallel": {n: data_parallel() for n in names},
+    }
+    kinds = [table_wise(rank=world - 1), row_wise(), column_wise(ranks=[1, 0]), table_row_wise(host_index=0),
+             data_parallel()]
+    out["mixed"] = {n: kinds[i % len(kinds)] for i, n in enumerate(names)}
+    out["_local_size"] = local
+    return out
+
+
+def global_batch(batches: List[Batch], keys: Sequence[str]) -> Batch:
+    """The ranks' batches as one, rank by rank within each feature."""
+    per_key = {}
+    for k in keys:
+        values = torch.cat([b.per_key[k][0] for b in batches])
+        lengths = torch.cat([b.per_key[k][1] for b in batches])
+        weights = None if batches[0].per_key[k][2] is None else torch.cat([b.per_key[k][2] for b in batches])
+        per_key[k] = (values, lengths, weights)
+    return Batch(None, per_key)
+
+
+def rank_batches(seed: int, world: int, rows: Dict[str, int], batch: int, weighted: bool,
+                 empty_rank: int = -1) -> List[Batch]:
+    """W batches, each with its own key order, int32 ids on odd ranks; rank ``empty_rank`` gets
+    no ids at all, and on every rank one feature has none."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for r in range(world):
+        keys = shuffled_keys(gen, list(rows))
+        empty = list(rows) if r == empty_rank else [keys[r % len(keys)]]
+        out.append(random_kjt(gen, keys, rows, batch, max_len=4, weighted=weighted, empty_keys=empty,
+                              id_dtype=torch.int32 if r % 2 else torch.int64))
+    return out
+
+
+def sharded(ebc, per_table, world, local_size, fused_params=None):
+    plan = construct_module_sharding_plan(ebc, per_table, world_size=world, local_size=local_size)
+    return EmbeddingBagCollectionSharder(fused_params).shard(ebc, plan, ShardingEnv.from_process_group(
+        dist.group.WORLD), torch.device("cpu"))
+
+
+def forward_cases(rank: int, world: int) -> List[str]:
+    """Every plan, weighted or not, fp32 and fp16 tables, two steps of different batch sizes."""
+    checked = []
+    for weighted in (False, True):
+        for data_type in (jr.DataType.FP32, jr.DataType.FP16):
+            gen = torch.Generator().manual_seed(7)
+            configs = random_configs(gen, (4, 3, 5, 1, 6), data_type)
+            torch.manual_seed(3)
+            ebc = jr.EmbeddingBagCollection(configs, is_weighted=weighted)
+            rows = key_rows(configs)
+            names, dims = [c.name for c in configs], [c.embedding_dim for c in configs]
+            all_plans = plans(world, names, dims)
+            local = all_plans.pop("_local_size")
+            for plan_name, per_table in all_plans.items():
+                if data_type == jr.DataType.FP16 and plan_name not in ("mixed", "row_wise"):
+                    continue
+                module = sharded(ebc, per_table, world, local)
+                for step, batch in enumerate((3, 5)):
+                    batches = rank_batches(100 * step + world, world, rows, batch, weighted,
+                                           empty_rank=1 if step else -1)
+                    ref = reference_pooled(ebc, global_batch(batches, list(rows)))
+                    out = module(batches[rank].kjt).wait()
+                    assert out.keys() == ebc(batches[rank].kjt).keys()
+                    assert_close(out.values(), ref[rank * batch:(rank + 1) * batch],
+                                 {jr.DataType.FP32: torch.float32, jr.DataType.FP16: torch.float16}[data_type],
+                                 f"{plan_name} weighted={weighted} {data_type} step {step}")
+                checked.append(f"{plan_name}/{weighted}/{data_type.value}")
+    return checked
+
+
+TRAIN_MODES = ("dense", "sparse", "sgd", "rowwise_adagrad", "adam")
+
+
+def _fused(mode: str):
+    return {"sgd": optim.SGD(0.3), "rowwise_adagrad": optim.RowWiseAdagrad(0.2, eps=1e-3),
+            "adam": optim.Adam(0.05)}.get(mode)
+
+
+def train_cases(rank: int, world: int, modes: Sequence[str] = TRAIN_MODES) -> List[str]:
+    """Three steps of each mode on the mixed plan: every shard's weights equal the unsharded
+    module's after the same steps on the global batch, with the loss averaged over ranks."""
+    checked = []
+    for mode in modes:
+        gen = torch.Generator().manual_seed(11)
+        configs = random_configs(gen, (4, 3, 5, 2, 6), jr.DataType.FP32)
+        names, dims = [c.name for c in configs], [c.embedding_dim for c in configs]
+        per_table = plans(world, names, dims)["mixed"]
+        if mode == "rowwise_adagrad":  # row state needs whole rows (see ShardedEmbeddingBagCollection)
+            per_table = {n: (table_wise(rank=0) if i % 5 == 2 else g) for i, (n, g) in enumerate(per_table.items())}
+        kwargs = dict(is_weighted=True, sparse=mode == "sparse", fused_optimizer=_fused(mode))
+        torch.manual_seed(5)
+        reference = jr.EmbeddingBagCollection(configs, **kwargs)
+        module = sharded(reference, per_table, world, 1 if world == 2 else world)
+        ref_opt = sgd = None
+        if mode in ("dense", "sparse"):
+            ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+            sgd = torch.optim.SGD(module.parameters(), lr=0.5)
+        rows = key_rows(configs)
+        for step in range(3):
+            batch = 4
+            batches = rank_batches(50 + step, world, rows, batch, weighted=True)
+            gb = global_batch(batches, list(rows))
+            keys = list(rows)
+            kjt = jr.KeyedJaggedTensor(keys, torch.cat([gb.per_key[k][0] for k in keys]),
+                                       torch.cat([gb.per_key[k][2] for k in keys]),
+                                       lengths=torch.cat([gb.per_key[k][1] for k in keys]))
+            tgen = torch.Generator().manual_seed(900 + step)
+            targets = torch.randn(world * batch, sum(c.embedding_dim * len(c.feature_names) for c in configs),
+                                  generator=tgen)
+            ref_out = reference(kjt).values()
+            (ref_out * targets).view(world, batch, -1).sum((1, 2)).mean().backward()
+            out = module(batches[rank].kjt)
+            (out.values() * targets[rank * batch:(rank + 1) * batch]).sum().backward()
+            for opt in (ref_opt, sgd):
+                if opt is not None:
+                    opt.step()
+                    opt.zero_grad()
+        local = module.local_collection()
+        for i, s in enumerate(module._layout.shards[rank]):
+            expected = reference.table_weight(s.table)[s.row_offset:s.row_offset + s.rows,
+                                                       s.col_offset:s.col_offset + s.cols]
+            assert_close(local.table_weight(i).detach(), expected.detach(), torch.float32,
+                         f"{mode}: shard {s.local_name} after 3 steps")
+        checked.append(mode)
+    return checked
