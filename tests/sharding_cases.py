@@ -158,3 +158,118 @@ def train_cases(rank: int, world: int, modes: Sequence[str] = TRAIN_MODES) -> Li
                          f"{mode}: shard {s.local_name} after 3 steps")
         checked.append(mode)
     return checked
+
+
+def bad_input_cases(rank: int, world: int) -> List[str]:
+    """A bad batch on one rank raises there, naming the feature, and on every other rank a
+    BatchRejected carrying that message; nobody hangs, and the next good step works."""
+    gen = torch.Generator().manual_seed(2)
+    configs = random_configs(gen, (4, 3, 5), jr.DataType.FP32)
+    torch.manual_seed(1)
+    ebc = jr.EmbeddingBagCollection(configs)
+    names, dims = [c.name for c in configs], [c.embedding_dim for c in configs]
+    module = sharded(ebc, plans(world, names, dims)["mixed"], world, 1 if world == 2 else world)
+    rows = key_rows(configs)
+    seen = []
+
+    def expect(batches, bad_rank, words):
+        try:
+            module(batches[rank].kjt).wait()
+        except BatchRejected as e:
+            assert rank != bad_rank and f"rank {bad_rank}" in str(e), str(e)
+            assert all(w in str(e) for w in words), str(e)
+            seen.append("rejected")
+            return
+        except ValueError as e:
+            assert rank == bad_rank or bad_rank < 0, str(e)
+            assert all(w in str(e) for w in words), str(e)
+            seen.append("raised")
+            return
+        raise AssertionError(f"rank {rank}: the bad batch was accepted")
+
+    good = rank_batches(1, world, rows, 3, weighted=False)
+    # an id past its table on the last rank
+    bad = rank_batches(1, world, rows, 3, weighted=False)
+    keys = list(rows)
+    values = bad[-1].kjt.values().clone()
+    values[-1] = 10_000
+    kjt = bad[-1].kjt
+    bad[-1].kjt = jr.KeyedJaggedTensor(kjt.keys(), values, lengths=kjt.lengths())
+    last_key = [k for k, n in zip(kjt.keys(), kjt.length_per_key()) if n][-1]
+    expect(bad, world - 1, ["10000", last_key])
+    # a feature missing on rank 0
+    missing = rank_batches(1, world, rows, 3, weighted=False)
+    k0 = missing[0].kjt
+    drop = keys[0]
+    keep = [k for k in k0.keys() if k != drop]
+    missing[0].kjt = jr.KeyedJaggedTensor.from_jt_dict({k: k0[k] for k in keep})
+    expect(missing, 0, [drop])
+    # batch sizes that differ across ranks: every rank raises
+    sizes = [rank_batches(1, world, rows, 3 + (r == 1), weighted=False)[r] for r in range(world)]
+    expect(sizes, -1, ["same batch size"])
+    # the next good step is served
+    out = module(good[rank].kjt).wait()
+    ref = reference_pooled(ebc, global_batch(good, keys))
+    assert_close(out.values(), ref[rank * 3:(rank + 1) * 3], torch.float32, "after the bad steps")
+    return seen
+
+
+class _Ranker(torch.nn.Module):
+    """A model that reads the collection's output as a KeyedTensor, never calling wait()."""
+
+    def __init__(self, ebc, width: int) -> None:
+        super().__init__()
+        self.sparse = torch.nn.ModuleDict({"ebc": ebc})
+        torch.manual_seed(8)
+        self.head = torch.nn.Linear(width, 1)
+
+    def forward(self, kjt):
+        kt = self.sparse["ebc"](kjt)
+        first = kt[kt.keys()[0]]
+        return self.head(kt.values()).squeeze(1) + first.sum(1)
+
+
+def dmp_cases(rank: int, world: int) -> List[str]:
+    """DistributedModelParallel over a model with dense layers: three SGD steps equal the
+    unsharded model's on the global batch (loss averaged over ranks), dense and embedding
+    weights alike; state_dict keys are the unsharded model's."""
+    from jaggedrec.distributed.model_parallel import DistributedModelParallel
+    from jaggedrec.distributed.types import ShardingPlan
+    import copy
+    gen = torch.Generator().manual_seed(4)
+    configs = random_configs(gen, (4, 3, 5, 2, 6), jr.DataType.FP32)
+    torch.manual_seed(6)
+    width = sum(c.embedding_dim * len(c.feature_names) for c in configs)
+    reference = _Ranker(jr.EmbeddingBagCollection(configs, is_weighted=True), width)
+    model = copy.deepcopy(reference)
+    names, dims = [c.name for c in configs], [c.embedding_dim for c in configs]
+    plan = ShardingPlan({"sparse.ebc": construct_module_sharding_plan(
+        model.sparse["ebc"], plans(world, names, dims)["mixed"], world_size=world,
+        local_size=1 if world == 2 else world)})
+    dmp = DistributedModelParallel(model, plan=plan)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    opt = torch.optim.SGD(dmp.parameters(), lr=0.1)
+    rows = key_rows(configs)
+    keys = list(rows)
+    for step in range(3):
+        batches = rank_batches(70 + step, world, rows, 4, weighted=True)
+        gb = global_batch(batches, keys)
+        kjt = jr.KeyedJaggedTensor(keys, torch.cat([gb.per_key[k][0] for k in keys]),
+                                   torch.cat([gb.per_key[k][2] for k in keys]),
+                                   lengths=torch.cat([gb.per_key[k][1] for k in keys]))
+        target = torch.randn(world * 4, generator=torch.Generator().manual_seed(step))
+        loss = ((reference(kjt) - target) ** 2).view(world, 4).sum(1).mean()
+        loss.backward()
+        mine = ((dmp(batches[rank].kjt) - target[rank * 4:(rank + 1) * 4]) ** 2).sum()
+        mine.backward()
+        for o in (ref_opt, opt):
+            o.step()
+            o.zero_grad()
+    assert_close(dmp.module.head.weight.detach(), reference.head.weight.detach(), torch.float32, "dense head")
+    sharded_ebc = dmp.module.sparse["ebc"]
+    local = sharded_ebc.local_collection()
+    for i, s in enumerate(sharded_ebc._layout.shards[rank]):
+        expected = reference.sparse["ebc"].table_weight(s.table)[s.row_offset:s.row_offset + s.rows,
+                                                                  s.col_offset:s.col_offset + s.cols]
+        assert_close(local.table_weight(i).detach(), expected.detach(), torch.float32, f"shard {s.local_name}")
+    return ["dmp"]

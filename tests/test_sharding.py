@@ -17,3 +17,12 @@ def test_forward_every_plan(world):
 def test_training_matches_global_batch(world):
     checked = run_ranks(sharding_cases.train_cases, world)
     assert checked[0] == list(sharding_cases.TRAIN_MODES)
+
+
+def test_bad_input_raises_on_every_rank():
+    seen = run_ranks(sharding_cases.bad_input_cases, 2, timeout=120, collective_timeout=30)
+    assert seen == [["rejected", "raised", "raised"], ["raised", "rejected", "raised"]]
+
+
+def test_distributed_model_parallel_trains_like_the_global_batch():
+    assert run_ranks(sharding_cases.dmp_cases, 2) == [["dmp"], ["dmp"]]
