@@ -26,3 +26,37 @@ def test_bad_input_raises_on_every_rank():
 
 def test_distributed_model_parallel_trains_like_the_global_batch():
     assert run_ranks(sharding_cases.dmp_cases, 2) == [["dmp"], ["dmp"]]
+
+
+def test_meta_module_shards_initialise_the_same_table_under_every_plan():
+    """A module built on meta: each shard draws its block of one plan-independent table."""
+    import torch
+
+    import jaggedrec as jr
+    from jaggedrec.distributed.embeddingbag import _init_shard
+    from jaggedrec.distributed.shard_layout import ShardLayout
+    from jaggedrec.distributed.sharding_plan import column_wise, construct_module_sharding_plan, row_wise, table_wise
+
+    configs = [jr.EmbeddingBagConfig(num_embeddings=9000, embedding_dim=6, name="big", feature_names=["f"]),
+               jr.EmbeddingBagConfig(num_embeddings=7, embedding_dim=5, name="small", feature_names=["g"])]
+    ebc = jr.EmbeddingBagCollection(configs, device="meta")
+
+    def table_from(per_table, world):
+        layout = ShardLayout(configs, construct_module_sharding_plan(ebc, per_table, world_size=world), world)
+        tables = [torch.full((c.num_embeddings, c.embedding_dim), float("nan")) for c in configs]
+        for shards in layout.shards:
+            for s in shards:
+                block = torch.empty(s.rows, s.cols)
+                _init_shard(configs[s.table], s, block)
+                tables[s.table][s.row_offset:s.row_offset + s.rows, s.col_offset:s.col_offset + s.cols] = block
+        return tables
+
+    whole = table_from({"big": table_wise(0), "small": table_wise(1)}, 2)
+    for per_table, world in (({"big": row_wise(), "small": row_wise()}, 3),
+                             ({"big": column_wise([0, 1, 0]), "small": column_wise([1, 0])}, 2)):
+        for a, b in zip(table_from(per_table, world), whole):
+            assert torch.equal(a, b)
+    big = whole[0]
+    bound = (1 / 9000) ** 0.5
+    assert not torch.isnan(big).any() and big.abs().max() <= bound and big.std() > bound / 3
+    assert not torch.equal(big[:4096], big[4096:8192])  # blocks draw from their own seeds

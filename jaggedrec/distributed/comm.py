@@ -38,14 +38,15 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, group, async_op: bool)
 
 
 def agree_on_batch(error: Optional[BaseException], batch_size: int, send_counts: Sequence[int], group,
-                   owner: str) -> List[int]:
+                   owner: str, device: torch.device) -> List[int]:
     """Exchange status, batch size and id counts; return the id count each rank sends here.
 
     Raises on every rank when any rank's batch was rejected (``error`` there), or when the
-    ranks' batch sizes differ.
+    ranks' batch sizes differ. ``device``: where the group's collectives take tensors (CUDA for NCCL).
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    mine = torch.tensor([[int(error is not None), batch_size, n] for n in send_counts], dtype=torch.int64)
+    mine = torch.tensor([[int(error is not None), batch_size, n] for n in send_counts], dtype=torch.int64,
+                        device=device)
     theirs = torch.empty_like(mine)
     dist.all_to_all_single(theirs, mine, group=group)
     status, sizes, counts = theirs.unbind(1)
@@ -55,12 +56,13 @@ def agree_on_batch(error: Optional[BaseException], batch_size: int, send_counts:
         raw = text.encode()[:_MESSAGE_BYTES]
         if raw:
             buffer[:len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
-        messages = torch.empty(world * _MESSAGE_BYTES, dtype=torch.uint8)
+        buffer = buffer.to(device)
+        messages = torch.empty(world * _MESSAGE_BYTES, dtype=torch.uint8, device=device)
         all_gather(messages, buffer, group, async_op=False)
         if error is not None:
             raise error
         bad = [r for r in range(world) if status[r]]
-        first = bytes(messages.view(world, _MESSAGE_BYTES)[bad[0]].tolist()).rstrip(b"\0").decode(errors="replace")
+        first = bytes(messages.view(world, _MESSAGE_BYTES)[bad[0]].cpu().tolist()).rstrip(b"\0").decode(errors="replace")
         raise BatchRejected(f"{owner}: rank {bad[0]} rejected its batch, so every rank stops this step "
                             f"(ranks {bad} failed): {first}")
     if bool((sizes != batch_size).any()):

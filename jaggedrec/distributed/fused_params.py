@@ -76,3 +76,13 @@ def fused_optimizer_in_backward(module: nn.Module) -> Optional[optim.FusedOptimi
                           eps=float(kwargs.get("eps", 1e-8)), weight_decay=float(kwargs.get("weight_decay", 0.0)))
     raise ValueError(f"in-backward optimizer {cls.__name__} is not fused by jaggedrec; use torch.optim.SGD or "
                      f"torch.optim.Adam, or the sharder's fused_params")
+
+
+def in_backward_optimizer_filter(named_parameters):
+    """The ``(name, parameter)`` pairs a dense optimizer should step: those without an
+    in-backward optimizer, and not a fused collection's weights (which take no gradient) or
+    its empty backward trigger."""
+    for name, p in named_parameters:
+        if hasattr(p, "_in_backward_optimizers") or not p.requires_grad or name.endswith("backward_trigger"):
+            continue
+        yield name, p

@@ -56,7 +56,8 @@ class InputDist(nn.Module):
         except (ValueError, TypeError) as e:
             error = e
         counts = [0] * self._world if sends is None else [int(v.numel()) for v in sends[1]]
-        recv_counts = agree_on_batch(error, batch_size, counts, self._group, self._spec.owner)
+        device = features.values().device
+        recv_counts = agree_on_batch(error, batch_size, counts, self._group, self._spec.owner, device)
         b, world = batch_size, self._world
         n_local = len(self._local_keys)
         lengths, values, weights = sends
@@ -97,9 +98,9 @@ class InputDist(nn.Module):
                 vs.append(ids)
                 if w is not None:
                     ws.append(w)
-            lengths_out.append(_cat(ls, torch.int64))
-            values_out.append(_cat(vs, torch.int64))
-            weights_out.append(_cat(ws, torch.float32))
+            lengths_out.append(_cat(ls, torch.int64, all_lengths.device))
+            values_out.append(_cat(vs, torch.int64, all_lengths.device))
+            weights_out.append(_cat(ws, torch.float32, all_lengths.device))
         return own, (lengths_out, values_out, weights_out)
 
     def _bucketize(self, table: int, lens: torch.Tensor, ids: torch.Tensor, w: Optional[torch.Tensor], b: int):
@@ -145,5 +146,5 @@ def _check(kjt: KeyedJaggedTensor, spec: validation.FeatureSpec) -> None:
     validation.check_data(kjt, spec)
 
 
-def _cat(parts: List[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return torch.cat(parts).to(dtype) if parts else torch.zeros(0, dtype=dtype)
+def _cat(parts: List[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.cat(parts).to(dtype) if parts else torch.zeros(0, dtype=dtype, device=device)
