@@ -1,9 +1,10 @@
 """Running a test body on W gloo ranks: one spawned process per rank, a free port each time,
 and a deadline, so that a hang fails the test instead of stalling the suite.
 
-``run_ranks(worker, world_size, *args)`` calls ``worker(rank, world_size, *args)`` on every
-rank after ``init_process_group`` and returns the ranks' return values, rank by rank. An
-exception on any rank fails the call with that rank's traceback.
+``run_ranks(worker, world_size, *args)`` (gloo; ``backend="nccl"``: one GPU per rank) calls
+``worker(rank, world_size, *args)`` on every rank after ``init_process_group`` and returns
+the ranks' return values, rank by rank. An exception on any rank fails the call with that
+rank's traceback.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ def free_port() -> int:
 
 
 def _entry(worker: Callable, rank: int, world_size: int, port: int, results, collective_timeout: float,
-           args) -> None:
+           backend: str, args) -> None:
     torch.set_num_threads(1)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=collective_timeout))
         results.put((rank, True, worker(rank, world_size, *args)))
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
@@ -42,11 +46,11 @@ def _entry(worker: Callable, rank: int, world_size: int, port: int, results, col
 
 
 def run_ranks(worker: Callable, world_size: int, *args, timeout: float = 180.0,
-              collective_timeout: float = 60.0) -> List[Any]:
+              collective_timeout: float = 60.0, backend: str = "gloo") -> List[Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(worker, r, world_size, port, results, collective_timeout, args),
+    procs = [ctx.Process(target=_entry, args=(worker, r, world_size, port, results, collective_timeout, backend, args),
                          daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()

@@ -273,3 +273,41 @@ def dmp_cases(rank: int, world: int) -> List[str]:
                                                                   s.col_offset:s.col_offset + s.cols]
         assert_close(local.table_weight(i).detach(), expected.detach(), torch.float32, f"shard {s.local_name}")
     return ["dmp"]
+
+
+def cuda_cases(rank: int, world: int) -> List[str]:
+    """On CUDA over NCCL (the Triton kernels serve the local collection): every sharding type
+    in one plan, the forward against the float64 loop, and two fused-SGD steps against the
+    unsharded module on the global batch."""
+    device = torch.device("cuda", rank)
+    gen = torch.Generator().manual_seed(12)
+    configs = random_configs(gen, (4, 3, 5, 2, 6), jr.DataType.FP32)
+    names = [c.name for c in configs]
+    kinds = [table_wise(rank=0), row_wise(), column_wise(ranks=[0] * min(2, world + 1)), table_row_wise(host_index=0),
+             data_parallel()]
+    per_table = {n: kinds[i] for i, n in enumerate(names)}
+    torch.manual_seed(2)
+    reference = jr.EmbeddingBagCollection(configs, is_weighted=True, device=device, fused_optimizer=optim.SGD(0.2))
+    plan = construct_module_sharding_plan(reference, per_table, world_size=world, local_size=world, device_type="cuda")
+    module = EmbeddingBagCollectionSharder().shard(reference, plan, ShardingEnv.from_process_group(dist.group.WORLD),
+                                                   device)
+    rows = key_rows(configs)
+    keys = list(rows)
+    for step in range(2):
+        batches = rank_batches(30 + step, world, rows, 6, weighted=True)
+        gb = global_batch(batches, keys)
+        tables64 = [reference.embedding_bags[c.name].weight.detach().cpu().double() for c in configs]
+        expected = reference_pooled(reference, gb, tables64)[rank * 6:(rank + 1) * 6]
+        out = module(batches[rank].kjt.to(device)).values()
+        assert_close(out.cpu(), expected, torch.float32, f"cuda forward, step {step}")
+        kjt = jr.KeyedJaggedTensor(keys, torch.cat([gb.per_key[k][0] for k in keys]),
+                                   torch.cat([gb.per_key[k][2] for k in keys]),
+                                   lengths=torch.cat([gb.per_key[k][1] for k in keys])).to(device)
+        reference(kjt).values().view(world, 6, -1).sum((1, 2)).mean().backward()
+        out.sum().backward()
+    local = module.local_collection()
+    for i, s in enumerate(module._layout.shards[rank]):
+        expected = reference.table_weight(s.table)[s.row_offset:s.row_offset + s.rows, s.col_offset:s.col_offset + s.cols]
+        assert_close(local.table_weight(i).detach().cpu(), expected.detach().cpu(), torch.float32,
+                     f"cuda shard {s.local_name}")
+    return ["cuda"]

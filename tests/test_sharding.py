@@ -60,3 +60,11 @@ def test_meta_module_shards_initialise_the_same_table_under_every_plan():
     bound = (1 / 9000) ** 0.5
     assert not torch.isnan(big).any() and big.abs().max() <= bound and big.std() > bound / 3
     assert not torch.equal(big[:4096], big[4096:8192])  # blocks draw from their own seeds
+
+
+@pytest.mark.gpu
+def test_cuda_nccl_one_rank_every_sharding_type():
+    import torch
+    if not torch.distributed.is_nccl_available():
+        pytest.skip("NCCL is not available")
+    assert run_ranks(sharding_cases.cuda_cases, 1, backend="nccl") == [["cuda"]]
