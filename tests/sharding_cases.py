@@ -67,8 +67,22 @@ def rank_batches(seed: int, world: int, rows: Dict[str, int], batch: int, weight
     return out
 
 
+def planner_plan(ebc, world: int, local_size: int):
+    """The planner's plan for ``ebc`` under caps tight enough that it splits tables."""
+    from jaggedrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    sizes = [c.num_embeddings * c.embedding_dim * 2 * c.data_type.to_torch().itemsize
+             for c in ebc.embedding_bag_configs()]
+    cap = int(max(0.6 * max(sizes), 1.3 * sum(sizes) / world))
+    topology = Topology(world_size=world, local_world_size=local_size, compute_device="cpu", ddr_cap=cap)
+    plan = EmbeddingShardingPlanner(topology).collective_plan(ebc, pg=dist.group.WORLD).plan[""]
+    assert any(len(sharding.shards) > 1 for sharding in plan.values()), plan
+    return plan
+
+
 def sharded(ebc, per_table, world, local_size, fused_params=None):
-    plan = construct_module_sharding_plan(ebc, per_table, world_size=world, local_size=local_size)
+    """``per_table``: a generator per table, or a module plan."""
+    plan = (per_table if not callable(next(iter(per_table.values())))
+            else construct_module_sharding_plan(ebc, per_table, world_size=world, local_size=local_size))
     return EmbeddingBagCollectionSharder(fused_params).shard(ebc, plan, ShardingEnv.from_process_group(
         dist.group.WORLD), torch.device("cpu"))
 
@@ -86,8 +100,9 @@ def forward_cases(rank: int, world: int) -> List[str]:
             names, dims = [c.name for c in configs], [c.embedding_dim for c in configs]
             all_plans = plans(world, names, dims)
             local = all_plans.pop("_local_size")
+            all_plans["planner"] = planner_plan(ebc, world, local)
             for plan_name, per_table in all_plans.items():
-                if data_type == jr.DataType.FP16 and plan_name not in ("mixed", "row_wise"):
+                if data_type == jr.DataType.FP16 and plan_name not in ("mixed", "row_wise", "planner"):
                     continue
                 module = sharded(ebc, per_table, world, local)
                 for step, batch in enumerate((3, 5)):
@@ -230,9 +245,13 @@ class _Ranker(torch.nn.Module):
 
 
 def dmp_cases(rank: int, world: int) -> List[str]:
-    """DistributedModelParallel over a model with dense layers: three SGD steps equal the
-    unsharded model's on the global batch (loss averaged over ranks), dense and embedding
-    weights alike; state_dict keys are the unsharded model's."""
+    """DistributedModelParallel over a model with dense layers, by a hand plan and by the
+    planner's own (``plan=None``): three SGD steps equal the unsharded model's on the global
+    batch (loss averaged over ranks), dense and embedding weights alike."""
+    return [_dmp_case(rank, world, hand_plan) for hand_plan in (True, False)]
+
+
+def _dmp_case(rank: int, world: int, hand_plan: bool) -> str:
     from jaggedrec.distributed.model_parallel import DistributedModelParallel
     from jaggedrec.distributed.types import ShardingPlan
     import copy
@@ -245,8 +264,9 @@ def dmp_cases(rank: int, world: int) -> List[str]:
     names, dims = [c.name for c in configs], [c.embedding_dim for c in configs]
     plan = ShardingPlan({"sparse.ebc": construct_module_sharding_plan(
         model.sparse["ebc"], plans(world, names, dims)["mixed"], world_size=world,
-        local_size=1 if world == 2 else world)})
+        local_size=1 if world == 2 else world)}) if hand_plan else None
     dmp = DistributedModelParallel(model, plan=plan)
+    assert list(dmp.plan.plan) == ["sparse.ebc"]
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
     opt = torch.optim.SGD(dmp.parameters(), lr=0.1)
     rows = key_rows(configs)
@@ -272,7 +292,7 @@ def dmp_cases(rank: int, world: int) -> List[str]:
         expected = reference.sparse["ebc"].table_weight(s.table)[s.row_offset:s.row_offset + s.rows,
                                                                   s.col_offset:s.col_offset + s.cols]
         assert_close(local.table_weight(i).detach(), expected.detach(), torch.float32, f"shard {s.local_name}")
-    return ["dmp"]
+    return "dmp/hand" if hand_plan else "dmp/planner"
 
 
 def cuda_cases(rank: int, world: int) -> List[str]:

@@ -10,7 +10,7 @@ from distributed_harness import run_ranks
 @pytest.mark.parametrize("world", [2, 3])
 def test_forward_every_plan(world):
     checked = run_ranks(sharding_cases.forward_cases, world)
-    assert checked[0] == checked[-1] and len(checked[0]) == 2 * (6 + 2)
+    assert checked[0] == checked[-1] and len(checked[0]) == 2 * (7 + 3)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -25,7 +25,7 @@ def test_bad_input_raises_on_every_rank():
 
 
 def test_distributed_model_parallel_trains_like_the_global_batch():
-    assert run_ranks(sharding_cases.dmp_cases, 2) == [["dmp"], ["dmp"]]
+    assert run_ranks(sharding_cases.dmp_cases, 2) == [["dmp/hand", "dmp/planner"]] * 2
 
 
 def test_meta_module_shards_initialise_the_same_table_under_every_plan():

@@ -189,8 +189,12 @@ class EmbeddingBagCollectionSharder:
         if not isinstance(module, EmbeddingBagCollection):
             raise TypeError(f"EmbeddingBagCollectionSharder shards jaggedrec.EmbeddingBagCollection, got "
                             f"{type(module).__name__}")
-        fused = self._fused or fused_optimizer_in_backward(module)
-        return ShardedEmbeddingBagCollection(module, params, env, device, fused)
+        return ShardedEmbeddingBagCollection(module, params, env, device, self.shard_optimizer(module))
+
+    def shard_optimizer(self, module: nn.Module) -> Optional[FusedOptimizer]:
+        """The fused optimizer ``module``'s shards step with: ``fused_params``'s, else an
+        in-backward optimizer attached to its weights, else the module's own (None: not fused)."""
+        return self._fused or fused_optimizer_in_backward(module) or module.fused_optimizer
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
         return [t.value for t in ShardingType]

@@ -31,7 +31,8 @@ ParameterShardingGenerator = Callable[[int, int, int, int, str], ParameterShardi
 def block_sizes(total: int, parts: int) -> List[int]:
     """``total`` split into ``parts`` blocks of ``ceil(total / parts)``, the tail shorter or 0."""
     block = -(-total // parts)
-    return [max(0, min(block, total - i * block)) for i in range(parts)]
+    full = total // block if block else 0
+    return [block] * full + [total - full * block] * (full < parts) + [0] * max(0, parts - full - 1)
 
 
 def _placement(rank: int, device_type: str) -> str:

@@ -1,0 +1,9 @@
+"""The sharding planner: a readable cost model and greedy placement under memory caps.
+
+Pure Python; planning needs no process group (``collective_plan`` only broadcasts rank 0's plan).
+"""
+
+from .planners import EmbeddingShardingPlanner, PlannerError
+from .topology import ParameterConstraints, Topology
+
+__all__ = ["EmbeddingShardingPlanner", "ParameterConstraints", "PlannerError", "Topology"]
