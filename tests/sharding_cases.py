@@ -292,6 +292,17 @@ def _dmp_case(rank: int, world: int, hand_plan: bool) -> str:
         expected = reference.sparse["ebc"].table_weight(s.table)[s.row_offset:s.row_offset + s.rows,
                                                                   s.col_offset:s.col_offset + s.cols]
         assert_close(local.table_weight(i).detach(), expected.detach(), torch.float32, f"shard {s.local_name}")
+    # TorchRec's keys; an unsharded model's state (plain tensors) loads: each rank takes its blocks
+    state = dmp.state_dict()
+    assert sorted(state) == sorted(reference.state_dict()), sorted(state)
+    torch.manual_seed(17)
+    other = _Ranker(jr.EmbeddingBagCollection(configs, is_weighted=True), width)
+    dmp.load_state_dict(other.state_dict())
+    for i, s in enumerate(sharded_ebc._layout.shards[rank]):
+        expected = other.sparse["ebc"].table_weight(s.table)[s.row_offset:s.row_offset + s.rows,
+                                                              s.col_offset:s.col_offset + s.cols]
+        assert torch.equal(local.table_weight(i).detach(), expected.detach()), s.local_name
+    assert torch.equal(dmp.module.head.weight.detach(), other.head.weight.detach())
     return "dmp/hand" if hand_plan else "dmp/planner"
 
 

@@ -10,6 +10,7 @@ module's column order.
 from __future__ import annotations
 
 import zlib
+from collections import OrderedDict
 from typing import Dict, List, Optional
 
 import torch
@@ -20,6 +21,7 @@ from ..embedding_modules import EmbeddingBagCollection
 from ..keyed_jagged_tensor import KeyedJaggedTensor
 from ..keyed_tensor import KeyedTensor
 from ..optim import FusedOptimizer, RowWiseAdagrad
+from .checkpoint import ShardedState
 from .comm import OutputDist, Pending
 from .fused_params import fused_optimizer_from_params, fused_optimizer_in_backward
 from .input_dist import InputDist
@@ -92,6 +94,8 @@ class ShardedEmbeddingBagCollection(nn.Module):
         self._column_plan = _column_plan(layout)
         self._local_columns = _local_columns(layout, rank)
         self._device = device
+        self._state = ShardedState(layout, rank, self.local_collection(), fused, self._group, device)
+        self.register_load_state_dict_pre_hook(_load_sharded_state)
 
     # --- forward -------------------------------------------------------------------------
     def forward(self, features: KeyedJaggedTensor) -> EmbeddingBagCollectionAwaitable:
@@ -150,6 +154,16 @@ class ShardedEmbeddingBagCollection(nn.Module):
         """The fused optimizer the shards step in the backward (None: dense or sparse gradients)."""
         return self._fused
 
+    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
+        """TorchRec's keys (``embedding_bags.<table>.weight``, and the fused optimizer's state),
+        as ``ShardedTensor``s of this rank's shards, plain for replicated tables: see
+        ``checkpoint.py``. Save and load it with ``torch.distributed.checkpoint``, which
+        reshards across plans and world sizes."""
+        destination = destination if destination is not None else OrderedDict()
+        for key, value in self._state.state_dict().items():
+            destination[prefix + key] = value
+        return destination
+
     def local_collection(self) -> Optional[EmbeddingBagCollection]:
         """This rank's shards as one collection (None when it holds none)."""
         return self._lookups[0] if self._lookups else None
@@ -159,6 +173,15 @@ class ShardedEmbeddingBagCollection(nn.Module):
 
     def extra_repr(self) -> str:
         return f"world_size={self._env.world_size}, rank={self._env.rank}"
+
+
+def _load_sharded_state(module: ShardedEmbeddingBagCollection, state_dict, prefix, local_metadata, strict,
+                        missing_keys, unexpected_keys, error_msgs) -> None:
+    """Take this module's keys (see ``state_dict``); the submodules then load their own
+    tensors onto themselves."""
+    module._state.load(state_dict, prefix, missing_keys, error_msgs)
+    for key, value in nn.Module.state_dict(module, prefix=prefix).items():
+        state_dict.setdefault(key, value)
 
 
 class _OutputDistModule(nn.Module):

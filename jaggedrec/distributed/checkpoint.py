@@ -1,0 +1,170 @@
+"""A sharded collection's ``state_dict``, in TorchRec's keys, for ``torch.distributed.checkpoint``.
+
+Per table ``<t>`` of the unsharded collection:
+
+* ``embedding_bags.<t>.weight``: ``[rows, dim]``;
+* with a fused optimizer, its state: ``embedding_bags.<t>.weight.<name>`` (row-wise Adagrad's
+  ``sum_sq`` ``[rows]``; Adam's ``exp_avg`` and ``exp_avg_sq`` ``[rows, dim]``) and
+  ``embedding_bags.<t>.weight.step`` (``[1]`` int64), beside one ``fused_optimizer.hparams``.
+
+A table split over ranks (TABLE_WISE on another rank included) is a ``ShardedTensor`` whose
+local shards are views of this rank's storage, and whose global metadata comes from the plan,
+so ``state_dict()`` needs no collective. Replicated tables and the step counts are plain
+tensors. ``dcp.save`` writes each shard once; ``dcp.load`` into the ``state_dict()`` of a
+module sharded by any other plan, on any world size, reads each rank's blocks straight into
+its storage: that is the resharding. ``load_state_dict`` takes such entries too, or plain
+full tensors (an unsharded module's state), and copies this rank's blocks.
+
+Why ShardedTensor, deprecated as it is: a DTensor describes only even splits, and TABLE_WISE,
+uneven COLUMN_WISE blocks and a plan that mixes them are not; DCP reads and writes
+ShardedTensor's arbitrary blocks, and TorchRec's own checkpoints use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch.distributed._shard.metadata import ShardMetadata as TorchShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard as TorchShard
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+
+from .shard_layout import REPLICA, Shard, ShardLayout
+
+PREFIX = "embedding_bags"
+HPARAMS = "fused_optimizer.hparams"
+
+# one state tensor of one shard: (its block's offsets in the table's state, its local tensor)
+_Block = Tuple[List[int], torch.Tensor]
+
+
+@dataclass
+class _Entry:
+    """One key of the state: its table (-1: none), global size and dtype, this rank's blocks."""
+
+    table: int
+    size: List[int]
+    dtype: torch.dtype
+    replicated: bool
+    blocks: List[_Block] = field(default_factory=list)
+
+
+class ShardedState:
+    """The tensors of one rank's shards, table by table, that ``state_dict`` shows and
+    ``load_state_dict`` fills. ``local``: the rank's local collection (None: it holds no
+    shard); ``optimizer``: the shards' fused optimizer (None: none)."""
+
+    def __init__(self, layout: ShardLayout, rank: int, local, optimizer, group, device: torch.device) -> None:
+        self._layout, self._rank, self._local, self._group = layout, rank, local, group
+        self._optimizer, self._device = optimizer, device
+
+    # --- what there is ------------------------------------------------------------------
+    def _entries(self) -> Dict[str, _Entry]:
+        layout, local, optimizer = self._layout, self._local, self._optimizer
+        entries: Dict[str, _Entry] = {}
+        for t, config in enumerate(layout.configs):
+            key, replicated = f"{PREFIX}.{config.name}.weight", self._replicated(t)
+            entries[key] = _Entry(t, [config.num_embeddings, config.embedding_dim], config.data_type.to_torch(),
+                                  replicated)
+            for name, per in (optimizer.state if optimizer is not None else ()):
+                size = [config.num_embeddings] + ([] if per == "row" else [config.embedding_dim])
+                entries[f"{key}.{name}"] = _Entry(t, size, torch.float32, replicated)
+        if local is None:
+            return entries
+        state, tables, groups = local.fused_optimizer_state, local._layout.tables, local._layout.groups
+        for i, s in enumerate(layout.shards[self._rank]):
+            key = f"{PREFIX}.{layout.configs[s.table].name}.weight"
+            entries[key].blocks.append(([s.row_offset, s.col_offset], local.table_weight(i).detach()))
+            if optimizer is None:
+                continue
+            group = groups[tables[i].group].name
+            for name, per in optimizer.state:
+                flat = getattr(state, f"{group}_{name}")
+                if per == "row":
+                    block = ([s.row_offset], flat.narrow(0, _row_state_base(local._layout, i), s.rows))
+                else:
+                    block = ([s.row_offset, s.col_offset],
+                             flat.narrow(0, tables[i].offset, s.rows * s.cols).view(s.rows, s.cols))
+                entries[f"{key}.{name}"].blocks.append(block)
+            step = entries.setdefault(f"{key}.step", _Entry(s.table, [1], torch.int64, True))
+            step.blocks[:1] = [([0], getattr(state, f"{group}_step"))]
+        if optimizer is not None:
+            entries[HPARAMS] = _Entry(-1, [5], torch.float32, True, [([0], state.hparams)])
+        return entries
+
+    def _replicated(self, table: int) -> bool:
+        return self._layout.table_kind(table) == REPLICA
+
+    def _shards_of(self, table: int) -> List[Shard]:
+        return [s for s in self._layout.table_shards[table] if s.rows > 0 and s.cols > 0]
+
+    # --- state_dict -----------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, object]:
+        out: Dict[str, object] = {}
+        for key, entry in self._entries().items():
+            if entry.replicated:
+                if entry.blocks:
+                    out[key] = entry.blocks[0][1]
+                continue
+            out[key] = self._sharded_tensor(entry)
+        return out
+
+    def _sharded_tensor(self, entry: _Entry) -> ShardedTensor:
+        device = self._device.type
+        metadata = []
+        for s in self._shards_of(entry.table):
+            offsets, sizes = ([s.row_offset], [s.rows]) if len(entry.size) == 1 else (
+                [s.row_offset, s.col_offset], [s.rows, s.cols])
+            metadata.append(TorchShardMetadata(offsets, sizes, f"rank:{s.rank}/{device}"))
+        mine = {tuple(m.shard_offsets): m for m in metadata if m.placement.rank() == self._rank}
+        local = [TorchShard(tensor, mine[tuple(offsets)]) for offsets, tensor in entry.blocks]
+        global_metadata = ShardedTensorMetadata(metadata, torch.Size(entry.size), TensorProperties(dtype=entry.dtype))
+        return ShardedTensor._init_from_local_shards_and_global_metadata(local, global_metadata,
+                                                                          process_group=self._group)
+
+    # --- load_state_dict --------------------------------------------------------------------
+    @torch.no_grad()
+    def load(self, state_dict: Dict[str, object], prefix: str, missing_keys: List[str],
+             error_msgs: List[str]) -> None:
+        """Pop this module's keys from ``state_dict`` and copy this rank's blocks."""
+        for key, entry in self._entries().items():
+            full_key = prefix + key
+            if full_key not in state_dict:
+                if entry.blocks or not entry.replicated:
+                    missing_keys.append(full_key)
+                continue
+            value = state_dict.pop(full_key)
+            problem = _copy_blocks(value, entry.size, entry.blocks)
+            if problem:
+                error_msgs.append(f"{full_key}: {problem}")
+
+
+def _copy_blocks(value, size: List[int], blocks: List[_Block]) -> Optional[str]:
+    if list(value.shape) != size:
+        return f"shape {list(value.shape)}, the module's table is {size}"
+    if isinstance(value, ShardedTensor):
+        theirs = {tuple(s.metadata.shard_offsets): s.tensor for s in value.local_shards()}
+        for offsets, tensor in blocks:
+            source = theirs.get(tuple(offsets))
+            if source is None or source.shape != tensor.shape:
+                return ("a ShardedTensor of another plan; load it with torch.distributed.checkpoint "
+                        "(dcp.load into this module's state_dict()), which reshards")
+            if source.data_ptr() != tensor.data_ptr():
+                tensor.copy_(source)
+        return None
+    for offsets, tensor in blocks:
+        source = value
+        for dim, (start, length) in enumerate(zip(offsets, tensor.shape)):
+            source = source.narrow(dim, start, length)
+        if source.data_ptr() != tensor.data_ptr():
+            tensor.copy_(source.to(tensor.device))
+    return None
+
+
+def _row_state_base(layout, table: int) -> int:
+    """First row of local table ``table`` in its group's row-wise state: the group's tables
+    numbered row after row in storage order (as ``FeatureTables.row_bases``)."""
+    slot = layout.tables[table]
+    return sum(t.rows for t in layout.tables if t.group == slot.group and t.offset < slot.offset)
