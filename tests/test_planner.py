@@ -9,7 +9,6 @@ import random
 import time
 
 import pytest
-import torch
 from torch import nn
 
 import jaggedrec as jr
@@ -216,3 +215,12 @@ def test_thousand_tables_plan_within_caps_and_balance(world):
           f"memory max {max(memory) / cap:.1%} of the cap; {kinds}")
     assert max(cost) <= 1.2 * mean
     assert not math.isnan(mean) and mean > 0
+
+
+def test_unpooled_collection_is_planned_with_the_default_sharders():
+    ec = jr.EmbeddingCollection(tables=[jr.EmbeddingConfig(name="seq", num_embeddings=500_000, embedding_dim=12,
+                                                           feature_names=["s"])], device="meta")
+    topology = Topology(world_size=2, compute_device="cpu", ddr_cap=30 * 2 ** 20)  # 48 MB of weights and grads
+    module_plan = EmbeddingShardingPlanner(topology).plan(ec).plan[""]
+    assert module_plan["seq"].sharding_type in (CW, RW, TWRW)
+    _assert_tiles(module_plan, ec.embedding_configs(), 2)

@@ -33,7 +33,7 @@ def test_meta_module_shards_initialise_the_same_table_under_every_plan():
     import torch
 
     import jaggedrec as jr
-    from jaggedrec.distributed.embeddingbag import _init_shard
+    from jaggedrec.distributed.shards import init_shard
     from jaggedrec.distributed.shard_layout import ShardLayout
     from jaggedrec.distributed.sharding_plan import column_wise, construct_module_sharding_plan, row_wise, table_wise
 
@@ -47,7 +47,7 @@ def test_meta_module_shards_initialise_the_same_table_under_every_plan():
         for shards in layout.shards:
             for s in shards:
                 block = torch.empty(s.rows, s.cols)
-                _init_shard(configs[s.table], s, block)
+                init_shard(configs[s.table], s, block)
                 tables[s.table][s.row_offset:s.row_offset + s.rows, s.col_offset:s.col_offset + s.cols] = block
         return tables
 
@@ -68,3 +68,16 @@ def test_cuda_nccl_one_rank_every_sharding_type():
     if not torch.distributed.is_nccl_available():
         pytest.skip("NCCL is not available")
     assert run_ranks(sharding_cases.cuda_cases, 1, backend="nccl") == [["cuda"]]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_embedding_collection_forward_every_plan(world):
+    import sharding_ec_cases
+    checked = run_ranks(sharding_ec_cases.ec_forward_cases, world)
+    assert checked[0] == checked[-1] and len(checked[0]) == 2 * 6
+
+
+def test_embedding_collection_training_dmp_and_checkpoint(tmp_path):
+    import sharding_ec_cases
+    assert run_ranks(sharding_ec_cases.ec_train_cases, 2) == [list(sharding_ec_cases.TRAIN_MODES)] * 2
+    assert run_ranks(sharding_ec_cases.ec_dmp_checkpoint_cases, 2, str(tmp_path)) == [["ec/dmp+dcp"]] * 2

@@ -1,6 +1,7 @@
 """A sharded collection's ``state_dict``, in TorchRec's keys, for ``torch.distributed.checkpoint``.
 
-Per table ``<t>`` of the unsharded collection:
+Per table ``<t>`` of the unsharded collection (``embedding_bags`` for a bag collection,
+``embeddings`` for the unpooled one):
 
 * ``embedding_bags.<t>.weight``: ``[rows, dim]``;
 * with a fused optimizer, its state: ``embedding_bags.<t>.weight.<name>`` (row-wise Adagrad's
@@ -22,18 +23,20 @@ ShardedTensor's arbitrary blocks, and TorchRec's own checkpoints use it.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from torch import nn
 from torch.distributed._shard.metadata import ShardMetadata as TorchShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard as TorchShard
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
+from ..configs import EmbeddingBagConfig
 from .shard_layout import REPLICA, Shard, ShardLayout
 
-PREFIX = "embedding_bags"
 HPARAMS = "fused_optimizer.hparams"
 
 # one state tensor of one shard: (its block's offsets in the table's state, its local tensor)
@@ -59,13 +62,14 @@ class ShardedState:
     def __init__(self, layout: ShardLayout, rank: int, local, optimizer, group, device: torch.device) -> None:
         self._layout, self._rank, self._local, self._group = layout, rank, local, group
         self._optimizer, self._device = optimizer, device
+        self._prefix = "embedding_bags" if isinstance(layout.configs[0], EmbeddingBagConfig) else "embeddings"
 
     # --- what there is ------------------------------------------------------------------
     def _entries(self) -> Dict[str, _Entry]:
         layout, local, optimizer = self._layout, self._local, self._optimizer
         entries: Dict[str, _Entry] = {}
         for t, config in enumerate(layout.configs):
-            key, replicated = f"{PREFIX}.{config.name}.weight", self._replicated(t)
+            key, replicated = f"{self._prefix}.{config.name}.weight", self._replicated(t)
             entries[key] = _Entry(t, [config.num_embeddings, config.embedding_dim], config.data_type.to_torch(),
                                   replicated)
             for name, per in (optimizer.state if optimizer is not None else ()):
@@ -75,7 +79,7 @@ class ShardedState:
             return entries
         state, tables, groups = local.fused_optimizer_state, local._layout.tables, local._layout.groups
         for i, s in enumerate(layout.shards[self._rank]):
-            key = f"{PREFIX}.{layout.configs[s.table].name}.weight"
+            key = f"{self._prefix}.{layout.configs[s.table].name}.weight"
             entries[key].blocks.append(([s.row_offset, s.col_offset], local.table_weight(i).detach()))
             if optimizer is None:
                 continue
@@ -168,3 +172,30 @@ def _row_state_base(layout, table: int) -> int:
     numbered row after row in storage order (as ``FeatureTables.row_bases``)."""
     slot = layout.tables[table]
     return sum(t.rows for t in layout.tables if t.group == slot.group and t.offset < slot.offset)
+
+
+class ShardedStateDict:
+    """For a sharded collection (an ``nn.Module``): ``state_dict`` and ``load_state_dict`` in the
+    keys above instead of the submodules' own."""
+
+    def _init_state_dict(self, layout: ShardLayout, rank: int, local, optimizer, group, device) -> None:
+        self._state = ShardedState(layout, rank, local, optimizer, group, device)
+        self.register_load_state_dict_pre_hook(_load_sharded_state)
+
+    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
+        """TorchRec's keys, as ``ShardedTensor``s of this rank's shards, plain for replicated
+        tables. Save and load it with ``torch.distributed.checkpoint``, which reshards across
+        plans and world sizes."""
+        destination = destination if destination is not None else OrderedDict()
+        for key, value in self._state.state_dict().items():
+            destination[prefix + key] = value
+        return destination
+
+
+def _load_sharded_state(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                        error_msgs) -> None:
+    """Take the sharded collection's keys; its submodules then load their own tensors onto
+    themselves."""
+    module._state.load(state_dict, prefix, missing_keys, error_msgs)
+    for key, value in nn.Module.state_dict(module, prefix=prefix).items():
+        state_dict.setdefault(key, value)

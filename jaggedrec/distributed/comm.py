@@ -10,6 +10,7 @@
   local slice; launched asynchronously (``Pending.wait`` completes them). Its backward runs
   the transposed collectives in a fixed order on every rank and divides by the world size:
   the loss is the mean of the ranks' losses, as DDP's averaging makes it for dense weights.
+* ``RowsOutputDist``: the same for the unpooled collection, whose rows go back per id.
 """
 
 from __future__ import annotations
@@ -147,6 +148,51 @@ class OutputDist(torch.autograd.Function):
             all_gather(grad_p, g.contiguous(), group, async_op=False)
             grad_p.mul_(scale)
         return grad_x, grad_r, grad_p, None, None, None, None
+
+
+class RowsOutputDist(torch.autograd.Function):
+    """The unpooled collection's way back: rows per id instead of pooled bags.
+
+    ``sent`` (fp32, flat): the rows this rank looked up for each source rank's ids, source
+    after source (``send_splits`` elements each) -> ``received`` (flat, ``recv_splits`` from
+    each rank): the rows of this rank's own ids. ``replica`` (flat): the replicas' rows for
+    every rank's ids, source after source (``replica_splits``) -> this rank's own block. The
+    backward sends the rows' gradients back to where they were looked up (each replica gets
+    every rank's block, so the copies take the same step), divided by the world size as in
+    ``OutputDist``. ``kinds``: whether the plan has (exchanged or row-split, replicated)
+    tables; the same on every rank, it decides which collectives run, so that none waits
+    alone."""
+
+    @staticmethod
+    def forward(ctx, sent: torch.Tensor, replica: torch.Tensor, send_splits: List[int], recv_splits: List[int],
+                replica_splits: List[int], kinds: Tuple[bool, bool], group, pending: Pending):
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        ctx.group, ctx.world, ctx.kinds = group, world, kinds
+        ctx.splits = (send_splits, recv_splits, replica_splits)
+        received = sent.new_empty(sum(recv_splits))
+        if kinds[0]:
+            pending.works.append(dist.all_to_all_single(received, sent.contiguous(), recv_splits, send_splits,
+                                                        group=group, async_op=True))
+        start = sum(replica_splits[:rank])
+        return received, replica.narrow(0, start, replica_splits[rank]).clone()
+
+    @staticmethod
+    def backward(ctx, grad_received, grad_own):
+        (send_splits, recv_splits, replica_splits), group, world = ctx.splits, ctx.group, ctx.world
+        rank = dist.get_rank(group)
+        like = grad_received if grad_received is not None else grad_own
+        grad_sent = like.new_zeros(sum(send_splits))
+        if ctx.kinds[0]:
+            g = grad_received if grad_received is not None else like.new_zeros(sum(recv_splits))
+            dist.all_to_all_single(grad_sent, g.contiguous(), send_splits, recv_splits, group=group)
+            grad_sent.mul_(1.0 / world)
+        grad_replica = like.new_zeros(sum(replica_splits))
+        if ctx.kinds[1]:
+            own = grad_own if grad_own is not None else like.new_zeros(replica_splits[rank])
+            dist.all_to_all_single(grad_replica, own.contiguous().repeat(world), replica_splits,
+                                   [replica_splits[rank]] * world, group=group)
+            grad_replica.mul_(1.0 / world)
+        return grad_sent, grad_replica, None, None, None, None, None, None
 
 
 def _on(like: torch.Tensor, *grads) -> torch.Tensor:

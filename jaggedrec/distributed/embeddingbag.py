@@ -9,28 +9,21 @@ module's column order.
 
 from __future__ import annotations
 
-import zlib
-from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..embedding_modules import EmbeddingBagCollection
 from ..keyed_jagged_tensor import KeyedJaggedTensor
 from ..keyed_tensor import KeyedTensor
-from ..optim import FusedOptimizer, RowWiseAdagrad
-from .checkpoint import ShardedState
+from ..optim import FusedOptimizer
+from .checkpoint import ShardedStateDict
 from .comm import OutputDist, Pending
-from .fused_params import fused_optimizer_from_params, fused_optimizer_in_backward
 from .input_dist import InputDist
 from .shard_layout import EXCHANGE, REDUCE, REPLICA, ShardLayout
-from .types import (EmbeddingModuleShardingPlan, LazyAwaitable, ShardingEnv, ShardingType)
-
-# rows per block of the deterministic initialisation of a module built on meta (see _init_shard)
-_INIT_BLOCK_ROWS = 4096
-
+from .shards import CollectionSharder, build_local_collection, check_env
+from .types import EmbeddingModuleShardingPlan, LazyAwaitable, ShardingEnv
 
 class EmbeddingBagCollectionAwaitable(LazyAwaitable[KeyedTensor]):
     """The output of a sharded forward: ``wait()`` (or any use as a ``KeyedTensor``) completes
@@ -48,7 +41,7 @@ class EmbeddingBagCollectionAwaitable(LazyAwaitable[KeyedTensor]):
         return self._module._assemble(*self._parts, self._batch_size, self._own_lengths)
 
 
-class ShardedEmbeddingBagCollection(nn.Module):
+class ShardedEmbeddingBagCollection(ShardedStateDict, nn.Module):
     """An ``EmbeddingBagCollection`` sharded over the ranks of ``env`` by ``plan``.
 
     ``forward(kjt)`` takes this rank's KJT (``B`` bags per feature, the same ``B`` on every rank
@@ -61,31 +54,14 @@ class ShardedEmbeddingBagCollection(nn.Module):
     def __init__(self, module: EmbeddingBagCollection, plan: EmbeddingModuleShardingPlan, env: ShardingEnv,
                  device: Optional[torch.device] = None, fused_optimizer: Optional[FusedOptimizer] = None) -> None:
         super().__init__()
-        if env.process_group is None and env.world_size > 1:
-            raise ValueError("ShardedEmbeddingBagCollection: sharding over several ranks needs a process group "
-                             "(ShardingEnv.from_process_group)")
-        self._env = env
-        self._group = env.process_group
-        self._plan = plan
-        configs = module.embedding_bag_configs()
-        self._layout = layout = ShardLayout(configs, plan, env.world_size)
+        device = check_env(type(self).__name__, env, device, module)
+        self._env, self._group, self._plan = env, env.process_group, plan
+        self._layout = layout = ShardLayout(module.embedding_bag_configs(), plan, env.world_size)
         rank = env.rank
         fused = fused_optimizer if fused_optimizer is not None else module.fused_optimizer
-        _check_fused(layout, fused)
         self._fused = fused
-        device = torch.device(device) if device is not None else module.device
-        if device.type == "meta":
-            raise ValueError("ShardedEmbeddingBagCollection: give the device the shards live on (the module is on meta)")
-        local_configs = layout.local_configs(rank)
-        lookups = []
-        if local_configs:
-            local = EmbeddingBagCollection(local_configs, is_weighted=module.is_weighted(), device=device,
-                                           backend=module._backend, sparse=module._sparse, validate=False,
-                                           bounds_check=module._bounds_check, deterministic=module._deterministic,
-                                           fused_optimizer=fused)
-            _copy_shards(local, module, layout, rank)
-            lookups.append(local)
-        self._lookups = nn.ModuleList(lookups)
+        local = build_local_collection(module, layout, rank, device, fused, is_weighted=module.is_weighted())
+        self._lookups = nn.ModuleList([local] if local is not None else [])
         self._input_dists = nn.ModuleList([InputDist(layout, rank, self._group, module._spec, module.is_weighted())])
         self._output_dists = nn.ModuleList([_OutputDistModule(layout, rank)])
         self._embedding_names = list(module._embedding_names)
@@ -94,8 +70,7 @@ class ShardedEmbeddingBagCollection(nn.Module):
         self._column_plan = _column_plan(layout)
         self._local_columns = _local_columns(layout, rank)
         self._device = device
-        self._state = ShardedState(layout, rank, self.local_collection(), fused, self._group, device)
-        self.register_load_state_dict_pre_hook(_load_sharded_state)
+        self._init_state_dict(layout, rank, self.local_collection(), fused, self._group, device)
 
     # --- forward -------------------------------------------------------------------------
     def forward(self, features: KeyedJaggedTensor) -> EmbeddingBagCollectionAwaitable:
@@ -154,16 +129,6 @@ class ShardedEmbeddingBagCollection(nn.Module):
         """The fused optimizer the shards step in the backward (None: dense or sparse gradients)."""
         return self._fused
 
-    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
-        """TorchRec's keys (``embedding_bags.<table>.weight``, and the fused optimizer's state),
-        as ``ShardedTensor``s of this rank's shards, plain for replicated tables: see
-        ``checkpoint.py``. Save and load it with ``torch.distributed.checkpoint``, which
-        reshards across plans and world sizes."""
-        destination = destination if destination is not None else OrderedDict()
-        for key, value in self._state.state_dict().items():
-            destination[prefix + key] = value
-        return destination
-
     def local_collection(self) -> Optional[EmbeddingBagCollection]:
         """This rank's shards as one collection (None when it holds none)."""
         return self._lookups[0] if self._lookups else None
@@ -173,15 +138,6 @@ class ShardedEmbeddingBagCollection(nn.Module):
 
     def extra_repr(self) -> str:
         return f"world_size={self._env.world_size}, rank={self._env.rank}"
-
-
-def _load_sharded_state(module: ShardedEmbeddingBagCollection, state_dict, prefix, local_metadata, strict,
-                        missing_keys, unexpected_keys, error_msgs) -> None:
-    """Take this module's keys (see ``state_dict``); the submodules then load their own
-    tensors onto themselves."""
-    module._state.load(state_dict, prefix, missing_keys, error_msgs)
-    for key, value in nn.Module.state_dict(module, prefix=prefix).items():
-        state_dict.setdefault(key, value)
 
 
 class _OutputDistModule(nn.Module):
@@ -196,49 +152,13 @@ class _OutputDistModule(nn.Module):
         return ", ".join(f"{name}: {how}" for name, how in self._summary.items())
 
 
-class EmbeddingBagCollectionSharder:
-    """Shards ``EmbeddingBagCollection``s; ``fused_params`` (TorchRec's form, see
-    ``fused_params.py``) gives the shards a fused optimizer, replacing the module's own."""
+class EmbeddingBagCollectionSharder(CollectionSharder):
+    """Shards ``EmbeddingBagCollection``s into ``ShardedEmbeddingBagCollection``s; ``fused_params``
+    (TorchRec's form, see ``fused_params.py``) gives the shards a fused optimizer, replacing the
+    module's own."""
 
     module_type = EmbeddingBagCollection
-
-    def __init__(self, fused_params: Optional[dict] = None) -> None:
-        self.fused_params = dict(fused_params) if fused_params else {}
-        self._fused = fused_optimizer_from_params(self.fused_params)
-
-    def shard(self, module: EmbeddingBagCollection, params: EmbeddingModuleShardingPlan, env: ShardingEnv,
-              device: Optional[torch.device] = None, module_fqn: Optional[str] = None
-              ) -> ShardedEmbeddingBagCollection:
-        if not isinstance(module, EmbeddingBagCollection):
-            raise TypeError(f"EmbeddingBagCollectionSharder shards jaggedrec.EmbeddingBagCollection, got "
-                            f"{type(module).__name__}")
-        return ShardedEmbeddingBagCollection(module, params, env, device, self.shard_optimizer(module))
-
-    def shard_optimizer(self, module: nn.Module) -> Optional[FusedOptimizer]:
-        """The fused optimizer ``module``'s shards step with: ``fused_params``'s, else an
-        in-backward optimizer attached to its weights, else the module's own (None: not fused)."""
-        return self._fused or fused_optimizer_in_backward(module) or module.fused_optimizer
-
-    def sharding_types(self, compute_device_type: str) -> List[str]:
-        return [t.value for t in ShardingType]
-
-    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
-        return ["fused"] if self._fused is not None else ["dense", "fused"]
-
-    @property
-    def fused_optimizer(self) -> Optional[FusedOptimizer]:
-        return self._fused
-
-
-def _check_fused(layout: ShardLayout, fused: Optional[FusedOptimizer]) -> None:
-    if isinstance(fused, RowWiseAdagrad):
-        split = [layout.configs[t].name for t, shards in enumerate(layout.table_shards)
-                 if len(shards) > 1 and not shards[0].row_split and shards[0].kind == EXCHANGE]
-        if split:
-            raise NotImplementedError(
-                f"tables {split}: row-wise Adagrad keeps one state per row, the mean of the row's squared "
-                f"gradient over all its columns, which column-wise shards cannot compute without another "
-                f"collective inside the backward; shard these tables table-wise or row-wise")
+    sharded_type = ShardedEmbeddingBagCollection
 
 
 def _local_columns(layout: ShardLayout, rank: int):
@@ -277,37 +197,3 @@ def _column_plan(layout: ShardLayout):
     return columns, unique, mean_features
 
 
-@torch.no_grad()
-def _copy_shards(local: EmbeddingBagCollection, module: EmbeddingBagCollection, layout: ShardLayout,
-                 rank: int) -> None:
-    """Each local table takes its block of the unsharded module's table, or, for a module on
-    meta, the deterministic initialisation of ``_init_shard``."""
-    for i, s in enumerate(layout.shards[rank]):
-        target = local.table_weight(i)
-        source = module.table_weight(s.table)
-        if source.device.type == "meta":
-            _init_shard(layout.configs[s.table], s, target)
-        else:
-            target.copy_(source[s.row_offset:s.row_offset + s.rows, s.col_offset:s.col_offset + s.cols])
-
-
-def _init_shard(config, shard, target: torch.Tensor) -> None:
-    """Initialise one shard as the whole table would be, whatever the plan: the table's rows
-    are drawn in blocks of ``_INIT_BLOCK_ROWS``, each from a generator seeded by the table's name
-    and the block's index, and the shard keeps its rows and columns of them. A config's
-    ``init_fn`` is called on the shard's view instead."""
-    if config.init_fn is not None:
-        result = config.init_fn(target)
-        if isinstance(result, torch.Tensor) and result.data_ptr() != target.data_ptr():
-            target.copy_(result)
-        return
-    seed = zlib.crc32(config.name.encode())
-    first, last = shard.row_offset, shard.row_offset + shard.rows
-    for block in range(first // _INIT_BLOCK_ROWS, -(-last // _INIT_BLOCK_ROWS)):
-        lo = block * _INIT_BLOCK_ROWS
-        hi = min(lo + _INIT_BLOCK_ROWS, config.num_embeddings)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + block)
-        rows = torch.empty(hi - lo, config.embedding_dim).uniform_(config.weight_init_min, config.weight_init_max,
-                                                                   generator=g)
-        a, z = max(lo, first), min(hi, last)
-        target[a - first:z - first] = rows[a - lo:z - lo, shard.col_offset:shard.col_offset + shard.cols]

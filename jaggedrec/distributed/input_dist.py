@@ -9,16 +9,26 @@ bags out source by source, so that bag ``s * B + b`` of a local feature is bag `
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .. import validation
 from ..keyed_jagged_tensor import KeyedJaggedTensor
 from .comm import agree_on_batch, exchange
-from .shard_layout import Shard, ShardLayout
+from .shard_layout import ShardLayout
+
+
+@dataclass
+class Routing:
+    """Where one rank's ids went in a step: ``id_counts[r][j]``, how many of its ids it sent rank
+    ``r`` for that rank's local feature ``j``; and per row-split ``(table, key)``, the order
+    its ids were sent in, shard after shard (``ids[order]``)."""
+
+    id_counts: List[List[int]]
+    orders: Dict[Tuple[int, str], torch.Tensor]
 
 
 class InputDist(nn.Module):
@@ -47,12 +57,18 @@ class InputDist(nn.Module):
             the local KJT (this rank's local keys, ``W * B`` bags each), ``B``, and this
             rank's own ``[B]`` lengths per unsharded key (the MEAN tables' divisors).
         """
+        local_kjt, b, own_lengths, _ = self.route(features)
+        return local_kjt, b, own_lengths
+
+    def route(self, features: KeyedJaggedTensor) -> Tuple[KeyedJaggedTensor, int, Dict[str, torch.Tensor], "Routing"]:
+        """``forward``, and where this rank's ids went (``Routing``), for an output dist that
+        sends rows back per id."""
         error: Optional[BaseException] = None
-        sends, batch_size, own_lengths = None, -1, {}
+        sends, batch_size, own_lengths, routing = None, -1, {}, None
         try:
             _check(features, self._spec)
             batch_size = features.stride()
-            own_lengths, sends = self._route(features, batch_size)
+            own_lengths, sends, routing = self._route(features, batch_size)
         except (ValueError, TypeError) as e:
             error = e
         counts = [0] * self._world if sends is None else [int(v.numel()) for v in sends[1]]
@@ -67,7 +83,7 @@ class InputDist(nn.Module):
         if self._is_weighted:
             parts.append((torch.cat(weights), counts, recv_counts))
         received = exchange(parts, self._group)
-        return self._local_kjt(received, b, n_local), b, own_lengths
+        return self._local_kjt(received, b, n_local), b, own_lengths, routing
 
     def _route(self, kjt: KeyedJaggedTensor, b: int):
         """Per destination rank: the lengths, ids and weights it gets, its local features' in order."""
@@ -85,23 +101,26 @@ class InputDist(nn.Module):
             own[key] = lens
             per_key[key] = (lens, ids, w)
         buckets: Dict[Tuple[int, str], list] = {}
-        lengths_out, values_out, weights_out = [], [], []
+        orders: Dict[Tuple[int, str], torch.Tensor] = {}
+        lengths_out, values_out, weights_out, id_counts = [], [], [], []
         for r in range(self._world):
             ls, vs, ws = [], [], []
             for _, key, shard in self._layout.local_features[r]:
                 lens, ids, w = per_key[key]
                 if shard.row_split:
                     if (shard.table, key) not in buckets:
-                        buckets[(shard.table, key)] = self._bucketize(shard.table, lens, ids, w, b)
+                        buckets[(shard.table, key)], orders[(shard.table, key)] = self._bucketize(
+                            shard.table, lens, ids, w, b)
                     lens, ids, w = buckets[(shard.table, key)][shard.index]
                 ls.append(lens)
                 vs.append(ids)
                 if w is not None:
                     ws.append(w)
+            id_counts.append([int(v.numel()) for v in vs])
             lengths_out.append(_cat(ls, torch.int64, all_lengths.device))
             values_out.append(_cat(vs, torch.int64, all_lengths.device))
             weights_out.append(_cat(ws, torch.float32, all_lengths.device))
-        return own, (lengths_out, values_out, weights_out)
+        return own, (lengths_out, values_out, weights_out), Routing(id_counts, orders)
 
     def _bucketize(self, table: int, lens: torch.Tensor, ids: torch.Tensor, w: Optional[torch.Tensor], b: int):
         """One row-split table's bags cut per shard: ``[(lengths [B], ids shifted to the shard, weights)]``."""
@@ -116,7 +135,7 @@ class InputDist(nn.Module):
         sizes = per_slot.sum(1).tolist()
         id_parts = torch.split(moved, sizes)
         w_parts = torch.split(w[order], sizes) if w is not None else [None] * n
-        return [(per_slot[i], id_parts[i], w_parts[i]) for i in range(n)]
+        return [(per_slot[i], id_parts[i], w_parts[i]) for i in range(n)], order
 
     def _local_kjt(self, received: List[torch.Tensor], b: int, n_local: int) -> KeyedJaggedTensor:
         """Reorder the received ``[source, feature]`` blocks into ``[feature, source]``."""

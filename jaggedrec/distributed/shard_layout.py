@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
-from ..configs import EmbeddingBagConfig, PoolingType
+from ..configs import BaseEmbeddingConfig, EmbeddingBagConfig, PoolingType
 from .types import EmbeddingModuleShardingPlan, ShardingType
 
 EXCHANGE, REDUCE, REPLICA = "exchange", "reduce", "replica"
@@ -108,22 +108,24 @@ class ShardLayout:
         self.replica_blocks = [(t, f, configs[t].embedding_dim) for t, f in self.output_features
                                if self.table_kind(t) == REPLICA]
         self.mean_row_split = [i for i, (t, f) in enumerate(self.output_features)
-                               if configs[t].pooling == PoolingType.MEAN and self.table_shards[t][0].row_split]
+                               if getattr(configs[t], "pooling", None) == PoolingType.MEAN
+                               and self.table_shards[t][0].row_split]
 
     def table_kind(self, table: int) -> str:
         return self.table_shards[table][0].kind
 
-    def local_configs(self, rank: int) -> List[EmbeddingBagConfig]:
-        """Rank ``rank``'s local tables: one per shard, reading its local keys; row-split shards pool
-        by SUM (the owner of the bag divides a MEAN)."""
+    def local_configs(self, rank: int) -> List[BaseEmbeddingConfig]:
+        """Rank ``rank``'s local tables, of the unsharded configs' type: one per shard, reading its
+        local keys; row-split shards of a bag table pool by SUM (the owner of the bag divides a MEAN)."""
         out = []
         for s in self.shards[rank]:
             c = self.configs[s.table]
-            out.append(EmbeddingBagConfig(
-                num_embeddings=s.rows, embedding_dim=s.cols, name=s.local_name, data_type=c.data_type,
-                feature_names=[s.local_feature(f) for f in c.feature_names],
-                pooling=PoolingType.SUM if s.row_split else c.pooling,
-                weight_init_min=c.weight_init_min, weight_init_max=c.weight_init_max))
+            fields = dict(num_embeddings=s.rows, embedding_dim=s.cols, name=s.local_name, data_type=c.data_type,
+                          feature_names=[s.local_feature(f) for f in c.feature_names],
+                          weight_init_min=c.weight_init_min, weight_init_max=c.weight_init_max)
+            if isinstance(c, EmbeddingBagConfig):
+                fields["pooling"] = PoolingType.SUM if s.row_split else c.pooling
+            out.append(type(c)(**fields))
         return out
 
     def exchange_width(self, rank: int) -> int:

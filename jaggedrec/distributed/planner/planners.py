@@ -147,7 +147,7 @@ class EmbeddingShardingPlanner:
         (those still to come counted table-wise), so that a split's extra traffic counts
         against it; the least total cost breaks ties, which keeps tables whole where they fit."""
         topo, cap = self._topology, self._topology.memory_cap
-        memory, load = ranks.memory, ranks.load
+        memory = ranks.memory
         top = max(ranks.pressures)
         best, best_score, refused = None, None, []
         for kind, generator, on, rows, cols in self._candidates(spec, allowed, ranks):

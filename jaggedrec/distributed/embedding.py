@@ -1,0 +1,172 @@
+"""``EmbeddingCollectionSharder`` and the ``ShardedEmbeddingCollection`` it makes: the unpooled
+collection, one row per id, sharded as the bag collection is.
+
+One step, on every rank: the input dist sends each rank the ids its shards serve, as for the
+bag collection (``input_dist.py``); the local collection looks them up with one op call per
+dtype; ``comm.RowsOutputDist`` sends every row back to the rank the id came from, where the
+awaitable puts each feature's rows back in the KJT's order: column blocks side by side, row
+blocks un-bucketized, a replica's own rows as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..embedding_modules import EmbeddingCollection
+from ..jagged_tensor import JaggedTensor
+from ..keyed_jagged_tensor import KeyedJaggedTensor
+from ..optim import FusedOptimizer
+from .checkpoint import ShardedStateDict
+from .comm import Pending, RowsOutputDist
+from .input_dist import InputDist, Routing
+from .shard_layout import REPLICA, ShardLayout
+from .shards import CollectionSharder, build_local_collection, check_env
+from .types import EmbeddingModuleShardingPlan, LazyAwaitable, ShardingEnv
+
+
+class EmbeddingCollectionAwaitable(LazyAwaitable[Dict[str, JaggedTensor]]):
+    """The output of a sharded forward: ``wait()`` (or any use as the dict) completes the
+    output dist and returns this rank's ``Dict[str, JaggedTensor]``, as the unsharded module's."""
+
+    def __init__(self, module: "ShardedEmbeddingCollection", pending: Pending, received: torch.Tensor,
+                 own: torch.Tensor, step: "_Step") -> None:
+        super().__init__()
+        self._module, self._pending, self._parts, self._step = module, pending, (received, own), step
+
+    def _wait_impl(self) -> Dict[str, JaggedTensor]:
+        self._pending.wait()
+        return self._module._assemble(*self._parts, self._step)
+
+
+class _Step:
+    """What the way back needs of one step's way out."""
+
+    def __init__(self, routing: Routing, own_lengths: Dict[str, torch.Tensor], ids: Dict[str, torch.Tensor]) -> None:
+        self.routing, self.own_lengths, self.ids = routing, own_lengths, ids
+
+
+class ShardedEmbeddingCollection(ShardedStateDict, nn.Module):
+    """An ``EmbeddingCollection`` sharded over the ranks of ``env`` by ``plan``.
+
+    ``forward(kjt)`` takes this rank's KJT (``B`` samples per feature, the same ``B`` on every
+    rank in a step) and returns an ``EmbeddingCollectionAwaitable`` of the dict the unsharded
+    module gives for these samples: per feature, ``[N_f, dim]`` rows in the table's dtype.
+    """
+
+    def __init__(self, module: EmbeddingCollection, plan: EmbeddingModuleShardingPlan, env: ShardingEnv,
+                 device: Optional[torch.device] = None, fused_optimizer: Optional[FusedOptimizer] = None) -> None:
+        super().__init__()
+        device = check_env(type(self).__name__, env, device, module)
+        self._env, self._group, self._plan = env, env.process_group, plan
+        self._layout = layout = ShardLayout(module.embedding_configs(), plan, env.world_size)
+        rank = env.rank
+        self._fused = fused_optimizer if fused_optimizer is not None else module.fused_optimizer
+        local = build_local_collection(module, layout, rank, device, self._fused, need_indices=False)
+        self._lookups = nn.ModuleList([local] if local is not None else [])
+        self._input_dists = nn.ModuleList([InputDist(layout, rank, self._group, module._spec, False)])
+        self._embedding_names = list(module._embedding_names)
+        self._need_indices = module.need_indices()
+        self._device = device
+        kinds = [layout.table_kind(t) for t in range(len(layout.configs))]
+        self._kinds = (any(k != REPLICA for k in kinds), any(k == REPLICA for k in kinds))
+        self._init_state_dict(layout, rank, local, self._fused, self._group, device)
+
+    # --- forward -------------------------------------------------------------------------
+    def forward(self, features: KeyedJaggedTensor) -> EmbeddingCollectionAwaitable:
+        local_kjt, b, own_lengths, routing = self._input_dists[0].route(features)
+        layout, rank, world = self._layout, self._env.rank, self._env.world_size
+        mine = layout.local_features[rank]
+        # per local feature j and source rank s: the rows of s's ids, [n_js, cols_j]
+        blocks: List[List[torch.Tensor]] = []
+        if self._lookups:
+            rows = self._lookups[0](local_kjt)
+            counts = local_kjt.lengths().view(len(mine), world, b).sum(-1).tolist()
+            blocks = [list(torch.split(rows[key].values(), counts[j])) for j, (key, _, _) in enumerate(mine)]
+        exchanged = [j for j, (_, _, s) in enumerate(mine) if s.kind != REPLICA]
+        replicas = [j for j, (_, _, s) in enumerate(mine) if s.kind == REPLICA]
+        sent = _flat([blocks[j][s] for s in range(world) for j in exchanged], self._device)
+        replica = _flat([blocks[j][s] for s in range(world) for j in replicas], self._device)
+        send_splits = [sum(blocks[j][s].numel() for j in exchanged) for s in range(world)]
+        replica_splits = [sum(blocks[j][s].numel() for j in replicas) for s in range(world)]
+        recv_splits = [sum(n * s.cols for n, (_, _, s) in zip(routing.id_counts[r], layout.local_features[r])
+                           if s.kind != REPLICA) for r in range(world)]
+        pending = Pending()
+        received, own = RowsOutputDist.apply(sent, replica, send_splits, recv_splits, replica_splits, self._kinds,
+                                             self._group, pending)
+        ids = {}
+        if self._need_indices:
+            index, starts, counts = features.index_per_key(), features.offset_per_key(), features.length_per_key()
+            ids = {key: features.values().narrow(0, starts[index[key]], counts[index[key]])
+                   for key in layout.keys_needed()}
+        return EmbeddingCollectionAwaitable(self, pending, received, own, _Step(routing, own_lengths, ids))
+
+    def _assemble(self, received: torch.Tensor, own: torch.Tensor, step: _Step) -> Dict[str, JaggedTensor]:
+        """Each feature's rows in its KJT order, from the blocks its shards sent back."""
+        layout, world = self._layout, self._env.world_size
+        pieces: Dict[tuple, list] = {}  # (table, key) -> [(shard, [n, cols] rows)]
+        at = 0
+        for r in range(world):
+            for n, (_, key, s) in zip(step.routing.id_counts[r], layout.local_features[r]):
+                if s.kind != REPLICA:
+                    pieces.setdefault((s.table, key), []).append((s, received.narrow(0, at, n * s.cols).view(n, s.cols)))
+                    at += n * s.cols
+        at = 0
+        for _, key, s in layout.local_features[self._env.rank]:
+            if s.kind == REPLICA:
+                n = int(step.own_lengths[key].sum())
+                pieces[(s.table, key)] = [(s, own.narrow(0, at, n * s.cols).view(n, s.cols))]
+                at += n * s.cols
+        out: Dict[str, JaggedTensor] = {}
+        for name, (t, key) in zip(self._embedding_names, layout.output_features):
+            config = layout.configs[t]
+            lengths = step.own_lengths[key]
+            parts = sorted(pieces.get((t, key), []), key=lambda p: (p[0].col_offset, p[0].row_offset))
+            if not parts:  # every shard of the table is empty: the table has no rows
+                values = torch.zeros(0, config.embedding_dim, device=self._device)
+            elif parts[0][0].row_split:
+                values = torch.cat([rows for _, rows in parts])
+                order = step.routing.orders[(t, key)].to(values.device)
+                values = values.index_select(0, torch.argsort(order))
+            else:
+                values = torch.cat([rows for _, rows in parts], 1)
+            out[name] = JaggedTensor(values.to(config.data_type.to_torch()), lengths=lengths,
+                                     weights=step.ids.get(key) if self._need_indices else None)
+        return out
+
+    # --- what the module holds ---------------------------------------------------------------
+    @property
+    def plan(self) -> EmbeddingModuleShardingPlan:
+        return self._plan
+
+    @property
+    def fused_optimizer(self) -> Optional[FusedOptimizer]:
+        return self._fused
+
+    def local_collection(self) -> Optional[EmbeddingCollection]:
+        """This rank's shards as one collection (None when it holds none)."""
+        return self._lookups[0] if self._lookups else None
+
+    def embedding_configs(self):
+        return list(self._layout.configs)
+
+    def extra_repr(self) -> str:
+        return f"world_size={self._env.world_size}, rank={self._env.rank}"
+
+
+class EmbeddingCollectionSharder(CollectionSharder):
+    """Shards ``EmbeddingCollection``s into ``ShardedEmbeddingCollection``s (TorchRec's name);
+    ``fused_params`` as for the bag collection's sharder."""
+
+    module_type = EmbeddingCollection
+    sharded_type = ShardedEmbeddingCollection
+
+
+def _flat(blocks: List[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Row blocks as one flat fp32 buffer (a collective takes one dtype; fp16 and bf16 rows
+    come back exactly)."""
+    if not blocks:
+        return torch.zeros(0, device=device)
+    return torch.cat([b.reshape(-1).float() for b in blocks])

@@ -1,0 +1,126 @@
+"""What both sharded collections share: the sharder, how shards take their weights, and
+which fused optimizers a layout can step exactly."""
+
+from __future__ import annotations
+
+import zlib
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from ..optim import FusedOptimizer, RowWiseAdagrad
+from .fused_params import fused_optimizer_from_params, fused_optimizer_in_backward
+from .shard_layout import EXCHANGE, ShardLayout
+from .types import EmbeddingModuleShardingPlan, ShardingEnv, ShardingType
+
+# rows per block of the deterministic initialisation of a module built on meta (see init_shard)
+INIT_BLOCK_ROWS = 4096
+
+
+class CollectionSharder:
+    """Shards collections of type ``module_type`` into ``sharded_type``; ``fused_params``
+    (TorchRec's form, see ``fused_params.py``) gives the shards a fused optimizer, replacing
+    the module's own."""
+
+    module_type: type = nn.Module
+    sharded_type: type = nn.Module
+
+    def __init__(self, fused_params: Optional[dict] = None) -> None:
+        self.fused_params = dict(fused_params) if fused_params else {}
+        self._fused = fused_optimizer_from_params(self.fused_params)
+
+    def shard(self, module: nn.Module, params: EmbeddingModuleShardingPlan, env: ShardingEnv,
+              device: Optional[torch.device] = None, module_fqn: Optional[str] = None) -> nn.Module:
+        if not isinstance(module, self.module_type):
+            raise TypeError(f"{type(self).__name__} shards jaggedrec.{self.module_type.__name__}, got "
+                            f"{type(module).__name__}")
+        return self.sharded_type(module, params, env, device, self.shard_optimizer(module))
+
+    def shard_optimizer(self, module: nn.Module) -> Optional[FusedOptimizer]:
+        """The fused optimizer ``module``'s shards step with: ``fused_params``'s, else an
+        in-backward optimizer attached to its weights, else the module's own (None: not fused)."""
+        return self._fused or fused_optimizer_in_backward(module) or module.fused_optimizer
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        return [t.value for t in ShardingType]
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        return ["fused"] if self._fused is not None else ["dense", "fused"]
+
+    @property
+    def fused_optimizer(self) -> Optional[FusedOptimizer]:
+        return self._fused
+
+
+def check_fused(layout: ShardLayout, fused: Optional[FusedOptimizer]) -> None:
+    """Refuse what a fused optimizer cannot step exactly under ``layout``."""
+    if isinstance(fused, RowWiseAdagrad):
+        split = [layout.configs[t].name for t, shards in enumerate(layout.table_shards)
+                 if len(shards) > 1 and not shards[0].row_split and shards[0].kind == EXCHANGE]
+        if split:
+            raise NotImplementedError(
+                f"tables {split}: row-wise Adagrad keeps one state per row, the mean of the row's squared "
+                f"gradient over all its columns, which column-wise shards cannot compute without another "
+                f"collective inside the backward; shard these tables table-wise or row-wise")
+
+
+@torch.no_grad()
+def copy_shards(local: nn.Module, module: nn.Module, layout: ShardLayout, rank: int) -> None:
+    """Each local table of ``local`` takes its block of ``module``'s table, or, for a module on
+    meta, the deterministic initialisation of ``init_shard``."""
+    for i, s in enumerate(layout.shards[rank]):
+        target = local.table_weight(i)
+        source = module.table_weight(s.table)
+        if source.device.type == "meta":
+            init_shard(layout.configs[s.table], s, target)
+        else:
+            target.copy_(source[s.row_offset:s.row_offset + s.rows, s.col_offset:s.col_offset + s.cols])
+
+
+def init_shard(config, shard, target: torch.Tensor) -> None:
+    """Initialise one shard as the whole table would be, whatever the plan: the table's rows
+    are drawn in blocks of ``INIT_BLOCK_ROWS``, each from a generator seeded by the table's name
+    and the block's index, and the shard keeps its rows and columns of them. A config's
+    ``init_fn`` is called on the shard's view instead."""
+    if config.init_fn is not None:
+        result = config.init_fn(target)
+        if isinstance(result, torch.Tensor) and result.data_ptr() != target.data_ptr():
+            target.copy_(result)
+        return
+    seed = zlib.crc32(config.name.encode())
+    first, last = shard.row_offset, shard.row_offset + shard.rows
+    for block in range(first // INIT_BLOCK_ROWS, -(-last // INIT_BLOCK_ROWS)):
+        lo = block * INIT_BLOCK_ROWS
+        hi = min(lo + INIT_BLOCK_ROWS, config.num_embeddings)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        rows = torch.empty(hi - lo, config.embedding_dim).uniform_(config.weight_init_min, config.weight_init_max,
+                                                                   generator=g)
+        a, z = max(lo, first), min(hi, last)
+        target[a - first:z - first] = rows[a - lo:z - lo, shard.col_offset:shard.col_offset + shard.cols]
+
+
+def check_env(owner: str, env: ShardingEnv, device: Optional[torch.device], module: nn.Module) -> torch.device:
+    """The device the shards live on (default: the module's), after checking the env."""
+    if env.process_group is None and env.world_size > 1:
+        raise ValueError(f"{owner}: sharding over several ranks needs a process group "
+                         f"(ShardingEnv.from_process_group)")
+    device = torch.device(device) if device is not None else module.device
+    if device.type == "meta":
+        raise ValueError(f"{owner}: give the device the shards live on (the module is on meta)")
+    return device
+
+
+def build_local_collection(module: nn.Module, layout: ShardLayout, rank: int, device: torch.device,
+                           fused: Optional[FusedOptimizer], **kwargs) -> Optional[nn.Module]:
+    """Rank ``rank``'s shards as one collection of ``module``'s type and settings, holding
+    their weights (None when the rank holds no shard). ``kwargs``: the type's own settings."""
+    check_fused(layout, fused)
+    configs = layout.local_configs(rank)
+    if not configs:
+        return None
+    local = type(module)(configs, device=device, backend=module._backend, sparse=module._sparse, validate=False,
+                         bounds_check=module._bounds_check, deterministic=module._deterministic,
+                         fused_optimizer=fused, **kwargs)
+    copy_shards(local, module, layout, rank)
+    return local
