@@ -9,11 +9,19 @@ a sample's ids plus a linear term in its dense features.
     python examples/train_dlrm.py                 # CPU, a few hundred steps
     python examples/train_dlrm.py --compile       # the whole model under torch.compile
     python examples/train_dlrm.py --device cuda --batch-size 4096
+    python examples/train_dlrm.py --world-size 2  # sharded over 2 processes (gloo; NCCL on CUDA)
+
+With ``--world-size N`` the tables are sharded by ``DistributedModelParallel`` (the planner's
+plan) and the dense layers wrapped in DDP; each rank trains on its slice of the same global
+batches, so the loss curve is the single-process one.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import socket
 import time
 
 import torch
@@ -98,52 +106,117 @@ def _progress(total: int):
         return None
 
 
-def main(argv=None) -> dict:
+def rank_slice(kjt: KeyedJaggedTensor, rank: int, world: int) -> KeyedJaggedTensor:
+    """Samples ``rank * B/W`` to ``(rank + 1) * B/W`` of every feature of a ``B``-sample KJT."""
+    keys, b = kjt.keys(), kjt.stride()
+    per = b // world
+    lengths = kjt.lengths().view(len(keys), b)
+    bag_of_id = torch.repeat_interleave(torch.arange(len(keys) * b), lengths.flatten()) % b
+    keep = (bag_of_id >= rank * per) & (bag_of_id < (rank + 1) * per)
+    return KeyedJaggedTensor(keys=keys, values=kjt.values()[keep],
+                             lengths=lengths[:, rank * per:(rank + 1) * per].flatten())
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=512, help="samples per step, over all ranks")
     parser.add_argument("--features", type=int, default=8)
     parser.add_argument("--num-embeddings", type=int, default=5000)
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--pooling", type=int, default=3, help="mean ids per bag")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile(model, fullgraph=True)")
+    parser.add_argument("--world-size", type=int, default=1, help="processes to shard the model over")
+    parser.add_argument("--losses-out", help="write the per-step losses here, as JSON")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.world_size < 1 or args.batch_size % args.world_size:
+        parser.error(f"--batch-size {args.batch_size} must split evenly over --world-size {args.world_size}")
+    if args.world_size > 1 and args.compile:
+        parser.error("--compile runs in one process; drop it with --world-size")
+    return args
 
+
+def train(args: argparse.Namespace, rank: int = 0, world: int = 1) -> dict:
+    """The training loop; with ``world > 1`` inside an initialised process group, on rank ``rank``."""
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = torch.device(args.device, rank) if args.device == "cuda" and world > 1 else torch.device(args.device)
     data = ClickData(args.features, args.num_embeddings, num_dense=13, pooling=args.pooling, seed=args.seed)
     model = DLRM(data.keys, args.num_embeddings, args.dim, 13, device)
-    dense_params = list(model.bottom.parameters()) + list(model.top.parameters())
+    if world > 1:
+        from jaggedrec.distributed.model_parallel import DistributedModelParallel
+        model = DistributedModelParallel(model, device=device)
+        dense_params = [p for name, p in model.named_parameters() if "ebc" not in name]
+    else:
+        dense_params = list(model.bottom.parameters()) + list(model.top.parameters())
     dense_opt = torch.optim.Adam(dense_params, lr=3e-3)
     step_fn = torch.compile(model, fullgraph=True) if args.compile else model
     loss_fn = nn.BCEWithLogitsLoss()
 
-    losses, bar, window = [], _progress(args.steps), 20
+    losses, bar, window = [], _progress(args.steps) if rank == 0 else None, 20
+    per = args.batch_size // world
     start = time.perf_counter()
     for step in range(args.steps):
-        dense, kjt, labels = data.batch(args.batch_size)
+        dense, kjt, labels = data.batch(args.batch_size)  # the same global batch on every rank
+        if world > 1:
+            dense, kjt, labels = dense[rank * per:(rank + 1) * per], rank_slice(kjt, rank, world), \
+                labels[rank * per:(rank + 1) * per]
         dense, kjt, labels = dense.to(device), kjt.to(device), labels.to(device)
         loss = loss_fn(step_fn(dense, kjt), labels)
         dense_opt.zero_grad()
         loss.backward()  # the embedding tables are updated here, by the fused optimizer
         dense_opt.step()
-        losses.append(loss.item())
+        value = loss.detach()
+        if world > 1:  # the global batch's loss: the mean of the ranks' (equal batch sizes)
+            import torch.distributed as dist
+            dist.all_reduce(value)
+            value = value / world
+        losses.append(value.item())
         recent = sum(losses[-window:]) / len(losses[-window:])
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{recent:.4f}")
-        elif step % 50 == 0 or step == args.steps - 1:
+        elif rank == 0 and (step % 50 == 0 or step == args.steps - 1):
             print(f"step {step:5d}  loss {recent:.4f}", flush=True)
     if bar is not None:
         bar.close()
     first = sum(losses[:window]) / min(window, len(losses))
     last = sum(losses[-window:]) / min(window, len(losses))
     seconds = time.perf_counter() - start
-    print(f"loss: first {window} steps {first:.4f} -> last {window} steps {last:.4f} "
-          f"({args.steps} steps, {seconds:.1f} s, {args.device}{', compiled' if args.compile else ''})")
+    if rank == 0:
+        where = f"{args.device}{', compiled' if args.compile else ''}" + (f", {world} ranks" if world > 1 else "")
+        print(f"loss: first {window} steps {first:.4f} -> last {window} steps {last:.4f} "
+              f"({args.steps} steps, {seconds:.1f} s, {where})")
+        if args.losses_out:
+            with open(args.losses_out, "w") as f:
+                json.dump(losses, f)
     return {"first_loss": first, "last_loss": last, "losses": losses}
+
+
+def _rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
+    import torch.distributed as dist
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world_size))
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.world_size)
+    try:
+        train(args, rank, args.world_size)
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.world_size == 1:
+        return train(args)
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_main, args=(args, port), nprocs=args.world_size, join=True)
+    return {}
 
 
 if __name__ == "__main__":
