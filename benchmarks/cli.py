@@ -6,6 +6,10 @@ and providers. The exit status is 1 when some provider's output was wrong, 2 on 
 ``jaggedrec-bench --module ec`` runs the same benchmark for the unpooled EmbeddingCollection
 (one row per id): the same presets and flags, the ``nn.Embedding`` loop as the baseline, and
 by default every mode (``--mode`` takes a comma list there).
+
+``jaggedrec-bench --dtype int8`` (or ``int4``, or ``int8,int4``) times quantized inference,
+forward mode only: jaggedrec.quant, TorchRec's quantized collection and torch's quantized ops
+against the fp32 jaggedrec module they are built from (``quant_providers.py``).
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ from jaggedrec.host_memory import retain_freed_memory
 
 from .presets import DEFAULT_PRESET, PRESETS, preset_workloads
 from .providers import Provider, all_providers, ec_providers
+from .quant_providers import PEER_FACTOR, QUANT, quant_providers
 from .report import format_table, machine_info, skipped_summary, to_json, write_csv, write_json, write_plot
 from .runner import BASELINE, POOLED, UNPOOLED, Options, WorkloadResult, quiet, run_workload
 from .timing import copy_bandwidth_gbps
-from .workload import DTYPES, MODES, Workload
+from .workload import DTYPES, MODES, QUANT_DTYPES, Workload
 
 _EXAMPLES = """\
 examples:
@@ -33,8 +38,9 @@ examples:
   jaggedrec-bench --preset scaling --plot scaling.png --output scaling.json
   jaggedrec-bench --tables 8 --num-embeddings 1M --dim 128 --batch-size 2048 --pooling-factor 20,50
   jaggedrec-bench --preset dlrm --mode train --providers eb_loop,jaggedrec[torch],fbgemm_tbe
+  jaggedrec-bench --preset pooling --dtype int8,int4 # quantized tables against the fp32 module
 
-A comma list in --tables, --num-embeddings, --batch-size or --pooling-factor sweeps over it.
+A comma list in --tables, --num-embeddings, --batch-size, --pooling-factor or --dtype sweeps over it.
 """
 
 _EC_EXAMPLES = """\
@@ -51,8 +57,8 @@ DEFAULT_EC_PRESET = "pooling"  # long id lists are what an unpooled lookup serve
 
 # CLI flag -> Workload field, for the flags that override preset fields
 _SWEEPABLE = {"tables": "tables", "num_embeddings": "num_embeddings", "batch_size": "batch_size",
-              "pooling_factor": "pooling_factor"}
-_SCALARS = ("bag_size", "distribution", "zipf_alpha", "dtype", "weighted", "mode", "vbe_users")
+              "pooling_factor": "pooling_factor", "dtype": "dtype"}
+_SCALARS = ("bag_size", "distribution", "zipf_alpha", "weighted", "mode", "vbe_users")
 
 
 def _number(text: str) -> float:
@@ -100,7 +106,10 @@ def build_parser(module: str = "ebc") -> argparse.ArgumentParser:
                        help="fixed: every bag has the pooling factor's ids; random: uniform in [0, 2x], some empty")
     shape.add_argument("--distribution", choices=("uniform", "zipf"), help="how ids are drawn")
     shape.add_argument("--zipf-alpha", type=float, help="zipf exponent (default 1.1)")
-    shape.add_argument("--dtype", choices=list(DTYPES), help="table dtype (outputs are fp32)")
+    shape.add_argument("--dtype", type=_dtypes,
+                       help=f"table dtype (outputs are fp32): {', '.join(DTYPES)}, or quantized "
+                            f"{', '.join(QUANT_DTYPES)} (forward mode: jaggedrec.quant and its peers against "
+                            f"the fp32 module); a comma list of one kind sweeps")
     shape.add_argument("--weighted", action="store_true", default=None, help="per-id weights")
     shape.add_argument("--vbe-users", type=int,
                        help="f0 is a user feature: the batch's samples come from this many users, and "
@@ -133,6 +142,18 @@ def _modes(text: str) -> List[str]:
     if bad or not modes:
         raise argparse.ArgumentTypeError(f"modes are {', '.join(MODES)}; got {text!r}")
     return list(dict.fromkeys(modes))
+
+
+def _dtypes(text: str) -> List[str]:
+    """``"int8,int4"`` -> ``["int8", "int4"]``: all float dtypes or all quantized ones (the two
+    have different providers and baselines)."""
+    dtypes = list(dict.fromkeys(d.strip() for d in text.split(",") if d.strip()))
+    bad = [d for d in dtypes if d not in DTYPES and d not in QUANT_DTYPES]
+    if bad or not dtypes:
+        raise argparse.ArgumentTypeError(f"dtypes are {', '.join([*DTYPES, *QUANT_DTYPES])}; got {text!r}")
+    if len({d in QUANT_DTYPES for d in dtypes}) > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} mixes float and quantized dtypes: run them separately")
+    return dtypes
 
 
 def _canonical(name: str) -> str:
@@ -217,12 +238,20 @@ def _listing(providers: Callable[[], List[Provider]] = all_providers) -> str:
 LEGEND = ("GB/s: (table rows gathered + fp32 output) bytes per step / median time, FBGEMM's convention "
           "(backward counts both twice; train 3x rows, 2x output). % copy BW: of the tensor-copy bandwidth "
           "measured in this run. vs loop: eb_loop's median / this median. peak MB: parameters, buffers and "
-          "optimizer state plus the extra memory at the peak of one step ({memory}).")
+          "optimizer state plus the extra memory at the peak of one step ({memory}). table MB: parameters and "
+          "buffers.")
+QUANT_LEGEND = ("GB/s: (table rows gathered, at the quantized rows' bytes with row_align 1 + fp32 output) bytes "
+                "per step / median time, for every provider, fp32 included. % copy BW: of the tensor-copy "
+                "bandwidth measured in this run. vs fp32: jaggedrec_fp32's median / this median. table MB: "
+                "parameters and buffers, the tables as each provider stores them. peak MB: those plus the extra "
+                "memory at the peak of one step ({memory}). Outputs checked against jaggedrec_fp32's within the "
+                "rounding bound (per element, the sum over its bag's ids of |weight| x the row's half step), "
+                f"the peers (their own rounding) within {PEER_FACTOR:g}x it.")
 EC_LEGEND = ("GB/s: (table rows gathered + rows written out, both in the table dtype) bytes per step / median "
              "time (backward counts both twice; train 3x rows, 2x output: FBGEMM's convention, the output being "
              "one row per id). % copy BW: of the tensor-copy bandwidth measured in this run. vs loop: "
              "embedding_loop's median / this median. peak MB: parameters, buffers and optimizer state plus the "
-             "extra memory at the peak of one step ({memory}).")
+             "extra memory at the peak of one step ({memory}). table MB: parameters and buffers.")
 
 
 def _pop_module(argv: List[str]) -> Optional[str]:
@@ -249,10 +278,17 @@ def main(argv: Optional[Sequence[str]] = None,
         print(f"jaggedrec-bench: --module must be ebc or ec, got {module_name!r}", file=sys.stderr)
         return 2
     unpooled = module_name == "ec"
-    module = UNPOOLED if unpooled else POOLED
-    provider_factory = provider_factory or (ec_providers if unpooled else all_providers)
     parser = build_parser(module_name)
     args = parser.parse_args(argv)
+    quantized = bool(args.dtype) and args.dtype[0] in QUANT_DTYPES
+    if quantized and unpooled:
+        parser.error(f"--dtype {','.join(args.dtype)}: jaggedrec.quant has a bag collection only (no --module ec)")
+    if quantized and args.mode not in (None, "forward"):
+        parser.error(f"--dtype {','.join(args.dtype)} with --mode {args.mode}: quantized tables are for inference "
+                     f"only; use --mode forward")
+    module = UNPOOLED if unpooled else QUANT if quantized else POOLED
+    provider_factory = provider_factory or (ec_providers if unpooled else quant_providers if quantized
+                                            else all_providers)
     if args.list:
         print(_listing(provider_factory))
         return 0
@@ -297,7 +333,8 @@ def main(argv: Optional[Sequence[str]] = None,
             providers = [p for p in provider_factory() if p.name in wanted]
             run = run_workload(w, providers, options, copy_gbps, progress.phase, module)
             runs.append(run)
-            progress.write("\n" + format_table(run, f"EmbeddingCollection: {w.describe()}" if unpooled else ""))
+            progress.write("\n" + format_table(run, f"EmbeddingCollection: {w.describe()}" if unpooled else "",
+                                                "vs fp32" if quantized else "vs loop"))
             progress.done_one()
             if args.output:  # after every configuration, so a run cut short keeps what it measured
                 write_json(args.output, to_json(runs, machine, copy_gbps, preset, command, module=document_module))
@@ -307,7 +344,7 @@ def main(argv: Optional[Sequence[str]] = None,
     if summary:
         print("\n" + summary)
     memory = "CUDA max_memory_allocated" if device == "cuda" else "RSS-based on CPU, approximate"
-    print("\n" + (EC_LEGEND if unpooled else LEGEND).format(memory=memory))
+    print("\n" + (EC_LEGEND if unpooled else QUANT_LEGEND if quantized else LEGEND).format(memory=memory))
     document = to_json(runs, machine, copy_gbps, preset, command, module=document_module)
     if args.csv:
         write_csv(args.csv, document)

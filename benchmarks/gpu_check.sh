@@ -113,8 +113,10 @@ step autotune-times 60 $PY -m jaggedrec.benchmarks.autotune_times --output "$OUT
 bench dlrm-forward 45 --preset dlrm --mode forward --providers "$NO_COMPILE"
 bench dlrm-backward 40 --preset dlrm --mode backward --providers "$NO_COMPILE"
 bench dlrm-train 40 --preset dlrm --mode train --providers "$NO_COMPILE"
-# quantized tables (INT8, INT4 rows dequantized in the one forward launch) against the fp32 module
-step quant-forward 30 $PY -m jaggedrec.benchmarks.quant_speed --device "$DEVICE" --preset dlrm pooling --repeats 15
+# quantized tables (INT8, INT4 rows dequantized in the one forward launch) against the fp32 module,
+# both dtypes in one run per preset (a run cut off by its timeout keeps what it finished)
+bench quant-dlrm 30 --preset dlrm --mode forward --dtype int8,int4 --repeats 15
+bench quant-pooling 30 --preset pooling --mode forward --dtype int8,int4 --repeats 15
 # the unpooled EmbeddingCollection (--module ec: the nn.Embedding loop as the baseline, TorchRec's EC and
 # FBGEMM's PoolingMode.NONE where installed), forward, backward and train in one run: the pooling preset's
 # tables, 8 of them, 20 ids per feature (~330k rows a step, 2 GB of tables per provider); about 20 s
@@ -128,7 +130,7 @@ bench scaling-forward 45 --preset scaling --mode forward --providers "$NO_COMPIL
 bench dlrm-forward-compiled 50 --preset dlrm --mode forward \
     --providers "eb_loop,eb_loop_compiled,jaggedrec[triton],jaggedrec_compiled"
 
-log "summary (median ms, GB/s, speedup over the nn.EmbeddingBag loop; every number measured in this run):"
+log "summary (median ms, GB/s, speedup over the run's baseline: the nn.EmbeddingBag loop, nn.Embedding's for ec, the fp32 module for int8/int4; every number measured in this run):"
 $PY - "$OUT" <<'EOF' || true
 import glob, json, os, sys
 
@@ -142,6 +144,8 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
         config = f"T={c['tables']} B={c['batch_size']} L={c['pooling_factor']:g} D={','.join(map(str, c['dims']))}"
         if doc.get("module"):  # --module ec: one file holds every mode
             config += f" {doc['module']} {c['mode']}"
+        if c["dtype"] != "fp32":  # --dtype int8,int4: one file holds both
+            config += f" {c['dtype']}"
         for name, r in run["providers"].items():
             ok = r["status"] == "ok"
             rows.append((os.path.basename(path)[:-5], config, name, r["status"],

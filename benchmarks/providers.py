@@ -38,6 +38,9 @@ class Provider:
 
     name = ""
     description = ""
+    # times the module's abs tolerance this provider's output may be off by: more than 1 for a
+    # peer whose quantized rows round their own way (quant_providers.py)
+    tolerance_factor = 1.0
 
     def __init__(self) -> None:
         self.module: Optional[nn.Module] = None
@@ -81,24 +84,35 @@ class Provider:
             for p in self.module.parameters():
                 p.grad = None
 
+    def table_bytes(self) -> int:
+        """Bytes of the provider's parameters and buffers (its tables as it stores them)."""
+        return _storage_bytes([*self.module.parameters(), *self.module.buffers()])
+
     def state_bytes(self) -> int:
         """Bytes of the provider's parameters, buffers and optimizer state (each storage once)."""
-        tensors = list(self.module.parameters()) + list(self.module.buffers())
+        tensors = [*self.module.parameters(), *self.module.buffers()]
         if self.optimizer is not None:
             tensors += [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-        seen, total = set(), 0
-        for t in tensors:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in seen and t.device.type != "meta":
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        return total
+        return _storage_bytes(tensors)
 
     def release(self) -> None:
         self.module = self.optimizer = None
 
 
-def _feature_slices(batch: Batch, num_features: int, batch_size: int, dtype: torch.dtype):
+def _storage_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes of the storages under ``tensors``, each once (views share one)."""
+    seen, total = set(), 0
+    for t in tensors:
+        # a wrapper subclass (TorchRec's UInt4Tensor) has no storage of its own: count what it wraps
+        t = t.elem if torch.is_tensor(getattr(t, "elem", None)) else t
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen and t.device.type != "meta":
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def feature_slices(batch: Batch, num_features: int, batch_size: int, dtype: torch.dtype):
     """Per feature: ``[N_f]`` ids, ``[B+1]`` offsets from 0, ``[N_f]`` weights in ``dtype`` or None.
 
     The feature boundaries come from the batch's host-side ``key_offsets``, as a data loader
@@ -142,7 +156,7 @@ class EmbeddingBagLoop(Provider):
             self.optimizer = torch.optim.SGD(self.module.parameters(), lr=LEARNING_RATE)
 
     def forward(self, batch):
-        return self._run(*_feature_slices(batch, self.w.tables, self.w.batch_size, self.w.torch_dtype))
+        return self._run(*feature_slices(batch, self.w.tables, self.w.batch_size, self.w.torch_dtype))
 
 
 class CompiledEmbeddingBagLoop(EmbeddingBagLoop):

@@ -6,7 +6,10 @@ JSON layout::
      "runs": [{"config": {Workload fields}, "label": ..., "bytes_per_step": ...,
                "providers": {name: {"status", "reason", "note", "median_ms", "p20_ms", "p80_ms",
                                     "gbps", "pct_of_copy_bw", "speedup_vs_loop", "peak_mem_mb",
-                                    "state_mb", "step_mem_mb", "max_abs_err", "samples_ms"}}}]}
+                                    "table_bytes", "state_mb", "step_mem_mb", "max_abs_err", "samples_ms"}}}]}
+
+``speedup_vs_loop`` is over the run's baseline: ``eb_loop``, ``embedding_loop`` with
+``--module ec``, ``jaggedrec_fp32`` with ``--dtype int8|int4``.
 
 ``jaggedrec-bench --module ec`` writes the same layout with ``"module": "ec"`` after
 ``"command"`` (the bag collection's documents have no ``"module"`` key).
@@ -28,7 +31,7 @@ import torch
 
 from .runner import ProviderResult, WorkloadResult
 
-_COLUMNS = ("provider", "status", "median ms", "p20-p80 ms", "GB/s", "% copy BW", "vs loop", "peak MB")
+_COLUMNS = ("provider", "status", "median ms", "p20-p80 ms", "GB/s", "% copy BW", "vs loop", "table MB", "peak MB")
 
 
 def _version(dist: str) -> Optional[str]:
@@ -94,13 +97,16 @@ def _row(name: str, r: ProviderResult) -> List[str]:
         status = "WRONG" if r.status == "wrong" else "skipped"
         return [name, status] + ["-"] * (len(_COLUMNS) - 2)
     spread = f"{r.p20_ms:.3f}-{r.p80_ms:.3f}" if r.p20_ms is not None else "-"
+    table_mb = None if r.table_bytes is None else r.table_bytes / 2**20
     return [name, "ok", _fmt(r.median_ms, ".3f"), spread, _fmt(r.gbps, ".2f"), _fmt(r.pct_of_copy_bw, ".1f", "%"),
-            _fmt(r.speedup_vs_loop, ".2f", "x"), _fmt(r.peak_mem_mb, ".0f")]
+            _fmt(r.speedup_vs_loop, ".2f", "x"), _fmt(table_mb, ".1f"), _fmt(r.peak_mem_mb, ".0f")]
 
 
-def format_table(run: WorkloadResult, title: str = "") -> str:
-    """An aligned table for one configuration, then one line per provider not timed and per note."""
-    rows = [list(_COLUMNS)] + [_row(n, r) for n, r in run.providers.items()]
+def format_table(run: WorkloadResult, title: str = "", ratio: str = "vs loop") -> str:
+    """An aligned table for one configuration, then one line per provider not timed and per note;
+    ``ratio`` heads the column of the baseline's median over each provider's."""
+    header = [ratio if c == "vs loop" else c for c in _COLUMNS]
+    rows = [header] + [_row(n, r) for n, r in run.providers.items()]
     widths = [max(len(row[c]) for row in rows) for c in range(len(_COLUMNS))]
     lines = [title or run.workload.describe()]
     for i, row in enumerate(rows):

@@ -4,10 +4,12 @@ The order of events, and why:
 
 1. build every provider from the same reference tables (a failure skips that provider);
 2. verify: each provider's forward on every batch must match the ``nn.EmbeddingBag`` loop
-   (the ``nn.Embedding`` loop for the unpooled collection, :data:`UNPOOLED`) within the
-   dtype's tolerance, else it is reported ``wrong`` and never timed. In backward
-   mode the weight gradient is checked too, through ``sum(grad * W) == sum(grad_out * out)``,
-   which holds for any linear lookup and needs no knowledge of the provider's layout;
+   (the ``nn.Embedding`` loop for the unpooled collection, :data:`UNPOOLED`; the fp32
+   module for quantized tables, ``quant_providers.QUANT``) within the module's tolerance
+   (the dtype's, or the quantization's rounding bound), else it is reported ``wrong`` and
+   never timed. In backward mode the weight gradient is checked too, through
+   ``sum(grad * W) == sum(grad_out * out)``, which holds for any linear lookup and needs no
+   knowledge of the provider's layout;
 3. warm up on every batch (first-call costs: allocations, page faults, compilation);
 4. measure one step's peak memory, untimed;
 5. time in interleaved rounds, rotating over the batches.
@@ -20,7 +22,7 @@ import gc
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -33,17 +35,30 @@ from .workload import (Batch, Workload, bytes_per_step, ec_bytes_per_step, make_
 TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 BASELINE = "eb_loop"
 
+# (abs, rel, what abs is): an output passes where |out - ref| <= f * abs + rel * |ref|, abs a
+# number or a tensor that broadcasts to the output (a bound per element), f the provider's
+# tolerance_factor
+Tolerance = Tuple[Union[float, torch.Tensor], float, str]
+
+
+def dtype_tolerance(w: Workload, tables: Sequence[torch.Tensor], batch: Batch) -> Tolerance:
+    """The float dtype's abs and rel tolerance (:data:`TOLERANCES`), the same for every element."""
+    tol = TOLERANCES[w.dtype]
+    return tol, tol, f"{tol:g} abs"
+
 
 @dataclass(frozen=True)
 class Module:
     """What differs between the module benchmarks: the baseline provider's name (the first
     provider, the reference every output is checked against and every ratio is taken to),
-    how batches are drawn, and how a step's bytes are counted."""
+    how batches are drawn, how a step's bytes are counted, and how far an output may be from
+    the baseline's (``tolerance(w, reference_tables, batch)``)."""
 
     name: str
     baseline: str
     make_batches: Callable[[Workload, int, int], List[Batch]]
     bytes_per_step: Callable[[Workload, Sequence[int]], float]
+    tolerance: Callable[[Workload, Sequence[torch.Tensor], Batch], Tolerance] = dtype_tolerance
 
 
 POOLED = Module("ebc", BASELINE, make_batches, bytes_per_step)
@@ -71,6 +86,7 @@ class ProviderResult:
     pct_of_copy_bw: Optional[float] = None
     speedup_vs_loop: Optional[float] = None
     peak_mem_mb: Optional[float] = None   # state_mb + step_mem_mb
+    table_bytes: Optional[int] = None     # parameters and buffers: the tables as this provider stores them
     state_mb: Optional[float] = None      # parameters, buffers, optimizer state
     step_mem_mb: Optional[float] = None   # extra memory at the peak of one step
     max_abs_err: Optional[float] = None
@@ -101,13 +117,13 @@ def _fail(e: BaseException, when: str) -> str:
     return f"{when}: {type(e).__name__}: {text}"
 
 
-def _max_abs_err(out: torch.Tensor, ref: torch.Tensor, tol: float) -> Optional[float]:
-    """Max abs error if ``out`` is outside ``|out - ref| <= tol + tol * |ref|``, else None."""
+def _max_abs_err(out: torch.Tensor, ref: torch.Tensor, abs_tol, rel_tol: float) -> Optional[float]:
+    """Max abs error if ``out`` is outside ``|out - ref| <= abs_tol + rel_tol * |ref|``, else None."""
     if tuple(out.shape) != tuple(ref.shape):
         return float("inf")
     out, ref = out.detach().double(), ref.double()
     err = (out - ref).abs()
-    if bool((err <= tol + tol * ref.abs()).all()):
+    if bool((err <= abs_tol + rel_tol * ref.abs()).all()):
         return None
     return float(err.nan_to_num(float("inf")).max())
 
@@ -145,6 +161,7 @@ def run_workload(w: Workload, providers: Sequence[Provider], options: Options, c
             results[p.name] = ProviderResult("skipped", reason) if reason else ProviderResult("ok")
         tables = reference_tables(w, options.seed)
         batches = module.make_batches(w, options.batches, options.seed)
+        tolerances = [module.tolerance(w, tables, b) for b in batches]
         # samples rotate evenly over the batches, so their mean bytes goes with the median time
         moved = sum(module.bytes_per_step(w, b.ids_per_feature) for b in batches) / len(batches)
         for p in providers:
@@ -154,6 +171,7 @@ def run_workload(w: Workload, providers: Sequence[Provider], options: Options, c
             try:
                 p.build(tables, w)
                 results[p.name].state_mb = p.state_bytes() / 2**20
+                results[p.name].table_bytes = p.table_bytes()
                 results[p.name].note = p.note
                 active.append(p)
             except Exception as e:
@@ -162,7 +180,8 @@ def run_workload(w: Workload, providers: Sequence[Provider], options: Options, c
                 results[p.name] = ProviderResult("skipped", _fail(e, "setup failed"))
                 p.release()
         del tables
-        active = _verify(w, active, batches, results, progress, baseline)
+        active = _verify(w, active, batches, tolerances, results, progress, baseline)
+        del tolerances
         _time_all(w, active, batches, options, results, progress, baseline)
         for p in active:
             p.release()
@@ -174,26 +193,26 @@ def run_workload(w: Workload, providers: Sequence[Provider], options: Options, c
     return WorkloadResult(w, results, moved)
 
 
-def _verify(w, active, batches, results, progress, baseline=BASELINE) -> List[Provider]:
-    tol = TOLERANCES[w.dtype]
+def _verify(w, active, batches, tolerances, results, progress, baseline=BASELINE) -> List[Provider]:
     progress("verify")
     with torch.no_grad():
         refs = [active[0].forward(b).float() for b in batches]
     kept = [active[0]]
     for p in active[1:]:
         try:
-            worst = None
-            for b, ref in zip(batches, refs):
+            worst, factor = None, p.tolerance_factor
+            for b, ref, (abs_tol, rel_tol, _) in zip(batches, refs, tolerances):
                 with torch.no_grad():
-                    err = _max_abs_err(p.forward(b), ref, tol)
+                    err = _max_abs_err(p.forward(b), ref, factor * abs_tol, rel_tol)
                 if err is not None:
                     worst = max(worst or 0.0, err)
             if worst is not None:
+                _, rel_tol, what = tolerances[0]
+                tol = f"tol {'' if factor == 1 else f'{factor:g}x '}{what} + {rel_tol:g} rel"
                 results[p.name] = ProviderResult("wrong", f"output differs from {baseline}: max abs err {worst:.3g} "
-                                                          f"(tol {tol:g} abs + {tol:g} rel)", p.note,
-                                                 max_abs_err=worst)
+                                                          f"({tol})", p.note, max_abs_err=worst)
             elif w.mode == "backward":
-                grad_err = _gradient_error(p, batches[0], refs[0], tol)
+                grad_err = _gradient_error(p, batches[0], refs[0], TOLERANCES[w.dtype])
                 if grad_err is not None:
                     results[p.name] = ProviderResult("wrong", grad_err, p.note)
         except Exception as e:

@@ -15,8 +15,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 import jaggedrec as jr
+from jaggedrec.quant.rowwise import row_bytes
 
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# row-wise quantized tables (jaggedrec.quant's layouts), each provider quantizing the same fp32
+# tables its own way; inference only, so forward mode only
+QUANT_DTYPES: Dict[str, jr.DataType] = {"int8": jr.DataType.INT8, "int4": jr.DataType.INT4}
 MODES = ("forward", "backward", "train")
 MODE_LABELS = {
     "forward": "forward (inference, no_grad)",
@@ -35,6 +39,9 @@ class Workload:
     ``(4, 16, 64)`` gives 4, 16, 64, 4, 16, ... ``bag_size`` is ``"fixed"`` (every bag holds
     ``round(pooling_factor)`` ids, e.g. one-hot DLRM features) or ``"random"`` (uniform in
     ``[0, 2 * pooling_factor]``, so the mean is the pooling factor and some bags are empty).
+
+    ``dtype`` is a float dtype (``DTYPES``) or a quantized one (``QUANT_DTYPES``, forward mode
+    only), whose reference tables are fp32.
 
     ``vbe_users > 0`` makes feature ``f0`` a user feature: the batch's samples come from
     ``vbe_users`` distinct users (each at least once), and a sample's ``f0`` bag is its user's.
@@ -64,9 +71,11 @@ class Workload:
         if self.pooling_factor < 0:
             raise ValueError(f"pooling_factor must be >= 0, got {self.pooling_factor}")
         for field, allowed in (("bag_size", ("fixed", "random")), ("distribution", ("uniform", "zipf")),
-                               ("dtype", tuple(DTYPES)), ("mode", MODES), ("device", ("cpu", "cuda"))):
+                               ("dtype", (*DTYPES, *QUANT_DTYPES)), ("mode", MODES), ("device", ("cpu", "cuda"))):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
+        if self.quantized and self.mode != "forward":
+            raise ValueError(f"{self.dtype} tables are for inference: mode must be forward, got {self.mode!r}")
         if self.distribution == "zipf" and self.zipf_alpha <= 0:
             raise ValueError(f"zipf_alpha must be positive, got {self.zipf_alpha}")
 
@@ -86,11 +95,18 @@ class Workload:
         return [f"f{t}" for t in range(self.tables)]
 
     @property
+    def quantized(self) -> bool:
+        return self.dtype in QUANT_DTYPES
+
+    @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        """The reference tables' dtype: fp32 for quantized tables (what gets quantized)."""
+        return torch.float32 if self.quantized else DTYPES[self.dtype]
 
     def table_configs(self) -> List[jr.EmbeddingBagConfig]:
-        data_type = {"fp32": jr.DataType.FP32, "fp16": jr.DataType.FP16, "bf16": jr.DataType.BF16}[self.dtype]
+        """The float tables (fp32 for quantized ones, which are built from these)."""
+        data_type = {torch.float32: jr.DataType.FP32, torch.float16: jr.DataType.FP16,
+                     torch.bfloat16: jr.DataType.BF16}[self.torch_dtype]
         return [jr.EmbeddingBagConfig(name=f"t{t}", embedding_dim=d, num_embeddings=self.num_embeddings,
                                       feature_names=[f"f{t}"], data_type=data_type)
                 for t, d in enumerate(self.table_dims)]
@@ -261,10 +277,17 @@ def reference_tables(w: Workload, seed: int = 0) -> List[torch.Tensor]:
             .to(w.torch_dtype) for d in w.table_dims]
 
 
+def _row_bytes(w: Workload, dim: int) -> int:
+    if w.quantized:
+        return row_bytes(QUANT_DTYPES[w.dtype], dim, row_align=1)
+    return dim * torch.empty(0, dtype=w.torch_dtype).element_size()
+
+
 def bytes_per_step(w: Workload, ids_per_feature: Sequence[int]) -> int:
     """Bytes one step moves, by FBGEMM's benchmark convention.
 
-    ``R = sum_f ids_f * dim_f * elsize`` (table rows gathered, in the table dtype) and
+    ``R = sum_f ids_f * dim_f * elsize`` (table rows gathered, in the table dtype; for
+    quantized tables a row's bytes at ``row_align`` 1, codes plus scale and bias) and
     ``O = B * total_dim * 4`` (the fp32 pooled output). Ids, offsets and per-sample weights
     are not counted. Per mode:
 
@@ -279,8 +302,7 @@ def bytes_per_step(w: Workload, ids_per_feature: Sequence[int]) -> int:
     """
     if len(ids_per_feature) != w.tables:
         raise ValueError(f"need one id count per table ({w.tables}), got {len(ids_per_feature)}")
-    elsize = torch.empty(0, dtype=w.torch_dtype).element_size()
-    rows = sum(n * d * elsize for n, d in zip(ids_per_feature, w.table_dims))
+    rows = sum(n * _row_bytes(w, d) for n, d in zip(ids_per_feature, w.table_dims))
     out = w.batch_size * w.total_dim * 4
     r, o = _TRAFFIC[w.mode]
     return r * rows + o * out

@@ -231,15 +231,6 @@ def test_vbe_batches_expand_to_the_same_batch_and_the_vbe_provider_is_checked(tm
     assert "vbe-users" in json.loads(out.read_text())["runs"][0]["providers"]["jaggedrec_vbe"]["reason"]
 
 
-def test_quant_speed_checks_and_times_every_provider():
-    from jaggedrec.benchmarks import quant_speed
-    w = preset_workloads("pooling", "cpu")[0].replace(num_embeddings=300, batch_size=8, tables=3)
-    results = quant_speed.run(w, repeats=2, batches=2)
-    for name in ("jaggedrec fp32", "jaggedrec int8", "jaggedrec int4", "torch ops loop int8", "torch ops loop int4"):
-        assert results[name]["status"] == "ok" and results[name]["median_ms"] > 0, (name, results[name])
-    assert results["jaggedrec int4"]["bytes"] < results["jaggedrec int8"]["bytes"] < results["jaggedrec fp32"]["bytes"]
-
-
 # --module ec: the same tiny shape, one dim (so TorchRec's EC and FBGEMM's PoolingMode.NONE can run)
 TINY_EC = ["--module", "ec"] + [a if a != "4,8" else "8" for a in TINY]
 

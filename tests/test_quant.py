@@ -102,6 +102,17 @@ def test_steps_follow_each_rows_range(data_type):
     assert error[3].max() <= 2 ** -20  # a constant row comes back exactly (up to fp32 rounding)
 
 
+@pytest.mark.parametrize("data_type", [DataType.INT8, DataType.INT4])
+def test_bound_holds_for_narrow_rows(data_type):
+    """Rows as narrow as the benchmarks' (uniform in +-sqrt(1/100k)), where INT8's code rounding
+    by 255/(max-min+1e-8) instead of 1/scale shifts a code by a visible part of a step."""
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.rand(4000, 64, generator=gen) * 2 - 1) * 100_000 ** -0.5
+    rows = quantize_rows(w, data_type)
+    error = (dequantize_rows(rows, data_type, 64) - w).abs()
+    assert (error <= error_bound(rows, data_type, 64).unsqueeze(1)).all()
+
+
 def test_int8_rows_are_torchs_byte_prepack_rows():
     gen = torch.Generator().manual_seed(4)
     w = torch.randn(40, 24, generator=gen) * 3

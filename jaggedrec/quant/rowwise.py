@@ -127,11 +127,13 @@ def dequantize_rows(rows: torch.Tensor, data_type: DataType, dim: int) -> torch.
 def error_bound(rows: torch.Tensor, data_type: DataType, dim: int) -> torch.Tensor:
     """``[R]`` the largest error of any dequantized element of each row: half a step (for
     FP16, half an fp16 ulp of the row's largest magnitude), padded by fp32's rounding of
-    ``q * scale + bias``."""
+    ``q * scale + bias``, and for INT8 by 1e-8: its codes round ``(x-min) * 255/(max-min+1e-8)``,
+    not ``(x-min) / scale``, which moves a code by up to ``255e-8/(max-min)`` steps, 1e-8 in value
+    (a visible part of a step in narrow rows: 4e-4 of it for rows in +-sqrt(1/100k))."""
     if data_type == DataType.FP16:
         values = dequantize_rows(rows, data_type, dim).abs().amax(1)
         return values * 2.0 ** -11 + 2.0 ** -25
     scale, bias = scale_bias(rows, data_type, dim)
     top = bias.abs() + _LEVELS[data_type] * scale
-    return scale / 2 + top * 2.0 ** -22
+    return scale / 2 + top * 2.0 ** -22 + (1e-8 if data_type == DataType.INT8 else 0.0)
 
