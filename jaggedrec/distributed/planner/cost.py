@@ -24,7 +24,7 @@ These are estimates to balance ranks by, not predictions of step time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Optional
 
 from ..types import ShardingType
 from .topology import Topology
@@ -66,12 +66,13 @@ _REPLICA = ShardingType.DATA_PARALLEL.value
 
 
 def shard_costs(table: TableSpec, sharding_type: str, ranks: List[int], row_sizes: List[int],
-                col_sizes: List[int], topology: Topology) -> List[ShardCost]:
-    """One ``ShardCost`` per shard, shard ``i`` on ``ranks[i]`` with ``row_sizes[i] x col_sizes[i]``."""
+                col_sizes: List[int], topology: Topology, num_shards: Optional[int] = None) -> List[ShardCost]:
+    """One ``ShardCost`` per shard, shard ``i`` on ``ranks[i]`` with ``row_sizes[i] x col_sizes[i]``,
+    of a layout of ``num_shards`` (default: as many as given)."""
     w = topology.world_size
     bags = w * topology.batch_size
     ids = bags * table.pooling
-    share = 1 / len(ranks) if sharding_type in _ROW_SPLIT else 1.0  # of the ids a shard sees
+    share = 1 / (num_shards or len(ranks)) if sharding_type in _ROW_SPLIT else 1.0  # of the ids a shard sees
     out_per_col = (1 if sharding_type == _REPLICA else 2) * bags * table.num_features * _OUT_BYTES
     # seconds per column looked up and sent, and per shard for its ids
     per_col = (ids * share * table.element_bytes / topology.memory_bandwidth

@@ -19,6 +19,7 @@ too, or the planner raises ``PlannerError`` naming it.
 
 from __future__ import annotations
 
+import itertools
 from typing import Dict, List, Optional, Sequence
 
 import torch.distributed as dist
@@ -151,22 +152,35 @@ class EmbeddingShardingPlanner:
         top = max(ranks.pressures)
         best, best_score, refused = None, None, []
         for kind, generator, on, rows, cols in self._candidates(spec, allowed, ranks):
-            charges = {rank: (mem, cost) for rank, mem, cost in shard_costs(spec, kind, on, rows, cols, topo)}
-            full = [r for r, (mem, _) in charges.items() if memory[r] + mem > cap]
-            if full:
-                r = full[0]
-                refused.append(f"{kind} needs {charges[r][0]} bytes on rank {r}, which has {cap - memory[r]} left")
-                continue
-            added = sum(c for _, c in charges.values())
-            after = max(map(ranks.pressure, charges, *zip(*charges.values())))
+            per_size = ({size: shard_costs(spec, kind, [0], [size[0]], [size[1]], topo, len(on))[0]
+                         for size in set(zip(rows, cols))} if len(on) == topo.world_size else {})
+            need = max((c.memory for c in per_size.values()), default=0)
+            if per_size and ranks.max_memory + need <= cap:
+                # on every rank, and it fits even the fullest: scored from the books' maxima
+                runs = [(size, len(list(group))) for size, group in itertools.groupby(zip(rows, cols))]
+                added = sum(per_size[size].cost * n for size, n in runs)
+                after = ranks.pressure_after_runs([(n, per_size[size].memory, per_size[size].cost) for size, n in runs])
+                charges = None
+            else:
+                charges = {rank: (mem, cost) for rank, mem, cost in shard_costs(spec, kind, on, rows, cols, topo)}
+                full = [r for r, (mem, _) in charges.items() if memory[r] + mem > cap]
+                if full:
+                    r = full[0]
+                    refused.append(f"{kind} needs {charges[r][0]} bytes on rank {r}, which has "
+                                   f"{cap - memory[r]} left")
+                    continue
+                added = sum(c for _, c in charges.values())
+                after = max(map(ranks.pressure, charges, *zip(*charges.values())))
             score = (max(top, after, ranks.projected_mean(added)), added)
             if best_score is None or score < best_score:
-                best, best_score = (generator, charges), score
+                best, best_score = (kind, generator, on, rows, cols, charges), score
         if best is None:
             raise PlannerError(f"table '{spec.name}' ({spec.rows} x {spec.dim}, {spec.weight_bytes} bytes of weights) "
                                f"fits no allowed layout ({allowed}) within the cap of {cap} bytes a rank: "
                                + "; ".join(refused or ["no layout applies to this world"]))
-        generator, charges = best
+        kind, generator, on, rows, cols, charges = best
+        if charges is None:
+            charges = {rank: (mem, cost) for rank, mem, cost in shard_costs(spec, kind, on, rows, cols, topo)}
         return generator(spec.rows, spec.dim, topo.local_world_size, topo.world_size, topo.compute_device), charges
 
     def _candidates(self, spec: TableSpec, allowed: List[str], ranks: "_Ranks"):
@@ -219,21 +233,35 @@ class _Ranks:
         self.remaining = cost_total  # table-wise cost of the tables not placed yet
         self._cost_unit, self._memory_unit = self.cost_total / world, self.memory_total / world
         self.pressures = [0.0] * world
+        self.max_memory, self.max_load, self.total_load = 0, 0.0, 0.0
 
     def pressure(self, rank: int, memory: int = 0, cost: float = 0.0) -> float:
         return max((self.load[rank] + cost) / self._cost_unit, (self.memory[rank] + memory) / self._memory_unit)
+
+    def pressure_after_runs(self, runs: List[tuple]) -> float:
+        """The most pressed rank's pressure after charging every rank, in order, by ``runs`` of
+        ``(ranks, bytes, seconds)`` each (row blocks: a few runs of equal blocks)."""
+        top, at = 0.0, 0
+        for n, memory, cost in runs:
+            top = max(top, (max(self.load[at:at + n]) + cost) / self._cost_unit,
+                      (max(self.memory[at:at + n]) + memory) / self._memory_unit)
+            at += n
+        return top
 
     def least_pressed(self) -> List[int]:
         return sorted(range(len(self.load)), key=self.pressures.__getitem__)
 
     def projected_mean(self, added: float) -> float:
-        return (sum(self.load) + added + self.remaining) / len(self.load) / self._cost_unit
+        return (self.total_load + added + self.remaining) / len(self.load) / self._cost_unit
 
     def charge(self, charges: Dict[int, tuple]) -> None:
         for rank, (memory, cost) in charges.items():
             self.memory[rank] += memory
             self.load[rank] += cost
             self.pressures[rank] = self.pressure(rank)
+            self.max_memory = max(self.max_memory, self.memory[rank])
+            self.max_load = max(self.max_load, self.load[rank])
+            self.total_load += cost
 
 
 def _collections(module: nn.Module, sharders: Optional[list]):
