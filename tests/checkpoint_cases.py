@@ -104,6 +104,11 @@ def save_cases(rank: int, world: int, directory: str) -> List[str]:
     return saved
 
 
+def save_and_load_cases(rank: int, world: int, directory: str, targets: Dict[str, str]):
+    """``save_cases``, then ``load_cases`` on the same world (one launch)."""
+    return save_cases(rank, world, directory), load_cases(rank, world, directory, targets)
+
+
 def _expected_state(reference, mode: str) -> Dict[str, torch.Tensor]:
     """Per table, the unsharded module's optimizer state as ``[rows]`` or ``[rows, dim]``."""
     state = reference.fused_optimizer_state

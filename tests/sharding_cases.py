@@ -23,6 +23,12 @@ from jaggedrec.distributed.types import ShardingEnv
 from jr_testing import Batch, assert_close, key_rows, random_configs, random_kjt, reference_pooled, shuffled_keys
 
 
+def run_cases(rank: int, world: int, calls) -> list:
+    """Each ``(module, function, *args)`` of ``calls`` in turn, on this rank: its results."""
+    import importlib
+    return [getattr(importlib.import_module(module), name)(rank, world, *args) for module, name, *args in calls]
+
+
 def plans(world: int, names: Sequence[str], dims: Sequence[int]) -> Dict[str, dict]:
     """Every sharding type for all tables, and a mixed plan."""
     local = 1 if world == 2 else world

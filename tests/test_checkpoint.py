@@ -26,26 +26,30 @@ TARGETS = {
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
+    """Saved on 2 ranks, and in the same launch loaded into other plans there."""
     directory = tmp_path_factory.mktemp("dcp")
-    saved = run_ranks(cases.save_cases, cases.SAVE_WORLD, str(directory))
+    results = run_ranks(cases.save_and_load_cases, cases.SAVE_WORLD, str(directory), TARGETS[2], timeout=300)
+    saved, loaded = zip(*results)
     assert saved[0] == saved[1] == [f"{m}-{p}" for m, p in cases._saved()]
-    return str(directory), saved[0]
+    return str(directory), saved[0], list(loaded)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_checkpoints_reshard_across_plans_and_world_sizes(checkpoints, world):
-    directory, saved = checkpoints
+    directory, saved, loaded_on_two = checkpoints
     targets = TARGETS[world]
     assert sorted(targets) == sorted(saved)
     if world == 2:
         assert all(plan != case.split("-")[1] for case, plan in targets.items())
-    checked = run_ranks(cases.load_cases, world, directory, targets)
+        checked = loaded_on_two
+    else:
+        checked = run_ranks(cases.load_cases, world, directory, targets, timeout=300)
     assert checked[0] == [f"{c} -> {p} on {world}" for c, p in targets.items()]
 
 
 @pytest.mark.parametrize("case", ["adam-column_wise", "rowwise_adagrad-mixed"])
 def test_checkpoint_loads_into_an_unsharded_module_and_into_torchrec(checkpoints, case):
-    directory, _ = checkpoints
+    directory = checkpoints[0]
     module, reference = cases.unsharded_weights(directory, case)
     for t in range(len(cases._configs())):
         assert_close(module.table_weight(t).float(), reference.table_weight(t).detach().float(),

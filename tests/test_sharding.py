@@ -1,5 +1,6 @@
-"""Sharded EmbeddingBagCollection on gloo ranks against the unsharded module on the global
-batch (bodies in ``sharding_cases.py``; each launch runs many cases, a spawn costs seconds)."""
+"""Sharded collections on gloo ranks against the unsharded modules on the global batch (bodies
+in ``sharding_cases.py`` and ``sharding_ec_cases.py``; each launch runs many cases, a spawn
+costs seconds)."""
 
 import pytest
 
@@ -7,25 +8,39 @@ import sharding_cases
 from distributed_harness import run_ranks
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_forward_every_plan(world):
-    checked = run_ranks(sharding_cases.forward_cases, world)
-    assert checked[0] == checked[-1] and len(checked[0]) == 2 * (7 + 3)
+def _cases(world, *calls):
+    """Run case bodies ``(module, function, *args)`` in one launch (a spawn costs seconds);
+    returns each body's results per rank."""
+    results = run_ranks(sharding_cases.run_cases, world, list(calls), timeout=420)
+    return [[rank_results[i] for rank_results in results] for i in range(len(calls))]
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_training_matches_global_batch(world):
-    checked = run_ranks(sharding_cases.train_cases, world)
-    assert checked[0] == list(sharding_cases.TRAIN_MODES)
+def test_every_plan_forward_and_training_match_the_global_batch(world, tmp_path):
+    """Both collections, every sharding type, a mixed plan and the planner's (forward), and
+    dense, sparse and fused training over 3 steps; on 2 ranks, DMP too (hand plan and
+    planner; for the unpooled collection with a dcp save and a resharded load)."""
+    calls = [("sharding_cases", "forward_cases"), ("sharding_cases", "train_cases"),
+             ("sharding_ec_cases", "ec_forward_cases")]
+    if world == 2:
+        calls += [("sharding_ec_cases", "ec_train_cases"), ("sharding_cases", "dmp_cases"),
+                  ("sharding_ec_cases", "ec_dmp_checkpoint_cases", str(tmp_path))]
+    import sharding_ec_cases
+    out = _cases(world, *calls)
+    forward, train, ec_forward = out[:3]
+    assert forward[0] == forward[-1] and len(forward[0]) == 2 * (7 + 3)
+    assert train[0] == list(sharding_cases.TRAIN_MODES)
+    assert ec_forward[0] == ec_forward[-1] and len(ec_forward[0]) == 2 * 6
+    if world == 2:
+        ec_train, dmp, ec_dmp = out[3:]
+        assert ec_train == [list(sharding_ec_cases.TRAIN_MODES)] * 2
+        assert dmp == [["dmp/hand", "dmp/planner"]] * 2
+        assert ec_dmp == [["ec/dmp+dcp"]] * 2
 
 
 def test_bad_input_raises_on_every_rank():
     seen = run_ranks(sharding_cases.bad_input_cases, 2, timeout=120, collective_timeout=30)
     assert seen == [["rejected", "raised", "raised"], ["raised", "rejected", "raised"]]
-
-
-def test_distributed_model_parallel_trains_like_the_global_batch():
-    assert run_ranks(sharding_cases.dmp_cases, 2) == [["dmp/hand", "dmp/planner"]] * 2
 
 
 def test_meta_module_shards_initialise_the_same_table_under_every_plan():
@@ -68,16 +83,3 @@ def test_cuda_nccl_one_rank_every_sharding_type():
     if not torch.distributed.is_nccl_available():
         pytest.skip("NCCL is not available")
     assert run_ranks(sharding_cases.cuda_cases, 1, backend="nccl") == [["cuda"]]
-
-
-@pytest.mark.parametrize("world", [2, 3])
-def test_embedding_collection_forward_every_plan(world):
-    import sharding_ec_cases
-    checked = run_ranks(sharding_ec_cases.ec_forward_cases, world)
-    assert checked[0] == checked[-1] and len(checked[0]) == 2 * 6
-
-
-def test_embedding_collection_training_dmp_and_checkpoint(tmp_path):
-    import sharding_ec_cases
-    assert run_ranks(sharding_ec_cases.ec_train_cases, 2) == [list(sharding_ec_cases.TRAIN_MODES)] * 2
-    assert run_ranks(sharding_ec_cases.ec_dmp_checkpoint_cases, 2, str(tmp_path)) == [["ec/dmp+dcp"]] * 2
