@@ -167,18 +167,26 @@ def train_cases(rank: int, world: int, modes: Sequence[str] = TRAIN_MODES) -> Li
             (ref_out * targets).view(world, batch, -1).sum((1, 2)).mean().backward()
             out = module(batches[rank].kjt)
             (out.values() * targets[rank * batch:(rank + 1) * batch]).sum().backward()
-            for opt in (ref_opt, sgd):
-                if opt is not None:
-                    opt.step()
-                    opt.zero_grad()
-        local = module.local_collection()
-        for i, s in enumerate(module._layout.shards[rank]):
-            expected = reference.table_weight(s.table)[s.row_offset:s.row_offset + s.rows,
-                                                       s.col_offset:s.col_offset + s.cols]
-            assert_close(local.table_weight(i).detach(), expected.detach(), torch.float32,
-                         f"{mode}: shard {s.local_name} after 3 steps")
+            step_optimizers(ref_opt, sgd)
+        assert_shards_match(module, reference, rank, f"{mode}, after 3 steps")
         checked.append(mode)
     return checked
+
+
+def step_optimizers(*optimizers) -> None:
+    for opt in optimizers:
+        if opt is not None:
+            opt.step()
+            opt.zero_grad()
+
+
+def assert_shards_match(module, reference, rank: int, what: str) -> None:
+    """Every local shard of the sharded ``module`` equals its block of ``reference``'s table."""
+    local = module.local_collection()
+    for i, s in enumerate(module._layout.shards[rank]):
+        expected = reference.table_weight(s.table)[s.row_offset:s.row_offset + s.rows,
+                                                   s.col_offset:s.col_offset + s.cols]
+        assert_close(local.table_weight(i).detach(), expected.detach(), torch.float32, f"{what}: shard {s.local_name}")
 
 
 def bad_input_cases(rank: int, world: int) -> List[str]:

@@ -18,7 +18,7 @@ from jaggedrec.distributed.model_parallel import DistributedModelParallel
 from jaggedrec.distributed.sharding_plan import construct_module_sharding_plan, table_wise
 from jaggedrec.distributed.types import ShardingEnv
 from jr_testing import assert_close, key_rows, random_configs
-from sharding_cases import global_batch, plans, rank_batches
+from sharding_cases import assert_shards_match, global_batch, plans, rank_batches, step_optimizers
 
 BATCH = 3
 
@@ -126,16 +126,8 @@ def ec_train_cases(rank: int, world: int) -> List[str]:
                 mine = mine + (own.values() * per_sample[own_sample]).sum()
             loss.backward()
             mine.backward()
-            for o in (ref_opt, opt):
-                if o is not None:
-                    o.step()
-                    o.zero_grad()
-        local = module.local_collection()
-        for i, s in enumerate(module._layout.shards[rank]):
-            expected = reference.table_weight(s.table)[s.row_offset:s.row_offset + s.rows,
-                                                       s.col_offset:s.col_offset + s.cols]
-            assert_close(local.table_weight(i).detach(), expected.detach(), torch.float32,
-                         f"{mode}: shard {s.local_name} after 3 steps")
+            step_optimizers(ref_opt, opt)
+        assert_shards_match(module, reference, rank, f"{mode}, after 3 steps")
         checked.append(mode)
     return checked
 

@@ -19,11 +19,10 @@ from ..embedding_modules import EmbeddingCollection
 from ..jagged_tensor import JaggedTensor
 from ..keyed_jagged_tensor import KeyedJaggedTensor
 from ..optim import FusedOptimizer
-from .checkpoint import ShardedStateDict
 from .comm import Pending, RowsOutputDist
 from .input_dist import InputDist, Routing
 from .shard_layout import REPLICA, ShardLayout
-from .shards import CollectionSharder, build_local_collection, check_env
+from .shards import CollectionSharder, ShardedCollection, build_local_collection, check_env
 from .types import EmbeddingModuleShardingPlan, LazyAwaitable, ShardingEnv
 
 
@@ -48,7 +47,7 @@ class _Step:
         self.routing, self.own_lengths, self.ids = routing, own_lengths, ids
 
 
-class ShardedEmbeddingCollection(ShardedStateDict, nn.Module):
+class ShardedEmbeddingCollection(ShardedCollection):
     """An ``EmbeddingCollection`` sharded over the ranks of ``env`` by ``plan``.
 
     ``forward(kjt)`` takes this rank's KJT (``B`` samples per feature, the same ``B`` on every
@@ -136,24 +135,8 @@ class ShardedEmbeddingCollection(ShardedStateDict, nn.Module):
                                      weights=step.ids.get(key) if self._need_indices else None)
         return out
 
-    # --- what the module holds ---------------------------------------------------------------
-    @property
-    def plan(self) -> EmbeddingModuleShardingPlan:
-        return self._plan
-
-    @property
-    def fused_optimizer(self) -> Optional[FusedOptimizer]:
-        return self._fused
-
-    def local_collection(self) -> Optional[EmbeddingCollection]:
-        """This rank's shards as one collection (None when it holds none)."""
-        return self._lookups[0] if self._lookups else None
-
     def embedding_configs(self):
         return list(self._layout.configs)
-
-    def extra_repr(self) -> str:
-        return f"world_size={self._env.world_size}, rank={self._env.rank}"
 
 
 class EmbeddingCollectionSharder(CollectionSharder):

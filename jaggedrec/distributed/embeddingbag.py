@@ -18,11 +18,10 @@ from ..embedding_modules import EmbeddingBagCollection
 from ..keyed_jagged_tensor import KeyedJaggedTensor
 from ..keyed_tensor import KeyedTensor
 from ..optim import FusedOptimizer
-from .checkpoint import ShardedStateDict
 from .comm import OutputDist, Pending
 from .input_dist import InputDist
 from .shard_layout import EXCHANGE, REDUCE, REPLICA, ShardLayout
-from .shards import CollectionSharder, build_local_collection, check_env
+from .shards import CollectionSharder, ShardedCollection, build_local_collection, check_env
 from .types import EmbeddingModuleShardingPlan, LazyAwaitable, ShardingEnv
 
 class EmbeddingBagCollectionAwaitable(LazyAwaitable[KeyedTensor]):
@@ -41,7 +40,7 @@ class EmbeddingBagCollectionAwaitable(LazyAwaitable[KeyedTensor]):
         return self._module._assemble(*self._parts, self._batch_size, self._own_lengths)
 
 
-class ShardedEmbeddingBagCollection(ShardedStateDict, nn.Module):
+class ShardedEmbeddingBagCollection(ShardedCollection):
     """An ``EmbeddingBagCollection`` sharded over the ranks of ``env`` by ``plan``.
 
     ``forward(kjt)`` takes this rank's KJT (``B`` bags per feature, the same ``B`` on every rank
@@ -119,25 +118,8 @@ class ShardedEmbeddingBagCollection(ShardedStateDict, nn.Module):
             out = out * scale
         return KeyedTensor(self._embedding_names, self._length_per_embedding, out)
 
-    # --- what the module holds ---------------------------------------------------------------
-    @property
-    def plan(self) -> EmbeddingModuleShardingPlan:
-        return self._plan
-
-    @property
-    def fused_optimizer(self) -> Optional[FusedOptimizer]:
-        """The fused optimizer the shards step in the backward (None: dense or sparse gradients)."""
-        return self._fused
-
-    def local_collection(self) -> Optional[EmbeddingBagCollection]:
-        """This rank's shards as one collection (None when it holds none)."""
-        return self._lookups[0] if self._lookups else None
-
     def embedding_bag_configs(self):
         return list(self._layout.configs)
-
-    def extra_repr(self) -> str:
-        return f"world_size={self._env.world_size}, rank={self._env.rank}"
 
 
 class _OutputDistModule(nn.Module):

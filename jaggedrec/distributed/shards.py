@@ -10,12 +10,33 @@ import torch
 from torch import nn
 
 from ..optim import FusedOptimizer, RowWiseAdagrad
+from .checkpoint import ShardedStateDict
 from .fused_params import fused_optimizer_from_params, fused_optimizer_in_backward
 from .shard_layout import EXCHANGE, ShardLayout
 from .types import EmbeddingModuleShardingPlan, ShardingEnv, ShardingType
 
 # rows per block of the deterministic initialisation of a module built on meta (see init_shard)
 INIT_BLOCK_ROWS = 4096
+
+
+class ShardedCollection(ShardedStateDict, nn.Module):
+    """What both sharded collections hold: ``_env``, ``_plan``, ``_fused``, ``_lookups``."""
+
+    @property
+    def plan(self) -> EmbeddingModuleShardingPlan:
+        return self._plan
+
+    @property
+    def fused_optimizer(self) -> Optional[FusedOptimizer]:
+        """The fused optimizer the shards step in the backward (None: dense or sparse gradients)."""
+        return self._fused
+
+    def local_collection(self) -> Optional[nn.Module]:
+        """This rank's shards as one collection (None when it holds none)."""
+        return self._lookups[0] if self._lookups else None
+
+    def extra_repr(self) -> str:
+        return f"world_size={self._env.world_size}, rank={self._env.rank}"
 
 
 class CollectionSharder:
