@@ -272,6 +272,10 @@ def main(argv: Optional[Sequence[str]] = None,
     """Run the CLI. ``provider_factory`` makes fresh providers per configuration (tests inject one;
     by default the module's own: every pooled provider, or with ``--module ec`` the unpooled ones)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a.split("=")[0] in ("--world-size", "--sharding") for a in argv):  # over N ranks: sharded.py
+        from .sharded import main as sharded_main
+
+        return sharded_main(argv)
     # taken out before parsing, so that the bag collection's flags and help stay as they were
     module_name = _pop_module(argv)
     if module_name not in ("ebc", "ec"):

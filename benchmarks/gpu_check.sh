@@ -122,6 +122,11 @@ bench quant-pooling 30 --preset pooling --mode forward --dtype int8,int4 --repea
 # tables, 8 of them, 20 ids per feature (~330k rows a step, 2 GB of tables per provider); about 20 s
 bench ec 30 --module ec --preset pooling --tables 8 --pooling-factor 20 \
     --providers "embedding_loop,jaggedrec[triton],torchrec_ec,fbgemm_tbe_none,fbgemm_inference_none"
+# the sharded benchmark on one rank over NCCL: jaggedrec's DistributedModelParallel (its planner's plan) and
+# TorchRec's where it imports, checked against the unsharded reference, beside the unsharded module; a world of
+# one sends nothing, so this checks the NCCL path and the CUDA timing of the collectives, not scaling
+step sharded-nccl 60 $PY -m jaggedrec.benchmarks --world-size 1 --sharding auto --device "$DEVICE" --no-progress \
+    --preset dlrm --mode train --timeout 55 "${EXTRA[@]}" --output "$OUT/sharded-w1-auto.json"
 # zipf ids: hot rows, whose long runs of ids the backward sums with a kernel of their own
 bench dlrm-train-zipf 30 --preset dlrm --mode train --distribution zipf --pooling-factor 20 \
     --providers "eb_loop,jaggedrec[triton],fbgemm_tbe"
@@ -142,15 +147,16 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
         if c is None:  # a layout of its own (another script's JSON)
             continue
         config = f"T={c['tables']} B={c['batch_size']} L={c['pooling_factor']:g} D={','.join(map(str, c['dims']))}"
-        if doc.get("module"):  # --module ec: one file holds every mode
+        if doc.get("module"):  # --module ec: one file holds every mode (sharded: ratios to jaggedrec_1proc)
             config += f" {doc['module']} {c['mode']}"
         if c["dtype"] != "fp32":  # --dtype int8,int4: one file holds both
             config += f" {c['dtype']}"
         for name, r in run["providers"].items():
             ok = r["status"] == "ok"
+            ratio = r.get("vs_1proc", r.get("speedup_vs_loop"))
             rows.append((os.path.basename(path)[:-5], config, name, r["status"],
                          f"{r['median_ms']:.3f}" if ok else "-", f"{r['gbps']:.1f}" if ok else "-",
-                         f"{r['speedup_vs_loop']:.2f}x" if ok else "-"))
+                         f"{ratio:.2f}x" if ok and ratio is not None else "-"))
 widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
 for row in rows:
     print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))

@@ -50,16 +50,11 @@ class TorchRecEBC(Provider):
         return _import_error(_import_torchrec)
 
     def build(self, tables, w):
-        from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
         from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
         self.mode, self.keys, self.w = w.mode, w.keys, w
-        data_type = {"fp32": DataType.FP32, "fp16": DataType.FP16, "bf16": DataType.BF16}[w.dtype]
-        configs = [EmbeddingBagConfig(name=f"t{t}", embedding_dim=d, num_embeddings=w.num_embeddings,
-                                      feature_names=[f"f{t}"], data_type=data_type)
-                   for t, d in enumerate(w.table_dims)]
         # built on meta, then given storage: every weight is overwritten by load_state_dict
-        ebc = EmbeddingBagCollection(configs, is_weighted=w.weighted, device=torch.device("meta"))
+        ebc = EmbeddingBagCollection(torchrec_configs(w), is_weighted=w.weighted, device=torch.device("meta"))
         ebc = ebc.to_empty(device=w.device)
         ebc.load_state_dict({f"embedding_bags.t{t}.weight": table for t, table in enumerate(tables)})
         self.module = ebc
@@ -68,14 +63,27 @@ class TorchRecEBC(Provider):
             self.optimizer = torch.optim.SGD(ebc.parameters(), lr=LEARNING_RATE)
 
     def forward(self, batch):
-        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+        return self.module(torchrec_kjt(self.keys, batch, self.w.batch_size)).values()
 
-        # a fresh KJT per step (TorchRec caches its to_dict() split on the KJT object);
-        # length_per_key comes from the host, as the loop's feature boundaries do
-        kjt = KeyedJaggedTensor(keys=self.keys, values=batch.values, weights=batch.weights,
-                                lengths=batch.lengths, offsets=batch.offsets, stride=self.w.batch_size,
-                                length_per_key=batch.ids_per_feature)
-        return self.module(kjt).values()
+
+def torchrec_configs(w: Workload) -> list:
+    """The workload's tables as TorchRec's ``EmbeddingBagConfig``: table ``t{t}`` serves ``f{t}``."""
+    from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+
+    data_type = {"fp32": DataType.FP32, "fp16": DataType.FP16, "bf16": DataType.BF16}[w.dtype]
+    return [EmbeddingBagConfig(name=f"t{t}", embedding_dim=d, num_embeddings=w.num_embeddings,
+                               feature_names=[f"f{t}"], data_type=data_type)
+            for t, d in enumerate(w.table_dims)]
+
+
+def torchrec_kjt(keys, batch, batch_size: int):
+    """A fresh TorchRec KJT over ``batch`` (``batch_size`` bags per key): TorchRec caches its
+    to_dict() split on the KJT object, so every step gets a new one. length_per_key comes from
+    the host, as the loop's feature boundaries do."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    return KeyedJaggedTensor(keys=keys, values=batch.values, weights=batch.weights, lengths=batch.lengths,
+                             offsets=batch.offsets, stride=batch_size, length_per_key=batch.ids_per_feature)
 
 
 class FbgemmTBE(Provider):
