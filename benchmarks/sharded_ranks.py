@@ -139,7 +139,7 @@ def _verify(active, feeds, results, tol: float, env: RankEnv, progress) -> List[
             try:
                 for batch, ref in zip(*feeds[p.name]):
                     with torch.no_grad():
-                        err = _max_abs_err(p.forward(batch), ref, tol)
+                        err = _max_abs_err(p.forward(batch), ref, tol, tol)
                     if err is not None:
                         worst = max(worst or 0.0, err)
             except Exception as e:
