@@ -130,19 +130,21 @@ class OutputDist(torch.autograd.Function):
         rank = dist.get_rank(group)
         x_shape, r_shape, p_shape = ctx.shapes
         scale = 1.0 / world
-        grad_x = torch.zeros(x_shape, dtype=grad_received.dtype if grad_received is not None else torch.float32)
+        # the collectives write every element of their outputs: no zero fills
+        grad_x = (torch.empty if any(widths) else torch.zeros)(
+            x_shape, dtype=grad_received.dtype if grad_received is not None else torch.float32)
         grad_x = _on(grad_x, grad_received, grad_reduced, grad_own)
         if any(widths):
             g = grad_received if grad_received is not None else grad_x.new_zeros(b * sum(widths))
             dist.all_to_all_single(grad_x.view(-1), g.contiguous(), [b * widths[rank]] * world,
                                    [b * w for w in widths], group=group)
             grad_x.mul_(scale)
-        grad_r = grad_x.new_zeros(r_shape)
+        grad_r = grad_x.new_empty(r_shape) if r_shape[1] else grad_x.new_zeros(r_shape)
         if r_shape[1]:
             g = grad_reduced if grad_reduced is not None else grad_x.new_zeros(b, r_shape[1])
             all_gather(grad_r, g.contiguous(), group, async_op=False)
             grad_r.mul_(scale)
-        grad_p = grad_x.new_zeros(p_shape)
+        grad_p = grad_x.new_empty(p_shape) if p_shape[1] else grad_x.new_zeros(p_shape)
         if p_shape[1]:
             g = grad_own if grad_own is not None else grad_x.new_zeros(b, p_shape[1])
             all_gather(grad_p, g.contiguous(), group, async_op=False)

@@ -9,6 +9,9 @@ module's column order.
 
 from __future__ import annotations
 
+import functools
+import math
+
 from typing import Dict, Optional
 
 import torch
@@ -111,11 +114,12 @@ class ShardedEmbeddingBagCollection(ShardedCollection):
         blocks = [c.view(b, w) for c, w in zip(torch.split(received, [b * w for w in widths]), widths)]
         side_by_side = torch.cat(blocks + [reduced, own], 1)
         columns, placed, mean_features = self._column_plan
-        columns = columns.to(side_by_side.device)
-        if placed is not None:  # each output column has one source: a permutation
-            out = _PlaceColumns.apply(side_by_side, placed.to(side_by_side.device), columns)
+        if placed is not None:  # each output column has one source: a permutation of blocks
+            order, inverse, g = placed
+            out = _PlaceColumns.apply(side_by_side, order.to(side_by_side.device), inverse.to(side_by_side.device), g)
         else:  # TABLE_ROW_WISE partial sums land on the same columns and add up
-            out = side_by_side.new_zeros(b, self._layout.output_width).index_add(1, columns, side_by_side)
+            out = side_by_side.new_zeros(b, self._layout.output_width).index_add(
+                1, columns.to(side_by_side.device), side_by_side)
         if mean_features:
             scale = out.new_ones(b, self._layout.output_width)
             for key, start, width in mean_features:
@@ -165,16 +169,21 @@ def _local_columns(layout: ShardLayout, rank: int):
 
 
 def _column_plan(layout: ShardLayout):
-    """``(output column of each received column [C], for each output column the received
-    column that lands there [C] when each has one source (else None), [(key, first column,
-    width)] of the MEAN row-split features)``."""
+    """``(output column of each received column [C], when each output column has one source
+    the permutation of blocks of ``g`` columns that places them (``(order, inverse, g)``, else
+    None), [(key, first column, width)] of the MEAN row-split features)``."""
     targets = []
     for block in layout.received_columns():
         targets.extend(range(block.target, block.target + block.width))
     columns = torch.tensor(targets, dtype=torch.int64)
     placed = None
     if len(set(targets)) == len(targets) == layout.output_width:
-        placed = torch.argsort(columns)
+        # runs of received columns that land side by side; blocks of g columns tile them all
+        edges = [0, len(targets)] + [i for i in range(1, len(targets)) if targets[i] != targets[i - 1] + 1]
+        edges += [targets[i] for i in edges if i < len(targets)]
+        g = functools.reduce(math.gcd, edges)
+        blocks = columns[::g] // g
+        placed = (torch.argsort(blocks), blocks, g)
     mean_features = []
     starts, at = {}, 0
     for t, f in layout.output_features:
@@ -187,15 +196,18 @@ def _column_plan(layout: ShardLayout):
 
 
 class _PlaceColumns(torch.autograd.Function):
-    """``[B, C]`` received columns -> ``[B, C]`` in output order: ``index_select`` by ``placed``,
-    whose backward is the inverse permutation's ``index_select`` (``columns``): a gather, where
-    autograd's would scatter-add into a zero-filled gradient, three times slower here."""
+    """``[B, C]`` received columns -> ``[B, C]`` in output order, moved in blocks of ``g``
+    columns (the widest that tiles every run; a table's dim, often): ``placed[j]`` is the
+    received block of output block ``j`` and ``columns`` the inverse. The backward is the
+    inverse gather, where autograd's would scatter-add into a zero-filled gradient."""
 
     @staticmethod
-    def forward(ctx, side_by_side: torch.Tensor, placed: torch.Tensor, columns: torch.Tensor):
-        ctx.columns = columns
-        return side_by_side.index_select(1, placed)
+    def forward(ctx, side_by_side: torch.Tensor, placed: torch.Tensor, columns: torch.Tensor, g: int):
+        ctx.columns, ctx.g = columns, g
+        b, c = side_by_side.shape
+        return side_by_side.reshape(b, c // g, g).index_select(1, placed).view(b, c)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.index_select(1, ctx.columns), None, None
+        b, c = grad.shape
+        return grad.reshape(b, c // ctx.g, ctx.g).index_select(1, ctx.columns).view(b, c), None, None, None
