@@ -25,6 +25,7 @@ import socket
 import time
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import jaggedrec
@@ -169,7 +170,6 @@ def train(args: argparse.Namespace, rank: int = 0, world: int = 1) -> dict:
         dense_opt.step()
         value = loss.detach()
         if world > 1:  # the global batch's loss: the mean of the ranks' (equal batch sizes)
-            import torch.distributed as dist
             dist.all_reduce(value)
             value = value / world
         losses.append(value.item())
@@ -195,7 +195,6 @@ def train(args: argparse.Namespace, rank: int = 0, world: int = 1) -> dict:
 
 
 def _rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
-    import torch.distributed as dist
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world_size))
     backend = "nccl" if args.device == "cuda" else "gloo"
     if backend == "nccl":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-
 from typing import Dict, Optional
 
 import torch
@@ -26,6 +25,7 @@ from .input_dist import InputDist
 from .shard_layout import EXCHANGE, REDUCE, REPLICA, ShardLayout
 from .shards import CollectionSharder, ShardedCollection, build_local_collection, check_env
 from .types import EmbeddingModuleShardingPlan, LazyAwaitable, ShardingEnv
+
 
 class EmbeddingBagCollectionAwaitable(LazyAwaitable[KeyedTensor]):
     """The output of a sharded forward: ``wait()`` (or any use as a ``KeyedTensor``) completes
@@ -69,7 +69,7 @@ class ShardedEmbeddingBagCollection(ShardedCollection):
         self._embedding_names = list(module._embedding_names)
         self._length_per_embedding = list(module._length_per_embedding)
         self._exchange_widths = [layout.exchange_width(r) for r in range(env.world_size)]
-        self._column_plan = _column_plan(layout)
+        self._column_plan = _column_plan(layout, device)
         self._local_columns = _local_columns(layout, rank)
         self._device = device
         self._init_state_dict(layout, rank, self.local_collection(), fused, self._group, device)
@@ -115,11 +115,9 @@ class ShardedEmbeddingBagCollection(ShardedCollection):
         side_by_side = torch.cat(blocks + [reduced, own], 1)
         columns, placed, mean_features = self._column_plan
         if placed is not None:  # each output column has one source: a permutation of blocks
-            order, inverse, g = placed
-            out = _PlaceColumns.apply(side_by_side, order.to(side_by_side.device), inverse.to(side_by_side.device), g)
+            out = _PlaceColumns.apply(side_by_side, *placed)
         else:  # TABLE_ROW_WISE partial sums land on the same columns and add up
-            out = side_by_side.new_zeros(b, self._layout.output_width).index_add(
-                1, columns.to(side_by_side.device), side_by_side)
+            out = side_by_side.new_zeros(b, self._layout.output_width).index_add(1, columns, side_by_side)
         if mean_features:
             scale = out.new_ones(b, self._layout.output_width)
             for key, start, width in mean_features:
@@ -168,10 +166,11 @@ def _local_columns(layout: ShardLayout, rank: int):
     return exchange, reduce_parts, replica
 
 
-def _column_plan(layout: ShardLayout):
+def _column_plan(layout: ShardLayout, device: torch.device):
     """``(output column of each received column [C], when each output column has one source
     the permutation of blocks of ``g`` columns that places them (``(order, inverse, g)``, else
-    None), [(key, first column, width)] of the MEAN row-split features)``."""
+    None), [(key, first column, width)] of the MEAN row-split features)``; the index tensors
+    on ``device``, made once rather than copied there every step."""
     targets = []
     for block in layout.received_columns():
         targets.extend(range(block.target, block.target + block.width))
@@ -183,7 +182,7 @@ def _column_plan(layout: ShardLayout):
         edges += [targets[i] for i in edges if i < len(targets)]
         g = functools.reduce(math.gcd, edges)
         blocks = columns[::g] // g
-        placed = (torch.argsort(blocks), blocks, g)
+        placed = (torch.argsort(blocks).to(device), blocks.to(device), g)
     mean_features = []
     starts, at = {}, 0
     for t, f in layout.output_features:
@@ -192,7 +191,7 @@ def _column_plan(layout: ShardLayout):
     for i in layout.mean_row_split:
         t, f = layout.output_features[i]
         mean_features.append((f, starts[(t, f)], layout.configs[t].embedding_dim))
-    return columns, placed, mean_features
+    return columns.to(device), placed, mean_features
 
 
 class _PlaceColumns(torch.autograd.Function):

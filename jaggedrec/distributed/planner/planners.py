@@ -6,15 +6,17 @@ Tables go largest first, by the larger of their shares of the total estimated co
 A table with weights under ``dp_bytes`` goes DATA_PARALLEL when that is allowed, W > 1 and
 the copies fit. Any other table weighs every allowed layout that fits the memory caps:
 
-* TABLE_WISE on the least loaded rank with room;
-* COLUMN_WISE over the n least loaded ranks, for n = 2, 4, 8, ... (blocks of 4 columns or more);
+* TABLE_WISE on the least pressed rank with room;
+* COLUMN_WISE over the n least pressed ranks, for n = 2, 4, 8, ... (blocks of 4 columns or more);
 * ROW_WISE over every rank; TABLE_ROW_WISE over the least loaded host;
 * DATA_PARALLEL;
 
-and takes the one that leaves the smallest maximum estimated cost over the ranks, the smallest
-total cost among equals. So a table goes whole to one rank while that fits under the current
-maximum, and is split only when it would stand out; a table that fits on no rank whole is split
-too, or the planner raises ``PlannerError`` naming it.
+where a rank's pressure is the larger of its estimated cost and memory, each over the even
+split of all tables' table-wise figures. It takes the layout with the smallest projected
+pressure (the most pressed rank after it, or the mean cost once every table is placed), the
+smallest total cost among equals. So a table goes whole to one rank while that fits under the
+current maximum, and is split only when it would stand out; a table that fits on no rank whole
+is split too, or the planner raises ``PlannerError`` naming it.
 """
 
 from __future__ import annotations
@@ -207,15 +209,15 @@ class EmbeddingShardingPlanner:
         if ShardingType.COLUMN_WISE.value in allowed:
             n = 2
             while n <= min(w, dim // 4):
-                ranks = by_load[:n]
-                yield ShardingType.COLUMN_WISE.value, hand.column_wise(ranks), ranks, [rows] * n, block_sizes(dim, n)
+                on = by_load[:n]
+                yield ShardingType.COLUMN_WISE.value, hand.column_wise(on), on, [rows] * n, block_sizes(dim, n)
                 n *= 2
         if w > 1 and ShardingType.ROW_WISE.value in allowed:
             yield ShardingType.ROW_WISE.value, hand.row_wise(), everyone, block_sizes(rows, w), [dim] * w
         if local > 1 and ShardingType.TABLE_ROW_WISE.value in allowed:
             host = min(range(topo.hosts), key=lambda h: sum(load[h * local:(h + 1) * local]))
-            ranks = list(range(host * local, (host + 1) * local))
-            yield (ShardingType.TABLE_ROW_WISE.value, hand.table_row_wise(host), ranks, block_sizes(rows, local),
+            on = list(range(host * local, (host + 1) * local))
+            yield (ShardingType.TABLE_ROW_WISE.value, hand.table_row_wise(host), on, block_sizes(rows, local),
                    [dim] * local)
         if w > 1 and dp in allowed:
             yield replica
@@ -233,7 +235,7 @@ class _Ranks:
         self.remaining = cost_total  # table-wise cost of the tables not placed yet
         self._cost_unit, self._memory_unit = self.cost_total / world, self.memory_total / world
         self.pressures = [0.0] * world
-        self.max_memory, self.max_load, self.total_load = 0, 0.0, 0.0
+        self.max_memory, self.total_load = 0, 0.0
 
     def pressure(self, rank: int, memory: int = 0, cost: float = 0.0) -> float:
         return max((self.load[rank] + cost) / self._cost_unit, (self.memory[rank] + memory) / self._memory_unit)
@@ -260,7 +262,6 @@ class _Ranks:
             self.load[rank] += cost
             self.pressures[rank] = self.pressure(rank)
             self.max_memory = max(self.max_memory, self.memory[rank])
-            self.max_load = max(self.max_load, self.load[rank])
             self.total_load += cost
 
 
