@@ -102,18 +102,24 @@ def _row(name: str, r: ProviderResult) -> List[str]:
             _fmt(r.speedup_vs_loop, ".2f", "x"), _fmt(table_mb, ".1f"), _fmt(r.peak_mem_mb, ".0f")]
 
 
-def format_table(run: WorkloadResult, title: str = "", ratio: str = "vs loop") -> str:
-    """An aligned table for one configuration, then one line per provider not timed and per note;
-    ``ratio`` heads the column of the baseline's median over each provider's."""
-    header = [ratio if c == "vs loop" else c for c in _COLUMNS]
-    rows = [header] + [_row(n, r) for n, r in run.providers.items()]
-    widths = [max(len(row[c]) for row in rows) for c in range(len(_COLUMNS))]
-    lines = [title or run.workload.describe()]
+def aligned_rows(rows: Sequence[Sequence[str]]) -> List[str]:
+    """A header row and its body as aligned lines: the first two columns (provider, status)
+    left-aligned, numbers right-aligned, a rule of dashes under the header."""
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines = []
     for i, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(widths[c]) if c < 2 else cell.rjust(widths[c])
                                for c, cell in enumerate(row)).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
+def format_table(run: WorkloadResult, title: str = "", ratio: str = "vs loop") -> str:
+    """An aligned table for one configuration, then one line per provider not timed and per note;
+    ``ratio`` heads the column of the baseline's median over each provider's."""
+    header = [ratio if c == "vs loop" else c for c in _COLUMNS]
+    lines = [title or run.workload.describe()] + aligned_rows([header] + [_row(n, r) for n, r in run.providers.items()])
     for name, r in run.providers.items():
         if r.status == "wrong":
             lines.append(f"  WRONG {name}: {r.reason} (not timed)")

@@ -28,7 +28,7 @@ import torch
 
 from .cli import build_parser, build_workloads, select_providers
 from .presets import DEFAULT_PRESET
-from .report import _fmt, machine_info, to_json, write_json
+from .report import _fmt, aligned_rows, machine_info, to_json, write_json
 from .runner import Options, WorkloadResult
 from .sharded_providers import BASELINE, SHARDINGS, RankEnv, providers
 
@@ -149,14 +149,8 @@ def format_table(run: WorkloadResult, world: int, sharding: str, backend: str) -
         share = None if r.wait_share is None else 100 * r.wait_share
         rows.append([name, "ok", _fmt(r.median_ms, ".3f"), f"{r.p20_ms:.3f}-{r.p80_ms:.3f}",
                      _fmt(r.vs_1proc, ".2f", "x"), _fmt(mb, ".4g"), _fmt(share, ".0f", "%")])
-    widths = [max(len(row[c]) for row in rows) for c in range(len(head))]
     lines = [f"{world} ranks ({backend}), --sharding {sharding}, global batch {world} x {w.batch_size}: "
-             f"{w.describe()}"]
-    for i, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(widths[c]) if c < 2 else cell.rjust(widths[c])
-                               for c, cell in enumerate(row)).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * n for n in widths))
+             f"{w.describe()}"] + aligned_rows(rows)
     for name, r in run.providers.items():
         if r.status != "ok":
             lines.append(f"  {'WRONG' if r.status == 'wrong' else 'skipped'} {name}: {r.reason}")
