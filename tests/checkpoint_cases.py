@@ -109,6 +109,13 @@ def save_and_load_cases(rank: int, world: int, directory: str, targets: Dict[str
     return save_cases(rank, world, directory), load_cases(rank, world, directory, targets)
 
 
+def _row_base(layout, table: int) -> int:
+    """Where table ``table``'s rows start in its group's row-wise state: the group's tables
+    numbered row after row in storage order."""
+    slot = layout.tables[table]
+    return sum(t.rows for t in layout.tables if t.group == slot.group and t.offset < slot.offset)
+
+
 def _expected_state(reference, mode: str) -> Dict[str, torch.Tensor]:
     """Per table, the unsharded module's optimizer state as ``[rows]`` or ``[rows, dim]``."""
     state = reference.fused_optimizer_state
@@ -119,7 +126,7 @@ def _expected_state(reference, mode: str) -> Dict[str, torch.Tensor]:
         for name, per in MODES[mode]().state:
             flat = getattr(state, f"{group}_{name}")
             if per == "row":
-                base = sum(s.rows for s in layout.tables if s.group == slot.group and s.offset < slot.offset)
+                base = _row_base(layout, t)
                 out[f"{slot.name}.{name}"] = flat[base:base + slot.rows]
             else:
                 out[f"{slot.name}.{name}"] = flat[slot.offset:slot.offset + slot.rows * slot.dim].view(slot.rows,
@@ -145,7 +152,7 @@ def _check_shards(module, reference, mode: str, rank: int, what: str) -> None:
             flat = getattr(local.fused_optimizer_state, f"{group}_{state_name}")
             expected = expected_state[f"{name}.{state_name}"]
             if per == "row":
-                base = sum(t.rows for t in layout.tables if t.group == slot.group and t.offset < slot.offset)
+                base = _row_base(layout, i)
                 assert_close(flat[base:base + s.rows], expected[rows], torch.float32, f"{what}: {state_name} {s.local_name}")
             else:
                 got = flat[slot.offset:slot.offset + s.rows * s.cols].view(s.rows, s.cols)

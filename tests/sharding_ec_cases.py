@@ -13,6 +13,7 @@ import torch.distributed.checkpoint as dcp
 
 import jaggedrec as jr
 from jaggedrec import optim
+from jaggedrec.distributed.comm import BatchRejected
 from jaggedrec.distributed.embedding import EmbeddingCollectionSharder
 from jaggedrec.distributed.model_parallel import DistributedModelParallel
 from jaggedrec.distributed.sharding_plan import construct_module_sharding_plan, table_wise
@@ -79,7 +80,27 @@ def ec_forward_cases(rank: int, world: int) -> List[str]:
                     if ec.need_indices():
                         assert torch.equal(jt.weights().long(), mine[name].weights().long()), what
             checked.append(f"{plan_name}/{data_type.value}")
+    _bad_id_on_last_rank(module, rows, rank, world)
     return checked
+
+
+def _bad_id_on_last_rank(module, rows, rank: int, world: int) -> None:
+    """An id past its table on the last rank: a ValueError naming the feature there, the
+    other ranks a BatchRejected with that message, nobody waiting."""
+    batches = rank_batches(90, world, rows, BATCH, weighted=False)
+    kjt = batches[-1].kjt
+    values = kjt.values().clone()
+    values[-1] = 10_000
+    key = [k for k, n in zip(kjt.keys(), kjt.length_per_key()) if n][-1]
+    batches[-1].kjt = jr.KeyedJaggedTensor(kjt.keys(), values, lengths=kjt.lengths())
+    try:
+        module(batches[rank].kjt).wait()
+    except BatchRejected as e:
+        assert rank != world - 1 and f"rank {world - 1}" in str(e) and key in str(e), str(e)
+    except ValueError as e:
+        assert rank == world - 1 and "10000" in str(e) and key in str(e), str(e)
+    else:
+        raise AssertionError(f"rank {rank}: the bad batch was accepted")
 
 
 TRAIN_MODES = ("dense", "sgd", "rowwise_adagrad", "adam")
