@@ -101,6 +101,34 @@ class Pending:
         self.works = []
 
 
+def output_dist(exchange_rows: torch.Tensor, reduce_rows: torch.Tensor, replica_rows: torch.Tensor,
+                exchange_widths: List[int], batch_size: int, group, pending: Pending):
+    """``OutputDist`` on every rank, whatever it holds (see ``joins_backward``)."""
+    return OutputDist.apply(*joins_backward([exchange_rows, reduce_rows, replica_rows]), exchange_widths,
+                            batch_size, group, pending)
+
+
+def rows_output_dist(sent: torch.Tensor, replica: torch.Tensor, send_splits: List[int], recv_splits: List[int],
+                     replica_splits: List[int], kinds: Tuple[bool, bool], group, pending: Pending):
+    """``RowsOutputDist`` on every rank, whatever it holds (see ``joins_backward``)."""
+    return RowsOutputDist.apply(*joins_backward([sent, replica]), send_splits, recv_splits, replica_splits, kinds,
+                                group, pending)
+
+
+def joins_backward(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """``tensors``, the first made a leaf that requires grad when none does and grad is on.
+
+    An output dist's backward runs collectives that every rank must enter. A rank whose rows
+    need no gradient (it holds no shard, or its rows come from an empty block) would otherwise
+    get outputs that do not require grad, skip the backward, and leave the other ranks waiting
+    in it; with the stand-in its backward runs and sends its zero share like any other rank's.
+    """
+    tensors = list(tensors)
+    if torch.is_grad_enabled() and not any(t.requires_grad for t in tensors):
+        tensors[0] = tensors[0].detach().requires_grad_()
+    return tensors
+
+
 class OutputDist(torch.autograd.Function):
     """``(exchange [W*B, Dx], reduce [W*B, Dr], replica [W*B, Dp])`` pooled for the global batch
     -> ``(received [sum_r B*Dx_r], reduced [B, Dr], own replica rows [B, Dp])`` for this rank's

@@ -19,7 +19,7 @@ from ..embedding_modules import EmbeddingCollection
 from ..jagged_tensor import JaggedTensor
 from ..keyed_jagged_tensor import KeyedJaggedTensor
 from ..optim import FusedOptimizer
-from .comm import Pending, RowsOutputDist
+from .comm import Pending, rows_output_dist
 from .input_dist import InputDist, Routing
 from .shard_layout import REPLICA, ShardLayout
 from .shards import CollectionSharder, ShardedCollection, build_local_collection, check_env
@@ -93,8 +93,8 @@ class ShardedEmbeddingCollection(ShardedCollection):
         recv_splits = [sum(n * s.cols for n, (_, _, s) in zip(routing.id_counts[r], layout.local_features[r])
                            if s.kind != REPLICA) for r in range(world)]
         pending = Pending()
-        received, own = RowsOutputDist.apply(sent, replica, send_splits, recv_splits, replica_splits, self._kinds,
-                                             self._group, pending)
+        received, own = rows_output_dist(sent, replica, send_splits, recv_splits, replica_splits, self._kinds,
+                                         self._group, pending)
         ids = {}
         if self._need_indices:
             index, starts, counts = features.index_per_key(), features.offset_per_key(), features.length_per_key()

@@ -20,7 +20,7 @@ from ..embedding_modules import EmbeddingBagCollection
 from ..keyed_jagged_tensor import KeyedJaggedTensor
 from ..keyed_tensor import KeyedTensor
 from ..optim import FusedOptimizer
-from .comm import OutputDist, Pending
+from .comm import Pending, output_dist
 from .input_dist import InputDist
 from .shard_layout import EXCHANGE, REDUCE, REPLICA, ShardLayout
 from .shards import CollectionSharder, ShardedCollection, build_local_collection, check_env
@@ -84,8 +84,8 @@ class ShardedEmbeddingBagCollection(ShardedCollection):
             pooled = torch.zeros(world * b, 0, device=self._device)
         exchange_rows, reduce_rows, replica_rows = self._split_local(pooled, world * b)
         pending = Pending()
-        received, reduced, own = OutputDist.apply(exchange_rows, reduce_rows, replica_rows, self._exchange_widths,
-                                                  b, self._group, pending)
+        received, reduced, own = output_dist(exchange_rows, reduce_rows, replica_rows, self._exchange_widths,
+                                                 b, self._group, pending)
         return EmbeddingBagCollectionAwaitable(self, pending, received, reduced, own, b, own_lengths)
 
     def _split_local(self, pooled: torch.Tensor, rows: int):
