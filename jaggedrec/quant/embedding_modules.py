@@ -4,6 +4,7 @@ quantized tables (INT8, INT4, FP16), for inference."""
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -19,7 +20,7 @@ from ..ops import quantized as quantized_ops
 from ..bad_ids import BOUNDS_CHECKS, BadIdReport
 from ..ops import vbe
 from ..ops.backends import BACKENDS, use_kernels
-from .rowwise import QUANT_TYPES, quantize_rows
+from .rowwise import CLAMP_LIMIT, ON_OVERFLOW, QUANT_TYPES, fit_rows, quantize_rows
 from .storage import STORAGE_CODES, QuantGroup, QuantLayout
 
 _BUFFER_NAMES = {DataType.INT8: "int8", DataType.INT4: "int4", DataType.FP16: "fp16"}
@@ -38,7 +39,8 @@ class EmbeddingBagCollection(nn.Module):
         tables: ``EmbeddingBagConfig`` per table, ``data_type`` INT8, INT4 or FP16.
         is_weighted, device, validate, backend, bounds_check: as in ``jaggedrec.EmbeddingBagCollection``.
         row_align: each row's stride is rounded up to this many bytes; default 16 on CUDA
-            (vector loads), 1 elsewhere (torch's CPU quantized ops need the exact layout).
+            (vector loads), 1 elsewhere (torch's CPU quantized ops need the exact layout). FP16
+            rows need an even stride (an odd one is refused here, naming the table).
 
     Storage: ``qweights_int8``, ``qweights_int4``, ``qweights_fp16``, one flat uint8 buffer per
     storage type present (layouts in ``quant/rowwise.py``); ``embedding_bags[name].weight``
@@ -94,10 +96,21 @@ class EmbeddingBagCollection(nn.Module):
     @classmethod
     def from_float(cls, ebc: FloatEmbeddingBagCollection, data_type: DataType = DataType.INT8,
                    per_table_data_type: Optional[Dict[str, DataType]] = None, validate: Optional[bool] = None,
-                   row_align: Optional[int] = None, backend: Optional[str] = None) -> "EmbeddingBagCollection":
+                   row_align: Optional[int] = None, backend: Optional[str] = None,
+                   on_overflow: str = "raise") -> "EmbeddingBagCollection":
         """Quantize a float collection's tables row by row: every table to ``data_type``, or
         to its entry in ``per_table_data_type`` (by table name), e.g. big tables INT4 and small
-        ones FP16."""
+        ones FP16.
+
+        Args:
+            on_overflow: what to do with a row whose quantized form would be inf or NaN (FP16
+                values, or INT4's fp16 scale and bias, past +-65504; an INT8 row spanning more
+                than fp32 holds): "raise" (default) a ValueError naming the table and its first
+                such row; "clamp" such rows into ``rowwise.CLAMP_LIMIT`` and warn once, naming
+                the tables and how many rows each had clamped. A row holding NaN always raises.
+        """
+        if on_overflow not in ON_OVERFLOW:
+            raise ValueError(f"on_overflow must be one of {ON_OVERFLOW}, got {on_overflow!r}")
         per_table = dict(per_table_data_type or {})
         unknown = sorted(set(per_table) - {c.name for c in ebc.embedding_bag_configs()})
         if unknown:
@@ -111,11 +124,18 @@ class EmbeddingBagCollection(nn.Module):
         module = cls(configs, is_weighted=ebc.is_weighted(), device=device,
                      validate=ebc.validate if validate is None else validate, row_align=row_align,
                      backend=ebc._backend if backend is None else backend, bounds_check=ebc._bounds_check)
+        clamped: Dict[str, int] = {}
         with torch.no_grad():
             for t, c in enumerate(configs):
                 # on the CPU: a one-off, with the same rounding (nextafter on fp16) on every device
                 weight = ebc.embedding_bags[c.name].weight.detach().cpu()
-                module.table_rows(t).copy_(quantize_rows(weight, c.data_type, module._layout.row_align))
+                weight, clamped[c.name] = fit_rows(weight, c.data_type, on_overflow, c.name)
+                module.table_rows(t).copy_(quantize_rows(weight, c.data_type, module._layout.row_align, c.name))
+        counts = [f"{n} of {c.num_embeddings} rows of table '{c.name}' ({c.data_type.value}, into "
+                  f"+-{CLAMP_LIMIT[c.data_type]:.6g})" for c in configs if (n := clamped[c.name])]
+        if counts:
+            warnings.warn(f"on_overflow='clamp': clamped the rows whose quantized values would have been inf or "
+                          f"NaN: {', '.join(counts)}", stacklevel=2)
         return module
 
     def table_rows(self, table: int) -> torch.Tensor:
@@ -211,7 +231,8 @@ def _absorb_tables(module: EmbeddingBagCollection, state_dict, prefix: str, loca
 
 
 def quantize_embeddings(module: nn.Module, dtype: torch.dtype = torch.qint8, inplace: bool = True,
-                        per_table_weight_dtype: Optional[Dict[str, torch.dtype]] = None) -> nn.Module:
+                        per_table_weight_dtype: Optional[Dict[str, torch.dtype]] = None,
+                        on_overflow: str = "raise") -> nn.Module:
     """Swap every ``jaggedrec.EmbeddingBagCollection`` inside ``module`` (or ``module`` itself)
     for its quantized twin, as TorchRec's function of this name does.
 
@@ -220,16 +241,21 @@ def quantize_embeddings(module: nn.Module, dtype: torch.dtype = torch.qint8, inp
             for INT4, ``torch.half`` for FP16.
         inplace: change ``module`` (else a deep copy of it).
         per_table_weight_dtype: table name -> dtype, overriding ``dtype`` for those tables.
+        on_overflow: "raise" or "clamp", for rows whose quantized values would be inf or NaN
+            (see :meth:`EmbeddingBagCollection.from_float`).
     """
+    if on_overflow not in ON_OVERFLOW:
+        raise ValueError(f"on_overflow must be one of {ON_OVERFLOW}, got {on_overflow!r}")
     data_type = _data_type(dtype)
     per_table = {name: _data_type(d) for name, d in (per_table_weight_dtype or {}).items()}
     if not inplace:
         module = copy.deepcopy(module)
     if isinstance(module, FloatEmbeddingBagCollection):
-        return EmbeddingBagCollection.from_float(module, data_type, _for(module, per_table))
+        return EmbeddingBagCollection.from_float(module, data_type, _for(module, per_table), on_overflow=on_overflow)
     for name, child in list(module.named_children()):
         setattr(module, name, quantize_embeddings(child, dtype, inplace=True,
-                                                  per_table_weight_dtype=per_table_weight_dtype))
+                                                  per_table_weight_dtype=per_table_weight_dtype,
+                                                  on_overflow=on_overflow))
     return module
 
 

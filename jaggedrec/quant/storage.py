@@ -4,6 +4,7 @@ FP16), tables of one dim side by side in it, so that a block of same-dim rows is
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
@@ -42,6 +43,7 @@ class QuantLayout:
             if c.data_type not in QUANT_TYPES:
                 raise ValueError(f"table '{c.name}': a quantized collection stores INT8, INT4 or FP16 rows, "
                                  f"got {c.data_type}")
+        _check_row_align(configs, row_align)
         self.configs = list(configs)
         self.row_align = row_align
         slots: Dict[int, QuantTableSlot] = {}
@@ -70,6 +72,21 @@ class QuantLayout:
                 uses[f] = uses.get(f, 0) + 1
         return [(f, f"{f}@{c.name}" if uses[f] > 1 else f, t)
                 for t, c in enumerate(self.configs) for f in c.feature_names]
+
+
+def _check_row_align(configs: Sequence[EmbeddingBagConfig], row_align: int) -> None:
+    """FP16 rows are read in place as fp16 values, so their strides (and so every FP16 table's
+    offset, a sum of strides) must be even; INT8 and INT4 rows take any stride."""
+    if isinstance(row_align, bool) or not isinstance(row_align, numbers.Integral):
+        raise TypeError(f"row_align must be an int, got {type(row_align).__name__}")
+    if row_align < 1:
+        raise ValueError(f"row_align must be at least 1, got {row_align}")
+    for c in configs:
+        stride = row_bytes(c.data_type, c.embedding_dim, row_align)
+        if c.data_type == DataType.FP16 and stride % 2:
+            raise ValueError(f"table '{c.name}' (FP16, dim {c.embedding_dim}): row_align={row_align} gives rows of "
+                             f"{stride} bytes, but FP16 rows are read as 2-byte values and need an even stride: "
+                             f"use row_align 1 (no padding) or an even one (16 on CUDA)")
 
 
 @dataclass(frozen=True)
