@@ -7,7 +7,8 @@ the module's forward path needs it, so the GPU never waits on the host there.
 This file holds the dataclass: its fields, construction, the tensors and their per-key views.
 Beside it: ``kjt_metadata.py`` (the host metadata: batch sizes, VBE, ids per key, a mixin),
 ``kjt_ops.py`` (permute, split, concat and the other KJTs-from-KJTs builders the methods
-delegate to) and ``kjt_compile.py`` (dynamic sizes and the pytree registration).
+delegate to, and copy_), ``kjt_dist.py`` (the input all-to-all's dist_* methods) and
+``kjt_compile.py`` (dynamic sizes and the pytree registration).
 """
 
 from __future__ import annotations
@@ -267,8 +268,42 @@ class KeyedJaggedTensor(KJTMetadata, metaclass=SparseTypeMeta):
         return _ops.permute(self, indices)
 
     def split(self, segments: Sequence[int]) -> List["KeyedJaggedTensor"]:
-        """Split into KJTs of ``segments[i]`` consecutive keys each (inverse indices dropped)."""
+        """Split into KJTs of ``segments[i]`` consecutive keys each. A segment of every key is
+        this KJT itself, inverse indices and all; parts of fewer keys drop the inverse indices,
+        as TorchRec's do."""
         return _ops.split(self, segments)
+
+    def flatten_lengths(self) -> "KeyedJaggedTensor":
+        """The same tensors with ``[K*B]`` (VBE ``[sum(B_k)]``) 1-D lengths and no offsets nor
+        inverse indices (dropped, as TorchRec drops them). The batch size B is kept, as TorchRec
+        keeps it once its ``stride()`` has been read."""
+        return _ops.flatten_lengths(self)
+
+    # --- input all-to-all (bodies in kjt_dist.py) --------------------------------------------
+    def dist_labels(self) -> List[str]:
+        """The names of :meth:`dist_tensors`: lengths, values, then strides (VBE), weights."""
+        return _dist.dist_labels(self)
+
+    def dist_splits(self, key_splits: List[int]) -> List[List[int]]:
+        """For each tensor of :meth:`dist_tensors`, its sizes sent to each rank, when the first
+        ``key_splits[0]`` keys go to rank 0, the next ``key_splits[1]`` to rank 1, and so on."""
+        return _dist.dist_splits(self, key_splits)
+
+    def dist_tensors(self) -> List[torch.Tensor]:
+        """What the input all-to-all sends: ``[K*B]`` lengths, ``[N]`` values, for VBE ``[K]``
+        int64 bags per key (on this KJT's device), and ``[N]`` weights when present."""
+        return _dist.dist_tensors(self)
+
+    @staticmethod
+    def dist_init(keys: List[str], tensors: List[torch.Tensor], variable_stride_per_key: bool, num_workers: int,
+                  recat: Optional[torch.Tensor], stride_per_rank: Optional[List[int]],
+                  stagger: int = 1) -> "KeyedJaggedTensor":
+        """The KJT of ``keys`` over every rank's batch, from the :meth:`dist_tensors` received
+        from ``num_workers`` ranks (rank-major), reordered key-major by ``recat`` (None: already
+        in order). ``stride_per_rank`` gives each rank's B (not VBE; when they differ, ``recat``
+        orders single bags); VBE strides come with the tensors and ``stagger`` orders them as
+        ``recat`` ordered the ranks. Synced, as TorchRec's is."""
+        return _dist.dist_init(keys, tensors, variable_stride_per_key, num_workers, recat, stride_per_rank, stagger)
 
     # --- movement -------------------------------------------------------------------
     def _map(self, fn) -> "KeyedJaggedTensor":
@@ -294,6 +329,15 @@ class KeyedJaggedTensor(KJTMetadata, metaclass=SparseTypeMeta):
     def pin_memory(self) -> "KeyedJaggedTensor":
         return self._map(lambda t: t.pin_memory())
 
+    def copy_(self, kjt: "KeyedJaggedTensor", non_blocking: bool = False) -> "KeyedJaggedTensor":
+        """Copy ``kjt``'s tensors into this KJT's (same keys and shapes: a buffer from
+        :meth:`empty_like`) and take its host metadata; returns this KJT."""
+        return _ops.copy_(self, kjt, non_blocking)
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        """Mark every device tensor held as in use by ``stream`` (host tensors: nothing to do)."""
+        _ops.record_stream(self, stream)
+
     def clear_storage(self) -> int:
         """Free the tensors' memory now (their storage shrinks to 0 bytes) while this object lives
         on; returns the bytes freed. The KJT must not be read afterwards."""
@@ -318,4 +362,5 @@ class KeyedJaggedTensor(KJTMetadata, metaclass=SparseTypeMeta):
 # graph nodes while tracing), and what torch.compile is told of KJTs, whose pytree registration
 # is a side effect of the import.
 from . import kjt_compile as _compile  # noqa: E402
+from . import kjt_dist as _dist  # noqa: E402
 from . import kjt_ops as _ops  # noqa: E402

@@ -1,6 +1,7 @@
 """The bodies of the ``KeyedJaggedTensor`` methods that build new KJTs from existing ones:
-``permute`` and ``split`` (one KJT's keys), ``concat`` (several KJTs' keys into one),
-``from_jt_dict`` (JaggedTensors' features into one KJT) and ``empty_like``. Each function
+``permute``, ``split`` and ``flatten_lengths`` (one KJT's keys), ``concat`` (several KJTs' keys
+into one), ``from_jt_dict`` (JaggedTensors' features into one KJT) and ``empty_like``; and of
+those that fill or keep a buffer: ``copy_`` and ``record_stream``. Each function
 here is the method of the same name, whose docstring says what it returns; the methods
 delegate, so the class file stays about what a KJT holds.
 """
@@ -54,8 +55,11 @@ def permute(kjt: KeyedJaggedTensor, indices: List[int]) -> KeyedJaggedTensor:
 
 
 def split(kjt: KeyedJaggedTensor, segments: Sequence[int]) -> List[KeyedJaggedTensor]:
-    if sum(segments) != len(kjt._keys):
+    if any(size < 0 for size in segments) or sum(segments) != len(kjt._keys):
         raise ValueError(f"split: segments {list(segments)} do not add up to {len(kjt._keys)} keys")
+    if any(size == len(kjt._keys) for size in segments):
+        # one part holds every key: it is the KJT itself (VBE inverse indices kept), the others empty
+        return [kjt if size == len(kjt._keys) else _no_keys(kjt) for size in segments]
     out, first = [], 0
     starts, bag_starts = kjt.offset_per_key(), kjt.lengths_offset_per_key()
     lengths, stride = kjt.lengths().reshape(-1), kjt.stride()
@@ -73,8 +77,69 @@ def split(kjt: KeyedJaggedTensor, segments: Sequence[int]) -> List[KeyedJaggedTe
     return out
 
 
+def _no_keys(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """A part of no keys of ``kjt``'s batch (and VBE ranks), with no ids nor bags."""
+    spkpr = kjt._stride_per_key_per_rank
+    return KeyedJaggedTensor([], kjt._values[:0], None if kjt._weights is None else kjt._weights[:0],
+                             lengths=kjt.lengths().reshape(-1)[:0], stride=kjt.stride(),
+                             stride_per_key_per_rank=None if spkpr is None else spkpr[:0],
+                             stride_per_key=[], length_per_key=[])
+
+
 def _cat_or_empty(pieces: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return torch.cat(pieces) if pieces else like[:0]
+
+
+def flatten_lengths(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    return KeyedJaggedTensor(kjt._keys, kjt._values, kjt._weights, lengths=kjt.lengths().reshape(-1),
+                             stride=kjt.stride(), stride_per_key_per_rank=kjt._stride_per_key_per_rank,
+                             length_per_key=kjt.length_per_key())
+
+
+def _check_copy(name: str, keys: List[str], mine: Optional[torch.Tensor], theirs: Optional[torch.Tensor]) -> None:
+    if (mine is None) != (theirs is None):
+        have, lack = ("this KJT", "the source") if theirs is None else ("the source", "this KJT")
+        raise ValueError(f"copy_ (keys {keys}): {have} has {name} and {lack} has none")
+    if mine is not None and mine.shape != theirs.shape:
+        raise ValueError(f"copy_ (keys {keys}): {name} of shape {tuple(theirs.shape)} cannot be copied into "
+                         f"{name} of shape {tuple(mine.shape)}")
+
+
+def copy_(kjt: KeyedJaggedTensor, other: KeyedJaggedTensor, non_blocking: bool) -> KeyedJaggedTensor:
+    if other.keys() != kjt._keys:
+        raise ValueError(f"copy_: the source's keys {other.keys()} are not this KJT's {kjt._keys}")
+    # what this KJT holds is filled, from the source's own tensor or one derived from it: a
+    # buffer of lengths and offsets would otherwise keep stale offsets behind fresh lengths
+    pairs = [("values", kjt._values, other.values()), ("weights", kjt._weights, other.weights_or_none())]
+    if kjt._lengths is not None:
+        pairs.append(("lengths", kjt._lengths, other.lengths()))
+    if kjt._offsets is not None:
+        pairs.append(("offsets", kjt._offsets, other.offsets()))
+    mine_inv, their_inv = kjt._inverse_indices, other.inverse_indices_or_none()
+    pairs.append(("inverse_indices", None if mine_inv is None else mine_inv[1],
+                  None if their_inv is None else their_inv[1]))
+    for name, mine, theirs in pairs:  # every check before any copy: a refused copy leaves this KJT whole
+        _check_copy(name, kjt._keys, mine, theirs)
+    for _, mine, theirs in pairs:
+        if mine is not None:
+            mine.copy_(theirs, non_blocking=non_blocking)
+    if mine_inv is not None:
+        kjt._inverse_indices = (list(their_inv[0]), mine_inv[1])
+    kjt._offsets_agree = other._offsets_agree or kjt._lengths is None or kjt._offsets is None
+    # the host metadata is the source's, as TorchRec's copy_ takes it
+    kjt._stride, kjt._stride_per_key_per_rank = other._stride, other._stride_per_key_per_rank
+    kjt._stride_per_key, kjt._lengths_offset_per_key = other._stride_per_key, other._lengths_offset_per_key
+    kjt._length_per_key, kjt._offset_per_key = other._length_per_key, other._offset_per_key
+    kjt._index_per_key = other._index_per_key
+    return kjt
+
+
+def record_stream(kjt: KeyedJaggedTensor, stream) -> None:
+    inverse = kjt._inverse_indices
+    for t in (kjt._values, kjt._weights, kjt._lengths, kjt._offsets, None if inverse is None else inverse[1]):
+        # host memory is not the caching allocator's: nothing to keep alive for a stream
+        if t is not None and t.device.type != "cpu":
+            t.record_stream(stream)
 
 
 # --- builders that torch.fx records as one node each (``torch.fx.wrap``): they iterate and branch
