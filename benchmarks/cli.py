@@ -39,8 +39,9 @@ examples:
   jaggedrec-bench --tables 8 --num-embeddings 1M --dim 128 --batch-size 2048 --pooling-factor 20,50
   jaggedrec-bench --preset dlrm --mode train --providers eb_loop,jaggedrec[torch],fbgemm_tbe
   jaggedrec-bench --preset pooling --dtype int8,int4 # quantized tables against the fp32 module
+  jaggedrec-bench --mode train --pooling-factor 20 --busy 0,1  # quiet, then beside a busy process
 
-A comma list in --tables, --num-embeddings, --batch-size, --pooling-factor or --dtype sweeps over it.
+A comma list in --tables, --num-embeddings, --batch-size, --pooling-factor, --dtype or --busy sweeps over it.
 """
 
 _EC_EXAMPLES = """\
@@ -57,7 +58,7 @@ DEFAULT_EC_PRESET = "pooling"  # long id lists are what an unpooled lookup serve
 
 # CLI flag -> Workload field, for the flags that override preset fields
 _SWEEPABLE = {"tables": "tables", "num_embeddings": "num_embeddings", "batch_size": "batch_size",
-              "pooling_factor": "pooling_factor", "dtype": "dtype"}
+              "pooling_factor": "pooling_factor", "dtype": "dtype", "busy": "busy"}
 _SCALARS = ("bag_size", "distribution", "zipf_alpha", "weighted", "mode", "vbe_users")
 
 
@@ -124,6 +125,9 @@ def build_parser(module: str = "ebc") -> argparse.ArgumentParser:
     run.add_argument("--providers", help="comma list of names or prefixes, e.g. jaggedrec,fbgemm (default: all; "
                                          "those that can't run here say why)")
     run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
+    run.add_argument("--busy", type=_list_of(int),
+                     help="time each provider beside this many busy processes, each keeping a core busy "
+                          "(contention from other work on the machine); --busy 0,1 measures both")
     run.add_argument("--repeats", type=int, help="timed samples per provider (default 10 on CPU, 30 on CUDA)")
     run.add_argument("--batches", type=int, default=3, help="distinct input batches to rotate over (default 3)")
     run.add_argument("--seed", type=int, default=0)

@@ -28,6 +28,7 @@ import torch
 
 from .providers import Provider
 from .timing import Clock, MemoryProbe, plan_samples, quantiles, rounds_schedule
+from .contention import busy_processes
 from .workload import (Batch, Workload, bytes_per_step, ec_bytes_per_step, make_batches, make_ec_batches,
                        reference_tables)
 
@@ -182,7 +183,8 @@ def run_workload(w: Workload, providers: Sequence[Provider], options: Options, c
         del tables
         active = _verify(w, active, batches, tolerances, results, progress, baseline)
         del tolerances
-        _time_all(w, active, batches, options, results, progress, baseline)
+        with busy_processes(w.busy):
+            _time_all(w, active, batches, options, results, progress, baseline)
         for p in active:
             p.release()
         del active, batches

@@ -62,10 +62,13 @@ class Workload:
     mode: str = "forward"
     device: str = "cpu"
     vbe_users: int = 0
+    busy: int = 0  # busy processes running beside the timed steps (contention.py)
 
     def __post_init__(self) -> None:
         if not 0 <= self.vbe_users <= self.batch_size:
             raise ValueError(f"vbe_users must be in [0, batch_size={self.batch_size}], got {self.vbe_users}")
+        if self.busy < 0:
+            raise ValueError(f"busy must be >= 0 processes, got {self.busy}")
         if self.tables <= 0 or self.num_embeddings <= 0 or self.batch_size <= 0 or not self.dims:
             raise ValueError(f"tables, num_embeddings, batch_size and dims must be positive: {self}")
         if self.pooling_factor < 0:
@@ -116,9 +119,10 @@ class Workload:
         bags = f"{self.pooling_factor:g} ids/bag ({self.bag_size})"
         ids = "uniform ids" if self.distribution == "uniform" else f"zipf({self.zipf_alpha:g}) ids"
         vbe = f", f0 from {self.vbe_users} users (VBE)" if self.vbe_users else ""
+        busy = f", beside {self.busy} busy process{'es' if self.busy > 1 else ''}" if self.busy else ""
         return (f"{self.tables} tables x {self.num_embeddings:,} rows, dim {dims}, {self.dtype}, "
                 f"batch {self.batch_size}, {bags}, {ids}{', weighted' if self.weighted else ''}{vbe}, "
-                f"{MODE_LABELS[self.mode]}, {self.device}")
+                f"{MODE_LABELS[self.mode]}, {self.device}{busy}")
 
     def as_dict(self) -> Dict[str, object]:
         out = dataclasses.asdict(self)

@@ -363,3 +363,35 @@ def test_module_flag_errors(capsys):
     assert cli.main(["--module", "ec", "--list"]) == 0
     listing = capsys.readouterr().out
     assert "embedding_loop" in listing and "fbgemm_tbe_none" in listing and "eb_loop " not in listing
+
+
+def test_busy_processes_run_beside_the_block_and_end_with_it():
+    from jaggedrec.benchmarks.contention import busy_processes
+    import time
+    with busy_processes(2) as procs:
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+        pids = [p.pid for p in procs]
+        time.sleep(0.3)
+        for pid in pids:  # each is running, not sleeping: it keeps a core busy
+            with open(f"/proc/{pid}/stat") as f:
+                user_ticks = int(f.read().rsplit(")", 1)[1].split()[11])
+            assert user_ticks > 0, pid
+    assert all(p.poll() is not None for p in procs)
+    with pytest.raises(RuntimeError), busy_processes(1) as procs:
+        raise RuntimeError("the block failed")
+    assert procs[0].poll() is not None  # killed however the block ends
+    with busy_processes(0) as procs:
+        assert procs == []
+
+
+def test_busy_sweep_times_quiet_and_beside_a_busy_process(tmp_path, capsys):
+    out = tmp_path / "busy.json"
+    assert cli.main(TINY + ["--mode", "train", "--providers", "jaggedrec-torch", "--busy", "0,1",
+                            "--output", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["config"]["busy"] for r in runs] == [0, 1]
+    assert "busy" not in runs[0]["label"] and runs[1]["label"].endswith("beside 1 busy process")
+    assert all(r["providers"]["jaggedrec[torch]"]["status"] == "ok" for r in runs)
+    with pytest.raises(SystemExit):
+        cli.main(TINY + ["--busy", "x"])
+    assert "--busy" in capsys.readouterr().err

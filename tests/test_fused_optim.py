@@ -116,7 +116,7 @@ def _counted(fn, calls, name):
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("backend", ["torch", "torch-scattered", "torch-chunked", "torch-chunked-streamed",
-                                     "torch-static", TRITON])
+                                     "torch-pieces", "torch-static", TRITON])
 def test_fused_optimizer_matches_dense_reference(opt_name, weighted, backend, monkeypatch):
     calls = {"_step_row_range": 0, "_step_scattered_rows": 0}
     for name in calls:  # which eager update each chunk of rows took
@@ -128,10 +128,19 @@ def test_fused_optimizer_matches_dense_reference(opt_name, weighted, backend, mo
     # eager: touched rows only (as with few ids), or every row of the block streamed
     if backend in ("torch-scattered", "torch-chunked"):
         _stream_from(monkeypatch, math.inf)
-    if backend in ("torch", "torch-chunked-streamed"):
+    if backend in ("torch", "torch-chunked-streamed", "torch-pieces"):
         _stream_from(monkeypatch, 0.0)
-    ebc, ref = _train(opt_name, "triton" if backend == "triton" else "torch", weighted)
-    streamed = backend in ("torch", "torch-chunked-streamed")
+    if backend == "torch-pieces":  # each table, and each feature's bags, a piece of work on two workers
+        monkeypatch.setattr(fused_torch, "_GROUP_MIN_IDS", 1)
+        monkeypatch.setattr(pooled_torch, "_PER_FEATURE_MIN_IDS", 0)
+    threads = torch.get_num_threads()
+    if backend == "torch-pieces":
+        torch.set_num_threads(2)
+    try:
+        ebc, ref = _train(opt_name, "triton" if backend == "triton" else "torch", weighted)
+    finally:
+        torch.set_num_threads(threads)
+    streamed = backend in ("torch", "torch-chunked-streamed", "torch-pieces")
     expected = set() if backend in ("torch-static", "triton") else {
         "_step_row_range" if streamed else "_step_scattered_rows"}
     assert {name for name, n in calls.items() if n} == expected

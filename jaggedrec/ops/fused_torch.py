@@ -15,14 +15,16 @@ that torch.compile does not trace into (``ops/pooled.py``).
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import pooled_torch as pt
+from .host_tasks import run_pieces
 
 SGD, ROWWISE_ADAGRAD, ADAM = 1, 2, 3
 
@@ -50,13 +52,17 @@ def fused_update(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Te
     if statically_known_true(batch == 0) or statically_known_true(values.shape[0] == 0):
         return
     grad_out = grad_out.float()
-    key_counts = pt._key_counts(offsets, batch, num_keys)
-    bag_of_id = pt._bag_of_id(offsets, num_keys, batch, values.shape[0])
-    inv_lengths = pt._inverse_lengths(plan, offsets, num_keys, batch)
-    eager = pt._host_readable(values, offsets)
     passes_by_dim: Dict[int, list] = {}
     for p in plan.passes:
         passes_by_dim.setdefault(p.dim, []).append(p)
+    if pt._host_readable(values, offsets):
+        _update_by_table_group(grad_out, weights, values, offsets, per_sample_weights, plan, passes_by_dim,
+                               num_keys, batch, optimizer, hparams.tolist(), int(step), state1, state2, row_bases,
+                               id_read)
+        return
+    inv_lengths = pt._inverse_lengths(plan, offsets, num_keys, batch)
+    key_counts = pt._key_counts(offsets, batch, num_keys)
+    bag_of_id = pt._bag_of_id(offsets, num_keys, batch, values.shape[0])
     for passes in passes_by_dim.values():
         ids, bags, psw, grads, live = [], [], [], [], []
         for j, p in enumerate(passes):
@@ -64,11 +70,7 @@ def fused_update(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Te
             if id_read is not None:
                 in_pass = id_read if in_pass is None else in_pass & id_read
             pass_bags, pass_psw = bag_of_id + j * num_keys * batch, per_sample_weights
-            if in_pass is not None and eager:  # keep only the ids this pass reads
-                pass_ids, pass_bags = pass_ids[in_pass], pass_bags[in_pass]
-                pass_psw = None if pass_psw is None else pass_psw[in_pass]
-                in_pass = None
-            elif in_pass is not None:  # static shapes: masked ids weigh nothing and touch nothing
+            if in_pass is not None:  # static shapes: masked ids weigh nothing and touch nothing
                 pass_psw = in_pass.float() if pass_psw is None else pass_psw * in_pass
             ids.append(pass_ids)
             bags.append(pass_bags)
@@ -81,12 +83,96 @@ def fused_update(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Te
         p0 = passes[0]
         block = pt._block(weights, p0)
         states = _state_views(optimizer, state1, state2, p0, row_bases[p0.features[0]] - p0.key_row_base[p0.keys[0]])
-        if eager:
-            _update_touched_rows(block, states, all_ids, all_bags, all_grads, weights_of_ids, optimizer,
-                                 hparams.tolist(), int(step))
-        else:
-            _update_runs_static(block, states, all_ids, all_bags, all_grads, weights_of_ids, torch.cat(live),
-                                optimizer, hparams, step)
+        _update_runs_static(block, states, all_ids, all_bags, all_grads, weights_of_ids, torch.cat(live),
+                            optimizer, hparams, step)
+
+
+class _TableGroup(NamedTuple):
+    """Tables of one dim block, rows ``first_row:first_row + num_rows`` of the block, that one
+    piece of work steps; ``reads``: ``(key, feature, first row of the feature's table in the
+    block, MEAN pooling)`` for every feature that reads one of them."""
+
+    first_row: int
+    num_rows: int
+    reads: Tuple[Tuple[int, int, int, bool], ...]
+
+
+# Eager CPU: tables are stepped a group at a time, one group per piece of work (host_tasks);
+# small tables join their neighbours until a group holds this many ids, so that a model of
+# many small tables is not stepped in thousands of pieces.
+_GROUP_MIN_IDS = 1 << 15
+
+
+def _table_groups(passes, plan: "pt.PooledPlan", starts: List[int]) -> List[_TableGroup]:
+    """The dim block's tables, in row order, in groups of at least ``_GROUP_MIN_IDS`` ids (a
+    table read by several features goes whole into one group, with all of its reads)."""
+    tables: Dict[int, list] = {}  # first row in the block -> [rows, reads]
+    for p in passes:
+        for f, k, mean in zip(p.features, p.keys, p.mean):
+            entry = tables.setdefault(p.key_row_base[k], [plan.feature_rows[f], []])
+            entry[1].append((k, f, p.key_row_base[k], mean))
+    groups, current, ids = [], [], 0
+    for first in sorted(tables):
+        current.append(first)
+        ids += sum(starts[k + 1] - starts[k] for k, _, _, _ in tables[first][1])
+        if ids >= _GROUP_MIN_IDS:
+            groups.append(current)
+            current, ids = [], 0
+    if current:
+        groups.append(current)
+    return [_TableGroup(m[0], m[-1] + tables[m[-1]][0] - m[0], tuple(r for t in m for r in tables[t][1]))
+            for m in groups]
+
+
+def _update_by_table_group(grad_out, weights, values, offsets, per_sample_weights, plan, passes_by_dim, num_keys,
+                           batch, optimizer, hparams, step, state1, state2, row_bases, id_read) -> None:
+    """Eager CPU: each group of tables (:func:`_table_groups`) is one piece of work for
+    ``host_tasks``; tables own disjoint rows and state, so the pieces are independent, and each
+    runs on one thread, in one order, whatever the thread count."""
+    starts = offsets[::batch].tolist()  # [K+1] first id of each key
+    pieces = []
+    for passes in passes_by_dim.values():
+        p0 = passes[0]
+        block = pt._block(weights, p0)
+        states = _state_views(optimizer, state1, state2, p0, row_bases[p0.features[0]] - p0.key_row_base[p0.keys[0]])
+        pieces += [functools.partial(_update_table_group, group, block, states, grad_out, values, offsets, starts,
+                                     per_sample_weights, id_read, plan.out_offsets, batch, optimizer, hparams, step)
+                   for group in _table_groups(passes, plan, starts)]
+    run_pieces(pieces)
+
+
+def _update_table_group(group: _TableGroup, block, states, grad_out, values, offsets, starts, per_sample_weights,
+                        id_read, out_offsets, batch: int, optimizer: int, hparams, step: int) -> None:
+    """Step one group of tables (one piece of work): its ids, each one's bag among the
+    group's ``[reads*B, D]`` bag gradients (a copy of the features' columns of ``grad_out``,
+    small enough to stay in the core's cache while runs of ids gather from it) and weight,
+    then :func:`_update_touched_rows` on the group's rows."""
+    ids, bags, grads, psw, keep = [], [], [], [], []
+    for r, (k, f, table_row, mean) in enumerate(group.reads):
+        lo, hi = starts[k], starts[k + 1]
+        ids.append(values[lo:hi] + (table_row - group.first_row))
+        lengths = offsets[k * batch + 1:(k + 1) * batch + 1] - offsets[k * batch:(k + 1) * batch]
+        columns = grad_out[:, out_offsets[f]:out_offsets[f + 1]]
+        # MEAN: the bag's gradient shared out by 1/length, as in the forward
+        grads.append(columns * (1.0 / lengths.clamp(min=1).to(torch.float32)).unsqueeze(1) if mean else columns)
+        bags.append(torch.repeat_interleave(pt._arange(batch, torch.int32) + r * batch, lengths.long(),
+                                            output_size=hi - lo))
+        if per_sample_weights is not None:
+            psw.append(per_sample_weights[lo:hi])
+        if id_read is not None:
+            keep.append(id_read[lo:hi])
+    ids, bags = (t[0] if len(t) == 1 else torch.cat(t) for t in (ids, bags))
+    grads = grads[0].contiguous() if len(grads) == 1 else torch.cat(grads)
+    weights_of_ids = None if not psw else (psw[0] if len(psw) == 1 else torch.cat(psw)).float()
+    if keep:  # VBE: only the ids of bags that some sample reads
+        read = keep[0] if len(keep) == 1 else torch.cat(keep)
+        ids, bags = ids[read], bags[read]
+        weights_of_ids = None if weights_of_ids is None else weights_of_ids[read]
+    if ids.shape[0] == 0:
+        return
+    rows = slice(group.first_row, group.first_row + group.num_rows)
+    _update_touched_rows(block[rows], tuple(None if s is None else s[rows] for s in states), ids, bags, grads,
+                         weights_of_ids, optimizer, hparams, step)
 
 
 # Bytes of rows per chunk in the eager update: a chunk's rows, sums and temporaries stay
@@ -123,7 +209,8 @@ def _update_touched_rows(block, states, ids, bags, grads, weights_of_ids, optimi
     stream = int((sorted_ids[1:] != sorted_ids[:-1]).sum()) + 1 >= num_rows * _STREAM_MIN_TOUCHED[optimizer]
     # streamed, one run per row (empty for untouched rows): a chunk of runs is a range of rows
     runs = pt._row_runs(sorted_ids, order, bags, weights_of_ids, num_rows, unique=not stream)
-    run_offsets = runs.run_offsets
+    # in the bags' dtype once, not converted by every chunk's embedding_bag
+    run_offsets = runs.run_offsets.to(runs.bags.dtype)
     num_runs = run_offsets.shape[0] - 1
     chunk_starts = list(range(0, num_runs, rows_per_chunk)) + [num_runs]
     first_ids = run_offsets[chunk_starts].tolist()

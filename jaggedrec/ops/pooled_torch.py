@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .host_tasks import run_pieces
+
 POOLING_SUM, POOLING_MEAN = 0, 1
 
 # Eager CPU forward: with at least this many ids per feature on average, one embedding_bag
@@ -290,23 +292,26 @@ def _forward_one_id_per_bag(weights, values, per_sample_weights, plan, num_keys,
 
 def _forward_per_feature(weights, values, offsets, per_sample_weights, plan, num_keys, batch) -> torch.Tensor:
     """Eager CPU: one ``embedding_bag`` per feature on its own table's rows, so that each
-    call gathers from one table (cache friendly) and needs no id shift."""
+    call gathers from one table (cache friendly) and needs no id shift; the features are
+    pieces of work for ``host_tasks`` (one thread each), written into their output columns."""
     starts = offsets[::batch].tolist()  # [K+1] first id of each key
-    pieces = {}
-    for p in plan.passes:
-        block = _block(weights, p).detach()
-        for f, k, mean in zip(p.features, p.keys, p.mean):
-            first, last = starts[k], starts[k + 1]
-            table = block.narrow(0, p.key_row_base[k], plan.feature_rows[f])
-            psw = None if per_sample_weights is None else per_sample_weights[first:last]
-            # [B+1] the key's bags within its own ids (embedding_bag wants offsets from 0)
-            bag_offsets = (offsets[k * batch:(k + 1) * batch + 1] - first).to(values.dtype)
-            # unweighted MEAN is embedding_bag's own mode; weighted MEAN sums here, divides below
-            pooled = _pooled_rows(values[first:last], table, bag_offsets, psw, mean and psw is None)
-            if mean and psw is not None:
-                pooled = pooled / (bag_offsets[1:] - bag_offsets[:-1]).clamp(min=1).unsqueeze(1)
-            pieces[f] = pooled
-    return torch.cat([pieces[f] for f in range(len(pieces))], dim=1)
+    out = torch.empty((batch, plan.out_offsets[-1]), dtype=torch.float32)
+
+    def pool(p: _Pass, f: int, k: int, mean: bool) -> None:
+        first, last = starts[k], starts[k + 1]
+        table = _block(weights, p).detach().narrow(0, p.key_row_base[k], plan.feature_rows[f])
+        psw = None if per_sample_weights is None else per_sample_weights[first:last]
+        # [B+1] the key's bags within its own ids (embedding_bag wants offsets from 0)
+        bag_offsets = (offsets[k * batch:(k + 1) * batch + 1] - first).to(values.dtype)
+        # unweighted MEAN is embedding_bag's own mode; weighted MEAN sums here, divides below
+        pooled = _pooled_rows(values[first:last], table, bag_offsets, psw, mean and psw is None)
+        if mean and psw is not None:
+            pooled = pooled / (bag_offsets[1:] - bag_offsets[:-1]).clamp(min=1).unsqueeze(1)
+        out[:, plan.out_offsets[f]:plan.out_offsets[f + 1]] = pooled
+
+    run_pieces([functools.partial(pool, p, f, k, mean) for p in plan.passes
+                for f, k, mean in zip(p.features, p.keys, p.mean)])
+    return out
 
 
 def _forward_batched(weights, values, offsets, per_sample_weights, plan, num_keys, batch) -> torch.Tensor:
