@@ -97,31 +97,35 @@ def _output_inverse_indices(kjt: KeyedJaggedTensor, output_features: Sequence[st
                          f"inverse_indices (its keys: {list(keys)})")
     if table.dim() != 2 or table.shape[0] != len(keys):
         raise ValueError(f"{spec.owner}: inverse_indices must be [{len(keys)} keys, B], got shape {tuple(table.shape)}")
+    validation.check_inverse_dtype(table, keys, spec)
     rows = [row[f] for f in output_features]
     per_feature = table.index_select(0, torch.tensor(rows, device=table.device)).long()
-    if validate and not torch.compiler.is_compiling() and table.numel() and not table.is_meta:
-        _check_inverse_range(kjt, output_features, per_feature, spec)
+    if not validate:
+        return per_feature
+    if kjt.variable_stride_per_key():
+        # positions from the key list, not the KJT's cached index_per_key(), which a graph would guard on
+        position = {k: i for i, k in enumerate(kjt.keys())}
+        strides = kjt.stride_per_key()
+        bags = [strides[position[f]] for f in output_features]
+    else:
+        bags = kjt.stride()  # every key has the batch's B bags (compiled, a symbol of the graph)
+    if torch.compiler.is_compiling():
+        return validation.assert_inverse_in_graph(per_feature, bags, output_features, spec)
+    if table.numel() and not table.is_meta:
+        validation.check_inverse_range(per_feature, bags, output_features, spec)
     return per_feature
-
-
-def _check_inverse_range(kjt: KeyedJaggedTensor, output_features: Sequence[str], per_feature: torch.Tensor,
-                         spec: FeatureSpec) -> None:
-    """Each sample's bag must exist: ``0 <= inverse < B_k`` (one read to the host)."""
-    low, high = per_feature.aminmax(dim=1)
-    strides = kjt.stride_per_key()
-    where = kjt.index_per_key()
-    for f, lo, hi in zip(output_features, low.tolist(), high.tolist()):
-        bags = strides[where[f]]
-        if lo < 0 or hi >= bags:
-            raise ValueError(f"{spec.owner}: feature '{f}': inverse_indices hold {lo if lo < 0 else hi}, outside "
-                             f"its {bags} bags [0, {bags})")
 
 
 @torch.fx.wrap
 def key_lengths(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> List[int]:
-    """``[K]`` ids of each key, for an op whose output has a row per id (read from the device
-    once per KJT, then cached in it)."""
+    """``[K]`` ids of each key, for an op whose output has a row per id (eager: read from the
+    device once per KJT, then cached in it; compiled: unbacked symbols of the graph)."""
     if kjt.variable_stride_per_key():
         raise ValueError(f"{spec.owner}: a KeyedJaggedTensor with a variable batch per feature "
                          "(stride_per_key_per_rank) is not supported here; pass one bag per sample")
+    if torch.compiler.is_compiling():
+        # counted in the graph rather than read from the KJT's cache (filled by any earlier
+        # length_per_key(), kjt[key] or to_dict()): a graph that read the cached ints would
+        # guard on them, and recompile for new counts
+        return kjt.lengths().reshape(len(kjt.keys()), kjt.stride()).sum(1).tolist()
     return kjt.length_per_key()

@@ -190,7 +190,10 @@ def jagged_outputs(flats: List[torch.Tensor], kjt: KeyedJaggedTensor, key_length
                    output_places, embedding_names: List[str], need_indices: bool) -> Dict[str, JaggedTensor]:
     """Each output feature's rows, as a ``[N_f, dim]`` view of its group's flat output, with the KJT's
     lengths for its key (and its ids as weights when ``need_indices``)."""
-    index = kjt.index_per_key()
+    # positions and id starts from the key list and ``key_lengths``, not from the KJT's cached
+    # index_per_key() and offset_per_key(): a compiled graph would guard on those caches (on
+    # their values, and on whether they are filled), and recompile for each batch
+    index = {key: k for k, key in enumerate(kjt.keys())}
     # each group's flat output cut into its features' [N, dim] blocks
     blocks = []
     for flat, g in zip(flats, groups):
@@ -199,7 +202,9 @@ def jagged_outputs(flats: List[torch.Tensor], kjt: KeyedJaggedTensor, key_length
         blocks.append([p.view(n, d) for p, n, d in zip(parts, counts, g.dims)])
     stride = kjt.stride()
     lengths = kjt.lengths().reshape(-1)
-    id_starts = kjt.offset_per_key() if need_indices else None
+    id_starts = [0]
+    for n in key_lengths:
+        id_starts.append(id_starts[-1] + n)
     out: Dict[str, JaggedTensor] = {}
     for name, (g, j) in zip(embedding_names, output_places):
         k = index[groups[g].key_names[j]]

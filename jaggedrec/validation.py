@@ -11,7 +11,7 @@ in the graph (on CPU; see ``_assert_in_graph``).
 
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -204,6 +204,62 @@ def _assert_in_graph(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
         torch._assert_async(bad_per_key[position[key]] == 0,
                             _in_graph(f"{_label(spec, key)}: ids out of range [0, {rows}) (checked in the "
                                       "compiled graph; run eagerly to see the id and sample)"))
+
+
+def check_inverse_dtype(inverse: torch.Tensor, keys: Sequence[str], spec: FeatureSpec) -> None:
+    """Inverse indices are bag numbers: float ones would be truncated (1.9 read as bag 1), bool
+    ones read as bags 0 and 1. Free: a dtype check, with or without ``validate``."""
+    if inverse.is_floating_point() or inverse.is_complex() or inverse.dtype == torch.bool:
+        raise TypeError(f"{spec.owner}: inverse_indices (features {list(keys)}) must be an integer tensor "
+                        f"of bag numbers, got {inverse.dtype}")
+
+
+def check_inverse_range(inverse: torch.Tensor, bags: Union[List[int], int], features: Sequence[str],
+                        spec: FeatureSpec) -> None:
+    """Each sample's bag must exist: ``0 <= inverse[f] < bags[f]`` (one read to the host).
+
+    Args:
+        inverse: ``[F, B]`` per output feature, the bag each sample reads.
+        bags: ``[F]`` bags of each feature's key (VBE's ``B_k``), or one count for all.
+    """
+    per_feature = bags if isinstance(bags, list) else [bags] * len(features)
+    low, high = inverse.aminmax(dim=1)
+    for f, n, lo, hi in zip(features, per_feature, low.tolist(), high.tolist()):
+        if lo < 0 or hi >= n:
+            raise ValueError(f"{spec.owner}: feature '{f}': inverse_indices hold {lo if lo < 0 else hi}, outside "
+                             f"its {n} bags [0, {n})")
+
+
+def assert_inverse_in_graph(inverse: torch.Tensor, bags: Union[List[int], int], features: Sequence[str],
+                            spec: FeatureSpec) -> torch.Tensor:
+    """:func:`check_inverse_range` as ``torch._assert_async`` ops, for a compiled CPU forward;
+    a failing one raises a ``RuntimeError`` naming the feature (not the index: run eagerly).
+
+    Without it an index past its key's ``B_k`` but below the widest key's reads an empty
+    padding slot (zeros), and a negative one wraps to the key's last bag under Inductor.
+
+    Args:
+        inverse: ``[F, B]`` int64.
+        bags: ``[F]`` ints, each feature's ``B_k`` (VBE: constants of the graph), or one count
+            for all (the batch size, a symbol of the graph, which a message cannot print).
+    Returns:
+        ``inverse`` clamped into ``[0, bags)``, for the gathers: they then stay in bounds
+        whichever order the compiled graph runs in, so that this assert is what fails, not
+        Inductor's own bounds check, which names no feature. Unchanged off CPU (see
+        ``_assert_in_graph``).
+    """
+    if inverse.device.type != "cpu":
+        return inverse
+    per_feature = isinstance(bags, list)
+    limit = torch.tensor(bags, dtype=inverse.dtype, device=inverse.device).unsqueeze(1) if per_feature else bags
+    in_range = ((inverse >= 0) & (inverse < limit)).all(dim=1)
+    for i, f in enumerate(features):
+        if f in features[:i]:
+            continue  # a key read by several tables: one check
+        where = f"its {bags[i]} bags [0, {bags[i]})" if per_feature else "its bags [0, B)"
+        torch._assert_async(in_range[i], _in_graph(f"{spec.owner}: feature '{f}': inverse_indices outside {where} "
+                                                   "(checked in the compiled graph; run eagerly to see the index)"))
+    return inverse.clamp(max=limit - 1).clamp(min=0)
 
 
 def _in_graph(message: str) -> str:

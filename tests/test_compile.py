@@ -1,4 +1,5 @@
-"""torch.compile and torch.export of the EmbeddingBagCollection, on the CPU torch path.
+"""torch.compile and torch.export of the EmbeddingBagCollection (and, where it differs, the
+EmbeddingCollection), on the CPU torch path.
 
 Every compiled result is compared, batch by batch, with the same computation run eagerly
 (itself checked against the float64 reference in test_ebc.py). Batches vary on purpose:
@@ -281,6 +282,38 @@ def test_compiled_forward_names_the_feature_of_a_bad_id():
     with pytest.raises(RuntimeError, match="negative lengths, or lengths that do not add up"):
         compiled(jr.KeyedJaggedTensor(keys, torch.tensor(good[:-1]), lengths=lengths))
     _assert_no_graph_breaks()
+
+
+def test_embedding_collection_ignores_cached_counts():
+    """A KJT caches its per-key id counts once anything reads them (``length_per_key()``,
+    ``kjt[key]``, ``to_dict()``, an eager module); the compiled EmbeddingCollection counts them
+    in the graph instead, so such KJTs meet one graph, as the bag collections do (it guarded on
+    the cached ints: a graph for each of these 8 batches). Rows, lengths and ids (need_indices)
+    against one float64 ``F.embedding`` per feature."""
+    gen = torch.Generator().manual_seed(6)
+    torch.manual_seed(6)
+    configs = [jr.EmbeddingConfig(name="t0", embedding_dim=4, num_embeddings=11, feature_names=["a", "b"]),
+               jr.EmbeddingConfig(name="t1", embedding_dim=3, num_embeddings=7, feature_names=["c"])]
+    ec = jr.EmbeddingCollection(configs, need_indices=True, backend="torch")
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(ec, backend=counter, fullgraph=True)
+    rows = {"a": 11, "b": 11, "c": 7}
+    keys = shuffled_keys(gen, list(rows))
+    fill_caches = [lambda kjt: kjt.length_per_key(), lambda kjt: kjt["a"], lambda kjt: kjt.to_dict(), ec,
+                   lambda kjt: kjt.offset_per_key(), lambda kjt: None]
+    tables64 = {c.name: ec.embeddings[c.name].weight.detach().double() for c in configs}
+    for i, batch in enumerate((4, 7, 3, 9, 5, 2, 6, 8)):
+        b = random_kjt(gen, keys, rows, batch, empty_keys=["b"] if i == 3 else ())
+        fill_caches[i % len(fill_caches)](b.kjt)
+        assert (b.kjt.length_per_key_or_none() is None) == (i % len(fill_caches) == 5)
+        out = compiled(b.kjt)
+        for c in configs:
+            for f in c.feature_names:
+                ids, lengths, _ = b.per_key[f]
+                assert_close(out[f].values(), F.embedding(ids, tables64[c.name]), what=f"batch {i}: {f}")
+                assert torch.equal(out[f].lengths(), lengths) and torch.equal(out[f].weights(), ids)
+    _assert_no_graph_breaks()
+    assert counter.frame_count == 1
 
 
 @pytest.mark.gpu

@@ -253,3 +253,77 @@ def test_vbe_compiles_without_graph_breaks():
         for c in configs:
             assert_close(table_grad(ebc, c.name), table_grad(twin, c.name), what=f"compiled VBE gradient {c.name}")
         ebc.zero_grad(), twin.zero_grad()
+
+
+def _with_inverse(kjt: jr.KeyedJaggedTensor, table: torch.Tensor) -> jr.KeyedJaggedTensor:
+    """``kjt`` with other inverse indices (VBE or not, as ``kjt``)."""
+    spkpr = kjt.stride_per_key_per_rank() if kjt.variable_stride_per_key() else None
+    return jr.KeyedJaggedTensor(kjt.keys(), kjt.values(), lengths=kjt.lengths(), stride_per_key_per_rank=spkpr,
+                                inverse_indices=(kjt.keys(), table))
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_vbe_refuses_inverse_indices_outside_their_bags(compiler):
+    """Compiled (the default validate=True), an inverse index outside its key's ``B_k`` bags
+    raises a RuntimeError naming the feature, where eager raises a ValueError; unchecked, one
+    below the widest key's ``B'`` read an empty padding slot (zeros), a negative one wrapped
+    under Inductor, and the rest failed without naming the feature. One compiled module, two
+    graphs (VBE, and inverse indices on a plain KJT, whose B is a symbol)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    gen = torch.Generator().manual_seed(12)
+    configs = _configs()
+    ebc = jr.EmbeddingBagCollection(configs, backend="torch")
+    counter = CompileCounterWithBackend(compiler)
+    compiled = torch.compile(ebc, backend=counter, fullgraph=True)
+    keys = ["hist", "user", "none", "item"]
+    batch = 6  # B_k: user 1, item 6, hist 3 (t_item, as item), none 3; the widest, B', is 6
+    kjt, ref = random_vbe(gen, keys, key_rows(configs), batch, _bags(batch), empty_keys=())
+    assert_close(compiled(kjt).values(), reference_pooled(ebc, ref), what="a good VBE batch, compiled")
+    plain, plain_ref = random_vbe(gen, keys, key_rows(configs), 4, {k: 3 for k in keys}, empty_keys=())
+    plain = jr.KeyedJaggedTensor(keys, plain.values(), lengths=plain.lengths(), inverse_indices=plain.inverse_indices())
+    assert_close(compiled(plain).values(), reference_pooled(ebc, plain_ref), what="inverse indices on a plain KJT")
+    # (KJT, feature, index, its bags, the compiled message's bags: unknown to a plain KJT's graph)
+    cases = [(kjt, "user", 1, 1, "1 bags"), (kjt, "hist", 5, 3, "3 bags"), (kjt, "hist", -1, 3, "3 bags"),
+             (kjt, "item", 6, 6, "6 bags"), (kjt, "none", 1000, 3, "3 bags"), (plain, "item", 3, 3, "bags"),
+             (plain, "user", -2, 3, "bags")]
+    for source, feature, index, bags, where in cases:
+        table = source.inverse_indices()[1].clone()
+        table[keys.index(feature), 2] = index
+        bad = _with_inverse(source, table)
+        # compiled first: an eager call caches a VBE KJT's stride, which the graph guards on
+        with pytest.raises(RuntimeError, match=rf"feature '{feature}': inverse_indices outside its {where}"):
+            compiled(bad)
+        with pytest.raises(ValueError, match=rf"feature '{feature}': inverse_indices hold {index}, outside its "
+                                             rf"{bags} bags \[0, {bags}\)"):
+            ebc(bad)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counter.frame_count == 2
+    torch._dynamo.reset()
+
+
+def test_float_or_bool_inverse_indices_are_refused():
+    """Bag numbers must be integers: a float table was truncated (1.9 read as bag 1) and a
+    bool one read as bags 0 and 1. A TypeError, eagerly (validate or not) and compiled."""
+    configs = _configs()
+    keys = ["user", "item", "hist", "none"]
+    kjt = jr.KeyedJaggedTensor(keys, torch.tensor([3, 1, 2, 4, 0, 2]), lengths=torch.tensor([1, 1, 1, 1, 1, 0, 1, 0]),
+                               stride_per_key_per_rank=[[1], [2], [2], [3]],
+                               inverse_indices=(keys, torch.tensor([[0, 0], [0, 1], [1, 0], [2, 1]])))
+    ebc = jr.EmbeddingBagCollection(configs, backend="torch")
+    unchecked = jr.EmbeddingBagCollection(configs, backend="torch", validate=False)
+    expected = ebc(kjt).values()
+    message = r"inverse_indices \(features \['user', 'item', 'hist', 'none'\]\) must be an integer tensor"
+    torch._dynamo.reset()
+    # fullgraph=False: Dynamo then lets the TypeError out; with fullgraph=True it reports it (as
+    # every check on dtypes and shapes) as an Unsupported "Observed exception" quoting it
+    compiled = torch.compile(ebc, backend="aot_eager")
+    assert_close(compiled(kjt).values(), expected, what="integer inverse indices, compiled")
+    for bad in (torch.tensor([[0.0, 0.0], [0.0, 1.9], [1.0, 0.0], [2.0, 1.0]]), kjt.inverse_indices()[1].bool()):
+        for module in (ebc, unchecked, compiled):
+            with pytest.raises(TypeError, match=message):
+                module(_with_inverse(kjt, bad))
+    torch._dynamo.reset()
