@@ -25,9 +25,14 @@ class KJTMetadata:
         """B. While compiling it is read off the lengths' (or offsets') size, so that it is the
         tensors' own symbol rather than a second, separately guarded int. VBE: the width of the
         inverse indices when given, else the largest ``B_k``."""
-        if self._keys and torch.compiler.is_compiling() and self._stride_per_key_per_rank is None:
-            bags = self._lengths.shape[0] if self._lengths is not None else self._offsets.shape[0] - 1
-            return bags // len(self._keys)
+        if self._keys and torch.compiler.is_compiling():
+            if self._stride_per_key_per_rank is None:
+                bags = self._lengths.shape[0] if self._lengths is not None else self._offsets.shape[0] - 1
+                return bags // len(self._keys)
+            if self._inverse_indices is not None:
+                # VBE: the inverse indices' width, never the cache, which an eager call may
+                # have filled and a graph would then guard on
+                return self._inverse_indices[1].shape[-1]
         if self._stride is None:  # VBE
             if self._inverse_indices is not None and self._inverse_indices[1].numel() > 0:
                 self._stride = self._inverse_indices[1].shape[-1]
@@ -57,6 +62,8 @@ class KJTMetadata:
 
     def lengths_offset_per_key(self) -> List[int]:
         """``[K+1]`` start of each key's bags in ``lengths``."""
+        if torch.compiler.is_compiling():
+            return _cumsum(self.stride_per_key())
         if self._lengths_offset_per_key is None:
             self._lengths_offset_per_key = _cumsum(self.stride_per_key())
         return self._lengths_offset_per_key

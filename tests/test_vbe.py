@@ -294,12 +294,12 @@ def test_compiled_vbe_refuses_inverse_indices_outside_their_bags(compiler):
         table = source.inverse_indices()[1].clone()
         table[keys.index(feature), 2] = index
         bad = _with_inverse(source, table)
-        # compiled first: an eager call caches a VBE KJT's stride, which the graph guards on
-        with pytest.raises(RuntimeError, match=rf"feature '{feature}': inverse_indices outside its {where}"):
-            compiled(bad)
+        # eager first: it fills the KJT's cached stride, which the graph must not guard on
         with pytest.raises(ValueError, match=rf"feature '{feature}': inverse_indices hold {index}, outside its "
                                              rf"{bags} bags \[0, {bags}\)"):
             ebc(bad)
+        with pytest.raises(RuntimeError, match=rf"feature '{feature}': inverse_indices outside its {where}"):
+            compiled(bad)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counter.frame_count == 2
     torch._dynamo.reset()
