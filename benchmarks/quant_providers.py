@@ -74,8 +74,9 @@ class JaggedrecQuant(Jaggedrec):
     def __init__(self) -> None:
         super().__init__("auto")
         self.name = "jaggedrec_quant"
-        self.description = ("jaggedrec.quant.EmbeddingBagCollection.from_float (backend auto: torch's quantized "
-                            "ops per feature on CPU, one Triton launch on CUDA)")
+        self.description = ("jaggedrec.quant.EmbeddingBagCollection.from_float (backend auto: on CPU torch's "
+                            "quantized ops, one call per run of same-type same-dim features or per feature; "
+                            "one Triton launch on CUDA)")
 
     def build(self, tables, w):
         super().build(tables, w)

@@ -162,7 +162,7 @@ class EmbeddingBagCollection(nn.Module):
             KeyedTensor with ``[B, sum(dims)]`` fp32 values.
         """
         batch = batch_reader.read_batch(features, self._spec, self._groups, self._output_features, self.validate)
-        pooled, bad_ids = quantized_ops.quantized_embedding_bags(
+        pooled, bad_ids = quantized_ops.run_quantized_embedding_bags(
             self.qweights_int8, self.qweights_int4, self.qweights_fp16, batch.values, batch.offsets, batch.weights,
             batch.group_tables[0], self._backend)
         if (self._bounds_check != "off" and use_kernels(self._backend, self.device)
