@@ -194,11 +194,13 @@ def _pooled(buffers, values, offsets, relative, psw, seg: Segment, batch: int, s
     return sums.transpose(0, 1).reshape(batch, count * seg.dim)
 
 
-# One call over a block of several tables first shifts every id by its table's first row:
-# ~60 us of small ops plus ~1.2 ns an id on a 2-core Xeon, against ~10 us per call saved. So a
-# segment is pooled by one call only when it has many features of few ids (26 tables of 500
-# ids: 0.71 against 0.96 ms for one call per feature; 8 of 20k: 1.67 against 1.47).
-_CALL_NS, _SHIFT_NS, _SHIFT_NS_PER_ID = 10_000, 60_000, 1.2
+# One call over a block of several tables first shifts every id by its table's first row (a
+# repeat_interleave and an add), where one call per feature costs ~15 us of small ops more per
+# feature. Fitted on a 2-core Xeon: the shift ~120 us plus ~2.6 ns an id while its [N] int64
+# arrays fit in L2, and 3x that per id beyond, where one call per feature wins again (1000
+# tables of 2.5k ids: 80 against 102 ms; 100 tables: 3.6 against 2.9 ms; 26 tables of 500
+# ids: 1.04 against 0.81 ms; 10 tables of 2.5k ids: even).
+_CALL_NS, _SHIFT_NS, _SHIFT_NS_PER_ID, _SHIFT_MAX_IDS = 15_000, 120_000, 2.6, 1 << 19
 
 
 def _split(segs: Tuple[Segment, ...], starts: List[int]) -> List[Segment]:
@@ -206,7 +208,7 @@ def _split(segs: Tuple[Segment, ...], starts: List[int]) -> List[Segment]:
     out: List[Segment] = []
     for seg in segs:
         ids = starts[seg.keys[-1] + 1] - starts[seg.keys[0]]
-        if seg.one_table or len(seg.keys) * _CALL_NS > _SHIFT_NS + _SHIFT_NS_PER_ID * ids:
+        if seg.one_table or (ids <= _SHIFT_MAX_IDS and len(seg.keys) * _CALL_NS > _SHIFT_NS + _SHIFT_NS_PER_ID * ids):
             out.append(seg)
         else:
             out.extend(_per_feature(seg))
