@@ -2,6 +2,7 @@
 eager train step built on them: the same bits whatever the thread count."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -27,13 +28,17 @@ def test_pieces_run_once_each_in_order_on_single_threaded_workers(threads):
 
     def piece(i):
         seen.append((i, threading.current_thread().name, torch.get_num_threads()))
+        time.sleep(0.002)  # long enough that a worker wakes and takes pieces too
         return i * i
 
     out = run_pieces([lambda i=i: piece(i) for i in range(40)])
     assert out == [i * i for i in range(40)]
     assert sorted(i for i, _, _ in seen) == list(range(40))
-    assert all(name.startswith("jaggedrec-host") and n == 1 for _, name, n in seen), seen[:3]
-    assert torch.get_num_threads() == 2  # the caller's count is its own
+    # on a worker, or on the caller itself; each piece's ops on one OpenMP thread
+    caller = threading.current_thread().name
+    assert all((name.startswith("jaggedrec-host") or name == caller) and n == 1 for _, name, n in seen), seen[:3]
+    assert any(name.startswith("jaggedrec-host") for _, name, _ in seen)
+    assert torch.get_num_threads() == 2  # the caller's count is as it was
 
 
 def test_one_thread_runs_the_pieces_on_the_caller(threads):

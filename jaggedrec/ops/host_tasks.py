@@ -15,6 +15,7 @@ a single piece, the pieces run on the calling thread as they are.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import threading
@@ -75,21 +76,43 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
+def _omp_set_num_threads():
+    """libgomp's per-thread setter, or None (no OpenMP runtime in this process's namespace).
+
+    torch.set_num_threads would also change the default that threads started later take;
+    the OpenMP call changes only the calling thread's count."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        setter = ctypes.CDLL(None).omp_set_num_threads
+    except (OSError, AttributeError):
+        return None
+    setter.argtypes, setter.restype = [ctypes.c_int], None
+    return setter
+
+
+_OMP_SET_NUM_THREADS = _omp_set_num_threads()
+
+
 def run_pieces(pieces: Sequence[Callable[[], T]]) -> List[T]:
     """Run each zero-argument callable once; returns their results in order.
 
     Spread over ``torch.get_num_threads()`` single-threaded workers (see the module's
-    docstring). The pieces must be independent: they run in any order, concurrently.
-    An exception in a piece is raised here, once all pieces have finished.
+    docstring), the calling thread one of them where its OpenMP count can be set on its own.
+    The pieces must be independent: they run in any order, concurrently. An exception in a
+    piece is raised here, once all pieces have finished.
     """
-    workers = min(torch.get_num_threads(), len(pieces))
+    threads = torch.get_num_threads()
+    workers = min(threads, len(pieces))
     if workers <= 1 or torch.compiler.is_compiling():
         return [piece() for piece in pieces]
     global _POOL
     if _POOL is None:
         _POOL = _Pool()
     pool = _POOL
-    pool.grow(workers)
+    caller_works = _OMP_SET_NUM_THREADS is not None
+    helpers = workers - 1 if caller_works else workers
+    pool.grow(helpers)
     results: List[object] = [None] * len(pieces)
     errors: List[BaseException] = []
     next_piece = iter(range(len(pieces)))
@@ -111,8 +134,16 @@ def run_pieces(pieces: Sequence[Callable[[], T]]) -> List[T]:
                     errors.append(e)
         done.release()
 
-    for _ in range(workers):
+    for _ in range(helpers):
         pool.tasks.put(drain)
+    if caller_works:
+        # the caller is running already: it takes pieces too, on one OpenMP thread, rather
+        # than wake one more worker and wait for it to be scheduled
+        _OMP_SET_NUM_THREADS(1)
+        try:
+            drain()
+        finally:
+            _OMP_SET_NUM_THREADS(threads)
     for _ in range(workers):
         done.acquire()
     if errors:
