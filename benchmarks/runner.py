@@ -12,7 +12,8 @@ The order of events, and why:
    knowledge of the provider's layout;
 3. warm up on every batch (first-call costs: allocations, page faults, compilation);
 4. measure one step's peak memory, untimed;
-5. time in interleaved rounds, rotating over the batches.
+5. time one sample per provider per turn (``timing.interleaved_order``), the same count for
+   every provider, rotating over the batches.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .providers import Provider
-from .timing import Clock, MemoryProbe, plan_samples, quantiles, rounds_schedule
+from .timing import Clock, MemoryProbe, interleaved_order, plan_samples, quantiles
 from .contention import busy_processes
 from .workload import (Batch, Workload, bytes_per_step, ec_bytes_per_step, make_batches, make_ec_batches,
                        reference_tables)
@@ -70,7 +71,6 @@ UNPOOLED = Module("ec", "embedding_loop", make_ec_batches, ec_bytes_per_step)
 class Options:
     repeats: int = 10       # timed samples per provider (fewer for steps over ~1 s)
     batches: int = 3        # distinct input batches the samples rotate over
-    rounds: int = 10        # interleaved rounds: finer interleaving spreads a neighbour's burst thinner
     seed: int = 0
 
 
@@ -244,23 +244,22 @@ def _time_all(w, active, batches, options, results, progress, baseline=BASELINE)
             active.remove(p)
             p.release()
     counters = [0] * len(active)
-    rounds = max(1, min(options.rounds, min(samples)))
-    for r, chunk in enumerate(rounds_schedule(samples, rounds)):
-        progress(f"round {r + 1}/{rounds}")
-        for i, take in chunk:
-            p = active[i]
-            if results[p.name].status != "ok":
-                continue
-            try:
-                for _ in range(take):
-                    batch = batches[counters[i] % len(batches)]
-                    counters[i] += 1
-                    results[p.name].samples_ms.append(clock.time_ms(lambda: p.step(batch)))
-            except Exception as e:
-                if p.name == baseline:
-                    raise
-                results[p.name] = ProviderResult("skipped", _fail(e, "failed while timed"), p.note)
-            p.clear_grads()  # free dense gradients before the next provider runs
+    # one count for all (the fewest any provider planned): each sample is a turn of its own
+    count = min(samples) if samples else 0
+    progress(f"time {count} interleaved samples each")
+    for i in interleaved_order(len(active), count):
+        p = active[i]
+        if results[p.name].status != "ok":
+            continue
+        batch = batches[counters[i] % len(batches)]
+        counters[i] += 1
+        try:
+            results[p.name].samples_ms.append(clock.time_ms(lambda: p.step(batch)))
+        except Exception as e:
+            if p.name == baseline:
+                raise
+            results[p.name] = ProviderResult("skipped", _fail(e, "failed while timed"), p.note)
+        p.clear_grads()  # free dense gradients before the next provider runs
 
 
 def _derive_metrics(results: Dict[str, ProviderResult], moved: float, copy_gbps: Optional[float],

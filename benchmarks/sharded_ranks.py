@@ -1,6 +1,6 @@
 """One workload on every rank of the sharded benchmark, in the single-process runner's order:
-build, check against the reference, warm up, then time in alternating rounds over rotating
-batches; rank 0 gathers every rank's samples and returns the results.
+build, check against the reference, warm up, then time one sample per provider per turn over
+rotating batches; rank 0 gathers every rank's samples and returns the results.
 
 Every rank draws the same tables and the same global batches (``W * B`` bags per feature)
 from the seed, and feeds its slice, samples ``[rank * B, (rank + 1) * B)``. The reference is
@@ -27,7 +27,7 @@ from .runner import (TOLERANCES, Options, ProviderResult, WorkloadResult, _deriv
                      quiet)
 from .sharded_comm import CollectiveCounter, count_ddp_allreduce
 from .sharded_providers import BASELINE, RankEnv, local_batch, providers
-from .timing import Clock, plan_samples, rounds_schedule
+from .timing import Clock, interleaved_order, plan_samples
 from .workload import Workload, bytes_per_step, make_batches, reference_tables
 
 
@@ -164,7 +164,7 @@ def _verify(active, feeds, results, tol: float, env: RankEnv, progress) -> List[
 
 def _time(active, feeds, options: Options, results, env: RankEnv, counter: CollectiveCounter,
           progress) -> Dict[str, List[tuple]]:
-    """Warm up, then the timed rounds. Returns, per provider, this rank's ``(step ms, bytes
+    """Warm up, then the timed samples. Returns, per provider, this rank's ``(step ms, bytes
     sent, ms in collectives)`` per sample (empty where the provider does not run here)."""
     clock = Clock(env.device.type)
     samples = []
@@ -187,27 +187,24 @@ def _time(active, feeds, options: Options, results, env: RankEnv, counter: Colle
         samples.append(plan_samples(max(t for _, t in agreed), options.repeats))
     records: Dict[str, List[tuple]] = {p.name: [] for p in active}
     counters = [0] * len(active)
-    rounds = max(1, min([options.rounds] + samples))
-    for r, chunk in enumerate(rounds_schedule(samples, rounds)):
-        progress(f"round {r + 1}/{rounds}")
-        for i, take in chunk:
-            p = active[i]
-            here = _runs_here(p, env.rank)
-            for _ in range(take):
-                batch = feeds[p.name][0][counters[i] % len(feeds[p.name][0])]
-                counters[i] += 1
-                if p.name != BASELINE:
-                    dist.barrier()  # start together: a sample is one step of every rank
-                if here:
-                    counter.reset()
-                    counter.active = True
-                    ms = clock.time_ms(lambda: p.step(batch))
-                    counter.active = False
-                    records[p.name].append((ms, counter.bytes_sent, counter.wait_s * 1e3))
-            if here:
-                p.clear_grads()
-            if p.name == BASELINE:
-                dist.barrier()  # the other ranks waited here while rank 0 ran the baseline
+    count = min(samples) if samples else 0  # one count for all, one sample per turn
+    progress(f"time {count} interleaved samples each")
+    for i in interleaved_order(len(active), count):
+        p = active[i]
+        here = _runs_here(p, env.rank)
+        batch = feeds[p.name][0][counters[i] % len(feeds[p.name][0])]
+        counters[i] += 1
+        if p.name != BASELINE:
+            dist.barrier()  # start together: a sample is one step of every rank
+        if here:
+            counter.reset()
+            counter.active = True
+            ms = clock.time_ms(lambda: p.step(batch))
+            counter.active = False
+            records[p.name].append((ms, counter.bytes_sent, counter.wait_s * 1e3))
+            p.clear_grads()
+        if p.name == BASELINE:
+            dist.barrier()  # the other ranks waited here while rank 0 ran the baseline
     return records
 
 

@@ -154,22 +154,17 @@ def _proc_status_kb(field: str) -> Optional[int]:
     return None
 
 
-def rounds_schedule(samples: Sequence[int], rounds: int) -> List[List[Tuple[int, int]]]:
-    """Interleave providers: per round, a list of ``(provider, samples this round)``.
+def interleaved_order(providers: int, samples: int) -> List[int]:
+    """The provider of each timed sample: every provider once per turn, in forward order on
+    even turns and reversed on odd ones, for ``samples`` turns.
 
-    Every provider is visited each round, in forward order on even rounds and reversed on
-    odd ones, so slow drift of a noisy machine (thermal, neighbours) spreads over all
-    providers instead of landing on whichever ran last.
+    One sample at a time: each of a provider's samples follows some other provider's step, so
+    every provider meets caches that another has just filled (its tables as cold as anyone's),
+    and slow drift of a noisy machine spreads over all providers alike. Taken back to back,
+    a provider's later samples found its own tables warm, which flattered whichever provider
+    took the most samples in a row.
     """
-    schedule = []
-    left = list(samples)
-    for r in range(rounds):
-        order = range(len(samples)) if r % 2 == 0 else reversed(range(len(samples)))
-        chunk = []
-        for p in order:
-            take = math.ceil(left[p] / (rounds - r)) if rounds > r else left[p]
-            if take > 0:
-                chunk.append((p, take))
-                left[p] -= take
-        schedule.append(chunk)
-    return schedule
+    order: List[int] = []
+    for turn in range(samples):
+        order += range(providers) if turn % 2 == 0 else reversed(range(providers))
+    return order

@@ -12,7 +12,7 @@ import torch
 from jaggedrec.benchmarks import cli
 from jaggedrec.benchmarks.presets import PRESETS, preset_workloads
 from jaggedrec.benchmarks.providers import EmbeddingBagLoop, EmbeddingLoop, Provider, all_providers, ec_providers
-from jaggedrec.benchmarks.timing import plan_samples, quantiles, rounds_schedule
+from jaggedrec.benchmarks.timing import interleaved_order, plan_samples, quantiles
 from jaggedrec.benchmarks.workload import Workload, bytes_per_step, ec_bytes_per_step, make_batches, make_ec_batches
 
 # 3 tables of dims 4, 8, 4: small enough that a whole run takes about a second
@@ -187,10 +187,9 @@ def test_presets_fit_their_device(name):
 
 def test_timing_helpers():
     assert quantiles([5, 1, 3, 2, 4]) == (3, pytest.approx(1.8), pytest.approx(4.2))
-    schedule = rounds_schedule([10, 4], rounds=3)
-    assert [sum(t for p, t in chunk if p == 0) for chunk in schedule] == [4, 3, 3]
-    assert sum(t for chunk in schedule for p, t in chunk if p == 1) == 4
-    assert [p for p, _ in schedule[1]] == [1, 0]  # odd rounds run in reverse order
+    # one sample at a time, every provider once a turn, odd turns in reverse order
+    assert interleaved_order(3, 3) == [0, 1, 2, 2, 1, 0, 0, 1, 2]
+    assert interleaved_order(2, 0) == []
     assert plan_samples(5000.0, repeats=10) == 3  # 5 s steps: as many as fit in 10 s, at least 3
     assert plan_samples(50.0, repeats=10) == 10
     assert plan_samples(0.01, repeats=10) == 100  # cheap steps: more samples, at most 10x
