@@ -22,7 +22,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from jaggedrec.host_memory import retain_freed_memory
+from jaggedrec.ops.host_memory import retain_freed_memory
 
 from .presets import DEFAULT_PRESET, PRESETS, preset_workloads
 from .providers import Provider, all_providers, ec_providers

@@ -23,7 +23,7 @@ from typing import Callable, Dict
 import torch
 import torch.nn.functional as F
 
-from jaggedrec.host_memory import advise_huge_pages, retain_freed_memory
+from jaggedrec.ops.host_memory import advise_huge_pages, retain_freed_memory
 
 from .workload import add_shape_arguments
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import jaggedrec as jr
-from jaggedrec import validation
+from jaggedrec.modules import validation
 
 from .workload import Workload, add_shape_arguments, make_batches, reference_tables
 

@@ -17,7 +17,7 @@ import torch
 
 import jaggedrec as jr
 from jaggedrec import quant
-from jaggedrec.configs import DataType
+from jaggedrec.modules.embedding_configs import DataType
 from jaggedrec.quant.rowwise import error_bound
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jaggedrec import quant
-from jaggedrec.configs import DataType
+from jaggedrec.modules.embedding_configs import DataType
 from jaggedrec.quant.rowwise import error_bound, quantize_rows
 
 from .peers import TorchRecEBC, _import_error

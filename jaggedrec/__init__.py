@@ -1,10 +1,10 @@
 """jaggedrec: Triton-accelerated embedding collections with TorchRec's sparse types."""
 
-from .configs import DataType, EmbeddingBagConfig, EmbeddingConfig, PoolingType
-from .embedding_modules import Embedding, EmbeddingBag, EmbeddingBagCollection, EmbeddingCollection
-from .jagged_tensor import JaggedTensor
-from .keyed_jagged_tensor import KeyedJaggedTensor
-from .keyed_tensor import KeyedTensor
+from jaggedrec.modules.embedding_configs import DataType, EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from jaggedrec.modules.embedding_modules import Embedding, EmbeddingBag, EmbeddingBagCollection, EmbeddingCollection
+from jaggedrec.sparse.jagged_tensor import JaggedTensor
+from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
+from jaggedrec.sparse.jagged_tensor import KeyedTensor
 
 __version__ = "0.1.0"
 

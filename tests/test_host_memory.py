@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from jaggedrec import host_memory
+from jaggedrec.ops import host_memory
 
 glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"),
                            reason="glibc only")
@@ -18,7 +18,7 @@ glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(c
 # memory is kept, and each 4 KB page of a fresh mapping faults once.
 _CHILD = r"""
 import resource, sys, torch
-from jaggedrec import host_memory
+from jaggedrec.ops import host_memory
 if sys.argv[1] == "retain":
     assert host_memory.retain_freed_memory()
 def faults():
@@ -51,7 +51,7 @@ def test_retained_memory_is_reused_without_page_faults():
 def test_env_switch_turns_it_off():
     import os
     env = dict(os.environ, JAGGEDREC_RETAIN_FREED_MEMORY="0")
-    out = subprocess.run([sys.executable, "-c", "from jaggedrec import host_memory; "
+    out = subprocess.run([sys.executable, "-c", "from jaggedrec.ops import host_memory; "
                           "print(host_memory.retain_freed_memory())"], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "False"
 

@@ -16,7 +16,7 @@ import torch
 
 import jaggedrec as jr
 from jaggedrec import quant
-from jaggedrec.configs import DataType
+from jaggedrec.modules.embedding_configs import DataType
 from jaggedrec.quant.rowwise import dequantize_rows, error_bound, quantize_rows, scale_bias
 from jr_testing import random_kjt, shuffled_keys
 

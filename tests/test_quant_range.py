@@ -14,7 +14,7 @@ import torch
 
 import jaggedrec as jr
 from jaggedrec import quant
-from jaggedrec.configs import DataType
+from jaggedrec.modules.embedding_configs import DataType
 from jaggedrec.quant.rowwise import dequantize_rows, error_bound, quantize_rows
 
 ROWS, DIM = 40, 12

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import jaggedrec as jr
 from jaggedrec import quant
-from jaggedrec.configs import DataType
+from jaggedrec.modules.embedding_configs import DataType
 from jaggedrec.ops import quantized_torch
 from jr_testing import random_kjt, shuffled_keys
 from test_quant import _bound

@@ -2,6 +2,6 @@
 TorchRec's module paths: ``types``, ``sharding_plan``, ``planner``, ``embeddingbag``,
 ``model_parallel``."""
 
-from .types import ParameterSharding, ShardingEnv, ShardingPlan, ShardingType
+from jaggedrec.distributed.types import ParameterSharding, ShardingEnv, ShardingPlan, ShardingType
 
 __all__ = ["ParameterSharding", "ShardingEnv", "ShardingPlan", "ShardingType"]

@@ -34,8 +34,8 @@ from torch.distributed._shard.sharded_tensor import Shard as TorchShard
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
-from ..configs import EmbeddingBagConfig
-from .shard_layout import REPLICA, Shard, ShardLayout
+from jaggedrec.modules.embedding_configs import EmbeddingBagConfig
+from jaggedrec.distributed.shard_layout import REPLICA, Shard, ShardLayout
 
 HPARAMS = "fused_optimizer.hparams"
 

@@ -15,15 +15,15 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..embedding_modules import EmbeddingCollection
-from ..jagged_tensor import JaggedTensor
-from ..keyed_jagged_tensor import KeyedJaggedTensor
-from ..optim import FusedOptimizer
-from .comm import Pending, rows_output_dist
-from .input_dist import InputDist, Routing
-from .shard_layout import REPLICA, ShardLayout
-from .shards import CollectionSharder, ShardedCollection, build_local_collection, check_env
-from .types import EmbeddingModuleShardingPlan, LazyAwaitable, ShardingEnv
+from jaggedrec.modules.embedding_modules import EmbeddingCollection
+from jaggedrec.sparse.jagged_tensor import JaggedTensor
+from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
+from jaggedrec.optim import FusedOptimizer
+from jaggedrec.distributed.comm import Pending, rows_output_dist
+from jaggedrec.distributed.input_dist import InputDist, Routing
+from jaggedrec.distributed.shard_layout import REPLICA, ShardLayout
+from jaggedrec.distributed.shards import CollectionSharder, ShardedCollection, build_local_collection, check_env
+from jaggedrec.distributed.types import EmbeddingModuleShardingPlan, LazyAwaitable, ShardingEnv
 
 
 class EmbeddingCollectionAwaitable(LazyAwaitable[Dict[str, JaggedTensor]]):

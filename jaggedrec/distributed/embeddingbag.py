@@ -16,15 +16,15 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ..embedding_modules import EmbeddingBagCollection
-from ..keyed_jagged_tensor import KeyedJaggedTensor
-from ..keyed_tensor import KeyedTensor
-from ..optim import FusedOptimizer
-from .comm import Pending, output_dist
-from .input_dist import InputDist
-from .shard_layout import EXCHANGE, REDUCE, REPLICA, ShardLayout
-from .shards import CollectionSharder, ShardedCollection, build_local_collection, check_env
-from .types import EmbeddingModuleShardingPlan, LazyAwaitable, ShardingEnv
+from jaggedrec.modules.embedding_modules import EmbeddingBagCollection
+from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
+from jaggedrec.sparse.jagged_tensor import KeyedTensor
+from jaggedrec.optim import FusedOptimizer
+from jaggedrec.distributed.comm import Pending, output_dist
+from jaggedrec.distributed.input_dist import InputDist
+from jaggedrec.distributed.shard_layout import EXCHANGE, REDUCE, REPLICA, ShardLayout
+from jaggedrec.distributed.shards import CollectionSharder, ShardedCollection, build_local_collection, check_env
+from jaggedrec.distributed.types import EmbeddingModuleShardingPlan, LazyAwaitable, ShardingEnv
 
 
 class EmbeddingBagCollectionAwaitable(LazyAwaitable[KeyedTensor]):

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from .. import optim
+from jaggedrec import optim
 
 
 class EmbOptimType(Enum):

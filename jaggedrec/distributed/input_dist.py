@@ -15,10 +15,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .. import validation
-from ..keyed_jagged_tensor import KeyedJaggedTensor
-from .comm import agree_on_batch, exchange
-from .shard_layout import ShardLayout
+from jaggedrec.modules import validation
+from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
+from jaggedrec.distributed.comm import agree_on_batch, exchange
+from jaggedrec.distributed.shard_layout import ShardLayout
 
 
 @dataclass

@@ -17,15 +17,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .embeddingbag import EmbeddingBagCollectionSharder
-from .types import ShardingEnv, ShardingPlan
+from jaggedrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from jaggedrec.distributed.types import ShardingEnv, ShardingPlan
 
 
 def get_default_sharders() -> list:
     """One sharder per collection type jaggedrec can shard."""
     sharders = [EmbeddingBagCollectionSharder()]
     try:
-        from .embedding import EmbeddingCollectionSharder
+        from jaggedrec.distributed.embedding import EmbeddingCollectionSharder
     except ImportError:  # pragma: no cover - the unpooled sharder is optional
         return sharders
     return sharders + [EmbeddingCollectionSharder()]
@@ -53,7 +53,7 @@ class DistributedModelParallel(nn.Module):
         device = torch.device(device) if device is not None else torch.device("cpu")
         sharders = list(sharders) if sharders is not None else get_default_sharders()
         if plan is None:
-            from .planner import EmbeddingShardingPlanner, Topology
+            from jaggedrec.distributed.planner import EmbeddingShardingPlanner, Topology
             planner = EmbeddingShardingPlanner(topology=Topology(world_size=env.world_size,
                                                                  compute_device=device.type))
             plan = planner.collective_plan(module, sharders, env.process_group)

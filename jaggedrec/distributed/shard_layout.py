@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
-from ..configs import BaseEmbeddingConfig, EmbeddingBagConfig, PoolingType
-from .types import EmbeddingModuleShardingPlan, ShardingType
+from jaggedrec.modules.embedding_configs import BaseEmbeddingConfig, EmbeddingBagConfig, PoolingType
+from jaggedrec.distributed.types import EmbeddingModuleShardingPlan, ShardingType
 
 EXCHANGE, REDUCE, REPLICA = "exchange", "reduce", "replica"
 _KIND = {ShardingType.TABLE_WISE.value: EXCHANGE, ShardingType.COLUMN_WISE.value: EXCHANGE,

@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from torch import nn
 
-from .types import (EmbeddingComputeKernel, EmbeddingModuleShardingPlan, EnumerableShardingSpec, ParameterSharding,
+from jaggedrec.distributed.types import (EmbeddingComputeKernel, EmbeddingModuleShardingPlan, EnumerableShardingSpec, ParameterSharding,
                     ShardingType, ShardMetadata)
 
 #: (rows, dim, local_size, world_size, device_type) -> ParameterSharding

@@ -9,11 +9,11 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from ..optim import FusedOptimizer, RowWiseAdagrad
-from .checkpoint import ShardedStateDict
-from .fused_params import fused_optimizer_from_params, fused_optimizer_in_backward
-from .shard_layout import EXCHANGE, ShardLayout
-from .types import EmbeddingModuleShardingPlan, ShardingEnv, ShardingType
+from jaggedrec.optim import FusedOptimizer, RowWiseAdagrad
+from jaggedrec.distributed.checkpoint import ShardedStateDict
+from jaggedrec.distributed.fused_params import fused_optimizer_from_params, fused_optimizer_in_backward
+from jaggedrec.distributed.shard_layout import EXCHANGE, ShardLayout
+from jaggedrec.distributed.types import EmbeddingModuleShardingPlan, ShardingEnv, ShardingType
 
 # rows per block of the deterministic initialisation of a module built on meta (see init_shard)
 INIT_BLOCK_ROWS = 4096

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .registry import HAS_TRITON
+from jaggedrec.ops.registry import HAS_TRITON
 
 BACKENDS = ("auto", "torch", "triton")
 

@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from jaggedrec.kernels.common import META_FIELDS
 
-from .pooled_torch import PooledPlan, make_plan
+from jaggedrec.ops.pooled_torch import PooledPlan, make_plan
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from . import pooled_torch as pt
-from .host_tasks import run_pieces
+from jaggedrec.ops import pooled_torch as pt
+from jaggedrec.ops.host_tasks import run_pieces
 
 SGD, ROWWISE_ADAGRAD, ADAM = 1, 2, 3
 

@@ -16,15 +16,15 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import pooled_torch, vbe
-from .backends import batch_inputs, check_storage, use_kernels
-from .feature_tables import feature_tables
-from .registry import define_host_op, define_op
-from .weight_grads import state_grads, weight_grad
+from jaggedrec.ops import pooled_torch, vbe
+from jaggedrec.ops.backends import batch_inputs, check_storage, use_kernels
+from jaggedrec.ops.feature_tables import feature_tables
+from jaggedrec.ops.registry import define_host_op, define_op
+from jaggedrec.ops.weight_grads import state_grads, weight_grad
 
 def _triton(*storage: torch.Tensor):
     check_storage(*storage)
-    from . import pooled_triton  # imported lazily: it pulls in the kernels
+    from jaggedrec.ops import pooled_triton  # imported lazily: it pulls in the kernels
     return pooled_triton
 
 
@@ -197,7 +197,7 @@ def _fused_update_host(grad_out: torch.Tensor, weights: torch.Tensor, values: to
 
 def _fused_update_torch(grad_out, weights, values, offsets, per_sample_weights, inverse_indices, tables, optimizer,
                         hparams, step, state1, state2) -> None:
-    from . import fused_torch
+    from jaggedrec.ops import fused_torch
     tables = feature_tables(tables)
     fused_torch.fused_update(grad_out, weights, values, offsets, per_sample_weights, tables.plan, tables.num_keys,
                              optimizer, hparams, step, state1, state2, list(tables.row_bases),

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .host_tasks import run_pieces
+from jaggedrec.ops.host_tasks import run_pieces
 
 POOLING_SUM, POOLING_MEAN = 0, 1
 

@@ -14,8 +14,8 @@ import torch
 
 from jaggedrec.kernels import pooled_bwd, pooled_fwd
 
-from . import runs_triton, vbe
-from .feature_tables import FeatureTables
+from jaggedrec.ops import runs_triton, vbe
+from jaggedrec.ops.feature_tables import FeatureTables
 
 
 def triton_forward(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,

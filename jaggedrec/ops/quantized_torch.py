@@ -22,8 +22,8 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import pooled_torch
-from .feature_tables import STORAGE_FP16, STORAGE_INT8, FeatureTables
+from jaggedrec.ops import pooled_torch
+from jaggedrec.ops.feature_tables import STORAGE_FP16, STORAGE_INT8, FeatureTables
 
 
 class Segment(NamedTuple):
@@ -119,8 +119,8 @@ def _bag_sums(rows: torch.Tensor, seg: Segment, ids: torch.Tensor, bag_offsets: 
 
 def _dequantized_sums(rows, storage, dim, ids, bag_offsets, psw) -> torch.Tensor:
     """``[n, dim]`` fp32 bag sums: the bags' rows gathered, dequantized, weighted, summed."""
-    from ..configs import DataType
-    from ..quant.rowwise import dequantize_rows
+    from jaggedrec.modules.embedding_configs import DataType
+    from jaggedrec.quant.rowwise import dequantize_rows
     data_type = DataType.INT8 if storage == STORAGE_INT8 else DataType.INT4
     values = dequantize_rows(rows.index_select(0, ids.long()), data_type, dim)
     if psw is not None:

@@ -10,7 +10,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from jaggedrec.kernels import quant_fwd
 
-from .feature_tables import FeatureTables
+from jaggedrec.ops.feature_tables import FeatureTables
 
 
 def _meta_rows(tables: FeatureTables) -> Tuple[Tuple[int, ...], ...]:

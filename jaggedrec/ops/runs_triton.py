@@ -18,7 +18,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from jaggedrec.kernels import pooled_fused, row_runs
 
-from .feature_tables import FeatureTables
+from jaggedrec.ops.feature_tables import FeatureTables
 
 
 class Contributions(NamedTuple):

@@ -18,16 +18,16 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import sequence_torch
-from .backends import batch_inputs, check_storage, use_kernels
-from .feature_tables import feature_tables
-from .registry import define_host_op, define_op
-from .weight_grads import state_grads, weight_grad
+from jaggedrec.ops import sequence_torch
+from jaggedrec.ops.backends import batch_inputs, check_storage, use_kernels
+from jaggedrec.ops.feature_tables import feature_tables
+from jaggedrec.ops.registry import define_host_op, define_op
+from jaggedrec.ops.weight_grads import state_grads, weight_grad
 
 
 def _triton(*storage: torch.Tensor):
     check_storage(*storage)
-    from . import sequence_triton  # imported lazily: it pulls in the kernels
+    from jaggedrec.ops import sequence_triton  # imported lazily: it pulls in the kernels
     return sequence_triton
 
 

@@ -16,9 +16,9 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import fused_torch
-from . import pooled_torch as pt
-from .feature_tables import FeatureTables
+from jaggedrec.ops import fused_torch
+from jaggedrec.ops import pooled_torch as pt
+from jaggedrec.ops.feature_tables import FeatureTables
 
 
 class Segment(NamedTuple):

@@ -13,9 +13,9 @@ import torch
 
 from jaggedrec.kernels import sequence_fwd
 
-from . import runs_triton
-from .feature_tables import FeatureTables
-from .sequence_torch import output_sizes
+from jaggedrec.ops import runs_triton
+from jaggedrec.ops.feature_tables import FeatureTables
+from jaggedrec.ops.sequence_torch import output_sizes
 
 
 def triton_forward(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, tables: FeatureTables,

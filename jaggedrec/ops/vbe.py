@@ -24,8 +24,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from ..jagged_tensor import lengths_to_offsets
-from .feature_tables import FeatureTables
+from jaggedrec.sparse.jagged_tensor import lengths_to_offsets
+from jaggedrec.ops.feature_tables import FeatureTables
 
 
 @torch.fx.wrap

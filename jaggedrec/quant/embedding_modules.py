@@ -10,18 +10,18 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .. import batch as batch_reader
-from .. import validation
-from ..configs import DataType, EmbeddingBagConfig, PoolingType
-from ..embedding_modules import EmbeddingBagCollection as FloatEmbeddingBagCollection
-from ..keyed_jagged_tensor import KeyedJaggedTensor
-from ..keyed_tensor import KeyedTensor
-from ..ops import quantized as quantized_ops
-from ..bad_ids import BOUNDS_CHECKS, BadIdReport
-from ..ops import vbe
-from ..ops.backends import BACKENDS, use_kernels
-from .rowwise import CLAMP_LIMIT, ON_OVERFLOW, QUANT_TYPES, fit_rows, quantize_rows
-from .storage import STORAGE_CODES, QuantGroup, QuantLayout
+from jaggedrec.modules import batch as batch_reader
+from jaggedrec.modules import validation
+from jaggedrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
+from jaggedrec.modules.embedding_modules import EmbeddingBagCollection as FloatEmbeddingBagCollection
+from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
+from jaggedrec.sparse.jagged_tensor import KeyedTensor
+from jaggedrec.ops import quantized as quantized_ops
+from jaggedrec.modules.bad_ids import BOUNDS_CHECKS, BadIdReport
+from jaggedrec.ops import vbe
+from jaggedrec.ops.backends import BACKENDS, use_kernels
+from jaggedrec.quant.rowwise import CLAMP_LIMIT, ON_OVERFLOW, QUANT_TYPES, fit_rows, quantize_rows
+from jaggedrec.quant.storage import STORAGE_CODES, QuantGroup, QuantLayout
 
 _BUFFER_NAMES = {DataType.INT8: "int8", DataType.INT4: "int4", DataType.FP16: "fp16"}
 

@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from ..configs import DataType
+from jaggedrec.modules.embedding_configs import DataType
 
 # bytes of scale plus bias at the end of a row
 _META_BYTES = {DataType.INT8: 8, DataType.INT4: 4, DataType.FP16: 0}

@@ -8,9 +8,9 @@ import numbers
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
-from ..configs import DataType, EmbeddingBagConfig
-from ..ops.feature_tables import STORAGE_FP16, STORAGE_INT4, STORAGE_INT8, FeatureTables
-from .rowwise import QUANT_TYPES, row_bytes
+from jaggedrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+from jaggedrec.ops.feature_tables import STORAGE_FP16, STORAGE_INT4, STORAGE_INT8, FeatureTables
+from jaggedrec.quant.rowwise import QUANT_TYPES, row_bytes
 
 STORAGE_CODES = {DataType.INT8: STORAGE_INT8, DataType.INT4: STORAGE_INT4, DataType.FP16: STORAGE_FP16}
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional
 
-from ..types import ShardingType
-from .topology import Topology
+from jaggedrec.distributed.types import ShardingType
+from jaggedrec.distributed.planner.topology import Topology
 
 _ID_BYTES = 8
 _OUT_BYTES = 4  # pooled outputs and their gradients are fp32

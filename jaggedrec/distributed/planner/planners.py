@@ -27,13 +27,13 @@ from typing import Dict, List, Optional, Sequence
 import torch.distributed as dist
 from torch import nn
 
-from ...configs import BaseEmbeddingConfig
-from ...optim import Adam, RowWiseAdagrad
-from .. import sharding_plan as hand
-from ..sharding_plan import block_sizes
-from ..types import EmbeddingComputeKernel, EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan, ShardingType
-from .cost import TableSpec, shard_costs
-from .topology import ParameterConstraints, Topology
+from jaggedrec.modules.embedding_configs import BaseEmbeddingConfig
+from jaggedrec.optim import Adam, RowWiseAdagrad
+from jaggedrec.distributed import sharding_plan as hand
+from jaggedrec.distributed.sharding_plan import block_sizes
+from jaggedrec.distributed.types import EmbeddingComputeKernel, EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan, ShardingType
+from jaggedrec.distributed.planner.cost import TableSpec, shard_costs
+from jaggedrec.distributed.planner.topology import ParameterConstraints, Topology
 
 
 class PlannerError(ValueError):
@@ -268,7 +268,7 @@ class _Ranks:
 def _collections(module: nn.Module, sharders: Optional[list]):
     """(path, collection, its sharder) for each outermost collection a sharder shards."""
     if not sharders:
-        from ..model_parallel import get_default_sharders
+        from jaggedrec.distributed.model_parallel import get_default_sharders
         sharders = get_default_sharders()
     found = []
     for path, m in module.named_modules():

@@ -12,8 +12,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .jagged_tensor import JaggedTensor
-from .keyed_jagged_tensor import KeyedJaggedTensor
+from jaggedrec.sparse._jagged import JaggedTensor
+from jaggedrec.sparse._kjt import KeyedJaggedTensor
 
 
 def from_jt_dict(jt_dict: Dict[str, JaggedTensor]) -> KeyedJaggedTensor:

@@ -10,15 +10,15 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from . import batch as batch_reader
-from .configs import EmbeddingBagConfig, EmbeddingConfig
-from .jagged_tensor import JaggedTensor
-from .keyed_jagged_tensor import KeyedJaggedTensor
-from .keyed_tensor import KeyedTensor
-from .ops import pooled as pooled_ops
-from .ops import sequence as sequence_ops
-from .optim import FusedOptimizer
-from .table_collection import TableCollection, TableView
+from jaggedrec.modules import batch as batch_reader
+from jaggedrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
+from jaggedrec.sparse.jagged_tensor import JaggedTensor
+from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
+from jaggedrec.sparse.jagged_tensor import KeyedTensor
+from jaggedrec.ops import pooled as pooled_ops
+from jaggedrec.ops import sequence as sequence_ops
+from jaggedrec.optim import FusedOptimizer
+from jaggedrec.modules.collection import TableCollection, TableView
 
 
 class EmbeddingBag(TableView):

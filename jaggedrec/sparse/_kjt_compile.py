@@ -15,8 +15,8 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch._dynamo.decorators import mark_unbacked, maybe_mark_dynamic
 
-from .jagged_tensor import JAGGED_FIELDS, flatten_with_keys_fn
-from .keyed_jagged_tensor import KeyedJaggedTensor
+from jaggedrec.sparse._jagged import JAGGED_FIELDS, flatten_with_keys_fn
+from jaggedrec.sparse._kjt import KeyedJaggedTensor
 
 
 def mark_dynamic_sizes(ids: Sequence[Optional[torch.Tensor]], bags: Sequence[Optional[torch.Tensor]]) -> None:

@@ -11,9 +11,9 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .host_memory import advise_huge_pages
-from .optim import FusedOptimizer
-from .tables import TableLayout
+from jaggedrec.ops.host_memory import advise_huge_pages
+from jaggedrec.optim import FusedOptimizer
+from jaggedrec.modules.table_layout import TableLayout
 
 
 class FusedOptimizerState(nn.Module):

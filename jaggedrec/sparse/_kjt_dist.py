@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .keyed_jagged_tensor import KeyedJaggedTensor
+from jaggedrec.sparse._kjt import KeyedJaggedTensor
 
 
 def dist_labels(kjt: KeyedJaggedTensor) -> List[str]:

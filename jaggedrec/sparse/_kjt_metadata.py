@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 import torch
 
 if TYPE_CHECKING:
-    from .keyed_jagged_tensor import KeyedJaggedTensor
+    from jaggedrec.sparse._kjt import KeyedJaggedTensor
 
 
 class KJTMetadata:

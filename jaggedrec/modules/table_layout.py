@@ -13,8 +13,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from .configs import BaseEmbeddingConfig, PoolingType
-from .ops.feature_tables import FeatureTables
+from jaggedrec.modules.embedding_configs import BaseEmbeddingConfig, PoolingType
+from jaggedrec.ops.feature_tables import FeatureTables
 
 _BLOCK_ALIGN = 32
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

@@ -18,9 +18,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .jagged_tensor import (JaggedTensor, SparseTypeMeta, _check_integer, _feature_string, lengths_to_offsets,
+from jaggedrec.sparse._jagged import (JaggedTensor, SparseTypeMeta, _check_integer, _feature_string, lengths_to_offsets,
                             offsets_to_lengths, size_in_bytes)
-from .kjt_metadata import KJTMetadata
+from jaggedrec.sparse._kjt_metadata import KJTMetadata
 
 
 @dataclasses.dataclass(init=False, repr=False, eq=False)
@@ -361,6 +361,6 @@ class KeyedJaggedTensor(KJTMetadata, metaclass=SparseTypeMeta):
 # to (looked up as ``_ops.name`` when called, which is also where torch.fx.wrap swaps in its
 # graph nodes while tracing), and what torch.compile is told of KJTs, whose pytree registration
 # is a side effect of the import.
-from . import kjt_compile as _compile  # noqa: E402
-from . import kjt_dist as _dist  # noqa: E402
-from . import kjt_ops as _ops  # noqa: E402
+from jaggedrec.sparse import _kjt_compile as _compile  # noqa: E402
+from jaggedrec.sparse import _kjt_dist as _dist  # noqa: E402
+from jaggedrec.sparse import _kjt_ops as _ops  # noqa: E402

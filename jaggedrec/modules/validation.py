@@ -16,7 +16,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .keyed_jagged_tensor import KeyedJaggedTensor
+from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
 class FeatureSpec(NamedTuple):

@@ -13,11 +13,11 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from . import validation
-from .keyed_jagged_tensor import KeyedJaggedTensor
-from .ops import vbe
-from .tables import StorageGroup
-from .validation import FeatureSpec
+from jaggedrec.modules import validation
+from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
+from jaggedrec.ops import vbe
+from jaggedrec.modules.table_layout import StorageGroup
+from jaggedrec.modules.validation import FeatureSpec
 
 
 class Batch(NamedTuple):

@@ -9,7 +9,7 @@ import torch
 import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 
-from .jagged_tensor import SparseTypeMeta, size_in_bytes
+from jaggedrec.sparse._jagged import SparseTypeMeta, size_in_bytes
 
 
 def _cumsum(sizes: List[int]) -> List[int]:

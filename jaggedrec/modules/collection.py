@@ -15,15 +15,15 @@ from typing import Dict, List, Optional, Sequence, Type
 import torch
 from torch import nn
 
-from . import validation
-from .bad_ids import BOUNDS_CHECKS, BadIdReport
-from .configs import BaseEmbeddingConfig
-from .fused_state import FusedOptimizerState
-from .host_memory import advise_huge_pages, retain_freed_memory
-from .keyed_jagged_tensor import KeyedJaggedTensor
-from .ops.backends import BACKENDS, use_kernels
-from .optim import FusedOptimizer
-from .tables import TableLayout
+from jaggedrec.modules import validation
+from jaggedrec.modules.bad_ids import BOUNDS_CHECKS, BadIdReport
+from jaggedrec.modules.embedding_configs import BaseEmbeddingConfig
+from jaggedrec.modules.fused_state import FusedOptimizerState
+from jaggedrec.ops.host_memory import advise_huge_pages, retain_freed_memory
+from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
+from jaggedrec.ops.backends import BACKENDS, use_kernels
+from jaggedrec.optim import FusedOptimizer
+from jaggedrec.modules.table_layout import TableLayout
 
 
 class TableView(nn.Module):

@@ -1,0 +1,1 @@
+"""Inference helpers at TorchRec's path (``torchrec.inference``)."""

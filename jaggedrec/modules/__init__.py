@@ -1,0 +1,1 @@
+"""Embedding modules at TorchRec's paths: ``embedding_configs`` and ``embedding_modules``."""
