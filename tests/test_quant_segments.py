@@ -3,7 +3,7 @@ type and dim pooled by one call over their block of tables (ids shifted), or one
 feature, and one-hot batches gathered batch-major.
 
 References: each feature pooled on its own in float64, from its table's rows decoded by the
-layout ``quant/rowwise.py`` documents (not by the package's decoder), so any id shift, key
+layout ``ops/quantized_rows.py`` documents (not by the package's decoder), so any id shift, key
 range or column placement that goes wrong shows; and the float collection within the rounding
 bound.
 """
@@ -49,7 +49,7 @@ def _float_module(weighted):
 
 def _decoded(rows, data_type, dim):
     """``[R, dim]`` float64 values of ``[R, stride]`` quantized rows, read off the layout that
-    ``quant/rowwise.py`` documents: codes from the row's start, scale and bias in its last bytes."""
+    ``ops/quantized_rows.py`` documents: codes from the row's start, scale and bias in its last bytes."""
     rows, stride = rows.contiguous(), rows.shape[1]
     if data_type == DataType.FP16:
         return rows[:, :2 * dim].contiguous().view(torch.float16).double()

@@ -1,7 +1,7 @@
 """``jaggedrec::quantized_embedding_bags``: every feature of a quantized bag collection in one op.
 
 Tables live in one flat uint8 buffer per storage type (INT8, INT4, FP16; layouts in
-``quant/rowwise.py``). The op knows them through ``FeatureTables`` with ``storage`` and
+``quantized_rows.py``). The op knows them through ``FeatureTables`` with ``storage`` and
 ``row_bytes`` set, byte offsets in ``weight_offsets``.
 
 The torch path (CPU) pools with torch's own row-wise quantized embedding-bag ops, one call per

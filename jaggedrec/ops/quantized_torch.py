@@ -22,7 +22,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from jaggedrec.ops import pooled_torch
+from jaggedrec.ops import pooled_torch, quantized_rows
 from jaggedrec.ops.feature_tables import STORAGE_FP16, STORAGE_INT8, FeatureTables
 
 
@@ -92,10 +92,6 @@ def _rows(buffers: Dict[int, torch.Tensor], seg: Segment) -> torch.Tensor:
                              buffer.storage_offset() + seg.start + first * seg.row_bytes)
 
 
-def _packed_bytes(storage: int, dim: int) -> int:
-    return dim + 8 if storage == STORAGE_INT8 else (dim + 1) // 2 + 4
-
-
 def _bag_sums(rows: torch.Tensor, seg: Segment, ids: torch.Tensor, bag_offsets: torch.Tensor,
               psw: Optional[torch.Tensor]) -> torch.Tensor:
     """``[n, D']`` fp32 bag sums (``D' >= D``: an odd INT4 dim's padding nibble may come along).
@@ -107,7 +103,7 @@ def _bag_sums(rows: torch.Tensor, seg: Segment, ids: torch.Tensor, bag_offsets: 
     if seg.storage == STORAGE_FP16:
         table = rows.narrow(1, 0, 2 * seg.dim).view(torch.float16)
         return pooled_torch._pooled_rows(ids, table, bag_offsets, psw, False)
-    if rows.device.type != "cpu" or rows.shape[1] != _packed_bytes(seg.storage, seg.dim):
+    if rows.device.type != "cpu" or rows.shape[1] != quantized_rows.row_bytes(seg.storage, seg.dim):
         # torch's ops need their exact CPU layout; padded rows (row_align > 1) are dequantized here
         return _dequantized_sums(rows, seg.storage, seg.dim, ids, bag_offsets, psw)
     op = (torch.ops.quantized.embedding_bag_byte_rowwise_offsets if seg.storage == STORAGE_INT8
@@ -119,10 +115,7 @@ def _bag_sums(rows: torch.Tensor, seg: Segment, ids: torch.Tensor, bag_offsets: 
 
 def _dequantized_sums(rows, storage, dim, ids, bag_offsets, psw) -> torch.Tensor:
     """``[n, dim]`` fp32 bag sums: the bags' rows gathered, dequantized, weighted, summed."""
-    from jaggedrec.modules.embedding_configs import DataType
-    from jaggedrec.quant.rowwise import dequantize_rows
-    data_type = DataType.INT8 if storage == STORAGE_INT8 else DataType.INT4
-    values = dequantize_rows(rows.index_select(0, ids.long()), data_type, dim)
+    values = quantized_rows.dequantize_rows(rows.index_select(0, ids.long()), storage, dim)
     if psw is not None:
         values = values * psw.unsqueeze(1)
     positions = torch.arange(ids.shape[0], dtype=bag_offsets.dtype, device=ids.device)

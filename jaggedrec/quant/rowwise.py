@@ -1,17 +1,10 @@
 """Row-wise quantized storage: each row's values as small integers, with the row's own scale
 and bias, so that ``value ~= q * scale + bias``.
 
-Row layouts, in bytes (``D`` the embedding dim), chosen so that torch's own quantized
-embedding-bag ops (FBGEMM's layouts) read a block of same-dim CPU rows as they are:
-
-* INT8: ``D`` uint8 codes, then fp32 scale and fp32 bias (8 bytes);
-* INT4: ``ceil(D/2)`` bytes, code ``2j`` in the low nibble of byte ``j`` and ``2j+1`` in the
-  high one, then fp16 scale and fp16 bias (4 bytes);
-* FP16: ``D`` fp16 values, no scale or bias.
-
-A row's stride is its size rounded up to ``row_align`` bytes: 16 for rows a GPU reads (the
-codes then start on 16-byte boundaries, for vector loads), 1 on CPU (torch's ops need the
-exact layout). The scale and bias always fill a row's last bytes.
+Row layouts (INT8: codes then fp32 scale and bias; INT4: packed nibbles then fp16 scale and
+bias; FP16: the values), strides and decoding live in ``jaggedrec/ops/quantized_rows.py``, beside
+the ops that read them; this module makes such rows and takes a ``DataType`` where the op layer
+takes a storage code (``STORAGE_CODES``).
 
 Quantization: INT8 follows FBGEMM exactly (scale ``(max-min)/255``, bias ``min``, codes
 ``round((x-min) * 255/(max-min+1e-8))``), bit for bit the rows of
@@ -32,28 +25,31 @@ import math
 import torch
 
 from jaggedrec.modules.embedding_configs import DataType
+from jaggedrec.ops import quantized_rows
+from jaggedrec.ops.feature_tables import STORAGE_FP16, STORAGE_INT4, STORAGE_INT8
 
-# bytes of scale plus bias at the end of a row
-_META_BYTES = {DataType.INT8: 8, DataType.INT4: 4, DataType.FP16: 0}
+# the op layer's code for each storage type
+STORAGE_CODES = {DataType.INT8: STORAGE_INT8, DataType.INT4: STORAGE_INT4, DataType.FP16: STORAGE_FP16}
 _LEVELS = {DataType.INT8: 255, DataType.INT4: 15}
 QUANT_TYPES = (DataType.INT8, DataType.INT4, DataType.FP16)
 
 
+def storage_code(data_type: DataType) -> int:
+    """The op layer's storage code (``STORAGE_INT8``, ...) of a quantized ``data_type``."""
+    code = STORAGE_CODES.get(data_type)
+    if code is None:
+        raise ValueError(f"{data_type} is not a quantized storage type (INT8, INT4 or FP16)")
+    return code
+
+
 def data_bytes(data_type: DataType, dim: int) -> int:
     """Bytes of a row's values (codes, or fp16 values)."""
-    if data_type == DataType.INT8:
-        return dim
-    if data_type == DataType.INT4:
-        return (dim + 1) // 2
-    if data_type == DataType.FP16:
-        return 2 * dim
-    raise ValueError(f"{data_type} is not a quantized storage type (INT8, INT4 or FP16)")
+    return quantized_rows.data_bytes(storage_code(data_type), dim)
 
 
 def row_bytes(data_type: DataType, dim: int, row_align: int) -> int:
     """A row's stride in bytes: its values plus scale and bias, rounded up to ``row_align``."""
-    size = data_bytes(data_type, dim) + _META_BYTES[data_type]
-    return -(-size // row_align) * row_align
+    return quantized_rows.row_bytes(storage_code(data_type), dim, row_align)
 
 
 ON_OVERFLOW = ("raise", "clamp")
@@ -174,36 +170,14 @@ def _round_half(x: torch.Tensor, down: bool) -> torch.Tensor:
     return torch.where(wrong, torch.nextafter(h, toward), h)
 
 
-def _fresh(t: torch.Tensor) -> torch.Tensor:
-    """A dense copy with fresh strides: the dtype views below need offsets and strides aligned to
-    their element size, which neither contiguous() (a one-row slice counts as contiguous at any
-    offset) nor clone() (it keeps such a slice's strides) promises."""
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
-
-
 def scale_bias(rows: torch.Tensor, data_type: DataType, dim: int):
     """``[R]`` fp32 scales and biases of ``[R, stride]`` quantized rows (INT8, INT4)."""
-    stride = rows.shape[1]
-    meta = _fresh(rows[:, stride - _META_BYTES[data_type]:])
-    if data_type == DataType.INT8:
-        pair = meta.view(torch.float32)
-    else:
-        pair = meta.view(torch.float16).float()
-    return pair[:, 0], pair[:, 1]
+    return quantized_rows.scale_bias(rows, storage_code(data_type))
 
 
 def dequantize_rows(rows: torch.Tensor, data_type: DataType, dim: int) -> torch.Tensor:
     """``[R, stride]`` uint8 rows -> ``[R, D]`` fp32."""
-    if data_type == DataType.FP16:
-        return _fresh(rows[:, :2 * dim]).view(torch.float16).float()
-    if data_type == DataType.INT8:
-        codes = rows[:, :dim].float()
-    else:
-        packed = rows[:, :(dim + 1) // 2]
-        codes = torch.stack([packed & 15, packed >> 4], dim=2).reshape(rows.shape[0], 2 * packed.shape[1])
-        codes = codes[:, :dim].float()
-    scale, bias = scale_bias(rows, data_type, dim)
-    return codes * scale[:, None] + bias[:, None]
+    return quantized_rows.dequantize_rows(rows, storage_code(data_type), dim)
 
 
 def error_bound(rows: torch.Tensor, data_type: DataType, dim: int) -> torch.Tensor:
