@@ -15,6 +15,9 @@
 
 The classes are written in the private modules beside this one; each is one object whatever
 path it is imported from (``jaggedrec.KeyedJaggedTensor`` is this module's).
+
+``as_keyed_jagged_tensor``, ``as_jagged_tensor`` and ``as_keyed_tensor`` take TorchRec's objects
+(or jaggedrec's, returned as they are) and give jaggedrec's, sharing the tensors.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import List
 
 import torch
 
+from jaggedrec.sparse._convert import as_jagged_tensor, as_keyed_jagged_tensor, as_keyed_tensor
 from jaggedrec.sparse._jagged import JaggedTensor, lengths_to_offsets, offsets_to_lengths
 from jaggedrec.sparse._keyed_tensor import KeyedTensor
 from jaggedrec.sparse._kjt import KeyedJaggedTensor
@@ -56,5 +60,5 @@ def regroup_kts(keyed_tensors: List[KeyedTensor], groups: List[List[str]]) -> Li
     return KeyedTensor.regroup(keyed_tensors, groups)
 
 
-__all__ = ["JaggedTensor", "KeyedJaggedTensor", "KeyedTensor", "jt_is_equal", "kjt_is_equal", "lengths_to_offsets",
-           "offsets_to_lengths", "regroup_kts"]
+__all__ = ["JaggedTensor", "KeyedJaggedTensor", "KeyedTensor", "as_jagged_tensor", "as_keyed_jagged_tensor",
+           "as_keyed_tensor", "jt_is_equal", "kjt_is_equal", "lengths_to_offsets", "offsets_to_lengths", "regroup_kts"]
