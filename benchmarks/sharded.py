@@ -16,15 +16,13 @@ out of time, 2 on bad flags.
 
 from __future__ import annotations
 
-import datetime
 import os
-import queue
-import socket
 import sys
-import traceback
 from typing import Callable, List, Optional, Sequence
 
 import torch
+
+from jaggedrec.testing import RankFailure, run_ranks, send_to_parent
 
 from .cli import build_parser, build_workloads, select_providers
 from .presets import DEFAULT_PRESET
@@ -121,10 +119,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.output:  # after every configuration, so a run cut short keeps what it measured
             write_json(args.output, document())
 
-    progress = not args.no_progress
-    job = (workloads, wanted, options, args.sharding, threads, device, min(300.0, args.timeout), progress)
+    job = (workloads, wanted, options, args.sharding, device, not args.no_progress)
     try:
-        launch(world, backend, job, args.timeout, on_result)
+        run_ranks(_rank_main, world, job, timeout=args.timeout, collective_timeout=min(300.0, args.timeout),
+                  backend=backend, threads=threads, on_message=lambda rank, run: on_result(run))
     except RankFailure as e:
         print(f"jaggedrec-bench: {e}", file=sys.stderr)
         return 1
@@ -164,93 +162,27 @@ def format_table(run: WorkloadResult, world: int, sharding: str, backend: str) -
 # --- the ranks ---------------------------------------------------------------------------------
 
 
-class RankFailure(RuntimeError):
-    """A rank raised, died or did not finish in time."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world: int, port: int, backend: str, results, job) -> None:
-    """A spawned rank: join the group, run every workload, put rank 0's results on ``results``."""
+def _rank_main(rank: int, world: int, job) -> None:
+    """A spawned rank (``jaggedrec.testing.run_ranks``): run every workload, send rank 0's
+    results to the parent as each is done."""
     import torch.distributed as dist
 
     from .sharded_comm import CollectiveCounter
     from .sharded_ranks import run_on_rank
 
-    workloads, wanted, options, sharding, threads, device, collective_timeout, progress = job
-    torch.set_num_threads(threads)
-    try:
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=collective_timeout))
-        env = RankEnv(world, rank, torch.device(device, rank) if device == "cuda" else torch.device(device),
-                      sharding, dist.group.WORLD)
-        say = _progress(len(workloads)) if progress and rank == 0 else None
-        with CollectiveCounter(cuda=device == "cuda") as counter:
-            for i, w in enumerate(workloads):
-                run = run_on_rank(w, wanted, options, env, counter,
-                                  (lambda msg, i=i: say(i, msg)) if say else (lambda msg: None))
-                if rank == 0:
-                    results.put(("result", rank, run))
-        results.put(("done", rank, None))
-    except BaseException:  # noqa: BLE001 - reported to the parent, which stops every rank
-        results.put(("error", rank, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    workloads, wanted, options, sharding, device, progress = job
+    env = RankEnv(world, rank, torch.device(device, rank) if device == "cuda" else torch.device(device),
+                  sharding, dist.group.WORLD)
+    say = _progress(len(workloads)) if progress and rank == 0 else None
+    with CollectiveCounter(cuda=device == "cuda") as counter:
+        for i, w in enumerate(workloads):
+            run = run_on_rank(w, wanted, options, env, counter,
+                              (lambda msg, i=i: say(i, msg)) if say else (lambda msg: None))
+            if rank == 0:
+                send_to_parent(run)
 
 
 def _progress(total: int) -> Callable[[int, str], None]:
     def say(index: int, message: str) -> None:
         print(f"[{index + 1}/{total}] {message}", file=sys.stderr, flush=True)
     return say
-
-
-def launch(world: int, backend: str, job, timeout_s: float, on_result: Callable[[WorkloadResult], None]) -> None:
-    """Spawn ``world`` ranks on a free port and hand rank 0's results to ``on_result`` as they
-    come; raises :class:`RankFailure` (after stopping every rank) when one fails, dies or the
-    run outlasts ``timeout_s``."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, backend, results, job), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout_s)
-    done, suspects = set(), set()
-    try:
-        while len(done) < world:
-            left = (deadline - datetime.datetime.now()).total_seconds()
-            if left <= 0:
-                raise RankFailure(f"ranks {sorted(set(range(world)) - done)} did not finish within {timeout_s:g} s "
-                                  f"(--timeout); stopped them")
-            try:
-                kind, rank, value = results.get(timeout=min(left, 2.0))
-            except queue.Empty:
-                dead = {r for r, p in enumerate(procs) if r not in done and not p.is_alive()}
-                if dead & suspects:  # seen dead twice: its last message, if any, would have come by now
-                    gone = sorted(dead & suspects)
-                    raise RankFailure(f"ranks {gone} exited ({[procs[r].exitcode for r in gone]}) before finishing")
-                suspects = dead
-                continue
-            if kind == "error":
-                raise RankFailure(f"rank {rank} failed:\n{value}")
-            if kind == "result":
-                on_result(value)
-            else:
-                done.add(rank)
-    finally:
-        for p in procs:
-            p.join(timeout=5 if len(done) == world else 0)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import time
 
 import torch
@@ -194,28 +193,22 @@ def train(args: argparse.Namespace, rank: int = 0, world: int = 1) -> dict:
     return {"first_loss": first, "last_loss": last, "losses": losses}
 
 
-def _rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world_size))
-    backend = "nccl" if args.device == "cuda" else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.world_size)
-    try:
-        train(args, rank, args.world_size)
-    finally:
-        dist.destroy_process_group()
+def _train_rank(rank: int, world: int, args: argparse.Namespace) -> dict:
+    """One rank of ``--world-size N``, in the process group that ``run_ranks`` set up."""
+    return train(args, rank, world)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.world_size == 1:
         return train(args)
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank_main, args=(args, port), nprocs=args.world_size, join=True)
-    return {}
+    from jaggedrec.testing import run_ranks
+
+    # each rank a process of its own; a rank that fails stops them all, with its traceback
+    per_rank = run_ranks(_train_rank, args.world_size, args, timeout=None, collective_timeout=600,
+                         backend="nccl" if args.device == "cuda" else "gloo",
+                         threads=max(1, (os.cpu_count() or 1) // args.world_size))
+    return per_rank[0]
 
 
 if __name__ == "__main__":
