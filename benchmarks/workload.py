@@ -312,20 +312,6 @@ def bytes_per_step(w: Workload, ids_per_feature: Sequence[int]) -> int:
     return r * rows + o * out
 
 
-def add_shape_arguments(parser, pooling_factor: float, bags_and_dtype: bool = True) -> None:
-    """The flags that the single-purpose benchmark scripts (cpu_floor, forward_breakdown, ab)
-    share for one dlrm-like shape: ``--tables --rows --dim --batch-size --pooling-factor``, and
-    with ``bags_and_dtype`` also ``--bag-size --dtype``."""
-    parser.add_argument("--tables", type=int, default=26)
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--pooling-factor", type=type(pooling_factor), default=pooling_factor)
-    if bags_and_dtype:
-        parser.add_argument("--bag-size", choices=("fixed", "random"), default="fixed")
-        parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
-
-
 # --- the unpooled EmbeddingCollection (``--module ec``) ---------------------------------------
 
 # Traffic per step of an unpooled lookup, in units of R (bytes of the rows gathered, in the

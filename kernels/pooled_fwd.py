@@ -6,7 +6,7 @@ key-major ``values``/``offsets``. The bags advance together, one id position at 
 each row load is a contiguous, vectorised ``BLOCK_D``-wide read. Short bags (one id, as in
 DLRM) therefore still keep many loads in flight, and the loop runs to the block's longest bag.
 Each step's ids are loaded one step ahead (``_gather``), so that the loop waits for one DRAM
-round trip per step; ``python -m jaggedrec.benchmarks.codegen_report`` reads that off the
+round trip per step; ``python benchmarks/tools/codegen_report.py`` reads that off the
 machine code.
 """
 

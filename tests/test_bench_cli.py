@@ -2,7 +2,9 @@
 and that a provider with a wrong answer is reported as wrong and never timed."""
 
 import csv
+import importlib
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -15,6 +17,7 @@ from jaggedrec.benchmarks.providers import EmbeddingBagLoop, EmbeddingLoop, Prov
 from jaggedrec.benchmarks.timing import interleaved_order, plan_samples, quantiles
 from jaggedrec.benchmarks.workload import Workload, bytes_per_step, ec_bytes_per_step, make_batches, make_ec_batches
 
+TOOLS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "tools"
 # 3 tables of dims 4, 8, 4: small enough that a whole run takes about a second
 TINY = ["--device", "cpu", "--tables", "3", "--num-embeddings", "50", "--dim", "4,8", "--batch-size", "8",
         "--pooling-factor", "2", "--bag-size", "random", "--repeats", "3", "--batches", "2", "--no-progress"]
@@ -195,8 +198,10 @@ def test_timing_helpers():
     assert plan_samples(0.01, repeats=10) == 100  # cheap steps: more samples, at most 10x
 
 
-def test_cpu_floor_runs_on_a_tiny_shape(capsys):
-    from jaggedrec.benchmarks import cpu_floor
+def test_cpu_floor_runs_on_a_tiny_shape(capsys, monkeypatch):
+    # a development tool beside the package (benchmarks/tools/, not installed), run as a script
+    monkeypatch.syspath_prepend(str(TOOLS))
+    cpu_floor = importlib.import_module("cpu_floor")
     cpu_floor.main(["--tables", "2", "--rows", "50", "--dim", "8", "--batch-size", "16", "--pooling-factor", "3",
                     "--repeats", "1"])
     out = capsys.readouterr().out
@@ -394,3 +399,35 @@ def test_busy_sweep_times_quiet_and_beside_a_busy_process(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(TINY + ["--busy", "x"])
     assert "--busy" in capsys.readouterr().err
+
+
+def test_the_installed_package_holds_the_cli_and_what_it_imports():
+    """benchmarks/, installed as jaggedrec.benchmarks, holds the CLI and the modules it reaches,
+    nothing else; the development tools live in benchmarks/tools/, which is not a listed package."""
+    import ast
+
+    tomllib = pytest.importorskip("tomllib")
+    root = TOOLS.parents[1]
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packaged = {}
+    for package in setup["packages"]:
+        if package == "jaggedrec.benchmarks" or package.startswith("jaggedrec.benchmarks."):
+            folder = root.joinpath("benchmarks", *package.split(".")[2:])
+            packaged.update({f"{package}.{p.stem}": p for p in folder.glob("*.py")})
+    assert "jaggedrec.benchmarks.cli" in packaged and not any(".tools" in m for m in packaged)
+    reached, todo = set(), ["jaggedrec.benchmarks.__main__", "jaggedrec.benchmarks.__init__"]
+    while todo:
+        module = todo.pop()
+        if module in reached or module not in packaged:
+            continue
+        reached.add(module)
+        here = module.rsplit(".", 1)[0]  # the module's package
+        for node in ast.walk(ast.parse(packaged[module].read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(here.split(".")[:len(here.split(".")) - node.level + 1] + ([base] if base else []))
+                todo += [base, base + ".__init__"] + [f"{base}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+    assert sorted(set(packaged) - reached) == []

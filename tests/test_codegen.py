@@ -20,7 +20,10 @@ triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 6),
                                 reason="the PTX probe is written against triton 3.6+ (checked with 3.6 and 3.9)")
 
-PROBE = os.path.join(os.path.dirname(__file__), "ptx_probe.py")
+# development tools, not installed: run as scripts from the checkout
+TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "tools")
+PROBE = os.path.join(TOOLS, "ptx_probe.py")
+REPORT = os.path.join(TOOLS, "codegen_report.py")
 
 
 def _compile(mode):
@@ -79,7 +82,7 @@ def test_every_kernel_variant_builds():
 
 
 # ----------------------------------------------------------------------------- loads in flight
-# The machine-code report (jaggedrec.benchmarks.codegen_report) reads the SASS scoreboard bits of
+# The machine-code report (benchmarks/tools/codegen_report.py) reads the SASS scoreboard bits of
 # every variant the library launches for a workload; these workloads cover 32- and 16-bit
 # tables, int64 and int32 ids, per-id weights, and dims that fill one 128-wide tile or not.
 WORKLOADS = [["--dtype", "fp32", "--dim", "128", "--ids", "int64"],
@@ -95,7 +98,7 @@ def _reports(tmp_path, workloads):
     for i, workload in enumerate(workloads):
         path = tmp_path / f"{i}.json"
         running.append((workload, path, subprocess.Popen(
-            [sys.executable, "-m", "jaggedrec.benchmarks.codegen_report", *workload, "--json", str(path)],
+            [sys.executable, REPORT, *workload, "--json", str(path)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)))
         if len(running) == 2 or i == len(workloads) - 1:
             for workload, path, process in running:

@@ -1,6 +1,6 @@
 """Accuracy and bytes of jaggedrec.quant against the fp32 collection it was built from.
 
-    python -m jaggedrec.benchmarks.quant_accuracy [--dims 16 64 128] [--bag 20] [--batch 2048]
+    python benchmarks/tools/quant_accuracy.py [--dims 16 64 128] [--bag 20] [--batch 2048]
 
 Tables are ``N(0, 1)`` rows (``--rows`` each); bags of ``--bag`` uniform ids. Prints, per storage
 type and dim, the module's bytes against fp32's, each pooled bag's relative error

@@ -1,7 +1,7 @@
 """What the kernels' machine code says about their speed, read without a GPU.
 
-    python -m jaggedrec.benchmarks.codegen_report                      # dlrm: fp32, dim 128, int64 ids
-    python -m jaggedrec.benchmarks.codegen_report --dtype fp16 --dim 64 --ids int32 --json out.json
+    python benchmarks/tools/codegen_report.py                      # dlrm: fp32, dim 128, int64 ids
+    python benchmarks/tools/codegen_report.py --dtype fp16 --dim 64 --ids int32 --json out.json
 
 Compiles every kernel variant the library launches for one workload to sm_90a (each autotune
 config, each switch the workload can set), disassembles it with the ``cuobjdump`` in Triton's
@@ -32,7 +32,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from . import sass  # noqa: E402
+import sass  # noqa: E402  (beside this script)
 
 # Hopper's per-multiprocessor limits (the same on H100 and H200)
 REGISTERS_PER_SM = 65536
@@ -283,7 +283,7 @@ def table(readings: Sequence[Reading]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaggedrec.benchmarks.codegen_report", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python benchmarks/tools/codegen_report.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--dim", type=int, default=128)

@@ -1,6 +1,6 @@
 """What a CPU training step cannot avoid, timed with the torch ops it would use.
 
-    python -m jaggedrec.benchmarks.cpu_floor [--tables 26] [--rows 100000] [--dim 64]
+    python benchmarks/tools/cpu_floor.py [--tables 26] [--rows 100000] [--dim 64]
         [--batch-size 4096] [--pooling-factor 20] [--repeats 7]
 
 A fused SGD step over the fused-optimizer issue's shapes must at least gather every id's row
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from jaggedrec.ops.host_memory import advise_huge_pages, retain_freed_memory
 
-from .workload import add_shape_arguments
+from shape_args import add_shape_arguments
 
 # Rows per chunk in the write-back timings: the same 2 MB (at dim 64) as the fused step.
 _CHUNK = 8192

@@ -1,9 +1,9 @@
 """Compile the kernels for an sm_90 GPU (no GPU needed: PTX only) and count their global
 memory instructions by kind. Run as a script, without TRITON_INTERPRET (``test_codegen``).
 
-    python tests/ptx_probe.py ALIGNMENT   ->  {"fwd": {"ld.global.v4.b32": 8, ...}, ...}
-    python tests/ptx_probe.py sweep       ->  {"compiled": 219, "failed": ["fwd HAS_PSW=True ...", ...], ...}
-    python tests/ptx_probe.py sweep --strict   (the same, exiting with 1 when a variant fails)
+    python benchmarks/tools/ptx_probe.py ALIGNMENT   ->  {"fwd": {"ld.global.v4.b32": 8, ...}, ...}
+    python benchmarks/tools/ptx_probe.py sweep       ->  {"compiled": 219, "failed": ["fwd HAS_PSW=True ...", ...], ...}
+    python benchmarks/tools/ptx_probe.py sweep --strict   (the same, exiting with 1 when a variant fails)
 
 ``sweep`` builds every variant the library can launch, so that a Triton release that cannot
 build one is found before a GPU is spent on it: every combination of each kernel's constexpr
@@ -27,7 +27,7 @@ from collections import Counter
 os.environ["JAGGEDREC_AUTOTUNE"] = "1"  # the kernels' configs are the tuned ones, whatever the caller's setting
 
 import triton
-from jaggedrec.benchmarks.codegen_report import argument_types, compile_kernel
+from codegen_report import argument_types, compile_kernel  # beside this script
 from jaggedrec.kernels import pooled_bwd, pooled_fused, pooled_fwd, quant_fwd, row_runs, sequence_fwd
 from jaggedrec.kernels.common import block_d
 

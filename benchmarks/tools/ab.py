@@ -1,7 +1,7 @@
 """Two checkouts of jaggedrec, timed against each other in one run: is a change faster or slower?
 
     git worktree add /tmp/jaggedrec-base <commit>
-    python -m jaggedrec.benchmarks.ab --base /tmp/jaggedrec-base [--new .] [--mode forward|train]
+    python benchmarks/tools/ab.py --base /tmp/jaggedrec-base [--new .] [--mode forward|train]
         [--pooling-factor 1] [--bag-size fixed] [--dtype fp32] [--rounds 8]
 
 Each round starts one process per checkout, in alternating order, with that checkout first on
@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 
-from .workload import add_shape_arguments
+from shape_args import add_shape_arguments
 
 # Runs in the child, against whichever jaggedrec comes first on its path.
 _CHILD = r"""

@@ -1,6 +1,6 @@
 """Where a CPU forward's time goes: the whole module, then each thing it does, alone.
 
-    python -m jaggedrec.benchmarks.forward_breakdown [--tables 26] [--rows 100000] [--dim 64]
+    python benchmarks/tools/forward_breakdown.py [--tables 26] [--rows 100000] [--dim 64]
         [--batch-size 4096] [--pooling-factor 1] [--bag-size fixed] [--dtype fp32] [--rounds 15]
         [--threads N]
 
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 import jaggedrec as jr
 from jaggedrec.modules import validation
 
-from .workload import Workload, add_shape_arguments, make_batches, reference_tables
+from jaggedrec.benchmarks.workload import Workload, make_batches, reference_tables
+from shape_args import add_shape_arguments
 
 
 def _parts(w: Workload, tables: List[torch.Tensor], batch) -> Dict[str, Callable[[], object]]:

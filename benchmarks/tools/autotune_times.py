@@ -1,6 +1,6 @@
 """Every autotune config's time, for the forward, the backward and each fused step, on a GPU.
 
-    python -m jaggedrec.benchmarks.autotune_times --output autotune.json    # dlrm's cuda shape
+    python benchmarks/tools/autotune_times.py --output autotune.json    # dlrm's cuda shape
 
 Triton's autotuner times every config of a kernel on its first launch for each tuning key,
 keeps the fastest, and remembers the times in ``configs_timings``. This runs one step of each
@@ -19,8 +19,8 @@ from typing import Dict, List
 
 import torch
 
-from .presets import PRESETS, preset_workloads
-from .workload import make_batches
+from jaggedrec.benchmarks.presets import PRESETS, preset_workloads
+from jaggedrec.benchmarks.workload import make_batches
 
 
 def _timings(kernel) -> Dict[str, float]:
@@ -73,7 +73,7 @@ def run(preset: str, device: str) -> List[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaggedrec.benchmarks.autotune_times", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python benchmarks/tools/autotune_times.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="dlrm", choices=sorted(PRESETS))
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the steps under TRITON_INTERPRET=1 (no timings)")

@@ -4,16 +4,16 @@
 # unpooled EmbeddingCollection (--module ec: forward, backward and train in one run each) at the
 # pooling preset's tables with 20 ids per feature, and at the mixed-dims preset.
 #
-#     bash benchmarks/cpu_results.sh benchmarks/results/cpu-<machine>-<date>
-#     ONLY=ec bash benchmarks/cpu_results.sh DIR     # just the EmbeddingCollection's runs (ONLY=ebc: the others)
+#     bash benchmarks/tools/cpu_results.sh benchmarks/results/cpu-<machine>-<date>
+#     ONLY=ec bash benchmarks/tools/cpu_results.sh DIR     # just the EmbeddingCollection's runs (ONLY=ebc: the others)
 #
 # THREADS sets torch's CPU threads (default 1). On a shared 2-core machine, two OpenMP threads
 # stall at every parallel region whenever a neighbour holds a core (a 6 ms step becomes 400 ms),
 # so one thread gives numbers that mean something; on an idle machine, THREADS=0 uses torch's
 # default. The JSON records the threads and the load average at each start.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-DIR="${1:?usage: bash benchmarks/cpu_results.sh OUTPUT_DIR}"
+cd "$(dirname "$0")/../.."
+DIR="${1:?usage: bash benchmarks/tools/cpu_results.sh OUTPUT_DIR}"
 BENCH="${BENCH:-jaggedrec-bench}"
 THREADS="${THREADS:-1}"
 mkdir -p "$DIR"

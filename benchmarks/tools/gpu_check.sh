@@ -4,7 +4,7 @@
 # 8 minutes: every step runs under `timeout`, and steps are skipped once the total budget
 # is spent. Run it from the repository root:
 #
-#     bash benchmarks/gpu_check.sh                 # OUT defaults to ./out
+#     bash benchmarks/tools/gpu_check.sh           # OUT defaults to ./out
 #
 # The device has Python 3.12, torch and triton preinstalled and no network, hence
 # `pip install --no-deps --no-build-isolation`. A failing step is logged and the script
@@ -12,9 +12,9 @@
 #
 # For a dry run on a machine without a GPU (no numbers from it are GPU numbers):
 #     GPU_CHECK_DEVICE=cpu GPU_CHECK_SKIP_INSTALL=1 \
-#     GPU_CHECK_EXTRA_ARGS="--num-embeddings 1000 --batch-size 64 --repeats 3" bash benchmarks/gpu_check.sh
+#     GPU_CHECK_EXTRA_ARGS="--num-embeddings 1000 --batch-size 64 --repeats 3" bash benchmarks/tools/gpu_check.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 OUT="${OUT:-./out}"
 mkdir -p "$OUT"
@@ -109,7 +109,7 @@ for round in 1 2; do
     done
 done
 # every autotune config's time, forward, backward and each fused step, both loops
-step autotune-times 60 $PY -m jaggedrec.benchmarks.autotune_times --output "$OUT/autotune_times.json"
+step autotune-times 60 $PY benchmarks/tools/autotune_times.py --output "$OUT/autotune_times.json"
 bench dlrm-forward 45 --preset dlrm --mode forward --providers "$NO_COMPILE"
 bench dlrm-backward 40 --preset dlrm --mode backward --providers "$NO_COMPILE"
 bench dlrm-train 40 --preset dlrm --mode train --providers "$NO_COMPILE"
