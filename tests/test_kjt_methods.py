@@ -502,3 +502,67 @@ def test_record_stream_on_cuda_keeps_tensors_for_the_side_stream():
         total = kjt.values().sum()
     torch.cuda.synchronize()
     assert int(total) == int(args["values"].sum())
+
+
+# --- the public methods the embedding modules call: offsets for the lookup, and what is known ------
+
+def _lengths_and_offsets(agree: bool):
+    lengths = torch.tensor([2, 0, 1, 1], dtype=torch.int32)
+    offsets = torch.tensor([0, 2, 2, 3, 4] if agree else [0, 1, 2, 3, 4], dtype=torch.int32)
+    return KeyedJaggedTensor(["a", "b"], torch.arange(4), lengths=lengths, offsets=offsets)
+
+
+def test_lookup_offsets_come_from_the_lengths_until_given_offsets_are_checked():
+    """Offsets given beside lengths are unchecked: the lookup reads the lengths' offsets
+    (uncached, the given ones left as they are) until validation marks them as agreeing."""
+    disagree = _lengths_and_offsets(agree=False)
+    assert disagree.has_unchecked_offsets()
+    assert disagree.lookup_offsets().tolist() == [0, 2, 2, 3, 4]
+    assert disagree.offsets().tolist() == [0, 1, 2, 3, 4]  # still the caller's
+    agree = _lengths_and_offsets(agree=True)
+    given = agree.offsets()
+    agree.mark_offsets_checked()
+    assert not agree.has_unchecked_offsets() and agree.lookup_offsets() is given
+    # the check is kept by a move to another device (here the same one), not invented by it
+    assert not agree.to(torch.device("cpu")).has_unchecked_offsets()
+    assert disagree.to(torch.device("cpu")).has_unchecked_offsets()
+
+
+def test_derived_offsets_are_never_unchecked():
+    kjt = KeyedJaggedTensor(["a", "b"], torch.arange(4), lengths=torch.tensor([2, 0, 1, 1]))
+    assert not kjt.has_unchecked_offsets()
+    derived = kjt.offsets()
+    assert not kjt.has_unchecked_offsets() and kjt.lookup_offsets() is derived
+    only_offsets = KeyedJaggedTensor(["a", "b"], torch.arange(4), offsets=torch.tensor([0, 2, 2, 3, 4]))
+    assert not only_offsets.has_unchecked_offsets() and only_offsets.lookup_offsets().tolist() == [0, 2, 2, 3, 4]
+
+
+def test_collection_pools_with_the_lengths_when_given_offsets_disagree():
+    """validate=False: no check, and the lengths decide; validate=True: the disagreement is named."""
+    kjt = _lengths_and_offsets(agree=False)
+    config = jr.EmbeddingBagConfig(name="t", embedding_dim=2, num_embeddings=4, feature_names=["a", "b"])
+    ebc = jr.EmbeddingBagCollection([config], validate=False, backend="torch")
+    rows = ebc.embedding_bags["t"].weight.detach()
+    pooled = ebc(kjt).values()
+    # a: [0, 1], []; b: [2], [3] (the given offsets would make a: [0], [1])
+    expected = torch.stack([torch.cat([rows[0] + rows[1], rows[2]]), torch.cat([rows.new_zeros(2), rows[3]])])
+    torch.testing.assert_close(pooled, expected)
+    with pytest.raises(ValueError, match="disagree"):
+        jr.EmbeddingBagCollection([config], backend="torch")(_lengths_and_offsets(agree=False))
+
+
+def test_or_none_accessors_report_only_what_is_known():
+    vbe = KeyedJaggedTensor(["a", "b"], torch.arange(3), lengths=torch.tensor([1, 0, 2]),
+                            stride_per_key_per_rank=torch.tensor([[1], [2]]))
+    assert vbe.stride_or_none() is None and vbe.stride_per_key_or_none() is None
+    assert vbe.lengths_offset_per_key_or_none() is None and vbe.index_per_key_or_none() is None
+    assert vbe.stride_per_key_per_rank_tensor().tolist() == [[1], [2]]
+    assert vbe.stride() == 2 and vbe.stride_or_none() == 2
+    assert vbe.stride_per_key_or_none() == [1, 2] and vbe.lengths_offset_per_key_or_none() is None
+    assert vbe["b"].values().tolist() == [1, 2] and vbe.index_per_key_or_none() == {"a": 0, "b": 1}
+    assert vbe.lengths_offset_per_key_or_none() == [0, 1, 3]
+    plain = KeyedJaggedTensor(["a", "b"], torch.arange(3), lengths=torch.tensor([1, 0, 2, 0]))
+    assert plain.stride_or_none() == 2 and plain.stride_per_key_per_rank_tensor() is None
+    as_list = KeyedJaggedTensor(["a"], torch.arange(1), lengths=torch.tensor([1]), stride_per_key_per_rank=[[1]])
+    held = as_list.stride_per_key_per_rank_tensor()
+    assert held.dtype == torch.int32 and held.tolist() == [[1]]

@@ -46,7 +46,7 @@ def _parts(w: Workload, tables: List[torch.Tensor], batch) -> Dict[str, Callable
 
     group = ebc._layout.groups[0]
     flat = ebc.flat_weights[group.name]
-    offsets = kjt()._lookup_offsets()
+    offsets = kjt().lookup_offsets()
     num_keys, size = len(keys), w.batch_size
     block = flat.detach().view(-1, tables[0].shape[1]) if len(set(w.table_dims)) == 1 else None
     base = torch.tensor(ebc._layout.groups[0].weight_offsets) // tables[0].shape[1]
@@ -62,7 +62,7 @@ def _parts(w: Workload, tables: List[torch.Tensor], batch) -> Dict[str, Callable
         "  the op alone (pooled_embedding_bags)": op,
         "  checks: shapes and dtypes": lambda: validation.check_static(kjt(), ebc._spec),
         "  checks: lengths and id ranges (one read to the host)": lambda: validation.check_data(kjt(), ebc._spec),
-        "  offsets from lengths (cumsum)": lambda: kjt()._lookup_offsets(),
+        "  offsets from lengths (cumsum)": lambda: kjt().lookup_offsets(),
     }
     if block is not None and w.pooling_factor == 1 and w.bag_size == "fixed":
         shifted = (batch.values.view(num_keys, size).t() + base).reshape(-1)

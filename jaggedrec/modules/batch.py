@@ -50,7 +50,7 @@ def read_batch(kjt: KeyedJaggedTensor, spec: FeatureSpec, groups: Tuple[StorageG
     if kjt.variable_stride_per_key():
         offsets = vbe.vbe_offsets(kjt.lengths(), kjt.stride_per_key())
     else:
-        offsets = kjt._lookup_offsets()
+        offsets = kjt.lookup_offsets()
     inverse = _output_inverse_indices(kjt, output_features, spec, validate)
     if inverse is None:
         group_inverse = [None] * len(groups)

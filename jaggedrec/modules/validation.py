@@ -95,7 +95,7 @@ def check_static(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
 
 def _check_vbe_strides(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> int:
     """A VBE KJT's strides, checked against its keys; returns its number of bags."""
-    spkpr = kjt._stride_per_key_per_rank
+    spkpr = kjt.stride_per_key_per_rank_tensor()
     if spkpr.dim() != 2 or spkpr.shape[0] != len(kjt.keys()):
         raise ValueError(f"{spec.owner}: stride_per_key_per_rank must be [keys, ranks] = [{len(kjt.keys())}, R], "
                          f"got shape {tuple(spkpr.shape)}")
@@ -129,8 +129,8 @@ def check_data(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
     if bag_starts[-1] == 0 or values.is_meta:
         return  # no bags (check_static saw to it that there are no ids), or no data to read
     lengths = kjt.lengths_or_none()
-    both = kjt._offsets_unchecked()  # given lengths and offsets: compared, then the offsets serve
-    offsets = kjt.offsets() if both else kjt._lookup_offsets()
+    both = kjt.has_unchecked_offsets()  # given lengths and offsets: compared, then the offsets serve
+    offsets = kjt.offsets() if both else kjt.lookup_offsets()
     if lengths is None:
         lengths = offsets[1:] - offsets[:-1]
     low, high = torch.aminmax(values) if num_ids else (offsets.new_zeros(()), offsets.new_zeros(()))
@@ -143,7 +143,7 @@ def check_data(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
     bad_length, bad_start, bad_total = shortest < 0, first != 0, total != num_ids
     if not (bad_length or bad_start or bad_total or any(disagree) or low < 0 or high >= min(spec.key_rows.values())):
         if both:
-            kjt._mark_offsets_checked()
+            kjt.mark_offsets_checked()
         return
     if bad_length:
         where = int(torch.nonzero(lengths < 0)[0])
@@ -177,7 +177,7 @@ def _assert_in_graph(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
     Skipped off CPU: on CUDA a failed assert is a device-side assert that ends the CUDA
     context, and the Triton kernels bounds-check ids themselves.
     """
-    values, offsets, keys = kjt.values(), kjt._lookup_offsets(), kjt.keys()
+    values, offsets, keys = kjt.values(), kjt.lookup_offsets(), kjt.keys()
     if values.device.type != "cpu" or not keys:
         return
     num_ids = values.shape[0]

@@ -1,5 +1,6 @@
 """``JaggedTensor``: one jagged feature over a batch, with TorchRec's API, and the helpers
-that ``KeyedJaggedTensor`` (in ``keyed_jagged_tensor.py``) shares.
+that ``KeyedJaggedTensor`` (in ``_kjt.py``) shares: the metaclass, integer checks, lengths
+and offsets, printing, and what torch.compile is told of the sizes.
 
 The tensors are the only required state; lengths and offsets are derived from each other
 on first use and cached.
@@ -8,24 +9,26 @@ on first use and cached.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.fx._symbolic_trace as fx_trace
 import torch.utils._pytree as pytree
+from torch._dynamo.decorators import mark_unbacked, maybe_mark_dynamic
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-class SparseTypeMeta(fx_trace.ProxyableClassMeta):
+class JaggedTensorMeta(fx_trace.ProxyableClassMeta):
     """Metaclass of the sparse types: under ``torch.fx.symbolic_trace`` a constructor call on
     traced values becomes one node of the graph instead of running ``__init__`` (whose checks
     would branch on traced values), as TorchRec's types do."""
 
     def __call__(cls, *args, **kwargs):
-        # Outside fx tracing, plain construction. Read as a flag: torch's own check
-        # (is_fx_tracing) logs a warning on first use, which every KJT would then trigger.
-        if not fx_trace._is_fx_tracing_flag:
+        # Outside fx symbolic tracing, plain construction. Asked without torch's older check
+        # (is_fx_tracing), which logs a warning on first use that every KJT would then trigger,
+        # and is also true under torch.export, where arguments are never fx proxies.
+        if not fx_trace.is_fx_symbolic_tracing():
             return type.__call__(cls, *args, **kwargs)
         return super().__call__(*args, **kwargs)
 
@@ -94,8 +97,28 @@ def size_in_bytes(*tensors: Optional[torch.Tensor]) -> int:
     return sum(t.element_size() * t.numel() for t in tensors if t is not None)
 
 
+def mark_dynamic_sizes(ids: Sequence[Optional[torch.Tensor]], bags: Sequence[Optional[torch.Tensor]]) -> None:
+    """Tell torch.compile, before it first sees a batch, which sizes change between batches.
+
+    ``ids`` (``[N]`` values and weights) become unbacked: the graph serves every N, 0 and 1
+    included, with no guard on it, where a plain dynamic size would be specialised (and the
+    graph recompiled) for batches of 0 or 1 ids. Only the op reads N, and it never branches
+    on it. ``bags`` (``[K*B]`` lengths, ``[K*B+1]`` offsets) become dynamic but stay backed,
+    so that user code may treat the batch size as any other size; B=1 then gets its own
+    graph, as it would for any dense input.
+    """
+    if torch.compiler.is_compiling():
+        return  # tensors made inside a graph are already symbolic
+    for t in ids:
+        if t is not None:
+            mark_unbacked(t, 0)
+    for t in bags:
+        if t is not None:
+            maybe_mark_dynamic(t, 0)
+
+
 @dataclasses.dataclass(init=False, repr=False, eq=False)
-class JaggedTensor(metaclass=SparseTypeMeta):
+class JaggedTensor(metaclass=JaggedTensorMeta):
     """One feature for a batch: bag ``b`` holds ``values[offsets[b]:offsets[b+1]]``.
 
     Args:
@@ -134,9 +157,10 @@ class JaggedTensor(metaclass=SparseTypeMeta):
         uninitialised tensors of ``jt``'s shapes and dtypes there (a buffer to copy into)."""
         if device is None:
             like = lambda t: None if t is None else t.new_empty(0)  # noqa: E731
-            return JaggedTensor(like(jt._values), like(jt._weights), lengths=jt.lengths().new_empty(0))
+            return JaggedTensor(like(jt.values()), like(jt.weights_or_none()), lengths=jt.lengths().new_empty(0))
         like = lambda t: None if t is None else torch.empty_like(t, device=device)  # noqa: E731
-        return JaggedTensor(like(jt._values), like(jt._weights), like(jt._lengths), like(jt._offsets))
+        return JaggedTensor(like(jt.values()), like(jt.weights_or_none()), like(jt.lengths_or_none()),
+                            like(jt.offsets_or_none()))
 
     @staticmethod
     def from_dense(values: List[torch.Tensor], weights: Optional[List[torch.Tensor]] = None) -> "JaggedTensor":
@@ -238,7 +262,7 @@ class JaggedTensor(metaclass=SparseTypeMeta):
 # Only tensors are leaves.
 
 def _jt_flatten(jt: JaggedTensor):
-    return [jt._values, jt._weights, jt._lengths, jt._offsets], None
+    return [jt.values(), jt.weights_or_none(), jt.lengths_or_none(), jt.offsets_or_none()], None
 
 
 def _jt_unflatten(children, _context) -> JaggedTensor:

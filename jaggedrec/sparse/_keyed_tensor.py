@@ -9,7 +9,7 @@ import torch
 import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 
-from jaggedrec.sparse._jagged import SparseTypeMeta, size_in_bytes
+from jaggedrec.sparse._jagged import JaggedTensorMeta, size_in_bytes
 
 
 def _cumsum(sizes: List[int]) -> List[int]:
@@ -20,7 +20,7 @@ def _cumsum(sizes: List[int]) -> List[int]:
 
 
 @dataclasses.dataclass(init=False, repr=False, eq=False)
-class KeyedTensor(metaclass=SparseTypeMeta):
+class KeyedTensor(metaclass=JaggedTensorMeta):
     """Dense blocks, one per key, concatenated along ``key_dim``.
 
     Args:
@@ -151,7 +151,7 @@ def _regroup_as_dict(keyed_tensors: List[KeyedTensor], groups: List[List[str]],
 # --- pytree -------------------------------------------------------------------------------------
 
 def _kt_flatten(kt: KeyedTensor):
-    return [kt._values], (list(kt._keys), list(kt._length_per_key), kt._key_dim)
+    return [kt.values()], (list(kt.keys()), list(kt.length_per_key()), kt.key_dim())
 
 
 def _kt_flatten_with_keys(kt: KeyedTensor):

@@ -5,10 +5,11 @@ The tensors are the only required state; everything read back to the host
 the module's forward path needs it, so the GPU never waits on the host there.
 
 This file holds the dataclass: its fields, construction, the tensors and their per-key views.
-Beside it: ``kjt_metadata.py`` (the host metadata: batch sizes, VBE, ids per key, a mixin),
-``kjt_ops.py`` (permute, split, concat and the other KJTs-from-KJTs builders the methods
-delegate to, and copy_), ``kjt_dist.py`` (the input all-to-all's dist_* methods) and
-``kjt_compile.py`` (dynamic sizes and the pytree registration).
+It imports the modules that hold the rest of its methods, and none of them imports it back:
+``_kjt_metadata.py`` (the host metadata: batch sizes, VBE, ids per key, a mixin),
+``_kjt_ops.py`` (permute, split, concat and the other KJTs-from-KJTs builders the methods
+delegate to, and copy_'s checks) and ``_kjt_dist.py`` (the input all-to-all's dist_* methods).
+``_kjt_pytree.py`` imports this one to register the class as a pytree node.
 """
 
 from __future__ import annotations
@@ -18,13 +19,18 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from jaggedrec.sparse._jagged import (JaggedTensor, SparseTypeMeta, _check_integer, _feature_string, lengths_to_offsets,
-                            offsets_to_lengths, size_in_bytes)
+from jaggedrec.sparse import _kjt_dist as _dist
+from jaggedrec.sparse import _kjt_ops as _ops
+from jaggedrec.sparse._jagged import (JaggedTensor, JaggedTensorMeta, _check_integer, _feature_string,
+                                      lengths_to_offsets, mark_dynamic_sizes, offsets_to_lengths, size_in_bytes)
 from jaggedrec.sparse._kjt_metadata import KJTMetadata
+
+# The builders the methods delegate to are looked up as ``_ops.name`` when called, which is also
+# where torch.fx.wrap swaps in their graph nodes while tracing.
 
 
 @dataclasses.dataclass(init=False, repr=False, eq=False)
-class KeyedJaggedTensor(KJTMetadata, metaclass=SparseTypeMeta):
+class KeyedJaggedTensor(KJTMetadata, metaclass=JaggedTensorMeta):
     """Several jagged features over one batch, stored key-major.
 
     For keys ``["f0", "f1"]`` and batch size ``B = 3``::
@@ -96,7 +102,7 @@ class KeyedJaggedTensor(KJTMetadata, metaclass=SparseTypeMeta):
         _check_integer(offsets, "offsets", "KeyedJaggedTensor")
         self._keys = list(keys)
         self._values, self._weights, self._lengths, self._offsets = values, weights, lengths, offsets
-        _compile.mark_dynamic_sizes((values, weights), (lengths, offsets))
+        mark_dynamic_sizes((values, weights), (lengths, offsets))
         if isinstance(stride_per_key_per_rank, (list, tuple)):
             if stride_per_key is None and all(isinstance(r, (list, tuple)) for r in stride_per_key_per_rank):
                 stride_per_key = [sum(r) for r in stride_per_key_per_rank]  # known here: no read back
@@ -143,7 +149,7 @@ class KeyedJaggedTensor(KJTMetadata, metaclass=SparseTypeMeta):
     def from_jt_dict(jt_dict: Dict[str, JaggedTensor]) -> "KeyedJaggedTensor":
         """Stack per-feature JaggedTensors into a KJT, keys in dict order; features of different
         batch sizes make a VBE KJT (one rank), as in TorchRec."""
-        return _ops.from_jt_dict(jt_dict)
+        return _ops.from_jt_dict(KeyedJaggedTensor, jt_dict)
 
     @staticmethod
     def empty(is_weighted: bool = False, device: Optional[torch.device] = None,
@@ -189,7 +195,7 @@ class KeyedJaggedTensor(KJTMetadata, metaclass=SparseTypeMeta):
             if self._offsets is None:
                 raise self._no_bags_given()
             self._lengths = offsets_to_lengths(self._offsets)
-            _compile.mark_dynamic_sizes((), (self._lengths,))
+            mark_dynamic_sizes((), (self._lengths,))
         return self._lengths
 
     def offsets(self) -> torch.Tensor:
@@ -203,25 +209,30 @@ class KeyedJaggedTensor(KJTMetadata, metaclass=SparseTypeMeta):
                 raise self._no_bags_given()
             self._offsets = lengths_to_offsets(self._lengths)
             self._offsets_agree = True
-            _compile.mark_dynamic_sizes((), (self._offsets,))  # cached: a compiled graph may see it as an input
+            mark_dynamic_sizes((), (self._offsets,))  # cached: a compiled graph may see it as an input
         return self._offsets
 
-    def _lookup_offsets(self) -> torch.Tensor:
+    def lookup_offsets(self) -> torch.Tensor:
         """``[K*B+1]`` the offsets the embedding modules pool with: those of the lengths whenever
         the KJT has lengths. A compiled graph reads only the lengths (see :meth:`offsets`), so
         eager code must too, or a KJT given lengths and offsets that disagree would give two
         answers. Offsets given beside the lengths serve once validation has found that they
-        agree (``validate=True``; see :meth:`_mark_offsets_checked`)."""
+        agree (``validate=True``; see :meth:`mark_offsets_checked`)."""
         # compiling: no look at the cached offsets, which would guard the graph on their presence
-        if self._lengths is not None and (torch.compiler.is_compiling() or self._offsets_unchecked()):
+        if self._lengths is not None and (torch.compiler.is_compiling() or self.has_unchecked_offsets()):
             return lengths_to_offsets(self._lengths)  # not cached: the caller's offsets stay as given
         return self.offsets()
 
-    def _offsets_unchecked(self) -> bool:
-        """The caller gave both lengths and offsets, which may disagree: validation compares them."""
+    def has_unchecked_offsets(self) -> bool:
+        """Whether the KJT holds lengths and offsets that nobody has yet found to agree: both
+        given by the caller (or the offsets given and the lengths taken from elsewhere), and
+        not since compared. Validation compares them, then :meth:`mark_offsets_checked`.
+        False when the offsets were derived here from the lengths, or only one is held."""
         return self._lengths is not None and self._offsets is not None and not self._offsets_agree
 
-    def _mark_offsets_checked(self) -> None:
+    def mark_offsets_checked(self) -> None:
+        """Record that the held offsets agree with the held lengths (validation has compared
+        them), so that :meth:`lookup_offsets` may use the offsets as they are."""
         self._offsets_agree = True
 
     def lengths_or_none(self) -> Optional[torch.Tensor]:
@@ -303,28 +314,29 @@ class KeyedJaggedTensor(KJTMetadata, metaclass=SparseTypeMeta):
         in order). ``stride_per_rank`` gives each rank's B (not VBE; when they differ, ``recat``
         orders single bags); VBE strides come with the tensors and ``stagger`` orders them as
         ``recat`` ordered the ranks. Synced, as TorchRec's is."""
-        return _dist.dist_init(keys, tensors, variable_stride_per_key, num_workers, recat, stride_per_rank, stagger)
+        return _dist.dist_init(KeyedJaggedTensor, keys, tensors, variable_stride_per_key, num_workers, recat,
+                               stride_per_rank, stagger)
 
     # --- movement -------------------------------------------------------------------
-    def _map(self, fn) -> "KeyedJaggedTensor":
-        opt = lambda t: None if t is None else fn(t)  # noqa: E731
+    def _map(self, fn, weights_fn=None) -> "KeyedJaggedTensor":
+        """The same KJT with ``fn`` applied to each tensor (``weights_fn`` to the weights, if given)."""
+        opt = lambda t, f=fn: None if t is None else f(t)  # noqa: E731
         inverse = self._inverse_indices
         kjt = KeyedJaggedTensor(
-            self._keys, fn(self._values), opt(self._weights), opt(self._lengths), opt(self._offsets),
+            self._keys, fn(self._values), opt(self._weights, weights_fn or fn), opt(self._lengths), opt(self._offsets),
             stride=self._stride, stride_per_key_per_rank=self._stride_per_key_per_rank,
             stride_per_key=self._stride_per_key, length_per_key=self._length_per_key,
             lengths_offset_per_key=self._lengths_offset_per_key, offset_per_key=self._offset_per_key,
             index_per_key=self._index_per_key, inverse_indices=None if inverse is None else (inverse[0], fn(inverse[1])))
-        kjt._offsets_agree = self._offsets_agree
+        if self._offsets_agree:
+            kjt.mark_offsets_checked()
         return kjt
 
     def to(self, device: torch.device, non_blocking: bool = False,
            dtype: Optional[torch.dtype] = None) -> "KeyedJaggedTensor":
         """A copy on ``device``; ``dtype`` converts the weights only, as in TorchRec."""
-        kjt = self._map(lambda t: t.to(device, non_blocking=non_blocking))
-        if dtype is not None and kjt._weights is not None:
-            kjt._weights = kjt._weights.to(dtype)
-        return kjt
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return self._map(move, None if dtype is None else lambda t: move(t).to(dtype))
 
     def pin_memory(self) -> "KeyedJaggedTensor":
         return self._map(lambda t: t.pin_memory())
@@ -332,7 +344,18 @@ class KeyedJaggedTensor(KJTMetadata, metaclass=SparseTypeMeta):
     def copy_(self, kjt: "KeyedJaggedTensor", non_blocking: bool = False) -> "KeyedJaggedTensor":
         """Copy ``kjt``'s tensors into this KJT's (same keys and shapes: a buffer from
         :meth:`empty_like`) and take its host metadata; returns this KJT."""
-        return _ops.copy_(self, kjt, non_blocking)
+        _ops.copy_tensors(self, kjt, non_blocking)
+        inverse = kjt.inverse_indices_or_none()
+        if self._inverse_indices is not None:
+            self._inverse_indices = (list(inverse[0]), self._inverse_indices[1])
+        self._offsets_agree = not kjt.has_unchecked_offsets() or self._lengths is None or self._offsets is None
+        # the host metadata is the source's, as TorchRec's copy_ takes it
+        self._stride, self._stride_per_key_per_rank = kjt.stride_or_none(), kjt.stride_per_key_per_rank_tensor()
+        self._stride_per_key, self._lengths_offset_per_key = kjt.stride_per_key_or_none(), \
+            kjt.lengths_offset_per_key_or_none()
+        self._length_per_key, self._offset_per_key = kjt.length_per_key_or_none(), kjt.offset_per_key_or_none()
+        self._index_per_key = kjt.index_per_key_or_none()
+        return self
 
     def record_stream(self, stream: torch.Stream) -> None:
         """Mark every device tensor held as in use by ``stream`` (host tensors: nothing to do)."""
@@ -355,12 +378,3 @@ class KeyedJaggedTensor(KJTMetadata, metaclass=SparseTypeMeta):
         rows = [f'    "{key}": ' + _feature_string(self._values, self._weights, offsets, bags[k], bags[k + 1], "    ")
                 for k, key in enumerate(self._keys)]
         return "KeyedJaggedTensor({\n" + ",\n".join(rows) + "\n})\n"
-
-
-# Below the class, since both build KeyedJaggedTensors: the transforms the methods above delegate
-# to (looked up as ``_ops.name`` when called, which is also where torch.fx.wrap swaps in its
-# graph nodes while tracing), and what torch.compile is told of KJTs, whose pytree registration
-# is a side effect of the import.
-from jaggedrec.sparse import _kjt_compile as _compile  # noqa: E402
-from jaggedrec.sparse import _kjt_dist as _dist  # noqa: E402
-from jaggedrec.sparse import _kjt_ops as _ops  # noqa: E402

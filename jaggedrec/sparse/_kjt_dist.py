@@ -9,7 +9,8 @@ of its keys, then rank 1's, and so on. :func:`dist_init` reorders them key-major
 bags from rank 0, then rank 1, ...) by the ``recat`` permutation the sender computed, so that
 the result is one KJT of the ``K_j`` keys over every rank's batch.
 
-Written in plain torch ops (no FBGEMM), so that it runs wherever torch does.
+Written in plain torch ops (no FBGEMM), so that it runs wherever torch does. Imported by the
+class's module, never importing it: :func:`dist_init` is handed the class to build.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from jaggedrec.sparse._kjt import KeyedJaggedTensor
 
-
-def dist_labels(kjt: KeyedJaggedTensor) -> List[str]:
+def dist_labels(kjt) -> List[str]:
     labels = ["lengths", "values"]
     if kjt.variable_stride_per_key():
         labels.append("strides")
@@ -38,7 +37,7 @@ def _sum_per_split(sizes: Sequence[int], key_splits: Sequence[int]) -> List[int]
     return out
 
 
-def dist_splits(kjt: KeyedJaggedTensor, key_splits: List[int]) -> List[List[int]]:
+def dist_splits(kjt, key_splits: List[int]) -> List[List[int]]:
     if any(n < 0 for n in key_splits) or sum(key_splits) != len(kjt.keys()):
         raise ValueError(f"dist_splits: key_splits {list(key_splits)} must be counts that add up to the "
                          f"{len(kjt.keys())} keys {kjt.keys()}")
@@ -52,7 +51,7 @@ def dist_splits(kjt: KeyedJaggedTensor, key_splits: List[int]) -> List[List[int]
     return splits
 
 
-def dist_tensors(kjt: KeyedJaggedTensor) -> List[torch.Tensor]:
+def dist_tensors(kjt) -> List[torch.Tensor]:
     tensors = [kjt.lengths(), kjt.values()]
     if kjt.variable_stride_per_key():
         strides = torch.tensor(kjt.stride_per_key(), dtype=torch.int64)
@@ -88,9 +87,9 @@ def _ids_per_segment(lengths: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
     return ends[_offsets(bags).to(ends.device)].diff()
 
 
-def dist_init(keys: List[str], tensors: List[torch.Tensor], variable_stride_per_key: bool, num_workers: int,
-              recat: Optional[torch.Tensor], stride_per_rank: Optional[List[int]],
-              stagger: int = 1) -> KeyedJaggedTensor:
+def dist_init(cls: type, keys: List[str], tensors: List[torch.Tensor], variable_stride_per_key: bool,
+              num_workers: int, recat: Optional[torch.Tensor], stride_per_rank: Optional[List[int]],
+              stagger: int = 1):
     if len(tensors) not in (2, 3, 4) or (variable_stride_per_key and len(tensors) == 2):
         raise ValueError(f"dist_init: got {len(tensors)} tensors; expected lengths, values"
                          f"{', strides' if variable_stride_per_key else ''} and optionally weights "
@@ -121,7 +120,7 @@ def dist_init(keys: List[str], tensors: List[torch.Tensor], variable_stride_per_
         values = _permute_segments(values, ids, recat)
         weights = None if weights is None else _permute_segments(weights, ids, recat)
     if not variable_stride_per_key:
-        return KeyedJaggedTensor(keys, values, weights, lengths=lengths, stride=sum(stride_per_rank)).sync()
+        return cls(keys, values, weights, lengths=lengths, stride=sum(stride_per_rank)).sync()
     per_key_per_rank = strides.view(num_workers, len(keys)).t().cpu()
     if per_key_per_rank.numel() == 0:
         per_key_per_rank = torch.zeros((len(keys), 1), dtype=torch.int64)
@@ -129,4 +128,4 @@ def dist_init(keys: List[str], tensors: List[torch.Tensor], variable_stride_per_
         # the recat took the ranks in strides of num_workers // stagger (0, R/s, ..., 1, 1 + R/s, ...):
         # the strides' columns must come in the values' rank order
         per_key_per_rank = per_key_per_rank[:, torch.arange(num_workers).view(stagger, -1).t().reshape(-1)]
-    return KeyedJaggedTensor(keys, values, weights, lengths=lengths, stride_per_key_per_rank=per_key_per_rank).sync()
+    return cls(keys, values, weights, lengths=lengths, stride_per_key_per_rank=per_key_per_rank).sync()

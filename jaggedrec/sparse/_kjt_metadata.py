@@ -8,17 +8,21 @@ so that nothing is read back to the host until something asks.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
-if TYPE_CHECKING:
-    from jaggedrec.sparse._kjt import KeyedJaggedTensor
+_KJT = TypeVar("_KJT", bound="KJTMetadata")
 
 
 class KJTMetadata:
     """Mixed into ``KeyedJaggedTensor``, whose fields (``_keys``, ``_lengths``,
-    ``_stride_per_key_per_rank``, the cached lists ...) these methods read and fill."""
+    ``_stride_per_key_per_rank``, the cached lists ...) these methods read and fill.
+
+    Each derived list has an ``..._or_none()`` twin that returns it only if it is already
+    known (given to the constructor or derived before) and never computes it: what a KJT
+    built from this one can take along without reading anything back.
+    """
 
     # --- batch size -------------------------------------------------------------------
     def stride(self) -> int:
@@ -60,12 +64,27 @@ class KJTMetadata:
         spkpr = self._stride_per_key_per_rank
         return [] if spkpr is None else spkpr.tolist()
 
+    def stride_per_key_per_rank_tensor(self) -> Optional[torch.Tensor]:
+        """The VBE strides as held: a ``[K, R]`` int tensor on the host, as given (a list given
+        is held as an int32 tensor), not checked against the keys; None when not VBE."""
+        return self._stride_per_key_per_rank
+
+    def stride_or_none(self) -> Optional[int]:
+        """B when known: always for a KJT that is not VBE; for a VBE KJT once given or derived."""
+        return self._stride
+
+    def stride_per_key_or_none(self) -> Optional[List[int]]:
+        return self._stride_per_key
+
     def lengths_offset_per_key(self) -> List[int]:
         """``[K+1]`` start of each key's bags in ``lengths``."""
         if torch.compiler.is_compiling():
             return _cumsum(self.stride_per_key())
         if self._lengths_offset_per_key is None:
             self._lengths_offset_per_key = _cumsum(self.stride_per_key())
+        return self._lengths_offset_per_key
+
+    def lengths_offset_per_key_or_none(self) -> Optional[List[int]]:
         return self._lengths_offset_per_key
 
     def inverse_indices(self) -> Tuple[List[str], torch.Tensor]:
@@ -77,13 +96,13 @@ class KJTMetadata:
         return self._inverse_indices
 
     # --- ids per key (host) -------------------------------------------------------------
-    def sync(self) -> "KeyedJaggedTensor":
+    def sync(self: _KJT) -> _KJT:
         """Read the per-key sizes to the host now, so later splits don't wait."""
         if not torch.compiler.is_compiling():
             self.offset_per_key()
         return self
 
-    def unsync(self) -> "KeyedJaggedTensor":
+    def unsync(self: _KJT) -> _KJT:
         """Forget the per-key sizes read by :meth:`sync`."""
         self._length_per_key = None
         self._offset_per_key = None
@@ -131,6 +150,9 @@ class KJTMetadata:
     def index_per_key(self) -> Dict[str, int]:
         if self._index_per_key is None:
             self._index_per_key = {key: i for i, key in enumerate(self._keys)}
+        return self._index_per_key
+
+    def index_per_key_or_none(self) -> Optional[Dict[str, int]]:
         return self._index_per_key
 
     _key_indices = index_per_key  # TorchRec's private name, which its helpers call

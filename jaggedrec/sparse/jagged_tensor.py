@@ -30,6 +30,7 @@ from jaggedrec.sparse._convert import as_jagged_tensor, as_keyed_jagged_tensor, 
 from jaggedrec.sparse._jagged import JaggedTensor, lengths_to_offsets, offsets_to_lengths
 from jaggedrec.sparse._keyed_tensor import KeyedTensor
 from jaggedrec.sparse._kjt import KeyedJaggedTensor
+from jaggedrec.sparse._kjt_pytree import flatten_kjt_list, unflatten_kjt_list  # also registers KJT as a pytree node
 
 # pickles and reprs name the public path, TorchRec's, not the file that holds the code
 for _cls in (JaggedTensor, KeyedJaggedTensor, KeyedTensor):
@@ -61,4 +62,5 @@ def regroup_kts(keyed_tensors: List[KeyedTensor], groups: List[List[str]]) -> Li
 
 
 __all__ = ["JaggedTensor", "KeyedJaggedTensor", "KeyedTensor", "as_jagged_tensor", "as_keyed_jagged_tensor",
-           "as_keyed_tensor", "jt_is_equal", "kjt_is_equal", "lengths_to_offsets", "offsets_to_lengths", "regroup_kts"]
+           "as_keyed_tensor", "flatten_kjt_list", "jt_is_equal", "kjt_is_equal", "lengths_to_offsets", "offsets_to_lengths",
+           "regroup_kts", "unflatten_kjt_list"]
