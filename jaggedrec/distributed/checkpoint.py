@@ -77,7 +77,7 @@ class ShardedState:
                 entries[f"{key}.{name}"] = _Entry(t, size, torch.float32, replicated)
         if local is None:
             return entries
-        state, tables, groups = local.fused_optimizer_state, local._layout.tables, local._layout.groups
+        state, tables, groups = local.fused_optimizer_state, local.layout.tables, local.layout.groups
         for i, s in enumerate(layout.shards[self._rank]):
             key = f"{self._prefix}.{layout.configs[s.table].name}.weight"
             entries[key].blocks.append(([s.row_offset, s.col_offset], local.table_weight(i).detach()))
@@ -87,7 +87,7 @@ class ShardedState:
             for name, per in optimizer.state:
                 flat = getattr(state, f"{group}_{name}")
                 if per == "row":
-                    block = ([s.row_offset], flat.narrow(0, _row_state_base(local._layout, i), s.rows))
+                    block = ([s.row_offset], flat.narrow(0, _row_state_base(local.layout, i), s.rows))
                 else:
                     block = ([s.row_offset, s.col_offset],
                              flat.narrow(0, tables[i].offset, s.rows * s.cols).view(s.rows, s.cols))

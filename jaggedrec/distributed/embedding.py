@@ -65,8 +65,8 @@ class ShardedEmbeddingCollection(ShardedCollection):
         self._fused = fused_optimizer if fused_optimizer is not None else module.fused_optimizer
         local = build_local_collection(module, layout, rank, device, self._fused, need_indices=False)
         self._lookups = nn.ModuleList([local] if local is not None else [])
-        self._input_dists = nn.ModuleList([InputDist(layout, rank, self._group, module._spec, False)])
-        self._embedding_names = list(module._embedding_names)
+        self._input_dists = nn.ModuleList([InputDist(layout, rank, self._group, module.feature_spec, False)])
+        self._embedding_names = list(module.layout.embedding_names)
         self._need_indices = module.need_indices()
         self._device = device
         kinds = [layout.table_kind(t) for t in range(len(layout.configs))]

@@ -64,10 +64,11 @@ class ShardedEmbeddingBagCollection(ShardedCollection):
         self._fused = fused
         local = build_local_collection(module, layout, rank, device, fused, is_weighted=module.is_weighted())
         self._lookups = nn.ModuleList([local] if local is not None else [])
-        self._input_dists = nn.ModuleList([InputDist(layout, rank, self._group, module._spec, module.is_weighted())])
+        self._input_dists = nn.ModuleList([InputDist(layout, rank, self._group, module.feature_spec,
+                                                    module.is_weighted())])
         self._output_dists = nn.ModuleList([_OutputDistModule(layout, rank)])
-        self._embedding_names = list(module._embedding_names)
-        self._length_per_embedding = list(module._length_per_embedding)
+        self._embedding_names = list(module.layout.embedding_names)
+        self._length_per_embedding = list(module.layout.embedding_dims())
         self._exchange_widths = [layout.exchange_width(r) for r in range(env.world_size)]
         self._column_plan = _column_plan(layout, device)
         self._local_columns = _local_columns(layout, rank)

@@ -140,8 +140,9 @@ def build_local_collection(module: nn.Module, layout: ShardLayout, rank: int, de
     configs = layout.local_configs(rank)
     if not configs:
         return None
-    local = type(module)(configs, device=device, backend=module._backend, sparse=module._sparse, validate=False,
-                         bounds_check=module._bounds_check, deterministic=module._deterministic,
+    options = module.options
+    local = type(module)(configs, device=device, backend=options.backend, sparse=options.sparse, validate=False,
+                         bounds_check=options.bounds_check, deterministic=options.deterministic,
                          fused_optimizer=fused, **kwargs)
     copy_shards(local, module, layout, rank)
     return local

@@ -1,5 +1,8 @@
 """``TableCollection``: what the bag and sequence collections share, defined once.
 
+``CollectionOptions``: how a collection runs (backend, checks, gradients, fused optimizer),
+built from its constructor's arguments and read back as ``module.options``.
+
 Flat storage (one parameter per dtype, laid out by ``TableLayout``), a live ``[rows, dim]``
 view per table, TorchRec's per-table ``state_dict`` entries, the fused optimizer's state
 and learning rate, the checks a batch gets, and what happens to the ids the kernels skip.
@@ -9,7 +12,9 @@ A subclass adds its forward and names its tables' ModuleDict (``embedding_bags``
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Type
 
 import torch
@@ -26,6 +31,43 @@ from jaggedrec.optim import FusedOptimizer
 from jaggedrec.modules.table_layout import TableLayout
 
 
+@dataclass(frozen=True)
+class CollectionOptions:
+    """How a collection runs: what its constructor's keyword arguments say (see
+    ``EmbeddingBagCollection``). Other code (the sharders, ``quant.EmbeddingBagCollection.from_float``)
+    reads them here to build a collection that runs alike.
+
+    Attributes:
+        backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
+        sparse: sparse COO gradients for the flat weights.
+        validate: check each batch's data (lengths, id ranges), raising a ``ValueError`` that
+            names the feature.
+        bounds_check: what the Triton kernels do with ids outside their table: "raise",
+            "clamp" or "off".
+        deterministic: bit-identical Triton weight gradients (sorted ids), else atomics.
+        fused_optimizer: a ``jaggedrec.optim`` config applied in the backward, or None.
+    """
+
+    backend: str = "auto"
+    sparse: bool = False
+    validate: bool = True
+    bounds_check: str = "raise"
+    deterministic: bool = True
+    fused_optimizer: Optional[FusedOptimizer] = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.bounds_check not in BOUNDS_CHECKS:
+            raise ValueError(f"bounds_check must be one of {BOUNDS_CHECKS}, got {self.bounds_check!r}")
+        if self.fused_optimizer is not None:
+            if not isinstance(self.fused_optimizer, FusedOptimizer):
+                raise TypeError(f"fused_optimizer must be a jaggedrec.optim config, got {self.fused_optimizer!r}")
+            if self.sparse:
+                raise ValueError("sparse=True and a fused_optimizer exclude each other: the fused "
+                                 "optimizer makes no gradient")
+
+
 class TableView(nn.Module):
     """One table of a collection: a ``[rows, dim]`` view into the collection's flat storage.
 
@@ -39,7 +81,7 @@ class TableView(nn.Module):
         # Held outside nn.Module's registry: the owner is not a submodule of its tables.
         self.__dict__["_owner"] = owner
         self._table = table
-        slot = owner._layout.tables[table]
+        slot = owner.layout.tables[table]
         self.num_embeddings, self.embedding_dim = slot.rows, slot.dim
 
     @property
@@ -58,30 +100,15 @@ class TableCollection(nn.Module):
     view_type: Type[TableView] = TableView
     views_name: str = "tables"  # the attribute holding the table views, and their state_dict prefix
 
-    def __init__(self, tables: Sequence[BaseEmbeddingConfig], device: Optional[torch.device], backend: str,
-                 sparse: bool, validate: bool, bounds_check: str, deterministic: bool,
-                 fused_optimizer: Optional[FusedOptimizer], is_weighted: Optional[bool]) -> None:
+    def __init__(self, tables: Sequence[BaseEmbeddingConfig], device: Optional[torch.device],
+                 options: CollectionOptions, is_weighted: Optional[bool]) -> None:
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if bounds_check not in BOUNDS_CHECKS:
-            raise ValueError(f"bounds_check must be one of {BOUNDS_CHECKS}, got {bounds_check!r}")
         for t in tables:
             if not isinstance(t, self.config_type):
                 raise TypeError(f"tables must be {self.config_type.__name__}, got {type(t).__name__}")
-        if fused_optimizer is not None:
-            if not isinstance(fused_optimizer, FusedOptimizer):
-                raise TypeError(f"fused_optimizer must be a jaggedrec.optim config, got {fused_optimizer!r}")
-            if sparse:
-                raise ValueError("sparse=True and a fused_optimizer exclude each other: the fused "
-                                 "optimizer makes no gradient")
-        self._bounds_check = bounds_check
-        self._deterministic = deterministic
+        self._options = options
         self._bad_id_report = BadIdReport()
         self._layout = TableLayout(tables)
-        self._backend = backend
-        self._sparse = sparse
-        self.validate = validate
         device = torch.device(device) if device is not None else None
         # ids the Triton kernels skipped inside compiled graphs (see check_skipped_ids)
         self.register_buffer("skipped_ids", torch.zeros(len(self._layout.features), dtype=torch.int64,
@@ -89,11 +116,10 @@ class TableCollection(nn.Module):
         # updated in place by a fused optimizer, which needs no gradient of them (see FusedOptimizerState)
         self.flat_weights = nn.ParameterDict({
             g.name: nn.Parameter(torch.empty(g.numel, dtype=g.dtype, device=device),
-                                 requires_grad=fused_optimizer is None) for g in self._layout.groups})
+                                 requires_grad=options.fused_optimizer is None) for g in self._layout.groups})
         for flat in self.flat_weights.values():
             advise_huge_pages(flat)  # before reset_parameters first touches the pages
-        self._fused = fused_optimizer
-        self.fused_optimizer_state = FusedOptimizerState(self._layout, fused_optimizer, device)
+        self.fused_optimizer_state = FusedOptimizerState(self._layout, options.fused_optimizer, device)
         setattr(self, self.views_name, nn.ModuleDict({
             slot.name: self.view_type(self, t) for t, slot in enumerate(self._layout.tables)}))
         key_rows: Dict[str, int] = {}
@@ -112,6 +138,31 @@ class TableCollection(nn.Module):
             self.reset_parameters()
         if any(flat.device.type == "cpu" for flat in self.flat_weights.values()):
             retain_freed_memory()  # after the tables are allocated: they keep their own mappings
+
+    # --- what other code may read ----------------------------------------------------------
+    @property
+    def options(self) -> CollectionOptions:
+        """The settings this collection runs with (frozen; ``validate`` can be switched)."""
+        return self._options
+
+    @property
+    def validate(self) -> bool:
+        return self._options.validate
+
+    @validate.setter
+    def validate(self, value: bool) -> None:
+        self._options = dataclasses.replace(self._options, validate=value)
+
+    @property
+    def layout(self) -> TableLayout:
+        """Where each table and feature lives; its ``embedding_names`` and ``embedding_dims()``
+        are the output's keys and widths."""
+        return self._layout
+
+    @property
+    def feature_spec(self) -> validation.FeatureSpec:
+        """What the input checks know of the features this collection reads."""
+        return self._spec
 
     # --- storage -----------------------------------------------------------------------
     def table_weight(self, table: int) -> torch.Tensor:
@@ -148,13 +199,13 @@ class TableCollection(nn.Module):
     # --- fused optimizer ---------------------------------------------------------------
     @property
     def fused_optimizer(self) -> Optional[FusedOptimizer]:
-        return self._fused
+        return self._options.fused_optimizer
 
     @property
     def learning_rate(self) -> float:
         """The fused optimizer's learning rate; ``AttributeError`` without a fused optimizer (an
         attribute this collection lacks, for ``hasattr`` and ``getattr(..., default)``)."""
-        if self._fused is None:
+        if self._options.fused_optimizer is None:
             raise AttributeError(f"{type(self).__name__} has no fused_optimizer, hence no learning_rate")
         return self.fused_optimizer_state.learning_rate()
 
@@ -165,7 +216,8 @@ class TableCollection(nn.Module):
 
     def _optimizer_args(self, group: str):
         """The ops' ``optimizer`` and ``optimizer_state`` for one storage group."""
-        return (self._fused.kind if self._fused is not None else 0), self.fused_optimizer_state.tensors(group)
+        fused = self._options.fused_optimizer
+        return (fused.kind if fused is not None else 0), self.fused_optimizer_state.tensors(group)
 
     # --- ids the kernels skipped -------------------------------------------------------
     def check_skipped_ids(self) -> None:
@@ -183,7 +235,7 @@ class TableCollection(nn.Module):
         names = self._kernel_feature_names()
         bad = {names[i]: int(n) for i, n in enumerate(counts.tolist()) if n}
         message = f"{type(self).__name__}: ids outside their table were skipped; count per feature: {bad}"
-        if self._bounds_check == "raise":
+        if self._options.bounds_check == "raise":
             raise ValueError(message)
         warnings.warn(message, RuntimeWarning, stacklevel=2)
 
@@ -195,15 +247,16 @@ class TableCollection(nn.Module):
                         like: torch.Tensor) -> None:
         """Act on the kernels' ``[F]`` counts of skipped ids, one tensor per group (``like``:
         an output, which tells whether this is a compiled or traced graph)."""
-        if self._bounds_check == "off" or not use_kernels(self._backend, self.skipped_ids.device):
+        options = self._options
+        if options.bounds_check == "off" or not use_kernels(options.backend, self.skipped_ids.device):
             return
         if torch.compiler.is_compiling() or isinstance(like, torch.fx.Proxy):
             # a graph cannot stop to raise: it counts, and check_skipped_ids() reports
             self.skipped_ids.add_(torch.cat(bad_ids))
             return
         counts = torch.cat(bad_ids)
-        if self._bounds_check == "raise":
-            if not self.validate and bool(counts.any()):
+        if options.bounds_check == "raise":
+            if not options.validate and bool(counts.any()):
                 validation.check_data(features, self._spec)  # words the error with feature, id and sample
                 raise AssertionError("the kernels skipped ids that validation accepts")  # pragma: no cover
             return
@@ -213,7 +266,7 @@ class TableCollection(nn.Module):
 # --- state_dict in TorchRec's format: one [rows, dim] entry per table ------------------------
 
 def _emit_table_weights(module: TableCollection, state_dict, prefix: str, local_metadata) -> None:
-    layout = module._layout
+    layout = module.layout
     flats = {g.name: state_dict.pop(f"{prefix}flat_weights.{g.name}") for g in layout.groups}
     for slot in layout.tables:
         flat = flats[layout.groups[slot.group].name]
@@ -224,7 +277,7 @@ def _emit_table_weights(module: TableCollection, state_dict, prefix: str, local_
 def _absorb_table_weights(module: TableCollection, state_dict, prefix: str, local_metadata, strict,
                           missing_keys, unexpected_keys, error_msgs) -> None:
     """Copy ``<views_name>.<table>.weight`` entries into the flat parameters, in place."""
-    layout = module._layout
+    layout = module.layout
     with torch.no_grad():
         for t, slot in enumerate(layout.tables):
             key = f"{prefix}{module.views_name}.{slot.name}.weight"

@@ -18,7 +18,7 @@ from jaggedrec.sparse.jagged_tensor import KeyedTensor
 from jaggedrec.ops import pooled as pooled_ops
 from jaggedrec.ops import sequence as sequence_ops
 from jaggedrec.optim import FusedOptimizer
-from jaggedrec.modules.collection import TableCollection, TableView
+from jaggedrec.modules.collection import CollectionOptions, TableCollection, TableView
 
 
 class EmbeddingBag(TableView):
@@ -26,7 +26,7 @@ class EmbeddingBag(TableView):
 
     def __init__(self, owner: "EmbeddingBagCollection", table: int) -> None:
         super().__init__(owner, table)
-        self.mode = "mean" if owner._layout.configs[table].pooling.value == "MEAN" else "sum"
+        self.mode = "mean" if owner.layout.configs[table].pooling.value == "MEAN" else "sum"
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, mode='{self.mode}'"
@@ -53,6 +53,9 @@ class EmbeddingBagCollection(TableCollection):
             updates the touched rows in place and no weight gradient is made. Its state lives
             in buffers beside the weights, so ``state_dict()`` holds it.
 
+    The settings after ``tables`` and ``is_weighted`` are kept, frozen, as ``options`` (a
+    ``CollectionOptions``); ``validate`` can be switched on the module.
+
     ``forward(kjt)`` returns a ``KeyedTensor`` of ``[B, sum(dims)]`` fp32 values whose keys are
     the tables' features in config order (``feature@table`` for a feature read by several
     tables), whatever the KJT's key order.
@@ -66,8 +69,8 @@ class EmbeddingBagCollection(TableCollection):
                  device: Optional[torch.device] = None, backend: str = "auto", sparse: bool = False,
                  validate: bool = True, bounds_check: str = "raise", deterministic: bool = True,
                  fused_optimizer: Optional[FusedOptimizer] = None) -> None:
-        super().__init__(tables, device, backend, sparse, validate, bounds_check, deterministic, fused_optimizer,
-                         is_weighted)
+        super().__init__(tables, device, CollectionOptions(backend, sparse, validate, bounds_check, deterministic,
+                                                           fused_optimizer), is_weighted)
         self._is_weighted = is_weighted
         self._embedding_names = self._layout.embedding_names
         self._length_per_embedding = self._layout.embedding_dims()
@@ -92,12 +95,13 @@ class EmbeddingBagCollection(TableCollection):
         """
         # The module's own calls go through module attributes (batch_reader.read_batch, ...):
         # those are what torch.fx.wrap swaps for graph nodes while symbolic_trace runs.
-        batch = batch_reader.read_batch(features, self._spec, self._groups, self._output_features, self.validate)
+        options = self._options
+        batch = batch_reader.read_batch(features, self._spec, self._groups, self._output_features, options.validate)
         outputs, bad_ids = [], []
         for i, g in enumerate(self._groups):
             pooled, bad = pooled_ops.run_pooled_embedding_bags(
                 self.flat_weights[g.name], batch.values, batch.offsets, batch.weights, batch.group_inverse[i],
-                batch.group_tables[i], self._backend, self._sparse, self._deterministic,
+                batch.group_tables[i], options.backend, options.sparse, options.deterministic,
                 *self._optimizer_args(g.name))
             outputs.append(pooled)
             bad_ids.append(bad)
@@ -140,8 +144,8 @@ class EmbeddingCollection(TableCollection):
                  need_indices: bool = False, backend: str = "auto", validate: bool = True,
                  bounds_check: str = "raise", deterministic: bool = True, sparse: bool = False,
                  fused_optimizer: Optional[FusedOptimizer] = None) -> None:
-        super().__init__(tables, device, backend, sparse, validate, bounds_check, deterministic, fused_optimizer,
-                         None)
+        super().__init__(tables, device, CollectionOptions(backend, sparse, validate, bounds_check, deterministic,
+                                                           fused_optimizer), None)
         self._need_indices = need_indices
         self._embedding_names = self._layout.embedding_names
         self._embedding_dim = self._layout.configs[0].embedding_dim
@@ -171,13 +175,14 @@ class EmbeddingCollection(TableCollection):
         Returns:
             per feature, a JaggedTensor of ``[N_f, dim]`` rows.
         """
-        batch = batch_reader.read_batch(features, self._spec, self._groups, self._output_features, self.validate)
+        options = self._options
+        batch = batch_reader.read_batch(features, self._spec, self._groups, self._output_features, options.validate)
         key_lengths = batch_reader.key_lengths(features, self._spec)
         flats, bad_ids = [], []
         for i, g in enumerate(self._groups):
             flat, bad = sequence_ops.run_sequence_embeddings(
                 self.flat_weights[g.name], batch.values, batch.offsets, batch.group_tables[i], key_lengths,
-                self._backend, self._sparse, self._deterministic, *self._optimizer_args(g.name))
+                options.backend, options.sparse, options.deterministic, *self._optimizer_args(g.name))
             flats.append(flat)
             bad_ids.append(bad)
         self._handle_bad_ids(features, bad_ids, flat)

@@ -4,6 +4,7 @@ quantized tables (INT8, INT4, FP16), for inference."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from typing import Dict, List, Optional, Sequence
 
@@ -17,9 +18,10 @@ from jaggedrec.modules.embedding_modules import EmbeddingBagCollection as FloatE
 from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
 from jaggedrec.sparse.jagged_tensor import KeyedTensor
 from jaggedrec.ops import quantized as quantized_ops
-from jaggedrec.modules.bad_ids import BOUNDS_CHECKS, BadIdReport
+from jaggedrec.modules.bad_ids import BadIdReport
+from jaggedrec.modules.collection import CollectionOptions
 from jaggedrec.ops import vbe
-from jaggedrec.ops.backends import BACKENDS, use_kernels
+from jaggedrec.ops.backends import use_kernels
 from jaggedrec.quant.rowwise import CLAMP_LIMIT, ON_OVERFLOW, QUANT_TYPES, fit_rows, quantize_rows
 from jaggedrec.quant.storage import STORAGE_CODES, QuantGroup, QuantLayout
 
@@ -52,11 +54,7 @@ class EmbeddingBagCollection(nn.Module):
                  device: Optional[torch.device] = None, validate: bool = True,
                  row_align: Optional[int] = None, backend: str = "auto", bounds_check: str = "raise") -> None:
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if bounds_check not in BOUNDS_CHECKS:
-            raise ValueError(f"bounds_check must be one of {BOUNDS_CHECKS}, got {bounds_check!r}")
-        self._backend, self._bounds_check = backend, bounds_check
+        self._options = CollectionOptions(backend=backend, validate=validate, bounds_check=bounds_check)
         self._bad_id_report = BadIdReport()
         for t in tables:
             if not isinstance(t, EmbeddingBagConfig):
@@ -66,7 +64,6 @@ class EmbeddingBagCollection(nn.Module):
             row_align = 16 if device.type == "cuda" else 1
         self._layout = QuantLayout(tables, row_align)
         self._is_weighted = is_weighted
-        self.validate = validate
         for data_type in QUANT_TYPES:  # absent types get empty buffers: the op takes all three
             size = self._layout.buffer_bytes.get(data_type, 0)
             self.register_buffer(f"qweights_{_BUFFER_NAMES[data_type]}",
@@ -123,7 +120,8 @@ class EmbeddingBagCollection(nn.Module):
         device = ebc.device
         module = cls(configs, is_weighted=ebc.is_weighted(), device=device,
                      validate=ebc.validate if validate is None else validate, row_align=row_align,
-                     backend=ebc._backend if backend is None else backend, bounds_check=ebc._bounds_check)
+                     backend=ebc.options.backend if backend is None else backend,
+                     bounds_check=ebc.options.bounds_check)
         clamped: Dict[str, int] = {}
         with torch.no_grad():
             for t, c in enumerate(configs):
@@ -143,6 +141,19 @@ class EmbeddingBagCollection(nn.Module):
         slot = self._layout.tables[table]
         buffer = getattr(self, f"qweights_{_BUFFER_NAMES[slot.data_type]}")
         return buffer.narrow(0, slot.offset, slot.rows * slot.row_bytes).view(slot.rows, slot.row_bytes)
+
+    @property
+    def options(self) -> CollectionOptions:
+        """The settings this collection runs with (frozen; ``validate`` can be switched)."""
+        return self._options
+
+    @property
+    def validate(self) -> bool:
+        return self._options.validate
+
+    @validate.setter
+    def validate(self, value: bool) -> None:
+        self._options = dataclasses.replace(self._options, validate=value)
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return list(self._layout.configs)
@@ -164,10 +175,10 @@ class EmbeddingBagCollection(nn.Module):
         batch = batch_reader.read_batch(features, self._spec, self._groups, self._output_features, self.validate)
         pooled, bad_ids = quantized_ops.run_quantized_embedding_bags(
             self.qweights_int8, self.qweights_int4, self.qweights_fp16, batch.values, batch.offsets, batch.weights,
-            batch.group_tables[0], self._backend)
-        if (self._bounds_check != "off" and use_kernels(self._backend, self.device)
+            batch.group_tables[0], self._options.backend)
+        if (self._options.bounds_check != "off" and use_kernels(self._options.backend, self.device)
                 and not torch.compiler.is_compiling() and not isinstance(pooled, torch.fx.Proxy)):
-            if self._bounds_check == "clamp":
+            if self._options.bounds_check == "clamp":
                 self._bad_id_report.push(bad_ids, list(self._output_features))
             elif not self.validate and bool(bad_ids.any()):
                 validation.check_data(features, self._spec)  # raises, naming the feature, id and sample
