@@ -5,7 +5,7 @@ The order of events, and why:
 1. build every provider from the same reference tables (a failure skips that provider);
 2. verify: each provider's forward on every batch must match the ``nn.EmbeddingBag`` loop
    (the ``nn.Embedding`` loop for the unpooled collection, :data:`UNPOOLED`; the fp32
-   module for quantized tables, ``quant_providers.QUANT``) within the module's tolerance
+   module for quantized tables, :data:`QUANT`) within the module's tolerance
    (the dtype's, or the quantization's rounding bound), else it is reported ``wrong`` and
    never timed. In backward mode the weight gradient is checked too, through
    ``sum(grad * W) == sum(grad_out * out)``, which holds for any linear lookup and needs no
@@ -23,11 +23,13 @@ import gc
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .providers import Provider
+from .providers.base import Provider, Tolerance
+from .providers.quant import BASELINE as QUANT_BASELINE
+from .providers.quant import quant_tolerance
 from .timing import Clock, MemoryProbe, interleaved_order, plan_samples, quantiles
 from .contention import busy_processes
 from .workload import (Batch, Workload, bytes_per_step, ec_bytes_per_step, make_batches, make_ec_batches,
@@ -36,11 +38,6 @@ from .workload import (Batch, Workload, bytes_per_step, ec_bytes_per_step, make_
 # abs and rel tolerance of a provider's output against the loop's, by table dtype
 TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 BASELINE = "eb_loop"
-
-# (abs, rel, what abs is): an output passes where |out - ref| <= f * abs + rel * |ref|, abs a
-# number or a tensor that broadcasts to the output (a bound per element), f the provider's
-# tolerance_factor
-Tolerance = Tuple[Union[float, torch.Tensor], float, str]
 
 
 def dtype_tolerance(w: Workload, tables: Sequence[torch.Tensor], batch: Batch) -> Tolerance:
@@ -65,6 +62,9 @@ class Module:
 
 POOLED = Module("ebc", BASELINE, make_batches, bytes_per_step)
 UNPOOLED = Module("ec", "embedding_loop", make_ec_batches, ec_bytes_per_step)
+# quantized tables (--dtype int8|int4): the fp32 module the quantized ones are built from is
+# the baseline, and an output may be off by the quantization's rounding bound
+QUANT = Module("quant", QUANT_BASELINE, make_batches, bytes_per_step, quant_tolerance)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 It spawns N ranks (gloo on CPU; NCCL on CUDA, one GPU per rank), each with a global batch
 of N x ``--batch-size`` bags per feature of which it feeds its own ``--batch-size``, and
-reports per provider (``sharded_providers.py``): the median step time (the slowest rank's
+reports per provider (``providers/sharded.py``): the median step time (the slowest rank's
 per sample; alternating providers, rotating batches, as the single-process runner does), its
 ratio to the unsharded jaggedrec module in one process on the global batch, the bytes each
 rank sends per step, and the share of the step spent inside collectives (both counted at
@@ -24,11 +24,11 @@ import torch
 
 from jaggedrec.testing import RankFailure, run_ranks, send_to_parent
 
-from .cli import build_parser, build_workloads, select_providers
+from .flags import build_parser, build_workloads, select_providers
 from .presets import DEFAULT_PRESET
 from .report import _fmt, aligned_rows, machine_info, to_json, write_json
 from .runner import Options, WorkloadResult
-from .sharded_providers import BASELINE, SHARDINGS, RankEnv, providers
+from .providers.sharded import BASELINE, SHARDINGS, RankEnv, sharded_providers
 
 _EXAMPLES = """\
 examples:
@@ -88,9 +88,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         workloads = build_workloads(args, device)
     except ValueError as e:
         parser.error(str(e))
-    names = [p.name for p in providers(RankEnv(1, 0, torch.device(device), args.sharding))]
+    names = [p.name for p in sharded_providers(RankEnv(1, 0, torch.device(device), args.sharding))]
     if args.list:
-        print("\n".join(f"  {p.name:17s} {p.description}" for p in providers(RankEnv(1, 0, torch.device(device),
+        print("\n".join(f"  {p.name:17s} {p.description}" for p in sharded_providers(RankEnv(1, 0, torch.device(device),
                                                                                        args.sharding))))
         return 0
     wanted = select_providers(args.providers, names, parser.error, BASELINE)

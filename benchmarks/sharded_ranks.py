@@ -22,11 +22,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .providers import EmbeddingBagLoop, Provider
+from .providers.base import Provider
+from .providers.loops import EmbeddingBagLoop
+from .providers.sharded import BASELINE, RankEnv, local_batch, sharded_providers
 from .runner import (TOLERANCES, Options, ProviderResult, WorkloadResult, _derive_metrics, _fail, _max_abs_err,
                      quiet)
 from .sharded_comm import CollectiveCounter, count_ddp_allreduce
-from .sharded_providers import BASELINE, RankEnv, local_batch, providers
 from .timing import Clock, interleaved_order, plan_samples
 from .workload import Workload, bytes_per_step, make_batches, reference_tables
 
@@ -62,7 +63,7 @@ def run_on_rank(w: Workload, wanted: Sequence[str], options: Options, env: RankE
     result over all ranks, the others None."""
     world, rank = env.world, env.rank
     wg = w.replace(batch_size=world * w.batch_size)  # the global batch
-    lineup = [p for p in providers(env) if p.name in wanted]
+    lineup = [p for p in sharded_providers(env) if p.name in wanted]
     results: Dict[str, ShardedResult] = {}
     with quiet():
         for p in lineup:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from jaggedrec.benchmarks import cli
-from jaggedrec.benchmarks.quant_providers import JaggedrecFp32, JaggedrecQuant, quant_providers, rounding_bound
+from jaggedrec.benchmarks.providers.quant import JaggedrecFp32, JaggedrecQuant, quant_providers, rounding_bound
 from jaggedrec.benchmarks.workload import Workload, bytes_per_step, make_batches, reference_tables
 
 # 3 tables of dims 16, 32, 16: even (torch's 4-bit ops pack two codes a byte), and wide enough that

@@ -10,7 +10,7 @@ import torch
 
 from jaggedrec.benchmarks import cli
 from jaggedrec.benchmarks.sharded_comm import _SENT
-from jaggedrec.benchmarks.sharded_providers import local_batch
+from jaggedrec.benchmarks.providers.sharded import local_batch
 from jaggedrec.benchmarks.workload import Workload, make_batches
 
 # 3 tables of dims 4, 8, 4 and 8 bags per rank: a run is dominated by starting the two ranks

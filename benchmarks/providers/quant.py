@@ -22,10 +22,10 @@ from jaggedrec import quant
 from jaggedrec.modules.embedding_configs import DataType
 from jaggedrec.quant.rowwise import error_bound, quantize_rows
 
-from .peers import TorchRecEBC, _import_error
-from .providers import Jaggedrec, Provider, feature_slices
-from .runner import Module, Tolerance
-from .workload import QUANT_DTYPES, Batch, Workload, bytes_per_step, make_batches
+from ..workload import QUANT_DTYPES, Batch, Workload
+from .base import Provider, Tolerance, feature_slices
+from .jaggedrec import Jaggedrec
+from .peers import TorchRecEBC, import_error
 
 BASELINE = "jaggedrec_fp32"
 # The peers round scale and bias their own way (TorchRec: fp16 scale and bias, codes from the
@@ -55,9 +55,6 @@ def rounding_bound(w: Workload, tables: Sequence[torch.Tensor], batch: Batch) ->
 
 def quant_tolerance(w: Workload, tables: Sequence[torch.Tensor], batch: Batch) -> Tolerance:
     return rounding_bound(w, tables, batch), _REL_TOL, f"{w.dtype}'s rounding bound"
-
-
-QUANT = Module("quant", BASELINE, make_batches, bytes_per_step, quant_tolerance)
 
 
 class JaggedrecFp32(Jaggedrec):
@@ -95,7 +92,7 @@ class TorchRecQuant(TorchRecEBC):
     def skip_reason(self, w):
         if w.device == "cuda":
             return "set up for TorchRec's CPU quantized module only"
-        return _import_error(_import_torchrec_quant)
+        return import_error(_import_torchrec_quant)
 
     def build(self, tables, w):
         from torchrec.quant.embedding_modules import EmbeddingBagCollection

@@ -24,9 +24,10 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .peers import _import_error, _import_torchrec, torchrec_configs, torchrec_kjt
-from .providers import LEARNING_RATE, Jaggedrec, Provider
-from .workload import Batch, Workload
+from ..workload import Batch, Workload
+from .base import LEARNING_RATE, Provider
+from .jaggedrec import Jaggedrec
+from .peers import import_error, import_torchrec, torchrec_configs, torchrec_kjt
 
 SHARDINGS = ("table_wise", "row_wise", "column_wise", "data_parallel", "auto")
 BASELINE = "jaggedrec_1proc"
@@ -153,7 +154,7 @@ class TorchRecSharded(Provider):
         self._grads: Dict[int, torch.Tensor] = {}  # id(batch) -> its grad_out in TorchRec's key order
 
     def skip_reason(self, w: Workload) -> Optional[str]:
-        reason = _import_error(_import_torchrec)
+        reason = import_error(import_torchrec)
         if reason is None and w.device == "cpu" and w.dtype == "bf16":
             return "FBGEMM's CPU kernels have no bf16 tables"
         return reason
@@ -250,6 +251,6 @@ def _copy_tables(dmp: nn.Module, tables) -> None:
             value.copy_(table)
 
 
-def providers(env: RankEnv) -> List[Provider]:
+def sharded_providers(env: RankEnv) -> List[Provider]:
     """The sharded benchmark's providers, the baseline first."""
     return [SingleProcess(), JaggedrecSharded(env), TorchRecSharded(env)]

@@ -17,14 +17,14 @@ from typing import Optional
 
 import torch
 
-from .providers import LEARNING_RATE, EcProvider, Provider
-from .workload import Workload
+from ..workload import Workload
+from .base import LEARNING_RATE, EcProvider, Provider
 
 INSTALL_HINT = ("pip install fbgemm-gpu-cpu==1.8.0 && pip install --no-deps torchrec==1.8.0 && "
                 "pip install tensordict torchmetrics==1.0.3 tqdm pyre-extensions")
 
 
-def _import_error(importer) -> Optional[str]:
+def import_error(importer) -> Optional[str]:
     try:
         importer()
     except Exception as e:  # ImportError, and the OSErrors of a mismatched native library
@@ -33,7 +33,7 @@ def _import_error(importer) -> Optional[str]:
     return None
 
 
-def _import_torchrec():
+def import_torchrec():
     from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: F401
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: F401
 
@@ -47,7 +47,7 @@ class TorchRecEBC(Provider):
     description = "torchrec.EmbeddingBagCollection (unsharded): KJT.to_dict(), then one nn.EmbeddingBag per table"
 
     def skip_reason(self, w: Workload) -> Optional[str]:
-        return _import_error(_import_torchrec)
+        return import_error(import_torchrec)
 
     def build(self, tables, w):
         from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -99,7 +99,7 @@ class FbgemmTBE(Provider):
     description = "fbgemm_gpu SplitTableBatchedEmbeddingBagsCodegen (backward mode: DenseTableBatched...)"
 
     def skip_reason(self, w: Workload) -> Optional[str]:
-        reason = _import_error(_import_fbgemm)
+        reason = import_error(_import_fbgemm)
         if reason is None and w.device == "cpu" and w.dtype == "bf16":
             return "FBGEMM's CPU kernels have no bf16 tables"
         return reason
@@ -148,7 +148,7 @@ class TorchRecEC(EcProvider):
     description = "torchrec.EmbeddingCollection (unsharded): KJT.to_dict(), then one nn.Embedding per table"
 
     def skip_reason(self, w: Workload) -> Optional[str]:
-        reason = _import_error(_import_torchrec_ec)
+        reason = import_error(_import_torchrec_ec)
         if reason is None and len(set(w.table_dims)) > 1:
             # its constructor raises "All tables in a EmbeddingCollection are required to have
             # same embedding dimension"; other dims would be other tables, nothing to compare
@@ -184,7 +184,7 @@ class TorchRecEC(EcProvider):
 
 
 def _fbgemm_none_skip_reason(w: Workload) -> Optional[str]:
-    reason = _import_error(_import_fbgemm)
+    reason = import_error(_import_fbgemm)
     if reason is None and len(set(w.table_dims)) > 1:
         # FBGEMM asserts "Mixed dimension tables only supported for pooling tables"
         dims = sorted(set(w.table_dims))
