@@ -355,6 +355,7 @@ def test_triton_backward_glue_compiles_with_unbacked_id_counts():
     from jaggedrec.kernels import row_runs
     from jaggedrec.ops import pooled_triton, runs_triton
     from jaggedrec.ops.feature_tables import FeatureTables
+    from jaggedrec.ops.op_args import OpBatch
 
     # two tables of 5 rows, dims 8 and 8; key 1 is read by both (two passes); MEAN on feature 0
     tables = FeatureTables((0, 40, 40), (5, 5, 5), (8, 8, 8), (0, 1, 1), (1, 0, 0), 2)
@@ -368,8 +369,9 @@ def test_triton_backward_glue_compiles_with_unbacked_id_counts():
     psw = torch.rand(values.shape[0], generator=gen)
 
     def glue(values, offsets, psw):
-        parts = runs_triton.contributions(values, offsets, tables, meta)
-        runs = pooled_triton._runs(grad_out, weights, offsets, psw, parts, tables, meta)
+        batch = OpBatch(values, offsets, psw)
+        parts = runs_triton.contributions(batch, tables, meta)
+        runs = pooled_triton._runs(grad_out, weights, batch, parts, tables, meta)
         return tuple(t for t in runs)
 
     eager = glue(values, offsets, psw)

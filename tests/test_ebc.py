@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import jaggedrec as jr
-from jaggedrec.ops import pooled_torch
+from jaggedrec.ops import backends, pooled_torch
 from jr_testing import assert_close, check_module, key_rows, random_configs, random_kjt, reference_pooled
 
 DIM_SETS = [[4], [1, 3, 7], [130, 5, 64, 5], [2, 2, 16, 1, 33]]
@@ -18,7 +18,7 @@ def torch_path(request, monkeypatch):
     if request.param == "eager-per-feature":
         monkeypatch.setattr(pooled_torch, "_PER_FEATURE_MIN_IDS", 0)
     if request.param == "static":
-        monkeypatch.setattr(pooled_torch, "_host_readable", lambda *tensors: False)
+        monkeypatch.setattr(backends, "host_readable", lambda *tensors: False)
     return request.param
 
 

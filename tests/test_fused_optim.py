@@ -14,7 +14,7 @@ import torch
 
 import jaggedrec as jr
 from jaggedrec import optim
-from jaggedrec.ops import fused_torch, pooled_torch
+from jaggedrec.ops import backends, fused_torch, pooled_torch
 from jr_testing import assert_close, key_rows, random_kjt, reference_pooled
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -122,7 +122,7 @@ def test_fused_optimizer_matches_dense_reference(opt_name, weighted, backend, mo
     for name in calls:  # which eager update each chunk of rows took
         monkeypatch.setattr(fused_torch, name, _counted(getattr(fused_torch, name), calls, name))
     if backend == "torch-static":  # the static-shape branch that compiled graphs take
-        monkeypatch.setattr(pooled_torch, "_host_readable", lambda *tensors: False)
+        monkeypatch.setattr(backends, "host_readable", lambda *tensors: False)
     if backend.startswith("torch-chunked"):  # a few rows at a time
         monkeypatch.setattr(fused_torch, "_CHUNK_BYTES", 48)  # 1 to 4 rows
     # eager: touched rows only (as with few ids), or every row of the block streamed

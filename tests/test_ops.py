@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import jaggedrec  # noqa: F401  (registers the ops)
-from jaggedrec.ops import pooled_torch
+from jaggedrec.ops import pooled_plan
 from jaggedrec.ops.feature_tables import FeatureTables, feature_tables
 
 OPS = torch.ops.jaggedrec
@@ -66,12 +66,12 @@ def test_opcheck_fused_update(optimizer, weighted):
 
 
 def test_plan_splits_shared_keys_into_passes():
-    plan = pooled_torch.make_plan((0, 32, 32), (4, 6, 6), (3, 5, 5), (0, 1, 1), (0, 0, 0), 2)
+    plan = pooled_plan.make_plan((0, 32, 32), (4, 6, 6), (3, 5, 5), (0, 1, 1), (0, 0, 0), 2)
     # dim 3 alone; dim 5 has key 1 twice, so it needs two passes
     assert [(p.dim, p.features) for p in plan.passes] == [(3, (0,)), (5, (1,)), (5, (2,))]
     assert plan.out_offsets == (0, 3, 8, 13) and plan.feature_rows == (4, 6, 6)
     with pytest.raises(ValueError, match="not row-aligned"):
-        pooled_torch.make_plan((0, 7), (4, 6), (5, 5), (0, 1), (0, 0), 2)
+        pooled_plan.make_plan((0, 7), (4, 6), (5, 5), (0, 1), (0, 0), 2)
 
 
 def test_feature_tables_round_trip_and_reject_bad_encodings():

@@ -215,7 +215,7 @@ CODE_PATHS = {
     # torch path: one embedding_bag per feature (taken from 4096 ids per feature on)
     "per_feature": (("jaggedrec.ops.pooled_torch._PER_FEATURE_MIN_IDS", 0),),
     # torch path: the branch without host reads, which compiled graphs and GPUs take
-    "static": (("jaggedrec.ops.pooled_torch._host_readable", lambda *tensors: False),),
+    "static": (("jaggedrec.ops.backends.host_readable", lambda *tensors: False),),
     # fused torch step: stream every block of rows whole, or step the touched rows one by one,
     # or step a few rows (48 bytes) at a time
     "stream": (("jaggedrec.ops.fused_torch._STREAM_MIN_TOUCHED", dict.fromkeys((1, 2, 3), 0.0)),),

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import jaggedrec as jr
 from jaggedrec import optim
-from jaggedrec.ops import pooled_torch
+from jaggedrec.ops import backends, pooled_torch
 from jr_testing import (Batch, assert_close, check_module, key_rows, random_configs, random_kjt, reference_pooled,
                         shuffled_keys, table_grad)
 
@@ -28,7 +28,7 @@ def _use_path(path, monkeypatch) -> str:
     if path == "torch-per-feature":
         monkeypatch.setattr(pooled_torch, "_PER_FEATURE_MIN_IDS", 0)
     if path == "torch-static":
-        monkeypatch.setattr(pooled_torch, "_host_readable", lambda *tensors: False)
+        monkeypatch.setattr(backends, "host_readable", lambda *tensors: False)
     return "triton" if path == "triton" else "torch"
 
 

@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from jaggedrec.kernels.common import META_FIELDS
 
-from jaggedrec.ops.pooled_torch import PooledPlan, make_plan
+from jaggedrec.ops.pooled_plan import PooledPlan, make_plan
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class FeatureTables:
     # cannot trace; the plan is cached by make_plan, the rest costs O(F)
     @property
     def plan(self) -> PooledPlan:
-        """The features grouped by dim into passes (see ``pooled_torch.make_plan``)."""
+        """The features grouped by dim into passes (see ``pooled_plan.make_plan``)."""
         return make_plan(self.weight_offsets, self.rows, self.dims, self.keys, self.pooling, self.num_keys)
 
     @property

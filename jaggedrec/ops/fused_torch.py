@@ -2,89 +2,109 @@
 
 For each block of equal-dim tables, every id read by any pass is gathered into one list,
 so that a row read by two features (one table, two keys) still gets one update with the
-summed gradient. The ids are sorted, each row's gradient is summed with one
-``embedding_bag`` over the output gradient, and the optimizer runs on those rows only, with
-vectorised index ops: no loop over rows or tables. Eagerly, the rows are stepped a
+summed gradient. The ids are sorted into runs (``runs_torch``), each row's gradient is summed
+with one ``embedding_bag`` over the output gradient, and the optimizer runs on those rows
+only, with vectorised index ops: no loop over rows or tables. Eagerly, the rows are stepped a
 cache-sized chunk at a time: a chunk where many rows were touched is streamed whole, in
 order, and elsewhere only the touched rows are gathered and written back. Off CPU (the
 torch backend on a GPU, where reading sizes to the host would stall it, and in compiled
 graphs there), one slot per id stands in for the touched rows with static shapes (see
-``_update_runs_static``); on CPU even a compiled graph calls the eager update, through an op
-that torch.compile does not trace into (``ops/pooled.py``).
+:func:`update_runs_static`); on CPU even a compiled graph calls the eager update, through an
+op that torch.compile does not trace into (``ops/pooled.py``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from jaggedrec.ops import pooled_torch as pt
+from jaggedrec.ops import backends, vbe
+from jaggedrec.ops.feature_tables import FeatureTables
 from jaggedrec.ops.host_tasks import run_pieces
+from jaggedrec.ops.op_args import FusedStep, OpBatch
+from jaggedrec.ops.pooled_plan import (Pass, PooledPlan, bag_grads, bag_of_id, block_view, inverse_lengths,
+                                       key_counts, shifted_ids)
+from jaggedrec.ops.runs_torch import row_runs, sort_rows
 
 SGD, ROWWISE_ADAGRAD, ADAM = 1, 2, 3
 
 
-def fused_update(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
-                 per_sample_weights: Optional[torch.Tensor], plan: pt.PooledPlan, num_keys: int, optimizer: int,
-                 hparams: torch.Tensor, step: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
-                 row_bases: List[int], id_read: Optional[torch.Tensor] = None) -> None:
-    """Apply ``optimizer`` to the rows of ``weights`` that this batch read, in place.
+class StepRule(NamedTuple):
+    """What a step does to a row: the optimizer, its hyper-parameters and the step count,
+    read to the host where the update is eager, device tensors on the static path."""
+
+    optimizer: int  # SGD, ROWWISE_ADAGRAD or ADAM
+    hparams: Union[Sequence[float], torch.Tensor]  # lr, eps, weight_decay, beta1, beta2 (or [5] fp32)
+    step: Union[int, torch.Tensor]  # steps taken, this one included (or [1] int64)
+
+
+def fused_update(grad_out: torch.Tensor, weights: torch.Tensor, batch: OpBatch, tables: FeatureTables,
+                 fused: FusedStep) -> None:
+    """Apply ``fused.optimizer`` to the rows of ``weights`` that this batch read, in place.
 
     Args:
-        grad_out: ``[B, total_dim]`` gradient of the pooled output.
-        weights, values, offsets, per_sample_weights, plan, num_keys: as in the forward.
-        optimizer: 1 SGD, 2 row-wise Adagrad, 3 Adam (see ``kernels/pooled_fused.py``).
-        hparams: ``[5]`` fp32 ``lr, eps, weight_decay, beta1, beta2``.
-        step: ``[1]`` int64, incremented here.
-        state1, state2: optimizer state (``[R]`` row-wise, or ``[W]`` element-wise), updated.
-        row_bases: ``[F]`` first row of each feature's table in row-wise state.
-        id_read: ``[N]`` bool, the ids to step (VBE: those of bags some sample reads); None: all.
+        grad_out: ``[B', total_dim]`` gradient of the pooled output, one row per bag slot.
+        weights, batch, tables: as in the forward; VBE inverse indices only say which bags
+            some sample read: the ids of the others are not stepped.
+        fused: the optimizer (see ``kernels/pooled_fused.py``), its ``[5]`` hyper-parameters,
+            the ``[1]`` step count (incremented here) and its state (updated).
     """
-    step.add_(1)
-    batch = (offsets.shape[0] - 1) // num_keys
+    id_read = vbe.ids_read(batch.inverse_indices, tables, batch.offsets, batch.num_ids)
+    fused.step.add_(1)
+    plan = tables.plan
     # statically_known_true: in a compiled graph the id count may be unbacked; the general
     # path below serves an empty batch too
-    if statically_known_true(batch == 0) or statically_known_true(values.shape[0] == 0):
+    if statically_known_true(batch.bags_per_key(tables.num_keys) == 0) or statically_known_true(batch.num_ids == 0):
         return
     grad_out = grad_out.float()
-    passes_by_dim: Dict[int, list] = {}
+    passes_by_dim: Dict[int, List[Pass]] = {}
     for p in plan.passes:
         passes_by_dim.setdefault(p.dim, []).append(p)
-    if pt._host_readable(values, offsets):
-        _update_by_table_group(grad_out, weights, values, offsets, per_sample_weights, plan, passes_by_dim,
-                               num_keys, batch, optimizer, hparams.tolist(), int(step), state1, state2, row_bases,
-                               id_read)
-        return
-    inv_lengths = pt._inverse_lengths(plan, offsets, num_keys, batch)
-    key_counts = pt._key_counts(offsets, batch, num_keys)
-    bag_of_id = pt._bag_of_id(offsets, num_keys, batch, values.shape[0])
+    if backends.host_readable(batch.values, batch.offsets):
+        _update_by_table_group(grad_out, weights, batch, tables, passes_by_dim, fused, id_read)
+    else:
+        _update_static(grad_out, weights, batch, tables, passes_by_dim, fused, id_read)
+
+
+def _update_static(grad_out, weights, batch: OpBatch, tables: FeatureTables, passes_by_dim: Dict[int, List[Pass]],
+                   fused: FusedStep, id_read: Optional[torch.Tensor]) -> None:
+    """Off CPU: each dim block's ids, every pass's, in one list of static size; ids of keys
+    outside their pass, or of bags no sample reads, are masked (they weigh nothing and touch
+    nothing), then :func:`update_runs_static`."""
+    plan, num_keys = tables.plan, tables.num_keys
+    values, offsets = batch.values, batch.offsets
+    batch_size = batch.bags_per_key(num_keys)
+    rule = StepRule(fused.optimizer, fused.hparams, fused.step)
+    row_bases = tables.row_bases
+    inv_lengths = inverse_lengths(plan, offsets, num_keys, batch_size)
+    counts = key_counts(offsets, batch_size, num_keys)
+    bag_of_ids = bag_of_id(offsets, num_keys, batch_size, values.shape[0])
     for passes in passes_by_dim.values():
         ids, bags, psw, grads, live = [], [], [], [], []
         for j, p in enumerate(passes):
-            pass_ids, in_pass = pt._shifted_ids(p, values, key_counts)
+            pass_ids, in_pass = shifted_ids(p, values, counts)
             if id_read is not None:
                 in_pass = id_read if in_pass is None else in_pass & id_read
-            pass_bags, pass_psw = bag_of_id + j * num_keys * batch, per_sample_weights
+            pass_bags, pass_psw = bag_of_ids + j * num_keys * batch_size, batch.per_sample_weights
             if in_pass is not None:  # static shapes: masked ids weigh nothing and touch nothing
                 pass_psw = in_pass.float() if pass_psw is None else pass_psw * in_pass
             ids.append(pass_ids)
             bags.append(pass_bags)
             psw.append(pass_psw)
-            grads.append(pt._bag_grads(p, grad_out, plan, inv_lengths, num_keys, batch))
+            grads.append(bag_grads(p, grad_out, plan, inv_lengths, num_keys, batch_size))
             live.append(torch.ones_like(pass_ids, dtype=torch.bool) if in_pass is None else in_pass)
-        weights_of_ids = None if all(w is None for w in psw) else torch.cat(
+        per_sample_weights = None if all(w is None for w in psw) else torch.cat(
             [torch.ones_like(i, dtype=torch.float32) if w is None else w.float() for i, w in zip(ids, psw)])
         all_ids, all_bags, all_grads = (t[0] if len(t) == 1 else torch.cat(t) for t in (ids, bags, grads))
         p0 = passes[0]
-        block = pt._block(weights, p0)
-        states = _state_views(optimizer, state1, state2, p0, row_bases[p0.features[0]] - p0.key_row_base[p0.keys[0]])
-        _update_runs_static(block, states, all_ids, all_bags, all_grads, weights_of_ids, torch.cat(live),
-                            optimizer, hparams, step)
+        states = state_views(fused, p0, row_bases[p0.features[0]] - p0.key_row_base[p0.keys[0]])
+        update_runs_static(block_view(weights, p0), states, all_ids, all_bags, all_grads, per_sample_weights,
+                           torch.cat(live), rule)
 
 
 class _TableGroup(NamedTuple):
@@ -103,76 +123,94 @@ class _TableGroup(NamedTuple):
 _GROUP_MIN_IDS = 1 << 15
 
 
-def _table_groups(passes, plan: "pt.PooledPlan", starts: List[int]) -> List[_TableGroup]:
+def _table_groups(passes: List[Pass], plan: PooledPlan, starts: List[int]) -> List[_TableGroup]:
     """The dim block's tables, in row order, in groups of at least ``_GROUP_MIN_IDS`` ids (a
     table read by several features goes whole into one group, with all of its reads)."""
-    tables: Dict[int, list] = {}  # first row in the block -> [rows, reads]
+    by_first_row: Dict[int, list] = {}  # first row of a table in the block -> [rows, reads]
     for p in passes:
         for f, k, mean in zip(p.features, p.keys, p.mean):
-            entry = tables.setdefault(p.key_row_base[k], [plan.feature_rows[f], []])
+            entry = by_first_row.setdefault(p.key_row_base[k], [plan.feature_rows[f], []])
             entry[1].append((k, f, p.key_row_base[k], mean))
     groups, current, ids = [], [], 0
-    for first in sorted(tables):
+    for first in sorted(by_first_row):
         current.append(first)
-        ids += sum(starts[k + 1] - starts[k] for k, _, _, _ in tables[first][1])
+        ids += sum(starts[k + 1] - starts[k] for k, _, _, _ in by_first_row[first][1])
         if ids >= _GROUP_MIN_IDS:
             groups.append(current)
             current, ids = [], 0
     if current:
         groups.append(current)
-    return [_TableGroup(m[0], m[-1] + tables[m[-1]][0] - m[0], tuple(r for t in m for r in tables[t][1]))
-            for m in groups]
+    return [_TableGroup(m[0], m[-1] + by_first_row[m[-1]][0] - m[0],
+                        tuple(r for t in m for r in by_first_row[t][1])) for m in groups]
 
 
-def _update_by_table_group(grad_out, weights, values, offsets, per_sample_weights, plan, passes_by_dim, num_keys,
-                           batch, optimizer, hparams, step, state1, state2, row_bases, id_read) -> None:
+class _GroupInputs(NamedTuple):
+    """What every group's piece of work reads (eager CPU)."""
+
+    grad_out: torch.Tensor        # [B, total_dim] fp32
+    batch: OpBatch
+    key_starts: List[int]         # [K+1] first id of each key
+    id_read: Optional[torch.Tensor]  # [N] bool, the ids to step; None: all
+    out_offsets: Tuple[int, ...]  # [F+1] each feature's first output column
+    batch_size: int
+    rule: StepRule
+
+
+def _update_by_table_group(grad_out, weights, batch: OpBatch, tables: FeatureTables,
+                           passes_by_dim: Dict[int, List[Pass]], fused: FusedStep,
+                           id_read: Optional[torch.Tensor]) -> None:
     """Eager CPU: each group of tables (:func:`_table_groups`) is one piece of work for
     ``host_tasks``; tables own disjoint rows and state, so the pieces are independent, and each
     runs on one thread, in one order, whatever the thread count."""
-    starts = offsets[::batch].tolist()  # [K+1] first id of each key
+    plan = tables.plan
+    batch_size = batch.bags_per_key(tables.num_keys)
+    rule = StepRule(fused.optimizer, fused.hparams.tolist(), int(fused.step))
+    row_bases = tables.row_bases
+    starts = batch.offsets[::batch_size].tolist()  # [K+1] first id of each key
+    shared = _GroupInputs(grad_out, batch, starts, id_read, plan.out_offsets, batch_size, rule)
     pieces = []
     for passes in passes_by_dim.values():
         p0 = passes[0]
-        block = pt._block(weights, p0)
-        states = _state_views(optimizer, state1, state2, p0, row_bases[p0.features[0]] - p0.key_row_base[p0.keys[0]])
-        pieces += [functools.partial(_update_table_group, group, block, states, grad_out, values, offsets, starts,
-                                     per_sample_weights, id_read, plan.out_offsets, batch, optimizer, hparams, step)
+        block = block_view(weights, p0)
+        states = state_views(fused, p0, row_bases[p0.features[0]] - p0.key_row_base[p0.keys[0]])
+        pieces += [functools.partial(_update_table_group, group, block, states, shared)
                    for group in _table_groups(passes, plan, starts)]
     run_pieces(pieces)
 
 
-def _update_table_group(group: _TableGroup, block, states, grad_out, values, offsets, starts, per_sample_weights,
-                        id_read, out_offsets, batch: int, optimizer: int, hparams, step: int) -> None:
+def _update_table_group(group: _TableGroup, block: torch.Tensor, states, shared: _GroupInputs) -> None:
     """Step one group of tables (one piece of work): its ids, each one's bag among the
     group's ``[reads*B, D]`` bag gradients (a copy of the features' columns of ``grad_out``,
     small enough to stay in the core's cache while runs of ids gather from it) and weight,
-    then :func:`_update_touched_rows` on the group's rows."""
+    then :func:`update_touched_rows` on the group's rows."""
+    values, offsets = shared.batch.values, shared.batch.offsets
+    starts, batch_size, out_offsets = shared.key_starts, shared.batch_size, shared.out_offsets
     ids, bags, grads, psw, keep = [], [], [], [], []
     for r, (k, f, table_row, mean) in enumerate(group.reads):
         lo, hi = starts[k], starts[k + 1]
         ids.append(values[lo:hi] + (table_row - group.first_row))
-        lengths = offsets[k * batch + 1:(k + 1) * batch + 1] - offsets[k * batch:(k + 1) * batch]
-        columns = grad_out[:, out_offsets[f]:out_offsets[f + 1]]
+        lengths = offsets[k * batch_size + 1:(k + 1) * batch_size + 1] - offsets[k * batch_size:(k + 1) * batch_size]
+        columns = shared.grad_out[:, out_offsets[f]:out_offsets[f + 1]]
         # MEAN: the bag's gradient shared out by 1/length, as in the forward
         grads.append(columns * (1.0 / lengths.clamp(min=1).to(torch.float32)).unsqueeze(1) if mean else columns)
-        bags.append(torch.repeat_interleave(pt._arange(batch, torch.int32) + r * batch, lengths.long(),
-                                            output_size=hi - lo))
-        if per_sample_weights is not None:
-            psw.append(per_sample_weights[lo:hi])
-        if id_read is not None:
-            keep.append(id_read[lo:hi])
+        bags.append(torch.repeat_interleave(backends.host_arange(batch_size, torch.int32) + r * batch_size,
+                                            lengths.long(), output_size=hi - lo))
+        if shared.batch.per_sample_weights is not None:
+            psw.append(shared.batch.per_sample_weights[lo:hi])
+        if shared.id_read is not None:
+            keep.append(shared.id_read[lo:hi])
     ids, bags = (t[0] if len(t) == 1 else torch.cat(t) for t in (ids, bags))
     grads = grads[0].contiguous() if len(grads) == 1 else torch.cat(grads)
-    weights_of_ids = None if not psw else (psw[0] if len(psw) == 1 else torch.cat(psw)).float()
+    per_sample_weights = None if not psw else (psw[0] if len(psw) == 1 else torch.cat(psw)).float()
     if keep:  # VBE: only the ids of bags that some sample reads
         read = keep[0] if len(keep) == 1 else torch.cat(keep)
         ids, bags = ids[read], bags[read]
-        weights_of_ids = None if weights_of_ids is None else weights_of_ids[read]
+        per_sample_weights = None if per_sample_weights is None else per_sample_weights[read]
     if ids.shape[0] == 0:
         return
     rows = slice(group.first_row, group.first_row + group.num_rows)
-    _update_touched_rows(block[rows], tuple(None if s is None else s[rows] for s in states), ids, bags, grads,
-                         weights_of_ids, optimizer, hparams, step)
+    update_touched_rows(block[rows], tuple(None if s is None else s[rows] for s in states), ids, bags, grads,
+                        per_sample_weights, shared.rule)
 
 
 # Bytes of rows per chunk in the eager update: a chunk's rows, sums and temporaries stay
@@ -194,21 +232,23 @@ _CHUNK_BYTES = 2 << 20
 _STREAM_MIN_TOUCHED = {SGD: 1 / 4, ROWWISE_ADAGRAD: 1 / 2, ADAM: 1 / 2}
 
 
-def _update_touched_rows(block, states, ids, bags, grads, weights_of_ids, optimizer, hparams, step) -> None:
+def update_touched_rows(block: torch.Tensor, states, ids: torch.Tensor, bags: torch.Tensor, grads: torch.Tensor,
+                        per_sample_weights: Optional[torch.Tensor], rule: StepRule) -> None:
     """Eager: sort the ids into runs of equal rows, then per chunk of rows sum each row's
     gradient (one ``embedding_bag`` over ``grads``), step the rows and write them back.
 
     Args:
         block: ``[R, D]`` the weights of one dim block; ``states`` its optimizer state views.
         ids, bags: ``[N]`` block row and bag (row of ``grads``) of each id.
-        grads: ``[B*K, D]`` fp32 bag gradients; ``weights_of_ids``: ``[N]`` fp32 or None.
+        grads: ``[B*K, D]`` fp32 bag gradients; ``per_sample_weights``: ``[N]`` fp32 or None.
+        rule: the step, its hyper-parameters read to the host.
     """
     num_rows, dim = block.shape
     rows_per_chunk = max(1, _CHUNK_BYTES // (dim * 4))
-    sorted_ids, order = pt._sort_rows(ids, num_rows)
-    stream = int((sorted_ids[1:] != sorted_ids[:-1]).sum()) + 1 >= num_rows * _STREAM_MIN_TOUCHED[optimizer]
+    sorted_ids, order = sort_rows(ids, num_rows)
+    stream = int((sorted_ids[1:] != sorted_ids[:-1]).sum()) + 1 >= num_rows * _STREAM_MIN_TOUCHED[rule.optimizer]
     # streamed, one run per row (empty for untouched rows): a chunk of runs is a range of rows
-    runs = pt._row_runs(sorted_ids, order, bags, weights_of_ids, num_rows, unique=not stream)
+    runs = row_runs(sorted_ids, order, bags, per_sample_weights, num_rows, unique=not stream)
     # in the bags' dtype once, not converted by every chunk's embedding_bag
     run_offsets = runs.run_offsets.to(runs.bags.dtype)
     num_runs = run_offsets.shape[0] - 1
@@ -218,38 +258,38 @@ def _update_touched_rows(block, states, ids, bags, grads, weights_of_ids, optimi
         if a == b:
             continue
         sums = F.embedding_bag(runs.bags[a:b], grads, run_offsets[lo:hi + 1] - a, mode="sum", include_last_offset=True,
-                               per_sample_weights=None if runs.weights is None else runs.weights[a:b])  # [hi-lo, D]
+                               per_sample_weights=None if runs.per_sample_weights is None
+                               else runs.per_sample_weights[a:b])  # [hi-lo, D]
         if stream:
-            touched = run_offsets[lo + 1:hi + 1] > run_offsets[lo:hi] if optimizer != SGD else None
-            _step_row_range(block, states, lo, hi, sums, touched, optimizer, hparams, step)
+            touched = run_offsets[lo + 1:hi + 1] > run_offsets[lo:hi] if rule.optimizer != SGD else None
+            _step_row_range(block, states, lo, hi, sums, touched, rule)
         else:
-            _step_scattered_rows(block, states, runs.rows[lo:hi].long(), sums, optimizer, hparams, step)
+            _step_scattered_rows(block, states, runs.rows[lo:hi].long(), sums, rule)
 
 
-def _step_scattered_rows(block, states, rows, sums, optimizer, hparams, step) -> None:
+def _step_scattered_rows(block, states, rows, sums, rule: StepRule) -> None:
     """Step rows ``rows`` (``[U]``, distinct) with summed gradients ``sums`` (``[U, D]``,
     consumed): gather them and their state, step, write back."""
     w = block.index_select(0, rows).float()
     current = [None if s is None else s.index_select(0, rows) for s in states]
-    _step_in_place(optimizer, w, sums, *current, hparams, step)
+    _step_in_place(rule, w, sums, *current)
     for dest, value in zip((block, *states), (w, *current)):
         if dest is not None:
             dest.index_copy_(0, rows, value.to(dest.dtype))
 
 
-def _step_row_range(block, states, lo, hi, sums, touched, optimizer, hparams, step) -> None:
+def _step_row_range(block, states, lo, hi, sums, touched, rule: StepRule) -> None:
     """Step rows ``lo:hi`` in place with summed gradients ``sums`` (``[hi-lo, D]``, zero for
     untouched rows, consumed); ``touched``: ``[hi-lo]`` bool, or None for SGD, for which a
     zero gradient is no step."""
     w = block[lo:hi]
     work = w if w.dtype == torch.float32 else w.float()
-    _step_in_place(optimizer, work, sums, *(None if s is None else s[lo:hi] for s in states), hparams, step,
-                   touched=touched)
+    _step_in_place(rule, work, sums, *(None if s is None else s[lo:hi] for s in states), touched=touched)
     if work is not w:
         w.copy_(work)
 
 
-def _step_in_place(optimizer, w, g, s1, s2, hparams, step, touched=None) -> None:
+def _step_in_place(rule: StepRule, w, g, s1, s2, touched=None) -> None:
     """Eager: one optimizer step, in place, for rows ``w`` (``[n, D]`` fp32) with summed
     gradients ``g`` (``[n, D]`` fp32, overwritten) and state ``s1``, ``s2`` (updated).
 
@@ -258,7 +298,7 @@ def _step_in_place(optimizer, w, g, s1, s2, hparams, step, touched=None) -> None
     touched; untouched rows (zero gradient) come out bit for bit as they were: no weight
     decay, no step, no moment decay.
     """
-    lr, eps, weight_decay, beta1, beta2 = hparams
+    optimizer, (lr, eps, weight_decay, beta1, beta2), step = rule
     if optimizer == SGD:
         w.add_(g, alpha=-lr)
         return
@@ -288,7 +328,8 @@ def _step_in_place(optimizer, w, g, s1, s2, hparams, step, touched=None) -> None
     w.addcdiv_(s1, denominator, value=-lr / (1 - beta1 ** step))
 
 
-def _update_runs_static(block, states, ids, bags, grads, weights_of_ids, live, optimizer, hparams, step) -> None:
+def update_runs_static(block: torch.Tensor, states, ids: torch.Tensor, bags: torch.Tensor, grads: torch.Tensor,
+                       per_sample_weights: Optional[torch.Tensor], live: torch.Tensor, rule: StepRule) -> None:
     """Off CPU: the same update with static shapes, over ``n`` slots for the ``n`` ids
     (the touched-row count stays on the device), touching only the rows the batch read.
 
@@ -299,21 +340,24 @@ def _update_runs_static(block, states, ids, bags, grads, weights_of_ids, live, o
     whole-table masked update this replaced took 99 ms per compiled step at one id per bag
     (26 tables of 100k rows, eager 25 ms); now 19 ms (eager 18). At 20 ids per bag, 272 ms
     (eager 246; the masked update ~190).
+
+    Args as in :func:`update_touched_rows`, plus ``live``: ``[N]`` bool, the ids to step;
+    ``rule``'s hyper-parameters and step count stay device tensors.
     """
     num_rows, n = block.shape[0], ids.shape[0]
     device = ids.device
     # dead ids (keys outside their pass) sort last, past every row, in a run of their own
     keys = torch.where(live, ids, num_rows)
-    sorted_rows, order = torch.sort(keys.to(torch.int32) if num_rows < 2**31 else keys.long(), stable=True)
+    sorted_rows, order = sort_rows(keys, num_rows)
     is_start = sorted_rows != F.pad(sorted_rows, (1, 0), value=-1)[:-1]
     positions = torch.arange(n, device=device)
     # run u starts at run_start[u]; entries past the runs hold n (each non-start scatters to a
     # scratch slot of its own past n)
     run_start = torch.full((2 * n + 1,), n, dtype=torch.int64, device=device)
     run_start.index_put_((torch.where(is_start, torch.cumsum(is_start, 0) - 1, n + 1 + positions),), positions)
-    psw = None if weights_of_ids is None else weights_of_ids.index_select(0, order)
+    sorted_weights = None if per_sample_weights is None else per_sample_weights.index_select(0, order)
     sums = F.embedding_bag(bags.index_select(0, order), grads, run_start[:n + 1], mode="sum",
-                           include_last_offset=True, per_sample_weights=psw)  # [n, D]
+                           include_last_offset=True, per_sample_weights=sorted_weights)  # [n, D]
     num_live = (is_start & (sorted_rows < num_rows)).sum()
     any_live = num_live > 0  # with none, slot 0 rewrites row 0 as it is
     live_slot = positions < num_live
@@ -325,19 +369,23 @@ def _update_runs_static(block, states, ids, bags, grads, weights_of_ids, live, o
     grads_of_rows = torch.where(live_slot.unsqueeze(1), sums, sums.index_select(0, last))
     w = block.index_select(0, rows).float()
     current = [None if s is None else s.index_select(0, rows) for s in states]
-    new = _step_rows(optimizer, w, grads_of_rows, *current, hparams.unbind(), step.float())
+    new = _step_rows(rule.optimizer, w, grads_of_rows, *current, rule.hparams.unbind(), rule.step.float())
     for dest, value, old in zip((block, *states), new, (w, *current)):
         if dest is not None:
             dest.index_put_((rows,), torch.where(any_live, value, old).to(dest.dtype))
 
 
-def _state_views(optimizer, state1, state2, p: "pt._Pass", block_row_base: int):
+def state_views(fused: FusedStep, p: Pass, block_row_base: int):
     """The optimizer state of one block of tables, indexed by the block's rows: row-wise
-    ``[R]``, element-wise ``[R, D]``; None where the optimizer keeps none."""
-    if optimizer == ROWWISE_ADAGRAD:
-        return state1.narrow(0, block_row_base, p.num_rows), None
-    if optimizer == ADAM:
-        return tuple(s.narrow(0, p.weight_start, p.num_rows * p.dim).view(p.num_rows, p.dim) for s in (state1, state2))
+    ``[R]``, element-wise ``[R, D]``; None where the optimizer keeps none.
+
+    Args:
+        p: a pass of the block; block_row_base: the block's first row in row-wise state.
+    """
+    if fused.optimizer == ROWWISE_ADAGRAD:
+        return fused.state1.narrow(0, block_row_base, p.num_rows), None
+    if fused.optimizer == ADAM:
+        return tuple(block_view(s, p) for s in (fused.state1, fused.state2))
     return None, None
 
 

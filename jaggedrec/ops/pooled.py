@@ -16,11 +16,13 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from jaggedrec.ops import pooled_torch, vbe
+from jaggedrec.ops import backends, pooled_torch, vbe
 from jaggedrec.ops.backends import batch_inputs, check_storage, use_kernels
 from jaggedrec.ops.feature_tables import feature_tables
+from jaggedrec.ops.op_args import FusedStep, OpBatch
 from jaggedrec.ops.registry import define_host_op, define_op
 from jaggedrec.ops.weight_grads import state_grads, weight_grad
+
 
 def _triton(*storage: torch.Tensor):
     check_storage(*storage)
@@ -68,10 +70,10 @@ def _pooled_embedding_bags(
         need not read them.
     """
     tables = feature_tables(tables)
-    values, offsets, per_sample_weights = batch_inputs(values, offsets, per_sample_weights)
+    batch = batch_inputs(values, offsets, per_sample_weights, inverse_indices)
     if use_kernels(backend, weights.device):
-        return _triton(weights).triton_forward(weights, values, offsets, per_sample_weights, inverse_indices, tables)
-    pooled = pooled_torch.pooled_forward(weights, values, offsets, per_sample_weights, tables.plan, tables.num_keys)
+        return _triton(weights).triton_forward(weights, batch, tables)
+    pooled = pooled_torch.pooled_forward(weights, batch, tables)
     if inverse_indices is not None:
         pooled = vbe.expand_rows(pooled, inverse_indices, tables.plan.out_offsets)
     return pooled, torch.zeros(tables.num_features, dtype=torch.int64, device=weights.device)
@@ -94,7 +96,7 @@ def run_pooled_embedding_bags(*args) -> Tuple[torch.Tensor, torch.Tensor]:
     backend, optimizer_state = args[_BACKEND_ARG], args[_OPTIMIZER_STATE_ARG]
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (weights, per_sample_weights, *optimizer_state))
-    if needs_grad or use_kernels(backend, weights.device) or not pooled_torch._host_readable(weights, values, offsets):
+    if needs_grad or use_kernels(backend, weights.device) or not backends.host_readable(weights, values, offsets):
         return pooled_embedding_bags(*args)
     return _pooled_embedding_bags(*args)
 
@@ -121,14 +123,12 @@ def pooled_embedding_bags_backward(
         ``[N]`` fp32 per-sample-weight gradient (``[0]`` unless ``need_psw_grad``).
     """
     tables = feature_tables(tables)
-    values, offsets, per_sample_weights = batch_inputs(values, offsets, per_sample_weights)
+    batch = batch_inputs(values, offsets, per_sample_weights)
     if use_kernels(backend, weights.device):
-        grad_weights, grad_psw = _triton(weights).triton_backward(
-            grad_out, weights, values, offsets, per_sample_weights, tables, need_weight_grad, need_psw_grad,
-            deterministic)
+        grad_weights, grad_psw = _triton(weights).triton_backward(grad_out, weights, batch, tables, need_weight_grad,
+                                                                  need_psw_grad, deterministic)
     else:
-        grad_weights, grad_psw = pooled_torch.pooled_backward(grad_out, weights, values, offsets, per_sample_weights,
-                                                              tables.plan, tables.num_keys, need_weight_grad,
+        grad_weights, grad_psw = pooled_torch.pooled_backward(grad_out, weights, batch, tables, need_weight_grad,
                                                               need_psw_grad)
     if grad_weights is None:
         grad_weights = weights.new_empty(0)
@@ -167,19 +167,15 @@ def pooled_embedding_bags_fused_update(
         state1: row-wise Adagrad ``[R]`` (R = rows of all tables), Adam ``[W]`` first moments.
         state2: Adam ``[W]`` second moments. Unused states may be empty.
     """
-    values, offsets, per_sample_weights = batch_inputs(values, offsets, per_sample_weights)
+    batch = batch_inputs(values, offsets, per_sample_weights, inverse_indices)
+    fused = FusedStep(optimizer, hparams, step, state1, state2)
     if use_kernels(backend, weights.device):
-        _triton(weights, state1, state2).triton_fused_update(grad_out, weights, values, offsets, per_sample_weights,
-                                                             inverse_indices, feature_tables(tables), optimizer,
-                                                             hparams, step, state1, state2)
+        _triton(weights, state1, state2).triton_fused_update(grad_out, weights, batch, feature_tables(tables), fused)
         return
     if weights.device.type == "cpu":
-        torch.ops.jaggedrec.pooled_embedding_bags_fused_update_host(
-            grad_out, weights, values, offsets, per_sample_weights, inverse_indices, tables, optimizer, hparams, step,
-            state1, state2)
+        torch.ops.jaggedrec.pooled_embedding_bags_fused_update_host(grad_out, weights, *batch, tables, *fused)
         return
-    _fused_update_torch(grad_out, weights, values, offsets, per_sample_weights, inverse_indices, tables, optimizer,
-                        hparams, step, state1, state2)
+    _fused_update_torch(grad_out, weights, batch, tables, fused)
 
 
 @define_host_op("jaggedrec::pooled_embedding_bags_fused_update_host", mutates_args=("weights", "step", "state1", "state2"))
@@ -191,39 +187,24 @@ def _fused_update_host(grad_out: torch.Tensor, weights: torch.Tensor, values: to
     the eager update (cache-sized chunks, touched rows streamed or scattered as the data
     decides) and not its static-shape twin, whose ``[ids, dim]`` temporaries made a compiled
     step at 20 ids per bag several times slower than the eager one."""
-    _fused_update_torch(grad_out, weights, values, offsets, per_sample_weights, inverse_indices, tables, optimizer,
-                        hparams, step, state1, state2)
+    _fused_update_torch(grad_out, weights, OpBatch(values, offsets, per_sample_weights, inverse_indices), tables,
+                        FusedStep(optimizer, hparams, step, state1, state2))
 
 
-def _fused_update_torch(grad_out, weights, values, offsets, per_sample_weights, inverse_indices, tables, optimizer,
-                        hparams, step, state1, state2) -> None:
+def _fused_update_torch(grad_out: torch.Tensor, weights: torch.Tensor, batch: OpBatch, tables: List[int],
+                        fused: FusedStep) -> None:
     from jaggedrec.ops import fused_torch
-    tables = feature_tables(tables)
-    fused_torch.fused_update(grad_out, weights, values, offsets, per_sample_weights, tables.plan, tables.num_keys,
-                             optimizer, hparams, step, state1, state2, list(tables.row_bases),
-                             vbe.ids_read(inverse_indices, tables, offsets, values.shape[0]))
+    fused_torch.fused_update(grad_out, weights, batch, feature_tables(tables), fused)
 
 
 def _sparse_weight_grad(grad_out, weights, values, offsets, psw, inverse_indices, tables: List[int],
                         backend: str) -> torch.Tensor:
     """``[W]`` sparse COO gradient holding only the elements of touched rows (VBE: of bags some sample reads)."""
     tables = feature_tables(tables)
-    values, offsets, psw = batch_inputs(values, offsets, psw)
+    batch = batch_inputs(values, offsets, psw, inverse_indices)
     if use_kernels(backend, weights.device):
-        return _triton(weights).triton_sparse_grad(grad_out, weights, values, offsets, psw, inverse_indices, tables)
-    index_parts, value_parts = [], []
-    id_read = vbe.ids_read(inverse_indices, tables, offsets, values.shape[0])
-    for p, touched, sums in pooled_torch.pooled_row_grads(grad_out, values, offsets, psw, tables.plan,
-                                                          tables.num_keys, id_read):
-        first = p.weight_start + touched.long() * p.dim
-        index_parts.append((first.unsqueeze(1) + torch.arange(p.dim, device=first.device)).reshape(-1))
-        value_parts.append(sums.reshape(-1))
-    if not index_parts:
-        return torch.sparse_coo_tensor(torch.empty(1, 0, dtype=torch.long, device=weights.device),
-                                       weights.new_empty(0), weights.shape)
-    grad = torch.sparse_coo_tensor(torch.cat(index_parts).unsqueeze(0), torch.cat(value_parts).to(weights.dtype),
-                                   weights.shape, is_coalesced=len(index_parts) == 1, check_invariants=False)
-    return grad if len(index_parts) == 1 else grad.coalesce()
+        return _triton(weights).triton_sparse_grad(grad_out, weights, batch, tables)
+    return pooled_torch.pooled_sparse_grad(grad_out, weights, batch, tables)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -14,38 +14,38 @@ import torch
 
 from jaggedrec.kernels import pooled_bwd, pooled_fwd
 
-from jaggedrec.ops import runs_triton, vbe
+from jaggedrec.ops import runs_triton
 from jaggedrec.ops.feature_tables import FeatureTables
+from jaggedrec.ops.op_args import FusedStep, OpBatch
 
 
-def triton_forward(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
-                   per_sample_weights: Optional[torch.Tensor], inverse_indices: Optional[torch.Tensor],
-                   tables: FeatureTables) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``[B, total_dim]`` fp32 pooled output and ``[F]`` int64 counts of skipped bad ids.
-    With ``inverse_indices`` (``[F, B]``, VBE) each output row reads its bag slot through them."""
-    slots = (offsets.shape[0] - 1) // tables.num_keys
-    batch = slots if inverse_indices is None else inverse_indices.shape[1]
-    out = torch.empty((batch, tables.plan.out_offsets[-1]), dtype=torch.float32, device=weights.device)
-    errors = torch.zeros(tables.num_features, dtype=torch.int64, device=weights.device)
-    pooled_fwd.pooled_fwd(weights, values, offsets, per_sample_weights, tables.meta(weights), out, errors,
-                          max(tables.dims), tables.plan.alignment, slots,
+def triton_forward(weights: torch.Tensor, batch: OpBatch, tables: FeatureTables) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``[B, total_dim]`` fp32 pooled output and ``[F]`` int64 counts of bad ids (skipped).
+    With inverse indices (``[F, B]``, VBE) each output row reads its bag slot through them."""
+    slots = batch.bags_per_key(tables.num_keys)
+    inverse_indices = batch.inverse_indices
+    batch_size = slots if inverse_indices is None else inverse_indices.shape[1]
+    out = torch.empty((batch_size, tables.plan.out_offsets[-1]), dtype=torch.float32, device=weights.device)
+    bad_ids = torch.zeros(tables.num_features, dtype=torch.int64, device=weights.device)
+    pooled_fwd.pooled_fwd(weights, batch.values, batch.offsets, batch.per_sample_weights, tables.meta(weights), out,
+                          bad_ids, max(tables.dims), tables.plan.alignment, slots,
                           None if inverse_indices is None else inverse_indices.contiguous())
-    return out, errors
+    return out, bad_ids
 
 
-def _bag_rows(grad_out: torch.Tensor, parts: runs_triton.Contributions, offsets: torch.Tensor,
-              per_sample_weights: Optional[torch.Tensor], tables: FeatureTables,
+def _bag_rows(grad_out: torch.Tensor, parts: runs_triton.Contributions, batch: OpBatch, tables: FeatureTables,
               meta: torch.Tensor) -> runs_triton.GradientRows:
     """A contribution's gradient row is its bag's row of the ``[B, total_dim]`` output
     gradient, scaled by its per-sample weight and, under MEAN, by 1/length."""
     num_values = parts.bag_of_value.shape[0]
-    batch = (offsets.shape[0] - 1) // tables.num_keys
+    offsets, per_sample_weights = batch.offsets, batch.per_sample_weights
+    batch_size = batch.bags_per_key(tables.num_keys)
     any_mean = any(tables.pooling)
 
     def gradient_rows(order: torch.Tensor, feature: torch.Tensor):
         value = order % num_values
         bag = parts.bag_of_value.index_select(0, value)
-        item_offset = (bag % batch) * grad_out.stride(0) + meta[feature, 3]
+        item_offset = (bag % batch_size) * grad_out.stride(0) + meta[feature, 3]
         scale = None if per_sample_weights is None else per_sample_weights.index_select(0, value).float()
         if any_mean:
             lengths = (offsets[1:] - offsets[:-1]).index_select(0, bag)
@@ -55,59 +55,54 @@ def _bag_rows(grad_out: torch.Tensor, parts: runs_triton.Contributions, offsets:
     return gradient_rows
 
 
-def _runs(grad_out, weights, offsets, per_sample_weights, parts, tables, meta):
-    return runs_triton.sorted_runs(parts, weights, _bag_rows(grad_out, parts, offsets, per_sample_weights,
-                                                             tables, meta))
+def _runs(grad_out: torch.Tensor, weights: torch.Tensor, batch: OpBatch, parts: runs_triton.Contributions,
+          tables: FeatureTables, meta: torch.Tensor):
+    return runs_triton.sorted_runs(parts, weights, _bag_rows(grad_out, parts, batch, tables, meta))
 
 
-def triton_backward(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
-                    per_sample_weights: Optional[torch.Tensor], tables: FeatureTables, need_weight_grad: bool,
-                    need_psw_grad: bool, deterministic: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+def triton_backward(grad_out: torch.Tensor, weights: torch.Tensor, batch: OpBatch, tables: FeatureTables,
+                    need_weight_grad: bool, need_psw_grad: bool,
+                    deterministic: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Dense ``[W]`` weight gradient (weights' dtype) and ``[N]`` fp32 per-sample-weight gradient."""
     grad_out = grad_out.contiguous().float()
     meta = tables.meta(weights)
     max_dim, alignment = max(tables.dims), tables.plan.alignment
-    parts = runs_triton.contributions(values, offsets, tables, meta)
+    parts = runs_triton.contributions(batch, tables, meta)
     grad_weights = grad_psw = None
     if need_weight_grad:
         if deterministic:
-            runs = _runs(grad_out, weights, offsets, per_sample_weights, parts, tables, meta)
+            runs = _runs(grad_out, weights, batch, parts, tables, meta)
             grad_weights = runs_triton.dense_grad(grad_out, runs, weights, tables, meta)
         else:
             dest = torch.zeros(weights.shape[0], dtype=torch.float32, device=weights.device)
-            pooled_bwd.rows_grad_atomic(grad_out, parts.rows, parts.feature, parts.bag_of_value, offsets,
-                                        per_sample_weights, meta, dest, max_dim, alignment)
+            pooled_bwd.rows_grad_atomic(grad_out, parts.rows, parts.feature, parts.bag_of_value, batch.offsets,
+                                        batch.per_sample_weights, meta, dest, max_dim, alignment)
             grad_weights = dest if weights.dtype == torch.float32 else dest.to(weights.dtype)
     if need_psw_grad:
         per_contribution = torch.empty(parts.rows.shape[0], dtype=torch.float32, device=weights.device)
-        pooled_bwd.psw_grad(grad_out, weights, parts.rows, parts.feature, parts.bag_of_value, offsets, meta,
+        pooled_bwd.psw_grad(grad_out, weights, parts.rows, parts.feature, parts.bag_of_value, batch.offsets, meta,
                             per_contribution, max_dim, alignment)
-        grad_psw = per_contribution.view(len(tables.plan.passes), values.shape[0]).sum(0)
+        grad_psw = per_contribution.view(len(tables.plan.passes), batch.num_ids).sum(0)
     return grad_weights, grad_psw
 
 
-def triton_sparse_grad(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
-                       per_sample_weights: Optional[torch.Tensor], inverse_indices: Optional[torch.Tensor],
+def triton_sparse_grad(grad_out: torch.Tensor, weights: torch.Tensor, batch: OpBatch,
                        tables: FeatureTables) -> torch.Tensor:
     """``[W]`` sparse COO gradient over the touched rows' elements (eager: sizes the output on the
     host); ``grad_out`` has one row per bag slot, and VBE bags no sample reads touch nothing."""
     grad_out = grad_out.contiguous().float()
     meta = tables.meta(weights)
-    parts = runs_triton.contributions(values, offsets, tables, meta,
-                                      vbe.ids_read(inverse_indices, tables, offsets, values.shape[0]))
-    runs = _runs(grad_out, weights, offsets, per_sample_weights, parts, tables, meta)
+    parts = runs_triton.contributions(batch, tables, meta)
+    runs = _runs(grad_out, weights, batch, parts, tables, meta)
     return runs_triton.sparse_grad(grad_out, runs, weights, tables, meta)
 
 
-def triton_fused_update(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
-                        per_sample_weights: Optional[torch.Tensor], inverse_indices: Optional[torch.Tensor],
-                        tables: FeatureTables, optimizer: int, hparams: torch.Tensor, step: torch.Tensor,
-                        state1: torch.Tensor, state2: torch.Tensor) -> None:
+def triton_fused_update(grad_out: torch.Tensor, weights: torch.Tensor, batch: OpBatch, tables: FeatureTables,
+                        fused: FusedStep) -> None:
     """The fused optimizer step on the rows this batch read (see ``runs_triton.fused_update``);
     ``grad_out`` has one row per bag slot, and VBE bags no sample reads are not stepped."""
     grad_out = grad_out.contiguous().float()
     meta = tables.meta(weights)
-    parts = runs_triton.contributions(values, offsets, tables, meta,
-                                      vbe.ids_read(inverse_indices, tables, offsets, values.shape[0]))
-    runs = _runs(grad_out, weights, offsets, per_sample_weights, parts, tables, meta)
-    runs_triton.fused_update(grad_out, runs, weights, tables, meta, optimizer, hparams, step, state1, state2)
+    parts = runs_triton.contributions(batch, tables, meta)
+    runs = _runs(grad_out, weights, batch, parts, tables, meta)
+    runs_triton.fused_update(grad_out, runs, weights, tables, meta, fused)

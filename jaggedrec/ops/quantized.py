@@ -19,9 +19,8 @@ import torch
 
 from jaggedrec.ops import quantized_torch
 from jaggedrec.ops.feature_tables import STORAGE_FP16, STORAGE_INT4, STORAGE_INT8, feature_tables
-from jaggedrec.ops.backends import batch_inputs, use_kernels
+from jaggedrec.ops.backends import batch_inputs, host_readable, use_kernels
 from jaggedrec.ops.registry import define_host_op, define_op
-from jaggedrec.ops.sequence_torch import host_readable
 
 
 def _fake(int8, int4, fp16, values, offsets, per_sample_weights, tables):
@@ -65,7 +64,7 @@ def quantized_embedding_bags(int8: torch.Tensor, int4: torch.Tensor, fp16: torch
     decoded = feature_tables(tables)
     if use_kernels(backend, values.device):
         from jaggedrec.ops import quantized_triton  # imported lazily: it pulls in the kernels
-        values, offsets, per_sample_weights = batch_inputs(values, offsets, per_sample_weights)
+        values, offsets, per_sample_weights, _ = batch_inputs(values, offsets, per_sample_weights)
         return quantized_triton.triton_forward(int8, int4, fp16, values, offsets, per_sample_weights, decoded)
     pooled = torch.ops.jaggedrec.quantized_embedding_bags_host(int8, int4, fp16, values, offsets, per_sample_weights,
                                                                tables)

@@ -102,7 +102,7 @@ def _bag_sums(rows: torch.Tensor, seg: Segment, ids: torch.Tensor, bag_offsets: 
     """
     if seg.storage == STORAGE_FP16:
         table = rows.narrow(1, 0, 2 * seg.dim).view(torch.float16)
-        return pooled_torch._pooled_rows(ids, table, bag_offsets, psw, False)
+        return pooled_torch.pooled_rows(ids, table, bag_offsets, psw, False)
     if rows.device.type != "cpu" or rows.shape[1] != quantized_rows.row_bytes(seg.storage, seg.dim):
         # torch's ops need their exact CPU layout; padded rows (row_align > 1) are dequantized here
         return _dequantized_sums(rows, seg.storage, seg.dim, ids, bag_offsets, psw)

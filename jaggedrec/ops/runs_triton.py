@@ -18,7 +18,9 @@ from torch._subclasses.fake_tensor import is_fake
 
 from jaggedrec.kernels import pooled_fused, row_runs
 
+from jaggedrec.ops import vbe
 from jaggedrec.ops.feature_tables import FeatureTables
+from jaggedrec.ops.op_args import FusedStep, OpBatch
 
 
 class Contributions(NamedTuple):
@@ -43,17 +45,19 @@ def _cached_pass_features(table, device: torch.device) -> torch.Tensor:
     return torch.tensor(table, dtype=torch.int32, device=device)
 
 
-def contributions(values: torch.Tensor, offsets: torch.Tensor, tables: FeatureTables, meta: torch.Tensor,
-                  id_read: Optional[torch.Tensor] = None) -> Contributions:
-    """Every (pass, id) pair of the batch (``[N]`` ids, ``[K*B+1]`` offsets), with no host sync;
-    ``id_read`` (``[N]`` bool, or None for all) masks the ids that get no gradient at all."""
+def contributions(batch: OpBatch, tables: FeatureTables, meta: torch.Tensor) -> Contributions:
+    """Every (pass, id) pair of the batch (``[N]`` ids, ``[K*B+1]`` offsets), with no host sync.
+    With VBE inverse indices, the ids of bags that no sample reads are masked: they get no
+    gradient at all."""
+    values, offsets = batch.values, batch.offsets
     num_ids = values.shape[0]
     num_keys = tables.num_keys
-    batch = (offsets.shape[0] - 1) // num_keys
+    id_read = vbe.ids_read(batch.inverse_indices, tables, offsets, num_ids)
+    batch_size = batch.bags_per_key(num_keys)
     lengths = (offsets[1:] - offsets[:-1]).long()
-    bag_of_value = torch.repeat_interleave(torch.arange(num_keys * batch, device=values.device), lengths,
+    bag_of_value = torch.repeat_interleave(torch.arange(num_keys * batch_size, device=values.device), lengths,
                                            output_size=num_ids)
-    key_of_value = torch.div(bag_of_value, batch, rounding_mode="floor") if batch else bag_of_value
+    key_of_value = torch.div(bag_of_value, batch_size, rounding_mode="floor") if batch_size else bag_of_value
     feature = _pass_features(tables, meta)[:, key_of_value].reshape(-1)  # [P*N]
     ids = values.long().repeat(len(tables.plan.passes))
     safe = feature.clamp(min=0).long()
@@ -96,10 +100,9 @@ def sparse_grad(grad_out: torch.Tensor, runs: row_runs.Runs, weights: torch.Tens
 
 
 def fused_update(grad_out: torch.Tensor, runs: row_runs.Runs, weights: torch.Tensor, tables: FeatureTables,
-                 meta: torch.Tensor, optimizer: int, hparams: torch.Tensor, step: torch.Tensor, state1: torch.Tensor,
-                 state2: torch.Tensor) -> None:
+                 meta: torch.Tensor, fused: FusedStep) -> None:
     """The fused optimizer step: one kernel sums each run's gradient and updates its row and
     the row's state in place (see ``kernels/pooled_fused.py``)."""
-    step.add_(1)
-    pooled_fused.fused_update(grad_out, runs, meta, weights, state1, state2, hparams, step, optimizer,
-                              max(tables.dims), tables.plan.alignment)
+    fused.step.add_(1)
+    pooled_fused.fused_update(grad_out, runs, meta, weights, fused.state1, fused.state2, fused.hparams, fused.step,
+                              fused.optimizer, max(tables.dims), tables.plan.alignment)

@@ -18,9 +18,10 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from jaggedrec.ops import sequence_torch
+from jaggedrec.ops import backends, sequence_torch
 from jaggedrec.ops.backends import batch_inputs, check_storage, use_kernels
 from jaggedrec.ops.feature_tables import feature_tables
+from jaggedrec.ops.op_args import FusedStep
 from jaggedrec.ops.registry import define_host_op, define_op
 from jaggedrec.ops.weight_grads import state_grads, weight_grad
 
@@ -62,10 +63,10 @@ def _sequence_embeddings(
         skip (their rows are zero; always zero counts on the torch path, whose callers
         validate ids beforehand).
     """
-    values, offsets, _ = batch_inputs(values, offsets, None)
+    batch = batch_inputs(values, offsets, None)
     if use_kernels(backend, weights.device):
-        return _triton(weights).triton_forward(weights, values, offsets, feature_tables(tables), key_lengths)
-    return torch.ops.jaggedrec.sequence_embeddings_host(weights, values, tables, key_lengths)
+        return _triton(weights).triton_forward(weights, batch, feature_tables(tables), key_lengths)
+    return torch.ops.jaggedrec.sequence_embeddings_host(weights, batch.values, tables, key_lengths)
 
 
 sequence_embeddings = define_op("jaggedrec::sequence_embeddings")(_sequence_embeddings)
@@ -79,9 +80,9 @@ def _forward_host_fake(weights, values, tables, key_lengths):
 
 def _forward_host(weights: torch.Tensor, values: torch.Tensor, tables: List[int],
                   key_lengths: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    decoded = feature_tables(tables)
-    return (sequence_torch.sequence_forward(weights, values, decoded, key_lengths),
-            torch.zeros(decoded.num_features, dtype=torch.int64, device=weights.device))
+    tables = feature_tables(tables)
+    return (sequence_torch.sequence_forward(weights, values, tables, key_lengths),
+            torch.zeros(tables.num_features, dtype=torch.int64, device=weights.device))
 
 
 define_host_op("jaggedrec::sequence_embeddings_host", fake=_forward_host_fake)(_forward_host)
@@ -93,11 +94,10 @@ def sequence_embeddings_backward(grad_out: torch.Tensor, weights: torch.Tensor, 
                                  deterministic: bool) -> torch.Tensor:
     """``[W]`` dense weight gradient of :func:`sequence_embeddings` in the weights' dtype;
     ``grad_out`` is flat like the forward's output."""
-    values, offsets, _ = batch_inputs(values, offsets, None)
+    batch = batch_inputs(values, offsets, None)
     if use_kernels(backend, weights.device):
-        return _triton(weights).triton_backward(grad_out, weights, values, offsets, feature_tables(tables),
-                                                deterministic)
-    return torch.ops.jaggedrec.sequence_embeddings_backward_host(grad_out, weights, values, tables, key_lengths)
+        return _triton(weights).triton_backward(grad_out, weights, batch, feature_tables(tables), deterministic)
+    return torch.ops.jaggedrec.sequence_embeddings_backward_host(grad_out, weights, batch.values, tables, key_lengths)
 
 
 @define_host_op("jaggedrec::sequence_embeddings_backward_host",
@@ -114,29 +114,28 @@ def sequence_embeddings_fused_update(grad_out: torch.Tensor, weights: torch.Tens
                                      state2: torch.Tensor) -> None:
     """One optimizer step on the rows this batch read, in place (arguments as in
     ``pooled_embedding_bags_fused_update``); duplicate ids are summed first."""
-    values, offsets, _ = batch_inputs(values, offsets, None)
+    batch = batch_inputs(values, offsets, None)
+    fused = FusedStep(optimizer, hparams, step, state1, state2)
     if use_kernels(backend, weights.device):
-        _triton(weights, state1, state2).triton_fused_update(grad_out, weights, values, offsets,
-                                                             feature_tables(tables), optimizer, hparams, step,
-                                                             state1, state2)
+        _triton(weights, state1, state2).triton_fused_update(grad_out, weights, batch, feature_tables(tables), fused)
         return
-    torch.ops.jaggedrec.sequence_embeddings_fused_update_host(grad_out, weights, values, tables, key_lengths,
-                                                              optimizer, hparams, step, state1, state2)
+    torch.ops.jaggedrec.sequence_embeddings_fused_update_host(grad_out, weights, batch.values, tables, key_lengths,
+                                                              *fused)
 
 
 @define_host_op("jaggedrec::sequence_embeddings_fused_update_host", mutates_args=("weights", "step", "state1", "state2"))
 def _fused_update_host(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, tables: List[int],
                        key_lengths: List[int], optimizer: int, hparams: torch.Tensor, step: torch.Tensor,
                        state1: torch.Tensor, state2: torch.Tensor) -> None:
-    sequence_torch.sequence_fused_update(grad_out, weights, values, feature_tables(tables), key_lengths, optimizer,
-                                         hparams, step, state1, state2)
+    sequence_torch.sequence_fused_update(grad_out, weights, values, feature_tables(tables), key_lengths,
+                                         FusedStep(optimizer, hparams, step, state1, state2))
 
 
 def _sparse_weight_grad(grad_out, weights, values, offsets, tables, key_lengths, backend) -> torch.Tensor:
-    values, offsets, _ = batch_inputs(values, offsets, None)
+    batch = batch_inputs(values, offsets, None)
     if use_kernels(backend, weights.device):
-        return _triton(weights).triton_sparse_grad(grad_out, weights, values, offsets, feature_tables(tables))
-    return sequence_torch.sequence_sparse_grad(grad_out, weights, values, feature_tables(tables), key_lengths)
+        return _triton(weights).triton_sparse_grad(grad_out, weights, batch, feature_tables(tables))
+    return sequence_torch.sequence_sparse_grad(grad_out, weights, batch.values, feature_tables(tables), key_lengths)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -179,6 +178,6 @@ def run_sequence_embeddings(*args) -> Tuple[torch.Tensor, torch.Tensor]:
     optimizer_state = args[_OPTIMIZER_STATE_ARG]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (weights, *optimizer_state))
     if (needs_grad or use_kernels(backend, weights.device) or torch.compiler.is_compiling()
-            or not sequence_torch.host_readable(weights, values)):
+            or not backends.host_readable(weights, values)):
         return sequence_embeddings(*args)
     return _forward_host(weights, values.contiguous(), tables, key_lengths)

@@ -12,19 +12,20 @@ block of tables (each id shifted by its table's first row) writes them all, in p
 from __future__ import annotations
 
 import functools
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Tuple
 
 import torch
 
-from jaggedrec.ops import fused_torch
-from jaggedrec.ops import pooled_torch as pt
+from jaggedrec.ops import backends, fused_torch
 from jaggedrec.ops.feature_tables import FeatureTables
+from jaggedrec.ops.op_args import FusedStep
+from jaggedrec.ops.pooled_plan import Pass, block_view
 
 
 class Segment(NamedTuple):
     features: Tuple[int, ...]  # consecutive features, in the op's order
     keys: Tuple[int, ...]      # their keys, consecutive and increasing
-    block: "pt._Pass"          # a pass of their dim: the [rows, dim] block of tables they read
+    block: Pass                # a pass of their dim: the [rows, dim] block of tables they read
     row_bases: Tuple[int, ...]  # per feature, its table's first row in the block
     table_rows: Tuple[int, ...]  # per feature, its table's rows
 
@@ -52,11 +53,6 @@ def segments(tables: FeatureTables) -> Tuple[Segment, ...]:
         else:
             out.append(Segment((f,), (tables.keys[f],), block_of[f], (base_of[f],), (tables.rows[f],)))
     return tuple(out)
-
-
-def host_readable(*tensors: torch.Tensor) -> bool:
-    """Real tensors in host memory: the eager path may read their sizes and data."""
-    return pt._host_readable(*tensors)
 
 
 def output_sizes(tables: FeatureTables, key_lengths: List[int]) -> List[int]:
@@ -117,7 +113,7 @@ def _walk(tables: FeatureTables, values: torch.Tensor, key_lengths: List[int]):
 def _rows_of(flat: torch.Tensor, seg: Segment) -> torch.Tensor:
     """The ``[rows, dim]`` rows that a segment's ids index (its one table's, else its block's),
     of the flat weights or of anything laid out as they are (a gradient)."""
-    block = pt._block(flat, seg.block)
+    block = block_view(flat, seg.block)
     return block.narrow(0, seg.row_bases[0], seg.table_rows[0]) if seg.one_table else block
 
 
@@ -166,27 +162,26 @@ def sequence_sparse_grad(grad_out: torch.Tensor, weights: torch.Tensor, values: 
 
 
 def sequence_fused_update(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor,
-                          tables: FeatureTables, key_lengths: List[int], optimizer: int, hparams: torch.Tensor,
-                          step: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor) -> None:
+                          tables: FeatureTables, key_lengths: List[int], fused: FusedStep) -> None:
     """One optimizer step on the rows this batch read, in place. Each dim block's ids are
     stepped together, so that a row read by two features gets one step with the summed gradient."""
-    step.add_(1)
+    fused.step.add_(1)
     by_block: dict = {}
     for seg, ids, position in _walk(tables, values, key_lengths):
         entry = by_block.setdefault(seg.block.weight_start, (seg, [], []))
         entry[1].append(_block_ids(seg, ids))
         entry[2].append(_segment_grads(grad_out, seg, ids, position))
-    eager = pt._host_readable(values, grad_out)
+    eager = backends.host_readable(values, grad_out)
     for seg, ids, grads in by_block.values():
         ids, grads = (t[0] if len(t) == 1 else torch.cat(t) for t in (ids, grads))
-        block = pt._block(weights, seg.block)
-        states = fused_torch._state_views(optimizer, state1, state2, seg.block,
-                                          tables.row_bases[seg.features[0]] - seg.row_bases[0])
+        block = block_view(weights, seg.block)
+        states = fused_torch.state_views(fused, seg.block, tables.row_bases[seg.features[0]] - seg.row_bases[0])
         rows_of_grads = torch.arange(ids.shape[0], device=ids.device)
         if eager:
-            fused_torch._update_touched_rows(block, states, ids, rows_of_grads, grads, None, optimizer,
-                                             hparams.tolist(), int(step))
+            rule = fused_torch.StepRule(fused.optimizer, fused.hparams.tolist(), int(fused.step))
+            fused_torch.update_touched_rows(block, states, ids, rows_of_grads, grads, None, rule)
         else:
-            fused_torch._update_runs_static(block, states, ids, rows_of_grads, grads, None,
-                                            torch.ones_like(ids, dtype=torch.bool), optimizer, hparams, step)
+            fused_torch.update_runs_static(block, states, ids, rows_of_grads, grads, None,
+                                           torch.ones_like(ids, dtype=torch.bool),
+                                           fused_torch.StepRule(fused.optimizer, fused.hparams, fused.step))
 

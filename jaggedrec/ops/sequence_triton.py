@@ -15,25 +15,25 @@ from jaggedrec.kernels import sequence_fwd
 
 from jaggedrec.ops import runs_triton
 from jaggedrec.ops.feature_tables import FeatureTables
+from jaggedrec.ops.op_args import FusedStep, OpBatch
 from jaggedrec.ops.sequence_torch import output_sizes
 
 
-def triton_forward(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, tables: FeatureTables,
-                   key_lengths: List[int]):
-    """Returns the flat rows (see ``sequence_torch``) and ``[F]`` int64 counts of skipped bad ids."""
+def triton_forward(weights: torch.Tensor, batch: OpBatch, tables: FeatureTables, key_lengths: List[int]):
+    """Returns the flat rows (see ``sequence_torch``) and ``[F]`` int64 counts of bad ids (skipped)."""
     out = weights.new_empty(sum(output_sizes(tables, key_lengths)))
-    errors = torch.zeros(tables.num_features, dtype=torch.int64, device=weights.device)
-    batch = (offsets.shape[0] - 1) // tables.num_keys
-    sequence_fwd.sequence_fwd(weights, values, offsets, tables.meta(weights), out, errors, batch, max(tables.dims),
-                              tables.plan.alignment)
-    return out, errors
+    bad_ids = torch.zeros(tables.num_features, dtype=torch.int64, device=weights.device)
+    sequence_fwd.sequence_fwd(weights, batch.values, batch.offsets, tables.meta(weights), out, bad_ids,
+                              batch.bags_per_key(tables.num_keys), max(tables.dims), tables.plan.alignment)
+    return out, bad_ids
 
 
-def _item_offsets(values: torch.Tensor, offsets: torch.Tensor, tables: FeatureTables, meta: torch.Tensor):
+def _item_offsets(batch: OpBatch, tables: FeatureTables, meta: torch.Tensor):
     """``(contribution, feature) -> [M]`` element of the flat output gradient where its id's row starts."""
-    num_values = values.shape[0]
-    batch = (offsets.shape[0] - 1) // tables.num_keys
-    key_bounds = offsets.index_select(0, torch.arange(tables.num_keys + 1, device=offsets.device) * batch).long()
+    num_values = batch.num_ids
+    offsets = batch.offsets
+    batch_size = batch.bags_per_key(tables.num_keys)
+    key_bounds = offsets.index_select(0, torch.arange(tables.num_keys + 1, device=offsets.device) * batch_size).long()
     dims, keys = meta[:, 1], meta[:, 4]
     sizes = (key_bounds[1:] - key_bounds[:-1]).index_select(0, keys) * dims
     starts = torch.cumsum(sizes, 0) - sizes  # [F] each feature's first element
@@ -44,42 +44,42 @@ def _item_offsets(values: torch.Tensor, offsets: torch.Tensor, tables: FeatureTa
     return item_offset
 
 
-def _runs(grad_out, weights, values, offsets, parts, tables, meta):
-    item_offset = _item_offsets(values, offsets, tables, meta)
+def _runs(batch: OpBatch, weights: torch.Tensor, parts: runs_triton.Contributions, tables: FeatureTables,
+          meta: torch.Tensor):
+    item_offset = _item_offsets(batch, tables, meta)
     return runs_triton.sorted_runs(parts, weights, lambda order, feature: (item_offset(order, feature), None))
 
 
-def triton_backward(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
-                    tables: FeatureTables, deterministic: bool) -> torch.Tensor:
+def triton_backward(grad_out: torch.Tensor, weights: torch.Tensor, batch: OpBatch, tables: FeatureTables,
+                    deterministic: bool) -> torch.Tensor:
     """``[W]`` dense weight gradient in the weights' dtype."""
     grad_out = grad_out.contiguous().float()
     meta = tables.meta(weights)
-    parts = runs_triton.contributions(values, offsets, tables, meta)
+    parts = runs_triton.contributions(batch, tables, meta)
     if deterministic:
-        runs = _runs(grad_out, weights, values, offsets, parts, tables, meta)
+        runs = _runs(batch, weights, parts, tables, meta)
         return runs_triton.dense_grad(grad_out, runs, weights, tables, meta)
     dest = torch.zeros(weights.shape[0], dtype=torch.float32, device=weights.device)
-    contribution = torch.arange(parts.rows.shape[0], device=values.device)
-    item_offset = _item_offsets(values, offsets, tables, meta)(contribution, parts.feature.clamp(min=0).long())
+    contribution = torch.arange(parts.rows.shape[0], device=batch.values.device)
+    item_offset = _item_offsets(batch, tables, meta)(contribution, parts.feature.clamp(min=0).long())
     sequence_fwd.rows_grad_atomic(grad_out, parts.rows, item_offset, parts.feature, meta, dest, max(tables.dims),
                                   tables.plan.alignment)
     return dest if weights.dtype == torch.float32 else dest.to(weights.dtype)
 
 
-def triton_sparse_grad(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+def triton_sparse_grad(grad_out: torch.Tensor, weights: torch.Tensor, batch: OpBatch,
                        tables: FeatureTables) -> torch.Tensor:
     grad_out = grad_out.contiguous().float()
     meta = tables.meta(weights)
-    parts = runs_triton.contributions(values, offsets, tables, meta)
-    runs = _runs(grad_out, weights, values, offsets, parts, tables, meta)
+    parts = runs_triton.contributions(batch, tables, meta)
+    runs = _runs(batch, weights, parts, tables, meta)
     return runs_triton.sparse_grad(grad_out, runs, weights, tables, meta)
 
 
-def triton_fused_update(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
-                        tables: FeatureTables, optimizer: int, hparams: torch.Tensor, step: torch.Tensor,
-                        state1: torch.Tensor, state2: torch.Tensor) -> None:
+def triton_fused_update(grad_out: torch.Tensor, weights: torch.Tensor, batch: OpBatch, tables: FeatureTables,
+                        fused: FusedStep) -> None:
     grad_out = grad_out.contiguous().float()
     meta = tables.meta(weights)
-    parts = runs_triton.contributions(values, offsets, tables, meta)
-    runs = _runs(grad_out, weights, values, offsets, parts, tables, meta)
-    runs_triton.fused_update(grad_out, runs, weights, tables, meta, optimizer, hparams, step, state1, state2)
+    parts = runs_triton.contributions(batch, tables, meta)
+    runs = _runs(batch, weights, parts, tables, meta)
+    runs_triton.fused_update(grad_out, runs, weights, tables, meta, fused)
