@@ -58,7 +58,8 @@ class KeyedTensor(metaclass=JaggedTensorMeta):
     @staticmethod
     def regroup(keyed_tensors: List["KeyedTensor"], groups: List[List[str]]) -> List[torch.Tensor]:
         """One tensor per group: the named keys' blocks, gathered from any of ``keyed_tensors``, in
-        order. A key in several KeyedTensors is taken from the last of them, as TorchRec does."""
+        order. A key in several KeyedTensors is taken from the last of them, as TorchRec's
+        method takes it (its ``regroup_kts`` takes the first)."""
         return _regroup(keyed_tensors, groups)
 
     @staticmethod
@@ -123,21 +124,52 @@ class KeyedTensor(metaclass=JaggedTensorMeta):
 # they iterate their arguments, which a traced graph cannot ---------------------------------
 
 @torch.fx.wrap
-def _regroup(keyed_tensors: List[KeyedTensor], groups: List[List[str]]) -> List[torch.Tensor]:
+def _regroup(keyed_tensors: List[KeyedTensor], groups: List[List[str]], first_holder: bool = False,
+             caller: str = "regroup") -> List[torch.Tensor]:
+    """A key held by several KeyedTensors is taken from the first of them with ``first_holder``,
+    else from the last. An empty group gives a block of width 0 (of the first KeyedTensor's
+    other sizes)."""
     where: Dict[str, KeyedTensor] = {}
-    for kt in keyed_tensors:
+    for kt in reversed(keyed_tensors) if first_holder else keyed_tensors:
         for key in kt.keys():
             where[key] = kt
     out = []
     for group in groups:
         missing = [key for key in group if key not in where]
         if missing:
-            raise KeyError(f"regroup: keys {missing} are in none of the KeyedTensors")
+            raise KeyError(f"{caller}: keys {missing} are in none of the KeyedTensors")
+        if not group:
+            if not keyed_tensors:
+                raise ValueError(f"{caller}: an empty group needs a KeyedTensor to take its batch size from")
+            first = keyed_tensors[0]
+            out.append(first.values().narrow(first.key_dim(), 0, 0))
+            continue
         dims = {where[key].key_dim() for key in group}
         if len(dims) != 1:
-            raise ValueError(f"regroup: group {group} mixes key_dims {sorted(dims)}")
+            raise ValueError(f"{caller}: group {group} mixes key_dims {sorted(dims)}")
         out.append(torch.cat([where[key][key] for key in group], dim=dims.pop()))
     return out
+
+
+def regroup_kts(keyed_tensors: List[KeyedTensor], groups: List[List[str]]) -> List[torch.Tensor]:
+    """One tensor per group of keys, the keys' blocks side by side in the group's order.
+
+    Args:
+        keyed_tensors: e.g. the pooled outputs of several EmbeddingBagCollections, each
+            ``[B, sum(dims)]``.
+        groups: key names; a key may appear in several groups.
+
+    Returns:
+        ``[B, sum of the group's dims]`` per group (width 0 for an empty group). Unlike
+        :meth:`KeyedTensor.regroup`, a key that several KeyedTensors hold is taken from the
+        first of them, as TorchRec's ``regroup_kts`` takes it.
+    """
+    return _regroup(keyed_tensors, groups, True, "regroup_kts")
+
+
+def permute_multi_embedding(keyed_tensors: List[KeyedTensor], groups: List[List[str]]) -> List[torch.Tensor]:
+    """TorchRec's other name for :func:`regroup_kts` (the same result)."""
+    return _regroup(keyed_tensors, groups, True, "permute_multi_embedding")
 
 
 @torch.fx.wrap
