@@ -5,7 +5,11 @@
 ``optimizer`` may be FBGEMM's ``EmbOptimType`` (when installed), the ``EmbOptimType`` here
 (the same names, no FBGEMM needed) or its name as a string. A parameter given an optimizer
 by ``torch.distributed.optim._apply_optimizer_in_backward`` (TorchRec's second way) is read
-the same way: ``torch.optim.SGD`` and ``torch.optim.Adam`` map onto the fused SGD and Adam.
+the same way: ``torch.optim.SGD`` and ``torch.optim.Adam`` map onto the fused SGD and Adam, and
+``jaggedrec.optim.rowwise_adagrad.RowWiseAdagrad`` onto the fused row-wise Adagrad, each with
+the torch optimizer's defaults for what the kwargs leave out. (TorchRec's own RowWiseAdagrad
+cannot be attached to jaggedrec's flat weights: it makes its state at construction from
+``[rows, dim]`` parameters.)
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import torch
 from torch import nn
 
 from jaggedrec import optim
+from jaggedrec.optim.optimizers import in_backward_optimizer_filter
+from jaggedrec.optim.rowwise_adagrad import RowWiseAdagrad as TorchRowWiseAdagrad
 
 
 class EmbOptimType(Enum):
@@ -74,15 +80,14 @@ def fused_optimizer_in_backward(module: nn.Module) -> Optional[optim.FusedOptimi
     if cls is torch.optim.Adam:
         return optim.Adam(float(kwargs.get("lr", 0.001)), betas=tuple(kwargs.get("betas", (0.9, 0.999))),
                           eps=float(kwargs.get("eps", 1e-8)), weight_decay=float(kwargs.get("weight_decay", 0.0)))
-    raise ValueError(f"in-backward optimizer {cls.__name__} is not fused by jaggedrec; use torch.optim.SGD or "
-                     f"torch.optim.Adam, or the sharder's fused_params")
+    if cls in (TorchRowWiseAdagrad, optim.RowWiseAdagrad):  # the second makes the first, given parameters
+        unfused = {k: kwargs[k] for k in ("lr_decay", "initial_accumulator_value", "maximize") if kwargs.get(k)}
+        if unfused:
+            raise ValueError(f"an in-backward RowWiseAdagrad is fused without lr_decay, initial_accumulator_value "
+                             f"or maximize; got {unfused}")
+        return optim.RowWiseAdagrad(float(kwargs.get("lr", 1e-2)), eps=float(kwargs.get("eps", 1e-10)),
+                                    weight_decay=float(kwargs.get("weight_decay", 0.0)))
+    raise ValueError(f"in-backward optimizer {cls.__name__} is not fused by jaggedrec; use torch.optim.SGD, "
+                     f"torch.optim.Adam or RowWiseAdagrad (jaggedrec.optim.rowwise_adagrad), or the sharder's "
+                     f"fused_params")
 
-
-def in_backward_optimizer_filter(named_parameters):
-    """The ``(name, parameter)`` pairs a dense optimizer should step: those without an
-    in-backward optimizer, and not a fused collection's weights (which take no gradient) or
-    its empty backward trigger."""
-    for name, p in named_parameters:
-        if hasattr(p, "_in_backward_optimizers") or not p.requires_grad or name.endswith("backward_trigger"):
-            continue
-        yield name, p

@@ -10,6 +10,15 @@ For one touched row with summed gradient ``g`` (duplicate ids summed first):
 * ``RowWiseAdagrad(lr, eps, weight_decay)``, FBGEMM's EXACT_ROWWISE_ADAGRAD:
   ``g += weight_decay * w``; ``state += mean(g ** 2)`` (one value per row);
   ``w -= lr * g / (sqrt(state) + eps)``.
+
+One name, two TorchRec meanings: ``torchrec.optim.RowWiseAdagrad`` is a ``torch.optim``
+optimizer (``RowWiseAdagrad(params, lr=...)``), while jaggedrec's programs pass
+``fused_optimizer=RowWiseAdagrad(lr, eps=...)``. ``RowWiseAdagrad`` here serves both and tells
+them apart by the first argument: a learning rate (a number, or ``lr=`` alone) makes this fused
+config; parameters (or ``params=``) make ``jaggedrec.optim.rowwise_adagrad.RowWiseAdagrad``,
+the torch optimizer, which the sharders fuse back into this config when it is applied in the
+backward. ``SGD`` and ``Adam`` are fused configs only (TorchRec's names there are
+placeholders that never step).
 * ``Adam(lr, betas, eps, weight_decay)``, lazy: moments of touched rows only, as
   ``torch.optim.SparseAdam`` does, with bias correction by the collection's step count;
   ``weight_decay`` adds ``weight_decay * w`` to ``g`` first.
@@ -17,8 +26,11 @@ For one touched row with summed gradient ``g`` (duplicate ids summed first):
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
-from typing import ClassVar, Tuple
+from typing import Any, ClassVar, Tuple
+
+from jaggedrec.optim.rowwise_adagrad import RowWiseAdagrad as _TorchRowWiseAdagrad
 
 SGD_KIND, ROWWISE_ADAGRAD_KIND, ADAM_KIND = 1, 2, 3
 
@@ -54,6 +66,12 @@ class RowWiseAdagrad(FusedOptimizer):
 
     kind = ROWWISE_ADAGRAD_KIND
     state = (("sum_sq", "row"),)
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # parameters first: TorchRec's torch optimizer of this name (see the module docstring)
+        if "params" in kwargs or (args and not isinstance(args[0], numbers.Real)):
+            return _TorchRowWiseAdagrad(*args, **kwargs)
+        return super().__new__(cls)
 
 
 @dataclass(frozen=True)
