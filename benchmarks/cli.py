@@ -14,21 +14,23 @@ against the fp32 jaggedrec module they are built from (``providers/quant.py``).
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 
 from jaggedrec.ops.host_memory import retain_freed_memory
 
-from .flags import DEFAULT_EC_PRESET, build_parser, build_workloads, select_providers
+from .flags import DEFAULT_EC_PRESET, MODULES, build_parser, build_workloads, select_providers
 from .presets import DEFAULT_PRESET, PRESETS
 from .providers import Provider, all_providers, ec_providers, quant_providers
 from .providers.quant import PEER_FACTOR
-from .report import format_table, machine_info, skipped_summary, to_json, write_csv, write_json, write_plot
-from .runner import POOLED, QUANT, UNPOOLED, Options, WorkloadResult, quiet, run_workload
+from .report import (format_table, machine_info, skipped_summary, spread_warnings, to_json, write_csv, write_json,
+                     write_plot)
+from .runner import POOLED, QUANT, UNPOOLED, Module, Options, WorkloadResult, quiet, run_workload
 from .timing import copy_bandwidth_gbps
-from .workload import MODES, QUANT_DTYPES
+from .workload import MODES, QUANT_DTYPES, Workload
 
 class _Progress:
     """A tqdm bar over configurations when tqdm is installed, else one stderr line per phase."""
@@ -90,17 +92,29 @@ EC_LEGEND = ("GB/s: (table rows gathered + rows written out, both in the table d
              "extra memory at the peak of one step ({memory}). table MB: parameters and buffers.")
 
 
-def _pop_module(argv: List[str]) -> Optional[str]:
-    """Take ``--module NAME`` (or ``--module=NAME``) out of ``argv``; "ebc" when absent."""
+def _flag_value(argv: Sequence[str], flag: str) -> Optional[str]:
+    """The last value ``argv`` gives ``flag`` (``--flag V`` or ``--flag=V``); None when absent.
+    It picks the parser before parsing: each module has flags of its own."""
+    value = None
     for at, arg in enumerate(argv):
-        if arg == "--module":
-            module = argv[at + 1] if at + 1 < len(argv) else ""
-            del argv[at:at + 2]
-            return module
-        if arg.startswith("--module="):
-            del argv[at]
-            return arg.split("=", 1)[1]
-    return "ebc"
+        if arg == flag:
+            value = argv[at + 1] if at + 1 < len(argv) else ""
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """torch's CPU threads set to ``threads`` (0: left as they are) for the run, then restored,
+    so that a caller in the same process (a test) keeps its own."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def main(argv: Optional[Sequence[str]] = None,
@@ -108,18 +122,20 @@ def main(argv: Optional[Sequence[str]] = None,
     """Run the CLI. ``provider_factory`` makes fresh providers per configuration (tests inject one;
     by default the module's own: every pooled provider, or with ``--module ec`` the unpooled ones)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a.split("=")[0] in ("--world-size", "--sharding") for a in argv):  # over N ranks: sharded.py
-        from .sharded import main as sharded_main
-
-        return sharded_main(argv)
-    # taken out before parsing, so that the bag collection's flags and help stay as they were
-    module_name = _pop_module(argv)
-    if module_name not in ("ebc", "ec"):
+    if _flag_value(argv, "--world-size") is not None or _flag_value(argv, "--sharding") is not None:
+        return _sharded(argv)
+    module_name = _flag_value(argv, "--module") or "ebc"
+    if module_name not in MODULES:
         print(f"jaggedrec-bench: --module must be ebc or ec, got {module_name!r}", file=sys.stderr)
         return 2
-    unpooled = module_name == "ec"
     parser = build_parser(module_name)
     args = parser.parse_args(argv)
+    if args.world_size is not None or args.sharding is not None:  # an abbreviation: --world 2
+        return _sharded(argv)
+    if args.module != module_name:  # an abbreviation: --modu ec
+        parser = build_parser(args.module)
+        args = parser.parse_args(argv)
+    unpooled = args.module == "ec"
     quantized = bool(args.dtype) and args.dtype[0] in QUANT_DTYPES
     if quantized and unpooled:
         parser.error(f"--dtype {','.join(args.dtype)}: jaggedrec.quant has a bag collection only (no --module ec)")
@@ -151,8 +167,23 @@ def main(argv: Optional[Sequence[str]] = None,
     wanted = select_providers(args.providers, [p.name for p in provider_factory()], parser.error, module.baseline)
     options = Options(repeats=args.repeats or (30 if device == "cuda" else 10), batches=max(1, args.batches),
                       seed=args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 0:
+        parser.error(f"--threads must be 0 (torch's default) or more, got {args.threads}")
+    threads = args.threads if args.threads is not None else 1 if device == "cpu" else 0
+    with _torch_threads(threads):
+        return _run(args, argv, device, workloads, wanted, options, module, provider_factory)
+
+
+def _sharded(argv: List[str]) -> int:
+    from .sharded import main as sharded_main  # over N ranks
+
+    return sharded_main(argv)
+
+
+def _run(args, argv: List[str], device: str, workloads: List[Workload], wanted: List[str], options: Options,
+         module: Module, provider_factory: Callable[[], List[Provider]]) -> int:
+    """Time every configuration, print and write the results; the exit status."""
+    unpooled, quantized = module is UNPOOLED, module is QUANT
     # jaggedrec's CPU module sets this process-wide when built; set it before any timing, so
     # that every provider, the copy bandwidth included, runs under the same allocator
     retained = device == "cpu" and retain_freed_memory()
@@ -161,10 +192,12 @@ def main(argv: Optional[Sequence[str]] = None,
     with quiet():
         copy_gbps = copy_bandwidth_gbps(device, 256 if device == "cuda" else 128)
     where = machine["gpu"] or f"{machine['cpu']} ({machine['cores']} cores)"
-    print(f"jaggedrec-bench on {where}: torch {machine['torch']}, triton {machine['triton']}; "
+    threads = machine["torch_threads"]
+    on_cpu = f", {threads} torch thread{'s' if threads > 1 else ''} (--threads)" if device == "cpu" else ""
+    print(f"jaggedrec-bench on {where}: torch {machine['torch']}, triton {machine['triton']}{on_cpu}; "
           f"copy bandwidth {copy_gbps:.1f} GB/s (read + write)")
     preset = args.preset or (DEFAULT_EC_PRESET if unpooled else DEFAULT_PRESET)
-    command = ["jaggedrec-bench"] + (["--module", "ec"] if unpooled else []) + list(argv)
+    command = ["jaggedrec-bench"] + list(argv)
     progress = _Progress(len(workloads), enabled=not args.no_progress)
     document_module = "ec" if unpooled else None  # the pooled documents keep their layout
     runs: List[WorkloadResult] = []
@@ -175,6 +208,8 @@ def main(argv: Optional[Sequence[str]] = None,
             runs.append(run)
             progress.write("\n" + format_table(run, f"EmbeddingCollection: {w.describe()}" if unpooled else "",
                                                 "vs fp32" if quantized else "vs loop"))
+            for line in spread_warnings(run):
+                progress.write(line)
             progress.done_one()
             if args.output:  # after every configuration, so a run cut short keeps what it measured
                 write_json(args.output, to_json(runs, machine, copy_gbps, preset, command, module=document_module))

@@ -11,6 +11,7 @@ import re
 from typing import Callable, List, Optional, Sequence
 
 from .presets import DEFAULT_PRESET, PRESETS, preset_workloads
+from .providers.sharded import SHARDINGS
 from .runner import BASELINE
 from .workload import DTYPES, MODES, QUANT_DTYPES, Workload
 
@@ -36,6 +37,7 @@ The presets are the bag collection's (--list); --pooling-factor is then the mean
 feature of a sample (a sequence's length). A comma list in --mode, --tables, --num-embeddings,
 --batch-size or --pooling-factor sweeps over it.
 """
+MODULES = ("ebc", "ec")
 DEFAULT_EC_PRESET = "pooling"  # long id lists are what an unpooled lookup serves (sequence models)
 
 # CLI flag -> Workload field, for the flags that override preset fields
@@ -65,8 +67,9 @@ def _list_of(cast: Callable[[float], object]) -> Callable[[str], List[object]]:
     return parse
 
 
-def build_parser(module: str = "ebc") -> argparse.ArgumentParser:
-    """The flags of ``--module ebc`` (the bag collection, the default) or ``--module ec``."""
+def build_parser(module: str = "ebc", sharded: bool = False) -> argparse.ArgumentParser:
+    """The flags of ``--module ebc`` (the bag collection, the default) or ``--module ec``; every
+    flag the command takes is listed, the sharded benchmark's too (``sharded``: those required)."""
     if module == "ec":
         p = argparse.ArgumentParser(prog="jaggedrec-bench --module ec", epilog=_EC_EXAMPLES,
                                     formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -103,10 +106,17 @@ def build_parser(module: str = "ebc") -> argparse.ArgumentParser:
     else:
         shape.add_argument("--mode", choices=MODES, help="forward (inference), backward (fwd+bwd), train (+SGD step)")
     run = p.add_argument_group("run")
+    run.add_argument("--module", choices=MODULES, default="ebc",
+                     help="ebc: the EmbeddingBagCollection (default); ec: the unpooled EmbeddingCollection, one row "
+                          "per id, with flags and defaults of its own (--module ec --help)")
     run.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     run.add_argument("--providers", help="comma list of names or prefixes, e.g. jaggedrec,fbgemm (default: all; "
                                          "those that can't run here say why)")
-    run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
+    run.add_argument("--threads", type=int,
+                     help="torch CPU threads per rank (default: the cores over the ranks)" if sharded else
+                     "torch CPU threads (default on CPU: 1, whose times hold on a busy or shared machine, where a "
+                     "parallel region waits for a thread that another process holds off its core; 0: torch's "
+                     "default, one per core)")
     run.add_argument("--busy", type=_list_of(int),
                      help="time each provider beside this many busy processes, each keeping a core busy "
                           "(contention from other work on the machine); --busy 0,1 measures both")
@@ -119,6 +129,15 @@ def build_parser(module: str = "ebc") -> argparse.ArgumentParser:
     out.add_argument("--output", metavar="FILE.json", help="write every result and the machine as JSON")
     out.add_argument("--csv", metavar="FILE", help="one row per (config, provider); appends to a matching file")
     out.add_argument("--plot", metavar="FILE.png", help="plot ms and GB/s per provider (needs matplotlib)")
+    ranks = p.add_argument_group("sharding (over N processes; --world-size 2 --sharding auto --help for details)")
+    ranks.add_argument("--world-size", type=int, required=sharded,
+                       help="spawn this many ranks (gloo on CPU; NCCL on CUDA, one GPU each) and time the sharded "
+                            "collection against the unsharded one on the global batch; needs --sharding")
+    ranks.add_argument("--sharding", choices=SHARDINGS, required=sharded,
+                       help="every table table_wise (table i on rank i %% N), row_wise, column_wise (N column "
+                            "blocks) or data_parallel; auto: each library's planner")
+    ranks.add_argument("--timeout", type=float, default=900.0,
+                       help="seconds for the whole sharded run, after which every rank is stopped (default 900)")
     return p
 
 

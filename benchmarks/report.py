@@ -128,6 +128,23 @@ def format_table(run: WorkloadResult, title: str = "", ratio: str = "vs loop") -
     return "\n".join(lines)
 
 
+# A p20-p80 spread wider than this share of the median: the machine moved the samples more than
+# the code did (a neighbour holding a core, two OpenMP threads on two busy cores), and neither
+# the median nor a ratio to it can be trusted to hold in another run.
+WIDE_SPREAD = 0.5
+
+
+def spread_warnings(run: WorkloadResult, limit: float = WIDE_SPREAD) -> List[str]:
+    """One line per timed provider whose p20-p80 spread is wider than ``limit`` x its median."""
+    lines = []
+    for name, r in run.providers.items():
+        if r.status == "ok" and r.median_ms and r.p80_ms - r.p20_ms > limit * r.median_ms:
+            lines.append(f"  warning {name}: p20-p80 {r.p20_ms:.3g}-{r.p80_ms:.3g} ms around a median of "
+                         f"{r.median_ms:.3g} ms, too wide for its median or ratios to hold; other work on the "
+                         f"machine is likely in the way (try --threads 1, more --repeats, a quieter machine)")
+    return lines
+
+
 def skipped_summary(runs: Sequence[WorkloadResult]) -> str:
     """Each skipped provider once, with its reason(s)."""
     reasons: Dict[str, List[str]] = {}
@@ -164,7 +181,8 @@ def write_json(path: str, document: Dict[str, object]) -> None:
 
 _CSV_RESULT_FIELDS = ("status", "reason", "note", "median_ms", "p20_ms", "p80_ms", "gbps", "pct_of_copy_bw",
                       "speedup_vs_loop", "peak_mem_mb")
-_CSV_MACHINE_FIELDS = ("date", "device", "gpu", "cpu", "torch", "triton", "jaggedrec", "jaggedrec_commit")
+# the run's device is the configuration's ``device`` column already
+_CSV_MACHINE_FIELDS = ("date", "gpu", "cpu", "torch_threads", "torch", "triton", "jaggedrec", "jaggedrec_commit")
 
 
 def write_csv(path: str, document: Dict[str, object]) -> None:

@@ -26,9 +26,9 @@ from jaggedrec.testing import RankFailure, run_ranks, send_to_parent
 
 from .flags import build_parser, build_workloads, select_providers
 from .presets import DEFAULT_PRESET
-from .report import _fmt, aligned_rows, machine_info, to_json, write_json
+from .report import _fmt, aligned_rows, machine_info, spread_warnings, to_json, write_json
 from .runner import Options, WorkloadResult
-from .providers.sharded import BASELINE, SHARDINGS, RankEnv, sharded_providers
+from .providers.sharded import BASELINE, RankEnv, sharded_providers
 
 _EXAMPLES = """\
 examples:
@@ -47,22 +47,18 @@ LEGEND = ("median ms: per sample, the slowest rank's step (every rank starts it 
 
 
 def build_sharded_parser():
-    p = build_parser("ebc")
+    p = build_parser("ebc", sharded=True)
     p.prog = "jaggedrec-bench --world-size N"
     p.description = ("Time jaggedrec's sharded EmbeddingBagCollection and TorchRec's DistributedModelParallel "
                      "over N ranks against jaggedrec's unsharded module in one process on the global batch.")
     p.epilog = _EXAMPLES
-    g = p.add_argument_group("sharding")
-    g.add_argument("--world-size", type=int, required=True, help="ranks to spawn (CUDA: one GPU each)")
-    g.add_argument("--sharding", choices=SHARDINGS, required=True,
-                   help="every table table_wise (table i on rank i %% N), row_wise, column_wise (N column blocks) "
-                        "or data_parallel; auto: each library's planner")
-    g.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole run (default 900)")
     return p
 
 
 def _check(args, parser) -> str:
     """The device, after the flag combinations the sharded benchmark can't run are refused."""
+    if args.module != "ebc":
+        parser.error(f"--module {args.module}: the sharded benchmark runs the bag collection (ebc) only")
     if args.world_size < 1:
         parser.error(f"--world-size must be at least 1, got {args.world_size}")
     if args.mode == "backward":
@@ -115,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def on_result(run: WorkloadResult) -> None:
         runs.append(run)
-        print("\n" + format_table(run, world, args.sharding, backend), flush=True)
+        print("\n".join(["", format_table(run, world, args.sharding, backend), *spread_warnings(run)]), flush=True)
         if args.output:  # after every configuration, so a run cut short keeps what it measured
             write_json(args.output, document())
 

@@ -5,14 +5,18 @@ import csv
 import importlib
 import json
 import pathlib
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from jaggedrec.benchmarks import cli
+from jaggedrec.benchmarks import cli, flags
 from jaggedrec.benchmarks.presets import PRESETS, preset_workloads
+from jaggedrec.benchmarks.report import spread_warnings
+from jaggedrec.benchmarks.runner import ProviderResult, WorkloadResult
 from jaggedrec.benchmarks.providers import EmbeddingBagLoop, EmbeddingLoop, Provider, all_providers, ec_providers
 from jaggedrec.benchmarks.timing import interleaved_order, plan_samples, quantiles
 from jaggedrec.benchmarks.workload import Workload, bytes_per_step, ec_bytes_per_step, make_batches, make_ec_batches
@@ -25,8 +29,11 @@ TINY = ["--device", "cpu", "--tables", "3", "--num-embeddings", "50", "--dim", "
 
 def test_end_to_end_json_has_every_provider(tmp_path, capsys):
     out, table = tmp_path / "run.json", tmp_path / "run.csv"
+    threads = torch.get_num_threads()
     assert cli.main(TINY + ["--output", str(out), "--csv", str(table)]) == 0
+    assert torch.get_num_threads() == threads  # the caller's threads are put back
     doc = json.loads(out.read_text())
+    assert doc["machine"]["torch_threads"] == 1  # one thread on CPU unless --threads says otherwise
     for key in ("platform", "cpu", "cores", "python", "torch", "triton", "numpy", "gpu", "date"):
         assert key in doc["machine"]
     assert doc["copy_bandwidth_gbps"] > 0
@@ -50,8 +57,12 @@ def test_end_to_end_json_has_every_provider(tmp_path, capsys):
     assert "CUDA" in providers["jaggedrec[triton]"]["reason"]
     assert "dim" in providers["eb_concat"]["reason"]  # dims 4 and 8: no single concatenated weight
     with open(table, newline="") as f:
+        header = next(csv.reader(f))
+        f.seek(0)
         rows = list(csv.DictReader(f))
+    assert len(header) == len(set(header)), header  # each column once: DictReader would drop one
     assert [r["provider"] for r in rows] == list(providers)
+    assert {r["device"] for r in rows} == {"cpu"} and {r["torch_threads"] for r in rows} == {"1"}
     printed = capsys.readouterr().out
     assert "median ms" in printed and "skipped:" in printed and "jaggedrec[torch]" in printed
 
@@ -142,6 +153,34 @@ def test_wrong_provider_is_reported_not_timed(tmp_path, capsys, mode):
     assert "WRONG" in capsys.readouterr().out
 
 
+class _Erratic(EmbeddingBagLoop):
+    """Right answers, and every other step 20 ms late, as when another process takes the core."""
+
+    name = "erratic"
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def step(self, batch):
+        self.calls += 1
+        if self.calls % 2:
+            time.sleep(0.02)
+        super().step(batch)
+
+
+def test_a_wide_spread_is_warned_about(capsys):
+    assert cli.main(TINY, provider_factory=lambda: [EmbeddingBagLoop(), _Erratic()]) == 0
+    warned = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("warning")]
+    assert any(line.startswith("  warning erratic: p20-p80") for line in warned), warned
+    # the rule itself: a spread past half the median is flagged, a tight one is not
+    w = Workload()
+    run = WorkloadResult(w, {"steady": ProviderResult("ok", median_ms=10.0, p20_ms=9.0, p80_ms=11.0),
+                             "wide": ProviderResult("ok", median_ms=10.0, p20_ms=4.0, p80_ms=9.5 + 0.6),
+                             "skipped": ProviderResult("skipped", "why")}, 1.0)
+    assert [line.split(":")[0] for line in spread_warnings(run)] == ["  warning wide"]
+
+
 def test_no_matplotlib_means_no_plot_and_a_reason(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     plot = tmp_path / "none.png"
@@ -150,11 +189,15 @@ def test_no_matplotlib_means_no_plot_and_a_reason(tmp_path, monkeypatch, capsys)
     assert "matplotlib is not installed" in capsys.readouterr().err
 
 
-def test_module_help_runs():
+def test_module_help_runs_and_lists_every_flag():
     done = subprocess.run([sys.executable, "-m", "jaggedrec.benchmarks", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "--pooling-factor" in done.stdout and "--preset" in done.stdout
+    listed = set(re.findall(r"--[a-z][a-z-]*", done.stdout))
+    assert {"--pooling-factor", "--preset", "--module", "--world-size", "--sharding", "--timeout"} <= listed
+    # whatever the module or the sharded benchmark accepts, the first help a newcomer reads names it
+    for parser in (flags.build_parser("ec"), flags.build_parser("ebc", sharded=True)):
+        assert set(re.findall(r"--[a-z][a-z-]*", parser.format_help())) <= listed
 
 
 def test_bad_provider_name_is_a_usage_error(capsys):
@@ -279,7 +322,10 @@ def test_module_ec_end_to_end_every_mode(tmp_path, capsys):
     assert by_mode["backward"]["bytes_per_step"] == pytest.approx(4 * rows)
     assert by_mode["train"]["bytes_per_step"] == pytest.approx(5 * rows)
     with open(table, newline="") as f:
+        header = next(csv.reader(f))
+        f.seek(0)
         csv_rows = list(csv.DictReader(f))
+    assert len(header) == len(set(header)), header
     assert {r["module"] for r in csv_rows} == {"ec"} and len(csv_rows) == 3 * len(names)
     printed = capsys.readouterr().out
     assert "EmbeddingCollection: 3 tables" in printed and "vs loop" in printed

@@ -65,6 +65,7 @@ def test_two_ranks_report_every_provider(tmp_path, capsys, sharding, mode):
     (["--sharding", "row_wise"], "required: --world-size"),
     (["--world-size", "2", "--sharding", "auto", "--mode", "backward"], "forward or train"),
     (["--world-size", "2", "--sharding", "auto", "--vbe-users", "4"], "no VBE"),
+    (["--module", "ec", "--world-size", "2", "--sharding", "auto"], "the bag collection (ebc) only"),
 ])
 def test_bad_flags_exit_2_with_a_message(capsys, flags, message):
     with pytest.raises(SystemExit) as e:

@@ -164,7 +164,7 @@ def argument_types(dtype: str = "fp32", ids: str = "int64"):
     table, index = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}[dtype], {"int64": "*i64", "int32": "*i32"}[ids]
     f32, i64 = "*fp32", "*i64"
     fwd = {"weights_ptr": table, "values_ptr": index, "offsets_ptr": index, "psw_ptr": f32, "inverse_ptr": i64,
-           "meta_ptr": i64, "out_ptr": f32, "errors_ptr": i64, "batch_size": "i32", "bag_stride": "i32",
+           "meta_ptr": i64, "out_ptr": f32, "bad_ids_ptr": i64, "batch_size": "i32", "bag_stride": "i32",
            "out_stride": "i32", "num_features": "i32"}
     runs = {n: i64 for n in ["num_runs_ptr", "run_start_ptr", "run_row_ptr", "run_feature_ptr", "item_offset_ptr",
                              "long_rank_ptr", "meta_ptr"]}
@@ -226,7 +226,7 @@ def workload_variants(dtype: str = "fp32", dim: int = 128, ids: str = "int64", w
     if weighted:
         add("psw_grad", pooled_bwd._psw_grad_kernel, dict(contrib, weights_ptr=table, out_ptr="*fp32"), {})
     # the EmbeddingCollection's forward (rows out in the tables' dtype) and its atomic backward
-    seq = {k: fwd[k] for k in ("weights_ptr", "values_ptr", "offsets_ptr", "meta_ptr", "errors_ptr", "batch_size",
+    seq = {k: fwd[k] for k in ("weights_ptr", "values_ptr", "offsets_ptr", "meta_ptr", "bad_ids_ptr", "batch_size",
                                "num_features")}
     add("seq_fwd", sequence_fwd._sequence_fwd_kernel, dict(seq, out_ptr=table), dict(BLOCK_F=16), "gather",
         2 if dtype in ("fp16", "bf16") else 4)

@@ -19,7 +19,7 @@ THREADS="${THREADS:-1}"
 mkdir -p "$DIR"
 run() {  # run NAME ARGS...
     local name="$1"; shift
-    local threads=(); (( THREADS > 0 )) && threads=(--threads "$THREADS")
+    local threads=(--threads "$THREADS")  # 0: torch's default, one per core
     echo "== $name: $BENCH --device cpu $* ${threads[*]} --repeats 20" >&2
     rm -f "$DIR/$name.csv"  # --csv appends; start each file afresh
     $BENCH --device cpu "$@" "${threads[@]}" --repeats 20 --no-progress \

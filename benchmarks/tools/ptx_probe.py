@@ -43,9 +43,9 @@ def ptx_ops(kernel, types, constexprs, num_warps=4):
 f32 = "*fp32"
 FWD, RUNS, FUSED, LONG, CONTRIB, _ = argument_types("fp32", "int64")  # the same tables as the report's
 SEQ = {"weights_ptr": f32, "values_ptr": "*i64", "offsets_ptr": "*i64", "meta_ptr": "*i64", "out_ptr": f32,
-       "errors_ptr": "*i64", "batch_size": "i32", "num_features": "i32"}
+       "bad_ids_ptr": "*i64", "batch_size": "i32", "num_features": "i32"}
 QUANT = {"int8_ptr": "*u8", "int4_ptr": "*u8", "fp16_ptr": "*u8", "values_ptr": "*i64", "offsets_ptr": "*i64",
-         "psw_ptr": f32, "meta_ptr": "*i64", "out_ptr": f32, "errors_ptr": "*i64", "batch_size": "i32",
+         "psw_ptr": f32, "meta_ptr": "*i64", "out_ptr": f32, "bad_ids_ptr": "*i64", "batch_size": "i32",
          "out_stride": "i32", "num_features": "i32"}
 SEQ_ATOMIC = {"grad_out_ptr": f32, "rows_ptr": "*i64", "item_offset_ptr": "*i64", "contrib_feature_ptr": "*i32",
               "meta_ptr": "*i64", "dest_ptr": f32, "num_contributions": "i32"}
