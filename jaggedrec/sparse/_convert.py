@@ -10,7 +10,7 @@ per key when computed), so that nothing is read back from the device.
 
 Only the other object's public methods are used, and TorchRec is never imported: an object
 is taken as TorchRec's type when its class (or a base) has that type's name and it has the
-methods read. A jaggedrec object comes back as it is, the same object; so does an
+methods read. A jaggedrec object comes back as it is, the same object; so does a
 ``torch.fx.Proxy`` (a module's input while ``torch.fx.symbolic_trace`` records it).
 """
 

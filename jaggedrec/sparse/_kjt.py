@@ -224,10 +224,10 @@ class KeyedJaggedTensor(KJTMetadata, metaclass=JaggedTensorMeta):
         return self.offsets()
 
     def has_unchecked_offsets(self) -> bool:
-        """Whether the KJT holds lengths and offsets that nobody has yet found to agree: both
-        given by the caller (or the offsets given and the lengths taken from elsewhere), and
-        not since compared. Validation compares them, then :meth:`mark_offsets_checked`.
-        False when the offsets were derived here from the lengths, or only one is held."""
+        """Whether the KJT holds both lengths and offsets that have not been found to agree:
+        both given by the caller (or the lengths derived from given offsets), and not compared
+        since. Validation compares them, then calls :meth:`mark_offsets_checked`. False when
+        only one of them is held, or the offsets were derived here from the lengths."""
         return self._lengths is not None and self._offsets is not None and not self._offsets_agree
 
     def mark_offsets_checked(self) -> None:
@@ -351,8 +351,8 @@ class KeyedJaggedTensor(KJTMetadata, metaclass=JaggedTensorMeta):
         self._offsets_agree = not kjt.has_unchecked_offsets() or self._lengths is None or self._offsets is None
         # the host metadata is the source's, as TorchRec's copy_ takes it
         self._stride, self._stride_per_key_per_rank = kjt.stride_or_none(), kjt.stride_per_key_per_rank_tensor()
-        self._stride_per_key, self._lengths_offset_per_key = kjt.stride_per_key_or_none(), \
-            kjt.lengths_offset_per_key_or_none()
+        self._stride_per_key = kjt.stride_per_key_or_none()
+        self._lengths_offset_per_key = kjt.lengths_offset_per_key_or_none()
         self._length_per_key, self._offset_per_key = kjt.length_per_key_or_none(), kjt.offset_per_key_or_none()
         self._index_per_key = kjt.index_per_key_or_none()
         return self
