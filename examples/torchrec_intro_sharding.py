@@ -19,10 +19,10 @@ import torch.distributed as dist
 import jaggedrec
 from jaggedrec import JaggedTensor, KeyedJaggedTensor
 from jaggedrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from jaggedrec.distributed.fused_params import EmbOptimType, in_backward_optimizer_filter
-from jaggedrec.distributed.model_parallel import DistributedModelParallel
+from jaggedrec.distributed.fused_params import EmbOptimType  # FBGEMM's names, in fbgemm_gpu.split_embedding_configs
 from jaggedrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from jaggedrec.distributed.types import LazyAwaitable, ShardingEnv
+from jaggedrec.optim.optimizers import in_backward_optimizer_filter
 
 
 def setup() -> None:
@@ -95,7 +95,7 @@ def main() -> dict:
     print(sharded_ebc._output_dists)
     print(sharded_ebc._lookups)
 
-    model = DistributedModelParallel(ebc, device=device)
+    model = jaggedrec.distributed.DistributedModelParallel(ebc, device=device)
     out = model(kjt)
     out.wait()
     print(model)

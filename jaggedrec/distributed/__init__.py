@@ -1,7 +1,31 @@
-"""Model-parallel sharding of jaggedrec's collections over ``torch.distributed``, with
-TorchRec's module paths: ``types``, ``sharding_plan``, ``planner``, ``embeddingbag``,
-``model_parallel``."""
+"""Model-parallel sharding of jaggedrec's collections over ``torch.distributed``, laid out as
+``torchrec.distributed``: ``types``, ``embedding_types``, ``sharding_plan``, ``planner``,
+``embeddingbag``, ``embedding``, ``model_parallel``.
 
-from jaggedrec.distributed.types import ParameterSharding, ShardingEnv, ShardingPlan, ShardingType
+The names here are TorchRec's top-level names that jaggedrec implements, each the same object
+as at its module's path. TorchRec's train pipelines belong to a later piece of work; see
+docs/torchrec_paths.md for every TorchRec path and whether it resolves.
+"""
 
-__all__ = ["ParameterSharding", "ShardingEnv", "ShardingPlan", "ShardingType"]
+from jaggedrec.distributed.embedding import EmbeddingCollectionSharder
+from jaggedrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from jaggedrec.distributed.model_parallel import DistributedModelParallel
+from jaggedrec.distributed.sharding_plan import get_default_sharders
+from jaggedrec.distributed.types import (Awaitable, ModuleSharder, NoWait, ParameterSharding, ShardedTensor,
+                                         ShardingEnv, ShardingPlan, ShardingPlanner, ShardingType)
+
+__all__ = [
+    "Awaitable",
+    "DistributedModelParallel",
+    "EmbeddingBagCollectionSharder",
+    "EmbeddingCollectionSharder",
+    "ModuleSharder",
+    "NoWait",
+    "ParameterSharding",
+    "ShardedTensor",
+    "ShardingEnv",
+    "ShardingPlan",
+    "ShardingPlanner",
+    "ShardingType",
+    "get_default_sharders",
+]

@@ -90,4 +90,3 @@ def fused_optimizer_in_backward(module: nn.Module) -> Optional[optim.FusedOptimi
     raise ValueError(f"in-backward optimizer {cls.__name__} is not fused by jaggedrec; use torch.optim.SGD, "
                      f"torch.optim.Adam or RowWiseAdagrad (jaggedrec.optim.rowwise_adagrad), or the sharder's "
                      f"fused_params")
-

@@ -17,18 +17,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from jaggedrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from jaggedrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from jaggedrec.distributed.sharding_plan import get_default_sharders
 from jaggedrec.distributed.types import ShardingEnv, ShardingPlan
-
-
-def get_default_sharders() -> list:
-    """One sharder per collection type jaggedrec can shard."""
-    sharders = [EmbeddingBagCollectionSharder()]
-    try:
-        from jaggedrec.distributed.embedding import EmbeddingCollectionSharder
-    except ImportError:  # pragma: no cover - the unpooled sharder is optional
-        return sharders
-    return sharders + [EmbeddingCollectionSharder()]
 
 
 class DistributedModelParallel(nn.Module):
@@ -53,7 +44,6 @@ class DistributedModelParallel(nn.Module):
         device = torch.device(device) if device is not None else torch.device("cpu")
         sharders = list(sharders) if sharders is not None else get_default_sharders()
         if plan is None:
-            from jaggedrec.distributed.planner import EmbeddingShardingPlanner, Topology
             planner = EmbeddingShardingPlanner(topology=Topology(world_size=env.world_size,
                                                                  compute_device=device.type))
             plan = planner.collective_plan(module, sharders, env.process_group)

@@ -21,11 +21,19 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from torch import nn
 
-from jaggedrec.distributed.types import (EmbeddingComputeKernel, EmbeddingModuleShardingPlan, EnumerableShardingSpec, ParameterSharding,
-                    ShardingType, ShardMetadata)
+from jaggedrec.distributed.embedding import EmbeddingCollectionSharder
+from jaggedrec.distributed.embedding_types import EmbeddingComputeKernel
+from jaggedrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from jaggedrec.distributed.types import (EmbeddingModuleShardingPlan, EnumerableShardingSpec, ModuleSharder,
+                                         ParameterSharding, ShardingType, ShardMetadata)
 
 #: (rows, dim, local_size, world_size, device_type) -> ParameterSharding
 ParameterShardingGenerator = Callable[[int, int, int, int, str], ParameterSharding]
+
+
+def get_default_sharders() -> List[ModuleSharder]:
+    """One sharder per collection type jaggedrec can shard, without fused parameters."""
+    return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
 
 
 def block_sizes(total: int, parts: int) -> List[int]:

@@ -4,7 +4,7 @@ which fused optimizers a layout can step exactly."""
 from __future__ import annotations
 
 import zlib
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ from jaggedrec.optim import FusedOptimizer, RowWiseAdagrad
 from jaggedrec.distributed.checkpoint import ShardedStateDict
 from jaggedrec.distributed.fused_params import fused_optimizer_from_params, fused_optimizer_in_backward
 from jaggedrec.distributed.shard_layout import EXCHANGE, ShardLayout
-from jaggedrec.distributed.types import EmbeddingModuleShardingPlan, ShardingEnv, ShardingType
+from jaggedrec.distributed.types import EmbeddingModuleShardingPlan, ModuleSharder, ShardingEnv
 
 # rows per block of the deterministic initialisation of a module built on meta (see init_shard)
 INIT_BLOCK_ROWS = 4096
@@ -39,7 +39,7 @@ class ShardedCollection(ShardedStateDict, nn.Module):
         return f"world_size={self._env.world_size}, rank={self._env.rank}"
 
 
-class CollectionSharder:
+class CollectionSharder(ModuleSharder[nn.Module]):
     """Shards collections of type ``module_type`` into ``sharded_type``; ``fused_params``
     (TorchRec's form, see ``fused_params.py``) gives the shards a fused optimizer, replacing
     the module's own."""
@@ -47,7 +47,8 @@ class CollectionSharder:
     module_type: type = nn.Module
     sharded_type: type = nn.Module
 
-    def __init__(self, fused_params: Optional[dict] = None) -> None:
+    def __init__(self, fused_params: Optional[dict] = None, qcomm_codecs_registry: Optional[dict] = None) -> None:
+        super().__init__(qcomm_codecs_registry)
         self.fused_params = dict(fused_params) if fused_params else {}
         self._fused = fused_optimizer_from_params(self.fused_params)
 
@@ -63,8 +64,11 @@ class CollectionSharder:
         in-backward optimizer attached to its weights, else the module's own (None: not fused)."""
         return self._fused or fused_optimizer_in_backward(module) or module.fused_optimizer
 
-    def sharding_types(self, compute_device_type: str) -> List[str]:
-        return [t.value for t in ShardingType]
+    def shardable_parameters(self, module: nn.Module) -> Dict[str, torch.Tensor]:
+        """Table name -> its ``[rows, dim]`` weight (a view of the collection's flat storage)."""
+        configs = (module.embedding_bag_configs() if hasattr(module, "embedding_bag_configs")
+                   else module.embedding_configs())
+        return {c.name: module.table_weight(i) for i, c in enumerate(configs)}
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
         return ["fused"] if self._fused is not None else ["dense", "fused"]

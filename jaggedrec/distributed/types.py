@@ -1,6 +1,9 @@
 """The vocabulary of sharding, with TorchRec's names: sharding types, where each shard of a
 table lives (``ParameterSharding``), per-module and whole-model plans, the process group a
-module is sharded over (``ShardingEnv``), and the awaitables a sharded forward returns.
+module is sharded over (``ShardingEnv``), the awaitables a sharded forward returns, and the
+two roles a program plugs in: ``ModuleSharder`` (makes a sharded module) and
+``ShardingPlanner`` (writes a plan). ``ShardedTensor`` is torch's, which the sharded modules'
+``state_dict`` holds.
 
 A plan is plain data: the planner writes it, ``print(plan)`` shows it, and the sharders read
 it. Nothing here talks to a process group except ``ShardingEnv.from_process_group``.
@@ -11,10 +14,14 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from enum import Enum, unique
-from typing import Any, Dict, Generic, Iterator, List, Optional, TypeVar
+from typing import Any, Dict, Generic, Iterator, List, Optional, Type, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+from jaggedrec.distributed.embedding_types import EmbeddingComputeKernel
 
 
 @unique
@@ -26,16 +33,6 @@ class ShardingType(Enum):
     COLUMN_WISE = "column_wise"        # column blocks on one or more ranks
     ROW_WISE = "row_wise"              # row blocks of ceil(rows / W) on every rank
     TABLE_ROW_WISE = "table_row_wise"  # row blocks over the ranks of one host
-
-
-@unique
-class EmbeddingComputeKernel(Enum):
-    """How a shard is updated: ``dense`` (autograd gradients) or ``fused`` (optimizer in the
-    backward). jaggedrec takes the choice from the module or the sharder's ``fused_params``;
-    the plan carries it for TorchRec's printout and for the planner's memory estimate."""
-
-    DENSE = "dense"
-    FUSED = "fused"
 
 
 @dataclass
@@ -172,6 +169,17 @@ class Awaitable(abc.ABC, Generic[W]):
         return self._result
 
 
+class NoWait(Awaitable[W]):
+    """An ``Awaitable`` of a value that is already there."""
+
+    def __init__(self, obj: W) -> None:
+        super().__init__()
+        self._obj = obj
+
+    def _wait_impl(self) -> W:
+        return self._obj
+
+
 class LazyAwaitable(Awaitable[W]):
     """An ``Awaitable`` that waits by itself when used: attribute access, indexing, iteration
     and torch functions all see the waited result, so a model can treat a sharded module's
@@ -205,6 +213,69 @@ def _waited(obj):
     if isinstance(obj, dict):
         return {k: _waited(v) for k, v in obj.items()}
     return obj
+
+
+# --- the roles a program plugs in ------------------------------------------------------------
+
+M = TypeVar("M", bound=nn.Module)
+
+
+class ModuleSharder(abc.ABC, Generic[M]):
+    """Makes the sharded form of modules of ``module_type``, by one module plan.
+
+    jaggedrec's sharders (``EmbeddingBagCollectionSharder``, ``EmbeddingCollectionSharder``)
+    derive from it; a program may list them as ``List[ModuleSharder[nn.Module]]``.
+
+    Args:
+        qcomm_codecs_registry: TorchRec's quantized-collective codecs. jaggedrec's collectives
+            send fp32 (rows) and int64 (ids) as they are, so only None (or empty) is taken.
+    """
+
+    def __init__(self, qcomm_codecs_registry: Optional[Dict[str, Any]] = None) -> None:
+        if qcomm_codecs_registry:
+            raise ValueError(f"{type(self).__name__}: qcomm_codecs_registry {sorted(qcomm_codecs_registry)} asks "
+                             f"for quantized collectives, which jaggedrec does not have; pass None")
+
+    @abc.abstractmethod
+    def shard(self, module: M, params: EmbeddingModuleShardingPlan, env: ShardingEnv,
+              device: Optional[torch.device] = None, module_fqn: Optional[str] = None) -> nn.Module:
+        """The sharded module: this rank's shards of ``module`` by ``params`` (table name ->
+        ``ParameterSharding``), on ``device``."""
+
+    @property
+    @abc.abstractmethod
+    def module_type(self) -> Type[M]:
+        """The module class this sharder shards (subclasses included)."""
+
+    @property
+    def qcomm_codecs_registry(self) -> Optional[Dict[str, Any]]:
+        return None
+
+    def shardable_parameters(self, module: M) -> Dict[str, nn.Parameter]:
+        """What the plan places, by the name the plan uses for it."""
+        return dict(module.named_parameters())
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        """The ``ShardingType`` values this sharder can lay out."""
+        return [t.value for t in ShardingType]
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        """The ``EmbeddingComputeKernel`` values this sharder can run for ``sharding_type``."""
+        return [EmbeddingComputeKernel.DENSE.value]
+
+
+class ShardingPlanner(abc.ABC):
+    """Writes a ``ShardingPlan`` for a model: ``plan`` alone, ``collective_plan`` on one rank
+    for all (every rank then shards by the same plan)."""
+
+    @abc.abstractmethod
+    def plan(self, module: nn.Module, sharders: List[ModuleSharder]) -> ShardingPlan:
+        ...
+
+    @abc.abstractmethod
+    def collective_plan(self, module: nn.Module, sharders: List[ModuleSharder],
+                        pg: Optional[dist.ProcessGroup] = None) -> ShardingPlan:
+        ...
 
 
 def device_type_of(device: Optional[torch.device]) -> str:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import List, NamedTuple, Optional
 
 from jaggedrec.distributed.types import ShardingType
-from jaggedrec.distributed.planner.topology import Topology
+from jaggedrec.distributed.planner.types import Topology
 
 _ID_BYTES = 8
 _OUT_BYTES = 4  # pooled outputs and their gradients are fp32

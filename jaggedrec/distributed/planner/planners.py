@@ -30,14 +30,12 @@ from torch import nn
 from jaggedrec.modules.embedding_configs import BaseEmbeddingConfig
 from jaggedrec.optim import Adam, RowWiseAdagrad
 from jaggedrec.distributed import sharding_plan as hand
-from jaggedrec.distributed.sharding_plan import block_sizes
-from jaggedrec.distributed.types import EmbeddingComputeKernel, EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan, ShardingType
+from jaggedrec.distributed.embedding_types import EmbeddingComputeKernel
+from jaggedrec.distributed.sharding_plan import block_sizes, get_default_sharders
+from jaggedrec.distributed.types import (EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan, ShardingPlanner,
+                                         ShardingType)
 from jaggedrec.distributed.planner.cost import TableSpec, shard_costs
-from jaggedrec.distributed.planner.topology import ParameterConstraints, Topology
-
-
-class PlannerError(ValueError):
-    """No placement satisfies the memory caps and constraints."""
+from jaggedrec.distributed.planner.types import ParameterConstraints, PlannerError, Topology
 
 
 def table_specs(configs: Sequence[BaseEmbeddingConfig], fused_optimizer, constraints: Dict[str, ParameterConstraints]
@@ -57,7 +55,7 @@ def table_specs(configs: Sequence[BaseEmbeddingConfig], fused_optimizer, constra
     return specs
 
 
-class EmbeddingShardingPlanner:
+class EmbeddingShardingPlanner(ShardingPlanner):
     """Args:
         topology: the ranks (default: one CUDA rank).
         constraints: table name -> ``ParameterConstraints``.
@@ -268,7 +266,6 @@ class _Ranks:
 def _collections(module: nn.Module, sharders: Optional[list]):
     """(path, collection, its sharder) for each outermost collection a sharder shards."""
     if not sharders:
-        from jaggedrec.distributed.model_parallel import get_default_sharders
         sharders = get_default_sharders()
     found = []
     for path, m in module.named_modules():

@@ -1,11 +1,20 @@
-"""What the planner plans for: the ranks (``Topology``) and per-table wishes (``ParameterConstraints``)."""
+"""The planner's vocabulary at TorchRec's path (``torchrec.distributed.planner.types``): what
+it plans for, the ranks (``Topology``) and per-table wishes (``ParameterConstraints``), and
+``PlannerError`` when no placement fits. ``ShardingPlan`` and ``ModuleSharder`` are the
+sharding types' (``jaggedrec.distributed.types``), named here as TorchRec names them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from jaggedrec.distributed.types import ModuleSharder, ShardingPlan
+
 GIB = 1 << 30
+
+
+class PlannerError(ValueError):
+    """No placement satisfies the memory caps and constraints."""
 
 
 @dataclass
@@ -73,3 +82,6 @@ class ParameterConstraints:
 
     sharding_types: Optional[List[str]] = None
     pooling_factors: List[float] = field(default_factory=lambda: [1.0])
+
+
+__all__ = ["ModuleSharder", "ParameterConstraints", "PlannerError", "ShardingPlan", "Topology"]
