@@ -62,3 +62,25 @@ def test_the_deadline_stops_every_rank():
     with pytest.raises(RankFailure, match=r"ranks \[0, 1\] did not finish within 5 s"):
         run_ranks(_sleep, 2, timeout=5)
     assert time.monotonic() - start < 30
+
+
+def test_it_imports_only_torch_and_the_standard_library():
+    """jaggedrec.testing sits outside the library's layers: none of jaggedrec's other packages."""
+    import ast
+    import pathlib
+    import sys
+
+    import jaggedrec.testing
+
+    for path in pathlib.Path(jaggedrec.testing.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                assert top == "torch" or top in sys.stdlib_module_names or name.startswith("jaggedrec.testing"), \
+                    (path.name, name)
