@@ -1,4 +1,4 @@
-"""Launch helpers shared by the kernels: interpreter detection, block sizes, wrap_triton."""
+"""What the kernels share: the per-feature metadata layout, interpreter detection, block sizes, wrap_triton."""
 
 from __future__ import annotations
 
@@ -24,10 +24,16 @@ def wrap_triton(kernel):
     return _torch_wrap_triton(kernel)
 
 
-# Column layout of the per-feature metadata tensor, ``[F, META_FIELDS]`` int64: the table's
-# element offset in the flat weights, dim, rows, the feature's output column, its KJT key,
-# MEAN (1) or SUM (0), and the table's first row in row-wise optimizer state.
-META_WEIGHT_OFFSET, META_DIM, META_ROWS, META_OUT_COLUMN, META_KEY, META_MEAN, META_ROW_BASE = range(7)
+# The per-feature metadata, ``[F, META_FIELDS]`` int64 (built by the op layer's
+# ``FeatureTables.meta``): a kernel reads feature ``f``'s fields at ``meta_ptr + f * META_FIELDS
+# + META_<FIELD>``, constexpr offsets, so the loads compile as they would with bare numbers.
+META_WEIGHT_OFFSET: tl.constexpr = tl.constexpr(0)  # the table's element offset in the flat weights
+META_DIM: tl.constexpr = tl.constexpr(1)            # the table's embedding dim
+META_ROWS: tl.constexpr = tl.constexpr(2)           # the table's rows; ids outside [0, rows) are bad
+META_OUT_COLUMN: tl.constexpr = tl.constexpr(3)     # the feature's first column of the pooled output
+META_KEY: tl.constexpr = tl.constexpr(4)            # the feature's key among the KJT's keys
+META_MEAN: tl.constexpr = tl.constexpr(5)           # 1 when the feature pools by MEAN, 0 by SUM
+META_ROW_BASE: tl.constexpr = tl.constexpr(6)       # the table's first row in row-wise optimizer state
 META_FIELDS: tl.constexpr = tl.constexpr(7)
 
 
@@ -40,12 +46,6 @@ def single_config() -> bool:
     """One launch config, no autotuning: under the interpreter, and with JAGGEDREC_AUTOTUNE=0
     (correctness runs on a GPU, where each tuned config costs a compile)."""
     return interpreting() or os.environ.get("JAGGEDREC_AUTOTUNE", "1") == "0"
-
-
-def legacy_loops() -> bool:
-    """JAGGEDREC_LEGACY_LOOPS=1 launches the gather and run loops as they were before they
-    loaded ahead (see ``pooled_fwd._gather``), so that a GPU can time both on the same inputs."""
-    return os.environ.get("JAGGEDREC_LEGACY_LOOPS", "0") == "1"
 
 
 def block_d(max_dim: int) -> int:

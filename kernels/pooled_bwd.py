@@ -5,9 +5,11 @@ The op lists every (feature, id) pair as a *contribution* ``c`` in ``[0, P*N)``:
 a key read by two tables needs two passes). For each contribution it precomputes, with
 plain torch ops and no host sync:
 
-* ``contrib_feature[c]``: the feature, or -1 when the id is not read in that pass or is
-  outside its table (such ids were skipped in the forward, so they get no gradient);
-* ``contrib_row[c]``: element offset of the id's row in the flat weights (-1 when masked).
+* ``feature[c]``: the feature, or -1 when the id is not read in that pass or is outside its
+  table (such ids were skipped in the forward, so they get no gradient);
+* ``rows[c]``: element offset of the id's row in the flat weights (-1 when masked);
+
+and, per id, ``bag_of_value``: its key-major bag. The three make :class:`Contributions`.
 
 * ``_rows_grad_atomic_kernel`` (``deterministic=False``): ``atomic_add`` into rows, fast,
   with run-to-run rounding differences.
@@ -19,13 +21,24 @@ first: see ``row_runs``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 import triton.language as tl
 
-from .common import META_FIELDS, block_d, single_config, wrap_triton
+from .common import META_DIM, META_FIELDS, META_KEY, META_MEAN, META_OUT_COLUMN, block_d, single_config, wrap_triton
 from .tuning import autotune
+
+
+class Contributions(NamedTuple):
+    """Every (pass, id) pair of a batch, ``M = P*N`` of them (made by the op layer's
+    ``runs_triton.contributions``)."""
+
+    feature: torch.Tensor       # [M] int32 feature of each contribution, -1 masked (not read, or a bad id)
+    rows: torch.Tensor          # [M] int64 element offset of its row in the flat weights, -1 masked
+    bag_of_value: torch.Tensor  # [N] int64 key-major bag (k*B + b) of each id
 
 
 def _q_configs(sizes):
@@ -42,10 +55,10 @@ def _contribution_scale(c, mask, num_values, batch_size, contrib_feature_ptr, ba
     v = c % num_values
     bag = tl.load(bag_of_value_ptr + v, mask=mask, other=0).to(tl.int64)
     meta = meta_ptr + f * META_FIELDS
-    dim = tl.load(meta + 1, mask=mask, other=0)
-    out_column = tl.load(meta + 3, mask=mask, other=0)
-    key = tl.load(meta + 4, mask=mask, other=0)
-    mean = tl.load(meta + 5, mask=mask, other=0)
+    dim = tl.load(meta + META_DIM, mask=mask, other=0)
+    out_column = tl.load(meta + META_OUT_COLUMN, mask=mask, other=0)
+    key = tl.load(meta + META_KEY, mask=mask, other=0)
+    mean = tl.load(meta + META_MEAN, mask=mask, other=0)
     sample = bag - key * batch_size
     scale = tl.full(c.shape, 1.0, tl.float32)
     if HAS_PSW:
@@ -114,34 +127,41 @@ def _psw_grad_kernel(
     tl.store(out_ptr + c, dot * scale, mask=in_range)
 
 
-def rows_grad_atomic(grad_out: torch.Tensor, rows: torch.Tensor, contrib_feature: torch.Tensor,
-                     bag_of_value: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None,
-                     meta: torch.Tensor, dest: torch.Tensor, max_dim: int, alignment: int) -> None:
+def rows_grad_atomic(grad_out: torch.Tensor, parts: Contributions, batch, meta: torch.Tensor, dest: torch.Tensor,
+                     max_dim: int, alignment: int) -> None:
     """Row gradients by ``atomic_add`` into ``dest`` (``[W]`` fp32, zeroed): fast, order not fixed.
 
-    Args as in :func:`rows_grad`, with ``rows`` the unsorted ``[M]`` contribution rows.
+    Args:
+        grad_out: ``[B, total_dim]`` fp32 contiguous output gradient.
+        parts: the contributions, in any order.
+        batch: the op layer's ``OpBatch`` (its ``offsets`` and ``per_sample_weights``).
+        meta: ``[F, META_FIELDS]`` int64 feature metadata.
+        max_dim, alignment: the widest dim; a power of two dividing every dim, table offset
+            and output column.
     """
+    rows = parts.rows
     if statically_known_true(rows.numel() == 0):
         return
+    per_sample_weights = batch.per_sample_weights
     grid = lambda cfg: (triton.cdiv(rows.numel(), cfg["BLOCK_Q"]),)  # noqa: E731
     wrap_triton(_rows_grad_atomic_kernel)[grid](
-        grad_out, grad_out.stride(0), rows, contrib_feature, bag_of_value, offsets,
+        grad_out, grad_out.stride(0), rows, parts.feature, parts.bag_of_value, batch.offsets,
         per_sample_weights if per_sample_weights is not None else grad_out, meta, dest,
-        rows.numel(), bag_of_value.numel(), grad_out.shape[0], max_dim,
+        rows.numel(), parts.bag_of_value.numel(), grad_out.shape[0], max_dim,
         HAS_PSW=per_sample_weights is not None, DIM_ALIGN=alignment, BLOCK_D=block_d(max_dim))
 
 
-def psw_grad(grad_out: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, contrib_feature: torch.Tensor,
-             bag_of_value: torch.Tensor, offsets: torch.Tensor, meta: torch.Tensor, out: torch.Tensor,
-             max_dim: int, alignment: int) -> None:
+def psw_grad(grad_out: torch.Tensor, weights: torch.Tensor, parts: Contributions, batch, meta: torch.Tensor,
+             out: torch.Tensor, max_dim: int, alignment: int) -> None:
     """``out[c]`` = (row of contribution c) . (its bag's output gradient), MEAN-scaled; 0 if masked.
 
-    Args as in :func:`rows_grad`; ``weights`` ``[W]``; ``out`` ``[M]`` fp32.
+    Args as in :func:`rows_grad_atomic`; ``weights`` ``[W]``; ``out`` ``[M]`` fp32.
     """
+    rows = parts.rows
     if statically_known_true(rows.numel() == 0):
         return
     grid = lambda cfg: (triton.cdiv(rows.numel(), cfg["BLOCK_Q"]),)  # noqa: E731
     wrap_triton(_psw_grad_kernel)[grid](
-        grad_out, grad_out.stride(0), weights, rows, contrib_feature, bag_of_value, offsets, meta, out,
-        rows.numel(), bag_of_value.numel(), grad_out.shape[0], max_dim, DIM_ALIGN=alignment,
+        grad_out, grad_out.stride(0), weights, rows, parts.feature, parts.bag_of_value, batch.offsets, meta, out,
+        rows.numel(), parts.bag_of_value.numel(), grad_out.shape[0], max_dim, DIM_ALIGN=alignment,
         BLOCK_D=block_d(max_dim))

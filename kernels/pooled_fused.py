@@ -19,7 +19,7 @@ import triton
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 import triton.language as tl
 
-from .common import META_FIELDS, persistent_programs, wrap_triton
+from .common import META_FIELDS, META_ROW_BASE, META_WEIGHT_OFFSET, persistent_programs, wrap_triton
 from .row_runs import Runs, launch_args, run_configs, run_sums, run_tile
 from .tuning import autotune
 
@@ -31,7 +31,8 @@ def _adagrad_step_size(squares, u, live, row, dim, run_feature_ptr, meta_ptr, st
     """Row-wise Adagrad: add each row's mean squared gradient to its state; ``[BLOCK_U]`` step sizes."""
     meta = meta_ptr + tl.load(run_feature_ptr + u, mask=live, other=0) * META_FIELDS
     dim = tl.maximum(dim, 1)  # dead lanes have dim 0
-    state_index = tl.load(meta + 6, mask=live, other=0) + (row - tl.load(meta + 0, mask=live, other=0)) // dim
+    state_index = (tl.load(meta + META_ROW_BASE, mask=live, other=0)
+                   + (row - tl.load(meta + META_WEIGHT_OFFSET, mask=live, other=0)) // dim)
     state = tl.load(state1_ptr + state_index, mask=live, other=0.0) + squares / dim.to(tl.float32)
     tl.store(state1_ptr + state_index, state, mask=live)
     return lr / (tl.sqrt(state) + eps)
@@ -123,23 +124,22 @@ def _fused_update_kernel(
                            t, OPTIMIZER)
 
 
-def fused_update(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, weights: torch.Tensor,
-                 state1: torch.Tensor, state2: torch.Tensor, hparams: torch.Tensor, step: torch.Tensor, optimizer: int,
+def fused_update(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, weights: torch.Tensor, fused,
                  max_dim: int, alignment: int) -> None:
-    """Apply ``optimizer`` to every touched row of ``weights``, in place.
+    """Apply ``fused.optimizer`` to every touched row of ``weights``, in place.
 
     Args as in ``row_runs.rows_grad``, plus:
-        weights: ``[W]`` flat tables (updated).
-        state1: row-wise Adagrad ``[R]`` fp32 sums of mean squares (R = rows of all tables), or
-            Adam ``[W]`` fp32 first moments; unused for SGD.
-        state2: Adam ``[W]`` fp32 second moments; unused otherwise.
-        hparams: ``[5]`` fp32 ``lr, eps, weight_decay, beta1, beta2``.
-        step: ``[1]`` int64 step count, already counting this step (Adam's bias correction).
-        optimizer: 1 SGD, 2 row-wise Adagrad, 3 Adam.
+        weights: ``[W]`` flat weights of every table (updated).
+        fused: the op layer's ``FusedStep``: ``optimizer`` 1 SGD, 2 row-wise Adagrad, 3 Adam;
+            ``hparams`` ``[5]`` fp32 ``lr, eps, weight_decay, beta1, beta2``; ``step`` ``[1]``
+            int64 step count, already counting this step (Adam's bias correction); ``state1``
+            row-wise Adagrad ``[R]`` fp32 sums of mean squares (R = rows of all tables), or Adam
+            ``[W]`` fp32 first moments, unused for SGD; ``state2`` Adam ``[W]`` fp32 second
+            moments, unused otherwise.
     """
     if statically_known_true(runs.item_offset.shape[0] == 0):
         return
     args, constants = launch_args(grad_out, runs, meta, max_dim, alignment)
     wrap_triton(_fused_update_kernel)[(persistent_programs(grad_out.device),)](
-        *args, weights, state1, state2, hparams, step, OPTIMIZER=optimizer, ONE_TILE=max_dim <= constants["BLOCK_D"],
-        **constants)
+        *args, weights, fused.state1, fused.state2, fused.hparams, fused.step, OPTIMIZER=fused.optimizer,
+        ONE_TILE=max_dim <= constants["BLOCK_D"], **constants)

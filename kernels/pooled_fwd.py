@@ -16,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import META_FIELDS, block_d, legacy_loops, single_config, wrap_triton
+from . import legacy_loops
+from .common import (META_DIM, META_FIELDS, META_KEY, META_MEAN, META_OUT_COLUMN, META_ROWS, META_WEIGHT_OFFSET,
+                     block_d, single_config, wrap_triton)
 from .tuning import autotune
 
 
@@ -42,12 +44,12 @@ def _ids_at(values_ptr, starts, lengths, position, UNROLL: tl.constexpr):
 def _rows_at(ids, position, d0, cols, col_mask, starts, lengths, num_rows, dim, table_ptr, psw_ptr,
              HAS_PSW: tl.constexpr, UNROLL: tl.constexpr):
     """Columns ``cols`` of the rows of ``ids`` (at ``position``), ``UNROLL`` ``[BLOCK_B, BLOCK_D]``
-    tensors in the table's dtype, their per-id weights, and ``[BLOCK_B]`` counts of bad ids.
+    tensors in the table's dtype, their per-sample weights, and ``[BLOCK_B]`` counts of bad ids.
     A bad id's row is not loaded. Bad ids are checked and counted even when the caller will
     not read the counts: with the rows' mask depending on positions alone, ptxas gave later
     loads the registers of rows still in flight (seen with codegen_report)."""
     rows = ()
-    weights = ()
+    psw = ()
     bad_ids = tl.zeros(starts.shape, dtype=tl.int32)
     for u in tl.static_range(UNROLL):
         row = ids[u].to(tl.int64)
@@ -58,10 +60,10 @@ def _rows_at(ids, position, d0, cols, col_mask, starts, lengths, num_rows, dim, 
         rows = rows + (tl.load(table_ptr + row[:, None] * dim + cols[None, :], mask=present[:, None] & col_mask[None, :],
                                other=0.0),)
         if HAS_PSW:
-            weights = weights + (tl.load(psw_ptr + starts + (position + u), mask=present, other=0.0).to(tl.float32),)
+            psw = psw + (tl.load(psw_ptr + starts + (position + u), mask=present, other=0.0).to(tl.float32),)
         else:
-            weights = weights + (1.0,)
-    return rows, weights, bad_ids
+            psw = psw + (1.0,)
+    return rows, psw, bad_ids
 
 
 @triton.jit
@@ -75,54 +77,30 @@ def _gather(acc, bad_ids, d0, cols, col_mask, starts, lengths, longest, num_rows
     iteration that issues it, whatever registers ptxas gives it, so a step costs one DRAM
     round trip where loading each id just before its row cost two or more."""
     ahead = _ids_at(values_ptr, starts, lengths, 0, UNROLL)
-    rows_next, weights_next, bad = _rows_at(ahead, 0, d0, cols, col_mask, starts, lengths, num_rows, dim, table_ptr,
-                                            psw_ptr, HAS_PSW, UNROLL)
-    bad_ids += bad
+    rows_next, psw_next, step_bad_ids = _rows_at(ahead, 0, d0, cols, col_mask, starts, lengths, num_rows, dim,
+                                                 table_ptr, psw_ptr, HAS_PSW, UNROLL)
+    bad_ids += step_bad_ids
     ahead = _ids_at(values_ptr, starts, lengths, UNROLL, UNROLL)
     for j in range(0, longest, UNROLL):
         rows_now = rows_next
-        weights_now = weights_next
+        psw_now = psw_next
         ids_next = ahead
         ahead = _ids_at(values_ptr, starts, lengths, j + 2 * UNROLL, UNROLL)
-        rows_next, weights_next, bad = _rows_at(ids_next, j + UNROLL, d0, cols, col_mask, starts, lengths, num_rows,
-                                                dim, table_ptr, psw_ptr, HAS_PSW, UNROLL)
-        bad_ids += bad
+        rows_next, psw_next, step_bad_ids = _rows_at(ids_next, j + UNROLL, d0, cols, col_mask, starts, lengths,
+                                                     num_rows, dim, table_ptr, psw_ptr, HAS_PSW, UNROLL)
+        bad_ids += step_bad_ids
         for u in tl.static_range(UNROLL):
             if HAS_PSW:
-                acc += rows_now[u].to(tl.float32) * weights_now[u][:, None]
+                acc += rows_now[u].to(tl.float32) * psw_now[u][:, None]
             else:
                 acc += rows_now[u].to(tl.float32)
     return acc, bad_ids
 
 
-@triton.jit
-def _legacy_gather(acc, num_bad, d0, cols, col_mask, starts, lengths, longest, num_rows, dim, table_ptr,
-                   values_ptr, psw_ptr, HAS_PSW: tl.constexpr, UNROLL: tl.constexpr):
-    """The loop before ``_gather`` (LEGACY_LOOPS, JAGGEDREC_LEGACY_LOOPS=1), kept until a GPU has
-    timed both: each id is loaded just before its row, range-checked, and bad ids are summed
-    every step."""
-    for j in range(0, longest, UNROLL):
-        for u in tl.static_range(UNROLL):
-            present = (j + u) < lengths
-            ids = tl.load(values_ptr + starts + j + u, mask=present, other=0).to(tl.int64)
-            bad = present & ((ids < 0) | (ids >= num_rows))
-            present = present & ~bad
-            if d0 == 0:
-                num_bad += tl.sum(bad.to(tl.int32), axis=0)
-            row_mask = present[:, None]
-            rows = tl.load(table_ptr + ids[:, None] * dim + cols[None, :],
-                           mask=row_mask & col_mask[None, :], other=0.0).to(tl.float32)
-            if HAS_PSW:
-                w = tl.load(psw_ptr + starts + j + u, mask=present, other=0.0).to(tl.float32)
-                rows = rows * w[:, None]
-            acc += rows
-    return acc, num_bad
-
-
 @autotune(configs=_configs(), key=["num_features", "BLOCK_D", "HAS_PSW", "DIM_ALIGN", "HAS_INVERSE"])
 @triton.jit
 def _pooled_fwd_kernel(
-    weights_ptr, values_ptr, offsets_ptr, psw_ptr, inverse_ptr, meta_ptr, out_ptr, errors_ptr,
+    weights_ptr, values_ptr, offsets_ptr, psw_ptr, inverse_ptr, meta_ptr, out_ptr, bad_ids_ptr,
     batch_size, bag_stride, out_stride, num_features,
     HAS_PSW: tl.constexpr, HAS_INVERSE: tl.constexpr, BLOCK_D: tl.constexpr, DIM_ALIGN: tl.constexpr,
     LEGACY_LOOPS: tl.constexpr, BLOCK_B: tl.constexpr, UNROLL: tl.constexpr,
@@ -134,12 +112,12 @@ def _pooled_fwd_kernel(
     meta = meta_ptr + f * META_FIELDS
     # every dim, table offset and output column is a multiple of DIM_ALIGN: saying so lets
     # the compiler turn each row's column loads and stores into 16-byte vector accesses
-    weight_offset = tl.multiple_of(tl.load(meta + 0), DIM_ALIGN)
-    dim = tl.multiple_of(tl.load(meta + 1), DIM_ALIGN)
-    num_rows = tl.load(meta + 2)
-    out_column = tl.multiple_of(tl.load(meta + 3), DIM_ALIGN)
-    key = tl.load(meta + 4)
-    mean = tl.load(meta + 5)
+    weight_offset = tl.multiple_of(tl.load(meta + META_WEIGHT_OFFSET), DIM_ALIGN)
+    dim = tl.multiple_of(tl.load(meta + META_DIM), DIM_ALIGN)
+    num_rows = tl.load(meta + META_ROWS)
+    out_column = tl.multiple_of(tl.load(meta + META_OUT_COLUMN), DIM_ALIGN)
+    key = tl.load(meta + META_KEY)
+    mean = tl.load(meta + META_MEAN)
 
     samples = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     bag_mask = samples < batch_size
@@ -153,7 +131,7 @@ def _pooled_fwd_kernel(
     lengths = tl.load(bag_ptrs + 1, mask=bag_mask, other=0).to(tl.int64) - starts
     longest = tl.max(lengths, axis=0)
     table_ptr = weights_ptr + weight_offset
-    num_bad = tl.zeros([], dtype=tl.int32)
+    total_bad_ids = tl.zeros([], dtype=tl.int32)
     bad_ids = tl.zeros([BLOCK_B], dtype=tl.int32)  # per bag; summed once, after the loops
 
     for d0 in range(0, dim, BLOCK_D):
@@ -161,8 +139,8 @@ def _pooled_fwd_kernel(
         col_mask = cols < dim
         acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
         if LEGACY_LOOPS:
-            acc, num_bad = _legacy_gather(acc, num_bad, d0, cols, col_mask, starts, lengths, longest, num_rows,
-                                          dim, table_ptr, values_ptr, psw_ptr, HAS_PSW, UNROLL)
+            acc, total_bad_ids = legacy_loops.gather(acc, total_bad_ids, d0, cols, col_mask, starts, lengths, longest,
+                                                     num_rows, dim, table_ptr, values_ptr, psw_ptr, HAS_PSW, UNROLL)
         else:
             acc, bad_ids = _gather(acc, bad_ids, d0, cols, col_mask, starts, lengths, longest, num_rows, dim,
                                    table_ptr, values_ptr, psw_ptr, HAS_PSW, UNROLL)
@@ -170,27 +148,25 @@ def _pooled_fwd_kernel(
             acc = acc / tl.maximum(lengths, 1).to(tl.float32)[:, None]
         tl.store(out_ptr + out_rows[:, None] + out_column + cols[None, :], acc,
                  mask=bag_mask[:, None] & col_mask[None, :])
-    num_bad += tl.sum(bad_ids, axis=0)
-    if num_bad > 0:
-        tl.atomic_add(errors_ptr + f, num_bad.to(tl.int64))
+    total_bad_ids += tl.sum(bad_ids, axis=0)
+    if total_bad_ids > 0:
+        tl.atomic_add(bad_ids_ptr + f, total_bad_ids.to(tl.int64))
 
 
-def pooled_fwd(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
-               per_sample_weights: torch.Tensor | None, meta: torch.Tensor, out: torch.Tensor,
-               errors: torch.Tensor, max_dim: int, alignment: int, bag_stride: int,
-               inverse_indices: torch.Tensor | None = None) -> None:
+def pooled_fwd(weights: torch.Tensor, batch, meta: torch.Tensor, out: torch.Tensor, bad_ids: torch.Tensor,
+               max_dim: int, alignment: int, bag_stride: int) -> None:
     """Pool every feature into ``out``, in one launch.
 
     Args:
-        weights: ``[W]`` flat tables, fp32/fp16/bf16.
-        values: ``[N]`` int32/int64 ids, key-major.
-        offsets: ``[K*B'+1]`` int32/int64 bag starts, key-major, ``bag_stride`` (B') bags per key.
-        per_sample_weights: ``[N]`` float, or None.
+        weights: ``[W]`` flat weights of every table, fp32/fp16/bf16.
+        batch: the op layer's ``OpBatch``: ``values`` ``[N]`` int32/int64 ids, key-major;
+            ``offsets`` ``[K*B'+1]`` int32/int64 bag starts, key-major, ``bag_stride`` (B') bags
+            per key; ``per_sample_weights`` ``[N]`` float, or None; ``inverse_indices`` ``[F, B]``
+            int64, the bag (in ``[0, B')``) each sample of each feature pools (VBE), or None:
+            sample ``b`` pools bag ``b`` (``B == B'``).
         meta: ``[F, META_FIELDS]`` int64 per feature (see ``common``).
         out: ``[B, total_dim]`` fp32, written in full.
-        inverse_indices: ``[F, B]`` int64 contiguous, the bag (in ``[0, B')``) each sample of
-            each feature pools (VBE); None: sample ``b`` pools bag ``b`` (``B == B'``).
-        errors: ``[F]`` int64, incremented by the number of ids outside ``[0, rows)``; those ids
+        bad_ids: ``[F]`` int64, incremented by the number of ids outside ``[0, rows)``; those ids
             are always skipped (the check costs two compares per id, and its count is read
             only when the caller asks for it).
         max_dim: the widest feature dim.
@@ -201,10 +177,11 @@ def pooled_fwd(weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tenso
     if num_features == 0 or batch_size == 0:
         return
     assert meta.shape[1] == META_FIELDS
+    per_sample_weights, inverse_indices = batch.per_sample_weights, batch.inverse_indices
     grid = lambda cfg: (triton.cdiv(batch_size, cfg["BLOCK_B"]), num_features)  # noqa: E731
     wrap_triton(_pooled_fwd_kernel)[grid](
-        weights, values, offsets, per_sample_weights if per_sample_weights is not None else out,
-        inverse_indices if inverse_indices is not None else offsets, meta, out, errors,
+        weights, batch.values, batch.offsets, per_sample_weights if per_sample_weights is not None else out,
+        inverse_indices.contiguous() if inverse_indices is not None else batch.offsets, meta, out, bad_ids,
         batch_size, bag_stride, out.stride(0), num_features,
         HAS_PSW=per_sample_weights is not None, HAS_INVERSE=inverse_indices is not None, BLOCK_D=block_d(max_dim),
-        DIM_ALIGN=alignment, LEGACY_LOOPS=legacy_loops())
+        DIM_ALIGN=alignment, LEGACY_LOOPS=legacy_loops.enabled())

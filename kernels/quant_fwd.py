@@ -14,12 +14,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import block_d, single_config, wrap_triton
+from .common import (META_DIM, META_KEY, META_MEAN, META_OUT_COLUMN, META_ROWS, META_WEIGHT_OFFSET, block_d,
+                     single_config, wrap_triton)
 from .tuning import autotune
 
-# per-feature metadata, [F, QMETA_FIELDS] int64: the table's first byte in its storage type's
-# buffer, dim, rows, the feature's output column, its KJT key, MEAN (1) or SUM (0), storage
-# type (1 INT8, 2 INT4, 3 FP16) and row stride in bytes
+# The per-feature metadata, [F, QMETA_FIELDS] int64: the float kernels' first six fields
+# (common.META_*: META_WEIGHT_OFFSET is here the table's first byte in its storage type's
+# buffer), then these two.
+QMETA_STORAGE: tl.constexpr = tl.constexpr(6)    # storage type: 1 INT8, 2 INT4, 3 FP16
+QMETA_ROW_BYTES: tl.constexpr = tl.constexpr(7)  # row stride in bytes
 QMETA_FIELDS: tl.constexpr = tl.constexpr(8)
 
 
@@ -40,9 +43,9 @@ def _dequantized_rows(table_ptr, ids, present, d0, cols, col_mask, dim, row_byte
         return values.to(tl.float32)
     if STORAGE == 1:  # INT8 codes, fp32 scale and bias
         codes = tl.load(rows[:, None] + cols[None, :], mask=mask, other=0).to(tl.float32)
-        meta = (rows + row_bytes - 8).to(tl.pointer_type(tl.float32))
-        scale = tl.load(meta, mask=present, other=0.0)
-        bias = tl.load(meta + 1, mask=present, other=0.0)
+        scale_bias = (rows + row_bytes - 8).to(tl.pointer_type(tl.float32))
+        scale = tl.load(scale_bias, mask=present, other=0.0)
+        bias = tl.load(scale_bias + 1, mask=present, other=0.0)
     else:  # INT4 codes, two per byte (low nibble first), fp16 scale and bias
         # the tile's BLOCK_D/2 bytes, loaded once each (contiguous, so in vectors), then split
         pairs = d0 // 2 + tl.arange(0, BLOCK_D // 2)
@@ -53,9 +56,9 @@ def _dequantized_rows(table_ptr, ids, present, d0, cols, col_mask, dim, row_byte
         packed = tl.load(rows[:, None] + pairs[None, :], mask=present[:, None] & (pairs < num_bytes)[None, :],
                          other=0).to(tl.int32)
         codes = tl.interleave(packed & 15, packed >> 4).to(tl.float32)
-        meta = (rows + row_bytes - 4).to(tl.pointer_type(tl.float16))
-        scale = tl.load(meta, mask=present, other=0.0).to(tl.float32)
-        bias = tl.load(meta + 1, mask=present, other=0.0).to(tl.float32)
+        scale_bias = (rows + row_bytes - 4).to(tl.pointer_type(tl.float16))
+        scale = tl.load(scale_bias, mask=present, other=0.0).to(tl.float32)
+        bias = tl.load(scale_bias + 1, mask=present, other=0.0).to(tl.float32)
     return tl.where(mask, codes * scale[:, None] + bias[:, None], 0.0)
 
 
@@ -84,7 +87,7 @@ def _pool(acc, bad_ids, d0, cols, col_mask, dim, starts, lengths, longest, num_r
 @autotune(configs=_configs(), key=["num_features", "BLOCK_D", "HAS_PSW", "ROW_ALIGN", "DIM_ALIGN"])
 @triton.jit
 def _quant_fwd_kernel(
-    int8_ptr, int4_ptr, fp16_ptr, values_ptr, offsets_ptr, psw_ptr, meta_ptr, out_ptr, errors_ptr,
+    int8_ptr, int4_ptr, fp16_ptr, values_ptr, offsets_ptr, psw_ptr, meta_ptr, out_ptr, bad_ids_ptr,
     batch_size, out_stride, num_features,
     HAS_PSW: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -93,14 +96,14 @@ def _quant_fwd_kernel(
     meta = meta_ptr + f * QMETA_FIELDS
     # the layout's alignments, promised to the compiler so that rows move in vectors: every row
     # stride and table offset a multiple of ROW_ALIGN bytes, every dim and output column of DIM_ALIGN
-    first_byte = tl.multiple_of(tl.load(meta + 0), ROW_ALIGN)
-    dim = tl.multiple_of(tl.load(meta + 1), DIM_ALIGN)
-    num_rows = tl.load(meta + 2)
-    out_column = tl.multiple_of(tl.load(meta + 3), DIM_ALIGN)
-    key = tl.load(meta + 4)
-    mean = tl.load(meta + 5)
-    storage = tl.load(meta + 6)
-    row_bytes = tl.multiple_of(tl.load(meta + 7), ROW_ALIGN)
+    first_byte = tl.multiple_of(tl.load(meta + META_WEIGHT_OFFSET), ROW_ALIGN)
+    dim = tl.multiple_of(tl.load(meta + META_DIM), DIM_ALIGN)
+    num_rows = tl.load(meta + META_ROWS)
+    out_column = tl.multiple_of(tl.load(meta + META_OUT_COLUMN), DIM_ALIGN)
+    key = tl.load(meta + META_KEY)
+    mean = tl.load(meta + META_MEAN)
+    storage = tl.load(meta + QMETA_STORAGE)
+    row_bytes = tl.multiple_of(tl.load(meta + QMETA_ROW_BYTES), ROW_ALIGN)
 
     bags = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     bag_mask = bags < batch_size
@@ -127,22 +130,21 @@ def _quant_fwd_kernel(
             acc = acc / tl.maximum(lengths, 1).to(tl.float32)[:, None]
         out_rows = tl.multiple_of(bags.to(tl.int64) * out_stride, DIM_ALIGN)  # out_stride: the sum of the dims
         tl.store(out_ptr + out_rows[:, None] + out_column + cols[None, :], acc, mask=bag_mask[:, None] & col_mask[None, :])
-    num_bad = tl.sum(bad_ids, axis=0)
-    if num_bad > 0:
-        tl.atomic_add(errors_ptr + f, num_bad.to(tl.int64))
+    total_bad_ids = tl.sum(bad_ids, axis=0)
+    if total_bad_ids > 0:
+        tl.atomic_add(bad_ids_ptr + f, total_bad_ids.to(tl.int64))
 
 
-def quant_fwd(int8: torch.Tensor, int4: torch.Tensor, fp16: torch.Tensor, values: torch.Tensor,
-              offsets: torch.Tensor, per_sample_weights: torch.Tensor | None, meta: torch.Tensor, out: torch.Tensor,
-              errors: torch.Tensor, max_dim: int, row_align: int, dim_align: int) -> None:
+def quant_fwd(buffers, batch, meta: torch.Tensor, out: torch.Tensor, bad_ids: torch.Tensor, max_dim: int,
+              row_align: int, dim_align: int) -> None:
     """Pool every feature of the quantized tables into ``out``, in one launch.
 
     Args:
-        int8, int4, fp16: the storage types' flat uint8 buffers (any may be empty).
-        values: ``[N]`` ids; offsets: ``[K*B+1]`` bag starts, key-major.
-        per_sample_weights: ``[N]`` float, or None.
+        buffers: the INT8, INT4 and FP16 storage types' flat uint8 buffers (any may be empty).
+        batch: the op layer's ``OpBatch``: ``values`` ``[N]`` ids; ``offsets`` ``[K*B+1]`` bag
+            starts, key-major; ``per_sample_weights`` ``[N]`` float, or None.
         meta: ``[F, QMETA_FIELDS]`` int64 (see above).
-        out: ``[B, total_dim]`` fp32, written in full; errors: ``[F]`` int64 counts of bad ids.
+        out: ``[B, total_dim]`` fp32, written in full; bad_ids: ``[F]`` int64 counts of bad ids.
         row_align: a power of two dividing every row stride and table offset; dim_align: one
             dividing every dim (hence every output column).
     """
@@ -150,10 +152,11 @@ def quant_fwd(int8: torch.Tensor, int4: torch.Tensor, fp16: torch.Tensor, values
     if num_features == 0 or batch_size == 0:
         return
     # an empty buffer still needs an address: hand the kernel a live one in its place
-    live = next(b for b in (int8, int4, fp16) if b.numel())
-    buffers = [b if b.numel() else live for b in (int8, int4, fp16)]
+    live = next(b for b in buffers if b.numel())
+    per_sample_weights = batch.per_sample_weights
     grid = lambda cfg: (triton.cdiv(batch_size, cfg["BLOCK_B"]), num_features)  # noqa: E731
     wrap_triton(_quant_fwd_kernel)[grid](
-        *buffers, values, offsets, per_sample_weights if per_sample_weights is not None else out, meta, out, errors,
+        *[b if b.numel() else live for b in buffers], batch.values, batch.offsets,
+        per_sample_weights if per_sample_weights is not None else out, meta, out, bad_ids,
         batch_size, out.stride(0), num_features,
         HAS_PSW=per_sample_weights is not None, BLOCK_D=block_d(max_dim), ROW_ALIGN=row_align, DIM_ALIGN=dim_align)

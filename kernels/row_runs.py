@@ -25,7 +25,8 @@ import triton
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 import triton.language as tl
 
-from .common import META_FIELDS, block_d, legacy_loops, persistent_programs, single_config, wrap_triton
+from . import legacy_loops
+from .common import META_DIM, META_FIELDS, block_d, persistent_programs, single_config, wrap_triton
 from .tuning import autotune
 
 
@@ -49,7 +50,7 @@ def run_tile(u0, num_runs, run_start_ptr, run_feature_ptr, long_rank_ptr, meta_p
     long_rank = tl.load(long_rank_ptr + u, mask=live, other=-1)
     length = tl.where(long_rank < 0, tl.load(run_start_ptr + u + 1, mask=live, other=0) - start, 0)
     feature = tl.load(run_feature_ptr + u, mask=live, other=0)
-    dim = tl.multiple_of(tl.load(meta_ptr + feature * META_FIELDS + 1, mask=live, other=0), DIM_ALIGN)
+    dim = tl.multiple_of(tl.load(meta_ptr + feature * META_FIELDS + META_DIM, mask=live, other=0), DIM_ALIGN)
     return u, live, start, length, tl.max(length, axis=0), dim, long_rank
 
 
@@ -101,8 +102,8 @@ def run_sums(start, length, longest, long_rank, cols, mask, grad_out_ptr, item_o
     acc = tl.load(long_sums_ptr + long_rows[:, None] + cols[None, :], mask=(long_rank >= 0)[:, None] & mask,
                   other=0.0)
     if LEGACY_LOOPS:
-        acc = _legacy_run_sums(acc, start, length, longest, cols, mask, grad_out_ptr, item_offset_ptr,
-                               item_scale_ptr, HAS_SCALE, DIM_ALIGN, UNROLL)
+        acc = legacy_loops.run_sums(acc, start, length, longest, cols, mask, grad_out_ptr, item_offset_ptr,
+                                    item_scale_ptr, HAS_SCALE, DIM_ALIGN, UNROLL)
     else:
         # two stages: an iteration adds the gradient rows loaded by the one before, while it
         # loads the next step's rows and the offsets of the step after; no load is waited for
@@ -123,22 +124,6 @@ def run_sums(start, length, longest, long_rank, cols, mask, grad_out_ptr, item_o
                     acc += rows_now[k] * scales_now[k][:, None]
                 else:
                     acc += rows_now[k]
-    return acc
-
-
-@triton.jit
-def _legacy_run_sums(acc, start, length, longest, cols, mask, grad_out_ptr, item_offset_ptr, item_scale_ptr,
-                     HAS_SCALE: tl.constexpr, DIM_ALIGN: tl.constexpr, UNROLL: tl.constexpr):
-    """The run loop before ``run_sums`` loaded ahead (LEGACY_LOOPS), kept until a GPU has timed both."""
-    for j in range(0, longest, UNROLL):
-        for k in tl.static_range(UNROLL):
-            present = (j + k) < length
-            item = start + j + k
-            offset = tl.multiple_of(tl.load(item_offset_ptr + item, mask=present, other=0), DIM_ALIGN)
-            grads = tl.load(grad_out_ptr + offset[:, None] + cols[None, :], mask=present[:, None] & mask, other=0.0)
-            if HAS_SCALE:
-                grads = grads * tl.load(item_scale_ptr + item, mask=present, other=0.0)[:, None]
-            acc += grads
     return acc
 
 
@@ -166,7 +151,7 @@ def _long_run_sums_kernel(
         u = tl.load(long_runs_ptr + i)
         start = tl.load(run_start_ptr + u)
         end = tl.load(run_start_ptr + u + 1)
-        dim = tl.multiple_of(tl.load(meta_ptr + tl.load(run_feature_ptr + u) * META_FIELDS + 1), DIM_ALIGN)
+        dim = tl.multiple_of(tl.load(meta_ptr + tl.load(run_feature_ptr + u) * META_FIELDS + META_DIM), DIM_ALIGN)
         for d0 in range(0, dim, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             col_mask = cols < dim
@@ -309,4 +294,4 @@ def launch_args(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, max_dim:
     args = (grad_out, runs.num_runs, runs.run_start, runs.run_row, runs.run_feature, runs.item_offset,
             scale if scale is not None else grad_out, runs.long_rank, long_sums, meta)
     return args, dict(ROW_STRIDE=max_dim, HAS_SCALE=scale is not None, DIM_ALIGN=alignment, BLOCK_D=block_d(max_dim),
-                      LEGACY_LOOPS=legacy_loops())
+                      LEGACY_LOOPS=legacy_loops.enabled())

@@ -177,7 +177,7 @@ def _observe():
 
     k = pooled_fwd._pooled_fwd_kernel
     types = dict(weights_ptr=torch.float32, values_ptr=torch.int64, offsets_ptr=torch.int64, psw_ptr=torch.float32,
-                 inverse_ptr=torch.int64, meta_ptr=torch.int64, out_ptr=torch.float32, errors_ptr=torch.int64,
+                 inverse_ptr=torch.int64, meta_ptr=torch.int64, out_ptr=torch.float32, bad_ids_ptr=torch.int64,
                  batch_size=3, bag_stride=3, out_stride=3, num_features=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -110,6 +110,7 @@ def test_forward_writes_every_output_element():
     """Launch the forward into a NaN-poisoned output: every element must be overwritten,
     including empty bags and the columns past a narrow feature's dim."""
     from jaggedrec.kernels.pooled_fwd import pooled_fwd
+    from jaggedrec.ops.op_args import OpBatch
     gen = torch.Generator().manual_seed(7)
     batch = 6  # feature 0: 9 rows of dim 3; feature 1: 5 rows of dim 17
     weights = torch.randn(9 * 3 + 5 * 17, generator=gen).to(DEVICE)
@@ -119,7 +120,7 @@ def test_forward_writes_every_output_element():
     meta = torch.tensor([[0, 3, 9, 0, 0, 0, 0], [27, 17, 5, 3, 1, 1, 9]])  # feature 1 pools by MEAN
     out = torch.full((batch, 20), float("nan"), device=DEVICE)
     errors = torch.full((2,), 0, dtype=torch.int64, device=DEVICE)
-    pooled_fwd(weights, values.to(DEVICE), offsets.to(DEVICE), None, meta.to(DEVICE), out, errors, 17, 1, batch)
+    pooled_fwd(weights, OpBatch(values.to(DEVICE), offsets.to(DEVICE)), meta.to(DEVICE), out, errors, 17, 1, batch)
     out = out.cpu()
     assert torch.isfinite(out).all() and errors.eq(0).all()
     w = weights.cpu()

@@ -18,7 +18,8 @@ from typing import List, Sequence, Tuple
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from jaggedrec.kernels.common import META_FIELDS
+from jaggedrec.kernels.common import (META_DIM, META_FIELDS, META_KEY, META_MEAN, META_OUT_COLUMN, META_ROW_BASE,
+                                      META_ROWS, META_WEIGHT_OFFSET)
 
 from jaggedrec.ops.pooled_plan import PooledPlan, make_plan
 
@@ -88,9 +89,14 @@ class FeatureTables:
     @property
     def meta_rows(self) -> Tuple[Tuple[int, ...], ...]:
         """One row per feature in the kernels' ``META_FIELDS`` layout (see ``kernels/common.py``)."""
-        out_offsets = self.plan.out_offsets
-        return tuple((self.weight_offsets[f], self.dims[f], self.rows[f], out_offsets[f], self.keys[f],
-                      self.pooling[f], self.row_bases[f]) for f in range(self.num_features))
+        fields = {META_WEIGHT_OFFSET: self.weight_offsets, META_DIM: self.dims, META_ROWS: self.rows,
+                  META_OUT_COLUMN: self.plan.out_offsets[:-1], META_KEY: self.keys, META_MEAN: self.pooling,
+                  META_ROW_BASE: self.row_bases}
+        assert sorted(field.value for field in fields) == list(range(META_FIELDS.value))
+        columns = [None] * META_FIELDS.value
+        for field, column in fields.items():
+            columns[field.value] = column
+        return tuple(zip(*columns))
 
     def meta(self, like: torch.Tensor) -> torch.Tensor:
         """``[F, META_FIELDS]`` int64 on ``like``'s device. Eager calls reuse one cached copy, so

@@ -64,8 +64,8 @@ def _pooled_embedding_bags(
             (see :func:`pooled_embedding_bags_fused_update`): the step runs in the backward when
             ``trigger``, or ``weights``, requires grad; else empty.
     Returns:
-        ``[B, sum(dims)]`` fp32, features side by side in the order given, and ``[F]`` int64
-        counts of the ids outside ``[0, rows)``, which the kernels skip (always zero on the
+        ``[B, sum(dims)]`` fp32, features side by side in the order given, and ``bad_ids``:
+        ``[F]`` int64 counts of the ids outside ``[0, rows)``, which the kernels skip (always zero on the
         torch path, whose callers validate ids beforehand); a caller that trusts its ids
         need not read them.
     """
@@ -217,7 +217,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.optimizer = optimizer
 
 
-def _backward(ctx, grad_out, _grad_errors):
+def _backward(ctx, grad_out, _grad_bad_ids):
     weights, values, offsets, psw, inverse, *optimizer_state = ctx.saved_tensors
     need_weight_grad, _, _, need_psw_grad = ctx.needs_input_grad[:4]
     if inverse is not None:  # VBE: from here on, one gradient row per bag slot

@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from jaggedrec.kernels import pooled_bwd, pooled_fwd
+from jaggedrec.kernels.common import META_MEAN, META_OUT_COLUMN
 
 from jaggedrec.ops import runs_triton
 from jaggedrec.ops.feature_tables import FeatureTables
@@ -27,9 +28,8 @@ def triton_forward(weights: torch.Tensor, batch: OpBatch, tables: FeatureTables)
     batch_size = slots if inverse_indices is None else inverse_indices.shape[1]
     out = torch.empty((batch_size, tables.plan.out_offsets[-1]), dtype=torch.float32, device=weights.device)
     bad_ids = torch.zeros(tables.num_features, dtype=torch.int64, device=weights.device)
-    pooled_fwd.pooled_fwd(weights, batch.values, batch.offsets, batch.per_sample_weights, tables.meta(weights), out,
-                          bad_ids, max(tables.dims), tables.plan.alignment, slots,
-                          None if inverse_indices is None else inverse_indices.contiguous())
+    pooled_fwd.pooled_fwd(weights, batch, tables.meta(weights), out, bad_ids, max(tables.dims), tables.plan.alignment,
+                          slots)
     return out, bad_ids
 
 
@@ -45,11 +45,11 @@ def _bag_rows(grad_out: torch.Tensor, parts: runs_triton.Contributions, batch: O
     def gradient_rows(order: torch.Tensor, feature: torch.Tensor):
         value = order % num_values
         bag = parts.bag_of_value.index_select(0, value)
-        item_offset = (bag % batch_size) * grad_out.stride(0) + meta[feature, 3]
+        item_offset = (bag % batch_size) * grad_out.stride(0) + meta[feature, META_OUT_COLUMN.value]
         scale = None if per_sample_weights is None else per_sample_weights.index_select(0, value).float()
         if any_mean:
             lengths = (offsets[1:] - offsets[:-1]).index_select(0, bag)
-            inverse = torch.where(meta[feature, 5] != 0, 1.0 / lengths.clamp(min=1).float(), 1.0)
+            inverse = torch.where(meta[feature, META_MEAN.value] != 0, 1.0 / lengths.clamp(min=1).float(), 1.0)
             scale = inverse if scale is None else scale * inverse
         return item_offset, scale
     return gradient_rows
@@ -75,13 +75,11 @@ def triton_backward(grad_out: torch.Tensor, weights: torch.Tensor, batch: OpBatc
             grad_weights = runs_triton.dense_grad(grad_out, runs, weights, tables, meta)
         else:
             dest = torch.zeros(weights.shape[0], dtype=torch.float32, device=weights.device)
-            pooled_bwd.rows_grad_atomic(grad_out, parts.rows, parts.feature, parts.bag_of_value, batch.offsets,
-                                        batch.per_sample_weights, meta, dest, max_dim, alignment)
+            pooled_bwd.rows_grad_atomic(grad_out, parts, batch, meta, dest, max_dim, alignment)
             grad_weights = dest if weights.dtype == torch.float32 else dest.to(weights.dtype)
     if need_psw_grad:
         per_contribution = torch.empty(parts.rows.shape[0], dtype=torch.float32, device=weights.device)
-        pooled_bwd.psw_grad(grad_out, weights, parts.rows, parts.feature, parts.bag_of_value, batch.offsets, meta,
-                            per_contribution, max_dim, alignment)
+        pooled_bwd.psw_grad(grad_out, weights, parts, batch, meta, per_contribution, max_dim, alignment)
         grad_psw = per_contribution.view(len(tables.plan.passes), batch.num_ids).sum(0)
     return grad_weights, grad_psw
 

@@ -11,6 +11,7 @@ from torch._subclasses.fake_tensor import is_fake
 from jaggedrec.kernels import quant_fwd
 
 from jaggedrec.ops.feature_tables import FeatureTables
+from jaggedrec.ops.op_args import OpBatch
 
 
 def _meta_rows(tables: FeatureTables) -> Tuple[Tuple[int, ...], ...]:
@@ -52,6 +53,6 @@ def triton_forward(int8: torch.Tensor, int4: torch.Tensor, fp16: torch.Tensor, v
     batch = (offsets.shape[0] - 1) // tables.num_keys
     out = torch.empty((batch, sum(tables.dims)), dtype=torch.float32, device=values.device)
     errors = torch.zeros(tables.num_features, dtype=torch.int64, device=values.device)
-    quant_fwd.quant_fwd(int8, int4, fp16, values, offsets, per_sample_weights, meta, out, errors, max(tables.dims),
-                        align, _alignment(tables.dims))
+    quant_fwd.quant_fwd((int8, int4, fp16), OpBatch(values, offsets, per_sample_weights), meta, out, errors,
+                        max(tables.dims), align, _alignment(tables.dims))
     return out, errors

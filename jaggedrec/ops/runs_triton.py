@@ -11,22 +11,18 @@ See ``kernels/row_runs.py`` for the runs.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from jaggedrec.kernels import pooled_fused, row_runs
+from jaggedrec.kernels.common import META_DIM, META_ROWS, META_WEIGHT_OFFSET
+from jaggedrec.kernels.pooled_bwd import Contributions
 
 from jaggedrec.ops import vbe
 from jaggedrec.ops.feature_tables import FeatureTables
 from jaggedrec.ops.op_args import FusedStep, OpBatch
-
-
-class Contributions(NamedTuple):
-    feature: torch.Tensor       # [P*N] int32 feature of each contribution, -1 masked (not read, or a bad id)
-    rows: torch.Tensor          # [P*N] int64 element offset of its row in the flat weights, -1 masked
-    bag_of_value: torch.Tensor  # [N] int64 key-major bag (k*B + b) of each id
 
 
 def _pass_features(tables: FeatureTables, like: torch.Tensor) -> torch.Tensor:
@@ -61,10 +57,10 @@ def contributions(batch: OpBatch, tables: FeatureTables, meta: torch.Tensor) -> 
     feature = _pass_features(tables, meta)[:, key_of_value].reshape(-1)  # [P*N]
     ids = values.long().repeat(len(tables.plan.passes))
     safe = feature.clamp(min=0).long()
-    in_table = (feature >= 0) & (ids >= 0) & (ids < meta[safe, 2])
+    in_table = (feature >= 0) & (ids >= 0) & (ids < meta[safe, META_ROWS.value])
     if id_read is not None:
         in_table = in_table & id_read.repeat(len(tables.plan.passes))
-    rows = torch.where(in_table, meta[safe, 0] + ids * meta[safe, 1], -1)
+    rows = torch.where(in_table, meta[safe, META_WEIGHT_OFFSET.value] + ids * meta[safe, META_DIM.value], -1)
     feature = torch.where(in_table, feature, -1).to(torch.int32)
     return Contributions(feature, rows, bag_of_value.to(torch.int64))
 
@@ -91,7 +87,7 @@ def sparse_grad(grad_out: torch.Tensor, runs: row_runs.Runs, weights: torch.Tens
     num_rows = int(runs.num_runs)  # eager only: the sparse gradient's size depends on the data
     compact = torch.zeros((num_rows, max_dim), dtype=torch.float32, device=weights.device)
     row_runs.rows_grad(grad_out, runs, meta, compact, False, max_dim, tables.plan.alignment)
-    row_dims = meta[runs.run_feature[:num_rows], 1]
+    row_dims = meta[runs.run_feature[:num_rows], META_DIM.value]
     columns = torch.arange(max_dim, device=weights.device)
     used = columns.unsqueeze(0) < row_dims.unsqueeze(1)
     indices = (runs.run_row[:num_rows].unsqueeze(1) + columns.unsqueeze(0))[used]
@@ -104,5 +100,4 @@ def fused_update(grad_out: torch.Tensor, runs: row_runs.Runs, weights: torch.Ten
     """The fused optimizer step: one kernel sums each run's gradient and updates its row and
     the row's state in place (see ``kernels/pooled_fused.py``)."""
     fused.step.add_(1)
-    pooled_fused.fused_update(grad_out, runs, meta, weights, fused.state1, fused.state2, fused.hparams, fused.step,
-                              fused.optimizer, max(tables.dims), tables.plan.alignment)
+    pooled_fused.fused_update(grad_out, runs, meta, weights, fused, max(tables.dims), tables.plan.alignment)

@@ -59,9 +59,9 @@ def _sequence_embeddings(
         backend, sparse_grad, deterministic, optimizer, optimizer_state: as in ``pooled_embedding_bags``.
     Returns:
         Flat ``[sum_f key_lengths[key_f] * dim_f]`` rows in the weights' dtype, feature after
-        feature, and ``[F]`` int64 counts of the ids outside ``[0, rows)``, which the kernels
-        skip (their rows are zero; always zero counts on the torch path, whose callers
-        validate ids beforehand).
+        feature, and ``bad_ids``: ``[F]`` int64 counts of the ids outside ``[0, rows)``, which
+        the kernels skip (their rows are zero; always zero counts on the torch path, whose
+        callers validate ids beforehand).
     """
     batch = batch_inputs(values, offsets, None)
     if use_kernels(backend, weights.device):
@@ -148,7 +148,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.optimizer = optimizer
 
 
-def _backward(ctx, grad_out, _grad_errors):
+def _backward(ctx, grad_out, _grad_bad_ids):
     weights, values, offsets, *optimizer_state = ctx.saved_tensors
     needs_state_grad = ctx.needs_input_grad[_OPTIMIZER_STATE_ARG]
     plan = weight_grad(ctx.optimizer, ctx.sparse_grad, ctx.needs_input_grad[0], needs_state_grad)

@@ -12,6 +12,7 @@ from typing import List
 import torch
 
 from jaggedrec.kernels import sequence_fwd
+from jaggedrec.kernels.common import META_DIM, META_KEY
 
 from jaggedrec.ops import runs_triton
 from jaggedrec.ops.feature_tables import FeatureTables
@@ -23,8 +24,8 @@ def triton_forward(weights: torch.Tensor, batch: OpBatch, tables: FeatureTables,
     """Returns the flat rows (see ``sequence_torch``) and ``[F]`` int64 counts of bad ids (skipped)."""
     out = weights.new_empty(sum(output_sizes(tables, key_lengths)))
     bad_ids = torch.zeros(tables.num_features, dtype=torch.int64, device=weights.device)
-    sequence_fwd.sequence_fwd(weights, batch.values, batch.offsets, tables.meta(weights), out, bad_ids,
-                              batch.bags_per_key(tables.num_keys), max(tables.dims), tables.plan.alignment)
+    sequence_fwd.sequence_fwd(weights, batch, tables.meta(weights), out, bad_ids, batch.bags_per_key(tables.num_keys),
+                              max(tables.dims), tables.plan.alignment)
     return out, bad_ids
 
 
@@ -34,7 +35,7 @@ def _item_offsets(batch: OpBatch, tables: FeatureTables, meta: torch.Tensor):
     offsets = batch.offsets
     batch_size = batch.bags_per_key(tables.num_keys)
     key_bounds = offsets.index_select(0, torch.arange(tables.num_keys + 1, device=offsets.device) * batch_size).long()
-    dims, keys = meta[:, 1], meta[:, 4]
+    dims, keys = meta[:, META_DIM.value], meta[:, META_KEY.value]
     sizes = (key_bounds[1:] - key_bounds[:-1]).index_select(0, keys) * dims
     starts = torch.cumsum(sizes, 0) - sizes  # [F] each feature's first element
 
@@ -62,8 +63,7 @@ def triton_backward(grad_out: torch.Tensor, weights: torch.Tensor, batch: OpBatc
     dest = torch.zeros(weights.shape[0], dtype=torch.float32, device=weights.device)
     contribution = torch.arange(parts.rows.shape[0], device=batch.values.device)
     item_offset = _item_offsets(batch, tables, meta)(contribution, parts.feature.clamp(min=0).long())
-    sequence_fwd.rows_grad_atomic(grad_out, parts.rows, item_offset, parts.feature, meta, dest, max(tables.dims),
-                                  tables.plan.alignment)
+    sequence_fwd.rows_grad_atomic(grad_out, parts, item_offset, meta, dest, max(tables.dims), tables.plan.alignment)
     return dest if weights.dtype == torch.float32 else dest.to(weights.dtype)
 
 
