@@ -43,9 +43,10 @@ def test_int8_and_int4_in_one_run_every_provider_verifies(tmp_path, capsys, weig
     for name in ("jaggedrec_quant", "torch_ops_loop", "torchrec_quant"):
         if ("int8", name) in table_bytes:
             assert table_bytes["int4", name] < table_bytes["int8", name] < fp32, name
-    # row_align 1: INT8 rows are dim + 8 bytes, INT4 ceil(dim/2) + 4, as torch's own prepacked rows
-    assert table_bytes["int8", "jaggedrec_quant"] == table_bytes["int8", "torch_ops_loop"] == 60 * (24 + 40 + 24)
-    assert table_bytes["int4", "jaggedrec_quant"] == table_bytes["int4", "torch_ops_loop"] == 60 * (12 + 20 + 12)
+    # row_align 1: INT8 rows are dim + 8 bytes, INT4 ceil(dim/2) + 4, as torch's own prepacked rows;
+    # jaggedrec's module also holds its [3 features] int64 count of skipped ids, as every collection does
+    for dtype, row_bytes in (("int8", 24 + 40 + 24), ("int4", 12 + 20 + 12)):
+        assert table_bytes[dtype, "torch_ops_loop"] == table_bytes[dtype, "jaggedrec_quant"] - 3 * 8 == 60 * row_bytes
     printed = capsys.readouterr().out
     assert "vs fp32" in printed and "table MB" in printed and "rounding bound" in printed
 

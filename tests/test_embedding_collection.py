@@ -140,8 +140,8 @@ def test_weight_gradients_match_reference(backend, deterministic, dims):
     _loss(out, upstream).backward()
     expected = _reference_grads(ec, batch, upstream)
     for t, c in enumerate(ec.embedding_configs()):
-        slot = ec._layout.tables[t]
-        flat = ec.flat_weights[ec._layout.groups[slot.group].name]
+        slot = ec.layout.tables[t]
+        flat = ec.flat_weights[ec.layout.groups[slot.group].name]
         grad = flat.grad.narrow(0, slot.offset, slot.rows * slot.dim).view(slot.rows, slot.dim)
         assert_close(grad.cpu(), expected[c.name], what=c.name)
 

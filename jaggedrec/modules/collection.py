@@ -1,13 +1,15 @@
-"""``TableCollection``: what the bag and sequence collections share, defined once.
+"""``TableCollection``: what every embedding collection shares, defined once: the float bag
+and sequence collections (``embedding_modules.py``) and the quantized bag collection
+(``jaggedrec.quant``).
 
-``CollectionOptions``: how a collection runs (backend, checks, gradients, fused optimizer),
-built from its constructor's arguments and read back as ``module.options``.
-
-Flat storage (one parameter per dtype, laid out by ``TableLayout``), a live ``[rows, dim]``
-view per table, TorchRec's per-table ``state_dict`` entries, the fused optimizer's state
-and learning rate, the checks a batch gets, and what happens to the ids the kernels skip.
-A subclass adds its forward and names its tables' ModuleDict (``embedding_bags`` or
-``embeddings``, as in TorchRec).
+Defined here for all of them: the settings (``CollectionOptions``, read back as
+``module.options``), the table layout (``TableLayout``: configs, names, feature bookkeeping),
+a live view per table, TorchRec's per-table ``state_dict`` entries, the checks a batch gets
+(the ``FeatureSpec``) and what happens to the ids the kernels skip. What varies is storage: a
+subclass allocates its flat tensors and says which holds a table (the ``_allocate``,
+``_storage``, ``_storage_key`` and ``_entry_error`` hooks), and adds its forward.
+``FloatTableCollection`` stores float tables (one flat parameter per dtype) and trains them,
+with a fused optimizer if asked.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ from jaggedrec.modules import validation
 from jaggedrec.modules.bad_ids import BOUNDS_CHECKS, BadIdReport
 from jaggedrec.modules.embedding_configs import BaseEmbeddingConfig
 from jaggedrec.modules.fused_state import FusedOptimizerState
-from jaggedrec.ops.host_memory import advise_huge_pages, retain_freed_memory
-from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
+from jaggedrec.modules.table_layout import TableLayout, TableSlot
 from jaggedrec.ops.backends import BACKENDS, use_kernels
+from jaggedrec.ops.host_memory import advise_huge_pages, retain_freed_memory
 from jaggedrec.optim import FusedOptimizer
-from jaggedrec.modules.table_layout import TableLayout
+from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
 @dataclass(frozen=True)
@@ -69,10 +71,11 @@ class CollectionOptions:
 
 
 class TableView(nn.Module):
-    """One table of a collection: a ``[rows, dim]`` view into the collection's flat storage.
+    """One table of a collection: a ``[rows, stride]`` view into the collection's flat storage
+    (``[rows, dim]`` for float tables).
 
-    It owns no parameter. ``weight`` is a live view of the owner's flat tensor, so writes
-    to it (``weight.data.copy_(...)``) reach the table, and the gradient flows to the flat
+    It owns no tensor. ``weight`` is a live view of the owner's flat tensor, so writes to it
+    (``weight.data.copy_(...)``) reach the table, and the gradient flows to the flat
     parameter that optimizers see.
     """
 
@@ -93,51 +96,43 @@ class TableView(nn.Module):
 
 
 class TableCollection(nn.Module):
-    """Base of ``EmbeddingBagCollection`` and ``EmbeddingCollection`` (their docstrings give
-    the arguments)."""
+    """Base of every collection (the subclasses' docstrings give the arguments).
+
+    Args:
+        layout: the tables' layout, built by the subclass for its storage.
+        options: the settings.
+        is_weighted: whether KJTs carry per-id weights (None: weights are ignored).
+        device: where the tables live.
+    """
 
     config_type: Type[BaseEmbeddingConfig] = BaseEmbeddingConfig
     view_type: Type[TableView] = TableView
     views_name: str = "tables"  # the attribute holding the table views, and their state_dict prefix
 
-    def __init__(self, tables: Sequence[BaseEmbeddingConfig], device: Optional[torch.device],
-                 options: CollectionOptions, is_weighted: Optional[bool]) -> None:
+    def __init__(self, layout: TableLayout, options: CollectionOptions, is_weighted: Optional[bool],
+                 device: Optional[torch.device]) -> None:
         super().__init__()
-        for t in tables:
-            if not isinstance(t, self.config_type):
-                raise TypeError(f"tables must be {self.config_type.__name__}, got {type(t).__name__}")
         self._options = options
         self._bad_id_report = BadIdReport()
-        self._layout = TableLayout(tables)
-        device = torch.device(device) if device is not None else None
+        self._layout = layout
+        self._allocate(device)
         # ids the Triton kernels skipped inside compiled graphs (see check_skipped_ids)
-        self.register_buffer("skipped_ids", torch.zeros(len(self._layout.features), dtype=torch.int64,
-                                                        device=device), persistent=False)
-        # updated in place by a fused optimizer, which needs no gradient of them (see FusedOptimizerState)
-        self.flat_weights = nn.ParameterDict({
-            g.name: nn.Parameter(torch.empty(g.numel, dtype=g.dtype, device=device),
-                                 requires_grad=options.fused_optimizer is None) for g in self._layout.groups})
-        for flat in self.flat_weights.values():
-            advise_huge_pages(flat)  # before reset_parameters first touches the pages
-        self.fused_optimizer_state = FusedOptimizerState(self._layout, options.fused_optimizer, device)
+        self.register_buffer("skipped_ids", torch.zeros(len(layout.features), dtype=torch.int64, device=device),
+                             persistent=False)
         setattr(self, self.views_name, nn.ModuleDict({
-            slot.name: self.view_type(self, t) for t, slot in enumerate(self._layout.tables)}))
+            slot.name: self.view_type(self, t) for t, slot in enumerate(layout.tables)}))
         key_rows: Dict[str, int] = {}
         key_tables: Dict[str, List[str]] = {}
-        for f in self._layout.features:
-            table = self._layout.tables[f.table]
+        for f in layout.features:
+            table = layout.tables[f.table]
             key_rows[f.feature] = min(key_rows.get(f.feature, table.rows), table.rows)
             key_tables.setdefault(f.feature, []).append(table.name)
         self._spec = validation.FeatureSpec(key_rows, key_tables, is_weighted, type(self).__name__)
-        # the storage groups, and the KJT key of each output feature (tuples: fx constants)
-        self._groups = tuple(self._layout.groups)
-        self._output_features = tuple(f for c in self._layout.configs for f in c.feature_names)
-        self.register_state_dict_post_hook(_emit_table_weights)
-        self.register_load_state_dict_pre_hook(_absorb_table_weights)
-        if device is None or device.type != "meta":
-            self.reset_parameters()
-        if any(flat.device.type == "cpu" for flat in self.flat_weights.values()):
-            retain_freed_memory()  # after the tables are allocated: they keep their own mappings
+        # the op calls' groups, and the KJT key of each output feature (tuples: fx constants)
+        self._groups = tuple(layout.groups)
+        self._output_features = tuple(f.feature for f in layout.features)
+        self.register_state_dict_post_hook(TableCollection._emit_table_entries)
+        self.register_load_state_dict_pre_hook(TableCollection._absorb_table_entries)
 
     # --- what other code may read ----------------------------------------------------------
     @property
@@ -164,60 +159,71 @@ class TableCollection(nn.Module):
         """What the input checks know of the features this collection reads."""
         return self._spec
 
-    # --- storage -----------------------------------------------------------------------
-    def table_weight(self, table: int) -> torch.Tensor:
-        """``[rows, dim]`` view of table ``table`` (config index) in its flat parameter."""
-        slot = self._layout.tables[table]
-        flat = self.flat_weights[self._layout.groups[slot.group].name]
-        return flat.narrow(0, slot.offset, slot.rows * slot.dim).view(slot.rows, slot.dim)
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Re-initialise every table: its config's ``init_fn``, else uniform in [min, max]."""
-        for flat in self.flat_weights.values():
-            if flat.device.type != "meta":
-                flat.zero_()  # the alignment gaps between blocks stay zero
-        for t, config in enumerate(self._layout.configs):
-            view = self.table_weight(t)
-            if view.device.type == "meta":
-                continue
-            if config.init_fn is not None:
-                result = config.init_fn(view)
-                if isinstance(result, torch.Tensor) and result.data_ptr() != view.data_ptr():
-                    view.copy_(result)
-            else:
-                view.uniform_(config.weight_init_min, config.weight_init_max)
-        self.fused_optimizer_state.reset()
-        if self.skipped_ids.device.type != "meta":
-            self.skipped_ids.zero_()
-
     @property
     def device(self) -> torch.device:
         """Where the tables live."""
-        return next(iter(self.flat_weights.values())).device
+        return self._flat(self._layout.tables[0]).device
 
-    # --- fused optimizer ---------------------------------------------------------------
-    @property
-    def fused_optimizer(self) -> Optional[FusedOptimizer]:
-        return self._options.fused_optimizer
+    def table_weight(self, table: int) -> torch.Tensor:
+        """``[rows, stride]`` view of table ``table`` (config index) in its flat tensor: ``[rows,
+        dim]`` float rows, or ``[rows, row_bytes]`` uint8 quantized ones."""
+        slot = self._layout.tables[table]
+        return self._flat(slot).narrow(0, slot.offset, slot.rows * slot.stride).view(slot.rows, slot.stride)
 
-    @property
-    def learning_rate(self) -> float:
-        """The fused optimizer's learning rate; ``AttributeError`` without a fused optimizer (an
-        attribute this collection lacks, for ``hasattr`` and ``getattr(..., default)``)."""
-        if self._options.fused_optimizer is None:
-            raise AttributeError(f"{type(self).__name__} has no fused_optimizer, hence no learning_rate")
-        return self.fused_optimizer_state.learning_rate()
+    # --- storage: what a subclass decides --------------------------------------------------
+    def _allocate(self, device: Optional[torch.device]) -> None:
+        """Register the flat tensors (as parameters or buffers) on this module."""
+        raise NotImplementedError
 
-    def set_learning_rate(self, lr: float) -> None:
-        """Change the fused optimizer's learning rate; compiled graphs read it from a buffer
-        and are not recompiled."""
-        self.fused_optimizer_state.set_learning_rate(lr)
+    def _storage(self) -> Dict[str, torch.Tensor]:
+        """Every flat tensor, by its own ``state_dict`` key (relative to this module), which
+        ``state_dict()`` replaces with one entry per table."""
+        raise NotImplementedError
 
-    def _optimizer_args(self, group: str):
-        """The ops' ``optimizer`` and ``optimizer_state`` for one storage group."""
-        fused = self._options.fused_optimizer
-        return (fused.kind if fused is not None else 0), self.fused_optimizer_state.tensors(group)
+    def _storage_key(self, slot: TableSlot) -> str:
+        """The ``_storage()`` key of the flat tensor holding ``slot``'s table."""
+        raise NotImplementedError
+
+    def _flat(self, slot: TableSlot) -> torch.Tensor:
+        return self._storage()[self._storage_key(slot)]
+
+    def _entry_error(self, key: str, slot: TableSlot, value: torch.Tensor) -> Optional[str]:
+        """Why ``value`` cannot load into ``slot``'s table (None: it can)."""
+        if tuple(value.shape) != (slot.rows, slot.stride):
+            return (f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
+                    f"the shape in current model is {(slot.rows, slot.stride)}.")
+        return None
+
+    # --- state_dict in TorchRec's format: one [rows, stride] entry per table ------------------
+    def _emit_table_entries(self, state_dict, prefix: str, local_metadata) -> None:
+        """Post-hook of ``state_dict()``: the flat tensors' entries become per-table views."""
+        flats = {key: state_dict.pop(f"{prefix}{key}") for key in self._storage()}
+        for slot in self._layout.tables:
+            flat = flats[self._storage_key(slot)]
+            state_dict[f"{prefix}{self.views_name}.{slot.name}.weight"] = (
+                flat.narrow(0, slot.offset, slot.rows * slot.stride).view(slot.rows, slot.stride))
+
+    def _absorb_table_entries(self, state_dict, prefix: str, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        """Pre-hook of ``load_state_dict()``: copy ``<views_name>.<table>.weight`` entries into
+        the flat tensors, in place."""
+        with torch.no_grad():
+            for t, slot in enumerate(self._layout.tables):
+                key = f"{prefix}{self.views_name}.{slot.name}.weight"
+                if key not in state_dict:
+                    missing_keys.append(key)
+                    continue
+                value = state_dict.pop(key)
+                error = self._entry_error(key, slot, value)
+                if error is not None:
+                    error_msgs.append(error)
+                    continue
+                target = self.table_weight(t)
+                if target.device.type != "meta":
+                    target.copy_(value)
+        for key, flat in self._storage().items():
+            # already loaded above: let the default loader copy each flat tensor onto itself
+            state_dict.setdefault(f"{prefix}{key}", flat.detach())
 
     # --- ids the kernels skipped -------------------------------------------------------
     def check_skipped_ids(self) -> None:
@@ -241,7 +247,7 @@ class TableCollection(nn.Module):
 
     def _kernel_feature_names(self) -> List[str]:
         """KJT key of each feature, in the order the kernels count them (group by group)."""
-        return [self._layout.features[i].feature for g in self._layout.groups for i in g.features]
+        return [self._layout.features[i].feature for g in self._groups for i in g.features]
 
     def _handle_bad_ids(self, features: KeyedJaggedTensor, bad_ids: List[torch.Tensor],
                         like: torch.Tensor) -> None:
@@ -263,36 +269,75 @@ class TableCollection(nn.Module):
         self._bad_id_report.push(counts, self._kernel_feature_names())
 
 
-# --- state_dict in TorchRec's format: one [rows, dim] entry per table ------------------------
+class FloatTableCollection(TableCollection):
+    """Float tables, trained: one flat parameter per dtype (``flat_weights``, laid out by
+    ``TableLayout``), initialised from the configs, and the fused optimizer's state and
+    learning rate. Base of ``EmbeddingBagCollection`` and ``EmbeddingCollection``."""
 
-def _emit_table_weights(module: TableCollection, state_dict, prefix: str, local_metadata) -> None:
-    layout = module.layout
-    flats = {g.name: state_dict.pop(f"{prefix}flat_weights.{g.name}") for g in layout.groups}
-    for slot in layout.tables:
-        flat = flats[layout.groups[slot.group].name]
-        state_dict[f"{prefix}{module.views_name}.{slot.name}.weight"] = (
-            flat.narrow(0, slot.offset, slot.rows * slot.dim).view(slot.rows, slot.dim))
+    def __init__(self, tables: Sequence[BaseEmbeddingConfig], device: Optional[torch.device],
+                 options: CollectionOptions, is_weighted: Optional[bool]) -> None:
+        device = torch.device(device) if device is not None else None
+        super().__init__(TableLayout(tables, self.config_type), options, is_weighted, device)
+        if device is None or device.type != "meta":
+            self.reset_parameters()
+        if any(flat.device.type == "cpu" for flat in self.flat_weights.values()):
+            retain_freed_memory()  # after the tables are allocated: they keep their own mappings
 
+    def _allocate(self, device: Optional[torch.device]) -> None:
+        fused = self._options.fused_optimizer
+        # updated in place by a fused optimizer, which needs no gradient of them (see FusedOptimizerState)
+        self.flat_weights = nn.ParameterDict({
+            g.name: nn.Parameter(torch.empty(g.numel, dtype=g.dtype, device=device), requires_grad=fused is None)
+            for g in self._layout.groups})
+        for flat in self.flat_weights.values():
+            advise_huge_pages(flat)  # before reset_parameters first touches the pages
+        self.fused_optimizer_state = FusedOptimizerState(self._layout, fused, device)
 
-def _absorb_table_weights(module: TableCollection, state_dict, prefix: str, local_metadata, strict,
-                          missing_keys, unexpected_keys, error_msgs) -> None:
-    """Copy ``<views_name>.<table>.weight`` entries into the flat parameters, in place."""
-    layout = module.layout
-    with torch.no_grad():
-        for t, slot in enumerate(layout.tables):
-            key = f"{prefix}{module.views_name}.{slot.name}.weight"
-            if key not in state_dict:
-                missing_keys.append(key)
+    def _storage(self) -> Dict[str, torch.Tensor]:
+        return {f"flat_weights.{name}": flat for name, flat in self.flat_weights.items()}
+
+    def _storage_key(self, slot: TableSlot) -> str:
+        return f"flat_weights.{self._layout.groups[slot.group].name}"
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialise every table: its config's ``init_fn``, else uniform in [min, max]."""
+        for flat in self.flat_weights.values():
+            if flat.device.type != "meta":
+                flat.zero_()  # the alignment gaps between blocks stay zero
+        for t, config in enumerate(self._layout.configs):
+            view = self.table_weight(t)
+            if view.device.type == "meta":
                 continue
-            value = state_dict.pop(key)
-            if tuple(value.shape) != (slot.rows, slot.dim):
-                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
-                                  f"the shape in current model is {(slot.rows, slot.dim)}.")
-                continue
-            target = module.table_weight(t)
-            if target.device.type != "meta":
-                target.copy_(value)
-    for g in layout.groups:
-        flat_key = f"{prefix}flat_weights.{g.name}"
-        if flat_key not in state_dict:  # already loaded above; let the default loader copy it onto itself
-            state_dict[flat_key] = module.flat_weights[g.name].detach()
+            if config.init_fn is not None:
+                result = config.init_fn(view)
+                if isinstance(result, torch.Tensor) and result.data_ptr() != view.data_ptr():
+                    view.copy_(result)
+            else:
+                view.uniform_(config.weight_init_min, config.weight_init_max)
+        self.fused_optimizer_state.reset()
+        if self.skipped_ids.device.type != "meta":
+            self.skipped_ids.zero_()
+
+    # --- fused optimizer ---------------------------------------------------------------
+    @property
+    def fused_optimizer(self) -> Optional[FusedOptimizer]:
+        return self._options.fused_optimizer
+
+    @property
+    def learning_rate(self) -> float:
+        """The fused optimizer's learning rate; ``AttributeError`` without a fused optimizer (an
+        attribute this collection lacks, for ``hasattr`` and ``getattr(..., default)``)."""
+        if self._options.fused_optimizer is None:
+            raise AttributeError(f"{type(self).__name__} has no fused_optimizer, hence no learning_rate")
+        return self.fused_optimizer_state.learning_rate()
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Change the fused optimizer's learning rate; compiled graphs read it from a buffer
+        and are not recompiled."""
+        self.fused_optimizer_state.set_learning_rate(lr)
+
+    def _optimizer_args(self, group: str):
+        """The ops' ``optimizer`` and ``optimizer_state`` for one storage group."""
+        fused = self._options.fused_optimizer
+        return (fused.kind if fused is not None else 0), self.fused_optimizer_state.tensors(group)

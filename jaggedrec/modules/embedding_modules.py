@@ -1,6 +1,6 @@
 """TorchRec's embedding modules over flat, table-batched storage: ``EmbeddingBagCollection``
 (pooled, a ``KeyedTensor`` of ``[B, sum(dims)]``) and ``EmbeddingCollection`` (one row per id,
-a ``JaggedTensor`` per feature). What they share lives in ``table_collection.py``; each
+a ``JaggedTensor`` per feature). What they share lives in ``collection.py``; each
 forward reads the batch (``batch.py``) and calls its op once per storage group (``ops/``).
 """
 
@@ -18,7 +18,7 @@ from jaggedrec.sparse.jagged_tensor import KeyedTensor
 from jaggedrec.ops import pooled as pooled_ops
 from jaggedrec.ops import sequence as sequence_ops
 from jaggedrec.optim import FusedOptimizer
-from jaggedrec.modules.collection import CollectionOptions, TableCollection, TableView
+from jaggedrec.modules.collection import CollectionOptions, FloatTableCollection, TableView
 
 
 class EmbeddingBag(TableView):
@@ -32,7 +32,7 @@ class EmbeddingBag(TableView):
         return f"{self.num_embeddings}, {self.embedding_dim}, mode='{self.mode}'"
 
 
-class EmbeddingBagCollection(TableCollection):
+class EmbeddingBagCollection(FloatTableCollection):
     """Pools each feature's ids through its table, for all tables at once.
 
     Args:
@@ -117,7 +117,7 @@ class Embedding(TableView):
     """One table of an ``EmbeddingCollection`` (see ``TableView``)."""
 
 
-class EmbeddingCollection(TableCollection):
+class EmbeddingCollection(FloatTableCollection):
     """Looks up each feature's ids in its table, one row per id, for all tables at once.
 
     Args:

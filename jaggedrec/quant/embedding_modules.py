@@ -4,7 +4,6 @@ quantized tables (INT8, INT4, FP16), for inference."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import warnings
 from typing import Dict, List, Optional, Sequence
 
@@ -12,83 +11,91 @@ import torch
 from torch import nn
 
 from jaggedrec.modules import batch as batch_reader
-from jaggedrec.modules import validation
-from jaggedrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
+from jaggedrec.modules.collection import CollectionOptions, TableCollection, TableView
+from jaggedrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from jaggedrec.modules.embedding_modules import EmbeddingBagCollection as FloatEmbeddingBagCollection
-from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
-from jaggedrec.sparse.jagged_tensor import KeyedTensor
+from jaggedrec.modules.table_layout import TableSlot
 from jaggedrec.ops import quantized as quantized_ops
-from jaggedrec.modules.bad_ids import BadIdReport
-from jaggedrec.modules.collection import CollectionOptions
 from jaggedrec.ops import vbe
-from jaggedrec.ops.backends import use_kernels
 from jaggedrec.quant.rowwise import CLAMP_LIMIT, ON_OVERFLOW, QUANT_TYPES, fit_rows, quantize_rows
-from jaggedrec.quant.storage import STORAGE_CODES, QuantGroup, QuantLayout
+from jaggedrec.quant.storage import BUFFER_NAMES, QuantLayout
+from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-_BUFFER_NAMES = {DataType.INT8: "int8", DataType.INT4: "int4", DataType.FP16: "fp16"}
+
+class QuantEmbeddingBag(TableView):
+    """One quantized table (see ``TableView``): ``weight`` is a live ``[rows, row_bytes]`` uint8
+    view of its storage type's buffer."""
+
+    def __init__(self, owner: "EmbeddingBagCollection", table: int) -> None:
+        super().__init__(owner, table)
+        self.data_type = owner.layout.tables[table].data_type
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, data_type={self.data_type}"
 
 
-class EmbeddingBagCollection(nn.Module):
+class EmbeddingBagCollection(TableCollection):
     """Pools each feature's ids through its quantized table, for all tables at once: KJT in,
     ``[B, sum(dims)]`` fp32 ``KeyedTensor`` out, with the float collection's keys and order,
     SUM, MEAN and per-id weights. Inference only: the tables take no gradient.
 
     Build it from a trained float collection with :meth:`from_float`, or from configs whose
     ``data_type`` is INT8, INT4 or FP16 (the tables then hold zeros until a ``state_dict`` is
-    loaded).
+    loaded). Layout, views, ``state_dict`` entries, input checks and bad-id handling are the
+    float collections' (``jaggedrec/modules/collection.py``); only storage differs.
 
     Args:
         tables: ``EmbeddingBagConfig`` per table, ``data_type`` INT8, INT4 or FP16.
-        is_weighted, device, validate, backend, bounds_check: as in ``jaggedrec.EmbeddingBagCollection``.
+        is_weighted, device, validate, backend, bounds_check: as in ``jaggedrec.EmbeddingBagCollection``
+            (kept, with the rest at their defaults, as ``options``).
         row_align: each row's stride is rounded up to this many bytes; default 16 on CUDA
             (vector loads), 1 elsewhere (torch's CPU quantized ops need the exact layout). FP16
             rows need an even stride (an odd one is refused here, naming the table).
 
     Storage: ``qweights_int8``, ``qweights_int4``, ``qweights_fp16``, one flat uint8 buffer per
-    storage type present (layouts in ``quant/rowwise.py``); ``embedding_bags[name].weight``
-    is a live ``[rows, row_bytes]`` uint8 view, and ``state_dict()`` holds those views
-    (``embedding_bags.<table>.weight``).
+    storage type (empty when unused; byte layouts in ``jaggedrec/ops/quantized_rows.py``);
+    ``embedding_bags[name].weight`` is a live ``[rows, row_bytes]`` uint8 view, and
+    ``state_dict()`` holds those views (``embedding_bags.<table>.weight``).
     """
+
+    config_type = EmbeddingBagConfig
+    view_type = QuantEmbeddingBag
+    views_name = "embedding_bags"
 
     def __init__(self, tables: Sequence[EmbeddingBagConfig], is_weighted: bool = False,
                  device: Optional[torch.device] = None, validate: bool = True,
                  row_align: Optional[int] = None, backend: str = "auto", bounds_check: str = "raise") -> None:
-        super().__init__()
-        self._options = CollectionOptions(backend=backend, validate=validate, bounds_check=bounds_check)
-        self._bad_id_report = BadIdReport()
-        for t in tables:
-            if not isinstance(t, EmbeddingBagConfig):
-                raise TypeError(f"tables must be EmbeddingBagConfig, got {type(t).__name__}")
+        options = CollectionOptions(backend=backend, validate=validate, bounds_check=bounds_check)
         device = torch.device(device) if device is not None else torch.device("cpu")
         if row_align is None:
             row_align = 16 if device.type == "cuda" else 1
-        self._layout = QuantLayout(tables, row_align)
+        super().__init__(QuantLayout(tables, row_align), options, is_weighted, device)
         self._is_weighted = is_weighted
+        self._embedding_names = self._layout.embedding_names
+        self._length_per_embedding = self._layout.embedding_dims()
+        columns = [0]
+        for d in self._length_per_embedding:
+            columns.append(columns[-1] + d)
+        self._column_offsets = columns  # where each feature's columns start, for VBE's expansion
+
+    def _allocate(self, device: Optional[torch.device]) -> None:
         for data_type in QUANT_TYPES:  # absent types get empty buffers: the op takes all three
-            size = self._layout.buffer_bytes.get(data_type, 0)
-            self.register_buffer(f"qweights_{_BUFFER_NAMES[data_type]}",
+            size = self._layout.storage_sizes.get(data_type, 0)
+            self.register_buffer(f"qweights_{BUFFER_NAMES[data_type]}",
                                  torch.zeros(size, dtype=torch.uint8, device=device))
-        features = self._layout.features()
-        slots = [self._layout.tables[t] for _, _, t in features]
-        self._group = QuantGroup(tuple(range(len(features))), tuple(f for f, _, _ in features),
-                                 tuple(s.offset for s in slots),
-                                 tuple(s.rows for s in slots), tuple(s.dim for s in slots),
-                                 tuple(int(self._layout.configs[t].pooling == PoolingType.MEAN) for _, _, t in features),
-                                 tuple(STORAGE_CODES[s.data_type] for s in slots), tuple(s.row_bytes for s in slots))
-        self._groups = (self._group,)
-        self._embedding_names = [name for _, name, _ in features]
-        self._length_per_embedding = [s.dim for s in slots]
-        self._output_features = tuple(f for f, _, _ in features)
-        key_rows: Dict[str, int] = {}
-        key_tables: Dict[str, List[str]] = {}
-        for f, _, t in features:
-            slot = self._layout.tables[t]
-            key_rows[f] = min(key_rows.get(f, slot.rows), slot.rows)
-            key_tables.setdefault(f, []).append(slot.name)
-        self._spec = validation.FeatureSpec(key_rows, key_tables, is_weighted, type(self).__name__)
-        self.embedding_bags = nn.ModuleDict({s.name: _QuantTable(self, t) for t, s in enumerate(self._layout.tables)})
-        self.register_state_dict_post_hook(_emit_tables)
-        self.register_load_state_dict_pre_hook(_absorb_tables)
+
+    def _storage(self) -> Dict[str, torch.Tensor]:
+        return {f"qweights_{name}": getattr(self, f"qweights_{name}") for name in BUFFER_NAMES.values()}
+
+    def _storage_key(self, slot: TableSlot) -> str:
+        return f"qweights_{BUFFER_NAMES[slot.data_type]}"
+
+    def _entry_error(self, key: str, slot: TableSlot, value: torch.Tensor) -> Optional[str]:
+        if tuple(value.shape) != (slot.rows, slot.stride) or value.dtype != torch.uint8:
+            return (f"size mismatch for {key}: copying {value.dtype} rows of shape {tuple(value.shape)}, the model "
+                    f"has uint8 {(slot.rows, slot.stride)} ({slot.data_type}, dim {slot.dim}, "
+                    f"row_align {self._layout.row_align})")
+        return None
 
     @classmethod
     def from_float(cls, ebc: FloatEmbeddingBagCollection, data_type: DataType = DataType.INT8,
@@ -128,7 +135,7 @@ class EmbeddingBagCollection(nn.Module):
                 # on the CPU: a one-off, with the same rounding (nextafter on fp16) on every device
                 weight = ebc.embedding_bags[c.name].weight.detach().cpu()
                 weight, clamped[c.name] = fit_rows(weight, c.data_type, on_overflow, c.name)
-                module.table_rows(t).copy_(quantize_rows(weight, c.data_type, module._layout.row_align, c.name))
+                module.table_rows(t).copy_(quantize_rows(weight, c.data_type, module.layout.row_align, c.name))
         counts = [f"{n} of {c.num_embeddings} rows of table '{c.name}' ({c.data_type.value}, into "
                   f"+-{CLAMP_LIMIT[c.data_type]:.6g})" for c in configs if (n := clamped[c.name])]
         if counts:
@@ -137,33 +144,14 @@ class EmbeddingBagCollection(nn.Module):
         return module
 
     def table_rows(self, table: int) -> torch.Tensor:
-        """``[rows, row_bytes]`` uint8 view of table ``table`` (config index)."""
-        slot = self._layout.tables[table]
-        buffer = getattr(self, f"qweights_{_BUFFER_NAMES[slot.data_type]}")
-        return buffer.narrow(0, slot.offset, slot.rows * slot.row_bytes).view(slot.rows, slot.row_bytes)
-
-    @property
-    def options(self) -> CollectionOptions:
-        """The settings this collection runs with (frozen; ``validate`` can be switched)."""
-        return self._options
-
-    @property
-    def validate(self) -> bool:
-        return self._options.validate
-
-    @validate.setter
-    def validate(self, value: bool) -> None:
-        self._options = dataclasses.replace(self._options, validate=value)
+        """``[rows, row_bytes]`` uint8 view of table ``table`` (config index): ``table_weight``."""
+        return self.table_weight(table)
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return list(self._layout.configs)
 
     def is_weighted(self) -> bool:
         return self._is_weighted
-
-    @property
-    def device(self) -> torch.device:
-        return self.qweights_int8.device
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """
@@ -172,73 +160,16 @@ class EmbeddingBagCollection(nn.Module):
         Returns:
             KeyedTensor with ``[B, sum(dims)]`` fp32 values.
         """
-        batch = batch_reader.read_batch(features, self._spec, self._groups, self._output_features, self.validate)
+        options = self._options
+        batch = batch_reader.read_batch(features, self._spec, self._groups, self._output_features, options.validate)
         pooled, bad_ids = quantized_ops.run_quantized_embedding_bags(
             self.qweights_int8, self.qweights_int4, self.qweights_fp16, batch.values, batch.offsets, batch.weights,
-            batch.group_tables[0], self._options.backend)
-        if (self._options.bounds_check != "off" and use_kernels(self._options.backend, self.device)
-                and not torch.compiler.is_compiling() and not isinstance(pooled, torch.fx.Proxy)):
-            if self._options.bounds_check == "clamp":
-                self._bad_id_report.push(bad_ids, list(self._output_features))
-            elif not self.validate and bool(bad_ids.any()):
-                validation.check_data(features, self._spec)  # raises, naming the feature, id and sample
+            batch.group_tables[0], options.backend)
+        self._handle_bad_ids(features, [bad_ids], pooled)
         inverse = batch.group_inverse[0]
         if inverse is not None:
-            pooled = vbe.expand_rows(pooled, inverse, _column_offsets(self._length_per_embedding))
+            pooled = vbe.expand_rows(pooled, inverse, self._column_offsets)
         return KeyedTensor(self._embedding_names, self._length_per_embedding, pooled)
-
-
-def _column_offsets(dims: Sequence[int]) -> List[int]:
-    out = [0]
-    for d in dims:
-        out.append(out[-1] + d)
-    return out
-
-
-class _QuantTable(nn.Module):
-    """One quantized table: ``weight`` is a live ``[rows, row_bytes]`` uint8 view of its buffer."""
-
-    def __init__(self, owner: EmbeddingBagCollection, table: int) -> None:
-        super().__init__()
-        self.__dict__["_owner"] = owner
-        self._table = table
-        slot = owner._layout.tables[table]
-        self.num_embeddings, self.embedding_dim, self.data_type = slot.rows, slot.dim, slot.data_type
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.__dict__["_owner"].table_rows(self._table)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, data_type={self.data_type}"
-
-
-def _emit_tables(module: EmbeddingBagCollection, state_dict, prefix: str, local_metadata) -> None:
-    for data_type in QUANT_TYPES:
-        state_dict.pop(f"{prefix}qweights_{_BUFFER_NAMES[data_type]}", None)
-    for t, slot in enumerate(module._layout.tables):
-        state_dict[f"{prefix}embedding_bags.{slot.name}.weight"] = module.table_rows(t)
-
-
-def _absorb_tables(module: EmbeddingBagCollection, state_dict, prefix: str, local_metadata, strict, missing_keys,
-                   unexpected_keys, error_msgs) -> None:
-    with torch.no_grad():
-        for t, slot in enumerate(module._layout.tables):
-            key = f"{prefix}embedding_bags.{slot.name}.weight"
-            if key not in state_dict:
-                missing_keys.append(key)
-                continue
-            value = state_dict.pop(key)
-            target = module.table_rows(t)
-            if tuple(value.shape) != tuple(target.shape) or value.dtype != torch.uint8:
-                error_msgs.append(f"size mismatch for {key}: copying {value.dtype} rows of shape "
-                                  f"{tuple(value.shape)}, the model has uint8 {tuple(target.shape)} "
-                                  f"({slot.data_type}, dim {slot.dim}, row_align {module._layout.row_align})")
-                continue
-            target.copy_(value)
-    for data_type in QUANT_TYPES:
-        name = f"qweights_{_BUFFER_NAMES[data_type]}"
-        state_dict.setdefault(f"{prefix}{name}", getattr(module, name))
 
 
 def quantize_embeddings(module: nn.Module, dtype: torch.dtype = torch.qint8, inplace: bool = True,
