@@ -10,14 +10,13 @@ blocks un-bucketized, a replica's own rows as they are.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from jaggedrec.modules.embedding_modules import EmbeddingCollection
-from jaggedrec.sparse.jagged_tensor import JaggedTensor
-from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
+from jaggedrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, as_keyed_jagged_tensor
 from jaggedrec.optim import FusedOptimizer
 from jaggedrec.distributed.comm import Pending, rows_output_dist
 from jaggedrec.distributed.input_dist import InputDist, Routing
@@ -30,14 +29,14 @@ class EmbeddingCollectionAwaitable(LazyAwaitable[Dict[str, JaggedTensor]]):
     """The output of a sharded forward: ``wait()`` (or any use as the dict) completes the
     output dist and returns this rank's ``Dict[str, JaggedTensor]``, as the unsharded module's."""
 
-    def __init__(self, module: "ShardedEmbeddingCollection", pending: Pending, received: torch.Tensor,
+    def __init__(self, assemble: Callable[..., Dict[str, JaggedTensor]], pending: Pending, received: torch.Tensor,
                  own: torch.Tensor, step: "_Step") -> None:
         super().__init__()
-        self._module, self._pending, self._parts, self._step = module, pending, (received, own), step
+        self._assemble, self._pending, self._parts, self._step = assemble, pending, (received, own), step
 
     def _wait_impl(self) -> Dict[str, JaggedTensor]:
         self._pending.wait()
-        return self._module._assemble(*self._parts, self._step)
+        return self._assemble(*self._parts, self._step)
 
 
 class _Step:
@@ -51,8 +50,9 @@ class ShardedEmbeddingCollection(ShardedCollection):
     """An ``EmbeddingCollection`` sharded over the ranks of ``env`` by ``plan``.
 
     ``forward(kjt)`` takes this rank's KJT (``B`` samples per feature, the same ``B`` on every
-    rank in a step) and returns an ``EmbeddingCollectionAwaitable`` of the dict the unsharded
-    module gives for these samples: per feature, ``[N_f, dim]`` rows in the table's dtype.
+    rank in a step; jaggedrec's or TorchRec's, whose tensors it uses as they are) and returns
+    an ``EmbeddingCollectionAwaitable`` of the dict the unsharded module gives for these
+    samples: per feature, ``[N_f, dim]`` rows in the table's dtype.
     """
 
     def __init__(self, module: EmbeddingCollection, plan: EmbeddingModuleShardingPlan, env: ShardingEnv,
@@ -75,6 +75,7 @@ class ShardedEmbeddingCollection(ShardedCollection):
 
     # --- forward -------------------------------------------------------------------------
     def forward(self, features: KeyedJaggedTensor) -> EmbeddingCollectionAwaitable:
+        features = as_keyed_jagged_tensor(features)
         local_kjt, b, own_lengths, routing = self._input_dists[0].route(features)
         layout, rank, world = self._layout, self._env.rank, self._env.world_size
         mine = layout.local_features[rank]
@@ -100,7 +101,7 @@ class ShardedEmbeddingCollection(ShardedCollection):
             index, starts, counts = features.index_per_key(), features.offset_per_key(), features.length_per_key()
             ids = {key: features.values().narrow(0, starts[index[key]], counts[index[key]])
                    for key in layout.keys_needed()}
-        return EmbeddingCollectionAwaitable(self, pending, received, own, _Step(routing, own_lengths, ids))
+        return EmbeddingCollectionAwaitable(self._assemble, pending, received, own, _Step(routing, own_lengths, ids))
 
     def _assemble(self, received: torch.Tensor, own: torch.Tensor, step: _Step) -> Dict[str, JaggedTensor]:
         """Each feature's rows in its KJT order, from the blocks its shards sent back."""

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
 
 from jaggedrec.modules.embedding_modules import EmbeddingBagCollection
-from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
-from jaggedrec.sparse.jagged_tensor import KeyedTensor
+from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor, as_keyed_jagged_tensor
 from jaggedrec.optim import FusedOptimizer
 from jaggedrec.distributed.comm import Pending, output_dist
 from jaggedrec.distributed.input_dist import InputDist
@@ -31,26 +30,27 @@ class EmbeddingBagCollectionAwaitable(LazyAwaitable[KeyedTensor]):
     """The output of a sharded forward: ``wait()`` (or any use as a ``KeyedTensor``) completes
     the output dist and returns this rank's ``[B, sum(dims)]`` KeyedTensor."""
 
-    def __init__(self, module: "ShardedEmbeddingBagCollection", pending: Pending, received: torch.Tensor,
+    def __init__(self, assemble: Callable[..., KeyedTensor], pending: Pending, received: torch.Tensor,
                  reduced: torch.Tensor, own: torch.Tensor, batch_size: int, own_lengths: Dict[str, torch.Tensor]):
         super().__init__()
-        self._module, self._pending = module, pending
+        self._assemble, self._pending = assemble, pending
         self._parts = (received, reduced, own)
         self._batch_size, self._own_lengths = batch_size, own_lengths
 
     def _wait_impl(self) -> KeyedTensor:
         self._pending.wait()
-        return self._module._assemble(*self._parts, self._batch_size, self._own_lengths)
+        return self._assemble(*self._parts, self._batch_size, self._own_lengths)
 
 
 class ShardedEmbeddingBagCollection(ShardedCollection):
     """An ``EmbeddingBagCollection`` sharded over the ranks of ``env`` by ``plan``.
 
     ``forward(kjt)`` takes this rank's KJT (``B`` bags per feature, the same ``B`` on every rank
-    in a step) and returns an ``EmbeddingBagCollectionAwaitable`` of the ``[B, sum(dims)]``
-    KeyedTensor that the unsharded module gives for these bags. Every rank must call it in
-    the same steps. Attributes TorchRec's tutorial prints: ``_input_dists``, ``_lookups`` (the
-    local collection) and ``_output_dists``.
+    in a step; jaggedrec's or TorchRec's, whose tensors it uses as they are) and returns an
+    ``EmbeddingBagCollectionAwaitable`` of the ``[B, sum(dims)]`` KeyedTensor that the
+    unsharded module gives for these bags. Every rank must call it in the same steps.
+    Attributes TorchRec's tutorial prints: ``_input_dists``, ``_lookups`` (the local
+    collection) and ``_output_dists``.
     """
 
     def __init__(self, module: EmbeddingBagCollection, plan: EmbeddingModuleShardingPlan, env: ShardingEnv,
@@ -77,7 +77,7 @@ class ShardedEmbeddingBagCollection(ShardedCollection):
 
     # --- forward -------------------------------------------------------------------------
     def forward(self, features: KeyedJaggedTensor) -> EmbeddingBagCollectionAwaitable:
-        local_kjt, b, own_lengths = self._input_dists[0](features)
+        local_kjt, b, own_lengths = self._input_dists[0](as_keyed_jagged_tensor(features))
         world = self._env.world_size
         if self._lookups:
             pooled = self._lookups[0](local_kjt).values()
@@ -87,7 +87,7 @@ class ShardedEmbeddingBagCollection(ShardedCollection):
         pending = Pending()
         received, reduced, own = output_dist(exchange_rows, reduce_rows, replica_rows, self._exchange_widths,
                                                  b, self._group, pending)
-        return EmbeddingBagCollectionAwaitable(self, pending, received, reduced, own, b, own_lengths)
+        return EmbeddingBagCollectionAwaitable(self._assemble, pending, received, reduced, own, b, own_lengths)
 
     def _split_local(self, pooled: torch.Tensor, rows: int):
         """The local ``[W*B, D_local]`` output cut into the output dist's three buffers; the

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor, as_keyed_jagged_tensor
 from jaggedrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from jaggedrec.distributed.sharding_plan import get_default_sharders
 from jaggedrec.distributed.types import ShardingEnv, ShardingPlan
@@ -71,6 +72,10 @@ class DistributedModelParallel(nn.Module):
         return wrapped.module if isinstance(wrapped, DistributedDataParallel) else wrapped
 
     def forward(self, *args, **kwargs):
+        """The model's forward; a TorchRec ``KeyedJaggedTensor`` among the arguments reaches the
+        model as jaggedrec's, holding the same tensors."""
+        args = tuple(_as_ours(a) for a in args)
+        kwargs = {k: _as_ours(v) for k, v in kwargs.items()}
         return self._dmp_wrapped_module(*args, **kwargs)
 
     @property
@@ -96,6 +101,13 @@ class DistributedModelParallel(nn.Module):
     def named_buffers(self, prefix: str = "", recurse: bool = True,
                       remove_duplicate: bool = True) -> Iterator[Tuple[str, torch.Tensor]]:
         return self.module.named_buffers(prefix, recurse, remove_duplicate)
+
+
+def _as_ours(arg):
+    """A KeyedJaggedTensor of another library (TorchRec's, by its class name) as jaggedrec's."""
+    if not isinstance(arg, KeyedJaggedTensor) and any(c.__name__ == "KeyedJaggedTensor" for c in type(arg).__mro__):
+        return as_keyed_jagged_tensor(arg)
+    return arg
 
 
 def _is_sharded(m: nn.Module) -> bool:
