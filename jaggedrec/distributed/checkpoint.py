@@ -182,6 +182,11 @@ class ShardedStateDict:
         self._state = ShardedState(layout, rank, local, optimizer, group, device)
         self.register_load_state_dict_pre_hook(_load_sharded_state)
 
+    @property
+    def sharded_state(self) -> ShardedState:
+        """This rank's tensors, table by table, as ``state_dict`` shows them."""
+        return self._state
+
     def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
         """TorchRec's keys, as ``ShardedTensor``s of this rank's shards, plain for replicated
         tables. Save and load it with ``torch.distributed.checkpoint``, which reshards across
@@ -196,6 +201,6 @@ def _load_sharded_state(module, state_dict, prefix, local_metadata, strict, miss
                         error_msgs) -> None:
     """Take the sharded collection's keys; its submodules then load their own tensors onto
     themselves."""
-    module._state.load(state_dict, prefix, missing_keys, error_msgs)
+    module.sharded_state.load(state_dict, prefix, missing_keys, error_msgs)
     for key, value in nn.Module.state_dict(module, prefix=prefix).items():
         state_dict.setdefault(key, value)
