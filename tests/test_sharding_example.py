@@ -8,8 +8,6 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
-
 from distributed_harness import free_port
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "torchrec_intro_sharding.py"
