@@ -1,9 +1,9 @@
 """Contributions sorted by row into runs, and the kernels that sum the runs.
 
-Sorted by row, the contributions (see ``pooled_bwd``) form *runs* of equal rows
-(:func:`sort_runs`), and a run's gradient is a bag in the forward's sense: the sum, over its
-contributions, of their bags' output-gradient rows times a factor (per-sample weight,
-1/length for MEAN). So the deterministic backward is the forward's gather-and-sum again, over
+Sorted by row (by the op layer's ``runs_triton.sorted_runs``), the contributions (see
+``pooled_bwd``) form *runs* of equal rows (:class:`Runs`), and a run's gradient is a bag in
+the forward's sense: the sum, over its contributions, of their bags' output-gradient rows
+times a factor (per-sample weight, 1/length for MEAN). So the deterministic backward is the forward's gather-and-sum again, over
 runs instead of bags: ``BLOCK_U`` runs per program advance together, one contribution each
 per step, so that many independent row loads are in flight even though most runs hold one
 or two contributions; each run is summed in sorted order, which gives the same bits on every
@@ -18,7 +18,7 @@ run. Runs of more than ``LONG_RUN`` contributions (hot rows) would hold up their
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -215,46 +215,6 @@ class Runs(NamedTuple):
 LONG_RUN = 32
 
 
-def sort_runs(rows: torch.Tensor, contrib_feature: torch.Tensor, narrow_keys: bool,
-              gradient_rows: Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, Optional[torch.Tensor]]]
-              ) -> Runs:
-    """Sort ``[M]`` contribution rows into runs, with static shapes and no host sync.
-
-    Args:
-        rows: ``[M]`` element offset of each contribution's row, -1 when masked.
-        contrib_feature: ``[M]`` int32 feature of each contribution, -1 when masked.
-        narrow_keys: every row offset is below 2**31 (sort int32 keys).
-        gradient_rows: what the op says of its contributions, given ``[M]`` contribution
-            indices in sorted order and ``[M]`` int64 their features (masked ones clamped to
-            0): ``[M]`` int64 the element of the output gradient where each one's gradient
-            row starts, and ``[M]`` fp32 its factor, or None for all 1. A pooled bag's row for
-            a pooled op, the id's own output row for a sequence op.
-    """
-    num = rows.shape[0]
-    # 32-bit keys when every row offset fits: a radix sort then needs half the passes
-    keys = rows.to(torch.int32) if narrow_keys else rows
-    sorted_rows, order = torch.sort(keys, stable=True)
-    previous = torch.nn.functional.pad(sorted_rows, (1, 0), value=-1)[:-1]
-    is_start = (sorted_rows >= 0) & (sorted_rows != previous)
-    slot = torch.cumsum(is_start, 0) - 1
-    positions = torch.arange(num, device=rows.device)
-    # Compaction with static shapes: each start writes its position to its run's slot; every
-    # other entry writes to a spare slot of its own past M (one shared spare slot would have
-    # millions of GPU threads storing to one address).
-    run_start = torch.full((2 * num + 1,), num, dtype=torch.int64, device=rows.device)
-    run_start.index_put_((torch.where(is_start, slot, num + 1 + positions),), positions)
-    first = run_start[:num].clamp(max=num - 1)  # past num_runs: any valid position
-    sorted_feature = contrib_feature.index_select(0, order).long().clamp(min=0)
-    item_offset, scale = gradient_rows(order, sorted_feature)
-    is_long = (run_start[1:num + 1] - run_start[:num]) > LONG_RUN  # past num_runs: length 0
-    long_rank = torch.where(is_long, torch.cumsum(is_long, 0) - 1, -1)
-    long_runs = torch.zeros(2 * num, dtype=torch.int64, device=rows.device)
-    long_runs.index_put_((torch.where(is_long, long_rank, num + positions),), positions)
-    return Runs(is_start.sum(dtype=torch.int64).reshape(1), run_start, sorted_rows.index_select(0, first).long(),
-                sorted_feature.index_select(0, first), item_offset, scale, long_rank, long_runs,
-                is_long.sum(dtype=torch.int64).reshape(1))
-
-
 def long_run_sums(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, max_dim: int, alignment: int) -> torch.Tensor:
     """``[M // (LONG_RUN+1) + 1, max_dim]`` fp32: row ``i`` is the ``i``-th long run's gradient."""
     num = runs.item_offset.shape[0]
@@ -273,7 +233,7 @@ def rows_grad(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, dest: torc
 
     Args:
         grad_out: fp32 contiguous output gradient (the rows ``runs.item_offset`` points into).
-        runs: the contributions sorted by row (:func:`sort_runs`).
+        runs: the contributions sorted by row (the op layer's ``runs_triton.sorted_runs``).
         meta: ``[F, META_FIELDS]`` int64 feature metadata.
         dest: fp32. ``dense``: ``[W]``, row gradients land at their element offsets.
             Otherwise ``[M, max_dim]``: run ``u`` lands in row ``u``.

@@ -29,7 +29,7 @@ from jaggedrec.ops.host_tasks import run_pieces
 from jaggedrec.ops.op_args import FusedStep, OpBatch
 from jaggedrec.ops.pooled_plan import (Pass, PooledPlan, bag_grads, bag_of_id, block_view, inverse_lengths,
                                        key_counts, shifted_ids)
-from jaggedrec.ops.runs_torch import row_runs, sort_rows
+from jaggedrec.ops.runs_torch import row_runs, run_starts, sort_rows
 
 SGD, ROWWISE_ADAGRAD, ADAM = 1, 2, 3
 
@@ -351,10 +351,7 @@ def update_runs_static(block: torch.Tensor, states, ids: torch.Tensor, bags: tor
     sorted_rows, order = sort_rows(keys, num_rows)
     is_start = sorted_rows != F.pad(sorted_rows, (1, 0), value=-1)[:-1]
     positions = torch.arange(n, device=device)
-    # run u starts at run_start[u]; entries past the runs hold n (each non-start scatters to a
-    # scratch slot of its own past n)
-    run_start = torch.full((2 * n + 1,), n, dtype=torch.int64, device=device)
-    run_start.index_put_((torch.where(is_start, torch.cumsum(is_start, 0) - 1, n + 1 + positions),), positions)
+    run_start = run_starts(is_start, positions)  # run u starts at run_start[u]; past the runs, n
     sorted_weights = None if per_sample_weights is None else per_sample_weights.index_select(0, order)
     sums = F.embedding_bag(bags.index_select(0, order), grads, run_start[:n + 1], mode="sum",
                            include_last_offset=True, per_sample_weights=sorted_weights)  # [n, D]

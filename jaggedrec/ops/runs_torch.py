@@ -5,8 +5,8 @@ form runs of equal rows, and a row's gradient is the sum, over its run, of the g
 the bags those ids were read in (times their per-sample weights). So one ``embedding_bag``
 over the bag gradients, with the runs as its bags, sums every touched row. The pooled op's
 weight gradients, the fused optimizer steps of both ops (``fused_torch``) and the static-shape
-update all sort with :func:`sort_rows`. The Triton path sorts its own way, with static shapes
-and per-contribution features (``runs_triton``).
+update all sort with :func:`sort_rows`, and so does the Triton path (``runs_triton``), whose
+runs, like the static-shape update's, are laid out by :func:`run_starts`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,25 @@ def sort_rows(ids: torch.Tensor, num_rows: int) -> Tuple[torch.Tensor, torch.Ten
     so each run of equal ids, and any sum over it, comes out the same on every run."""
     narrow = ids.to(torch.int32) if num_rows < 2**31 else ids  # int32 sorts ~2x faster
     return torch.sort(narrow, stable=True)
+
+
+def run_starts(is_start: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The runs of a sorted list of ``M``, with static shapes (the run count stays on the device).
+
+    Args:
+        is_start: ``[M]`` bool, a run starts at this position.
+        positions: ``[M]`` int64 ``0 .. M-1``.
+    Returns:
+        ``[2M+1]`` int64: entry ``u`` is run ``u``'s first position for ``u`` below the run
+        count, then ``M`` up to entry ``M``; the entries past ``M`` are scratch.
+    """
+    num = is_start.shape[0]
+    # each start writes its position to its run's slot; every other entry writes to a spare
+    # slot of its own past M (one shared spare slot would have millions of GPU threads
+    # storing to one address)
+    run_start = torch.full((2 * num + 1,), num, dtype=torch.int64, device=is_start.device)
+    run_start.index_put_((torch.where(is_start, torch.cumsum(is_start, 0) - 1, num + 1 + positions),), positions)
+    return run_start
 
 
 def row_runs(sorted_ids: torch.Tensor, order: torch.Tensor, bag_of_id: torch.Tensor,

@@ -23,6 +23,7 @@ from jaggedrec.kernels.pooled_bwd import Contributions
 from jaggedrec.ops import vbe
 from jaggedrec.ops.feature_tables import FeatureTables
 from jaggedrec.ops.op_args import FusedStep, OpBatch
+from jaggedrec.ops.runs_torch import run_starts, sort_rows
 
 
 def _pass_features(tables: FeatureTables, like: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,37 @@ GradientRows = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, Option
 
 
 def sorted_runs(parts: Contributions, weights: torch.Tensor, gradient_rows: GradientRows) -> row_runs.Runs:
-    return row_runs.sort_runs(parts.rows, parts.feature, weights.numel() < 2**31, gradient_rows)
+    """The contributions sorted by row into runs (``row_runs.Runs``), with static shapes and no
+    host sync; masked contributions (row -1) sort first, in no run.
+
+    Args:
+        parts: the ``[M]`` contributions.
+        weights: the flat weights (their size says whether row offsets fit 32-bit sort keys).
+        gradient_rows: what the op says of its contributions, given ``[M]`` contribution
+            indices in sorted order and ``[M]`` int64 their features (masked ones clamped to
+            0): ``[M]`` int64 the element of the output gradient where each one's gradient
+            row starts, and ``[M]`` fp32 its factor, or None for all 1. A pooled bag's row for
+            a pooled op, the id's own output row for a sequence op.
+    """
+    rows = parts.rows
+    num = rows.shape[0]
+    sorted_rows, order = sort_rows(rows, weights.numel())
+    previous = torch.nn.functional.pad(sorted_rows, (1, 0), value=-1)[:-1]
+    is_start = (sorted_rows >= 0) & (sorted_rows != previous)
+    positions = torch.arange(num, device=rows.device)
+    run_start = run_starts(is_start, positions)
+    first = run_start[:num].clamp(max=num - 1)  # past num_runs: any valid position
+    sorted_feature = parts.feature.index_select(0, order).long().clamp(min=0)
+    item_offset, scale = gradient_rows(order, sorted_feature)
+    # runs of more than LONG_RUN contributions, summed by a kernel of their own (read here at
+    # each call, so that a test can lower the bar)
+    is_long = (run_start[1:num + 1] - run_start[:num]) > row_runs.LONG_RUN  # past num_runs: length 0
+    long_rank = torch.where(is_long, torch.cumsum(is_long, 0) - 1, -1)
+    long_runs = torch.zeros(2 * num, dtype=torch.int64, device=rows.device)
+    long_runs.index_put_((torch.where(is_long, long_rank, num + positions),), positions)
+    return row_runs.Runs(is_start.sum(dtype=torch.int64).reshape(1), run_start,
+                         sorted_rows.index_select(0, first).long(), sorted_feature.index_select(0, first),
+                         item_offset, scale, long_rank, long_runs, is_long.sum(dtype=torch.int64).reshape(1))
 
 
 def dense_grad(grad_out: torch.Tensor, runs: row_runs.Runs, weights: torch.Tensor, tables: FeatureTables,
