@@ -3,12 +3,13 @@
 Sorted by row (by the op layer's ``runs_triton.sorted_runs``), the contributions (see
 ``pooled_bwd``) form *runs* of equal rows (:class:`Runs`), and a run's gradient is a bag in
 the forward's sense: the sum, over its contributions, of their bags' output-gradient rows
-times a factor (per-sample weight, 1/length for MEAN). So the deterministic backward is the forward's gather-and-sum again, over
-runs instead of bags: ``BLOCK_U`` runs per program advance together, one contribution each
-per step, so that many independent row loads are in flight even though most runs hold one
-or two contributions; each run is summed in sorted order, which gives the same bits on every
-run. Runs of more than ``LONG_RUN`` contributions (hot rows) would hold up their tile, so
-``_long_run_sums_kernel`` sums them first, a block of contributions at a time.
+times a factor (per-sample weight, 1/length for MEAN). So the deterministic backward is the
+forward's gather-and-sum again, over runs instead of bags: ``BLOCK_U`` runs per program
+advance together, one contribution each per step, so that many independent row loads are in
+flight even though most runs hold one or two contributions; each run is summed in sorted
+order, which gives the same bits on every run. Runs of more than ``LONG_RUN`` contributions
+(hot rows) would hold up their tile, so ``_long_run_sums_kernel`` sums them first, a block of
+contributions at a time.
 
 * ``_rows_grad_kernel``: per run, its sum, written once (dense, or compact for the sparse
   gradient).

@@ -133,11 +133,12 @@ def _forward_one_id_per_bag(weights, batch: OpBatch, plan: PooledPlan, num_keys:
                             batch_size: int) -> torch.Tensor:
     """Eager CPU, every bag holding exactly one id (one-hot features), all tables of one dim.
 
-    Pooling one row is the row itself (times its weight), so the output is a row gather,
-    taken batch-major so that it lands in output layout with no copy. fp32 rows go through
-    ``embedding_bag``, one id per bag, weights and all: its CPU kernel prefetches the rows it
-    is about to read, and gathered them ~1.4x faster than ``index_select`` with one thread on
-    a 2-core EPYC (5.1 vs 7.1 ms for 106k rows of 64 floats; alike with two threads)."""
+    Pooling one row is the row itself (times its per-sample weight), so the output is a row
+    gather, taken batch-major so that it lands in output layout with no copy. fp32 rows go
+    through ``embedding_bag``, one id per bag, per-sample weights and all: its CPU kernel
+    prefetches the rows it is about to read, and gathered them ~1.4x faster than
+    ``index_select`` with one thread on a 2-core EPYC (5.1 vs 7.1 ms for 106k rows of 64
+    floats; alike with two threads)."""
     values = batch.values
     p = plan.passes[0]
     features = sorted((f, k, p.key_row_base[k]) for p in plan.passes for f, k in zip(p.features, p.keys))
@@ -157,7 +158,7 @@ def _forward_one_id_per_bag(weights, batch: OpBatch, plan: PooledPlan, num_keys:
     if block.dtype == torch.float32:
         rows = F.embedding_bag(ids, block, backends.host_arange(ids.shape[0] + 1, ids.dtype), mode="sum",
                                per_sample_weights=per_sample_weights, include_last_offset=True)
-    else:  # widened before the weights multiply it: fp16 40000 times 2 is no fp16
+    else:  # widened before the per-sample weights multiply it: fp16 40000 times 2 is no fp16
         rows = _gathered_rows(ids, block).float()
         if per_sample_weights is not None:
             rows.mul_(per_sample_weights.unsqueeze(1))
