@@ -12,9 +12,7 @@ import torch
 
 from jaggedrec.modules import batch as batch_reader
 from jaggedrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
-from jaggedrec.sparse.jagged_tensor import JaggedTensor
-from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
-from jaggedrec.sparse.jagged_tensor import KeyedTensor
+from jaggedrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor, as_keyed_jagged_tensor
 from jaggedrec.ops import pooled as pooled_ops
 from jaggedrec.ops import sequence as sequence_ops
 from jaggedrec.optim import FusedOptimizer
@@ -90,9 +88,11 @@ class EmbeddingBagCollection(FloatTableCollection):
                 ``[N]`` ids, ``[K*B]`` lengths or ``[K*B+1]`` offsets, and ``[N]`` weights when
                 ``is_weighted``; or a VBE KJT (``stride_per_key_per_rank``, ``inverse_indices``),
                 whose bags are pooled once each and read by every sample that shares them.
+                jaggedrec's KJT or TorchRec's (taken as it is, its tensors shared).
         Returns:
             KeyedTensor with ``[B, sum(dims)]`` fp32 values.
         """
+        features = as_keyed_jagged_tensor(features)
         # The module's own calls go through module attributes (batch_reader.read_batch, ...):
         # those are what torch.fx.wrap swaps for graph nodes while symbolic_trace runs.
         options = self._options
@@ -172,9 +172,11 @@ class EmbeddingCollection(FloatTableCollection):
         Args:
             features: KJT with keys ``K`` (any order, a superset of the configured features),
                 ``[N]`` ids, ``[K*B]`` lengths or ``[K*B+1]`` offsets; weights are ignored.
+                jaggedrec's KJT or TorchRec's (taken as it is, its tensors shared).
         Returns:
             per feature, a JaggedTensor of ``[N_f, dim]`` rows.
         """
+        features = as_keyed_jagged_tensor(features)
         options = self._options
         batch = batch_reader.read_batch(features, self._spec, self._groups, self._output_features, options.validate)
         key_lengths = batch_reader.key_lengths(features, self._spec)

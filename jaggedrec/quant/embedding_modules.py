@@ -19,7 +19,7 @@ from jaggedrec.ops import quantized as quantized_ops
 from jaggedrec.ops import vbe
 from jaggedrec.quant.rowwise import CLAMP_LIMIT, ON_OVERFLOW, QUANT_TYPES, fit_rows, quantize_rows
 from jaggedrec.quant.storage import BUFFER_NAMES, QuantLayout
-from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor, as_keyed_jagged_tensor
 
 
 class QuantEmbeddingBag(TableView):
@@ -156,10 +156,12 @@ class EmbeddingBagCollection(TableCollection):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """
         Args:
-            features: a KJT as the float collection takes it (VBE included).
+            features: a KJT as the float collection takes it (VBE included; jaggedrec's or
+                TorchRec's).
         Returns:
             KeyedTensor with ``[B, sum(dims)]`` fp32 values.
         """
+        features = as_keyed_jagged_tensor(features)
         options = self._options
         batch = batch_reader.read_batch(features, self._spec, self._groups, self._output_features, options.validate)
         pooled, bad_ids = quantized_ops.run_quantized_embedding_bags(
