@@ -208,9 +208,9 @@ def _sparse_weight_grad(grad_out, weights, values, offsets, psw, inverse_indices
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    (weights, values, offsets, psw, inverse, tables, backend, sparse_grad, deterministic, optimizer,
+    (weights, values, offsets, psw, inverse_indices, tables, backend, sparse_grad, deterministic, optimizer,
      optimizer_state) = inputs
-    ctx.save_for_backward(weights, values, offsets, psw, inverse, *optimizer_state[:4])
+    ctx.save_for_backward(weights, values, offsets, psw, inverse_indices, *optimizer_state[:4])
     ctx.static = (tables, backend)
     ctx.sparse_grad = sparse_grad
     ctx.deterministic = deterministic
@@ -218,11 +218,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_out, _grad_bad_ids):
-    weights, values, offsets, psw, inverse, *optimizer_state = ctx.saved_tensors
+    weights, values, offsets, psw, inverse_indices, *optimizer_state = ctx.saved_tensors
     need_weight_grad, _, _, need_psw_grad = ctx.needs_input_grad[:4]
-    if inverse is not None:  # VBE: from here on, one gradient row per bag slot
+    if inverse_indices is not None:  # VBE: from here on, one gradient row per bag slot
         tables = feature_tables(ctx.static[0])
-        grad_out = vbe.sum_shared_bags(grad_out, inverse, tables.plan.out_offsets,
+        grad_out = vbe.sum_shared_bags(grad_out, inverse_indices, tables.plan.out_offsets,
                                        (offsets.shape[0] - 1) // tables.num_keys)
     need_psw_grad = bool(need_psw_grad and psw is not None)
     needs_state_grad = ctx.needs_input_grad[_OPTIMIZER_STATE_ARG]
@@ -239,10 +239,10 @@ def _backward(ctx, grad_out, _grad_bad_ids):
             grad_psw = dense_psw.to(psw.dtype)
     if plan.fused_step:
         torch.ops.jaggedrec.pooled_embedding_bags_fused_update(
-            grad_out.contiguous(), weights, values, offsets, psw, inverse, *ctx.static, ctx.optimizer,
+            grad_out.contiguous(), weights, values, offsets, psw, inverse_indices, *ctx.static, ctx.optimizer,
             *optimizer_state)
     elif plan.sparse:
-        grad_weights = _sparse_weight_grad(grad_out, weights, values, offsets, psw, inverse, *ctx.static)
+        grad_weights = _sparse_weight_grad(grad_out, weights, values, offsets, psw, inverse_indices, *ctx.static)
     return ((grad_weights, None, None, grad_psw) + (None,) * (_OPTIMIZER_STATE_ARG - 4)
             + (state_grads(plan, needs_state_grad, grad_out),))
 

@@ -198,9 +198,9 @@ def _forward_batched(weights, batch: OpBatch, plan: PooledPlan, num_keys: int, b
     inv_lengths = inverse_lengths(plan, offsets, num_keys, batch_size)
     pieces = {}
     for p in plan.passes:
-        table = block_view(weights, p).detach()
+        block = block_view(weights, p).detach()
         ids, _ = shifted_ids(p, values, counts)
-        bags = pooled_rows(ids, table, offsets.to(values.dtype), batch.per_sample_weights,
+        bags = pooled_rows(ids, block, offsets.to(values.dtype), batch.per_sample_weights,
                            False).view(num_keys, batch_size, p.dim)
         if in_output_order(p, plan, num_keys):
             # one transposing copy into [B, total_dim]; a cat of K slices costs ~1.5x more
@@ -250,9 +250,9 @@ def pooled_backward(grad_out: torch.Tensor, weights: torch.Tensor, batch: OpBatc
                 _, sums = sum_rows_by_id(ids, bag_of_ids, grads, per_sample_weights, p.num_rows, unique=False)
                 block_grad.add_(sums)
         if need_psw_grad:
-            table = block_view(weights, p)
+            block = block_view(weights, p)
             for lo, hi in _psw_chunks(values.shape[0]):
-                rows = table[ids[lo:hi]].float()
+                rows = block[ids[lo:hi]].float()
                 grad_psw[lo:hi] += (rows * grads[bag_of_ids[lo:hi]]).sum(1)
     return _cast(grad_weights, weights.dtype), grad_psw
 

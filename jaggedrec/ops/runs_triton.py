@@ -28,18 +28,18 @@ from jaggedrec.ops.runs_torch import run_starts, sort_rows
 
 def _pass_features(tables: FeatureTables, like: torch.Tensor) -> torch.Tensor:
     """``[P, K]`` int32: the feature that reads key k in pass p, or -1."""
-    table = [[-1] * tables.num_keys for _ in tables.plan.passes]
+    by_pass = [[-1] * tables.num_keys for _ in tables.plan.passes]
     for p, pass_ in enumerate(tables.plan.passes):
         for f, k in zip(pass_.features, pass_.keys):
-            table[p][k] = f
+            by_pass[p][k] = f
     if torch.compiler.is_compiling() or is_fake(like):
-        return torch.tensor(table, dtype=torch.int32, device=like.device)
-    return _cached_pass_features(tuple(map(tuple, table)), like.device)
+        return torch.tensor(by_pass, dtype=torch.int32, device=like.device)
+    return _cached_pass_features(tuple(map(tuple, by_pass)), like.device)
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_pass_features(table, device: torch.device) -> torch.Tensor:
-    return torch.tensor(table, dtype=torch.int32, device=device)
+def _cached_pass_features(by_pass, device: torch.device) -> torch.Tensor:
+    return torch.tensor(by_pass, dtype=torch.int32, device=device)
 
 
 def contributions(batch: OpBatch, tables: FeatureTables, meta: torch.Tensor) -> Contributions:

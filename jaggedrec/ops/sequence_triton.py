@@ -45,7 +45,7 @@ def _item_offsets(batch: OpBatch, tables: FeatureTables, meta: torch.Tensor):
     return item_offset
 
 
-def _runs(batch: OpBatch, weights: torch.Tensor, parts: runs_triton.Contributions, tables: FeatureTables,
+def _runs(weights: torch.Tensor, batch: OpBatch, parts: runs_triton.Contributions, tables: FeatureTables,
           meta: torch.Tensor):
     item_offset = _item_offsets(batch, tables, meta)
     return runs_triton.sorted_runs(parts, weights, lambda order, feature: (item_offset(order, feature), None))
@@ -58,7 +58,7 @@ def triton_backward(grad_out: torch.Tensor, weights: torch.Tensor, batch: OpBatc
     meta = tables.meta(weights)
     parts = runs_triton.contributions(batch, tables, meta)
     if deterministic:
-        runs = _runs(batch, weights, parts, tables, meta)
+        runs = _runs(weights, batch, parts, tables, meta)
         return runs_triton.dense_grad(grad_out, runs, weights, tables, meta)
     dest = torch.zeros(weights.shape[0], dtype=torch.float32, device=weights.device)
     contribution = torch.arange(parts.rows.shape[0], device=batch.values.device)
@@ -72,7 +72,7 @@ def triton_sparse_grad(grad_out: torch.Tensor, weights: torch.Tensor, batch: OpB
     grad_out = grad_out.contiguous().float()
     meta = tables.meta(weights)
     parts = runs_triton.contributions(batch, tables, meta)
-    runs = _runs(batch, weights, parts, tables, meta)
+    runs = _runs(weights, batch, parts, tables, meta)
     return runs_triton.sparse_grad(grad_out, runs, weights, tables, meta)
 
 
@@ -81,5 +81,5 @@ def triton_fused_update(grad_out: torch.Tensor, weights: torch.Tensor, batch: Op
     grad_out = grad_out.contiguous().float()
     meta = tables.meta(weights)
     parts = runs_triton.contributions(batch, tables, meta)
-    runs = _runs(batch, weights, parts, tables, meta)
+    runs = _runs(weights, batch, parts, tables, meta)
     runs_triton.fused_update(grad_out, runs, weights, tables, meta, fused)

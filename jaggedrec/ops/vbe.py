@@ -52,31 +52,31 @@ def vbe_offsets(lengths: torch.Tensor, stride_per_key: List[int]) -> torch.Tenso
     return lengths_to_offsets(spread)
 
 
-def expand_rows(pooled: torch.Tensor, inverse: torch.Tensor, out_offsets: Sequence[int]) -> torch.Tensor:
+def expand_rows(pooled: torch.Tensor, inverse_indices: torch.Tensor, out_offsets: Sequence[int]) -> torch.Tensor:
     """The torch path's expansion: each feature's bag rows gathered to the full batch.
 
     Args:
         pooled: ``[B', total_dim]`` one row per bag slot, features side by side.
-        inverse: ``[F, B]`` int64, the bag slot each sample reads, per feature.
+        inverse_indices: ``[F, B]`` int64, the bag slot each sample reads, per feature.
         out_offsets: ``[F+1]`` each feature's first column.
     Returns:
         ``[B, total_dim]``. A feature whose samples read their own slots in order (on CPU, found
         with one read) is narrowed rather than gathered, when the batch has ``B`` slots.
     """
-    batch = inverse.shape[1]
-    identity = _in_order(inverse, pooled.shape[0])
+    batch = inverse_indices.shape[1]
+    identity = _in_order(inverse_indices, pooled.shape[0])
     parts = []
-    for f in range(inverse.shape[0]):
+    for f in range(inverse_indices.shape[0]):
         columns = pooled.narrow(1, out_offsets[f], out_offsets[f + 1] - out_offsets[f])
-        parts.append(columns.narrow(0, 0, batch) if identity[f] else columns.index_select(0, inverse[f]))
+        parts.append(columns.narrow(0, 0, batch) if identity[f] else columns.index_select(0, inverse_indices[f]))
     return torch.cat(parts, dim=1)
 
 
-def sum_shared_bags(grad_out: torch.Tensor, inverse: torch.Tensor, out_offsets: Sequence[int],
+def sum_shared_bags(grad_out: torch.Tensor, inverse_indices: torch.Tensor, out_offsets: Sequence[int],
                     num_slots: int) -> torch.Tensor:
     """The expansion's backward: ``[B', total_dim]`` fp32, each slot's row the sum of the
     output-gradient rows of the samples that read it (zero for a slot nobody reads)."""
-    identity = _in_order(inverse, num_slots)
+    identity = _in_order(inverse_indices, num_slots)
     if all(identity) and grad_out.shape[0] == num_slots:
         return grad_out.float()
     if any(identity) and grad_out.shape[0] == num_slots:
@@ -84,7 +84,7 @@ def sum_shared_bags(grad_out: torch.Tensor, inverse: torch.Tensor, out_offsets: 
         grad = grad_out.float().clone()
     else:
         grad = grad_out.new_zeros((num_slots, grad_out.shape[1]), dtype=torch.float32)
-    for f in range(inverse.shape[0]):
+    for f in range(inverse_indices.shape[0]):
         lo, width = out_offsets[f], out_offsets[f + 1] - out_offsets[f]
         rows = grad_out.narrow(1, lo, width).float()
         if identity[f]:
@@ -94,34 +94,35 @@ def sum_shared_bags(grad_out: torch.Tensor, inverse: torch.Tensor, out_offsets: 
         target = grad.narrow(1, lo, width)
         if grad_out.shape[0] == num_slots and any(identity):
             target.zero_()
-        target.index_add_(0, inverse[f], rows)
+        target.index_add_(0, inverse_indices[f], rows)
     return grad
 
 
-def ids_read(inverse: Optional[torch.Tensor], tables: FeatureTables, offsets: torch.Tensor,
+def ids_read(inverse_indices: Optional[torch.Tensor], tables: FeatureTables, offsets: torch.Tensor,
              num_ids: int) -> Optional[torch.Tensor]:
     """``[N]`` bool: the id's bag is read by some sample; None without inverse indices (all are).
     An unread bag's ids get no optimizer step (a lazy optimizer must not count them as
     touched), though the forward pooled them.
 
     Args:
-        inverse: ``[F, B]`` the bag slot each sample reads, per feature of ``tables``.
+        inverse_indices: ``[F, B]`` the bag slot each sample reads, per feature of ``tables``.
         offsets: ``[K*B'+1]`` the spread bags' offsets.
     """
-    if inverse is None:
+    if inverse_indices is None:
         return None
     width = (offsets.shape[0] - 1) // tables.num_keys
-    read = torch.zeros(tables.num_keys * width, dtype=torch.bool, device=inverse.device)
-    bags = (torch.tensor(tables.keys, device=inverse.device).unsqueeze(1) * width + inverse).reshape(-1)
+    read = torch.zeros(tables.num_keys * width, dtype=torch.bool, device=inverse_indices.device)
+    bags = (torch.tensor(tables.keys, device=inverse_indices.device).unsqueeze(1) * width
+            + inverse_indices).reshape(-1)
     read.index_fill_(0, bags, True)
     return torch.repeat_interleave(read, (offsets[1:] - offsets[:-1]).long(), output_size=num_ids)
 
 
-def _in_order(inverse: torch.Tensor, num_slots: int) -> List[bool]:
+def _in_order(inverse_indices: torch.Tensor, num_slots: int) -> List[bool]:
     """Per feature, whether sample ``b`` reads slot ``b`` for every ``b``: one read, on CPU
     eager only (a GPU would wait for it, where the gathers cost little)."""
-    batch = inverse.shape[1]
-    if (inverse.device.type != "cpu" or torch.compiler.is_compiling() or is_fake(inverse)
+    batch = inverse_indices.shape[1]
+    if (inverse_indices.device.type != "cpu" or torch.compiler.is_compiling() or is_fake(inverse_indices)
             or batch > num_slots or not batch):
-        return [False] * inverse.shape[0]
-    return (inverse == torch.arange(batch, device=inverse.device)).all(dim=1).tolist()
+        return [False] * inverse_indices.shape[0]
+    return (inverse_indices == torch.arange(batch, device=inverse_indices.device)).all(dim=1).tolist()
