@@ -138,8 +138,12 @@ def check_data(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
     checks = [lengths.min(), offsets[0], lengths.sum(dtype=torch.int64), low, high]
     if both:
         checks.append((offsets[1:] - offsets[:-1] != lengths).any())
-    # the one read back to the host: shortest bag, first offset, id count, smallest and largest id
-    shortest, first, total, low, high, *disagree = torch.stack([t.long() for t in checks]).tolist()
+    # shortest bag, first offset, id count, smallest and largest id: on a device, gathered for one
+    # read back to the host; on the host, each read as it is (a stack and casts cost more there)
+    if values.device.type == "cpu":
+        shortest, first, total, low, high, *disagree = [int(t) for t in checks]
+    else:
+        shortest, first, total, low, high, *disagree = torch.stack([t.long() for t in checks]).tolist()
     bad_length, bad_start, bad_total = shortest < 0, first != 0, total != num_ids
     if not (bad_length or bad_start or bad_total or any(disagree) or low < 0 or high >= min(spec.key_rows.values())):
         if both:

@@ -39,6 +39,7 @@ class Segment(NamedTuple):
     mean: Tuple[bool, ...]      # per feature, MEAN pooling
     column: int                 # the first output column of its first feature
     one_table: bool             # every feature reads one table: ids index its own rows, unshifted
+    packed: bool                # rows as torch's CPU quantized ops read them (INT8/INT4, no padding)
 
 
 @functools.lru_cache(maxsize=256)
@@ -70,7 +71,8 @@ def segments(tables: FeatureTables) -> Tuple[Segment, ...]:
         bases = tuple((tables.weight_offsets[g] - start) // stride for g in run)
         out.append(Segment(tuple(run), tuple(tables.keys[g] for g in run), storage, dim, stride, start,
                            (end - start) // stride, bases, tuple(tables.rows[g] for g in run),
-                           tuple(bool(tables.pooling[g]) for g in run), sum(tables.dims[:f]), len(set(bases)) == 1))
+                           tuple(bool(tables.pooling[g]) for g in run), sum(tables.dims[:f]), len(set(bases)) == 1,
+                           storage != STORAGE_FP16 and stride == quantized_rows.row_bytes(storage, dim)))
     return tuple(out)
 
 
@@ -78,7 +80,7 @@ def segments(tables: FeatureTables) -> Tuple[Segment, ...]:
 def _per_feature(seg: Segment) -> Tuple[Segment, ...]:
     """``seg`` cut into one segment per feature."""
     return tuple(Segment((f,), (k,), seg.storage, seg.dim, seg.row_bytes, seg.start, seg.num_rows, (base,), (rows,),
-                         (mean,), seg.column + i * seg.dim, True)
+                         (mean,), seg.column + i * seg.dim, True, seg.packed)
                  for i, (f, k, base, rows, mean) in enumerate(zip(seg.features, seg.keys, seg.row_bases,
                                                                   seg.table_rows, seg.mean)))
 
@@ -103,7 +105,7 @@ def _bag_sums(rows: torch.Tensor, seg: Segment, ids: torch.Tensor, bag_offsets: 
     if seg.storage == STORAGE_FP16:
         table = rows.narrow(1, 0, 2 * seg.dim).view(torch.float16)
         return pooled_torch.pooled_rows(ids, table, bag_offsets, psw, False)
-    if rows.device.type != "cpu" or rows.shape[1] != quantized_rows.row_bytes(seg.storage, seg.dim):
+    if not (rows.is_cpu and seg.packed):
         # torch's ops need their exact CPU layout; padded rows (row_align > 1) are dequantized here
         return _dequantized_sums(rows, seg.storage, seg.dim, ids, bag_offsets, psw)
     op = (torch.ops.quantized.embedding_bag_byte_rowwise_offsets if seg.storage == STORAGE_INT8
