@@ -65,9 +65,9 @@ def _pooled_embedding_bags(
             ``trigger``, or ``weights``, requires grad; else empty.
     Returns:
         ``[B, sum(dims)]`` fp32, features side by side in the order given, and ``bad_ids``:
-        ``[F]`` int64 counts of the ids outside ``[0, rows)``, which the kernels skip (always zero on the
-        torch path, whose callers validate ids beforehand); a caller that trusts its ids
-        need not read them.
+        ``[F]`` int64 counts of the ids outside ``[0, rows)``, which the kernels skip (always
+        zero on the torch path, whose callers validate ids beforehand); a caller that trusts
+        its ids need not read them.
     """
     tables = feature_tables(tables)
     batch = batch_inputs(values, offsets, per_sample_weights, inverse_indices)
