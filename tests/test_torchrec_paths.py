@@ -267,3 +267,18 @@ def test_no_wait_and_planner_base():
     value = object()
     assert NoWait(value).wait() is value
     assert isinstance(EmbeddingShardingPlanner(), ShardingPlanner)
+
+
+def test_subpackages_are_attributes_after_a_plain_import():
+    """TorchRec's tutorial writes ``torchrec.distributed.DistributedModelParallel`` after
+    ``import torchrec``; a fresh interpreter, so no test has imported the subpackages yet."""
+    import subprocess
+    import sys
+
+    code = ("import sys, jaggedrec; assert 'jaggedrec.distributed' not in sys.modules; "
+            "from jaggedrec.distributed.model_parallel import DistributedModelParallel as D; "
+            "assert jaggedrec.distributed.DistributedModelParallel is D; "
+            "assert jaggedrec.inference.modules.quantize_embeddings is jaggedrec.quant.quantize_embeddings; "
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr
