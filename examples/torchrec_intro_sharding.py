@@ -132,6 +132,9 @@ def main() -> dict:
     result = {"plan": plan, "kt": kt, "first_loss": float(first), "second_loss": float(second),
               "unsharded": ebc(kjt).values().detach(), "rank": dist.get_rank(),
               "fused": sharded_ebc_fused_params.fused_optimizer, "in_backward": sharded_ebc_apply_opt.fused_optimizer}
+    # every rank past its last collective before any rank tears its connections down: a rank
+    # that exits while its peer is still finishing one can abort the peer inside gloo
+    dist.barrier()
     dist.destroy_process_group()
     return result
 
