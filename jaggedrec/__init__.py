@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 # Subpackages that `import jaggedrec` does not load (torch.distributed, the quantized ops),
 # reachable as attributes all the same, as TorchRec's are: `jaggedrec.distributed.X` after
 # a plain `import jaggedrec`.
-_SUBPACKAGES = ("distributed", "inference", "modules", "ops", "optim", "quant", "sparse", "testing")
+_SUBPACKAGES = ("datasets", "distributed", "inference", "models", "modules", "ops", "optim", "quant", "sparse",
+                "testing")
 
 
 def __getattr__(name: str):
