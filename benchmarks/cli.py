@@ -23,6 +23,7 @@ import torch
 from jaggedrec.ops.host_memory import retain_freed_memory
 
 from .flags import DEFAULT_EC_PRESET, MODULES, build_parser, build_workloads, select_providers
+from .pipeline import add_pipeline_flags
 from .presets import DEFAULT_PRESET, PRESETS
 from .providers import Provider, all_providers, ec_providers, quant_providers
 from .providers.quant import PEER_FACTOR
@@ -122,6 +123,8 @@ def main(argv: Optional[Sequence[str]] = None,
     """Run the CLI. ``provider_factory`` makes fresh providers per configuration (tests inject one;
     by default the module's own: every pooled provider, or with ``--module ec`` the unpooled ones)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if _flag_value(argv, "--pipeline") is not None:
+        return _pipeline(argv)
     if _flag_value(argv, "--world-size") is not None or _flag_value(argv, "--sharding") is not None:
         return _sharded(argv)
     module_name = _flag_value(argv, "--module") or "ebc"
@@ -129,7 +132,10 @@ def main(argv: Optional[Sequence[str]] = None,
         print(f"jaggedrec-bench: --module must be ebc or ec, got {module_name!r}", file=sys.stderr)
         return 2
     parser = build_parser(module_name)
+    add_pipeline_flags(parser)  # listed by --help; a run with --pipeline goes to pipeline.main
     args = parser.parse_args(argv)
+    if args.pipeline is not None:  # an abbreviation: --pipe none
+        return _pipeline(argv)
     if args.world_size is not None or args.sharding is not None:  # an abbreviation: --world 2
         return _sharded(argv)
     if args.module != module_name:  # an abbreviation: --modu ec
@@ -178,6 +184,12 @@ def _sharded(argv: List[str]) -> int:
     from .sharded import main as sharded_main  # over N ranks
 
     return sharded_main(argv)
+
+
+def _pipeline(argv: List[str]) -> int:
+    from .pipeline import main as pipeline_main  # train pipelines over N ranks
+
+    return pipeline_main(argv)
 
 
 def _run(args, argv: List[str], device: str, workloads: List[Workload], wanted: List[str], options: Options,

@@ -1,0 +1,193 @@
+"""A set latency on every collective, injected at ``torch.distributed``, for the pipeline benchmark.
+
+Two CPU cores cannot show a pipeline's overlap from compute alone: a gloo all-to-all of a
+few kilobytes between two local processes completes in microseconds. :class:`DelayedCollectives`
+makes each collective take at least ``delay_ms`` from issue to completion, as a slow network
+would, so that a pipeline that issues a collective early and waits for it late hides part
+of the delay, and a loop that waits at once pays all of it:
+
+* an asynchronous call (``async_op=True``, a ``Work`` back) returns a :class:`DelayedWork`
+  whose ``wait()`` returns no earlier than the issue time plus the delay (whatever time
+  passed between the issue and the wait is not paid again);
+* a synchronous call sleeps, after the collective has completed, for what is left of the
+  delay since its issue.
+
+Both sharded libraries reach their collectives through the ``torch.distributed`` namespace
+(jaggedrec's ``distributed/comm.py``: ``all_to_all_single``, ``reduce_scatter_single`` or
+``reduce_scatter_tensor``, ``all_gather_single`` or ``all_gather_into_tensor``; TorchRec's
+``comm_ops.py`` and ``dist_data.py``: ``all_to_all_single``, ``reduce_scatter_tensor``,
+``all_gather_into_tensor``, ``reduce_scatter``, ``all_gather``), and so do DDP's Python comm
+hooks (``all_reduce``), so one wrapper delays both alike. It also counts the calls per name
+and the seconds the caller was blocked (inside a synchronous call, or inside ``wait()``),
+which is the benchmark's wait share.
+
+Not delayed: calls that bypass the namespace (``torch.distributed._functional_collectives``,
+which TorchRec takes only under ``torch.compile`` or with its sync-collectives switch on;
+DDP's built-in C++ all-reduce, hence :func:`hook_ddp_allreduce`), and anything while the
+wrapper is not ``active`` (the benchmark's own barriers and gathers). On CUDA a ``wait()``
+only orders streams, so the delay and the blocked time are the host's view there.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from typing import Callable, Dict
+
+import torch
+import torch.distributed as dist
+
+#: the collectives wrapped, every one both libraries and DDP's Python hooks may call
+COLLECTIVES = ("all_to_all_single", "all_to_all", "all_gather", "all_gather_into_tensor", "all_gather_single",
+               "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "all_reduce", "broadcast")
+
+
+class DelayedWork(dist.Work):
+    """A collective's work that completes no earlier than ``deadline`` (``time.perf_counter``
+    seconds). A ``dist.Work`` itself, because TorchRec checks ``isinstance(work, dist.Work)``;
+    the methods that report completion honour the deadline, the others go to the wrapped work."""
+
+    def __init__(self, work: dist.Work, deadline: float, owner: "DelayedCollectives") -> None:
+        super().__init__()
+        self._work, self._deadline, self._owner = work, deadline, owner
+
+    def wait(self, *args, **kwargs):
+        begin = time.perf_counter()
+        try:
+            return self._work.wait(*args, **kwargs)
+        finally:
+            self._owner.sleep_until(self._deadline)
+            self._owner.blocked_s += time.perf_counter() - begin
+
+    def is_completed(self) -> bool:
+        return self._work.is_completed() and time.perf_counter() >= self._deadline
+
+    def get_future(self):
+        """The wrapped work's future, completed no earlier than the deadline (a timer thread
+        sets it, so the thread that completes the collective is not held). On CUDA the
+        wrapped future itself: its value carries stream semantics a plain future would drop."""
+        inner = self._work.get_future()
+        if self._owner.cuda:
+            return inner
+        out = torch.futures.Future()
+
+        def finish(done) -> None:
+            try:
+                out.set_result(done.value())
+            except Exception as e:  # noqa: BLE001 - handed to whoever waits on the future
+                out.set_exception(e)
+
+        def on_done(done) -> None:
+            left = self._deadline - time.perf_counter()
+            if left > 0:
+                timer = threading.Timer(left, finish, args=(done,))
+                timer.daemon = True
+                timer.start()
+            else:
+                finish(done)
+
+        inner.add_done_callback(on_done)
+        return out
+
+
+def _forward(name: str):
+    def method(self, *args, **kwargs):
+        return getattr(self._work, name)(*args, **kwargs)
+    method.__name__ = name
+    return method
+
+
+for _name in ("block_current_stream", "boxed", "exception", "get_future_result", "is_success", "result",
+              "source_rank", "synchronize", "_get_duration", "_get_op_type"):
+    setattr(DelayedWork, _name, _forward(_name))
+
+
+class DelayedCollectives:
+    """``torch.distributed``'s collectives, each delayed by ``delay_ms`` and counted while
+    ``active``; a context manager (``with DelayedCollectives(20.0) as comm``).
+
+    ``calls``: calls per collective name; ``blocked_s``: seconds the callers spent inside
+    synchronous calls and ``wait()`` (the delay's sleep included). ``reset()`` clears both.
+    """
+
+    def __init__(self, delay_ms: float = 0.0, cuda: bool = False) -> None:
+        if delay_ms < 0:
+            raise ValueError(f"the collective delay must be >= 0 ms, got {delay_ms}")
+        self.delay_s = delay_ms / 1e3
+        self.cuda = cuda
+        self.active = False
+        self.calls: Counter = Counter()
+        self.blocked_s = 0.0
+        self._saved: Dict[str, Callable] = {}
+
+    @property
+    def delay_ms(self) -> float:
+        return self.delay_s * 1e3
+
+    @delay_ms.setter
+    def delay_ms(self, value: float) -> None:
+        if value < 0:
+            raise ValueError(f"the collective delay must be >= 0 ms, got {value}")
+        self.delay_s = value / 1e3
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.blocked_s = 0.0
+
+    @staticmethod
+    def sleep_until(deadline: float) -> None:
+        left = deadline - time.perf_counter()
+        if left > 0:
+            time.sleep(left)
+
+    def _wrap(self, name: str, fn: Callable) -> Callable:
+        def delayed(*args, **kwargs):
+            if not self.active:
+                return fn(*args, **kwargs)
+            self.calls[name] += 1
+            issued = time.perf_counter()
+            deadline = issued + self.delay_s
+            work = fn(*args, **kwargs)
+            if work is not None:  # asynchronous: the wait pays what is left of the delay
+                return DelayedWork(work, deadline, self)
+            self.sleep_until(deadline)  # synchronous: completed, now the rest of the delay
+            self.blocked_s += time.perf_counter() - issued
+            return None
+
+        delayed.__wrapped__ = fn
+        delayed.__name__ = name
+        return delayed
+
+    def __enter__(self) -> "DelayedCollectives":
+        for name in COLLECTIVES:
+            fn = getattr(dist, name, None)
+            if fn is not None:
+                self._saved[name] = fn
+                setattr(dist, name, self._wrap(name, fn))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+        self._saved.clear()
+
+
+def hook_ddp_allreduce(module: torch.nn.Module) -> int:
+    """Give every ``DistributedDataParallel`` inside ``module`` the stock Python all-reduce hook
+    (the average DDP computes in C++), so that the dense gradients' all-reduce goes through
+    ``torch.distributed.all_reduce`` and is delayed and counted like the rest. DDP waits on it
+    through its future at the end of the backward. Returns how many were hooked."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
+    hooked = 0
+    for m in module.modules():
+        # TorchRec keeps a sharded collection's lookups, DDP-wrapped for data-parallel tables,
+        # in a plain list, which modules() does not enter
+        lookups = getattr(m, "_lookups", None)
+        for candidate in [m] + (lookups if isinstance(lookups, list) else []):
+            if isinstance(candidate, DistributedDataParallel):
+                candidate.register_comm_hook(None, default_hooks.allreduce_hook)
+                hooked += 1
+    return hooked
