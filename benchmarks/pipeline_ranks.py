@@ -17,6 +17,7 @@ lockstep through their collectives).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -28,7 +29,7 @@ from .providers.pipeline import PipelineProvider, dense_and_labels, pipeline_pro
 from .providers.sharded import RankEnv, local_batch
 from .runner import _fail, quiet
 from .timing import MemoryProbe, quantiles
-from .workload import Workload, make_batches, reference_tables
+from .workload import Batch, Workload, make_batches, reference_tables
 
 WARMUP_STEPS = 3  # fill the pipeline (up to 3 batches in flight) and settle
 
@@ -76,6 +77,15 @@ class _Feed:
         return self.provider.make_batch(self.local[i], self.w, *self.dense[i])
 
 
+def _pin(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    return t.pin_memory() if t is not None and device.type == "cuda" else t
+
+
+def _pinned(batch: Batch, device: torch.device) -> Batch:
+    return dataclasses.replace(batch, values=_pin(batch.values, device), lengths=_pin(batch.lengths, device),
+                               offsets=_pin(batch.offsets, device), weights=_pin(batch.weights, device))
+
+
 def _batch_bytes(local, dense) -> int:
     size = 0
     for b, (x, y) in zip(local, dense):
@@ -91,8 +101,12 @@ def run_on_rank(job: Job, env: RankEnv, say: Callable[[str], None]) -> Optional[
     rows = slice(rank * w.batch_size, (rank + 1) * w.batch_size)
     with quiet():
         tables = reference_tables(wg, job.seed)
-        local = [local_batch(b, w, rank) for b in make_batches(wg, job.batches, job.seed)]
-        dense = [(x[rows].to(env.device), y[rows].to(env.device))
+        # the batches start on the host, as a loader hands them: each pipeline (and the plain loop)
+        # copies them to the device itself; pinned on CUDA, so a side stream's copy can overlap
+        host = wg.replace(device="cpu")
+        local = [_pinned(local_batch(b, host.replace(batch_size=w.batch_size), rank), env.device)
+                 for b in make_batches(host, job.batches, job.seed)]
+        dense = [(_pin(x[rows].contiguous(), env.device), _pin(y[rows].contiguous(), env.device))
                  for x, y in dense_and_labels(wg, job.dense_in, job.batches, job.seed)]
         lineup = pipeline_providers(env, job.pipelines, job.libraries)
         skipped: Dict[str, str] = {}

@@ -127,6 +127,13 @@ bench ec 30 --module ec --preset pooling --tables 8 --pooling-factor 20 \
 # one sends nothing, so this checks the NCCL path and the CUDA timing of the collectives, not scaling
 step sharded-nccl 60 $PY -m jaggedrec.benchmarks --world-size 1 --sharding auto --device "$DEVICE" --no-progress \
     --preset dlrm --mode train --timeout 55 "${EXTRA[@]}" --output "$OUT/sharded-w1-auto.json"
+# the train pipelines on one GPU over NCCL with CUDA streams (the batch copy and the input distribution on side
+# streams; batches start pinned on the host): jaggedrec's and TorchRec's (where it imports) beside the plain loop,
+# without and with a 5 ms delay on every collective. A world of one sends nothing: this checks the streams, the
+# NCCL path and the memory in flight, not the overlap of real transfers (that needs two GPUs)
+step pipeline-nccl 90 $PY -m jaggedrec.benchmarks --world-size 1 --pipeline none,base,sparse_dist,semi_sync \
+    --device "$DEVICE" --no-progress --comm-delay-ms 0,5 --timeout 85 "${EXTRA[@]}" \
+    --output "$OUT/pipeline-w1.json" --csv "$OUT/pipeline-w1.csv"
 # zipf ids: hot rows, whose long runs of ids the backward sums with a kernel of their own
 bench dlrm-train-zipf 30 --preset dlrm --mode train --distribution zipf --pooling-factor 20 \
     --providers "eb_loop,jaggedrec[triton],fbgemm_tbe"
