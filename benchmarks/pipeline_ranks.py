@@ -182,7 +182,7 @@ def _memory(active: List[PipelineProvider], feeds, env: RankEnv, comm: DelayedCo
 
 
 def _time(active: List[PipelineProvider], feeds, job: Job, comm: DelayedCollectives, say) -> Dict[tuple, list]:
-    """Per (provider, delay): this rank's ``(step ms, blocked ms, collective calls)`` per timed step."""
+    """Per (provider, delay): this rank's ``(step ms, blocked ms, {collective: calls})`` per timed step."""
     units = [(p, d) for d in job.delays_ms for p in active]
     records: Dict[tuple, list] = {(p.name, d): [] for p, d in units}
     say(f"time {job.rounds} rounds of {job.steps} steps for {len(units)} (provider, delay) pairs")
@@ -199,7 +199,7 @@ def _time(active: List[PipelineProvider], feeds, job: Job, comm: DelayedCollecti
                     begin = _now(p)
                     p.runner.progress(feed)
                     ms = (_now(p) - begin) * 1e3
-                    records[(p.name, delay)].append((ms, comm.blocked_s * 1e3, sum(comm.calls.values())))
+                    records[(p.name, delay)].append((ms, comm.blocked_s * 1e3, dict(comm.calls)))
             finally:
                 comm.active = False
     return records
@@ -230,7 +230,9 @@ def _combine(active: List[PipelineProvider], gathered: List[Dict[tuple, list]], 
         out.append({"provider": name, "library": p.library, "pipeline": p.pipeline, "delay_ms": delay,
                     "median_ms": median, "p20_ms": p20, "p80_ms": p80, "samples_ms": steps,
                     "wait_share": sum(shares) / len(shares), "wait_share_by_rank": shares,
-                    "collectives_per_step": sum(c for _, _, c in mine) / len(mine),
+                    "collectives_per_step": sum(sum(c.values()) for _, _, c in mine) / len(mine),
+                    "collectives_by_name": {k: sum(c.get(k, 0) for _, _, c in mine) / len(mine)
+                                            for k in sorted({k for _, _, c in mine for k in c})},
                     "peak_mb": warm[name]["peak_mb"], "batches_held": warm[name]["held"],
                     "held_mb": warm[name]["held"] * batch_bytes / 2**20,
                     "first_output_err": err, "first_output_vs": reference, "plan": p.plan})
