@@ -144,6 +144,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_pipeline_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.list:
+        print("pipelines (--pipeline): " + ", ".join(PIPELINES) + "\nlibraries (--providers): " + ", ".join(LIBRARIES))
+        return 0
     device = _check(args, parser)
     w = _workload(args, parser, device)
     libraries = select_providers(args.providers, list(LIBRARIES), parser.error, baseline="")

@@ -166,3 +166,17 @@ def test_bad_flags_exit_2_with_a_message(capsys, flags, message):
         cli.main(TINY + flags)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_help_lists_the_pipeline_flags():
+    import re
+    import subprocess
+
+    from jaggedrec.benchmarks.pipeline import build_pipeline_parser
+
+    done = subprocess.run([sys.executable, "-m", "jaggedrec.benchmarks", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    listed = set(re.findall(r"--[a-z][a-z-]*", done.stdout))
+    assert {"--pipeline", "--comm-delay-ms", "--steps", "--dense-features"} <= listed
+    assert set(re.findall(r"--[a-z][a-z-]*", build_pipeline_parser().format_help())) <= listed
