@@ -48,9 +48,9 @@ class DelayedWork(dist.Work):
     seconds). A ``dist.Work`` itself, because TorchRec checks ``isinstance(work, dist.Work)``;
     the methods that report completion honour the deadline, the others go to the wrapped work."""
 
-    def __init__(self, work: dist.Work, deadline: float, owner: "DelayedCollectives") -> None:
+    def __init__(self, work: dist.Work, deadline: float, owner: "DelayedCollectives", name: str = "") -> None:
         super().__init__()
-        self._work, self._deadline, self._owner = work, deadline, owner
+        self._work, self._deadline, self._owner, self._name = work, deadline, owner, name
 
     def wait(self, *args, **kwargs):
         begin = time.perf_counter()
@@ -58,7 +58,7 @@ class DelayedWork(dist.Work):
             return self._work.wait(*args, **kwargs)
         finally:
             self._owner.sleep_until(self._deadline)
-            self._owner.blocked_s += time.perf_counter() - begin
+            self._owner.add_blocked(self._name, time.perf_counter() - begin)
 
     def is_completed(self) -> bool:
         return self._work.is_completed() and time.perf_counter() >= self._deadline
@@ -108,7 +108,8 @@ class DelayedCollectives:
     ``active``; a context manager (``with DelayedCollectives(20.0) as comm``).
 
     ``calls``: calls per collective name; ``blocked_s``: seconds the callers spent inside
-    synchronous calls and ``wait()`` (the delay's sleep included). ``reset()`` clears both.
+    synchronous calls and ``wait()`` (the delay's sleep included), and ``blocked_by_name`` the
+    same per collective name. ``reset()`` clears them.
     """
 
     def __init__(self, delay_ms: float = 0.0, cuda: bool = False) -> None:
@@ -118,6 +119,7 @@ class DelayedCollectives:
         self.cuda = cuda
         self.active = False
         self.calls: Counter = Counter()
+        self.blocked_by_name: Counter = Counter()
         self.blocked_s = 0.0
         self._saved: Dict[str, Callable] = {}
 
@@ -133,7 +135,12 @@ class DelayedCollectives:
 
     def reset(self) -> None:
         self.calls.clear()
+        self.blocked_by_name.clear()
         self.blocked_s = 0.0
+
+    def add_blocked(self, name: str, seconds: float) -> None:
+        self.blocked_s += seconds
+        self.blocked_by_name[name] += seconds
 
     @staticmethod
     def sleep_until(deadline: float) -> None:
@@ -150,9 +157,9 @@ class DelayedCollectives:
             deadline = issued + self.delay_s
             work = fn(*args, **kwargs)
             if work is not None:  # asynchronous: the wait pays what is left of the delay
-                return DelayedWork(work, deadline, self)
+                return DelayedWork(work, deadline, self, name)
             self.sleep_until(deadline)  # synchronous: completed, now the rest of the delay
-            self.blocked_s += time.perf_counter() - issued
+            self.add_blocked(name, time.perf_counter() - issued)
             return None
 
         delayed.__wrapped__ = fn

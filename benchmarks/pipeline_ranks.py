@@ -182,7 +182,8 @@ def _memory(active: List[PipelineProvider], feeds, env: RankEnv, comm: DelayedCo
 
 
 def _time(active: List[PipelineProvider], feeds, job: Job, comm: DelayedCollectives, say) -> Dict[tuple, list]:
-    """Per (provider, delay): this rank's ``(step ms, blocked ms, {collective: calls})`` per timed step."""
+    """Per (provider, delay): this rank's ``(step ms, blocked ms, {collective: calls}, {collective:
+    blocked ms})`` per timed step."""
     units = [(p, d) for d in job.delays_ms for p in active]
     records: Dict[tuple, list] = {(p.name, d): [] for p, d in units}
     say(f"time {job.rounds} rounds of {job.steps} steps for {len(units)} (provider, delay) pairs")
@@ -199,7 +200,8 @@ def _time(active: List[PipelineProvider], feeds, job: Job, comm: DelayedCollecti
                     begin = _now(p)
                     p.runner.progress(feed)
                     ms = (_now(p) - begin) * 1e3
-                    records[(p.name, delay)].append((ms, comm.blocked_s * 1e3, dict(comm.calls)))
+                    records[(p.name, delay)].append((ms, comm.blocked_s * 1e3, dict(comm.calls),
+                                                     {k: v * 1e3 for k, v in comm.blocked_by_name.items()}))
             finally:
                 comm.active = False
     return records
@@ -223,21 +225,26 @@ def _combine(active: List[PipelineProvider], gathered: List[Dict[tuple, list]], 
         per_rank = [g[(name, delay)] for g in gathered]
         steps = [max(s[k][0] for s in per_rank) for k in range(len(mine))]
         median, p20, p80 = quantiles(steps)
-        shares = [sum(b for _, b, _ in s) / sum(ms for ms, _, _ in s) for s in per_rank]
+        shares = [sum(x[1] for x in s) / sum(x[0] for x in s) for s in per_rank]
         p = by_name[name]
         first = warm[name]["first_output"]
         err = None if reference is None else float((first - warm[reference]["first_output"]).abs().max())
         out.append({"provider": name, "library": p.library, "pipeline": p.pipeline, "delay_ms": delay,
                     "median_ms": median, "p20_ms": p20, "p80_ms": p80, "samples_ms": steps,
                     "wait_share": sum(shares) / len(shares), "wait_share_by_rank": shares,
-                    "collectives_per_step": sum(sum(c.values()) for _, _, c in mine) / len(mine),
-                    "collectives_by_name": {k: sum(c.get(k, 0) for _, _, c in mine) / len(mine)
-                                            for k in sorted({k for _, _, c in mine for k in c})},
+                    "collectives_per_step": sum(sum(x[2].values()) for x in mine) / len(mine),
+                    "collectives_by_name": _mean_by_name([x[2] for x in mine]),
+                    "blocked_ms_by_name": _mean_by_name([x[3] for x in mine]),
                     "peak_mb": warm[name]["peak_mb"], "batches_held": warm[name]["held"],
                     "held_mb": warm[name]["held"] * batch_bytes / 2**20,
                     "first_output_err": err, "first_output_vs": reference, "plan": p.plan})
     _hidden(out)
     return out
+
+
+def _mean_by_name(steps: List[Dict[str, float]]) -> Dict[str, float]:
+    """Per collective name, the mean over steps (rank 0's)."""
+    return {k: sum(s.get(k, 0) for s in steps) / len(steps) for k in sorted({k for s in steps for k in s})}
 
 
 def _hidden(rows: List[dict]) -> None:
