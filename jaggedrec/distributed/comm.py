@@ -4,7 +4,11 @@
   status (did its batch pass the checks), its batch size and how many ids it will send.
   A rank whose batch was rejected still takes part, so a bad batch raises on every rank,
   with the bad rank's message, instead of leaving the others waiting in the next collective.
-* ``exchange``: uneven all-to-alls (lengths, ids, weights), launched together, then waited.
+  ``start_agree`` launches it and ``Agreement.wait`` reads it, so a train pipeline can
+  overlap it with other work.
+* ``exchange``: uneven all-to-alls (lengths, ids, weights), launched together, then waited
+  (``start_exchange``: launched only).
+* ``agree_on_pickup``: whether every rank's module takes the input a train pipeline sent ahead.
 * ``OutputDist``: the pooled rows' way back, one autograd function: an all-to-all for the
   exchanged columns, a reduce-scatter for the row-wise partial sums, and the replicas'
   local slice; launched asynchronously (``Pending.wait`` completes them). Its backward runs
@@ -45,45 +49,89 @@ def agree_on_batch(error: Optional[BaseException], batch_size: int, send_counts:
     Raises on every rank when any rank's batch was rejected (``error`` there), or when the
     ranks' batch sizes differ. ``device``: where the group's collectives take tensors (CUDA for NCCL).
     """
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    return start_agree(error, batch_size, send_counts, group, device).wait(owner)
+
+
+class Agreement:
+    """``agree_on_batch`` in flight: its all-to-all launched, ``wait`` reads the answer (and
+    runs the error path's collective when a rank failed). Every rank must wait it."""
+
+    def __init__(self, error: Optional[BaseException], batch_size: int, group, mine: torch.Tensor) -> None:
+        self._error, self._batch_size, self._group = error, batch_size, group
+        self._theirs = torch.empty_like(mine)
+        self._work = dist.all_to_all_single(self._theirs, mine, group=group, async_op=True)
+
+    def wait(self, owner: str) -> List[int]:
+        group, error, batch_size = self._group, self._error, self._batch_size
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        status, sizes, counts = self._theirs.unbind(1)
+        device = self._theirs.device
+        if bool(status.any()):
+            text = f"{type(error).__name__}: {error}" if error is not None else ""
+            buffer = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
+            raw = text.encode()[:_MESSAGE_BYTES]
+            if raw:
+                buffer[:len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+            buffer = buffer.to(device)
+            messages = torch.empty(world * _MESSAGE_BYTES, dtype=torch.uint8, device=device)
+            all_gather(messages, buffer, group, async_op=False)
+            if error is not None:
+                raise error
+            bad = [r for r in range(world) if status[r]]
+            first = bytes(messages.view(world, _MESSAGE_BYTES)[bad[0]].cpu().tolist()).rstrip(b"\0").decode(
+                errors="replace")
+            raise BatchRejected(f"{owner}: rank {bad[0]} rejected its batch, so every rank stops this step "
+                                f"(ranks {bad} failed): {first}")
+        if bool((sizes != batch_size).any()):
+            raise ValueError(f"{owner}: every rank must pass the same batch size in a step; ranks 0..{world - 1} "
+                             f"passed {sizes.tolist()} (this is rank {rank})")
+        return counts.tolist()
+
+
+def start_agree(error: Optional[BaseException], batch_size: int, send_counts: Sequence[int], group,
+                device: torch.device) -> Agreement:
+    """Launch ``agree_on_batch``'s all-to-all; ``Agreement.wait(owner)`` finishes it."""
     mine = torch.tensor([[int(error is not None), batch_size, n] for n in send_counts], dtype=torch.int64,
                         device=device)
-    theirs = torch.empty_like(mine)
-    dist.all_to_all_single(theirs, mine, group=group)
-    status, sizes, counts = theirs.unbind(1)
-    if bool(status.any()):
-        text = f"{type(error).__name__}: {error}" if error is not None else ""
-        buffer = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
-        raw = text.encode()[:_MESSAGE_BYTES]
-        if raw:
-            buffer[:len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
-        buffer = buffer.to(device)
-        messages = torch.empty(world * _MESSAGE_BYTES, dtype=torch.uint8, device=device)
-        all_gather(messages, buffer, group, async_op=False)
-        if error is not None:
-            raise error
-        bad = [r for r in range(world) if status[r]]
-        first = bytes(messages.view(world, _MESSAGE_BYTES)[bad[0]].cpu().tolist()).rstrip(b"\0").decode(errors="replace")
-        raise BatchRejected(f"{owner}: rank {bad[0]} rejected its batch, so every rank stops this step "
-                            f"(ranks {bad} failed): {first}")
-    if bool((sizes != batch_size).any()):
-        raise ValueError(f"{owner}: every rank must pass the same batch size in a step; ranks 0..{world - 1} "
-                         f"passed {sizes.tolist()} (this is rank {rank})")
-    return counts.tolist()
+    return Agreement(error, batch_size, group, mine)
 
 
 def exchange(sends: Sequence[Tuple[torch.Tensor, List[int], List[int]]], group) -> List[torch.Tensor]:
     """Uneven all-to-alls of ``(tensor, send splits, receive splits)`` along dim 0, launched
     together and then waited; returns the received tensors."""
+    received, works = start_exchange(sends, group)
+    for w in works:
+        w.wait()
+    return received
+
+
+def start_exchange(sends: Sequence[Tuple[torch.Tensor, List[int], List[int]]], group) -> Tuple[List[torch.Tensor], list]:
+    """``exchange`` launched: the received tensors (complete once the works are waited) and the works."""
     received, works = [], []
     for tensor, send_splits, recv_splits in sends:
         out = tensor.new_empty((sum(recv_splits),) + tuple(tensor.shape[1:]))
         works.append(dist.all_to_all_single(out, tensor.contiguous(), recv_splits, send_splits, group=group,
                                             async_op=True))
         received.append(out)
-    for w in works:
-        w.wait()
-    return received
+    return received, works
+
+
+def agree_on_pickup(picked: bool, group, device: torch.device, owner: str) -> bool:
+    """Whether every rank's sharded module takes the input dist a pipeline launched for it
+    (True), or every rank distributes its input again (False); raises on every rank when the
+    ranks differ, which would otherwise leave their next collectives unmatched."""
+    flags = torch.tensor([int(picked), -int(picked)], dtype=torch.int64, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    most, least = int(flags[0]), -int(flags[1])
+    if most != least:
+        raise RuntimeError(f"{owner}: some ranks received the KeyedJaggedTensor the train pipeline distributed "
+                           f"ahead and others a different one (rank {dist.get_rank(group)} "
+                           f"{'did' if picked else 'did not'}); a model must change its KJTs the same way on "
+                           f"every rank")
+    return bool(most)
 
 
 class Pending:

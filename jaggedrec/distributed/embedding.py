@@ -22,7 +22,7 @@ from jaggedrec.distributed.comm import Pending, rows_output_dist
 from jaggedrec.distributed.input_dist import InputDist, Routing
 from jaggedrec.distributed.shard_layout import REPLICA, ShardLayout
 from jaggedrec.distributed.shards import CollectionSharder, ShardedCollection, build_local_collection, check_env
-from jaggedrec.distributed.types import EmbeddingModuleShardingPlan, LazyAwaitable, ShardingEnv
+from jaggedrec.distributed.types import Awaitable, EmbeddingModuleShardingPlan, LazyAwaitable, ShardingEnv
 
 
 class EmbeddingCollectionAwaitable(LazyAwaitable[Dict[str, JaggedTensor]]):
@@ -76,7 +76,10 @@ class ShardedEmbeddingCollection(ShardedCollection):
     # --- forward -------------------------------------------------------------------------
     def forward(self, features: KeyedJaggedTensor) -> EmbeddingCollectionAwaitable:
         features = as_keyed_jagged_tensor(features)
-        local_kjt, b, own_lengths, routing = self._input_dists[0].route(features)
+        taken = self._take_input(features)
+        if isinstance(taken, Awaitable):  # a semi-sync pipeline's lookup, done a step ahead
+            return taken
+        local_kjt, b, own_lengths, routing = taken.wait()
         layout, rank, world = self._layout, self._env.rank, self._env.world_size
         mine = layout.local_features[rank]
         # per local feature j and source rank s: the rows of s's ids, [n_js, cols_j]

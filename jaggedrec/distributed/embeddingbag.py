@@ -23,7 +23,7 @@ from jaggedrec.distributed.comm import Pending, output_dist
 from jaggedrec.distributed.input_dist import InputDist
 from jaggedrec.distributed.shard_layout import EXCHANGE, REDUCE, REPLICA, ShardLayout
 from jaggedrec.distributed.shards import CollectionSharder, ShardedCollection, build_local_collection, check_env
-from jaggedrec.distributed.types import EmbeddingModuleShardingPlan, LazyAwaitable, ShardingEnv
+from jaggedrec.distributed.types import Awaitable, EmbeddingModuleShardingPlan, LazyAwaitable, ShardingEnv
 
 
 class EmbeddingBagCollectionAwaitable(LazyAwaitable[KeyedTensor]):
@@ -77,7 +77,10 @@ class ShardedEmbeddingBagCollection(ShardedCollection):
 
     # --- forward -------------------------------------------------------------------------
     def forward(self, features: KeyedJaggedTensor) -> EmbeddingBagCollectionAwaitable:
-        local_kjt, b, own_lengths = self._input_dists[0](as_keyed_jagged_tensor(features))
+        taken = self._take_input(as_keyed_jagged_tensor(features))
+        if isinstance(taken, Awaitable):  # a semi-sync pipeline's lookup, done a step ahead
+            return taken
+        local_kjt, b, own_lengths, _ = taken.wait()
         world = self._env.world_size
         if self._lookups:
             pooled = self._lookups[0](local_kjt).values()

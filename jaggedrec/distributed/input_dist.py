@@ -17,7 +17,7 @@ from torch import nn
 
 from jaggedrec.modules import validation
 from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
-from jaggedrec.distributed.comm import agree_on_batch, exchange
+from jaggedrec.distributed.comm import Agreement, start_agree, start_exchange
 from jaggedrec.distributed.shard_layout import ShardLayout
 
 
@@ -46,6 +46,11 @@ class InputDist(nn.Module):
                             for t, shards in enumerate(layout.table_shards) if shards[0].row_split}
         self._local_keys = [local for local, _, _ in layout.local_features[rank]]
 
+    @property
+    def owner(self) -> str:
+        """The collection's name in error messages."""
+        return self._spec.owner
+
     def extra_repr(self) -> str:
         return f"world_size={self._world}, rank={self._rank}, features={self._keys}"
 
@@ -60,30 +65,51 @@ class InputDist(nn.Module):
         local_kjt, b, own_lengths, _ = self.route(features)
         return local_kjt, b, own_lengths
 
+    @property
+    def keys(self) -> List[str]:
+        """The features this dist routes (every key the sharded collection needs)."""
+        return list(self._keys)
+
     def route(self, features: KeyedJaggedTensor) -> Tuple[KeyedJaggedTensor, int, Dict[str, torch.Tensor], "Routing"]:
         """``forward``, and where this rank's ids went (``Routing``), for an output dist that
         sends rows back per id."""
+        return self.start(features).wait()
+
+    def start(self, features: Optional[KeyedJaggedTensor], device: Optional[torch.device] = None,
+              missing: str = "") -> "InFlight":
+        """Check and route ``features`` here, launch the first collective (the ranks' agreement
+        on the step) and return the dist in flight; ``InFlight.wait`` completes it. A rank
+        without a KJT (``features`` None, ``missing`` saying why; ``device``: where the
+        collectives take tensors) still takes part, so that every rank raises."""
         error: Optional[BaseException] = None
         sends, batch_size, own_lengths, routing = None, -1, {}, None
         try:
+            if features is None:
+                raise ValueError(f"{self._spec.owner}: {missing}")
             _check(features, self._spec)
             batch_size = features.stride()
             own_lengths, sends, routing = self._route(features, batch_size)
         except (ValueError, TypeError) as e:
             error = e
         counts = [0] * self._world if sends is None else [int(v.numel()) for v in sends[1]]
-        device = features.values().device
-        recv_counts = agree_on_batch(error, batch_size, counts, self._group, self._spec.owner, device)
-        b, world = batch_size, self._world
-        n_local = len(self._local_keys)
+        device = features.values().device if features is not None else device
+        agreement = start_agree(error, batch_size, counts, self._group, device)
+        return InFlight(self, agreement, sends, counts, batch_size, own_lengths, routing)
+
+    def launch(self, sends, counts: List[int], recv_counts: List[int], b: int):
+        """The exchange of lengths, ids (and weights) launched: ``(received, works)``."""
+        world, n_local = self._world, len(self._local_keys)
         lengths, values, weights = sends
         send_lengths = [b * len(self._layout.local_features[r]) for r in range(world)]
         parts = [(torch.cat(lengths), send_lengths, [b * n_local] * world),
                  (torch.cat(values), counts, recv_counts)]
         if self._is_weighted:
             parts.append((torch.cat(weights), counts, recv_counts))
-        received = exchange(parts, self._group)
-        return self._local_kjt(received, b, n_local), b, own_lengths, routing
+        return start_exchange(parts, self._group)
+
+    def finish(self, received: List[torch.Tensor], b: int) -> KeyedJaggedTensor:
+        """The local KJT from the exchanged tensors."""
+        return self._local_kjt(received, b, len(self._local_keys))
 
     def _route(self, kjt: KeyedJaggedTensor, b: int):
         """Per destination rank: the lengths, ids and weights it gets, its local features' in order."""
@@ -152,6 +178,60 @@ class InputDist(nn.Module):
         return KeyedJaggedTensor(self._local_keys, values[gather],
                                  weights[gather] if weights is not None else None,
                                  lengths=lengths.permute(1, 0, 2).reshape(-1), stride=world * b)
+
+
+class InFlight:
+    """One input dist on its way, in three steps that every rank takes in the same order:
+    ``start`` launched the agreement; ``advance`` reads it and launches the exchange;
+    ``wait`` completes the exchange and returns what ``InputDist.route`` returns. An error
+    (this rank's bad batch, or another rank's) is kept and raised by ``wait``, so that a
+    pipeline sending a batch ahead raises it in the step that runs the batch. ``drop``
+    completes whatever was launched without raising (a dist nobody takes)."""
+
+    def __init__(self, owner: "InputDist", agreement: Agreement, sends, counts: List[int], batch_size: int,
+                 own_lengths: Dict[str, torch.Tensor], routing: Optional[Routing]) -> None:
+        self._owner, self._agreement = owner, agreement
+        self._sends, self._counts, self._b = sends, counts, batch_size
+        self._own_lengths, self._routing = own_lengths, routing
+        self._received: Optional[List[torch.Tensor]] = None
+        self._works: list = []
+        self._error: Optional[BaseException] = None
+
+    @property
+    def error(self) -> Optional[BaseException]:
+        """The error ``wait`` will raise, once ``advance`` has run (None: none)."""
+        return self._error
+
+    def advance(self) -> None:
+        """Read the agreement and launch the exchange (once; errors are kept for ``wait``)."""
+        if self._agreement is None:
+            return
+        agreement, self._agreement = self._agreement, None
+        try:
+            recv_counts = agreement.wait(self._owner.owner)
+        except (ValueError, TypeError) as e:  # BatchRejected is a ValueError
+            self._error = e
+            return
+        self._received, self._works = self._owner.launch(self._sends, self._counts, recv_counts, self._b)
+        self._sends = None  # the exchange holds what it needs; free the staging buffers
+
+    def wait(self) -> Tuple[KeyedJaggedTensor, int, Dict[str, torch.Tensor], Routing]:
+        self.advance()
+        self._complete()
+        if self._error is not None:
+            raise self._error
+        return self._owner.finish(self._received, self._b), self._b, self._own_lengths, self._routing
+
+    def drop(self) -> None:
+        """Complete what was launched and forget the result."""
+        self.advance()
+        self._complete()
+        self._received = None
+
+    def _complete(self) -> None:
+        for w in self._works:
+            w.wait()
+        self._works = []
 
 
 def _check(kjt: KeyedJaggedTensor, spec: validation.FeatureSpec) -> None:

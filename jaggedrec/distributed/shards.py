@@ -20,7 +20,15 @@ INIT_BLOCK_ROWS = 4096
 
 
 class ShardedCollection(ShardedStateDict, nn.Module):
-    """What both sharded collections hold: ``_env``, ``_plan``, ``_fused``, ``_lookups``."""
+    """What both sharded collections hold: ``_env``, ``_plan``, ``_fused``, ``_lookups``,
+    ``_input_dists``, ``_device``.
+
+    A train pipeline (``jaggedrec.distributed.train_pipeline``) attaches itself with
+    ``set_input_source``: the forward then asks it first for the input dist it launched
+    ahead for the KJT received (or, semi-synchronously, for the whole output), and
+    distributes the KJT itself only when the pipeline has none."""
+
+    _input_source = None  # the attached pipeline's hook (see set_input_source)
 
     @property
     def plan(self) -> EmbeddingModuleShardingPlan:
@@ -37,6 +45,37 @@ class ShardedCollection(ShardedStateDict, nn.Module):
 
     def extra_repr(self) -> str:
         return f"world_size={self._env.world_size}, rank={self._env.rank}"
+
+    # --- train pipelines -----------------------------------------------------------------
+    @property
+    def process_group(self):
+        return self._group
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def input_feature_names(self) -> List[str]:
+        """The features ``forward`` needs in its KJT."""
+        return self._input_dists[0].keys
+
+    def start_input_dist(self, features, missing: str = ""):
+        """Launch the input dist of ``features`` (a jaggedrec KJT, or None with ``missing``
+        saying why: every rank then raises in the step); an ``input_dist.InFlight``."""
+        return self._input_dists[0].start(features, self._device, missing)
+
+    def set_input_source(self, source) -> None:
+        """Attach a train pipeline's hook (None: detach). ``source.take(module, kjt)`` returns
+        the ``InFlight`` input dist or the ``Awaitable`` output it has for ``kjt``, or None."""
+        self._input_source = source
+
+    def _take_input(self, features):
+        """The pipeline's ``InFlight`` or ``Awaitable`` for ``features``, else a new input dist."""
+        if self._input_source is not None:
+            taken = self._input_source.take(self, features)
+            if taken is not None:
+                return taken
+        return self._input_dists[0].start(features)
 
 
 class CollectionSharder(ModuleSharder[nn.Module]):
