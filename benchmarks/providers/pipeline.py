@@ -44,9 +44,13 @@ HIDDEN = 32  # the MLPs' width
 
 @dataclass
 class PipelineBatch:
-    """One rank's batch: ``dense_features`` [B, dense_in], ``sparse_features`` (a KJT of B bags
-    per key), ``labels`` [B]; movable as a pipeline expects (``to``, ``record_stream``,
-    ``pin_memory``). TorchRec's providers get ``torchrec.datasets.utils.Batch`` instead."""
+    """One rank's batch: ``dense_features`` [B, dense_in], ``sparse_features`` (the library's KJT
+    of B bags per key), ``labels`` [B]; movable as a pipeline expects (``to``, ``record_stream``,
+    ``pin_memory``), for both libraries (registered as TorchRec's ``Pipelineable``).
+
+    ``record_stream`` does nothing for host tensors: TorchRec's semi-sync pipeline calls it on
+    CPU too (with the CPU's current stream), which ``torch.Tensor.record_stream`` refuses
+    ("unknown parameter type"), and TorchRec's own ``datasets.utils.Batch`` passes it on."""
 
     dense_features: torch.Tensor
     sparse_features: object
@@ -58,6 +62,8 @@ class PipelineBatch:
                              self.labels.to(device, non_blocking=non_blocking))
 
     def record_stream(self, stream) -> None:
+        if not self.labels.is_cuda:
+            return
         self.dense_features.record_stream(stream)
         self.sparse_features.record_stream(stream)
         self.labels.record_stream(stream)
@@ -140,6 +146,10 @@ class PipelineProvider:
             reason = import_error(import_torchrec)
             if reason:
                 return reason
+        if self.library == "torchrec" and self.pipeline == "semi_sync" and w.device != "cuda":
+            # its lookup stage calls record_stream on the KJTs it hands to the sharded modules,
+            # which torch refuses for host tensors (RuntimeError: unknown parameter type)
+            return "TorchRec's TrainPipelineSemiSync records CUDA streams on its KJTs: CUDA only"
         try:
             pipeline_class(self.library, self.pipeline)
         except Exception as e:  # ImportError, AttributeError: this library has no such pipeline (yet)
@@ -194,6 +204,9 @@ class PipelineProvider:
         from torchrec.distributed.types import ShardingPlan
         from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+        from torchrec.streamable import Pipelineable
+
+        Pipelineable.register(PipelineBatch)  # TorchRec's pipelines assert isinstance(batch, Pipelineable)
         env = self.env
         sharder = EmbeddingBagCollectionSharder(fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
                                                               "learning_rate": LEARNING_RATE, "eps": EPS})
@@ -217,9 +230,7 @@ class PipelineProvider:
         """This rank's batch in the library's types (``local``: its slice of the global ids)."""
         b = local.lengths.numel() // w.tables
         if self.library == "torchrec":
-            from torchrec.datasets.utils import Batch as TorchRecBatch
-
-            return TorchRecBatch(dense_features=dense, sparse_features=torchrec_kjt(w.keys, local, b), labels=labels)
+            return PipelineBatch(dense, torchrec_kjt(w.keys, local, b), labels)
         return PipelineBatch(dense, local.jaggedrec_kjt(w.keys), labels)
 
     def release(self) -> None:
