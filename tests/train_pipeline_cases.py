@@ -167,9 +167,13 @@ def build(world: int, setup: dict):
     """The DMP model and its dense optimizer for ``setup`` (the same every call)."""
     torch.manual_seed(17)
     net = Net(setup.get("vbe", False), setup.get("modify_on", ()), setup.get("raise_at", -1))
+    if setup["ec_opt"] == "in_backward_sgd":  # TorchRec's other way: an optimizer on the weights
+        from torch.distributed.optim import _apply_optimizer_in_backward
+        _apply_optimizer_in_backward(torch.optim.SGD, net.ec.parameters(), {"lr": 0.2})
     sharders = [EmbeddingBagCollectionSharder(FUSED[setup["ebc_opt"]]),
-                EmbeddingCollectionSharder(FUSED[setup["ec_opt"]])]
+                EmbeddingCollectionSharder(FUSED.get(setup["ec_opt"]))]
     dmp = DistributedModelParallel(net, plan=_plans(world, setup["plan"]), sharders=sharders)
+    assert dmp.module.ebc.fused_optimizer is not None and dmp.module.ec.fused_optimizer is not None
     dense = [p for n, p in dmp.named_parameters() if not n.startswith(("ebc.", "ec."))]
     return dmp, torch.optim.SGD(dense, lr=0.1)
 
@@ -262,8 +266,8 @@ def _run(cls, world: int, setup: dict, batches: List[Batch], **kwargs):
 
 SETUPS = {
     "mixed/sgd+adam/vbe": dict(plan="mixed", ebc_opt="sgd", ec_opt="adam", vbe=True),
-    "whole/rowwise_adagrad/modified": dict(plan="whole", ebc_opt="rowwise_adagrad", ec_opt="rowwise_adagrad",
-                                           modify_on="all"),
+    "whole/rowwise_adagrad+in_backward_sgd/modified": dict(plan="whole", ebc_opt="rowwise_adagrad",
+                                                           ec_opt="in_backward_sgd", modify_on="all"),
 }
 STEPS = 20
 
@@ -279,8 +283,12 @@ def equal_training_cases(rank: int, world: int) -> Dict[str, dict]:
             setup["modify_on"] = tuple(range(world))
         batches = make_batches(rank, world, STEPS, vbe=setup.get("vbe", False))
         ref, ref_opt = build(world, setup)
+        initial = weights(build(world, setup)[0])
         expected = plain_loop(ref, ref_opt, batches)
         assert not any(isinstance(e, str) for e in expected)
+        trained = weights(ref)
+        for prefix in ("ebc.", "ec.", "top."):  # every part trains: the comparison below means something
+            assert any(not torch.equal(trained[n], initial[n]) for n in trained if n.startswith(prefix)), prefix
         pipelines = ((TrainPipelineBase, 2), (TrainPipelineSparseDist, 3)) if setup.get("vbe") else \
             ((TrainPipelineSparseDist, 3),)
         for cls, stages in pipelines:
