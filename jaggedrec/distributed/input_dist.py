@@ -220,7 +220,20 @@ class InFlight:
         self._complete()
         if self._error is not None:
             raise self._error
+        self._record_stream()
         return self._owner.finish(self._received, self._b), self._b, self._own_lengths, self._routing
+
+    def _record_stream(self) -> None:
+        """On CUDA, a pipeline may have started this dist on its own stream: the caching
+        allocator must not reuse the tensors handed over before the current stream is done."""
+        handed = list(self._received) + list(self._own_lengths.values())
+        if self._routing is not None:
+            handed += list(self._routing.orders.values())
+        current = None
+        for t in handed:
+            if t.is_cuda:
+                current = current or torch.cuda.current_stream(t.device)
+                t.record_stream(current)
 
     def drop(self) -> None:
         """Complete what was launched and forget the result."""
