@@ -29,9 +29,10 @@ def _check_memory(report, world):
 def test_pipelines_on_two_ranks():
     """20 steps bit-identical to the plain loop (fused SGD/Adam/row-wise Adagrad, TW/RW/CW/
     TWRW/DP tables, DDP dense part, a VBE KJT, a model that changes the EC's KJT: counted
-    fallbacks); semi-sync against its definition; failures and the end of the data."""
-    report, semi, failures = _cases(2, (CASES, "equal_training_cases"), (CASES, "semi_sync_cases"),
-                                    (CASES, "failure_cases"))
+    fallbacks); semi-sync against its definition; failures and the end of the data; the
+    input dists' all-to-alls outside the model's forward."""
+    report, semi, failures, _ = _cases(2, (CASES, "equal_training_cases"), (CASES, "semi_sync_cases"),
+                                       (CASES, "failure_cases"), (CASES, "overlap_cases"))
     _check_memory(report, 2)
     assert semi == [["semi_sync/0", "semi_sync/4"]] * 2
     assert failures[0][:2] == ["raise/TrainPipelineSparseDist/RuntimeError", "raise/TrainPipelineSemiSync/RuntimeError"]

@@ -367,3 +367,48 @@ def failure_cases(rank: int, world: int) -> List[str]:
     pipe.close()
     checked.append("one_rank_modifies")
     return checked
+
+
+def overlap_cases(rank: int, world: int) -> List[int]:
+    """Where the all-to-alls run: in the plain loop each sharded module's input dist (the
+    agreement and the lengths and ids exchanges: 3 all-to-alls) runs inside the model's
+    forward; under TrainPipelineSparseDist they run outside it (batch i+1's, beside batch
+    i's step), so each forward holds 3 fewer per module, and the run as many in all."""
+    setup = dict(plan="mixed", ebc_opt="sgd", ec_opt="adam")
+    batches = make_batches(rank, world, 5)
+    real = dist.all_to_all_single
+    counts = []
+
+    def run(train):
+        log = []
+
+        def logged(*args, **kwargs):
+            log.append("a2a")
+            return real(*args, **kwargs)
+
+        dmp, opt = build(world, setup)
+        dmp.module.register_forward_pre_hook(lambda *_: log.append("fwd"))
+        dmp.module.register_forward_hook(lambda *_: log.append("end"))
+        dist.all_to_all_single = logged
+        try:
+            train(dmp, opt)
+        finally:
+            dist.all_to_all_single = real
+        inside, depth = [], 0
+        for item in log:
+            if item == "fwd":
+                inside.append(0)
+                depth = 1
+            elif item == "end":
+                depth = 0
+            elif depth:
+                inside[-1] += 1
+        return inside, log.count("a2a")
+
+    plain_inside, plain_total = run(lambda dmp, opt: plain_loop(dmp, opt, batches))
+    piped_inside, piped_total = run(lambda dmp, opt: run_pipeline(TrainPipelineSparseDist(dmp, opt, "cpu"), batches))
+    assert len(plain_inside) == len(piped_inside) == len(batches)
+    assert [p - q for p, q in zip(plain_inside, piped_inside)] == [3 * 2] * len(batches), (plain_inside, piped_inside)
+    assert plain_total == piped_total, (plain_total, piped_total)
+    counts.extend(piped_inside)
+    return counts

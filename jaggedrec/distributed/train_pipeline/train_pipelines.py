@@ -260,8 +260,9 @@ class TrainPipelineSparseDist(_Pipeline[In, Out]):
     def _fill(self, dataloader_iter: Iterator[In]) -> None:
         while len(self._slots) < self._depth and self._enqueue(dataloader_iter):
             pass
-        if self._slots:
+        if self._slots:  # the first batch: its whole dist before its forward
             self._start(self._slots[0])
+            self._advance(self._slots[0])
 
     def progress(self, dataloader_iter: Iterator[In]) -> Out:
         self._fill(dataloader_iter)
