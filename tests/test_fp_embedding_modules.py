@@ -252,3 +252,12 @@ def test_compile_without_graph_breaks():
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counter.frame_count == 1
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("form", ["dict", "collection"])
+def test_fx_symbolic_trace(form):
+    """TorchRec's pipelines trace the model with torch.fx: the weighting is one graph node."""
+    fp = _fpebc(form)
+    traced = torch.fx.symbolic_trace(fp)
+    batch = _batch(torch.Generator().manual_seed(2), KEYS, 6)
+    torch.testing.assert_close(traced(batch.kjt).values(), fp(batch.kjt).values(), rtol=0, atol=0)

@@ -189,19 +189,7 @@ class PositionWeightedModule(FeatureProcessor):
             the same ids and bags with ``[N]`` weights, ``position_weight[p]`` for the id at
             position ``p`` of its bag.
         """
-        if self._pre_processed:  # positions were written into the weights beforehand
-            weights = self.position_weight.index_select(0, features.weights().to(torch.int64))
-        else:
-            lengths, offsets = features.lengths(), features.offsets()
-            limit = self.position_weight.shape[0]
-            bags = lengths.shape[0]
-            zeros = torch.zeros(bags, dtype=torch.int64, device=lengths.device)
-            check_bag_lengths(lengths, torch.full_like(lengths, limit), zeros, ["feature"], [limit],
-                              "PositionWeightedModule")
-            weights = gather_position_weights(self.position_weight, lengths, offsets, zeros,
-                                              features.values().shape[0])
-        return JaggedTensor(values=features.values(), lengths=features.lengths(), offsets=features.offsets(),
-                            weights=weights)
+        return position_weighted_jagged(self.position_weight, features, self._pre_processed)
 
     def pre_process_input(self, features: JaggedTensor) -> None:
         """Write each id's position into ``features``' weights, in place; ``forward`` then reads
@@ -258,12 +246,10 @@ class PositionWeightedModuleCollection(FeatureProcessorsCollection):
             the same KJT with ``[N]`` weights: by position for the keys with position weights,
             1 for the others. A TorchRec KJT is taken as it is (its tensors shared).
         """
-        features = as_keyed_jagged_tensor(features)
         if self._pre_processed:
-            weights = self._weights_from_positions(features)
-        else:
-            weights = keyed_position_weights(features, self.position_weights_dict, "PositionWeightedModuleCollection")
-        return with_weights(features, weights)
+            features = as_keyed_jagged_tensor(features)
+            return with_weights(features, self._weights_from_positions(features))
+        return position_weighted_kjt(features, self.position_weights_dict, "PositionWeightedModuleCollection")
 
     def _weights_from_positions(self, features: KeyedJaggedTensor) -> torch.Tensor:
         positions = features.weights().to(torch.int64)
@@ -289,6 +275,32 @@ class PositionWeightedModuleCollection(FeatureProcessorsCollection):
         return self.to(device)
 
 
+@torch.fx.wrap  # one node of a torch.fx graph: it branches on the batch
+def position_weighted_jagged(position_weight: torch.Tensor, features: JaggedTensor,
+                             pre_processed: bool) -> JaggedTensor:
+    """``features`` weighted by ``position_weight`` (``[L]``) by position, or, when
+    ``pre_processed``, by the positions its weights hold."""
+    if pre_processed:
+        weights = position_weight.index_select(0, features.weights().to(torch.int64))
+    else:
+        lengths, offsets = features.lengths(), features.offsets()
+        limit = position_weight.shape[0]
+        zeros = torch.zeros(lengths.shape[0], dtype=torch.int64, device=lengths.device)
+        check_bag_lengths(lengths, torch.full_like(lengths, limit), zeros, ["feature"], [limit],
+                          "PositionWeightedModule")
+        weights = gather_position_weights(position_weight, lengths, offsets, zeros, features.values().shape[0])
+    return JaggedTensor(values=features.values(), lengths=features.lengths(), offsets=features.offsets(),
+                        weights=weights)
+
+
+@torch.fx.wrap  # one node of a torch.fx graph: it branches on the batch
+def position_weighted_kjt(features: KeyedJaggedTensor, weights: Mapping[str, torch.Tensor],
+                          owner: str) -> KeyedJaggedTensor:
+    """``features`` (jaggedrec's KJT or TorchRec's) with :func:`keyed_position_weights` as its weights."""
+    features = as_keyed_jagged_tensor(features)
+    return with_weights(features, keyed_position_weights(features, weights, owner))
+
+
 def with_weights(features: KeyedJaggedTensor, weights: torch.Tensor) -> KeyedJaggedTensor:
     """``features`` with ``weights`` as its ``[N]`` per-id weights, sharing every other tensor
     and the batch layout (VBE and inverse indices included)."""
@@ -305,9 +317,14 @@ def with_weights(features: KeyedJaggedTensor, weights: torch.Tensor) -> KeyedJag
     return kjt
 
 
-def position_weight_tables(processors: Mapping[str, nn.Module]) -> Optional[Dict[str, torch.Tensor]]:
-    """Per feature, the position weights of ``processors`` when every one is a
-    ``PositionWeightedModule`` not switched to pre-processed positions; else None."""
+def position_weight_tables(processors: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
+    """Per feature, the position weights of ``processors`` (a ``{feature: processor}``
+    ModuleDict or a collection processor) when they are all position weights read by
+    position (not ``pre_processed``); else None, and the processors must run themselves."""
+    if type(processors) is PositionWeightedModuleCollection:
+        return None if processors.pre_processed else processors.position_weights_dict
+    if not isinstance(processors, nn.ModuleDict):
+        return None
     out: Dict[str, torch.Tensor] = {}
     for key, module in processors.items():
         if type(module) is not PositionWeightedModule or module.pre_processed:

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from jaggedrec.modules.embedding_modules import EmbeddingBagCollection
+from jaggedrec.modules import feature_processor_
 from jaggedrec.modules.feature_processor_ import (FeatureProcessor, FeatureProcessorsCollection,
-                                                  PositionWeightedModuleCollection, keyed_position_weights,
                                                   position_weight_tables, with_weights)
 from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor, as_keyed_jagged_tensor
 
@@ -36,15 +36,15 @@ class FeatureProcessorDictWrapper(FeatureProcessorsCollection):
         self._feature_processors = feature_processors
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        tables = position_weight_tables(self._feature_processors)
+        if tables is not None:
+            return feature_processor_.position_weighted_kjt(features, tables, _OWNER)
         return apply_feature_processors_to_kjt(as_keyed_jagged_tensor(features), self._feature_processors)
 
 
 def apply_feature_processors_to_kjt(features: KeyedJaggedTensor,
                                     feature_processors: Mapping[str, nn.Module]) -> KeyedJaggedTensor:
     """``features`` weighted by ``feature_processors`` (per key; 1 for keys without one)."""
-    tables = position_weight_tables(feature_processors)
-    if tables is not None:
-        return with_weights(features, keyed_position_weights(features, tables, _OWNER))
     parts = []
     jts = features.to_dict()
     for key in features.keys():
@@ -115,13 +115,13 @@ class FeatureProcessedEmbeddingBagCollection(nn.Module):
         Returns:
             KeyedTensor with ``[B, sum(dims)]`` fp32 values, as the collection's.
         """
-        features = as_keyed_jagged_tensor(features)
         processors = self._feature_processors
-        if isinstance(processors, nn.ModuleDict):
-            weighted = apply_feature_processors_to_kjt(features, processors)
-        elif type(processors) is PositionWeightedModuleCollection and not processors.pre_processed:
-            weighted = with_weights(features, keyed_position_weights(features, processors.position_weights_dict,
-                                                                     _OWNER))
+        tables = position_weight_tables(processors)
+        if tables is not None:
+            # through the module: the name torch.fx.wrap swaps for a graph node while tracing
+            weighted = feature_processor_.position_weighted_kjt(features, tables, _OWNER)
+        elif isinstance(processors, nn.ModuleDict):
+            weighted = apply_feature_processors_to_kjt(as_keyed_jagged_tensor(features), processors)
         else:
             weighted = as_keyed_jagged_tensor(processors(features))
         return self._embedding_bag_collection(weighted)

@@ -26,6 +26,8 @@ FILES=(
     torchrec/sparse/tests/test_jagged_tensor_validator.py
     torchrec/sparse/tests/test_tensor_dict.py
     torchrec/modules/tests/test_embedding_modules.py
+    torchrec/modules/tests/test_feature_processor_.py
+    torchrec/modules/tests/test_fp_embedding_modules.py
 )
 # the test files run from a flat folder of their own, so that `import torchrec` finds the
 # installed package and not the checkout's sources

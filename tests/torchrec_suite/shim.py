@@ -42,6 +42,15 @@ def _point_torchrec_at_jaggedrec() -> None:
     for name in ("EmbeddingBagCollection", "EmbeddingCollection"):
         setattr(tr_modules, name, getattr(jaggedrec, name))
         setattr(torchrec, name, getattr(jaggedrec, name))
+    import torchrec.modules.feature_processor_ as tr_fp
+    import torchrec.modules.fp_embedding_modules as tr_fp_modules
+
+    from jaggedrec.modules import feature_processor_, fp_embedding_modules
+
+    for name in ("FeatureProcessor", "FeatureProcessorsCollection", "PositionWeightedModule",
+                 "PositionWeightedModuleCollection"):
+        setattr(tr_fp, name, getattr(feature_processor_, name))
+    tr_fp_modules.FeatureProcessedEmbeddingBagCollection = fp_embedding_modules.FeatureProcessedEmbeddingBagCollection
 
 
 if os.environ.get("JAGGEDREC_SUITE") == "jaggedrec":
