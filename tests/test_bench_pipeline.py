@@ -95,14 +95,15 @@ def test_negative_delay_is_refused():
 
 
 def test_hidden_is_the_share_of_the_plain_loops_added_time():
-    rows = [{"provider": f"jaggedrec_{p}", "library": "jaggedrec", "pipeline": p, "delay_ms": d, "median_ms": ms}
-            for p, d, ms in [("none", 0.0, 10.0), ("none", 20.0, 90.0), ("sparse_dist", 0.0, 11.0),
+    rows = [{"provider": f"jaggedrec_{p}", "library": "jaggedrec", "pipeline": p, "delay_ms": d, "median_ms": ms,
+             "p20_ms": ms / 2} for p, d, ms in [("none", 0.0, 10.0), ("none", 20.0, 90.0), ("sparse_dist", 0.0, 11.0),
                              ("sparse_dist", 20.0, 31.0)]]
     _hidden(rows)
     by = {(r["pipeline"], r["delay_ms"]): r for r in rows}
     assert by[("none", 20.0)]["delay_cost_ms"] == 80.0 and by[("none", 20.0)]["hidden"] == 0.0
     assert by[("sparse_dist", 20.0)]["delay_cost_ms"] == 20.0
     assert by[("sparse_dist", 20.0)]["hidden"] == pytest.approx(0.75)
+    assert by[("sparse_dist", 20.0)]["hidden_p20"] == pytest.approx(0.75)  # the same, from the p20s
     assert by[("sparse_dist", 0.0)]["hidden"] is None
 
 
