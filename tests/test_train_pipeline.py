@@ -34,7 +34,7 @@ def test_pipelines_on_two_ranks():
     report, semi, failures, _ = _cases(2, (CASES, "equal_training_cases"), (CASES, "semi_sync_cases"),
                                        (CASES, "failure_cases"), (CASES, "overlap_cases"))
     _check_memory(report, 2)
-    assert semi == [["semi_sync/0", "semi_sync/4"]] * 2
+    assert semi == [["semi_sync/0", "semi_sync/4", "semi_sync/ec_falls_back"]] * 2
     assert failures[0][:2] == ["raise/TrainPipelineSparseDist/RuntimeError", "raise/TrainPipelineSemiSync/RuntimeError"]
     # the bad id is on rank 1: it raises its own error, rank 0 learns of it
     assert failures[0][2:4] == ["bad_id/TrainPipelineSparseDist/BatchRejected",
@@ -47,7 +47,7 @@ def test_pipelines_on_two_ranks():
 def test_pipelines_on_three_ranks(world):
     report, semi = _cases(world, (CASES, "equal_training_cases"), (CASES, "semi_sync_cases"))
     _check_memory(report, world)
-    assert semi == [["semi_sync/0", "semi_sync/4"]] * world
+    assert semi == [["semi_sync/0", "semi_sync/4", "semi_sync/ec_falls_back"]] * world
 
 
 # --- in one process: the call shape, TorchRec's names, refused options --------------------

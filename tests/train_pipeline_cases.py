@@ -178,9 +178,10 @@ def build(world: int, setup: dict):
     return dmp, torch.optim.SGD(dense, lr=0.1)
 
 
-def plain_loop(dmp, opt, batches, semi_sync_from: Optional[int] = None) -> List[object]:
-    """Train without a pipeline; ``semi_sync_from``: batch k >= it is looked up (both sharded
-    modules, explicitly) before batch k-1's forward. Failed steps give the exception's type."""
+def plain_loop(dmp, opt, batches, semi_sync_from: Optional[int] = None, ahead=("ebc", "ec")) -> List[object]:
+    """Train without a pipeline; ``semi_sync_from``: batch k >= it is looked up (the sharded
+    modules named in ``ahead``, explicitly) before batch k-1's forward. Failed steps give the
+    exception's type."""
     model = dmp.module
     out, looked = [], {}
 
@@ -189,7 +190,7 @@ def plain_loop(dmp, opt, batches, semi_sync_from: Optional[int] = None) -> List[
             kjt = batches[k].sparse_features
             try:  # its backward reads the rows as they are then (see TrainPipelineSemiSync)
                 with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-                    looked[k] = {"ebc": model.ebc(kjt), "ec": model.ec(kjt)}
+                    looked[k] = {name: getattr(model, name)(kjt) for name in ahead}
             except ValueError as e:  # a rejected batch: raised in its own step
                 looked[k] = e
 
@@ -332,6 +333,17 @@ def semi_sync_cases(rank: int, world: int) -> List[str]:
         assert pipe.memory_stats()["peak_batches"] == 3, pipe.memory_stats()
         pipe.close()
         checked.append(f"semi_sync/{start}")
+    # the model remaps the EC's ids: the EC's early lookup is dropped (its output dist
+    # completed, its graph freed) and the EC looks up afresh, with the current weights
+    modified = dict(setup, modify_on=tuple(range(world)))
+    ref, ref_opt = build(world, modified)
+    expected = plain_loop(ref, ref_opt, batches, semi_sync_from=0, ahead=("ebc",))
+    dmp, pipe, got, warned = _run(TrainPipelineSemiSync, world, modified, batches, start_batch=0)
+    assert_same_steps(got, expected, "semi-sync, EC modified")
+    assert_same(weights(dmp), weights(ref), "semi-sync, EC modified")
+    assert pipe.fallbacks == {"ec": len(batches)} and len(warned) == 1, (pipe.fallbacks, warned)
+    pipe.close()
+    checked.append("semi_sync/ec_falls_back")
     return checked
 
 
