@@ -33,7 +33,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from typing import Callable, Dict
+from typing import Callable, Dict, Iterable
 
 import torch
 import torch.distributed as dist
@@ -107,16 +107,21 @@ class DelayedCollectives:
     """``torch.distributed``'s collectives, each delayed by ``delay_ms`` and counted while
     ``active``; a context manager (``with DelayedCollectives(20.0) as comm``).
 
-    ``calls``: calls per collective name; ``blocked_s``: seconds the callers spent inside
+    ``undelayed``: names of collectives that are counted and timed but not delayed, to find
+    which of them a pipeline still pays for. ``calls``: calls per collective name; ``blocked_s``: seconds the callers spent inside
     synchronous calls and ``wait()`` (the delay's sleep included), and ``blocked_by_name`` the
     same per collective name. ``reset()`` clears them.
     """
 
-    def __init__(self, delay_ms: float = 0.0, cuda: bool = False) -> None:
+    def __init__(self, delay_ms: float = 0.0, cuda: bool = False, undelayed: Iterable[str] = ()) -> None:
         if delay_ms < 0:
             raise ValueError(f"the collective delay must be >= 0 ms, got {delay_ms}")
+        unknown = sorted(set(undelayed) - set(COLLECTIVES))
+        if unknown:
+            raise ValueError(f"not a wrapped collective: {', '.join(unknown)} (they are {', '.join(COLLECTIVES)})")
         self.delay_s = delay_ms / 1e3
         self.cuda = cuda
+        self.undelayed = frozenset(undelayed)  # counted and timed, never delayed (to find who pays)
         self.active = False
         self.calls: Counter = Counter()
         self.blocked_by_name: Counter = Counter()
@@ -154,7 +159,7 @@ class DelayedCollectives:
                 return fn(*args, **kwargs)
             self.calls[name] += 1
             issued = time.perf_counter()
-            deadline = issued + self.delay_s
+            deadline = issued + (0.0 if name in self.undelayed else self.delay_s)
             work = fn(*args, **kwargs)
             if work is not None:  # asynchronous: the wait pays what is left of the delay
                 return DelayedWork(work, deadline, self, name)

@@ -30,6 +30,7 @@ import torch
 
 from jaggedrec.testing import RankFailure, run_ranks
 
+from .comm_delay import COLLECTIVES
 from .flags import build_parser, select_providers
 from .presets import preset_workloads
 from .providers.pipeline import LIBRARIES, PIPELINES
@@ -60,6 +61,9 @@ def add_pipeline_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--comm-delay-ms", type=_delays,
                    help="delay every collective by this many ms from issue to completion (a comma list runs "
                         "each; include 0 to see what the delay adds; default 0)")
+    g.add_argument("--comm-undelayed", type=_choices(COLLECTIVES), default=[],
+                   help="comma list of collectives to leave undelayed (still counted), e.g. all_reduce: which "
+                        "of them a pipeline still pays for")
     g.add_argument("--steps", type=int, default=8, help="timed steps per turn of the pipeline benchmark (default 8)")
     g.add_argument("--dense-features", type=int, default=13, help="dense inputs per sample (default 13)")
 
@@ -165,7 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     job = Job(workload=w, pipelines=pipelines, libraries=libraries, delays_ms=delays,
               rounds=args.repeats or (5 if device == "cpu" else 10), steps=args.steps, batches=max(1, args.batches),
               dense_in=args.dense_features, seed=args.seed, device=device, sharding=args.sharding or "table_wise",
-              progress=not args.no_progress)
+              progress=not args.no_progress, undelayed=tuple(args.comm_undelayed))
     try:
         results = run_ranks(_rank_main, world, job, timeout=args.timeout, collective_timeout=min(300.0, args.timeout),
                             backend=backend, threads=threads)
@@ -176,7 +180,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     doc = {"module": "pipeline", "command": ["jaggedrec-bench"] + argv, "machine": machine,
            "config": {**w.as_dict(), "dense_features": job.dense_in, "sharding": job.sharding, "world_size": world,
                       "global_batch": world * w.batch_size, "steps_per_turn": job.steps, "rounds": job.rounds,
-                      "batch_bytes_per_rank": result["batch_bytes"], "delays_ms": delays, "pipelines": pipelines},
+                      "batch_bytes_per_rank": result["batch_bytes"], "delays_ms": delays, "pipelines": pipelines,
+                      "undelayed": list(job.undelayed)},
            "rows": result["rows"], "skipped": result["skipped"]}
     print("\n" + format_table(doc))
     memory = "CUDA max_memory_allocated" if device == "cuda" else "RSS high-water mark, approximate"
@@ -207,6 +212,8 @@ def format_table(doc: dict) -> str:
     head = (f"{c['world_size']} ranks, --sharding {c['sharding']}, {c['tables']} tables x {c['num_embeddings']} rows, "
             f"dims {','.join(str(d) for d in c['dims'])}, {c['batch_size']} samples/rank, {c['dense_features']} dense "
             f"features, pooling {c['pooling_factor']:g}")
+    if c.get("undelayed"):
+        head += f"; not delayed: {', '.join(c['undelayed'])}"
     lines = [head] + aligned_rows(rows)
     lines += [f"  skipped {name}: {reason}" for name, reason in doc["skipped"].items()]
     lines += sorted({f"  plan {r['provider'].split('_')[0]}: {r['plan']}" for r in doc["rows"] if r["plan"]})

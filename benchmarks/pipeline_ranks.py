@@ -48,6 +48,7 @@ class Job:
     device: str
     sharding: str
     progress: bool
+    undelayed: Sequence[str] = ()   # collectives counted but never delayed
 
 
 def _agree(value) -> list:
@@ -128,7 +129,7 @@ def run_on_rank(job: Job, env: RankEnv, say: Callable[[str], None]) -> Optional[
                 active.append(p)
         del tables
         feeds = {p.name: _Feed(p, local, w, dense) for p in active}
-        with DelayedCollectives(cuda=env.device.type == "cuda") as comm:
+        with DelayedCollectives(cuda=env.device.type == "cuda", undelayed=job.undelayed) as comm:
             warm = _warm_up(active, feeds, comm, skipped, say)
             _memory(active, feeds, env, comm, warm)
             records = _time(active, feeds, job, comm, say)

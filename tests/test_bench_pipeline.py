@@ -92,6 +92,22 @@ def test_asynchronous_collective_hides_the_delay_behind_work(one_rank_group):
 def test_negative_delay_is_refused():
     with pytest.raises(ValueError, match="delay must be >= 0"):
         DelayedCollectives(-1.0)
+    with pytest.raises(ValueError, match="not a wrapped collective: barrier"):
+        DelayedCollectives(1.0, undelayed=["barrier"])
+
+
+def test_an_undelayed_collective_is_counted_but_not_delayed(one_rank_group):
+    x = torch.ones(3)
+    with DelayedCollectives(DELAY_MS, undelayed=["all_reduce"]) as comm:
+        comm.active = True
+        begin = time.perf_counter()
+        dist.all_reduce(x)
+        dist.all_reduce(x, async_op=True).wait()
+        elapsed = time.perf_counter() - begin
+        dist.broadcast(x, 0)  # still delayed
+        total = time.perf_counter() - begin
+    assert elapsed < DELAY_MS / 1e3 <= total
+    assert comm.calls == {"all_reduce": 2, "broadcast": 1}
 
 
 def test_hidden_is_the_share_of_the_plain_loops_added_time():
