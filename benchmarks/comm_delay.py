@@ -108,9 +108,10 @@ class DelayedCollectives:
     ``active``; a context manager (``with DelayedCollectives(20.0) as comm``).
 
     ``undelayed``: names of collectives that are counted and timed but not delayed, to find
-    which of them a pipeline still pays for. ``calls``: calls per collective name; ``blocked_s``: seconds the callers spent inside
-    synchronous calls and ``wait()`` (the delay's sleep included), and ``blocked_by_name`` the
-    same per collective name. ``reset()`` clears them.
+    which of them a pipeline still pays for. ``calls``: calls per collective name;
+    ``blocked_s``: seconds the callers spent inside synchronous calls and ``wait()`` (the
+    delay's sleep included), and ``blocked_by_name`` the same per collective name. ``reset()``
+    clears them.
     """
 
     def __init__(self, delay_ms: float = 0.0, cuda: bool = False, undelayed: Iterable[str] = ()) -> None:

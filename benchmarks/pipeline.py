@@ -46,9 +46,11 @@ LEGEND = ("median ms: one progress() call, the slowest rank's, median over the t
           "inside collectives and their wait() over the step time, mean over ranks. colls/step: wrapped collective "
           "calls per step (rank 0). +delay ms: this median minus the same provider's at 0 ms. hidden: 1 - "
           "(+delay ms) / (+delay ms of the same library's none loop), the share of the delay the loop pays that "
-          "this pipeline does not; hidden p20: the same from the p20s, the steps a busy machine slowed least. step MB: extra memory at the peak of two steady steps over what was in use before "
-          "them ({memory}). held: most batches taken from the loader and not yet returned after a step (in flight), "
-          "and their bytes on this rank (held MB). out err: max |first step's output - {reference}'s| (same batch, same starting weights).")
+          "this pipeline does not; hidden p20: the same from the p20s, the steps a busy machine slowed least. "
+          "step MB: extra memory at the peak of two steady steps over what was in use before them ({memory}). "
+          "held: most batches taken from the loader and not yet returned after a step (in flight), and their bytes "
+          "on this rank (held MB). out err: max |first step's output - {reference}'s| (same batch, same starting "
+          "weights).")
 
 
 def add_pipeline_flags(p: argparse.ArgumentParser) -> None:
@@ -195,8 +197,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-COLUMNS = ("provider", "delay ms", "median ms", "p20-p80 ms", "wait", "colls/step", "+delay ms", "hidden", "hidden p20", "step MB",
-           "held", "held MB", "out err")
+COLUMNS = ("provider", "delay ms", "median ms", "p20-p80 ms", "wait", "colls/step", "+delay ms", "hidden", "hidden p20",
+           "step MB", "held", "held MB", "out err")
 
 
 def format_table(doc: dict) -> str:
@@ -207,7 +209,8 @@ def format_table(doc: dict) -> str:
                      f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}", _fmt(100 * r["wait_share"], ".0f", "%"),
                      _fmt(r["collectives_per_step"], ".1f"), _fmt(r["delay_cost_ms"], ".2f"),
                      _fmt(None if r["hidden"] is None else 100 * r["hidden"], ".0f", "%"),
-                     _fmt(None if r["hidden_p20"] is None else 100 * r["hidden_p20"], ".0f", "%"), _fmt(r["peak_mb"], ".1f"),
+                     _fmt(None if r["hidden_p20"] is None else 100 * r["hidden_p20"], ".0f", "%"),
+                     _fmt(r["peak_mb"], ".1f"),
                      str(r["batches_held"]), _fmt(r["held_mb"], ".2f"), _fmt(r["first_output_err"], ".1e")])
     head = (f"{c['world_size']} ranks, --sharding {c['sharding']}, {c['tables']} tables x {c['num_embeddings']} rows, "
             f"dims {','.join(str(d) for d in c['dims'])}, {c['batch_size']} samples/rank, {c['dense_features']} dense "
