@@ -66,8 +66,8 @@ def _refuse(owner: str, **options: Tuple[Any, Any]) -> None:
 class _Pipeline(TrainPipeline[In, Out]):
     """What the three pipelines share: fetching and copying batches, the step, cleanup."""
 
-    _depth = 1  # batches held on the device besides the one running
-    _sends_ahead = False
+    _depth = 1  # batches fetched before the first step
+    _sends_ahead = False  # whether the pipeline sends input dists ahead (a CUDA stream for them)
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                  execute_all_batches: bool = True,
@@ -306,8 +306,6 @@ class TrainPipelineSemiSync(TrainPipelineSparseDist[In, Out]):
         strict: raise (instead of warn) when the optimizer also steps the sharded modules'
             parameters: those updates, too, reach a batch's lookup one step late.
     """
-
-    _depth = 2
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                  execute_all_batches: bool = True, apply_jit: bool = False, start_batch: int = 900,
