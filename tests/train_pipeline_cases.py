@@ -80,7 +80,7 @@ class Net(nn.Module):
     ``looked_up``: outputs of the sharded modules computed beforehand (semi-sync reference).
     """
 
-    def __init__(self, vbe: bool, modify_on=(), raise_at: int = -1) -> None:
+    def __init__(self, vbe: bool, modify_on=(), raise_at: int = -1, in_place: bool = False) -> None:
         super().__init__()
         self.ebc = jr.EmbeddingBagCollection(_ebc_configs())
         self.ec = jr.EmbeddingCollection(_ec_configs())
@@ -89,12 +89,15 @@ class Net(nn.Module):
         width = 3 + sum(c.embedding_dim for c in _ebc_configs()) + EC_DIM * 3 + (5 if vbe else 0)
         self.top = nn.Linear(width, 1)
         self.modify_on, self.raise_at, self.calls = tuple(modify_on), raise_at, 0
+        self.in_place = in_place  # remap the ids in place after the EBC, before the EC
 
     def forward(self, batch: Batch, looked_up: Optional[Dict[str, object]] = None):
         kjt = batch.sparse_features
         looked_up = looked_up or {}
         pooled = (looked_up["ebc"] if "ebc" in looked_up else self.ebc(kjt))
         ec_kjt = kjt
+        if self.in_place:
+            kjt.values().remainder_(7)
         if dist.get_rank() in self.modify_on:
             ec_kjt = jr.KeyedJaggedTensor(kjt.keys(), kjt.values() % 7, None, lengths=kjt.lengths())
         rows = looked_up["ec"] if "ec" in looked_up else self.ec(ec_kjt)
@@ -166,7 +169,8 @@ FUSED = {"sgd": {"optimizer": "exact_sgd", "learning_rate": 0.3},
 def build(world: int, setup: dict):
     """The DMP model and its dense optimizer for ``setup`` (the same every call)."""
     torch.manual_seed(17)
-    net = Net(setup.get("vbe", False), setup.get("modify_on", ()), setup.get("raise_at", -1))
+    net = Net(setup.get("vbe", False), setup.get("modify_on", ()), setup.get("raise_at", -1),
+              setup.get("in_place", False))
     if setup["ec_opt"] == "in_backward_sgd":  # TorchRec's other way: an optimizer on the weights
         from torch.distributed.optim import _apply_optimizer_in_backward
         _apply_optimizer_in_backward(torch.optim.SGD, net.ec.parameters(), {"lr": 0.2})
@@ -378,6 +382,17 @@ def failure_cases(rank: int, world: int) -> List[str]:
     assert got == ["RuntimeError"] * len(batches), got
     pipe.close()
     checked.append("one_rank_modifies")
+    # the same KJT object, its ids changed in place before the EC: the EC's dist sent ahead
+    # is stale, seen by the tensors' version counters, and the EC falls back
+    in_place = dict(setup, in_place=True)
+    ref, ref_opt = build(world, in_place)
+    expected = plain_loop(ref, ref_opt, make_batches(rank, world, 6))  # fresh batches: they are changed
+    dmp, pipe, got, _ = _run(TrainPipelineSparseDist, world, in_place, make_batches(rank, world, 6))
+    assert_same_steps(got, expected, "ids changed in place")
+    assert_same(weights(dmp), weights(ref), "ids changed in place")
+    assert pipe.fallbacks == {"ec": 6}, pipe.fallbacks
+    pipe.close()
+    checked.append("changed_in_place")
     return checked
 
 

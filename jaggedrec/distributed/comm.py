@@ -108,7 +108,8 @@ def exchange(sends: Sequence[Tuple[torch.Tensor, List[int], List[int]]], group) 
     return received
 
 
-def start_exchange(sends: Sequence[Tuple[torch.Tensor, List[int], List[int]]], group) -> Tuple[List[torch.Tensor], list]:
+def start_exchange(sends: Sequence[Tuple[torch.Tensor, List[int], List[int]]],
+                   group) -> Tuple[List[torch.Tensor], list]:
     """``exchange`` launched: the received tensors (complete once the works are waited) and the works."""
     received, works = [], []
     for tensor, send_splits, recv_splits in sends:

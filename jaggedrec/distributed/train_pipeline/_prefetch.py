@@ -90,7 +90,9 @@ class _Entry:
 
     def unchanged(self, kjt) -> bool:
         ours = self.ours
-        return ours is not None and (same_kjt(kjt, self.kjt) or same_kjt(kjt, ours)) and _versions(ours) == self.versions
+        if ours is None or not (same_kjt(kjt, self.kjt) or same_kjt(kjt, ours)):
+            return False
+        return _versions(ours) == self.versions
 
     def drop(self) -> None:
         if isinstance(self.result, Awaitable):
