@@ -13,8 +13,9 @@ since (their version counters). Anything else (the model filtered keys, remapped
 feature processor, or calls the module twice in a step) is a fallback: the module
 distributes its KJT itself, synchronously, as without a pipeline; ``fallbacks`` counts them
 per module and the first of each module is warned about. The ranks check with one small
-collective that they all took the same path (``comm.agree_on_pickup``): a rank that took
-the dist while another distributes again raises on every rank instead of hanging.
+collective that they all took the same path (``comm.agree_on_pickup``; for modules on CUDA
+over a gloo group, so that reading it does not wait for the GPU): a rank that took the dist
+while another distributes again raises on every rank instead of hanging.
 
 The dists launched for a batch every rank runs in the same order, so their collectives
 match; a dist nobody takes is completed (``InFlight.drop``) when its step ends.
@@ -127,11 +128,27 @@ class Prefetcher:
         self._fqn = {id(m): fqn for fqn, m in self.modules}
         self._by_id = {id(m): m for _, m in self.modules}
         self._verify, self._strict = verify_pickups, strict
+        self._check_groups = self._host_groups() if verify_pickups else {}
         self._plan: Optional[Dict[int, str]] = None  # module id -> the batch field its KJT is in
         self._serving: Optional[Prefetched] = None
         self._lookahead = False
         self.fallbacks: Dict[str, int] = {}
         self._warned: set = set()
+
+    def _host_groups(self) -> Dict[int, Tuple[Any, torch.device]]:
+        """For modules on CUDA: a gloo group over the same ranks, so that reading the pickup
+        check does not wait for the GPU's queued work (module id -> (group, cpu)). Made here,
+        where every rank builds the pipeline: making a group is itself collective."""
+        made: Dict[tuple, Any] = {}
+        out = {}
+        for _, m in self.modules:
+            if m.device.type != "cuda" or not dist.is_initialized():
+                continue
+            ranks = tuple(dist.get_process_group_ranks(m.process_group or dist.group.WORLD))
+            if ranks not in made:
+                made[ranks] = dist.new_group(list(ranks), backend="gloo")
+            out[id(m)] = (made[ranks], torch.device("cpu"))
+        return out
 
     def attach(self) -> None:
         for _, m in self.modules:
@@ -210,7 +227,8 @@ class Prefetcher:
         picked = entry.unchanged(kjt)
         if self._verify:
             try:
-                picked = agree_on_pickup(picked, module.process_group, module.device, fqn)
+                group, device = self._check_groups.get(key, (module.process_group, module.device))
+                picked = agree_on_pickup(picked, group, device, fqn)
             except RuntimeError:
                 entry.drop()
                 raise
