@@ -251,6 +251,13 @@ def pooled_backward(grad_out: torch.Tensor, weights: torch.Tensor, batch: OpBatc
                 block_grad.add_(sums)
         if need_psw_grad:
             block = block_view(weights, p)
+            if eager and block.dtype == torch.float32:
+                # torch's own kernel: each id's row dotted with its bag's gradient in one pass, no
+                # [N, D] temporaries: ~5x faster than the gathers below (163k ids of dim 64, one
+                # thread, 2-core Xeon); the bags' offsets are not read in sum mode
+                grad_psw += torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                    grads, block.detach(), ids, offsets.to(ids.dtype), bag_of_ids.to(ids.dtype), 0, -1)
+                continue
             for lo, hi in _psw_chunks(values.shape[0]):
                 rows = block[ids[lo:hi]].float()
                 grad_psw[lo:hi] += (rows * grads[bag_of_ids[lo:hi]]).sum(1)
