@@ -7,6 +7,10 @@ and providers. The exit status is 1 when some provider's output was wrong, 2 on 
 (one row per id): the same presets and flags, the ``nn.Embedding`` loop as the baseline, and
 by default every mode (``--mode`` takes a comma list there).
 
+``jaggedrec-bench --module fpebc`` times position-weighted features: jaggedrec's and TorchRec's
+``FeatureProcessedEmbeddingBagCollection`` beside the unweighted and the weighted collection
+(``providers/fp.py``), on the bag collection's presets and flags.
+
 ``jaggedrec-bench --dtype int8`` (or ``int4``, or ``int8,int4``) times quantized inference,
 forward mode only: jaggedrec.quant, TorchRec's quantized collection and torch's quantized ops
 against the fp32 jaggedrec module they are built from (``providers/quant.py``).
@@ -129,7 +133,7 @@ def main(argv: Optional[Sequence[str]] = None,
         return _sharded(argv)
     module_name = _flag_value(argv, "--module") or "ebc"
     if module_name not in MODULES:
-        print(f"jaggedrec-bench: --module must be ebc or ec, got {module_name!r}", file=sys.stderr)
+        print(f"jaggedrec-bench: --module must be one of {', '.join(MODULES)}, got {module_name!r}", file=sys.stderr)
         return 2
     parser = build_parser(module_name)
     add_pipeline_flags(parser)  # listed by --help; a run with --pipeline goes to pipeline.main
@@ -149,6 +153,12 @@ def main(argv: Optional[Sequence[str]] = None,
         parser.error(f"--dtype {','.join(args.dtype)} with --mode {args.mode}: quantized tables are for inference "
                      f"only; use --mode forward")
     module = UNPOOLED if unpooled else QUANT if quantized else POOLED
+    if provider_factory is None and args.module == "fpebc":
+        if quantized:
+            parser.error("--module fpebc: float tables only")
+        from .providers.fp import fp_providers  # position-weighted features (FPEBC)
+
+        provider_factory = fp_providers
     provider_factory = provider_factory or (ec_providers if unpooled else quant_providers if quantized
                                             else all_providers)
     if args.list:

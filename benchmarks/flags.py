@@ -37,7 +37,7 @@ The presets are the bag collection's (--list); --pooling-factor is then the mean
 feature of a sample (a sequence's length). A comma list in --mode, --tables, --num-embeddings,
 --batch-size or --pooling-factor sweeps over it.
 """
-MODULES = ("ebc", "ec")
+MODULES = ("ebc", "ec", "fpebc")
 DEFAULT_EC_PRESET = "pooling"  # long id lists are what an unpooled lookup serves (sequence models)
 
 # CLI flag -> Workload field, for the flags that override preset fields
@@ -108,7 +108,9 @@ def build_parser(module: str = "ebc", sharded: bool = False) -> argparse.Argumen
     run = p.add_argument_group("run")
     run.add_argument("--module", choices=MODULES, default="ebc",
                      help="ebc: the EmbeddingBagCollection (default); ec: the unpooled EmbeddingCollection, one row "
-                          "per id, with flags and defaults of its own (--module ec --help)")
+                          "per id, with flags and defaults of its own (--module ec --help); fpebc: position-weighted "
+                          "features (FeatureProcessedEmbeddingBagCollection) beside the unweighted and weighted "
+                          "collections and TorchRec's FPEBC, on the bag collection's flags")
     run.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     run.add_argument("--providers", help="comma list of names or prefixes, e.g. jaggedrec,fbgemm (default: all; "
                                          "those that can't run here say why)")
