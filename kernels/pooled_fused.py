@@ -7,9 +7,15 @@ ever written to memory.
 
 Optimizers (``OPTIMIZER``): 1 SGD; 2 row-wise Adagrad (one state value per row:
 ``state += mean(g^2)``, ``w -= lr * g / (sqrt(state) + eps)``); 3 lazy Adam (element-wise
-moments, bias correction by the global step, touched rows only). ``weight_decay`` adds
-``wd * w`` to the gradient first. Hyperparameters are read from a device tensor
-``[lr, eps, weight_decay, beta1, beta2]``, so changing them needs no recompilation.
+moments, bias correction by the global step, touched rows only); 4 exact Adagrad
+(element-wise ``state += g^2``); 5 LARS-SGD (a per-row trust ratio from the row's weight
+and gradient norms, element-wise momentum); 6 partial row-wise Adam (element-wise first
+moment, one second moment per row, decoupled weight decay). For 2-4 ``weight_decay`` adds
+``wd * w`` to the gradient first; 5 and 6 use it inside their formulas (``jaggedrec.optim.fused``
+gives them all). Hyperparameters are read from a device tensor ``[lr, eps, weight_decay,
+beta1, beta2]`` (LARS-SGD: ``momentum``, ``eta`` for the betas), so changing them needs no
+recompilation. 2, 5 and 6 need sums over the whole row before any of it is updated: where a
+row spans several column tiles, a first pass over the tiles makes them.
 """
 
 from __future__ import annotations
@@ -23,17 +29,30 @@ from .common import META_FIELDS, META_ROW_BASE, META_WEIGHT_OFFSET, persistent_p
 from .row_runs import Runs, launch_args, run_configs, run_sums, run_tile
 from .tuning import autotune
 
-SGD, ROWWISE_ADAGRAD, ADAM = 1, 2, 3
+SGD, ROWWISE_ADAGRAD, ADAM, EXACT_ADAGRAD, LARS_SGD, PARTIAL_ROWWISE_ADAM = 1, 2, 3, 4, 5, 6
 
 
 @triton.jit
-def _adagrad_step_size(squares, u, live, row, dim, run_feature_ptr, meta_ptr, state1_ptr, lr, eps):
-    """Row-wise Adagrad: add each row's mean squared gradient to its state; ``[BLOCK_U]`` step sizes."""
+def _row_factor(squares, weight_squares, u, live, row, dim, run_feature_ptr, meta_ptr, state1_ptr, state2_ptr, lr,
+                eps, weight_decay, beta2, t, OPTIMIZER: tl.constexpr):
+    """What each row's update needs from sums over the whole row, ``[BLOCK_U]``, with the
+    row-wise state updated: row-wise Adagrad's step size (its state += the mean squared
+    gradient); LARS-SGD's scaled learning rate (``beta2`` is eta); partial row-wise Adam's
+    denominator (its row-wise second moment moves toward the mean squared gradient)."""
+    if OPTIMIZER == 5:
+        weight_norm = tl.sqrt(weight_squares)
+        denominator = tl.sqrt(squares) + weight_decay * weight_norm
+        return lr * beta2 * weight_norm / tl.where(live, denominator, 1.0)  # dead lanes: not 0 / 0
     meta = meta_ptr + tl.load(run_feature_ptr + u, mask=live, other=0) * META_FIELDS
     dim = tl.maximum(dim, 1)  # dead lanes have dim 0
     state_index = (tl.load(meta + META_ROW_BASE, mask=live, other=0)
                    + (row - tl.load(meta + META_WEIGHT_OFFSET, mask=live, other=0)) // dim)
-    state = tl.load(state1_ptr + state_index, mask=live, other=0.0) + squares / dim.to(tl.float32)
+    mean_square = squares / dim.to(tl.float32)
+    if OPTIMIZER == 6:
+        v = beta2 * tl.load(state2_ptr + state_index, mask=live, other=0.0) + (1.0 - beta2) * mean_square
+        tl.store(state2_ptr + state_index, v, mask=live)
+        return tl.sqrt(v / (1.0 - tl.exp(t * tl.log(beta2)))) + eps
+    state = tl.load(state1_ptr + state_index, mask=live, other=0.0) + mean_square
     tl.store(state1_ptr + state_index, state, mask=live)
     return lr / (tl.sqrt(state) + eps)
 
@@ -51,14 +70,27 @@ def _decayed_tile(d0, start, length, longest, long_rank, live, row, dim, grad_ou
     g = run_sums(start, length, longest, long_rank, cols, mask, grad_out_ptr, item_offset_ptr, item_scale_ptr,
                  long_sums_ptr, ROW_STRIDE, HAS_SCALE, DIM_ALIGN, UNROLL, LEGACY_LOOPS)
     w = tl.load(weights_ptr + element, mask=mask, other=0.0).to(tl.float32)
-    return g + weight_decay * w, w, mask, element
+    return g + weight_decay * w, w, mask, element  # weight_decay: 0 where the optimizer has no L2 term
 
 
 @triton.jit
-def _step_tile(g, w, element, mask, step_size, weights_ptr, state1_ptr, state2_ptr, lr, eps, beta1, beta2, t,
-               OPTIMIZER: tl.constexpr):
-    """Update one ``[BLOCK_U, BLOCK_D]`` tile of rows (``element``: their element offsets)."""
-    if OPTIMIZER == 3:
+def _step_tile(g, w, element, mask, step_size, weights_ptr, state1_ptr, state2_ptr, lr, eps, weight_decay, beta1,
+               beta2, t, OPTIMIZER: tl.constexpr):
+    """Update one ``[BLOCK_U, BLOCK_D]`` tile of rows (``element``: their element offsets);
+    ``step_size``: :func:`_row_factor`'s, or ``lr``."""
+    if OPTIMIZER == 4:
+        s = tl.load(state1_ptr + element, mask=mask, other=0.0) + g * g
+        tl.store(state1_ptr + element, s, mask=mask)
+        w = w - lr * g / (tl.sqrt(s) + eps)
+    elif OPTIMIZER == 5:
+        m = beta1 * tl.load(state1_ptr + element, mask=mask, other=0.0) + step_size[:, None] * (g + weight_decay * w)
+        tl.store(state1_ptr + element, m, mask=mask)
+        w = w - m
+    elif OPTIMIZER == 6:
+        m = beta1 * tl.load(state1_ptr + element, mask=mask, other=0.0) + (1.0 - beta1) * g
+        tl.store(state1_ptr + element, m, mask=mask)
+        w = w - lr * (m / (1.0 - tl.exp(t * tl.log(beta1))) / step_size[:, None] + weight_decay * w)
+    elif OPTIMIZER == 3:
         m = beta1 * tl.load(state1_ptr + element, mask=mask, other=0.0) + (1.0 - beta1) * g
         v = beta2 * tl.load(state2_ptr + element, mask=mask, other=0.0) + (1.0 - beta2) * g * g
         tl.store(state1_ptr + element, m, mask=mask)
@@ -86,6 +118,9 @@ def _fused_update_kernel(
     beta1 = tl.load(hparams_ptr + 3)
     beta2 = tl.load(hparams_ptr + 4)
     t = tl.load(step_ptr).to(tl.float32)
+    # the L2 term added to the gradient (row-wise Adagrad, Adam, exact Adagrad); the others' own
+    l2 = weight_decay if OPTIMIZER == 2 or OPTIMIZER == 3 or OPTIMIZER == 4 else 0.0 * weight_decay
+    ROW_SUMS: tl.constexpr = OPTIMIZER == 2 or OPTIMIZER == 5 or OPTIMIZER == 6
     # programs take turns over tiles of BLOCK_U runs: u0 = pid, pid + G, ... (times BLOCK_U)
     num_runs = tl.load(num_runs_ptr)
     for u0 in range(tl.program_id(0) * BLOCK_U, num_runs, tl.num_programs(0) * BLOCK_U):
@@ -96,32 +131,36 @@ def _fused_update_kernel(
         if ONE_TILE:  # every dim fits one tile: gather each run's gradient once
             g, w, mask, element = _decayed_tile(
                 0, start, length, longest, long_rank, live, row, dim, grad_out_ptr, item_offset_ptr, item_scale_ptr,
-                long_sums_ptr, weights_ptr, weight_decay, ROW_STRIDE, HAS_SCALE, DIM_ALIGN, BLOCK_D, UNROLL,
+                long_sums_ptr, weights_ptr, l2, ROW_STRIDE, HAS_SCALE, DIM_ALIGN, BLOCK_D, UNROLL,
                 LEGACY_LOOPS)
-            if OPTIMIZER == 2:
-                step_size = _adagrad_step_size(tl.sum(g * g, axis=1), u, live, row, dim, run_feature_ptr, meta_ptr,
-                                               state1_ptr, lr, eps)
-            _step_tile(g, w, element, mask, step_size, weights_ptr, state1_ptr, state2_ptr, lr, eps, beta1, beta2, t,
-                       OPTIMIZER)
+            if ROW_SUMS:
+                step_size = _row_factor(tl.sum(g * g, axis=1), tl.sum(w * w, axis=1), u, live, row, dim,
+                                        run_feature_ptr, meta_ptr, state1_ptr, state2_ptr, lr, eps, weight_decay,
+                                        beta2, t, OPTIMIZER)
+            _step_tile(g, w, element, mask, step_size, weights_ptr, state1_ptr, state2_ptr, lr, eps, weight_decay,
+                       beta1, beta2, t, OPTIMIZER)
         else:
-            if OPTIMIZER == 2:
-                # the step size needs mean(g^2) over all of a row's columns before any update
+            if ROW_SUMS:
+                # the row factor needs sums over all of a row's columns before any update
                 squares = tl.zeros([BLOCK_U], dtype=tl.float32)
+                weight_squares = tl.zeros([BLOCK_U], dtype=tl.float32)
                 for d0 in range(0, tl.max(dim, axis=0), BLOCK_D):
                     g, w, mask, element = _decayed_tile(
                         d0, start, length, longest, long_rank, live, row, dim, grad_out_ptr, item_offset_ptr,
-                        item_scale_ptr, long_sums_ptr, weights_ptr, weight_decay, ROW_STRIDE, HAS_SCALE, DIM_ALIGN,
+                        item_scale_ptr, long_sums_ptr, weights_ptr, l2, ROW_STRIDE, HAS_SCALE, DIM_ALIGN,
                         BLOCK_D, UNROLL, LEGACY_LOOPS)
                     squares += tl.sum(g * g, axis=1)
-                step_size = _adagrad_step_size(squares, u, live, row, dim, run_feature_ptr, meta_ptr, state1_ptr, lr,
-                                               eps)
+                    if OPTIMIZER == 5:
+                        weight_squares += tl.sum(w * w, axis=1)
+                step_size = _row_factor(squares, weight_squares, u, live, row, dim, run_feature_ptr, meta_ptr,
+                                        state1_ptr, state2_ptr, lr, eps, weight_decay, beta2, t, OPTIMIZER)
             for d0 in range(0, tl.max(dim, axis=0), BLOCK_D):
                 g, w, mask, element = _decayed_tile(
                     d0, start, length, longest, long_rank, live, row, dim, grad_out_ptr, item_offset_ptr,
-                    item_scale_ptr, long_sums_ptr, weights_ptr, weight_decay, ROW_STRIDE, HAS_SCALE, DIM_ALIGN,
+                    item_scale_ptr, long_sums_ptr, weights_ptr, l2, ROW_STRIDE, HAS_SCALE, DIM_ALIGN,
                     BLOCK_D, UNROLL, LEGACY_LOOPS)
-                _step_tile(g, w, element, mask, step_size, weights_ptr, state1_ptr, state2_ptr, lr, eps, beta1, beta2,
-                           t, OPTIMIZER)
+                _step_tile(g, w, element, mask, step_size, weights_ptr, state1_ptr, state2_ptr, lr, eps, weight_decay,
+                           beta1, beta2, t, OPTIMIZER)
 
 
 def fused_update(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, weights: torch.Tensor, fused,
@@ -130,12 +169,13 @@ def fused_update(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, weights
 
     Args as in ``row_runs.rows_grad``, plus:
         weights: ``[W]`` flat weights of every table (updated).
-        fused: the op layer's ``FusedStep``: ``optimizer`` 1 SGD, 2 row-wise Adagrad, 3 Adam;
-            ``hparams`` ``[5]`` fp32 ``lr, eps, weight_decay, beta1, beta2``; ``step`` ``[1]``
-            int64 step count, already counting this step (Adam's bias correction); ``state1``
-            row-wise Adagrad ``[R]`` fp32 sums of mean squares (R = rows of all tables), or Adam
-            ``[W]`` fp32 first moments, unused for SGD; ``state2`` Adam ``[W]`` fp32 second
-            moments, unused otherwise.
+        fused: the op layer's ``FusedStep``: ``optimizer`` 1 SGD ... 6 partial row-wise Adam
+            (see the module docstring); ``hparams`` ``[5]`` fp32 ``lr, eps, weight_decay, beta1,
+            beta2``; ``step`` ``[1]`` int64 step count, already counting this step (Adam's bias
+            correction); ``state1`` row-wise Adagrad ``[R]`` fp32 sums of mean squares (R = rows
+            of all tables), or ``[W]`` fp32 (Adam's and partial row-wise Adam's first moments,
+            exact Adagrad's sums of squares, LARS-SGD's momentum), unused for SGD; ``state2``
+            Adam ``[W]`` fp32 second moments, partial row-wise Adam ``[R]``, unused otherwise.
     """
     if statically_known_true(runs.item_offset.shape[0] == 0):
         return

@@ -131,7 +131,9 @@ TRAIN_MODES = ("dense", "sparse", "sgd", "rowwise_adagrad", "adam")
 
 def _fused(mode: str):
     return {"sgd": optim.SGD(0.3), "rowwise_adagrad": optim.RowWiseAdagrad(0.2, eps=1e-3),
-            "adam": optim.Adam(0.05)}.get(mode)
+            "adam": optim.Adam(0.05), "adagrad": optim.Adagrad(0.2, eps=1e-3),
+            "lars_sgd": optim.LarsSGD(0.3, eta=0.5, weight_decay=0.01),
+            "partial_rowwise_adam": optim.PartialRowWiseAdam(0.05, weight_decay=0.01)}.get(mode)
 
 
 def train_cases(rank: int, world: int, modes: Sequence[str] = TRAIN_MODES) -> List[str]:
@@ -143,7 +145,7 @@ def train_cases(rank: int, world: int, modes: Sequence[str] = TRAIN_MODES) -> Li
         configs = random_configs(gen, (4, 3, 5, 2, 6), jr.DataType.FP32)
         names, dims = [c.name for c in configs], [c.embedding_dim for c in configs]
         per_table = plans(world, names, dims)["mixed"]
-        if mode == "rowwise_adagrad":  # row state needs whole rows (see ShardedEmbeddingBagCollection)
+        if _fused(mode) is not None and _fused(mode).needs_whole_rows:  # CW is refused (see shards.check_fused)
             per_table = {n: (table_wise(rank=0) if i % 5 == 2 else g) for i, (n, g) in enumerate(per_table.items())}
         kwargs = dict(is_weighted=True, sparse=mode == "sparse", fused_optimizer=_fused(mode))
         torch.manual_seed(5)

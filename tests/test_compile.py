@@ -159,6 +159,9 @@ OPTIMIZERS = {
     "adam": (None, lambda p: torch.optim.Adam(p, lr=0.05, eps=1e-4)),
     "fused_rowwise_adagrad": (optim.RowWiseAdagrad(lr=0.1), lambda p: torch.optim.SGD(p, lr=0.5)),
     "fused_adam": (optim.Adam(lr=0.05, eps=1e-4), lambda p: torch.optim.SGD(p, lr=0.5)),
+    "fused_adagrad": (optim.Adagrad(lr=0.1, eps=1e-4), lambda p: torch.optim.SGD(p, lr=0.5)),
+    "fused_lars_sgd": (optim.LarsSGD(lr=0.1, eta=0.5, weight_decay=0.01), lambda p: torch.optim.SGD(p, lr=0.5)),
+    "fused_partial_rowwise_adam": (optim.PartialRowWiseAdam(lr=0.05, eps=1e-4), lambda p: torch.optim.SGD(p, lr=0.5)),
 }
 
 

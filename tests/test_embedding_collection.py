@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import jaggedrec as jr
 from jaggedrec import optim
+from fused_reference import reference_step
 from jr_testing import TOLERANCES, assert_close, random_kjt, shuffled_keys
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -165,6 +166,9 @@ OPTIMIZERS = {
     "sgd": optim.SGD(lr=0.3),
     "rowwise_adagrad": optim.RowWiseAdagrad(lr=0.2, eps=1e-6, weight_decay=0.01),
     "adam": optim.Adam(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02),
+    "adagrad": optim.Adagrad(lr=0.2, eps=1e-6, weight_decay=0.01),
+    "lars_sgd": optim.LarsSGD(lr=0.3, eta=0.2, momentum=0.8, weight_decay=0.01),
+    "partial_rowwise_adam": optim.PartialRowWiseAdam(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02),
 }
 
 
@@ -175,6 +179,9 @@ def _reference_step(opt, tables, state, grads, touched, step):
         g, w, s = grads[name][rows], table[rows], state[name]
         if isinstance(opt, optim.SGD):
             table[rows] = w - opt.lr * g
+            continue
+        if isinstance(opt, (optim.Adagrad, optim.LarsSGD, optim.PartialRowWiseAdam)):
+            table[rows] = reference_step(opt, opt.lr, step, w, g, s, rows)
             continue
         g = g + opt.weight_decay * w
         if isinstance(opt, optim.RowWiseAdagrad):

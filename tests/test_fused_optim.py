@@ -15,6 +15,7 @@ import torch
 import jaggedrec as jr
 from jaggedrec import optim
 from jaggedrec.ops import backends, fused_torch, pooled_torch
+from fused_reference import reference_step
 from jr_testing import assert_close, key_rows, random_kjt, reference_pooled
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -22,6 +23,9 @@ OPTIMIZERS = {
     "sgd": optim.SGD(lr=0.3),
     "rowwise_adagrad": optim.RowWiseAdagrad(lr=0.2, eps=1e-6, weight_decay=0.01),
     "adam": optim.Adam(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02),
+    "adagrad": optim.Adagrad(lr=0.2, eps=1e-6, weight_decay=0.01),
+    "lars_sgd": optim.LarsSGD(lr=0.3, eta=0.2, momentum=0.8, weight_decay=0.01),
+    "partial_rowwise_adam": optim.PartialRowWiseAdam(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02),
 }
 
 
@@ -57,8 +61,11 @@ class Reference:
             g = leaf.grad[touched]
             w = table[touched]
             o, s = self.opt, self.state[t]
+            t = self.step_count
             if isinstance(o, optim.SGD):
                 table[touched] = w - lr * g
+            elif isinstance(o, (optim.Adagrad, optim.LarsSGD, optim.PartialRowWiseAdam)):
+                table[touched] = reference_step(o, lr, t, w, g, s, touched)
             elif isinstance(o, optim.RowWiseAdagrad):
                 g = g + o.weight_decay * w
                 s["sum_sq"][touched] += g.square().mean(1)
@@ -103,7 +110,7 @@ TRITON = pytest.param("triton", marks=pytest.mark.interpret)
 
 def _stream_from(monkeypatch, touched_fraction):
     """Make the eager update stream whole blocks from this fraction of touched rows on."""
-    monkeypatch.setattr(fused_torch, "_STREAM_MIN_TOUCHED", dict.fromkeys((1, 2, 3), touched_fraction))
+    monkeypatch.setattr(fused_torch, "_STREAM_MIN_TOUCHED", dict.fromkeys(fused_torch.STATE_LAYOUT, touched_fraction))
 
 
 def _counted(fn, calls, name):

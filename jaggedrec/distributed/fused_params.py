@@ -5,11 +5,15 @@
 ``optimizer`` may be FBGEMM's ``EmbOptimType`` (when installed), the ``EmbOptimType`` here
 (the same names, no FBGEMM needed) or its name as a string. A parameter given an optimizer
 by ``torch.distributed.optim._apply_optimizer_in_backward`` (TorchRec's second way) is read
-the same way: ``torch.optim.SGD`` and ``torch.optim.Adam`` map onto the fused SGD and Adam, and
-``jaggedrec.optim.rowwise_adagrad.RowWiseAdagrad`` onto the fused row-wise Adagrad, each with
-the torch optimizer's defaults for what the kwargs leave out. (TorchRec's own RowWiseAdagrad
-cannot be attached to jaggedrec's flat weights: it makes its state at construction from
-``[rows, dim]`` parameters.)
+the same way: ``torch.optim.SGD``, ``torch.optim.Adam`` and ``torch.optim.Adagrad`` map onto the
+fused SGD, Adam and exact Adagrad, and ``jaggedrec.optim.rowwise_adagrad.RowWiseAdagrad`` onto
+the fused row-wise Adagrad, each with the torch optimizer's defaults for what the kwargs leave
+out. TorchRec's placeholders (``torchrec.optim.optimizers``: ``LarsSGD``, ``PartialRowWiseAdam``,
+``Adagrad``, ``Adam``, ``SGD``; the same names in ``jaggedrec.optim.optimizers``) take FBGEMM's
+keyword arguments (``lr`` or ``learning_rate``, ``eps``, ``eta``, ``momentum``, ``beta1``,
+``beta2``, ``weight_decay``), with FBGEMM's defaults, as ``fused_params`` do. (TorchRec's own
+RowWiseAdagrad cannot be attached to jaggedrec's flat weights: it makes its state at
+construction from ``[rows, dim]`` parameters.)
 """
 
 from __future__ import annotations
@@ -33,9 +37,17 @@ class EmbOptimType(Enum):
     EXACT_ROWWISE_ADAGRAD = "exact_row_wise_adagrad"
     ROWWISE_ADAGRAD = "row_wise_adagrad"
     ADAM = "adam"
+    EXACT_ADAGRAD = "exact_adagrad"
+    LARS_SGD = "lars_sgd"
+    PARTIAL_ROWWISE_ADAM = "partial_row_wise_adam"
 
 
-_KNOWN = ("learning_rate", "eps", "weight_decay", "beta1", "beta2", "optimizer")
+_KNOWN = ("learning_rate", "eps", "weight_decay", "beta1", "beta2", "eta", "momentum", "optimizer")
+# TorchRec's in-backward placeholders (torchrec.optim.optimizers, and jaggedrec's of the same
+# names): each stands for the EmbOptimType its kwargs configure
+_PLACEHOLDERS = {"SGD": "EXACT_SGD", "Adam": "ADAM", "Adagrad": "EXACT_ADAGRAD", "LarsSGD": "LARS_SGD",
+                 "PartialRowWiseAdam": "PARTIAL_ROWWISE_ADAM"}
+_PLACEHOLDER_MODULES = ("torchrec.optim.optimizers", "jaggedrec.optim.optimizers")
 
 
 def fused_optimizer_from_params(fused_params: Optional[Dict[str, Any]]) -> Optional[optim.FusedOptimizer]:
@@ -54,11 +66,21 @@ def fused_optimizer_from_params(fused_params: Optional[Dict[str, Any]]) -> Optio
         return optim.SGD(lr)
     if name in ("EXACT_ROWWISE_ADAGRAD", "ROWWISE_ADAGRAD", "EXACT_ROW_WISE_ADAGRAD", "ROW_WISE_ADAGRAD"):
         return optim.RowWiseAdagrad(lr, eps=eps, weight_decay=decay)
+    betas = (float(fused_params.get("beta1", 0.9)), float(fused_params.get("beta2", 0.999)))
     if name == "ADAM":
-        betas = (float(fused_params.get("beta1", 0.9)), float(fused_params.get("beta2", 0.999)))
         return optim.Adam(lr, betas=betas, eps=eps, weight_decay=decay)
+    if name == "EXACT_ADAGRAD":
+        if decay:  # FBGEMM's exact Adagrad has none; jaggedrec would not silently differ
+            raise ValueError(f"fused_params: FBGEMM's EXACT_ADAGRAD takes no weight_decay, got {decay}; "
+                             f"pass fused_optimizer=jaggedrec.optim.Adagrad(lr, weight_decay=...) for an L2 term")
+        return optim.Adagrad(lr, eps=eps)
+    if name == "LARS_SGD":
+        return optim.LarsSGD(lr, eta=float(fused_params.get("eta", 0.001)),
+                             momentum=float(fused_params.get("momentum", 0.9)), weight_decay=decay)
+    if name == "PARTIAL_ROWWISE_ADAM":
+        return optim.PartialRowWiseAdam(lr, betas=betas, eps=eps, weight_decay=decay)
     raise ValueError(f"fused_params: optimizer {kind!r} is not fused by jaggedrec; use SGD/EXACT_SGD, "
-                     f"EXACT_ROWWISE_ADAGRAD or ADAM")
+                     f"EXACT_ROWWISE_ADAGRAD, ADAM, EXACT_ADAGRAD, LARS_SGD or PARTIAL_ROWWISE_ADAM")
 
 
 def fused_optimizer_in_backward(module: nn.Module) -> Optional[optim.FusedOptimizer]:
@@ -73,6 +95,9 @@ def fused_optimizer_in_backward(module: nn.Module) -> Optional[optim.FusedOptimi
         raise ValueError(f"the collection's weights were given different in-backward optimizers: {found}")
     cls, kwargs = found.pop()
     kwargs = dict(kwargs)
+    if cls.__module__ in _PLACEHOLDER_MODULES and cls.__name__ in _PLACEHOLDERS:
+        params = {("learning_rate" if k == "lr" else k): v for k, v in kwargs.items()}
+        return fused_optimizer_from_params({**params, "optimizer": _PLACEHOLDERS[cls.__name__]})
     if cls is torch.optim.SGD:
         if kwargs.get("momentum", 0) or kwargs.get("weight_decay", 0):
             raise ValueError("an in-backward torch.optim.SGD is fused without momentum or weight decay")
@@ -80,6 +105,13 @@ def fused_optimizer_in_backward(module: nn.Module) -> Optional[optim.FusedOptimi
     if cls is torch.optim.Adam:
         return optim.Adam(float(kwargs.get("lr", 0.001)), betas=tuple(kwargs.get("betas", (0.9, 0.999))),
                           eps=float(kwargs.get("eps", 1e-8)), weight_decay=float(kwargs.get("weight_decay", 0.0)))
+    if cls is torch.optim.Adagrad:
+        unfused = {k: kwargs[k] for k in ("lr_decay", "initial_accumulator_value", "maximize") if kwargs.get(k)}
+        if unfused:
+            raise ValueError(f"an in-backward torch.optim.Adagrad is fused without lr_decay, "
+                             f"initial_accumulator_value or maximize; got {unfused}")
+        return optim.Adagrad(float(kwargs.get("lr", 1e-2)), eps=float(kwargs.get("eps", 1e-10)),
+                             weight_decay=float(kwargs.get("weight_decay", 0.0)))
     if cls in (TorchRowWiseAdagrad, optim.RowWiseAdagrad):  # the second makes the first, given parameters
         unfused = {k: kwargs[k] for k in ("lr_decay", "initial_accumulator_value", "maximize") if kwargs.get(k)}
         if unfused:
@@ -88,5 +120,5 @@ def fused_optimizer_in_backward(module: nn.Module) -> Optional[optim.FusedOptimi
         return optim.RowWiseAdagrad(float(kwargs.get("lr", 1e-2)), eps=float(kwargs.get("eps", 1e-10)),
                                     weight_decay=float(kwargs.get("weight_decay", 0.0)))
     raise ValueError(f"in-backward optimizer {cls.__name__} is not fused by jaggedrec; use torch.optim.SGD, "
-                     f"torch.optim.Adam or RowWiseAdagrad (jaggedrec.optim.rowwise_adagrad), or the sharder's "
-                     f"fused_params")
+                     f"torch.optim.Adam, torch.optim.Adagrad, RowWiseAdagrad (jaggedrec.optim.rowwise_adagrad), "
+                     f"TorchRec's {sorted(_PLACEHOLDERS)} (torchrec.optim.optimizers), or the sharder's fused_params")

@@ -119,14 +119,16 @@ class CollectionSharder(ModuleSharder[nn.Module]):
 
 def check_fused(layout: ShardLayout, fused: Optional[FusedOptimizer]) -> None:
     """Refuse what a fused optimizer cannot step exactly under ``layout``."""
-    if isinstance(fused, RowWiseAdagrad):
+    if fused is not None and fused.needs_whole_rows:
         split = [layout.configs[t].name for t, shards in enumerate(layout.table_shards)
                  if len(shards) > 1 and not shards[0].row_split and shards[0].kind == EXCHANGE]
         if split:
+            what = ("row-wise Adagrad keeps one state per row, the mean of the row's squared gradient"
+                    if isinstance(fused, RowWiseAdagrad) else
+                    f"{type(fused).__name__} steps each row by sums (norms or a row-wise state)")
             raise NotImplementedError(
-                f"tables {split}: row-wise Adagrad keeps one state per row, the mean of the row's squared "
-                f"gradient over all its columns, which column-wise shards cannot compute without another "
-                f"collective inside the backward; shard these tables table-wise or row-wise")
+                f"tables {split}: {what} over all its columns, which column-wise shards cannot compute without "
+                f"another collective inside the backward; shard these tables table-wise or row-wise")
 
 
 @torch.no_grad()

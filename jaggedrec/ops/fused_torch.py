@@ -31,15 +31,22 @@ from jaggedrec.ops.pooled_plan import (Pass, PooledPlan, bag_grads, bag_of_id, b
                                        key_counts, shifted_ids)
 from jaggedrec.ops.runs_torch import row_runs, run_starts, sort_rows
 
-SGD, ROWWISE_ADAGRAD, ADAM = 1, 2, 3
+SGD, ROWWISE_ADAGRAD, ADAM, EXACT_ADAGRAD, LARS_SGD, PARTIAL_ROWWISE_ADAM = 1, 2, 3, 4, 5, 6
+# each optimizer's state1, state2: one value per table row ("row", [R]) or per element ([W])
+STATE_LAYOUT = {SGD: (), ROWWISE_ADAGRAD: ("row",), ADAM: ("element", "element"), EXACT_ADAGRAD: ("element",),
+                LARS_SGD: ("element",), PARTIAL_ROWWISE_ADAM: ("element", "row")}
+# the optimizers that add weight_decay * w to the gradient first (L2); LARS-SGD and partial
+# row-wise Adam use it inside their formulas
+_L2_DECAY = (ROWWISE_ADAGRAD, ADAM, EXACT_ADAGRAD)
 
 
 class StepRule(NamedTuple):
     """What a step does to a row: the optimizer, its hyper-parameters and the step count,
     read to the host where the update is eager, device tensors on the static path."""
 
-    optimizer: int  # SGD, ROWWISE_ADAGRAD or ADAM
-    hparams: Union[Sequence[float], torch.Tensor]  # lr, eps, weight_decay, beta1, beta2 (or [5] fp32)
+    optimizer: int  # SGD ... PARTIAL_ROWWISE_ADAM
+    # lr, eps, weight_decay, beta1, beta2 (LARS-SGD: momentum, eta), or [5] fp32
+    hparams: Union[Sequence[float], torch.Tensor]
     step: Union[int, torch.Tensor]  # steps taken, this one included (or [1] int64)
 
 
@@ -229,7 +236,8 @@ _CHUNK_BYTES = 2 << 20
 #   row-wise Adagrad: 34% touched 138 vs 117 ms, 56% 170 vs 187
 #   Adam:             34% touched 366 vs 262 ms, 56% 364 vs 391
 # The thresholds sit near the break-even points those imply (linear in between).
-_STREAM_MIN_TOUCHED = {SGD: 1 / 4, ROWWISE_ADAGRAD: 1 / 2, ADAM: 1 / 2}
+_STREAM_MIN_TOUCHED = {SGD: 1 / 4, ROWWISE_ADAGRAD: 1 / 2, ADAM: 1 / 2, EXACT_ADAGRAD: 1 / 2, LARS_SGD: 1 / 2,
+                       PARTIAL_ROWWISE_ADAM: 1 / 2}
 
 
 def update_touched_rows(block: torch.Tensor, states, ids: torch.Tensor, bags: torch.Tensor, grads: torch.Tensor,
@@ -302,6 +310,12 @@ def _step_in_place(rule: StepRule, w, g, s1, s2, touched=None) -> None:
     if optimizer == SGD:
         w.add_(g, alpha=-lr)
         return
+    if optimizer == LARS_SGD:
+        _lars_in_place(lr, weight_decay, beta1, beta2, w, g, s1, touched)
+        return
+    if optimizer == PARTIAL_ROWWISE_ADAM:
+        _partial_rowwise_adam_in_place(lr, eps, weight_decay, beta1, beta2, step, w, g, s1, s2, touched)
+        return
     if weight_decay:
         # one rounding of wd * w on both paths: add_(w, alpha=wd) may fuse the multiply into the
         # add (one rounding less) where addcmul_ does not, and streamed and scattered rows then
@@ -317,6 +331,13 @@ def _step_in_place(rule: StepRule, w, g, s1, s2, touched=None) -> None:
             step_size = torch.where(touched, step_size, 0.0)
         w.addcmul_(g, step_size.unsqueeze(1), value=-1)
         return
+    if optimizer == EXACT_ADAGRAD:
+        s1.addcmul_(g, g)
+        denominator = s1.sqrt().add_(eps)
+        if touched is not None:  # an untouched row steps by 0 / inf: none, even with eps 0 and no state
+            denominator.masked_fill_(~touched.unsqueeze(1), math.inf)
+        w.addcdiv_(g, denominator, value=-lr)
+        return
     # Adam: moments move toward g by lerp, whose weight is 0 for untouched rows (lazy Adam
     # leaves their moments alone), and their step divides by an infinite denominator
     keep = None if touched is None else touched.unsqueeze(1).to(w.dtype)
@@ -326,6 +347,37 @@ def _step_in_place(rule: StepRule, w, g, s1, s2, touched=None) -> None:
     if touched is not None:
         denominator.masked_fill_(~touched.unsqueeze(1), math.inf)
     w.addcdiv_(s1, denominator, value=-lr / (1 - beta1 ** step))
+
+
+def _lars_in_place(lr, weight_decay, momentum, eta, w, g, s1, touched) -> None:
+    """LARS-SGD (see :func:`_step_in_place`): the row's trust ratio from its weight and
+    gradient norms scales the step; the momentum moves only for touched rows."""
+    weight_norm = w.square().sum(1).sqrt_()
+    scale = weight_norm.mul(lr * eta).div_(g.square().sum(1).sqrt_().add_(weight_norm * weight_decay))
+    if weight_decay:
+        g.add_(w * weight_decay)
+    if touched is not None:  # untouched: 0 / 0 above; no scale, no momentum decay, no step
+        scale = torch.where(touched, scale, 0.0)
+        s1.mul_(torch.where(touched, momentum, 1.0).unsqueeze(1))
+    else:
+        s1.mul_(momentum)
+    s1.addcmul_(g, scale.unsqueeze(1))
+    w.sub_(s1 if touched is None else torch.where(touched.unsqueeze(1), s1, 0.0))
+
+
+def _partial_rowwise_adam_in_place(lr, eps, weight_decay, beta1, beta2, step, w, g, s1, s2, touched) -> None:
+    """Partial row-wise Adam (see :func:`_step_in_place`): element-wise first moments, one
+    second moment per row (the mean square of the row's gradient), decoupled weight decay."""
+    keep = None if touched is None else touched.to(w.dtype)
+    s2.lerp_(g.square().mean(1), 1 - beta2 if keep is None else keep * (1 - beta2))
+    s1.lerp_(g, 1 - beta1 if keep is None else keep.unsqueeze(1) * (1 - beta1))
+    denominator = s2.div(1 - beta2 ** step).sqrt_().add_(eps)
+    update = torch.div(s1, 1 - beta1 ** step).div_(denominator.unsqueeze(1))
+    if weight_decay:
+        update.add_(w * weight_decay)
+    if touched is not None:  # untouched rows: no step (nor 0 / 0 with eps 0 and no state)
+        update = torch.where(touched.unsqueeze(1), update, 0.0)
+    w.sub_(update.mul_(lr))
 
 
 def update_runs_static(block: torch.Tensor, states, ids: torch.Tensor, bags: torch.Tensor, grads: torch.Tensor,
@@ -374,16 +426,15 @@ def update_runs_static(block: torch.Tensor, states, ids: torch.Tensor, bags: tor
 
 def state_views(fused: FusedStep, p: Pass, block_row_base: int):
     """The optimizer state of one block of tables, indexed by the block's rows: row-wise
-    ``[R]``, element-wise ``[R, D]``; None where the optimizer keeps none.
+    ``[R]``, element-wise ``[R, D]`` (``STATE_LAYOUT``); None where the optimizer keeps none.
 
     Args:
         p: a pass of the block; block_row_base: the block's first row in row-wise state.
     """
-    if fused.optimizer == ROWWISE_ADAGRAD:
-        return fused.state1.narrow(0, block_row_base, p.num_rows), None
-    if fused.optimizer == ADAM:
-        return tuple(block_view(s, p) for s in (fused.state1, fused.state2))
-    return None, None
+    layout = STATE_LAYOUT[fused.optimizer]
+    views = [s.narrow(0, block_row_base, p.num_rows) if per == "row" else block_view(s, p)
+             for s, per in zip((fused.state1, fused.state2), layout)]
+    return tuple(views) + (None,) * (2 - len(views))
 
 
 def _step_rows(optimizer, w, g, s1, s2, hparams, t):
@@ -396,10 +447,23 @@ def _step_rows(optimizer, w, g, s1, s2, hparams, t):
     lr, eps, weight_decay, beta1, beta2 = hparams
     if optimizer == SGD:
         return w - lr * g, s1, s2
+    if optimizer == LARS_SGD:  # beta1, beta2: momentum, eta
+        weight_norm = w.square().sum(1).sqrt()
+        scale = lr * beta2 * weight_norm / (g.square().sum(1).sqrt() + weight_decay * weight_norm)
+        s1 = beta1 * s1 + scale.unsqueeze(1) * (g + weight_decay * w)
+        return w - s1, s1, s2
+    if optimizer == PARTIAL_ROWWISE_ADAM:
+        s1 = beta1 * s1 + (1 - beta1) * g
+        s2 = beta2 * s2 + (1 - beta2) * g.square().mean(1)
+        denominator = ((s2 / (1 - beta2 ** t)).sqrt() + eps).unsqueeze(1)
+        return w - lr * (s1 / (1 - beta1 ** t) / denominator + weight_decay * w), s1, s2
     g = g + weight_decay * w
     if optimizer == ROWWISE_ADAGRAD:
         s1 = s1 + g.square().mean(1)
         return w - (lr / (s1.sqrt() + eps)).unsqueeze(1) * g, s1, s2
+    if optimizer == EXACT_ADAGRAD:
+        s1 = s1 + g.square()
+        return w - lr * g / (s1.sqrt() + eps), s1, s2
     s1 = beta1 * s1 + (1 - beta1) * g
     s2 = beta2 * s2 + (1 - beta2) * g.square()
     return w - lr * (s1 / (1 - beta1 ** t)) / ((s2 / (1 - beta2 ** t)).sqrt() + eps), s1, s2

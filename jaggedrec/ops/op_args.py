@@ -34,10 +34,14 @@ class OpBatch(NamedTuple):
 class FusedStep(NamedTuple):
     """One fused optimizer step, as the ``*_fused_update`` ops take it flat."""
 
-    optimizer: int  # 1 SGD, 2 row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD), 3 lazy Adam
+    # 1 SGD, 2 row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD), 3 lazy Adam, 4 exact Adagrad,
+    # 5 LARS-SGD, 6 partial row-wise Adam (see kernels/pooled_fused.py)
+    optimizer: int
     # [5] fp32 lr, eps, weight_decay, beta1, beta2: a tensor, so that a new learning rate
     # needs no recompilation
     hparams: torch.Tensor
     step: torch.Tensor    # [1] int64 steps taken; the update increments it first
-    state1: torch.Tensor  # row-wise Adagrad [R] (R: rows of all tables), Adam [W] first moments
-    state2: torch.Tensor  # Adam [W] second moments; unused states may be empty
+    # row-wise Adagrad [R] (R: rows of all tables); the others' first state [W] (Adam's first moments)
+    state1: torch.Tensor
+    # Adam [W] second moments, partial row-wise Adam [R]; unused states may be empty
+    state2: torch.Tensor

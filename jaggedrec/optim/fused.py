@@ -22,6 +22,20 @@ placeholders that never step).
 * ``Adam(lr, betas, eps, weight_decay)``, lazy: moments of touched rows only, as
   ``torch.optim.SparseAdam`` does, with bias correction by the collection's step count;
   ``weight_decay`` adds ``weight_decay * w`` to ``g`` first.
+* ``Adagrad(lr, eps, weight_decay)``, FBGEMM's EXACT_ADAGRAD (``torch.optim.Adagrad`` on the
+  touched rows): ``g += weight_decay * w``; ``momentum1 += g ** 2`` (element-wise);
+  ``w -= lr * g / (sqrt(momentum1) + eps)``. FBGEMM's has no weight decay (0 here matches it).
+* ``LarsSGD(lr, eta, momentum, weight_decay)``, FBGEMM's LARS_SGD: per row,
+  ``lr' = lr * eta * |w| / (|g| + weight_decay * |w|)`` (``|.|``: the row's L2 norm);
+  ``momentum1 = momentum * momentum1 + lr' * (g + weight_decay * w)``; ``w -= momentum1``.
+* ``PartialRowWiseAdam(lr, betas, eps, weight_decay)``, FBGEMM's PARTIAL_ROWWISE_ADAM:
+  ``momentum1 = b1 * momentum1 + (1 - b1) * g`` (element-wise);
+  ``momentum2 = b2 * momentum2 + (1 - b2) * mean(g ** 2)`` (one value per row);
+  ``w -= lr * (momentum1 / (1 - b1 ** t) / (sqrt(momentum2 / (1 - b2 ** t)) + eps)
+  + weight_decay * w)`` (decoupled weight decay, as FBGEMM's).
+
+The state buffers of the last three are named as FBGEMM's TBE names them (``momentum1``,
+``momentum2``); ``t`` is the collection's step count, this step included.
 """
 
 from __future__ import annotations
@@ -33,6 +47,7 @@ from typing import Any, ClassVar, Tuple
 from jaggedrec.optim.rowwise_adagrad import RowWiseAdagrad as _TorchRowWiseAdagrad
 
 SGD_KIND, ROWWISE_ADAGRAD_KIND, ADAM_KIND = 1, 2, 3
+EXACT_ADAGRAD_KIND, LARS_SGD_KIND, PARTIAL_ROWWISE_ADAM_KIND = 4, 5, 6
 
 
 @dataclass(frozen=True)
@@ -44,13 +59,17 @@ class FusedOptimizer:
     kind: ClassVar[int] = 0
     #: the state tensors: name, and ``"row"`` (one value per table row) or ``"element"``
     state: ClassVar[Tuple[Tuple[str, str], ...]] = ()
+    #: whether a row's step reads sums over all of its columns (a row-wise state, a row norm):
+    #: column-wise shards cannot make them alone
+    needs_whole_rows: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if not self.lr >= 0:
             raise ValueError(f"{type(self).__name__}: lr must be >= 0, got {self.lr}")
 
     def hyperparameters(self, lr: float) -> list:
-        """``[lr, eps, weight_decay, beta1, beta2]`` as the kernels read them."""
+        """``[lr, eps, weight_decay, beta1, beta2]`` as the kernels read them (LARS-SGD puts
+        ``momentum`` and ``eta`` where the betas go)."""
         return [lr, getattr(self, "eps", 0.0), getattr(self, "weight_decay", 0.0), *getattr(self, "betas", (0.0, 0.0))]
 
 
@@ -66,6 +85,7 @@ class RowWiseAdagrad(FusedOptimizer):
 
     kind = ROWWISE_ADAGRAD_KIND
     state = (("sum_sq", "row"),)
+    needs_whole_rows = True
 
     def __new__(cls, *args: Any, **kwargs: Any):
         # parameters first: TorchRec's torch optimizer of this name (see the module docstring)
@@ -88,3 +108,45 @@ class Adam(FusedOptimizer):
         super().__post_init__()
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"Adam: betas must be in [0, 1), got {self.betas}")
+
+
+@dataclass(frozen=True)
+class Adagrad(FusedOptimizer):
+    lr: float = 1e-2
+    eps: float = 1e-10
+    weight_decay: float = 0.0
+
+    kind = EXACT_ADAGRAD_KIND
+    state = (("momentum1", "element"),)
+
+
+@dataclass(frozen=True)
+class LarsSGD(FusedOptimizer):
+    lr: float = 1e-2
+    eta: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+    kind = LARS_SGD_KIND
+    state = (("momentum1", "element"),)
+    needs_whole_rows = True
+
+    def hyperparameters(self, lr: float) -> list:
+        return [lr, 0.0, self.weight_decay, self.momentum, self.eta]
+
+
+@dataclass(frozen=True)
+class PartialRowWiseAdam(FusedOptimizer):
+    lr: float = 1e-3
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    kind = PARTIAL_ROWWISE_ADAM_KIND
+    state = (("momentum1", "element"), ("momentum2", "row"))
+    needs_whole_rows = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"PartialRowWiseAdam: betas must be in [0, 1), got {self.betas}")

@@ -1,5 +1,9 @@
 """``in_backward_optimizer_filter`` at TorchRec's path (``torchrec.optim.optimizers``): which
-parameters a dense optimizer should step.
+parameters a dense optimizer should step; and TorchRec's in-backward placeholders there
+(``SGD``, ``Adam``, ``Adagrad``, ``LarsSGD``, ``PartialRowWiseAdam``): optimizer classes that
+never step themselves, given to ``_apply_optimizer_in_backward`` with FBGEMM's keyword
+arguments to name the fused optimizer a sharder applies (see
+``jaggedrec.distributed.fused_params``).
 
 A parameter is stepped in the backward, and so left out, when
 ``torch.distributed.optim._apply_optimizer_in_backward`` gave it an optimizer (torch marks it
@@ -12,9 +16,10 @@ with them.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Tuple
+from typing import Any, Iterable, Iterator, Tuple
 
 import torch
+from torch.optim import Optimizer
 
 
 def _stepped_elsewhere(name: str, p: torch.Tensor) -> bool:
@@ -30,4 +35,37 @@ def in_backward_optimizer_filter(named_parameters: Iterable[Tuple[str, torch.Ten
             yield name, p
 
 
-__all__ = ["in_backward_optimizer_filter"]
+class _Placeholder(Optimizer):
+    """Names a fused optimizer for ``_apply_optimizer_in_backward``; its kwargs are FBGEMM's."""
+
+    def __init__(self, params: Iterable[torch.Tensor], **kwargs: Any) -> None:
+        self._params = params
+        self._kwargs = kwargs
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        raise NotImplementedError(f"{type(self).__name__} is stepped by a sharded collection's fused backward, "
+                                  f"not on its own")
+
+
+class SGD(_Placeholder):
+    """FBGEMM's EXACT_SGD."""
+
+
+class Adam(_Placeholder):
+    """FBGEMM's ADAM."""
+
+
+class Adagrad(_Placeholder):
+    """FBGEMM's EXACT_ADAGRAD."""
+
+
+class LarsSGD(_Placeholder):
+    """FBGEMM's LARS_SGD."""
+
+
+class PartialRowWiseAdam(_Placeholder):
+    """FBGEMM's PARTIAL_ROWWISE_ADAM."""
+
+
+__all__ = ["Adagrad", "Adam", "LarsSGD", "PartialRowWiseAdam", "SGD", "in_backward_optimizer_filter"]

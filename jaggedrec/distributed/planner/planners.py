@@ -28,7 +28,6 @@ import torch.distributed as dist
 from torch import nn
 
 from jaggedrec.modules.embedding_configs import BaseEmbeddingConfig
-from jaggedrec.optim import Adam, RowWiseAdagrad
 from jaggedrec.distributed import sharding_plan as hand
 from jaggedrec.distributed.embedding_types import EmbeddingComputeKernel
 from jaggedrec.distributed.sharding_plan import block_sizes, get_default_sharders
@@ -46,8 +45,8 @@ def table_specs(configs: Sequence[BaseEmbeddingConfig], fused_optimizer, constra
         element = c.data_type.to_torch().itemsize
         per_row, per_element = 0, element  # no fused optimizer: a dense gradient beside the weights
         if fused_optimizer is not None:
-            per_element = 8 if isinstance(fused_optimizer, Adam) else 0
-            per_row = 4 if isinstance(fused_optimizer, RowWiseAdagrad) else 0
+            per_element = 4 * sum(per == "element" for _, per in fused_optimizer.state)
+            per_row = 4 * sum(per == "row" for _, per in fused_optimizer.state)
         factors = constraints[c.name].pooling_factors if c.name in constraints else [1.0]
         pooling = sum(factors[i] if i < len(factors) else factors[-1] for i in range(len(c.feature_names)))
         specs.append(TableSpec(c.name, c.num_embeddings, c.embedding_dim, element, len(c.feature_names), pooling,
@@ -132,11 +131,11 @@ class EmbeddingShardingPlanner(ShardingPlanner):
         constraint = self._constraints.get(spec.name)
         if constraint is not None and constraint.sharding_types:
             kinds = [k.value if isinstance(k, ShardingType) else k for k in constraint.sharding_types]
-        if isinstance(optimizer, RowWiseAdagrad):  # refused by the sharder (see embeddingbag.py)
+        if optimizer is not None and optimizer.needs_whole_rows:  # refused by the sharder (see shards.py)
             kinds = [k for k in kinds if k != ShardingType.COLUMN_WISE.value]
         if not kinds:
             raise PlannerError(f"table '{spec.name}': no sharding type is left (constraints, and column-wise "
-                               f"is refused with the fused RowWiseAdagrad)")
+                               f"is refused with the fused {type(optimizer).__name__})")
         return kinds
 
     def _place(self, spec: TableSpec, allowed: List[str], ranks: "_Ranks"):
