@@ -381,6 +381,14 @@ def failure_cases(rank: int, world: int) -> List[str]:
     _, pipe, got, _ = _run(TrainPipelineSparseDist, world, dict(setup, modify_on=(0,)), batches)
     assert got == ["RuntimeError"] * len(batches), got
     pipe.close()
+    dmp, opt = build(world, dict(setup, modify_on=(0,)))
+    pipe = TrainPipelineSparseDist(dmp, opt, torch.device("cpu"))
+    try:
+        pipe.progress(iter(batches))
+        raise AssertionError("no error")
+    except RuntimeError as e:
+        assert "distributed ahead" in str(e) and "every rank" in str(e), e
+    pipe.close()
     checked.append("one_rank_modifies")
     # the same KJT object, its ids changed in place before the EC: the EC's dist sent ahead
     # is stale, seen by the tensors' version counters, and the EC falls back

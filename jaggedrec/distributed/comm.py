@@ -8,7 +8,7 @@
   overlap it with other work.
 * ``exchange``: uneven all-to-alls (lengths, ids, weights), launched together, then waited
   (``start_exchange``: launched only).
-* ``agree_on_pickup``: whether every rank's module takes the input a train pipeline sent ahead.
+* ``PickupCheck``: whether every rank's module takes the input a train pipeline sent ahead.
 * ``OutputDist``: the pooled rows' way back, one autograd function: an all-to-all for the
   exchanged columns, a reduce-scatter for the row-wise partial sums, and the replicas'
   local slice; launched asynchronously (``Pending.wait`` completes them). Its backward runs
@@ -19,7 +19,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -120,26 +120,40 @@ def start_exchange(sends: Sequence[Tuple[torch.Tensor, List[int], List[int]]],
     return received, works
 
 
-def agree_on_pickup(picked: bool, group, device: torch.device, owner: str) -> bool:
-    """Whether every rank's sharded module takes the input dist a pipeline launched for it
-    (True), or every rank distributes its input again (False); raises on every rank when the
-    ranks differ, which would otherwise leave their next collectives unmatched."""
-    flags = torch.tensor([int(picked), -int(picked)], dtype=torch.int64, device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    most, least = int(flags[0]), -int(flags[1])
-    if most != least:
-        raise RuntimeError(f"{owner}: some ranks received the KeyedJaggedTensor the train pipeline distributed "
-                           f"ahead and others a different one (rank {dist.get_rank(group)} "
-                           f"{'did' if picked else 'did not'}); a model must change its KJTs the same way on "
-                           f"every rank")
-    return bool(most)
+class PickupCheck:
+    """Whether every rank's sharded module takes the input dist a train pipeline sent ahead
+    (``picked``): a small all-reduce, launched here. ``split()`` waits for it and says whether
+    the ranks differ; ``raise_if_split()`` raises then, naming ``owner``. A rank that took the
+    dist only needs the answer when it waits for its output dist (which every rank runs, see
+    ``Prefetcher.take``), so the all-reduce runs beside its lookup and output dist."""
+
+    def __init__(self, picked: bool, group, device: torch.device, owner: str) -> None:
+        self._picked, self._group, self._owner = picked, group, owner
+        self._flags = torch.tensor([int(picked), -int(picked)], dtype=torch.int64, device=device)
+        self._work = dist.all_reduce(self._flags, op=dist.ReduceOp.MAX, group=group, async_op=True)
+        self._split: Optional[bool] = None
+
+    def split(self) -> bool:
+        if self._split is None:
+            self._work.wait()
+            self._split = int(self._flags[0]) != -int(self._flags[1])
+        return self._split
+
+    def raise_if_split(self) -> None:
+        if self.split():
+            raise RuntimeError(f"{self._owner}: some ranks received the KeyedJaggedTensor the train pipeline "
+                               f"distributed ahead and others a different one (rank {dist.get_rank(self._group)} "
+                               f"{'did' if self._picked else 'did not'}); a model must change its KJTs the same "
+                               f"way on every rank")
 
 
 class Pending:
-    """The output dist's collectives still in flight (filled by ``OutputDist.forward``)."""
+    """The output dist's collectives still in flight (filled by ``OutputDist.forward``);
+    ``check``: called once they are complete (a train pipeline's ``PickupCheck``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, check: Optional[Callable[[], None]] = None) -> None:
         self.works: list = []
+        self._check = check
 
     def wait(self) -> None:
         # torch 2.13's reduce_scatter_single copies its result into the output when waited:
@@ -148,6 +162,9 @@ class Pending:
             for w in self.works:
                 w.wait()
         self.works = []
+        check, self._check = self._check, None
+        if check is not None:
+            check()
 
 
 def output_dist(exchange_rows: torch.Tensor, reduce_rows: torch.Tensor, replica_rows: torch.Tensor,

@@ -96,7 +96,7 @@ class ShardedEmbeddingCollection(ShardedCollection):
         replica_splits = [sum(blocks[j][s].numel() for j in replicas) for s in range(world)]
         recv_splits = [sum(n * s.cols for n, (_, _, s) in zip(routing.id_counts[r], layout.local_features[r])
                            if s.kind != REPLICA) for r in range(world)]
-        pending = Pending()
+        pending = Pending(taken.check)
         received, own = rows_output_dist(sent, replica, send_splits, recv_splits, replica_splits, self._kinds,
                                          self._group, pending)
         ids = {}

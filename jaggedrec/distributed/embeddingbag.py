@@ -87,7 +87,7 @@ class ShardedEmbeddingBagCollection(ShardedCollection):
         else:
             pooled = torch.zeros(world * b, 0, device=self._device)
         exchange_rows, reduce_rows, replica_rows = self._split_local(pooled, world * b)
-        pending = Pending()
+        pending = Pending(taken.check)
         received, reduced, own = output_dist(exchange_rows, reduce_rows, replica_rows, self._exchange_widths,
                                                  b, self._group, pending)
         return EmbeddingBagCollectionAwaitable(self._assemble, pending, received, reduced, own, b, own_lengths)

@@ -10,7 +10,7 @@ bags out source by source, so that bag ``s * B + b`` of a local feature is bag `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -196,6 +196,8 @@ class InFlight:
         self._received: Optional[List[torch.Tensor]] = None
         self._works: list = []
         self._error: Optional[BaseException] = None
+        # run once the output dist of this input is complete (set by a train pipeline)
+        self.check: Optional[Callable[[], None]] = None
 
     @property
     def error(self) -> Optional[BaseException]:

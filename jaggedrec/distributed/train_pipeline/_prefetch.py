@@ -13,9 +13,12 @@ since (their version counters). Anything else (the model filtered keys, remapped
 feature processor, or calls the module twice in a step) is a fallback: the module
 distributes its KJT itself, synchronously, as without a pipeline; ``fallbacks`` counts them
 per module and the first of each module is warned about. The ranks check with one small
-collective that they all took the same path (``comm.agree_on_pickup``; for modules on CUDA
-over a gloo group, so that reading it does not wait for the GPU): a rank that took the dist
-while another distributes again raises on every rank instead of hanging.
+collective that they all took the same path (``comm.PickupCheck``; for modules on CUDA over
+a gloo group, so that reading it does not wait for the GPU). A rank that took the dist reads
+it only when its output dist completes, so it costs no wait of its own; a rank that did not
+take it reads it at once: when every rank fell back it distributes again, and when some
+rank took the dist it runs the same lookup and output dist, and every rank raises when it
+waits for the output, instead of hanging.
 
 The dists launched for a batch every rank runs in the same order, so their collectives
 match; a dist nobody takes is completed (``InFlight.drop``) when its step ends.
@@ -30,10 +33,10 @@ import torch
 import torch.distributed as dist
 
 from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor, as_keyed_jagged_tensor
-from jaggedrec.distributed.comm import agree_on_pickup
+from jaggedrec.distributed.comm import PickupCheck
 from jaggedrec.distributed.shards import ShardedCollection
 from jaggedrec.distributed.train_pipeline._batches import kjt_fields
-from jaggedrec.distributed.types import Awaitable
+from jaggedrec.distributed.types import Awaitable, LazyAwaitable
 
 _WRAPPERS = ("_dmp_wrapped_module", "module")
 
@@ -226,13 +229,14 @@ class Prefetcher:
             return entry.result
         picked = entry.unchanged(kjt)
         if self._verify:
-            try:
-                group, device = self._check_groups.get(key, (module.process_group, module.device))
-                picked = agree_on_pickup(picked, group, device, fqn)
-            except RuntimeError:
-                entry.drop()
-                raise
-        if picked:
+            group, device = self._check_groups.get(key, (module.process_group, module.device))
+            check = PickupCheck(picked, group, device, fqn)
+            # A rank whose KJT differs while another rank takes the dist sent ahead still runs the
+            # taking ranks' collectives (the lookup and output dist of the dist sent ahead), so
+            # that none waits alone; every rank then raises when it waits for the output.
+            if picked or check.split():
+                return _after(entry.result, check.raise_if_split)
+        elif picked:
             return entry.result
         entry.drop()
         self._fall_back(fqn, "the KeyedJaggedTensor it received is not one the pipeline found in the batch (the "
@@ -289,6 +293,27 @@ class Prefetcher:
         entries, prefetched.entries = prefetched.entries, {}
         for entry in entries.values():
             entry.drop()
+
+
+class _Checked(LazyAwaitable):
+    """A semi-sync lookup's output, ``check`` run once it is complete."""
+
+    def __init__(self, inner: Awaitable, check) -> None:
+        super().__init__()
+        self._inner, self._check = inner, check
+
+    def _wait_impl(self):
+        out = self._inner.wait()
+        self._check()
+        return out
+
+
+def _after(result, check):
+    """``result`` (an ``InFlight`` or an ``Awaitable``) with ``check`` run after its output dist."""
+    if isinstance(result, Awaitable):
+        return _Checked(result, check)
+    result.check = check
+    return result
 
 
 def _as_is(t):

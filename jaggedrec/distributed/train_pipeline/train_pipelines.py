@@ -220,9 +220,11 @@ class TrainPipelineSparseDist(_Pipeline[In, Out]):
         model, optimizer, device, execute_all_batches, custom_model_fwd: as ``TrainPipelineBase``'s.
         apply_jit: only False (no TorchScript).
         enqueue_batch_after_forward: copy batch i+2 after batch i's forward instead of before.
-        verify_pickups: one small collective per module and step checks that every rank's
+        verify_pickups: one small all-reduce per module and step checks that every rank's
             module took the dist sent ahead, or every rank's did not (a model that changes
-            its KJT on some ranks only then raises instead of hanging); False saves it.
+            its KJT on some ranks only then raises on every rank instead of hanging); a rank
+            that took the dist waits for it only with the module's output dist. False
+            leaves it out.
         context_type, pipeline_postproc, dmp_collection_sync_interval_batches: accepted for
             TorchRec's call shape; there is no context class, no postproc to hoist without
             tracing, and no 2D sharding to sync.
