@@ -17,7 +17,8 @@ shift (the bag's key base minus the bag's start), spread over the bag's ids by o
 from __future__ import annotations
 
 import abc
-from typing import Dict, List, Mapping, Optional, Sequence
+import functools
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -104,57 +105,73 @@ def check_bag_lengths(lengths: torch.Tensor, bag_limit: torch.Tensor, bag_key: t
                      "weight")
 
 
-def _bag_keys(num_keys: int, bags_per_key, device: torch.device) -> torch.Tensor:
-    """``[n]`` int64 each bag's key index, for ``bags_per_key`` (one count or a list per key)."""
-    keys = torch.arange(num_keys, device=device)
-    if isinstance(bags_per_key, list):
-        return keys.repeat_interleave(torch.tensor(bags_per_key, device=device))
-    return keys.repeat_interleave(bags_per_key)
+def _bag_layout(bags_per_key: Union[int, Tuple[int, ...]], limits: Tuple[int, ...], bases: Tuple[int, ...],
+                lengths_dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per bag: ``[n]`` int64 its key's index, ``[n]`` its key's longest bag allowed (in the
+    lengths' dtype), ``[n]`` int64 where its key's weights start; for ``bags_per_key`` (one
+    count for every key, or one per key: VBE)."""
+    keys = torch.arange(len(limits), device=device)
+    if isinstance(bags_per_key, tuple):
+        bag_key = keys.repeat_interleave(torch.tensor(bags_per_key, device=device))
+    else:
+        bag_key = keys.repeat_interleave(bags_per_key)
+    bag_limit = torch.tensor(limits, dtype=lengths_dtype, device=device).index_select(0, bag_key)
+    bag_base = torch.tensor(bases, dtype=torch.int64, device=device).index_select(0, bag_key)
+    return bag_key, bag_limit, bag_base
 
 
-def keyed_position_weights(features: KeyedJaggedTensor, weights: Mapping[str, torch.Tensor],
-                           owner: str) -> torch.Tensor:
+# eager calls reuse the layout of a batch shape (never written to); a compiled graph builds it
+# afresh, as a cache lookup would guard the graph on the cache
+_cached_bag_layout = functools.lru_cache(maxsize=64)(_bag_layout)
+
+
+def keyed_position_weights(features: KeyedJaggedTensor, weights: Mapping[str, torch.Tensor], owner: str,
+                           lengths: Optional[torch.Tensor] = None,
+                           offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``[N]`` per-id weights for a KJT: key ``k`` in ``weights`` reads its ``[L_k]`` tensor by
     position (bags of more than ``L_k`` ids are refused), every other key gets 1.
 
     Args:
         features: the batch (VBE too: positions depend only on the bags).
         weights: per key, its ``[L_k]`` position weights (all of one dtype and device).
+        lengths, offsets: the KJT's ``lengths()`` and ``lookup_offsets()``, when the caller has them.
     """
     keys = features.keys()
     values = features.values()
-    lengths, offsets = features.lengths(), features.lookup_offsets()
+    lengths = features.lengths() if lengths is None else lengths
+    offsets = features.lookup_offsets() if offsets is None else offsets
     num_ids = values.shape[0]
     tables = [weights[k] for k in keys if k in weights]
     device = values.device
     dtype = tables[0].dtype if tables else torch.float32
+    compiling = torch.compiler.is_compiling()
     if features.variable_stride_per_key():
-        bags_per_key = list(features.stride_per_key())
+        bags_per_key = tuple(features.stride_per_key())
     else:
         bags_per_key = features.stride()
-    bag_key = _bag_keys(len(keys), bags_per_key, device)
     limits = [weights[k].shape[0] if k in weights else 0 for k in keys]
     bases, start = [], 0
     for k, limit in zip(keys, limits):
         bases.append(start)
         start += limit
+    layout = _bag_layout if compiling else _cached_bag_layout
     if len(tables) < len(keys):
         # keys without position weights read a block of ones as long as their longest bag
         # (at most N): their bases all point at it and their limit is that block's length
         free = [i for i, k in enumerate(keys) if k not in weights]
-        bag_free = torch.zeros(len(keys), dtype=torch.bool, device=device)
-        bag_free[free] = True
+        bag_key = layout(bags_per_key, tuple(limits), tuple(bases), lengths.dtype, device)[0]
+        key_free = torch.zeros(len(keys), dtype=torch.bool, device=device)
+        key_free[free] = True
         longest = num_ids
-        if not torch.compiler.is_compiling() and lengths.numel() and not lengths.is_meta:
-            longest = int(lengths.masked_fill(~bag_free.index_select(0, bag_key), 0).max())
+        if not compiling and lengths.numel() and not lengths.is_meta:
+            longest = int(lengths.masked_fill(~key_free.index_select(0, bag_key), 0).max())
         tables.append(torch.ones(longest, dtype=dtype, device=device))
         for i in free:
             bases[i], limits[i] = start, longest
-    key_limit = torch.tensor(limits, dtype=lengths.dtype, device=device)
-    key_base = torch.tensor(bases, dtype=torch.int64, device=device)
-    check_bag_lengths(lengths, key_limit.index_select(0, bag_key), bag_key, keys, limits, owner)
+    bag_key, bag_limit, bag_base = layout(bags_per_key, tuple(limits), tuple(bases), lengths.dtype, device)
+    check_bag_lengths(lengths, bag_limit, bag_key, keys, limits, owner)
     table = tables[0] if len(tables) == 1 else torch.cat(tables)
-    return gather_position_weights(table, offsets, key_base.index_select(0, bag_key), num_ids)
+    return gather_position_weights(table, offsets, bag_base, num_ids)
 
 
 class PositionWeightedModule(FeatureProcessor):
@@ -300,16 +317,20 @@ def position_weighted_kjt(features: KeyedJaggedTensor, weights: Mapping[str, tor
                           owner: str) -> KeyedJaggedTensor:
     """``features`` (jaggedrec's KJT or TorchRec's) with :func:`keyed_position_weights` as its weights."""
     features = as_keyed_jagged_tensor(features)
-    return with_weights(features, keyed_position_weights(features, weights, owner))
+    lengths, offsets = features.lengths(), features.lookup_offsets()
+    return with_weights(features, keyed_position_weights(features, weights, owner, lengths, offsets), lengths,
+                        offsets)
 
 
-def with_weights(features: KeyedJaggedTensor, weights: torch.Tensor) -> KeyedJaggedTensor:
+def with_weights(features: KeyedJaggedTensor, weights: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+                 offsets: Optional[torch.Tensor] = None) -> KeyedJaggedTensor:
     """``features`` with ``weights`` as its ``[N]`` per-id weights, sharing every other tensor
-    and the batch layout (VBE and inverse indices included)."""
+    and the batch layout (VBE and inverse indices included); ``lengths`` and ``offsets``: the
+    KJT's ``lengths()`` and ``lookup_offsets()``, when the caller has them."""
     vbe = features.variable_stride_per_key()
-    lengths = features.lengths()
-    kjt = KeyedJaggedTensor(features.keys(), features.values(), weights, lengths=lengths,
-                            offsets=features.lookup_offsets(),
+    lengths = features.lengths() if lengths is None else lengths
+    offsets = features.lookup_offsets() if offsets is None else offsets
+    kjt = KeyedJaggedTensor(features.keys(), features.values(), weights, lengths=lengths, offsets=offsets,
                             stride=None if vbe else features.stride(),
                             stride_per_key_per_rank=features.stride_per_key_per_rank() if vbe else None,
                             length_per_key=features.length_per_key_or_none(),
