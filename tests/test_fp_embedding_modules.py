@@ -168,6 +168,21 @@ def test_position_weighted_module_on_a_jagged_tensor():
     torch.testing.assert_close(pw(pre).weights(), out.weights())
 
 
+def test_collection_pre_processed_positions():
+    """TorchRec's pre_process_input: positions written into the KJT's weights, then read back."""
+    pwc = PositionWeightedModuleCollection({"a": 3, "b": 4})
+    with torch.no_grad():
+        pwc.position_weights["a"].copy_(torch.tensor([2.0, 3, 4]))
+        pwc.position_weights["b"].copy_(torch.tensor([5.0, 6, 7, 8]))
+    kjt = jr.KeyedJaggedTensor(["b", "c", "a"], torch.arange(9), torch.zeros(9), lengths=torch.tensor([4, 2, 3]))
+    expected = torch.tensor([5.0, 6, 7, 8, 1, 1, 2, 3, 4])
+    torch.testing.assert_close(pwc(kjt).weights(), expected)
+    pwc.pre_process_input(kjt)
+    torch.testing.assert_close(kjt.weights(), torch.tensor([0.0, 1, 2, 3, 0, 1, 0, 1, 2]))
+    assert pwc.pre_processed
+    torch.testing.assert_close(pwc(kjt).weights(), expected)
+
+
 def test_collection_keeps_its_dict_in_step():
     pwc = PositionWeightedModuleCollection({"a": 3, "b": 2})
     pwc.load_state_dict({"position_weights.a": torch.tensor([2.0, 3, 4]),
@@ -231,13 +246,15 @@ def test_fused_tables_with_dense_position_weights():
                          what=f"{f} step {step}")
 
 
-def test_compile_without_graph_breaks():
+@pytest.mark.parametrize("form,backend", [("dict", "aot_eager"), ("collection", "aot_eager"),
+                                          ("collection", "inductor")])
+def test_compile_without_graph_breaks(form, backend):
     torch._dynamo.reset()
     counters.clear()
     gen = torch.Generator().manual_seed(9)
-    fp = _fpebc("dict")
+    fp = _fpebc(form)  # the collection form has a key without position weights (g1): a block of ones
     eager = copy.deepcopy(fp)
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = CompileCounterWithBackend(backend)
     compiled = torch.compile(fp, backend=counter)
     keys = shuffled_keys(gen, KEYS)
     for b in (4, 7, 5, 9):
