@@ -10,7 +10,10 @@ Optimizers (``OPTIMIZER``): 1 SGD; 2 row-wise Adagrad (one state value per row:
 moments, bias correction by the global step, touched rows only); 4 exact Adagrad
 (element-wise ``state += g^2``); 5 LARS-SGD (a per-row trust ratio from the row's weight
 and gradient norms, element-wise momentum); 6 partial row-wise Adam (element-wise first
-moment, one second moment per row, decoupled weight decay). For 2-4 ``weight_decay`` adds
+moment, one second moment per row, decoupled weight decay); 7 LAMB and 8 partial row-wise
+LAMB (Adam's direction, or partial row-wise Adam's, plus weight decay, scaled by the row's
+trust ratio ``|w| / |direction|``: the moments are updated and the norms summed in one pass
+over a row's column tiles, the rows stepped in another). For 2-4 ``weight_decay`` adds
 ``wd * w`` to the gradient first; 5 and 6 use it inside their formulas (``jaggedrec.optim.fused``
 gives them all). Hyperparameters are read from a device tensor ``[lr, eps, weight_decay,
 beta1, beta2]`` (LARS-SGD: ``momentum``, ``eta`` for the betas), so changing them needs no
@@ -30,6 +33,7 @@ from .row_runs import Runs, launch_args, run_configs, run_sums, run_tile
 from .tuning import autotune
 
 SGD, ROWWISE_ADAGRAD, ADAM, EXACT_ADAGRAD, LARS_SGD, PARTIAL_ROWWISE_ADAM = 1, 2, 3, 4, 5, 6
+LAMB, PARTIAL_ROWWISE_LAMB = 7, 8
 
 
 @triton.jit
@@ -38,7 +42,8 @@ def _row_factor(squares, weight_squares, u, live, row, dim, run_feature_ptr, met
     """What each row's update needs from sums over the whole row, ``[BLOCK_U]``, with the
     row-wise state updated: row-wise Adagrad's step size (its state += the mean squared
     gradient); LARS-SGD's scaled learning rate (``beta2`` is eta); partial row-wise Adam's
-    denominator (its row-wise second moment moves toward the mean squared gradient)."""
+    denominator (its row-wise second moment moves toward the mean squared gradient), which
+    partial row-wise LAMB shares."""
     if OPTIMIZER == 5:
         weight_norm = tl.sqrt(weight_squares)
         denominator = tl.sqrt(squares) + weight_decay * weight_norm
@@ -48,7 +53,7 @@ def _row_factor(squares, weight_squares, u, live, row, dim, run_feature_ptr, met
     state_index = (tl.load(meta + META_ROW_BASE, mask=live, other=0)
                    + (row - tl.load(meta + META_WEIGHT_OFFSET, mask=live, other=0)) // dim)
     mean_square = squares / dim.to(tl.float32)
-    if OPTIMIZER == 6:
+    if OPTIMIZER == 6 or OPTIMIZER == 8:
         v = beta2 * tl.load(state2_ptr + state_index, mask=live, other=0.0) + (1.0 - beta2) * mean_square
         tl.store(state2_ptr + state_index, v, mask=live)
         return tl.sqrt(v / (1.0 - tl.exp(t * tl.log(beta2)))) + eps
@@ -103,6 +108,33 @@ def _step_tile(g, w, element, mask, step_size, weights_ptr, state1_ptr, state2_p
     tl.store(weights_ptr + element, w.to(weights_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _lamb_direction(g, w, element, mask, row_denominator, state1_ptr, state2_ptr, eps, weight_decay, beta1, beta2, t,
+                    OPTIMIZER: tl.constexpr, UPDATE: tl.constexpr):
+    """LAMB's direction for one tile, ``m_hat / (sqrt(v_hat) + eps) + weight_decay * w``; with
+    ``UPDATE`` the moments first move toward ``g`` (and are stored), without it they are read
+    as the first pass left them. Partial row-wise LAMB's denominator is ``row_denominator``."""
+    m = tl.load(state1_ptr + element, mask=mask, other=0.0)
+    if UPDATE:
+        m = beta1 * m + (1.0 - beta1) * g
+        tl.store(state1_ptr + element, m, mask=mask)
+    if OPTIMIZER == 7:
+        v = tl.load(state2_ptr + element, mask=mask, other=0.0)
+        if UPDATE:
+            v = beta2 * v + (1.0 - beta2) * g * g
+            tl.store(state2_ptr + element, v, mask=mask)
+        denominator = tl.sqrt(v / (1.0 - tl.exp(t * tl.log(beta2)))) + eps
+    else:
+        denominator = row_denominator[:, None]
+    return m / (1.0 - tl.exp(t * tl.log(beta1))) / denominator + weight_decay * w
+
+
+@triton.jit
+def _lamb_ratio(weight_squares, direction_squares, live, lr):
+    """``lr * |w| / |direction|`` per row; dead lanes 0 (not 0 / 0)."""
+    return tl.where(live, lr * tl.sqrt(weight_squares) / tl.sqrt(tl.where(live, direction_squares, 1.0)), 0.0)
+
+
 @autotune(configs=run_configs(), key=["BLOCK_D", "HAS_SCALE", "DIM_ALIGN", "OPTIMIZER"])
 @triton.jit
 def _fused_update_kernel(
@@ -120,7 +152,8 @@ def _fused_update_kernel(
     t = tl.load(step_ptr).to(tl.float32)
     # the L2 term added to the gradient (row-wise Adagrad, Adam, exact Adagrad); the others' own
     l2 = weight_decay if OPTIMIZER == 2 or OPTIMIZER == 3 or OPTIMIZER == 4 else 0.0 * weight_decay
-    ROW_SUMS: tl.constexpr = OPTIMIZER == 2 or OPTIMIZER == 5 or OPTIMIZER == 6
+    ROW_SUMS: tl.constexpr = OPTIMIZER == 2 or OPTIMIZER == 5 or OPTIMIZER == 6 or OPTIMIZER == 8
+    IS_LAMB: tl.constexpr = OPTIMIZER == 7 or OPTIMIZER == 8
     # programs take turns over tiles of BLOCK_U runs: u0 = pid, pid + G, ... (times BLOCK_U)
     num_runs = tl.load(num_runs_ptr)
     for u0 in range(tl.program_id(0) * BLOCK_U, num_runs, tl.num_programs(0) * BLOCK_U):
@@ -137,8 +170,15 @@ def _fused_update_kernel(
                 step_size = _row_factor(tl.sum(g * g, axis=1), tl.sum(w * w, axis=1), u, live, row, dim,
                                         run_feature_ptr, meta_ptr, state1_ptr, state2_ptr, lr, eps, weight_decay,
                                         beta2, t, OPTIMIZER)
-            _step_tile(g, w, element, mask, step_size, weights_ptr, state1_ptr, state2_ptr, lr, eps, weight_decay,
-                       beta1, beta2, t, OPTIMIZER)
+            if IS_LAMB:
+                direction = _lamb_direction(g, w, element, mask, step_size, state1_ptr, state2_ptr, eps, weight_decay,
+                                            beta1, beta2, t, OPTIMIZER, True)
+                ratio = _lamb_ratio(tl.sum(w * w, axis=1), tl.sum(direction * direction, axis=1), live, lr)
+                w = w - ratio[:, None] * direction
+                tl.store(weights_ptr + element, w.to(weights_ptr.dtype.element_ty), mask=mask)
+            else:
+                _step_tile(g, w, element, mask, step_size, weights_ptr, state1_ptr, state2_ptr, lr, eps,
+                           weight_decay, beta1, beta2, t, OPTIMIZER)
         else:
             if ROW_SUMS:
                 # the row factor needs sums over all of a row's columns before any update
@@ -154,13 +194,38 @@ def _fused_update_kernel(
                         weight_squares += tl.sum(w * w, axis=1)
                 step_size = _row_factor(squares, weight_squares, u, live, row, dim, run_feature_ptr, meta_ptr,
                                         state1_ptr, state2_ptr, lr, eps, weight_decay, beta2, t, OPTIMIZER)
-            for d0 in range(0, tl.max(dim, axis=0), BLOCK_D):
-                g, w, mask, element = _decayed_tile(
-                    d0, start, length, longest, long_rank, live, row, dim, grad_out_ptr, item_offset_ptr,
-                    item_scale_ptr, long_sums_ptr, weights_ptr, l2, ROW_STRIDE, HAS_SCALE, DIM_ALIGN,
-                    BLOCK_D, UNROLL, LEGACY_LOOPS)
-                _step_tile(g, w, element, mask, step_size, weights_ptr, state1_ptr, state2_ptr, lr, eps, weight_decay,
-                           beta1, beta2, t, OPTIMIZER)
+            if IS_LAMB:
+                # the moments move and the norms are summed over every tile of the row ...
+                weight_squares = tl.zeros([BLOCK_U], dtype=tl.float32)
+                direction_squares = tl.zeros([BLOCK_U], dtype=tl.float32)
+                for d0 in range(0, tl.max(dim, axis=0), BLOCK_D):
+                    g, w, mask, element = _decayed_tile(
+                        d0, start, length, longest, long_rank, live, row, dim, grad_out_ptr, item_offset_ptr,
+                        item_scale_ptr, long_sums_ptr, weights_ptr, l2, ROW_STRIDE, HAS_SCALE, DIM_ALIGN,
+                        BLOCK_D, UNROLL, LEGACY_LOOPS)
+                    direction = _lamb_direction(g, w, element, mask, step_size, state1_ptr, state2_ptr, eps,
+                                                weight_decay, beta1, beta2, t, OPTIMIZER, True)
+                    weight_squares += tl.sum(w * w, axis=1)
+                    direction_squares += tl.sum(direction * direction, axis=1)
+                ratio = _lamb_ratio(weight_squares, direction_squares, live, lr)
+                # ... before any of it is stepped, with the direction made again from the new moments
+                for d0 in range(0, tl.max(dim, axis=0), BLOCK_D):
+                    cols = d0 + tl.arange(0, BLOCK_D)
+                    mask = live[:, None] & (cols[None, :] < dim[:, None])
+                    element = row[:, None] + cols[None, :]
+                    w = tl.load(weights_ptr + element, mask=mask, other=0.0).to(tl.float32)
+                    direction = _lamb_direction(w, w, element, mask, step_size, state1_ptr, state2_ptr, eps,
+                                                weight_decay, beta1, beta2, t, OPTIMIZER, False)
+                    w = w - ratio[:, None] * direction
+                    tl.store(weights_ptr + element, w.to(weights_ptr.dtype.element_ty), mask=mask)
+            else:
+                for d0 in range(0, tl.max(dim, axis=0), BLOCK_D):
+                    g, w, mask, element = _decayed_tile(
+                        d0, start, length, longest, long_rank, live, row, dim, grad_out_ptr, item_offset_ptr,
+                        item_scale_ptr, long_sums_ptr, weights_ptr, l2, ROW_STRIDE, HAS_SCALE, DIM_ALIGN,
+                        BLOCK_D, UNROLL, LEGACY_LOOPS)
+                    _step_tile(g, w, element, mask, step_size, weights_ptr, state1_ptr, state2_ptr, lr, eps,
+                               weight_decay, beta1, beta2, t, OPTIMIZER)
 
 
 def fused_update(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, weights: torch.Tensor, fused,

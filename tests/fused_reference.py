@@ -17,7 +17,19 @@ def reference_step(o, lr, t, w, g, s, touched):
         scale = lr * o.eta * weight_norm / (g.norm(dim=1, keepdim=True) + o.weight_decay * weight_norm)
         s["m"][touched] = o.momentum * s["m"][touched] + scale * (g + o.weight_decay * w)
         return w - s["m"][touched]
-    b1, b2 = o.betas  # partial row-wise Adam
+    b1, b2 = o.betas
+    if isinstance(o, optim.LAMB):  # and partial row-wise LAMB
+        s["m"][touched] = b1 * s["m"][touched] + (1 - b1) * g
+        if isinstance(o, optim.PartialRowWiseLAMB):
+            s["sum_sq"][touched] = b2 * s["sum_sq"][touched] + (1 - b2) * g.square().mean(1)
+            v_hat = (s["sum_sq"][touched] / (1 - b2 ** t)).unsqueeze(1)
+        else:
+            s["v"][touched] = b2 * s["v"][touched] + (1 - b2) * g.square()
+            v_hat = s["v"][touched] / (1 - b2 ** t)
+        direction = s["m"][touched] / (1 - b1 ** t) / (v_hat.sqrt() + o.eps) + o.weight_decay * w
+        ratio = w.norm(dim=1, keepdim=True) / direction.norm(dim=1, keepdim=True)
+        return w - lr * ratio * direction
+    # partial row-wise Adam
     s["m"][touched] = b1 * s["m"][touched] + (1 - b1) * g
     s["sum_sq"][touched] = b2 * s["sum_sq"][touched] + (1 - b2) * g.square().mean(1)
     v_hat = s["sum_sq"][touched] / (1 - b2 ** t)

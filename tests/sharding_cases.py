@@ -133,7 +133,8 @@ def _fused(mode: str):
     return {"sgd": optim.SGD(0.3), "rowwise_adagrad": optim.RowWiseAdagrad(0.2, eps=1e-3),
             "adam": optim.Adam(0.05), "adagrad": optim.Adagrad(0.2, eps=1e-3),
             "lars_sgd": optim.LarsSGD(0.3, eta=0.5, weight_decay=0.01),
-            "partial_rowwise_adam": optim.PartialRowWiseAdam(0.05, weight_decay=0.01)}.get(mode)
+            "partial_rowwise_adam": optim.PartialRowWiseAdam(0.05, weight_decay=0.01),
+            "lamb": optim.LAMB(0.05, weight_decay=0.01), "partial_rowwise_lamb": optim.PartialRowWiseLAMB(0.05)}.get(mode)
 
 
 def train_cases(rank: int, world: int, modes: Sequence[str] = TRAIN_MODES) -> List[str]:

@@ -169,6 +169,8 @@ OPTIMIZERS = {
     "adagrad": optim.Adagrad(lr=0.2, eps=1e-6, weight_decay=0.01),
     "lars_sgd": optim.LarsSGD(lr=0.3, eta=0.2, momentum=0.8, weight_decay=0.01),
     "partial_rowwise_adam": optim.PartialRowWiseAdam(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02),
+    "lamb": optim.LAMB(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02),
+    "partial_rowwise_lamb": optim.PartialRowWiseLAMB(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02),
 }
 
 
@@ -180,7 +182,7 @@ def _reference_step(opt, tables, state, grads, touched, step):
         if isinstance(opt, optim.SGD):
             table[rows] = w - opt.lr * g
             continue
-        if isinstance(opt, (optim.Adagrad, optim.LarsSGD, optim.PartialRowWiseAdam)):
+        if isinstance(opt, (optim.Adagrad, optim.LarsSGD, optim.PartialRowWiseAdam, optim.LAMB)):
             table[rows] = reference_step(opt, opt.lr, step, w, g, s, rows)
             continue
         g = g + opt.weight_decay * w

@@ -26,6 +26,8 @@ OPTIMIZERS = {
     "adagrad": optim.Adagrad(lr=0.2, eps=1e-6, weight_decay=0.01),
     "lars_sgd": optim.LarsSGD(lr=0.3, eta=0.2, momentum=0.8, weight_decay=0.01),
     "partial_rowwise_adam": optim.PartialRowWiseAdam(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02),
+    "lamb": optim.LAMB(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02),
+    "partial_rowwise_lamb": optim.PartialRowWiseLAMB(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02),
 }
 
 
@@ -64,7 +66,7 @@ class Reference:
             t = self.step_count
             if isinstance(o, optim.SGD):
                 table[touched] = w - lr * g
-            elif isinstance(o, (optim.Adagrad, optim.LarsSGD, optim.PartialRowWiseAdam)):
+            elif isinstance(o, (optim.Adagrad, optim.LarsSGD, optim.PartialRowWiseAdam, optim.LAMB)):
                 table[touched] = reference_step(o, lr, t, w, g, s, touched)
             elif isinstance(o, optim.RowWiseAdagrad):
                 g = g + o.weight_decay * w

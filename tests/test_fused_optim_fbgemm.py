@@ -125,5 +125,6 @@ def test_fbgemm_enum_maps_onto_the_fused_configs():
     assert fused_optimizer_from_params({"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": 0.3}) == \
         optim.Adagrad(0.3, eps=1e-8)
     assert isinstance(fused_optimizer_from_params({"optimizer": EmbOptimType.LARS_SGD}), optim.LarsSGD)
-    assert isinstance(fused_optimizer_from_params({"optimizer": EmbOptimType.PARTIAL_ROWWISE_ADAM}),
-                      optim.PartialRowWiseAdam)
+    for name, cls in (("PARTIAL_ROWWISE_ADAM", optim.PartialRowWiseAdam), ("LAMB", optim.LAMB),
+                      ("PARTIAL_ROWWISE_LAMB", optim.PartialRowWiseLAMB)):
+        assert type(fused_optimizer_from_params({"optimizer": EmbOptimType[name]})) is cls

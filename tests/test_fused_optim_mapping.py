@@ -36,6 +36,10 @@ def test_fused_params_name_the_new_optimizers():
         optim.LarsSGD(0.2, eta=1e-3, momentum=0.9, weight_decay=0.1)
     assert fused_optimizer_from_params({"optimizer": "PARTIAL_ROWWISE_ADAM", "beta1": 0.5}) == \
         optim.PartialRowWiseAdam(0.01, betas=(0.5, 0.999), eps=1e-8)
+    assert fused_optimizer_from_params({"optimizer": EmbOptimType.LAMB, "weight_decay": 0.1}) == \
+        optim.LAMB(0.01, eps=1e-8, weight_decay=0.1)
+    assert fused_optimizer_from_params({"optimizer": "partial_row_wise_lamb", "learning_rate": 0.2}) == \
+        optim.PartialRowWiseLAMB(0.2)
     with pytest.raises(ValueError, match="EXACT_ADAGRAD takes no weight_decay"):
         fused_optimizer_from_params({"optimizer": "EXACT_ADAGRAD", "weight_decay": 0.1})
     with pytest.raises(ValueError, match="not fused by jaggedrec"):
@@ -69,6 +73,9 @@ def test_in_backward_placeholders_take_fbgemm_kwargs(source):
     assert _in_backward(source.PartialRowWiseAdam, {"lr": 0.1, "beta1": 0.8, "weight_decay": 0.01}) == \
         optim.PartialRowWiseAdam(0.1, betas=(0.8, 0.999), weight_decay=0.01)
     assert _in_backward(source.Adagrad, {"learning_rate": 0.3}) == optim.Adagrad(0.3, eps=1e-8)
+    assert _in_backward(source.LAMB, {"lr": 0.1, "beta2": 0.9}) == optim.LAMB(0.1, betas=(0.9, 0.9))
+    assert _in_backward(source.PartialRowWiseLAMB, {"lr": 0.1, "eps": 1e-3}) == \
+        optim.PartialRowWiseLAMB(0.1, eps=1e-3)
     with pytest.raises(ValueError, match="does not know the keys"):
         _in_backward(source.LarsSGD, {"lr": 0.2, "nesterov": True})
 
@@ -87,7 +94,7 @@ def test_column_wise_shards_are_refused_for_whole_row_optimizers():
         configs = [jr.EmbeddingBagConfig(name="wide", embedding_dim=8, num_embeddings=4, feature_names=["f"])]
         table_shards = [[type("Shard", (), dict(row_split=False, kind=EXCHANGE))()] * 2]
 
-    for fused in (optim.LarsSGD(0.1), optim.PartialRowWiseAdam(0.1)):
+    for fused in (optim.LarsSGD(0.1), optim.PartialRowWiseAdam(0.1), optim.LAMB(0.1), optim.PartialRowWiseLAMB(0.1)):
         with pytest.raises(NotImplementedError, match=rf"\['wide'\]: {type(fused).__name__}"):
             check_fused(Layout, fused)
     check_fused(Layout, optim.Adagrad(0.1))  # element-wise: column shards step exactly
@@ -96,5 +103,5 @@ def test_column_wise_shards_are_refused_for_whole_row_optimizers():
 def test_sharded_training_matches_one_unsharded_module():
     """Three steps of each new optimizer on two gloo ranks (table-, row-, column-wise and mixed
     shards; whole-row optimizers without column-wise ones) against the unsharded module."""
-    modes = ("adagrad", "lars_sgd", "partial_rowwise_adam")
+    modes = ("adagrad", "lars_sgd", "partial_rowwise_adam", "lamb", "partial_rowwise_lamb")
     assert run_ranks(sharding_cases.train_cases, 2, modes, timeout=420) == [list(modes)] * 2

@@ -9,7 +9,8 @@ the same way: ``torch.optim.SGD``, ``torch.optim.Adam`` and ``torch.optim.Adagra
 fused SGD, Adam and exact Adagrad, and ``jaggedrec.optim.rowwise_adagrad.RowWiseAdagrad`` onto
 the fused row-wise Adagrad, each with the torch optimizer's defaults for what the kwargs leave
 out. TorchRec's placeholders (``torchrec.optim.optimizers``: ``LarsSGD``, ``PartialRowWiseAdam``,
-``Adagrad``, ``Adam``, ``SGD``; the same names in ``jaggedrec.optim.optimizers``) take FBGEMM's
+``LAMB``, ``PartialRowWiseLAMB``, ``Adagrad``, ``Adam``, ``SGD``; the same names in
+``jaggedrec.optim.optimizers``) take FBGEMM's
 keyword arguments (``lr`` or ``learning_rate``, ``eps``, ``eta``, ``momentum``, ``beta1``,
 ``beta2``, ``weight_decay``), with FBGEMM's defaults, as ``fused_params`` do. (TorchRec's own
 RowWiseAdagrad cannot be attached to jaggedrec's flat weights: it makes its state at
@@ -40,13 +41,15 @@ class EmbOptimType(Enum):
     EXACT_ADAGRAD = "exact_adagrad"
     LARS_SGD = "lars_sgd"
     PARTIAL_ROWWISE_ADAM = "partial_row_wise_adam"
+    LAMB = "lamb"
+    PARTIAL_ROWWISE_LAMB = "partial_row_wise_lamb"
 
 
 _KNOWN = ("learning_rate", "eps", "weight_decay", "beta1", "beta2", "eta", "momentum", "optimizer")
 # TorchRec's in-backward placeholders (torchrec.optim.optimizers, and jaggedrec's of the same
 # names): each stands for the EmbOptimType its kwargs configure
 _PLACEHOLDERS = {"SGD": "EXACT_SGD", "Adam": "ADAM", "Adagrad": "EXACT_ADAGRAD", "LarsSGD": "LARS_SGD",
-                 "PartialRowWiseAdam": "PARTIAL_ROWWISE_ADAM"}
+                 "PartialRowWiseAdam": "PARTIAL_ROWWISE_ADAM", "LAMB": "LAMB", "PartialRowWiseLAMB": "PARTIAL_ROWWISE_LAMB"}
 _PLACEHOLDER_MODULES = ("torchrec.optim.optimizers", "jaggedrec.optim.optimizers")
 
 
@@ -59,6 +62,7 @@ def fused_optimizer_from_params(fused_params: Optional[Dict[str, Any]]) -> Optio
         raise ValueError(f"fused_params: jaggedrec does not know the keys {unknown} (it reads {list(_KNOWN)})")
     kind = fused_params["optimizer"]
     name = (kind.name if isinstance(kind, Enum) else str(kind)).upper()
+    name = {e.value.upper(): e.name for e in EmbOptimType}.get(name, name)  # FBGEMM's value strings too
     lr = float(fused_params.get("learning_rate", 0.01))
     eps = float(fused_params.get("eps", 1e-8))
     decay = float(fused_params.get("weight_decay", 0.0))
@@ -79,8 +83,13 @@ def fused_optimizer_from_params(fused_params: Optional[Dict[str, Any]]) -> Optio
                              momentum=float(fused_params.get("momentum", 0.9)), weight_decay=decay)
     if name == "PARTIAL_ROWWISE_ADAM":
         return optim.PartialRowWiseAdam(lr, betas=betas, eps=eps, weight_decay=decay)
+    if name == "LAMB":
+        return optim.LAMB(lr, betas=betas, eps=eps, weight_decay=decay)
+    if name == "PARTIAL_ROWWISE_LAMB":
+        return optim.PartialRowWiseLAMB(lr, betas=betas, eps=eps, weight_decay=decay)
     raise ValueError(f"fused_params: optimizer {kind!r} is not fused by jaggedrec; use SGD/EXACT_SGD, "
-                     f"EXACT_ROWWISE_ADAGRAD, ADAM, EXACT_ADAGRAD, LARS_SGD or PARTIAL_ROWWISE_ADAM")
+                     f"EXACT_ROWWISE_ADAGRAD, ADAM, EXACT_ADAGRAD, LARS_SGD, PARTIAL_ROWWISE_ADAM, LAMB or "
+                     f"PARTIAL_ROWWISE_LAMB")
 
 
 def fused_optimizer_in_backward(module: nn.Module) -> Optional[optim.FusedOptimizer]:

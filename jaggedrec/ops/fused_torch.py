@@ -32,9 +32,11 @@ from jaggedrec.ops.pooled_plan import (Pass, PooledPlan, bag_grads, bag_of_id, b
 from jaggedrec.ops.runs_torch import row_runs, run_starts, sort_rows
 
 SGD, ROWWISE_ADAGRAD, ADAM, EXACT_ADAGRAD, LARS_SGD, PARTIAL_ROWWISE_ADAM = 1, 2, 3, 4, 5, 6
+LAMB, PARTIAL_ROWWISE_LAMB = 7, 8
 # each optimizer's state1, state2: one value per table row ("row", [R]) or per element ([W])
 STATE_LAYOUT = {SGD: (), ROWWISE_ADAGRAD: ("row",), ADAM: ("element", "element"), EXACT_ADAGRAD: ("element",),
-                LARS_SGD: ("element",), PARTIAL_ROWWISE_ADAM: ("element", "row")}
+                LARS_SGD: ("element",), PARTIAL_ROWWISE_ADAM: ("element", "row"), LAMB: ("element", "element"),
+                PARTIAL_ROWWISE_LAMB: ("element", "row")}
 # the optimizers that add weight_decay * w to the gradient first (L2); LARS-SGD and partial
 # row-wise Adam use it inside their formulas
 _L2_DECAY = (ROWWISE_ADAGRAD, ADAM, EXACT_ADAGRAD)
@@ -237,7 +239,7 @@ _CHUNK_BYTES = 2 << 20
 #   Adam:             34% touched 366 vs 262 ms, 56% 364 vs 391
 # The thresholds sit near the break-even points those imply (linear in between).
 _STREAM_MIN_TOUCHED = {SGD: 1 / 4, ROWWISE_ADAGRAD: 1 / 2, ADAM: 1 / 2, EXACT_ADAGRAD: 1 / 2, LARS_SGD: 1 / 2,
-                       PARTIAL_ROWWISE_ADAM: 1 / 2}
+                       PARTIAL_ROWWISE_ADAM: 1 / 2, LAMB: 1 / 2, PARTIAL_ROWWISE_LAMB: 1 / 2}
 
 
 def update_touched_rows(block: torch.Tensor, states, ids: torch.Tensor, bags: torch.Tensor, grads: torch.Tensor,
@@ -316,6 +318,10 @@ def _step_in_place(rule: StepRule, w, g, s1, s2, touched=None) -> None:
     if optimizer == PARTIAL_ROWWISE_ADAM:
         _partial_rowwise_adam_in_place(lr, eps, weight_decay, beta1, beta2, step, w, g, s1, s2, touched)
         return
+    if optimizer in (LAMB, PARTIAL_ROWWISE_LAMB):
+        _lamb_in_place(optimizer == PARTIAL_ROWWISE_LAMB, lr, eps, weight_decay, beta1, beta2, step, w, g, s1, s2,
+                       touched)
+        return
     if weight_decay:
         # one rounding of wd * w on both paths: add_(w, alpha=wd) may fuse the multiply into the
         # add (one rounding less) where addcmul_ does not, and streamed and scattered rows then
@@ -378,6 +384,27 @@ def _partial_rowwise_adam_in_place(lr, eps, weight_decay, beta1, beta2, step, w,
     if touched is not None:  # untouched rows: no step (nor 0 / 0 with eps 0 and no state)
         update = torch.where(touched.unsqueeze(1), update, 0.0)
     w.sub_(update.mul_(lr))
+
+
+def _lamb_in_place(partial, lr, eps, weight_decay, beta1, beta2, step, w, g, s1, s2, touched) -> None:
+    """LAMB and partial row-wise LAMB (see :func:`_step_in_place`): Adam's direction plus
+    weight decay, scaled by the row's trust ratio ``|w| / |direction|``."""
+    keep = None if touched is None else touched.to(w.dtype).unsqueeze(1)
+    if partial:
+        s2.lerp_(g.square().mean(1), 1 - beta2 if keep is None else keep.squeeze(1) * (1 - beta2))
+        denominator = s2.div(1 - beta2 ** step).sqrt_().add_(eps).unsqueeze(1)
+    else:
+        s2.lerp_(g.square(), 1 - beta2 if keep is None else keep * (1 - beta2))
+        denominator = s2.div(1 - beta2 ** step).sqrt_().add_(eps)
+    s1.lerp_(g, 1 - beta1 if keep is None else keep * (1 - beta1))
+    direction = torch.div(s1, 1 - beta1 ** step).div_(denominator)
+    if weight_decay:
+        direction.add_(w * weight_decay)
+    ratio = w.square().sum(1).sqrt_().div_(direction.square().sum(1).sqrt_())
+    direction.mul_(ratio.mul_(lr).unsqueeze(1))
+    if touched is not None:  # untouched rows: no step (their direction may be 0 / 0)
+        direction = torch.where(touched.unsqueeze(1), direction, 0.0)
+    w.sub_(direction)
 
 
 def update_runs_static(block: torch.Tensor, states, ids: torch.Tensor, bags: torch.Tensor, grads: torch.Tensor,
@@ -452,6 +479,17 @@ def _step_rows(optimizer, w, g, s1, s2, hparams, t):
         scale = lr * beta2 * weight_norm / (g.square().sum(1).sqrt() + weight_decay * weight_norm)
         s1 = beta1 * s1 + scale.unsqueeze(1) * (g + weight_decay * w)
         return w - s1, s1, s2
+    if optimizer in (LAMB, PARTIAL_ROWWISE_LAMB):
+        s1 = beta1 * s1 + (1 - beta1) * g
+        if optimizer == LAMB:
+            s2 = beta2 * s2 + (1 - beta2) * g.square()
+            denominator = (s2 / (1 - beta2 ** t)).sqrt() + eps
+        else:
+            s2 = beta2 * s2 + (1 - beta2) * g.square().mean(1)
+            denominator = ((s2 / (1 - beta2 ** t)).sqrt() + eps).unsqueeze(1)
+        direction = s1 / (1 - beta1 ** t) / denominator + weight_decay * w
+        ratio = w.square().sum(1).sqrt() / direction.square().sum(1).sqrt()
+        return w - (lr * ratio).unsqueeze(1) * direction, s1, s2
     if optimizer == PARTIAL_ROWWISE_ADAM:
         s1 = beta1 * s1 + (1 - beta1) * g
         s2 = beta2 * s2 + (1 - beta2) * g.square().mean(1)

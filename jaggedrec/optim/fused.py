@@ -34,7 +34,13 @@ placeholders that never step).
   ``w -= lr * (momentum1 / (1 - b1 ** t) / (sqrt(momentum2 / (1 - b2 ** t)) + eps)
   + weight_decay * w)`` (decoupled weight decay, as FBGEMM's).
 
-The state buffers of the last three are named as FBGEMM's TBE names them (``momentum1``,
+* ``LAMB(lr, betas, eps, weight_decay)``, FBGEMM's LAMB: Adam's element-wise moments, then
+  ``r = momentum1 / (1 - b1 ** t) / (sqrt(momentum2 / (1 - b2 ** t)) + eps) + weight_decay * w``
+  and ``w -= lr * |w| / |r| * r`` (the row's trust ratio, norms over the row).
+* ``PartialRowWiseLAMB(lr, betas, eps, weight_decay)``, FBGEMM's PARTIAL_ROWWISE_LAMB: LAMB with
+  partial row-wise Adam's row-wise second moment.
+
+The state buffers of the last five are named as FBGEMM's TBE names them (``momentum1``,
 ``momentum2``); ``t`` is the collection's step count, this step included.
 """
 
@@ -47,7 +53,7 @@ from typing import Any, ClassVar, Tuple
 from jaggedrec.optim.rowwise_adagrad import RowWiseAdagrad as _TorchRowWiseAdagrad
 
 SGD_KIND, ROWWISE_ADAGRAD_KIND, ADAM_KIND = 1, 2, 3
-EXACT_ADAGRAD_KIND, LARS_SGD_KIND, PARTIAL_ROWWISE_ADAM_KIND = 4, 5, 6
+EXACT_ADAGRAD_KIND, LARS_SGD_KIND, PARTIAL_ROWWISE_ADAM_KIND, LAMB_KIND, PARTIAL_ROWWISE_LAMB_KIND = 4, 5, 6, 7, 8
 
 
 @dataclass(frozen=True)
@@ -150,3 +156,26 @@ class PartialRowWiseAdam(FusedOptimizer):
         super().__post_init__()
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"PartialRowWiseAdam: betas must be in [0, 1), got {self.betas}")
+
+
+@dataclass(frozen=True)
+class LAMB(FusedOptimizer):
+    lr: float = 1e-3
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    kind = LAMB_KIND
+    state = (("momentum1", "element"), ("momentum2", "element"))
+    needs_whole_rows = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"{type(self).__name__}: betas must be in [0, 1), got {self.betas}")
+
+
+@dataclass(frozen=True)
+class PartialRowWiseLAMB(LAMB):
+    kind = PARTIAL_ROWWISE_LAMB_KIND
+    state = (("momentum1", "element"), ("momentum2", "row"))

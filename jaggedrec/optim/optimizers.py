@@ -1,6 +1,7 @@
 """``in_backward_optimizer_filter`` at TorchRec's path (``torchrec.optim.optimizers``): which
 parameters a dense optimizer should step; and TorchRec's in-backward placeholders there
-(``SGD``, ``Adam``, ``Adagrad``, ``LarsSGD``, ``PartialRowWiseAdam``): optimizer classes that
+(``SGD``, ``Adam``, ``Adagrad``, ``LarsSGD``, ``PartialRowWiseAdam``, ``LAMB``,
+``PartialRowWiseLAMB``): optimizer classes that
 never step themselves, given to ``_apply_optimizer_in_backward`` with FBGEMM's keyword
 arguments to name the fused optimizer a sharder applies (see
 ``jaggedrec.distributed.fused_params``).
@@ -68,4 +69,13 @@ class PartialRowWiseAdam(_Placeholder):
     """FBGEMM's PARTIAL_ROWWISE_ADAM."""
 
 
-__all__ = ["Adagrad", "Adam", "LarsSGD", "PartialRowWiseAdam", "SGD", "in_backward_optimizer_filter"]
+class LAMB(_Placeholder):
+    """FBGEMM's LAMB."""
+
+
+class PartialRowWiseLAMB(_Placeholder):
+    """FBGEMM's PARTIAL_ROWWISE_LAMB."""
+
+
+__all__ = ["Adagrad", "Adam", "LAMB", "LarsSGD", "PartialRowWiseAdam", "PartialRowWiseLAMB", "SGD",
+           "in_backward_optimizer_filter"]
