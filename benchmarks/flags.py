@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Sequence
 from .presets import DEFAULT_PRESET, PRESETS, preset_workloads
 from .providers.sharded import SHARDINGS
 from .runner import BASELINE
-from .workload import DTYPES, MODES, QUANT_DTYPES, Workload
+from .workload import DTYPES, MODES, OPTIMIZERS, QUANT_DTYPES, Workload
 
 _EXAMPLES = """\
 examples:
@@ -43,7 +43,7 @@ DEFAULT_EC_PRESET = "pooling"  # long id lists are what an unpooled lookup serve
 # CLI flag -> Workload field, for the flags that override preset fields
 _SWEEPABLE = {"tables": "tables", "num_embeddings": "num_embeddings", "batch_size": "batch_size",
               "pooling_factor": "pooling_factor", "dtype": "dtype", "busy": "busy"}
-_SCALARS = ("bag_size", "distribution", "zipf_alpha", "weighted", "mode", "vbe_users")
+_SCALARS = ("bag_size", "distribution", "zipf_alpha", "weighted", "mode", "vbe_users", "optimizer")
 
 
 def _number(text: str) -> float:
@@ -105,6 +105,11 @@ def build_parser(module: str = "ebc", sharded: bool = False) -> argparse.Argumen
                                                        "or a comma list of them (default: all three)")
     else:
         shape.add_argument("--mode", choices=MODES, help="forward (inference), backward (fwd+bwd), train (+SGD step)")
+    shape.add_argument("--optimizer", choices=OPTIMIZERS,
+                       help="train mode's fused optimizer, by FBGEMM's EmbOptimType name: jaggedrec steps the "
+                            "same one (fused_params), fbgemm_tbe uses that EmbOptimType (on CPU FBGEMM has only "
+                            "exact_sgd, exact_rowwise_adagrad and exact_adagrad); providers that train with plain "
+                            "SGD are skipped for the others (default exact_sgd)")
     run = p.add_argument_group("run")
     run.add_argument("--module", choices=MODULES, default="ebc",
                      help="ebc: the EmbeddingBagCollection (default); ec: the unpooled EmbeddingCollection, one row "

@@ -159,6 +159,8 @@ def run_workload(w: Workload, providers: Sequence[Provider], options: Options, c
     with quiet():
         for p in providers:
             reason = p.skip_reason(w)
+            if reason is None and w.mode == "train" and w.optimizer not in p.optimizers:
+                reason = f"trains with {' or '.join(p.optimizers)} only, not {w.optimizer}"
             results[p.name] = ProviderResult("skipped", reason) if reason else ProviderResult("ok")
         tables = reference_tables(w, options.seed)
         batches = module.make_batches(w, options.batches, options.seed)

@@ -22,6 +22,9 @@ DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, 
 # tables its own way; inference only, so forward mode only
 QUANT_DTYPES: Dict[str, jr.DataType] = {"int8": jr.DataType.INT8, "int4": jr.DataType.INT4}
 MODES = ("forward", "backward", "train")
+# --optimizer: the fused optimizer of train mode, by FBGEMM's EmbOptimType name in lower case
+OPTIMIZERS = ("exact_sgd", "exact_rowwise_adagrad", "exact_adagrad", "adam", "lars_sgd", "partial_rowwise_adam",
+              "lamb", "partial_rowwise_lamb")
 MODE_LABELS = {
     "forward": "forward (inference, no_grad)",
     "backward": "forward+backward (dense grads)",
@@ -63,6 +66,7 @@ class Workload:
     device: str = "cpu"
     vbe_users: int = 0
     busy: int = 0  # busy processes running beside the timed steps (contention.py)
+    optimizer: str = "exact_sgd"  # train mode's fused optimizer (OPTIMIZERS)
 
     def __post_init__(self) -> None:
         if not 0 <= self.vbe_users <= self.batch_size:
@@ -74,7 +78,8 @@ class Workload:
         if self.pooling_factor < 0:
             raise ValueError(f"pooling_factor must be >= 0, got {self.pooling_factor}")
         for field, allowed in (("bag_size", ("fixed", "random")), ("distribution", ("uniform", "zipf")),
-                               ("dtype", (*DTYPES, *QUANT_DTYPES)), ("mode", MODES), ("device", ("cpu", "cuda"))):
+                               ("dtype", (*DTYPES, *QUANT_DTYPES)), ("mode", MODES), ("device", ("cpu", "cuda")),
+                               ("optimizer", OPTIMIZERS)):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
         if self.quantized and self.mode != "forward":
@@ -122,7 +127,12 @@ class Workload:
         busy = f", beside {self.busy} busy process{'es' if self.busy > 1 else ''}" if self.busy else ""
         return (f"{self.tables} tables x {self.num_embeddings:,} rows, dim {dims}, {self.dtype}, "
                 f"batch {self.batch_size}, {bags}, {ids}{', weighted' if self.weighted else ''}{vbe}, "
-                f"{MODE_LABELS[self.mode]}, {self.device}{busy}")
+                f"{self._mode_label()}, {self.device}{busy}")
+
+    def _mode_label(self) -> str:
+        if self.mode == "train" and self.optimizer != "exact_sgd":  # the fused step's optimizer, not SGD
+            return f"train step (fwd+bwd+{self.optimizer.upper()} lr 0.01)"
+        return MODE_LABELS[self.mode]
 
     def as_dict(self) -> Dict[str, object]:
         out = dataclasses.asdict(self)

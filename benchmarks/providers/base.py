@@ -49,6 +49,9 @@ class Provider:
         self.mode = "forward"
         self.note = ""  # what this provider does differently in this mode, shown in reports
 
+    #: the --optimizer names its train mode can step (``workload.OPTIMIZERS``)
+    optimizers: Sequence[str] = ("exact_sgd",)
+
     def skip_reason(self, w: Workload) -> Optional[str]:
         """Why this provider can't run ``w`` here, or None."""
         return None

@@ -11,12 +11,22 @@ import torch
 
 import jaggedrec as jr
 
-from ..workload import Workload
+from ..workload import OPTIMIZERS, Workload
 from .base import COMPILE_MAX_TABLES, LEARNING_RATE, EcProvider, Provider
+
+
+def fused_optimizer(name: str):
+    """The fused optimizer FBGEMM's EmbOptimType ``name`` (lower case) names, as TorchRec's
+    ``fused_params`` map it, at the benchmark's learning rate and FBGEMM's defaults."""
+    from jaggedrec.distributed.fused_params import fused_optimizer_from_params
+
+    return fused_optimizer_from_params({"optimizer": name.upper(), "learning_rate": LEARNING_RATE})
 
 
 class Jaggedrec(Provider):
     """jaggedrec's EmbeddingBagCollection with one backend, with its default ``validate=True``."""
+
+    optimizers = OPTIMIZERS
 
     def __init__(self, backend: str) -> None:
         super().__init__()
@@ -36,10 +46,8 @@ class Jaggedrec(Provider):
             # Train as jaggedrec is meant to: the fused optimizer updates the touched rows inside
             # the backward, as FBGEMM's EXACT_SGD does. Older jaggedrec: sparse grads + SGD.
             if "fused_optimizer" in inspect.signature(jr.EmbeddingBagCollection).parameters:
-                from jaggedrec import optim
-
-                kwargs["fused_optimizer"] = optim.SGD(lr=LEARNING_RATE)
-                self.note = "fused SGD inside backward (fused_optimizer=optim.SGD)"
+                kwargs["fused_optimizer"] = fused_optimizer(w.optimizer)
+                self.note = f"fused {type(kwargs['fused_optimizer']).__name__} inside backward (fused_optimizer=)"
             else:
                 kwargs["sparse"] = True
                 self.note = "sparse grads (sparse=True) + torch.optim.SGD"

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..workload import Workload
+from ..workload import OPTIMIZERS, Workload
 from .base import LEARNING_RATE, EcProvider, Provider
 
 INSTALL_HINT = ("pip install fbgemm-gpu-cpu==1.8.0 && pip install --no-deps torchrec==1.8.0 && "
@@ -86,6 +86,9 @@ def torchrec_kjt(keys, batch, batch_size: int):
                              offsets=batch.offsets, stride=batch_size, length_per_key=batch.ids_per_feature)
 
 
+_FBGEMM_CPU_OPTIMIZERS = ("exact_sgd", "exact_rowwise_adagrad", "exact_adagrad")
+
+
 class FbgemmTBE(Provider):
     """FBGEMM's table-batched embedding bags.
 
@@ -97,11 +100,14 @@ class FbgemmTBE(Provider):
 
     name = "fbgemm_tbe"
     description = "fbgemm_gpu SplitTableBatchedEmbeddingBagsCodegen (backward mode: DenseTableBatched...)"
+    optimizers = OPTIMIZERS
 
     def skip_reason(self, w: Workload) -> Optional[str]:
         reason = import_error(_import_fbgemm)
         if reason is None and w.device == "cpu" and w.dtype == "bf16":
             return "FBGEMM's CPU kernels have no bf16 tables"
+        if reason is None and w.mode == "train" and w.device == "cpu" and w.optimizer not in _FBGEMM_CPU_OPTIMIZERS:
+            return f"FBGEMM steps {w.optimizer.upper()} on GPU only"
         return reason
 
     def build(self, tables, w):
@@ -120,11 +126,11 @@ class FbgemmTBE(Provider):
                                                         pooling_mode=PoolingMode.SUM, use_cpu=w.device == "cpu")
         else:
             if w.mode == "train":
-                self.note = "fused EXACT_SGD inside backward (no optimizer.step)"
+                self.note = f"fused {w.optimizer.upper()} inside backward (no optimizer.step)"
             place = ((EmbeddingLocation.HOST, ComputeDevice.CPU) if w.device == "cpu"
                      else (EmbeddingLocation.DEVICE, ComputeDevice.CUDA))
             tbe = SplitTableBatchedEmbeddingBagsCodegen(
-                [(rows, dim, *place) for rows, dim in specs], optimizer=EmbOptimType.EXACT_SGD,
+                [(rows, dim, *place) for rows, dim in specs], optimizer=EmbOptimType[w.optimizer.upper()],
                 learning_rate=LEARNING_RATE, weights_precision=precision, output_dtype=SparseType.FP32,
                 pooling_mode=PoolingMode.SUM, device=torch.device(w.device))
         with torch.no_grad():
