@@ -405,7 +405,7 @@ def test_module_ec_wrong_provider_is_reported_not_timed(tmp_path, capsys, mode):
 
 def test_module_flag_errors(capsys):
     assert cli.main(["--module", "nope"]) == 2
-    assert "--module must be ebc or ec" in capsys.readouterr().err
+    assert "--module must be one of ebc, ec, fpebc" in capsys.readouterr().err
     for bad in (["--weighted"], ["--mode", "forward,sideways"], ["--vbe-users", "2"]):
         with pytest.raises(SystemExit) as e:
             cli.main(TINY_EC + bad)
