@@ -23,7 +23,7 @@ which is the benchmark's wait share.
 
 Not delayed: calls that bypass the namespace (``torch.distributed._functional_collectives``,
 which TorchRec takes only under ``torch.compile`` or with its sync-collectives switch on;
-DDP's built-in C++ all-reduce, hence :func:`hook_ddp_allreduce`), and anything while the
+DDP's built-in C++ all-reduce, hence :func:`collectives.route_ddp_allreduce`), and anything while the
 wrapper is not ``active`` (the benchmark's own barriers and gathers). On CUDA a ``wait()``
 only orders streams, so the delay and the blocked time are the host's view there.
 """
@@ -33,24 +33,26 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from typing import Callable, Dict, Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
+
+from .collectives import PatchedCollectives, WrappedWork
 
 #: the collectives wrapped, every one both libraries and DDP's Python hooks may call
 COLLECTIVES = ("all_to_all_single", "all_to_all", "all_gather", "all_gather_into_tensor", "all_gather_single",
                "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "all_reduce", "broadcast")
 
 
-class DelayedWork(dist.Work):
+class DelayedWork(WrappedWork):
     """A collective's work that completes no earlier than ``deadline`` (``time.perf_counter``
-    seconds). A ``dist.Work`` itself, because TorchRec checks ``isinstance(work, dist.Work)``;
-    the methods that report completion honour the deadline, the others go to the wrapped work."""
+    seconds): the methods that report completion honour the deadline, the others go to the
+    wrapped work."""
 
     def __init__(self, work: dist.Work, deadline: float, owner: "DelayedCollectives", name: str = "") -> None:
-        super().__init__()
-        self._work, self._deadline, self._owner, self._name = work, deadline, owner, name
+        super().__init__(work)
+        self._deadline, self._owner, self._name = deadline, owner, name
 
     def wait(self, *args, **kwargs):
         begin = time.perf_counter()
@@ -91,19 +93,7 @@ class DelayedWork(dist.Work):
         return out
 
 
-def _forward(name: str):
-    def method(self, *args, **kwargs):
-        return getattr(self._work, name)(*args, **kwargs)
-    method.__name__ = name
-    return method
-
-
-for _name in ("block_current_stream", "boxed", "exception", "get_future_result", "is_success", "result",
-              "source_rank", "synchronize", "_get_duration", "_get_op_type"):
-    setattr(DelayedWork, _name, _forward(_name))
-
-
-class DelayedCollectives:
+class DelayedCollectives(PatchedCollectives):
     """``torch.distributed``'s collectives, each delayed by ``delay_ms`` and counted while
     ``active``; a context manager (``with DelayedCollectives(20.0) as comm``).
 
@@ -114,20 +104,21 @@ class DelayedCollectives:
     clears them.
     """
 
+    names = COLLECTIVES
+
     def __init__(self, delay_ms: float = 0.0, cuda: bool = False, undelayed: Iterable[str] = ()) -> None:
         if delay_ms < 0:
             raise ValueError(f"the collective delay must be >= 0 ms, got {delay_ms}")
         unknown = sorted(set(undelayed) - set(COLLECTIVES))
         if unknown:
             raise ValueError(f"not a wrapped collective: {', '.join(unknown)} (they are {', '.join(COLLECTIVES)})")
+        super().__init__()
         self.delay_s = delay_ms / 1e3
         self.cuda = cuda
         self.undelayed = frozenset(undelayed)  # counted and timed, never delayed (to find who pays)
-        self.active = False
         self.calls: Counter = Counter()
         self.blocked_by_name: Counter = Counter()
         self.blocked_s = 0.0
-        self._saved: Dict[str, Callable] = {}
 
     @property
     def delay_ms(self) -> float:
@@ -154,7 +145,7 @@ class DelayedCollectives:
         if left > 0:
             time.sleep(left)
 
-    def _wrap(self, name: str, fn: Callable) -> Callable:
+    def wrap(self, name: str, fn: Callable) -> Callable:
         def delayed(*args, **kwargs):
             if not self.active:
                 return fn(*args, **kwargs)
@@ -168,39 +159,5 @@ class DelayedCollectives:
             self.add_blocked(name, time.perf_counter() - issued)
             return None
 
-        delayed.__wrapped__ = fn
         delayed.__name__ = name
         return delayed
-
-    def __enter__(self) -> "DelayedCollectives":
-        for name in COLLECTIVES:
-            fn = getattr(dist, name, None)
-            if fn is not None:
-                self._saved[name] = fn
-                setattr(dist, name, self._wrap(name, fn))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for name, fn in self._saved.items():
-            setattr(dist, name, fn)
-        self._saved.clear()
-
-
-def hook_ddp_allreduce(module: torch.nn.Module) -> int:
-    """Give every ``DistributedDataParallel`` inside ``module`` the stock Python all-reduce hook
-    (the average DDP computes in C++), so that the dense gradients' all-reduce goes through
-    ``torch.distributed.all_reduce`` and is delayed and counted like the rest. DDP waits on it
-    through its future at the end of the backward. Returns how many were hooked."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-    from torch.nn.parallel import DistributedDataParallel
-
-    hooked = 0
-    for m in module.modules():
-        # TorchRec keeps a sharded collection's lookups, DDP-wrapped for data-parallel tables,
-        # in a plain list, which modules() does not enter
-        lookups = getattr(m, "_lookups", None)
-        for candidate in [m] + (lookups if isinstance(lookups, list) else []):
-            if isinstance(candidate, DistributedDataParallel):
-                candidate.register_comm_hook(None, default_hooks.allreduce_hook)
-                hooked += 1
-    return hooked

@@ -24,7 +24,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .comm_delay import DelayedCollectives, hook_ddp_allreduce
+from .collectives import route_ddp_allreduce
+from .comm_delay import DelayedCollectives
 from .providers.pipeline import PipelineProvider, dense_and_labels, pipeline_providers
 from .providers.sharded import RankEnv, local_batch
 from .runner import _fail, quiet
@@ -118,7 +119,7 @@ def run_on_rank(job: Job, env: RankEnv, say: Callable[[str], None]) -> Optional[
                 say(f"build {p.name}")
                 try:
                     p.build(tables, w, job.dense_in, job.seed)
-                    hook_ddp_allreduce(p.model)  # the dense all-reduce through dist.all_reduce: delayed too
+                    route_ddp_allreduce(p.model)  # the dense all-reduce through dist.all_reduce: delayed too
                 except Exception as e:
                     reason = _fail(e, "setup failed")
             reason = _first_error(_agree(reason))

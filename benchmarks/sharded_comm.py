@@ -17,8 +17,8 @@ the same way. While ``active`` it adds up, per rank:
 
 Calls that bypass the namespace are not seen: functional collectives
 (``torch.distributed._functional_collectives``, taken under ``torch.compile``) and DDP's
-built-in C++ all-reduce (hence :func:`count_ddp_allreduce`, which routes it through a
-Python hook).
+built-in C++ all-reduce (hence :func:`collectives.route_ddp_allreduce`, which routes it through
+a Python hook).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from typing import Callable, Dict, Tuple
 
 import torch
 import torch.distributed as dist
+
+from .collectives import PatchedCollectives, WrappedWork
 
 
 def _bytes(t: torch.Tensor) -> int:
@@ -89,56 +91,43 @@ _SENT: Dict[str, Tuple[Callable, int]] = {
 }
 
 
-class _TimedWork(dist.Work):
-    """A collective's work whose ``wait()`` adds to the counter. A ``dist.Work`` itself, because
-    TorchRec checks ``isinstance(work, dist.Work)`` before it waits; every other method of a
-    work goes to the wrapped one."""
+class _TimedWork(WrappedWork):
+    """A collective's work whose ``wait()`` adds to the counter."""
 
     def __init__(self, work: dist.Work, counter: "CollectiveCounter") -> None:
-        super().__init__()
-        self._work, self._counter = work, counter
+        super().__init__(work)
+        self._counter = counter
 
     def wait(self, *args, **kwargs):
-        begin = self._counter._now()
+        begin = self._counter.now()
         try:
             return self._work.wait(*args, **kwargs)
         finally:
-            self._counter.wait_s += self._counter._now() - begin
+            self._counter.wait_s += self._counter.now() - begin
 
 
-def _forward(name: str):
-    def method(self, *args, **kwargs):
-        return getattr(self._work, name)(*args, **kwargs)
-    method.__name__ = name
-    return method
-
-
-for _name in ("block_current_stream", "boxed", "exception", "get_future", "get_future_result", "is_completed",
-              "is_success", "result", "source_rank", "synchronize", "_get_duration", "_get_op_type"):
-    setattr(_TimedWork, _name, _forward(_name))
-
-
-class CollectiveCounter:
+class CollectiveCounter(PatchedCollectives):
     """Counts bytes sent and seconds waited in ``torch.distributed``'s collectives while
     ``active``; use it as a context manager (``with CollectiveCounter(cuda) as c``)."""
 
+    names = tuple(_SENT)
+
     def __init__(self, cuda: bool = False) -> None:
+        super().__init__()
         self.cuda = cuda
-        self.active = False
         self.bytes_sent = 0
         self.wait_s = 0.0
         self.calls = 0
-        self._saved: Dict[str, Callable] = {}
 
     def reset(self) -> None:
         self.bytes_sent, self.wait_s, self.calls = 0, 0.0, 0
 
-    def _now(self) -> float:
+    def now(self) -> float:
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def _wrap(self, name: str, fn: Callable) -> Callable:
+    def wrap(self, name: str, fn: Callable) -> Callable:
         sent, group_at = _SENT[name]
 
         def counted(*args, **kwargs):
@@ -147,46 +136,11 @@ class CollectiveCounter:
             group = _arg(args, kwargs, group_at, "group")
             self.bytes_sent += sent(dist.get_world_size(group), dist.get_rank(group), args, kwargs)
             self.calls += 1
-            begin = self._now()
+            begin = self.now()
             try:
                 work = fn(*args, **kwargs)
             finally:
-                self.wait_s += self._now() - begin
+                self.wait_s += self.now() - begin
             return _TimedWork(work, self) if work is not None else None
 
-        counted.__wrapped__ = fn
         return counted
-
-    def __enter__(self) -> "CollectiveCounter":
-        for name in _SENT:
-            fn = getattr(dist, name, None)
-            if fn is not None:
-                self._saved[name] = fn
-                setattr(dist, name, self._wrap(name, fn))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for name, fn in self._saved.items():
-            setattr(dist, name, fn)
-        self._saved.clear()
-
-
-def count_ddp_allreduce(module: torch.nn.Module) -> int:
-    """Give every ``DistributedDataParallel`` inside ``module`` the stock Python all-reduce hook
-    (the same average DDP computes in C++), so that its gradient all-reduce goes through
-    ``torch.distributed.all_reduce`` and is counted. Its wait happens inside DDP's reducer and
-    is not. Returns how many were hooked."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-    from torch.nn.parallel import DistributedDataParallel
-
-    hooked = 0
-    for m in module.modules():
-        # TorchRec keeps a sharded collection's lookups, DDP-wrapped for data-parallel tables,
-        # in a plain list, which modules() does not enter
-        lookups = getattr(m, "_lookups", None)
-        for candidate in [m] + (lookups if isinstance(lookups, list) else []):
-            if isinstance(candidate, DistributedDataParallel):
-                candidate.register_comm_hook(None, default_hooks.allreduce_hook)
-                hooked += 1
-    return hooked
-

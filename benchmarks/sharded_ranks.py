@@ -27,7 +27,8 @@ from .providers.loops import EmbeddingBagLoop
 from .providers.sharded import BASELINE, RankEnv, local_batch, sharded_providers
 from .runner import (TOLERANCES, Options, ProviderResult, WorkloadResult, _derive_metrics, _fail, _max_abs_err,
                      quiet)
-from .sharded_comm import CollectiveCounter, count_ddp_allreduce
+from .collectives import route_ddp_allreduce
+from .sharded_comm import CollectiveCounter
 from .timing import Clock, interleaved_order, plan_samples
 from .workload import Workload, bytes_per_step, make_batches, reference_tables
 
@@ -113,7 +114,7 @@ def _build(lineup, tables, wg, results, env: RankEnv, progress) -> List[Provider
         if _runs_here(p, env.rank):
             try:
                 p.build(tables, wg)
-                count_ddp_allreduce(p.module)  # TorchRec's data-parallel tables: DDP's all-reduce, counted
+                route_ddp_allreduce(p.module)  # TorchRec's data-parallel tables: DDP's all-reduce, counted
                 state_mb = p.state_bytes() / 2**20
             except Exception as e:
                 error = _fail(e, "setup failed")
