@@ -28,7 +28,9 @@ from sharding_cases import global_batch, rank_batches, sharded
 
 SAVE_WORLD = 2
 BATCH = 3
-MODES = {"adam": lambda: optim.Adam(0.05), "rowwise_adagrad": lambda: optim.RowWiseAdagrad(0.2, eps=1e-3)}
+MODES = {"adam": lambda: optim.Adam(0.05), "rowwise_adagrad": lambda: optim.RowWiseAdagrad(0.2, eps=1e-3),
+         "adagrad": lambda: optim.Adagrad(0.2, eps=1e-3),
+         "partial_rowwise_adam": lambda: optim.PartialRowWiseAdam(0.05, weight_decay=0.01)}
 
 
 def _configs():
@@ -41,7 +43,7 @@ def _configs():
 def _plan(name: str, world: int, names: List[str], mode: str):
     """Plans by name; row-wise Adagrad's tables stay whole in columns (see the sharder)."""
     last = world - 1
-    adagrad = mode == "rowwise_adagrad"
+    adagrad = MODES[mode]().needs_whole_rows  # no column-wise blocks
     if name == "table_wise":
         return {n: table_wise(rank=(i + 1) % world) for i, n in enumerate(names)}
     if name == "row_wise":
@@ -90,7 +92,8 @@ def _train_sharded(module, rank: int, world: int, steps) -> None:
 
 def _saved() -> List[Tuple[str, str]]:
     return [("adam", p) for p in ("table_wise", "column_wise", "row_wise", "mixed")] + \
-           [("rowwise_adagrad", p) for p in ("table_wise", "row_wise", "mixed")]
+           [("rowwise_adagrad", p) for p in ("table_wise", "row_wise", "mixed")] + \
+           [("adagrad", "column_wise"), ("partial_rowwise_adam", "mixed")]
 
 
 def save_cases(rank: int, world: int, directory: str) -> List[str]:

@@ -14,13 +14,15 @@ from jr_testing import Batch, assert_close, reference_pooled
 TARGETS = {
     1: {"adam-table_wise": "mixed", "adam-column_wise": "table_wise", "adam-row_wise": "mixed",
         "adam-mixed": "table_wise", "rowwise_adagrad-table_wise": "mixed", "rowwise_adagrad-row_wise": "table_wise",
-        "rowwise_adagrad-mixed": "mixed"},
+        "rowwise_adagrad-mixed": "mixed", "adagrad-column_wise": "mixed", "partial_rowwise_adam-mixed": "table_wise"},
     2: {"adam-table_wise": "row_wise", "adam-column_wise": "mixed", "adam-row_wise": "column_wise",
         "adam-mixed": "table_wise", "rowwise_adagrad-table_wise": "row_wise", "rowwise_adagrad-row_wise": "mixed",
-        "rowwise_adagrad-mixed": "table_wise"},
+        "rowwise_adagrad-mixed": "table_wise", "adagrad-column_wise": "row_wise",
+        "partial_rowwise_adam-mixed": "row_wise"},
     3: {"adam-table_wise": "column_wise", "adam-column_wise": "row_wise", "adam-row_wise": "mixed",
         "adam-mixed": "row_wise", "rowwise_adagrad-table_wise": "mixed", "rowwise_adagrad-row_wise": "table_wise",
-        "rowwise_adagrad-mixed": "row_wise"},
+        "rowwise_adagrad-mixed": "row_wise", "adagrad-column_wise": "table_wise",
+        "partial_rowwise_adam-mixed": "mixed"},
 }
 
 
