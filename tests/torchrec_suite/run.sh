@@ -28,6 +28,8 @@ FILES=(
     torchrec/modules/tests/test_embedding_modules.py
     torchrec/modules/tests/test_feature_processor_.py
     torchrec/modules/tests/test_fp_embedding_modules.py
+    torchrec/modules/tests/test_mc_modules.py
+    torchrec/modules/tests/test_mc_embedding_modules.py
 )
 # the test files run from a flat folder of their own, so that `import torchrec` finds the
 # installed package and not the checkout's sources

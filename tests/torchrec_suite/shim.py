@@ -51,6 +51,15 @@ def _point_torchrec_at_jaggedrec() -> None:
                  "PositionWeightedModuleCollection"):
         setattr(tr_fp, name, getattr(feature_processor_, name))
     tr_fp_modules.FeatureProcessedEmbeddingBagCollection = fp_embedding_modules.FeatureProcessedEmbeddingBagCollection
+    import torchrec.modules.mc_embedding_modules as tr_mc_modules
+    import torchrec.modules.mc_modules as tr_mc
+
+    from jaggedrec.modules import mc_embedding_modules, mc_modules
+
+    for name in mc_modules.__all__:
+        setattr(tr_mc, name, getattr(mc_modules, name))
+    for name in mc_embedding_modules.__all__:
+        setattr(tr_mc_modules, name, getattr(mc_embedding_modules, name))
 
 
 if os.environ.get("JAGGEDREC_SUITE") == "jaggedrec":
