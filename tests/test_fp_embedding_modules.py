@@ -20,7 +20,8 @@ from torch._dynamo.utils import counters
 
 import jaggedrec as jr
 from jaggedrec import optim
-from jaggedrec.modules.feature_processor_ import PositionWeightedModule, PositionWeightedModuleCollection
+from jaggedrec.modules.feature_processor_ import (FeatureProcessor, FeatureProcessorsCollection, PositionWeightedModule,
+                                                  PositionWeightedModuleCollection)
 from jaggedrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
 from jr_testing import Batch, assert_close, random_kjt, shuffled_keys, table_grad
 
@@ -278,3 +279,43 @@ def test_fx_symbolic_trace(form):
     traced = torch.fx.symbolic_trace(fp)
     batch = _batch(torch.Generator().manual_seed(2), KEYS, 6)
     torch.testing.assert_close(traced(batch.kjt).values(), fp(batch.kjt).values(), rtol=0, atol=0)
+
+
+class _Doubling(FeatureProcessor):
+    """A processor of our own: every id weighs 2 times a learned scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, features: jr.JaggedTensor) -> jr.JaggedTensor:
+        weights = self.scale * torch.full(features.values().shape, 2.0)
+        return jr.JaggedTensor(features.values(), weights, lengths=features.lengths())
+
+
+class _ScaledCollection(FeatureProcessorsCollection):
+    def forward(self, features: jr.KeyedJaggedTensor) -> jr.KeyedJaggedTensor:
+        return jr.KeyedJaggedTensor(features.keys(), features.values(), torch.full(features.values().shape, 3.0),
+                                    lengths=features.lengths())
+
+
+def test_processors_of_our_own_run_feature_by_feature():
+    """Processors that are not position weights run as TorchRec runs them: a dict of
+    FeatureProcessors per feature (here mixed with position weights), or one collection."""
+    gen = torch.Generator().manual_seed(12)
+    torch.manual_seed(0)
+    ebc = jr.EmbeddingBagCollection(_configs(), is_weighted=True)
+    processors = {f: PositionWeightedModule(n) for f, n in MAX_LEN.items()}
+    processors["f1"] = _Doubling()
+    fp = FeatureProcessedEmbeddingBagCollection(ebc, processors)
+    batch = _batch(gen, shuffled_keys(gen, KEYS), 5)
+    tables64 = _tables64(fp)
+    pw64 = {f: torch.ones(n, dtype=torch.float64) for f, n in MAX_LEN.items()}
+    pw64["f1"] = torch.full((4,), 3.0, dtype=torch.float64)  # every position: 2 x 1.5
+    out = fp(batch.kjt).values()
+    assert_close(out, reference(fp, batch, tables64, pw64), what="dict with a processor of our own")
+    out.sum().backward()
+    assert processors["f1"].scale.grad is not None
+    scaled = FeatureProcessedEmbeddingBagCollection(ebc, _ScaledCollection())
+    pw3 = {f: torch.full((8,), 3.0, dtype=torch.float64) for f in ["f0", "f1", "g1", "f2"]}
+    assert_close(scaled(batch.kjt).values(), reference(scaled, batch, tables64, pw3), what="collection of our own")
