@@ -20,9 +20,9 @@ from tests.jr_testing import random_kjt
 ZCH = {"t0": 40, "t1": 33}  # more rows than the ids 0..24 the batches use
 
 
-def _mcc(configs) -> mc.ManagedCollisionCollection:
+def _mcc(configs, interval: int = 1) -> mc.ManagedCollisionCollection:
     modules = {c.name: mc.MCHManagedCollisionModule(zch_size=ZCH[c.name], device=torch.device("cpu"),
-                                                    eviction_policy=mc.LFU_EvictionPolicy(), eviction_interval=1,
+                                                    eviction_policy=mc.LFU_EvictionPolicy(), eviction_interval=interval,
                                                     name=c.name) for c in configs}
     for m in modules.values():
         # room for the largest batch: by default the history is sized from the first batch (as
@@ -79,3 +79,31 @@ def test_config_mismatch_and_missing_feature_raise():
     kjt = jr.KeyedJaggedTensor(keys=["z"], values=torch.tensor([1]), lengths=torch.tensor([1]))
     with pytest.raises(ValueError, match="'a'"):
         model(kjt)
+
+
+def test_mc_ebc_compiles_into_one_graph():
+    """fullgraph over 12 batches (evictions every 3): no graph break, the eager model's rows and
+    pooled output."""
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+
+    def build():
+        torch.manual_seed(0)
+        configs = [jr.EmbeddingBagConfig(name="t0", embedding_dim=16, num_embeddings=40, feature_names=["a"])]
+        return ManagedCollisionEmbeddingBagCollection(jr.EmbeddingBagCollection(tables=configs), _mcc(configs, 3),
+                                                      return_remapped_features=True)
+    torch._dynamo.reset()
+    counters.clear()
+    eager, model = build(), build()
+    cnt = CompileCounter()
+    compiled = torch.compile(model, backend=cnt, fullgraph=True)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(12):
+        lengths = torch.randint(0, 4, (6,), generator=gen)
+        kjt = jr.KeyedJaggedTensor(keys=["a"], values=torch.randint(0, 80, (int(lengths.sum()),), generator=gen),
+                                   lengths=lengths)
+        (out_e, rem_e), (out_c, rem_c) = eager(kjt), compiled(kjt)
+        assert torch.equal(rem_e.values(), rem_c.values()) and torch.equal(out_e.values(), out_c.values())
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert cnt.frame_count <= 2
+    torch._dynamo.reset()
