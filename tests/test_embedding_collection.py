@@ -171,6 +171,7 @@ OPTIMIZERS = {
     "partial_rowwise_adam": optim.PartialRowWiseAdam(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02),
     "lamb": optim.LAMB(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02),
     "partial_rowwise_lamb": optim.PartialRowWiseLAMB(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02),
+    "adam_clipped": optim.Adam(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02, max_gradient=0.5),
 }
 
 
@@ -214,7 +215,9 @@ def test_fused_optimizers_match_dense_reference(opt_name, backend):
         ref = _reference(ec, batch, [leaves[c.name] for c in ec.embedding_configs()])
         for name in ref:
             assert_close(out[name].values().cpu(), ref[name].detach(), what=f"step {step} {name}")
-        sum((ref[n] * upstream[n]).sum() for n in ref).backward()
+        bound = opt.max_gradient  # FBGEMM's gradient clipping: each output-gradient element
+        sum((ref[n] * (upstream[n] if bound is None else upstream[n].clamp(-bound, bound))).sum()
+            for n in ref).backward()
         touched = {c.name: torch.unique(torch.cat([batch.per_key[f][0] for f in c.feature_names]).long())
                    for c in ec.embedding_configs()}
         _reference_step(opt, tables, state, {n: leaf.grad for n, leaf in leaves.items()}, touched, step)

@@ -28,6 +28,7 @@ OPTIMIZERS = {
     "partial_rowwise_adam": optim.PartialRowWiseAdam(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02),
     "lamb": optim.LAMB(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02),
     "partial_rowwise_lamb": optim.PartialRowWiseLAMB(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02),
+    "adam_clipped": optim.Adam(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02, max_gradient=0.5),
 }
 
 
@@ -59,7 +60,8 @@ class Reference:
         leaves = [t.clone().requires_grad_() for t in self.tables]
         weights64 = {k: v[2].double() for k, v in batch.per_key.items()} if batch.per_key["x"][2] is not None else None
         out = reference_pooled(ebc, batch, leaves, weights64)
-        (out * upstream).sum().backward()
+        bound = self.opt.max_gradient  # FBGEMM's gradient clipping: each output-gradient element
+        (out * (upstream if bound is None else upstream.clamp(-bound, bound))).sum().backward()
         for t, (config, table, leaf) in enumerate(zip(self.configs, self.tables, leaves)):
             touched = torch.unique(torch.cat([batch.per_key[f][0] for f in config.feature_names]))
             self.ever_touched[t][touched] = True

@@ -27,6 +27,9 @@ PARAMS = {
     "EXACT_SGD": dict(learning_rate=0.05),
     "EXACT_ROWWISE_ADAGRAD": dict(learning_rate=0.1, eps=1e-5),
     "EXACT_ADAGRAD": dict(learning_rate=0.1, eps=1e-5),
+    # gradient clipping: FBGEMM clamps each output-gradient element before the sums
+    "EXACT_ROWWISE_ADAGRAD+clip": dict(learning_rate=0.1, eps=1e-5, gradient_clipping=True, max_gradient=0.4),
+    "EXACT_SGD+clip": dict(learning_rate=0.05, gradient_clipping=True, max_gradient=0.3),
 }
 
 
@@ -55,7 +58,7 @@ def _batch(gen):
 def _tbe(name, tables):
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
         [(rows, dim, EmbeddingLocation.HOST, ComputeDevice.CPU) for rows, dim in TABLES],
-        feature_table_map=FEATURE_TABLE, optimizer=EmbOptimType[name], pooling_mode=PoolingMode.SUM,
+        feature_table_map=FEATURE_TABLE, optimizer=EmbOptimType[name.split("+")[0]], pooling_mode=PoolingMode.SUM,
         **PARAMS[name])
     with torch.no_grad():
         for dest, src in zip(tbe.split_embedding_weights(), tables):
@@ -85,7 +88,7 @@ def _assert_close(actual, expected, what, atol=1e-7):
 @pytest.mark.parametrize("name", list(PARAMS))
 def test_fused_step_matches_fbgemm_cpu_tbe(name, backend):
     steps = 100 if backend == "torch" else 25  # the interpreter is slow; 25 steps still cover hot rows
-    fused = fused_optimizer_from_params(dict(PARAMS[name], optimizer=name))
+    fused = fused_optimizer_from_params(dict(PARAMS[name], optimizer=name.split("+")[0]))
     torch.manual_seed(0)
     ebc = jr.EmbeddingBagCollection(_configs(), fused_optimizer=fused, backend=backend)
     tables = [ebc.table_weight(t).detach().clone() for t in range(len(TABLES))]
@@ -120,8 +123,10 @@ def test_fused_step_matches_fbgemm_cpu_tbe(name, backend):
 
 def test_fbgemm_enum_maps_onto_the_fused_configs():
     for name, params in PARAMS.items():
+        name = name.split("+")[0]
         fused = fused_optimizer_from_params(dict(params, optimizer=EmbOptimType[name]))
         assert fused == fused_optimizer_from_params(dict(params, optimizer=name))
+    assert fused_optimizer_from_params(dict(PARAMS["EXACT_SGD+clip"], optimizer="EXACT_SGD")).max_gradient == 0.3
     assert fused_optimizer_from_params({"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": 0.3}) == \
         optim.Adagrad(0.3, eps=1e-8)
     assert isinstance(fused_optimizer_from_params({"optimizer": EmbOptimType.LARS_SGD}), optim.LarsSGD)

@@ -40,6 +40,14 @@ def test_fused_params_name_the_new_optimizers():
         optim.LAMB(0.01, eps=1e-8, weight_decay=0.1)
     assert fused_optimizer_from_params({"optimizer": "partial_row_wise_lamb", "learning_rate": 0.2}) == \
         optim.PartialRowWiseLAMB(0.2)
+    # FBGEMM's gradient clipping: off unless gradient_clipping, then max_gradient (default 1.0)
+    assert fused_optimizer_from_params({"optimizer": "LAMB", "max_gradient": 2.0}).max_gradient is None
+    assert fused_optimizer_from_params({"optimizer": "LAMB", "gradient_clipping": True}).max_gradient == 1.0
+    assert fused_optimizer_from_params({"optimizer": "EXACT_SGD", "gradient_clipping": True,
+                                        "max_gradient": 0.5}) == optim.SGD(0.01, max_gradient=0.5)
+    with pytest.raises(ValueError, match="max_gradient must be > 0"):
+        optim.RowWiseAdagrad(0.1, max_gradient=0.0)
+    assert optim.RowWiseAdagrad(0.1, 1e-3).eps == 1e-3  # max_gradient is keyword-only: positions unchanged
     with pytest.raises(ValueError, match="EXACT_ADAGRAD takes no weight_decay"):
         fused_optimizer_from_params({"optimizer": "EXACT_ADAGRAD", "weight_decay": 0.1})
     with pytest.raises(ValueError, match="not fused by jaggedrec"):

@@ -95,7 +95,7 @@ class ShardedState:
             step = entries.setdefault(f"{key}.step", _Entry(s.table, [1], torch.int64, True))
             step.blocks[:1] = [([0], getattr(state, f"{group}_step"))]
         if optimizer is not None:
-            entries[HPARAMS] = _Entry(-1, [5], torch.float32, True, [([0], state.hparams)])
+            entries[HPARAMS] = _Entry(-1, [state.hparams.numel()], torch.float32, True, [([0], state.hparams)])
         return entries
 
     def _replicated(self, table: int) -> bool:

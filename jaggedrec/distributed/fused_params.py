@@ -45,7 +45,8 @@ class EmbOptimType(Enum):
     PARTIAL_ROWWISE_LAMB = "partial_row_wise_lamb"
 
 
-_KNOWN = ("learning_rate", "eps", "weight_decay", "beta1", "beta2", "eta", "momentum", "optimizer")
+_KNOWN = ("learning_rate", "eps", "weight_decay", "beta1", "beta2", "eta", "momentum", "optimizer",
+          "gradient_clipping", "max_gradient")
 # TorchRec's in-backward placeholders (torchrec.optim.optimizers, and jaggedrec's of the same
 # names): each stands for the EmbOptimType its kwargs configure
 _PLACEHOLDERS = {"SGD": "EXACT_SGD", "Adam": "ADAM", "Adagrad": "EXACT_ADAGRAD", "LarsSGD": "LARS_SGD",
@@ -66,27 +67,29 @@ def fused_optimizer_from_params(fused_params: Optional[Dict[str, Any]]) -> Optio
     lr = float(fused_params.get("learning_rate", 0.01))
     eps = float(fused_params.get("eps", 1e-8))
     decay = float(fused_params.get("weight_decay", 0.0))
+    # FBGEMM's gradient_clipping (off by default) with its max_gradient (default 1.0)
+    clip = dict(max_gradient=float(fused_params.get("max_gradient", 1.0))) if fused_params.get("gradient_clipping") else {}
     if name in ("SGD", "EXACT_SGD"):
-        return optim.SGD(lr)
+        return optim.SGD(lr, **clip)
     if name in ("EXACT_ROWWISE_ADAGRAD", "ROWWISE_ADAGRAD", "EXACT_ROW_WISE_ADAGRAD", "ROW_WISE_ADAGRAD"):
-        return optim.RowWiseAdagrad(lr, eps=eps, weight_decay=decay)
+        return optim.RowWiseAdagrad(lr, eps=eps, weight_decay=decay, **clip)
     betas = (float(fused_params.get("beta1", 0.9)), float(fused_params.get("beta2", 0.999)))
     if name == "ADAM":
-        return optim.Adam(lr, betas=betas, eps=eps, weight_decay=decay)
+        return optim.Adam(lr, betas=betas, eps=eps, weight_decay=decay, **clip)
     if name == "EXACT_ADAGRAD":
         if decay:  # FBGEMM's exact Adagrad has none; jaggedrec would not silently differ
             raise ValueError(f"fused_params: FBGEMM's EXACT_ADAGRAD takes no weight_decay, got {decay}; "
                              f"pass fused_optimizer=jaggedrec.optim.Adagrad(lr, weight_decay=...) for an L2 term")
-        return optim.Adagrad(lr, eps=eps)
+        return optim.Adagrad(lr, eps=eps, **clip)
     if name == "LARS_SGD":
         return optim.LarsSGD(lr, eta=float(fused_params.get("eta", 0.001)),
-                             momentum=float(fused_params.get("momentum", 0.9)), weight_decay=decay)
+                             momentum=float(fused_params.get("momentum", 0.9)), weight_decay=decay, **clip)
     if name == "PARTIAL_ROWWISE_ADAM":
-        return optim.PartialRowWiseAdam(lr, betas=betas, eps=eps, weight_decay=decay)
+        return optim.PartialRowWiseAdam(lr, betas=betas, eps=eps, weight_decay=decay, **clip)
     if name == "LAMB":
-        return optim.LAMB(lr, betas=betas, eps=eps, weight_decay=decay)
+        return optim.LAMB(lr, betas=betas, eps=eps, weight_decay=decay, **clip)
     if name == "PARTIAL_ROWWISE_LAMB":
-        return optim.PartialRowWiseLAMB(lr, betas=betas, eps=eps, weight_decay=decay)
+        return optim.PartialRowWiseLAMB(lr, betas=betas, eps=eps, weight_decay=decay, **clip)
     raise ValueError(f"fused_params: optimizer {kind!r} is not fused by jaggedrec; use SGD/EXACT_SGD, "
                      f"EXACT_ROWWISE_ADAGRAD, ADAM, EXACT_ADAGRAD, LARS_SGD, PARTIAL_ROWWISE_ADAM, LAMB or "
                      f"PARTIAL_ROWWISE_LAMB")

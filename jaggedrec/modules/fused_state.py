@@ -40,7 +40,9 @@ class FusedOptimizerState(nn.Module):
         self.backward_trigger = nn.Parameter(torch.zeros(0, dtype=torch.float32, device=device))
         self.register_state_dict_post_hook(_drop_trigger)
         self.register_load_state_dict_pre_hook(_keep_trigger)
-        self.register_buffer("hparams", torch.empty(5, dtype=torch.float32, device=device))
+        # [5], or [6] with max_gradient (see jaggedrec.optim.fused)
+        self.register_buffer("hparams", torch.empty(len(optimizer.hyperparameters(optimizer.lr)), dtype=torch.float32,
+                                                    device=device))
         for g in layout.groups:
             self.register_buffer(f"{g.name}_step", torch.empty(1, dtype=torch.int64, device=device))
             rows = sum(layout.tables[t].rows for t in {layout.features[f].table for f in g.features})

@@ -308,7 +308,8 @@ def _step_in_place(rule: StepRule, w, g, s1, s2, touched=None) -> None:
     touched; untouched rows (zero gradient) come out bit for bit as they were: no weight
     decay, no step, no moment decay.
     """
-    optimizer, (lr, eps, weight_decay, beta1, beta2), step = rule
+    optimizer, hparams, step = rule
+    lr, eps, weight_decay, beta1, beta2 = hparams[:5]  # [5]: max_gradient, applied to grad_out before
     if optimizer == SGD:
         w.add_(g, alpha=-lr)
         return
@@ -471,7 +472,7 @@ def _step_rows(optimizer, w, g, s1, s2, hparams, t):
     ``t`` are 0-d tensors.
     Returns the new ``(w, s1, s2)``.
     """
-    lr, eps, weight_decay, beta1, beta2 = hparams
+    lr, eps, weight_decay, beta1, beta2 = hparams[:5]  # [5]: max_gradient, applied to grad_out before
     if optimizer == SGD:
         return w - lr * g, s1, s2
     if optimizer == LARS_SGD:  # beta1, beta2: momentum, eta

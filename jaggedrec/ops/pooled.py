@@ -21,7 +21,7 @@ from jaggedrec.ops.backends import batch_inputs, check_storage, use_kernels
 from jaggedrec.ops.feature_tables import feature_tables
 from jaggedrec.ops.op_args import FusedStep, OpBatch
 from jaggedrec.ops.registry import define_host_op, define_op
-from jaggedrec.ops.weight_grads import state_grads, weight_grad
+from jaggedrec.ops.weight_grads import clipped_grad, state_grads, weight_grad
 
 
 def _triton(*storage: torch.Tensor):
@@ -220,10 +220,15 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out, _grad_bad_ids):
     weights, values, offsets, psw, inverse_indices, *optimizer_state = ctx.saved_tensors
     need_weight_grad, _, _, need_psw_grad = ctx.needs_input_grad[:4]
+    # gradient clipping (a fused optimizer's max_gradient) acts on each sample's gradient
+    fused_grad = clipped_grad(grad_out, optimizer_state[0]) if optimizer_state else grad_out
     if inverse_indices is not None:  # VBE: from here on, one gradient row per bag slot
         tables = feature_tables(ctx.static[0])
-        grad_out = vbe.sum_shared_bags(grad_out, inverse_indices, tables.plan.out_offsets,
-                                       (offsets.shape[0] - 1) // tables.num_keys)
+        clipped = fused_grad is not grad_out
+        bags_per_key = (offsets.shape[0] - 1) // tables.num_keys
+        grad_out = vbe.sum_shared_bags(grad_out, inverse_indices, tables.plan.out_offsets, bags_per_key)
+        fused_grad = (vbe.sum_shared_bags(fused_grad, inverse_indices, tables.plan.out_offsets, bags_per_key)
+                      if clipped else grad_out)
     need_psw_grad = bool(need_psw_grad and psw is not None)
     needs_state_grad = ctx.needs_input_grad[_OPTIMIZER_STATE_ARG]
     plan = weight_grad(ctx.optimizer, ctx.sparse_grad, need_weight_grad, needs_state_grad)
@@ -239,7 +244,7 @@ def _backward(ctx, grad_out, _grad_bad_ids):
             grad_psw = dense_psw.to(psw.dtype)
     if plan.fused_step:
         torch.ops.jaggedrec.pooled_embedding_bags_fused_update(
-            grad_out.contiguous(), weights, values, offsets, psw, inverse_indices, *ctx.static, ctx.optimizer,
+            fused_grad.contiguous(), weights, values, offsets, psw, inverse_indices, *ctx.static, ctx.optimizer,
             *optimizer_state)
     elif plan.sparse:
         grad_weights = _sparse_weight_grad(grad_out, weights, values, offsets, psw, inverse_indices, *ctx.static)

@@ -23,7 +23,7 @@ from jaggedrec.ops.backends import batch_inputs, check_storage, use_kernels
 from jaggedrec.ops.feature_tables import feature_tables
 from jaggedrec.ops.op_args import FusedStep
 from jaggedrec.ops.registry import define_host_op, define_op
-from jaggedrec.ops.weight_grads import state_grads, weight_grad
+from jaggedrec.ops.weight_grads import clipped_grad, state_grads, weight_grad
 
 
 def _triton(*storage: torch.Tensor):
@@ -158,8 +158,9 @@ def _backward(ctx, grad_out, _grad_bad_ids):
         grad_weights = torch.ops.jaggedrec.sequence_embeddings_backward(grad_out, weights, values, offsets,
                                                                         *ctx.static, ctx.deterministic)
     elif plan.fused_step:
-        torch.ops.jaggedrec.sequence_embeddings_fused_update(grad_out, weights, values, offsets, *ctx.static,
-                                                             ctx.optimizer, *optimizer_state)
+        torch.ops.jaggedrec.sequence_embeddings_fused_update(clipped_grad(grad_out, optimizer_state[0]), weights,
+                                                             values, offsets, *ctx.static, ctx.optimizer,
+                                                             *optimizer_state)
     elif plan.sparse:
         grad_weights = _sparse_weight_grad(grad_out, weights, values, offsets, *ctx.static)
     return ((grad_weights,) + (None,) * (_OPTIMIZER_STATE_ARG - 1)

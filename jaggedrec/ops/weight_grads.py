@@ -28,6 +28,17 @@ def weight_grad(optimizer: int, sparse_grad: bool, need_weight_grad: bool,
     return WeightGrad(fused_step, sparse, bool(need_weight_grad and not (fused_step or sparse)), trigger)
 
 
+def clipped_grad(grad_out: torch.Tensor, hparams: torch.Tensor) -> torch.Tensor:
+    """The output gradient a fused step reads: clamped to ``[-max_gradient, max_gradient]``
+    where the optimizer clips (FBGEMM's ``gradient_clipping``: each output gradient element,
+    before per-id weights, MEAN's 1/length and the sums over duplicate ids), which its
+    ``[6]`` ``hparams`` say (``hparams[5]``); else as it is."""
+    if hparams.shape[0] <= 5:
+        return grad_out
+    bound = hparams[5].to(grad_out.dtype)
+    return torch.minimum(torch.maximum(grad_out, -bound), bound)
+
+
 def state_grads(plan: WeightGrad, needs_state_grad: Sequence[bool], like: torch.Tensor) -> List[Optional[torch.Tensor]]:
     """The gradients of ``optimizer_state``: None, but an empty one for the trigger."""
     grads: List[Optional[torch.Tensor]] = [None] * len(needs_state_grad)

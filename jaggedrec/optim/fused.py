@@ -40,6 +40,11 @@ placeholders that never step).
 * ``PartialRowWiseLAMB(lr, betas, eps, weight_decay)``, FBGEMM's PARTIAL_ROWWISE_LAMB: LAMB with
   partial row-wise Adam's row-wise second moment.
 
+Every optimizer takes ``max_gradient=`` (keyword only; FBGEMM's ``gradient_clipping`` with
+its ``max_gradient``): each element of the output gradient is clamped to
+``[-max_gradient, max_gradient]`` before anything else (per-id weights, MEAN's ``1/length``,
+the sum over duplicate ids), as FBGEMM's TBE does. None (the default) clips nothing.
+
 The state buffers of the last five are named as FBGEMM's TBE names them (``momentum1``,
 ``momentum2``); ``t`` is the collection's step count, this step included.
 """
@@ -47,8 +52,8 @@ The state buffers of the last five are named as FBGEMM's TBE names them (``momen
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
-from typing import Any, ClassVar, Tuple
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Tuple
 
 from jaggedrec.optim.rowwise_adagrad import RowWiseAdagrad as _TorchRowWiseAdagrad
 
@@ -61,6 +66,7 @@ class FusedOptimizer:
     """Base of the fused optimizer configs."""
 
     lr: float
+    max_gradient: Optional[float] = field(default=None, kw_only=True)
 
     kind: ClassVar[int] = 0
     #: the state tensors: name, and ``"row"`` (one value per table row) or ``"element"``
@@ -72,10 +78,16 @@ class FusedOptimizer:
     def __post_init__(self) -> None:
         if not self.lr >= 0:
             raise ValueError(f"{type(self).__name__}: lr must be >= 0, got {self.lr}")
+        if self.max_gradient is not None and not self.max_gradient > 0:
+            raise ValueError(f"{type(self).__name__}: max_gradient must be > 0 (None: no clipping), "
+                             f"got {self.max_gradient}")
 
     def hyperparameters(self, lr: float) -> list:
         """``[lr, eps, weight_decay, beta1, beta2]`` as the kernels read them (LARS-SGD puts
-        ``momentum`` and ``eta`` where the betas go)."""
+        ``momentum`` and ``eta`` where the betas go), then ``max_gradient`` where it clips."""
+        return self._step_parameters(lr) + ([] if self.max_gradient is None else [self.max_gradient])
+
+    def _step_parameters(self, lr: float) -> list:
         return [lr, getattr(self, "eps", 0.0), getattr(self, "weight_decay", 0.0), *getattr(self, "betas", (0.0, 0.0))]
 
 
@@ -137,7 +149,7 @@ class LarsSGD(FusedOptimizer):
     state = (("momentum1", "element"),)
     needs_whole_rows = True
 
-    def hyperparameters(self, lr: float) -> list:
+    def _step_parameters(self, lr: float) -> list:
         return [lr, 0.0, self.weight_decay, self.momentum, self.eta]
 
 
