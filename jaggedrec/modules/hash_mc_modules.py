@@ -1,0 +1,259 @@
+"""Multi-probe zero-collision hashing with TorchRec's API
+(``torchrec.modules.hash_mc_modules.HashZchManagedCollisionModule``), on torch ops (CPU and
+any device; TorchRec's runs on FBGEMM's CUDA op, and read-only on CPU).
+
+The table's rows are split into ``total_num_buckets`` buckets (``output_segments``); an id
+belongs to one bucket (``id % total_num_buckets``, or ``id // ceil(input_hash_size / buckets)``
+when ``input_hash_size`` is set), starts at a hashed home slot in it and probes up to
+``max_probe`` consecutive slots (circularly). ``_hash_zch_identities [zch_size, 1]`` holds each
+slot's id (-1: free). The slot an id gets is ours (our hash), not FBGEMM's.
+
+In training an id missing from its probe window takes the first free slot of it (with an
+eviction policy, a slot whose id expired counts as free: TTL takes the first, LRU the one
+accessed longest ago); distinct new ids contending for one slot are settled in rounds, the
+smallest id first. Ids that find no slot read their home slot, shared (TorchRec's fallback),
+or are dropped with ``disable_fallback=True``; either way :meth:`unplaced_count` counts them,
+and ``unplaced="raise"`` raises naming the feature.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from jaggedrec.modules.hash_mc_evictions import (
+    HashZchEvictionConfig,
+    HashZchEvictionModule,
+    HashZchEvictionPolicyName,
+)
+from jaggedrec.modules.mc_modules import ManagedCollisionModule
+from jaggedrec.sparse.jagged_tensor import JaggedTensor
+
+__all__ = ["HashZchManagedCollisionModule"]
+
+_INT64_MAX = torch.iinfo(torch.int64).max
+
+
+def _mix(ids: torch.Tensor) -> torch.Tensor:
+    """A 64-bit mix of int64 ids (splitmix64's steps; the multiplies wrap), non-negative."""
+    x = ids ^ (ids >> 31)
+    x = x * -7046029254386353131
+    x = x ^ (x >> 29)
+    x = x * -4658895280553007687
+    return (x ^ (x >> 32)) & 0x7FFFFFFFFFFFFFFF
+
+
+class HashZchManagedCollisionModule(ManagedCollisionModule):
+    IDENTITY_BUFFER: str = "_hash_zch_identities"
+    METADATA_BUFFER: str = "_hash_zch_metadata"
+    BUCKET_BUFFER: str = "_hash_zch_bucket"
+
+    def __init__(self, zch_size: int, device: torch.device, total_num_buckets: int, max_probe: int = 128,
+                 input_hash_size: int = 0, output_segments: Optional[List[int]] = None, is_inference: bool = False,
+                 name: Optional[str] = None, tb_logging_frequency: int = 0,
+                 eviction_policy_name: Optional[HashZchEvictionPolicyName] = None,
+                 eviction_config: Optional[HashZchEvictionConfig] = None,
+                 inference_dispatch_div_train_world_size: bool = False, start_bucket: int = 0,
+                 end_bucket: Optional[int] = None, opt_in_prob: int = -1, percent_reserved_slots: float = 0,
+                 disable_fallback: bool = False, track_id_freq: bool = False, read_only_suffix: str = "_readonly",
+                 enable_per_feature_lookups: bool = False, no_bag: bool = False, write_runtime_meta_dim: int = 0,
+                 persist_hash_zch_bucket: bool = True, unplaced: str = "fallback") -> None:
+        if output_segments is None:
+            if zch_size % total_num_buckets:
+                raise ValueError(f"HashZchManagedCollisionModule {name}: zch_size {zch_size} is not a multiple of "
+                                 f"total_num_buckets {total_num_buckets}; pass output_segments")
+            output_segments = [zch_size // total_num_buckets * b for b in range(total_num_buckets + 1)]
+        if opt_in_prob > 0 or write_runtime_meta_dim > 0 or track_id_freq or inference_dispatch_div_train_world_size:
+            raise NotImplementedError("HashZchManagedCollisionModule: opt-in, runtime metadata, id frequencies and "
+                                      "inference dispatch are not implemented in jaggedrec")
+        if unplaced not in ("fallback", "raise"):
+            raise ValueError(f"HashZchManagedCollisionModule {name}: unplaced must be 'fallback' or 'raise'")
+        super().__init__(device=device, output_segments=output_segments, skip_state_validation=True,
+                         read_only_suffix=read_only_suffix, enable_per_feature_lookups=enable_per_feature_lookups)
+        self._zch_size = zch_size
+        self._output_segments = list(output_segments)
+        self._start_bucket = start_bucket
+        self._end_bucket = total_num_buckets if end_bucket is None else end_bucket
+        self._input_hash_size = input_hash_size
+        self._is_inference = is_inference
+        self._name = name
+        self._max_probe = max_probe
+        self._buckets = total_num_buckets
+        self._disable_fallback = disable_fallback
+        self._no_bag = no_bag
+        self._unplaced = unplaced
+        self._eviction_policy_name = eviction_policy_name
+        self._eviction_config = eviction_config
+        self._eviction_module = (HashZchEvictionModule(eviction_policy_name, device, eviction_config)
+                                 if eviction_policy_name is not None else None)
+        dev = torch.device(device)
+        self._hash_zch_identities = torch.nn.Parameter(torch.full((zch_size, 1), -1, dtype=torch.int64, device=dev),
+                                                       requires_grad=False)
+        self.register_buffer(self.METADATA_BUFFER, torch.full((zch_size, 1), -1, dtype=torch.int32, device=dev))
+        self.register_buffer(self.BUCKET_BUFFER, torch.tensor([[total_num_buckets]]),
+                             persistent=persist_hash_zch_bucket)
+        segs = torch.tensor(output_segments, dtype=torch.int64, device=dev)
+        self.register_buffer("_segment_starts", segs[:-1] - segs[start_bucket], persistent=False)
+        self.register_buffer("_segment_sizes", segs[1:] - segs[:-1], persistent=False)
+        self.register_buffer("_unplaced_count", torch.zeros(1, dtype=torch.int64, device=dev), persistent=False)
+        self.register_buffer("_evicted_mask", torch.zeros(zch_size, dtype=torch.bool, device=dev), persistent=False)
+        self._evicted = False
+        if is_inference:
+            self.eval()
+
+    # --- the contract ---------------------------------------------------------------------------
+    def preprocess(self, features: Dict[str, JaggedTensor]) -> Dict[str, JaggedTensor]:
+        return features
+
+    def profile(self, features: Dict[str, JaggedTensor]) -> Dict[str, JaggedTensor]:
+        return features
+
+    def forward(self, features: Dict[str, JaggedTensor], mutate_miss_lengths: bool = True
+                ) -> Dict[str, JaggedTensor]:
+        return self.remap(features, mutate_miss_lengths=mutate_miss_lengths)
+
+    @torch.no_grad()
+    def remap(self, features: Dict[str, JaggedTensor], mutate_miss_lengths: bool = True,
+              write_weights: Optional[torch.Tensor] = None) -> Dict[str, JaggedTensor]:
+        out: Dict[str, JaggedTensor] = {}
+        for name, jt in features.items():
+            writes = self.training and not name.lower().endswith(self._read_only_suffix)
+            ids = jt.values().to(torch.int64)
+            rows, hit = self._place(ids, jt if writes else None)
+            misses = (~hit).sum().reshape(1)
+            self._unplaced_count.add_(misses)
+            if self._unplaced == "raise":
+                torch._assert_async((misses == 0).all(), f"HashZchManagedCollisionModule {self._name}: feature {name} "
+                                    "has ids with no slot in their probe window (unplaced='raise')")
+            rows = rows + self._output_segments[self._start_bucket]
+            lengths, offsets = jt.lengths(), jt.offsets()
+            if self._disable_fallback:
+                if self._no_bag:
+                    rows = torch.where(hit, rows, 0)
+                else:
+                    bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=rows.device), lengths.long(),
+                                                  output_size=rows.numel())
+                    rows = rows[hit]
+                    if mutate_miss_lengths:
+                        lengths = torch.zeros_like(lengths).index_add_(0, bag[hit], torch.ones_like(rows).to(
+                            lengths.dtype))
+                        offsets = None
+            out[name] = JaggedTensor(values=rows.to(jt.values().dtype), lengths=lengths, offsets=offsets,
+                                     weights=None if self._disable_fallback and not self._no_bag
+                                     else jt.weights_or_none())
+        return out
+
+    @torch.no_grad()
+    def evict(self) -> Optional[torch.Tensor]:
+        """The rows (ascending, global) whose expired ids were replaced since the last call, or None."""
+        if not self._evicted:
+            return None
+        self._evicted = False
+        rows = torch.nonzero(self._evicted_mask).reshape(-1) + self._output_segments[self._start_bucket]
+        self._evicted_mask.zero_()
+        return rows
+
+    def output_size(self) -> int:
+        return self._zch_size
+
+    def input_size(self) -> int:
+        return self._input_hash_size
+
+    def buckets(self) -> int:
+        return self._buckets
+
+    def open_slots(self) -> torch.Tensor:
+        """``[1]`` free slots (never used; expired ones not counted)."""
+        return (self._hash_zch_identities == -1).sum().reshape(1)
+
+    def unplaced_count(self) -> torch.Tensor:
+        """``[1]`` int64: ids that found no slot of their own, summed over batches."""
+        return self._unplaced_count
+
+    def validate_state(self) -> None:
+        return None
+
+    def reset_inference_mode(self) -> None:
+        self.eval()
+
+    def rebuild_with_output_id_range(self, output_id_range: Tuple[int, int], output_segments: Optional[List[int]] = None,
+                                     device: Optional[torch.device] = None) -> "HashZchManagedCollisionModule":
+        segments = output_segments if output_segments is not None else self._output_segments
+        start = segments.index(output_id_range[0])
+        return type(self)(zch_size=output_id_range[1] - output_id_range[0], device=device or self.device,
+                          total_num_buckets=self._buckets, max_probe=self._max_probe,
+                          input_hash_size=self._input_hash_size, output_segments=segments, name=self._name,
+                          eviction_policy_name=self._eviction_policy_name, eviction_config=self._eviction_config,
+                          start_bucket=start, end_bucket=segments.index(output_id_range[1]),
+                          disable_fallback=self._disable_fallback, no_bag=self._no_bag, unplaced=self._unplaced)
+
+    # --- the machinery ----------------------------------------------------------------------------
+    def bucket_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[N]`` int64 ids -> ``[N]`` bucket, as TorchRec assigns them."""
+        if self._input_hash_size == 0:
+            return torch.remainder(ids, self._buckets)
+        block = -(-self._input_hash_size // self._buckets)
+        return ids // block
+
+    def probe_rows(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``[N]`` ids -> (``[N, P]`` local rows in probe order, ``[N, P]`` bool: within the bucket)."""
+        bucket = self.bucket_of(ids) - self._start_bucket
+        start, size = self._segment_starts[bucket], self._segment_sizes[bucket]
+        home = torch.remainder(_mix(ids), size)
+        steps = torch.arange(self._max_probe, device=ids.device)
+        rows = start[:, None] + torch.remainder(home[:, None] + steps, size[:, None])
+        return rows, steps < size[:, None]
+
+    def _place(self, ids: torch.Tensor, jt: Optional[JaggedTensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``[N]`` ids -> (``[N]`` local rows, ``[N]`` bool: own slot); inserts when ``jt`` is given."""
+        rows, in_window = self.probe_rows(ids)
+        table = self._hash_zch_identities.view(-1)
+        meta = self._hash_zch_metadata.view(-1)
+        match = (table[rows] == ids[:, None]) & in_window
+        hit = match.any(1)
+        row = torch.where(hit, rows.gather(1, match.long().argmax(1, keepdim=True)).squeeze(1), rows[:, 0])
+        if jt is None:
+            return row, hit
+        expiry, now = (None, 0) if self._eviction_module is None else self._eviction_module(jt)
+        lru = self._eviction_policy_name == HashZchEvictionPolicyName.LRU_EVICTION
+        scratch = self._zch_size
+        # slots held by an id of this batch (found or placed now) are not free, expired or not
+        fresh = torch.zeros(scratch + 1, dtype=torch.bool, device=ids.device)
+        fresh.index_put_((torch.where(hit, row, scratch),), torch.ones_like(hit))
+        for _ in range(self._max_probe):
+            pending = ~hit
+            ident = table[rows]
+            free = ident == -1
+            if expiry is not None:
+                free = free | (meta[rows] < now)
+            free = free & in_window & ~fresh[rows]
+            if lru:  # among free slots, the one accessed longest ago (never used: first)
+                key = torch.where(free, torch.where(ident == -1, -1, meta[rows].long()), _INT64_MAX)
+                pick = key.argmin(1, keepdim=True)
+            else:
+                pick = free.long().argmax(1, keepdim=True)
+            choice = rows.gather(1, pick).squeeze(1)
+            cand = pending & free.any(1)
+            if not torch.compiler.is_compiling() and not bool(cand.any()):
+                break  # eager: nothing left to settle (on CPU this read costs nothing)
+            target = torch.where(cand, choice, scratch)
+            best = torch.full((scratch + 1,), _INT64_MAX, dtype=torch.int64, device=ids.device)
+            best = best.scatter_reduce(0, target, ids, "amin")
+            won = cand & (best[choice] == ids)
+            target = torch.where(won, choice, scratch)
+            replaced = torch.cat([table != -1, table.new_zeros(1, dtype=torch.bool)])[target] & won
+            mask = torch.cat([self._evicted_mask, self._evicted_mask.new_zeros(1)])
+            mask.index_put_((torch.where(replaced, choice, scratch),), torch.ones_like(replaced))
+            self._evicted_mask.copy_(mask[:-1])
+            new_table = torch.cat([table, table.new_zeros(1)]).index_put_((target,), ids)
+            table.copy_(new_table[:-1])
+            fresh.index_put_((target,), torch.ones_like(won))
+            hit = hit | won
+            row = torch.where(won, choice, row)
+        self._evicted = True
+        if expiry is not None:  # every id seen, old or new, lives on from now
+            meta_ext = torch.cat([meta, meta.new_zeros(1)])
+            meta_ext.index_put_((torch.where(hit, row, scratch),), expiry)
+            meta.copy_(meta_ext[:-1])
+        return row, hit
