@@ -170,3 +170,14 @@ def test_compile_without_graph_breaks():
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert cnt.frame_count == 1
     torch._dynamo.reset()
+
+
+def test_rebuilt_shard_keeps_its_buckets_rows():
+    full = _module(8, 4, 2)
+    shard = full.rebuild_with_output_id_range((4, 8))
+    assert shard.is_sharded and not full.is_sharded and not full.rebuild_with_output_id_range((0, 8)).is_sharded
+    ids = [2, 3, 6, 7, 10]  # buckets 2 and 3 (id % 4)
+    rows = _remap(shard, ids).tolist()
+    oracle = Oracle(8, 4, 2, None, False)
+    assert rows == oracle.step(ids, 0, True)  # the same global rows as the whole table would give
+    assert all(4 <= r < 8 for r in rows) and shard.state_dict()["_hash_zch_identities"].shape == (4, 1)

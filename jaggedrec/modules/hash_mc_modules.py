@@ -98,6 +98,7 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
         self.register_buffer("_segment_sizes", segs[1:] - segs[:-1], persistent=False)
         self.register_buffer("_unplaced_count", torch.zeros(1, dtype=torch.int64, device=dev), persistent=False)
         self.register_buffer("_evicted_mask", torch.zeros(zch_size, dtype=torch.bool, device=dev), persistent=False)
+        self._hash_zch_runtime_meta: Optional[torch.Tensor] = None  # not kept (see NotImplementedError above)
         self._evicted = False
         if is_inference:
             self.eval()
@@ -154,6 +155,19 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
         self._evicted_mask.zero_()
         return rows
 
+    @property
+    def is_sharded(self) -> bool:
+        """Whether this module holds only some of the buckets (a row-wise shard)."""
+        return self._start_bucket != 0 or self._end_bucket != self._buckets
+
+    @property
+    def max_probe(self) -> int:
+        return self._max_probe
+
+    @property
+    def disable_fallback(self) -> bool:
+        return self._disable_fallback
+
     def output_size(self) -> int:
         return self._zch_size
 
@@ -198,7 +212,7 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
 
     def probe_rows(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``[N]`` ids -> (``[N, P]`` local rows in probe order, ``[N, P]`` bool: within the bucket)."""
-        bucket = self.bucket_of(ids) - self._start_bucket
+        bucket = self.bucket_of(ids)  # a shard is fed only ids of its own buckets
         start, size = self._segment_starts[bucket], self._segment_sizes[bucket]
         home = torch.remainder(_mix(ids), size)
         steps = torch.arange(self._max_probe, device=ids.device)

@@ -30,6 +30,8 @@ FILES=(
     torchrec/modules/tests/test_fp_embedding_modules.py
     torchrec/modules/tests/test_mc_modules.py
     torchrec/modules/tests/test_mc_embedding_modules.py
+    torchrec/modules/tests/test_hash_mc_modules.py
+    torchrec/modules/tests/test_hash_mc_evictions.py
 )
 # the test files run from a flat folder of their own, so that `import torchrec` finds the
 # installed package and not the checkout's sources

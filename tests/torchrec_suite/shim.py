@@ -60,6 +60,14 @@ def _point_torchrec_at_jaggedrec() -> None:
         setattr(tr_mc, name, getattr(mc_modules, name))
     for name in mc_embedding_modules.__all__:
         setattr(tr_mc_modules, name, getattr(mc_embedding_modules, name))
+    import torchrec.modules.hash_mc_evictions as tr_hash_ev
+    import torchrec.modules.hash_mc_modules as tr_hash
+
+    from jaggedrec.modules import hash_mc_evictions, hash_mc_modules
+
+    tr_hash.HashZchManagedCollisionModule = hash_mc_modules.HashZchManagedCollisionModule
+    for name in ("HashZchEvictionConfig", "HashZchEvictionModule", "HashZchEvictionPolicyName"):
+        setattr(tr_hash_ev, name, getattr(hash_mc_evictions, name))
 
 
 if os.environ.get("JAGGEDREC_SUITE") == "jaggedrec":
