@@ -181,3 +181,16 @@ def test_rebuilt_shard_keeps_its_buckets_rows():
     oracle = Oracle(8, 4, 2, None, False)
     assert rows == oracle.step(ids, 0, True)  # the same global rows as the whole table would give
     assert all(4 <= r < 8 for r in rows) and shard.state_dict()["_hash_zch_identities"].shape == (4, 1)
+
+
+def test_runtime_meta_written_read_and_cleared_on_replacement(monkeypatch):
+    monkeypatch.setattr(ev, "now_hours", lambda: 5)
+    module = _module(2, 1, 2, ev.HashZchEvictionPolicyName.SINGLE_TTL_EVICTION, ttl=1, write_runtime_meta_dim=2)
+    jt = JaggedTensor(values=torch.tensor([7, 8, 9]), lengths=torch.tensor([3]))
+    rows = module.remap({"f": jt}, write_weights=torch.tensor([[1, 2], [3, 4], [5, 6]]))["f"].values()
+    # 9 found no slot: its weights are not written over the id it shares a slot with
+    assert module.lookup_custom_runtime_meta(rows[:2]).tolist() == [[1, 2], [3, 4]]
+    assert module.lookup_runtime_meta(torch.tensor([7, 9]), rows[[0, 2]]).tolist() == [1, 2, 0, 0]
+    monkeypatch.setattr(ev, "now_hours", lambda: 9)  # 7 and 8 expired
+    _remap(module, [8, 10])  # 8 refreshed; 10 takes 7's slot, whose metadata is cleared
+    assert module.lookup_custom_runtime_meta(rows[:2]).tolist() == [[0, 0], [3, 4]]

@@ -64,9 +64,9 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
                 raise ValueError(f"HashZchManagedCollisionModule {name}: zch_size {zch_size} is not a multiple of "
                                  f"total_num_buckets {total_num_buckets}; pass output_segments")
             output_segments = [zch_size // total_num_buckets * b for b in range(total_num_buckets + 1)]
-        if opt_in_prob > 0 or write_runtime_meta_dim > 0 or track_id_freq or inference_dispatch_div_train_world_size:
-            raise NotImplementedError("HashZchManagedCollisionModule: opt-in, runtime metadata, id frequencies and "
-                                      "inference dispatch are not implemented in jaggedrec")
+        if opt_in_prob > 0 or track_id_freq or inference_dispatch_div_train_world_size:
+            raise NotImplementedError("HashZchManagedCollisionModule: opt-in, id frequencies and inference "
+                                      "dispatch are not implemented in jaggedrec")
         if unplaced not in ("fallback", "raise"):
             raise ValueError(f"HashZchManagedCollisionModule {name}: unplaced must be 'fallback' or 'raise'")
         super().__init__(device=device, output_segments=output_segments, skip_state_validation=True,
@@ -98,7 +98,13 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
         self.register_buffer("_segment_sizes", segs[1:] - segs[:-1], persistent=False)
         self.register_buffer("_unplaced_count", torch.zeros(1, dtype=torch.int64, device=dev), persistent=False)
         self.register_buffer("_evicted_mask", torch.zeros(zch_size, dtype=torch.bool, device=dev), persistent=False)
-        self._hash_zch_runtime_meta: Optional[torch.Tensor] = None  # not kept (see NotImplementedError above)
+        # [zch_size, write_runtime_meta_dim] int64 written by remap(write_weights=...), zeroed when
+        # the slot's id is replaced
+        self._hash_zch_runtime_meta: Optional[torch.Tensor] = None
+        if write_runtime_meta_dim > 0:
+            self._hash_zch_runtime_meta = torch.nn.Parameter(
+                torch.zeros((zch_size, write_runtime_meta_dim), dtype=torch.int64, device=dev), requires_grad=False)
+        self._write_runtime_meta_dim = write_runtime_meta_dim
         self._evicted = False
         if is_inference:
             self.eval()
@@ -127,6 +133,8 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
             if self._unplaced == "raise":
                 torch._assert_async((misses == 0).all(), f"HashZchManagedCollisionModule {self._name}: feature {name} "
                                     "has ids with no slot in their probe window (unplaced='raise')")
+            if write_weights is not None and writes:
+                self.update_runtime_meta(ids, rows, write_weights)
             rows = rows + self._output_segments[self._start_bucket]
             lengths, offsets = jt.lengths(), jt.offsets()
             if self._disable_fallback:
@@ -167,6 +175,33 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
     @property
     def disable_fallback(self) -> bool:
         return self._disable_fallback
+
+    def lookup_runtime_meta(self, features: torch.Tensor, remapped_ids: torch.Tensor) -> torch.Tensor:
+        """``[N]`` raw ids and their ``[N]`` rows -> ``[N * D]`` runtime metadata (0 where the row
+        holds another id; -1 everywhere without runtime metadata)."""
+        if self._hash_zch_runtime_meta is None:
+            return torch.full_like(remapped_ids, -1)
+        hit = self._hash_zch_identities.view(-1)[remapped_ids] == features
+        return torch.where(hit[:, None], self._hash_zch_runtime_meta[remapped_ids], 0).reshape(-1)
+
+    def lookup_custom_runtime_meta(self, remapped_ids: torch.Tensor) -> torch.Tensor:
+        """``[N]`` rows -> ``[N, D]`` runtime metadata."""
+        if self._hash_zch_runtime_meta is None:
+            raise ValueError(f"HashZchManagedCollisionModule {self._name}: no runtime metadata "
+                             "(write_runtime_meta_dim=0)")
+        return torch.index_select(self._hash_zch_runtime_meta, 0, remapped_ids)
+
+    @torch.no_grad()
+    def update_runtime_meta(self, raw_ids: torch.Tensor, remapped_ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """Write ``[N]`` or ``[N, D]`` ``weights`` at the (local) rows that hold their id."""
+        if self._hash_zch_runtime_meta is None:
+            raise ValueError(f"HashZchManagedCollisionModule {self._name}: write_weights needs write_runtime_meta_dim > 0")
+        meta = self._hash_zch_runtime_meta
+        weights = weights.reshape(weights.shape[0], -1).to(meta.dtype)
+        own = self._hash_zch_identities.view(-1)[remapped_ids] == raw_ids
+        target = torch.where(own, remapped_ids, self._zch_size)
+        ext = torch.cat([meta.data, meta.data.new_zeros(1, meta.shape[1])]).index_put_((target,), weights)
+        meta.data.copy_(ext[:-1])
 
     def output_size(self) -> int:
         return self._zch_size
@@ -260,6 +295,11 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
             mask = torch.cat([self._evicted_mask, self._evicted_mask.new_zeros(1)])
             mask.index_put_((torch.where(replaced, choice, scratch),), torch.ones_like(replaced))
             self._evicted_mask.copy_(mask[:-1])
+            if self._hash_zch_runtime_meta is not None:  # a replaced id's metadata goes with it
+                rm = self._hash_zch_runtime_meta.data
+                ext = torch.cat([rm, rm.new_zeros(1, rm.shape[1])])
+                ext.index_put_((torch.where(replaced, choice, scratch),), rm.new_zeros(ids.numel(), rm.shape[1]))
+                rm.copy_(ext[:-1])
             new_table = torch.cat([table, table.new_zeros(1)]).index_put_((target,), ids)
             table.copy_(new_table[:-1])
             fresh.index_put_((target,), torch.ones_like(won))
