@@ -15,7 +15,7 @@ from jaggedrec.modules.mc_embedding_modules import (
     ManagedCollisionEmbeddingBagCollection,
     ManagedCollisionEmbeddingCollection,
 )
-from tests.jr_testing import random_kjt
+from jr_testing import random_kjt
 
 ZCH = {"t0": 40, "t1": 33}  # more rows than the ids 0..24 the batches use
 
