@@ -13,7 +13,8 @@ and gradient norms, element-wise momentum); 6 partial row-wise Adam (element-wis
 moment, one second moment per row, decoupled weight decay); 7 LAMB and 8 partial row-wise
 LAMB (Adam's direction, or partial row-wise Adam's, plus weight decay, scaled by the row's
 trust ratio ``|w| / |direction|``: the moments are updated and the norms summed in one pass
-over a row's column tiles, the rows stepped in another). For 2-4 ``weight_decay`` adds
+over a row's column tiles, the rows stepped in another); 9 row-wise Adagrad with decoupled
+weight decay (FBGEMM's DECOUPLE: ``w = (1 - lr * wd) * w - step``). For 2-4 ``weight_decay`` adds
 ``wd * w`` to the gradient first; 5 and 6 use it inside their formulas (``jaggedrec.optim.fused``
 gives them all). Hyperparameters are read from a device tensor ``[lr, eps, weight_decay,
 beta1, beta2]`` (LARS-SGD: ``momentum``, ``eta`` for the betas), so changing them needs no
@@ -33,7 +34,7 @@ from .row_runs import Runs, launch_args, run_configs, run_sums, run_tile
 from .tuning import autotune
 
 SGD, ROWWISE_ADAGRAD, ADAM, EXACT_ADAGRAD, LARS_SGD, PARTIAL_ROWWISE_ADAM = 1, 2, 3, 4, 5, 6
-LAMB, PARTIAL_ROWWISE_LAMB = 7, 8
+LAMB, PARTIAL_ROWWISE_LAMB, ROWWISE_ADAGRAD_DECOUPLED = 7, 8, 9
 
 
 @triton.jit
@@ -103,6 +104,8 @@ def _step_tile(g, w, element, mask, step_size, weights_ptr, state1_ptr, state2_p
         m_hat = m / (1.0 - tl.exp(t * tl.log(beta1)))
         v_hat = v / (1.0 - tl.exp(t * tl.log(beta2)))
         w = w - lr * m_hat / (tl.sqrt(v_hat) + eps)
+    elif OPTIMIZER == 9:  # row-wise Adagrad, decoupled weight decay
+        w = (1.0 - lr * weight_decay) * w - step_size[:, None] * g
     else:
         w = w - step_size[:, None] * g
     tl.store(weights_ptr + element, w.to(weights_ptr.dtype.element_ty), mask=mask)
@@ -152,7 +155,7 @@ def _fused_update_kernel(
     t = tl.load(step_ptr).to(tl.float32)
     # the L2 term added to the gradient (row-wise Adagrad, Adam, exact Adagrad); the others' own
     l2 = weight_decay if OPTIMIZER == 2 or OPTIMIZER == 3 or OPTIMIZER == 4 else 0.0 * weight_decay
-    ROW_SUMS: tl.constexpr = OPTIMIZER == 2 or OPTIMIZER == 5 or OPTIMIZER == 6 or OPTIMIZER == 8
+    ROW_SUMS: tl.constexpr = OPTIMIZER == 2 or OPTIMIZER == 5 or OPTIMIZER == 6 or OPTIMIZER == 8 or OPTIMIZER == 9
     IS_LAMB: tl.constexpr = OPTIMIZER == 7 or OPTIMIZER == 8
     # programs take turns over tiles of BLOCK_U runs: u0 = pid, pid + G, ... (times BLOCK_U)
     num_runs = tl.load(num_runs_ptr)

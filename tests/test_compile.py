@@ -164,6 +164,8 @@ OPTIMIZERS = {
     "fused_partial_rowwise_adam": (optim.PartialRowWiseAdam(lr=0.05, eps=1e-4), lambda p: torch.optim.SGD(p, lr=0.5)),
     "fused_lamb": (optim.LAMB(lr=0.05, eps=1e-4), lambda p: torch.optim.SGD(p, lr=0.5)),
     "fused_adagrad_clipped": (optim.Adagrad(lr=0.1, eps=1e-4, max_gradient=0.01), lambda p: torch.optim.SGD(p, lr=0.5)),
+    "fused_rowwise_adagrad_decoupled": (optim.RowWiseAdagrad(lr=0.1, weight_decay=0.1, weight_decay_mode="decouple"),
+                                        lambda p: torch.optim.SGD(p, lr=0.5)),
     "fused_partial_rowwise_lamb": (optim.PartialRowWiseLAMB(lr=0.05, eps=1e-4), lambda p: torch.optim.SGD(p, lr=0.5)),
 }
 

@@ -172,6 +172,7 @@ OPTIMIZERS = {
     "lamb": optim.LAMB(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02),
     "partial_rowwise_lamb": optim.PartialRowWiseLAMB(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02),
     "adam_clipped": optim.Adam(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02, max_gradient=0.5),
+    "rowwise_adagrad_decoupled": optim.RowWiseAdagrad(lr=0.2, eps=1e-6, weight_decay=0.05, weight_decay_mode="decouple"),
 }
 
 
@@ -185,6 +186,11 @@ def _reference_step(opt, tables, state, grads, touched, step):
             continue
         if isinstance(opt, (optim.Adagrad, optim.LarsSGD, optim.PartialRowWiseAdam, optim.LAMB)):
             table[rows] = reference_step(opt, opt.lr, step, w, g, s, rows)
+            continue
+        if isinstance(opt, optim.RowWiseAdagrad) and opt.weight_decay_mode == "decouple":
+            s["sum_sq"][rows] += g.square().mean(1)
+            table[rows] = (1 - opt.lr * opt.weight_decay) * w - opt.lr * g / (s["sum_sq"][rows].sqrt()
+                                                                              + opt.eps).unsqueeze(1)
             continue
         g = g + opt.weight_decay * w
         if isinstance(opt, optim.RowWiseAdagrad):

@@ -29,6 +29,7 @@ OPTIMIZERS = {
     "lamb": optim.LAMB(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02),
     "partial_rowwise_lamb": optim.PartialRowWiseLAMB(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02),
     "adam_clipped": optim.Adam(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02, max_gradient=0.5),
+    "rowwise_adagrad_decoupled": optim.RowWiseAdagrad(lr=0.2, eps=1e-6, weight_decay=0.05, weight_decay_mode="decouple"),
 }
 
 
@@ -73,6 +74,10 @@ class Reference:
                 table[touched] = w - lr * g
             elif isinstance(o, (optim.Adagrad, optim.LarsSGD, optim.PartialRowWiseAdam, optim.LAMB)):
                 table[touched] = reference_step(o, lr, t, w, g, s, touched)
+            elif isinstance(o, optim.RowWiseAdagrad) and o.weight_decay_mode == "decouple":
+                s["sum_sq"][touched] += g.square().mean(1)
+                step = lr / (s["sum_sq"][touched].sqrt() + o.eps).unsqueeze(1)
+                table[touched] = (1 - lr * o.weight_decay) * w - step * g
             elif isinstance(o, optim.RowWiseAdagrad):
                 g = g + o.weight_decay * w
                 s["sum_sq"][touched] += g.square().mean(1)

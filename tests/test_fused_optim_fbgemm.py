@@ -13,7 +13,7 @@ pytest.importorskip("fbgemm_gpu")
 from fbgemm_gpu.split_embedding_configs import EmbOptimType  # noqa: E402
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode  # noqa: E402
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import (  # noqa: E402
-    ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
+    ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen, WeightDecayMode)
 
 import jaggedrec as jr  # noqa: E402
 from jaggedrec import optim  # noqa: E402
@@ -30,6 +30,11 @@ PARAMS = {
     # gradient clipping: FBGEMM clamps each output-gradient element before the sums
     "EXACT_ROWWISE_ADAGRAD+clip": dict(learning_rate=0.1, eps=1e-5, gradient_clipping=True, max_gradient=0.4),
     "EXACT_SGD+clip": dict(learning_rate=0.05, gradient_clipping=True, max_gradient=0.3),
+    # WeightDecayMode.NONE: the weight_decay is not applied. (fbgemm-gpu-cpu 1.8.0's CPU step
+    # applies no weight decay in the L2 and DECOUPLE modes either, so those are checked against
+    # the float64 references of test_fused_optim.py only)
+    "EXACT_ROWWISE_ADAGRAD+none": dict(learning_rate=0.1, eps=1e-5, weight_decay=0.05,
+                                       weight_decay_mode=WeightDecayMode.NONE),
 }
 
 

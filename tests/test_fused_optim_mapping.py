@@ -48,6 +48,18 @@ def test_fused_params_name_the_new_optimizers():
     with pytest.raises(ValueError, match="max_gradient must be > 0"):
         optim.RowWiseAdagrad(0.1, max_gradient=0.0)
     assert optim.RowWiseAdagrad(0.1, 1e-3).eps == 1e-3  # max_gradient is keyword-only: positions unchanged
+    # FBGEMM's WeightDecayMode for row-wise Adagrad: NONE drops the weight decay, DECOUPLE decays apart
+    assert fused_optimizer_from_params({"optimizer": "EXACT_ROWWISE_ADAGRAD", "weight_decay": 0.1,
+                                        "weight_decay_mode": "DECOUPLE"}) == \
+        optim.RowWiseAdagrad(0.01, weight_decay=0.1, weight_decay_mode="decouple")
+    assert fused_optimizer_from_params({"optimizer": "EXACT_ROWWISE_ADAGRAD", "weight_decay": 0.1,
+                                        "weight_decay_mode": "NONE"}).weight_decay == 0.0
+    with pytest.raises(ValueError, match="COUNTER is not fused"):
+        fused_optimizer_from_params({"optimizer": "EXACT_ROWWISE_ADAGRAD", "weight_decay_mode": "COUNTER"})
+    with pytest.raises(ValueError, match="EXACT_ROWWISE_ADAGRAD only"):
+        fused_optimizer_from_params({"optimizer": "LAMB", "weight_decay_mode": "DECOUPLE"})
+    with pytest.raises(ValueError, match="weight_decay_mode must be"):
+        optim.RowWiseAdagrad(0.1, weight_decay_mode="l1")
     with pytest.raises(ValueError, match="EXACT_ADAGRAD takes no weight_decay"):
         fused_optimizer_from_params({"optimizer": "EXACT_ADAGRAD", "weight_decay": 0.1})
     with pytest.raises(ValueError, match="not fused by jaggedrec"):

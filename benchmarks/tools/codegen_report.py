@@ -221,7 +221,7 @@ def workload_variants(dtype: str = "fp32", dim: int = 128, ids: str = "int64", w
     add("long_runs", row_runs._long_run_sums_kernel, long_runs, dict(HAS_SCALE=weighted))
     for optimizer in (pooled_fused.SGD, pooled_fused.ROWWISE_ADAGRAD, pooled_fused.ADAM, pooled_fused.EXACT_ADAGRAD,
                       pooled_fused.LARS_SGD, pooled_fused.PARTIAL_ROWWISE_ADAM, pooled_fused.LAMB,
-                      pooled_fused.PARTIAL_ROWWISE_LAMB):
+                      pooled_fused.PARTIAL_ROWWISE_LAMB, pooled_fused.ROWWISE_ADAGRAD_DECOUPLED):
         add("fused", pooled_fused._fused_update_kernel, fused, dict(OPTIMIZER=optimizer, HAS_SCALE=weighted), "runs")
     add("rows_grad_atomic", pooled_bwd._rows_grad_atomic_kernel, dict(contrib, psw_ptr="*fp32", dest_ptr="*fp32"),
         dict(HAS_PSW=weighted))

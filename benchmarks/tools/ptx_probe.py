@@ -85,7 +85,7 @@ def _kernels():
          dict(DENSE=[True, False], HAS_SCALE=[False, True]), wide + legacy),
         ("long_runs", row_runs._long_run_sums_kernel, LONG, dict(HAS_SCALE=[False, True]), wide),
         ("fused", pooled_fused._fused_update_kernel, FUSED,
-         dict(OPTIMIZER=[2, 1, 3, 4, 5, 6, 7, 8], ONE_TILE=[True, False], HAS_SCALE=[False, True]), tables + wide + legacy),
+         dict(OPTIMIZER=[2, 1, 3, 4, 5, 6, 7, 8, 9], ONE_TILE=[True, False], HAS_SCALE=[False, True]), tables + wide + legacy),
         ("rows_grad_atomic", pooled_bwd._rows_grad_atomic_kernel, dict(CONTRIB, psw_ptr=f32, dest_ptr=f32),
          dict(HAS_PSW=[False, True]), i32_offsets + wide + psw),
         ("psw_grad", pooled_bwd._psw_grad_kernel, dict(CONTRIB, weights_ptr=f32, out_ptr=f32), {},

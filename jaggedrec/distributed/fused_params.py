@@ -46,7 +46,7 @@ class EmbOptimType(Enum):
 
 
 _KNOWN = ("learning_rate", "eps", "weight_decay", "beta1", "beta2", "eta", "momentum", "optimizer",
-          "gradient_clipping", "max_gradient")
+          "gradient_clipping", "max_gradient", "weight_decay_mode")
 # TorchRec's in-backward placeholders (torchrec.optim.optimizers, and jaggedrec's of the same
 # names): each stands for the EmbOptimType its kwargs configure
 _PLACEHOLDERS = {"SGD": "EXACT_SGD", "Adam": "ADAM", "Adagrad": "EXACT_ADAGRAD", "LarsSGD": "LARS_SGD",
@@ -71,8 +71,18 @@ def fused_optimizer_from_params(fused_params: Optional[Dict[str, Any]]) -> Optio
     clip = dict(max_gradient=float(fused_params.get("max_gradient", 1.0))) if fused_params.get("gradient_clipping") else {}
     if name in ("SGD", "EXACT_SGD"):
         return optim.SGD(lr, **clip)
+    mode = fused_params.get("weight_decay_mode")
+    mode = None if mode is None else (mode.name if isinstance(mode, Enum) else str(mode)).upper()
     if name in ("EXACT_ROWWISE_ADAGRAD", "ROWWISE_ADAGRAD", "EXACT_ROW_WISE_ADAGRAD", "ROW_WISE_ADAGRAD"):
-        return optim.RowWiseAdagrad(lr, eps=eps, weight_decay=decay, **clip)
+        # FBGEMM's WeightDecayMode: NONE steps without weight decay, L2 adds it to the gradient,
+        # DECOUPLE decays the row apart; left out, jaggedrec's L2 (FBGEMM's default is NONE)
+        if mode not in (None, "NONE", "L2", "DECOUPLE"):
+            raise ValueError(f"fused_params: weight_decay_mode {mode} is not fused by jaggedrec; use NONE, L2 or "
+                             f"DECOUPLE")
+        return optim.RowWiseAdagrad(lr, eps=eps, weight_decay=0.0 if mode == "NONE" else decay,
+                                    weight_decay_mode="decouple" if mode == "DECOUPLE" else "l2", **clip)
+    if mode not in (None, "NONE"):
+        raise ValueError(f"fused_params: weight_decay_mode {mode} applies to EXACT_ROWWISE_ADAGRAD only")
     betas = (float(fused_params.get("beta1", 0.9)), float(fused_params.get("beta2", 0.999)))
     if name == "ADAM":
         return optim.Adam(lr, betas=betas, eps=eps, weight_decay=decay, **clip)

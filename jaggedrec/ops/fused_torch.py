@@ -32,11 +32,11 @@ from jaggedrec.ops.pooled_plan import (Pass, PooledPlan, bag_grads, bag_of_id, b
 from jaggedrec.ops.runs_torch import row_runs, run_starts, sort_rows
 
 SGD, ROWWISE_ADAGRAD, ADAM, EXACT_ADAGRAD, LARS_SGD, PARTIAL_ROWWISE_ADAM = 1, 2, 3, 4, 5, 6
-LAMB, PARTIAL_ROWWISE_LAMB = 7, 8
+LAMB, PARTIAL_ROWWISE_LAMB, ROWWISE_ADAGRAD_DECOUPLED = 7, 8, 9
 # each optimizer's state1, state2: one value per table row ("row", [R]) or per element ([W])
 STATE_LAYOUT = {SGD: (), ROWWISE_ADAGRAD: ("row",), ADAM: ("element", "element"), EXACT_ADAGRAD: ("element",),
                 LARS_SGD: ("element",), PARTIAL_ROWWISE_ADAM: ("element", "row"), LAMB: ("element", "element"),
-                PARTIAL_ROWWISE_LAMB: ("element", "row")}
+                PARTIAL_ROWWISE_LAMB: ("element", "row"), ROWWISE_ADAGRAD_DECOUPLED: ("row",)}
 # the optimizers that add weight_decay * w to the gradient first (L2); LARS-SGD and partial
 # row-wise Adam use it inside their formulas
 _L2_DECAY = (ROWWISE_ADAGRAD, ADAM, EXACT_ADAGRAD)
@@ -239,7 +239,8 @@ _CHUNK_BYTES = 2 << 20
 #   Adam:             34% touched 366 vs 262 ms, 56% 364 vs 391
 # The thresholds sit near the break-even points those imply (linear in between).
 _STREAM_MIN_TOUCHED = {SGD: 1 / 4, ROWWISE_ADAGRAD: 1 / 2, ADAM: 1 / 2, EXACT_ADAGRAD: 1 / 2, LARS_SGD: 1 / 2,
-                       PARTIAL_ROWWISE_ADAM: 1 / 2, LAMB: 1 / 2, PARTIAL_ROWWISE_LAMB: 1 / 2}
+                       PARTIAL_ROWWISE_ADAM: 1 / 2, LAMB: 1 / 2, PARTIAL_ROWWISE_LAMB: 1 / 2,
+                       ROWWISE_ADAGRAD_DECOUPLED: 1 / 2}
 
 
 def update_touched_rows(block: torch.Tensor, states, ids: torch.Tensor, bags: torch.Tensor, grads: torch.Tensor,
@@ -322,6 +323,16 @@ def _step_in_place(rule: StepRule, w, g, s1, s2, touched=None) -> None:
     if optimizer in (LAMB, PARTIAL_ROWWISE_LAMB):
         _lamb_in_place(optimizer == PARTIAL_ROWWISE_LAMB, lr, eps, weight_decay, beta1, beta2, step, w, g, s1, s2,
                        touched)
+        return
+    if optimizer == ROWWISE_ADAGRAD_DECOUPLED:  # FBGEMM's DECOUPLE: the row decays beside the step
+        s1.add_(g.square().mean(1))
+        step_size = lr / (s1.sqrt() + eps)
+        if touched is not None:  # untouched rows: no decay, no step
+            step_size = torch.where(touched, step_size, 0.0)
+            w.mul_(torch.where(touched, 1 - lr * weight_decay, 1.0).unsqueeze(1))
+        else:
+            w.mul_(1 - lr * weight_decay)
+        w.addcmul_(g, step_size.unsqueeze(1), value=-1)
         return
     if weight_decay:
         # one rounding of wd * w on both paths: add_(w, alpha=wd) may fuse the multiply into the
@@ -496,6 +507,9 @@ def _step_rows(optimizer, w, g, s1, s2, hparams, t):
         s2 = beta2 * s2 + (1 - beta2) * g.square().mean(1)
         denominator = ((s2 / (1 - beta2 ** t)).sqrt() + eps).unsqueeze(1)
         return w - lr * (s1 / (1 - beta1 ** t) / denominator + weight_decay * w), s1, s2
+    if optimizer == ROWWISE_ADAGRAD_DECOUPLED:
+        s1 = s1 + g.square().mean(1)
+        return (1 - lr * weight_decay) * w - (lr / (s1.sqrt() + eps)).unsqueeze(1) * g, s1, s2
     g = g + weight_decay * w
     if optimizer == ROWWISE_ADAGRAD:
         s1 = s1 + g.square().mean(1)

@@ -9,7 +9,9 @@ For one touched row with summed gradient ``g`` (duplicate ids summed first):
 * ``SGD(lr)``: ``w -= lr * g``.
 * ``RowWiseAdagrad(lr, eps, weight_decay)``, FBGEMM's EXACT_ROWWISE_ADAGRAD:
   ``g += weight_decay * w``; ``state += mean(g ** 2)`` (one value per row);
-  ``w -= lr * g / (sqrt(state) + eps)``.
+  ``w -= lr * g / (sqrt(state) + eps)``. With ``weight_decay_mode="decouple"`` (FBGEMM's
+  WeightDecayMode.DECOUPLE) the state takes the gradient alone and the row decays apart:
+  ``w = (1 - lr * weight_decay) * w - lr * g / (sqrt(state) + eps)``.
 
 One name, two TorchRec meanings: ``torchrec.optim.RowWiseAdagrad`` is a ``torch.optim``
 optimizer (``RowWiseAdagrad(params, lr=...)``), while jaggedrec's programs pass
@@ -59,6 +61,7 @@ from jaggedrec.optim.rowwise_adagrad import RowWiseAdagrad as _TorchRowWiseAdagr
 
 SGD_KIND, ROWWISE_ADAGRAD_KIND, ADAM_KIND = 1, 2, 3
 EXACT_ADAGRAD_KIND, LARS_SGD_KIND, PARTIAL_ROWWISE_ADAM_KIND, LAMB_KIND, PARTIAL_ROWWISE_LAMB_KIND = 4, 5, 6, 7, 8
+ROWWISE_ADAGRAD_DECOUPLED_KIND = 9
 
 
 @dataclass(frozen=True)
@@ -100,10 +103,20 @@ class SGD(FusedOptimizer):
 class RowWiseAdagrad(FusedOptimizer):
     eps: float = 1e-8
     weight_decay: float = 0.0
+    weight_decay_mode: str = "l2"  # or "decouple" (see the module docstring)
 
-    kind = ROWWISE_ADAGRAD_KIND
     state = (("sum_sq", "row"),)
     needs_whole_rows = True
+
+    @property
+    def kind(self) -> int:  # type: ignore[override]
+        return ROWWISE_ADAGRAD_DECOUPLED_KIND if self.weight_decay_mode == "decouple" else ROWWISE_ADAGRAD_KIND
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.weight_decay_mode not in ("l2", "decouple"):
+            raise ValueError(f"RowWiseAdagrad: weight_decay_mode must be 'l2' or 'decouple', "
+                             f"got {self.weight_decay_mode!r}")
 
     def __new__(cls, *args: Any, **kwargs: Any):
         # parameters first: TorchRec's torch optimizer of this name (see the module docstring)
