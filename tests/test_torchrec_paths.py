@@ -262,11 +262,13 @@ def test_promised_path_is_torchrecs(module, name):
 
 def test_sharders_are_module_sharders():
     from jaggedrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig
-    from jaggedrec.distributed import (EmbeddingBagCollectionSharder, EmbeddingCollectionSharder, ModuleSharder,
+    from jaggedrec.distributed import (EmbeddingBagCollectionSharder, EmbeddingCollectionSharder,
+                                       FeatureProcessedEmbeddingBagCollectionSharder, ModuleSharder,
                                        get_default_sharders)
 
     sharders = get_default_sharders()
-    assert [type(s) for s in sharders] == [EmbeddingBagCollectionSharder, EmbeddingCollectionSharder]
+    assert [type(s) for s in sharders] == [EmbeddingBagCollectionSharder, FeatureProcessedEmbeddingBagCollectionSharder,
+                                           EmbeddingCollectionSharder]
     assert all(isinstance(s, ModuleSharder) for s in sharders)
     assert ModuleSharder[nn.Module] is not None  # TorchRec's examples annotate with it
     ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="t0", embedding_dim=3, num_embeddings=5, feature_names=["a"]),

@@ -9,6 +9,7 @@ docs/torchrec_paths.md for every TorchRec path and whether it resolves.
 
 from jaggedrec.distributed.embedding import EmbeddingCollectionSharder
 from jaggedrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from jaggedrec.distributed.fp_embeddingbag import FeatureProcessedEmbeddingBagCollectionSharder
 from jaggedrec.distributed.model_parallel import DistributedModelParallel
 from jaggedrec.distributed.sharding_plan import get_default_sharders
 from jaggedrec.distributed.train_pipeline import (TrainPipeline, TrainPipelineBase, TrainPipelineSemiSync,
@@ -21,6 +22,7 @@ __all__ = [
     "DistributedModelParallel",
     "EmbeddingBagCollectionSharder",
     "EmbeddingCollectionSharder",
+    "FeatureProcessedEmbeddingBagCollectionSharder",
     "ModuleSharder",
     "NoWait",
     "ParameterSharding",

@@ -195,6 +195,27 @@ def joins_backward(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     return tensors
 
 
+def tie_backward(rows: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``rows``, with ``other`` joined to its backward (``other`` gets a zero gradient there).
+
+    Per-id weights whose gradient goes back through a collective (``input_dist.WeightsDist``)
+    must reach the loss on every rank, also where no lookup reads them (a rank without shards);
+    tied to the output dist's input, their backward runs after the output dist's everywhere."""
+    return _Tie.apply(rows, other)
+
+
+class _Tie(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, other: torch.Tensor):
+        ctx.other = (other.shape, other.dtype, other.device)
+        return rows.view_as(rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, dtype, device = ctx.other
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
+
+
 class OutputDist(torch.autograd.Function):
     """``(exchange [W*B, Dx], reduce [W*B, Dr], replica [W*B, Dp])`` pooled for the global batch
     -> ``(received [sum_r B*Dx_r], reduced [B, Dr], own replica rows [B, Dp])`` for this rank's

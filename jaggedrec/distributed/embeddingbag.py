@@ -19,7 +19,7 @@ from torch import nn
 from jaggedrec.modules.embedding_modules import EmbeddingBagCollection
 from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor, as_keyed_jagged_tensor
 from jaggedrec.optim import FusedOptimizer
-from jaggedrec.distributed.comm import Pending, output_dist
+from jaggedrec.distributed.comm import Pending, output_dist, tie_backward
 from jaggedrec.distributed.input_dist import InputDist
 from jaggedrec.distributed.shard_layout import EXCHANGE, REDUCE, REPLICA, ShardLayout
 from jaggedrec.distributed.shards import CollectionSharder, ShardedCollection, build_local_collection, check_env
@@ -73,6 +73,7 @@ class ShardedEmbeddingBagCollection(ShardedCollection):
         self._column_plan = _column_plan(layout, device)
         self._local_columns = _local_columns(layout, rank)
         self._device = device
+        self._weights_grad = False
         self._init_state_dict(layout, rank, self.local_collection(), fused, self._group, device)
 
     # --- forward -------------------------------------------------------------------------
@@ -80,13 +81,16 @@ class ShardedEmbeddingBagCollection(ShardedCollection):
         taken = self._take_input(as_keyed_jagged_tensor(features))
         if isinstance(taken, Awaitable):  # a semi-sync pipeline's lookup, done a step ahead
             return taken
-        local_kjt, b, own_lengths, _ = taken.wait()
+        local_kjt, b, own_lengths, _ = taken.wait(self._weights_grad)
         world = self._env.world_size
         if self._lookups:
             pooled = self._lookups[0](local_kjt).values()
         else:
             pooled = torch.zeros(world * b, 0, device=self._device)
         exchange_rows, reduce_rows, replica_rows = self._split_local(pooled, world * b)
+        weights = local_kjt.weights_or_none()
+        if weights is not None and weights.requires_grad:
+            exchange_rows = tie_backward(exchange_rows, weights)
         pending = Pending(taken.check)
         received, reduced, own = output_dist(exchange_rows, reduce_rows, replica_rows, self._exchange_widths,
                                                  b, self._group, pending)
@@ -132,6 +136,13 @@ class ShardedEmbeddingBagCollection(ShardedCollection):
 
     def embedding_bag_configs(self):
         return list(self._layout.configs)
+
+    def set_weights_require_grad(self, flag: bool) -> None:
+        """Whether the per-id weights this module is given get their gradient back through the
+        input dist (a collective in the backward, so it must be set alike on every rank: a
+        sharded ``FeatureProcessedEmbeddingBagCollection`` sets it from its processors'
+        ``requires_grad``). Off by default: the weights are taken as constants."""
+        self._weights_grad = bool(flag)
 
 
 class _OutputDistModule(nn.Module):

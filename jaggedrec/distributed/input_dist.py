@@ -5,6 +5,10 @@ its ``B`` bags: all of a feature's ids for a whole-row shard, or for a row-split
 the ids in the shard's rows, shifted to the shard's first row. Rank ``r`` lays the received
 bags out source by source, so that bag ``s * B + b`` of a local feature is bag ``b`` of rank
 ``s``: the order the output dist sends rows back in.
+
+Per-id weights that a module trains (a feature processor's, see ``fp_embeddingbag.py``) get
+their gradient back along the same routing when the caller asks (``InFlight.wait(weights_grad=
+True)``): ``WeightsDist`` runs the all-to-all in reverse with the same splits.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from torch import nn
 
 from jaggedrec.modules import validation
 from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
-from jaggedrec.distributed.comm import Agreement, start_agree, start_exchange
-from jaggedrec.distributed.shard_layout import ShardLayout
+from jaggedrec.distributed.comm import Agreement, joins_backward, start_agree, start_exchange
+from jaggedrec.distributed.shard_layout import REPLICA, ShardLayout
 
 
 @dataclass
@@ -45,6 +49,12 @@ class InputDist(nn.Module):
         self._row_starts = {t: torch.tensor([s.row_offset for s in shards], dtype=torch.int64)
                             for t, shards in enumerate(layout.table_shards) if shards[0].row_split}
         self._local_keys = [local for local, _, _ in layout.local_features[rank]]
+        # the weights' gradient sent back is d(own loss)/d(weight), as DDP expects of the dense
+        # processors it averages: the output dist's backward divides by the world size, which a
+        # replicated table's W copies undo when their gradients add up at the source, and which
+        # the other kinds' single owner (or column shards adding up) undoes by this factor
+        self._weight_grad_scales = [1.0 if shard.kind == REPLICA else float(self._world)
+                                    for _, _, shard in layout.local_features[rank]]
 
     @property
     def owner(self) -> str:
@@ -97,15 +107,34 @@ class InputDist(nn.Module):
         return InFlight(self, agreement, sends, counts, batch_size, own_lengths, routing)
 
     def launch(self, sends, counts: List[int], recv_counts: List[int], b: int):
-        """The exchange of lengths, ids (and weights) launched: ``(received, works)``."""
+        """The exchange of lengths, ids (and weights) launched: ``(received, works, sent
+        weights)``; the sent weights (None when unweighted) keep their autograd history."""
         world, n_local = self._world, len(self._local_keys)
         lengths, values, weights = sends
         send_lengths = [b * len(self._layout.local_features[r]) for r in range(world)]
         parts = [(torch.cat(lengths), send_lengths, [b * n_local] * world),
                  (torch.cat(values), counts, recv_counts)]
+        sent_weights = None
         if self._is_weighted:
-            parts.append((torch.cat(weights), counts, recv_counts))
-        return start_exchange(parts, self._group)
+            sent_weights = torch.cat(weights)
+            parts.append((sent_weights.detach(), counts, recv_counts))
+        received, works = start_exchange(parts, self._group)
+        return received, works, sent_weights
+
+    def weights_with_grad(self, sent: torch.Tensor, received: List[torch.Tensor], counts: List[int],
+                          recv_counts: List[int]) -> torch.Tensor:
+        """The received weights (``[sum(recv_counts)]``, source after source) as an output of
+        ``WeightsDist``, whose backward sends their gradient back to ``sent`` (``[sum(counts)]``).
+        Every rank must call it in a step where any does (it joins the backward's all-to-all
+        even with nothing to send or receive)."""
+        scales = self._weight_grad_scales
+        if len(set(scales)) <= 1:
+            scale: object = scales[0] if scales else 1.0
+        else:  # per received id: its local feature's factor, blocks [source, feature]
+            sizes = received[0].view(self._world, len(scales), -1).sum(-1).reshape(-1)
+            per_feature = torch.tensor(scales, dtype=torch.float32, device=sizes.device).repeat(self._world)
+            scale = torch.repeat_interleave(per_feature, sizes)
+        return WeightsDist.apply(joins_backward([sent])[0], received[2], counts, recv_counts, scale, self._group)
 
     def finish(self, received: List[torch.Tensor], b: int) -> KeyedJaggedTensor:
         """The local KJT from the exchanged tensors."""
@@ -194,6 +223,8 @@ class InFlight:
         self._sends, self._counts, self._b = sends, counts, batch_size
         self._own_lengths, self._routing = own_lengths, routing
         self._received: Optional[List[torch.Tensor]] = None
+        self._sent_weights: Optional[torch.Tensor] = None
+        self._recv_counts: List[int] = []
         self._works: list = []
         self._error: Optional[BaseException] = None
         # run once the output dist of this input is complete (set by a train pipeline)
@@ -214,16 +245,25 @@ class InFlight:
         except (ValueError, TypeError) as e:  # BatchRejected is a ValueError
             self._error = e
             return
-        self._received, self._works = self._owner.launch(self._sends, self._counts, recv_counts, self._b)
+        self._recv_counts = recv_counts
+        self._received, self._works, self._sent_weights = self._owner.launch(self._sends, self._counts, recv_counts,
+                                                                             self._b)
         self._sends = None  # the exchange holds what it needs; free the staging buffers
 
-    def wait(self) -> Tuple[KeyedJaggedTensor, int, Dict[str, torch.Tensor], Routing]:
+    def wait(self, weights_grad: bool = False) -> Tuple[KeyedJaggedTensor, int, Dict[str, torch.Tensor], Routing]:
+        """``weights_grad``: the local KJT's weights carry a backward to the sent weights (see
+        ``InputDist.weights_with_grad``); decided alike on every rank (not from the batch)."""
         self.advance()
         self._complete()
         if self._error is not None:
             raise self._error
         self._record_stream()
-        return self._owner.finish(self._received, self._b), self._b, self._own_lengths, self._routing
+        received = list(self._received)
+        if weights_grad and torch.is_grad_enabled() and self._sent_weights is not None:
+            received[2] = self._owner.weights_with_grad(self._sent_weights, received, self._counts,
+                                                        self._recv_counts)
+        self._sent_weights = None
+        return self._owner.finish(received, self._b), self._b, self._own_lengths, self._routing
 
     def _record_stream(self) -> None:
         """On CUDA, a pipeline may have started this dist on its own stream: the caching
@@ -241,12 +281,38 @@ class InFlight:
         """Complete what was launched and forget the result."""
         self.advance()
         self._complete()
-        self._received = None
+        self._received = self._sent_weights = None
 
     def _complete(self) -> None:
         for w in self._works:
             w.wait()
         self._works = []
+
+
+class WeightsDist(torch.autograd.Function):
+    """``(sent [N_s], received [N_r], counts, recv_counts, scale, group) -> received``: the per-id
+    weights the input dist's all-to-all already delivered (``sent``: this rank's, destination
+    after destination, ``counts[r]`` to rank ``r``), made differentiable. The backward scales
+    the received weights' gradient (a float, or one factor per received id) and sends it back
+    by the all-to-all in reverse; duplicates of an id (column shards, replicas) add up at the
+    source through ``sent``'s own history."""
+
+    @staticmethod
+    def forward(ctx, sent: torch.Tensor, received: torch.Tensor, counts: List[int], recv_counts: List[int],
+                scale, group):
+        ctx.splits, ctx.scale, ctx.group = (counts, recv_counts), scale, group
+        ctx.sent_like = (sent.dtype, sent.device)
+        return received.view_as(received)
+
+    @staticmethod
+    def backward(ctx, grad_received):
+        counts, recv_counts = ctx.splits
+        dtype, device = ctx.sent_like
+        grad = grad_received * ctx.scale if grad_received is not None else torch.zeros(
+            sum(recv_counts), dtype=dtype, device=device)
+        grad_sent = grad.new_empty(sum(counts))
+        torch.distributed.all_to_all_single(grad_sent, grad.contiguous(), counts, recv_counts, group=ctx.group)
+        return grad_sent, None, None, None, None, None
 
 
 def _check(kjt: KeyedJaggedTensor, spec: validation.FeatureSpec) -> None:

@@ -24,6 +24,7 @@ from torch import nn
 from jaggedrec.distributed.embedding import EmbeddingCollectionSharder
 from jaggedrec.distributed.embedding_types import EmbeddingComputeKernel
 from jaggedrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from jaggedrec.distributed.fp_embeddingbag import FeatureProcessedEmbeddingBagCollectionSharder
 from jaggedrec.distributed.types import (EmbeddingModuleShardingPlan, EnumerableShardingSpec, ModuleSharder,
                                          ParameterSharding, ShardingType, ShardMetadata)
 
@@ -32,8 +33,10 @@ ParameterShardingGenerator = Callable[[int, int, int, int, str], ParameterShardi
 
 
 def get_default_sharders() -> List[ModuleSharder]:
-    """One sharder per collection type jaggedrec can shard, without fused parameters."""
-    return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
+    """One sharder per collection type jaggedrec can shard, without fused parameters, in
+    TorchRec's order."""
+    return [EmbeddingBagCollectionSharder(), FeatureProcessedEmbeddingBagCollectionSharder(),
+            EmbeddingCollectionSharder()]
 
 
 def block_sizes(total: int, parts: int) -> List[int]:
