@@ -17,7 +17,8 @@ def test_dmp_trains_position_weights(world):
 
 
 
-def test_sparse_dist_pipeline_matches_the_plain_loop():
-    """TrainPipelineSparseDist with an FPEBC: the plain loop's results bit for bit, the
-    processed KJT's dist distributed by the module itself (one counted fallback a step)."""
-    assert run_ranks(fp_sharding_cases.pipeline_case, 2, timeout=300) == [{"fp._embedding_bag_collection": 6}] * 2
+def test_pipelines_match_the_plain_loop():
+    """TrainPipelineSparseDist and TrainPipelineSemiSync with an FPEBC: the plain loop's results
+    bit for bit, the processed KJT distributed by the module itself (a counted fallback a step)."""
+    fallbacks = {"fp._embedding_bag_collection": 6}
+    assert run_ranks(fp_sharding_cases.pipeline_cases, 2, timeout=300) == [[fallbacks] * 2] * 2
