@@ -126,19 +126,24 @@ class RowWiseAdagrad(FusedOptimizer):
 
 
 @dataclass(frozen=True)
-class Adam(FusedOptimizer):
+class _Moments(FusedOptimizer):
+    """What the Adam family shares: two moments' decay rates, ``eps`` and weight decay."""
+
     lr: float = 1e-3
     betas: Tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
 
-    kind = ADAM_KIND
-    state = (("exp_avg", "element"), ("exp_avg_sq", "element"))
-
     def __post_init__(self) -> None:
         super().__post_init__()
         if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"Adam: betas must be in [0, 1), got {self.betas}")
+            raise ValueError(f"{type(self).__name__}: betas must be in [0, 1), got {self.betas}")
+
+
+@dataclass(frozen=True)
+class Adam(_Moments):
+    kind = ADAM_KIND
+    state = (("exp_avg", "element"), ("exp_avg_sq", "element"))
 
 
 @dataclass(frozen=True)
@@ -167,37 +172,17 @@ class LarsSGD(FusedOptimizer):
 
 
 @dataclass(frozen=True)
-class PartialRowWiseAdam(FusedOptimizer):
-    lr: float = 1e-3
-    betas: Tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-
+class PartialRowWiseAdam(_Moments):
     kind = PARTIAL_ROWWISE_ADAM_KIND
     state = (("momentum1", "element"), ("momentum2", "row"))
     needs_whole_rows = True
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"PartialRowWiseAdam: betas must be in [0, 1), got {self.betas}")
-
 
 @dataclass(frozen=True)
-class LAMB(FusedOptimizer):
-    lr: float = 1e-3
-    betas: Tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-
+class LAMB(_Moments):
     kind = LAMB_KIND
     state = (("momentum1", "element"), ("momentum2", "element"))
     needs_whole_rows = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"{type(self).__name__}: betas must be in [0, 1), got {self.betas}")
 
 
 @dataclass(frozen=True)
