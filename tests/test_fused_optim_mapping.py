@@ -125,3 +125,13 @@ def test_sharded_training_matches_one_unsharded_module():
     shards; whole-row optimizers without column-wise ones) against the unsharded module."""
     modes = ("adagrad", "lars_sgd", "partial_rowwise_adam", "lamb", "partial_rowwise_lamb")
     assert run_ranks(sharding_cases.train_cases, 2, modes, timeout=420) == [list(modes)] * 2
+
+
+def test_config_repr_shows_max_gradient_only_where_it_clips():
+    from jaggedrec.optim import fused
+
+    # the tutorial prints the sharded module's fused optimizer: unclipped configs read as before
+    assert repr(fused.RowWiseAdagrad(lr=0.02, eps=0.002)).startswith("RowWiseAdagrad(lr=0.02, eps=0.002, ")
+    assert repr(fused.SGD(lr=0.5)) == "SGD(lr=0.5)"
+    assert "max_gradient=0.25" in repr(fused.LAMB(lr=0.1, max_gradient=0.25))
+    assert fused.Adam(lr=0.1, max_gradient=1.0) != fused.Adam(lr=0.1)

@@ -54,7 +54,7 @@ The state buffers of the last five are named as FBGEMM's TBE names them (``momen
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Optional, Tuple
 
 from jaggedrec.optim.rowwise_adagrad import RowWiseAdagrad as _TorchRowWiseAdagrad
@@ -63,8 +63,11 @@ SGD_KIND, ROWWISE_ADAGRAD_KIND, ADAM_KIND = 1, 2, 3
 EXACT_ADAGRAD_KIND, LARS_SGD_KIND, PARTIAL_ROWWISE_ADAM_KIND, LAMB_KIND, PARTIAL_ROWWISE_LAMB_KIND = 4, 5, 6, 7, 8
 ROWWISE_ADAGRAD_DECOUPLED_KIND = 9
 
+# frozen, with FusedOptimizer's __repr__ kept by every subclass (a dataclass would write its own)
+_config = dataclass(frozen=True, repr=False)
 
-@dataclass(frozen=True)
+
+@_config
 class FusedOptimizer:
     """Base of the fused optimizer configs."""
 
@@ -85,6 +88,12 @@ class FusedOptimizer:
             raise ValueError(f"{type(self).__name__}: max_gradient must be > 0 (None: no clipping), "
                              f"got {self.max_gradient}")
 
+    def __repr__(self) -> str:
+        # max_gradient shows only where it clips: unclipped configs print as they always have
+        shown = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                 if f.repr and not (f.name == "max_gradient" and self.max_gradient is None)]
+        return f"{type(self).__name__}({', '.join(shown)})"
+
     def hyperparameters(self, lr: float) -> list:
         """``[lr, eps, weight_decay, beta1, beta2]`` as the kernels read them (LARS-SGD puts
         ``momentum`` and ``eta`` where the betas go), then ``max_gradient`` where it clips."""
@@ -94,12 +103,12 @@ class FusedOptimizer:
         return [lr, getattr(self, "eps", 0.0), getattr(self, "weight_decay", 0.0), *getattr(self, "betas", (0.0, 0.0))]
 
 
-@dataclass(frozen=True)
+@_config
 class SGD(FusedOptimizer):
     kind = SGD_KIND
 
 
-@dataclass(frozen=True)
+@_config
 class RowWiseAdagrad(FusedOptimizer):
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -125,7 +134,7 @@ class RowWiseAdagrad(FusedOptimizer):
         return super().__new__(cls)
 
 
-@dataclass(frozen=True)
+@_config
 class _Moments(FusedOptimizer):
     """What the Adam family shares: two moments' decay rates, ``eps`` and weight decay."""
 
@@ -140,13 +149,13 @@ class _Moments(FusedOptimizer):
             raise ValueError(f"{type(self).__name__}: betas must be in [0, 1), got {self.betas}")
 
 
-@dataclass(frozen=True)
+@_config
 class Adam(_Moments):
     kind = ADAM_KIND
     state = (("exp_avg", "element"), ("exp_avg_sq", "element"))
 
 
-@dataclass(frozen=True)
+@_config
 class Adagrad(FusedOptimizer):
     lr: float = 1e-2
     eps: float = 1e-10
@@ -156,7 +165,7 @@ class Adagrad(FusedOptimizer):
     state = (("momentum1", "element"),)
 
 
-@dataclass(frozen=True)
+@_config
 class LarsSGD(FusedOptimizer):
     lr: float = 1e-2
     eta: float = 1e-3
@@ -171,21 +180,21 @@ class LarsSGD(FusedOptimizer):
         return [lr, 0.0, self.weight_decay, self.momentum, self.eta]
 
 
-@dataclass(frozen=True)
+@_config
 class PartialRowWiseAdam(_Moments):
     kind = PARTIAL_ROWWISE_ADAM_KIND
     state = (("momentum1", "element"), ("momentum2", "row"))
     needs_whole_rows = True
 
 
-@dataclass(frozen=True)
+@_config
 class LAMB(_Moments):
     kind = LAMB_KIND
     state = (("momentum1", "element"), ("momentum2", "element"))
     needs_whole_rows = True
 
 
-@dataclass(frozen=True)
+@_config
 class PartialRowWiseLAMB(LAMB):
     kind = PARTIAL_ROWWISE_LAMB_KIND
     state = (("momentum1", "element"), ("momentum2", "row"))
