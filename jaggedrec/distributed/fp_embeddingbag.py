@@ -16,12 +16,9 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from jaggedrec.modules import feature_processor_
-from jaggedrec.modules.feature_processor_ import position_weight_tables
-from jaggedrec.modules.fp_embedding_modules import (FeatureProcessedEmbeddingBagCollection,
-                                                    apply_feature_processors_to_kjt)
+from jaggedrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection, process_features
 from jaggedrec.optim import FusedOptimizer
-from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor, as_keyed_jagged_tensor
+from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
 from jaggedrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from jaggedrec.distributed.shards import CollectionSharder
 from jaggedrec.distributed.types import EmbeddingModuleShardingPlan, ShardingEnv
@@ -80,14 +77,7 @@ class ShardedFeatureProcessedEmbeddingBagCollection(nn.Module):
         Returns:
             the sharded collection's awaitable of ``[B, sum(dims)]`` KeyedTensor.
         """
-        processors = self._feature_processors
-        tables = position_weight_tables(processors)
-        if tables is not None:
-            weighted = feature_processor_.position_weighted_kjt(features, tables, _OWNER)
-        elif isinstance(processors, nn.ModuleDict):
-            weighted = apply_feature_processors_to_kjt(as_keyed_jagged_tensor(features), processors)
-        else:
-            weighted = as_keyed_jagged_tensor(processors(features))
+        weighted = process_features(self._feature_processors, features, _OWNER)
         self._embedding_bag_collection.set_weights_require_grad(self.processors_train())
         return self._embedding_bag_collection(weighted)
 

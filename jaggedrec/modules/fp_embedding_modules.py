@@ -36,10 +36,21 @@ class FeatureProcessorDictWrapper(FeatureProcessorsCollection):
         self._feature_processors = feature_processors
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        tables = position_weight_tables(self._feature_processors)
-        if tables is not None:
-            return feature_processor_.position_weighted_kjt(features, tables, _OWNER)
-        return apply_feature_processors_to_kjt(as_keyed_jagged_tensor(features), self._feature_processors)
+        return process_features(self._feature_processors, features, _OWNER)
+
+
+def process_features(processors: nn.Module, features: KeyedJaggedTensor, owner: str) -> KeyedJaggedTensor:
+    """``features`` (jaggedrec's or TorchRec's KJT) with the per-id weights ``processors`` give:
+    position weights read in one gather where every processor is one, else a ``{feature:
+    processor}`` ModuleDict applied key by key, else one collection processor on the whole KJT.
+    ``owner`` names the module in errors."""
+    tables = position_weight_tables(processors)
+    if tables is not None:
+        # through the module: the name torch.fx.wrap swaps for a graph node while tracing
+        return feature_processor_.position_weighted_kjt(features, tables, owner)
+    if isinstance(processors, nn.ModuleDict):
+        return apply_feature_processors_to_kjt(as_keyed_jagged_tensor(features), processors)
+    return as_keyed_jagged_tensor(processors(features))
 
 
 def apply_feature_processors_to_kjt(features: KeyedJaggedTensor,
@@ -115,13 +126,4 @@ class FeatureProcessedEmbeddingBagCollection(nn.Module):
         Returns:
             KeyedTensor with ``[B, sum(dims)]`` fp32 values, as the collection's.
         """
-        processors = self._feature_processors
-        tables = position_weight_tables(processors)
-        if tables is not None:
-            # through the module: the name torch.fx.wrap swaps for a graph node while tracing
-            weighted = feature_processor_.position_weighted_kjt(features, tables, _OWNER)
-        elif isinstance(processors, nn.ModuleDict):
-            weighted = apply_feature_processors_to_kjt(as_keyed_jagged_tensor(features), processors)
-        else:
-            weighted = as_keyed_jagged_tensor(processors(features))
-        return self._embedding_bag_collection(weighted)
+        return self._embedding_bag_collection(process_features(self._feature_processors, features, _OWNER))
