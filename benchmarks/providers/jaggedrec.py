@@ -5,7 +5,7 @@ default ``validate=True``, as a user's would."""
 from __future__ import annotations
 
 import inspect
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -23,6 +23,13 @@ def fused_optimizer(name: str):
     return fused_optimizer_from_params({"optimizer": name.upper(), "learning_rate": LEARNING_RATE})
 
 
+def backend_skip_reason(backend: str, w: Workload) -> Optional[str]:
+    """Why a jaggedrec collection on ``backend`` cannot be timed on ``w``'s device, or None."""
+    if backend == "triton" and w.device != "cuda":
+        return "Triton kernels need CUDA (on CPU only TRITON_INTERPRET=1 runs them, far too slow to time)"
+    return None
+
+
 class Jaggedrec(Provider):
     """jaggedrec's EmbeddingBagCollection with one backend, with its default ``validate=True``."""
 
@@ -35,9 +42,7 @@ class Jaggedrec(Provider):
         self.description = f"jaggedrec.EmbeddingBagCollection(backend={backend!r}), flat table-batched storage"
 
     def skip_reason(self, w):
-        if self.backend == "triton" and w.device != "cuda":
-            return "Triton kernels need CUDA (on CPU only TRITON_INTERPRET=1 runs them, far too slow to time)"
-        return None
+        return backend_skip_reason(self.backend, w)
 
     def build(self, tables, w):
         self.mode, self.keys = w.mode, w.keys
@@ -130,9 +135,7 @@ class JaggedrecEC(EcProvider):
         self.description = f"jaggedrec.EmbeddingCollection(backend={backend!r}): one gather per dtype"
 
     def skip_reason(self, w):
-        if self.backend == "triton" and w.device != "cuda":
-            return "Triton kernels need CUDA (on CPU only TRITON_INTERPRET=1 runs them, far too slow to time)"
-        return None
+        return backend_skip_reason(self.backend, w)
 
     def build(self, tables, w):
         self.mode, self.keys = w.mode, w.keys
