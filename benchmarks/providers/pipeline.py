@@ -33,7 +33,7 @@ from torch import nn
 from ..workload import Batch, Workload
 from .base import LEARNING_RATE
 from .peers import import_error, import_torchrec, torchrec_configs, torchrec_kjt
-from .sharded import _copy_tables, per_table_plan, plan_summary
+from .sharded import copy_tables, per_table_plan, plan_summary, torchrec_plan
 
 PIPELINES = ("none", "base", "sparse_dist", "semi_sync")
 LIBRARIES = ("jaggedrec", "torchrec")
@@ -197,11 +197,8 @@ class PipelineProvider:
 
     def _torchrec(self, tables, w: Workload, dense_in: int, seed: int) -> nn.Module:
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
-        from torchrec.distributed import sharding_plan
         from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
         from torchrec.distributed.model_parallel import DistributedModelParallel
-        from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-        from torchrec.distributed.types import ShardingPlan
         from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
         from torchrec.streamable import Pipelineable
@@ -212,18 +209,10 @@ class PipelineProvider:
                                                               "learning_rate": LEARNING_RATE, "eps": EPS})
         ebc = EmbeddingBagCollection(torchrec_configs(w), is_weighted=w.weighted, device=torch.device("meta"))
         model = TinyDLRM(ebc, w.keys, w.total_dim, dense_in, seed)
-        if env.sharding == "auto":
-            planner = EmbeddingShardingPlanner(Topology(world_size=env.world, compute_device=env.device.type),
-                                               batch_size=w.batch_size // env.world)
-            plan = planner.collective_plan(model, [sharder], env.group)
-        else:
-            names = [f"t{t}" for t in range(w.tables)]
-            plan = ShardingPlan({"ebc": sharding_plan.construct_module_sharding_plan(
-                model.ebc, per_table_plan(sharding_plan, env.sharding, names, env.world, "fused"),
-                local_size=env.world, world_size=env.world, device_type=env.device.type)})
+        plan = torchrec_plan(model, sharder, w, env)
         dmp = DistributedModelParallel(model, device=env.device, plan=plan, sharders=[sharder])
         self.plan = plan_summary(plan.plan["ebc"])
-        _copy_tables(dmp, tables)
+        copy_tables(dmp, tables)
         return dmp
 
     def make_batch(self, local: Batch, w: Workload, dense: torch.Tensor, labels: torch.Tensor):

@@ -69,6 +69,23 @@ def per_table_plan(helpers, sharding: str, names: List[str], world: int, kernel:
     return {n: helpers.data_parallel() for n in names}
 
 
+def torchrec_plan(model: nn.Module, sharder, w: Workload, env):
+    """TorchRec's plan for ``model.ebc`` (tables ``t0..``) on ``env``'s ranks: its planner's
+    (collective, under ``--sharding auto``) or the hand plan ``per_table_plan`` gives."""
+    from torchrec.distributed import sharding_plan
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.types import ShardingPlan
+
+    if env.sharding == "auto":
+        planner = EmbeddingShardingPlanner(Topology(world_size=env.world, compute_device=env.device.type),
+                                           batch_size=w.batch_size // env.world)
+        return planner.collective_plan(model, [sharder], env.group)
+    names = [f"t{t}" for t in range(w.tables)]
+    return ShardingPlan({"ebc": sharding_plan.construct_module_sharding_plan(
+        model.ebc, per_table_plan(sharding_plan, env.sharding, names, env.world, "fused"),
+        local_size=env.world, world_size=env.world, device_type=env.device.type)})
+
+
 def plan_summary(module_plan) -> str:
     """``"table_wise x13, row_wise x13"``: how many tables each sharding type got."""
     counts = Counter(p.sharding_type for p in module_plan.values())
@@ -161,11 +178,8 @@ class TorchRecSharded(Provider):
 
     def build(self, tables, w):
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
-        from torchrec.distributed import sharding_plan
         from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
         from torchrec.distributed.model_parallel import DistributedModelParallel
-        from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-        from torchrec.distributed.types import ShardingPlan
         from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
         env = self.env
@@ -175,22 +189,14 @@ class TorchRecSharded(Provider):
         # on meta: DMP gives the shards storage, and the tables are copied into them below
         model = _Model(EmbeddingBagCollection(torchrec_configs(w), is_weighted=w.weighted,
                                               device=torch.device("meta")))
-        if env.sharding == "auto":
-            planner = EmbeddingShardingPlanner(Topology(world_size=env.world, compute_device=env.device.type),
-                                               batch_size=w.batch_size // env.world)
-            plan = planner.collective_plan(model, [sharder], env.group)
-        else:
-            names = [f"t{t}" for t in range(w.tables)]
-            plan = ShardingPlan({"ebc": sharding_plan.construct_module_sharding_plan(
-                model.ebc, per_table_plan(sharding_plan, env.sharding, names, env.world, "fused"),
-                local_size=env.world, world_size=env.world, device_type=env.device.type)})
+        plan = torchrec_plan(model, sharder, w, env)
         self.module = DistributedModelParallel(model, device=env.device, plan=plan, sharders=[sharder])
         module_plan = plan.plan["ebc"]
         self.plan = plan_summary(module_plan)
         if env.sharding == "row_wise" and env.device.type == "cpu":
             self.note = ("row_wise is not among TorchRec's CPU sharding types (its sharder lists it for "
                          "CUDA only); this hand plan ran and passed the check")
-        _copy_tables(self.module, tables)
+        copy_tables(self.module, tables)
         dense = [t for t, p in module_plan.items() if p.sharding_type == "data_parallel"]
         if w.mode == "train" and dense:
             params = [p for n, p in self.module.named_parameters() if n.split(".")[-2] in dense]
@@ -235,7 +241,7 @@ class TorchRecSharded(Provider):
 
 
 @torch.no_grad()
-def _copy_tables(dmp: nn.Module, tables) -> None:
+def copy_tables(dmp: nn.Module, tables) -> None:
     """Each local shard (of ``ebc.embedding_bags.t{i}.weight``) takes its block of table ``i``;
     a replicated table takes all of it."""
     for key, value in dmp.state_dict().items():
