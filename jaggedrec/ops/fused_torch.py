@@ -16,8 +16,7 @@ op that torch.compile does not trace into (``ops/pooled.py``).
 from __future__ import annotations
 
 import functools
-import math
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,31 +24,14 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from jaggedrec.ops import backends, vbe
 from jaggedrec.ops.feature_tables import FeatureTables
+from jaggedrec.ops.fused_rules import (ADAM, EXACT_ADAGRAD, LAMB, LARS_SGD, PARTIAL_ROWWISE_ADAM, PARTIAL_ROWWISE_LAMB,
+                                       ROWWISE_ADAGRAD, ROWWISE_ADAGRAD_DECOUPLED, SGD, STATE_LAYOUT, StepRule,
+                                       step_in_place, step_rows)
 from jaggedrec.ops.host_tasks import run_pieces
 from jaggedrec.ops.op_args import FusedStep, OpBatch
 from jaggedrec.ops.pooled_plan import (Pass, PooledPlan, bag_grads, bag_of_id, block_view, inverse_lengths,
                                        key_counts, shifted_ids)
 from jaggedrec.ops.runs_torch import row_runs, run_starts, sort_rows
-
-SGD, ROWWISE_ADAGRAD, ADAM, EXACT_ADAGRAD, LARS_SGD, PARTIAL_ROWWISE_ADAM = 1, 2, 3, 4, 5, 6
-LAMB, PARTIAL_ROWWISE_LAMB, ROWWISE_ADAGRAD_DECOUPLED = 7, 8, 9
-# each optimizer's state1, state2: one value per table row ("row", [R]) or per element ([W])
-STATE_LAYOUT = {SGD: (), ROWWISE_ADAGRAD: ("row",), ADAM: ("element", "element"), EXACT_ADAGRAD: ("element",),
-                LARS_SGD: ("element",), PARTIAL_ROWWISE_ADAM: ("element", "row"), LAMB: ("element", "element"),
-                PARTIAL_ROWWISE_LAMB: ("element", "row"), ROWWISE_ADAGRAD_DECOUPLED: ("row",)}
-# the optimizers that add weight_decay * w to the gradient first (L2); LARS-SGD and partial
-# row-wise Adam use it inside their formulas
-_L2_DECAY = (ROWWISE_ADAGRAD, ADAM, EXACT_ADAGRAD)
-
-
-class StepRule(NamedTuple):
-    """What a step does to a row: the optimizer, its hyper-parameters and the step count,
-    read to the host where the update is eager, device tensors on the static path."""
-
-    optimizer: int  # SGD ... PARTIAL_ROWWISE_ADAM
-    # lr, eps, weight_decay, beta1, beta2 (LARS-SGD: momentum, eta), or [5] fp32
-    hparams: Union[Sequence[float], torch.Tensor]
-    step: Union[int, torch.Tensor]  # steps taken, this one included (or [1] int64)
 
 
 def fused_update(grad_out: torch.Tensor, weights: torch.Tensor, batch: OpBatch, tables: FeatureTables,
@@ -283,7 +265,7 @@ def _step_scattered_rows(block, states, rows, sums, rule: StepRule) -> None:
     consumed): gather them and their state, step, write back."""
     w = block.index_select(0, rows).float()
     current = [None if s is None else s.index_select(0, rows) for s in states]
-    _step_in_place(rule, w, sums, *current)
+    step_in_place(rule, w, sums, *current)
     for dest, value in zip((block, *states), (w, *current)):
         if dest is not None:
             dest.index_copy_(0, rows, value.to(dest.dtype))
@@ -295,128 +277,9 @@ def _step_row_range(block, states, lo, hi, sums, touched, rule: StepRule) -> Non
     zero gradient is no step."""
     w = block[lo:hi]
     work = w if w.dtype == torch.float32 else w.float()
-    _step_in_place(rule, work, sums, *(None if s is None else s[lo:hi] for s in states), touched=touched)
+    step_in_place(rule, work, sums, *(None if s is None else s[lo:hi] for s in states), touched=touched)
     if work is not w:
         w.copy_(work)
-
-
-def _step_in_place(rule: StepRule, w, g, s1, s2, touched=None) -> None:
-    """Eager: one optimizer step, in place, for rows ``w`` (``[n, D]`` fp32) with summed
-    gradients ``g`` (``[n, D]`` fp32, overwritten) and state ``s1``, ``s2`` (updated).
-
-    The formulas of :func:`_step_rows`, in fewer passes over the chunk: in-place ops, no
-    temporaries of ``[n, D]`` but one. ``touched``: ``[n]`` bool, None when all rows were
-    touched; untouched rows (zero gradient) come out bit for bit as they were: no weight
-    decay, no step, no moment decay.
-    """
-    optimizer, hparams, step = rule
-    lr, eps, weight_decay, beta1, beta2 = hparams[:5]  # [5]: max_gradient, applied to grad_out before
-    if optimizer == SGD:
-        w.add_(g, alpha=-lr)
-        return
-    if optimizer == LARS_SGD:
-        _lars_in_place(lr, weight_decay, beta1, beta2, w, g, s1, touched)
-        return
-    if optimizer == PARTIAL_ROWWISE_ADAM:
-        _partial_rowwise_adam_in_place(lr, eps, weight_decay, beta1, beta2, step, w, g, s1, s2, touched)
-        return
-    if optimizer in (LAMB, PARTIAL_ROWWISE_LAMB):
-        _lamb_in_place(optimizer == PARTIAL_ROWWISE_LAMB, lr, eps, weight_decay, beta1, beta2, step, w, g, s1, s2,
-                       touched)
-        return
-    if optimizer == ROWWISE_ADAGRAD_DECOUPLED:  # FBGEMM's DECOUPLE: the row decays beside the step
-        s1.add_(g.square().mean(1))
-        step_size = lr / (s1.sqrt() + eps)
-        if touched is not None:  # untouched rows: no decay, no step
-            step_size = torch.where(touched, step_size, 0.0)
-            w.mul_(torch.where(touched, 1 - lr * weight_decay, 1.0).unsqueeze(1))
-        else:
-            w.mul_(1 - lr * weight_decay)
-        w.addcmul_(g, step_size.unsqueeze(1), value=-1)
-        return
-    if weight_decay:
-        # one rounding of wd * w on both paths: add_(w, alpha=wd) may fuse the multiply into the
-        # add (one rounding less) where addcmul_ does not, and streamed and scattered rows then
-        # differ in the last bit
-        decay = w * weight_decay
-        if touched is not None:
-            decay.mul_(touched.unsqueeze(1))
-        g.add_(decay)
-    if optimizer == ROWWISE_ADAGRAD:
-        s1.add_(g.square().mean(1))
-        step_size = lr / (s1.sqrt() + eps)
-        if touched is not None:  # with eps 0, a never-touched row's step size is inf, and inf * 0 NaN
-            step_size = torch.where(touched, step_size, 0.0)
-        w.addcmul_(g, step_size.unsqueeze(1), value=-1)
-        return
-    if optimizer == EXACT_ADAGRAD:
-        s1.addcmul_(g, g)
-        denominator = s1.sqrt().add_(eps)
-        if touched is not None:  # an untouched row steps by 0 / inf: none, even with eps 0 and no state
-            denominator.masked_fill_(~touched.unsqueeze(1), math.inf)
-        w.addcdiv_(g, denominator, value=-lr)
-        return
-    # Adam: moments move toward g by lerp, whose weight is 0 for untouched rows (lazy Adam
-    # leaves their moments alone), and their step divides by an infinite denominator
-    keep = None if touched is None else touched.unsqueeze(1).to(w.dtype)
-    s1.lerp_(g, 1 - beta1 if keep is None else keep * (1 - beta1))
-    s2.lerp_(g.square_(), 1 - beta2 if keep is None else keep * (1 - beta2))
-    denominator = s2.div(1 - beta2 ** step).sqrt_().add_(eps)
-    if touched is not None:
-        denominator.masked_fill_(~touched.unsqueeze(1), math.inf)
-    w.addcdiv_(s1, denominator, value=-lr / (1 - beta1 ** step))
-
-
-def _lars_in_place(lr, weight_decay, momentum, eta, w, g, s1, touched) -> None:
-    """LARS-SGD (see :func:`_step_in_place`): the row's trust ratio from its weight and
-    gradient norms scales the step; the momentum moves only for touched rows."""
-    weight_norm = w.square().sum(1).sqrt_()
-    scale = weight_norm.mul(lr * eta).div_(g.square().sum(1).sqrt_().add_(weight_norm * weight_decay))
-    if weight_decay:
-        g.add_(w * weight_decay)
-    if touched is not None:  # untouched: 0 / 0 above; no scale, no momentum decay, no step
-        scale = torch.where(touched, scale, 0.0)
-        s1.mul_(torch.where(touched, momentum, 1.0).unsqueeze(1))
-    else:
-        s1.mul_(momentum)
-    s1.addcmul_(g, scale.unsqueeze(1))
-    w.sub_(s1 if touched is None else torch.where(touched.unsqueeze(1), s1, 0.0))
-
-
-def _partial_rowwise_adam_in_place(lr, eps, weight_decay, beta1, beta2, step, w, g, s1, s2, touched) -> None:
-    """Partial row-wise Adam (see :func:`_step_in_place`): element-wise first moments, one
-    second moment per row (the mean square of the row's gradient), decoupled weight decay."""
-    keep = None if touched is None else touched.to(w.dtype)
-    s2.lerp_(g.square().mean(1), 1 - beta2 if keep is None else keep * (1 - beta2))
-    s1.lerp_(g, 1 - beta1 if keep is None else keep.unsqueeze(1) * (1 - beta1))
-    denominator = s2.div(1 - beta2 ** step).sqrt_().add_(eps)
-    update = torch.div(s1, 1 - beta1 ** step).div_(denominator.unsqueeze(1))
-    if weight_decay:
-        update.add_(w * weight_decay)
-    if touched is not None:  # untouched rows: no step (nor 0 / 0 with eps 0 and no state)
-        update = torch.where(touched.unsqueeze(1), update, 0.0)
-    w.sub_(update.mul_(lr))
-
-
-def _lamb_in_place(partial, lr, eps, weight_decay, beta1, beta2, step, w, g, s1, s2, touched) -> None:
-    """LAMB and partial row-wise LAMB (see :func:`_step_in_place`): Adam's direction plus
-    weight decay, scaled by the row's trust ratio ``|w| / |direction|``."""
-    keep = None if touched is None else touched.to(w.dtype).unsqueeze(1)
-    if partial:
-        s2.lerp_(g.square().mean(1), 1 - beta2 if keep is None else keep.squeeze(1) * (1 - beta2))
-        denominator = s2.div(1 - beta2 ** step).sqrt_().add_(eps).unsqueeze(1)
-    else:
-        s2.lerp_(g.square(), 1 - beta2 if keep is None else keep * (1 - beta2))
-        denominator = s2.div(1 - beta2 ** step).sqrt_().add_(eps)
-    s1.lerp_(g, 1 - beta1 if keep is None else keep * (1 - beta1))
-    direction = torch.div(s1, 1 - beta1 ** step).div_(denominator)
-    if weight_decay:
-        direction.add_(w * weight_decay)
-    ratio = w.square().sum(1).sqrt_().div_(direction.square().sum(1).sqrt_())
-    direction.mul_(ratio.mul_(lr).unsqueeze(1))
-    if touched is not None:  # untouched rows: no step (their direction may be 0 / 0)
-        direction = torch.where(touched.unsqueeze(1), direction, 0.0)
-    w.sub_(direction)
 
 
 def update_runs_static(block: torch.Tensor, states, ids: torch.Tensor, bags: torch.Tensor, grads: torch.Tensor,
@@ -457,7 +320,7 @@ def update_runs_static(block: torch.Tensor, states, ids: torch.Tensor, bags: tor
     grads_of_rows = torch.where(live_slot.unsqueeze(1), sums, sums.index_select(0, last))
     w = block.index_select(0, rows).float()
     current = [None if s is None else s.index_select(0, rows) for s in states]
-    new = _step_rows(rule.optimizer, w, grads_of_rows, *current, rule.hparams.unbind(), rule.step.float())
+    new = step_rows(rule.optimizer, w, grads_of_rows, *current, rule.hparams.unbind(), rule.step.float())
     for dest, value, old in zip((block, *states), new, (w, *current)):
         if dest is not None:
             dest.index_put_((rows,), torch.where(any_live, value, old).to(dest.dtype))
@@ -474,49 +337,3 @@ def state_views(fused: FusedStep, p: Pass, block_row_base: int):
     views = [s.narrow(0, block_row_base, p.num_rows) if per == "row" else block_view(s, p)
              for s, per in zip((fused.state1, fused.state2), layout)]
     return tuple(views) + (None,) * (2 - len(views))
-
-
-def _step_rows(optimizer, w, g, s1, s2, hparams, t):
-    """One optimizer step for rows ``w`` (``[n, D]`` fp32) with summed gradients ``g``, as
-    functional ops that Inductor fuses (static path; the eager one steps in place, see
-    :func:`_step_in_place`). ``hparams`` (lr, eps, weight_decay, beta1, beta2) and the step
-    ``t`` are 0-d tensors.
-    Returns the new ``(w, s1, s2)``.
-    """
-    lr, eps, weight_decay, beta1, beta2 = hparams[:5]  # [5]: max_gradient, applied to grad_out before
-    if optimizer == SGD:
-        return w - lr * g, s1, s2
-    if optimizer == LARS_SGD:  # beta1, beta2: momentum, eta
-        weight_norm = w.square().sum(1).sqrt()
-        scale = lr * beta2 * weight_norm / (g.square().sum(1).sqrt() + weight_decay * weight_norm)
-        s1 = beta1 * s1 + scale.unsqueeze(1) * (g + weight_decay * w)
-        return w - s1, s1, s2
-    if optimizer in (LAMB, PARTIAL_ROWWISE_LAMB):
-        s1 = beta1 * s1 + (1 - beta1) * g
-        if optimizer == LAMB:
-            s2 = beta2 * s2 + (1 - beta2) * g.square()
-            denominator = (s2 / (1 - beta2 ** t)).sqrt() + eps
-        else:
-            s2 = beta2 * s2 + (1 - beta2) * g.square().mean(1)
-            denominator = ((s2 / (1 - beta2 ** t)).sqrt() + eps).unsqueeze(1)
-        direction = s1 / (1 - beta1 ** t) / denominator + weight_decay * w
-        ratio = w.square().sum(1).sqrt() / direction.square().sum(1).sqrt()
-        return w - (lr * ratio).unsqueeze(1) * direction, s1, s2
-    if optimizer == PARTIAL_ROWWISE_ADAM:
-        s1 = beta1 * s1 + (1 - beta1) * g
-        s2 = beta2 * s2 + (1 - beta2) * g.square().mean(1)
-        denominator = ((s2 / (1 - beta2 ** t)).sqrt() + eps).unsqueeze(1)
-        return w - lr * (s1 / (1 - beta1 ** t) / denominator + weight_decay * w), s1, s2
-    if optimizer == ROWWISE_ADAGRAD_DECOUPLED:
-        s1 = s1 + g.square().mean(1)
-        return (1 - lr * weight_decay) * w - (lr / (s1.sqrt() + eps)).unsqueeze(1) * g, s1, s2
-    g = g + weight_decay * w
-    if optimizer == ROWWISE_ADAGRAD:
-        s1 = s1 + g.square().mean(1)
-        return w - (lr / (s1.sqrt() + eps)).unsqueeze(1) * g, s1, s2
-    if optimizer == EXACT_ADAGRAD:
-        s1 = s1 + g.square()
-        return w - lr * g / (s1.sqrt() + eps), s1, s2
-    s1 = beta1 * s1 + (1 - beta1) * g
-    s2 = beta2 * s2 + (1 - beta2) * g.square()
-    return w - lr * (s1 / (1 - beta1 ** t)) / ((s2 / (1 - beta2 ** t)).sqrt() + eps), s1, s2
