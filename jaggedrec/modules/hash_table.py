@@ -1,0 +1,228 @@
+"""Hash tables of our own: raw int64 ids to table rows by bucketized open addressing, with
+LRU, LFU or TTL eviction and admission by frequency (the rules: ``jaggedrec/ops/hash_probe_torch.py``).
+
+``HashTableOptions`` configures one table; ``HashTableState`` holds every hashed table of a
+collection in one slot space (buckets of ``bucket_size`` slots, a table's buckets contiguous,
+so that a row-wise shard can hold whole buckets) and turns a KJT's raw ids into rows. Row
+``r < num_buckets * bucket_size`` of a table is slot ``r`` of its slot space; its last row
+(``num_embeddings - 1``) is the *fallback row*, shared by every id that has no row of its own.
+``HashEmbeddingBagCollection`` (``hash_embedding_modules.py``) is the user-facing module.
+
+Everything runs on fixed shapes, with no host sync: the counts of ids that found no row are
+device tensors (``unplaced_counts()``, ``fallback_counts()``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, NamedTuple, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from jaggedrec.ops import hash_probe_torch as hp
+from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+EVICTION_POLICIES = {"none": hp.POLICY_NONE, "lru": hp.POLICY_LRU, "lfu": hp.POLICY_LFU, "ttl": hp.POLICY_TTL}
+UNPLACED_POLICIES = ("raise", "fallback")
+
+
+@dataclass(frozen=True)
+class HashTableOptions:
+    """How one table maps raw ids to rows.
+
+    Attributes:
+        bucket_size: slots a bucket, the bound of a probe (the same for every hashed table of a
+            collection). The table's ``num_embeddings - 1`` rows make ``(num_embeddings - 1) //
+            bucket_size`` buckets (left-over rows are unused); its last row is the fallback row.
+        eviction: "lru" (evict the slot looked up longest ago), "lfu" (the fewest look-ups since
+            its id came, then the oldest), "ttl" (only slots idle more than ``ttl`` training
+            steps, the oldest first) or "none".
+        ttl: training steps a slot must be idle before "ttl" may evict it.
+        admit_threshold: occurrences an id must reach (in training, while missing) before it
+            gets a row; 1 admits at first sight. Below it the id reads the fallback row.
+        sketch_width: admission counters of the table (ids hashed onto them; colliding ids
+            share one, so an id may be admitted early, never late); 0: ``4 * num_embeddings``.
+        unplaced: what an admitted id that finds no slot (bucket full, nothing evictable) does
+            in training: "raise" (a ``RuntimeError`` naming the feature; on GPU at the next
+            sync) or "fallback" (read the fallback row). Both count it.
+    """
+
+    bucket_size: int = 8
+    eviction: str = "lru"
+    ttl: int = 0
+    admit_threshold: int = 1
+    sketch_width: int = 0
+    unplaced: str = "raise"
+
+    def __post_init__(self) -> None:
+        if self.bucket_size < 1:
+            raise ValueError(f"bucket_size must be >= 1, got {self.bucket_size}")
+        if self.eviction not in EVICTION_POLICIES:
+            raise ValueError(f"eviction must be one of {sorted(EVICTION_POLICIES)}, got {self.eviction!r}")
+        if self.ttl < 0 or self.admit_threshold < 1 or self.sketch_width < 0:
+            raise ValueError(f"ttl and sketch_width must be >= 0 and admit_threshold >= 1, got {self}")
+        if self.unplaced not in UNPLACED_POLICIES:
+            raise ValueError(f"unplaced must be one of {UNPLACED_POLICIES}, got {self.unplaced!r}")
+
+
+class HashedTable(NamedTuple):
+    """One hashed table as the state sees it."""
+
+    name: str
+    num_embeddings: int
+    features: Tuple[str, ...]
+    options: HashTableOptions
+
+
+class Remapped(NamedTuple):
+    """:meth:`HashTableState.remap`'s answer, per position of the KJT's values."""
+
+    values: torch.Tensor  # [N] rows, in the ids' dtype (other features' ids as they were)
+    table: torch.Tensor  # [N] int64 hashed table index, H where the feature is not hashed
+    evicted_row: torch.Tensor  # [N] int64 row whose id was evicted for this position's id, -1 none
+
+
+class HashTableState(nn.Module):
+    """The slot space of a collection's hashed tables (buffers, in ``state_dict()``):
+    ``keys``, ``last_step``, ``count`` (``[num_slots + 1]`` int64; the last a scratch slot),
+    ``sketch`` (``[sum of sketch widths + 1]`` int64) and ``step`` (``[1]`` int64, training
+    batches seen); and the counts ``unplaced`` / ``fallback`` (``[F]`` int64 per hashed feature,
+    not saved).
+
+    Args:
+        tables: the hashed tables.
+        device: where the state lives.
+    """
+
+    def __init__(self, tables: Sequence[HashedTable], device=None) -> None:
+        super().__init__()
+        sizes = {t.options.bucket_size for t in tables}
+        if len(sizes) != 1:
+            raise ValueError(f"every hashed table of a collection needs one bucket_size, got {sorted(sizes)}")
+        self.bucket_size = sizes.pop()
+        self.tables = tuple(tables)
+        self.features = tuple(f for t in tables for f in t.features)
+        columns: Dict[str, List[int]] = {k: [] for k in ("bucket_base", "num_buckets", "sketch_base", "sketch_width",
+                                                           "threshold", "policy", "ttl", "fallback")}
+        buckets = sketch = 0
+        for t in tables:
+            num_buckets = (t.num_embeddings - 1) // self.bucket_size
+            if num_buckets < 1:
+                raise ValueError(f"table '{t.name}': num_embeddings {t.num_embeddings} leaves no bucket of "
+                                 f"{self.bucket_size} slots beside the fallback row")
+            width = t.options.sketch_width or 4 * t.num_embeddings
+            for key, value in (("bucket_base", buckets), ("num_buckets", num_buckets), ("sketch_base", sketch),
+                               ("sketch_width", width), ("threshold", t.options.admit_threshold),
+                               ("policy", EVICTION_POLICIES[t.options.eviction]), ("ttl", t.options.ttl),
+                               ("fallback", t.num_embeddings - 1)):
+                columns[key].append(value)
+            buckets += num_buckets
+            sketch += width
+        # the entry past the last table serves features that are not hashed: a harmless bucket 0
+        for key, value in (("bucket_base", 0), ("num_buckets", 1), ("sketch_base", sketch), ("sketch_width", 1),
+                           ("threshold", 1), ("policy", hp.POLICY_NONE), ("ttl", 0), ("fallback", 0)):
+            columns[key].append(value)
+        self.num_slots = buckets * self.bucket_size
+        self.register_buffer("per_table", torch.tensor([columns[k] for k in columns], dtype=torch.int64,
+                                                       device=device), persistent=False)
+        self._column = {k: i for i, k in enumerate(columns)}
+        self.register_buffer("keys", torch.full((self.num_slots + 1,), hp.EMPTY, dtype=torch.int64, device=device))
+        self.register_buffer("last_step", torch.zeros(self.num_slots + 1, dtype=torch.int64, device=device))
+        self.register_buffer("count", torch.zeros(self.num_slots + 1, dtype=torch.int64, device=device))
+        self.register_buffer("sketch", torch.zeros(sketch + 1, dtype=torch.int64, device=device))
+        self.register_buffer("step", torch.zeros(1, dtype=torch.int64, device=device))
+        self.register_buffer("unplaced", torch.zeros(len(self.features), dtype=torch.int64, device=device),
+                             persistent=False)
+        self.register_buffer("fallback", torch.zeros(len(self.features), dtype=torch.int64, device=device),
+                             persistent=False)
+        self._feature_table = {f: i for i, t in enumerate(tables) for f in t.features}
+        self._feature_index = {f: i for i, f in enumerate(self.features)}
+
+    def column(self, name: str) -> torch.Tensor:
+        """``[H + 1]`` int64: one per-table constant (``bucket_base``, ``num_buckets``, ...)."""
+        return self.per_table[self._column[name]]
+
+    def slot_base(self, table: int) -> int:
+        """The table's first slot in the slot space (its row 0)."""
+        return int(sum((t.num_embeddings - 1) // self.bucket_size for t in self.tables[:table])) * self.bucket_size
+
+    def key_maps(self, keys: Sequence[str], device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``[K]`` hashed table and ``[K]`` hashed-feature index of each KJT key (``H`` and ``F``
+        where the key is not hashed)."""
+        tables = [self._feature_table.get(k, len(self.tables)) for k in keys]
+        features = [self._feature_index.get(k, len(self.features)) for k in keys]
+        return (torch.tensor(tables, dtype=torch.int64, device=device),
+                torch.tensor(features, dtype=torch.int64, device=device))
+
+    def remap(self, kjt: KeyedJaggedTensor) -> Remapped:
+        """Rows of the hashed features' raw ids (training: admit, place and evict first).
+
+        Args:
+            kjt: ``K`` keys, ``[N]`` values (int32 or int64), ``[K*B]`` lengths.
+        """
+        ids = kjt.values()
+        n = ids.numel()
+        key_table, key_feature = self.key_maps(kjt.keys(), ids.device)
+        lengths = kjt.lengths()
+        bag_key = torch.arange(len(kjt.keys()), device=ids.device).repeat_interleave(kjt.stride())
+        key = bag_key.repeat_interleave(lengths, output_size=n)
+        table, feature = key_table[key], key_feature[key]
+        hashed_mask = table < len(self.tables)
+        raw = ids.to(torch.int64)
+        hashed = hp.mix(raw)
+        buckets = hp.bucket_of(hashed, self.column("bucket_base")[table], self.column("num_buckets")[table])
+        if self.training:
+            with torch.no_grad():
+                self.step.add_(1)
+                placement = hp.train_step(
+                    self.keys, self.last_step, self.count, self.sketch, self.step, self.bucket_size, raw, hashed,
+                    buckets, hashed_mask,
+                    hp.sketch_of(hashed, self.column("sketch_base")[table], self.column("sketch_width")[table]),
+                    self.column("threshold")[table], self.column("policy")[table], self.column("ttl")[table])
+            slot, evicted_slot, unplaced = placement.slot, placement.evicted_slot, placement.unplaced
+        else:
+            slot = hp.lookup(self.keys, self.bucket_size, raw, buckets, hashed_mask)
+            evicted_slot, unplaced = torch.full_like(slot, -1), torch.zeros_like(hashed_mask)
+        slot_base = self.column("bucket_base")[table] * self.bucket_size
+        fallback = hashed_mask & (slot < 0)
+        rows = torch.where(fallback, self.column("fallback")[table], slot - slot_base)
+        values = torch.where(hashed_mask, rows, raw).to(ids.dtype)
+        scratch = len(self.features)
+        self.unplaced.index_add_(0, torch.where(unplaced, feature, scratch).clamp(max=scratch - 1),
+                                 unplaced.to(torch.int64))
+        self.fallback.index_add_(0, torch.where(fallback, feature, scratch).clamp(max=scratch - 1),
+                                 fallback.to(torch.int64))
+        self._raise_unplaced(unplaced, feature)
+        evicted_row = torch.where(evicted_slot >= 0, evicted_slot - slot_base, -1)
+        return Remapped(values, table, evicted_row)
+
+    def _raise_unplaced(self, unplaced: torch.Tensor, feature: torch.Tensor) -> None:
+        raising = [i for i, f in enumerate(self.features)
+                   if self.tables[self._feature_table[f]].options.unplaced == "raise"]
+        if not raising or not self.training:
+            return
+        per_feature = torch.zeros(len(self.features) + 1, dtype=torch.int64, device=feature.device)
+        per_feature.index_add_(0, feature, unplaced.to(torch.int64))
+        for i in raising:
+            f = self.features[i]
+            table = self.tables[self._feature_table[f]].name
+            torch._assert_async(per_feature[i] == 0,
+                                f"hash table '{table}', feature '{f}': ids found no slot (bucket full, nothing "
+                                f"evictable; unplaced='raise'); unplaced_counts() holds the count per feature")
+
+    def unplaced_counts(self) -> Dict[str, torch.Tensor]:
+        """Per hashed feature, a ``[]`` int64 device tensor: admitted ids that found no slot,
+        summed over batches (read without a sync until printed)."""
+        return {f: self.unplaced[i] for i, f in enumerate(self.features)}
+
+    def fallback_counts(self) -> Dict[str, torch.Tensor]:
+        """Per hashed feature, a ``[]`` int64 device tensor: ids that read the fallback row
+        (unplaced, not admitted yet, or absent in eval), summed over batches."""
+        return {f: self.fallback[i] for i, f in enumerate(self.features)}
+
+    def live_ids(self, table: int) -> torch.Tensor:
+        """``[rows - 1]`` int64: the raw id in each row of table ``table`` (``EMPTY`` where free; eager use)."""
+        base = self.slot_base(table)
+        num_buckets = (self.tables[table].num_embeddings - 1) // self.bucket_size
+        return self.keys.narrow(0, base, num_buckets * self.bucket_size)

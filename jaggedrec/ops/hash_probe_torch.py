@@ -1,0 +1,158 @@
+"""The hash table's torch path: hashing, probing and the training step that admits, places and
+evicts ids, on fixed shapes (no ``.item()``, no data-dependent size), so that a compiled graph
+holds the whole step.
+
+Storage (built by ``jaggedrec.modules.hash_table``): every hashed table of a collection shares
+one slot space of ``num_slots`` slots, ``bucket_size`` slots a bucket, a table's buckets
+contiguous; slot ``num_slots`` is a scratch slot that masked writes land in and nothing reads.
+Per slot: ``keys`` (the raw id, ``EMPTY`` when free), ``last_step`` (the training step that
+last looked it up) and ``count`` (look-ups since the id took the slot).
+
+The rules, which ``tests/test_hash_table_properties.py``'s simulator restates in plain Python:
+
+- an id's bucket is ``mix(id) % num_buckets`` of its table, and its slot whichever slot of
+  that bucket holds it;
+- in training, a missing id is counted in its table's admission sketch (one counter per
+  ``mix(id) >> 32 % sketch_width``: colliding ids share a counter, so an id can be admitted
+  early, never late) and is admitted once the counter reaches the threshold;
+- admitted new ids of a bucket are taken in ascending id order; the k-th takes the k-th slot
+  of the bucket's ranking: free slots first (by index), then occupied slots the policy may
+  evict, best victim first (LRU: oldest ``last_step``; LFU: smallest ``count``, then oldest;
+  TTL: only slots idle more than ``ttl`` steps, oldest first), ties by index. Slots looked up
+  in this batch are never evicted. An admitted id past the ranking's end is *unplaced*.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+EMPTY = torch.iinfo(torch.int64).min  # a free slot's key; the id equal to it is never placed
+NEVER = torch.iinfo(torch.int64).max  # the ranking score of a slot that cannot be taken
+POLICY_NONE, POLICY_LRU, POLICY_LFU, POLICY_TTL = 0, 1, 2, 3
+_M1, _M2 = -4658895280553007687, -7723592293110705685  # splitmix64's multipliers, as int64
+_LOW63 = 0x7FFFFFFFFFFFFFFF
+_COUNT_CAP = 1 << 30  # LFU scores pack count and step in one int64
+
+
+def mix(ids: torch.Tensor) -> torch.Tensor:
+    """``[N]`` int64 -> ``[N]`` int64: splitmix64's finaliser of the id's 64 bits (the multiplies
+    wrap; the shifts are logical, hence the masks), as a signed int64."""
+    x = ids.to(torch.int64)
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _M1
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _M2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def bucket_of(hashed: torch.Tensor, bucket_base: torch.Tensor, num_buckets: torch.Tensor) -> torch.Tensor:
+    """Global bucket of each id: ``bucket_base + (hashed & 2^63-1) % num_buckets`` (per position)."""
+    return bucket_base + (hashed & _LOW63) % num_buckets
+
+
+def sketch_of(hashed: torch.Tensor, sketch_base: torch.Tensor, sketch_width: torch.Tensor) -> torch.Tensor:
+    """Global admission counter of each id: ``sketch_base + ((hashed >> 32) & 2^32-1) % width``."""
+    return sketch_base + ((hashed >> 32) & 0xFFFFFFFF) % sketch_width
+
+
+def probe(keys: torch.Tensor, bucket_size: int, ids: torch.Tensor, buckets: torch.Tensor):
+    """Where each id sits: ``(found [N] bool, slot [N] int64)`` (the global slot; meaningless
+    where not found). ``keys``: ``[num_slots + 1]``; ``ids``, ``buckets``: ``[N]`` int64."""
+    num_slots = keys.numel() - 1
+    window = keys.narrow(0, 0, num_slots).view(-1, bucket_size)[buckets]  # [N, S]
+    match = (window == ids.unsqueeze(1)) & (ids != EMPTY).unsqueeze(1)
+    found = match.any(1)
+    slot = buckets * bucket_size + match.to(torch.int8).argmax(1)
+    return found, slot
+
+
+class Placement(NamedTuple):
+    """What :func:`train_step` did, per position: the slot each id reads (``-1``: none) and the
+    slot an evicted id left to it (``-1``: no eviction there; set at the first position of
+    each placed id only)."""
+
+    slot: torch.Tensor  # [N] int64
+    evicted_slot: torch.Tensor  # [N] int64
+    unplaced: torch.Tensor  # [N] bool: admitted, but no slot could be had
+    pending: torch.Tensor  # [N] bool: missing and not admitted (yet)
+
+
+def _ranking(keys, last_step, count, protect, buckets, bucket_size: int, policy, ttl, step):
+    """``[N, S]`` slots of each id's bucket, best to take first, and ``[N]`` how many may be
+    taken (see the module's rules)."""
+    slots = buckets.unsqueeze(1) * bucket_size + torch.arange(bucket_size, device=keys.device)  # [N, S]
+    k, last, n, busy = keys[slots], last_step[slots], count[slots], protect[slots]
+    policy, ttl = policy.unsqueeze(1), ttl.unsqueeze(1)
+    lfu = n.clamp(max=_COUNT_CAP) * (1 << 32) + last
+    score = torch.where(policy == POLICY_LFU, lfu, last)
+    evictable = (policy == POLICY_LRU) | (policy == POLICY_LFU) | ((policy == POLICY_TTL) & (step - last > ttl))
+    score = torch.where(evictable & ~busy, score, NEVER)
+    score = torch.where(k == EMPTY, EMPTY, score)
+    score, order = torch.sort(score, dim=1, stable=True)
+    return slots.gather(1, order), (score != NEVER).sum(1)
+
+
+def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, hashed, buckets, hashed_mask,
+               sketch_index, threshold, policy, ttl) -> Placement:
+    """One training batch: look ids up, admit, place and evict, updating the state in place.
+
+    Args:
+        keys, last_step, count: ``[num_slots + 1]`` int64 slot state (updated).
+        sketch: ``[W + 1]`` int64 admission counters (updated; the last is scratch).
+        step: ``[1]`` int64, this batch's step (already advanced).
+        ids, hashed, buckets: ``[N]`` int64 raw ids, ``mix(ids)``, global buckets (valid
+            buckets everywhere, also where ``hashed_mask`` is False).
+        hashed_mask: ``[N]`` bool, the positions of hashed tables (the others are left alone).
+        sketch_index, threshold, policy, ttl: ``[N]`` int64, per position (its table's).
+    """
+    n = ids.numel()
+    scratch = keys.numel() - 1
+    found, slot = probe(keys, bucket_size, ids, buckets)
+    found = found & hashed_mask
+    protect = torch.zeros_like(keys, dtype=torch.bool).index_fill_(0, torch.where(found, slot, scratch), True)
+    # admission: occurrences of missing ids in their table's counters
+    miss = hashed_mask & ~found
+    counted = miss & (threshold > 1)
+    sketch.index_add_(0, torch.where(counted, sketch_index, sketch.numel() - 1), counted.to(torch.int64))
+    admitted = miss & (ids != EMPTY) & ((threshold <= 1) | (sketch[sketch_index] >= threshold))
+    # distinct admitted ids, by (bucket, id): two stable sorts; the others sort last
+    positions = torch.arange(n, device=ids.device)
+    by_id = torch.sort(ids, stable=True).indices
+    perm = by_id[torch.sort(torch.where(admitted, buckets, NEVER)[by_id], stable=True).indices]
+    s_ids, s_buckets, s_admitted = ids[perm], buckets[perm], admitted[perm]
+    same_id = (s_ids[1:] == s_ids[:-1]) & (s_buckets[1:] == s_buckets[:-1])
+    first = s_admitted & ~torch.cat([same_id.new_zeros(1), same_id])
+    # rank of each new id in its bucket: the firsts before it, less those of earlier buckets
+    seen = torch.cumsum(first.to(torch.int64), 0)
+    boundary = torch.where(s_buckets[1:] != s_buckets[:-1], seen[:-1], 0)
+    run_start = torch.cummax(torch.cat([seen.new_zeros(1), boundary]), 0).values.narrow(0, 0, n)
+    rank = seen - 1 - run_start
+    ranked, available = _ranking(keys, last_step, count, protect, s_buckets, bucket_size, policy[perm], ttl[perm],
+                                 step)
+    placed = first & (rank < available)
+    target = ranked.gather(1, rank.clamp(0, bucket_size - 1).unsqueeze(1)).squeeze(1)
+    target = torch.where(placed, target, scratch)
+    evicted = placed & (keys[target] != EMPTY)
+    # every duplicate reads its first's slot
+    head = torch.cummax(torch.where(first, positions, 0), 0).values
+    s_slot = torch.where(s_admitted & placed[head], target[head], -1)
+    new_slot = torch.empty_like(s_slot).index_copy_(0, perm, s_slot)
+    evicted_slot = torch.empty_like(s_slot).index_copy_(0, perm, torch.where(evicted, target, -1))
+    # write the new ids; the scratch slot takes the writes of the others
+    keys.index_copy_(0, target, torch.where(placed, s_ids, EMPTY))
+    count.index_fill_(0, target, 0)
+    slot = torch.where(hashed_mask, torch.where(found, slot, new_slot), -1)
+    live = slot >= 0
+    write = torch.where(live, slot, scratch)
+    last_step.index_copy_(0, write, step.expand(n))
+    count.index_add_(0, write, live.to(torch.int64))
+    keys[scratch] = EMPTY
+    return Placement(slot, evicted_slot, admitted & ~live, miss & ~admitted)
+
+
+def lookup(keys: torch.Tensor, bucket_size: int, ids, buckets, hashed_mask) -> torch.Tensor:
+    """Eval: ``[N]`` int64 slot of each id, ``-1`` where it is absent or not hashed."""
+    found, slot = probe(keys, bucket_size, ids, buckets)
+    return torch.where(found & hashed_mask, slot, -1)
