@@ -118,26 +118,26 @@ def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, hash
     sketch.index_add_(0, torch.where(counted, sketch_index, sketch.numel() - 1), counted.to(torch.int64))
     admitted = miss & (ids != EMPTY) & ((threshold <= 1) | (sketch[sketch_index] >= threshold))
     # distinct admitted ids, by (bucket, id): two stable sorts; the others sort last
-    positions = torch.arange(n, device=ids.device)
     by_id = torch.sort(ids, stable=True).indices
-    perm = by_id[torch.sort(torch.where(admitted, buckets, NEVER)[by_id], stable=True).indices]
+    order_key, by_bucket = torch.sort(torch.where(admitted, buckets, NEVER)[by_id], stable=True)
+    perm = by_id[by_bucket]
     s_ids, s_buckets, s_admitted = ids[perm], buckets[perm], admitted[perm]
     same_id = (s_ids[1:] == s_ids[:-1]) & (s_buckets[1:] == s_buckets[:-1])
     first = s_admitted & ~torch.cat([same_id.new_zeros(1), same_id])
-    # rank of each new id in its bucket: the firsts before it, less those of earlier buckets
+    # rank of each new id in its bucket: the firsts before it, less those before its bucket's run
     seen = torch.cumsum(first.to(torch.int64), 0)
-    boundary = torch.where(s_buckets[1:] != s_buckets[:-1], seen[:-1], 0)
-    run_start = torch.cummax(torch.cat([seen.new_zeros(1), boundary]), 0).values.narrow(0, 0, n)
-    rank = seen - 1 - run_start
+    run_begin = torch.searchsorted(order_key, order_key)
+    rank = seen - 1 - (seen - first.to(torch.int64))[run_begin]
     ranked, available = _ranking(keys, last_step, count, protect, s_buckets, bucket_size, policy[perm], ttl[perm],
                                  step)
     placed = first & (rank < available)
     target = ranked.gather(1, rank.clamp(0, bucket_size - 1).unsqueeze(1)).squeeze(1)
     target = torch.where(placed, target, scratch)
     evicted = placed & (keys[target] != EMPTY)
-    # every duplicate reads its first's slot
-    head = torch.cummax(torch.where(first, positions, 0), 0).values
-    s_slot = torch.where(s_admitted & placed[head], target[head], -1)
+    # every duplicate reads its first's slot: the firsts' slots by their number (seen - 1)
+    by_number = torch.full((n + 1,), -1, dtype=torch.int64, device=ids.device)
+    by_number.index_copy_(0, torch.where(first, seen - 1, n), torch.where(placed, target, -1))
+    s_slot = torch.where(s_admitted, by_number[(seen - 1).clamp(min=0)], -1)
     new_slot = torch.empty_like(s_slot).index_copy_(0, perm, s_slot)
     evicted_slot = torch.empty_like(s_slot).index_copy_(0, perm, torch.where(evicted, target, -1))
     # write the new ids; the scratch slot takes the writes of the others
