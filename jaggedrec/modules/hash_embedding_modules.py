@@ -18,6 +18,8 @@ import torch
 from jaggedrec.modules.embedding_configs import EmbeddingBagConfig
 from jaggedrec.modules.embedding_modules import EmbeddingBagCollection
 from jaggedrec.modules.hash_table import HashedTable, HashTableOptions, HashTableState
+from jaggedrec.ops import hash_probe
+from jaggedrec.ops.backends import use_kernels
 from jaggedrec.optim import FusedOptimizer
 from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor, as_keyed_jagged_tensor
 
@@ -62,6 +64,7 @@ class HashEmbeddingBagCollection(EmbeddingBagCollection):
             [HashedTable(configs[t].name, configs[t].num_embeddings,
                          tuple(configs[t].feature_names or [configs[t].name]), hash_options[configs[t].name])
              for t in self._hashed_configs], device=device)
+        self._probe_cache: Dict[tuple, List[hash_probe.KeyTable]] = {}
         self._reset_plan = [self._table_reset_plan(h, t) for h, t in enumerate(self._hashed_configs)]
 
     def _table_reset_plan(self, hashed: int, table: int):
@@ -95,8 +98,61 @@ class HashEmbeddingBagCollection(EmbeddingBagCollection):
                                  lengths=features.lengths(), offsets=features.offsets(), stride=features.stride())
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        """As ``EmbeddingBagCollection.forward``, over :meth:`remap`'s KJT."""
+        """As ``EmbeddingBagCollection.forward``, over :meth:`remap`'s KJT. In eval on the
+        Triton path (fp32 tables, unweighted), one launch probes and pools: no remapped KJT."""
+        features = as_keyed_jagged_tensor(features)
+        if not self.training and self._can_probe(features):
+            return self._probe_forward(features)
         return super().forward(self.remap(features))
+
+    def _can_probe(self, features: KeyedJaggedTensor) -> bool:
+        groups = self._layout.groups
+        return (use_kernels(self._options.backend, self.device) and not self._is_weighted and len(groups) == 1
+                and groups[0].dtype == torch.float32 and not features.variable_stride_per_key())
+
+    def probe_tables(self, keys: Sequence[str]) -> List[hash_probe.KeyTable]:
+        """What the probe-and-gather launch needs of each KJT key (in ``keys``' order)."""
+        cached = self._probe_cache.get(tuple(keys))
+        if cached is not None:
+            return cached
+        layout, state = self._layout, self.hash_state
+        hashed = {t: h for h, t in enumerate(self._hashed_configs)}
+        columns, column = {}, 0
+        for f in layout.features:
+            columns.setdefault(f.feature, (f, column))
+            column += layout.tables[f.table].dim
+        out = []
+        for k in keys:
+            if k not in columns:  # not read by this collection: its bags pool nothing
+                out.append(hash_probe.KeyTable(0, 0, 0, False, False))
+                continue
+            f, column = columns[k]
+            slot, config = layout.tables[f.table], layout.configs[f.table]
+            mean = f.pooling == 1
+            if f.table in hashed:
+                h = hashed[f.table]
+                base = state.slot_base(h)
+                out.append(hash_probe.KeyTable(slot.offset, slot.dim, column, mean, True, base // state.bucket_size,
+                                               (config.num_embeddings - 1) // state.bucket_size, base,
+                                               config.num_embeddings - 1))
+            else:
+                out.append(hash_probe.KeyTable(slot.offset, slot.dim, column, mean, False))
+        self._probe_cache[tuple(keys)] = out
+        return out
+
+    def _probe_forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        keys = features.keys()
+        tables = self.probe_tables(keys)
+        flat = next(iter(self.flat_weights.values()))
+        pooled, fallback = hash_probe.probe_pooled_triton(
+            self.hash_state.keys, self.hash_state.bucket_size, flat.detach(), features.values(), features.offsets(),
+            hash_probe.probe_meta(tables, flat.device), features.stride(), sum(self._length_per_embedding),
+            max(t.dim for t in tables))
+        key_feature = self.hash_state.key_maps(keys, flat.device)[1]
+        scratch = len(self.hash_state.features)
+        self.hash_state.fallback.index_add_(0, key_feature.clamp(max=scratch - 1),
+                                            torch.where(key_feature < scratch, fallback, 0))
+        return KeyedTensor(self._embedding_names, self._length_per_embedding, pooled)
 
     @torch.no_grad()
     def _reset_evicted(self, table: torch.Tensor, evicted_row: torch.Tensor) -> None:
