@@ -23,7 +23,11 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from jaggedrec.ops import pooled_torch, quantized_rows
-from jaggedrec.ops.feature_tables import STORAGE_FP16, STORAGE_INT8, FeatureTables
+from jaggedrec.ops.feature_tables import STORAGE_FP16, STORAGE_INT4, STORAGE_INT8, FeatureTables
+
+
+_OPS = {STORAGE_INT8: torch.ops.quantized.embedding_bag_byte_rowwise_offsets,
+        STORAGE_INT4: torch.ops.quantized.embedding_bag_4bit_rowwise_offsets}
 
 
 class Segment(NamedTuple):
@@ -108,8 +112,7 @@ def _bag_sums(rows: torch.Tensor, seg: Segment, ids: torch.Tensor, bag_offsets: 
     if not (rows.is_cpu and seg.packed):
         # torch's ops need their exact CPU layout; padded rows (row_align > 1) are dequantized here
         return _dequantized_sums(rows, seg.storage, seg.dim, ids, bag_offsets, psw)
-    op = (torch.ops.quantized.embedding_bag_byte_rowwise_offsets if seg.storage == STORAGE_INT8
-          else torch.ops.quantized.embedding_bag_4bit_rowwise_offsets)
+    op = _OPS[seg.storage]
     # args: scale_grad_by_freq, mode (0: sum), pruned_weights, per_sample_weights,
     # compressed_indices_mapping, include_last_offset
     return op(rows, ids, bag_offsets, False, 0, False, psw, None, True)
@@ -141,42 +144,115 @@ def _bases(seg: Segment, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(seg.row_bases, dtype=like.dtype, device=like.device)
 
 
+class IdsOutOfRange(RuntimeError):
+    """Ids outside their tables, found by :func:`quantized_forward` with ``check_ids``; the
+    caller words the error (feature, id, sample)."""
+
+
 def quantized_forward(buffers: Dict[int, torch.Tensor], values: torch.Tensor, offsets: torch.Tensor,
-                      psw: Optional[torch.Tensor], tables: FeatureTables) -> torch.Tensor:
+                      psw: Optional[torch.Tensor], tables: FeatureTables, starts: Optional[List[int]] = None,
+                      check_ids: bool = False) -> torch.Tensor:
     """``[B, sum(dims)]`` fp32 pooled bags of every feature.
 
     Args:
         buffers: storage type -> flat uint8 buffer of that type's tables.
         values: ``[N]`` ids, key-major; offsets: ``[K*B+1]`` bag starts, in the ids' dtype,
             both contiguous; psw: ``[N]`` fp32 contiguous, or None.
+        starts: ``[K+1]`` host ints, the first id of each key (``offsets[::B]``), when the
+            caller has read them already.
+        check_ids: prove every id the features read lies in its own table, else raise
+            (``RuntimeError``: :class:`IdsOutOfRange`, or torch's op's own). A call over one
+            table's packed CPU rows needs no pass of its own: torch's op refuses ids outside the
+            rows it is given (:func:`op_refuses_bad_ids`); ids shifted into a block of tables,
+            and the other paths, are checked per table first.
     """
     num_keys = tables.num_keys
     batch = (offsets.shape[0] - 1) // num_keys
     segs = segments(tables)
     if values.shape[0] == num_keys * batch and torch.equal(offsets, _arange(num_keys * batch + 1, offsets)):
-        pieces = [_one_id_per_bag(buffers, values, psw, seg, batch) for seg in segs]
+        pieces = [_one_id_per_bag(buffers, values, psw, seg, batch, check_ids) for seg in segs]
     else:
-        starts = offsets[::batch].tolist()  # [K+1] first id of each key
+        if starts is None:
+            starts = offsets[::batch].tolist()  # [K+1] first id of each key
         # [K, B+1] each key's bag starts within its own ids, in one op (per key they would cost one each)
         relative = torch.sub(offsets.as_strided((num_keys, batch + 1), (batch, 1)),
                              offsets.as_strided((num_keys, 1), (batch, 0)))
-        pieces = [_pooled(buffers, values, offsets, relative, psw, seg, batch, starts) for seg in _split(segs, starts)]
+        pieces = [_pooled(buffers, values, offsets, relative, psw, seg, batch, starts, check_ids)
+                  for seg in _split(segs, starts)]
     # one copy into the output, as torch's cat moves columns fastest (~1.7x a strided copy per piece)
     return pieces[0].contiguous() if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
-def _pooled(buffers, values, offsets, relative, psw, seg: Segment, batch: int, starts: List[int]) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def op_refuses_bad_ids(storage: int) -> bool:
+    """Whether torch's CPU quantized embedding-bag op for ``storage`` (INT8, INT4) raises on an
+    id outside the rows it is given, negative or past the end, for int32 and int64 ids, with and
+    without per-id weights. FBGEMM's kernels do; asked once per process, so that a build of
+    torch whose op does not check gets the explicit check instead."""
+    if storage == STORAGE_FP16:
+        return False
+    rows = torch.zeros((2, quantized_rows.row_bytes(storage, 2)), dtype=torch.uint8)
+    op = _OPS[storage]
+    for dtype in (torch.int32, torch.int64):
+        for bad in (2, -1):
+            for psw in (None, torch.ones(2)):
+                try:
+                    op(rows, torch.tensor([0, bad], dtype=dtype), torch.tensor([0, 2], dtype=dtype), False, 0, False,
+                       psw, None, True)
+                except RuntimeError:
+                    continue
+                return False
+    return True
+
+
+def _op_checks(seg: Segment, rows: torch.Tensor) -> bool:
+    """Whether the call on ``rows`` (the segment's one table) refuses bad ids by itself."""
+    return seg.one_table and seg.packed and rows.is_cpu and op_refuses_bad_ids(seg.storage)
+
+
+def _check_ids(ids: torch.Tensor, seg: Segment, counts: Optional[List[int]]) -> None:
+    """Raise :class:`IdsOutOfRange` unless each of ``ids`` (unshifted) lies in its own table.
+
+    Args:
+        ids: ``[N']`` the segment's ids, key by key (``counts`` ids each), or ``[keys, B]``
+            one per bag; a one-table segment's, or ids whose tables all have the same rows,
+            need no counts.
+    """
+    if ids.numel() == 0:
+        return
+    rows = seg.table_rows
+    if seg.one_table or min(rows) == max(rows):
+        low, high = torch.aminmax(ids)
+        bad = int(low) < 0 or int(high) >= rows[0]
+    else:
+        limits = torch.tensor(rows, dtype=ids.dtype, device=ids.device)
+        if ids.dim() == 2:
+            limits = limits.unsqueeze(1)
+        else:
+            limits = torch.repeat_interleave(limits, torch.tensor(counts, device=ids.device), output_size=ids.shape[0])
+        bad = bool(((ids < 0) | (ids >= limits)).any())
+    if bad:
+        raise IdsOutOfRange(f"ids outside their tables among features {list(seg.features)}")
+
+
+def _pooled(buffers, values, offsets, relative, psw, seg: Segment, batch: int, starts: List[int],
+            check_ids: bool = False) -> torch.Tensor:
     """``[B, keys*D]`` the segment's output columns."""
     first, count = seg.keys[0], len(seg.keys)
     lo, hi = starts[first], starts[first + count]
     if hi == lo:
         return values.new_zeros((batch, count * seg.dim), dtype=torch.float32)
-    ids = values[lo:hi]
+    ids, rows = values[lo:hi], _rows(buffers, seg)
     if not seg.one_table:
-        counts = torch.tensor([starts[k + 1] - starts[k] for k in seg.keys], device=ids.device)
-        ids = ids + torch.repeat_interleave(_bases(seg, ids), counts, output_size=hi - lo)
+        counts = [starts[k + 1] - starts[k] for k in seg.keys]
+        if check_ids:
+            _check_ids(ids, seg, counts)
+        ids = ids + torch.repeat_interleave(_bases(seg, ids), torch.tensor(counts, device=ids.device),
+                                            output_size=hi - lo)
+    elif check_ids and not _op_checks(seg, rows):
+        _check_ids(ids, seg, None)
     bag_offsets = relative[first] if count == 1 else offsets[first * batch:(first + count) * batch + 1] - lo
-    sums = _bag_sums(_rows(buffers, seg), seg, ids, bag_offsets, None if psw is None else psw[lo:hi])
+    sums = _bag_sums(rows, seg, ids, bag_offsets, None if psw is None else psw[lo:hi])
     if count == 1 and not seg.mean[0]:
         return sums if sums.shape[1] == seg.dim else sums[:, :seg.dim]
     sums = sums.view(count, batch, -1)[:, :, :seg.dim]  # [keys, B, D], key-major
@@ -210,12 +286,15 @@ def _split(segs: Tuple[Segment, ...], starts: List[int]) -> List[Segment]:
     return out
 
 
-def _one_id_per_bag(buffers, values, psw, seg: Segment, batch: int) -> torch.Tensor:
+def _one_id_per_bag(buffers, values, psw, seg: Segment, batch: int, check_ids: bool = False) -> torch.Tensor:
     """``[B, keys*D]`` the segment's output columns when every bag holds one id: its row (times
     its weight; MEAN divides by 1). The ids are taken batch-major, so that the call returns
     the columns in the output's layout."""
     first, count = seg.keys[0], len(seg.keys)
     by_key = values[first * batch:(first + count) * batch].view(count, batch)
+    rows = _rows(buffers, seg)
+    if check_ids and not _op_checks(seg, rows):
+        _check_ids(by_key, seg, None)
     ids = torch.empty((batch, count), dtype=values.dtype, device=values.device)
     if seg.one_table:
         ids.copy_(by_key.t())
@@ -224,7 +303,7 @@ def _one_id_per_bag(buffers, values, psw, seg: Segment, batch: int) -> torch.Ten
     weights = None
     if psw is not None:
         weights = psw[first * batch:(first + count) * batch].view(count, batch).t().contiguous().view(-1)
-    sums = _bag_sums(_rows(buffers, seg), seg, ids.view(-1), _arange(batch * count + 1, ids), weights)
+    sums = _bag_sums(rows, seg, ids.view(-1), _arange(batch * count + 1, ids), weights)
     if sums.shape[1] == seg.dim:
         return sums.view(batch, count * seg.dim)
     return sums.view(batch, count, -1)[:, :, :seg.dim].reshape(batch, count * seg.dim)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -17,6 +17,8 @@ from jaggedrec.modules.embedding_modules import EmbeddingBagCollection as FloatE
 from jaggedrec.modules.table_layout import TableSlot
 from jaggedrec.ops import quantized as quantized_ops
 from jaggedrec.ops import vbe
+from jaggedrec.ops.feature_tables import STORAGE_FP16, STORAGE_INT4, STORAGE_INT8, FeatureTables, feature_tables
+from jaggedrec.quant import host_path
 from jaggedrec.quant.rowwise import CLAMP_LIMIT, ON_OVERFLOW, QUANT_TYPES, fit_rows, quantize_rows
 from jaggedrec.quant.storage import BUFFER_NAMES, QuantLayout
 from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor, as_keyed_jagged_tensor
@@ -77,6 +79,8 @@ class EmbeddingBagCollection(TableCollection):
         for d in self._length_per_embedding:
             columns.append(columns[-1] + d)
         self._column_offsets = columns  # where each feature's columns start, for VBE's expansion
+        self._needed = tuple(self._spec.key_rows)
+        self._host_tables: Dict[Tuple[str, ...], FeatureTables] = {}  # KJT key order -> the op's tables
 
     def _allocate(self, device: Optional[torch.device]) -> None:
         for data_type in QUANT_TYPES:  # absent types get empty buffers: the op takes all three
@@ -163,6 +167,11 @@ class EmbeddingBagCollection(TableCollection):
         """
         features = as_keyed_jagged_tensor(features)
         options = self._options
+        buffers = (self.qweights_int8, self.qweights_int4, self.qweights_fp16)
+        if options.backend != "triton" and host_path.serves(features, buffers):
+            pooled = host_path.pooled(features, self._spec, self._tables_for(features),
+                                      dict(zip((STORAGE_INT8, STORAGE_INT4, STORAGE_FP16), buffers)), options.validate)
+            return KeyedTensor(self._embedding_names, self._length_per_embedding, pooled)
         batch = batch_reader.read_batch(features, self._spec, self._groups, self._output_features, options.validate)
         pooled, bad_ids = quantized_ops.run_quantized_embedding_bags(
             self.qweights_int8, self.qweights_int4, self.qweights_fp16, batch.values, batch.offsets, batch.weights,
@@ -172,6 +181,15 @@ class EmbeddingBagCollection(TableCollection):
         if inverse is not None:
             pooled = vbe.expand_rows(pooled, inverse, self._column_offsets)
         return KeyedTensor(self._embedding_names, self._length_per_embedding, pooled)
+
+    def _tables_for(self, features: KeyedJaggedTensor) -> FeatureTables:
+        """The op's tables for ``features``' key order (raises naming missing features), kept per order."""
+        keys = tuple(features.keys())
+        tables = self._host_tables.get(keys)
+        if tables is None:
+            encoded = batch_reader.group_feature_tables(keys, self._groups, self._needed, self._spec.owner)[0]
+            tables = self._host_tables[keys] = feature_tables(encoded)
+        return tables
 
 
 def quantize_embeddings(module: nn.Module, dtype: torch.dtype = torch.qint8, inplace: bool = True,

@@ -1,0 +1,107 @@
+"""The quantized collection's eager CPU forward: a plain KJT (one bag per sample) in, the pooled
+``[B, sum(dims)]`` fp32 out, with no work but what the batch needs.
+
+The general path (``read_batch``, then the op) serves every case: compiled and traced graphs,
+fake tensors, CUDA, VBE. On the CPU in eager mode most of its steps are either free or already
+proven, so this path skips them, with the same results, bits and errors:
+
+* the ids' range check (a pass over every id, the costliest check) is left to the pooling calls:
+  torch's quantized ops refuse ids outside the rows they are given, and each call over one
+  table gets that table's rows only; ids shifted into a block of tables are checked per
+  table first (``quantized_torch.quantized_forward(check_ids=True)``);
+* lengths and offsets are checked with the few ops their case needs, and the offsets the ops
+  pool with are built once (given lengths: one cumsum; given both: compared, then the
+  caller's serve);
+* the ``[K+1]`` key starts are read once, for the checks and the ops alike;
+* no bad-id counts, no dispatcher, no per-call dtype or layout work the batch does not need.
+
+Whatever fails here is handed to ``validation.check_data``, which words the error (feature, id,
+sample) exactly as the general path does.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from jaggedrec.modules import validation
+from jaggedrec.modules.validation import FeatureSpec
+from jaggedrec.ops import quantized_torch
+from jaggedrec.ops.feature_tables import FeatureTables
+from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+_PLAIN = torch.Tensor  # an eager CPU tensor's type; fake, functional and traced tensors are subclasses
+
+
+def serves(kjt: object, buffers: Tuple[torch.Tensor, ...]) -> bool:
+    """Whether :func:`pooled` can serve ``kjt``: eager, real CPU tensors, one bag per sample
+    (no VBE, no inverse indices), at least one bag."""
+    if not isinstance(kjt, KeyedJaggedTensor) or torch.compiler.is_compiling():
+        return False
+    values = kjt.values()
+    if type(values) is not _PLAIN or not values.is_cpu or not buffers[0].is_cpu:
+        return False
+    if kjt.variable_stride_per_key() or kjt.inverse_indices_or_none() is not None:
+        return False
+    lengths, offsets = kjt.lengths_or_none(), kjt.offsets_or_none()
+    held = lengths if lengths is not None else offsets
+    if held is None or type(held) is not _PLAIN or not kjt.keys() or kjt.stride() == 0:
+        return False
+    return all(type(b) is _PLAIN for b in buffers)
+
+
+def pooled(kjt: KeyedJaggedTensor, spec: FeatureSpec, tables: FeatureTables, buffers: Dict[int, torch.Tensor],
+           validate: bool) -> torch.Tensor:
+    """``[B, sum(dims)]`` fp32: every feature of ``tables`` pooled from ``buffers`` (storage
+    type -> flat uint8 buffer), ``kjt`` checked as ``read_batch`` checks it."""
+    validation.check_static(kjt, spec)
+    values = kjt.values()
+    offsets, starts = _offsets(kjt, spec, validate)
+    if values.dtype != offsets.dtype:  # torch's quantized ops want one index dtype
+        if values.dtype == torch.int64 or not validate or starts[-1] >= 2 ** 31:
+            values, offsets = values.long(), offsets.long()
+        else:  # int32 ids: their checked offsets run from 0 to N < 2**31, so they narrow exactly
+            offsets = offsets.int()
+    weights = kjt.weights_or_none()
+    psw = None if weights is None else weights.float().contiguous()
+    try:
+        return quantized_torch.quantized_forward(buffers, values.contiguous(), offsets.contiguous(), psw, tables,
+                                                 starts, check_ids=validate)
+    except RuntimeError:
+        if validate:
+            validation.check_data(kjt, spec)  # raises naming the feature, id and sample
+        raise
+
+
+def _offsets(kjt: KeyedJaggedTensor, spec: FeatureSpec, validate: bool) -> Tuple[torch.Tensor, List[int]]:
+    """``[K*B+1]`` the offsets to pool with and ``[K+1]`` host ints, the first id of each key;
+    with ``validate``, lengths and offsets checked as ``validation.check_data`` checks them."""
+    both = validate and kjt.has_unchecked_offsets()
+    offsets = kjt.offsets() if both else kjt.lookup_offsets()
+    starts = offsets[::kjt.stride()].tolist()
+    if not validate:
+        return offsets, starts
+    if _agree(kjt, offsets, starts, both):
+        if both:
+            kjt.mark_offsets_checked()
+        return offsets, starts
+    validation.check_data(kjt, spec)  # raises, naming the feature and sample
+    offsets = kjt.lookup_offsets()  # not reached with a bad batch; kept for a check stricter than check_data's
+    return offsets, offsets[::kjt.stride()].tolist()
+
+
+def _agree(kjt: KeyedJaggedTensor, offsets: torch.Tensor, starts: List[int], both: bool) -> bool:
+    """Whether the bags are sound: no negative length, offsets from 0 to the id count (summed
+    exactly: in int64, or from int64 offsets), and given offsets equal to the given lengths'."""
+    if starts[0] != 0 or starts[-1] != kjt.values().shape[0]:
+        return False
+    lengths: Optional[torch.Tensor] = kjt.lengths_or_none()
+    if lengths is None:
+        lengths = offsets[1:] - offsets[:-1]
+    elif both and not torch.equal(offsets[1:] - offsets[:-1], lengths):
+        return False
+    if int(lengths.min()) < 0:
+        return False
+    # narrow offsets may have wrapped on their way to N: the lengths' own sum decides
+    return offsets.dtype == torch.int64 or int(lengths.sum(dtype=torch.int64)) == starts[-1]
