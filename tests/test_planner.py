@@ -115,8 +115,11 @@ def test_errors_name_the_table():
         EmbeddingShardingPlanner(small, {"t1": ParameterConstraints(sharding_types=[TW])}).plan(ebc)
     with pytest.raises(PlannerError, match="table 't1'"):
         EmbeddingShardingPlanner(Topology(world_size=2, compute_device="cpu", ddr_cap=2 ** 20)).plan(ebc)
-    # column-wise is the only type asked for, and row-wise Adagrad refuses it
-    adagrad = _ebc([(10_000, 16)], fused_optimizer=optim.RowWiseAdagrad(0.1))
+    # column-wise is the only type asked for, and the unpooled collection's shards refuse it
+    # under row-wise Adagrad (the bag collection's take it: test_planner_exact_columns.py)
+    adagrad = jr.EmbeddingCollection(tables=[jr.EmbeddingConfig(name="t0", num_embeddings=10_000, embedding_dim=16,
+                                                                 feature_names=["f0"])],
+                                     device="meta", fused_optimizer=optim.RowWiseAdagrad(0.1))
     with pytest.raises(PlannerError, match="table 't0': no sharding type is left"):
         EmbeddingShardingPlanner(Topology(world_size=2), {"t0": ParameterConstraints(sharding_types=[CW])}
                                  ).plan(adagrad)
@@ -124,7 +127,7 @@ def test_errors_name_the_table():
         EmbeddingShardingPlanner().plan(nn.Linear(2, 2))
 
 
-def test_fused_optimizer_state_counts_and_column_wise_is_avoided_with_rowwise_adagrad():
+def test_fused_optimizer_state_counts_with_rowwise_adagrad():
     shapes = [(2_000_000, 64)] + [(50_000, 32)] * 6
     ebc = _ebc(shapes)
     sharder = EmbeddingBagCollectionSharder(fused_params={"optimizer": "EXACT_ROWWISE_ADAGRAD", "learning_rate": 0.1})
@@ -132,7 +135,6 @@ def test_fused_optimizer_state_counts_and_column_wise_is_avoided_with_rowwise_ad
     whole = {"t0": ParameterConstraints(sharding_types=[TW])}
     module_plan = EmbeddingShardingPlanner(Topology(world_size=4, hbm_cap=cap), whole).plan(ebc, [sharder]).plan[""]
     assert module_plan["t0"].sharding_type == TW
-    assert all(s.sharding_type != CW for s in module_plan.values())
     assert all(s.compute_kernel == "fused" for s in module_plan.values())
     configs = ebc.embedding_bag_configs()
     state = [0] * 4  # one fp32 per row held

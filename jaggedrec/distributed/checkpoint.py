@@ -8,6 +8,10 @@ Per table ``<t>`` of the unsharded collection (``embedding_bags`` for a bag coll
   ``sum_sq`` ``[rows]``; Adam's ``exp_avg`` and ``exp_avg_sq`` ``[rows, dim]``) and
   ``embedding_bags.<t>.weight.step`` (``[1]`` int64), beside one ``fused_optimizer.hparams``.
 
+The row-wise state of a table split into column blocks under a fused optimizer that steps
+rows by their sums (``ShardLayout.exact_tables``) is the same on every block, and is shown as a
+plain ``[rows]`` tensor by each rank that holds a block (``dcp.save`` writes it once).
+
 A table split over ranks (TABLE_WISE on another rank included) is a ``ShardedTensor`` whose
 local shards are views of this rank's storage, and whose global metadata comes from the plan,
 so ``state_dict()`` needs no collective. Replicated tables and the step counts are plain
@@ -56,17 +60,19 @@ class _Entry:
 
 class ShardedState:
     """The tensors of one rank's shards, table by table, that ``state_dict`` shows and
-    ``load_state_dict`` fills. ``local``: the rank's local collection (None: it holds no
-    shard); ``optimizer``: the shards' fused optimizer (None: none)."""
+    ``load_state_dict`` fills. ``local``: the rank's local collection of its other shards,
+    ``exact``: that of its shards of exact tables (None: it holds none); ``optimizer``: the
+    shards' fused optimizer (None: none)."""
 
-    def __init__(self, layout: ShardLayout, rank: int, local, optimizer, group, device: torch.device) -> None:
+    def __init__(self, layout: ShardLayout, rank: int, local, optimizer, group, device: torch.device,
+                 exact=None) -> None:
         self._layout, self._rank, self._local, self._group = layout, rank, local, group
-        self._optimizer, self._device = optimizer, device
+        self._optimizer, self._device, self._exact = optimizer, device, exact
         self._prefix = "embedding_bags" if isinstance(layout.configs[0], EmbeddingBagConfig) else "embeddings"
 
     # --- what there is ------------------------------------------------------------------
     def _entries(self) -> Dict[str, _Entry]:
-        layout, local, optimizer = self._layout, self._local, self._optimizer
+        layout, optimizer = self._layout, self._optimizer
         entries: Dict[str, _Entry] = {}
         for t, config in enumerate(layout.configs):
             key, replicated = f"{self._prefix}.{config.name}.weight", self._replicated(t)
@@ -74,29 +80,33 @@ class ShardedState:
                                   replicated)
             for name, per in (optimizer.state if optimizer is not None else ()):
                 size = [config.num_embeddings] + ([] if per == "row" else [config.embedding_dim])
-                entries[f"{key}.{name}"] = _Entry(t, size, torch.float32, replicated)
-        if local is None:
-            return entries
-        state, tables, groups = local.fused_optimizer_state, local.layout.tables, local.layout.groups
-        for i, s in enumerate(layout.shards[self._rank]):
-            key = f"{self._prefix}.{layout.configs[s.table].name}.weight"
+                # an exact table's row-wise state: the same on every column block
+                same = per == "row" and t in layout.exact_tables
+                entries[f"{key}.{name}"] = _Entry(t, size, torch.float32, replicated or same)
+        holders = [(self._local, layout.other_shards(self._rank)), (self._exact, layout.exact_shards(self._rank))]
+        for collection, shards in holders:
+            if collection is not None:
+                self._add_blocks(entries, collection, shards)
+        return entries
+
+    def _add_blocks(self, entries: Dict[str, _Entry], local, shards: List[Shard]) -> None:
+        """The blocks of ``local``'s tables, one per shard of ``shards``."""
+        optimizer = self._optimizer
+        for i, s in enumerate(shards):
+            key = f"{self._prefix}.{self._layout.configs[s.table].name}.weight"
             entries[key].blocks.append(([s.row_offset, s.col_offset], local.table_weight(i).detach()))
             if optimizer is None:
                 continue
-            group = groups[tables[i].group].name
+            views = state_views(local, i, optimizer)
             for name, per in optimizer.state:
-                flat = getattr(state, f"{group}_{name}")
-                if per == "row":
-                    block = ([s.row_offset], flat.narrow(0, _row_state_base(local.layout, i), s.rows))
-                else:
-                    block = ([s.row_offset, s.col_offset],
-                             flat.narrow(0, tables[i].offset, s.rows * s.cols).view(s.rows, s.cols))
-                entries[f"{key}.{name}"].blocks.append(block)
+                offsets = [s.row_offset] if per == "row" else [s.row_offset, s.col_offset]
+                entries[f"{key}.{name}"].blocks.append((offsets, views[name]))
             step = entries.setdefault(f"{key}.step", _Entry(s.table, [1], torch.int64, True))
-            step.blocks[:1] = [([0], getattr(state, f"{group}_step"))]
+            step.blocks[:1] = [([0], views["step"])]
         if optimizer is not None:
-            entries[HPARAMS] = _Entry(-1, [state.hparams.numel()], torch.float32, True, [([0], state.hparams)])
-        return entries
+            state = local.fused_optimizer_state
+            entries.setdefault(HPARAMS, _Entry(-1, [state.hparams.numel()], torch.float32, True)).blocks.append(
+                ([0], state.hparams))
 
     def _replicated(self, table: int) -> bool:
         return self._layout.table_kind(table) == REPLICA
@@ -167,6 +177,21 @@ def _copy_blocks(value, size: List[int], blocks: List[_Block]) -> Optional[str]:
     return None
 
 
+def state_views(local, table: int, optimizer) -> Dict[str, torch.Tensor]:
+    """Local table ``table``'s fused optimizer state in ``local``, by name: row-wise ``[rows]``
+    and element-wise ``[rows, cols]`` views of the group's flat buffers, and ``"step"`` (the
+    group's ``[1]`` step count)."""
+    state, tables, groups = local.fused_optimizer_state, local.layout.tables, local.layout.groups
+    slot = tables[table]
+    group = groups[slot.group].name
+    views = {"step": getattr(state, f"{group}_step")}
+    for name, per in optimizer.state:
+        flat = getattr(state, f"{group}_{name}")
+        views[name] = (flat.narrow(0, _row_state_base(local.layout, table), slot.rows) if per == "row" else
+                       flat.narrow(0, slot.offset, slot.rows * slot.dim).view(slot.rows, slot.dim))
+    return views
+
+
 def _row_state_base(layout, table: int) -> int:
     """First row of local table ``table`` in its group's row-wise state: the group's tables
     numbered row after row in storage order (as ``FeatureTables.row_bases``)."""
@@ -178,8 +203,8 @@ class ShardedStateDict:
     """For a sharded collection (an ``nn.Module``): ``state_dict`` and ``load_state_dict`` in the
     keys above instead of the submodules' own."""
 
-    def _init_state_dict(self, layout: ShardLayout, rank: int, local, optimizer, group, device) -> None:
-        self._state = ShardedState(layout, rank, local, optimizer, group, device)
+    def _init_state_dict(self, layout: ShardLayout, rank: int, local, optimizer, group, device, exact=None) -> None:
+        self._state = ShardedState(layout, rank, local, optimizer, group, device, exact)
         self.register_load_state_dict_pre_hook(_load_sharded_state)
 
     @property

@@ -4,7 +4,9 @@ One step, on every rank: the input dist sends each rank the bags its shards serv
 (``input_dist.py``); this rank's local collection, every local shard of a dtype in one flat
 parameter, pools them with one op call per dtype; the output dist brings each rank its own
 bags' rows back (``comm.OutputDist``) and the awaitable lays them out in the unsharded
-module's column order.
+module's column order. Tables split into column blocks under a fused optimizer that reads
+whole rows are looked up by a second local collection and stepped exactly in the backward
+(``exact_columns.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from jaggedrec.modules.embedding_modules import EmbeddingBagCollection
 from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor, as_keyed_jagged_tensor
 from jaggedrec.optim import FusedOptimizer
 from jaggedrec.distributed.comm import Pending, output_dist, tie_backward
+from jaggedrec.distributed.exact_columns import ExactColumns
 from jaggedrec.distributed.input_dist import InputDist
 from jaggedrec.distributed.shard_layout import EXCHANGE, REDUCE, REPLICA, ShardLayout
 from jaggedrec.distributed.shards import CollectionSharder, ShardedCollection, build_local_collection, check_env
@@ -58,12 +61,22 @@ class ShardedEmbeddingBagCollection(ShardedCollection):
         super().__init__()
         device = check_env(type(self).__name__, env, device, module)
         self._env, self._group, self._plan = env, env.process_group, plan
-        self._layout = layout = ShardLayout(module.embedding_bag_configs(), plan, env.world_size)
         rank = env.rank
         fused = fused_optimizer if fused_optimizer is not None else module.fused_optimizer
         self._fused = fused
-        local = build_local_collection(module, layout, rank, device, fused, is_weighted=module.is_weighted())
+        whole_rows = fused is not None and fused.needs_whole_rows
+        self._layout = layout = ShardLayout(module.embedding_bag_configs(), plan, env.world_size, whole_rows)
+        local = build_local_collection(module, layout, rank, device, fused, layout.other_shards(rank),
+                                       exact_columns=True, is_weighted=module.is_weighted())
         self._lookups = nn.ModuleList([local] if local is not None else [])
+        # the tables split into column blocks under fused: a collection of their own, stepped
+        # by self._exact in the backward (see exact_columns.py)
+        self._exact_lookup = build_local_collection(module, layout, rank, device, fused, layout.exact_shards(rank),
+                                                    exact_columns=True, is_weighted=module.is_weighted())
+        if self._exact_lookup is not None:  # looked up only: ExactColumns steps it
+            self._exact_lookup.fused_optimizer_state.backward_trigger.requires_grad_(False)
+        self._exact = (ExactColumns(layout, rank, self._exact_lookup, fused, self._group, device)
+                       if layout.exact_tables else None)
         self._input_dists = nn.ModuleList([InputDist(layout, rank, self._group, module.feature_spec,
                                                     module.is_weighted())])
         self._output_dists = nn.ModuleList([_OutputDistModule(layout, rank)])
@@ -74,7 +87,7 @@ class ShardedEmbeddingBagCollection(ShardedCollection):
         self._local_columns = _local_columns(layout, rank)
         self._device = device
         self._weights_grad = False
-        self._init_state_dict(layout, rank, self.local_collection(), fused, self._group, device)
+        self._init_state_dict(layout, rank, self.local_collection(), fused, self._group, device, self._exact_lookup)
 
     # --- forward -------------------------------------------------------------------------
     def forward(self, features: KeyedJaggedTensor) -> EmbeddingBagCollectionAwaitable:
@@ -83,12 +96,19 @@ class ShardedEmbeddingBagCollection(ShardedCollection):
             return taken
         local_kjt, b, own_lengths, _ = taken.wait(self._weights_grad)
         world = self._env.world_size
+        weights = local_kjt.weights_or_none()
+        if self._exact is not None:  # the exact tables' keys come first (see ShardLayout)
+            exact_kjt, local_kjt = local_kjt.split([self._exact.num_keys, len(local_kjt.keys()) - self._exact.num_keys])
         if self._lookups:
             pooled = self._lookups[0](local_kjt).values()
         else:
             pooled = torch.zeros(world * b, 0, device=self._device)
         exchange_rows, reduce_rows, replica_rows = self._split_local(pooled, world * b)
-        weights = local_kjt.weights_or_none()
+        if self._exact is not None:
+            with torch.no_grad():  # the exact step writes the rows read here (see ExactColumns.attach)
+                exact_rows = (self._exact_lookup(exact_kjt).values() if self._exact_lookup is not None
+                              else torch.zeros(world * b, 0, device=self._device))
+            exchange_rows = torch.cat([self._exact.attach(exact_rows, exact_kjt, weights), exchange_rows], 1)
         if weights is not None and weights.requires_grad:
             exchange_rows = tie_backward(exchange_rows, weights)
         pending = Pending(taken.check)
@@ -164,13 +184,16 @@ class EmbeddingBagCollectionSharder(CollectionSharder):
 
     module_type = EmbeddingBagCollection
     sharded_type = ShardedEmbeddingBagCollection
+    exact_columns = True
 
 
 def _local_columns(layout: ShardLayout, rank: int):
-    """Where this rank's local output holds the output dist's columns: the exchange width,
-    ``(start or -1, width)`` per reduce block, and the replica width."""
+    """Where this rank's local output (its exact tables' apart) holds the output dist's
+    columns: the exchange width, ``(start or -1, width)`` per reduce block, and the replica width."""
     start, exchange, replica, at = {}, 0, 0, 0
     for _, key, s in layout.local_features[rank]:
+        if s.table in layout.exact_tables:  # looked up apart (see ShardedEmbeddingBagCollection.forward)
+            continue
         start[(s.table, key)] = at
         at += s.cols
         if s.kind == EXCHANGE:

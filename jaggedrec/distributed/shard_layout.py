@@ -13,6 +13,11 @@ tables come in three kinds, by what the output dist does with their pooled colum
   keeps its own bags; the backward all-gathers the output gradient, so every copy takes the
   same step and the copies stay equal without a gradient all-reduce.
 
+With a fused optimizer whose step reads sums over whole rows (``needs_whole_rows``), the
+tables split into column blocks are *exact* (``exact_tables``): their shards come first among
+a rank's exchange shards and are served by a collection of their own, whose step combines
+the column blocks' row sums (``exact_columns.py``).
+
 Row-split shards (ROW_WISE, TABLE_ROW_WISE) get only the ids in their row range, shifted to
 the shard's first row, and pool by SUM; a MEAN table's division by the bag length happens
 on the rank that owns the bag, after the partial sums are added.
@@ -21,7 +26,7 @@ on the rank that owns the bag, after the partial sums are added.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from jaggedrec.modules.embedding_configs import BaseEmbeddingConfig, EmbeddingBagConfig, PoolingType
 from jaggedrec.distributed.types import EmbeddingModuleShardingPlan, ShardingType
@@ -69,11 +74,12 @@ class ShardLayout:
     ``local_features[r]`` (``(local key, unsharded key, shard)``, the order rank ``r``'s local
     collection reads its KJT in, which is also its output column order); and, the same on
     every rank, ``reduce_blocks`` (``(table, feature, dim)`` of the reduce-scatter buffer's
-    column blocks) and ``replica_blocks`` (the same for replicas).
+    column blocks), ``replica_blocks`` (the same for replicas) and ``exact_tables`` (the tables
+    split into column blocks when ``whole_rows``: a fused optimizer steps rows by their sums).
     """
 
     def __init__(self, configs: Sequence[EmbeddingBagConfig], plan: EmbeddingModuleShardingPlan,
-                 world_size: int) -> None:
+                 world_size: int, whole_rows: bool = False) -> None:
         names = [c.name for c in configs]
         missing = [n for n in names if n not in plan]
         if missing:
@@ -91,8 +97,13 @@ class ShardLayout:
             for s in shards:
                 if s.rows > 0 and s.cols > 0:
                     per_rank[s.rank].append(s)
+        self.exact_tables = frozenset(
+            t for t, shards in enumerate(self.table_shards)
+            if whole_rows and len(shards) > 1 and shards[0].kind == EXCHANGE and not shards[0].row_split)
         order = {EXCHANGE: 0, REDUCE: 1, REPLICA: 2}
-        self.shards = [sorted(shards, key=lambda s: (order[s.kind], s.table, s.index)) for shards in per_rank]
+        # exact shards first: their collection's output leads the rank's exchange columns
+        self.shards = [sorted(shards, key=lambda s: (order[s.kind], s.table not in self.exact_tables, s.table,
+                                                     s.index)) for shards in per_rank]
         self.local_features = [[(s.local_feature(f), f, s) for s in shards for f in configs[s.table].feature_names]
                                for shards in self.shards]
         # output features in the unsharded order, and their first output column
@@ -114,11 +125,20 @@ class ShardLayout:
     def table_kind(self, table: int) -> str:
         return self.table_shards[table][0].kind
 
-    def local_configs(self, rank: int) -> List[BaseEmbeddingConfig]:
-        """Rank ``rank``'s local tables, of the unsharded configs' type: one per shard, reading its
-        local keys; row-split shards of a bag table pool by SUM (the owner of the bag divides a MEAN)."""
+    def exact_shards(self, rank: int) -> List[Shard]:
+        """Rank ``rank``'s shards of exact tables (the first of ``shards[rank]``)."""
+        return [s for s in self.shards[rank] if s.table in self.exact_tables]
+
+    def other_shards(self, rank: int) -> List[Shard]:
+        """Rank ``rank``'s other shards, in their local order."""
+        return [s for s in self.shards[rank] if s.table not in self.exact_tables]
+
+    def local_configs(self, rank: int, shards: Optional[Sequence[Shard]] = None) -> List[BaseEmbeddingConfig]:
+        """Rank ``rank``'s local tables (or those of ``shards``), of the unsharded configs' type:
+        one per shard, reading its local keys; row-split shards of a bag table pool by SUM (the
+        owner of the bag divides a MEAN)."""
         out = []
-        for s in self.shards[rank]:
+        for s in (self.shards[rank] if shards is None else shards):
             c = self.configs[s.table]
             fields = dict(num_embeddings=s.rows, embedding_dim=s.cols, name=s.local_name, data_type=c.data_type,
                           feature_names=[s.local_feature(f) for f in c.feature_names],

@@ -12,7 +12,7 @@ from torch import nn
 from jaggedrec.optim import FusedOptimizer, RowWiseAdagrad
 from jaggedrec.distributed.checkpoint import ShardedStateDict
 from jaggedrec.distributed.fused_params import fused_optimizer_from_params, fused_optimizer_in_backward
-from jaggedrec.distributed.shard_layout import EXCHANGE, ShardLayout
+from jaggedrec.distributed.shard_layout import EXCHANGE, Shard, ShardLayout
 from jaggedrec.distributed.types import EmbeddingModuleShardingPlan, ModuleSharder, ShardingEnv
 
 # rows per block of the deterministic initialisation of a module built on meta (see init_shard)
@@ -40,8 +40,15 @@ class ShardedCollection(ShardedStateDict, nn.Module):
         return self._fused
 
     def local_collection(self) -> Optional[nn.Module]:
-        """This rank's shards as one collection (None when it holds none)."""
+        """This rank's shards as one collection (None when it holds none); the bag collection's
+        shards of exact tables apart (see :meth:`exact_collection`)."""
         return self._lookups[0] if self._lookups else None
+
+    def exact_collection(self) -> Optional[nn.Module]:
+        """This rank's shards of the tables split into column blocks under a fused optimizer that
+        reads whole rows, as one collection that only looks up (``exact_columns.py`` steps it;
+        None when there are none: the unpooled collection never has them)."""
+        return getattr(self, "_exact_lookup", None)
 
     def extra_repr(self) -> str:
         return f"world_size={self._env.world_size}, rank={self._env.rank}"
@@ -85,6 +92,9 @@ class CollectionSharder(ModuleSharder[nn.Module]):
 
     module_type: type = nn.Module
     sharded_type: type = nn.Module
+    #: whether the sharded collection steps column-wise shards of a fused optimizer that reads
+    #: whole rows (see check_fused); the planner keeps such tables whole in columns elsewhere
+    exact_columns: bool = False
 
     def __init__(self, fused_params: Optional[dict] = None, qcomm_codecs_registry: Optional[dict] = None) -> None:
         super().__init__(qcomm_codecs_registry)
@@ -117,9 +127,11 @@ class CollectionSharder(ModuleSharder[nn.Module]):
         return self._fused
 
 
-def check_fused(layout: ShardLayout, fused: Optional[FusedOptimizer]) -> None:
-    """Refuse what a fused optimizer cannot step exactly under ``layout``."""
-    if fused is not None and fused.needs_whole_rows:
+def check_fused(layout: ShardLayout, fused: Optional[FusedOptimizer], exact_columns: bool = False) -> None:
+    """Refuse what a fused optimizer cannot step exactly under ``layout``: tables split into
+    column blocks under an optimizer that steps rows by their sums, unless the collection
+    combines the blocks' sums (``exact_columns``: the bag collection, see ``exact_columns.py``)."""
+    if fused is not None and fused.needs_whole_rows and not exact_columns:
         split = [layout.configs[t].name for t, shards in enumerate(layout.table_shards)
                  if len(shards) > 1 and not shards[0].row_split and shards[0].kind == EXCHANGE]
         if split:
@@ -127,15 +139,17 @@ def check_fused(layout: ShardLayout, fused: Optional[FusedOptimizer]) -> None:
                     if isinstance(fused, RowWiseAdagrad) else
                     f"{type(fused).__name__} steps each row by sums (norms or a row-wise state)")
             raise NotImplementedError(
-                f"tables {split}: {what} over all its columns, which column-wise shards cannot compute without "
-                f"another collective inside the backward; shard these tables table-wise or row-wise")
+                f"tables {split}: {what} over all its columns, which this collection's column-wise shards do not "
+                f"combine (the EmbeddingBagCollection's do); shard these tables table-wise or row-wise")
 
 
 @torch.no_grad()
-def copy_shards(local: nn.Module, module: nn.Module, layout: ShardLayout, rank: int) -> None:
-    """Each local table of ``local`` takes its block of ``module``'s table, or, for a module on
-    meta, the deterministic initialisation of ``init_shard``."""
-    for i, s in enumerate(layout.shards[rank]):
+def copy_shards(local: nn.Module, module: nn.Module, layout: ShardLayout, rank: int,
+                shards: Optional[List[Shard]] = None) -> None:
+    """Each local table of ``local`` (one per shard of ``shards``, default: the rank's) takes its
+    block of ``module``'s table, or, for a module on meta, the deterministic initialisation of
+    ``init_shard``."""
+    for i, s in enumerate(layout.shards[rank] if shards is None else shards):
         target = local.table_weight(i)
         source = module.table_weight(s.table)
         if source.device.type == "meta":
@@ -178,16 +192,18 @@ def check_env(owner: str, env: ShardingEnv, device: Optional[torch.device], modu
 
 
 def build_local_collection(module: nn.Module, layout: ShardLayout, rank: int, device: torch.device,
-                           fused: Optional[FusedOptimizer], **kwargs) -> Optional[nn.Module]:
-    """Rank ``rank``'s shards as one collection of ``module``'s type and settings, holding
-    their weights (None when the rank holds no shard). ``kwargs``: the type's own settings."""
-    check_fused(layout, fused)
-    configs = layout.local_configs(rank)
+                           fused: Optional[FusedOptimizer], shards: Optional[List[Shard]] = None,
+                           exact_columns: bool = False, **kwargs) -> Optional[nn.Module]:
+    """Rank ``rank``'s shards (or ``shards`` of them) as one collection of ``module``'s type and
+    settings, holding their weights (None when there are none). ``exact_columns``: the caller
+    combines column blocks' row sums (see :func:`check_fused`). ``kwargs``: the type's own settings."""
+    check_fused(layout, fused, exact_columns)
+    configs = layout.local_configs(rank, shards)
     if not configs:
         return None
     options = module.options
     local = type(module)(configs, device=device, backend=options.backend, sparse=options.sparse, validate=False,
                          bounds_check=options.bounds_check, deterministic=options.deterministic,
                          fused_optimizer=fused, **kwargs)
-    copy_shards(local, module, layout, rank)
+    copy_shards(local, module, layout, rank, shards)
     return local

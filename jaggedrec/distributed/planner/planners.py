@@ -78,7 +78,7 @@ class EmbeddingShardingPlanner(ShardingPlanner):
         collections = _collections(module, sharders)
         if not collections:
             raise PlannerError(f"{type(module).__name__} holds no embedding collection to shard")
-        specs, owners, fused = [], [], []
+        specs, owners, fused, exact = [], [], [], []
         for path, collection, sharder in collections:
             optimizer = _training_optimizer(collection, sharder)
             configs = (collection.embedding_bag_configs() if hasattr(collection, "embedding_bag_configs")
@@ -87,7 +87,8 @@ class EmbeddingShardingPlanner(ShardingPlanner):
                 specs.append(spec)
                 owners.append(path)
                 fused.append(optimizer)
-        placed = self.plan_tables(specs, fused)
+                exact.append(bool(getattr(sharder, "exact_columns", False)))
+        placed = self.plan_tables(specs, fused, exact)
         plan = ShardingPlan({path: EmbeddingModuleShardingPlan() for path, _, _ in collections})
         for spec, path, sharding in zip(specs, owners, placed):
             plan.plan[path][spec.name] = sharding
@@ -106,10 +107,15 @@ class EmbeddingShardingPlanner(ShardingPlanner):
         return self._stats
 
     # --- placement ---------------------------------------------------------------------
-    def plan_tables(self, specs: Sequence[TableSpec], fused: Optional[Sequence] = None) -> List[ParameterSharding]:
-        """A ``ParameterSharding`` per table spec, in order."""
+    def plan_tables(self, specs: Sequence[TableSpec], fused: Optional[Sequence] = None,
+                    exact_columns: Optional[Sequence[bool]] = None) -> List[ParameterSharding]:
+        """A ``ParameterSharding`` per table spec, in order. ``fused``: each table's fused
+        optimizer (None: dense); ``exact_columns``: whether its sharded collection steps
+        column-wise shards of an optimizer that reads whole rows (default: yes, as the bag
+        collection does; the unpooled one does not, and its tables are kept whole in columns)."""
         topo = self._topology
         fused = list(fused) if fused is not None else [None] * len(specs)
+        exact_columns = list(exact_columns) if exact_columns is not None else [True] * len(specs)
         whole = [shard_costs(s, ShardingType.TABLE_WISE.value, [0], [s.rows], [s.dim], topo)[0] for s in specs]
         ranks = _Ranks(topo.world_size, sum(c.cost for c in whole), sum(c.memory for c in whole))
         # largest first by the larger of its shares of all tables' cost and of their memory
@@ -118,7 +124,7 @@ class EmbeddingShardingPlanner(ShardingPlanner):
         for i in sorted(range(len(specs)), key=lambda i: -size[i]):
             spec = specs[i]
             ranks.remaining -= whole[i].cost
-            sharding, charges = self._place(spec, self._allowed(spec, fused[i]), ranks)
+            sharding, charges = self._place(spec, self._allowed(spec, fused[i], exact_columns[i]), ranks)
             sharding.compute_kernel = (EmbeddingComputeKernel.FUSED.value if fused[i] is not None
                                        else EmbeddingComputeKernel.DENSE.value)
             ranks.charge(charges)
@@ -126,12 +132,12 @@ class EmbeddingShardingPlanner(ShardingPlanner):
         self._stats = _format_stats(ranks.memory, ranks.load, topo.memory_cap)
         return out  # type: ignore[return-value]
 
-    def _allowed(self, spec: TableSpec, optimizer) -> List[str]:
+    def _allowed(self, spec: TableSpec, optimizer, exact_columns: bool = True) -> List[str]:
         kinds = [t.value for t in ShardingType]
         constraint = self._constraints.get(spec.name)
         if constraint is not None and constraint.sharding_types:
             kinds = [k.value if isinstance(k, ShardingType) else k for k in constraint.sharding_types]
-        if optimizer is not None and optimizer.needs_whole_rows:  # refused by the sharder (see shards.py)
+        if optimizer is not None and optimizer.needs_whole_rows and not exact_columns:  # see shards.check_fused
             kinds = [k for k in kinds if k != ShardingType.COLUMN_WISE.value]
         if not kinds:
             raise PlannerError(f"table '{spec.name}': no sharding type is left (constraints, and column-wise "

@@ -1,0 +1,277 @@
+"""Column-wise shards stepped as whole rows: the exact step of a bag collection's *exact* tables.
+
+A fused optimizer that steps a row by sums over all of its columns (``needs_whole_rows``:
+row-wise Adagrad's state, partial row-wise Adam's and LAMB's second moment, LARS-SGD's and
+LAMB's norms) cannot step a column block alone. The tables a plan splits into column blocks
+under such an optimizer (``ShardLayout.exact_tables``) live in a local collection of their
+own, which only looks rows up; :class:`ExactColumns` steps it in the backward:
+
+1. each shard sums its touched rows' gradients (duplicate ids summed; the rows are the same
+   on every column block of a table, since every block reads the table's whole batch) and
+   computes its part of their row sums (``exact_rules.row_partials``);
+2. one ``all_to_all`` per step sends each part to the other ranks that hold a block of the
+   same table, and every holder adds the parts up in block order, so that every block gets
+   the same sums, bit for bit;
+3. each block steps its rows with the whole rows' sums (``exact_rules.finish_rows``); the
+   row-wise state, kept by every block, stays the same on all of them.
+
+Every rank enters the all-to-all in every step, also one that holds no exact block or got
+no ids: the step hangs off an autograd node that every rank's output dist's backward reaches
+(as ``comm.joins_backward`` makes the output dist's own), and the per-id weights' gradient
+waits for it (as ``comm.tie_backward``), so the collectives of the backward come in one
+order on every rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from jaggedrec.modules.embedding_configs import PoolingType
+from jaggedrec.ops.weight_grads import clipped_grad
+from jaggedrec.optim import FusedOptimizer
+from jaggedrec.distributed.checkpoint import state_views
+from jaggedrec.distributed.exact_rules import ROW_SUMS, finish_rows, row_partials
+from jaggedrec.distributed.shard_layout import Shard, ShardLayout
+
+# config fields the exact step reads; any other set away from its default is refused
+_STEPPED_FIELDS = frozenset(("lr", "max_gradient", "eps", "weight_decay", "weight_decay_mode", "betas", "eta",
+                             "momentum"))
+
+
+def check_exact(fused: FusedOptimizer, layout: ShardLayout) -> None:
+    """Refuse an optimizer (or an option of it) that the exact step does not implement."""
+    names = sorted(layout.configs[t].name for t in layout.exact_tables)
+    if fused.kind not in ROW_SUMS:
+        raise NotImplementedError(f"tables {names}: {type(fused).__name__} is not stepped over column-wise shards; "
+                                  f"shard these tables table-wise or row-wise")
+    for f in dataclasses.fields(fused):
+        value = getattr(fused, f.name)
+        if f.name not in _STEPPED_FIELDS and f.default is not dataclasses.MISSING and value != f.default:
+            raise NotImplementedError(f"tables {names}: {type(fused).__name__}'s {f.name}={value!r} "
+                                      f"is not implemented for column-wise shards; shard these tables table-wise "
+                                      f"or row-wise")
+
+
+class _Block(NamedTuple):
+    """One step of one block (a local table of the exact collection) on the touched rows."""
+
+    index: int                   # the local table
+    w: torch.Tensor              # [U, cols] fp32 rows
+    g: torch.Tensor              # [U, cols] fp32 summed gradients
+    s1: Optional[torch.Tensor]   # the rows' state ([U] or [U, cols] fp32), or None
+    s2: Optional[torch.Tensor]
+    partial: torch.Tensor        # [U, k] the block's part of the row sums
+    carried: Optional[torch.Tensor]
+
+
+class _Work(NamedTuple):
+    """One step's work on this rank's blocks of one exact table."""
+
+    rows: torch.Tensor           # [U] int64 the touched rows, sorted
+    blocks: List[_Block]         # the blocks held here, in block order
+
+
+class ExactColumns:
+    """Steps this rank's blocks of the exact tables of ``layout`` (held by ``collection``, a
+    local bag collection with ``fused``'s state, or None) inside the backward.
+
+    ``attach(pooled, kjt, weights)`` returns the collection's ``[W*B, D]`` output with the
+    step joined to its backward; ``kjt``: what it looked up (every rank's bags of its keys)."""
+
+    def __init__(self, layout: ShardLayout, rank: int, collection, fused: FusedOptimizer, group,
+                 device: torch.device) -> None:
+        check_exact(fused, layout)
+        self._layout, self._rank, self._collection, self._group = layout, rank, collection, group
+        self._device = device
+        self._kind, self._sums = fused.kind, ROW_SUMS[fused.kind]
+        self._fused = fused
+        self._shards = layout.exact_shards(rank)
+        # the collection's output: each local key's first column
+        self._columns: Dict[str, int] = {}
+        at = 0
+        for s in self._shards:
+            for f in layout.configs[s.table].feature_names:
+                self._columns[s.local_feature(f)] = at
+                at += s.cols
+        self.num_keys = len(self._columns)
+        # every exact table's blocks (an empty one holds nothing), in block order
+        self._blocks_of = {t: [s for s in layout.table_shards[t] if s.rows > 0 and s.cols > 0]
+                           for t in layout.exact_tables}
+        # every rank decides alike whether the all-to-all runs: some table has blocks on two ranks
+        self._exchanges = any(len({s.rank for s in blocks}) > 1 for blocks in self._blocks_of.values())
+        self._world = dist.get_world_size(group) if self._exchanges else 1
+
+    def attach(self, pooled: torch.Tensor, kjt, weights: Optional[torch.Tensor]) -> torch.Tensor:
+        """``pooled``: the exact collection's output, looked up without autograd (the step
+        writes the rows the lookup read; the per-id weights' gradient is made here, from the
+        rows before the step); ``weights``: the rank's whole local KJT's per-id weights, whose
+        first ids are ``kjt``'s."""
+        if not torch.is_grad_enabled():
+            return pooled
+        pooled = pooled.detach().requires_grad_()  # the node must run on every rank (see the module docstring)
+        tied = weights if weights is not None and weights.requires_grad else pooled.new_empty(0)
+        return _ExactStep.apply(pooled, tied, self, kjt)
+
+    # --- the step --------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor, kjt, weights_grad: Optional[torch.Tensor] = None) -> None:
+        """One step of every exact block on this rank, from the ``[W*B, D]`` output gradient;
+        ``weights_grad`` (``[N]`` fp32, N >= ``kjt``'s ids), when given, takes the gradient of
+        ``kjt``'s per-id weights (the rows as they were before the step)."""
+        work: Dict[int, _Work] = {}
+        hparams = None
+        if self._collection is not None:
+            state = self._collection.fused_optimizer_state
+            for name, buffer in state.named_buffers():
+                if name.endswith("_step"):
+                    buffer.add_(1)
+            hparams = state.hparams.tolist()
+            work = self._partials(clipped_grad(grad, state.hparams).float(), kjt, hparams,
+                                  None if weights_grad is None else (grad.float(), weights_grad))
+        sums = self._exchange(work)
+        for t, w in work.items():
+            dim = self._layout.configs[t].embedding_dim
+            for b in w.blocks:
+                views = state_views(self._collection, b.index, self._fused)
+                finish_rows(self._kind, hparams, int(views["step"]), dim, b.w, b.g, b.s1, b.s2, sums[t], b.carried)
+                self._write_back(b.index, w.rows, b, views)
+
+    def _partials(self, grad: torch.Tensor, kjt, hparams, for_weights) -> Dict[int, "_Work"]:
+        """Per exact table held here: its touched rows, each block's summed gradients, state and
+        partial row sums. ``for_weights``: None, or the unclipped output gradient and the per-id
+        weights' gradient to fill."""
+        keys, starts = kjt.keys(), kjt.offset_per_key()
+        stride = kjt.stride()
+        lengths = kjt.lengths().reshape(len(keys), stride)
+        values, psw = kjt.values(), kjt.weights_or_none()
+        key_index = {k: j for j, k in enumerate(keys)}
+        by_table: Dict[int, List[Tuple[int, Shard]]] = {}
+        for i, s in enumerate(self._shards):
+            by_table.setdefault(s.table, []).append((i, s))
+        out: Dict[int, _Work] = {}
+        for t, held in by_table.items():
+            config = self._layout.configs[t]
+            mean = getattr(config, "pooling", PoolingType.SUM) == PoolingType.MEAN
+            # the ids, bags and per-id scale of the table's features (the same for every block)
+            ids, bags, scales, keys_of, means = [], [], [], [], []
+            first = held[0][1]
+            for f in config.feature_names:
+                j = key_index[first.local_feature(f)]
+                lo, hi = starts[j], starts[j + 1]
+                n = lengths[j].long()
+                bag = torch.repeat_interleave(torch.arange(stride, device=grad.device), n, output_size=hi - lo)
+                scale = None if psw is None else psw[lo:hi].float()
+                per_bag = (1.0 / n.clamp(min=1).to(torch.float32))[bag] if mean else None
+                if mean:
+                    scale = per_bag if scale is None else scale * per_bag
+                means.append(per_bag)
+                ids.append(values[lo:hi].long())
+                bags.append(bag)
+                scales.append(scale)
+                keys_of.append(f)
+            rows, inverse = torch.unique(torch.cat(ids), sorted=True, return_inverse=True)
+            blocks = []
+            for i, s in held:
+                weight = self._collection.table_weight(i)
+                pieces = []
+                for f, bag, scale in zip(keys_of, bags, scales):
+                    c = self._columns[s.local_feature(f)]
+                    piece = grad[:, c:c + s.cols].index_select(0, bag)
+                    pieces.append(piece if scale is None else piece * scale.unsqueeze(1))
+                g = grad.new_zeros(rows.shape[0], s.cols).index_add_(0, inverse, torch.cat(pieces))
+                views = state_views(self._collection, i, self._fused)
+                w = weight.index_select(0, rows).float()
+                if for_weights is not None:
+                    self._weights_grad(s, keys_of, bags, means, inverse, w, kjt, for_weights)
+                s1, s2 = [views[name].index_select(0, rows).float() for name, _ in self._fused.state] + \
+                    [None] * (2 - len(self._fused.state))
+                partial, carried = row_partials(self._kind, hparams, int(views["step"]), w, g, s1, s2)
+                blocks.append(_Block(i, w, g, s1, s2, partial, carried))
+            out[t] = _Work(rows, blocks)
+        return out
+
+    def _weights_grad(self, shard: Shard, features, bags, means, inverse, w, kjt, for_weights) -> None:
+        """The gradient of the per-id weights of ``shard``'s keys: each id's row (``w``, before
+        the step) dotted with its bag's output gradient (MEAN: over the bag's length)."""
+        grad, out = for_weights
+        starts, key_index = kjt.offset_per_key(), {k: j for j, k in enumerate(kjt.keys())}
+        at = 0
+        for f, bag, per_bag in zip(features, bags, means):
+            j = key_index[shard.local_feature(f)]
+            lo, hi = starts[j], starts[j + 1]
+            c = self._columns[shard.local_feature(f)]
+            rows = w.index_select(0, inverse[at:at + hi - lo])
+            value = (grad[:, c:c + shard.cols].index_select(0, bag) * rows).sum(1)
+            out[lo:hi] = value if per_bag is None else value * per_bag
+            at += hi - lo
+
+    def _exchange(self, work: Dict[int, "_Work"]) -> Dict[int, torch.Tensor]:
+        """Every exact table held here: its ``[U, k]`` row sums, every block's parts added in
+        block order (one all-to-all with the other holders)."""
+        rank = self._rank
+        counts = {t: w.rows.shape[0] for t, w in work.items()}
+        received: Dict[Tuple[int, int], List[torch.Tensor]] = {}
+        if self._exchanges:
+            sends, send_splits, recv_splits, expected = [], [], [], []
+            for r in range(self._world):
+                sent = received_size = 0
+                for t in sorted(work):
+                    theirs = [s for s in self._blocks_of[t] if s.rank == r]
+                    if r == rank or not theirs:
+                        continue
+                    for b in work[t].blocks:
+                        sends.append(b.partial.reshape(-1))
+                        sent += b.partial.numel()
+                    expected.append((r, t, len(theirs)))
+                    received_size += len(theirs) * counts[t] * self._sums
+                send_splits.append(sent)
+                recv_splits.append(received_size)
+            flat = torch.cat(sends) if sends else torch.zeros(0, device=self._device)
+            incoming = flat.new_empty(sum(recv_splits))
+            dist.all_to_all_single(incoming, flat.contiguous(), recv_splits, send_splits, group=self._group)
+            at = 0
+            for r, t, n in expected:
+                size = counts[t] * self._sums
+                received[(r, t)] = [incoming[at + b * size:at + (b + 1) * size].view(counts[t], self._sums)
+                                    for b in range(n)]
+                at += n * size
+        sums = {}
+        for t, w in work.items():
+            mine = iter(b.partial for b in w.blocks)
+            theirs = {r: iter(parts) for (r, table), parts in received.items() if table == t}
+            total = None
+            for s in self._blocks_of[t]:
+                part = next(mine) if s.rank == rank else next(theirs[s.rank])
+                total = part.clone() if total is None else total.add_(part)
+            sums[t] = total
+        return sums
+
+    def _write_back(self, i: int, rows: torch.Tensor, block: _Block, views) -> None:
+        weight = self._collection.table_weight(i)
+        weight.index_copy_(0, rows, block.w.to(weight.dtype))
+        for (name, _), value in zip(self._fused.state, (block.s1, block.s2)):
+            views[name].index_copy_(0, rows, value.to(views[name].dtype))
+
+
+class _ExactStep(torch.autograd.Function):
+    """The exact collection's output as it is; its backward steps the exact blocks
+    (``ExactColumns.step``) and gives ``tied`` (the per-id weights, or an empty stand-in) their
+    gradient (zero where no exact block reads them), so that their way back starts after the
+    step on every rank."""
+
+    @staticmethod
+    def forward(ctx, pooled: torch.Tensor, tied: torch.Tensor, owner: ExactColumns, kjt):
+        ctx.owner, ctx.kjt = owner, kjt
+        ctx.tied = (tied.shape, tied.dtype, tied.device)
+        return pooled.view_as(pooled)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, dtype, device = ctx.tied
+        weights_grad = torch.zeros(shape, dtype=torch.float32, device=device)
+        ctx.owner.step(grad, ctx.kjt, weights_grad if ctx.needs_input_grad[1] else None)
+        return None, weights_grad.to(dtype), None, None

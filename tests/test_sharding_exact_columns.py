@@ -1,0 +1,108 @@
+"""Column-wise shards of the fused optimizers that step rows by whole-row sums (row-wise
+Adagrad, L2 and decoupled; partial row-wise Adam; LARS-SGD; LAMB; partial row-wise LAMB):
+each block adds its part of the row sums, one all-to-all a step combines them, and every
+block steps as the unsharded module does (bodies in ``exact_columns_cases.py``); under a
+FeatureProcessedEmbeddingBagCollection the position weights' gradient comes back too.
+
+Sharded steps are checked against the unsharded module stepped on the global batch: within
+fp32 tolerance (the sums are added block by block, in another order than one row's sum), and
+the blocks' copies of a row-wise state bit for bit equal. Checkpoints go column-wise on two
+ranks -> table-wise on one -> other column-wise blocks on two, bit for bit."""
+
+import pytest
+import torch
+
+import exact_columns_cases
+import jaggedrec as jr
+from distributed_harness import run_ranks
+from jaggedrec import optim
+from jaggedrec.distributed.exact_rules import ROW_SUMS, finish_rows, row_partials
+from jaggedrec.ops import fused_rules
+
+
+def _steps_and_save(rank, world, directory):
+    return (exact_columns_cases.step_cases(rank, world) + [exact_columns_cases.fp_case(rank, world)],
+            exact_columns_cases.save_column_wise(rank, world, directory))
+
+
+def _steps(rank, world):
+    # the column-wise plan alone runs on 2 ranks
+    return (exact_columns_cases.step_cases(rank, world, ("mixed", "idle_rank"))
+            + [exact_columns_cases.fp_case(rank, world)])
+
+
+def test_column_wise_steps_match_the_unsharded_step_and_checkpoints_reshard(tmp_path):
+    directory = str(tmp_path)
+    done = run_ranks(_steps_and_save, 2, directory, timeout=420, collective_timeout=60)
+    steps, saved = done[0]
+    assert done[1] == done[0] and len(steps) == 13 and len(saved) == 2, done
+    assert run_ranks(exact_columns_cases.to_table_wise, 1, directory, 2, timeout=240) == [saved]
+    assert run_ranks(exact_columns_cases.back_to_column_wise, 2, directory, timeout=300) == [saved, saved]
+
+
+def test_column_wise_steps_on_three_ranks_one_holding_no_shard():
+    # a short collective timeout: a rank that skips the step's all-to-all fails within the deadline
+    done = run_ranks(_steps, 3, timeout=480, collective_timeout=30)
+    assert done[0] == done[1] == done[2] and "idle_rank/rowwise_adagrad" in done[0], done
+    assert done[0][-1] == "fp/column_wise/rowwise_adagrad"
+
+
+_KINDS = {
+    "rowwise_adagrad": optim.RowWiseAdagrad(0.3, eps=1e-3, weight_decay=0.1),
+    "rowwise_adagrad_decouple": optim.RowWiseAdagrad(0.3, eps=1e-3, weight_decay=0.1, weight_decay_mode="decouple"),
+    "partial_rowwise_adam": optim.PartialRowWiseAdam(0.1, weight_decay=0.05),
+    "lars_sgd": optim.LarsSGD(0.2, eta=0.5, weight_decay=0.05),
+    "lamb": optim.LAMB(0.1, weight_decay=0.05),
+    "partial_rowwise_lamb": optim.PartialRowWiseLAMB(0.1, weight_decay=0.05),
+}
+
+
+@pytest.mark.parametrize("name", list(_KINDS))
+def test_column_blocks_step_as_one_row(name):
+    """Rows cut into three column blocks, their partial sums added, step as the whole rows
+    do under the unsharded rules (``fused_rules.step_in_place``), three steps in a row."""
+    fused = _KINDS[name]
+    assert set(ROW_SUMS) >= {fused.kind}
+    gen = torch.Generator().manual_seed(3)
+    n, dim, cuts = 6, 11, (0, 4, 5, 11)
+    w = torch.randn(n, dim, generator=gen)
+    state = [torch.rand(n, generator=gen) if per == "row" else torch.rand(n, dim, generator=gen)
+             for _, per in fused.state]
+    whole = [w.clone(), *(s.clone() for s in state)]
+    blocks = [[w[:, a:b].clone(), *(s.clone() if s.dim() == 1 else s[:, a:b].clone() for s in state)]
+              for a, b in zip(cuts, cuts[1:])]
+    hparams = fused.hyperparameters(fused.lr)
+    for step in (1, 2, 3):
+        g = torch.randn(n, dim, generator=gen)
+        s1, s2 = (whole[1:] + [None, None])[:2]
+        fused_rules.step_in_place(fused_rules.StepRule(fused.kind, hparams, step), whole[0], g.clone(), s1, s2)
+        parts = []
+        for (a, b), block in zip(zip(cuts, cuts[1:]), blocks):
+            gb = g[:, a:b].clone()
+            b1, b2 = (block[1:] + [None, None])[:2]
+            parts.append((gb, b1, b2, *row_partials(fused.kind, hparams, step, block[0], gb, b1, b2)))
+        sums = parts[0][3].clone()
+        for p in parts[1:]:
+            sums += p[3]
+        for block, (gb, b1, b2, _, carried) in zip(blocks, parts):
+            finish_rows(fused.kind, hparams, step, dim, block[0], gb, b1, b2, sums, carried)
+    torch.testing.assert_close(torch.cat([b[0] for b in blocks], 1), whole[0], rtol=2e-6, atol=2e-6)
+    for k, (_, per) in enumerate(fused.state):
+        got = blocks[0][k + 1] if per == "row" else torch.cat([b[k + 1] for b in blocks], 1)
+        torch.testing.assert_close(got, whole[k + 1], rtol=2e-6, atol=2e-6)
+        if per == "row":  # every block keeps the same row-wise state
+            assert all(torch.equal(b[k + 1], blocks[0][k + 1]) for b in blocks)
+
+
+def test_the_unpooled_collection_refuses_column_wise_whole_row_optimizers():
+    from jaggedrec.distributed.shard_layout import ShardLayout
+    from jaggedrec.distributed.sharding_plan import column_wise, construct_module_sharding_plan
+    from jaggedrec.distributed.shards import check_fused
+    tables = [jr.EmbeddingConfig(name="wide", embedding_dim=8, num_embeddings=4, feature_names=["f"])]
+    ec = jr.EmbeddingCollection(tables)
+    plan = construct_module_sharding_plan(ec, {"wide": column_wise(ranks=[0, 1])}, world_size=2)
+    layout = ShardLayout(tables, plan, 2)
+    with pytest.raises(NotImplementedError, match=r"\['wide'\].*row-wise Adagrad"):
+        check_fused(layout, optim.RowWiseAdagrad(0.1))
+    check_fused(layout, optim.RowWiseAdagrad(0.1), exact_columns=True)  # the bag collection's
+    check_fused(layout, optim.Adagrad(0.1))  # element-wise: column blocks step exactly
