@@ -266,9 +266,13 @@ def test_sharders_are_module_sharders():
                                        FeatureProcessedEmbeddingBagCollectionSharder, ModuleSharder,
                                        get_default_sharders)
 
+    from jaggedrec.distributed.mc_embedding import ManagedCollisionEmbeddingCollectionSharder
+    from jaggedrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
+
     sharders = get_default_sharders()
     assert [type(s) for s in sharders] == [EmbeddingBagCollectionSharder, FeatureProcessedEmbeddingBagCollectionSharder,
-                                           EmbeddingCollectionSharder]
+                                           EmbeddingCollectionSharder, ManagedCollisionEmbeddingBagCollectionSharder,
+                                           ManagedCollisionEmbeddingCollectionSharder]
     assert all(isinstance(s, ModuleSharder) for s in sharders)
     assert ModuleSharder[nn.Module] is not None  # TorchRec's examples annotate with it
     ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="t0", embedding_dim=3, num_embeddings=5, feature_names=["a"]),

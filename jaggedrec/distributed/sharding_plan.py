@@ -25,6 +25,8 @@ from jaggedrec.distributed.embedding import EmbeddingCollectionSharder
 from jaggedrec.distributed.embedding_types import EmbeddingComputeKernel
 from jaggedrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from jaggedrec.distributed.fp_embeddingbag import FeatureProcessedEmbeddingBagCollectionSharder
+from jaggedrec.distributed.mc_embedding import ManagedCollisionEmbeddingCollectionSharder
+from jaggedrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
 from jaggedrec.distributed.types import (EmbeddingModuleShardingPlan, EnumerableShardingSpec, ModuleSharder,
                                          ParameterSharding, ShardingType, ShardMetadata)
 
@@ -36,7 +38,8 @@ def get_default_sharders() -> List[ModuleSharder]:
     """One sharder per collection type jaggedrec can shard, without fused parameters, in
     TorchRec's order."""
     return [EmbeddingBagCollectionSharder(), FeatureProcessedEmbeddingBagCollectionSharder(),
-            EmbeddingCollectionSharder()]
+            EmbeddingCollectionSharder(), ManagedCollisionEmbeddingBagCollectionSharder(),
+            ManagedCollisionEmbeddingCollectionSharder()]
 
 
 def block_sizes(total: int, parts: int) -> List[int]:

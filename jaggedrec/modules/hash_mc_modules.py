@@ -237,6 +237,15 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
                           start_bucket=start, end_bucket=segments.index(output_id_range[1]),
                           disable_fallback=self._disable_fallback, no_bag=self._no_bag, unplaced=self._unplaced)
 
+    def bucket_segments(self) -> List[int]:
+        """The ``buckets() + 1`` row edges of the buckets (``output_segments``)."""
+        return list(self._output_segments)
+
+    def row_state_names(self) -> List[str]:
+        """The state_dict entries indexed by slot (``[zch_size, ...]``): a row-wise shard holds its block."""
+        names = [self.IDENTITY_BUFFER, self.METADATA_BUFFER]
+        return names + (["_hash_zch_runtime_meta"] if self._hash_zch_runtime_meta is not None else [])
+
     # --- the machinery ----------------------------------------------------------------------------
     def bucket_of(self, ids: torch.Tensor) -> torch.Tensor:
         """``[N]`` int64 ids -> ``[N]`` bucket, as TorchRec assigns them."""

@@ -45,6 +45,14 @@ class BaseManagedCollisionEmbeddingCollection(nn.Module):
         if list(configs) != list(managed_collision_collection.embedding_configs()):
             raise ValueError("the embedding module and the ManagedCollisionCollection must hold the same table configs")
 
+    @property
+    def managed_collision_collection(self) -> ManagedCollisionCollection:
+        return self._managed_collision_collection
+
+    @property
+    def return_remapped_features(self) -> bool:
+        return self._return_remapped_features
+
     def forward(self, features: KeyedJaggedTensor, mutate_miss_lengths: bool = True
                 ) -> Tuple[Union[KeyedTensor, Dict[str, JaggedTensor]], Optional[KeyedJaggedTensor]]:
         features = self._managed_collision_collection(features, mutate_miss_lengths=mutate_miss_lengths)
@@ -91,6 +99,10 @@ class ManagedCollisionEmbeddingCollection(BaseManagedCollisionEmbeddingCollectio
     def embedding_collection(self) -> EmbeddingCollection:
         return self._embedding_module
 
+    def embedding_configs(self):
+        """The tables' configs (the planner reads them)."""
+        return self._embedding_module.embedding_configs()
+
 
 class ManagedCollisionEmbeddingBagCollection(BaseManagedCollisionEmbeddingCollection):
     """An ``EmbeddingBagCollection`` behind managed-collision modules: returns
@@ -105,3 +117,7 @@ class ManagedCollisionEmbeddingBagCollection(BaseManagedCollisionEmbeddingCollec
     @property
     def embedding_bag_collection(self) -> EmbeddingBagCollection:
         return self._embedding_module
+
+    def embedding_bag_configs(self):
+        """The tables' configs (the planner reads them)."""
+        return self._embedding_module.embedding_bag_configs()

@@ -245,6 +245,25 @@ class MCHManagedCollisionModule(ManagedCollisionModule):
     def buckets(self) -> int:
         return self._buckets
 
+    def bucket_segments(self) -> List[int]:
+        """The ``buckets() + 1`` row edges of the buckets a sharded table keeps apart: an even
+        split of ``[output_global_offset, + zch_size)`` (sizes differ by at most one row)."""
+        k, start = self._buckets, self._output_global_offset
+        return [start + self._zch_size * i // k for i in range(k + 1)]
+
+    def bucket_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[N]`` int64 ids (after ``preprocess``) -> ``[N]`` bucket: blocks of
+        ``ceil(input_hash_size / buckets())`` ids, as TorchRec routes them; outside
+        ``[0, buckets())`` for ids outside ``[0, input_hash_size)`` (with one bucket, always 0)."""
+        if self._buckets == 1:
+            return torch.zeros_like(ids)
+        block = -(-self._input_hash_size // self._buckets)
+        return torch.where(ids < 0, -1, ids // block)
+
+    def row_state_names(self) -> List[str]:
+        """The state_dict entries indexed by slot (``[zch_size]``): a row-wise shard holds its block."""
+        return ["_mch_sorted_raw_ids", "_mch_remapped_ids_mapping"] + ["_mch_" + n for n in self._mch_metadata]
+
     def open_slots(self) -> torch.Tensor:
         """``[1]`` rows still free (the fallback row not counted)."""
         live = (self._mch_sorted_raw_ids != _INT64_MAX).sum().reshape(1)
