@@ -106,3 +106,26 @@ def test_the_unpooled_collection_refuses_column_wise_whole_row_optimizers():
         check_fused(layout, optim.RowWiseAdagrad(0.1))
     check_fused(layout, optim.RowWiseAdagrad(0.1), exact_columns=True)  # the bag collection's
     check_fused(layout, optim.Adagrad(0.1))  # element-wise: column blocks step exactly
+
+
+def test_options_the_exact_step_does_not_implement_are_refused():
+    import dataclasses
+
+    from jaggedrec.distributed.exact_columns import check_exact
+    from jaggedrec.distributed.shard_layout import ShardLayout
+    from jaggedrec.distributed.sharding_plan import column_wise, construct_module_sharding_plan
+
+    @dataclasses.dataclass(frozen=True, repr=False)
+    class Rounded(optim.RowWiseAdagrad):  # an option added to the config, unknown to the exact step
+        stochastic_rounding: bool = False
+
+    tables = [jr.EmbeddingBagConfig(name="wide", embedding_dim=8, num_embeddings=4, feature_names=["f"])]
+    plan = construct_module_sharding_plan(jr.EmbeddingBagCollection(tables), {"wide": column_wise(ranks=[0, 1])},
+                                          world_size=2)
+    layout = ShardLayout(tables, plan, 2, whole_rows=True)
+    assert layout.exact_tables == {0}
+    check_exact(Rounded(0.1), layout)  # at its default: the step is the plain one
+    with pytest.raises(NotImplementedError, match=r"\['wide'\].*stochastic_rounding=True"):
+        check_exact(Rounded(0.1, stochastic_rounding=True), layout)
+    with pytest.raises(NotImplementedError, match=r"\['wide'\]: Adagrad is not stepped"):
+        check_exact(optim.Adagrad(0.1), layout)
