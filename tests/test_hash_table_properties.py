@@ -69,13 +69,15 @@ POLICIES = [HashTableOptions(bucket_size=3, eviction="lru", unplaced="fallback")
             HashTableOptions(bucket_size=3, eviction="lfu", admit_threshold=2, unplaced="fallback")]
 
 
+@pytest.mark.parametrize("compaction", [True, False], ids=["compact", "fixed_shapes"])
 @pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("policy", range(len(POLICIES)))
-def test_rows_and_evictions_match_simulator(policy, id_dtype):
+def test_rows_and_evictions_match_simulator(policy, id_dtype, compaction):
     rng = random.Random(policy * 7 + (id_dtype == torch.int32))
     options0 = POLICIES[policy]
     options1 = HashTableOptions(bucket_size=3, eviction="lfu" if policy % 2 else "lru", unplaced="fallback")
     model, sim = make(options0, options1), sim_for(options0, options1)
+    model.hash_state.eager_compaction = compaction  # eager CPU picks the positions to place; graphs do not
     high = 2**31 - 1 if id_dtype == torch.int32 else 2**62
     pool = [rng.randrange(-high, high) for _ in range(30)]
     unplaced = {f: 0 for f in "abc"}
@@ -162,6 +164,7 @@ FUSED = [optim.SGD(lr=0.1), optim.RowWiseAdagrad(lr=0.1), optim.Adam(lr=0.1), op
 def test_evicted_row_and_state_reset(fused):
     options = HashTableOptions(bucket_size=2, eviction="lru", unplaced="fallback")
     model, sim = make(options, options, fused=fused), sim_for(options, options)
+    model.hash_state.eager_compaction = fused.kind % 2 == 0  # both paths, over the optimizers
     rng = random.Random(fused.kind)
     pool = [rng.randrange(2**40) for _ in range(40)]
     resets = 0

@@ -161,6 +161,9 @@ class HashEmbeddingBagCollection(EmbeddingBagCollection):
         Fixed shapes: every position writes, those without an eviction write the fallback
         row's own values back (so nothing changes there)."""
         state = self.fused_optimizer_state
+        if self.hash_state.compacts(evicted_row):  # eager CPU: the evictions only
+            pick = (evicted_row >= 0).nonzero().squeeze(1)
+            table, evicted_row = table[pick], evicted_row[pick]
         for hashed, t, low, high, offset, rows, dim, row_base, states in self._reset_plan:
             mask = (table == hashed) & (evicted_row >= 0)
             fallback = rows - 1

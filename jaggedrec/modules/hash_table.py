@@ -136,8 +136,17 @@ class HashTableState(nn.Module):
                              persistent=False)
         self.register_buffer("fallback", torch.zeros(len(self.features), dtype=torch.int64, device=device),
                              persistent=False)
+        self.eager_compaction = True
         self._feature_table = {f: i for i, t in enumerate(tables) for f in t.features}
         self._feature_index = {f: i for i, f in enumerate(self.features)}
+
+    def compacts(self, like: torch.Tensor) -> bool:
+        """Whether the training step works on the positions that need it only (picked with
+        ``nonzero``): on eager CPU tensors, where a data-dependent size waits on no device and
+        saves the fixed-shape path's work over every position; never in a compiled or traced
+        graph, nor on a GPU. ``eager_compaction = False`` turns it off (the tests run both)."""
+        return (self.eager_compaction and like.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not isinstance(like, torch.fx.Proxy))
 
     def column(self, name: str) -> torch.Tensor:
         """``[H + 1]`` int64: one per-table constant (``bucket_base``, ``num_buckets``, ...)."""
@@ -171,22 +180,22 @@ class HashTableState(nn.Module):
         hashed_mask = table < len(self.tables)
         raw = ids.to(torch.int64)
         hashed = hp.mix(raw)
-        buckets = hp.bucket_of(hashed, self.column("bucket_base")[table], self.column("num_buckets")[table])
+        col = dict(zip(self._column, self.per_table.index_select(1, table).unbind(0)))  # per position
+        buckets = hp.bucket_of(hashed, col["bucket_base"], col["num_buckets"])
         if self.training:
             with torch.no_grad():
                 self.step.add_(1)
                 placement = hp.train_step(
                     self.keys, self.last_step, self.count, self.sketch, self.step, self.bucket_size, raw, hashed,
-                    buckets, hashed_mask,
-                    hp.sketch_of(hashed, self.column("sketch_base")[table], self.column("sketch_width")[table]),
-                    self.column("threshold")[table], self.column("policy")[table], self.column("ttl")[table])
+                    buckets, hashed_mask, hp.sketch_of(hashed, col["sketch_base"], col["sketch_width"]),
+                    col["threshold"], col["policy"], col["ttl"], compact=self.compacts(raw))
             slot, evicted_slot, unplaced = placement.slot, placement.evicted_slot, placement.unplaced
         else:
             slot = hp.lookup(self.keys, self.bucket_size, raw, buckets, hashed_mask)
             evicted_slot, unplaced = torch.full_like(slot, -1), torch.zeros_like(hashed_mask)
-        slot_base = self.column("bucket_base")[table] * self.bucket_size
+        slot_base = col["bucket_base"] * self.bucket_size
         fallback = hashed_mask & (slot < 0)
-        rows = torch.where(fallback, self.column("fallback")[table], slot - slot_base)
+        rows = torch.where(fallback, col["fallback"], slot - slot_base)
         values = torch.where(hashed_mask, rows, raw).to(ids.dtype)
         scratch = len(self.features)
         self.unplaced.index_add_(0, torch.where(unplaced, feature, scratch).clamp(max=scratch - 1),

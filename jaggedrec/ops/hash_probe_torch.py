@@ -64,7 +64,9 @@ def probe(keys: torch.Tensor, bucket_size: int, ids: torch.Tensor, buckets: torc
     window = keys.narrow(0, 0, num_slots).view(-1, bucket_size)[buckets]  # [N, S]
     match = (window == ids.unsqueeze(1)) & (ids != EMPTY).unsqueeze(1)
     found = match.any(1)
-    slot = buckets * bucket_size + match.to(torch.int8).argmax(1)
+    # at most one slot matches: its index is the matches' weighted sum (cheaper than argmax)
+    within = (match.to(torch.int32) * torch.arange(bucket_size, dtype=torch.int32, device=ids.device)).sum(1)
+    slot = buckets * bucket_size + within
     return found, slot
 
 
@@ -95,7 +97,7 @@ def _ranking(keys, last_step, count, protect, buckets, bucket_size: int, policy,
 
 
 def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, hashed, buckets, hashed_mask,
-               sketch_index, threshold, policy, ttl) -> Placement:
+               sketch_index, threshold, policy, ttl, compact: bool = False) -> Placement:
     """One training batch: look ids up, admit, place and evict, updating the state in place.
 
     Args:
@@ -106,6 +108,9 @@ def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, hash
             buckets everywhere, also where ``hashed_mask`` is False).
         hashed_mask: ``[N]`` bool, the positions of hashed tables (the others are left alone).
         sketch_index, threshold, policy, ttl: ``[N]`` int64, per position (its table's).
+        compact: place only the admitted positions, picked with ``nonzero`` (a data-dependent
+            size: for eager CPU tensors, where it waits on no device); else every position
+            goes through the placement, masked (fixed shapes: compiled graphs, GPUs).
     """
     n = ids.numel()
     scratch = keys.numel() - 1
@@ -117,6 +122,30 @@ def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, hash
     counted = miss & (threshold > 1)
     sketch.index_add_(0, torch.where(counted, sketch_index, sketch.numel() - 1), counted.to(torch.int64))
     admitted = miss & (ids != EMPTY) & ((threshold <= 1) | (sketch[sketch_index] >= threshold))
+    if compact:
+        pick = admitted.nonzero().squeeze(1)
+        m_slot, m_evicted = _place(keys, last_step, count, protect, step, bucket_size, ids[pick], buckets[pick],
+                                   admitted[pick], policy[pick], ttl[pick])
+        new_slot = torch.full_like(ids, -1).index_copy_(0, pick, m_slot)
+        evicted_slot = torch.full_like(ids, -1).index_copy_(0, pick, m_evicted)
+    else:
+        new_slot, evicted_slot = _place(keys, last_step, count, protect, step, bucket_size, ids, buckets, admitted,
+                                        policy, ttl)
+    slot = torch.where(hashed_mask, torch.where(found, slot, new_slot), -1)
+    live = slot >= 0
+    write = torch.where(live, slot, scratch)
+    last_step.index_copy_(0, write, step.expand(n))
+    count.index_add_(0, write, live.to(torch.int64))
+    keys[scratch] = EMPTY
+    return Placement(slot, evicted_slot, admitted & ~live, miss & ~admitted)
+
+
+def _place(keys, last_step, count, protect, step, bucket_size: int, ids, buckets, admitted, policy, ttl):
+    """Give the admitted ids slots: ``[M]`` slot of each position (``-1``: none) and the slot an
+    evicted id left (``-1``: none; at each new id's first position). Writes the new ids' keys
+    and zeroes their counts."""
+    n = ids.numel()
+    scratch = keys.numel() - 1
     # distinct admitted ids, by (bucket, id): two stable sorts; the others sort last
     by_id = torch.sort(ids, stable=True).indices
     order_key, by_bucket = torch.sort(torch.where(admitted, buckets, NEVER)[by_id], stable=True)
@@ -143,13 +172,7 @@ def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, hash
     # write the new ids; the scratch slot takes the writes of the others
     keys.index_copy_(0, target, torch.where(placed, s_ids, EMPTY))
     count.index_fill_(0, target, 0)
-    slot = torch.where(hashed_mask, torch.where(found, slot, new_slot), -1)
-    live = slot >= 0
-    write = torch.where(live, slot, scratch)
-    last_step.index_copy_(0, write, step.expand(n))
-    count.index_add_(0, write, live.to(torch.int64))
-    keys[scratch] = EMPTY
-    return Placement(slot, evicted_slot, admitted & ~live, miss & ~admitted)
+    return new_slot, evicted_slot
 
 
 def lookup(keys: torch.Tensor, bucket_size: int, ids, buckets, hashed_mask) -> torch.Tensor:
