@@ -132,6 +132,10 @@ def main(argv: Optional[Sequence[str]] = None,
     if _flag_value(argv, "--world-size") is not None or _flag_value(argv, "--sharding") is not None:
         return _sharded(argv)
     module_name = _flag_value(argv, "--module") or "ebc"
+    if module_name == "mc":  # hash tables on raw ids: flags and report of their own
+        from .providers.mc import main as mc_main
+
+        return mc_main(argv)
     if module_name not in MODULES:
         print(f"jaggedrec-bench: --module must be one of {', '.join(MODULES)}, got {module_name!r}", file=sys.stderr)
         return 2
