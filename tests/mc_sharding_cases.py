@@ -449,3 +449,64 @@ def checkpoint_cases(rank: int, world: int, leg: int, root: str) -> List[str]:
 
 def run(rank: int, world: int, calls) -> list:
     return [globals()[name](rank, world, *args) for name, *args in calls]
+
+
+class _PipeModel(nn.Module):
+    """TorchRec's train-pipeline model shape: ``forward(batch)`` -> (loss, output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Model("ebc")
+
+    def forward(self, batch):
+        out, static, _ = self.inner(batch.sparse_features)
+        logits = out.values().sum(1) + static.sum(1)
+        loss = ((logits - batch.labels) ** 2).mean()
+        return loss, logits.detach()
+
+
+def pipeline_cases(rank: int, world: int) -> List[int]:
+    """TrainPipelineSparseDist over an MC-EBC model gives the plain loop's logits, id maps and
+    tables bit for bit; the remapped KJT is not the batch's, so the dist the pipeline
+    sent ahead is not taken (a counted fallback each step)."""
+    import warnings
+
+    from jaggedrec.distributed.train_pipeline import TrainPipelineSparseDist
+    from train_pipeline_cases import Batch, run_pipeline
+
+    def build():
+        model = _PipeModel()
+        gens = plans(world)["mixed"]
+        plan = ShardingPlan({"inner.mc": construct_module_sharding_plan(model.inner.mc, {t: gens[t] for t in ("u", "i")},
+                                                                        world_size=world),
+                             "inner.static": construct_module_sharding_plan(model.inner.static, {"s": gens["s"]},
+                                                                            world_size=world)})
+        dmp_model = DistributedModelParallel(model, ShardingEnv.from_process_group(dist.group.WORLD),
+                                             torch.device("cpu"), plan=plan)
+        return dmp_model, torch.optim.SGD([dmp_model.module.inner.scale], lr=0.1)
+
+    steps = 5
+    data = [Batch(torch.zeros(B, 1), batches(600 + s, world)[rank],
+                  torch.randn(B, generator=torch.Generator().manual_seed(rank * 10 + s))) for s in range(steps)]
+    ref, ref_opt = build()
+    expected = []
+    for batch in data:
+        ref_opt.zero_grad()
+        loss, logits = ref(batch)
+        loss.backward()
+        ref_opt.step()
+        expected.append((loss.detach(), logits))  # progress() returns the output
+    model, opt = build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        pipe = TrainPipelineSparseDist(model, opt, torch.device("cpu"))
+        got = run_pipeline(pipe, data)
+    assert len(got) == steps, got
+    for k, (g, e) in enumerate(zip(got, expected)):
+        assert torch.equal(g, e[1]), f"step {k}: logits {g} != {e[1]}"
+    mine = dict(list(model.module.named_parameters()) + list(model.module.named_buffers()))
+    theirs = dict(list(ref.module.named_parameters()) + list(ref.module.named_buffers()))
+    assert mine.keys() == theirs.keys() and any("_mch_sorted_raw_ids" in k for k in mine), sorted(mine)
+    for k in theirs:
+        assert torch.equal(mine[k], theirs[k]), k
+    return pipe.fallbacks
