@@ -151,7 +151,7 @@ class IdsOutOfRange(RuntimeError):
 
 def quantized_forward(buffers: Dict[int, torch.Tensor], values: torch.Tensor, offsets: torch.Tensor,
                       psw: Optional[torch.Tensor], tables: FeatureTables, starts: Optional[List[int]] = None,
-                      check_ids: bool = False) -> torch.Tensor:
+                      check_ids: bool = False, one_per_bag: Optional[bool] = None) -> torch.Tensor:
     """``[B, sum(dims)]`` fp32 pooled bags of every feature.
 
     Args:
@@ -165,20 +165,27 @@ def quantized_forward(buffers: Dict[int, torch.Tensor], values: torch.Tensor, of
             table's packed CPU rows needs no pass of its own: torch's op refuses ids outside the
             rows it is given (:func:`op_refuses_bad_ids`); ids shifted into a block of tables,
             and the other paths, are checked per table first.
+        one_per_bag: whether every bag holds one id, when the caller knows (validated lengths
+            tell it for free); None: found out here, with one pass over the offsets.
     """
     num_keys = tables.num_keys
     batch = (offsets.shape[0] - 1) // num_keys
     segs = segments(tables)
-    if values.shape[0] == num_keys * batch and torch.equal(offsets, _arange(num_keys * batch + 1, offsets)):
+    if one_per_bag is None:
+        one_per_bag = (values.shape[0] == num_keys * batch
+                       and torch.equal(offsets, _arange(num_keys * batch + 1, offsets)))
+    if one_per_bag:
         pieces = [_one_id_per_bag(buffers, values, psw, seg, batch, check_ids) for seg in segs]
     else:
         if starts is None:
             starts = offsets[::batch].tolist()  # [K+1] first id of each key
-        # [K, B+1] each key's bag starts within its own ids, in one op (per key they would cost one each)
-        relative = torch.sub(offsets.as_strided((num_keys, batch + 1), (batch, 1)),
-                             offsets.as_strided((num_keys, 1), (batch, 0)))
-        pieces = [_pooled(buffers, values, offsets, relative, psw, seg, batch, starts, check_ids)
-                  for seg in _split(segs, starts)]
+        split = _split(segs, starts)
+        relative = None
+        if any(len(seg.keys) == 1 for seg in split):
+            # [K, B+1] each key's bag starts within its own ids, in one op (per key they would cost one each)
+            relative = torch.sub(offsets.as_strided((num_keys, batch + 1), (batch, 1)),
+                                 offsets.as_strided((num_keys, 1), (batch, 0)))
+        pieces = [_pooled(buffers, values, offsets, relative, psw, seg, batch, starts, check_ids) for seg in split]
     # one copy into the output, as torch's cat moves columns fastest (~1.7x a strided copy per piece)
     return pieces[0].contiguous() if len(pieces) == 1 else torch.cat(pieces, dim=1)
 

@@ -48,7 +48,8 @@ def serves(kjt: object, buffers: Tuple[torch.Tensor, ...]) -> bool:
     held = lengths if lengths is not None else offsets
     if held is None or type(held) is not _PLAIN or not kjt.keys() or kjt.stride() == 0:
         return False
-    return all(type(b) is _PLAIN for b in buffers)
+    int8, int4, fp16 = buffers
+    return type(int8) is _PLAIN and type(int4) is _PLAIN and type(fp16) is _PLAIN
 
 
 def pooled(kjt: KeyedJaggedTensor, spec: FeatureSpec, tables: FeatureTables, buffers: Dict[int, torch.Tensor],
@@ -57,7 +58,9 @@ def pooled(kjt: KeyedJaggedTensor, spec: FeatureSpec, tables: FeatureTables, buf
     type -> flat uint8 buffer), ``kjt`` checked as ``read_batch`` checks it."""
     validation.check_static(kjt, spec)
     values = kjt.values()
-    offsets, starts = _offsets(kjt, spec, validate)
+    offsets, starts, shortest = _offsets(kjt, spec, validate)
+    # every bag one id: N = K*B ids in K*B bags of at least one id each (None: ask the offsets)
+    one_per_bag = None if shortest is None else shortest >= 1 and starts[-1] == offsets.shape[0] - 1
     if values.dtype != offsets.dtype:  # torch's quantized ops want one index dtype
         if values.dtype == torch.int64 or not validate or starts[-1] >= 2 ** 31:
             values, offsets = values.long(), offsets.long()
@@ -67,41 +70,48 @@ def pooled(kjt: KeyedJaggedTensor, spec: FeatureSpec, tables: FeatureTables, buf
     psw = None if weights is None else weights.float().contiguous()
     try:
         return quantized_torch.quantized_forward(buffers, values.contiguous(), offsets.contiguous(), psw, tables,
-                                                 starts, check_ids=validate)
+                                                 starts, check_ids=validate, one_per_bag=one_per_bag)
     except RuntimeError:
         if validate:
             validation.check_data(kjt, spec)  # raises naming the feature, id and sample
         raise
 
 
-def _offsets(kjt: KeyedJaggedTensor, spec: FeatureSpec, validate: bool) -> Tuple[torch.Tensor, List[int]]:
-    """``[K*B+1]`` the offsets to pool with and ``[K+1]`` host ints, the first id of each key;
-    with ``validate``, lengths and offsets checked as ``validation.check_data`` checks them."""
+def _offsets(kjt: KeyedJaggedTensor, spec: FeatureSpec,
+             validate: bool) -> Tuple[torch.Tensor, List[int], Optional[int]]:
+    """``[K*B+1]`` the offsets to pool with, ``[K+1]`` host ints, the first id of each key, and
+    the shortest bag's length (None when not read); with ``validate``, lengths and offsets
+    checked as ``validation.check_data`` checks them."""
     both = validate and kjt.has_unchecked_offsets()
     offsets = kjt.offsets() if both else kjt.lookup_offsets()
     starts = offsets[::kjt.stride()].tolist()
     if not validate:
-        return offsets, starts
-    if _agree(kjt, offsets, starts, both):
+        return offsets, starts, None
+    shortest = _shortest_if_sound(kjt, offsets, starts, both)
+    if shortest is not None:
         if both:
             kjt.mark_offsets_checked()
-        return offsets, starts
+        return offsets, starts, shortest
     validation.check_data(kjt, spec)  # raises, naming the feature and sample
     offsets = kjt.lookup_offsets()  # not reached with a bad batch; kept for a check stricter than check_data's
-    return offsets, offsets[::kjt.stride()].tolist()
+    return offsets, offsets[::kjt.stride()].tolist(), None
 
 
-def _agree(kjt: KeyedJaggedTensor, offsets: torch.Tensor, starts: List[int], both: bool) -> bool:
-    """Whether the bags are sound: no negative length, offsets from 0 to the id count (summed
-    exactly: in int64, or from int64 offsets), and given offsets equal to the given lengths'."""
+def _shortest_if_sound(kjt: KeyedJaggedTensor, offsets: torch.Tensor, starts: List[int], both: bool) -> Optional[int]:
+    """The shortest bag's length if the bags are sound, else None. Sound: no negative length,
+    offsets from 0 to the id count (summed exactly: in int64, or from int64 offsets), and given
+    offsets equal to the given lengths'."""
     if starts[0] != 0 or starts[-1] != kjt.values().shape[0]:
-        return False
+        return None
     lengths: Optional[torch.Tensor] = kjt.lengths_or_none()
     if lengths is None:
         lengths = offsets[1:] - offsets[:-1]
     elif both and not torch.equal(offsets[1:] - offsets[:-1], lengths):
-        return False
-    if int(lengths.min()) < 0:
-        return False
+        return None
+    shortest = int(lengths.min())
+    if shortest < 0:
+        return None
     # narrow offsets may have wrapped on their way to N: the lengths' own sum decides
-    return offsets.dtype == torch.int64 or int(lengths.sum(dtype=torch.int64)) == starts[-1]
+    if offsets.dtype != torch.int64 and int(lengths.sum(dtype=torch.int64)) != starts[-1]:
+        return None
+    return shortest
