@@ -294,6 +294,23 @@ def train_cases(rank: int, world: int) -> List[str]:
                 check_state(model, ref, rank, what)
                 evicted += len(before - _live(ref))
             assert evicted > 0, f"{kind} {plan}: no live id was evicted; the case does not test eviction"
+            # the free slots of every rank's buckets add up to the oracle's
+            slots = model.module.mc.managed_collision_collection.open_slots()
+            for t, n in slots.items():
+                dist.all_reduce(n)
+                want = sum(int(m.open_slots()) for (tt, _), m in _reference_modules(ref).items() if tt == t)
+                assert int(n) == want, f"{kind} {plan}: open slots of {t}: {int(n)} != {want}"
+            # eval: ids are remapped read-only, nothing is recorded
+            model.eval()
+            ref.eval()
+            before = _live(ref)
+            with torch.no_grad():
+                kjts = batches(77, world)
+                ref_out, _, ref_remapped = ref(global_kjt(kjts))
+                out, _, remapped = model(kjts[rank])
+                check_outputs(kind, out.wait(), ref_out, remapped, ref_remapped, rank, world, f"{kind} {plan} eval")
+            check_state(model, ref, rank, f"{kind} {plan} eval")
+            assert _live(ref) == before
             done.append(f"{kind}-{plan}")
     return done
 
