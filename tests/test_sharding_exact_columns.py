@@ -5,8 +5,9 @@ block steps as the unsharded module does (bodies in ``exact_columns_cases.py``);
 FeatureProcessedEmbeddingBagCollection the position weights' gradient comes back too.
 
 Sharded steps are checked against the unsharded module stepped on the global batch: within
-fp32 tolerance (the sums are added block by block, in another order than one row's sum), and
-the blocks' copies of a row-wise state bit for bit equal. Checkpoints go column-wise on two
+fp32 tolerance (the sums are added block by block, in another order than one row's sum), the
+blocks' copies of a row-wise state bit for bit equal, and the element-wise moments that only
+the summed gradients move bit for bit equal to the unsharded module's. Checkpoints go column-wise on two
 ranks -> table-wise on one -> other column-wise blocks on two, bit for bit."""
 
 import pytest

@@ -6,9 +6,10 @@ LAMB's norms) cannot step a column block alone. The tables a plan splits into co
 under such an optimizer (``ShardLayout.exact_tables``) live in a local collection of their
 own, which only looks rows up; :class:`ExactColumns` steps it in the backward:
 
-1. each shard sums its touched rows' gradients (duplicate ids summed; the rows are the same
-   on every column block of a table, since every block reads the table's whole batch) and
-   computes its part of their row sums (``exact_rules.row_partials``);
+1. each shard sums its touched rows' gradients (duplicate ids summed in the unsharded step's
+   order, so the sums are the same bit for bit; the rows are the same on every column block
+   of a table, since every block reads the table's whole batch) and computes its part of
+   their row sums (``exact_rules.row_partials``);
 2. one ``all_to_all`` per step sends each part to the other ranks that hold a block of the
    same table, and every holder adds the parts up in block order, so that every block gets
    the same sums, bit for bit;
@@ -29,6 +30,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from jaggedrec.modules.embedding_configs import PoolingType
 from jaggedrec.ops.weight_grads import clipped_grad
@@ -156,37 +158,44 @@ class ExactColumns:
         for t, held in by_table.items():
             config = self._layout.configs[t]
             mean = getattr(config, "pooling", PoolingType.SUM) == PoolingType.MEAN
-            # the ids, bags and per-id scale of the table's features (the same for every block)
-            ids, bags, scales, keys_of, means = [], [], [], [], []
+            # the table's ids, feature after feature, and each one's bag among the features' bags
+            # (the same for every block); MEAN's 1/length per bag
+            ids, bags, weights, keys_of, means = [], [], [], [], []
             first = held[0][1]
             for f in config.feature_names:
                 j = key_index[first.local_feature(f)]
                 lo, hi = starts[j], starts[j + 1]
                 n = lengths[j].long()
                 bag = torch.repeat_interleave(torch.arange(stride, device=grad.device), n, output_size=hi - lo)
-                scale = None if psw is None else psw[lo:hi].float()
-                per_bag = (1.0 / n.clamp(min=1).to(torch.float32))[bag] if mean else None
-                if mean:
-                    scale = per_bag if scale is None else scale * per_bag
-                means.append(per_bag)
+                means.append((1.0 / n.clamp(min=1).to(torch.float32)).unsqueeze(1) if mean else None)
                 ids.append(values[lo:hi].long())
-                bags.append(bag)
-                scales.append(scale)
+                bags.append(bag + len(bags) * stride)
+                weights.append(None if psw is None else psw[lo:hi].float())
                 keys_of.append(f)
-            rows, inverse = torch.unique(torch.cat(ids), sorted=True, return_inverse=True)
+            # sorted stably into runs of rows and summed by one embedding_bag over the runs, as
+            # the unsharded step (ops/fused_torch.py) sums them: the same sums, bit for bit
+            sorted_ids, order = torch.sort(torch.cat(ids), stable=True)
+            rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+            run_offsets = F.pad(counts.cumsum(0), (1, 0))
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.repeat_interleave(torch.arange(rows.shape[0], device=grad.device), counts)
+            sorted_bags = torch.cat(bags)[order]
+            sorted_weights = None if psw is None else torch.cat(weights)[order]
             blocks = []
             for i, s in held:
                 weight = self._collection.table_weight(i)
-                pieces = []
-                for f, bag, scale in zip(keys_of, bags, scales):
+                bag_grads = []
+                for f, per_bag in zip(keys_of, means):
                     c = self._columns[s.local_feature(f)]
-                    piece = grad[:, c:c + s.cols].index_select(0, bag)
-                    pieces.append(piece if scale is None else piece * scale.unsqueeze(1))
-                g = grad.new_zeros(rows.shape[0], s.cols).index_add_(0, inverse, torch.cat(pieces))
+                    columns = grad[:, c:c + s.cols]
+                    bag_grads.append(columns * per_bag if per_bag is not None else columns)
+                g = F.embedding_bag(sorted_bags, torch.cat(bag_grads), run_offsets, mode="sum",
+                                    include_last_offset=True, per_sample_weights=sorted_weights) \
+                    if rows.shape[0] else grad.new_zeros(0, s.cols)  # [U, cols]
                 views = state_views(self._collection, i, self._fused)
                 w = weight.index_select(0, rows).float()
                 if for_weights is not None:
-                    self._weights_grad(s, keys_of, bags, means, inverse, w, kjt, for_weights)
+                    self._weights_grad(s, keys_of, bags, means, inverse, w, kjt, stride, for_weights)
                 s1, s2 = [views[name].index_select(0, rows).float() for name, _ in self._fused.state] + \
                     [None] * (2 - len(self._fused.state))
                 partial, carried = row_partials(self._kind, hparams, int(views["step"]), w, g, s1, s2)
@@ -194,19 +203,20 @@ class ExactColumns:
             out[t] = _Work(rows, blocks)
         return out
 
-    def _weights_grad(self, shard: Shard, features, bags, means, inverse, w, kjt, for_weights) -> None:
+    def _weights_grad(self, shard: Shard, features, bags, means, inverse, w, kjt, stride: int, for_weights) -> None:
         """The gradient of the per-id weights of ``shard``'s keys: each id's row (``w``, before
         the step) dotted with its bag's output gradient (MEAN: over the bag's length)."""
         grad, out = for_weights
         starts, key_index = kjt.offset_per_key(), {k: j for j, k in enumerate(kjt.keys())}
         at = 0
-        for f, bag, per_bag in zip(features, bags, means):
+        for k, (f, bag, per_bag) in enumerate(zip(features, bags, means)):
             j = key_index[shard.local_feature(f)]
             lo, hi = starts[j], starts[j + 1]
             c = self._columns[shard.local_feature(f)]
             rows = w.index_select(0, inverse[at:at + hi - lo])
+            bag = bag - k * stride  # the feature's own bags
             value = (grad[:, c:c + shard.cols].index_select(0, bag) * rows).sum(1)
-            out[lo:hi] = value if per_bag is None else value * per_bag
+            out[lo:hi] = value if per_bag is None else value * per_bag.squeeze(1).index_select(0, bag)
             at += hi - lo
 
     def _exchange(self, work: Dict[int, "_Work"]) -> Dict[int, torch.Tensor]:
