@@ -202,13 +202,13 @@ class Runs(NamedTuple):
     the device; entries from ``num_runs`` on are never read."""
 
     num_runs: torch.Tensor     # [1] int64: read by the kernels, never by the host
-    run_start: torch.Tensor    # [2M+1] int64; slots num_runs..M hold M, slots past M are scratch
+    run_start: torch.Tensor    # [M+1] or more int64; slots num_runs..M hold M, any past M are scratch
     run_row: torch.Tensor      # [M] int64 element offset of each run's row in the flat weights
     run_feature: torch.Tensor  # [M] int64 a feature reading the run's row (its table gives dim, state)
     item_offset: torch.Tensor  # [M] int64 element of grad_out where each sorted contribution's gradient row starts
     item_scale: Optional[torch.Tensor]  # [M] fp32 per-sample weight times MEAN's 1/length; None: all 1
     long_rank: torch.Tensor    # [M] int64 rank of each run among the long runs, -1 for the others
-    long_runs: torch.Tensor    # [2M] int64 the long runs, in order (the first num_long entries)
+    long_runs: torch.Tensor    # [M] or more int64: the long runs, in order (the first num_long entries)
     num_long: torch.Tensor     # [1] int64 runs of more than LONG_RUN contributions
 
 

@@ -386,5 +386,11 @@ def test_triton_backward_glue_compiles_with_unbacked_id_counts():
     for t in (values, psw):
         mark_unbacked(t, 0)
     compiled = torch.compile(glue, fullgraph=True, backend="inductor")(values, offsets, psw)
+    # eager runs the index kernels, compiled (under the interpreter) their torch reference:
+    # the same entries wherever the runs define them
+    eager, compiled = row_runs.Runs(*eager), row_runs.Runs(*compiled)
+    num, num_runs, num_long = eager.item_offset.shape[0], int(eager.num_runs), int(eager.num_long)
+    defined = dict(run_start=num + 1, run_row=num_runs, run_feature=num_runs, long_runs=num_long)
     for name, a, b in zip(row_runs.Runs._fields, eager, compiled):
-        assert torch.equal(a, b), name
+        size = defined.get(name, a.shape[0])
+        assert torch.equal(a[:size], b[:size]), name

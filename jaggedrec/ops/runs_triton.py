@@ -16,8 +16,8 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from jaggedrec.kernels import pooled_fused, row_runs
-from jaggedrec.kernels.common import META_DIM, META_ROWS, META_WEIGHT_OFFSET
+from jaggedrec.kernels import pooled_fused, row_runs, run_index
+from jaggedrec.kernels.common import META_DIM, META_ROWS, META_WEIGHT_OFFSET, interpreting
 from jaggedrec.kernels.pooled_bwd import Contributions
 
 from jaggedrec.ops import vbe
@@ -42,10 +42,32 @@ def _cached_pass_features(by_pass, device: torch.device) -> torch.Tensor:
     return torch.tensor(by_pass, dtype=torch.int32, device=device)
 
 
+def _torch_glue() -> bool:
+    """The index work as torch ops (the reference the kernels of ``kernels/run_index.py`` are
+    tested against): only where a graph is compiled under Triton's interpreter, which cannot
+    trace a kernel launch."""
+    return interpreting() and torch.compiler.is_compiling()
+
+
 def contributions(batch: OpBatch, tables: FeatureTables, meta: torch.Tensor) -> Contributions:
     """Every (pass, id) pair of the batch (``[N]`` ids, ``[K*B+1]`` offsets), with no host sync.
     With VBE inverse indices, the ids of bags that no sample reads are masked: they get no
-    gradient at all."""
+    gradient at all. One kernel (``run_index.contributions``)."""
+    if _torch_glue():
+        return contributions_reference(batch, tables, meta)
+    values, offsets = batch.values, batch.offsets
+    num_ids, num_passes = values.shape[0], len(tables.plan.passes)
+    id_read = vbe.ids_read(batch.inverse_indices, tables, offsets, num_ids)
+    feature = torch.empty(num_passes * num_ids, dtype=torch.int32, device=values.device)
+    rows = torch.empty(num_passes * num_ids, dtype=torch.int64, device=values.device)
+    bag = torch.empty(num_ids, dtype=torch.int64, device=values.device)
+    run_index.contributions(values, offsets, _pass_features(tables, meta), meta, id_read, feature, rows, bag,
+                            batch.bags_per_key(tables.num_keys))
+    return Contributions(feature, rows, bag)
+
+
+def contributions_reference(batch: OpBatch, tables: FeatureTables, meta: torch.Tensor) -> Contributions:
+    """:func:`contributions` as torch ops."""
     values, offsets = batch.values, batch.offsets
     num_ids = values.shape[0]
     num_keys = tables.num_keys
@@ -82,6 +104,35 @@ def sorted_runs(parts: Contributions, weights: torch.Tensor, gradient_rows: Grad
             row starts, and ``[M]`` fp32 its factor, or None for all 1. A pooled bag's row for
             a pooled op, the id's own output row for a sequence op.
     """
+    if _torch_glue():
+        return sorted_runs_reference(parts, weights, gradient_rows)
+    rows = parts.rows
+    num = rows.shape[0]
+    device = rows.device
+    sorted_rows, order = sort_rows(rows, weights.numel())
+    starts = torch.empty(num, dtype=torch.int32, device=device)
+    sorted_feature = torch.empty(num, dtype=torch.int64, device=device)
+    run_index.run_marks(sorted_rows, order, parts.feature, starts, sorted_feature)
+    run_start = torch.full((num + 1,), num, dtype=torch.int64, device=device)
+    run_row = torch.empty(num, dtype=torch.int64, device=device)
+    run_feature = torch.empty(num, dtype=torch.int64, device=device)
+    num_runs = torch.zeros(1, dtype=torch.int64, device=device)
+    run_index.run_layout(sorted_rows, starts, torch.cumsum(starts, 0), sorted_feature, run_start, run_row, run_feature,
+                         num_runs)
+    item_offset, scale = gradient_rows(order, sorted_feature)
+    # runs of more than LONG_RUN contributions, summed by a kernel of their own (read here at
+    # each call, so that a test can lower the bar)
+    long_marks = torch.empty(num, dtype=torch.int32, device=device)
+    run_index.long_marks(run_start, num_runs, long_marks, row_runs.LONG_RUN)
+    long_rank = torch.empty(num, dtype=torch.int64, device=device)
+    long_runs = torch.empty(num, dtype=torch.int64, device=device)
+    num_long = torch.zeros(1, dtype=torch.int64, device=device)
+    run_index.long_layout(long_marks, torch.cumsum(long_marks, 0), long_rank, long_runs, num_long)
+    return row_runs.Runs(num_runs, run_start, run_row, run_feature, item_offset, scale, long_rank, long_runs, num_long)
+
+
+def sorted_runs_reference(parts: Contributions, weights: torch.Tensor, gradient_rows: GradientRows) -> row_runs.Runs:
+    """:func:`sorted_runs` as torch ops."""
     rows = parts.rows
     num = rows.shape[0]
     sorted_rows, order = sort_rows(rows, weights.numel())
