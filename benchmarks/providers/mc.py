@@ -12,7 +12,10 @@ looks ids up, places new ones and evicts):
 - **train step** (forward, backward, fused RowWiseAdagrad): the hashed tables against the same
   tables static (``EmbeddingBagCollection`` fed the ids modulo the rows), as a ratio.
 
-Providers alternate within each round; figures are medians over rounds.
+Providers alternate within each round; figures are medians over rounds, of the wall clock and
+of the calling thread's CPU time (``time.thread_time``; with ``--threads 1`` all of the work):
+on a loaded machine the wall clock of a step longer than a scheduler slice mostly measures
+preemption, the CPU time much less so.
 """
 
 from __future__ import annotations
@@ -160,6 +163,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         tr_batches = [(_as_torchrec(raw), static) for raw, static in batches] if any(
             n.startswith("torchrec") for n in providers) else batches
         samples: Dict[str, List[float]] = {name: [] for name in providers}
+        cpu: Dict[str, List[float]] = {name: [] for name in providers}
         ids = [int(raw.values().numel()) for raw, _ in batches]
         for name, (_, step) in providers.items():  # warm up: one pass over the batches
             for raw, static in (tr_batches if name.startswith("torchrec") else batches):
@@ -168,8 +172,9 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             for b in range(len(batches)):
                 for name, (_, step) in providers.items():  # alternate within the round
                     raw, static = (tr_batches if name.startswith("torchrec") else batches)[b]
-                    begin = time.perf_counter()
+                    begin, begin_cpu = time.perf_counter(), time.thread_time()
                     step(raw, static)
+                    cpu[name].append((time.thread_time() - begin_cpu) * 1e3)
                     samples[name].append((time.perf_counter() - begin) * 1e3)
             if not args.no_progress:
                 print(f"round {r + 1}/{args.repeats}", file=sys.stderr)
@@ -179,17 +184,20 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     results = {}
     for name, (kind, _) in providers.items():
         median = statistics.median(samples[name])
-        results[name] = {"kind": kind, "median_ms": round(median, 4), "ids_per_s": round(mean_ids / median * 1e3)}
+        results[name] = {"kind": kind, "median_ms": round(median, 4), "ids_per_s": round(mean_ids / median * 1e3),
+                         "cpu_median_ms": round(statistics.median(cpu[name]), 4)}
     ratio = results["train_hash"]["median_ms"] / results["train_static"]["median_ms"]
+    cpu_ratio = results["train_hash"]["cpu_median_ms"] / results["train_static"]["cpu_median_ms"]
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     doc = {"module": "mc", "workload": w, "device": device, "threads": args.threads, "repeats": args.repeats,
            "batches": len(batches), "ids_per_batch": mean_ids, "load_avg": load, "results": results,
-           "train_ratio_hash_over_static": round(ratio, 3), "command": "jaggedrec-bench " + " ".join(argv or [])}
+           "train_ratio_hash_over_static": round(ratio, 3),
+           "train_cpu_ratio_hash_over_static": round(cpu_ratio, 3), "command": "jaggedrec-bench " + " ".join(argv or [])}
     print(f"mc: {w}, {mean_ids:.0f} ids a batch, load average {load}")
-    print(f"{'provider':22} {'kind':7} {'median ms':>10} {'Mids/s':>8}")
+    print(f"{'provider':22} {'kind':7} {'median ms':>10} {'Mids/s':>8} {'CPU ms':>9}")
     for name, r in results.items():
-        print(f"{name:22} {r['kind']:7} {r['median_ms']:10.3f} {r['ids_per_s'] / 1e6:8.3f}")
-    print(f"train step, hashed / static: {ratio:.3f}x")
+        print(f"{name:22} {r['kind']:7} {r['median_ms']:10.3f} {r['ids_per_s'] / 1e6:8.3f} {r['cpu_median_ms']:9.3f}")
+    print(f"train step, hashed / static: {ratio:.3f}x wall clock, {cpu_ratio:.3f}x thread CPU time")
     if args.output:
         with open(args.output, "w") as f:
             json.dump(doc, f, indent=1)

@@ -85,7 +85,8 @@ class Remapped(NamedTuple):
 
 class HashTableState(nn.Module):
     """The slot space of a collection's hashed tables (buffers, in ``state_dict()``):
-    ``keys``, ``last_step``, ``count`` (``[num_slots + 1]`` int64; the last a scratch slot),
+    ``keys``, ``last_step``, ``count`` (``[num_slots + 1]`` int64; the last a scratch slot;
+    ``count`` is kept only when some table evicts by LFU),
     ``sketch`` (``[sum of sketch widths + 1]`` int64) and ``step`` (``[1]`` int64, training
     batches seen); and the counts ``unplaced`` / ``fallback`` (``[F]`` int64 per hashed feature,
     not saved).
@@ -104,7 +105,7 @@ class HashTableState(nn.Module):
         self.tables = tuple(tables)
         self.features = tuple(f for t in tables for f in t.features)
         columns: Dict[str, List[int]] = {k: [] for k in ("bucket_base", "num_buckets", "sketch_base", "sketch_width",
-                                                           "threshold", "policy", "ttl", "fallback")}
+                                                           "threshold", "policy", "ttl", "fallback", "slot_base")}
         buckets = sketch = 0
         for t in tables:
             num_buckets = (t.num_embeddings - 1) // self.bucket_size
@@ -115,13 +116,13 @@ class HashTableState(nn.Module):
             for key, value in (("bucket_base", buckets), ("num_buckets", num_buckets), ("sketch_base", sketch),
                                ("sketch_width", width), ("threshold", t.options.admit_threshold),
                                ("policy", EVICTION_POLICIES[t.options.eviction]), ("ttl", t.options.ttl),
-                               ("fallback", t.num_embeddings - 1)):
+                               ("fallback", t.num_embeddings - 1), ("slot_base", buckets * self.bucket_size)):
                 columns[key].append(value)
             buckets += num_buckets
             sketch += width
         # the entry past the last table serves features that are not hashed: a harmless bucket 0
         for key, value in (("bucket_base", 0), ("num_buckets", 1), ("sketch_base", sketch), ("sketch_width", 1),
-                           ("threshold", 1), ("policy", hp.POLICY_NONE), ("ttl", 0), ("fallback", 0)):
+                           ("threshold", 1), ("policy", hp.POLICY_NONE), ("ttl", 0), ("fallback", 0), ("slot_base", 0)):
             columns[key].append(value)
         self.num_slots = buckets * self.bucket_size
         self.register_buffer("per_table", torch.tensor([columns[k] for k in columns], dtype=torch.int64,
@@ -137,6 +138,8 @@ class HashTableState(nn.Module):
         self.register_buffer("fallback", torch.zeros(len(self.features), dtype=torch.int64, device=device),
                              persistent=False)
         self.eager_compaction = True
+        self._admits = any(t.options.admit_threshold > 1 for t in tables)
+        self._counts_lookups = any(t.options.eviction == "lfu" for t in tables)
         self._feature_table = {f: i for i, t in enumerate(tables) for f in t.features}
         self._feature_index = {f: i for i, f in enumerate(self.features)}
 
@@ -173,52 +176,59 @@ class HashTableState(nn.Module):
         ids = kjt.values()
         n = ids.numel()
         key_table, key_feature = self.key_maps(kjt.keys(), ids.device)
-        lengths = kjt.lengths()
-        bag_key = torch.arange(len(kjt.keys()), device=ids.device).repeat_interleave(kjt.stride())
-        key = bag_key.repeat_interleave(lengths, output_size=n)
-        table, feature = key_table[key], key_feature[key]
+        key_offsets = kjt.offsets()[::kjt.stride()]  # [K + 1]: the values are key-major
+        key = torch.arange(len(kjt.keys()), device=ids.device).repeat_interleave(key_offsets.diff(), output_size=n)
+        table = key_table[key]
         hashed_mask = table < len(self.tables)
         raw = ids.to(torch.int64)
         hashed = hp.mix(raw)
-        col = dict(zip(self._column, self.per_table.index_select(1, table).unbind(0)))  # per position
-        buckets = hp.bucket_of(hashed, col["bucket_base"], col["num_buckets"])
+        per_table = self.per_table
+        buckets = hp.bucket_of(hashed, per_table[self._column["bucket_base"]][table],
+                               per_table[self._column["num_buckets"]][table])
         if self.training:
+            admission = None
+            if self._admits:
+                columns = per_table.index_select(1, table)
+                admission = (hp.sketch_of(hashed, columns[self._column["sketch_base"]],
+                                          columns[self._column["sketch_width"]]), columns[self._column["threshold"]])
             with torch.no_grad():
                 self.step.add_(1)
                 placement = hp.train_step(
-                    self.keys, self.last_step, self.count, self.sketch, self.step, self.bucket_size, raw, hashed,
-                    buckets, hashed_mask, hp.sketch_of(hashed, col["sketch_base"], col["sketch_width"]),
-                    col["threshold"], col["policy"], col["ttl"], compact=self.compacts(raw))
+                    self.keys, self.last_step, self.count, self.sketch, self.step, self.bucket_size, raw, buckets,
+                    hashed_mask, table, self.column("policy"), self.column("ttl"), admission,
+                    compact=self.compacts(raw), counts_lookups=self._counts_lookups)
             slot, evicted_slot, unplaced = placement.slot, placement.evicted_slot, placement.unplaced
         else:
             slot = hp.lookup(self.keys, self.bucket_size, raw, buckets, hashed_mask)
             evicted_slot, unplaced = torch.full_like(slot, -1), torch.zeros_like(hashed_mask)
-        slot_base = col["bucket_base"] * self.bucket_size
+        # a table's row = its slot less the table's first slot; the fallback row where none
+        slot_base = self.column("slot_base")[table]
         fallback = hashed_mask & (slot < 0)
-        rows = torch.where(fallback, col["fallback"], slot - slot_base)
+        rows = torch.where(fallback, self.column("fallback")[table], slot - slot_base)
         values = torch.where(hashed_mask, rows, raw).to(ids.dtype)
-        scratch = len(self.features)
-        self.unplaced.index_add_(0, torch.where(unplaced, feature, scratch).clamp(max=scratch - 1),
-                                 unplaced.to(torch.int64))
-        self.fallback.index_add_(0, torch.where(fallback, feature, scratch).clamp(max=scratch - 1),
-                                 fallback.to(torch.int64))
-        self._raise_unplaced(unplaced, feature)
+        unplaced_per_key = _per_key(unplaced, key_offsets)
+        self._count(self.unplaced, unplaced_per_key, key_feature)
+        self._count(self.fallback, _per_key(fallback, key_offsets), key_feature)
+        self._raise_unplaced(unplaced_per_key, kjt.keys())
         evicted_row = torch.where(evicted_slot >= 0, evicted_slot - slot_base, -1)
         return Remapped(values, table, evicted_row)
 
-    def _raise_unplaced(self, unplaced: torch.Tensor, feature: torch.Tensor) -> None:
-        raising = [i for i, f in enumerate(self.features)
-                   if self.tables[self._feature_table[f]].options.unplaced == "raise"]
-        if not raising or not self.training:
+    def _count(self, counts: torch.Tensor, per_key: torch.Tensor, key_feature: torch.Tensor) -> None:
+        """Add ``[K]`` counts into the ``[F]`` per-feature ``counts`` (keys not hashed: none)."""
+        scratch = len(self.features)
+        counts.index_add_(0, key_feature.clamp(max=scratch - 1), torch.where(key_feature < scratch, per_key, 0))
+
+    def _raise_unplaced(self, unplaced_per_key: torch.Tensor, keys: Sequence[str]) -> None:
+        if not self.training:
             return
-        per_feature = torch.zeros(len(self.features) + 1, dtype=torch.int64, device=feature.device)
-        per_feature.index_add_(0, feature, unplaced.to(torch.int64))
-        for i in raising:
-            f = self.features[i]
-            table = self.tables[self._feature_table[f]].name
-            torch._assert_async(per_feature[i] == 0,
-                                f"hash table '{table}', feature '{f}': ids found no slot (bucket full, nothing "
-                                f"evictable; unplaced='raise'); unplaced_counts() holds the count per feature")
+        for k, name in enumerate(keys):
+            h = self._feature_table.get(name)
+            if h is None or self.tables[h].options.unplaced != "raise":
+                continue
+            torch._assert_async(unplaced_per_key[k] == 0,
+                                f"hash table '{self.tables[h].name}', feature '{name}': ids found no slot (bucket "
+                                f"full, nothing evictable; unplaced='raise'); unplaced_counts() holds the count "
+                                f"per feature")
 
     def unplaced_counts(self) -> Dict[str, torch.Tensor]:
         """Per hashed feature, a ``[]`` int64 device tensor: admitted ids that found no slot,
@@ -235,3 +245,9 @@ class HashTableState(nn.Module):
         base = self.slot_base(table)
         num_buckets = (self.tables[table].num_embeddings - 1) // self.bucket_size
         return self.keys.narrow(0, base, num_buckets * self.bucket_size)
+
+
+def _per_key(flags: torch.Tensor, key_offsets: torch.Tensor) -> torch.Tensor:
+    """``[K]`` int64: how many of ``flags`` (``[N]`` bool, key-major) each key holds."""
+    running = torch.cat([flags.new_zeros(1, dtype=torch.int64), flags.to(torch.int64).cumsum(0)])
+    return running[key_offsets[1:]] - running[key_offsets[:-1]]

@@ -61,12 +61,11 @@ def probe(keys: torch.Tensor, bucket_size: int, ids: torch.Tensor, buckets: torc
     """Where each id sits: ``(found [N] bool, slot [N] int64)`` (the global slot; meaningless
     where not found). ``keys``: ``[num_slots + 1]``; ``ids``, ``buckets``: ``[N]`` int64."""
     num_slots = keys.numel() - 1
-    window = keys.narrow(0, 0, num_slots).view(-1, bucket_size)[buckets]  # [N, S]
-    match = (window == ids.unsqueeze(1)) & (ids != EMPTY).unsqueeze(1)
-    found = match.any(1)
-    # at most one slot matches: its index is the matches' weighted sum (cheaper than argmax)
-    within = (match.to(torch.int32) * torch.arange(bucket_size, dtype=torch.int32, device=ids.device)).sum(1)
-    slot = buckets * bucket_size + within
+    window = keys.narrow(0, 0, num_slots).view(-1, bucket_size).index_select(0, buckets)  # [N, S]
+    match = window == ids.unsqueeze(1)
+    # EMPTY is the free slots' key: an id equal to it is never found
+    found = match.any(1) & (ids != EMPTY)
+    slot = buckets * bucket_size + match.to(torch.int8).argmax(1)
     return found, slot
 
 
@@ -96,18 +95,22 @@ def _ranking(keys, last_step, count, protect, buckets, bucket_size: int, policy,
     return slots.gather(1, order), (score != NEVER).sum(1)
 
 
-def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, hashed, buckets, hashed_mask,
-               sketch_index, threshold, policy, ttl, compact: bool = False) -> Placement:
+def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, buckets, hashed_mask, table,
+               table_policy, table_ttl, admission=None, compact: bool = False,
+               counts_lookups: bool = True) -> Placement:
     """One training batch: look ids up, admit, place and evict, updating the state in place.
 
     Args:
         keys, last_step, count: ``[num_slots + 1]`` int64 slot state (updated).
         sketch: ``[W + 1]`` int64 admission counters (updated; the last is scratch).
         step: ``[1]`` int64, this batch's step (already advanced).
-        ids, hashed, buckets: ``[N]`` int64 raw ids, ``mix(ids)``, global buckets (valid
-            buckets everywhere, also where ``hashed_mask`` is False).
+        ids, buckets: ``[N]`` int64 raw ids and global buckets (valid buckets everywhere, also
+            where ``hashed_mask`` is False).
         hashed_mask: ``[N]`` bool, the positions of hashed tables (the others are left alone).
-        sketch_index, threshold, policy, ttl: ``[N]`` int64, per position (its table's).
+        table: ``[N]`` int64 hashed table of each position; table_policy, table_ttl: ``[H + 1]``.
+        admission: None when every threshold is 1, else ``(sketch_index, threshold)``, ``[N]``
+            int64 each: the position's counter and its table's threshold.
+        counts_lookups: keep ``count`` (False: no table evicts by LFU, ``count`` stays 0).
         compact: place only the admitted positions, picked with ``nonzero`` (a data-dependent
             size: for eager CPU tensors, where it waits on no device); else every position
             goes through the placement, masked (fixed shapes: compiled graphs, GPUs).
@@ -117,25 +120,29 @@ def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, hash
     found, slot = probe(keys, bucket_size, ids, buckets)
     found = found & hashed_mask
     protect = torch.zeros_like(keys, dtype=torch.bool).index_fill_(0, torch.where(found, slot, scratch), True)
-    # admission: occurrences of missing ids in their table's counters
     miss = hashed_mask & ~found
-    counted = miss & (threshold > 1)
-    sketch.index_add_(0, torch.where(counted, sketch_index, sketch.numel() - 1), counted.to(torch.int64))
-    admitted = miss & (ids != EMPTY) & ((threshold <= 1) | (sketch[sketch_index] >= threshold))
+    admitted = miss & (ids != EMPTY)
+    if admission is not None:  # occurrences of missing ids in their table's counters
+        sketch_index, threshold = admission
+        counted = miss & (threshold > 1)
+        sketch.index_add_(0, torch.where(counted, sketch_index, sketch.numel() - 1), counted.to(torch.int64))
+        admitted = admitted & ((threshold <= 1) | (sketch[sketch_index] >= threshold))
     if compact:
         pick = admitted.nonzero().squeeze(1)
+        picked = table[pick]
         m_slot, m_evicted = _place(keys, last_step, count, protect, step, bucket_size, ids[pick], buckets[pick],
-                                   admitted[pick], policy[pick], ttl[pick])
+                                   admitted[pick], table_policy[picked], table_ttl[picked])
         new_slot = torch.full_like(ids, -1).index_copy_(0, pick, m_slot)
         evicted_slot = torch.full_like(ids, -1).index_copy_(0, pick, m_evicted)
     else:
         new_slot, evicted_slot = _place(keys, last_step, count, protect, step, bucket_size, ids, buckets, admitted,
-                                        policy, ttl)
+                                        table_policy[table], table_ttl[table])
     slot = torch.where(hashed_mask, torch.where(found, slot, new_slot), -1)
     live = slot >= 0
     write = torch.where(live, slot, scratch)
     last_step.index_copy_(0, write, step.expand(n))
-    count.index_add_(0, write, live.to(torch.int64))
+    if counts_lookups:  # LFU's score (the other policies never read it)
+        count.index_add_(0, write, live.to(torch.int64))
     keys[scratch] = EMPTY
     return Placement(slot, evicted_slot, admitted & ~live, miss & ~admitted)
 
