@@ -79,8 +79,6 @@ class EmbeddingBagCollection(TableCollection):
         for d in self._length_per_embedding:
             columns.append(columns[-1] + d)
         self._column_offsets = columns  # where each feature's columns start, for VBE's expansion
-        self._needed = tuple(self._spec.key_rows)
-        self._host_tables: Dict[Tuple[str, ...], FeatureTables] = {}  # KJT key order -> the op's tables
 
     def _allocate(self, device: Optional[torch.device]) -> None:
         for data_type in QUANT_TYPES:  # absent types get empty buffers: the op takes all three
@@ -184,11 +182,14 @@ class EmbeddingBagCollection(TableCollection):
 
     def _tables_for(self, features: KeyedJaggedTensor) -> FeatureTables:
         """The op's tables for ``features``' key order (raises naming missing features), kept per order."""
+        # kept in the instance's dict: a module pickled before this cache existed gets it on first use
+        cache: Dict[Tuple[str, ...], FeatureTables] = self.__dict__.setdefault("_host_tables", {})
         keys = tuple(features.keys())
-        tables = self._host_tables.get(keys)
+        tables = cache.get(keys)
         if tables is None:
-            encoded = batch_reader.group_feature_tables(keys, self._groups, self._needed, self._spec.owner)[0]
-            tables = self._host_tables[keys] = feature_tables(encoded)
+            encoded = batch_reader.group_feature_tables(keys, self._groups, tuple(self._spec.key_rows),
+                                                        self._spec.owner)[0]
+            tables = cache[keys] = feature_tables(encoded)
         return tables
 
 
