@@ -138,6 +138,7 @@ class HashTableState(nn.Module):
         self.register_buffer("fallback", torch.zeros(len(self.features), dtype=torch.int64, device=device),
                              persistent=False)
         self.eager_compaction = True
+        self._key_maps: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._admits = any(t.options.admit_threshold > 1 for t in tables)
         self._counts_lookups = any(t.options.eviction == "lfu" for t in tables)
         self._feature_table = {f: i for i, t in enumerate(tables) for f in t.features}
@@ -162,10 +163,17 @@ class HashTableState(nn.Module):
     def key_maps(self, keys: Sequence[str], device) -> Tuple[torch.Tensor, torch.Tensor]:
         """``[K]`` hashed table and ``[K]`` hashed-feature index of each KJT key (``H`` and ``F``
         where the key is not hashed)."""
+        tracing = torch.compiler.is_compiling()
+        cached = None if tracing else self._key_maps.get((tuple(keys), str(device)))
+        if cached is not None:  # eager: one host-to-device copy per key order
+            return cached
         tables = [self._feature_table.get(k, len(self.tables)) for k in keys]
         features = [self._feature_index.get(k, len(self.features)) for k in keys]
-        return (torch.tensor(tables, dtype=torch.int64, device=device),
+        maps = (torch.tensor(tables, dtype=torch.int64, device=device),
                 torch.tensor(features, dtype=torch.int64, device=device))
+        if not tracing:
+            self._key_maps[(tuple(keys), str(device))] = maps
+        return maps
 
     def remap(self, kjt: KeyedJaggedTensor) -> Remapped:
         """Rows of the hashed features' raw ids (training: admit, place and evict first).
