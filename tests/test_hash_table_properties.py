@@ -206,3 +206,20 @@ def test_evicted_row_and_state_reset(fused):
         jr.EmbeddingBagCollection.forward(model, static).values().square().sum().backward()
         assert any(bool(states[n].any()) for n in per) or not per or step == 0
     assert resets > 0
+
+
+@pytest.mark.parametrize("compaction", [True, False], ids=["compact", "fixed_shapes"])
+def test_batches_with_no_ids_and_no_bags(compaction):
+    options = HashTableOptions(bucket_size=3, admit_threshold=2)
+    model = make(options, options, fused=optim.Adam(lr=0.1))
+    model.hash_state.eager_compaction = compaction
+    empty = jr.KeyedJaggedTensor(KEYS, torch.zeros(0, dtype=torch.int64), lengths=torch.zeros(4 * B, dtype=torch.int64))
+    out = model(empty).values()
+    out.sum().backward()
+    assert out.shape == (B, 4 + 4 + 5 + 3) and not bool(out.any())
+    no_bags = jr.KeyedJaggedTensor(KEYS, torch.zeros(0, dtype=torch.int64), lengths=torch.zeros(0, dtype=torch.int64),
+                                   stride=0)
+    assert model(no_bags).values().shape == (0, 16)
+    assert int(model.hash_state.step) == 2
+    model.eval()
+    assert model(empty).values().shape == (B, 16)

@@ -184,7 +184,9 @@ class HashTableState(nn.Module):
         ids = kjt.values()
         n = ids.numel()
         key_table, key_feature = self.key_maps(kjt.keys(), ids.device)
-        key_offsets = kjt.offsets()[::kjt.stride()]  # [K + 1]: the values are key-major
+        stride = kjt.stride()
+        # [K + 1]: where each key's ids start (the values are key-major); no bags: all at 0
+        key_offsets = kjt.offsets()[::stride] if stride else ids.new_zeros(len(kjt.keys()) + 1, dtype=torch.int64)
         key = torch.arange(len(kjt.keys()), device=ids.device).repeat_interleave(key_offsets.diff(), output_size=n)
         table = key_table[key]
         hashed_mask = table < len(self.tables)
