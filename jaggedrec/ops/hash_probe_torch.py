@@ -1,12 +1,13 @@
 """The hash table's torch path: hashing, probing and the training step that admits, places and
 evicts ids, on fixed shapes (no ``.item()``, no data-dependent size), so that a compiled graph
-holds the whole step.
+holds the whole step; eager CPU callers may place only the positions that need it
+(``train_step(compact=True)``), with the same result.
 
 Storage (built by ``jaggedrec.modules.hash_table``): every hashed table of a collection shares
 one slot space of ``num_slots`` slots, ``bucket_size`` slots a bucket, a table's buckets
 contiguous; slot ``num_slots`` is a scratch slot that masked writes land in and nothing reads.
 Per slot: ``keys`` (the raw id, ``EMPTY`` when free), ``last_step`` (the training step that
-last looked it up) and ``count`` (look-ups since the id took the slot).
+last looked it up) and ``count`` (look-ups since the id took the slot; kept for LFU only).
 
 The rules, which ``tests/test_hash_table_properties.py``'s simulator restates in plain Python:
 
