@@ -194,3 +194,40 @@ def step_rows(optimizer, w, g, s1, s2, hparams, t):
     s1 = beta1 * s1 + (1 - beta1) * g
     s2 = beta2 * s2 + (1 - beta2) * g.square()
     return w - lr * (s1 / (1 - beta1 ** t)) / ((s2 / (1 - beta2 ** t)).sqrt() + eps), s1, s2
+
+
+
+def scaled_gradient(rule: StepRule, g, s1, touched=None) -> float | None:
+    """Eager, fp32 rows: where a step is ``w += alpha * g'``, with ``g'`` made from the summed
+    gradient and the row's state alone (SGD; row-wise and exact Adagrad without weight decay),
+    turn ``g`` into ``g'`` in place, update ``s1`` and return ``alpha``. The caller adds ``g'``
+    into the rows where they lie (a streamed chunk: ``w.add_``; scattered rows: one sparse add),
+    without gathering the rows and writing them back. Returns None, having changed nothing, for
+    every other step: weight decay and moments read the rows, and options past
+    ``max_gradient`` (hparams longer than ``[6]``) are :func:`step_in_place`'s.
+
+    Args as in :func:`step_in_place` (``s1`` only: these optimizers keep no ``s2``).
+    """
+    optimizer, hparams, _ = rule
+    if len(hparams) > 6 or optimizer not in (SGD, ROWWISE_ADAGRAD, EXACT_ADAGRAD):
+        return None
+    lr, eps, weight_decay = hparams[:3]
+    if optimizer == SGD:
+        return -lr
+    if weight_decay:
+        return None
+    if optimizer == ROWWISE_ADAGRAD:
+        # each row's mean square from one pass over it (g.square().mean(1) makes two)
+        s1.add_(torch.linalg.vector_norm(g, dim=1).square_().div_(g.shape[1]))
+        step_size = s1.sqrt().add_(eps).reciprocal_().mul_(lr)
+        if touched is not None:  # with eps 0, a never-touched row's step size is inf, and inf * 0 NaN
+            step_size = torch.where(touched, step_size, 0.0)
+        g.mul_(step_size.unsqueeze(1))
+        return -1.0
+    # exact Adagrad: -lr * g / denominator, rounded as step_in_place's addcdiv_ rounds it
+    s1.addcmul_(g, g)
+    denominator = s1.sqrt().add_(eps)
+    if touched is not None:  # an untouched row steps by 0 / inf: none, even with eps 0 and no state
+        denominator.masked_fill_(~touched.unsqueeze(1), math.inf)
+    g.mul_(-lr).div_(denominator)
+    return 1.0

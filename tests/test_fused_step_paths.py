@@ -1,0 +1,103 @@
+"""The eager CPU fused step's fast paths against a float64 reference: touched rows stepped by
+one sparse add (``fused_rules.scaled_gradient``: SGD, row-wise and exact Adagrad), and bag
+gradients read where they lie in the output gradient when bags hold few ids."""
+
+import pytest
+import torch
+
+import jaggedrec as jr
+from jaggedrec import optim
+from jaggedrec.ops import fused_rules, fused_torch
+from jr_testing import assert_close, random_kjt, reference_pooled
+
+OPTIMIZERS = {
+    "sgd": optim.SGD(lr=0.3),
+    "rowwise_adagrad": optim.RowWiseAdagrad(lr=0.2, eps=1e-6),
+    "adagrad": optim.Adagrad(lr=0.2, eps=1e-6),
+    "sgd_clipped": optim.SGD(lr=0.3, max_gradient=0.4),
+}
+
+
+def _configs():
+    # dims 8, 8, 16 in that order: every feature's columns fall into whole rows of its dim,
+    # so the bag gradients can be read in place from grad_out viewed [B * 4, 8] or [B * 2, 16]
+    return [jr.EmbeddingBagConfig(name="a", embedding_dim=8, num_embeddings=40, feature_names=["x"]),
+            jr.EmbeddingBagConfig(name="b", embedding_dim=8, num_embeddings=30, feature_names=["y"]),
+            jr.EmbeddingBagConfig(name="c", embedding_dim=16, num_embeddings=25, feature_names=["z"])]
+
+
+def _reference_step(opt, tables, sum_sq, batch, ebc, upstream):
+    """One step of ``opt`` on float64 ``tables`` (and row or element state ``sum_sq``)."""
+    leaves = [t.clone().requires_grad_() for t in tables]
+    weights = {k: v[2].double() for k, v in batch.per_key.items()} if batch.per_key["x"][2] is not None else None
+    out = reference_pooled(ebc, batch, leaves, weights)
+    bound = opt.max_gradient
+    (out * (upstream if bound is None else upstream.clamp(-bound, bound))).sum().backward()
+    for t, (table, leaf, feature) in enumerate(zip(tables, leaves, "xyz")):
+        touched = torch.unique(batch.per_key[feature][0])
+        g = leaf.grad[touched]
+        if isinstance(opt, optim.SGD):
+            table[touched] -= opt.lr * g
+        elif isinstance(opt, optim.RowWiseAdagrad):
+            sum_sq[t][touched] += g.square().mean(1)
+            table[touched] -= opt.lr * g / (sum_sq[t][touched].sqrt() + opt.eps).unsqueeze(1)
+        else:
+            sum_sq[t][touched] += g.square()
+            table[touched] -= opt.lr * g / (sum_sq[t][touched].sqrt() + opt.eps)
+
+
+def _train(opt_name, weighted, one_hot, id_dtype=torch.int64, steps=4):
+    opt = OPTIMIZERS[opt_name]
+    torch.manual_seed(5)
+    ebc = jr.EmbeddingBagCollection(_configs(), is_weighted=weighted, fused_optimizer=opt)
+    tables = [ebc.embedding_bags[c].weight.detach().double().clone() for c in "abc"]
+    sum_sq = [torch.zeros(t.shape[0] if isinstance(opt, optim.RowWiseAdagrad) else t.shape, dtype=torch.float64)
+              for t in tables]
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(steps):
+        # at most 2 ids a bag (or exactly 1), duplicates, empty bags
+        batch = random_kjt(gen, ["z", "x", "y"], {"x": 40, "y": 30, "z": 25}, 6, max_len=2, weighted=weighted,
+                           one_hot=one_hot, id_dtype=id_dtype)
+        out = ebc(batch.kjt).values()
+        upstream = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+        _reference_step(opt, tables, sum_sq, batch, ebc, upstream)
+        out.backward(upstream.float())
+    return ebc, tables
+
+
+def _counting(monkeypatch, module, name, calls, is_taken):
+    fn = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        result = fn(*args, **kwargs)
+        calls[name] = calls.get(name, 0) + bool(is_taken(result))
+        return result
+    monkeypatch.setattr(module, name, counted)
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_sparse_add_and_in_place_bag_gradients_match_float64_reference(opt_name, weighted, one_hot, monkeypatch):
+    calls = {}
+    _counting(monkeypatch, fused_torch, "_bag_rows_in_place", calls, lambda r: r is not None)
+    _counting(monkeypatch, fused_torch, "scaled_gradient", calls, lambda r: r is not None)
+    monkeypatch.setattr(fused_torch, "_STREAM_MIN_TOUCHED", dict.fromkeys(fused_rules.STATE_LAYOUT, 2.0))
+    ebc, tables = _train(opt_name, weighted, one_hot, id_dtype=torch.int32 if one_hot else torch.int64)
+    assert calls["_bag_rows_in_place"] > 0 and calls["scaled_gradient"] > 0, calls  # both fast paths ran
+    for name, table in zip("abc", tables):
+        assert_close(ebc.embedding_bags[name].weight.detach(), table, what=f"{opt_name} table {name}")
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("stream", [False, True])
+def test_bag_gradients_in_place_give_the_copys_bits(opt_name, stream, monkeypatch):
+    """Read in place or from the group's copy of its columns, the same sums in the same order."""
+    monkeypatch.setattr(fused_torch, "_STREAM_MIN_TOUCHED",
+                        dict.fromkeys(fused_rules.STATE_LAYOUT, 0.0 if stream else 2.0))
+    states = []
+    for most in (0, 2):  # 0: every group copies its columns
+        monkeypatch.setattr(fused_torch, "_IN_PLACE_MAX_IDS_PER_BAG", most)
+        states.append(_train(opt_name, True, False)[0].state_dict())
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key
