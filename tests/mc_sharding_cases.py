@@ -13,6 +13,7 @@ compared with what the sharded code itself produced.
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Dict, List, Tuple
 
@@ -527,3 +528,40 @@ def pipeline_cases(rank: int, world: int) -> List[int]:
     for k in theirs:
         assert torch.equal(mine[k], theirs[k]), k
     return pipe.fallbacks
+
+
+def from_trained_cases(rank: int, world: int) -> List[str]:
+    """A model trained unsharded, then sharded (table-wise: the trained module itself; row-wise:
+    a fresh one loading its full tensors): the one-bucket table ``i`` keeps its id map and
+    metadata (the whole map on the rank holding its first row) and remaps a batch as the trained
+    unsharded model does; the table shards hold the trained rows."""
+    done = []
+    for plan in ("tw", "rw"):
+        trained = Model("ebc")
+        for step in range(4):
+            reference_step(trained, step, world, 800)
+        if plan == "tw":  # sharding the trained module itself
+            model = dmp(copy.deepcopy(trained), plan, world)
+        else:  # loading its full tensors: this rank's blocks are copied
+            model = dmp(Model("ebc"), plan, world)
+            model.load_state_dict({n: t.clone() for n, t in trained.state_dict().items()}, strict=False)
+        whole = trained.mc.managed_collision_collection.get_submodule("_managed_collision_modules")["i"]
+        mine = model.module.mc.managed_collision_collection.local_modules()
+        if ("i", 0) in mine:
+            for name in whole.row_state_names():
+                assert torch.equal(getattr(mine[("i", 0)], name), getattr(whole, name)), f"{plan}: {name}"
+        trained.eval()
+        model.eval()
+        with torch.no_grad():
+            kjts = batches(900, world)
+            ref_out, _, ref_remapped = trained(global_kjt(kjts))
+            out, _, remapped = model(kjts[rank])
+        mine_i, want_i = remapped["i1"].values(), _own(ref_remapped, "i1", rank, world)
+        assert torch.equal(mine_i.long(), want_i.long()), f"{plan}: {mine_i.tolist()} != {want_i.tolist()}"
+        emb = model.module.mc.embedding_module
+        inner = trained.mc.get_submodule("_embedding_module")
+        for i, s in enumerate(emb._layout.shards[rank]):
+            rows = inner.table_weight(s.table)[s.row_offset:s.row_offset + s.rows, s.col_offset:s.col_offset + s.cols]
+            assert torch.equal(emb.local_collection().table_weight(i).detach(), rows.detach()), f"{plan}: {s.local_name}"
+        done.append(plan)
+    return done

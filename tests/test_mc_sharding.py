@@ -13,11 +13,13 @@ from distributed_harness import run_ranks
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_mc_collections_train_as_the_unsharded_model(world):
-    calls = [("train_cases",), ("hash_cases",), ("bad_input_cases",)] + [("pipeline_cases",)] * (world == 2)
+    calls = [("train_cases",), ("hash_cases",), ("bad_input_cases",), ("from_trained_cases",)]
+    calls += [("pipeline_cases",)] * (world == 2)
     results = run_ranks(cases.run, world, calls, timeout=500, collective_timeout=60)
-    trained, hashed, messages = list(zip(*results))[:3]
+    trained, hashed, messages, from_trained = list(zip(*results))[:4]
+    assert all(f == ["tw", "rw"] for f in from_trained)
     if world == 2:  # the batch's KJT is remapped before the collection: its dist sent ahead is not taken
-        assert all(r[3] == {"inner.mc._embedding_module": 5} for r in results), results
+        assert all(r[4] == {"inner.mc._embedding_module": 5} for r in results), results
     assert all(t == [f"{k}-{p}" for k in ("ebc", "ec") for p in ("tw", "rw", "mixed")] for t in trained)
     assert all(h == ["hash-rw", "hash-mixed"] for h in hashed)
     bad = world - 1
