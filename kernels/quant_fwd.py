@@ -29,57 +29,97 @@ QMETA_FIELDS: tl.constexpr = tl.constexpr(8)
 def _configs():
     if single_config():
         return [triton.Config({"BLOCK_B": 4}, num_warps=1)]
-    return [triton.Config({"BLOCK_B": b}, num_warps=w) for b, w in [(16, 4), (32, 8)]]
+    # INT4 rows are half a byte a column: a tile of BLOCK_B rows' BLOCK_D // 2 packed bytes gives
+    # each thread a 16-byte load only from BLOCK_B * BLOCK_D / 2 >= 16 * 32 * num_warps on (and
+    # dims that are multiples of 32): 32 bags at 4 warps or 64 at 8 for dim 128. (64 at 4 warps,
+    # and 32 at 2 for dim 128, spilled with per-id weights; 16 at 4 gave INT4 8-byte loads.)
+    return [triton.Config({"BLOCK_B": b}, num_warps=w) for b, w in [(32, 4), (64, 8)]]
 
 
 @triton.jit
-def _dequantized_rows(table_ptr, ids, present, d0, cols, col_mask, dim, row_bytes, STORAGE: tl.constexpr,
-                      ROW_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``[BLOCK_B, BLOCK_D]`` fp32 columns ``cols`` of the rows ``ids`` (0 where not ``present``)."""
+def _fetch(table_ptr, ids, position, starts, lengths, num_rows, d0, cols, col_mask, dim, row_bytes, psw_ptr,
+           HAS_PSW: tl.constexpr, STORAGE: tl.constexpr, ROW_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr,
+           BLOCK_D: tl.constexpr):
+    """Issue the loads of the rows ``ids`` (at ``position`` of each bag) and return them as
+    stored, for :func:`_dequantize` an iteration later: a tuple of the codes (INT8: ``[BLOCK_B,
+    BLOCK_D]`` bytes; INT4: ``[BLOCK_B, BLOCK_D // 2]`` packed bytes; FP16: ``[BLOCK_B,
+    BLOCK_D]`` values) and, but for FP16, the rows' scales and biases; then which rows are
+    present (in their bag, id in range), their per-id weights, and ``[BLOCK_B]`` bad-id counts."""
+    ids = ids.to(tl.int64)
+    present = position < lengths
+    bad = present & ((ids < 0) | (ids >= num_rows))
+    present = present & ~bad
     rows = tl.multiple_of(table_ptr + ids * row_bytes, ROW_ALIGN)  # each row's first byte
     mask = present[:, None] & col_mask[None, :]
     if STORAGE == 3:  # FP16 values
-        values = tl.load(rows.to(tl.pointer_type(tl.float16))[:, None] + cols[None, :], mask=mask, other=0.0)
-        return values.to(tl.float32)
-    if STORAGE == 1:  # INT8 codes, fp32 scale and bias
-        codes = tl.load(rows[:, None] + cols[None, :], mask=mask, other=0).to(tl.float32)
+        raw = (tl.load(rows.to(tl.pointer_type(tl.float16))[:, None] + cols[None, :], mask=mask, other=0.0),)
+    elif STORAGE == 1:  # INT8 codes, fp32 scale and bias
         scale_bias = (rows + row_bytes - 8).to(tl.pointer_type(tl.float32))
-        scale = tl.load(scale_bias, mask=present, other=0.0)
-        bias = tl.load(scale_bias + 1, mask=present, other=0.0)
+        raw = (tl.load(rows[:, None] + cols[None, :], mask=mask, other=0), tl.load(scale_bias, mask=present, other=0.0),
+               tl.load(scale_bias + 1, mask=present, other=0.0))
     else:  # INT4 codes, two per byte (low nibble first), fp16 scale and bias
-        # the tile's BLOCK_D/2 bytes, loaded once each (contiguous, so in vectors), then split
+        # the tile's BLOCK_D/2 bytes, loaded once each (contiguous, so in vectors), split later
         pairs = d0 // 2 + tl.arange(0, BLOCK_D // 2)
         if DIM_ALIGN >= 2:  # even dims: the mask's bound keeps their alignment, and the loads their width
             num_bytes = tl.multiple_of(dim // 2, DIM_ALIGN // 2)
         else:
             num_bytes = (dim + 1) // 2
-        packed = tl.load(rows[:, None] + pairs[None, :], mask=present[:, None] & (pairs < num_bytes)[None, :],
-                         other=0).to(tl.int32)
-        codes = tl.interleave(packed & 15, packed >> 4).to(tl.float32)
         scale_bias = (rows + row_bytes - 4).to(tl.pointer_type(tl.float16))
-        scale = tl.load(scale_bias, mask=present, other=0.0).to(tl.float32)
-        bias = tl.load(scale_bias + 1, mask=present, other=0.0).to(tl.float32)
-    return tl.where(mask, codes * scale[:, None] + bias[:, None], 0.0)
+        raw = (tl.load(rows[:, None] + pairs[None, :], mask=present[:, None] & (pairs < num_bytes)[None, :], other=0),
+               tl.load(scale_bias, mask=present, other=0.0), tl.load(scale_bias + 1, mask=present, other=0.0))
+    if HAS_PSW:
+        psw = tl.load(psw_ptr + starts + position, mask=present, other=0.0).to(tl.float32)
+    else:
+        psw = tl.zeros(starts.shape, dtype=tl.float32)
+    return raw, present, psw, (bad & (d0 == 0)).to(tl.int32)
+
+
+@triton.jit
+def _dequantize(raw, present, col_mask, STORAGE: tl.constexpr):
+    """``[BLOCK_B, BLOCK_D]`` fp32 rows from :func:`_fetch`'s tuple (0 where not ``present``)."""
+    if STORAGE == 3:
+        rows = raw[0].to(tl.float32)
+    else:
+        if STORAGE == 1:
+            codes = raw[0].to(tl.float32)
+        else:
+            packed = raw[0].to(tl.int32)
+            codes = tl.interleave(packed & 15, packed >> 4).to(tl.float32)
+        rows = tl.where(present[:, None] & col_mask[None, :],
+                        codes * raw[1].to(tl.float32)[:, None] + raw[2].to(tl.float32)[:, None], 0.0)
+    return rows
 
 
 @triton.jit
 def _pool(acc, bad_ids, d0, cols, col_mask, dim, starts, lengths, longest, num_rows, row_bytes, table_ptr, values_ptr,
           psw_ptr, HAS_PSW: tl.constexpr, STORAGE: tl.constexpr, ROW_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr,
           BLOCK_D: tl.constexpr):
-    """Add columns ``cols`` of every bag's dequantized rows to ``acc``, one id position at a
-    time; ids are loaded one position ahead of their rows."""
-    ids_next = tl.load(values_ptr + starts, mask=lengths > 0, other=0)
+    """Add columns ``cols`` of every bag's dequantized rows to ``acc``, one id position at a time.
+
+    Pipelined two deep, as the pooled forward's loop: an iteration adds the rows that the one
+    before loaded, while it loads the next position's rows and the ids of the position after.
+    No load is waited for in the iteration that issues it, so a position costs one DRAM round
+    trip; loading each id just before its row cost two, since ptxas issued the next id load
+    only after the row came back, in the row's registers (seen with codegen_report)."""
+    ids = tl.load(values_ptr + starts, mask=lengths > 0, other=0)
+    raw_next, present_next, psw_next, bad = _fetch(table_ptr, ids, 0, starts, lengths, num_rows, d0, cols, col_mask,
+                                                   dim, row_bytes, psw_ptr, HAS_PSW, STORAGE, ROW_ALIGN, DIM_ALIGN,
+                                                   BLOCK_D)
+    bad_ids += bad
+    ahead = tl.load(values_ptr + starts + 1, mask=1 < lengths, other=0)
     for j in range(0, longest):
-        present = j < lengths
-        ids = ids_next.to(tl.int64)
-        ids_next = tl.load(values_ptr + starts + j + 1, mask=(j + 1) < lengths, other=0)
-        bad = present & ((ids < 0) | (ids >= num_rows))
-        present = present & ~bad
-        bad_ids += (bad & (d0 == 0)).to(tl.int32)
-        rows = _dequantized_rows(table_ptr, ids, present, d0, cols, col_mask, dim, row_bytes, STORAGE, ROW_ALIGN,
-                                 DIM_ALIGN, BLOCK_D)
+        raw_now = raw_next
+        present_now = present_next
+        psw_now = psw_next
+        ids = ahead
+        ahead = tl.load(values_ptr + starts + j + 2, mask=(j + 2) < lengths, other=0)
+        raw_next, present_next, psw_next, bad = _fetch(table_ptr, ids, j + 1, starts, lengths, num_rows, d0, cols,
+                                                       col_mask, dim, row_bytes, psw_ptr, HAS_PSW, STORAGE, ROW_ALIGN,
+                                                       DIM_ALIGN, BLOCK_D)
+        bad_ids += bad
+        rows = _dequantize(raw_now, present_now, col_mask, STORAGE)
         if HAS_PSW:
-            rows = rows * tl.load(psw_ptr + starts + j, mask=present, other=0.0).to(tl.float32)[:, None]
+            rows = rows * psw_now[:, None]
         acc += rows
     return acc, bad_ids
 
@@ -92,6 +132,10 @@ def _quant_fwd_kernel(
     HAS_PSW: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
+    # One kernel holds the three storage types' loops, and ptxas gives it the registers of the
+    # hungriest plus ~50 (208 at 32 bags of dim 128, against 141 for the INT8 loop alone). A build
+    # for one storage type was tried: triton 3.6 then moved the INT8 codes' byte extraction into
+    # the iteration that loads them, which waits for the row there (2 round trips); so not yet.
     f = tl.program_id(1)
     meta = meta_ptr + f * QMETA_FIELDS
     # the layout's alignments, promised to the compiler so that rows move in vectors: every row

@@ -28,12 +28,19 @@ def _cached_meta(meta_rows, device: torch.device) -> torch.Tensor:
     return torch.tensor(meta_rows, dtype=torch.int64, device=device)
 
 
-def _alignment(values) -> int:
-    """The largest power of two (at most 16) dividing every one of ``values``."""
-    align = 16
+def _alignment(values, largest: int = 16) -> int:
+    """The largest power of two (at most ``largest``) dividing every one of ``values``."""
+    align = largest
     while any(x % align for x in values):
         align //= 2
     return align
+
+
+def dim_alignment(dims) -> int:
+    """The kernel's DIM_ALIGN: the largest power of two up to 32 dividing every dim. Up to 32,
+    not 16 as for rows of floats: an INT4 row's codes are ``dim // 2`` bytes, which the compiler
+    loads 16 at a time only when it knows them a multiple of 16."""
+    return _alignment(dims, 32)
 
 
 def triton_forward(int8: torch.Tensor, int4: torch.Tensor, fp16: torch.Tensor, values: torch.Tensor,
@@ -54,5 +61,5 @@ def triton_forward(int8: torch.Tensor, int4: torch.Tensor, fp16: torch.Tensor, v
     out = torch.empty((batch, sum(tables.dims)), dtype=torch.float32, device=values.device)
     errors = torch.zeros(tables.num_features, dtype=torch.int64, device=values.device)
     quant_fwd.quant_fwd((int8, int4, fp16), OpBatch(values, offsets, per_sample_weights), meta, out, errors,
-                        max(tables.dims), align, _alignment(tables.dims))
+                        max(tables.dims), align, dim_alignment(tables.dims))
     return out, errors
