@@ -14,7 +14,10 @@ moment, one second moment per row, decoupled weight decay); 7 LAMB and 8 partial
 LAMB (Adam's direction, or partial row-wise Adam's, plus weight decay, scaled by the row's
 trust ratio ``|w| / |direction|``: the moments are updated and the norms summed in one pass
 over a row's column tiles, the rows stepped in another); 9 row-wise Adagrad with decoupled
-weight decay (FBGEMM's DECOUPLE: ``w = (1 - lr * wd) * w - step``). For 2-4 ``weight_decay`` adds
+weight decay (FBGEMM's DECOUPLE: ``w = (1 - lr * wd) * w - step``); 10 row-wise Adagrad with
+FBGEMM's COUNTER or COWCLIP regularization (row counters beside the sums, ``[R, 2]`` in
+``state2``, and the counter hyper-parameters past ``hparams[6]``); 11 Adam and 12 exact Adagrad
+with decoupled weight decay (``w -= lr * (update + wd * w)``). For 2-4 ``weight_decay`` adds
 ``wd * w`` to the gradient first; 5 and 6 use it inside their formulas (``jaggedrec.optim.fused``
 gives them all). Hyperparameters are read from a device tensor ``[lr, eps, weight_decay,
 beta1, beta2]`` (LARS-SGD: ``momentum``, ``eta`` for the betas), so changing them needs no
@@ -35,6 +38,64 @@ from .tuning import autotune
 
 SGD, ROWWISE_ADAGRAD, ADAM, EXACT_ADAGRAD, LARS_SGD, PARTIAL_ROWWISE_ADAM = 1, 2, 3, 4, 5, 6
 LAMB, PARTIAL_ROWWISE_LAMB, ROWWISE_ADAGRAD_DECOUPLED = 7, 8, 9
+ROWWISE_ADAGRAD_COUNTER, ADAM_DECOUPLED, EXACT_ADAGRAD_DECOUPLED = 10, 11, 12
+
+
+@triton.jit
+def _counter_factors(squares, weight_squares, u, live, row, dim, run_feature_ptr, meta_ptr, state1_ptr, state2_ptr,
+                     hparams_ptr, lr, eps, weight_decay, t):
+    """Row-wise Adagrad with FBGEMM's COUNTER or COWCLIP regularization (see
+    ``jaggedrec.ops.fused_rules.counter_factors``, the same rules in fp32, as FBGEMM's GPU
+    step): updates the row's sum of mean squares and its ``[prev_iter, row_counter]`` and
+    returns ``(multiplier, correction)``, ``[BLOCK_U]`` each (``w = correction * w -
+    multiplier * g``)."""
+    reg = tl.load(hparams_ptr + 7)
+    decay_mode = tl.load(hparams_ptr + 8)
+    halflife = tl.load(hparams_ptr + 9)
+    adjustment_iter = tl.load(hparams_ptr + 10)
+    adjustment_ub = tl.load(hparams_ptr + 11)
+    lr_mode = tl.load(hparams_ptr + 12)
+    tail = tl.load(hparams_ptr + 13)
+    norm_coefficient = tl.load(hparams_ptr + 14)
+    lower = tl.load(hparams_ptr + 15)
+    meta = meta_ptr + tl.load(run_feature_ptr + u, mask=live, other=0) * META_FIELDS
+    dim = tl.maximum(dim, 1)  # dead lanes have dim 0
+    state_index = (tl.load(meta + META_ROW_BASE, mask=live, other=0)
+                   + (row - tl.load(meta + META_WEIGHT_OFFSET, mask=live, other=0)) // dim)
+    prev = tl.load(state2_ptr + 2 * state_index, mask=live, other=0.0)
+    counter = tl.load(state2_ptr + 2 * state_index + 1, mask=live, other=0.0)
+    delta = tl.where(prev == 0.0, 1.0, t - prev)
+    decayed = tl.exp(delta * (-0.6931471805599453 / tl.where(halflife > 0.0, halflife, 1.0))) * counter + 1.0
+    counter = tl.where(halflife > 0.0, decayed, tl.where(halflife == 0.0, 1.0, counter + 1.0))
+    freq = halflife / counter
+    state = tl.load(state1_ptr + state_index, mask=live, other=0.0) + squares / dim.to(tl.float32)
+    tl.store(state1_ptr + state_index, state, mask=live)
+    tl.store(state2_ptr + 2 * state_index, t + 0.0 * prev, mask=live)
+    tl.store(state2_ptr + 2 * state_index + 1, counter, mask=live)
+    root = tl.sqrt(state)
+    multiplier = lr / (root + eps)
+    # (flags as 0/1 factors: the interpreter cannot AND a scalar flag with a vector one)
+    adjusting = tl.where(adjustment_iter <= 0.0, 1.0, tl.where(t > adjustment_iter, 1.0, 0.0))
+    counter_sgd = tl.where(counter > tail, tl.where(lr_mode == 2.0, adjusting, 0.0), 0.0)
+    counter_multiplier = tl.where(counter_sgd > 0.0, lr / (tl.sqrt(adjustment_ub * counter) + eps), multiplier)
+    adagradw = tl.where(halflife == -1.0, multiplier * tl.sqrt(counter), tl.where(
+        halflife == -2.0, tl.minimum(lr * counter, adjustment_ub) / (root + eps), counter_multiplier))
+    base = 1.0 - weight_decay * lr
+    lazy = tl.exp((tl.minimum(delta, t - adjustment_iter) - 1.0) * tl.log(base))
+    counter_multiplier = tl.where(adjusting * (decay_mode == 3.0).to(tl.float32) > 0.0, adagradw * lazy,
+                                  counter_multiplier)
+    counter_correction = tl.where(
+        decay_mode == 3.0, base * lazy, tl.where(decay_mode == 2.0, 1.0 - freq * weight_decay * lr, tl.where(
+            decay_mode == 1.0, 1.0 - freq * weight_decay * multiplier, 1.0)))
+    counter_correction = tl.where(adjusting > 0.0, counter_correction, 1.0)
+    clip = counter * tl.maximum(norm_coefficient * tl.sqrt(weight_squares), lower)
+    norm = tl.sqrt(squares)
+    cowclip_multiplier = tl.where(norm > 0.0, tl.minimum(clip / tl.where(norm > 0.0, norm, 1.0), 1.0),
+                                  1.0) * multiplier
+    cowclip_correction = tl.where(decay_mode == 2.0, base, tl.where(
+        decay_mode == 1.0, 1.0 - weight_decay * cowclip_multiplier, 1.0))
+    return (tl.where(reg == 4.0, cowclip_multiplier, counter_multiplier),
+            tl.where(reg == 4.0, cowclip_correction, counter_correction))
 
 
 @triton.jit
@@ -80,14 +141,29 @@ def _decayed_tile(d0, start, length, longest, long_rank, live, row, dim, grad_ou
 
 
 @triton.jit
-def _step_tile(g, w, element, mask, step_size, weights_ptr, state1_ptr, state2_ptr, lr, eps, weight_decay, beta1,
-               beta2, t, OPTIMIZER: tl.constexpr):
+def _step_tile(g, w, element, mask, step_size, correction, weights_ptr, state1_ptr, state2_ptr, lr, eps, weight_decay,
+               beta1, beta2, t, OPTIMIZER: tl.constexpr):
     """Update one ``[BLOCK_U, BLOCK_D]`` tile of rows (``element``: their element offsets);
-    ``step_size``: :func:`_row_factor`'s, or ``lr``."""
+    ``step_size``: :func:`_row_factor`'s, or ``lr``; ``correction``: the counter kind's
+    factor of the row (:func:`_counter_factors`)."""
     if OPTIMIZER == 4:
         s = tl.load(state1_ptr + element, mask=mask, other=0.0) + g * g
         tl.store(state1_ptr + element, s, mask=mask)
         w = w - lr * g / (tl.sqrt(s) + eps)
+    elif OPTIMIZER == 12:  # exact Adagrad, decoupled weight decay
+        s = tl.load(state1_ptr + element, mask=mask, other=0.0) + g * g
+        tl.store(state1_ptr + element, s, mask=mask)
+        w = w - lr * (g / (tl.sqrt(s) + eps) + weight_decay * w)
+    elif OPTIMIZER == 11:  # Adam, decoupled weight decay
+        m = beta1 * tl.load(state1_ptr + element, mask=mask, other=0.0) + (1.0 - beta1) * g
+        v = beta2 * tl.load(state2_ptr + element, mask=mask, other=0.0) + (1.0 - beta2) * g * g
+        tl.store(state1_ptr + element, m, mask=mask)
+        tl.store(state2_ptr + element, v, mask=mask)
+        m_hat = m / (1.0 - tl.exp(t * tl.log(beta1)))
+        v_hat = v / (1.0 - tl.exp(t * tl.log(beta2)))
+        w = w - lr * (m_hat / (tl.sqrt(v_hat) + eps) + weight_decay * w)
+    elif OPTIMIZER == 10:
+        w = correction[:, None] * w - step_size[:, None] * g
     elif OPTIMIZER == 5:
         m = beta1 * tl.load(state1_ptr + element, mask=mask, other=0.0) + step_size[:, None] * (g + weight_decay * w)
         tl.store(state1_ptr + element, m, mask=mask)
@@ -155,7 +231,13 @@ def _fused_update_kernel(
     t = tl.load(step_ptr).to(tl.float32)
     # the L2 term added to the gradient (row-wise Adagrad, Adam, exact Adagrad); the others' own
     l2 = weight_decay if OPTIMIZER == 2 or OPTIMIZER == 3 or OPTIMIZER == 4 else 0.0 * weight_decay
-    ROW_SUMS: tl.constexpr = OPTIMIZER == 2 or OPTIMIZER == 5 or OPTIMIZER == 6 or OPTIMIZER == 8 or OPTIMIZER == 9
+    ROW_SUMS: tl.constexpr = (OPTIMIZER == 2 or OPTIMIZER == 5 or OPTIMIZER == 6 or OPTIMIZER == 8 or OPTIMIZER == 9
+                              or OPTIMIZER == 10)
+    # the counter kind's L2 term (its counter weight-decay mode 1) enters the squares only
+    if OPTIMIZER == 10:
+        squares_l2 = tl.where(tl.load(hparams_ptr + 8) == 1.0, weight_decay, 0.0)
+    else:
+        squares_l2 = 0.0 * weight_decay
     IS_LAMB: tl.constexpr = OPTIMIZER == 7 or OPTIMIZER == 8
     # programs take turns over tiles of BLOCK_U runs: u0 = pid, pid + G, ... (times BLOCK_U)
     num_runs = tl.load(num_runs_ptr)
@@ -164,12 +246,18 @@ def _fused_update_kernel(
             u0, num_runs, run_start_ptr, run_feature_ptr, long_rank_ptr, meta_ptr, DIM_ALIGN, BLOCK_U)
         row = tl.multiple_of(tl.load(run_row_ptr + u, mask=live, other=0), DIM_ALIGN)
         step_size = tl.full([BLOCK_U], 1.0, tl.float32) * lr
+        correction = step_size
         if ONE_TILE:  # every dim fits one tile: gather each run's gradient once
             g, w, mask, element = _decayed_tile(
                 0, start, length, longest, long_rank, live, row, dim, grad_out_ptr, item_offset_ptr, item_scale_ptr,
                 long_sums_ptr, weights_ptr, l2, ROW_STRIDE, HAS_SCALE, DIM_ALIGN, BLOCK_D, UNROLL,
                 LEGACY_LOOPS)
-            if ROW_SUMS:
+            if OPTIMIZER == 10:
+                squared = g + squares_l2 * w
+                step_size, correction = _counter_factors(
+                    tl.sum(squared * squared, axis=1), tl.sum(w * w, axis=1), u, live, row, dim, run_feature_ptr,
+                    meta_ptr, state1_ptr, state2_ptr, hparams_ptr, lr, eps, weight_decay, t)
+            elif ROW_SUMS:
                 step_size = _row_factor(tl.sum(g * g, axis=1), tl.sum(w * w, axis=1), u, live, row, dim,
                                         run_feature_ptr, meta_ptr, state1_ptr, state2_ptr, lr, eps, weight_decay,
                                         beta2, t, OPTIMIZER)
@@ -180,7 +268,7 @@ def _fused_update_kernel(
                 w = w - ratio[:, None] * direction
                 tl.store(weights_ptr + element, w.to(weights_ptr.dtype.element_ty), mask=mask)
             else:
-                _step_tile(g, w, element, mask, step_size, weights_ptr, state1_ptr, state2_ptr, lr, eps,
+                _step_tile(g, w, element, mask, step_size, correction, weights_ptr, state1_ptr, state2_ptr, lr, eps,
                            weight_decay, beta1, beta2, t, OPTIMIZER)
         else:
             if ROW_SUMS:
@@ -192,11 +280,18 @@ def _fused_update_kernel(
                         d0, start, length, longest, long_rank, live, row, dim, grad_out_ptr, item_offset_ptr,
                         item_scale_ptr, long_sums_ptr, weights_ptr, l2, ROW_STRIDE, HAS_SCALE, DIM_ALIGN,
                         BLOCK_D, UNROLL, LEGACY_LOOPS)
+                    if OPTIMIZER == 10:
+                        g = g + squares_l2 * w
                     squares += tl.sum(g * g, axis=1)
-                    if OPTIMIZER == 5:
+                    if OPTIMIZER == 5 or OPTIMIZER == 10:
                         weight_squares += tl.sum(w * w, axis=1)
-                step_size = _row_factor(squares, weight_squares, u, live, row, dim, run_feature_ptr, meta_ptr,
-                                        state1_ptr, state2_ptr, lr, eps, weight_decay, beta2, t, OPTIMIZER)
+                if OPTIMIZER == 10:
+                    step_size, correction = _counter_factors(
+                        squares, weight_squares, u, live, row, dim, run_feature_ptr, meta_ptr, state1_ptr,
+                        state2_ptr, hparams_ptr, lr, eps, weight_decay, t)
+                else:
+                    step_size = _row_factor(squares, weight_squares, u, live, row, dim, run_feature_ptr, meta_ptr,
+                                            state1_ptr, state2_ptr, lr, eps, weight_decay, beta2, t, OPTIMIZER)
             if IS_LAMB:
                 # the moments move and the norms are summed over every tile of the row ...
                 weight_squares = tl.zeros([BLOCK_U], dtype=tl.float32)
@@ -227,8 +322,8 @@ def _fused_update_kernel(
                         d0, start, length, longest, long_rank, live, row, dim, grad_out_ptr, item_offset_ptr,
                         item_scale_ptr, long_sums_ptr, weights_ptr, l2, ROW_STRIDE, HAS_SCALE, DIM_ALIGN,
                         BLOCK_D, UNROLL, LEGACY_LOOPS)
-                    _step_tile(g, w, element, mask, step_size, weights_ptr, state1_ptr, state2_ptr, lr, eps,
-                               weight_decay, beta1, beta2, t, OPTIMIZER)
+                    _step_tile(g, w, element, mask, step_size, correction, weights_ptr, state1_ptr, state2_ptr, lr,
+                               eps, weight_decay, beta1, beta2, t, OPTIMIZER)
 
 
 def fused_update(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, weights: torch.Tensor, fused,

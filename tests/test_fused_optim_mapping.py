@@ -54,9 +54,9 @@ def test_fused_params_name_the_new_optimizers():
         optim.RowWiseAdagrad(0.01, weight_decay=0.1, weight_decay_mode="decouple")
     assert fused_optimizer_from_params({"optimizer": "EXACT_ROWWISE_ADAGRAD", "weight_decay": 0.1,
                                         "weight_decay_mode": "NONE"}).weight_decay == 0.0
-    with pytest.raises(ValueError, match="COUNTER is not fused"):
-        fused_optimizer_from_params({"optimizer": "EXACT_ROWWISE_ADAGRAD", "weight_decay_mode": "COUNTER"})
-    with pytest.raises(ValueError, match="EXACT_ROWWISE_ADAGRAD only"):
+    with pytest.raises(ValueError, match="DECOUPLE_GLOBAL is not fused"):
+        fused_optimizer_from_params({"optimizer": "EXACT_ROWWISE_ADAGRAD", "weight_decay_mode": "DECOUPLE_GLOBAL"})
+    with pytest.raises(ValueError, match="DECOUPLE is not fused by jaggedrec for LAMB"):
         fused_optimizer_from_params({"optimizer": "LAMB", "weight_decay_mode": "DECOUPLE"})
     with pytest.raises(ValueError, match="weight_decay_mode must be"):
         optim.RowWiseAdagrad(0.1, weight_decay_mode="l1")

@@ -46,7 +46,8 @@ class EmbOptimType(Enum):
 
 
 _KNOWN = ("learning_rate", "eps", "weight_decay", "beta1", "beta2", "eta", "momentum", "optimizer",
-          "gradient_clipping", "max_gradient", "weight_decay_mode")
+          "gradient_clipping", "max_gradient", "weight_decay_mode", "counter_based_regularization",
+          "cowclip_regularization")
 # TorchRec's in-backward placeholders (torchrec.optim.optimizers, and jaggedrec's of the same
 # names): each stands for the EmbOptimType its kwargs configure
 _PLACEHOLDERS = {"SGD": "EXACT_SGD", "Adam": "ADAM", "Adagrad": "EXACT_ADAGRAD", "LarsSGD": "LARS_SGD",
@@ -75,22 +76,30 @@ def fused_optimizer_from_params(fused_params: Optional[Dict[str, Any]]) -> Optio
     mode = None if mode is None else (mode.name if isinstance(mode, Enum) else str(mode)).upper()
     if name in ("EXACT_ROWWISE_ADAGRAD", "ROWWISE_ADAGRAD", "EXACT_ROW_WISE_ADAGRAD", "ROW_WISE_ADAGRAD"):
         # FBGEMM's WeightDecayMode: NONE steps without weight decay, L2 adds it to the gradient,
-        # DECOUPLE decays the row apart; left out, jaggedrec's L2 (FBGEMM's default is NONE)
-        if mode not in (None, "NONE", "L2", "DECOUPLE"):
-            raise ValueError(f"fused_params: weight_decay_mode {mode} is not fused by jaggedrec; use NONE, L2 or "
-                             f"DECOUPLE")
+        # DECOUPLE decays the row apart, COUNTER and COWCLIP with their definitions; left out,
+        # jaggedrec's L2 (FBGEMM's default is NONE)
+        if mode not in (None, "NONE", "L2", "DECOUPLE", "COUNTER", "COWCLIP"):
+            raise ValueError(f"fused_params: weight_decay_mode {mode} is not fused by jaggedrec for "
+                             f"EXACT_ROWWISE_ADAGRAD; use NONE, L2, DECOUPLE, COUNTER or COWCLIP")
+        counter = _counter_definition(fused_params, mode)
         return optim.RowWiseAdagrad(lr, eps=eps, weight_decay=0.0 if mode == "NONE" else decay,
-                                    weight_decay_mode="decouple" if mode == "DECOUPLE" else "l2", **clip)
-    if mode not in (None, "NONE"):
-        raise ValueError(f"fused_params: weight_decay_mode {mode} applies to EXACT_ROWWISE_ADAGRAD only")
+                                    weight_decay_mode=mode.lower() if mode in ("DECOUPLE", "COUNTER", "COWCLIP")
+                                    else "l2", counter=counter, **clip)
+    for key in ("counter_based_regularization", "cowclip_regularization"):
+        if fused_params.get(key) is not None:
+            raise ValueError(f"fused_params: {key} applies to EXACT_ROWWISE_ADAGRAD only, not {name}")
+    if mode not in (None, "NONE") and not (mode == "DECOUPLE" and name in ("ADAM", "EXACT_ADAGRAD")):
+        raise ValueError(f"fused_params: weight_decay_mode {mode} is not fused by jaggedrec for {name} (row-wise "
+                         f"Adagrad takes L2, DECOUPLE, COUNTER and COWCLIP; ADAM and EXACT_ADAGRAD DECOUPLE)")
     betas = (float(fused_params.get("beta1", 0.9)), float(fused_params.get("beta2", 0.999)))
+    decoupled = dict(weight_decay_mode="decouple") if mode == "DECOUPLE" else {}
     if name == "ADAM":
-        return optim.Adam(lr, betas=betas, eps=eps, weight_decay=decay, **clip)
+        return optim.Adam(lr, betas=betas, eps=eps, weight_decay=decay, **decoupled, **clip)
     if name == "EXACT_ADAGRAD":
-        if decay:  # FBGEMM's exact Adagrad has none; jaggedrec would not silently differ
+        if decay and not decoupled:  # FBGEMM's exact Adagrad has none; jaggedrec would not silently differ
             raise ValueError(f"fused_params: FBGEMM's EXACT_ADAGRAD takes no weight_decay, got {decay}; "
                              f"pass fused_optimizer=jaggedrec.optim.Adagrad(lr, weight_decay=...) for an L2 term")
-        return optim.Adagrad(lr, eps=eps, **clip)
+        return optim.Adagrad(lr, eps=eps, weight_decay=decay if decoupled else 0.0, **decoupled, **clip)
     if name == "LARS_SGD":
         return optim.LarsSGD(lr, eta=float(fused_params.get("eta", 0.001)),
                              momentum=float(fused_params.get("momentum", 0.9)), weight_decay=decay, **clip)
@@ -103,6 +112,41 @@ def fused_optimizer_from_params(fused_params: Optional[Dict[str, Any]]) -> Optio
     raise ValueError(f"fused_params: optimizer {kind!r} is not fused by jaggedrec; use SGD/EXACT_SGD, "
                      f"EXACT_ROWWISE_ADAGRAD, ADAM, EXACT_ADAGRAD, LARS_SGD, PARTIAL_ROWWISE_ADAM, LAMB or "
                      f"PARTIAL_ROWWISE_LAMB")
+
+
+def _enum_name(value: Any) -> str:
+    return (value.name if isinstance(value, Enum) else str(value)).lower()
+
+
+def _counter_definition(fused_params: Dict[str, Any], mode: Optional[str]) -> Optional[optim.fused.CounterRegularization]:
+    """FBGEMM's CounterBasedRegularizationDefinition (COUNTER) or CowClipDefinition (COWCLIP),
+    as FBGEMM's objects or dicts of their fields, as ``jaggedrec.optim.fused.CounterRegularization``."""
+    key = {"COUNTER": "counter_based_regularization", "COWCLIP": "cowclip_regularization"}.get(mode or "")
+    for other in ("counter_based_regularization", "cowclip_regularization"):
+        if other != key and fused_params.get(other) is not None:
+            raise ValueError(f"fused_params: {other} needs weight_decay_mode "
+                             f"{'COUNTER' if other.startswith('counter') else 'COWCLIP'}, got {mode}")
+    if key is None:
+        return None
+    definition = fused_params.get(key)
+    if definition is None:
+        raise ValueError(f"fused_params: weight_decay_mode {mode} needs {key} (FBGEMM's definition)")
+    fields = dict(definition) if isinstance(definition, dict) else dict(vars(definition))
+    threshold = fields.pop("tail_id_threshold", 0.0)
+    if getattr(threshold, "is_ratio", False):
+        raise ValueError("fused_params: a tail_id_threshold given as a ratio (is_ratio=True) is not fused by "
+                         "jaggedrec: it reads a table-wide maximum counter")
+    fields.pop("max_counter_update_freq", None)  # the maximum counter is read by the tail-id modes only
+    if _enum_name(fields.pop("grad_sum_decay", "no_decay")) != "no_decay":
+        raise ValueError("fused_params: grad_sum_decay other than NO_DECAY is not fused by jaggedrec")
+    for name in ("counter_weight_decay_mode", "learning_rate_mode"):
+        if name in fields:
+            fields[name] = _enum_name(fields[name])
+    try:
+        return optim.fused.CounterRegularization(tail_id_threshold=float(getattr(threshold, "val", threshold)),
+                                                 **fields)
+    except TypeError as e:
+        raise ValueError(f"fused_params: {key}: {e}") from None
 
 
 def fused_optimizer_in_backward(module: nn.Module) -> Optional[optim.FusedOptimizer]:

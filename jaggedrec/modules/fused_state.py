@@ -17,9 +17,12 @@ from jaggedrec.modules.table_layout import TableLayout
 
 
 class FusedOptimizerState(nn.Module):
-    """Buffers ``hparams`` (``[5]`` fp32: lr, eps, weight_decay, beta1, beta2), and per storage
-    group ``<group>_step`` (``[1]`` int64) and one buffer per optimizer state
-    (``<group>_<name>``: ``[rows of all tables]`` row-wise or ``[W]`` element-wise, fp32).
+    """Buffers ``hparams`` (``[5]`` fp32: lr, eps, weight_decay, beta1, beta2; more with
+    options, see ``FusedOptimizer.hyperparameters``), and per storage group ``<group>_step``
+    (``[1]`` int64) and one buffer per optimizer state (``<group>_<name>``: ``[rows of all
+    tables]`` row-wise or ``[W]`` element-wise, fp32; row-wise Adagrad's COUNTER and COWCLIP
+    counters ``<group>_counter`` ``[rows, 2]``, FBGEMM's ``prev_iter`` and ``row_counter``,
+    also read as ``<group>_prev_iter`` and ``<group>_row_counter``).
 
     With a fused optimizer the tables' flat weights require no gradient: the backward updates
     them in place, and a compiled graph may mutate an input in its backward only if that input
@@ -46,8 +49,8 @@ class FusedOptimizerState(nn.Module):
         for g in layout.groups:
             self.register_buffer(f"{g.name}_step", torch.empty(1, dtype=torch.int64, device=device))
             rows = sum(layout.tables[t].rows for t in {layout.features[f].table for f in g.features})
-            for name, per in optimizer.state:
-                size = rows if per == "row" else g.numel
+            for name, per in optimizer.buffers:
+                size = (rows,) if per == "row" else (rows, 2) if per == "row_pair" else (g.numel,)
                 state = torch.empty(size, dtype=torch.float32, device=device)
                 advise_huge_pages(state)
                 self.register_buffer(f"{g.name}_{name}", state)
@@ -71,6 +74,13 @@ class FusedOptimizerState(nn.Module):
             with torch.no_grad():
                 self.hparams.copy_(torch.tensor(self._optimizer.hyperparameters(lr), dtype=torch.float32))
 
+    def __getattr__(self, name: str):
+        # row-wise Adagrad's counters by FBGEMM's names: [rows] columns of <group>_counter
+        for column, suffix in enumerate(("_prev_iter", "_row_counter")):
+            if name.endswith(suffix) and f"{name[:-len(suffix)]}_counter" in self._buffers:
+                return self._buffers[f"{name[:-len(suffix)]}_counter"][:, column]
+        return super().__getattr__(name)
+
     def learning_rate(self) -> float:
         if self._optimizer is None:
             raise RuntimeError("this collection has no fused_optimizer")
@@ -81,7 +91,7 @@ class FusedOptimizerState(nn.Module):
         backward_trigger]``, or []."""
         if self._optimizer is None:
             return []
-        states = [getattr(self, f"{group}_{name}") for name, _ in self._optimizer.state]
+        states = [getattr(self, f"{group}_{name}") for name, _ in self._optimizer.buffers]
         while len(states) < 2:
             states.append(self.hparams.new_empty(0))
         return [self.hparams, getattr(self, f"{group}_step"), *states, self.backward_trigger]

@@ -15,10 +15,20 @@ import torch
 
 SGD, ROWWISE_ADAGRAD, ADAM, EXACT_ADAGRAD, LARS_SGD, PARTIAL_ROWWISE_ADAM = 1, 2, 3, 4, 5, 6
 LAMB, PARTIAL_ROWWISE_LAMB, ROWWISE_ADAGRAD_DECOUPLED = 7, 8, 9
-# each optimizer's state1, state2: one value per table row ("row", [R]) or per element ([W])
+ROWWISE_ADAGRAD_COUNTER, ADAM_DECOUPLED, EXACT_ADAGRAD_DECOUPLED = 10, 11, 12
+# each optimizer's state1, state2: values per table row ("row", [R], or [R, 2] for the
+# counters: prev_iter, row_counter) or per element ([W])
 STATE_LAYOUT = {SGD: (), ROWWISE_ADAGRAD: ("row",), ADAM: ("element", "element"), EXACT_ADAGRAD: ("element",),
                 LARS_SGD: ("element",), PARTIAL_ROWWISE_ADAM: ("element", "row"), LAMB: ("element", "element"),
-                PARTIAL_ROWWISE_LAMB: ("element", "row"), ROWWISE_ADAGRAD_DECOUPLED: ("row",)}
+                PARTIAL_ROWWISE_LAMB: ("element", "row"), ROWWISE_ADAGRAD_DECOUPLED: ("row",),
+                ROWWISE_ADAGRAD_COUNTER: ("row", "row"), ADAM_DECOUPLED: ("element", "element"),
+                EXACT_ADAGRAD_DECOUPLED: ("element",)}
+# hparams of the counter kind past [lr, eps, weight_decay, beta1, beta2, max_gradient, max_norm]
+# (see jaggedrec.optim.fused.RowWiseAdagrad): FBGEMM's regularization mode (3 COUNTER, 4 COWCLIP),
+# counter weight-decay mode (0 none, 1 L2, 2 decoupled, 3 AdagradW), counter_halflife,
+# adjustment_iter, adjustment_ub, learning_rate_mode (-1 equal, 2 counter SGD),
+# tail_id_threshold, weight_norm_coefficient, lower_bound
+COUNTER_HPARAMS = slice(7, 16)
 
 
 class StepRule(NamedTuple):
@@ -54,6 +64,19 @@ def step_in_place(rule: StepRule, w, g, s1, s2, touched=None) -> None:
     if optimizer in (LAMB, PARTIAL_ROWWISE_LAMB):
         _lamb_in_place(optimizer == PARTIAL_ROWWISE_LAMB, lr, eps, weight_decay, beta1, beta2, step, w, g, s1, s2,
                        touched)
+        return
+    if optimizer == ROWWISE_ADAGRAD_COUNTER:
+        multiplier, correction, new_s1, new_s2 = counter_factors(w, g, s1, s2, hparams, step)
+        if touched is not None:  # untouched rows: no decay, no step, counters as they were
+            multiplier = torch.where(touched, multiplier, 0.0)
+            correction = torch.where(touched, correction, 1.0)
+            new_s1, new_s2 = torch.where(touched, new_s1, s1), torch.where(touched.unsqueeze(1), new_s2, s2)
+        s1.copy_(new_s1)
+        s2.copy_(new_s2)
+        w.mul_(correction.unsqueeze(1)).addcmul_(g, multiplier.unsqueeze(1), value=-1)
+        return
+    if optimizer in (ADAM_DECOUPLED, EXACT_ADAGRAD_DECOUPLED):
+        _decoupled_in_place(optimizer, lr, eps, weight_decay, beta1, beta2, step, w, g, s1, s2, touched)
         return
     if optimizer == ROWWISE_ADAGRAD_DECOUPLED:  # FBGEMM's DECOUPLE: the row decays beside the step
         s1.add_(g.square().mean(1))
@@ -96,6 +119,82 @@ def step_in_place(rule: StepRule, w, g, s1, s2, touched=None) -> None:
     if touched is not None:
         denominator.masked_fill_(~touched.unsqueeze(1), math.inf)
     w.addcdiv_(s1, denominator, value=-lr / (1 - beta1 ** step))
+
+
+def _decoupled_in_place(optimizer, lr, eps, weight_decay, beta1, beta2, step, w, g, s1, s2, touched) -> None:
+    """Adam and exact Adagrad with decoupled weight decay (AdamW-style, FBGEMM's form of it):
+    the state takes the bare gradient, and ``w -= lr * (update + weight_decay * w)``."""
+    if optimizer == EXACT_ADAGRAD_DECOUPLED:
+        s1.addcmul_(g, g)
+        update = torch.div(g, s1.sqrt().add_(eps))
+    else:
+        keep = None if touched is None else touched.unsqueeze(1).to(w.dtype)
+        s1.lerp_(g, 1 - beta1 if keep is None else keep * (1 - beta1))
+        s2.lerp_(g.square(), 1 - beta2 if keep is None else keep * (1 - beta2))
+        update = torch.div(s1, 1 - beta1 ** step).div_(s2.div(1 - beta2 ** step).sqrt_().add_(eps))
+    if weight_decay:
+        update.add_(w * weight_decay)
+    if touched is not None:  # untouched rows: no step (nor 0 / 0 with eps 0 and no state)
+        update = torch.where(touched.unsqueeze(1), update, 0.0)
+    w.sub_(update.mul_(lr))
+
+
+def counter_factors(w, g, s1, s2, hparams, step):
+    """Row-wise Adagrad with FBGEMM's COUNTER or COWCLIP regularization: per row, the
+    multiplier of the gradient and the correction of the weight (``w = correction * w -
+    multiplier * g``), the new sum of mean squares and the new ``[prev_iter, row_counter]``.
+
+    The per-row factors are worked out in float64 and rounded once, as FBGEMM's CPU step
+    does in double: a correction applied at every step, rounded each time in fp32, would
+    drift the rows by an ulp a step.
+
+    Args:
+        w, g: ``[n, D]`` fp32 rows and their summed gradients (read only); s1 ``[n]``, s2
+            ``[n, 2]`` their state (read only).
+        hparams: as :data:`COUNTER_HPARAMS` says, floats (eager) or 0-d tensors (static).
+        step: this step's number (FBGEMM's ``iter``), an int or a ``[1]`` tensor.
+    Returns:
+        ``([n], [n], [n], [n, 2])`` fp32.
+    """
+    f64 = torch.float64
+    lr, eps, weight_decay = (torch.as_tensor(x, dtype=f64) for x in hparams[:3])
+    reg, decay_mode, halflife, adjustment_iter, adjustment_ub, lr_mode, tail, norm_coefficient, lower = (
+        torch.as_tensor(x, dtype=f64) for x in hparams[COUNTER_HPARAMS])
+    it = torch.as_tensor(step, dtype=f64)
+    prev, counter = s2.to(f64).unbind(1)
+    # a row seen at an earlier step decays its counter by the steps since (halflife > 0)
+    delta = torch.where(prev == 0, 1.0, it - prev)
+    decayed = torch.exp(delta * (-math.log(2.0) / halflife)) * counter + 1
+    counter = torch.where(halflife > 0, decayed, torch.where(halflife == 0, 1.0, counter + 1)).float().to(f64)
+    freq = halflife / counter
+    l2 = decay_mode == 1  # an L2 term enters the squares only; the step takes the bare gradient
+    squares = torch.where(l2, g + weight_decay.float() * w, g).square().sum(1)  # fp32, as FBGEMM's
+    s1 = s1 + squares / w.shape[1]
+    root = s1.to(f64).sqrt()
+    multiplier = lr / (root + eps)
+    adjusting = (adjustment_iter <= 0) | (it > adjustment_iter)
+    # COUNTER: learning_rate_mode COUNTER_SGD (2) steps rows past the tail threshold by their counter
+    counter_sgd = (lr_mode == 2) & adjusting & (counter > tail)
+    counter_multiplier = torch.where(counter_sgd, lr / ((adjustment_ub * counter).sqrt() + eps), multiplier)
+    # AdagradW: its own multiplier, and the decay of the steps the row missed applied at once
+    # (rounded to fp32 where FBGEMM's CPU step keeps fp32 values)
+    adagradw = torch.where(halflife == -1, multiplier * counter.sqrt(), torch.where(
+        halflife == -2, torch.minimum(lr * counter, adjustment_ub) / (root + eps), counter_multiplier)).float()
+    base = 1 - weight_decay * lr
+    lazy = base.float() ** (torch.minimum(delta, it - adjustment_iter) - 1).float()
+    counter_multiplier = torch.where(adjusting & (decay_mode == 3), (adagradw * lazy).to(f64), counter_multiplier)
+    counter_correction = torch.where(~adjusting, 1.0, torch.where(decay_mode == 3, (base.float() * lazy).to(f64), torch.where(
+        decay_mode == 2, 1 - freq * weight_decay * lr, torch.where(l2, 1 - freq * weight_decay * multiplier, 1.0))))
+    # COWCLIP: the gradient's norm clipped to the counter times the row's (bounded) norm
+    clip = counter * torch.maximum(norm_coefficient * w.square().sum(1).to(f64).sqrt(), lower)
+    norm = squares.to(f64).sqrt()
+    cowclip_multiplier = torch.where(norm > 0, torch.clamp(clip / norm, max=1.0), 1.0) * multiplier
+    cowclip_multiplier = cowclip_multiplier.float().to(f64)  # FBGEMM keeps it in fp32 before the L2 decay reads it
+    cowclip_correction = torch.where(decay_mode == 2, base, torch.where(l2, 1 - weight_decay * cowclip_multiplier, 1.0))
+    cowclip = reg == 4
+    return (torch.where(cowclip, cowclip_multiplier, counter_multiplier).float(),
+            torch.where(cowclip, cowclip_correction, counter_correction).float(),
+            s1, torch.stack([it.expand_as(prev), counter], 1).float())
 
 
 def _lars_in_place(lr, weight_decay, momentum, eta, w, g, s1, touched) -> None:
@@ -181,6 +280,17 @@ def step_rows(optimizer, w, g, s1, s2, hparams, t):
         s2 = beta2 * s2 + (1 - beta2) * g.square().mean(1)
         denominator = ((s2 / (1 - beta2 ** t)).sqrt() + eps).unsqueeze(1)
         return w - lr * (s1 / (1 - beta1 ** t) / denominator + weight_decay * w), s1, s2
+    if optimizer == ROWWISE_ADAGRAD_COUNTER:
+        multiplier, correction, s1, s2 = counter_factors(w, g, s1, s2, hparams, t)
+        return correction.unsqueeze(1) * w - multiplier.unsqueeze(1) * g, s1, s2
+    if optimizer == EXACT_ADAGRAD_DECOUPLED:
+        s1 = s1 + g.square()
+        return w - lr * (g / (s1.sqrt() + eps) + weight_decay * w), s1, s2
+    if optimizer == ADAM_DECOUPLED:
+        s1 = beta1 * s1 + (1 - beta1) * g
+        s2 = beta2 * s2 + (1 - beta2) * g.square()
+        update = s1 / (1 - beta1 ** t) / ((s2 / (1 - beta2 ** t)).sqrt() + eps)
+        return w - lr * (update + weight_decay * w), s1, s2
     if optimizer == ROWWISE_ADAGRAD_DECOUPLED:
         s1 = s1 + g.square().mean(1)
         return (1 - lr * weight_decay) * w - (lr / (s1.sqrt() + eps)).unsqueeze(1) * g, s1, s2
@@ -194,7 +304,6 @@ def step_rows(optimizer, w, g, s1, s2, hparams, t):
     s1 = beta1 * s1 + (1 - beta1) * g
     s2 = beta2 * s2 + (1 - beta2) * g.square()
     return w - lr * (s1 / (1 - beta1 ** t)) / ((s2 / (1 - beta2 ** t)).sqrt() + eps), s1, s2
-
 
 
 def scaled_gradient(rule: StepRule, g, s1, touched=None) -> float | None:

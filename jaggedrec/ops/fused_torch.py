@@ -24,8 +24,9 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from jaggedrec.ops import backends, vbe
 from jaggedrec.ops.feature_tables import FeatureTables
-from jaggedrec.ops.fused_rules import (ADAM, EXACT_ADAGRAD, LAMB, LARS_SGD, PARTIAL_ROWWISE_ADAM, PARTIAL_ROWWISE_LAMB,
-                                       ROWWISE_ADAGRAD, ROWWISE_ADAGRAD_DECOUPLED, SGD, STATE_LAYOUT, StepRule,
+from jaggedrec.ops.fused_rules import (ADAM, ADAM_DECOUPLED, EXACT_ADAGRAD, EXACT_ADAGRAD_DECOUPLED, LAMB, LARS_SGD,
+                                       PARTIAL_ROWWISE_ADAM, PARTIAL_ROWWISE_LAMB, ROWWISE_ADAGRAD,
+                                       ROWWISE_ADAGRAD_COUNTER, ROWWISE_ADAGRAD_DECOUPLED, SGD, STATE_LAYOUT, StepRule,
                                        step_in_place, step_rows)
 from jaggedrec.ops.fused_rules import scaled_gradient
 from jaggedrec.ops.host_tasks import run_pieces
@@ -262,7 +263,8 @@ _CHUNK_BYTES = 2 << 20
 #   exact Adagrad:    56% 945 vs 665 ms
 _STREAM_MIN_TOUCHED = {SGD: 1 / 2, ROWWISE_ADAGRAD: 3 / 4, ADAM: 1 / 2, EXACT_ADAGRAD: 3 / 4, LARS_SGD: 1 / 2,
                        PARTIAL_ROWWISE_ADAM: 1 / 2, LAMB: 1 / 2, PARTIAL_ROWWISE_LAMB: 1 / 2,
-                       ROWWISE_ADAGRAD_DECOUPLED: 1 / 2}
+                       ROWWISE_ADAGRAD_DECOUPLED: 1 / 2, ROWWISE_ADAGRAD_COUNTER: 1 / 2, ADAM_DECOUPLED: 1 / 2,
+                       EXACT_ADAGRAD_DECOUPLED: 1 / 2}
 
 
 def update_touched_rows(block: torch.Tensor, states, ids: torch.Tensor, bags: torch.Tensor, grads: torch.Tensor,

@@ -53,8 +53,9 @@ The state buffers of the last five are named as FBGEMM's TBE names them (``momen
 
 from __future__ import annotations
 
+import math
 import numbers
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, Optional, Tuple
 
 from jaggedrec.optim.rowwise_adagrad import RowWiseAdagrad as _TorchRowWiseAdagrad
@@ -62,6 +63,7 @@ from jaggedrec.optim.rowwise_adagrad import RowWiseAdagrad as _TorchRowWiseAdagr
 SGD_KIND, ROWWISE_ADAGRAD_KIND, ADAM_KIND = 1, 2, 3
 EXACT_ADAGRAD_KIND, LARS_SGD_KIND, PARTIAL_ROWWISE_ADAM_KIND, LAMB_KIND, PARTIAL_ROWWISE_LAMB_KIND = 4, 5, 6, 7, 8
 ROWWISE_ADAGRAD_DECOUPLED_KIND = 9
+ROWWISE_ADAGRAD_COUNTER_KIND, ADAM_DECOUPLED_KIND, EXACT_ADAGRAD_DECOUPLED_KIND = 10, 11, 12
 
 # frozen, with FusedOptimizer's __repr__ kept by every subclass (a dataclass would write its own)
 _config = dataclass(frozen=True, repr=False)
@@ -77,9 +79,18 @@ class FusedOptimizer:
     kind: ClassVar[int] = 0
     #: the state tensors: name, and ``"row"`` (one value per table row) or ``"element"``
     state: ClassVar[Tuple[Tuple[str, str], ...]] = ()
+
+    @property
+    def buffers(self) -> Tuple[Tuple[str, str], ...]:
+        """The state as the collection keeps it (``state``, where row-wise Adagrad's counters
+        share one ``[rows, 2]`` buffer, ``"row_pair"``)."""
+        return self.state
     #: whether a row's step reads sums over all of its columns (a row-wise state, a row norm):
     #: column-wise shards cannot make them alone
     needs_whole_rows: ClassVar[bool] = False
+    #: fields printed only where they differ from their default: options added after the
+    #: configs' reprs were printed in docs and examples
+    _quiet: ClassVar[Tuple[str, ...]] = ("max_gradient", "counter")
 
     def __post_init__(self) -> None:
         if not self.lr >= 0:
@@ -89,18 +100,70 @@ class FusedOptimizer:
                              f"got {self.max_gradient}")
 
     def __repr__(self) -> str:
-        # max_gradient shows only where it clips: unclipped configs print as they always have
+        # the options show only where set: configs without them print as they always have
         shown = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
-                 if f.repr and not (f.name == "max_gradient" and self.max_gradient is None)]
+                 if f.repr and not (f.name in self._quiet and f.default is not MISSING
+                                    and getattr(self, f.name) == f.default)]
         return f"{type(self).__name__}({', '.join(shown)})"
 
     def hyperparameters(self, lr: float) -> list:
         """``[lr, eps, weight_decay, beta1, beta2]`` as the kernels read them (LARS-SGD puts
-        ``momentum`` and ``eta`` where the betas go), then ``max_gradient`` where it clips."""
-        return self._step_parameters(lr) + ([] if self.max_gradient is None else [self.max_gradient])
+        ``momentum`` and ``eta`` where the betas go), then ``max_gradient`` where it clips;
+        with further options, ``max_gradient`` (inf: none) and the options' own (see
+        ``jaggedrec.ops.fused_rules.COUNTER_HPARAMS``)."""
+        extra = self._option_parameters()
+        if not extra:
+            return self._step_parameters(lr) + ([] if self.max_gradient is None else [self.max_gradient])
+        return self._step_parameters(lr) + [math.inf if self.max_gradient is None else self.max_gradient] + extra
+
+    def _option_parameters(self) -> list:
+        return []
 
     def _step_parameters(self, lr: float) -> list:
         return [lr, getattr(self, "eps", 0.0), getattr(self, "weight_decay", 0.0), *getattr(self, "betas", (0.0, 0.0))]
+
+
+_DECAY_MODES = {"l2": 0, "decouple": 0, "counter": 3, "cowclip": 4}
+_COUNTER_DECAY_MODES = {"none": 0, "l2": 1, "decouple": 2, "adagradw": 3}
+_LEARNING_RATE_MODES = {"equal": -1, "counter_sgd": 2}
+
+
+@dataclass(frozen=True)
+class CounterRegularization:
+    """What row-wise Adagrad's ``weight_decay_mode="counter"`` and ``"cowclip"`` read: FBGEMM's
+    ``CounterBasedRegularizationDefinition`` and ``CowClipDefinition`` fields, by their names.
+
+    Every touched row counts its steps (``row_counter``; with ``counter_halflife > 0`` the
+    count decays by half every ``counter_halflife`` steps, with 0 it is 1, below 0 it counts
+    up) and remembers its last step (``prev_iter``). ``counter_weight_decay_mode``: ``"none"``,
+    ``"l2"`` (the weight decay enters the squares, and the row decays by ``1 - f * wd * m``,
+    ``f = counter_halflife / row_counter``, ``m`` the step's multiplier), ``"decouple"``
+    (``1 - f * wd * lr``) or ``"adagradw"`` (FBGEMM's ADAGRADW: the decay of the steps a row
+    missed applied when it is next touched). ``learning_rate_mode``: ``"equal"`` or
+    ``"counter_sgd"`` (rows counted past ``tail_id_threshold`` step by
+    ``lr / (sqrt(adjustment_ub * row_counter) + eps)``); FBGEMM's tail-id modes, which read a
+    maximum counter over the whole table, are not fused. The weight decay and learning-rate
+    adjustments start after ``adjustment_iter`` steps (<= 0: at once). COWCLIP clips each
+    row's gradient norm to ``row_counter * max(weight_norm_coefficient * |w|, lower_bound)``.
+    """
+
+    counter_weight_decay_mode: str = "none"
+    counter_halflife: int = -1
+    adjustment_iter: int = -1
+    adjustment_ub: float = 1.0
+    learning_rate_mode: str = "equal"
+    tail_id_threshold: float = 0.0
+    weight_norm_coefficient: float = 0.0
+    lower_bound: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.counter_weight_decay_mode not in _COUNTER_DECAY_MODES:
+            raise ValueError(f"RowWiseAdagrad: counter_weight_decay_mode must be one of {list(_COUNTER_DECAY_MODES)}, "
+                             f"got {self.counter_weight_decay_mode!r}")
+        if self.learning_rate_mode not in _LEARNING_RATE_MODES:
+            raise ValueError(f"RowWiseAdagrad: learning_rate_mode {self.learning_rate_mode!r} is not fused by "
+                             f"jaggedrec; use 'equal' or 'counter_sgd' (FBGEMM's tail-id modes need a table-wide "
+                             f"maximum counter)")
 
 
 @_config
@@ -112,20 +175,45 @@ class SGD(FusedOptimizer):
 class RowWiseAdagrad(FusedOptimizer):
     eps: float = 1e-8
     weight_decay: float = 0.0
-    weight_decay_mode: str = "l2"  # or "decouple" (see the module docstring)
+    weight_decay_mode: str = "l2"  # or "decouple", "counter", "cowclip" (see the module docstring)
+    counter: Optional[CounterRegularization] = None  # "counter" and "cowclip" only
 
-    state = (("sum_sq", "row"),)
     needs_whole_rows = True
 
     @property
     def kind(self) -> int:  # type: ignore[override]
+        if self.weight_decay_mode in ("counter", "cowclip"):
+            return ROWWISE_ADAGRAD_COUNTER_KIND
         return ROWWISE_ADAGRAD_DECOUPLED_KIND if self.weight_decay_mode == "decouple" else ROWWISE_ADAGRAD_KIND
+
+    @property
+    def state(self):  # type: ignore[override]
+        if self.counter is None:
+            return (("sum_sq", "row"),)
+        # FBGEMM's names; the two counters are kept side by side, [rows, 2], as "counter"
+        return (("sum_sq", "row"), ("prev_iter", "row"), ("row_counter", "row"))
+
+    @property
+    def buffers(self):  # type: ignore[override]
+        return (("sum_sq", "row"), ("counter", "row_pair")) if self.counter is not None else self.state
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.weight_decay_mode not in ("l2", "decouple"):
-            raise ValueError(f"RowWiseAdagrad: weight_decay_mode must be 'l2' or 'decouple', "
+        if self.weight_decay_mode not in _DECAY_MODES:
+            raise ValueError(f"RowWiseAdagrad: weight_decay_mode must be one of {list(_DECAY_MODES)}, "
                              f"got {self.weight_decay_mode!r}")
+        if (self.counter is not None) != bool(_DECAY_MODES[self.weight_decay_mode]):
+            raise ValueError(f"RowWiseAdagrad: weight_decay_mode {self.weight_decay_mode!r} "
+                             f"{'takes no' if self.counter is not None else 'needs a'} counter=CounterRegularization(...)")
+
+    def _option_parameters(self) -> list:
+        c = self.counter
+        if c is None:
+            return []
+        return [0.0, float(_DECAY_MODES[self.weight_decay_mode]), float(_COUNTER_DECAY_MODES[c.counter_weight_decay_mode]),
+                float(c.counter_halflife), float(c.adjustment_iter), float(c.adjustment_ub),
+                float(_LEARNING_RATE_MODES[c.learning_rate_mode]), float(c.tail_id_threshold),
+                float(c.weight_norm_coefficient), float(c.lower_bound)]
 
     def __new__(cls, *args: Any, **kwargs: Any):
         # parameters first: TorchRec's torch optimizer of this name (see the module docstring)
@@ -149,20 +237,49 @@ class _Moments(FusedOptimizer):
             raise ValueError(f"{type(self).__name__}: betas must be in [0, 1), got {self.betas}")
 
 
+class _DecayMode:
+    """``weight_decay_mode``: ``"l2"`` (the default: ``weight_decay * w`` joins the gradient) or
+    ``"decouple"`` (AdamW-style: the state takes the bare gradient and the row decays apart)."""
+
+    def _check_mode(self) -> None:
+        if self.weight_decay_mode not in ("l2", "decouple"):
+            raise ValueError(f"{type(self).__name__}: weight_decay_mode must be 'l2' or 'decouple' "
+                             f"('counter' and 'cowclip' are row-wise Adagrad's), got {self.weight_decay_mode!r}")
+
+
 @_config
-class Adam(_Moments):
-    kind = ADAM_KIND
+class Adam(_Moments, _DecayMode):
+    weight_decay_mode: str = "l2"
+
     state = (("exp_avg", "element"), ("exp_avg_sq", "element"))
+    _quiet = ("max_gradient", "weight_decay_mode")
+
+    @property
+    def kind(self) -> int:  # type: ignore[override]
+        return ADAM_DECOUPLED_KIND if self.weight_decay_mode == "decouple" else ADAM_KIND
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_mode()
 
 
 @_config
-class Adagrad(FusedOptimizer):
+class Adagrad(FusedOptimizer, _DecayMode):
     lr: float = 1e-2
     eps: float = 1e-10
     weight_decay: float = 0.0
+    weight_decay_mode: str = "l2"
 
-    kind = EXACT_ADAGRAD_KIND
     state = (("momentum1", "element"),)
+    _quiet = ("max_gradient", "weight_decay_mode")
+
+    @property
+    def kind(self) -> int:  # type: ignore[override]
+        return EXACT_ADAGRAD_DECOUPLED_KIND if self.weight_decay_mode == "decouple" else EXACT_ADAGRAD_KIND
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_mode()
 
 
 @_config
