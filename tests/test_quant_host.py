@@ -186,3 +186,4 @@ def test_bad_batches_get_the_float_collections_errors(monkeypatch, path, op_chec
         with pytest.raises(ValueError) as got:
             q(kjt)
         assert str(got.value) == str(expected.value), name
+        assert got.value.__context__ is None, name  # not chained to the op's own error

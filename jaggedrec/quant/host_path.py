@@ -71,10 +71,12 @@ def pooled(kjt: KeyedJaggedTensor, spec: FeatureSpec, tables: FeatureTables, buf
     try:
         return quantized_torch.quantized_forward(buffers, values.contiguous(), offsets.contiguous(), psw, tables,
                                                  starts, check_ids=validate, one_per_bag=one_per_bag)
-    except RuntimeError:
-        if validate:
-            validation.check_data(kjt, spec)  # raises naming the feature, id and sample
-        raise
+    except RuntimeError as error:
+        failure = error
+    # outside the handler, so that the user's error does not come chained to the op's
+    if validate:
+        validation.check_data(kjt, spec)  # raises naming the feature, id and sample
+    raise failure
 
 
 def _offsets(kjt: KeyedJaggedTensor, spec: FeatureSpec,
