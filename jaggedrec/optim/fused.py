@@ -11,7 +11,9 @@ For one touched row with summed gradient ``g`` (duplicate ids summed first):
   ``g += weight_decay * w``; ``state += mean(g ** 2)`` (one value per row);
   ``w -= lr * g / (sqrt(state) + eps)``. With ``weight_decay_mode="decouple"`` (FBGEMM's
   WeightDecayMode.DECOUPLE) the state takes the gradient alone and the row decays apart:
-  ``w = (1 - lr * weight_decay) * w - lr * g / (sqrt(state) + eps)``.
+  ``w = (1 - lr * weight_decay) * w - lr * g / (sqrt(state) + eps)``. With
+  ``weight_decay_mode="counter"`` or ``"cowclip"`` and ``counter=CounterRegularization(...)``,
+  FBGEMM's COUNTER and COWCLIP: per-row counters scale the step and the decay (see the class).
 
 One name, two TorchRec meanings: ``torchrec.optim.RowWiseAdagrad`` is a ``torch.optim``
 optimizer (``RowWiseAdagrad(params, lr=...)``), while jaggedrec's programs pass
@@ -23,7 +25,10 @@ backward. ``SGD`` and ``Adam`` are fused configs only (TorchRec's names there ar
 placeholders that never step).
 * ``Adam(lr, betas, eps, weight_decay)``, lazy: moments of touched rows only, as
   ``torch.optim.SparseAdam`` does, with bias correction by the collection's step count;
-  ``weight_decay`` adds ``weight_decay * w`` to ``g`` first.
+  ``weight_decay`` adds ``weight_decay * w`` to ``g`` first; with ``weight_decay_mode="decouple"``
+  (AdamW-style, FBGEMM's form) the moments take ``g`` alone and
+  ``w -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * w)``. ``Adagrad`` takes the same
+  mode: ``w -= lr * (g / (sqrt(momentum1) + eps) + weight_decay * w)``.
 * ``Adagrad(lr, eps, weight_decay)``, FBGEMM's EXACT_ADAGRAD (``torch.optim.Adagrad`` on the
   touched rows): ``g += weight_decay * w``; ``momentum1 += g ** 2`` (element-wise);
   ``w -= lr * g / (sqrt(momentum1) + eps)``. FBGEMM's has no weight decay (0 here matches it).
