@@ -340,6 +340,9 @@ def fused_update(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, weights
             exact Adagrad's sums of squares, LARS-SGD's momentum), unused for SGD; ``state2``
             Adam ``[W]`` fp32 second moments, partial row-wise Adam ``[R]``, unused otherwise.
     """
+    if fused.hparams.shape[0] == 7:  # [6]: max_norm (see jaggedrec.optim.fused)
+        raise ValueError(f"max_norm: the Triton fused step of optimizer kind {fused.optimizer} does not renormalise "
+                         f"rows yet; use backend='torch' or max_norm=0")
     if statically_known_true(runs.item_offset.shape[0] == 0):
         return
     args, constants = launch_args(grad_out, runs, meta, max_dim, alignment)

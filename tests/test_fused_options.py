@@ -112,11 +112,12 @@ def test_streamed_and_scattered_steps_agree_bitwise(name, monkeypatch):
         assert torch.equal(value, scattered[key]), key
 
 
-@pytest.mark.parametrize("name", list(OPTIONS))
-def test_compiled_training_with_decoupled_decay_has_no_graph_break(name):
+@pytest.mark.parametrize("name", [*OPTIONS, "rowwise_adagrad", "counter"])
+def test_compiled_training_with_options_has_no_graph_break(name):
+    opt = {**OPTIONS, "counter": COUNTER}.get(name) or MAX_NORM[name]
     torch._dynamo.reset()
     torch.manual_seed(5)
-    model = torch.nn.ModuleDict({"ebc": jr.EmbeddingBagCollection(_configs(), fused_optimizer=OPTIONS[name]),
+    model = torch.nn.ModuleDict({"ebc": jr.EmbeddingBagCollection(_configs(), fused_optimizer=opt),
                                  "mlp": torch.nn.Linear(15, 1)})
     eager = copy.deepcopy(model)
 
@@ -186,3 +187,111 @@ def test_checkpoint_resume_equals_straight_training(opt):
         counters = straight.fused_optimizer_state.fp32_counter
         assert counters.shape[1] == 2 and counters[:, 1].max() > 1  # decayed counts of rows seen twice or more
         assert torch.equal(straight.fused_optimizer_state.fp32_row_counter, counters[:, 1])
+
+
+MAX_NORM = {
+    "sgd": optim.SGD(lr=0.5, max_norm=0.3),
+    "rowwise_adagrad": optim.RowWiseAdagrad(lr=0.3, eps=1e-6, weight_decay=0.01, max_norm=0.3),
+    "adam": optim.Adam(lr=0.2, betas=(0.8, 0.95), eps=1e-6, max_norm=0.25, max_gradient=2.0),
+    "lamb": optim.LAMB(lr=0.1, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02, max_norm=0.3),
+}
+
+
+@pytest.mark.parametrize("name", list(MAX_NORM))
+@pytest.mark.parametrize("backend", ["torch-streamed", "torch-scattered", "torch-static"])
+def test_max_norm_renormalises_touched_rows_after_the_step(name, backend, monkeypatch):
+    """FBGEMM's max_norm, as its GPU step applies it: after the step, a touched row longer than
+    max_norm is scaled to it; untouched rows (some start longer) stay bit for bit."""
+    from test_fused_optim import Reference
+
+    if backend == "torch-static":
+        monkeypatch.setattr(backends, "host_readable", lambda *tensors: False)
+    _stream_from(monkeypatch, 0.0 if backend == "torch-streamed" else float("inf"))
+    opt = MAX_NORM[name]
+    torch.manual_seed(0)
+    configs = _configs()
+    ebc = jr.EmbeddingBagCollection(configs, is_weighted=True, fused_optimizer=opt)
+    ref = Reference(ebc, opt, configs)
+    assert any((t.norm(dim=1) > opt.max_norm).any() for t in ref.initial)
+    batches, gen = _batches(0, True, 5)
+    renormalised = 0
+    for i, b in enumerate(batches):
+        out = ebc(b.kjt)
+        upstream = torch.randn(out.values().shape, generator=gen, dtype=torch.float64)
+        expected = ref.step(ebc, b, upstream, opt.lr)
+        assert_close(out.values(), expected, what=f"forward at step {i}")
+        (out.values() * upstream.float()).sum().backward()
+        for config, table in zip(configs, ref.tables):
+            touched = torch.unique(torch.cat([b.per_key[f][0] for f in config.feature_names]))
+            norm = table[touched].norm(dim=1, keepdim=True)
+            renormalised += int((norm > opt.max_norm).sum())
+            table[touched] = table[touched] * torch.where(norm > opt.max_norm, opt.max_norm / norm, 1.0)
+    assert renormalised > 0
+    for config, table, start, touched in zip(configs, ref.tables, ref.initial, ref.ever_touched):
+        got = ebc.embedding_bags[config.name].weight.detach()
+        assert_close(got, table, what=f"{name} {config.name}")
+        assert torch.equal(got[~touched].double(), start[~touched]), f"{config.name}: untouched rows"
+        assert (got[touched].norm(dim=1) <= opt.max_norm * (1 + 1e-6)).all()
+
+
+def test_max_norm_options_and_refusals(monkeypatch):
+    assert fused_optimizer_from_params({"optimizer": "EXACT_SGD", "max_norm": 0.5}) == optim.SGD(0.01, max_norm=0.5)
+    assert fused_optimizer_from_params({"optimizer": "EXACT_SGD", "max_norm": 0.0}).max_norm == 0.0
+    assert "max_norm" not in repr(optim.SGD(0.1)) and "max_norm=0.5" in repr(optim.SGD(0.1, max_norm=0.5))
+    with pytest.raises(ValueError, match="SGD: max_norm must be >= 0"):
+        optim.SGD(0.1, max_norm=-1.0)
+    with pytest.raises(ValueError, match="RowWiseAdagrad: max_norm with weight_decay_mode 'counter'"):
+        optim.RowWiseAdagrad(0.1, weight_decay_mode="counter", counter=optim.fused.CounterRegularization(),
+                             max_norm=1.0)
+    ebc = jr.EmbeddingBagCollection(_configs(), backend="triton", fused_optimizer=optim.SGD(0.1, max_norm=1.0))
+    b = _batches(1, False, 1)[0][0]
+    with pytest.raises(ValueError, match="max_norm: the Triton fused step of optimizer kind 1"):
+        ebc(b.kjt).values().sum().backward()
+
+
+@pytest.mark.parametrize("name", ["counter", "max_norm"])
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_static_step_compiled_by_inductor_matches_eager(name, monkeypatch):
+    """The static-shape step (the torch backend's on GPU, traced into compiled graphs) with the
+    counters and with max_norm, compiled by Inductor on CPU, against the eager step."""
+    from jaggedrec.ops import pooled
+
+    opt = COUNTER if name == "counter" else MAX_NORM["rowwise_adagrad"]
+    torch._dynamo.reset()
+    eager_update = pooled._fused_update_torch
+    compiled_update = torch.compile(eager_update, fullgraph=True, dynamic=False)
+
+    def train(update):
+        monkeypatch.setattr(pooled, "_fused_update_torch", update)
+        torch.manual_seed(11)
+        ebc = jr.EmbeddingBagCollection(_configs(), is_weighted=True, fused_optimizer=opt)
+        batches, gen = _batches(11, True, 4)
+        for b in batches:
+            out = ebc(b.kjt).values()
+            out.backward(torch.randn(out.shape, generator=gen))
+        return ebc.state_dict()
+
+    compiled, eager = train(compiled_update), train(eager_update)
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    torch._dynamo.reset()
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("opt", [COUNTER, COWCLIP], ids=["counter", "cowclip"])
+def test_counter_kernel_matches_torch_path_on_wide_rows(opt):
+    """Triton under the interpreter against the torch path, rows past one kernel tile (130
+    columns: the row sums come from a first pass over the tiles), duplicate ids."""
+    def train(backend):
+        torch.manual_seed(4)
+        ebc = jr.EmbeddingBagCollection(_configs((16, 16, 130)), is_weighted=True, backend=backend,
+                                        fused_optimizer=opt)
+        batches, gen = _batches(4, True, 3)
+        for b in batches:
+            out = ebc(b.kjt).values()
+            out.backward(torch.randn(out.shape, generator=gen))
+        return ebc.state_dict()
+
+    triton, torch_path = train("triton"), train("torch")
+    for key, value in torch_path.items():
+        torch.testing.assert_close(triton[key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -47,7 +47,7 @@ class EmbOptimType(Enum):
 
 _KNOWN = ("learning_rate", "eps", "weight_decay", "beta1", "beta2", "eta", "momentum", "optimizer",
           "gradient_clipping", "max_gradient", "weight_decay_mode", "counter_based_regularization",
-          "cowclip_regularization")
+          "cowclip_regularization", "max_norm")
 # TorchRec's in-backward placeholders (torchrec.optim.optimizers, and jaggedrec's of the same
 # names): each stands for the EmbOptimType its kwargs configure
 _PLACEHOLDERS = {"SGD": "EXACT_SGD", "Adam": "ADAM", "Adagrad": "EXACT_ADAGRAD", "LarsSGD": "LARS_SGD",
@@ -70,6 +70,8 @@ def fused_optimizer_from_params(fused_params: Optional[Dict[str, Any]]) -> Optio
     decay = float(fused_params.get("weight_decay", 0.0))
     # FBGEMM's gradient_clipping (off by default) with its max_gradient (default 1.0)
     clip = dict(max_gradient=float(fused_params.get("max_gradient", 1.0))) if fused_params.get("gradient_clipping") else {}
+    if fused_params.get("max_norm"):  # FBGEMM's default 0.0: no renormalisation
+        clip["max_norm"] = float(fused_params["max_norm"])
     if name in ("SGD", "EXACT_SGD"):
         return optim.SGD(lr, **clip)
     mode = fused_params.get("weight_decay_mode")

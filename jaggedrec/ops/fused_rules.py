@@ -42,6 +42,28 @@ class StepRule(NamedTuple):
 
 
 def step_in_place(rule: StepRule, w, g, s1, s2, touched=None) -> None:
+    """Eager: :func:`step_rows_in_place`, then the rows past ``max_norm`` (``hparams[6]``, where
+    set) scaled down to it, touched rows only (see ``jaggedrec.optim.fused``)."""
+    step_rows_in_place(rule, w, g, s1, s2, touched)
+    max_norm = rule.hparams[6] if len(rule.hparams) > 6 else 0.0
+    if max_norm > 0:
+        norm = w.square().sum(1).sqrt_()
+        scale = torch.where(norm > max_norm, max_norm / norm, 1.0)
+        if touched is not None:
+            scale = torch.where(touched, scale, 1.0)
+        w.mul_(scale.unsqueeze(1))
+
+
+def _renormalised(w, hparams):
+    """Static: rows past ``max_norm`` (``hparams[6]``, 0: off) scaled down to it."""
+    if len(hparams) <= 6:
+        return w
+    max_norm = hparams[6]
+    norm = w.square().sum(1).sqrt()
+    return w * torch.where((max_norm > 0) & (norm > max_norm), max_norm / norm, 1.0).unsqueeze(1)
+
+
+def step_rows_in_place(rule: StepRule, w, g, s1, s2, touched=None) -> None:
     """Eager: one optimizer step, in place, for rows ``w`` (``[n, D]`` fp32) with summed
     gradients ``g`` (``[n, D]`` fp32, overwritten) and state ``s1``, ``s2`` (updated).
 
@@ -250,6 +272,12 @@ def _lamb_in_place(partial, lr, eps, weight_decay, beta1, beta2, step, w, g, s1,
 
 
 def step_rows(optimizer, w, g, s1, s2, hparams, t):
+    """:func:`step_rows_functional`, then the rows past ``max_norm`` scaled down to it."""
+    w, s1, s2 = step_rows_functional(optimizer, w, g, s1, s2, hparams, t)
+    return _renormalised(w, hparams), s1, s2
+
+
+def step_rows_functional(optimizer, w, g, s1, s2, hparams, t):
     """One optimizer step for rows ``w`` (``[n, D]`` fp32) with summed gradients ``g``, as
     functional ops that Inductor fuses (static path; the eager one steps in place, see
     :func:`step_in_place`). ``hparams`` (lr, eps, weight_decay, beta1, beta2) and the step

@@ -296,7 +296,9 @@ def update_touched_rows(block: torch.Tensor, states, ids: torch.Tensor, bags: to
                                per_sample_weights=None if runs.per_sample_weights is None
                                else runs.per_sample_weights[a:b])  # [hi-lo, D]
         if stream:
-            touched = run_offsets[lo + 1:hi + 1] > run_offsets[lo:hi] if rule.optimizer != SGD else None
+            # (SGD with max_norm too: untouched rows must not be renormalised)
+            touched = (run_offsets[lo + 1:hi + 1] > run_offsets[lo:hi]
+                       if rule.optimizer != SGD or len(rule.hparams) > 6 else None)
             _step_row_range(block, states, lo, hi, sums, touched, rule)
         else:
             _step_scattered_rows(block, states, runs.rows[lo:hi].long(), sums, rule)

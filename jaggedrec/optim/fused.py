@@ -47,6 +47,12 @@ placeholders that never step).
 * ``PartialRowWiseLAMB(lr, betas, eps, weight_decay)``, FBGEMM's PARTIAL_ROWWISE_LAMB: LAMB with
   partial row-wise Adam's row-wise second moment.
 
+Every optimizer takes ``max_norm=`` (keyword only; FBGEMM's ``max_norm``, 0: off): after its
+step, each touched row whose L2 norm exceeds ``max_norm`` is scaled down to it, as FBGEMM's
+GPU step does (FBGEMM's CPU step ignores ``max_norm``, so the forward never renormalises, and
+rows no step touched are left as they are). The torch path applies it; the Triton kernel
+refuses it (``ValueError``) for now.
+
 Every optimizer takes ``max_gradient=`` (keyword only; FBGEMM's ``gradient_clipping`` with
 its ``max_gradient``): each element of the output gradient is clamped to
 ``[-max_gradient, max_gradient]`` before anything else (per-id weights, MEAN's ``1/length``,
@@ -80,6 +86,7 @@ class FusedOptimizer:
 
     lr: float
     max_gradient: Optional[float] = field(default=None, kw_only=True)
+    max_norm: float = field(default=0.0, kw_only=True)
 
     kind: ClassVar[int] = 0
     #: the state tensors: name, and ``"row"`` (one value per table row) or ``"element"``
@@ -95,11 +102,14 @@ class FusedOptimizer:
     needs_whole_rows: ClassVar[bool] = False
     #: fields printed only where they differ from their default: options added after the
     #: configs' reprs were printed in docs and examples
-    _quiet: ClassVar[Tuple[str, ...]] = ("max_gradient", "counter")
+    _quiet: ClassVar[Tuple[str, ...]] = ("max_gradient", "max_norm", "counter")
 
     def __post_init__(self) -> None:
         if not self.lr >= 0:
             raise ValueError(f"{type(self).__name__}: lr must be >= 0, got {self.lr}")
+        if not self.max_norm >= 0:
+            raise ValueError(f"{type(self).__name__}: max_norm must be >= 0 (0: rows are not renormalised), "
+                             f"got {self.max_norm}")
         if self.max_gradient is not None and not self.max_gradient > 0:
             raise ValueError(f"{type(self).__name__}: max_gradient must be > 0 (None: no clipping), "
                              f"got {self.max_gradient}")
@@ -122,7 +132,7 @@ class FusedOptimizer:
         return self._step_parameters(lr) + [math.inf if self.max_gradient is None else self.max_gradient] + extra
 
     def _option_parameters(self) -> list:
-        return []
+        return [self.max_norm] if self.max_norm else []
 
     def _step_parameters(self, lr: float) -> list:
         return [lr, getattr(self, "eps", 0.0), getattr(self, "weight_decay", 0.0), *getattr(self, "betas", (0.0, 0.0))]
@@ -207,6 +217,9 @@ class RowWiseAdagrad(FusedOptimizer):
         if self.weight_decay_mode not in _DECAY_MODES:
             raise ValueError(f"RowWiseAdagrad: weight_decay_mode must be one of {list(_DECAY_MODES)}, "
                              f"got {self.weight_decay_mode!r}")
+        if self.counter is not None and self.max_norm:
+            raise ValueError(f"RowWiseAdagrad: max_norm with weight_decay_mode {self.weight_decay_mode!r} is not "
+                             f"fused by jaggedrec")
         if (self.counter is not None) != bool(_DECAY_MODES[self.weight_decay_mode]):
             raise ValueError(f"RowWiseAdagrad: weight_decay_mode {self.weight_decay_mode!r} "
                              f"{'takes no' if self.counter is not None else 'needs a'} counter=CounterRegularization(...)")
@@ -214,8 +227,8 @@ class RowWiseAdagrad(FusedOptimizer):
     def _option_parameters(self) -> list:
         c = self.counter
         if c is None:
-            return []
-        return [0.0, float(_DECAY_MODES[self.weight_decay_mode]), float(_COUNTER_DECAY_MODES[c.counter_weight_decay_mode]),
+            return super()._option_parameters()
+        return [self.max_norm, float(_DECAY_MODES[self.weight_decay_mode]), float(_COUNTER_DECAY_MODES[c.counter_weight_decay_mode]),
                 float(c.counter_halflife), float(c.adjustment_iter), float(c.adjustment_ub),
                 float(_LEARNING_RATE_MODES[c.learning_rate_mode]), float(c.tail_id_threshold),
                 float(c.weight_norm_coefficient), float(c.lower_bound)]
@@ -257,7 +270,7 @@ class Adam(_Moments, _DecayMode):
     weight_decay_mode: str = "l2"
 
     state = (("exp_avg", "element"), ("exp_avg_sq", "element"))
-    _quiet = ("max_gradient", "weight_decay_mode")
+    _quiet = ("max_gradient", "max_norm", "weight_decay_mode")
 
     @property
     def kind(self) -> int:  # type: ignore[override]
@@ -276,7 +289,7 @@ class Adagrad(FusedOptimizer, _DecayMode):
     weight_decay_mode: str = "l2"
 
     state = (("momentum1", "element"),)
-    _quiet = ("max_gradient", "weight_decay_mode")
+    _quiet = ("max_gradient", "max_norm", "weight_decay_mode")
 
     @property
     def kind(self) -> int:  # type: ignore[override]
