@@ -98,9 +98,10 @@ def test_forward_grads_and_state_against_torchrec(backend, form, id_dtype):
         assert torch.equal(a, b), n
 
 
+@pytest.mark.parametrize("backend", ["torch", TRITON])
 @pytest.mark.parametrize("form", ["dict", "collection"])
-def test_bag_past_max_feature_length_fails_in_both(form):
-    tr, ours = _pair(form)
+def test_bag_past_max_feature_length_fails_in_both(form, backend):
+    tr, ours = _pair(form, backend)
     keys = ["f0", "f1", "g1", "f2"]
     kjt = torchrec.KeyedJaggedTensor(keys=keys, values=torch.zeros(8, dtype=torch.int64),
                                      lengths=torch.tensor([1, 0, 0, 0, 0, 0, 7, 0]))  # f2: 7 ids, max 5

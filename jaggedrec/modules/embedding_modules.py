@@ -6,7 +6,7 @@ forward reads the batch (``batch.py``) and calls its op once per storage group (
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -14,6 +14,7 @@ from jaggedrec.modules import batch as batch_reader
 from jaggedrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
 from jaggedrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor, as_keyed_jagged_tensor
 from jaggedrec.ops import pooled as pooled_ops
+from jaggedrec.ops import position_pooled as position_ops
 from jaggedrec.ops import sequence as sequence_ops
 from jaggedrec.optim import FusedOptimizer
 from jaggedrec.modules.collection import CollectionOptions, FloatTableCollection, TableView
@@ -81,7 +82,8 @@ class EmbeddingBagCollection(FloatTableCollection):
     def is_weighted(self) -> bool:
         return self._is_weighted
 
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+    def forward(self, features: KeyedJaggedTensor,
+                position_weights: Optional[Tuple[torch.Tensor, List[int]]] = None) -> KeyedTensor:
         """
         Args:
             features: KJT with keys ``K`` (any order, a superset of the configured features),
@@ -89,6 +91,9 @@ class EmbeddingBagCollection(FloatTableCollection):
                 ``is_weighted``; or a VBE KJT (``stride_per_key_per_rank``, ``inverse_indices``),
                 whose bags are pooled once each and read by every sample that shares them.
                 jaggedrec's KJT or TorchRec's (taken as it is, its tensors shared).
+            position_weights: (the FPEBC's) ``[P]`` position weights and per key ``base,
+                length`` (``feature_processor_.keyed_position_table``): ids are weighted by
+                their position in their bag, the KJT's own weights ignored.
         Returns:
             KeyedTensor with ``[B, sum(dims)]`` fp32 values.
         """
@@ -99,10 +104,16 @@ class EmbeddingBagCollection(FloatTableCollection):
         batch = batch_reader.read_batch(features, self._spec, self._groups, self._output_features, options.validate)
         outputs, bad_ids = [], []
         for i, g in enumerate(self._groups):
-            pooled, bad = pooled_ops.run_pooled_embedding_bags(
-                self.flat_weights[g.name], batch.values, batch.offsets, batch.weights, batch.group_inverse[i],
-                batch.group_tables[i], options.backend, options.sparse, options.deterministic,
-                *self._optimizer_args(g.name))
+            if position_weights is not None:
+                pooled, bad = position_ops.run_position_weighted_embedding_bags(
+                    self.flat_weights[g.name], batch.values, batch.offsets, position_weights[0],
+                    batch.group_inverse[i], batch.group_tables[i], position_weights[1], options.backend,
+                    options.sparse, options.deterministic, *self._optimizer_args(g.name))
+            else:
+                pooled, bad = pooled_ops.run_pooled_embedding_bags(
+                    self.flat_weights[g.name], batch.values, batch.offsets, batch.weights, batch.group_inverse[i],
+                    batch.group_tables[i], options.backend, options.sparse, options.deterministic,
+                    *self._optimizer_args(g.name))
             outputs.append(pooled)
             bad_ids.append(bad)
         self._handle_bad_ids(features, bad_ids, pooled)

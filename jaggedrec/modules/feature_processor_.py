@@ -174,6 +174,40 @@ def keyed_position_weights(features: KeyedJaggedTensor, weights: Mapping[str, to
     return gather_position_weights(table, offsets, bag_base, num_ids)
 
 
+def keyed_position_table(features: KeyedJaggedTensor, weights: Mapping[str, torch.Tensor],
+                         owner: str) -> Tuple[torch.Tensor, List[int]]:
+    """The position weights of a KJT's keys as ``position_weighted_embedding_bags`` reads them:
+    ``[P]`` every weighted key's ``[L_k]`` tensor concatenated (in key order), and per key
+    ``base, length`` flattened (``-1, -1`` for keys without position weights: weight 1).
+    Bags longer than their key's ``L_k`` are refused here (see :func:`check_bag_lengths`)."""
+    keys = features.keys()
+    tables = [weights[k] for k in keys if k in weights]
+    key_positions: List[int] = []
+    start = 0
+    for k in keys:
+        if k in weights:
+            key_positions += [start, weights[k].shape[0]]
+            start += weights[k].shape[0]
+        else:
+            key_positions += [-1, -1]
+    lengths = features.lengths()
+    if features.variable_stride_per_key():
+        bags_per_key: Union[int, Tuple[int, ...]] = tuple(features.stride_per_key())
+    else:
+        bags_per_key = features.stride()
+    # a key without weights: no bag is too long for it
+    limits = tuple(n if n >= 0 else _INT32_MAX for n in key_positions[1::2])
+    layout = _bag_layout if torch.compiler.is_compiling() else _cached_bag_layout
+    bag_key, bag_limit, _ = layout(bags_per_key, limits, tuple(max(b, 0) for b in key_positions[0::2]),
+                                   lengths.dtype, lengths.device)
+    check_bag_lengths(lengths, bag_limit, bag_key, keys, list(limits), owner)
+    if not tables:
+        table = torch.zeros(0, device=features.values().device)
+    else:
+        table = tables[0] if len(tables) == 1 else torch.cat(tables)
+    return table, key_positions
+
+
 class PositionWeightedModule(FeatureProcessor):
     """Weights each id of one feature by its position in its bag.
 

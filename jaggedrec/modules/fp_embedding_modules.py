@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from jaggedrec.modules.embedding_modules import EmbeddingBagCollection
+from jaggedrec.ops.backends import use_kernels
 from jaggedrec.modules import feature_processor_
 from jaggedrec.modules.feature_processor_ import (FeatureProcessor, FeatureProcessorsCollection,
                                                   position_weight_tables, with_weights)
@@ -126,4 +127,13 @@ class FeatureProcessedEmbeddingBagCollection(nn.Module):
         Returns:
             KeyedTensor with ``[B, sum(dims)]`` fp32 values, as the collection's.
         """
-        return self._embedding_bag_collection(process_features(self._feature_processors, features, _OWNER))
+        ebc = self._embedding_bag_collection
+        tables = position_weight_tables(self._feature_processors)
+        if tables is not None and use_kernels(ebc.options.backend, ebc.device):
+            # the kernels read each id's position weight inside the gather: no [N] weights
+            features = as_keyed_jagged_tensor(features)
+            position_weights = feature_processor_.keyed_position_table(features, tables, _OWNER)
+            # the collection checks that a weighted batch has [N] weights: a stride-0 view, never read
+            placeholder = position_weights[0].new_ones(1).expand(features.values().shape[0])
+            return ebc(with_weights(features, placeholder), position_weights=position_weights)
+        return ebc(process_features(self._feature_processors, features, _OWNER))

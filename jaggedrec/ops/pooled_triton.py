@@ -20,16 +20,21 @@ from jaggedrec.ops.feature_tables import FeatureTables
 from jaggedrec.ops.op_args import FusedStep, OpBatch
 
 
-def triton_forward(weights: torch.Tensor, batch: OpBatch, tables: FeatureTables) -> Tuple[torch.Tensor, torch.Tensor]:
+def triton_forward(weights: torch.Tensor, batch: OpBatch, tables: FeatureTables,
+                   position_weights: Optional[torch.Tensor] = None,
+                   position_meta: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns ``[B, total_dim]`` fp32 pooled output and ``[F]`` int64 counts of bad ids (skipped).
-    With inverse indices (``[F, B]``, VBE) each output row reads its bag slot through them."""
+    With inverse indices (``[F, B]``, VBE) each output row reads its bag slot through them.
+    With ``position_weights`` (``[P]``) and ``position_meta`` (``[F, 2]`` base, length per
+    feature) each id is weighted by its position in its bag, read inside the pooling loop
+    (``batch.per_sample_weights`` None; not under LEGACY_LOOPS, whose loop has no such read)."""
     slots = batch.bags_per_key(tables.num_keys)
     inverse_indices = batch.inverse_indices
     batch_size = slots if inverse_indices is None else inverse_indices.shape[1]
     out = torch.empty((batch_size, tables.plan.out_offsets[-1]), dtype=torch.float32, device=weights.device)
     bad_ids = torch.zeros(tables.num_features, dtype=torch.int64, device=weights.device)
     pooled_fwd.pooled_fwd(weights, batch, tables.meta(weights), out, bad_ids, max(tables.dims), tables.plan.alignment,
-                          slots)
+                          slots, position_weights, position_meta)
     return out, bad_ids
 
 
