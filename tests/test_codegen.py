@@ -83,12 +83,33 @@ def test_every_kernel_variant_builds():
 
 # ----------------------------------------------------------------------------- loads in flight
 # The machine-code report (benchmarks/tools/codegen_report.py) reads the SASS scoreboard bits of
-# every variant the library launches for a workload; these workloads cover 32- and 16-bit
-# tables, int64 and int32 ids, per-id weights, and dims that fill one 128-wide tile or not.
+# every variant the library launches for a workload, each built with the arguments its launch
+# glue passes for a dlrm-sized batch (16384 bags: multiples of 16, which triton specialises);
+# these workloads cover 32- and 16-bit tables, int64 and int32 ids, per-id weights (and so the
+# scaled backward), dims that fill one 128-wide tile or not, the quantized forward's three
+# storage loops, and a batch that is no multiple of 16.
 WORKLOADS = [["--dtype", "fp32", "--dim", "128", "--ids", "int64"],
-             ["--dtype", "fp16", "--dim", "64", "--ids", "int32"],
+             ["--dtype", "fp16", "--dim", "64", "--ids", "int32", "--batch-size", "1000"],
              ["--dtype", "bf16", "--dim", "128", "--ids", "int64", "--weighted"]]
-LOOP_BOUND = 2  # serial DRAM round trips per iteration of a gather or run loop
+LOOP_BOUND = 1  # serial DRAM round trips per iteration of a gather or run loop
+# Loops that still take more on some Triton, in kernels other sessions own (issue 27 item 2):
+# (kernel, words of its label, workload flag or "" for any) -> why. Only these may break the
+# bound; each is to come off the list when its kernel is fixed on both Tritons.
+NOT_YET = {
+    # kernels/row_runs.py: the hot rows' sums load a block of offsets, then its gradient rows
+    ("long_runs", "", ""): "5-6 round trips: item_offset -> rows, one block at a time, not pipelined",
+    # kernels/row_runs.py: LLVM unrolls the one-vector-per-thread run loop 4 times and the 4 steps
+    # do not all overlap (fp16 dim 64)
+    ("rows_grad", "BLOCK_U=32 UNROLL=1", "--dtype fp16"): "1.25-1.5 round trips per step, unrolled x4",
+    # kernels/pooled_fused.py (its run loop is row_runs.run_sums): the same, on triton 3.6, for
+    # row-wise Adagrad (both), partial row-wise Adam and LAMB
+    ("fused", "BLOCK_U=32 UNROLL=1", "--dtype fp16"): "1.5 round trips per step, unrolled x4 (triton 3.6)",
+}
+
+
+def _not_yet(workload, r):
+    return next((why for (kernel, words, flag), why in NOT_YET.items()
+                 if r["kernel"] == kernel and all(w in r["label"] for w in words.split()) and flag in workload), None)
 
 
 def _reports(tmp_path, workloads):
@@ -114,30 +135,69 @@ def readings(tmp_path_factory):
     return _reports(tmp_path_factory.mktemp("codegen"), WORKLOADS + [["--legacy-loops"]])
 
 
-def test_every_loop_waits_at_most_two_round_trips_per_iteration(readings):
-    loops = 0
+def test_every_loop_takes_one_round_trip_per_iteration_and_spills_nothing_in_it(readings):
+    loops, late = 0, []
     for workload, rows in readings.items():
         if "--legacy-loops" in workload:
             continue
         for r in rows:
-            if r["loop"] is None:  # the long runs' sums and the atomic backward: no bound asked of them
+            if r["loop"] is None:  # the atomic backward: no loop over rows of its own
                 continue
             loops += 1
-            assert r["round_trips"] <= LOOP_BOUND, (workload, r)
-            assert r["local_bytes"] == 0, (workload, r)  # no spills
-    assert loops >= 3 * (4 + 6 + 9), loops  # forward configs, dense and compact backward, three optimizers
+            if _not_yet(workload, r) is not None:
+                late.append((workload, r["kernel"], r["label"], r["round_trips"], r["loop_spills"]))
+                continue
+            assert r["round_trips"] <= LOOP_BOUND, (workload, r["kernel"], r["label"], r["round_trips"])
+            assert r["loop_spills"] == 0, (workload, r["kernel"], r["label"], r["loop_spills"])
+            assert r["local_bytes"] == 0, (workload, r["kernel"], r["label"])
+    # at least: forward (plain, VBE), quantized (3 loops), dense and compact backward, 9 optimizers
+    assert loops >= 3 * (2 * 4 + 3 * 2 + 2 * 3 + 9 * 3), loops
+    assert len(late) < loops // 4, late
+
+
+def test_the_quantized_loops_are_read_one_by_one(readings):
+    quant = [r for rows in readings.values() for r in rows if r["kernel"] == "quant_fwd"]
+    assert {r["storage"] for r in quant} == {"INT8", "INT4", "FP16"}, quant
+    assert all(r["round_trips"] <= LOOP_BOUND for r in quant), [(r["label"], r["round_trips"]) for r in quant]
 
 
 def test_row_loads_are_16_byte_vectors_where_the_tile_allows(readings):
     for workload, rows in readings.items():
         for r in rows:
-            if r["loop"] is None:
+            if r["loop"] is None or r["kernel"] == "long_runs":
                 continue
             # one position's [BLOCK, BLOCK_D] tile, spread over the program's threads: the forward's
-            # 8-bag tile of dim-64 fp16 rows gives each thread 8 bytes, which no load can widen
+            # 8-bag tile of dim-64 fp16 rows gives each thread 8 bytes, which no load can widen;
+            # an INT4 row is half a byte a column, its dim // 2 bytes a multiple of DIM_ALIGN // 2
             c = r["constexprs"]
-            tile = c.get("BLOCK_B", c.get("BLOCK_U")) * c["BLOCK_D"] * r["row_bytes"]
-            assert r["row_load_bytes"] == min(16, tile // (32 * r["num_warps"])), (workload, r)
+            tile = int(c.get("BLOCK_B", c.get("BLOCK_U", 1)) * c["BLOCK_D"] * r["row_bytes"])
+            widest = 16 if r["storage"] != "INT4" else min(16, c["DIM_ALIGN"] // 2)
+            assert r["row_load_bytes"] == min(widest, tile // (32 * r["num_warps"])), (workload, r)
+    int4 = [r for rows in readings.values() for r in rows if r["storage"] == "INT4" and r["constexprs"]["BLOCK_D"] == 128]
+    assert int4 and all(r["row_load_bytes"] == 16 for r in int4), [(r["label"], r["row_load_bytes"]) for r in int4]
+
+
+def test_the_report_reads_spills_from_the_stack_frame(readings):
+    """Spills land in the stack frame (STACK), which ptxas -v's spill bytes agree with."""
+    for workload, rows in readings.items():
+        for r in rows:
+            assert (r["spill_store_bytes"] > 0) <= (r["stack_bytes"] > 0), (workload, r["label"])
+            assert (r["loop_spills"] + r["outer_loop_spills"] > 0) <= (r["spill_store_bytes"] > 0), (workload, r["label"])
+
+
+def test_occupancy_follows_the_register_rule_per_sub_partition():
+    sys.path.insert(0, TOOLS)
+    try:
+        from codegen_report import occupancy
+    finally:
+        sys.path.remove(TOOLS)
+    # 135 registers: 4352 a warp; 16384 / 4352 = 3 warps per sub-partition, 12 per SM: 6 blocks of 2
+    # warps (the whole file over the warps would give 15 warps, 7 blocks)
+    assert occupancy(135, 0, 2)["blocks"] == 6
+    assert occupancy(128, 0, 4)["blocks"] == 4  # 4096 a warp: exactly 4 per sub-partition
+    assert occupancy(255, 0, 8)["blocks"] == 1 and occupancy(255, 0, 4)["blocks"] == 2
+    assert occupancy(32, 0, 8)["blocks"] == 8  # 64 warps: the warp limit
+    assert occupancy(64, 100 * 1024, 4)["blocks"] == 2  # shared memory: 2 x (100 KB + 1 KB) of 228 KB
 
 
 def test_the_scoreboard_decoding_agrees_with_the_register_reads(readings):
@@ -148,5 +208,6 @@ def test_the_scoreboard_decoding_agrees_with_the_register_reads(readings):
 
 def test_the_legacy_loops_are_what_the_report_says_they_were(readings):
     """The round-trip count is not a constant: the loops this issue replaced read as more."""
-    trips = [r["round_trips"] for r in readings["--legacy-loops"] if r["loop"] is not None]
-    assert trips and max(trips) > LOOP_BOUND, trips
+    trips = [r["round_trips"] for r in readings["--legacy-loops"] if r["loop"] is not None and r["kernel"] != "long_runs"
+             and r["kernel"] != "quant_fwd"]
+    assert trips and max(trips) > 2, trips

@@ -167,6 +167,11 @@ def innermost_loops(code: Sequence[Instruction]) -> List[Tuple[int, int]]:
     return [(s, e) for s, e in inner if any(code[i].is_global_load for i in range(s, e + 1))]
 
 
+def spill_instructions(code: Sequence[Instruction], indices) -> int:
+    """Spill stores and loads (STL, LDL: the thread's stack in local memory) among ``indices``."""
+    return sum(1 for i in indices if code[i].base in ("STL", "LDL"))
+
+
 def data_loads(code: Sequence[Instruction], start: int, end: int) -> Set[int]:
     """Indices of the loop's global loads whose values are data (rows, gradients), not
     indices: a load is an index load when its result flows, through any chain of ops, into
