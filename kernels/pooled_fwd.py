@@ -32,7 +32,44 @@ def _configs():
 
 
 @triton.jit
-def _ids_at(values_ptr, psw_ptr, starts, lengths, position, pw_base, pw_len, HAS_PSW: tl.constexpr,
+def _ids_at(values_ptr, starts, lengths, position, UNROLL: tl.constexpr):
+    """The ids at positions ``position .. position+UNROLL-1`` of each bag: ``UNROLL`` ``[BLOCK_B]`` tensors
+    (``sequence_fwd``'s loop; the pooled loop reads its ids with their weights, ``_ids_weights_at``)."""
+    out = ()
+    for u in tl.static_range(UNROLL):
+        out = out + (tl.load(values_ptr + starts + (position + u), mask=(position + u) < lengths, other=0),)
+    return out
+
+
+@triton.jit
+def _rows_at(ids, position, d0, cols, col_mask, starts, lengths, num_rows, dim, table_ptr, psw_ptr,
+             HAS_PSW: tl.constexpr, UNROLL: tl.constexpr):
+    """Columns ``cols`` of the rows of ``ids`` (at ``position``), ``UNROLL`` ``[BLOCK_B, BLOCK_D]``
+    tensors in the table's dtype, their per-sample weights, and ``[BLOCK_B]`` counts of bad ids
+    (``sequence_fwd``'s loop; the pooled loop uses ``_rows_weights_at``).
+    A bad id's row is not loaded. Bad ids are checked and counted even when the caller will
+    not read the counts: with the rows' mask depending on positions alone, ptxas gave later
+    loads the registers of rows still in flight (seen with codegen_report)."""
+    rows = ()
+    psw = ()
+    bad_ids = tl.zeros(starts.shape, dtype=tl.int32)
+    for u in tl.static_range(UNROLL):
+        row = ids[u].to(tl.int64)
+        present = (position + u) < lengths
+        bad = present & ((row < 0) | (row >= num_rows))
+        present = present & ~bad
+        bad_ids += (bad & (d0 == 0)).to(tl.int32)
+        rows = rows + (tl.load(table_ptr + row[:, None] * dim + cols[None, :], mask=present[:, None] & col_mask[None, :],
+                               other=0.0),)
+        if HAS_PSW:
+            psw = psw + (tl.load(psw_ptr + starts + (position + u), mask=present, other=0.0).to(tl.float32),)
+        else:
+            psw = psw + (1.0,)
+    return rows, psw, bad_ids
+
+
+@triton.jit
+def _ids_weights_at(values_ptr, psw_ptr, starts, lengths, position, pw_base, pw_len, HAS_PSW: tl.constexpr,
             POSITIONAL: tl.constexpr, UNROLL: tl.constexpr):
     """The ids at positions ``position .. position+UNROLL-1`` of each bag: ``UNROLL`` ``[BLOCK_B]``
     tensors, and their weights (fp32, or 1.0 unweighted).
@@ -50,7 +87,7 @@ def _ids_at(values_ptr, psw_ptr, starts, lengths, position, pw_base, pw_len, HAS
         present = (position + u) < lengths
         out = out + (tl.load(values_ptr + starts + (position + u), mask=present, other=0),)
         if POSITIONAL:
-            psw = psw + (0.0,)  # loaded with the rows (_rows_at)
+            psw = psw + (0.0,)  # loaded with the rows (_rows_weights_at)
         elif HAS_PSW:
             psw = psw + (tl.load(psw_ptr + starts + (position + u), mask=present, other=0.0).to(tl.float32),)
         else:
@@ -59,8 +96,8 @@ def _ids_at(values_ptr, psw_ptr, starts, lengths, position, pw_base, pw_len, HAS
 
 
 @triton.jit
-def _rows_at(ids, psw, position, d0, cols, col_mask, starts, lengths, num_rows, dim, table_ptr, psw_ptr, pw_base,
-             pw_len, POSITIONAL: tl.constexpr, UNROLL: tl.constexpr):
+def _rows_weights_at(ids, psw, position, d0, cols, col_mask, starts, lengths, num_rows, dim, table_ptr, psw_ptr,
+                     pw_base, pw_len, POSITIONAL: tl.constexpr, UNROLL: tl.constexpr):
     """Columns ``cols`` of the rows of ``ids`` (at ``position``), ``UNROLL`` ``[BLOCK_B, BLOCK_D]``
     tensors in the table's dtype, and ``[BLOCK_B]`` counts of bad ids.
     A bad id's row is not loaded (it adds 0, whatever its weight). Bad ids are checked and counted
@@ -95,13 +132,13 @@ def _gather(acc, bad_ids, d0, cols, col_mask, starts, lengths, longest, num_rows
     the next step's rows and the ids (and weights) of the step after. No load is waited for in
     the iteration that issues it, whatever registers ptxas gives it, so a step costs one DRAM
     round trip where loading each id just before its row cost two or more."""
-    ids_ahead, psw_ahead = _ids_at(values_ptr, psw_ptr, starts, lengths, 0, pw_base, pw_len, HAS_PSW, POSITIONAL,
-                                   UNROLL)
-    rows_next, psw_next, step_bad_ids = _rows_at(ids_ahead, psw_ahead, 0, d0, cols, col_mask, starts, lengths,
+    ids_ahead, psw_ahead = _ids_weights_at(values_ptr, psw_ptr, starts, lengths, 0, pw_base, pw_len, HAS_PSW,
+                                           POSITIONAL, UNROLL)
+    rows_next, psw_next, step_bad_ids = _rows_weights_at(ids_ahead, psw_ahead, 0, d0, cols, col_mask, starts, lengths,
                                                  num_rows, dim, table_ptr, psw_ptr, pw_base, pw_len, POSITIONAL,
                                                  UNROLL)
     bad_ids += step_bad_ids
-    ids_ahead, psw_ahead = _ids_at(values_ptr, psw_ptr, starts, lengths, UNROLL, pw_base, pw_len, HAS_PSW,
+    ids_ahead, psw_ahead = _ids_weights_at(values_ptr, psw_ptr, starts, lengths, UNROLL, pw_base, pw_len, HAS_PSW,
                                    POSITIONAL, UNROLL)
     for j in range(0, longest, UNROLL):
         rows_now = rows_next
@@ -113,11 +150,11 @@ def _gather(acc, bad_ids, d0, cols, col_mask, starts, lengths, longest, num_rows
             acc = _add_rows(acc, rows_now, psw_now, HAS_PSW, POSITIONAL, UNROLL)
         ids_next = ids_ahead
         psw_ids_next = psw_ahead
-        ids_ahead, psw_ahead = _ids_at(values_ptr, psw_ptr, starts, lengths, j + 2 * UNROLL, pw_base, pw_len,
+        ids_ahead, psw_ahead = _ids_weights_at(values_ptr, psw_ptr, starts, lengths, j + 2 * UNROLL, pw_base, pw_len,
                                        HAS_PSW, POSITIONAL, UNROLL)
-        rows_next, psw_next, step_bad_ids = _rows_at(ids_next, psw_ids_next, j + UNROLL, d0, cols, col_mask, starts,
-                                                     lengths, num_rows, dim, table_ptr, psw_ptr, pw_base, pw_len,
-                                                     POSITIONAL, UNROLL)
+        rows_next, psw_next, step_bad_ids = _rows_weights_at(ids_next, psw_ids_next, j + UNROLL, d0, cols, col_mask,
+                                                             starts, lengths, num_rows, dim, table_ptr, psw_ptr,
+                                                             pw_base, pw_len, POSITIONAL, UNROLL)
         bad_ids += step_bad_ids
         if not (HAS_PSW or POSITIONAL):
             acc = _add_rows(acc, rows_now, psw_now, HAS_PSW, POSITIONAL, UNROLL)
