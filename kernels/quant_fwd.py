@@ -31,9 +31,10 @@ def _configs():
         return [triton.Config({"BLOCK_B": 4}, num_warps=1)]
     # INT4 rows are half a byte a column: a tile of BLOCK_B rows' BLOCK_D // 2 packed bytes gives
     # each thread a 16-byte load only from BLOCK_B * BLOCK_D / 2 >= 16 * 32 * num_warps on (and
-    # dims that are multiples of 32): 32 bags at 4 warps or 64 at 8 for dim 128. (64 at 4 warps,
-    # and 32 at 2 for dim 128, spilled with per-id weights; 16 at 4 gave INT4 8-byte loads.)
-    return [triton.Config({"BLOCK_B": b}, num_warps=w) for b, w in [(32, 4), (64, 8)]]
+    # dims that are multiples of 32): 32 bags at 4 warps for dim 128. Tried and dropped: 64 at 8
+    # warps (the INT4 loop took 2 round trips with per-id weights on triton 3.6), 64 at 4 and 32
+    # at 2 (spilled with per-id weights), 16 at 4 (INT4 in 8-byte loads).
+    return [triton.Config({"BLOCK_B": 32}, num_warps=4)]
 
 
 @triton.jit
