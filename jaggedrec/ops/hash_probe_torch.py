@@ -61,13 +61,42 @@ def sketch_of(hashed: torch.Tensor, sketch_base: torch.Tensor, sketch_width: tor
 def probe(keys: torch.Tensor, bucket_size: int, ids: torch.Tensor, buckets: torch.Tensor):
     """Where each id sits: ``(found [N] bool, slot [N] int64)`` (the global slot; meaningless
     where not found). ``keys``: ``[num_slots + 1]``; ``ids``, ``buckets``: ``[N]`` int64."""
-    num_slots = keys.numel() - 1
-    window = keys.narrow(0, 0, num_slots).view(-1, bucket_size).index_select(0, buckets)  # [N, S]
-    match = window == ids.unsqueeze(1)
+    match = _bucket_view(keys, bucket_size).index_select(0, buckets) == ids.unsqueeze(1)  # [N, S]
+    packed = _packed(match)
+    if packed is None:
+        found, offset = match.any(1), match.to(torch.int8).argmax(1)
+    else:  # an id sits in at most one slot of its bucket: one byte of the word is 1
+        found, offset = packed != 0, _byte_index(packed, bucket_size)
     # EMPTY is the free slots' key: an id equal to it is never found
-    found = match.any(1) & (ids != EMPTY)
-    slot = buckets * bucket_size + match.to(torch.int8).argmax(1)
-    return found, slot
+    return found & (ids != EMPTY), buckets * bucket_size + offset
+
+
+_WORDS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bucket_view(state: torch.Tensor, bucket_size: int) -> torch.Tensor:
+    """``[num_buckets, S]`` view of a ``[num_slots + 1]`` slot array (the scratch slot left out)."""
+    return state.narrow(0, 0, state.numel() - 1).view(-1, bucket_size)
+
+
+def _packed(match: torch.Tensor):
+    """``[N, S]`` bool -> ``[N]`` int64, the S flags as the bytes of one word (eager, S of 1, 2, 4
+    or 8: one pass instead of ``any`` and ``argmax``), or None where that does not apply (other
+    sizes; traced graphs keep the plain ops)."""
+    word = _WORDS.get(match.shape[1])
+    if word is None or torch.compiler.is_compiling() or not match.is_contiguous():
+        return None
+    return match.view(torch.uint8).view(word).squeeze(1).to(torch.int64)
+
+
+def _byte_index(packed: torch.Tensor, bucket_size: int) -> torch.Tensor:
+    """``[N]`` int64: which byte of ``packed`` is 1 (at most one is; 0 where none). Multiplying by
+    the bytes ``S-1, ..., 1, 0`` (low to high) puts the index in byte ``S-1``: no carries, every
+    partial sum is below 256."""
+    if bucket_size == 1:
+        return torch.zeros_like(packed)
+    magic = sum((bucket_size - 1 - m) << (8 * m) for m in range(bucket_size))
+    return ((packed * magic) >> (8 * (bucket_size - 1))) & 0xFF
 
 
 class Placement(NamedTuple):
@@ -81,11 +110,12 @@ class Placement(NamedTuple):
     pending: torch.Tensor  # [N] bool: missing and not admitted (yet)
 
 
-def _ranking(keys, last_step, count, protect, buckets, bucket_size: int, policy, ttl, step):
+def _ranking(keys, last_step, count, buckets, bucket_size: int, policy, ttl, step):
     """``[N, S]`` slots of each id's bucket, best to take first, and ``[N]`` how many may be
     taken (see the module's rules)."""
     slots = buckets.unsqueeze(1) * bucket_size + torch.arange(bucket_size, device=keys.device)  # [N, S]
-    k, last, n, busy = keys[slots], last_step[slots], count[slots], protect[slots]
+    k, last, n = (_bucket_view(state, bucket_size).index_select(0, buckets) for state in (keys, last_step, count))
+    busy = last == step  # looked up in this batch (train_step wrote those first)
     policy, ttl = policy.unsqueeze(1), ttl.unsqueeze(1)
     lfu = n.clamp(max=_COUNT_CAP) * (1 << 32) + last
     score = torch.where(policy == POLICY_LFU, lfu, last)
@@ -120,7 +150,9 @@ def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, buck
     scratch = keys.numel() - 1
     found, slot = probe(keys, bucket_size, ids, buckets)
     found = found & hashed_mask
-    protect = torch.zeros_like(keys, dtype=torch.bool).index_fill_(0, torch.where(found, slot, scratch), True)
+    # the slots looked up now take this step first: the ranking reads "last_step == step" as
+    # "looked up in this batch" (earlier steps are all smaller), which it never evicts
+    last_step.index_copy_(0, torch.where(found, slot, scratch), step.expand(n))
     miss = hashed_mask & ~found
     admitted = miss & (ids != EMPTY)
     if admission is not None:  # occurrences of missing ids in their table's counters
@@ -130,25 +162,26 @@ def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, buck
         admitted = admitted & ((threshold <= 1) | (sketch[sketch_index] >= threshold))
     if compact:
         pick = admitted.nonzero().squeeze(1)
-        picked = table[pick]
-        m_slot, m_evicted = _place(keys, last_step, count, protect, step, bucket_size, ids[pick], buckets[pick],
-                                   admitted[pick], table_policy[picked], table_ttl[picked])
+        picked = table.index_select(0, pick)
+        m_slot, m_evicted = _place(keys, last_step, count, step, bucket_size, ids.index_select(0, pick),
+                                   buckets.index_select(0, pick), torch.ones_like(pick, dtype=torch.bool),
+                                   table_policy.index_select(0, picked), table_ttl.index_select(0, picked))
         new_slot = torch.full_like(ids, -1).index_copy_(0, pick, m_slot)
         evicted_slot = torch.full_like(ids, -1).index_copy_(0, pick, m_evicted)
+        last_step.index_copy_(0, torch.where(m_slot >= 0, m_slot, scratch), step.expand(pick.numel()))
     else:
-        new_slot, evicted_slot = _place(keys, last_step, count, protect, step, bucket_size, ids, buckets, admitted,
+        new_slot, evicted_slot = _place(keys, last_step, count, step, bucket_size, ids, buckets, admitted,
                                         table_policy[table], table_ttl[table])
+        last_step.index_copy_(0, torch.where(new_slot >= 0, new_slot, scratch), step.expand(n))
     slot = torch.where(hashed_mask, torch.where(found, slot, new_slot), -1)
     live = slot >= 0
-    write = torch.where(live, slot, scratch)
-    last_step.index_copy_(0, write, step.expand(n))
     if counts_lookups:  # LFU's score (the other policies never read it)
-        count.index_add_(0, write, live.to(torch.int64))
+        count.index_add_(0, torch.where(live, slot, scratch), live.to(torch.int64))
     keys[scratch] = EMPTY
     return Placement(slot, evicted_slot, admitted & ~live, miss & ~admitted)
 
 
-def _place(keys, last_step, count, protect, step, bucket_size: int, ids, buckets, admitted, policy, ttl):
+def _place(keys, last_step, count, step, bucket_size: int, ids, buckets, admitted, policy, ttl):
     """Give the admitted ids slots: ``[M]`` slot of each position (``-1``: none) and the slot an
     evicted id left (``-1``: none; at each new id's first position). Writes the new ids' keys
     and zeroes their counts."""
@@ -158,15 +191,15 @@ def _place(keys, last_step, count, protect, step, bucket_size: int, ids, buckets
     by_id = torch.sort(ids, stable=True).indices
     order_key, by_bucket = torch.sort(torch.where(admitted, buckets, NEVER)[by_id], stable=True)
     perm = by_id[by_bucket]
-    s_ids, s_buckets, s_admitted = ids[perm], buckets[perm], admitted[perm]
+    s_ids, s_buckets, s_admitted = ids.index_select(0, perm), buckets.index_select(0, perm), admitted.index_select(0, perm)
     same_id = (s_ids[1:] == s_ids[:-1]) & (s_buckets[1:] == s_buckets[:-1])
     first = s_admitted & ~torch.cat([same_id.new_zeros(1), same_id])
     # rank of each new id in its bucket: the firsts before it, less those before its bucket's run
     seen = torch.cumsum(first.to(torch.int64), 0)
     run_begin = torch.searchsorted(order_key, order_key)
     rank = seen - 1 - (seen - first.to(torch.int64))[run_begin]
-    ranked, available = _ranking(keys, last_step, count, protect, s_buckets, bucket_size, policy[perm], ttl[perm],
-                                 step)
+    ranked, available = _ranking(keys, last_step, count, s_buckets, bucket_size, policy.index_select(0, perm),
+                                 ttl.index_select(0, perm), step)
     placed = first & (rank < available)
     target = ranked.gather(1, rank.clamp(0, bucket_size - 1).unsqueeze(1)).squeeze(1)
     target = torch.where(placed, target, scratch)
