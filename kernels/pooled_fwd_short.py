@@ -1,0 +1,272 @@
+"""Forward of pooled embedding bags for short bags (DLRM's one id per bag): persistent and
+pipelined across blocks.
+
+``pooled_fwd`` pools a block of bags with a chain of dependent loads: the feature's metadata,
+then the bags' offsets, then the ids, then the rows. A block of one-id bags moves one row per
+bag, so that chain of four DRAM round trips is most of its time. Here a fixed grid of
+programs walks the blocks (block ``k`` is ``BLOCK_B`` samples of one feature), and iteration
+``i`` of a program's loop overlaps four of its blocks:
+
+* the metadata (and VBE inverse indices) of block ``i+3``,
+* the offsets of block ``i+2``,
+* the first ``SHORT`` ids (and per-sample weights) of block ``i+1``,
+* the rows of block ``i``,
+
+then adds and stores block ``i-1``, whose rows the iteration before loaded. Every load
+depends only on what the iteration before loaded, so an iteration waits for one round trip
+however the four are chained. Bags longer than ``SHORT`` are left to a second launch
+(``_long_bags_kernel``), whose programs return after one read of the offsets where their
+bags are short: correct for any lengths, fast when few bags are long; the op layer picks
+these kernels only for batches of short bags (``use_short_kernel``).
+
+Per bag the rows are added in position order onto zero, as ``pooled_fwd`` adds them, so an
+fp32 SUM comes out with the same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (META_DIM, META_FIELDS, META_KEY, META_MEAN, META_OUT_COLUMN, META_ROWS, META_WEIGHT_OFFSET,
+                     block_d, interpreting, single_config, wrap_triton)
+from .tuning import autotune
+
+# the widest dim the kernel takes (one BLOCK_D tile per row); wider tables use pooled_fwd
+MAX_DIM = 128
+
+
+def _configs():
+    """(BLOCK_B, warps, programs per SM). The programs per SM are what the machine code allows
+    at the fewest, for 64-wide tiles (sm_90a, triton 3.6 and 3.9, over dtypes, weights, VBE and
+    SHORT): B32/4 warps 159-253 registers (2 programs per SM by registers), B16/4 warps 122-168
+    (3), B32/8 warps 122-177 (1). A persistent grid larger than what fits would leave its last
+    programs to run after the others, so the grid asks for the smaller count."""
+    if single_config():
+        return [triton.Config({"BLOCK_B": 4, "PROGRAMS_PER_SM": 1}, num_warps=1)]
+    return [triton.Config({"BLOCK_B": b, "PROGRAMS_PER_SM": p}, num_warps=w) for b, w, p in [(32, 4, 2), (16, 4, 3),
+                                                                                           (32, 8, 1)]]
+
+
+@triton.jit
+def _block_meta(k, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B: tl.constexpr,
+                HAS_INVERSE: tl.constexpr, DIM_ALIGN: tl.constexpr):
+    """Block ``k``: its feature's fields, its samples and the bags they pool (stage 1)."""
+    live = k < num_blocks
+    f = k // blocks_per_feature
+    meta = meta_ptr + f.to(tl.int64) * META_FIELDS
+    # multiples of DIM_ALIGN (see pooled_fwd): the row loads and output stores vectorise
+    weight_offset = tl.multiple_of(tl.load(meta + META_WEIGHT_OFFSET, mask=live, other=0), DIM_ALIGN)
+    dim = tl.multiple_of(tl.load(meta + META_DIM, mask=live, other=0), DIM_ALIGN)
+    num_rows = tl.load(meta + META_ROWS, mask=live, other=0)
+    out_column = tl.multiple_of(tl.load(meta + META_OUT_COLUMN, mask=live, other=0), DIM_ALIGN)
+    key = tl.load(meta + META_KEY, mask=live, other=0)
+    mean = tl.load(meta + META_MEAN, mask=live, other=0)
+    samples = (k % blocks_per_feature) * BLOCK_B + tl.arange(0, BLOCK_B)
+    # a vector compare for the block's liveness: the interpreter refuses scalar & vector masks
+    sample_mask = (samples < batch_size) & ((samples * 0 + k) < num_blocks)
+    if HAS_INVERSE:
+        bags = tl.load(inverse_ptr + f.to(tl.int64) * batch_size + samples, mask=sample_mask, other=0)
+    else:
+        bags = samples
+    return f, weight_offset, dim, num_rows, out_column, key, mean, samples, sample_mask, bags
+
+
+@triton.jit
+def _bounds(offsets_ptr, key, bags, sample_mask, bag_stride):
+    """The bags' offsets as loaded (stage 2): start and end, converted only by the iteration
+    after, so that no iteration waits for a load it issued."""
+    bag_ptrs = offsets_ptr + key * bag_stride + bags
+    return tl.load(bag_ptrs, mask=sample_mask, other=0), tl.load(bag_ptrs + 1, mask=sample_mask, other=0)
+
+
+@triton.jit
+def _extent(bounds):
+    """``[BLOCK_B]`` int64 first position and length of each bag, from :func:`_bounds`."""
+    start = bounds[0].to(tl.int64)
+    return start, bounds[1].to(tl.int64) - start
+
+
+@triton.jit
+def _ids_of(values_ptr, psw_ptr, starts, lengths, sample_mask, HAS_PSW: tl.constexpr, SHORT: tl.constexpr):
+    """The first ``SHORT`` ids of each bag, and their per-sample weights (stage 3)."""
+    ids = ()
+    psw = ()
+    for s in tl.static_range(SHORT):
+        here = sample_mask & (s < lengths)
+        ids = ids + (tl.load(values_ptr + starts + s, mask=here, other=0),)
+        if HAS_PSW:
+            psw = psw + (tl.load(psw_ptr + starts + s, mask=here, other=0.0),)  # converted where used
+        else:
+            psw = psw + (1.0,)
+    return ids, psw
+
+
+@triton.jit
+def _rows_of(ids, lengths, sample_mask, num_rows, dim, weight_offset, weights_ptr, cols, SHORT: tl.constexpr):
+    """The rows of those ids (stage 4), ``SHORT`` ``[BLOCK_B, BLOCK_D]`` tensors, and ``[BLOCK_B]``
+    counts of bad ids among them (not loaded)."""
+    rows = ()
+    bad_ids = tl.zeros(lengths.shape, dtype=tl.int32)
+    col_mask = cols < dim
+    for s in tl.static_range(SHORT):
+        row = ids[s].to(tl.int64)
+        here = sample_mask & (s < lengths)
+        bad = here & ((row < 0) | (row >= num_rows))
+        bad_ids += bad.to(tl.int32)
+        rows = rows + (tl.load(weights_ptr + weight_offset + row[:, None] * dim + cols[None, :],
+                               mask=(here & ~bad)[:, None] & col_mask[None, :], other=0.0),)
+    return rows, bad_ids
+
+
+@triton.jit
+def _long_bags_kernel(weights_ptr, values_ptr, offsets_ptr, psw_ptr, inverse_ptr, meta_ptr, out_ptr, bad_ids_ptr,
+                      batch_size, bag_stride, out_stride, HAS_PSW: tl.constexpr, HAS_INVERSE: tl.constexpr,
+                      BLOCK_D: tl.constexpr, DIM_ALIGN: tl.constexpr, SHORT: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The bags longer than ``SHORT``, which the pipelined kernel leaves alone: one program per
+    ``BLOCK_B`` samples of one feature, that returns after reading the offsets where its bags
+    are all short, and otherwise pools its long bags whole, position by position from zero
+    (the order of ``pooled_fwd``), counting their bad ids."""
+    f = tl.program_id(1)
+    m = _block_meta(f * tl.num_programs(0) + tl.program_id(0), tl.num_programs(0) * tl.num_programs(1),
+                    tl.num_programs(0), meta_ptr, inverse_ptr, batch_size, BLOCK_B, HAS_INVERSE, DIM_ALIGN)
+    _, weight_offset, dim, num_rows, out_column, key, mean, samples, sample_mask, bags = m
+    starts = tl.load(offsets_ptr + key * bag_stride + bags, mask=sample_mask, other=0).to(tl.int64)
+    lengths = tl.load(offsets_ptr + key * bag_stride + bags + 1, mask=sample_mask, other=0).to(tl.int64) - starts
+    long = sample_mask & (lengths > SHORT)
+    longest = tl.max(tl.where(long, lengths, 0), axis=0)
+    if longest > 0:
+        cols = tl.arange(0, BLOCK_D)
+        col_mask = cols < dim
+        acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+        bad_ids = tl.zeros([BLOCK_B], dtype=tl.int32)
+        for j in range(0, longest):
+            here = long & (j < lengths)
+            row = tl.load(values_ptr + starts + j, mask=here, other=0).to(tl.int64)
+            bad = here & ((row < 0) | (row >= num_rows))
+            bad_ids += bad.to(tl.int32)
+            values = tl.load(weights_ptr + weight_offset + row[:, None] * dim + cols[None, :],
+                             mask=(here & ~bad)[:, None] & col_mask[None, :], other=0.0)
+            if HAS_PSW:
+                acc += values.to(tl.float32) * tl.load(psw_ptr + starts + j, mask=here, other=0.0).to(tl.float32)[:, None]
+            else:
+                acc += values.to(tl.float32)
+        if mean != 0:
+            acc = acc / tl.maximum(lengths, 1).to(tl.float32)[:, None]
+        out_rows = tl.multiple_of(samples.to(tl.int64) * out_stride, DIM_ALIGN)
+        tl.store(out_ptr + out_rows[:, None] + out_column + cols[None, :], acc, mask=long[:, None] & col_mask[None, :])
+        total_bad = tl.sum(bad_ids, axis=0)
+        if total_bad > 0:
+            tl.atomic_add(bad_ids_ptr + f, total_bad.to(tl.int64))
+
+
+@autotune(configs=_configs(), key=["num_features", "BLOCK_D", "HAS_PSW", "DIM_ALIGN", "HAS_INVERSE", "SHORT"])
+@triton.jit
+def _pooled_fwd_short_kernel(
+    weights_ptr, values_ptr, offsets_ptr, psw_ptr, inverse_ptr, meta_ptr, out_ptr, bad_ids_ptr,
+    batch_size, bag_stride, out_stride, num_features,
+    HAS_PSW: tl.constexpr, HAS_INVERSE: tl.constexpr, BLOCK_D: tl.constexpr, DIM_ALIGN: tl.constexpr,
+    SHORT: tl.constexpr, BLOCK_B: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
+):
+    blocks_per_feature = tl.cdiv(batch_size, BLOCK_B)
+    num_blocks = blocks_per_feature * num_features
+    step = tl.num_programs(0)
+    first = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+
+    # fill the pipeline, in the order the loop keeps: the rows of this program's first block
+    # (0), the ids of its second (1), the offsets of its third (2), the metadata of its fourth (3)
+    m0 = _block_meta(first, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B, HAS_INVERSE,
+                     DIM_ALIGN)
+    m1 = _block_meta(first + step, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B,
+                     HAS_INVERSE, DIM_ALIGN)
+    m2 = _block_meta(first + 2 * step, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B,
+                     HAS_INVERSE, DIM_ALIGN)
+    starts0, lengths0 = _extent(_bounds(offsets_ptr, m0[5], m0[9], m0[8], bag_stride))
+    starts1, lengths1 = _extent(_bounds(offsets_ptr, m1[5], m1[9], m1[8], bag_stride))
+    ids0, psw0 = _ids_of(values_ptr, psw_ptr, starts0, lengths0, m0[8], HAS_PSW, SHORT)
+    rows0, bad0 = _rows_of(ids0, lengths0, m0[8], m0[3], m0[2], m0[1], weights_ptr, cols, SHORT)
+    ids1, psw1 = _ids_of(values_ptr, psw_ptr, starts1, lengths1, m1[8], HAS_PSW, SHORT)
+    bounds2 = _bounds(offsets_ptr, m2[5], m2[9], m2[8], bag_stride)
+    m3 = _block_meta(first + 3 * step, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B,
+                     HAS_INVERSE, DIM_ALIGN)
+
+    for k in range(first, num_blocks, step):
+        # block k is 0; issue the rows of 1, the ids of 2, the offsets of 3, the metadata of 4
+        rows1, bad1 = _rows_of(ids1, lengths1, m1[8], m1[3], m1[2], m1[1], weights_ptr, cols, SHORT)
+        starts2, lengths2 = _extent(bounds2)
+        ids2, psw2 = _ids_of(values_ptr, psw_ptr, starts2, lengths2, m2[8], HAS_PSW, SHORT)
+        bounds3 = _bounds(offsets_ptr, m3[5], m3[9], m3[8], bag_stride)
+        m4 = _block_meta(k + 4 * step, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B,
+                         HAS_INVERSE, DIM_ALIGN)
+
+        # add and store block k (its rows arrived during the iteration before)
+        acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+        for s in tl.static_range(SHORT):
+            if HAS_PSW:
+                acc += rows0[s].to(tl.float32) * psw0[s].to(tl.float32)[:, None]
+            else:
+                acc += rows0[s].to(tl.float32)
+        if m0[6] != 0:
+            acc = acc / tl.maximum(lengths0, 1).to(tl.float32)[:, None]
+        short = m0[8] & (lengths0 <= SHORT)  # longer bags: _long_bags_kernel's
+        out_rows = tl.multiple_of(m0[7].to(tl.int64) * out_stride, DIM_ALIGN)
+        tl.store(out_ptr + out_rows[:, None] + m0[4] + cols[None, :], acc,
+                 mask=short[:, None] & (cols < m0[2])[None, :])
+        total_bad = tl.sum(tl.where(short, bad0, 0), axis=0)
+        if total_bad > 0:
+            tl.atomic_add(bad_ids_ptr + m0[0], total_bad.to(tl.int64))
+
+        # shift the pipeline by one block
+        m0, starts0, lengths0, rows0, psw0, bad0 = m1, starts1, lengths1, rows1, psw1, bad1
+        m1, starts1, lengths1, ids1, psw1 = m2, starts2, lengths2, ids2, psw2
+        m2, bounds2 = m3, bounds3
+        m3 = m4
+
+
+def use_short_kernel(num_ids: int, num_bags: int, max_dim: int, has_positions: bool = False) -> bool:
+    """The short-bag kernel pays off where bags hold about one id (``num_ids`` at most twice
+    ``num_bags``), every dim fits one tile, and no position weights are read."""
+    return not has_positions and max_dim <= MAX_DIM and num_bags > 0 and num_ids <= 2 * num_bags
+
+
+def short_length(num_ids: int, num_bags: int) -> int:
+    """Ids per bag handled in the pipeline (``SHORT``): 1 where bags hold at most one id on
+    average, else 2; longer bags are ``_long_bags_kernel``'s."""
+    return 1 if num_ids <= num_bags else 2
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if interpreting() or device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def pooled_fwd_short(weights: torch.Tensor, batch, meta: torch.Tensor, out: torch.Tensor, bad_ids: torch.Tensor,
+                     max_dim: int, alignment: int, bag_stride: int, short: int) -> None:
+    """As ``pooled_fwd.pooled_fwd`` (same arguments, same output), for batches of short bags;
+    ``short`` is ``SHORT`` (see :func:`short_length`)."""
+    num_features = meta.shape[0]
+    batch_size = out.shape[0]
+    if num_features == 0 or batch_size == 0:
+        return
+    assert meta.shape[1] == META_FIELDS and max_dim <= MAX_DIM
+    per_sample_weights, inverse_indices = batch.per_sample_weights, batch.inverse_indices
+    multiprocessors = _multiprocessors(weights.device)
+    tile = block_d(max_dim)
+    # a 128-wide tile doubles the rows' registers: one program fewer per SM (at least one)
+    grid = lambda cfg: (multiprocessors * max(1, cfg["PROGRAMS_PER_SM"] - (tile > 64)),)  # noqa: E731
+    wrap_triton(_pooled_fwd_short_kernel)[grid](
+        weights, batch.values, batch.offsets, per_sample_weights if per_sample_weights is not None else out,
+        inverse_indices.contiguous() if inverse_indices is not None else batch.offsets, meta, out, bad_ids,
+        batch_size, bag_stride, out.stride(0), num_features,
+        HAS_PSW=per_sample_weights is not None, HAS_INVERSE=inverse_indices is not None, BLOCK_D=tile,
+        DIM_ALIGN=alignment, SHORT=short)
+    long_block = 64 if not interpreting() else 4
+    wrap_triton(_long_bags_kernel)[(triton.cdiv(batch_size, long_block), num_features)](
+        weights, batch.values, batch.offsets, per_sample_weights if per_sample_weights is not None else out,
+        inverse_indices.contiguous() if inverse_indices is not None else batch.offsets, meta, out, bad_ids,
+        batch_size, bag_stride, out.stride(0), HAS_PSW=per_sample_weights is not None,
+        HAS_INVERSE=inverse_indices is not None, BLOCK_D=block_d(max_dim), DIM_ALIGN=alignment, SHORT=short,
+        BLOCK_B=long_block, num_warps=4)
