@@ -42,6 +42,17 @@ ROWWISE_ADAGRAD_COUNTER, ADAM_DECOUPLED, EXACT_ADAGRAD_DECOUPLED = 10, 11, 12
 
 
 @triton.jit
+def _stored(x, ptr):
+    """fp32 ``x`` in the dtype of ``ptr`` (optimizer state in fp32, fp16 or bf16), rounded to
+    nearest even: bf16 by hand, as the interpreter's cast truncates (a GPU's rounds to nearest)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        x = tl.where(x == x, rounded, x)  # NaN stays NaN
+    return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _counter_factors(squares, weight_squares, u, live, row, dim, run_feature_ptr, meta_ptr, state1_ptr, state2_ptr,
                      hparams_ptr, lr, eps, weight_decay, t):
     """Row-wise Adagrad with FBGEMM's COUNTER or COWCLIP regularization (see
@@ -62,16 +73,16 @@ def _counter_factors(squares, weight_squares, u, live, row, dim, run_feature_ptr
     dim = tl.maximum(dim, 1)  # dead lanes have dim 0
     state_index = (tl.load(meta + META_ROW_BASE, mask=live, other=0)
                    + (row - tl.load(meta + META_WEIGHT_OFFSET, mask=live, other=0)) // dim)
-    prev = tl.load(state2_ptr + 2 * state_index, mask=live, other=0.0)
-    counter = tl.load(state2_ptr + 2 * state_index + 1, mask=live, other=0.0)
+    prev = tl.load(state2_ptr + 2 * state_index, mask=live, other=0.0).to(tl.float32)
+    counter = tl.load(state2_ptr + 2 * state_index + 1, mask=live, other=0.0).to(tl.float32)
     delta = tl.where(prev == 0.0, 1.0, t - prev)
     decayed = tl.exp(delta * (-0.6931471805599453 / tl.where(halflife > 0.0, halflife, 1.0))) * counter + 1.0
     counter = tl.where(halflife > 0.0, decayed, tl.where(halflife == 0.0, 1.0, counter + 1.0))
     freq = halflife / counter
-    state = tl.load(state1_ptr + state_index, mask=live, other=0.0) + squares / dim.to(tl.float32)
-    tl.store(state1_ptr + state_index, state, mask=live)
-    tl.store(state2_ptr + 2 * state_index, t + 0.0 * prev, mask=live)
-    tl.store(state2_ptr + 2 * state_index + 1, counter, mask=live)
+    state = tl.load(state1_ptr + state_index, mask=live, other=0.0).to(tl.float32) + squares / dim.to(tl.float32)
+    tl.store(state1_ptr + state_index, _stored(state, state1_ptr), mask=live)
+    tl.store(state2_ptr + 2 * state_index, _stored(t + 0.0 * prev, state2_ptr), mask=live)
+    tl.store(state2_ptr + 2 * state_index + 1, _stored(counter, state2_ptr), mask=live)
     root = tl.sqrt(state)
     multiplier = lr / (root + eps)
     # (flags as 0/1 factors: the interpreter cannot AND a scalar flag with a vector one)
@@ -116,11 +127,12 @@ def _row_factor(squares, weight_squares, u, live, row, dim, run_feature_ptr, met
                    + (row - tl.load(meta + META_WEIGHT_OFFSET, mask=live, other=0)) // dim)
     mean_square = squares / dim.to(tl.float32)
     if OPTIMIZER == 6 or OPTIMIZER == 8:
-        v = beta2 * tl.load(state2_ptr + state_index, mask=live, other=0.0) + (1.0 - beta2) * mean_square
-        tl.store(state2_ptr + state_index, v, mask=live)
+        v = (beta2 * tl.load(state2_ptr + state_index, mask=live, other=0.0).to(tl.float32)
+             + (1.0 - beta2) * mean_square)
+        tl.store(state2_ptr + state_index, _stored(v, state2_ptr), mask=live)
         return tl.sqrt(v / (1.0 - tl.exp(t * tl.log(beta2)))) + eps
-    state = tl.load(state1_ptr + state_index, mask=live, other=0.0) + mean_square
-    tl.store(state1_ptr + state_index, state, mask=live)
+    state = tl.load(state1_ptr + state_index, mask=live, other=0.0).to(tl.float32) + mean_square
+    tl.store(state1_ptr + state_index, _stored(state, state1_ptr), mask=live)
     return lr / (tl.sqrt(state) + eps)
 
 
@@ -147,36 +159,37 @@ def _step_tile(g, w, element, mask, step_size, correction, weights_ptr, state1_p
     ``step_size``: :func:`_row_factor`'s, or ``lr``; ``correction``: the counter kind's
     factor of the row (:func:`_counter_factors`)."""
     if OPTIMIZER == 4:
-        s = tl.load(state1_ptr + element, mask=mask, other=0.0) + g * g
-        tl.store(state1_ptr + element, s, mask=mask)
+        s = tl.load(state1_ptr + element, mask=mask, other=0.0).to(tl.float32) + g * g
+        tl.store(state1_ptr + element, _stored(s, state1_ptr), mask=mask)
         w = w - lr * g / (tl.sqrt(s) + eps)
     elif OPTIMIZER == 12:  # exact Adagrad, decoupled weight decay
-        s = tl.load(state1_ptr + element, mask=mask, other=0.0) + g * g
-        tl.store(state1_ptr + element, s, mask=mask)
+        s = tl.load(state1_ptr + element, mask=mask, other=0.0).to(tl.float32) + g * g
+        tl.store(state1_ptr + element, _stored(s, state1_ptr), mask=mask)
         w = w - lr * (g / (tl.sqrt(s) + eps) + weight_decay * w)
     elif OPTIMIZER == 11:  # Adam, decoupled weight decay
-        m = beta1 * tl.load(state1_ptr + element, mask=mask, other=0.0) + (1.0 - beta1) * g
-        v = beta2 * tl.load(state2_ptr + element, mask=mask, other=0.0) + (1.0 - beta2) * g * g
-        tl.store(state1_ptr + element, m, mask=mask)
-        tl.store(state2_ptr + element, v, mask=mask)
+        m = beta1 * tl.load(state1_ptr + element, mask=mask, other=0.0).to(tl.float32) + (1.0 - beta1) * g
+        v = beta2 * tl.load(state2_ptr + element, mask=mask, other=0.0).to(tl.float32) + (1.0 - beta2) * g * g
+        tl.store(state1_ptr + element, _stored(m, state1_ptr), mask=mask)
+        tl.store(state2_ptr + element, _stored(v, state2_ptr), mask=mask)
         m_hat = m / (1.0 - tl.exp(t * tl.log(beta1)))
         v_hat = v / (1.0 - tl.exp(t * tl.log(beta2)))
         w = w - lr * (m_hat / (tl.sqrt(v_hat) + eps) + weight_decay * w)
     elif OPTIMIZER == 10:
         w = correction[:, None] * w - step_size[:, None] * g
     elif OPTIMIZER == 5:
-        m = beta1 * tl.load(state1_ptr + element, mask=mask, other=0.0) + step_size[:, None] * (g + weight_decay * w)
-        tl.store(state1_ptr + element, m, mask=mask)
+        m = (beta1 * tl.load(state1_ptr + element, mask=mask, other=0.0).to(tl.float32)
+             + step_size[:, None] * (g + weight_decay * w))
+        tl.store(state1_ptr + element, _stored(m, state1_ptr), mask=mask)
         w = w - m
     elif OPTIMIZER == 6:
-        m = beta1 * tl.load(state1_ptr + element, mask=mask, other=0.0) + (1.0 - beta1) * g
-        tl.store(state1_ptr + element, m, mask=mask)
+        m = beta1 * tl.load(state1_ptr + element, mask=mask, other=0.0).to(tl.float32) + (1.0 - beta1) * g
+        tl.store(state1_ptr + element, _stored(m, state1_ptr), mask=mask)
         w = w - lr * (m / (1.0 - tl.exp(t * tl.log(beta1))) / step_size[:, None] + weight_decay * w)
     elif OPTIMIZER == 3:
-        m = beta1 * tl.load(state1_ptr + element, mask=mask, other=0.0) + (1.0 - beta1) * g
-        v = beta2 * tl.load(state2_ptr + element, mask=mask, other=0.0) + (1.0 - beta2) * g * g
-        tl.store(state1_ptr + element, m, mask=mask)
-        tl.store(state2_ptr + element, v, mask=mask)
+        m = beta1 * tl.load(state1_ptr + element, mask=mask, other=0.0).to(tl.float32) + (1.0 - beta1) * g
+        v = beta2 * tl.load(state2_ptr + element, mask=mask, other=0.0).to(tl.float32) + (1.0 - beta2) * g * g
+        tl.store(state1_ptr + element, _stored(m, state1_ptr), mask=mask)
+        tl.store(state2_ptr + element, _stored(v, state2_ptr), mask=mask)
         m_hat = m / (1.0 - tl.exp(t * tl.log(beta1)))
         v_hat = v / (1.0 - tl.exp(t * tl.log(beta2)))
         w = w - lr * m_hat / (tl.sqrt(v_hat) + eps)
@@ -193,15 +206,15 @@ def _lamb_direction(g, w, element, mask, row_denominator, state1_ptr, state2_ptr
     """LAMB's direction for one tile, ``m_hat / (sqrt(v_hat) + eps) + weight_decay * w``; with
     ``UPDATE`` the moments first move toward ``g`` (and are stored), without it they are read
     as the first pass left them. Partial row-wise LAMB's denominator is ``row_denominator``."""
-    m = tl.load(state1_ptr + element, mask=mask, other=0.0)
+    m = tl.load(state1_ptr + element, mask=mask, other=0.0).to(tl.float32)
     if UPDATE:
         m = beta1 * m + (1.0 - beta1) * g
-        tl.store(state1_ptr + element, m, mask=mask)
+        tl.store(state1_ptr + element, _stored(m, state1_ptr), mask=mask)
     if OPTIMIZER == 7:
-        v = tl.load(state2_ptr + element, mask=mask, other=0.0)
+        v = tl.load(state2_ptr + element, mask=mask, other=0.0).to(tl.float32)
         if UPDATE:
             v = beta2 * v + (1.0 - beta2) * g * g
-            tl.store(state2_ptr + element, v, mask=mask)
+            tl.store(state2_ptr + element, _stored(v, state2_ptr), mask=mask)
         denominator = tl.sqrt(v / (1.0 - tl.exp(t * tl.log(beta2)))) + eps
     else:
         denominator = row_denominator[:, None]

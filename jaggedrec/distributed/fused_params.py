@@ -19,6 +19,7 @@ construction from ``[rows, dim]`` parameters.)
 
 from __future__ import annotations
 
+import dataclasses
 from enum import Enum
 from typing import Any, Dict, Optional
 
@@ -47,7 +48,7 @@ class EmbOptimType(Enum):
 
 _KNOWN = ("learning_rate", "eps", "weight_decay", "beta1", "beta2", "eta", "momentum", "optimizer",
           "gradient_clipping", "max_gradient", "weight_decay_mode", "counter_based_regularization",
-          "cowclip_regularization", "max_norm")
+          "cowclip_regularization", "max_norm", "optimizer_state_dtypes")
 # TorchRec's in-backward placeholders (torchrec.optim.optimizers, and jaggedrec's of the same
 # names): each stands for the EmbOptimType its kwargs configure
 _PLACEHOLDERS = {"SGD": "EXACT_SGD", "Adam": "ADAM", "Adagrad": "EXACT_ADAGRAD", "LarsSGD": "LARS_SGD",
@@ -62,6 +63,40 @@ def fused_optimizer_from_params(fused_params: Optional[Dict[str, Any]]) -> Optio
     unknown = sorted(set(fused_params) - set(_KNOWN))
     if unknown:
         raise ValueError(f"fused_params: jaggedrec does not know the keys {unknown} (it reads {list(_KNOWN)})")
+    config = _config_from_params(fused_params)
+    dtypes = fused_params.get("optimizer_state_dtypes")
+    return _with_state_dtype(config, dtypes) if dtypes else config
+
+
+# FBGEMM's SparseType names (or values) of the state dtypes jaggedrec keeps
+_STATE_DTYPES = {"FP32": torch.float32, "FP16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _with_state_dtype(config: optim.FusedOptimizer, dtypes: Dict[str, Any]) -> optim.FusedOptimizer:
+    """FBGEMM's ``optimizer_state_dtypes`` (``{"momentum1": SparseType.FP16, ...}``; states left
+    out stay fp32) as the config's one ``state_dtype``: jaggedrec keeps all of an optimizer's
+    state in one dtype, so the states named must be all of them, in one dtype (or fp32)."""
+    kind = type(config).__name__
+    names = [f"momentum{i + 1}" for i in range(len(config.state))]
+    unknown = sorted(set(dtypes) - set(names))
+    if unknown:
+        raise ValueError(f"fused_params: optimizer_state_dtypes names {unknown}, but {kind} keeps {names or 'none'}")
+    found = set()
+    for name in names:
+        value = dtypes.get(name, "FP32")
+        key = (value.name if isinstance(value, Enum) else str(value)).upper()
+        if key not in _STATE_DTYPES:
+            raise ValueError(f"fused_params: optimizer_state_dtypes[{name!r}] {value!r} is not kept by jaggedrec "
+                             f"for {kind}; use FP32, FP16 or BF16")
+        found.add(_STATE_DTYPES[key])
+    if len(found) > 1:
+        raise ValueError(f"fused_params: optimizer_state_dtypes {dict(dtypes)} differ between {kind}'s states; "
+                         f"jaggedrec keeps all of them ({names}) in one dtype")
+    dtype = found.pop()
+    return config if dtype == torch.float32 else dataclasses.replace(config, state_dtype=dtype)
+
+
+def _config_from_params(fused_params: Dict[str, Any]) -> optim.FusedOptimizer:
     kind = fused_params["optimizer"]
     name = (kind.name if isinstance(kind, Enum) else str(kind)).upper()
     name = {e.value.upper(): e.name for e in EmbOptimType}.get(name, name)  # FBGEMM's value strings too

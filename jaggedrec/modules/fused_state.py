@@ -20,9 +20,10 @@ class FusedOptimizerState(nn.Module):
     """Buffers ``hparams`` (``[5]`` fp32: lr, eps, weight_decay, beta1, beta2; more with
     options, see ``FusedOptimizer.hyperparameters``), and per storage group ``<group>_step``
     (``[1]`` int64) and one buffer per optimizer state (``<group>_<name>``: ``[rows of all
-    tables]`` row-wise or ``[W]`` element-wise, fp32; row-wise Adagrad's COUNTER and COWCLIP
-    counters ``<group>_counter`` ``[rows, 2]``, FBGEMM's ``prev_iter`` and ``row_counter``,
-    also read as ``<group>_prev_iter`` and ``<group>_row_counter``).
+    tables]`` row-wise or ``[W]`` element-wise, fp32 or the config's ``state_dtype``;
+    row-wise Adagrad's COUNTER and COWCLIP counters ``<group>_counter`` ``[rows, 2]`` fp32,
+    FBGEMM's ``prev_iter`` and ``row_counter``, also read as ``<group>_prev_iter`` and
+    ``<group>_row_counter``).
 
     With a fused optimizer the tables' flat weights require no gradient: the backward updates
     them in place, and a compiled graph may mutate an input in its backward only if that input
@@ -51,7 +52,9 @@ class FusedOptimizerState(nn.Module):
             rows = sum(layout.tables[t].rows for t in {layout.features[f].table for f in g.features})
             for name, per in optimizer.buffers:
                 size = (rows,) if per == "row" else (rows, 2) if per == "row_pair" else (g.numel,)
-                state = torch.empty(size, dtype=torch.float32, device=device)
+                # state_dtype (fp16/bf16: stored rounded, stepped in fp32); the counters stay fp32
+                dtype = torch.float32 if per == "row_pair" else optimizer.state_storage
+                state = torch.empty(size, dtype=dtype, device=device)
                 advise_huge_pages(state)
                 self.register_buffer(f"{g.name}_{name}", state)
 

@@ -43,8 +43,16 @@ class StepRule(NamedTuple):
 
 def step_in_place(rule: StepRule, w, g, s1, s2, touched=None) -> None:
     """Eager: :func:`step_rows_in_place`, then the rows past ``max_norm`` (``hparams[6]``, where
-    set) scaled down to it, touched rows only (see ``jaggedrec.optim.fused``)."""
-    step_rows_in_place(rule, w, g, s1, s2, touched)
+    set) scaled down to it, touched rows only (see ``jaggedrec.optim.fused``).
+
+    State kept in fp16/bf16 (the config's ``state_dtype``) is stepped as fp32 copies and
+    written back rounded to nearest; the rows' update reads the fp32 values, before rounding.
+    """
+    wide = [None if s is None else s.float() for s in (s1, s2)]
+    step_rows_in_place(rule, w, g, *wide, touched)
+    for s, f in zip((s1, s2), wide):
+        if f is not s:  # fp16/bf16 state (float() of an fp32 tensor is the tensor itself)
+            s.copy_(f)
     max_norm = rule.hparams[6] if len(rule.hparams) > 6 else 0.0
     if max_norm > 0:
         norm = w.square().sum(1).sqrt_()
@@ -272,8 +280,10 @@ def _lamb_in_place(partial, lr, eps, weight_decay, beta1, beta2, step, w, g, s1,
 
 
 def step_rows(optimizer, w, g, s1, s2, hparams, t):
-    """:func:`step_rows_functional`, then the rows past ``max_norm`` scaled down to it."""
-    w, s1, s2 = step_rows_functional(optimizer, w, g, s1, s2, hparams, t)
+    """:func:`step_rows_functional`, then the rows past ``max_norm`` scaled down to it. State
+    in fp16/bf16 is read as fp32 and returned in fp32: the caller stores it rounded."""
+    w, s1, s2 = step_rows_functional(optimizer, w, g, *(None if s is None else s.float() for s in (s1, s2)),
+                                     hparams, t)
     return _renormalised(w, hparams), s1, s2
 
 

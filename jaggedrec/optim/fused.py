@@ -58,6 +58,11 @@ its ``max_gradient``): each element of the output gradient is clamped to
 ``[-max_gradient, max_gradient]`` before anything else (per-id weights, MEAN's ``1/length``,
 the sum over duplicate ids), as FBGEMM's TBE does. None (the default) clips nothing.
 
+Every optimizer with state takes ``state_dtype=`` (keyword only; FBGEMM's
+``optimizer_state_dtypes``): ``torch.float16`` or ``torch.bfloat16`` keep the state buffers in
+that dtype; the step reads them as fp32, updates them, steps the row with the fp32 values and
+stores them rounded to nearest. None (the default) keeps them fp32.
+
 The state buffers of the last five are named as FBGEMM's TBE names them (``momentum1``,
 ``momentum2``); ``t`` is the collection's step count, this step included.
 """
@@ -68,6 +73,8 @@ import math
 import numbers
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, Optional, Tuple
+
+import torch
 
 from jaggedrec.optim.rowwise_adagrad import RowWiseAdagrad as _TorchRowWiseAdagrad
 
@@ -87,6 +94,9 @@ class FusedOptimizer:
     lr: float
     max_gradient: Optional[float] = field(default=None, kw_only=True)
     max_norm: float = field(default=0.0, kw_only=True)
+    #: the dtype the optimizer state is kept in (FBGEMM's ``optimizer_state_dtypes``): None or
+    #: torch.float32, torch.float16, torch.bfloat16; the math is fp32 either way
+    state_dtype: Optional[torch.dtype] = field(default=None, kw_only=True)
 
     kind: ClassVar[int] = 0
     #: the state tensors: name, and ``"row"`` (one value per table row) or ``"element"``
@@ -102,7 +112,7 @@ class FusedOptimizer:
     needs_whole_rows: ClassVar[bool] = False
     #: fields printed only where they differ from their default: options added after the
     #: configs' reprs were printed in docs and examples
-    _quiet: ClassVar[Tuple[str, ...]] = ("max_gradient", "max_norm", "counter")
+    _quiet: ClassVar[Tuple[str, ...]] = ("max_gradient", "max_norm", "counter", "state_dtype")
 
     def __post_init__(self) -> None:
         if not self.lr >= 0:
@@ -113,6 +123,18 @@ class FusedOptimizer:
         if self.max_gradient is not None and not self.max_gradient > 0:
             raise ValueError(f"{type(self).__name__}: max_gradient must be > 0 (None: no clipping), "
                              f"got {self.max_gradient}")
+        if self.state_dtype is not None:
+            if self.state_dtype not in _STATE_DTYPES:
+                raise ValueError(f"{type(self).__name__}: state_dtype must be torch.float32, torch.float16 or "
+                                 f"torch.bfloat16 (None: float32), got {self.state_dtype!r}")
+            if not self.state:
+                raise ValueError(f"{type(self).__name__}: state_dtype {self.state_dtype} given, but "
+                                 f"{type(self).__name__} keeps no optimizer state")
+
+    @property
+    def state_storage(self) -> torch.dtype:
+        """The dtype of the ``state`` buffers (row-wise Adagrad's counters stay fp32)."""
+        return torch.float32 if self.state_dtype is None else self.state_dtype
 
     def __repr__(self) -> str:
         # the options show only where set: configs without them print as they always have
@@ -138,6 +160,7 @@ class FusedOptimizer:
         return [lr, getattr(self, "eps", 0.0), getattr(self, "weight_decay", 0.0), *getattr(self, "betas", (0.0, 0.0))]
 
 
+_STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DECAY_MODES = {"l2": 0, "decouple": 0, "counter": 3, "cowclip": 4}
 _COUNTER_DECAY_MODES = {"none": 0, "l2": 1, "decouple": 2, "adagradw": 3}
 _LEARNING_RATE_MODES = {"equal": -1, "counter_sgd": 2}
@@ -217,6 +240,9 @@ class RowWiseAdagrad(FusedOptimizer):
         if self.weight_decay_mode not in _DECAY_MODES:
             raise ValueError(f"RowWiseAdagrad: weight_decay_mode must be one of {list(_DECAY_MODES)}, "
                              f"got {self.weight_decay_mode!r}")
+        if self.counter is not None and self.state_storage != torch.float32:
+            raise ValueError(f"RowWiseAdagrad: state_dtype {self.state_dtype} with weight_decay_mode "
+                             f"{self.weight_decay_mode!r} is not fused by jaggedrec (the counters' sums stay fp32)")
         if self.counter is not None and self.max_norm:
             raise ValueError(f"RowWiseAdagrad: max_norm with weight_decay_mode {self.weight_decay_mode!r} is not "
                              f"fused by jaggedrec")
@@ -270,7 +296,7 @@ class Adam(_Moments, _DecayMode):
     weight_decay_mode: str = "l2"
 
     state = (("exp_avg", "element"), ("exp_avg_sq", "element"))
-    _quiet = ("max_gradient", "max_norm", "weight_decay_mode")
+    _quiet = ("max_gradient", "max_norm", "weight_decay_mode", "state_dtype")
 
     @property
     def kind(self) -> int:  # type: ignore[override]
@@ -289,7 +315,7 @@ class Adagrad(FusedOptimizer, _DecayMode):
     weight_decay_mode: str = "l2"
 
     state = (("momentum1", "element"),)
-    _quiet = ("max_gradient", "max_norm", "weight_decay_mode")
+    _quiet = ("max_gradient", "max_norm", "weight_decay_mode", "state_dtype")
 
     @property
     def kind(self) -> int:  # type: ignore[override]
