@@ -79,7 +79,8 @@ def _kernels():
     # the loops before they were pipelined, kept selectable until a GPU has timed both
     legacy = [("legacy loops", {}, dict(LEGACY_LOOPS=True))]
     return [
-        ("fwd", pooled_fwd._pooled_fwd_kernel, FWD, dict(HAS_PSW=[False, True], HAS_INVERSE=[False, True]),
+        ("fwd", pooled_fwd._pooled_fwd_kernel, FWD,
+         dict(HAS_PSW=[False, True], HAS_INVERSE=[False, True], POSITIONAL=[False, True]),
          tables + i32_ids + wide + psw + legacy),
         ("rows_grad", row_runs._rows_grad_kernel, dict(RUNS, dest_ptr=f32),
          dict(DENSE=[True, False], HAS_SCALE=[False, True]), wide + legacy),
