@@ -269,10 +269,14 @@ def test_sharders_are_module_sharders():
     from jaggedrec.distributed.mc_embedding import ManagedCollisionEmbeddingCollectionSharder
     from jaggedrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
 
-    sharders = get_default_sharders()
-    assert [type(s) for s in sharders] == [EmbeddingBagCollectionSharder, FeatureProcessedEmbeddingBagCollectionSharder,
-                                           EmbeddingCollectionSharder, ManagedCollisionEmbeddingBagCollectionSharder,
-                                           ManagedCollisionEmbeddingCollectionSharder]
+    from jaggedrec.distributed.hash_embeddingbag import HashEmbeddingBagCollectionSharder
+
+    sharders = get_default_sharders()  # the hash collection's first: it is an EmbeddingBagCollection too
+    assert [type(s) for s in sharders[1:]] == [EmbeddingBagCollectionSharder,
+                                               FeatureProcessedEmbeddingBagCollectionSharder,
+                                               EmbeddingCollectionSharder, ManagedCollisionEmbeddingBagCollectionSharder,
+                                               ManagedCollisionEmbeddingCollectionSharder]
+    assert type(sharders[0]) is HashEmbeddingBagCollectionSharder
     assert all(isinstance(s, ModuleSharder) for s in sharders)
     assert ModuleSharder[nn.Module] is not None  # TorchRec's examples annotate with it
     ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="t0", embedding_dim=3, num_embeddings=5, feature_names=["a"]),

@@ -24,6 +24,7 @@ from torch import nn
 from jaggedrec.distributed.embedding import EmbeddingCollectionSharder
 from jaggedrec.distributed.embedding_types import EmbeddingComputeKernel
 from jaggedrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from jaggedrec.distributed.hash_embeddingbag import HashEmbeddingBagCollectionSharder
 from jaggedrec.distributed.fp_embeddingbag import FeatureProcessedEmbeddingBagCollectionSharder
 from jaggedrec.distributed.mc_embedding import ManagedCollisionEmbeddingCollectionSharder
 from jaggedrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
@@ -36,8 +37,10 @@ ParameterShardingGenerator = Callable[[int, int, int, int, str], ParameterShardi
 
 def get_default_sharders() -> List[ModuleSharder]:
     """One sharder per collection type jaggedrec can shard, without fused parameters, in
-    TorchRec's order."""
-    return [EmbeddingBagCollectionSharder(), FeatureProcessedEmbeddingBagCollectionSharder(),
+    TorchRec's order; jaggedrec's HashEmbeddingBagCollection's first (an EmbeddingBagCollection
+    itself, it would otherwise be taken by the bag collection's sharder)."""
+    return [HashEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder(),
+            FeatureProcessedEmbeddingBagCollectionSharder(),
             EmbeddingCollectionSharder(), ManagedCollisionEmbeddingBagCollectionSharder(),
             ManagedCollisionEmbeddingCollectionSharder()]
 

@@ -23,7 +23,41 @@ from jaggedrec.ops.backends import use_kernels
 from jaggedrec.optim import FusedOptimizer
 from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor, as_keyed_jagged_tensor
 
-__all__ = ["HashEmbeddingBagCollection", "HashTableOptions"]
+__all__ = ["HashEmbeddingBagCollection", "HashTableOptions", "reset_rows"]
+
+
+def table_reset_plan(collection: EmbeddingBagCollection, table: int):
+    """What re-initialising a row of ``collection``'s table ``table`` writes: ``(init min, init
+    max, flat offset, rows, dim, row base, [(fused state buffer, "row" or "element")])``."""
+    layout, config = collection.layout, collection.layout.configs[table]
+    slot = layout.tables[table]
+    group = layout.groups[slot.group]
+    used = sorted({(layout.tables[layout.features[f].table].offset, layout.tables[layout.features[f].table].rows)
+                   for f in group.features})
+    row_base = sum(rows for offset, rows in used if offset < slot.offset)
+    fused = collection.options.fused_optimizer
+    states = [] if fused is None else [(f"{group.name}_{name}", per) for name, per in fused.state]
+    return (config.weight_init_min, config.weight_init_max, slot.offset, slot.rows, slot.dim, row_base, states)
+
+
+@torch.no_grad()
+def reset_rows(collection: EmbeddingBagCollection, table: int, rows: torch.Tensor) -> None:
+    """Re-initialise rows ``rows`` (``[M]`` int64, distinct, eager) of ``collection``'s table
+    ``table`` uniformly in its init range and zero their fused optimizer state (a sharded
+    hashed table's rank does this for the rows its ids were evicted from)."""
+    if rows.numel() == 0:
+        return
+    low, high, offset, n_rows, dim, row_base, states = table_reset_plan(collection, table)
+    weight = collection.table_weight(table)
+    weight.index_copy_(0, rows, torch.empty(rows.numel(), dim, dtype=weight.dtype,
+                                            device=weight.device).uniform_(low, high))
+    state = collection.fused_optimizer_state
+    for name, per in states:
+        buffer = getattr(state, name)
+        if per == "row":
+            buffer.narrow(0, row_base, n_rows).index_fill_(0, rows, 0.0)
+        else:
+            buffer.narrow(0, offset, n_rows * dim).view(n_rows, dim).index_fill_(0, rows, 0.0)
 
 
 class HashEmbeddingBagCollection(EmbeddingBagCollection):
@@ -69,16 +103,7 @@ class HashEmbeddingBagCollection(EmbeddingBagCollection):
 
     def _table_reset_plan(self, hashed: int, table: int):
         """What an eviction in table ``table`` writes: its init range and fused-state slices."""
-        layout, config = self._layout, self._layout.configs[table]
-        slot = layout.tables[table]
-        group = layout.groups[slot.group]
-        used = sorted({(layout.tables[layout.features[f].table].offset, layout.tables[layout.features[f].table].rows)
-                       for f in group.features})
-        row_base = sum(rows for offset, rows in used if offset < slot.offset)
-        fused = self._options.fused_optimizer
-        states = [] if fused is None else [(f"{group.name}_{name}", per) for name, per in fused.state]
-        return (hashed, table, config.weight_init_min, config.weight_init_max, slot.offset, slot.rows, slot.dim,
-                row_base, states)
+        return (hashed, table) + table_reset_plan(self, table)
 
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """The KJT with the hashed features' raw ids replaced by their rows.
