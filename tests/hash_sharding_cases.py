@@ -34,12 +34,12 @@ POOL = torch.randint(-2 ** 62, 2 ** 62, (24,), generator=torch.Generator().manua
 
 
 class Model(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, unplaced: str = "fallback") -> None:
         super().__init__()
         tables = [jr.EmbeddingBagConfig(name=t, embedding_dim=DIMS[t], num_embeddings=ROWS[t],
                                         feature_names=["u1", "u2"] if t == "u" else [f"{t}1"],
                                         weight_init_min=0.05, weight_init_max=0.05) for t in ("u", "i", "s")]
-        options = {"u": HashTableOptions(bucket_size=2, eviction="lru", unplaced="fallback"),
+        options = {"u": HashTableOptions(bucket_size=2, eviction="lru", unplaced=unplaced),
                    "i": HashTableOptions(bucket_size=2, eviction="lfu", unplaced="fallback")}
         self.hash = HashEmbeddingBagCollection(tables, options, fused_optimizer=optim.RowWiseAdagrad(0.3, eps=1e-3))
         gen = torch.Generator().manual_seed(11)
@@ -176,8 +176,9 @@ def _expect_raise(fn, what: str) -> str:
 
 
 def bad_input_cases(rank: int, world: int) -> List[str]:
-    """A batch missing a hashed feature on rank 0 and one with a float id on the last rank raise
-    on every rank; then a good step still matches the oracle."""
+    """A batch missing a hashed feature on rank 0, one with float ids on the last rank and ids
+    that find no slot in a table with unplaced='raise' raise on every rank; then a good step
+    still matches the oracle."""
     ref, model = Model(), dmp(Model(), "mixed", world)
     good = batches(7, world)
 
@@ -195,7 +196,15 @@ def bad_input_cases(rank: int, world: int) -> List[str]:
             kjt = jr.KeyedJaggedTensor(kjt.keys(), kjt.values().to(torch.float32), lengths=kjt.lengths())
         model(kjt)
 
-    messages = [_expect_raise(missing, "missing"), _expect_raise(float_ids, "float ids")]
+    def unplaced():  # rank 0 brings every pooled id at once: more new ids than a bucket's 2 slots
+        strict = dmp(Model(unplaced="raise"), "mixed", world)
+        ids = POOL if rank == 0 else POOL[:0]
+        kjt = jr.KeyedJaggedTensor(KEYS, torch.cat([ids, ids[:0], ids[:0], ids[:0]]),
+                                   lengths=torch.tensor([ids.numel()] + [0] * (4 * B - 1)))
+        strict(kjt)
+
+    messages = [_expect_raise(missing, "missing"), _expect_raise(float_ids, "float ids"),
+                _expect_raise(unplaced, "unplaced")]
     ref_out, ref_remapped = reference_step(ref, 0, world, 7)
     out, remapped = sharded_step(model, rank, 0, world, 7)
     check_step(model, ref, out, ref_out, remapped, ref_remapped, rank, "after bad batches")

@@ -3,7 +3,8 @@ beside a static one under DistributedModelParallel, table-wise, row-wise (row bl
 buckets: an eviction resets a row on another rank) and mixed, trained with evictions against
 the unsharded module fed the global batch (rows, id maps, last steps and counts bit for bit;
 outputs and tables to fp32 tolerance), with an empty rank and int32 ids; bad batches raise on
-every rank; checkpoints reshard 2 -> 1 -> 3 ranks bit for bit. Gloo, one launch per world size
+every rank (a missing feature, float ids, ids that find no slot under
+unplaced='raise'); checkpoints reshard 2 -> 1 -> 3 ranks bit for bit. Gloo, one launch per world size
 and leg."""
 
 import pytest
@@ -16,11 +17,12 @@ from distributed_harness import run_ranks
 def test_sharded_hash_collection_trains_as_the_unsharded_module(world):
     results = run_ranks(cases.run, world, [("train_cases",), ("bad_input_cases",)], timeout=400,
                         collective_timeout=60)
-    for rank, (trained, (missing, float_ids)) in enumerate(results):
+    for rank, (trained, (missing, float_ids, unplaced)) in enumerate(results):
         assert trained == ["tw", "rw", "mixed"]
         # the rank with the bad batch names the problem; the others say which rank rejected it
         assert ("features ['i1']" in missing) if rank == 0 else ("rank 0 rejected" in missing), missing
         assert "float32" in float_ids and ((rank == world - 1) or f"rank {world - 1} rejected" in float_ids)
+        assert "unplaced='raise'" in unplaced and "hash table 'u'" in unplaced, unplaced
 
 
 def test_checkpoint_reshards_two_one_three_ranks_bit_exact(tmp_path):
