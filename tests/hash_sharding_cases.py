@@ -1,7 +1,7 @@
 """Bodies of tests/test_hash_sharding.py, run on every rank of a gloo world (``run_ranks``).
 
 The model: a ``HashEmbeddingBagCollection`` with two hashed tables ("u": LRU, two features; "i":
-LFU) of buckets of 2 slots and one static table ("s"), row-wise Adagrad fused, and a dense
+LFU, admitting ids seen twice, its 5 admission counters shared by ids of different buckets) of buckets of 2 slots and one static table ("s"), row-wise Adagrad fused, and a dense
 parameter (DistributedModelParallel wraps it in DDP). The oracle is the unsharded model fed the
 global batch (each key's bags rank after rank). Fresh rows are drawn from ``[0.05, 0.05]``, so an
 evicted row's re-initialisation is the same value on both sides and the tables stay comparable.
@@ -40,7 +40,8 @@ class Model(nn.Module):
                                         feature_names=["u1", "u2"] if t == "u" else [f"{t}1"],
                                         weight_init_min=0.05, weight_init_max=0.05) for t in ("u", "i", "s")]
         options = {"u": HashTableOptions(bucket_size=2, eviction="lru", unplaced=unplaced),
-                   "i": HashTableOptions(bucket_size=2, eviction="lfu", unplaced="fallback")}
+                   "i": HashTableOptions(bucket_size=2, eviction="lfu", unplaced="fallback", admit_threshold=2,
+                                         sketch_width=5)}  # 5 counters: ids of different buckets share them
         self.hash = HashEmbeddingBagCollection(tables, options, fused_optimizer=optim.RowWiseAdagrad(0.3, eps=1e-3))
         gen = torch.Generator().manual_seed(11)
         with torch.no_grad():
@@ -133,6 +134,9 @@ def check_state(model, ref: Model, rank: int, what: str) -> int:
             want = getattr(state, name)[base:base + 2]
             assert torch.equal(getattr(m, name), want), f"{what}: {table} bucket {k} {name}"
         assert torch.equal(m.step, state.step), f"{what}: step"
+        if table == "i":
+            base = int(state.column("sketch_base")[names.index(table)])
+            assert torch.equal(m.sketch, state.sketch[base:base + 5]), f"{what}: {table} bucket {k} sketch"
         held += 1
     emb = sharded.embedding_module
     local = emb.local_collection()

@@ -11,8 +11,12 @@ unsharded ``step``). Placement and eviction inside a bucket read that bucket's s
 batch's ids of the bucket as a set (``hash_probe_torch.train_step`` ranks new ids by value) and
 the step only: a bucket remapped alone gives the unsharded module's rows, bit for bit.
 
-Not carried over: admission by frequency (the unsharded sketch counts ids of every bucket in
-shared counters), refused by ``check_shardable``.
+Admission by frequency: the unsharded table counts the batch's missing ids of all its buckets
+in shared counters (the sketch) before admitting any. So each bucket module keeps a copy of its
+table's sketch (``sketch``, ``[width]``, a plain entry of the state_dict): ``profile`` counts
+its missing ids (``shared_increment()``), the sharded collection sums the counts of every
+bucket over all ranks, and each copy takes the batch's total less its own before ``remap``
+adds its own (``take_shared``): every copy then holds the unsharded sketch, bit for bit.
 """
 
 from __future__ import annotations
@@ -30,11 +34,9 @@ _ROW_STATE = ("keys", "last_step", "count")
 
 
 def check_shardable(name: str, options: HashTableOptions) -> None:
-    """Raise a ValueError naming table ``name`` when its options cannot be sharded by bucket."""
-    if options.admit_threshold > 1:
-        raise ValueError(f"hash table '{name}': admit_threshold {options.admit_threshold} is not supported when "
-                         f"sharded (the admission counters are shared by every bucket of the table); shard it "
-                         f"with admit_threshold=1 or keep the collection unsharded")
+    """Raise a ValueError naming table ``name`` when its options cannot be sharded by bucket
+    (none such today: kept as the one place to say so)."""
+    del name, options
 
 
 class HashBucketModule(ManagedCollisionModule):
@@ -75,6 +77,11 @@ class HashBucketModule(ManagedCollisionModule):
         for k in _ROW_STATE:
             self.register_buffer(k, self._full[k].narrow(0, 0, slots))
         self.register_buffer("step", torch.zeros(1, dtype=torch.int64, device=device))
+        self._width = (options.sketch_width or 4 * num_embeddings) if options.admit_threshold > 1 else 0
+        self._sketch_full = torch.zeros(self._width + 1, dtype=torch.int64, device=device)
+        if self._width:
+            self.register_buffer("sketch", self._sketch_full.narrow(0, 0, self._width))
+        self._increment: Optional[torch.Tensor] = None
         self._policy = torch.tensor([EVICTION_POLICIES[options.eviction], hp.POLICY_NONE], device=device)
         self._ttl = torch.tensor([options.ttl, 0], device=device)
         self._evicted: List[torch.Tensor] = []
@@ -99,7 +106,35 @@ class HashBucketModule(ManagedCollisionModule):
         return features
 
     def profile(self, features: Dict[str, JaggedTensor]) -> Dict[str, JaggedTensor]:
+        """Training with admission: count the missing ids into ``shared_increment()``."""
+        if self.training and self._width:
+            raw = torch.cat([jt.values() for jt in features.values()]).to(torch.int64)
+            found, _ = hp.probe(self._full["keys"], self._options.bucket_size, raw, self._buckets_of(raw))
+            self._increment = torch.bincount(self._sketch_index(raw)[~found], minlength=self._width)
         return features
+
+    def shared_width(self) -> int:
+        """Counters shared by the table's buckets (the admission sketch; 0 without admission)."""
+        return self._width
+
+    def shared_increment(self) -> torch.Tensor:
+        """``[width]`` int64: this bucket's missing ids of the batch per counter (``profile``'s)."""
+        if self._increment is None:
+            return torch.zeros(self._width, dtype=torch.int64, device=self._sketch_full.device)
+        return self._increment
+
+    @torch.no_grad()
+    def take_shared(self, total: torch.Tensor) -> None:
+        """Add the batch's ``[width]`` counts of every bucket but this one (``remap`` adds its own)."""
+        self.sketch.add_(total - self.shared_increment())
+        self._increment = None
+
+    def _sketch_index(self, raw: torch.Tensor) -> torch.Tensor:
+        zero = torch.zeros((), dtype=torch.int64, device=raw.device)
+        return hp.sketch_of(hp.mix(raw), zero, zero + self._width)
+
+    def _buckets_of(self, raw: torch.Tensor) -> torch.Tensor:
+        return self.bucket_of(raw) - self._bucket if self._span > 1 else torch.zeros_like(raw)
 
     @torch.no_grad()
     def remap(self, features: Dict[str, JaggedTensor], mutate_miss_lengths: bool = True,
@@ -115,13 +150,15 @@ class HashBucketModule(ManagedCollisionModule):
         raw = ids.to(torch.int64)
         size = self._options.bucket_size
         keys, last_step, count = (self._full[k] for k in _ROW_STATE)
-        buckets = self.bucket_of(raw) - self._bucket if self._span > 1 else torch.zeros_like(raw)
+        buckets = self._buckets_of(raw)
         if self.training:
             self.step.add_(1)
             mask = torch.ones_like(raw, dtype=torch.bool)
-            placement = hp.train_step(keys, last_step, count, torch.zeros(1, dtype=torch.int64, device=raw.device),
-                                      self.step, size, raw, buckets, mask, torch.zeros_like(raw), self._policy,
-                                      self._ttl,
+            admission = None
+            if self._width:
+                admission = (self._sketch_index(raw), torch.full_like(raw, self._options.admit_threshold))
+            placement = hp.train_step(keys, last_step, count, self._sketch_full, self.step, size, raw, buckets, mask,
+                                      torch.zeros_like(raw), self._policy, self._ttl, admission,
                                       compact=raw.device.type == "cpu",
                                       counts_lookups=self._counts_lookups)
             slot, evicted = placement.slot, placement.evicted_slot

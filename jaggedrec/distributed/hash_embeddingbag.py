@@ -56,6 +56,9 @@ def _id_maps(module: HashEmbeddingBagCollection) -> ManagedCollisionCollection:
         for name in ("keys", "last_step", "count"):
             getattr(whole, name).copy_(getattr(state, name).narrow(0, base, segments[-1]))
         whole.step.copy_(state.step)
+        if whole.shared_width():
+            base = int(state.column("sketch_base")[h])
+            whole.sketch.copy_(state.sketch.narrow(0, base, whole.shared_width()))
         modules[t.name] = whole
         hashed.append(configs[t.name])
     return ManagedCollisionCollection(modules, hashed)

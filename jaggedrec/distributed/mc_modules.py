@@ -258,6 +258,7 @@ class ShardedManagedCollisionCollection(nn.Module):
         rows in the same order, each of this rank's buckets profiled and remapped once."""
         world, mine = slot_counts.shape
         if mine == 0:
+            self._share_profiles([])
             return got_ids
         sizes = slot_counts.reshape(-1)
         src_start = (torch.cumsum(sizes, 0) - sizes).view(world, mine)
@@ -271,14 +272,37 @@ class ShardedManagedCollisionCollection(nn.Module):
         for t, k, _ in self._layout.slots[self._env.rank]:
             per_bucket[(t, k)] = per_bucket.get((t, k), 0) + per_slot.pop(0)
         pieces = torch.split(by_slot, [per_bucket[tk] for tk in self._local])
-        out = []
+        profiled = []
         for (t, k), module, bucket_ids in zip(self._local, self._lookups, pieces):
             name = self._layout.names[t]
             jt = {name: JaggedTensor(values=bucket_ids, lengths=bucket_ids.new_tensor([bucket_ids.numel()]))}
-            out.append(module.remap(module.profile(jt))[name].values().to(torch.int64))
+            profiled.append(module.profile(jt))
+        self._share_profiles(self._local)
+        out = [module.remap(jt)[self._layout.names[t]].values().to(torch.int64)
+               for (t, _), module, jt in zip(self._local, self._lookups, profiled)]
         rows = torch.empty_like(got_ids)
         rows[gather] = torch.cat(out) if out else got_ids
         return rows
+
+    def _share_profiles(self, local) -> None:
+        """Tables whose buckets share state across buckets (a module with ``shared_width()`` > 0:
+        a hash table's admission counters) in training: each rank sums what its buckets profiled
+        (``shared_increment()``), one all-reduce every rank joins gives the batch's total, and each
+        bucket takes it (``take_shared(total)``) before ``remap``."""
+        widths = [getattr(r, "shared_width", lambda: 0)() for r in self._routers]
+        if not self.training or not any(widths):
+            return
+        parts = [torch.zeros(w, dtype=torch.int64, device=self._device) for w in widths]
+        for (t, _), module in zip(local, self._lookups):
+            if widths[t]:
+                parts[t] += module.shared_increment()
+        total = torch.cat(parts)
+        if self._env.world_size > 1:
+            torch.distributed.all_reduce(total, group=self._group)
+        totals = torch.split(total, widths)
+        for (t, _), module in zip(local, self._lookups):
+            if widths[t]:
+                module.take_shared(totals[t])
 
     def _weights(self, features: KeyedJaggedTensor) -> Optional[torch.Tensor]:
         weights = features.weights_or_none()
