@@ -32,3 +32,17 @@ def test_checkpoint_reshards_two_one_three_ranks_bit_exact(tmp_path):
         if leg:
             assert all(n[0] and "blocks" in n[0][0] for n in notes), notes
             assert sum(int(n[0][0].split(", ")[1].split()[0]) for n in notes) == 7, notes  # every bucket held once
+
+
+def test_hashed_table_column_wise_is_refused_naming_it():
+    import torch
+
+    from jaggedrec.distributed import ShardingEnv
+    from jaggedrec.distributed.hash_embeddingbag import HashEmbeddingBagCollectionSharder
+    from jaggedrec.distributed.sharding_plan import column_wise, construct_module_sharding_plan, table_wise
+
+    model = cases.Model()
+    plan = construct_module_sharding_plan(model.hash, {"u": column_wise(ranks=[0]), "i": table_wise(rank=0),
+                                                       "s": table_wise(rank=0)}, world_size=1)
+    with pytest.raises(ValueError, match="hash table 'u' is column_wise"):
+        HashEmbeddingBagCollectionSharder().shard(model.hash, plan, ShardingEnv(1, 0, None), torch.device("cpu"))

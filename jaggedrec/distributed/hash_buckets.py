@@ -33,12 +33,6 @@ from jaggedrec.sparse.jagged_tensor import JaggedTensor
 _ROW_STATE = ("keys", "last_step", "count")
 
 
-def check_shardable(name: str, options: HashTableOptions) -> None:
-    """Raise a ValueError naming table ``name`` when its options cannot be sharded by bucket
-    (none such today: kept as the one place to say so)."""
-    del name, options
-
-
 class HashBucketModule(ManagedCollisionModule):
     """Bucket ``bucket`` of hashed table ``name``: raw int64 ids of the bucket -> global rows.
 
@@ -59,7 +53,6 @@ class HashBucketModule(ManagedCollisionModule):
                  counts_lookups: Optional[bool] = None) -> None:
         device = torch.device(device) if device is not None else torch.device("cpu")
         super().__init__(device, [], skip_state_validation=True)
-        check_shardable(name, options)
         self._name, self._rows, self._options = name, num_embeddings, options
         size = options.bucket_size
         self._num_buckets = (num_embeddings - 1) // size

@@ -26,7 +26,7 @@ from torch import nn
 
 from jaggedrec.distributed.comm import exchange
 from jaggedrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from jaggedrec.distributed.hash_buckets import HashBucketModule, check_shardable
+from jaggedrec.distributed.hash_buckets import HashBucketModule
 from jaggedrec.distributed.mc_modules import ShardedManagedCollisionCollection
 from jaggedrec.distributed.shard_layout import ShardLayout
 from jaggedrec.distributed.shards import CollectionSharder
@@ -89,7 +89,6 @@ class ShardedHashEmbeddingBagCollection(nn.Module):
         configs = module.embedding_bag_configs()
         hashed = set(module.hashed_tables())
         for t in module.hash_state.tables:
-            check_shardable(t.name, t.options)
             p = plan[t.name] if t.name in plan else None
             if p is not None and p.sharding_type not in _HASHED_TYPES:
                 raise ValueError(f"{_OWNER}: hash table '{t.name}' is {p.sharding_type}; a hashed table shards "
