@@ -17,13 +17,15 @@ depends only on what the iteration before loaded, so an iteration waits for one 
 however the four are chained. Bags longer than ``SHORT`` are left to a second launch
 (``_long_bags_kernel``), whose programs return after one read of the offsets where their
 bags are short: correct for any lengths, fast when few bags are long; the op layer picks
-these kernels only for batches of short bags (``use_short_kernel``).
+these kernels only for batches of short bags (``pooled_triton.short_length``).
 
 Per bag the rows are added in position order onto zero, as ``pooled_fwd`` adds them, so an
 fp32 SUM comes out with the same bits.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -35,6 +37,12 @@ from .tuning import autotune
 
 # the widest dim the kernel takes (one BLOCK_D tile per row); wider tables use pooled_fwd
 MAX_DIM = 128
+
+
+def enabled() -> bool:
+    """Whether short-bag batches take this kernel (``JAGGEDREC_SHORT_BAGS=0`` sends them to
+    ``pooled_fwd``, to time one against the other); read at each launch."""
+    return os.environ.get("JAGGEDREC_SHORT_BAGS", "1") != "0"
 
 
 def _configs():
@@ -225,18 +233,6 @@ def _pooled_fwd_short_kernel(
         m3 = m4
 
 
-def use_short_kernel(num_ids: int, num_bags: int, max_dim: int, has_positions: bool = False) -> bool:
-    """The short-bag kernel pays off where bags hold about one id (``num_ids`` at most twice
-    ``num_bags``), every dim fits one tile, and no position weights are read."""
-    return not has_positions and max_dim <= MAX_DIM and num_bags > 0 and num_ids <= 2 * num_bags
-
-
-def short_length(num_ids: int, num_bags: int) -> int:
-    """Ids per bag handled in the pipeline (``SHORT``): 1 where bags hold at most one id on
-    average, else 2; longer bags are ``_long_bags_kernel``'s."""
-    return 1 if num_ids <= num_bags else 2
-
-
 def _multiprocessors(device: torch.device) -> int:
     if interpreting() or device.type != "cuda":
         return 2
@@ -246,7 +242,8 @@ def _multiprocessors(device: torch.device) -> int:
 def pooled_fwd_short(weights: torch.Tensor, batch, meta: torch.Tensor, out: torch.Tensor, bad_ids: torch.Tensor,
                      max_dim: int, alignment: int, bag_stride: int, short: int) -> None:
     """As ``pooled_fwd.pooled_fwd`` (same arguments, same output), for batches of short bags;
-    ``short`` is ``SHORT`` (see :func:`short_length`)."""
+    ``short`` is ``SHORT``, the ids per bag the pipeline loads (1 or 2; the op layer's
+    ``pooled_triton.short_length`` picks it)."""
     num_features = meta.shape[0]
     batch_size = out.shape[0]
     if num_features == 0 or batch_size == 0:

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jaggedrec.kernels import pooled_fwd, pooled_fwd_short
+from jaggedrec.kernels import legacy_loops, pooled_fwd, pooled_fwd_short
+from jaggedrec.ops import pooled_triton
 from jaggedrec.ops.feature_tables import FeatureTables
 from jaggedrec.ops.op_args import OpBatch
 
@@ -37,7 +38,6 @@ def _case(seed, batch_size, lengths_from, id_dtype, weighted, inverse, bad, dtyp
 def _reference(weights, batch, slots, batch_size):
     """float64 loop: per feature and sample, the bag's rows (bad ids skipped), SUM or MEAN."""
     out = torch.zeros(batch_size, sum(TABLES.dims), dtype=torch.float64)
-    bad = torch.zeros(TABLES.num_features, dtype=torch.int64)
     column = 0
     for f in range(TABLES.num_features):
         dim, rows = TABLES.dims[f], TABLES.rows[f]
@@ -82,7 +82,8 @@ def test_short_kernel_matches_reference_and_general_kernel(seed, batch_size, len
         out = torch.full((batch_size, sum(TABLES.dims)), float("nan"))
         bad_ids = torch.zeros(TABLES.num_features, dtype=torch.int64)
         if launch == "short":
-            short = pooled_fwd_short.short_length(batch.num_ids, TABLES.num_keys * slots)
+            # the kernel takes any lengths: where the op would pick the general kernel, SHORT 2
+            short = pooled_triton.short_length(batch.num_ids, TABLES.num_keys * slots, max(TABLES.dims)) or 2
             pooled_fwd_short.pooled_fwd_short(weights, batch, meta, out, bad_ids, max(TABLES.dims), 4, slots, short)
         else:
             pooled_fwd.pooled_fwd(weights, batch, meta, out, bad_ids, max(TABLES.dims), 4, slots)
@@ -95,13 +96,30 @@ def test_short_kernel_matches_reference_and_general_kernel(seed, batch_size, len
     assert torch.equal(short_bad, general_bad)
 
 
-def test_chosen_by_bag_length():
-    assert pooled_fwd_short.use_short_kernel(4096, 4096, 64)
-    assert pooled_fwd_short.use_short_kernel(6000, 4096, 128)
-    assert not pooled_fwd_short.use_short_kernel(20 * 4096, 4096, 64)  # long bags: the general kernel
-    assert not pooled_fwd_short.use_short_kernel(4096, 4096, 256)      # wider than one tile
-    assert not pooled_fwd_short.use_short_kernel(4096, 4096, 64, has_positions=True)
-    assert pooled_fwd_short.short_length(4096, 4096) == 1 and pooled_fwd_short.short_length(5000, 4096) == 2
+def test_chosen_by_bag_length(monkeypatch):
+    monkeypatch.setattr(legacy_loops, "enabled", lambda: False)
+    assert pooled_triton.short_length(4096, 4096, 64) == 1   # DLRM: one id per bag
+    assert pooled_triton.short_length(6000, 4096, 128) == 2
+    assert pooled_triton.short_length(20 * 4096, 4096, 64) == 0  # long bags: the general kernel
+    assert pooled_triton.short_length(4096, 4096, 256) == 0      # wider than one tile
+    assert pooled_triton.short_length(0, 0, 64) == 0
+
+
+def test_forward_takes_the_short_kernel_for_short_bags(monkeypatch):
+    """The op's Triton forward launches the short-bag kernel at about one id per bag and the
+    general one otherwise, with the same output either way."""
+    monkeypatch.setattr(legacy_loops, "enabled", lambda: False)
+    launched = []
+    for name, module in (("short", pooled_fwd_short), ("general", pooled_fwd)):
+        launch = getattr(module, "pooled_fwd_short" if name == "short" else "pooled_fwd")
+        monkeypatch.setattr(module, launch.__name__,
+                            lambda *a, _launch=launch, _name=name, **k: (launched.append(_name), _launch(*a, **k))[1])
+    for lengths_from, expected in (((1,), "short"), ((0, 1, 2), "short"), ((3, 6), "general")):
+        weights, batch, slots = _case(5, 6, lengths_from, torch.int64, False, False, False, torch.float32)
+        launched.clear()
+        out, bad = pooled_triton.triton_forward(weights, batch, TABLES)
+        assert launched == [expected]
+        torch.testing.assert_close(out.double(), _reference(weights, batch, slots, 6), rtol=1e-5, atol=1e-5)
 
 
 READ = r'''

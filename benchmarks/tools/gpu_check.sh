@@ -98,6 +98,17 @@ bench() {  # bench NAME LIMIT_S ARGS...: one benchmark run, its files named afte
 # torch.compile gets its own last step: a slow compile then costs only
 # that step (a run cut off by its timeout keeps the configurations it finished, in its JSON).
 NO_COMPILE="eb_loop,eb_concat,jaggedrec[torch],jaggedrec[triton],torchrec_ebc,fbgemm_tbe"
+# The short-bag forward (kernels/pooled_fwd_short.py, persistent and pipelined across blocks) against the
+# general forward kernel on the same seeded inputs (JAGGEDREC_SHORT_BAGS=0), alternated twice, at the dlrm
+# preset's one id per bag and at 2 ids per bag; the first answer to whether its machine-code estimate holds
+for round in 1 2; do
+    for short in 0 1; do
+        for pf in 1 2; do
+            JAGGEDREC_SHORT_BAGS=$short bench "short$short-forward-L$pf-$round" 15 --preset dlrm --mode forward \
+                --pooling-factor "$pf" --providers "jaggedrec[triton]"
+        done
+    done
+done
 # Pipelined loops against the loops they replaced (JAGGEDREC_LEGACY_LOOPS=1), on the same seeded
 # inputs, alternated twice, for the forward, the backward and a train step at the dlrm preset
 for round in 1 2; do

@@ -1,6 +1,7 @@
 """The Triton path of pooled embedding bags: what runs on CUDA (and, interpreted, on CPU).
 
-Forward is one launch over every feature. Backward lists the (feature, id) contributions
+Forward is one launch over every feature (two for batches of about one id per bag, which go
+to the pipelined short-bag kernel and its pass for the few longer bags). Backward lists the (feature, id) contributions
 with a few torch ops that never read device data on the host (``output_size`` is always
 given), then launches the row-gradient kernel: sorted and deterministic by default, or with
 atomics. See ``runs_triton`` for the contributions and ``kernels/row_runs.py`` for the runs.
@@ -11,8 +12,9 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from jaggedrec.kernels import pooled_bwd, pooled_fwd
+from jaggedrec.kernels import legacy_loops, pooled_bwd, pooled_fwd, pooled_fwd_short
 from jaggedrec.kernels.common import META_MEAN, META_OUT_COLUMN
 
 from jaggedrec.ops import runs_triton
@@ -33,9 +35,28 @@ def triton_forward(weights: torch.Tensor, batch: OpBatch, tables: FeatureTables,
     batch_size = slots if inverse_indices is None else inverse_indices.shape[1]
     out = torch.empty((batch_size, tables.plan.out_offsets[-1]), dtype=torch.float32, device=weights.device)
     bad_ids = torch.zeros(tables.num_features, dtype=torch.int64, device=weights.device)
-    pooled_fwd.pooled_fwd(weights, batch, tables.meta(weights), out, bad_ids, max(tables.dims), tables.plan.alignment,
-                          slots, position_weights, position_meta)
+    meta, max_dim, num_bags = tables.meta(weights), max(tables.dims), tables.num_keys * slots
+    short = 0 if position_weights is not None else short_length(batch.num_ids, num_bags, max_dim)
+    if short:
+        pooled_fwd_short.pooled_fwd_short(weights, batch, meta, out, bad_ids, max_dim, tables.plan.alignment, slots,
+                                          short)
+    else:
+        pooled_fwd.pooled_fwd(weights, batch, meta, out, bad_ids, max_dim, tables.plan.alignment, slots,
+                              position_weights, position_meta)
     return out, bad_ids
+
+
+def short_length(num_ids, num_bags, max_dim: int) -> int:
+    """The ids per bag the short-bag kernel pipelines (``SHORT``: 1 where bags hold at most one
+    id on average, 2 where at most two; see ``kernels/pooled_fwd_short.py``), or 0 for the
+    general kernel (longer bags, dims past one tile, LEGACY_LOOPS, JAGGEDREC_SHORT_BAGS=0). Decided from sizes alone;
+    where a size is a symbol of a compiled graph, a bound counts only if it holds for every
+    value the symbol may take (no guard, no recompile)."""
+    if legacy_loops.enabled() or not pooled_fwd_short.enabled() or max_dim > pooled_fwd_short.MAX_DIM or not statically_known_true(num_bags > 0):
+        return 0
+    if statically_known_true(num_ids <= num_bags):
+        return 1
+    return 2 if statically_known_true(num_ids <= 2 * num_bags) else 0
 
 
 def _bag_rows(grad_out: torch.Tensor, parts: runs_triton.Contributions, batch: OpBatch, tables: FeatureTables,
