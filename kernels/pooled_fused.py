@@ -53,6 +53,31 @@ def _stored(x, ptr):
 
 
 @triton.jit
+def _table_values(w, element, weights_ptr, hparams_ptr, t, STOCHASTIC: tl.constexpr):
+    """Stepped rows ``w`` (fp32) in the table's dtype: rounded to nearest, or with
+    ``STOCHASTIC`` (fp16/bf16 tables) to one of the two nearest values, the farther with
+    probability its distance over their gap, from philox bits of (seed ``hparams[8]``, step) at
+    the element's offset: the same seed gives the same bits."""
+    if STOCHASTIC:
+        key = (tl.load(hparams_ptr + 8).to(tl.int64) << 32) + t.to(tl.int64)
+        random = tl.randint(key, element)
+        bits = w.to(tl.uint32, bitcast=True)
+        if weights_ptr.dtype.element_ty == tl.bfloat16:  # 16 random bits below the kept ones
+            rounded = ((bits + (random & 0xFFFF)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        else:  # fp16: w / ulp (a power of two, at least fp16's least subnormal) split and rounded
+            exponent = tl.maximum(((bits >> 23) & 0xFF).to(tl.int32) - 127, -14)
+            ulp = ((exponent + 117) << 23).to(tl.float32, bitcast=True)
+            scaled = w / ulp
+            finite = tl.abs(scaled) < 4096.0
+            kept = tl.where(finite, scaled, 0.0).to(tl.int32).to(tl.float32)  # toward zero
+            uniform = (random >> 8).to(tl.float32) * 5.960464477539063e-08  # [0, 1), 24 bits
+            away = tl.where(uniform < tl.abs(scaled - kept), tl.where(scaled < 0.0, -1.0, 1.0), 0.0)
+            rounded = tl.where(finite, (kept + away) * ulp, w)
+        w = tl.where(w == w, rounded, w)  # NaN stays NaN
+    return w.to(weights_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _counter_factors(squares, weight_squares, u, live, row, dim, run_feature_ptr, meta_ptr, state1_ptr, state2_ptr,
                      hparams_ptr, lr, eps, weight_decay, t):
     """Row-wise Adagrad with FBGEMM's COUNTER or COWCLIP regularization (see
@@ -153,8 +178,8 @@ def _decayed_tile(d0, start, length, longest, long_rank, live, row, dim, grad_ou
 
 
 @triton.jit
-def _step_tile(g, w, element, mask, step_size, correction, weights_ptr, state1_ptr, state2_ptr, lr, eps, weight_decay,
-               beta1, beta2, t, OPTIMIZER: tl.constexpr):
+def _step_tile(g, w, element, mask, step_size, correction, weights_ptr, state1_ptr, state2_ptr, hparams_ptr, lr, eps,
+               weight_decay, beta1, beta2, t, OPTIMIZER: tl.constexpr, STOCHASTIC: tl.constexpr):
     """Update one ``[BLOCK_U, BLOCK_D]`` tile of rows (``element``: their element offsets);
     ``step_size``: :func:`_row_factor`'s, or ``lr``; ``correction``: the counter kind's
     factor of the row (:func:`_counter_factors`)."""
@@ -197,7 +222,7 @@ def _step_tile(g, w, element, mask, step_size, correction, weights_ptr, state1_p
         w = (1.0 - lr * weight_decay) * w - step_size[:, None] * g
     else:
         w = w - step_size[:, None] * g
-    tl.store(weights_ptr + element, w.to(weights_ptr.dtype.element_ty), mask=mask)
+    tl.store(weights_ptr + element, _table_values(w, element, weights_ptr, hparams_ptr, t, STOCHASTIC), mask=mask)
 
 
 @triton.jit
@@ -234,7 +259,7 @@ def _fused_update_kernel(
     long_rank_ptr, long_sums_ptr, meta_ptr, weights_ptr, state1_ptr, state2_ptr, hparams_ptr, step_ptr,
     OPTIMIZER: tl.constexpr, HAS_SCALE: tl.constexpr, DIM_ALIGN: tl.constexpr, ROW_STRIDE: tl.constexpr,
     BLOCK_D: tl.constexpr, LEGACY_LOOPS: tl.constexpr,
-    ONE_TILE: tl.constexpr, BLOCK_U: tl.constexpr, UNROLL: tl.constexpr,
+    ONE_TILE: tl.constexpr, BLOCK_U: tl.constexpr, UNROLL: tl.constexpr, STOCHASTIC: tl.constexpr = False,
 ):
     lr = tl.load(hparams_ptr + 0)
     eps = tl.load(hparams_ptr + 1)
@@ -279,10 +304,11 @@ def _fused_update_kernel(
                                             beta1, beta2, t, OPTIMIZER, True)
                 ratio = _lamb_ratio(tl.sum(w * w, axis=1), tl.sum(direction * direction, axis=1), live, lr)
                 w = w - ratio[:, None] * direction
-                tl.store(weights_ptr + element, w.to(weights_ptr.dtype.element_ty), mask=mask)
+                tl.store(weights_ptr + element, _table_values(w, element, weights_ptr, hparams_ptr, t, STOCHASTIC),
+                         mask=mask)
             else:
-                _step_tile(g, w, element, mask, step_size, correction, weights_ptr, state1_ptr, state2_ptr, lr, eps,
-                           weight_decay, beta1, beta2, t, OPTIMIZER)
+                _step_tile(g, w, element, mask, step_size, correction, weights_ptr, state1_ptr, state2_ptr,
+                           hparams_ptr, lr, eps, weight_decay, beta1, beta2, t, OPTIMIZER, STOCHASTIC)
         else:
             if ROW_SUMS:
                 # the row factor needs sums over all of a row's columns before any update
@@ -328,15 +354,16 @@ def _fused_update_kernel(
                     direction = _lamb_direction(w, w, element, mask, step_size, state1_ptr, state2_ptr, eps,
                                                 weight_decay, beta1, beta2, t, OPTIMIZER, False)
                     w = w - ratio[:, None] * direction
-                    tl.store(weights_ptr + element, w.to(weights_ptr.dtype.element_ty), mask=mask)
+                    tl.store(weights_ptr + element, _table_values(w, element, weights_ptr, hparams_ptr, t, STOCHASTIC),
+                         mask=mask)
             else:
                 for d0 in range(0, tl.max(dim, axis=0), BLOCK_D):
                     g, w, mask, element = _decayed_tile(
                         d0, start, length, longest, long_rank, live, row, dim, grad_out_ptr, item_offset_ptr,
                         item_scale_ptr, long_sums_ptr, weights_ptr, l2, ROW_STRIDE, HAS_SCALE, DIM_ALIGN,
                         BLOCK_D, UNROLL, LEGACY_LOOPS)
-                    _step_tile(g, w, element, mask, step_size, correction, weights_ptr, state1_ptr, state2_ptr, lr,
-                               eps, weight_decay, beta1, beta2, t, OPTIMIZER)
+                    _step_tile(g, w, element, mask, step_size, correction, weights_ptr, state1_ptr, state2_ptr,
+                               hparams_ptr, lr, eps, weight_decay, beta1, beta2, t, OPTIMIZER, STOCHASTIC)
 
 
 def fused_update(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, weights: torch.Tensor, fused,
@@ -361,4 +388,6 @@ def fused_update(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, weights
     args, constants = launch_args(grad_out, runs, meta, max_dim, alignment)
     wrap_triton(_fused_update_kernel)[(persistent_programs(grad_out.device),)](
         *args, weights, fused.state1, fused.state2, fused.hparams, fused.step, OPTIMIZER=fused.optimizer,
-        ONE_TILE=max_dim <= constants["BLOCK_D"], **constants)
+        ONE_TILE=max_dim <= constants["BLOCK_D"],
+        # [9]: stochastic rounding (see jaggedrec.optim.fused), for fp16/bf16 tables
+        STOCHASTIC=fused.hparams.shape[0] == 9 and weights.dtype in (torch.float16, torch.bfloat16), **constants)

@@ -48,7 +48,8 @@ class EmbOptimType(Enum):
 
 _KNOWN = ("learning_rate", "eps", "weight_decay", "beta1", "beta2", "eta", "momentum", "optimizer",
           "gradient_clipping", "max_gradient", "weight_decay_mode", "counter_based_regularization",
-          "cowclip_regularization", "max_norm", "optimizer_state_dtypes")
+          "cowclip_regularization", "max_norm", "optimizer_state_dtypes",
+          "stochastic_rounding")
 # TorchRec's in-backward placeholders (torchrec.optim.optimizers, and jaggedrec's of the same
 # names): each stands for the EmbOptimType its kwargs configure
 _PLACEHOLDERS = {"SGD": "EXACT_SGD", "Adam": "ADAM", "Adagrad": "EXACT_ADAGRAD", "LarsSGD": "LARS_SGD",
@@ -107,6 +108,8 @@ def _config_from_params(fused_params: Dict[str, Any]) -> optim.FusedOptimizer:
     clip = dict(max_gradient=float(fused_params.get("max_gradient", 1.0))) if fused_params.get("gradient_clipping") else {}
     if fused_params.get("max_norm"):  # FBGEMM's default 0.0: no renormalisation
         clip["max_norm"] = float(fused_params["max_norm"])
+    if fused_params.get("stochastic_rounding"):  # FBGEMM's default is on, jaggedrec's off (docs/training.md)
+        clip["stochastic_rounding"] = True
     if name in ("SGD", "EXACT_SGD"):
         return optim.SGD(lr, **clip)
     mode = fused_params.get("weight_decay_mode")

@@ -39,6 +39,8 @@ class FusedOptimizerState(nn.Module):
         super().__init__()
         self._optimizer = optimizer
         self._groups = [g.name for g in layout.groups]
+        # stochastic rounding: each group's table dtype as the step reads it (hparams[7])
+        self._rounding = {g.name: {torch.float16: 1.0, torch.bfloat16: 2.0}.get(g.dtype, 0.0) for g in layout.groups}
         if optimizer is None:
             return
         self.backward_trigger = nn.Parameter(torch.zeros(0, dtype=torch.float32, device=device))
@@ -97,7 +99,10 @@ class FusedOptimizerState(nn.Module):
         states = [getattr(self, f"{group}_{name}") for name, _ in self._optimizer.buffers]
         while len(states) < 2:
             states.append(self.hparams.new_empty(0))
-        return [self.hparams, getattr(self, f"{group}_step"), *states, self.backward_trigger]
+        hparams = self.hparams
+        if self._optimizer.stochastic_rounding:  # [..., max_norm, table dtype code, seed]
+            hparams = torch.cat([hparams[:7], hparams.new_tensor([self._rounding[group]]), hparams[8:]])
+        return [hparams, getattr(self, f"{group}_step"), *states, self.backward_trigger]
 
 
 def _drop_trigger(module: FusedOptimizerState, state_dict, prefix: str, local_metadata) -> None:

@@ -53,6 +53,9 @@ def step_in_place(rule: StepRule, w, g, s1, s2, touched=None) -> None:
     for s, f in zip((s1, s2), wide):
         if f is not s:  # fp16/bf16 state (float() of an fp32 tensor is the tensor itself)
             s.copy_(f)
+    if len(rule.hparams) > ROUNDING_HPARAMS.stop - 1 and rule.hparams[7]:
+        rounded = stochastic_round(w, rule.hparams[7], rule.hparams[8], rule.step)
+        w.copy_(rounded if touched is None else torch.where(touched.unsqueeze(1), rounded, w))
     max_norm = rule.hparams[6] if len(rule.hparams) > 6 else 0.0
     if max_norm > 0:
         norm = w.square().sum(1).sqrt_()
@@ -284,7 +287,10 @@ def step_rows(optimizer, w, g, s1, s2, hparams, t):
     in fp16/bf16 is read as fp32 and returned in fp32: the caller stores it rounded."""
     w, s1, s2 = step_rows_functional(optimizer, w, g, *(None if s is None else s.float() for s in (s1, s2)),
                                      hparams, t)
-    return _renormalised(w, hparams), s1, s2
+    w = _renormalised(w, hparams)
+    if len(hparams) > ROUNDING_HPARAMS.stop - 1:
+        w = stochastic_round(w, hparams[7], hparams[8], t)
+    return w, s1, s2
 
 
 def step_rows_functional(optimizer, w, g, s1, s2, hparams, t):
@@ -378,3 +384,46 @@ def scaled_gradient(rule: StepRule, g, s1, touched=None) -> float | None:
         denominator.masked_fill_(~touched.unsqueeze(1), math.inf)
     g.mul_(-lr).div_(denominator)
     return 1.0
+
+
+# hparams of stochastic rounding, past [..., max_gradient, max_norm] (see
+# jaggedrec.optim.fused): the table dtype's code (0 none: fp32 tables, 1 fp16, 2 bf16; the
+# collection sets it per storage group) and the seed
+ROUNDING_HPARAMS = slice(7, 9)
+_MANTISSA = {1: (10, -14), 2: (7, -126)}  # code: mantissa bits, least normal exponent
+
+
+def _mix(h):
+    """A 32-bit integer hash (int64 ``h`` in [0, 2^32), murmur3's finaliser)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def stochastic_round(w, code, seed, step):
+    """``w`` (``[n, D]`` fp32) rounded stochastically to fp16 (``code`` 1) or bf16 (2): each
+    element goes to one of the two nearest values of that dtype, the farther with probability
+    its distance over their gap, so that the rounding is unbiased. Returns fp32 values the
+    dtype holds exactly (the caller's cast keeps them). The random bits are a hash of the
+    element's fp32 bits, its column, ``seed`` and ``step``: the same inputs round the same
+    way on every run and whatever rows a call steps (chunks, threads, scattered or streamed).
+
+    ``code``, ``seed``, ``step``: numbers (eager) or 0-d tensors (static)."""
+    bits = w.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    column = torch.arange(w.shape[1], device=w.device, dtype=torch.int64)
+    key = (torch.as_tensor(seed).to(torch.int64) * 0x9E3779B1 + torch.as_tensor(step).to(torch.int64) * 0x27D4EB2F)
+    random = _mix((bits ^ _mix((column * 0x165667B1 + key) & 0xFFFFFFFF)) & 0xFFFFFFFF)
+    # fp16: w / ulp (exact: a power of two) split into its integer part and the fraction to round
+    exponent = torch.clamp(((bits >> 23) & 0xFF) - 127, min=-14)
+    ulp = torch.ldexp(torch.ones_like(w), (exponent - 10).to(torch.int32))
+    scaled = w / ulp
+    kept = scaled.trunc()
+    uniform = (random >> 8).to(torch.float32) * 2.0 ** -24  # [0, 1), 24 bits
+    half = (kept + torch.where(uniform < (scaled - kept).abs(), scaled.sign(), 0.0)) * ulp
+    # bf16 (fp32's exponent range): 16 random bits added below the kept ones, then dropped
+    brain = ((bits + (random & 0xFFFF)) & 0xFFFF0000)
+    brain = torch.where(brain >= 1 << 31, brain - (1 << 32), brain).to(torch.int32).view(torch.float32)
+    rounded = torch.where(torch.as_tensor(code) == 1, half, torch.where(torch.as_tensor(code) == 2, brain, w))
+    return torch.where(w.isfinite(), rounded, w)

@@ -63,6 +63,14 @@ Every optimizer with state takes ``state_dtype=`` (keyword only; FBGEMM's
 that dtype; the step reads them as fp32, updates them, steps the row with the fp32 values and
 stores them rounded to nearest. None (the default) keeps them fp32.
 
+Every optimizer takes ``stochastic_rounding=`` and ``rounding_seed=`` (keyword only; FBGEMM's
+``stochastic_rounding``, which FBGEMM turns on by default and jaggedrec leaves off, so that
+rows keep the bits they had and need no seed): with it, rows of fp16/bf16 tables are rounded
+from the fp32 step to one of the two nearest values, the farther with probability its distance
+over their gap (unbiased), from random bits made of the seed, the step count and the element
+(its position in the Triton kernel, its value and column on the torch path): the same seed
+gives the same bits on the same path. fp32 tables are unaffected.
+
 The state buffers of the last five are named as FBGEMM's TBE names them (``momentum1``,
 ``momentum2``); ``t`` is the collection's step count, this step included.
 """
@@ -97,6 +105,10 @@ class FusedOptimizer:
     #: the dtype the optimizer state is kept in (FBGEMM's ``optimizer_state_dtypes``): None or
     #: torch.float32, torch.float16, torch.bfloat16; the math is fp32 either way
     state_dtype: Optional[torch.dtype] = field(default=None, kw_only=True)
+    #: FBGEMM's ``stochastic_rounding``: fp16/bf16 tables take the stepped rows rounded
+    #: stochastically, reproducibly from ``rounding_seed`` and the step count (off: to nearest)
+    stochastic_rounding: bool = field(default=False, kw_only=True)
+    rounding_seed: int = field(default=0, kw_only=True)
 
     kind: ClassVar[int] = 0
     #: the state tensors: name, and ``"row"`` (one value per table row) or ``"element"``
@@ -112,7 +124,8 @@ class FusedOptimizer:
     needs_whole_rows: ClassVar[bool] = False
     #: fields printed only where they differ from their default: options added after the
     #: configs' reprs were printed in docs and examples
-    _quiet: ClassVar[Tuple[str, ...]] = ("max_gradient", "max_norm", "counter", "state_dtype")
+    _quiet: ClassVar[Tuple[str, ...]] = ("max_gradient", "max_norm", "counter", "state_dtype", "stochastic_rounding",
+                                         "rounding_seed")
 
     def __post_init__(self) -> None:
         if not self.lr >= 0:
@@ -130,6 +143,11 @@ class FusedOptimizer:
             if not self.state:
                 raise ValueError(f"{type(self).__name__}: state_dtype {self.state_dtype} given, but "
                                  f"{type(self).__name__} keeps no optimizer state")
+
+        if not 0 <= self.rounding_seed < 1 << 24:  # kept exactly in the fp32 hparams
+            raise ValueError(f"{type(self).__name__}: rounding_seed must be in [0, 2**24), got {self.rounding_seed}")
+        if self.stochastic_rounding and self.max_norm:
+            raise ValueError(f"{type(self).__name__}: stochastic_rounding with max_norm is not fused by jaggedrec yet")
 
     @property
     def state_storage(self) -> torch.dtype:
@@ -154,6 +172,10 @@ class FusedOptimizer:
         return self._step_parameters(lr) + [math.inf if self.max_gradient is None else self.max_gradient] + extra
 
     def _option_parameters(self) -> list:
+        # stochastic rounding: the table dtype's code (1 here; the collection writes each storage
+        # group's, see jaggedrec.ops.fused_rules.ROUNDING_HPARAMS) and the seed
+        if self.stochastic_rounding:
+            return [self.max_norm, 1.0, float(self.rounding_seed)]
         return [self.max_norm] if self.max_norm else []
 
     def _step_parameters(self, lr: float) -> list:
@@ -243,6 +265,9 @@ class RowWiseAdagrad(FusedOptimizer):
         if self.counter is not None and self.state_storage != torch.float32:
             raise ValueError(f"RowWiseAdagrad: state_dtype {self.state_dtype} with weight_decay_mode "
                              f"{self.weight_decay_mode!r} is not fused by jaggedrec (the counters' sums stay fp32)")
+        if self.counter is not None and self.stochastic_rounding:
+            raise ValueError(f"RowWiseAdagrad: stochastic_rounding with weight_decay_mode {self.weight_decay_mode!r} "
+                             f"is not fused by jaggedrec")
         if self.counter is not None and self.max_norm:
             raise ValueError(f"RowWiseAdagrad: max_norm with weight_decay_mode {self.weight_decay_mode!r} is not "
                              f"fused by jaggedrec")
@@ -296,7 +321,7 @@ class Adam(_Moments, _DecayMode):
     weight_decay_mode: str = "l2"
 
     state = (("exp_avg", "element"), ("exp_avg_sq", "element"))
-    _quiet = ("max_gradient", "max_norm", "weight_decay_mode", "state_dtype")
+    _quiet = ("max_gradient", "max_norm", "weight_decay_mode", "state_dtype", "stochastic_rounding", "rounding_seed")
 
     @property
     def kind(self) -> int:  # type: ignore[override]
@@ -315,7 +340,7 @@ class Adagrad(FusedOptimizer, _DecayMode):
     weight_decay_mode: str = "l2"
 
     state = (("momentum1", "element"),)
-    _quiet = ("max_gradient", "max_norm", "weight_decay_mode", "state_dtype")
+    _quiet = ("max_gradient", "max_norm", "weight_decay_mode", "state_dtype", "stochastic_rounding", "rounding_seed")
 
     @property
     def kind(self) -> int:  # type: ignore[override]
