@@ -78,6 +78,10 @@ def _kernels():
     i32_offsets = [("int32 offsets", {"offsets_ptr": "*i32"}, {})]
     # the loops before they were pipelined, kept selectable until a GPU has timed both
     legacy = [("legacy loops", {}, dict(LEGACY_LOOPS=True))]
+    # the fused kinds of the weight-decay modes (10 row-wise Adagrad COUNTER/COWCLIP, 11 Adam and
+    # 12 exact Adagrad decoupled) and stochastic rounding of 16-bit tables, each at every config
+    fused_extra = [(f"optimizer {k}", {}, dict(OPTIMIZER=k)) for k in (10, 11, 12)]
+    fused_extra += [(f"stochastic rounding, {w}", t, dict(STOCHASTIC=True)) for w, t in TABLES]
     return [
         ("fwd", pooled_fwd._pooled_fwd_kernel, FWD,
          dict(HAS_PSW=[False, True], HAS_INVERSE=[False, True], POSITIONAL=[False, True]),
@@ -86,7 +90,8 @@ def _kernels():
          dict(DENSE=[True, False], HAS_SCALE=[False, True]), wide + legacy),
         ("long_runs", row_runs._long_run_sums_kernel, LONG, dict(HAS_SCALE=[False, True]), wide),
         ("fused", pooled_fused._fused_update_kernel, FUSED,
-         dict(OPTIMIZER=[2, 1, 3, 4, 5, 6, 7, 8, 9], ONE_TILE=[True, False], HAS_SCALE=[False, True]), tables + wide + legacy),
+         dict(OPTIMIZER=[2, 1, 3, 4, 5, 6, 7, 8, 9], ONE_TILE=[True, False], HAS_SCALE=[False, True]),
+         tables + wide + legacy + fused_extra),
         ("rows_grad_atomic", pooled_bwd._rows_grad_atomic_kernel, dict(CONTRIB, psw_ptr=f32, dest_ptr=f32),
          dict(HAS_PSW=[False, True]), i32_offsets + wide + psw),
         ("psw_grad", pooled_bwd._psw_grad_kernel, dict(CONTRIB, weights_ptr=f32, out_ptr=f32), {},
@@ -123,7 +128,9 @@ def variants():
         configs = list({(tuple(sorted(c.kwargs.items())), c.num_warps): c
                         for c in kernel.configs + untuned[name]}.values())
         params = {p.name for p in kernel.fn.params if p.is_constexpr}
-        covered = set(switches) | set(BASE_DIMS) | {k for c in configs for k in c.kwargs}
+        # a constexpr is covered by a switch, a config, the base dims, or an extra variant that sets it
+        covered = (set(switches) | set(BASE_DIMS) | {k for c in configs for k in c.kwargs}
+                   | {k for _, _, extra in extras for k in extra})
         uncovered += [f"{name}: constexpr {p} is not swept" for p in sorted(params - covered)]
         first = {k: v[0] for k, v in switches.items()}
         combos = [("", dict(zip(switches, values)), {}) for values in itertools.product(*switches.values())]
