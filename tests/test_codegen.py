@@ -190,11 +190,18 @@ def test_the_report_reads_spills_from_the_stack_frame(readings):
 
 
 def test_occupancy_follows_the_register_rule_per_sub_partition():
-    sys.path.insert(0, TOOLS)
-    try:
-        from codegen_report import occupancy
-    finally:
-        sys.path.remove(TOOLS)
+    # in a subprocess: importing the report sets TRITON_INTERPRET=0 for its process, which in this
+    # one would make every kernel module imported later a compiled one (the CPU tests then fail)
+    cases = [(135, 0, 2), (128, 0, 4), (255, 0, 8), (255, 0, 4), (32, 0, 8), (64, 100 * 1024, 4)]
+    code = (f"import json, sys; sys.path.insert(0, {TOOLS!r}); from codegen_report import occupancy; "
+            f"print(json.dumps([occupancy(*c)['blocks'] for c in {cases!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, TRITON_INTERPRET="0"), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    blocks = dict(zip(cases, json.loads(done.stdout.splitlines()[-1])))
+
+    def occupancy(registers, shared, warps):
+        return {"blocks": blocks[(registers, shared, warps)]}
     # 135 registers: 4352 a warp; 16384 / 4352 = 3 warps per sub-partition, 12 per SM: 6 blocks of 2
     # warps (the whole file over the warps would give 15 warps, 7 blocks)
     assert occupancy(135, 0, 2)["blocks"] == 6
