@@ -82,8 +82,7 @@ class EmbeddingBagCollection(FloatTableCollection):
     def is_weighted(self) -> bool:
         return self._is_weighted
 
-    def forward(self, features: KeyedJaggedTensor,
-                position_weights: Optional[Tuple[torch.Tensor, List[int]]] = None) -> KeyedTensor:
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """
         Args:
             features: KJT with keys ``K`` (any order, a superset of the configured features),
@@ -91,12 +90,28 @@ class EmbeddingBagCollection(FloatTableCollection):
                 ``is_weighted``; or a VBE KJT (``stride_per_key_per_rank``, ``inverse_indices``),
                 whose bags are pooled once each and read by every sample that shares them.
                 jaggedrec's KJT or TorchRec's (taken as it is, its tensors shared).
-            position_weights: (the FPEBC's) ``[P]`` position weights and per key ``base,
-                length`` (``feature_processor_.keyed_position_table``): ids are weighted by
-                their position in their bag, the KJT's own weights ignored.
         Returns:
             KeyedTensor with ``[B, sum(dims)]`` fp32 values.
         """
+        return self._pool(features, None)
+
+    def pool_position_weighted(self, features: KeyedJaggedTensor,
+                               position_weights: Tuple[torch.Tensor, List[int]]) -> KeyedTensor:
+        """``forward``, each id weighted by its position in its bag (the FPEBC's kernel path).
+
+        Args:
+            features: as ``forward``'s; a weighted batch's own ``[N]`` weights are ignored.
+            position_weights: ``[P]`` position weights and per key ``base, length``
+                (``feature_processor_.keyed_position_table``).
+        Returns:
+            KeyedTensor with ``[B, sum(dims)]`` fp32 values.
+        """
+        return self._pool(features, position_weights)
+
+    def _pool(self, features: KeyedJaggedTensor,
+              position_weights: Optional[Tuple[torch.Tensor, List[int]]]) -> KeyedTensor:
+        # kept out of forward's signature: torch.fx makes every forward argument a graph input,
+        # and a traced "position_weights is not None" would always take the weighted branch
         features = as_keyed_jagged_tensor(features)
         # The module's own calls go through module attributes (batch_reader.read_batch, ...):
         # those are what torch.fx.wrap swaps for graph nodes while symbolic_trace runs.

@@ -135,5 +135,5 @@ class FeatureProcessedEmbeddingBagCollection(nn.Module):
             position_weights = feature_processor_.keyed_position_table(features, tables, _OWNER)
             # the collection checks that a weighted batch has [N] weights: a stride-0 view, never read
             placeholder = position_weights[0].new_ones(1).expand(features.values().shape[0])
-            return ebc(with_weights(features, placeholder), position_weights=position_weights)
+            return ebc.pool_position_weighted(with_weights(features, placeholder), position_weights)
         return ebc(process_features(self._feature_processors, features, _OWNER))
