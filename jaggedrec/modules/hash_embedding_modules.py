@@ -4,8 +4,9 @@ evicting stale ids when a bucket is full (``hash_table.py`` for the state, the r
 ``jaggedrec/ops/hash_probe_torch.py``, the policy in ``docs/dynamic_ids.md``).
 
 An evicted row is re-initialised (uniform in the table's ``[weight_init_min,
-weight_init_max]``) and its fused optimizer state zeroed, whatever the optimizer, before the
-new id reads it. All of it on fixed shapes with no host sync, so ``torch.compile(fullgraph=True)``
+weight_init_max]``, a counter-based draw keyed by ``(reset_seed, step, table, row)``: see
+``hash_probe_torch.fresh_uniform``) and its fused optimizer state zeroed, whatever the
+optimizer, before the new id reads it. All of it on fixed shapes with no host sync, so ``torch.compile(fullgraph=True)``
 holds a training step that inserts and evicts in one graph.
 """
 
@@ -19,6 +20,7 @@ from jaggedrec.modules.embedding_configs import EmbeddingBagConfig
 from jaggedrec.modules.embedding_modules import EmbeddingBagCollection
 from jaggedrec.modules.hash_table import HashedTable, HashTableOptions, HashTableState
 from jaggedrec.ops import hash_probe
+from jaggedrec.ops import hash_probe_torch as hp
 from jaggedrec.ops.backends import use_kernels
 from jaggedrec.optim import FusedOptimizer
 from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor, as_keyed_jagged_tensor
@@ -58,6 +60,12 @@ def reset_rows(collection: EmbeddingBagCollection, table: int, rows: torch.Tenso
             buffer.narrow(0, row_base, n_rows).index_fill_(0, rows, 0.0)
         else:
             buffer.narrow(0, offset, n_rows * dim).view(n_rows, dim).index_fill_(0, rows, 0.0)
+
+
+def _scaled(unit: torch.Tensor, low: float, high: float, dtype: torch.dtype) -> torch.Tensor:
+    """``[P, D]`` values in ``[0, 1)`` -> ``low + (high - low) * value`` in ``dtype``, kept in
+    ``[low, high]`` (fp32 rounding could step past ``high``)."""
+    return unit.mul(high - low).add_(low).clamp_(low, high).to(dtype)
 
 
 class HashEmbeddingBagCollection(EmbeddingBagCollection):
@@ -100,6 +108,10 @@ class HashEmbeddingBagCollection(EmbeddingBagCollection):
              for t in self._hashed_configs], device=device)
         self._probe_cache: Dict[tuple, List[hash_probe.KeyTable]] = {}
         self._reset_plan = [self._table_reset_plan(h, t) for h, t in enumerate(self._hashed_configs)]
+        self._reset_dim = max(plan[6] for plan in self._reset_plan)
+        # the key of evicted rows' fresh values (hash_probe_torch.fresh_uniform), drawn from
+        # torch's generator: torch.manual_seed before construction makes them reproducible
+        self.reset_seed = int(torch.randint(0, 1 << 62, (), dtype=torch.int64))
 
     def _table_reset_plan(self, hashed: int, table: int):
         """What an eviction in table ``table`` writes: its init range and fused-state slices."""
@@ -183,19 +195,36 @@ class HashEmbeddingBagCollection(EmbeddingBagCollection):
     def _reset_evicted(self, table: torch.Tensor, evicted_row: torch.Tensor) -> None:
         """Re-initialise each row an id was evicted from, and zero its fused optimizer state.
 
-        Fixed shapes: every position writes, those without an eviction write the fallback
-        row's own values back (so nothing changes there)."""
+        The fresh values are ``hash_probe_torch.fresh_uniform``'s counter-based draw, keyed by
+        (``reset_seed``, step, table, row), scaled to the table's init range: one draw for all
+        tables, no generator state. Eager CPU writes the evicted rows only; fixed shapes (graphs,
+        GPUs) write at every position, those without an eviction writing the fallback row's own
+        values back (so nothing changes there)."""
         state = self.fused_optimizer_state
-        if self.hash_state.compacts(evicted_row):  # eager CPU: the evictions only
+        compact = self.hash_state.compacts(evicted_row)
+        if compact:  # eager CPU: the evictions only
             pick = (evicted_row >= 0).nonzero().squeeze(1)
-            table, evicted_row = table[pick], evicted_row[pick]
+            table, evicted_row = table.index_select(0, pick), evicted_row.index_select(0, pick)
+        fresh = hp.fresh_uniform(self.reset_seed, self.hash_state.step, table, evicted_row, self._reset_dim)
         for hashed, t, low, high, offset, rows, dim, row_base, states in self._reset_plan:
-            mask = (table == hashed) & (evicted_row >= 0)
+            mask = table == hashed
+            weight = self.table_weight(t)
+            if compact:
+                at = mask.nonzero().squeeze(1)
+                target = evicted_row.index_select(0, at)
+                values = fresh.index_select(0, at).narrow(1, 0, dim)
+                weight.index_copy_(0, target, _scaled(values, low, high, weight.dtype))
+                for name, per in states:
+                    buffer = getattr(state, name)
+                    view = buffer.narrow(0, row_base, rows) if per == "row" else \
+                        buffer.narrow(0, offset, rows * dim).view(rows, dim)
+                    view.index_fill_(0, target, 0.0)
+                continue
+            mask = mask & (evicted_row >= 0)
             fallback = rows - 1
             target = torch.where(mask, evicted_row, fallback)
-            weight = self.table_weight(t)
-            fresh = torch.empty(target.numel(), dim, dtype=weight.dtype, device=weight.device).uniform_(low, high)
-            weight.index_copy_(0, target, torch.where(mask.unsqueeze(1), fresh, weight[fallback]))
+            values = _scaled(fresh.narrow(1, 0, dim), low, high, weight.dtype)
+            weight.index_copy_(0, target, torch.where(mask.unsqueeze(1), values, weight[fallback]))
             for name, per in states:
                 buffer = getattr(state, name)
                 if per == "row":

@@ -58,6 +58,36 @@ def sketch_of(hashed: torch.Tensor, sketch_base: torch.Tensor, sketch_width: tor
     return sketch_base + ((hashed >> 32) & 0xFFFFFFFF) % sketch_width
 
 
+_GOLDEN32 = -1640531527  # 0x9E3779B9 (the golden ratio's 32 bits), as int32: columns' stride
+_LB1, _LB2 = 0x7FEB352D, -2073254261  # lowbias32's multipliers (the second 0x846CA68B as int32)
+
+
+def fresh_uniform(seed: int, step: torch.Tensor, table: torch.Tensor, row: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[P, dim]`` float32 in ``[0, 1)`` (24 random bits each): the draw for re-initialising
+    row ``row`` of hashed table ``table`` at training step ``step``, counter-based: element
+    ``[p, c]`` is a hash of ``(seed, step, table[p], row[p], c)`` only. So it needs no generator
+    state and no host sync, is the same in eager, compacted and compiled steps and on any
+    device, and an eviction's values do not depend on which other rows were evicted with it.
+
+    Args:
+        seed: the collection's seed (any int below 2^62).
+        step: ``[1]`` int64, the step of the batch that evicted.
+        table, row: ``[P]`` int64, hashed table index and row (any value; -1 rows are drawn too).
+        dim: columns to draw (column ``c``'s value does not depend on ``dim``).
+    """
+    key = mix(row ^ mix(table + mix(step + seed)))  # [P] 64 bits a (seed, step, table, row)
+    low = ((key << 32) >> 32).to(torch.int32)  # sign-extended low half: exact in int32
+    high = (key >> 32).to(torch.int32)
+    column = torch.arange(dim, dtype=torch.int32, device=row.device).mul_(_GOLDEN32)
+    # lowbias32 (an integer hash of good avalanche) of each element's counter, in place;
+    # int32 multiplies wrap, and the masks make the arithmetic shifts logical
+    x = (low.unsqueeze(1) + column).bitwise_xor_(high.unsqueeze(1))
+    x.bitwise_xor_((x >> 16) & 0xFFFF).mul_(_LB1)
+    x.bitwise_xor_((x >> 15) & 0x1FFFF).mul_(_LB2)
+    x.bitwise_xor_((x >> 16) & 0xFFFF)
+    return ((x >> 8) & 0xFFFFFF).to(torch.float32).mul_(1.0 / (1 << 24))
+
+
 def probe(keys: torch.Tensor, bucket_size: int, ids: torch.Tensor, buckets: torch.Tensor):
     """Where each id sits: ``(found [N] bool, slot [N] int64)`` (the global slot; meaningless
     where not found). ``keys``: ``[num_slots + 1]``; ``ids``, ``buckets``: ``[N]`` int64."""
