@@ -24,7 +24,7 @@ from jaggedrec.distributed.sharding_plan import construct_module_sharding_plan, 
 from jaggedrec.modules.hash_embedding_modules import HashEmbeddingBagCollection, HashTableOptions
 from jaggedrec.ops.hash_probe_torch import EMPTY
 from jr_testing import assert_close
-from mc_sharding_cases import check_bit_exact
+from mc_sharding_cases import check_bit_exact, group
 
 B = 3
 KEYS = ["u1", "u2", "i1", "s1"]
@@ -68,7 +68,7 @@ PLANS = {"tw": lambda last: {"u": table_wise(rank=last), "i": table_wise(rank=0)
 
 def dmp(model: Model, plan: str, world: int) -> DistributedModelParallel:
     p = construct_module_sharding_plan(model.hash, PLANS[plan](world - 1), world_size=world)
-    return DistributedModelParallel(model, ShardingEnv.from_process_group(dist.group.WORLD), torch.device("cpu"),
+    return DistributedModelParallel(model, ShardingEnv.from_process_group(group()), torch.device("cpu"),
                                     plan=ShardingPlan({"hash": p}))
 
 
@@ -128,22 +128,45 @@ def check_state(model, ref: Model, rank: int, what: str) -> int:
     state = ref.hash.hash_state
     names = [t.name for t in state.tables]
     held = 0
-    for (table, k), m in sharded.managed_collision_collection.local_modules().items():
+    local = sharded.managed_collision_collection.local_modules()
+    # one module per table a rank holds, whatever its bucket count (every plan here gives a
+    # rank one run of consecutive buckets per table)
+    assert len({table for table, _ in local}) == len(local), f"{what}: {sorted(local)}"
+    for (table, k), m in local.items():
+        first, span = m.bucket_range()
+        assert first == k, f"{what}: {table} run at {k} holds buckets from {first}"
         base = state.slot_base(names.index(table)) + 2 * k
         for name in ("keys", "last_step", "count"):
-            want = getattr(state, name)[base:base + 2]
-            assert torch.equal(getattr(m, name), want), f"{what}: {table} bucket {k} {name}"
+            want = getattr(state, name)[base:base + 2 * span]
+            assert torch.equal(getattr(m, name), want), f"{what}: {table} buckets {k}+{span} {name}"
         assert torch.equal(m.step, state.step), f"{what}: step"
         if table == "i":
             base = int(state.column("sketch_base")[names.index(table)])
-            assert torch.equal(m.sketch, state.sketch[base:base + 5]), f"{what}: {table} bucket {k} sketch"
-        held += 1
+            assert torch.equal(m.sketch, state.sketch[base:base + 5]), f"{what}: {table} buckets {k}+ sketch"
+        held += span
     emb = sharded.embedding_module
     local = emb.local_collection()
     for i, s in enumerate(emb._layout.shards[rank]):
         want = ref.hash.table_weight(s.table)[s.row_offset:s.row_offset + s.rows, s.col_offset:s.col_offset + s.cols]
         assert_close(local.table_weight(i).detach(), want.detach(), torch.float32, f"{what}: {s.local_name}")
     return held
+
+
+def check_counts(model, ref: Model, own_fallback: dict, what: str) -> None:
+    """The sharded per-feature counts summed over the ranks (one all-reduce every rank makes)
+    equal the oracle's; this rank's fallback count equals its bags' fallback rows in the oracle."""
+    sharded = model.module.hash
+    for kind, want in (("unplaced", ref.hash.unplaced_counts()), ("fallback", ref.hash.fallback_counts())):
+        got = getattr(sharded, f"{kind}_counts")(all_ranks=True)
+        got, want = ({f: int(v) for f, v in c.items()} for c in (got, want))
+        assert got == want, f"{what}: {kind} counts {got} != {want}"
+    mine = {f: int(v) for f, v in sharded.fallback_counts().items()}
+    assert mine == own_fallback, f"{what}: this rank's fallback counts {mine} != {own_fallback}"
+
+
+def add_own_fallback(counts: dict, ref_remapped, rank: int) -> None:
+    for k in ("u1", "u2", "i1"):
+        counts[k] = counts.get(k, 0) + int((_own(ref_remapped, k, rank) == ROWS[k[0]] - 1).sum())
 
 
 def _live(ref: Model) -> set:
@@ -157,7 +180,7 @@ def train_cases(rank: int, world: int) -> List[str]:
     done = []
     for plan in ("tw", "rw", "mixed"):
         ref, model = Model(), dmp(Model(), plan, world)
-        evicted = 0
+        evicted, own_fallback = 0, {}
         for step in range(5):
             empty = world - 1 if step == 2 else -1
             dtype = torch.int32 if step == 3 else torch.int64
@@ -166,7 +189,10 @@ def train_cases(rank: int, world: int) -> List[str]:
             evicted += len(before - _live(ref))
             out, remapped = sharded_step(model, rank, step, world, 40 + step, empty, dtype)
             check_step(model, ref, out, ref_out, remapped, ref_remapped, rank, f"{plan} step {step}")
+            add_own_fallback(own_fallback, ref_remapped, rank)
+            check_counts(model, ref, own_fallback, f"{plan} step {step}")
         assert evicted > 0, f"{plan}: no eviction in 5 steps"
+        assert sum(int(v) for v in ref.hash.unplaced_counts().values()) > 0, f"{plan}: no id went unplaced"
         done.append(plan)
     return done
 
@@ -232,7 +258,7 @@ def checkpoint_leg(rank: int, world: int, leg: int, root: str) -> List[str]:
     if leg > 0:
         source = os.path.join(root, f"leg-{leg - 1}")
         state = model.state_dict()
-        dcp.load(state, checkpoint_id=source)
+        dcp.load(state, checkpoint_id=source, process_group=group())
         model.load_state_dict(state)
         blocks = check_bit_exact(model, source, f"leg {leg}")
         buckets = check_state(model, ref, rank, f"loaded on {world}")
@@ -241,7 +267,7 @@ def checkpoint_leg(rank: int, world: int, leg: int, root: str) -> List[str]:
         ref_out, ref_remapped = reference_step(ref, step, world, base + step)
         out, remapped = sharded_step(model, rank, step, world, base + step)
         check_step(model, ref, out, ref_out, remapped, ref_remapped, rank, f"leg {leg} step {step}")
-    dcp.save(model.state_dict(), checkpoint_id=os.path.join(root, f"leg-{leg}"))
+    dcp.save(model.state_dict(), checkpoint_id=os.path.join(root, f"leg-{leg}"), process_group=group())
     return notes
 
 

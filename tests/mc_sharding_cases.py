@@ -44,6 +44,14 @@ BUCKETS = {"u": 6, "i": 1}
 HASH_ROWS = 12
 POOL = torch.randperm(H, generator=torch.Generator().manual_seed(3))[:40]  # the raw ids seen
 
+# the process group the cases run on (sharding_journey.py runs the 1- and 2-rank cases on the
+# first ranks of a 3-rank launch); None: the default group
+GROUP = None
+
+
+def group():
+    return GROUP if GROUP is not None else dist.group.WORLD
+
 
 def _policy(table: str):
     return LFU_EvictionPolicy() if table == "u" else LRU_EvictionPolicy()
@@ -144,7 +152,7 @@ def dmp(model: Model, plan: str, world: int) -> DistributedModelParallel:
     gens = plans(world)[plan]
     mc_plan = construct_module_sharding_plan(model.mc, {t: gens[t] for t in ("u", "i")}, world_size=world)
     static_plan = construct_module_sharding_plan(model.static, {"s": gens["s"]}, world_size=world)
-    return DistributedModelParallel(model, ShardingEnv.from_process_group(dist.group.WORLD), torch.device("cpu"),
+    return DistributedModelParallel(model, ShardingEnv.from_process_group(group()), torch.device("cpu"),
                                     plan=ShardingPlan({"mc": mc_plan, "static": static_plan}))
 
 
@@ -298,7 +306,7 @@ def train_cases(rank: int, world: int) -> List[str]:
             # the free slots of every rank's buckets add up to the oracle's
             slots = model.module.mc.managed_collision_collection.open_slots()
             for t, n in slots.items():
-                dist.all_reduce(n)
+                dist.all_reduce(n, group=group())
                 want = sum(int(m.open_slots()) for (tt, _), m in _reference_modules(ref).items() if tt == t)
                 assert int(n) == want, f"{kind} {plan}: open slots of {t}: {int(n)} != {want}"
             # eval: ids are remapped read-only, nothing is recorded
@@ -373,7 +381,7 @@ def bad_input_cases(rank: int, world: int) -> List[str]:
     strict = dmp(Model("ebc", unplaced="raise"), "tw", world)
     messages.append(_expect_raise(lambda: strict(good[rank])[0].wait(), "unplaced"))
     strict.eval()
-    dist.barrier()
+    dist.barrier(group=group())
     return messages
 
 
@@ -396,7 +404,7 @@ def check_bit_exact(model, directory: str, what: str) -> int:
     """Each local block of the loaded state equals the checkpoint's block, bit for bit."""
     state = model.state_dict()
     full = _full_like(state)
-    dcp.load(full, checkpoint_id=directory)
+    dcp.load(full, checkpoint_id=directory, process_group=group())
     compared = 0
     for key, value in state.items():
         if isinstance(value, ShardedTensor):
@@ -445,7 +453,7 @@ def checkpoint_leg(rank: int, world: int, kind: str, leg: int, root: str) -> Lis
     if leg > 0:
         source = os.path.join(root, f"{kind}-{leg - 1}")
         state = model.state_dict()
-        dcp.load(state, checkpoint_id=source)
+        dcp.load(state, checkpoint_id=source, process_group=group())
         model.load_state_dict(state)
         blocks = check_bit_exact(model, source, f"{kind} leg {leg}")
         check_state(model, _reference_after(kind, leg), rank, f"{kind} loaded on {world}")
@@ -457,7 +465,7 @@ def checkpoint_leg(rank: int, world: int, kind: str, leg: int, root: str) -> Lis
         what = f"{kind} leg {leg} step {step}"
         check_outputs(kind, out, ref_out, remapped, ref_remapped, rank, world, what)
         check_state(model, ref, rank, what)
-    dcp.save(model.state_dict(), checkpoint_id=os.path.join(root, f"{kind}-{leg}"))
+    dcp.save(model.state_dict(), checkpoint_id=os.path.join(root, f"{kind}-{leg}"), process_group=group())
     return notes
 
 
@@ -499,7 +507,7 @@ def pipeline_cases(rank: int, world: int) -> List[int]:
                                                                         world_size=world),
                              "inner.static": construct_module_sharding_plan(model.inner.static, {"s": gens["s"]},
                                                                             world_size=world)})
-        dmp_model = DistributedModelParallel(model, ShardingEnv.from_process_group(dist.group.WORLD),
+        dmp_model = DistributedModelParallel(model, ShardingEnv.from_process_group(group()),
                                              torch.device("cpu"), plan=plan)
         return dmp_model, torch.optim.SGD([dmp_model.module.inner.scale], lr=0.1)
 

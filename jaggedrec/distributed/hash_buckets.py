@@ -1,15 +1,17 @@
-"""One bucket of a ``HashEmbeddingBagCollection``'s hashed table as a managed-collision module,
-so that ``mc_modules.ShardedManagedCollisionCollection`` routes, remaps and checkpoints it.
+"""A run of consecutive buckets of a ``HashEmbeddingBagCollection``'s hashed table as one
+managed-collision module, so that ``mc_modules.ShardedManagedCollisionCollection`` routes,
+remaps and checkpoints it.
 
 A hashed table of ``num_buckets`` buckets of ``bucket_size`` slots (``hash_table.py``) becomes a
 ``ManagedCollisionCollection`` of one ``HashBucketModule`` per table: the collection's router
-(built for bucket 0) sends an id to bucket ``(mix(id) & 2^63-1) % num_buckets``, as the unsharded
-state does, and each bucket's owner keeps that bucket's ``keys``, ``last_step`` and ``count``
-(``[bucket_size]`` each: ``row_state_names()``, so ``dcp`` moves whole buckets) and the training
-step ``step`` (``[1]``: every bucket is stepped once per training batch, so it equals the
-unsharded ``step``). Placement and eviction inside a bucket read that bucket's slots, the
-batch's ids of the bucket as a set (``hash_probe_torch.train_step`` ranks new ids by value) and
-the step only: a bucket remapped alone gives the unsharded module's rows, bit for bit.
+sends an id to bucket ``(mix(id) & 2^63-1) % num_buckets``, as the unsharded state does, and
+each rank keeps its run of the table's buckets as one module (``holds_bucket_runs()``): the
+run's ``keys``, ``last_step`` and ``count`` (``[buckets * bucket_size]`` each:
+``row_state_names()``, so ``dcp`` reshards them at bucket edges) and the training step ``step``
+(``[1]``: every bucket is stepped once per training batch, so it equals the unsharded
+``step``). Placement and eviction inside a bucket read that bucket's slots, the batch's ids of
+the bucket as a set (``hash_probe_torch.train_step`` ranks new ids by value) and the step only:
+a run remapped alone gives the unsharded module's rows, bit for bit.
 
 Admission by frequency: the unsharded table counts the batch's missing ids of all its buckets
 in shared counters (the sketch) before admitting any. So each bucket module keeps a copy of its
@@ -34,7 +36,7 @@ _ROW_STATE = ("keys", "last_step", "count")
 
 
 class HashBucketModule(ManagedCollisionModule):
-    """Bucket ``bucket`` of hashed table ``name``: raw int64 ids of the bucket -> global rows.
+    """Buckets ``[bucket, bucket + span)`` of hashed table ``name``: their raw int64 ids -> global rows.
 
     Args:
         name: the table.
@@ -42,8 +44,8 @@ class HashBucketModule(ManagedCollisionModule):
         options: the table's ``HashTableOptions``.
         bucket: the first bucket this module holds (the router: 0, on meta).
         device: where its state lives.
-        span: how many buckets it holds (1 in a sharded collection; the whole table when it
-            carries an unsharded module's state to be cut into buckets).
+        span: how many buckets it holds (a rank's run in a sharded collection; the whole table
+            when it carries an unsharded module's state to be cut into runs).
         counts_lookups: keep ``count`` (the unsharded collection keeps it for every table when
             one of them evicts by LFU; default: when this one does).
     """
@@ -78,7 +80,7 @@ class HashBucketModule(ManagedCollisionModule):
         self._policy = torch.tensor([EVICTION_POLICIES[options.eviction], hp.POLICY_NONE], device=device)
         self._ttl = torch.tensor([options.ttl, 0], device=device)
         self._evicted: List[torch.Tensor] = []
-        self.unplaced = 0
+        self._unplaced: Optional[torch.Tensor] = None
 
     # --- the bucket protocol of mc_modules.ShardedManagedCollisionCollection -----------------
     def bucket_segments(self) -> List[int]:
@@ -93,6 +95,23 @@ class HashBucketModule(ManagedCollisionModule):
 
     def row_state_names(self) -> List[str]:
         return list(_ROW_STATE)
+
+    def holds_bucket_runs(self) -> bool:
+        """One module holds a rank's consecutive buckets (``remap`` takes them together)."""
+        return True
+
+    def bucket_range(self) -> Tuple[int, int]:
+        """``(first bucket, buckets)`` this module holds."""
+        return self._bucket, self._span
+
+    def fallback_row(self) -> int:
+        """The row every id without one of its own reads (the table's last)."""
+        return self._rows - 1
+
+    def last_unplaced(self) -> Optional[torch.Tensor]:
+        """``[N]`` bool over the last ``remap``'s ids (its features' in order): found no slot
+        (None after an eval remap)."""
+        return self._unplaced
 
     # --- ManagedCollisionModule ------------------------------------------------------------
     def preprocess(self, features: Dict[str, JaggedTensor]) -> Dict[str, JaggedTensor]:
@@ -132,15 +151,17 @@ class HashBucketModule(ManagedCollisionModule):
     @torch.no_grad()
     def remap(self, features: Dict[str, JaggedTensor], mutate_miss_lengths: bool = True,
               write_weights: Optional[torch.Tensor] = None) -> Dict[str, JaggedTensor]:
-        """The bucket's ids (training: placed, evicting per the policy) -> their global rows
-        (the fallback row where an id has none)."""
-        out = {}
-        for key, jt in features.items():
-            out[key] = JaggedTensor(values=self._rows_of(jt.values()), lengths=jt.lengths())
-        return out
+        """The run's ids of every feature given (training: placed together, evicting per the
+        policy, as the unsharded table places a batch) -> their global rows (the fallback row
+        where an id has none)."""
+        names = list(features)
+        parts = [features[k].values() for k in names]
+        raw = torch.cat(parts).to(torch.int64) if parts else self.step.new_zeros(0)
+        rows = self._rows_of(raw, names, [p.numel() for p in parts])
+        return {k: JaggedTensor(values=r, lengths=features[k].lengths())
+                for k, r in zip(names, torch.split(rows, [p.numel() for p in parts]))}
 
-    def _rows_of(self, ids: torch.Tensor) -> torch.Tensor:
-        raw = ids.to(torch.int64)
+    def _rows_of(self, raw: torch.Tensor, names: List[str], sizes: List[int]) -> torch.Tensor:
         size = self._options.bucket_size
         keys, last_step, count = (self._full[k] for k in _ROW_STATE)
         buckets = self._buckets_of(raw)
@@ -155,16 +176,20 @@ class HashBucketModule(ManagedCollisionModule):
                                       compact=raw.device.type == "cpu",
                                       counts_lookups=self._counts_lookups)
             slot, evicted = placement.slot, placement.evicted_slot
-            unplaced = int(placement.unplaced.sum())
-            self.unplaced += unplaced
-            if unplaced and self._options.unplaced == "raise":
-                raise RuntimeError(f"hash table '{self._name}': {unplaced} ids of bucket {self._bucket} found no slot "
-                                   f"(bucket full, nothing evictable; unplaced='raise')")
+            self._unplaced = placement.unplaced
+            # 'fallback' needs no host read (the collection counts the marked rows); 'raise' does
+            if self._options.unplaced == "raise" and bool(placement.unplaced.any()):
+                per_feature = [int(u.sum()) for u in torch.split(placement.unplaced, sizes)]
+                k = next(i for i, n in enumerate(per_feature) if n)
+                raise RuntimeError(f"hash table '{self._name}', feature '{names[k]}': {per_feature[k]} ids of "
+                                   f"buckets [{self._bucket}, {self._bucket + self._span}) found no slot (bucket "
+                                   f"full, nothing evictable; unplaced='raise')")
             base = self._bucket * size
             gone = evicted[evicted >= 0]
             if gone.numel():
                 self._evicted.append(gone + base)
         else:
+            self._unplaced = None
             slot = hp.lookup(keys, size, raw, buckets, torch.ones_like(raw, dtype=torch.bool))
         return torch.where(slot >= 0, slot + self._bucket * size, self._rows - 1)
 
@@ -196,5 +221,11 @@ class HashBucketModule(ManagedCollisionModule):
 
     def rebuild_with_output_id_range(self, output_id_range: Tuple[int, int], output_segments: List[int],
                                      device: Optional[torch.device] = None) -> "HashBucketModule":
-        return type(self)(self._name, self._rows, self._options, list(output_segments).index(output_id_range[0]),
-                          device or self.device, counts_lookups=self._counts_lookups)
+        """The module of the buckets whose rows are ``[start, end)`` (bucket edges)."""
+        start, end = output_id_range
+        size = self._options.bucket_size
+        if start % size or end % size or not 0 <= start < end <= self._num_buckets * size:
+            raise ValueError(f"hash table '{self._name}': rows [{start}, {end}) are not whole buckets of {size} "
+                             f"slots within its {self._num_buckets} buckets")
+        return type(self)(self._name, self._rows, self._options, start // size, device or self.device,
+                          span=(end - start) // size, counts_lookups=self._counts_lookups)

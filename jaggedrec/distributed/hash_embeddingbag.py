@@ -5,7 +5,9 @@ A ``HashEmbeddingBagCollection`` is sharded as two parts under one plan:
 - its hashed tables' id maps, as a ``ManagedCollisionCollection`` of ``hash_buckets.HashBucketModule``
   (one per table) sharded by ``mc_modules.ShardedManagedCollisionCollection``: bucket ``k`` of a
   table, with its slots' ids, last steps and counts, lives on the rank holding the bucket's
-  first row; the owners remap the global batch's ids of their buckets;
+  first row, and a rank's consecutive buckets of a table are one module (hundreds or thousands
+  of buckets cost one module and one remap a rank); the owners remap the global batch's ids of
+  their buckets;
 - its tables, hashed and static, as an ``EmbeddingBagCollection`` sharded by the bag
   collection's own sharder (fused optimizer, input and output dists, checkpoint as always).
 
@@ -15,6 +17,12 @@ whose ids were evicted go to the ranks holding them (an all-to-all of counts and
 which re-initialise them and zero their fused state, as the unsharded module does, before the
 remapped KJT (static features as they came) is looked up. Hashed tables shard table-wise or
 row-wise; the row blocks need not be made of whole buckets.
+
+Ids that found no slot and ids that read the fallback row are counted per hashed feature on the
+rank whose batch held them (the owners mark them in the rows they send back: no collective of
+its own, no sync); ``unplaced_counts(all_ranks=True)`` sums them over the world. Collectives take
+tensors on the module's device (gloo: CPU; NCCL: the rank's GPU); only the all-to-all splits
+are read on the host, as every uneven all-to-all needs them.
 """
 
 from __future__ import annotations
@@ -152,6 +160,25 @@ class ShardedHashEmbeddingBagCollection(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor):
         return self._embedding_module(self.remap(features))
+
+    def unplaced_counts(self, all_ranks: bool = False) -> Dict[str, torch.Tensor]:
+        """Per hashed feature, ``[]`` int64 on the device: admitted ids that found no slot,
+        summed over batches. Default: this rank's ids, read with no sync and no collective;
+        ``all_ranks=True``: the world's (the unsharded module's count), by one all-reduce that
+        every rank must call at the same point."""
+        return self._summed(self._managed_collision_collection.unplaced_counts(), all_ranks)
+
+    def fallback_counts(self, all_ranks: bool = False) -> Dict[str, torch.Tensor]:
+        """As :meth:`unplaced_counts`, for ids that read the fallback row (unplaced, not
+        admitted yet, or absent in eval)."""
+        return self._summed(self._managed_collision_collection.fallback_counts(), all_ranks)
+
+    def _summed(self, counts: Dict[str, torch.Tensor], all_ranks: bool) -> Dict[str, torch.Tensor]:
+        if not all_ranks or self._env.world_size == 1 or not counts:
+            return counts
+        total = torch.stack(list(counts.values()))
+        torch.distributed.all_reduce(total, group=self._group)
+        return dict(zip(counts, total.unbind()))
 
     def _reset_evicted(self, evicted: Dict[str, Optional[torch.Tensor]]) -> None:
         """Send each evicted row (global) to the rank holding it, which re-initialises it."""

@@ -7,21 +7,26 @@ its id map and eviction metadata, on the rank that holds the embedding rows wher
 starts (table-wise: the table's rank; row-wise: the rank of that row block). So a row-wise
 table whose row blocks are unions of whole buckets is remapped where it is looked up, and a
 checkpoint moves whole buckets between plans and world sizes without changing any id's row.
+A rank's consecutive buckets of a table form a run (``mc_layout.BucketLayout``): one module
+per run where the module can hold one (``holds_bucket_runs()``), else one per bucket.
 
 One step, on every rank (each of them a collective every rank enters, whatever it holds):
 
-1. the source rank runs ``preprocess``, finds each id's bucket (``bucket_of``) and agrees
-   with the others on the step (``comm.start_agree``: a rank with a bad batch makes every
-   rank raise);
-2. the ids go to the ranks owning their buckets (one all-to-all of per-bucket counts, one of
-   ids), which ``profile`` and ``remap`` them, bucket by bucket, with the global batch's ids of
-   the bucket in the unsharded order (feature by feature, source rank by source rank);
+1. the source rank runs ``preprocess``, finds each id's bucket (``bucket_of``) and so its
+   run's slot (one gather, whatever the bucket count), and agrees with the others on the step
+   (``comm.start_agree``: a rank with a bad batch makes every rank raise);
+2. the ids go to the ranks owning their runs (one all-to-all of per-slot counts, one of ids),
+   which ``profile`` and ``remap`` them, run by run, with the global batch's ids of each bucket
+   in the unsharded order (feature by feature, source rank by source rank);
 3. a second agreement carries any owner's error (``unplaced="raise"``) to every rank;
-4. the rows go back to the source, which puts them in its KJT's order.
+4. the rows go back to the source, which puts them in its KJT's order; ids that found no slot
+   come back marked, so the source counts them per feature (``unplaced_counts()``) with no
+   collective of its own.
 
 A module plugs in by implementing, beside TorchRec's contract, ``bucket_segments()``,
 ``bucket_of(ids)`` and ``row_state_names()`` (``MCHManagedCollisionModule`` and
-``HashZchManagedCollisionModule`` do).
+``HashZchManagedCollisionModule`` do); optionally ``holds_bucket_runs()``, ``last_unplaced()``
+(``[N]`` bool over its last remap's ids) and ``fallback_row()`` (``hash_buckets.HashBucketModule``).
 """
 
 from __future__ import annotations
@@ -31,73 +36,15 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.distributed._shard.metadata import ShardMetadata as TorchShardMetadata
-from torch.distributed._shard.sharded_tensor import Shard as TorchShard
-from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
 from jaggedrec.modules.mc_modules import ManagedCollisionCollection
 from jaggedrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, as_keyed_jagged_tensor
 from jaggedrec.distributed.comm import exchange, start_agree
+from jaggedrec.distributed.mc_layout import BucketLayout
+from jaggedrec.distributed.mc_state import MODULES, load_entries, state_entries
 from jaggedrec.distributed.types import EmbeddingModuleShardingPlan, ModuleSharder, ShardingEnv, ShardingType
 
 _OWNER = "ShardedManagedCollisionCollection"
-_MODULES = "_managed_collision_modules"  # TorchRec's state_dict prefix (the unsharded module's)
-_SEGMENTS = "_output_segments_tensor"
-
-
-class BucketLayout:
-    """Which rank holds each bucket of each table under one plan: pure Python, the same on
-    every rank. ``segments[t]``: the ``K + 1`` row edges of table ``t``'s buckets;
-    ``owners[t][k]``: the rank of bucket ``k``; ``slots[r]``: ``(table, bucket, feature)`` in the
-    order rank ``r`` receives ids (its buckets in table order, each bucket's features in order)."""
-
-    def __init__(self, configs, segments: List[List[int]], plan: EmbeddingModuleShardingPlan, world_size: int) -> None:
-        self.names = [c.name for c in configs]
-        self.features = [list(c.feature_names) for c in configs]
-        self.segments: List[List[int]] = []
-        self.owners: List[List[int]] = []
-        for c, edges in zip(configs, segments):
-            if c.name not in plan:
-                raise ValueError(f"{_OWNER}: the sharding plan has no entry for table '{c.name}'")
-            if any(b <= a for a, b in zip(edges, edges[1:])):
-                raise ValueError(f"{_OWNER}: table '{c.name}' has an empty bucket (row edges {edges}); give it "
-                                 f"fewer buckets than rows")
-            self.segments.append(list(edges))
-            self.owners.append([_owner_of(c.name, plan[c.name], start - edges[0], world_size)
-                                for start in edges[:-1]])
-        self.slots: List[List[Tuple[int, int, int]]] = [[] for _ in range(world_size)]
-        for t, owners in enumerate(self.owners):
-            for k, r in enumerate(owners):
-                self.slots[r].extend((t, k, f) for f in range(len(self.features[t])))
-        starts = [0]
-        for slots in self.slots:
-            starts.append(starts[-1] + len(slots))
-        self.slot_starts = starts
-        index = {slot: starts[r] + i for r, slots in enumerate(self.slots) for i, slot in enumerate(slots)}
-        # per table, [K, F] -> the slot's global number (ranks' slots one after another)
-        self.slot_index = [torch.tensor([[index[(t, k, f)] for f in range(len(self.features[t]))]
-                                         for k in range(len(self.owners[t]))], dtype=torch.int64)
-                           for t in range(len(configs))]
-
-    def buckets_of(self, rank: int) -> List[Tuple[int, int]]:
-        """``(table, bucket)`` held by ``rank``, in its slots' order."""
-        return list(dict.fromkeys((t, k) for t, k, _ in self.slots[rank]))
-
-
-def _owner_of(name: str, p, row: int, world_size: int) -> int:
-    """The rank holding row ``row`` of a table (the first column block's, for column shards)."""
-    if p.sharding_type == ShardingType.DATA_PARALLEL.value:
-        raise ValueError(f"{_OWNER}: table '{name}' is data_parallel; a managed-collision table keeps one id map, "
-                         f"so shard it table-wise, row-wise or column-wise")
-    for m in p.shards:
-        (r0, _), (nr, nc) = m.shard_offsets, m.shard_sizes
-        if nr > 0 and nc > 0 and r0 <= row < r0 + nr:
-            if not 0 <= m.rank < world_size:
-                raise ValueError(f"{_OWNER}: table '{name}' is placed on rank {m.rank}, outside the world of "
-                                 f"{world_size} ranks")
-            return m.rank
-    raise ValueError(f"{_OWNER}: no shard of table '{name}' holds row {row}")
 
 
 class ShardedManagedCollisionCollection(nn.Module):
@@ -108,7 +55,7 @@ class ShardedManagedCollisionCollection(nn.Module):
     rank) and returns the KJT of rows the unsharded collection gives for these bags (the
     configs' features in order, lengths and weights kept), computed by the buckets' owners.
     ``state_dict`` keys are the unsharded module's; the entries indexed by slot are
-    ``ShardedTensor``s of this rank's buckets (``dcp.save`` / ``dcp.load`` move whole buckets).
+    ``ShardedTensor``s of this rank's runs of buckets (``dcp.save`` / ``dcp.load`` reshard them).
     """
 
     def __init__(self, module: ManagedCollisionCollection, plan: EmbeddingModuleShardingPlan, env: ShardingEnv,
@@ -116,7 +63,7 @@ class ShardedManagedCollisionCollection(nn.Module):
         super().__init__()
         if env.process_group is None and env.world_size > 1:
             raise ValueError(f"{_OWNER}: sharding over several ranks needs a process group")
-        whole = module.get_submodule(_MODULES)
+        whole = module.get_submodule(MODULES)
         configs = list(module.embedding_configs())
         device = torch.device(device) if device is not None else torch.device("cpu")
         for c in configs:
@@ -131,21 +78,28 @@ class ShardedManagedCollisionCollection(nn.Module):
             for c in configs]
         self._env, self._group, self._device, self._plan = env, env.process_group, device, plan
         segments = [list(whole[c.name].bucket_segments()) for c in configs]
-        self._layout = layout = BucketLayout(configs, segments, plan, env.world_size)
+        joins = [getattr(r, "holds_bucket_runs", lambda: False)() for r in self._routers]
+        self._layout = layout = BucketLayout(configs, segments, plan, env.world_size, joins)
         self._configs = configs
         self._feature_names = [f for fs in layout.features for f in fs]
-        self._local = layout.buckets_of(env.rank)
-        modules = []
-        for t, k in self._local:
-            seg = layout.segments[t]
-            modules.append(whole[configs[t].name].rebuild_with_output_id_range((seg[k], seg[k + 1]), seg,
-                                                                               device=device))
+        self._local = layout.runs_of(env.rank)
+        modules = [whole[configs[t].name].rebuild_with_output_id_range(layout.run_rows(t, j), layout.segments[t],
+                                                                       device=device) for t, j in self._local]
         # TorchRec's attribute names, by which DistributedModelParallel knows a sharded module
         self._lookups = nn.ModuleList(modules)
         self._input_dists = nn.ModuleList()
+        # per feature of the tables with a fallback row: this rank's ids that found no slot
+        # (owners mark them in the rows they send back) and that read the fallback row
+        counted = [f for t, fs in enumerate(layout.features) for f in fs if hasattr(self._routers[t], "fallback_row")]
+        self._counted = counted
+        self.register_buffer("unplaced", torch.zeros(len(counted), dtype=torch.int64, device=device),
+                             persistent=False)
+        self.register_buffer("fallback", torch.zeros(len(counted), dtype=torch.int64, device=device),
+                             persistent=False)
+        self._slot_index: Dict[str, List[torch.Tensor]] = {}
         self.train(module.training)
         errors: List[str] = []
-        self.load_entries(module.state_dict(), "", [], errors)
+        load_entries(self, module.state_dict(), "", [], errors)
         if errors:
             raise ValueError(f"{_OWNER}: the module's state does not fit its buckets: {errors}")
         for m in self._lookups:
@@ -164,15 +118,36 @@ class ShardedManagedCollisionCollection(nn.Module):
     def bucket_layout(self) -> BucketLayout:
         return self._layout
 
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def process_group(self):
+        return self._group
+
+    @property
+    def rank(self) -> int:
+        return self._env.rank
+
+    def routers(self) -> List[nn.Module]:
+        """Per table, its module rebuilt on meta (the unsharded state_dict's keys and row entries)."""
+        return list(self._routers)
+
+    def local_runs(self) -> List[Tuple[int, int, nn.Module]]:
+        """``(table, run, module)`` of each run of buckets this rank holds (``bucket_layout.runs``)."""
+        return [(t, j, m) for (t, j), m in zip(self._local, self._lookups)]
+
     def local_modules(self) -> Dict[Tuple[str, int], nn.Module]:
-        """``(table, bucket)`` -> this rank's module of that bucket."""
-        return {(self._layout.names[t], k): m for (t, k), m in zip(self._local, self._lookups)}
+        """``(table, first bucket)`` -> this rank's module of the run of buckets starting there."""
+        return {(self._layout.names[t], self._layout.runs[t][j][0]): m for t, j, m in self.local_runs()}
 
     def embedding_configs(self):
         return list(self._configs)
 
     def extra_repr(self) -> str:
-        return f"world_size={self._env.world_size}, rank={self._env.rank}, buckets={len(self._local)}"
+        buckets = sum(self._layout.runs[t][j][1] for t, j in self._local)
+        return f"world_size={self._env.world_size}, rank={self._env.rank}, buckets={buckets}, runs={len(self._local)}"
 
     # --- forward -------------------------------------------------------------------------
     def forward(self, features: KeyedJaggedTensor, mutate_miss_lengths: bool = True) -> KeyedJaggedTensor:
@@ -184,24 +159,25 @@ class ShardedManagedCollisionCollection(nn.Module):
         """
         features = as_keyed_jagged_tensor(features)
         layout, world, group = self._layout, self._env.world_size, self._group
-        n_slots = layout.slot_starts[-1]
         error: Optional[BaseException] = None
-        batch_size, ids, per_slot, order, counts = -1, None, None, None, [0] * world
+        batch_size, ids, per_slot, order, counts, sizes = -1, None, None, None, [0] * world, []
         try:
             batch_size = features.stride()
-            values, lengths, ids, slot = self._route(features)
+            values, lengths, ids, slot, sizes = self._route(features)
             order = torch.argsort(slot, stable=True)
-            per_slot = torch.bincount(slot, minlength=n_slots)
-            starts = layout.slot_starts
-            counts = [int(per_slot[starts[r]:starts[r + 1]].sum()) for r in range(world)]
+            per_slot = torch.bincount(slot, minlength=layout.slot_starts[-1])
+            rank_of = layout.slot_rank.to(per_slot.device)
+            counts = torch.zeros(world, dtype=torch.int64, device=per_slot.device).index_add_(
+                0, rank_of, per_slot).tolist()
         except (ValueError, TypeError) as e:
             error = e
         device = features.values().device if error is None else self._device
         recv_counts = start_agree(error, batch_size, counts, group, device).wait(_OWNER)
         mine = len(layout.slots[self._env.rank])
-        sizes = [layout.slot_starts[r + 1] - layout.slot_starts[r] for r in range(world)]
-        got_slots, got_ids = exchange([(per_slot, sizes, [mine] * world), (ids[order], counts, recv_counts)], group)
-        # owners: the ids of each bucket in the unsharded order, remapped
+        slot_sizes = [layout.slot_starts[r + 1] - layout.slot_starts[r] for r in range(world)]
+        got_slots, got_ids = exchange([(per_slot, slot_sizes, [mine] * world), (ids[order], counts, recv_counts)],
+                                      group)
+        # owners: each run's ids (a bucket's in the unsharded order), remapped
         owner_error: Optional[BaseException] = None
         rows = got_ids
         try:
@@ -212,13 +188,15 @@ class ShardedManagedCollisionCollection(nn.Module):
         (back,) = exchange([(rows, recv_counts, counts)], group)
         remapped = torch.empty_like(back)
         remapped[order] = back
+        remapped = self._count(remapped, sizes)
         return KeyedJaggedTensor(self._feature_names, remapped.to(values.dtype), features.weights_or_none()
                                  if list(features.keys()) == self._feature_names else self._weights(features),
                                  lengths=lengths, stride=batch_size)
 
     def _route(self, features: KeyedJaggedTensor):
         """This rank's ids after ``preprocess`` (``[N]`` int64, features in order) and each one's
-        global slot (``[N]``), with the values and ``[F*B]`` lengths of the features in order."""
+        global slot (``[N]``), with the values, ``[F*B]`` lengths of the features in order and the
+        ids per feature (host ints, from the KJT's own offsets)."""
         keys = features.keys()
         missing = [f for f in self._feature_names if f not in keys]
         if missing:
@@ -229,7 +207,11 @@ class ShardedManagedCollisionCollection(nn.Module):
         index, starts, counts = features.index_per_key(), features.offset_per_key(), features.length_per_key()
         b = features.stride()
         all_lengths = features.lengths().view(-1)
-        ids, slots, lengths = [], [], []
+        device = values.device
+        slot_index = self._slot_index.get(str(device))
+        if slot_index is None:  # one host-to-device copy per device
+            slot_index = self._slot_index[str(device)] = [s.to(device) for s in self._layout.slot_index]
+        ids, slots, lengths, sizes = [], [], [], []
         for t, names in enumerate(self._layout.features):
             router, name = self._routers[t], self._layout.names[t]
             parts = [values.narrow(0, starts[index[f]], counts[index[f]]) for f in names]
@@ -238,71 +220,104 @@ class ShardedManagedCollisionCollection(nn.Module):
             table_ids = table_ids[name].values().to(torch.int64)
             bucket = router.bucket_of(table_ids)
             n_buckets = len(self._layout.owners[t])
+            part_sizes = [p.numel() for p in parts]
+            feature = torch.repeat_interleave(torch.arange(len(names), device=device),
+                                              torch.tensor(part_sizes, dtype=torch.int64, device=device),
+                                              output_size=table_ids.numel())
             bad = (bucket < 0) | (bucket >= n_buckets)
-            feature = torch.repeat_interleave(torch.arange(len(names)), torch.tensor([p.numel() for p in parts]))
             if bool(bad.any()):
                 first = int(torch.nonzero(bad)[0])
                 raise ValueError(f"{_OWNER}: feature '{names[int(feature[first])]}' (table '{name}') has id "
                                  f"{int(table_ids[first])}, outside [0, {router.input_size()}), the ids its "
                                  f"{n_buckets} buckets hold")
-            slots.append(self._layout.slot_index[t].to(bucket.device)[bucket, feature.to(bucket.device)])
+            slots.append(slot_index[t][bucket, feature])
             ids.append(table_ids)
             lengths.extend(lens)
+            sizes.extend(part_sizes)
         if not ids:
             empty = values.new_zeros(0, dtype=torch.int64)
-            return values, all_lengths.new_zeros(0), empty, empty
-        return values, torch.cat(lengths), torch.cat(ids), torch.cat(slots)
+            return values, all_lengths.new_zeros(0), empty, empty, sizes
+        return values, torch.cat(lengths), torch.cat(ids), torch.cat(slots), sizes
 
     def _remap_owned(self, slot_counts: torch.Tensor, got_ids: torch.Tensor) -> torch.Tensor:
         """``[W, S]`` received counts per (source, slot) and the ids, source after source -> their
-        rows in the same order, each of this rank's buckets profiled and remapped once."""
+        rows in the same order (ids that found no slot as ``-1 - row``), each of this rank's runs
+        profiled and remapped once."""
         world, mine = slot_counts.shape
         if mine == 0:
-            self._share_profiles([])
+            self._share_profiles()
             return got_ids
         sizes = slot_counts.reshape(-1)
         src_start = (torch.cumsum(sizes, 0) - sizes).view(world, mine)
         dst_sizes = slot_counts.t().reshape(-1)
         dst_start = torch.cumsum(dst_sizes, 0) - dst_sizes
-        gather = (torch.repeat_interleave(src_start.t().reshape(-1) - dst_start, dst_sizes)
+        gather = (torch.repeat_interleave(src_start.t().reshape(-1) - dst_start, dst_sizes,
+                                          output_size=got_ids.numel())
                   + torch.arange(got_ids.numel(), device=got_ids.device))
         by_slot = got_ids[gather]
-        per_slot = slot_counts.sum(0).tolist()
-        per_bucket: Dict[Tuple[int, int], int] = {}
-        for t, k, _ in self._layout.slots[self._env.rank]:
-            per_bucket[(t, k)] = per_bucket.get((t, k), 0) + per_slot.pop(0)
-        pieces = torch.split(by_slot, [per_bucket[tk] for tk in self._local])
-        profiled = []
-        for (t, k), module, bucket_ids in zip(self._local, self._lookups, pieces):
-            name = self._layout.names[t]
-            jt = {name: JaggedTensor(values=bucket_ids, lengths=bucket_ids.new_tensor([bucket_ids.numel()]))}
-            profiled.append(module.profile(jt))
-        self._share_profiles(self._local)
-        out = [module.remap(jt)[self._layout.names[t]].values().to(torch.int64)
-               for (t, _), module, jt in zip(self._local, self._lookups, profiled)]
+        per_slot = iter(torch.split(by_slot, slot_counts.sum(0).tolist()))
+        inputs = []
+        for t, _, module in self.local_runs():
+            name, features = self._layout.names[t], self._layout.features[t]
+            pieces = [next(per_slot) for _ in features]
+            if getattr(module, "holds_bucket_runs", lambda: False)():
+                inputs.append({f: JaggedTensor(values=p, lengths=p.new_tensor([p.numel()]))
+                               for f, p in zip(features, pieces)})
+            else:
+                joined = torch.cat(pieces)
+                inputs.append({name: JaggedTensor(values=joined, lengths=joined.new_tensor([joined.numel()]))})
+        profiled = [module.profile(jt) for (_, _, module), jt in zip(self.local_runs(), inputs)]
+        self._share_profiles()
+        out = []
+        for (_, _, module), jt in zip(self.local_runs(), profiled):
+            run_rows = torch.cat([v.values().to(torch.int64) for v in module.remap(jt).values()])
+            unplaced = getattr(module, "last_unplaced", lambda: None)()
+            out.append(run_rows if unplaced is None else torch.where(unplaced, -1 - run_rows, run_rows))
         rows = torch.empty_like(got_ids)
-        rows[gather] = torch.cat(out) if out else got_ids
+        rows[gather] = torch.cat(out)
         return rows
 
-    def _share_profiles(self, local) -> None:
+    def _share_profiles(self) -> None:
         """Tables whose buckets share state across buckets (a module with ``shared_width()`` > 0:
-        a hash table's admission counters) in training: each rank sums what its buckets profiled
+        a hash table's admission counters) in training: each rank sums what its runs profiled
         (``shared_increment()``), one all-reduce every rank joins gives the batch's total, and each
-        bucket takes it (``take_shared(total)``) before ``remap``."""
+        run takes it (``take_shared(total)``) before ``remap``."""
         widths = [getattr(r, "shared_width", lambda: 0)() for r in self._routers]
         if not self.training or not any(widths):
             return
         parts = [torch.zeros(w, dtype=torch.int64, device=self._device) for w in widths]
-        for (t, _), module in zip(local, self._lookups):
+        for t, _, module in self.local_runs():
             if widths[t]:
                 parts[t] += module.shared_increment()
         total = torch.cat(parts)
         if self._env.world_size > 1:
             torch.distributed.all_reduce(total, group=self._group)
         totals = torch.split(total, widths)
-        for (t, _), module in zip(local, self._lookups):
+        for t, _, module in self.local_runs():
             if widths[t]:
                 module.take_shared(totals[t])
+
+    def _count(self, rows: torch.Tensor, sizes: List[int]) -> torch.Tensor:
+        """Decode the owners' marks (``-1 - row``: no slot) and add this rank's ids per counted
+        feature that found no slot and that read the fallback row (no sync: device tensors)."""
+        unplaced = rows < 0
+        rows = torch.where(unplaced, -1 - rows, rows)
+        if not self._counted:
+            return rows
+        fallback = torch.cat([torch.full((n,), self._fallback_row(f), dtype=torch.int64, device=rows.device)
+                              for f, n in zip(self._feature_names, sizes)]) if sizes else rows
+        edges = torch.tensor([0] + sizes, dtype=torch.int64, device=rows.device).cumsum(0)
+        picked = torch.tensor([i for i, f in enumerate(self._feature_names) if f in self._counted],
+                              dtype=torch.int64, device=rows.device)
+        for counts, flags in ((self.unplaced, unplaced), (self.fallback, rows == fallback)):
+            running = torch.cat([flags.new_zeros(1, dtype=torch.int64), flags.to(torch.int64).cumsum(0)])
+            per_feature = running[edges[1:]] - running[edges[:-1]]
+            counts.add_(per_feature[picked])
+        return rows
+
+    def _fallback_row(self, feature: str) -> int:
+        t = next(t for t, fs in enumerate(self._layout.features) if feature in fs)
+        return self._routers[t].fallback_row() if feature in self._counted else -1
 
     def _weights(self, features: KeyedJaggedTensor) -> Optional[torch.Tensor]:
         weights = features.weights_or_none()
@@ -312,11 +327,21 @@ class ShardedManagedCollisionCollection(nn.Module):
         return torch.cat([weights.narrow(0, starts[index[f]], counts[index[f]]) for f in self._feature_names])
 
     # --- what the modules report ------------------------------------------------------------
+    def unplaced_counts(self) -> Dict[str, torch.Tensor]:
+        """Per feature of a table with a fallback row (hash tables), ``[]`` int64 on the device:
+        this rank's ids that found no slot (bucket full, nothing evictable), summed over batches.
+        No sync, no collective: the world's count is the sum over the ranks."""
+        return {f: self.unplaced[i] for i, f in enumerate(self._counted)}
+
+    def fallback_counts(self) -> Dict[str, torch.Tensor]:
+        """As :meth:`unplaced_counts`: this rank's ids that read the fallback row."""
+        return {f: self.fallback[i] for i, f in enumerate(self._counted)}
+
     def evict(self) -> Dict[str, Optional[torch.Tensor]]:
         """Per table, the global rows of this rank's buckets whose ids were replaced since the
         last call (None when none were)."""
         out: Dict[str, Optional[torch.Tensor]] = {}
-        for (t, _), m in zip(self._local, self._lookups):
+        for t, _, m in self.local_runs():
             rows = m.evict()
             if rows is not None:
                 name = self._layout.names[t]
@@ -326,86 +351,24 @@ class ShardedManagedCollisionCollection(nn.Module):
     def open_slots(self) -> Dict[str, torch.Tensor]:
         """Per table, the free slots of this rank's buckets (``[1]``)."""
         out = {name: torch.zeros(1, dtype=torch.int64, device=self._device) for name in self._layout.names}
-        for (t, _), m in zip(self._local, self._lookups):
+        for t, _, m in self.local_runs():
             out[self._layout.names[t]] = out[self._layout.names[t]] + m.open_slots().to(self._device)
         return out
 
     # --- state_dict ---------------------------------------------------------------------------
-    def _tables(self):
-        """Per table: (name, router, its local ``[(bucket, module)]``)."""
-        for t, name in enumerate(self._layout.names):
-            local = [(k, m) for (tt, k), m in zip(self._local, self._lookups) if tt == t]
-            yield t, name, self._routers[t], local
-
     def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
         """The unsharded module's keys: slot-indexed entries as ``ShardedTensor``s (this rank's
-        buckets' blocks, global metadata from the layout, so no collective), the rest (the
-        iteration, the segments) plain, from this rank's first bucket of the table."""
-        destination = destination if destination is not None else OrderedDict()
-        for t, name, router, local in self._tables():
-            base = f"{prefix}{_MODULES}.{name}."
-            rows = set(router.row_state_names())
-            for key, like in router.state_dict().items():
-                if key in rows:
-                    destination[base + key] = self._sharded(t, like, [(k, m.state_dict()[key]) for k, m in local])
-                elif local:
-                    destination[base + key] = local[0][1].state_dict()[key]
-        return destination
-
-    def _sharded(self, t: int, like: torch.Tensor, blocks) -> ShardedTensor:
-        seg, owners = self._layout.segments[t], self._layout.owners[t]
-        rest = list(like.shape[1:])
-        metadata = [TorchShardMetadata([seg[k] - seg[0]] + [0] * len(rest), [seg[k + 1] - seg[k]] + rest,
-                                       f"rank:{owners[k]}/{self._device.type}") for k in range(len(owners))]
-        local = [TorchShard(tensor, metadata[k]) for k, tensor in blocks]
-        size = torch.Size([seg[-1] - seg[0]] + rest)
-        return ShardedTensor._init_from_local_shards_and_global_metadata(
-            local, ShardedTensorMetadata(metadata, size, TensorProperties(dtype=like.dtype)), process_group=self._group)
-
-    @torch.no_grad()
-    def load_entries(self, state_dict, prefix: str, missing_keys: List[str], error_msgs: List[str]) -> None:
-        """Pop this module's keys from ``state_dict`` and copy this rank's buckets' blocks (from a
-        ``ShardedTensor`` holding them, or a full tensor: an unsharded module's)."""
-        for t, name, router, local in self._tables():
-            base = f"{prefix}{_MODULES}.{name}."
-            rows = set(router.row_state_names())
-            seg = self._layout.segments[t]
-            for key in router.state_dict():
-                if base + key not in state_dict:
-                    if local:
-                        missing_keys.append(base + key)
-                    continue
-                value = state_dict.pop(base + key)
-                if key == _SEGMENTS:  # the buckets are the module's, whatever the saved row blocks were
-                    continue
-                for k, m in local:
-                    target = m.state_dict(keep_vars=True)[key].data
-                    if key not in rows:
-                        source = value
-                    elif isinstance(value, ShardedTensor):
-                        theirs = {s.metadata.shard_offsets[0]: s.tensor for s in value.local_shards()}
-                        source = theirs.get(seg[k] - seg[0])
-                        if source is None:
-                            error_msgs.append(f"{base + key}: a ShardedTensor of another plan; load it with "
-                                              f"torch.distributed.checkpoint (dcp.load into state_dict()), which "
-                                              f"reshards")
-                            continue
-                    else:
-                        source = value.narrow(0, seg[k] - seg[0], seg[k + 1] - seg[k])
-                    if source.shape != target.shape:
-                        error_msgs.append(f"{base + key}: shape {list(source.shape)} for the bucket's "
-                                          f"{list(target.shape)}")
-                    elif source.device.type == "meta":  # a module built on meta: its buckets start empty
-                        continue
-                    elif source.data_ptr() != target.data_ptr():
-                        target.copy_(source.to(target.device))
+        runs' blocks, global metadata from the layout, so no collective), the rest (the
+        iteration, the segments, a hash table's admission counters) plain, from this rank's
+        first run of the table."""
+        return state_entries(self, destination if destination is not None else OrderedDict(), prefix)
 
 
 def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                    error_msgs) -> None:
-    """Take the unsharded keys; the bucket modules then load their own tensors onto themselves
+    """Take the unsharded keys; the run modules then load their own tensors onto themselves
     (and re-validate: ``MCHManagedCollisionModule`` re-sorts its buffers)."""
-    module.load_entries(state_dict, prefix, missing_keys, error_msgs)
+    load_entries(module, state_dict, prefix, missing_keys, error_msgs)
     for key, value in nn.Module.state_dict(module, prefix=prefix).items():
         state_dict.setdefault(key, value)
 
