@@ -34,9 +34,9 @@ POOL = torch.randint(-2 ** 62, 2 ** 62, (24,), generator=torch.Generator().manua
 
 
 class Model(nn.Module):
-    def __init__(self, unplaced: str = "fallback") -> None:
+    def __init__(self, unplaced: str = "fallback", rows: dict = ROWS) -> None:
         super().__init__()
-        tables = [jr.EmbeddingBagConfig(name=t, embedding_dim=DIMS[t], num_embeddings=ROWS[t],
+        tables = [jr.EmbeddingBagConfig(name=t, embedding_dim=DIMS[t], num_embeddings=rows[t],
                                         feature_names=["u1", "u2"] if t == "u" else [f"{t}1"],
                                         weight_init_min=0.05, weight_init_max=0.05) for t in ("u", "i", "s")]
         options = {"u": HashTableOptions(bucket_size=2, eviction="lru", unplaced=unplaced),
@@ -241,6 +241,52 @@ def bad_input_cases(rank: int, world: int) -> List[str]:
     return messages
 
 
+def check_id_map(model, ref: Model, rank: int, world: int, what: str) -> int:
+    """A Python dict of the oracle's live ids (id -> row, from its slots) against the sharded
+    module in eval: every live id, sent by one rank or another (ids split over the ranks), reads
+    its row; an id never seen reads the fallback row. Returns the ids checked."""
+    state = ref.hash.hash_state
+    rows = {}
+    for h, t in enumerate(state.tables):
+        for row, key in enumerate(state.live_ids(h).tolist()):
+            if key != EMPTY:
+                rows.update({(f, key): row for f in t.features})
+    fresh = -(2 ** 62) - 7  # outside POOL's range
+    per_key = {k: [i for (f, i) in sorted(rows) if f == k][rank::world] + [fresh] for k in KEYS if k != "s1"}
+    per_key["s1"] = []
+    kjt = jr.KeyedJaggedTensor(KEYS, torch.tensor([i for k in KEYS for i in per_key[k]], dtype=torch.int64),
+                               lengths=torch.tensor([n for k in KEYS for n in [len(per_key[k])] + [0] * (B - 1)]))
+    sharded = model.module.hash
+    sharded.eval()
+    remapped = sharded.remap(kjt)
+    sharded.train()
+    for k in KEYS[:3]:
+        want = [rows.get((k, i), ROWS[k[0]] - 1) for i in per_key[k]]
+        assert remapped[k].values().tolist() == want, f"{what}: rows of {k}"
+    return sum(len(v) - 1 for v in per_key.values() if v)
+
+
+def many_buckets_cases(rank: int, world: int) -> List[str]:
+    """A table of 2048 buckets (and one of 7), row-wise and table-wise: each rank holds one
+    module per table (its run of buckets), and 3 training steps give the oracle's rows and
+    bucket states, bit for bit."""
+    done = []
+    for plan in ("rw", "tw"):
+        big = dict(ROWS, u=2 * 2048 + 1)
+        ref, model = Model(rows=big), Model(rows=big)
+        model = DistributedModelParallel(model, ShardingEnv.from_process_group(group()), torch.device("cpu"),
+                                         plan=ShardingPlan({"hash": construct_module_sharding_plan(
+                                             model.hash, PLANS[plan](world - 1), world_size=world)}))
+        local = model.module.hash.managed_collision_collection.local_modules()
+        assert len(local) <= 2, f"{plan}: {len(local)} modules on rank {rank}"
+        for step in range(3):
+            ref_out, ref_remapped = reference_step(ref, step, world, 60 + step)
+            out, remapped = sharded_step(model, rank, step, world, 60 + step)
+            check_step(model, ref, out, ref_out, remapped, ref_remapped, rank, f"2048 buckets {plan} step {step}")
+        done.append(plan)
+    return done
+
+
 # the checkpoint's journey: (world, plan, steps trained there before saving, seed base)
 JOURNEY = [(2, "mixed", 3, 100), (1, "rw", 2, 200), (3, "tw", 2, 300)]
 
@@ -262,7 +308,8 @@ def checkpoint_leg(rank: int, world: int, leg: int, root: str) -> List[str]:
         model.load_state_dict(state)
         blocks = check_bit_exact(model, source, f"leg {leg}")
         buckets = check_state(model, ref, rank, f"loaded on {world}")
-        notes.append(f"leg {leg}: {blocks} blocks, {buckets} buckets")
+        ids = check_id_map(model, ref, rank, world, f"loaded on {world}")
+        notes.append(f"leg {leg}: {blocks} blocks, {buckets} buckets, {ids} ids")
     for step in range(steps):
         ref_out, ref_remapped = reference_step(ref, step, world, base + step)
         out, remapped = sharded_step(model, rank, step, world, base + step)

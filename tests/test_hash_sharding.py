@@ -4,20 +4,22 @@ buckets: an eviction resets a row on another rank) and mixed, trained with evict
 the unsharded module fed the global batch (rows, id maps, last steps and counts bit for bit;
 outputs and tables to fp32 tolerance), with an empty rank and int32 ids; bad batches raise on
 every rank (a missing feature, float ids, ids that find no slot under
-unplaced='raise'); checkpoints reshard 2 -> 1 -> 3 ranks bit for bit. Gloo, one launch per world size
-and leg."""
+unplaced='raise'); checkpoints reshard 2 -> 1 -> 3 ranks bit for bit (and every live id of the
+oracle, kept in a dict, reads its row after each load); a rank holds one module per table (its
+run of buckets, 2048 buckets in one case) and the per-feature counts of unplaced and fallback ids, summed
+over the ranks, are the unsharded module's. Gloo; every case runs in the one launch that
+sharding_journey.py shares with test_mc_sharding.py (its deadline bounds these tests)."""
 
 import pytest
 
 import hash_sharding_cases as cases
-from distributed_harness import run_ranks
+import sharding_journey as journey
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_hash_collection_trains_as_the_unsharded_module(world):
-    results = run_ranks(cases.run, world, [("train_cases",), ("bad_input_cases",)], timeout=400,
-                        collective_timeout=60)
-    for rank, (trained, (missing, float_ids, unplaced)) in enumerate(results):
+    for rank, (trained, (missing, float_ids, unplaced)) in enumerate(
+            zip(journey.of(world, "hash.train_cases"), journey.of(world, "hash.bad_input_cases"))):
         assert trained == ["tw", "rw", "mixed"]
         # the rank with the bad batch names the problem; the others say which rank rejected it
         assert ("features ['i1']" in missing) if rank == 0 else ("rank 0 rejected" in missing), missing
@@ -25,13 +27,17 @@ def test_sharded_hash_collection_trains_as_the_unsharded_module(world):
         assert "unplaced='raise'" in unplaced and "hash table 'u'" in unplaced, unplaced
 
 
-def test_checkpoint_reshards_two_one_three_ranks_bit_exact(tmp_path):
+def test_checkpoint_reshards_two_one_three_ranks_bit_exact():
     for leg, (world, _, _, _) in enumerate(cases.JOURNEY):
-        notes = run_ranks(cases.run, world, [("checkpoint_leg", leg, str(tmp_path))], timeout=300,
-                          collective_timeout=60)
+        notes = journey.of(world, "hash.checkpoint_leg")
         if leg:
-            assert all(n[0] and "blocks" in n[0][0] for n in notes), notes
-            assert sum(int(n[0][0].split(", ")[1].split()[0]) for n in notes) == 7, notes  # every bucket held once
+            assert all(n and "blocks" in n[0] for n in notes), notes
+            assert sum(int(n[0].split(", ")[1].split()[0]) for n in notes) == 7, notes  # every bucket held once
+            assert sum(int(n[0].split(", ")[2].split()[0]) for n in notes) > 10, notes  # live ids looked up
+
+
+def test_a_rank_holds_one_module_per_table_of_2048_buckets():
+    assert journey.of(3, "hash.many_buckets_cases") == [["rw", "tw"]] * 3
 
 
 def test_hashed_table_column_wise_is_refused_naming_it():
