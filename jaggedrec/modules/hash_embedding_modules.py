@@ -193,7 +193,8 @@ class HashEmbeddingBagCollection(EmbeddingBagCollection):
 
     @torch.no_grad()
     def _reset_evicted(self, table: torch.Tensor, evicted_row: torch.Tensor) -> None:
-        """Re-initialise each row an id was evicted from, and zero its fused optimizer state.
+        """Re-initialise each row an id was evicted from, and zero its fused optimizer state
+        (``[E]`` hashed table and row of each eviction, as :class:`Remapped` gives them).
 
         The fresh values are ``hash_probe_torch.fresh_uniform``'s counter-based draw, keyed by
         (``reset_seed``, step, table, row), scaled to the table's init range: one draw for all
@@ -201,10 +202,7 @@ class HashEmbeddingBagCollection(EmbeddingBagCollection):
         GPUs) write at every position, those without an eviction writing the fallback row's own
         values back (so nothing changes there)."""
         state = self.fused_optimizer_state
-        compact = self.hash_state.compacts(evicted_row)
-        if compact:  # eager CPU: the evictions only
-            pick = (evicted_row >= 0).nonzero().squeeze(1)
-            table, evicted_row = table.index_select(0, pick), evicted_row.index_select(0, pick)
+        compact = self.hash_state.compacts(evicted_row)  # eager CPU: remap listed the evictions only
         fresh = hp.fresh_uniform(self.reset_seed, self.hash_state.step, table, evicted_row, self._reset_dim)
         for hashed, t, low, high, offset, rows, dim, row_base, states in self._reset_plan:
             mask = table == hashed

@@ -76,11 +76,14 @@ class HashedTable(NamedTuple):
 
 
 class Remapped(NamedTuple):
-    """:meth:`HashTableState.remap`'s answer, per position of the KJT's values."""
+    """:meth:`HashTableState.remap`'s answer: the rows, and the evictions as ``[E]`` pairs
+    (hashed table, row): every position on fixed shapes (``E = N``; row ``-1`` where the
+    position evicted nothing, table ``H`` where its feature is not hashed), only the positions
+    that evicted when the step compacts."""
 
     values: torch.Tensor  # [N] rows, in the ids' dtype (other features' ids as they were)
-    table: torch.Tensor  # [N] int64 hashed table index, H where the feature is not hashed
-    evicted_row: torch.Tensor  # [N] int64 row whose id was evicted for this position's id, -1 none
+    table: torch.Tensor  # [E] int64 hashed table index of each eviction
+    evicted_row: torch.Tensor  # [E] int64 row whose id was evicted (-1: none)
 
 
 class HashTableState(nn.Module):
@@ -187,14 +190,14 @@ class HashTableState(nn.Module):
         stride = kjt.stride()
         # [K + 1]: where each key's ids start (the values are key-major); no bags: all at 0
         key_offsets = kjt.offsets()[::stride] if stride else ids.new_zeros(len(kjt.keys()) + 1, dtype=torch.int64)
-        key = torch.arange(len(kjt.keys()), device=ids.device).repeat_interleave(key_offsets.diff(), output_size=n)
-        table = key_table[key]
+        table = key_table.repeat_interleave(key_offsets.diff(), output_size=n)
         hashed_mask = table < len(self.tables)
         raw = ids.to(torch.int64)
         hashed = hp.mix(raw)
         per_table = self.per_table
-        buckets = hp.bucket_of(hashed, per_table[self._column["bucket_base"]][table],
-                               per_table[self._column["num_buckets"]][table])
+        bucket_base = self.column("bucket_base").index_select(0, table)
+        buckets = hp.bucket_of(hashed, bucket_base, self.column("num_buckets").index_select(0, table))
+        evicted_at = None
         if self.training:
             admission = None
             if self._admits:
@@ -208,20 +211,26 @@ class HashTableState(nn.Module):
                     hashed_mask, table, self.column("policy"), self.column("ttl"), admission,
                     compact=self.compacts(raw), counts_lookups=self._counts_lookups)
             slot, evicted_slot, unplaced = placement.slot, placement.evicted_slot, placement.unplaced
+            evicted_at = placement.evicted_at
         else:
             slot = hp.lookup(self.keys, self.bucket_size, raw, buckets, hashed_mask)
             evicted_slot, unplaced = torch.full_like(slot, -1), torch.zeros_like(hashed_mask)
-        # a table's row = its slot less the table's first slot; the fallback row where none
-        slot_base = self.column("slot_base")[table]
+        # a table's row = its slot less the table's first slot (bucket_base * bucket_size); the
+        # fallback row where none; other features' ids as they were
         fallback = hashed_mask & (slot < 0)
-        rows = torch.where(fallback, self.column("fallback")[table], slot - slot_base)
-        values = torch.where(hashed_mask, rows, raw).to(ids.dtype)
-        unplaced_per_key = _per_key(unplaced, key_offsets)
+        rows = torch.where(slot >= 0, slot - bucket_base * self.bucket_size,
+                           torch.where(hashed_mask, self.column("fallback").index_select(0, table), raw))
+        values = rows.to(ids.dtype)
+        unplaced_per_key, fallback_per_key = _per_key(unplaced, fallback, key_offsets)
         self._count(self.unplaced, unplaced_per_key, key_feature)
-        self._count(self.fallback, _per_key(fallback, key_offsets), key_feature)
+        self._count(self.fallback, fallback_per_key, key_feature)
         self._raise_unplaced(unplaced_per_key, kjt.keys())
-        evicted_row = torch.where(evicted_slot >= 0, evicted_slot - slot_base, -1)
-        return Remapped(values, table, evicted_row)
+        if evicted_at is None:  # fixed shapes: every position
+            return Remapped(values, table, torch.where(evicted_slot >= 0, evicted_slot - bucket_base * self.bucket_size,
+                                                       -1))
+        evicted_table = table.index_select(0, evicted_at)
+        base = self.column("slot_base").index_select(0, evicted_table)
+        return Remapped(values, evicted_table, evicted_slot.index_select(0, evicted_at) - base)
 
     def _count(self, counts: torch.Tensor, per_key: torch.Tensor, key_feature: torch.Tensor) -> None:
         """Add ``[K]`` counts into the ``[F]`` per-feature ``counts`` (keys not hashed: none)."""
@@ -257,7 +266,10 @@ class HashTableState(nn.Module):
         return self.keys.narrow(0, base, num_buckets * self.bucket_size)
 
 
-def _per_key(flags: torch.Tensor, key_offsets: torch.Tensor) -> torch.Tensor:
-    """``[K]`` int64: how many of ``flags`` (``[N]`` bool, key-major) each key holds."""
-    running = torch.cat([flags.new_zeros(1, dtype=torch.int64), flags.to(torch.int64).cumsum(0)])
-    return running[key_offsets[1:]] - running[key_offsets[:-1]]
+def _per_key(unplaced: torch.Tensor, fallback: torch.Tensor, key_offsets: torch.Tensor):
+    """``([K], [K])`` int64: how many of ``unplaced`` and of ``fallback`` (``[N]`` bool each,
+    key-major) each key holds; one running sum of both (fallback in the low 32 bits: N < 2^32)."""
+    both = torch.cat([fallback.new_zeros(1, dtype=torch.int64),
+                      fallback.to(torch.int64).add_(unplaced.to(torch.int64) << 32)]).cumsum_(0)
+    at = both.index_select(0, key_offsets).diff()
+    return at >> 32, at & 0xFFFFFFFF

@@ -25,7 +25,7 @@ The rules, which ``tests/test_hash_table_properties.py``'s simulator restates in
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -91,14 +91,19 @@ def fresh_uniform(seed: int, step: torch.Tensor, table: torch.Tensor, row: torch
 def probe(keys: torch.Tensor, bucket_size: int, ids: torch.Tensor, buckets: torch.Tensor):
     """Where each id sits: ``(found [N] bool, slot [N] int64)`` (the global slot; meaningless
     where not found). ``keys``: ``[num_slots + 1]``; ``ids``, ``buckets``: ``[N]`` int64."""
+    return _probe(keys, bucket_size, ids, buckets, ids != EMPTY)
+
+
+def _probe(keys, bucket_size: int, ids, buckets, valid):
+    """:func:`probe` where ``valid`` (``[N]`` bool): found only there (an id equal to EMPTY, the
+    free slots' key, must be invalid)."""
     match = _bucket_view(keys, bucket_size).index_select(0, buckets) == ids.unsqueeze(1)  # [N, S]
     packed = _packed(match)
     if packed is None:
         found, offset = match.any(1), match.to(torch.int8).argmax(1)
     else:  # an id sits in at most one slot of its bucket: one byte of the word is 1
         found, offset = packed != 0, _byte_index(packed, bucket_size)
-    # EMPTY is the free slots' key: an id equal to it is never found
-    return found & (ids != EMPTY), buckets * bucket_size + offset
+    return found & valid, offset.add_(buckets * bucket_size)
 
 
 _WORDS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -138,6 +143,8 @@ class Placement(NamedTuple):
     evicted_slot: torch.Tensor  # [N] int64
     unplaced: torch.Tensor  # [N] bool: admitted, but no slot could be had
     pending: torch.Tensor  # [N] bool: missing and not admitted (yet)
+    # [E] int64 positions whose id evicted another (compact steps; None on fixed shapes)
+    evicted_at: Optional[torch.Tensor] = None
 
 
 def _ranking(keys, last_step, count, buckets, bucket_size: int, policy, ttl, step):
@@ -178,37 +185,43 @@ def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, buck
     """
     n = ids.numel()
     scratch = keys.numel() - 1
-    found, slot = probe(keys, bucket_size, ids, buckets)
-    found = found & hashed_mask
+    valid = hashed_mask & (ids != EMPTY)  # EMPTY is the free slots' key: never found nor placed
+    found, slot = _probe(keys, bucket_size, ids, buckets, valid)
     # the slots looked up now take this step first: the ranking reads "last_step == step" as
     # "looked up in this batch" (earlier steps are all smaller), which it never evicts
     last_step.index_copy_(0, torch.where(found, slot, scratch), step.expand(n))
     miss = hashed_mask & ~found
-    admitted = miss & (ids != EMPTY)
+    admitted = valid & ~found
     if admission is not None:  # occurrences of missing ids in their table's counters
         sketch_index, threshold = admission
         counted = miss & (threshold > 1)
         sketch.index_add_(0, torch.where(counted, sketch_index, sketch.numel() - 1), counted.to(torch.int64))
-        admitted = admitted & ((threshold <= 1) | (sketch[sketch_index] >= threshold))
+        admitted = admitted & ((threshold <= 1) | (sketch.index_select(0, sketch_index) >= threshold))
+    # found slots stay, the others read -1 until placed (positions of features not hashed are
+    # never found nor admitted, so they stay -1)
+    slot = torch.where(found, slot, -1)
+    evicted_at = None
     if compact:
         pick = admitted.nonzero().squeeze(1)
         picked = table.index_select(0, pick)
         m_slot, m_evicted = _place(keys, last_step, count, step, bucket_size, ids.index_select(0, pick),
                                    buckets.index_select(0, pick), torch.ones_like(pick, dtype=torch.bool),
                                    table_policy.index_select(0, picked), table_ttl.index_select(0, picked))
-        new_slot = torch.full_like(ids, -1).index_copy_(0, pick, m_slot)
-        evicted_slot = torch.full_like(ids, -1).index_copy_(0, pick, m_evicted)
+        slot.index_copy_(0, pick, m_slot)
+        evicted = (m_evicted >= 0).nonzero().squeeze(1)
+        evicted_at = pick.index_select(0, evicted)
+        evicted_slot = torch.full_like(ids, -1).index_copy_(0, evicted_at, m_evicted.index_select(0, evicted))
         last_step.index_copy_(0, torch.where(m_slot >= 0, m_slot, scratch), step.expand(pick.numel()))
     else:
         new_slot, evicted_slot = _place(keys, last_step, count, step, bucket_size, ids, buckets, admitted,
                                         table_policy[table], table_ttl[table])
         last_step.index_copy_(0, torch.where(new_slot >= 0, new_slot, scratch), step.expand(n))
-    slot = torch.where(hashed_mask, torch.where(found, slot, new_slot), -1)
+        slot = torch.where(found, slot, new_slot)
     live = slot >= 0
     if counts_lookups:  # LFU's score (the other policies never read it)
         count.index_add_(0, torch.where(live, slot, scratch), live.to(torch.int64))
     keys[scratch] = EMPTY
-    return Placement(slot, evicted_slot, admitted & ~live, miss & ~admitted)
+    return Placement(slot, evicted_slot, admitted & ~live, miss & ~admitted, evicted_at)
 
 
 def _place(keys, last_step, count, step, bucket_size: int, ids, buckets, admitted, policy, ttl):
