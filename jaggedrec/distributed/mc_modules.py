@@ -41,7 +41,7 @@ from jaggedrec.modules.mc_modules import ManagedCollisionCollection
 from jaggedrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, as_keyed_jagged_tensor
 from jaggedrec.distributed.comm import exchange, start_agree
 from jaggedrec.distributed.mc_layout import BucketLayout
-from jaggedrec.distributed.mc_state import MODULES, load_entries, state_entries
+from jaggedrec.distributed.mc_state import MODULES, load_entries, load_pre_hook, state_entries
 from jaggedrec.distributed.types import EmbeddingModuleShardingPlan, ModuleSharder, ShardingEnv, ShardingType
 
 _OWNER = "ShardedManagedCollisionCollection"
@@ -96,7 +96,7 @@ class ShardedManagedCollisionCollection(nn.Module):
                              persistent=False)
         self.register_buffer("fallback", torch.zeros(len(counted), dtype=torch.int64, device=device),
                              persistent=False)
-        self._slot_index: Dict[str, List[torch.Tensor]] = {}
+        self._device_maps: Dict[str, tuple] = {}
         self.train(module.training)
         errors: List[str] = []
         load_entries(self, module.state_dict(), "", [], errors)
@@ -104,7 +104,7 @@ class ShardedManagedCollisionCollection(nn.Module):
             raise ValueError(f"{_OWNER}: the module's state does not fit its buckets: {errors}")
         for m in self._lookups:
             m.validate_state()
-        self.register_load_state_dict_pre_hook(_load_pre_hook)
+        self.register_load_state_dict_pre_hook(load_pre_hook)
 
     @property
     def plan(self) -> EmbeddingModuleShardingPlan:
@@ -166,7 +166,7 @@ class ShardedManagedCollisionCollection(nn.Module):
             values, lengths, ids, slot, sizes = self._route(features)
             order = torch.argsort(slot, stable=True)
             per_slot = torch.bincount(slot, minlength=layout.slot_starts[-1])
-            rank_of = layout.slot_rank.to(per_slot.device)
+            rank_of = self._on(per_slot.device)[1]
             counts = torch.zeros(world, dtype=torch.int64, device=per_slot.device).index_add_(
                 0, rank_of, per_slot).tolist()
         except (ValueError, TypeError) as e:
@@ -208,9 +208,7 @@ class ShardedManagedCollisionCollection(nn.Module):
         b = features.stride()
         all_lengths = features.lengths().view(-1)
         device = values.device
-        slot_index = self._slot_index.get(str(device))
-        if slot_index is None:  # one host-to-device copy per device
-            slot_index = self._slot_index[str(device)] = [s.to(device) for s in self._layout.slot_index]
+        slot_index = self._on(device)[0]
         ids, slots, lengths, sizes = [], [], [], []
         for t, names in enumerate(self._layout.features):
             router, name = self._routers[t], self._layout.names[t]
@@ -238,6 +236,22 @@ class ShardedManagedCollisionCollection(nn.Module):
             empty = values.new_zeros(0, dtype=torch.int64)
             return values, all_lengths.new_zeros(0), empty, empty, sizes
         return values, torch.cat(lengths), torch.cat(ids), torch.cat(slots), sizes
+
+    def _on(self, device: torch.device) -> tuple:
+        """The layout's routing tensors on ``device`` (one host-to-device copy per device):
+        ``slot_index`` per table, ``[S]`` rank of each slot, ``[C]`` counted features' positions,
+        ``[F]`` each feature's fallback row (-1: not counted)."""
+        maps = self._device_maps.get(str(device))
+        if maps is None:
+            layout = self._layout
+            counted = [i for i, f in enumerate(self._feature_names) if f in self._counted]
+            fallback = [self._routers[t].fallback_row() if f in self._counted else -1
+                        for t, fs in enumerate(layout.features) for f in fs]
+            maps = self._device_maps[str(device)] = (
+                [s.to(device) for s in layout.slot_index], layout.slot_rank.to(device),
+                torch.tensor(counted, dtype=torch.int64, device=device),
+                torch.tensor(fallback, dtype=torch.int64, device=device))
+        return maps
 
     def _remap_owned(self, slot_counts: torch.Tensor, got_ids: torch.Tensor) -> torch.Tensor:
         """``[W, S]`` received counts per (source, slot) and the ids, source after source -> their
@@ -304,20 +318,15 @@ class ShardedManagedCollisionCollection(nn.Module):
         rows = torch.where(unplaced, -1 - rows, rows)
         if not self._counted:
             return rows
-        fallback = torch.cat([torch.full((n,), self._fallback_row(f), dtype=torch.int64, device=rows.device)
-                              for f, n in zip(self._feature_names, sizes)]) if sizes else rows
-        edges = torch.tensor([0] + sizes, dtype=torch.int64, device=rows.device).cumsum(0)
-        picked = torch.tensor([i for i, f in enumerate(self._feature_names) if f in self._counted],
-                              dtype=torch.int64, device=rows.device)
+        _, _, picked, fallback_rows = self._on(rows.device)
+        per_feature = torch.tensor(sizes, dtype=torch.int64, device=rows.device)
+        fallback = torch.repeat_interleave(fallback_rows, per_feature, output_size=rows.numel())
+        edges = torch.cat([per_feature.new_zeros(1), per_feature.cumsum(0)])
         for counts, flags in ((self.unplaced, unplaced), (self.fallback, rows == fallback)):
             running = torch.cat([flags.new_zeros(1, dtype=torch.int64), flags.to(torch.int64).cumsum(0)])
             per_feature = running[edges[1:]] - running[edges[:-1]]
             counts.add_(per_feature[picked])
         return rows
-
-    def _fallback_row(self, feature: str) -> int:
-        t = next(t for t, fs in enumerate(self._layout.features) if feature in fs)
-        return self._routers[t].fallback_row() if feature in self._counted else -1
 
     def _weights(self, features: KeyedJaggedTensor) -> Optional[torch.Tensor]:
         weights = features.weights_or_none()
@@ -362,15 +371,6 @@ class ShardedManagedCollisionCollection(nn.Module):
         iteration, the segments, a hash table's admission counters) plain, from this rank's
         first run of the table."""
         return state_entries(self, destination if destination is not None else OrderedDict(), prefix)
-
-
-def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                   error_msgs) -> None:
-    """Take the unsharded keys; the run modules then load their own tensors onto themselves
-    (and re-validate: ``MCHManagedCollisionModule`` re-sorts its buffers)."""
-    load_entries(module, state_dict, prefix, missing_keys, error_msgs)
-    for key, value in nn.Module.state_dict(module, prefix=prefix).items():
-        state_dict.setdefault(key, value)
 
 
 class ManagedCollisionCollectionSharder(ModuleSharder[nn.Module]):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import List
 
 import torch
+from torch import nn
 from torch.distributed._shard.metadata import ShardMetadata as TorchShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard as TorchShard
 from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -108,3 +109,12 @@ def load_entries(collection, state_dict, prefix: str, missing_keys: List[str], e
                     continue
                 elif source.data_ptr() != target.data_ptr():
                     target.copy_(source.to(target.device))
+
+
+def load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                  error_msgs) -> None:
+    """Take the unsharded keys; the run modules then load their own tensors onto themselves
+    (and re-validate: ``MCHManagedCollisionModule`` re-sorts its buffers)."""
+    load_entries(module, state_dict, prefix, missing_keys, error_msgs)
+    for key, value in nn.Module.state_dict(module, prefix=prefix).items():
+        state_dict.setdefault(key, value)
