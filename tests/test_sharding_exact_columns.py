@@ -17,7 +17,7 @@ import exact_columns_cases
 import jaggedrec as jr
 from distributed_harness import run_ranks
 from jaggedrec import optim
-from jaggedrec.distributed.exact_rules import ROW_SUMS, finish_rows, row_partials
+from jaggedrec.ops.fused_rules_rowwise import ROW_SUMS, finish_rows, row_partials
 from jaggedrec.ops import fused_rules
 
 

@@ -36,7 +36,7 @@ from jaggedrec.modules.embedding_configs import PoolingType
 from jaggedrec.ops.weight_grads import clipped_grad
 from jaggedrec.optim import FusedOptimizer
 from jaggedrec.distributed.checkpoint import state_views
-from jaggedrec.distributed.exact_rules import ROW_SUMS, finish_rows, row_partials
+from jaggedrec.ops.fused_rules_rowwise import ROW_SUMS, finish_rows, row_partials
 from jaggedrec.distributed.shard_layout import Shard, ShardLayout
 
 # config fields the exact step reads; any other set away from its default is refused
