@@ -209,7 +209,7 @@ class ShardedManagedCollisionCollection(nn.Module):
         all_lengths = features.lengths().view(-1)
         device = values.device
         slot_index = self._on(device)[0]
-        ids, slots, lengths, sizes = [], [], [], []
+        ids, slots, lengths, sizes, bad, features_of = [], [], [], [], [], []
         for t, names in enumerate(self._layout.features):
             router, name = self._routers[t], self._layout.names[t]
             parts = [values.narrow(0, starts[index[f]], counts[index[f]]) for f in names]
@@ -222,16 +222,19 @@ class ShardedManagedCollisionCollection(nn.Module):
             feature = torch.repeat_interleave(torch.arange(len(names), device=device),
                                               torch.tensor(part_sizes, dtype=torch.int64, device=device),
                                               output_size=table_ids.numel())
-            bad = (bucket < 0) | (bucket >= n_buckets)
-            if bool(bad.any()):
-                first = int(torch.nonzero(bad)[0])
-                raise ValueError(f"{_OWNER}: feature '{names[int(feature[first])]}' (table '{name}') has id "
-                                 f"{int(table_ids[first])}, outside [0, {router.input_size()}), the ids its "
-                                 f"{n_buckets} buckets hold")
-            slots.append(slot_index[t][bucket, feature])
+            bad.append((bucket < 0) | (bucket >= n_buckets))
+            slots.append(slot_index[t][bucket.clamp(0, n_buckets - 1), feature])  # bad ids raise below
             ids.append(table_ids)
             lengths.extend(lens)
             sizes.extend(part_sizes)
+            features_of.append(feature)
+        if bad and bool(torch.cat(bad).any()):  # one host read for every table
+            t = next(t for t, flags in enumerate(bad) if bool(flags.any()))
+            first, names = int(torch.nonzero(bad[t])[0]), self._layout.features[t]
+            raise ValueError(f"{_OWNER}: feature '{names[int(features_of[t][first])]}' (table "
+                             f"'{self._layout.names[t]}') has id {int(ids[t][first])}, outside "
+                             f"[0, {self._routers[t].input_size()}), the ids its {len(self._layout.owners[t])} "
+                             f"buckets hold")
         if not ids:
             empty = values.new_zeros(0, dtype=torch.int64)
             return values, all_lengths.new_zeros(0), empty, empty, sizes
