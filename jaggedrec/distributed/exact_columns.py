@@ -1,4 +1,5 @@
-"""Column-wise shards stepped as whole rows: the exact step of a bag collection's *exact* tables.
+"""Column-wise shards stepped as whole rows: the exact step of a sharded collection's *exact*
+tables (the bag collection's and the unpooled one's alike).
 
 A fused optimizer that steps a row by sums over all of its columns (``needs_whole_rows``:
 row-wise Adagrad's state, partial row-wise Adam's and LAMB's second moment, LARS-SGD's and
@@ -9,7 +10,9 @@ own, which only looks rows up; :class:`ExactColumns` steps it in the backward:
 1. each shard sums its touched rows' gradients (duplicate ids summed in the unsharded step's
    order, so the sums are the same bit for bit; the rows are the same on every column block
    of a table, since every block reads the table's whole batch) and computes its part of
-   their row sums (``exact_rules.row_partials``);
+   their row sums (``exact_rules.row_partials``). A bag collection's ids read their bag's
+   gradient, an unpooled collection's each its own row's: only where a key's gradient rows
+   lie differs (``ExactColumns(pooled=...)``);
 2. one ``all_to_all`` per step sends each part to the other ranks that hold a block of the
    same table, and every holder adds the parts up in block order, so that every block gets
    the same sums, bit for bit;
@@ -18,9 +21,9 @@ own, which only looks rows up; :class:`ExactColumns` steps it in the backward:
 
 Every rank enters the all-to-all in every step, also one that holds no exact block or got
 no ids: the step hangs off an autograd node that every rank's output dist's backward reaches
-(as ``comm.joins_backward`` makes the output dist's own), and the per-id weights' gradient
-waits for it (as ``comm.tie_backward``), so the collectives of the backward come in one
-order on every rank.
+(as ``comm.joins_backward`` makes the output dist's own; the caller feeds the node's output,
+empty as it may be, to the output dist), and the per-id weights' gradient waits for it (as
+``comm.tie_backward``), so the collectives of the backward come in one order on every rank.
 """
 
 from __future__ import annotations
@@ -79,24 +82,31 @@ class _Work(NamedTuple):
 
 class ExactColumns:
     """Steps this rank's blocks of the exact tables of ``layout`` (held by ``collection``, a
-    local bag collection with ``fused``'s state, or None) inside the backward.
+    local collection with ``fused``'s state, or None) inside the backward.
 
-    ``attach(pooled, kjt, weights)`` returns the collection's ``[W*B, D]`` output with the
-    step joined to its backward; ``kjt``: what it looked up (every rank's bags of its keys)."""
+    ``attach(output, kjt, weights)`` returns the collection's output with the step joined to
+    its backward; ``kjt``: what it looked up (every rank's bags of its keys, its exact local
+    keys in ``layout``'s order). ``pooled``: a bag collection, whose output is ``[W*B, D]``
+    (each key's pooled columns side by side); else an unpooled one, whose output is flat: each
+    key's ``[n_k, cols]`` rows (one per id), key after key."""
 
     def __init__(self, layout: ShardLayout, rank: int, collection, fused: FusedOptimizer, group,
-                 device: torch.device) -> None:
+                 device: torch.device, pooled: bool = True) -> None:
         check_exact(fused, layout)
         self._layout, self._rank, self._collection, self._group = layout, rank, collection, group
-        self._device = device
+        self._device, self._pooled = device, pooled
         self._kind, self._sums = fused.kind, ROW_SUMS[fused.kind]
         self._fused = fused
         self._shards = layout.exact_shards(rank)
-        # the collection's output: each local key's first column
+        # per local key: its columns, and (pooled) its first column in the collection's output
+        self._cols: Dict[str, int] = {}
+        self._dtypes: Dict[str, torch.dtype] = {}
         self._columns: Dict[str, int] = {}
         at = 0
         for s in self._shards:
             for f in layout.configs[s.table].feature_names:
+                self._cols[s.local_feature(f)] = s.cols
+                self._dtypes[s.local_feature(f)] = layout.configs[s.table].data_type.to_torch()
                 self._columns[s.local_feature(f)] = at
                 at += s.cols
         self.num_keys = len(self._columns)
@@ -108,10 +118,10 @@ class ExactColumns:
         self._world = dist.get_world_size(group) if self._exchanges else 1
 
     def attach(self, pooled: torch.Tensor, kjt, weights: Optional[torch.Tensor]) -> torch.Tensor:
-        """``pooled``: the exact collection's output, looked up without autograd (the step
-        writes the rows the lookup read; the per-id weights' gradient is made here, from the
-        rows before the step); ``weights``: the rank's whole local KJT's per-id weights, whose
-        first ids are ``kjt``'s."""
+        """``pooled``: the exact collection's output (see the class docstring), looked up
+        without autograd (the step writes the rows the lookup read; the per-id weights'
+        gradient is made here, from the rows before the step); ``weights``: the rank's whole
+        local KJT's per-id weights, whose first ids are ``kjt``'s (None for an unpooled one)."""
         if not torch.is_grad_enabled():
             return pooled
         pooled = pooled.detach().requires_grad_()  # the node must run on every rank (see the module docstring)
@@ -121,7 +131,7 @@ class ExactColumns:
     # --- the step --------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, grad: torch.Tensor, kjt, weights_grad: Optional[torch.Tensor] = None) -> None:
-        """One step of every exact block on this rank, from the ``[W*B, D]`` output gradient;
+        """One step of every exact block on this rank, from the output's gradient;
         ``weights_grad`` (``[N]`` fp32, N >= ``kjt``'s ids), when given, takes the gradient of
         ``kjt``'s per-id weights (the rows as they were before the step)."""
         work: Dict[int, _Work] = {}
@@ -132,7 +142,7 @@ class ExactColumns:
                 if name.endswith("_step"):
                     buffer.add_(1)
             hparams = state.hparams.tolist()
-            work = self._partials(clipped_grad(grad, state.hparams).float(), kjt, hparams,
+            work = self._partials(self._key_grads(grad, kjt, state.hparams), kjt, hparams,
                                   None if weights_grad is None else (grad.float(), weights_grad))
         sums = self._exchange(work)
         for t, w in work.items():
@@ -142,10 +152,11 @@ class ExactColumns:
                 finish_rows(self._kind, hparams, int(views["step"]), dim, b.w, b.g, b.s1, b.s2, sums[t], b.carried)
                 self._write_back(b.index, w.rows, b, views)
 
-    def _partials(self, grad: torch.Tensor, kjt, hparams, for_weights) -> Dict[int, "_Work"]:
+    def _partials(self, key_grads: Dict[str, torch.Tensor], kjt, hparams, for_weights) -> Dict[int, "_Work"]:
         """Per exact table held here: its touched rows, each block's summed gradients, state and
-        partial row sums. ``for_weights``: None, or the unclipped output gradient and the per-id
-        weights' gradient to fill."""
+        partial row sums. ``key_grads``: see :meth:`_key_grads`; ``for_weights``: None, or the
+        unclipped output gradient and the per-id weights' gradient to fill."""
+        device = self._device
         keys, starts = kjt.keys(), kjt.offset_per_key()
         stride = kjt.stride()
         lengths = kjt.lengths().reshape(len(keys), stride)
@@ -158,18 +169,25 @@ class ExactColumns:
         for t, held in by_table.items():
             config = self._layout.configs[t]
             mean = getattr(config, "pooling", PoolingType.SUM) == PoolingType.MEAN
-            # the table's ids, feature after feature, and each one's bag among the features' bags
-            # (the same for every block); MEAN's 1/length per bag
+            # the table's ids, feature after feature, and each one's row among the features'
+            # gradient rows (the same for every block): pooled, its bag; unpooled, its own row.
+            # MEAN's 1/length per bag
             ids, bags, weights, keys_of, means = [], [], [], [], []
             first = held[0][1]
+            base = 0
             for f in config.feature_names:
                 j = key_index[first.local_feature(f)]
                 lo, hi = starts[j], starts[j + 1]
-                n = lengths[j].long()
-                bag = torch.repeat_interleave(torch.arange(stride, device=grad.device), n, output_size=hi - lo)
-                means.append((1.0 / n.clamp(min=1).to(torch.float32)).unsqueeze(1) if mean else None)
+                if self._pooled:
+                    n = lengths[j].long()
+                    bag = torch.repeat_interleave(torch.arange(stride, device=device), n, output_size=hi - lo)
+                    means.append((1.0 / n.clamp(min=1).to(torch.float32)).unsqueeze(1) if mean else None)
+                else:
+                    bag = torch.arange(hi - lo, device=device)
+                    means.append(None)
                 ids.append(values[lo:hi].long())
-                bags.append(bag + len(bags) * stride)
+                bags.append(bag + base)
+                base += key_grads[first.local_feature(f)].shape[0]
                 weights.append(None if psw is None else psw[lo:hi].float())
                 keys_of.append(f)
             # sorted stably into runs of rows and summed by one embedding_bag over the runs, as
@@ -178,7 +196,7 @@ class ExactColumns:
             rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
             run_offsets = F.pad(counts.cumsum(0), (1, 0))
             inverse = torch.empty_like(order)
-            inverse[order] = torch.repeat_interleave(torch.arange(rows.shape[0], device=grad.device), counts)
+            inverse[order] = torch.repeat_interleave(torch.arange(rows.shape[0], device=device), counts)
             sorted_bags = torch.cat(bags)[order]
             sorted_weights = None if psw is None else torch.cat(weights)[order]
             blocks = []
@@ -186,12 +204,11 @@ class ExactColumns:
                 weight = self._collection.table_weight(i)
                 bag_grads = []
                 for f, per_bag in zip(keys_of, means):
-                    c = self._columns[s.local_feature(f)]
-                    columns = grad[:, c:c + s.cols]
+                    columns = key_grads[s.local_feature(f)]
                     bag_grads.append(columns * per_bag if per_bag is not None else columns)
                 g = F.embedding_bag(sorted_bags, torch.cat(bag_grads), run_offsets, mode="sum",
                                     include_last_offset=True, per_sample_weights=sorted_weights) \
-                    if rows.shape[0] else grad.new_zeros(0, s.cols)  # [U, cols]
+                    if rows.shape[0] else torch.zeros(0, s.cols, device=device)  # [U, cols]
                 views = state_views(self._collection, i, self._fused)
                 w = weight.index_select(0, rows).float()
                 if for_weights is not None:
@@ -201,6 +218,22 @@ class ExactColumns:
                 partial, carried = row_partials(self._kind, hparams, int(views["step"]), w, g, s1, s2)
                 blocks.append(_Block(i, w, g, s1, s2, partial, carried))
             out[t] = _Work(rows, blocks)
+        return out
+
+    def _key_grads(self, grad: torch.Tensor, kjt, state_hparams: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Per local key, its fp32 gradient rows as the fused step reads them (clipped where the
+        optimizer clips): pooled, its ``[W*B, cols]`` columns of the output gradient; unpooled,
+        its ids' ``[n_k, cols]`` rows of the flat one, clipped in the table's dtype (their
+        dtype in one module's step, where the bound is rounded to it)."""
+        if self._pooled:
+            grad = clipped_grad(grad, state_hparams).float()
+            return {key: grad[:, c:c + self._cols[key]] for key, c in self._columns.items()}
+        out, at = {}, 0
+        for key, n in zip(kjt.keys(), kjt.length_per_key()):
+            cols, dtype = self._cols[key], self._dtypes[key]
+            rows = grad.narrow(0, at, n * cols).view(n, cols)
+            out[key] = clipped_grad(rows.to(dtype), state_hparams).float()
+            at += n * cols
         return out
 
     def _weights_grad(self, shard: Shard, features, bags, means, inverse, w, kjt, stride: int, for_weights) -> None:
