@@ -62,10 +62,13 @@ def test_fresh_values_are_keyed_by_seed_step_table_row_and_column():
     assert len(set(u.flatten().tolist())) > 0.99 * u.numel()
 
 
-def _model(compaction: bool, fused=None):
-    tables = [jr.EmbeddingBagConfig(name="h", embedding_dim=5, num_embeddings=9, feature_names=["a"],
+def _model(compaction: bool, fused=None, dims=(5, 3)):
+    """Two hashed tables: h (init range [-0.3, 0.2]) and g (the default range); of one dim, the
+    compact reset writes both at once (one storage group), per table otherwise."""
+    tables = [jr.EmbeddingBagConfig(name="h", embedding_dim=dims[0], num_embeddings=9, feature_names=["a"],
                                     weight_init_min=-0.3, weight_init_max=0.2),
-              jr.EmbeddingBagConfig(name="g", embedding_dim=3, num_embeddings=7, feature_names=["b"])]
+              jr.EmbeddingBagConfig(name="s", embedding_dim=2, num_embeddings=4, feature_names=["c"]),
+              jr.EmbeddingBagConfig(name="g", embedding_dim=dims[1], num_embeddings=7, feature_names=["b"])]
     options = HashTableOptions(bucket_size=2, eviction="lru", unplaced="fallback")
     model = HashEmbeddingBagCollection(tables, {"h": options, "g": options}, backend="torch", fused_optimizer=fused)
     model.hash_state.eager_compaction = compaction
@@ -78,18 +81,22 @@ def _batches(count=12):
     for _ in range(count):
         lengths = [rng.choice([0, 1, 2, 3]) for _ in range(6)]
         ids = [rng.randrange(-2**40, 2**40) for _ in range(sum(lengths))]
-        out.append(jr.KeyedJaggedTensor(["a", "b"], torch.tensor(ids), lengths=torch.tensor(lengths)))
+        lengths += [1, 0, 2]  # the static table's feature c: ids in [0, 4)
+        ids += [rng.randrange(4) for _ in range(3)]
+        out.append(jr.KeyedJaggedTensor(["a", "b", "c"], torch.tensor(ids), lengths=torch.tensor(lengths)))
     return out
 
 
-@pytest.mark.parametrize("fused", [None, optim.Adam(lr=0.1)], ids=["dense", "adam"])
-def test_evicted_rows_same_values_compacted_or_fixed_shapes(fused):
+@pytest.mark.parametrize("dims", [(5, 3), (4, 4)], ids=["per_table", "one_write"])
+@pytest.mark.parametrize("fused", [None, optim.Adam(lr=0.1), optim.RowWiseAdagrad(lr=0.1)],
+                         ids=["dense", "adam", "rowwise_adagrad"])
+def test_evicted_rows_same_values_compacted_or_fixed_shapes(fused, dims):
     torch.manual_seed(9)
-    compact = _model(True, fused)
+    compact = _model(True, fused, dims)
     torch.manual_seed(9)  # the same seed: the same tables and the same reset_seed
-    fixed = _model(False, fused)
+    fixed = _model(False, fused, dims)
     torch.manual_seed(10)  # another seed, the same tables: other fresh values for the same evictions
-    other = _model(True, fused)
+    other = _model(True, fused, dims)
     other.load_state_dict(compact.state_dict())
     assert compact.reset_seed == fixed.reset_seed != other.reset_seed
     evictions = 0
@@ -97,8 +104,10 @@ def test_evicted_rows_same_values_compacted_or_fixed_shapes(fused):
         keys = compact.hash_state.keys.clone()
         for m in (compact, fixed, other):
             m(kjt).values().square().sum().backward()
-        for t in range(2):
+        for t in range(3):
             assert torch.equal(compact.table_weight(t), fixed.table_weight(t)), t
+        for name, value in fixed.fused_optimizer_state.state_dict().items():
+            assert torch.equal(compact.fused_optimizer_state.state_dict()[name], value), name
         assert torch.equal(compact.hash_state.keys, other.hash_state.keys)
         evictions += int(((keys != compact.hash_state.keys) & (keys != hp.EMPTY)).sum())
         if fused is None:  # untrained: every row, fresh or initial, in h's init range

@@ -12,7 +12,7 @@ holds a training step that inserts and evicts in one graph.
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -62,6 +62,24 @@ def reset_rows(collection: EmbeddingBagCollection, table: int, rows: torch.Tenso
             buffer.narrow(0, offset, n_rows * dim).view(n_rows, dim).index_fill_(0, rows, 0.0)
 
 
+class _ResetGroup(NamedTuple):
+    """Hashed tables whose evicted rows one compact write re-initialises (tensors ``[H]``, by
+    hashed table; rows of the group's view are ``base[table] + row``)."""
+
+    plan: tuple  # a member's reset plan (the view's table when not flat)
+    dim: int
+    flat: bool  # rows of the storage group's flat tensor (else the one table's own view)
+    every_table: bool  # holds every hashed table: no selection
+    member: torch.Tensor  # bool
+    init_range: Optional[Tuple[float, float]]  # the members' common (min, max), if one
+    low: torch.Tensor  # float32
+    span: torch.Tensor  # float32: max - min (as _scaled takes it)
+    high: torch.Tensor
+    weight_base: torch.Tensor  # int64: the table's first row in the view (element state too)
+    row_base: torch.Tensor  # int64: the table's first entry in row-wise state
+    states: tuple  # ((fused state buffer name, "row" or "element"), ...)
+
+
 def _scaled(unit: torch.Tensor, low: float, high: float, dtype: torch.dtype) -> torch.Tensor:
     """``[P, D]`` values in ``[0, 1)`` -> ``low + (high - low) * value`` in ``dtype``, kept in
     ``[low, high]`` (fp32 rounding could step past ``high``)."""
@@ -109,6 +127,7 @@ class HashEmbeddingBagCollection(EmbeddingBagCollection):
         self._probe_cache: Dict[tuple, List[hash_probe.KeyTable]] = {}
         self._reset_plan = [self._table_reset_plan(h, t) for h, t in enumerate(self._hashed_configs)]
         self._reset_dim = max(plan[6] for plan in self._reset_plan)
+        self._reset_groups = self._make_reset_groups()
         # the key of evicted rows' fresh values (hash_probe_torch.fresh_uniform), drawn from
         # torch's generator: torch.manual_seed before construction makes them reproducible
         self.reset_seed = int(torch.randint(0, 1 << 62, (), dtype=torch.int64))
@@ -116,6 +135,71 @@ class HashEmbeddingBagCollection(EmbeddingBagCollection):
     def _table_reset_plan(self, hashed: int, table: int):
         """What an eviction in table ``table`` writes: its init range and fused-state slices."""
         return (hashed, table) + table_reset_plan(self, table)
+
+    def _make_reset_groups(self) -> List[_ResetGroup]:
+        """The compact reset's writes: hashed tables of one storage group and one dim whose rows
+        are rows of the group's flat tensor (offset a multiple of the dim) share one write;
+        any other table has its own."""
+        by_key: Dict[tuple, list] = {}
+        for plan in self._reset_plan:
+            hashed, t, low, high, offset, rows, dim, row_base, states = plan
+            flat = self._layout.tables[t].stride == dim and offset % dim == 0
+            by_key.setdefault((self._layout.tables[t].group, dim) if flat else ("own", t), []).append(plan)
+        device, count = self.hash_state.keys.device, len(self._reset_plan)
+        groups = []
+        for key, plans in by_key.items():
+            flat = key[0] != "own"
+
+            def column(value, dtype):
+                out = [0] * count
+                for plan in plans:
+                    out[plan[0]] = value(plan)
+                return torch.tensor(out, dtype=dtype, device=device)
+
+            member = column(lambda plan: 1, torch.bool)
+            ranges = {(plan[2], plan[3]) for plan in plans}
+            groups.append(_ResetGroup(
+                plans[0], plans[0][6], flat, len(plans) == count, member,
+                ranges.pop() if len(ranges) == 1 else None, column(lambda plan: plan[2], torch.float32),
+                column(lambda plan: plan[3] - plan[2], torch.float32), column(lambda plan: plan[3], torch.float32),
+                column(lambda plan: plan[4] // plan[6] if flat else 0, torch.int64),
+                column(lambda plan: plan[7] if flat else 0, torch.int64), plans[0][8]))
+        return groups
+
+    def _group_view(self, group: _ResetGroup, buffer: Optional[torch.Tensor], per: str = "element") -> torch.Tensor:
+        """The rows a group's bases index: the weights (``buffer`` None) or a fused-state buffer."""
+        _, t, _, _, offset, rows, dim, row_base, _ = group.plan
+        if buffer is None:
+            if not group.flat:
+                return self.table_weight(t)
+            buffer = self._flat(self._layout.tables[t])
+        if per == "row":
+            return buffer if group.flat else buffer.narrow(0, row_base, rows)
+        if not group.flat:
+            return buffer.narrow(0, offset, rows * dim).view(rows, dim)
+        return buffer.narrow(0, 0, buffer.numel() // dim * dim).view(-1, dim)
+
+    def _reset_compact(self, table: torch.Tensor, evicted_row: torch.Tensor, fresh: torch.Tensor) -> None:
+        """The eager CPU reset: ``[E]`` evictions (all real), one write per reset group."""
+        state = self.fused_optimizer_state
+        for group in self._reset_groups:
+            tables, rows, values = table, evicted_row, fresh
+            if not group.every_table:
+                at = group.member.index_select(0, table).nonzero().squeeze(1)
+                tables, rows, values = table.index_select(0, at), evicted_row.index_select(0, at), fresh.index_select(0, at)
+            values = values.narrow(1, 0, group.dim)
+            weight = self._group_view(group, None)
+            if group.init_range is not None:
+                values = _scaled(values, *group.init_range, weight.dtype)
+            else:
+                low, span, high = (c.index_select(0, tables).unsqueeze(1) for c in (group.low, group.span, group.high))
+                values = torch.minimum(torch.maximum(values * span + low, low), high).to(weight.dtype)
+            weight.index_copy_(0, group.weight_base.index_select(0, tables) + rows, values)
+            if group.states:
+                state_rows = group.row_base.index_select(0, tables) + rows
+            for name, per in group.states:
+                base = state_rows if per == "row" else group.weight_base.index_select(0, tables) + rows
+                self._group_view(group, getattr(state, name), per).index_fill_(0, base, 0.0)
 
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """The KJT with the hashed features' raw ids replaced by their rows.
@@ -204,21 +288,12 @@ class HashEmbeddingBagCollection(EmbeddingBagCollection):
         state = self.fused_optimizer_state
         compact = self.hash_state.compacts(evicted_row)  # eager CPU: remap listed the evictions only
         fresh = hp.fresh_uniform(self.reset_seed, self.hash_state.step, table, evicted_row, self._reset_dim)
+        if compact:
+            self._reset_compact(table, evicted_row, fresh)
+            return
         for hashed, t, low, high, offset, rows, dim, row_base, states in self._reset_plan:
-            mask = table == hashed
+            mask = (table == hashed) & (evicted_row >= 0)
             weight = self.table_weight(t)
-            if compact:
-                at = mask.nonzero().squeeze(1)
-                target = evicted_row.index_select(0, at)
-                values = fresh.index_select(0, at).narrow(1, 0, dim)
-                weight.index_copy_(0, target, _scaled(values, low, high, weight.dtype))
-                for name, per in states:
-                    buffer = getattr(state, name)
-                    view = buffer.narrow(0, row_base, rows) if per == "row" else \
-                        buffer.narrow(0, offset, rows * dim).view(rows, dim)
-                    view.index_fill_(0, target, 0.0)
-                continue
-            mask = mask & (evicted_row >= 0)
             fallback = rows - 1
             target = torch.where(mask, evicted_row, fallback)
             values = _scaled(fresh.narrow(1, 0, dim), low, high, weight.dtype)

@@ -75,7 +75,9 @@ def fresh_uniform(seed: int, step: torch.Tensor, table: torch.Tensor, row: torch
         table, row: ``[P]`` int64, hashed table index and row (any value; -1 rows are drawn too).
         dim: columns to draw (column ``c``'s value does not depend on ``dim``).
     """
-    key = mix(row ^ mix(table + mix(step + seed)))  # [P] 64 bits a (seed, step, table, row)
+    # [P] 64 bits a (seed, step, table, row): (table, row) packed (rows below 2^40) and mixed
+    # with the step's key; splitmix64's finaliser is a bijection, so distinct rows get distinct keys
+    key = mix(((table << 40) + row) ^ mix(step + seed))
     low = ((key << 32) >> 32).to(torch.int32)  # sign-extended low half: exact in int32
     high = (key >> 32).to(torch.int32)
     column = torch.arange(dim, dtype=torch.int32, device=row.device).mul_(_GOLDEN32)
