@@ -5,13 +5,15 @@ Every rank builds the same seeded module and the same per-rank batches, so each 
 the unsharded module itself on the global batch, with the loss averaged over the ranks, as
 one step of the sharded module computes it. Ids come from narrow ranges (duplicates in
 every bag, hot rows read by many bags and by two features of one table, and one feature
-read by two tables); one rank gets no ids in some steps.
+read by two tables); one rank gets no ids in some steps. The bag collection and the unpooled
+one (``ec_*``: the same tables as ``EmbeddingConfig``s, a row per id) share the plans, the
+checks and the checkpoint chain.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List
+from typing import Callable, Dict, List, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -19,9 +21,10 @@ import torch.distributed as dist
 import jaggedrec as jr
 from jaggedrec import optim
 from jaggedrec.distributed.checkpoint import state_views
+from jaggedrec.distributed.embedding import ShardedEmbeddingCollection
 from jaggedrec.distributed.sharding_plan import column_wise, data_parallel, row_wise, table_row_wise, table_wise
 from jr_testing import assert_close, key_rows, random_configs
-from sharding_cases import global_batch, rank_batches, sharded
+from sharding_cases import global_batch, rank_batches
 
 BATCH = 4
 STEPS = 4
@@ -70,6 +73,74 @@ def plans(world: int) -> Dict[str, dict]:
     return {name: dict(zip(names, kinds)) for name, kinds in out.items()}
 
 
+# --- the unpooled collection: the same tables as EmbeddingConfigs, rows per id --------------
+EC_OPTIMIZERS = {"column_wise": ("rowwise_adagrad", "partial_rowwise_lamb", "lars_sgd", "clipped_rowwise_adagrad"),
+                 "mixed": ("rowwise_adagrad_decouple", "partial_rowwise_adam", "lamb"),
+                 "idle_rank": ("rowwise_adagrad", "partial_rowwise_lamb")}
+
+
+def ec_configs() -> List[jr.EmbeddingConfig]:
+    return [jr.EmbeddingConfig(name=c.name, embedding_dim=c.embedding_dim, num_embeddings=c.num_embeddings,
+                               feature_names=list(c.feature_names), data_type=c.data_type) for c in configs()]
+
+
+def _ec_module(mode: str, seed: int = 5) -> jr.EmbeddingCollection:
+    torch.manual_seed(seed)
+    return jr.EmbeddingCollection(ec_configs(), fused_optimizer=OPTIMIZERS[mode]())
+
+
+def ec_train(module, reference, rank: int, world: int, steps, seed: int = 0) -> None:
+    """``steps`` training steps of the sharded unpooled ``module`` (this rank's batch) and of
+    the unsharded ``reference`` (either may be None) (the global batch, the loss averaged over
+    the ranks): the loss weighs each id's row by a random row of its sample and output."""
+    cs = ec_configs()
+    rows = key_rows(cs)
+    keys = list(rows)
+    for step in steps:
+        batches = rank_batches(seed + 60 + step, world, rows, BATCH, weighted=False, empty_rank=step % (world + 1))
+        gen = torch.Generator().manual_seed(seed + 800 + step)
+        targets = {f"{c.name}.{f}": torch.randn(world * BATCH, c.embedding_dim, generator=gen)
+                   for c in cs for f in c.feature_names}
+        if reference is not None:
+            gb = global_batch(batches, keys)
+            kjt = jr.KeyedJaggedTensor(keys, torch.cat([gb.per_key[k][0] for k in keys]),
+                                       lengths=torch.cat([gb.per_key[k][1] for k in keys]))
+            per_rank = 0.0
+            for target, jt in zip(targets.values(), reference(kjt).values()):
+                sample = torch.repeat_interleave(torch.arange(world * BATCH), jt.lengths())
+                weighed = (jt.values() * target[sample]).sum(1)
+                per_rank = per_rank + torch.zeros(world).index_add(0, sample // BATCH, weighed)
+            per_rank.mean().backward()
+        if module is not None:
+            loss = 0.0
+            for target, jt in zip(targets.values(), module(batches[rank].kjt).wait().values()):
+                sample = torch.repeat_interleave(torch.arange(BATCH), jt.lengths()) + rank * BATCH
+                loss = loss + (jt.values() * target[sample]).sum()
+            loss.backward()
+
+
+def ec_step_cases(rank: int, world: int, plan_names=None, group=None) -> List[str]:
+    """The unpooled collection: the optimizers of ``EC_OPTIMIZERS`` on the plans of
+    :func:`plans` (or those named), ``STEPS`` steps against the unsharded module's, the
+    blocks' row states bit-identical; over ``group`` (default: the world) of ``world`` ranks."""
+    checked = []
+    for plan_name, plan in plans(world).items():
+        if plan_names is not None and plan_name not in plan_names:
+            continue
+        for mode in EC_OPTIMIZERS[plan_name]:
+            reference = _ec_module(mode)
+            module = _shard(_ec_module(mode), plan, world, group)
+            assert module._layout.exact_tables, plan_name
+            if plan_name == "idle_rank" and rank == world - 1:
+                assert not held_blocks(module, rank)
+            ec_train(module, reference, rank, world, range(STEPS))
+            what = f"unpooled {mode} on {plan_name}, world {world}"
+            check_blocks(module, reference, rank, mode, what)
+            check_copies_agree(module, rank, world, mode, what)
+            checked.append(f"ec/{plan_name}/{mode}")
+    return checked
+
+
 def _module(mode: str) -> jr.EmbeddingBagCollection:
     torch.manual_seed(5)
     return jr.EmbeddingBagCollection(configs(), is_weighted=True, fused_optimizer=OPTIMIZERS[mode]())
@@ -111,16 +182,24 @@ def check_blocks(module, reference, rank: int, mode: str, what: str) -> List[int
     """Every block's weights, optimizer state and step count against the unsharded module's
     (``BITWISE`` states of exact tables bit for bit); returns the exact tables this rank holds."""
     optimizer = OPTIMIZERS[mode]()
+    world = module._layout.world_size
     for s, local, i in held_blocks(module, rank):
         rows, cols = slice(s.row_offset, s.row_offset + s.rows), slice(s.col_offset, s.col_offset + s.cols)
         weight = local.table_weight(i)
         expected = reference.table_weight(s.table)[rows, cols]
         assert_close(weight.float(), expected.float(), weight.dtype, f"{what}: weight of {s.local_name}")
         mine, theirs = state_views(local, i, optimizer), reference_state(reference, s.table, optimizer)
+        # the unpooled collection's rows come back in the table's dtype and their gradient is
+        # divided by the world size after it was rounded to it, where one module divides first:
+        # with fp16 tables on 3 ranks the gradients (not only the exact tables') differ in the
+        # last fp16 bit
+        rounded = (isinstance(module, ShardedEmbeddingCollection) and weight.dtype != torch.float32
+                   and world & (world - 1))
         for name, per in optimizer.state:
             want = theirs[name][rows] if per == "row" else theirs[name][rows, cols]
-            assert_close(mine[name], want, torch.float32, f"{what}: {name} of {s.local_name}")
-            if name in BITWISE.get(mode, ()) and s.table in module._layout.exact_tables:
+            assert_close(mine[name], want, weight.dtype if rounded else torch.float32,
+                         f"{what}: {name} of {s.local_name}")
+            if name in BITWISE.get(mode, ()) and s.table in module._layout.exact_tables and not rounded:
                 assert torch.equal(mine[name], want), f"{what}: {name} of {s.local_name} is not bit for bit"
         assert int(mine["step"]) == int(theirs["step"]), (what, int(mine["step"]), int(theirs["step"]))
     return sorted({s.table for s in module._layout.exact_shards(rank)})
@@ -136,7 +215,7 @@ def check_copies_agree(module, rank: int, world: int, mode: str, what: str) -> N
             views = state_views(local, i, optimizer)
             mine[s.local_name] = (s.table, [views[n].clone() for n in row_states])
     everyone: List[dict] = [None] * world  # type: ignore[list-item]
-    dist.all_gather_object(everyone, mine)
+    dist.all_gather_object(everyone, mine, group=module.process_group)
     by_table: Dict[int, list] = {}
     for held in everyone:
         for name, (table, states) in held.items():
@@ -148,9 +227,10 @@ def check_copies_agree(module, rank: int, world: int, mode: str, what: str) -> N
                 assert torch.equal(a, b), f"{what}: table {table}'s row state differs between {first_name} and {name}"
 
 
-def step_cases(rank: int, world: int, plan_names=None) -> List[str]:
+def step_cases(rank: int, world: int, plan_names=None, group=None) -> List[str]:
     """Every optimizer on every plan of :func:`plans` (or those named): ``STEPS`` steps against
-    the unsharded module's, the blocks' row states bit-identical."""
+    the unsharded module's, the blocks' row states bit-identical; over ``group`` (default: the
+    world) of ``world`` ranks."""
     checked = []
     for plan_name, plan in plans(world).items():
         if plan_names is not None and plan_name not in plan_names:
@@ -162,7 +242,7 @@ def step_cases(rank: int, world: int, plan_names=None) -> List[str]:
                                                                        and mode.startswith("clipped")):
                 continue
             reference = _module(mode)
-            module = sharded(_module(mode), plan, world, 1 if world == 2 else world)
+            module = _shard(_module(mode), plan, world, group)
             assert module._layout.exact_tables, plan_name
             if plan_name == "idle_rank" and rank == world - 1:
                 assert not held_blocks(module, rank)
@@ -178,9 +258,33 @@ def step_cases(rank: int, world: int, plan_names=None) -> List[str]:
 CHECKPOINT_MODES = ("rowwise_adagrad", "partial_rowwise_lamb")  # a row-wise state; element- and row-wise
 
 
+class _Collection(NamedTuple):
+    """What the checkpoint chain needs of one collection type."""
+
+    build: Callable[[str, int], torch.nn.Module]   # (optimizer mode, seed) -> the unsharded module
+    train: Callable                                 # as :func:`train`
+    table_configs: Callable[[], list]
+
+
 def _seeded(mode: str, seed: int) -> jr.EmbeddingBagCollection:
     torch.manual_seed(seed)
     return jr.EmbeddingBagCollection(configs(), is_weighted=True, fused_optimizer=OPTIMIZERS[mode]())
+
+
+COLLECTIONS = {"bag": _Collection(_seeded, train, configs), "ec": _Collection(_ec_module, ec_train, ec_configs)}
+
+
+def _shard(module, per_table, world: int, group=None):
+    """``module`` sharded by ``per_table`` over ``group`` (default: the world) with its own sharder."""
+    from jaggedrec.distributed.embedding import EmbeddingCollectionSharder
+    from jaggedrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from jaggedrec.distributed.sharding_plan import construct_module_sharding_plan
+    from jaggedrec.distributed.types import ShardingEnv
+    plan = construct_module_sharding_plan(module, per_table, world_size=world, local_size=1 if world == 2 else world)
+    sharder = (EmbeddingCollectionSharder() if isinstance(module, jr.EmbeddingCollection)
+               else EmbeddingBagCollectionSharder())
+    return sharder.shard(module, plan, ShardingEnv.from_process_group(group or dist.group.WORLD),
+                         torch.device("cpu"))
 
 
 def blocks(module, rank: int, mode: str) -> List[tuple]:
@@ -219,69 +323,94 @@ def assemble(pieces: List[tuple]) -> Dict[str, torch.Tensor]:
     return full
 
 
-def _check_every_block(module, rank: int, mode: str, saved: Dict[str, torch.Tensor]) -> None:
+def _check_every_block(module, rank: int, mode: str, saved: Dict[str, torch.Tensor], what: str) -> None:
     """Every block this rank holds equals its part of the saved tensors, bit for bit."""
     for key, offsets, t in blocks(module, rank, mode):
         expected = saved[key]
         for dim, (o, n) in enumerate(zip(offsets, t.shape)):
             expected = expected.narrow(dim, o, n)
-        assert torch.equal(t, expected), f"{mode}: table-wise -> column-wise: {key} at {offsets}"
+        assert torch.equal(t, expected), f"{what}: table-wise -> column-wise: {key} at {offsets}"
 
 
 def _assert_equal(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor], what: str) -> None:
+    assert sorted(got) == sorted(want), (what, sorted(got), sorted(want))
     for key, t in got.items():
         assert torch.equal(t, want[key]), f"{what}: {key} differs"
 
 
-def save_column_wise(rank: int, world: int, directory: str) -> List[str]:
+def save_column_wise(rank: int, world: int, directory: str, kind: str, group) -> List[str]:
     """Two steps on the mixed plan (column-wise blocks beside other layouts), saved."""
     import os
     import torch.distributed.checkpoint as dcp
+    collection = COLLECTIONS[kind]
     for mode in CHECKPOINT_MODES:
-        module = sharded(_seeded(mode, 5), plans(world)["mixed"], world, 1)
-        train(module, None, rank, world, range(2))
-        dcp.save(module.state_dict(), checkpoint_id=os.path.join(directory, f"{mode}-cw"))
-        torch.save(blocks(module, rank, mode), os.path.join(directory, f"{mode}-cw-{rank}.pt"))
-    return list(CHECKPOINT_MODES)
+        module = _shard(collection.build(mode, 5), plans(world)["mixed"], world, group)
+        collection.train(module, None, rank, world, range(2))
+        dcp.save(module.state_dict(), checkpoint_id=os.path.join(directory, f"{kind}-{mode}-cw"), process_group=group)
+        torch.save(blocks(module, rank, mode), os.path.join(directory, f"{kind}-{mode}-cw-{rank}.pt"))
+    return [f"{kind}/{mode}" for mode in CHECKPOINT_MODES]
 
 
-def to_table_wise(rank: int, world: int, directory: str, saved_world: int) -> List[str]:
-    """On one rank: the column-wise checkpoint loaded table-wise, bit for bit, and saved again."""
+def to_table_wise(directory: str, saved_world: int, kind: str, group) -> List[str]:
+    """On a group of one rank: the column-wise checkpoint loaded table-wise, bit for bit, and
+    saved again."""
     import os
     import torch.distributed.checkpoint as dcp
+    collection = COLLECTIONS[kind]
     for mode in CHECKPOINT_MODES:
-        module = sharded(_seeded(mode, 99), {c.name: table_wise(rank=0) for c in configs()}, world, 1)
+        module = _shard(collection.build(mode, 99), {c.name: table_wise(rank=0) for c in collection.table_configs()},
+                        1, group)
         state = module.state_dict()
-        dcp.load(state, checkpoint_id=os.path.join(directory, f"{mode}-cw"))
+        dcp.load(state, checkpoint_id=os.path.join(directory, f"{kind}-{mode}-cw"), process_group=group)
         module.load_state_dict(state)
         saved = assemble([b for r in range(saved_world)
-                          for b in torch.load(os.path.join(directory, f"{mode}-cw-{r}.pt"))])
-        _assert_equal(assemble(blocks(module, rank, mode)), saved, f"{mode}: column-wise -> table-wise")
-        dcp.save(module.state_dict(), checkpoint_id=os.path.join(directory, f"{mode}-tw"))
-    return list(CHECKPOINT_MODES)
+                          for b in torch.load(os.path.join(directory, f"{kind}-{mode}-cw-{r}.pt"))])
+        _assert_equal(assemble(blocks(module, 0, mode)), saved, f"{kind} {mode}: column-wise -> table-wise")
+        dcp.save(module.state_dict(), checkpoint_id=os.path.join(directory, f"{kind}-{mode}-tw"), process_group=group)
+    return [f"{kind}/{mode}" for mode in CHECKPOINT_MODES]
 
 
-def back_to_column_wise(rank: int, world: int, directory: str) -> List[str]:
+def back_to_column_wise(rank: int, world: int, directory: str, kind: str, group) -> List[str]:
     """The table-wise checkpoint loaded into other column-wise blocks, bit for bit; a third step
     then matches the unsharded module's (the state and the step count carry on)."""
     import os
     import torch.distributed.checkpoint as dcp
+    collection = COLLECTIONS[kind]
     for mode in CHECKPOINT_MODES:
-        module = sharded(_seeded(mode, 77), plans(world)["column_wise"], world, 1)
+        module = _shard(collection.build(mode, 77), plans(world)["column_wise"], world, group)
         state = module.state_dict()
-        dcp.load(state, checkpoint_id=os.path.join(directory, f"{mode}-tw"))
+        dcp.load(state, checkpoint_id=os.path.join(directory, f"{kind}-{mode}-tw"), process_group=group)
         module.load_state_dict(state)
-        saved = assemble([b for r in range(world) for b in torch.load(os.path.join(directory, f"{mode}-cw-{r}.pt"))])
-        _check_every_block(module, rank, mode, saved)
-        reference = _seeded(mode, 5)
-        train(None, reference, rank, world, range(2))
-        train(module, reference, rank, world, [2])
-        check_blocks(module, reference, rank, mode, f"{mode}: a step after table-wise -> column-wise")
-        check_copies_agree(module, rank, world, mode, f"{mode}: after the round trip")
-    return list(CHECKPOINT_MODES)
+        saved = assemble([b for r in range(world)
+                          for b in torch.load(os.path.join(directory, f"{kind}-{mode}-cw-{r}.pt"))])
+        what = f"{kind} {mode}"
+        _check_every_block(module, rank, mode, saved, what)
+        reference = collection.build(mode, 5)
+        collection.train(None, reference, rank, world, range(2))
+        collection.train(module, reference, rank, world, [2])
+        check_blocks(module, reference, rank, mode, f"{what}: a step after table-wise -> column-wise")
+        check_copies_agree(module, rank, world, mode, f"{what}: after the round trip")
+    return [f"{kind}/{mode}" for mode in CHECKPOINT_MODES]
 
 
-def fp_case(rank: int, world: int, steps: int = 3) -> str:
+def checkpoint_round_trip(rank: int, directory: str, pair, alone) -> List[str]:
+    """Both collections, column-wise on the 2 ranks of ``pair`` -> table-wise on ``alone``, a
+    group of rank 0 (rank 1 waits) -> other column-wise blocks on the 2 ranks; groups made by
+    every rank of the world beforehand."""
+    done = []
+    for kind in COLLECTIONS:
+        done += save_column_wise(rank, 2, directory, kind, pair)
+    dist.barrier(group=pair)
+    if rank == 0:
+        for kind in COLLECTIONS:
+            done += to_table_wise(directory, 2, kind, alone)
+    dist.barrier(group=pair)
+    for kind in COLLECTIONS:
+        done += back_to_column_wise(rank, 2, directory, kind, pair)
+    return done
+
+
+def fp_case(rank: int, world: int, steps: int = 3, group=None) -> str:
     """A FeatureProcessedEmbeddingBagCollection under DMP, its tables column-wise under fused
     row-wise Adagrad and its position weights training: the weights' gradient comes back
     through the input dist after the exact step on every rank (a rank with no ids in a step
@@ -290,7 +419,7 @@ def fp_case(rank: int, world: int, steps: int = 3) -> str:
     from fp_sharding_cases import _check_tables, _fpebc, _Model, _processor_state
     from jaggedrec.distributed.model_parallel import DistributedModelParallel
     from jaggedrec.distributed.sharding_plan import construct_module_sharding_plan
-    from jaggedrec.distributed.types import ShardingPlan
+    from jaggedrec.distributed.types import ShardingEnv, ShardingPlan
 
     gen = torch.Generator().manual_seed(4)
     cs = random_configs(gen, (4, 3, 5, 2, 6), jr.DataType.FP32, mean_every=100, shared=False)
@@ -306,7 +435,7 @@ def fp_case(rank: int, world: int, steps: int = 3) -> str:
     per_table = {c.name: kind for c, kind in zip(cs, kinds)}
     plan = ShardingPlan({"fp": construct_module_sharding_plan(model.fp, per_table, world_size=world,
                                                               local_size=1 if world == 2 else world)})
-    dmp = DistributedModelParallel(model, plan=plan)
+    dmp = DistributedModelParallel(model, ShardingEnv.from_process_group(group or dist.group.WORLD), plan=plan)
 
     def dense(m):
         return [p for n, p in m.named_parameters() if p.requires_grad and "embedding_bags" not in n]

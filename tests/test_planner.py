@@ -115,14 +115,15 @@ def test_errors_name_the_table():
         EmbeddingShardingPlanner(small, {"t1": ParameterConstraints(sharding_types=[TW])}).plan(ebc)
     with pytest.raises(PlannerError, match="table 't1'"):
         EmbeddingShardingPlanner(Topology(world_size=2, compute_device="cpu", ddr_cap=2 ** 20)).plan(ebc)
-    # column-wise is the only type asked for, and the unpooled collection's shards refuse it
-    # under row-wise Adagrad (the bag collection's take it: test_planner_exact_columns.py)
-    adagrad = jr.EmbeddingCollection(tables=[jr.EmbeddingConfig(name="t0", num_embeddings=10_000, embedding_dim=16,
-                                                                 feature_names=["f0"])],
-                                     device="meta", fused_optimizer=optim.RowWiseAdagrad(0.1))
+    # column-wise is the only type asked for, and a collection whose shards do not combine
+    # column blocks' row sums refuses it under row-wise Adagrad (jaggedrec's two collections
+    # combine them: test_planner_exact_columns.py)
+    adagrad = optim.RowWiseAdagrad(0.1)
+    constraints = {"t0": ParameterConstraints(sharding_types=[CW])}
+    specs = table_specs([jr.EmbeddingConfig(name="t0", num_embeddings=10_000, embedding_dim=16, feature_names=["f0"])],
+                        adagrad, constraints)
     with pytest.raises(PlannerError, match="table 't0': no sharding type is left"):
-        EmbeddingShardingPlanner(Topology(world_size=2), {"t0": ParameterConstraints(sharding_types=[CW])}
-                                 ).plan(adagrad)
+        EmbeddingShardingPlanner(Topology(world_size=2), constraints).plan_tables(specs, [adagrad], [False])
     with pytest.raises(PlannerError, match="holds no embedding collection"):
         EmbeddingShardingPlanner().plan(nn.Linear(2, 2))
 

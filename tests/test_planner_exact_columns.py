@@ -1,7 +1,7 @@
 """The planner splits a wide table into column blocks under the fused optimizers that step rows
-by whole-row sums (the bag collection's shards combine the blocks' sums: exact_columns.py),
-and keeps the unpooled collection's tables whole in columns, whose shards do not. Each block
-is charged the table's whole row-wise state. Pure Python, no process group."""
+by whole-row sums (the shards of both collections, the bag one and the unpooled one, combine
+the blocks' sums: exact_columns.py). Each block is charged the table's whole row-wise state.
+Pure Python, no process group."""
 
 import pytest
 
@@ -9,7 +9,7 @@ import jaggedrec as jr
 from jaggedrec import optim
 from jaggedrec.distributed.embedding import EmbeddingCollectionSharder
 from jaggedrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from jaggedrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, PlannerError, Topology
+from jaggedrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from jaggedrec.distributed.types import ShardingType
 
 TW, CW = ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value
@@ -26,12 +26,15 @@ def _plan(collection, sharder, allowed):
                                     ).plan(collection, [sharder]).plan[""]
 
 
+@pytest.mark.parametrize("unpooled", [False, True], ids=["bag", "unpooled"])
 @pytest.mark.parametrize("fused", WHOLE_ROWS, ids=lambda f: f"{type(f).__name__}{f.kind}")
-def test_a_wide_table_is_split_into_column_blocks_under_whole_row_optimizers(fused):
-    tables = [jr.EmbeddingBagConfig(name=f"t{i}", num_embeddings=r, embedding_dim=d, feature_names=[f"f{i}"])
+def test_a_wide_table_is_split_into_column_blocks_under_whole_row_optimizers(fused, unpooled):
+    config, collection, sharder = ((jr.EmbeddingConfig, jr.EmbeddingCollection, EmbeddingCollectionSharder)
+                                   if unpooled else
+                                   (jr.EmbeddingBagConfig, jr.EmbeddingBagCollection, EmbeddingBagCollectionSharder))
+    tables = [config(name=f"t{i}", num_embeddings=r, embedding_dim=d, feature_names=[f"f{i}"])
               for i, (r, d) in enumerate(SHAPES)]
-    ebc = jr.EmbeddingBagCollection(tables, device="meta", fused_optimizer=fused)
-    plan = _plan(ebc, EmbeddingBagCollectionSharder(), [TW, CW])
+    plan = _plan(collection(tables, device="meta", fused_optimizer=fused), sharder(), [TW, CW])
     sharding = plan["t0"]
     assert sharding.sharding_type == CW and len(sharding.shards) > 1, sharding
     assert sharding.compute_kernel == "fused"
@@ -47,12 +50,8 @@ def test_a_wide_table_is_split_into_column_blocks_under_whole_row_optimizers(fus
     assert max(memory) <= CAP, memory
 
 
-def test_the_unpooled_collection_keeps_whole_row_tables_whole_in_columns():
+def test_element_wise_state_is_split_into_column_blocks_too():
     tables = [jr.EmbeddingConfig(name=f"t{i}", num_embeddings=r, embedding_dim=d, feature_names=[f"f{i}"])
               for i, (r, d) in enumerate(SHAPES)]
-    ec = jr.EmbeddingCollection(tables, device="meta", fused_optimizer=optim.RowWiseAdagrad(0.1))
-    with pytest.raises(PlannerError, match="table 't0'"):
-        _plan(ec, EmbeddingCollectionSharder(), [TW, CW])
-    # element-wise state: column blocks step exactly there too
     ec = jr.EmbeddingCollection(tables, device="meta", fused_optimizer=optim.Adagrad(0.1))
     assert _plan(ec, EmbeddingCollectionSharder(), [TW, CW])["t0"].sharding_type == CW

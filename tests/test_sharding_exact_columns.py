@@ -1,19 +1,25 @@
 """Column-wise shards of the fused optimizers that step rows by whole-row sums (row-wise
 Adagrad, L2 and decoupled; partial row-wise Adam; LARS-SGD; LAMB; partial row-wise LAMB):
 each block adds its part of the row sums, one all-to-all a step combines them, and every
-block steps as the unsharded module does (bodies in ``exact_columns_cases.py``); under a
-FeatureProcessedEmbeddingBagCollection the position weights' gradient comes back too.
+block steps as the unsharded module does (bodies in ``exact_columns_cases.py``), in the bag
+collection and in the unpooled one alike; under a FeatureProcessedEmbeddingBagCollection the
+position weights' gradient comes back too.
 
 Sharded steps are checked against the unsharded module stepped on the global batch: within
 fp32 tolerance (the sums are added block by block, in another order than one row's sum), the
 blocks' copies of a row-wise state bit for bit equal, and the element-wise moments that only
 the summed gradients move bit for bit equal to the unsharded module's. Checkpoints go column-wise on two
-ranks -> table-wise on one -> other column-wise blocks on two, bit for bit."""
+ranks -> table-wise on one -> other column-wise blocks on two, bit for bit.
+
+The gloo world costs a spawn and the imports per rank, more than the cases themselves: one
+launch of 3 ranks runs every case, the 2-rank ones on a group of ranks 0 and 1 (with a group
+of rank 0 alone for the checkpoints' 1-rank stage) after the 3-rank ones."""
 
 import pytest
 import torch
+import torch.distributed as dist
 
-import exact_columns_cases
+import exact_columns_cases as cases
 import jaggedrec as jr
 from distributed_harness import run_ranks
 from jaggedrec import optim
@@ -21,31 +27,28 @@ from jaggedrec.ops.fused_rules_rowwise import ROW_SUMS, finish_rows, row_partial
 from jaggedrec.ops import fused_rules
 
 
-def _steps_and_save(rank, world, directory):
-    return (exact_columns_cases.step_cases(rank, world) + [exact_columns_cases.fp_case(rank, world)],
-            exact_columns_cases.save_column_wise(rank, world, directory))
-
-
-def _steps(rank, world):
-    # the column-wise plan alone runs on 2 ranks
-    return (exact_columns_cases.step_cases(rank, world, ("mixed", "idle_rank"))
-            + [exact_columns_cases.fp_case(rank, world)])
+def _every_case(rank, world, directory):
+    pair, alone = dist.new_group([0, 1]), dist.new_group([0])  # made by every rank of the world
+    # on 3 ranks (the column-wise plan alone runs on 2), one holding no shard in "idle_rank"
+    three = (cases.step_cases(rank, world, ("mixed", "idle_rank"))
+             + cases.ec_step_cases(rank, world, ("mixed", "idle_rank")) + [cases.fp_case(rank, world)])
+    if rank == 2:
+        return three, None, None
+    two = (cases.step_cases(rank, 2, group=pair) + cases.ec_step_cases(rank, 2, group=pair)
+           + [cases.fp_case(rank, 2, group=pair)])
+    return three, two, cases.checkpoint_round_trip(rank, directory, pair, alone)
 
 
 def test_column_wise_steps_match_the_unsharded_step_and_checkpoints_reshard(tmp_path):
-    directory = str(tmp_path)
-    done = run_ranks(_steps_and_save, 2, directory, timeout=420, collective_timeout=60)
-    steps, saved = done[0]
-    assert done[1] == done[0] and len(steps) == 13 and len(saved) == 2, done
-    assert run_ranks(exact_columns_cases.to_table_wise, 1, directory, 2, timeout=240) == [saved]
-    assert run_ranks(exact_columns_cases.back_to_column_wise, 2, directory, timeout=300) == [saved, saved]
-
-
-def test_column_wise_steps_on_three_ranks_one_holding_no_shard():
     # a short collective timeout: a rank that skips the step's all-to-all fails within the deadline
-    done = run_ranks(_steps, 3, timeout=480, collective_timeout=30)
-    assert done[0] == done[1] == done[2] and "idle_rank/rowwise_adagrad" in done[0], done
-    assert done[0][-1] == "fp/column_wise/rowwise_adagrad"
+    done = run_ranks(_every_case, 3, str(tmp_path), timeout=400, collective_timeout=30)
+    three, two, saved = done[0]
+    assert done[1][0] == done[2][0] == three and done[1][1] == two, done
+    assert "idle_rank/rowwise_adagrad" in three and "ec/idle_rank/rowwise_adagrad" in three, three
+    assert "ec/mixed/lamb" in three and three[-1] == "fp/column_wise/rowwise_adagrad", three
+    assert len(two) == 20 and "ec/column_wise/rowwise_adagrad" in two and "ec/mixed/partial_rowwise_adam" in two
+    # rank 0 also loaded the checkpoints table-wise on a group of its own
+    assert len(saved) == 12 and len(done[1][2]) == 8, done
 
 
 _KINDS = {
@@ -95,17 +98,24 @@ def test_column_blocks_step_as_one_row(name):
             assert all(torch.equal(b[k + 1], blocks[0][k + 1]) for b in blocks)
 
 
-def test_the_unpooled_collection_refuses_column_wise_whole_row_optimizers():
+def test_both_collections_take_column_blocks_of_whole_row_optimizers():
+    """The unpooled collection's layout has exact tables and its sharder says it combines them
+    (the planner reads that), as the bag collection's; a collection that does not combine them
+    refuses such blocks."""
+    from jaggedrec.distributed.embedding import EmbeddingCollectionSharder
+    from jaggedrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from jaggedrec.distributed.shard_layout import ShardLayout
     from jaggedrec.distributed.sharding_plan import column_wise, construct_module_sharding_plan
     from jaggedrec.distributed.shards import check_fused
     tables = [jr.EmbeddingConfig(name="wide", embedding_dim=8, num_embeddings=4, feature_names=["f"])]
     ec = jr.EmbeddingCollection(tables)
     plan = construct_module_sharding_plan(ec, {"wide": column_wise(ranks=[0, 1])}, world_size=2)
-    layout = ShardLayout(tables, plan, 2)
+    layout = ShardLayout(tables, plan, 2, whole_rows=True)
+    assert layout.exact_tables == {0}
+    assert EmbeddingCollectionSharder.exact_columns and EmbeddingBagCollectionSharder.exact_columns
     with pytest.raises(NotImplementedError, match=r"\['wide'\].*row-wise Adagrad"):
         check_fused(layout, optim.RowWiseAdagrad(0.1))
-    check_fused(layout, optim.RowWiseAdagrad(0.1), exact_columns=True)  # the bag collection's
+    check_fused(layout, optim.RowWiseAdagrad(0.1), exact_columns=True)
     check_fused(layout, optim.Adagrad(0.1))  # element-wise: column blocks step exactly
 
 

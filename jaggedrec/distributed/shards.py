@@ -47,7 +47,7 @@ class ShardedCollection(ShardedStateDict, nn.Module):
     def exact_collection(self) -> Optional[nn.Module]:
         """This rank's shards of the tables split into column blocks under a fused optimizer that
         reads whole rows, as one collection that only looks up (``exact_columns.py`` steps it;
-        None when there are none: the unpooled collection never has them)."""
+        None when there are none)."""
         return getattr(self, "_exact_lookup", None)
 
     def extra_repr(self) -> str:
@@ -130,7 +130,7 @@ class CollectionSharder(ModuleSharder[nn.Module]):
 def check_fused(layout: ShardLayout, fused: Optional[FusedOptimizer], exact_columns: bool = False) -> None:
     """Refuse what a fused optimizer cannot step exactly under ``layout``: tables split into
     column blocks under an optimizer that steps rows by their sums, unless the collection
-    combines the blocks' sums (``exact_columns``: the bag collection, see ``exact_columns.py``)."""
+    combines the blocks' sums (``exact_columns``: both collections, see ``exact_columns.py``)."""
     if fused is not None and fused.needs_whole_rows and not exact_columns:
         split = [layout.configs[t].name for t, shards in enumerate(layout.table_shards)
                  if len(shards) > 1 and not shards[0].row_split and shards[0].kind == EXCHANGE]
@@ -140,7 +140,7 @@ def check_fused(layout: ShardLayout, fused: Optional[FusedOptimizer], exact_colu
                     f"{type(fused).__name__} steps each row by sums (norms or a row-wise state)")
             raise NotImplementedError(
                 f"tables {split}: {what} over all its columns, which this collection's column-wise shards do not "
-                f"combine (the EmbeddingBagCollection's do); shard these tables table-wise or row-wise")
+                f"combine; shard these tables table-wise or row-wise")
 
 
 @torch.no_grad()

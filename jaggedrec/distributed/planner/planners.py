@@ -111,8 +111,9 @@ class EmbeddingShardingPlanner(ShardingPlanner):
                     exact_columns: Optional[Sequence[bool]] = None) -> List[ParameterSharding]:
         """A ``ParameterSharding`` per table spec, in order. ``fused``: each table's fused
         optimizer (None: dense); ``exact_columns``: whether its sharded collection steps
-        column-wise shards of an optimizer that reads whole rows (default: yes, as the bag
-        collection does; the unpooled one does not, and its tables are kept whole in columns)."""
+        column-wise shards of an optimizer that reads whole rows (default: yes, as both of
+        jaggedrec's collections do, see ``CollectionSharder.exact_columns``; where not, its
+        tables are kept whole in columns)."""
         topo = self._topology
         fused = list(fused) if fused is not None else [None] * len(specs)
         exact_columns = list(exact_columns) if exact_columns is not None else [True] * len(specs)
