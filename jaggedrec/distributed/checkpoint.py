@@ -33,13 +33,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.distributed._shard.metadata import ShardMetadata as TorchShardMetadata
-from torch.distributed._shard.sharded_tensor import Shard as TorchShard
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
 from jaggedrec.modules.embedding_configs import EmbeddingBagConfig
 from jaggedrec.distributed.shard_layout import REPLICA, Shard, ShardLayout
+from jaggedrec.distributed.sharded_blocks import sharded_tensor
 
 HPARAMS = "fused_optimizer.hparams"
 
@@ -126,17 +124,14 @@ class ShardedState:
         return out
 
     def _sharded_tensor(self, entry: _Entry) -> ShardedTensor:
-        device = self._device.type
-        metadata = []
+        blocks = []
         for s in self._shards_of(entry.table):
             offsets, sizes = ([s.row_offset], [s.rows]) if len(entry.size) == 1 else (
                 [s.row_offset, s.col_offset], [s.rows, s.cols])
-            metadata.append(TorchShardMetadata(offsets, sizes, f"rank:{s.rank}/{device}"))
-        mine = {tuple(m.shard_offsets): m for m in metadata if m.placement.rank() == self._rank}
-        local = [TorchShard(tensor, mine[tuple(offsets)]) for offsets, tensor in entry.blocks]
-        global_metadata = ShardedTensorMetadata(metadata, torch.Size(entry.size), TensorProperties(dtype=entry.dtype))
-        return ShardedTensor._init_from_local_shards_and_global_metadata(local, global_metadata,
-                                                                          process_group=self._group)
+            blocks.append((offsets, sizes, s.rank))
+        mine = {tuple(offsets): i for i, (offsets, _, rank) in enumerate(blocks) if rank == self._rank}
+        local = [(mine[tuple(offsets)], tensor) for offsets, tensor in entry.blocks]
+        return sharded_tensor(blocks, local, entry.size, entry.dtype, self._rank, self._device, self._group)
 
     # --- load_state_dict --------------------------------------------------------------------
     @torch.no_grad()

@@ -14,25 +14,12 @@ from typing import List
 
 import torch
 from torch import nn
-from torch.distributed._shard.metadata import ShardMetadata as TorchShardMetadata
-from torch.distributed._shard.sharded_tensor import Shard as TorchShard
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+
+from jaggedrec.distributed.sharded_blocks import sharded_tensor
 
 MODULES = "_managed_collision_modules"  # TorchRec's state_dict prefix (the unsharded module's)
 _SEGMENTS = "_output_segments_tensor"
-
-
-def _placement(rank: int, mine: int, device: torch.device) -> str:
-    """A shard's placement: this rank's the collection's own device (``ShardedTensor`` checks the
-    local blocks against it: ``cuda:1``, not ``cuda``); another rank's, its GPU by the usual one
-    process per GPU of a node."""
-    if rank == mine or device.type == "cpu":
-        where = str(device) if rank == mine else device.type
-    else:
-        count = torch.cuda.device_count() if device.type == "cuda" else 0
-        where = f"{device.type}:{rank % count}" if count else device.type
-    return f"rank:{rank}/{where}"
 
 
 def _tables(collection):
@@ -56,18 +43,14 @@ def state_entries(collection, destination, prefix: str):
 
 
 def _sharded(collection, t: int, like: torch.Tensor, blocks) -> ShardedTensor:
-    layout, device = collection.bucket_layout, collection.device
+    layout = collection.bucket_layout
     seg, rest = layout.segments[t], list(like.shape[1:])
-    metadata = []
+    runs = []
     for j, (_, _, rank) in enumerate(layout.runs[t]):
         first, end = layout.run_rows(t, j)
-        metadata.append(TorchShardMetadata([first - seg[0]] + [0] * len(rest), [end - first] + rest,
-                                           _placement(rank, collection.rank, device)))
-    local = [TorchShard(tensor, metadata[j]) for j, tensor in blocks]
-    size = torch.Size([seg[-1] - seg[0]] + rest)
-    return ShardedTensor._init_from_local_shards_and_global_metadata(
-        local, ShardedTensorMetadata(metadata, size, TensorProperties(dtype=like.dtype)),
-        process_group=collection.process_group)
+        runs.append(([first - seg[0]] + [0] * len(rest), [end - first] + rest, rank))
+    return sharded_tensor(runs, blocks, [seg[-1] - seg[0]] + rest, like.dtype, collection.rank, collection.device,
+                          collection.process_group)
 
 
 @torch.no_grad()
