@@ -14,6 +14,8 @@ and, per id, ``bag_of_value``: its key-major bag. The three make :class:`Contrib
 * ``_rows_grad_atomic_kernel`` (``deterministic=False``): ``atomic_add`` into rows, fast,
   with run-to-run rounding differences.
 * ``_psw_grad_kernel``: per contribution, the dot of its row with its bag's output gradient.
+* ``_position_grad_kernel``: per position weight, the sum of those dots over the ids that
+  read it (position ``p`` of every bag of its key), straight from the ids and offsets.
 
 The deterministic weight gradient and the fused optimizers sort the contributions by row
 first: see ``row_runs``.
@@ -28,7 +30,8 @@ import triton
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 import triton.language as tl
 
-from .common import META_DIM, META_FIELDS, META_KEY, META_MEAN, META_OUT_COLUMN, block_d, single_config, wrap_triton
+from .common import (META_DIM, META_FIELDS, META_KEY, META_MEAN, META_OUT_COLUMN, META_ROWS, META_WEIGHT_OFFSET,
+                     block_d, single_config, wrap_triton)
 from .tuning import autotune
 
 
@@ -125,6 +128,83 @@ def _psw_grad_kernel(
         rows = tl.load(weights_ptr + row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dot += tl.sum(grads * rows, axis=1)
     tl.store(out_ptr + c, dot * scale, mask=in_range)
+
+
+def _b_configs():
+    if single_config():
+        return [triton.Config({"BLOCK_B": 4}, num_warps=1)]
+    return [triton.Config({"BLOCK_B": b}, num_warps=w) for b, w in [(16, 2), (32, 4), (64, 8)]]
+
+
+@autotune(configs=_b_configs(), key=["BLOCK_D", "DIM_ALIGN"])
+@triton.jit
+def _position_grad_kernel(
+    grad_out_ptr, grad_stride, weights_ptr, values_ptr, offsets_ptr, meta_ptr, position_meta_ptr, out_ptr,
+    num_features, batch_size,
+    DIM_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    # one program per position weight j: every feature whose key reads j at position p adds, over
+    # its bags, dot(its row of the bag's id at p, the bag's output gradient), MEAN-scaled. Each
+    # sum is in one program in a fixed order (bags in blocks, tl.sum per block, features in
+    # order): deterministic, no atomics, and no [N] per-id gradient
+    j = tl.program_id(0)
+    total = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for f in range(num_features):
+        base = tl.load(position_meta_ptr + 2 * f)
+        length = tl.load(position_meta_ptr + 2 * f + 1)
+        p = j - base
+        if (p >= 0) & (p < length):
+            meta = meta_ptr + f * META_FIELDS
+            weight_offset = tl.multiple_of(tl.load(meta + META_WEIGHT_OFFSET), DIM_ALIGN)
+            dim = tl.multiple_of(tl.load(meta + META_DIM), DIM_ALIGN)
+            num_rows = tl.load(meta + META_ROWS)
+            out_column = tl.multiple_of(tl.load(meta + META_OUT_COLUMN), DIM_ALIGN)
+            key = tl.load(meta + META_KEY)
+            mean = tl.load(meta + META_MEAN)
+            for b0 in range(0, batch_size, BLOCK_B):
+                bags = b0 + tl.arange(0, BLOCK_B)
+                in_batch = bags < batch_size
+                bag = key * batch_size + bags
+                start = tl.load(offsets_ptr + bag, mask=in_batch, other=0).to(tl.int64)
+                bag_length = tl.load(offsets_ptr + bag + 1, mask=in_batch, other=0).to(tl.int64) - start
+                present = in_batch & (p < bag_length)
+                row = tl.load(values_ptr + start + p, mask=present, other=0).to(tl.int64)
+                live = present & (row >= 0) & (row < num_rows)  # bad ids were skipped in the forward
+                # every lane's offsets are multiples of DIM_ALIGN (dead lanes' loads are masked off)
+                row = tl.multiple_of(weight_offset + row * dim, DIM_ALIGN)
+                grad_row = tl.multiple_of(bags.to(tl.int64) * grad_stride + out_column, DIM_ALIGN)
+                dot = tl.zeros([BLOCK_B], dtype=tl.float32)
+                for d0 in range(0, dim, BLOCK_D):
+                    cols = d0 + tl.arange(0, BLOCK_D)
+                    mask = live[:, None] & (cols[None, :] < dim)
+                    grads = tl.load(grad_out_ptr + grad_row[:, None] + cols[None, :], mask=mask, other=0.0)
+                    rows = tl.load(weights_ptr + row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                    dot += tl.sum(grads * rows, axis=1)
+                scale = tl.where(mean != 0, 1.0 / tl.maximum(bag_length, 1).to(tl.float32), 1.0)
+                total += dot * scale  # dead lanes loaded zeros: their dot is 0
+    tl.store(out_ptr + j, tl.sum(total, axis=0))
+
+
+def position_grad(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+                  meta: torch.Tensor, position_meta: torch.Tensor, out: torch.Tensor, max_dim: int,
+                  alignment: int) -> None:
+    """``out[j]`` (``[P]`` fp32) = the position weights' gradient: over every feature whose key
+    reads weight ``j`` (at position ``p = j - base``) and every bag of that key with an id at
+    ``p``, dot(the id's row, the bag's output gradient), divided by the bag's length for MEAN.
+    Weights no feature reads get 0.
+
+    Args:
+        grad_out: ``[B', total_dim]`` fp32 contiguous, one row per bag slot of a key.
+        values, offsets: ``[N]`` ids and ``[K*B'+1]`` key-major bag starts.
+        meta: ``[F, META_FIELDS]`` int64; position_meta: ``[F, 2]`` int64 each feature's key's
+            ``base, length`` of position weights (``length < 0``: none).
+        max_dim, alignment: as in :func:`rows_grad_atomic`.
+    """
+    if statically_known_true(out.numel() == 0):
+        return
+    wrap_triton(_position_grad_kernel)[(out.numel(),)](
+        grad_out, grad_out.stride(0), weights, values, offsets, meta, position_meta, out, meta.shape[0],
+        grad_out.shape[0], DIM_ALIGN=alignment, BLOCK_D=block_d(max_dim))
 
 
 def rows_grad_atomic(grad_out: torch.Tensor, parts: Contributions, batch, meta: torch.Tensor, dest: torch.Tensor,

@@ -10,6 +10,7 @@ bags past their key's length refused. TorchRec's FPEBC is compared in ``test_fp_
 
 from __future__ import annotations
 
+import copy
 from typing import List, Sequence
 
 import pytest
@@ -206,3 +207,71 @@ def test_fpebc_kernel_path_refuses_bags_past_max_length():
     ok = jr.KeyedJaggedTensor(["f0", "f1", "g1"], torch.zeros(9, dtype=torch.int64),
                               lengths=torch.tensor([1, 0, 0, 1, 7, 0]))  # g1 has no position weights
     fp(ok)
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_torch_path_pools_inside_the_op_with_the_weighted_kjts_bits(monkeypatch, id_dtype):
+    """On the torch path the FPEBC builds its [N] weights inside the op, without autograd and
+    without a weighted KJT; forward, table gradients and position weight gradients are the
+    weighted-KJT route's bit for bit (the same gather, the gradient summed back in id order)."""
+    from jaggedrec.modules import feature_processor_
+    from jaggedrec.modules.fp_embedding_modules import process_features
+
+    gen = torch.Generator().manual_seed(4)
+    fp = _fpebc("torch")
+    ref = copy.deepcopy(fp)
+    kjts = [_kjt(gen, shuffled_keys(gen, ["f0", "f1", "g1", "extra"]), id_dtype) for _ in range(3)]
+    expected = []
+    for kjt in kjts:  # the weighted-KJT route: per-id weights by autograd, then the weighted collection
+        out = ref.split()[1](process_features(ref.split()[0], kjt, "ref")).values()
+        (out * torch.arange(out.numel()).view(out.shape).cos()).sum().backward()
+        expected.append(out.detach())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weighted-KJT route was taken")
+
+    monkeypatch.setattr(feature_processor_, "position_weighted_kjt", refuse)
+    for kjt, want in zip(kjts, expected):
+        out = fp(kjt).values()
+        (out * torch.arange(out.numel()).view(out.shape).cos()).sum().backward()
+        assert torch.equal(out.detach(), want)
+    grads = {n: p.grad for n, p in ref.named_parameters()}
+    for name, p in fp.named_parameters():
+        assert torch.equal(p.grad, grads[name]), name
+
+
+def test_kernel_backward_sums_position_grads_per_weight():
+    """The kernel path's position weight gradient comes from one kernel that sums each weight's
+    dots itself: no [N] per-id weights or per-id gradient are built, the sums are the same bits
+    run after run, and they match float64 autograd, for a key read by two features (one MEAN),
+    a key without position weights, a key with no ids, and VBE."""
+    gen = torch.Generator().manual_seed(8)
+    tables, weights, key_positions, pw = _setup(gen, torch.int64)
+    values, offsets = _batch(gen, 4, 3, 4, torch.int64, 7, empty_keys=[3])
+    inverse = torch.randint(0, 3, (4, 5), generator=gen)
+    grad = torch.randn(5, tables.plan.out_offsets[-1], generator=gen)
+    from jaggedrec.kernels import pooled_bwd
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("per-id weights or their gradient built")
+
+    grads = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(position_pooled, "position_lookup", refuse, raising=False)
+        mp.setattr(position_pooled, "per_id_position_weights", refuse)
+        mp.setattr(pooled_bwd, "psw_grad", refuse)
+        for _ in range(2):
+            p = pw.clone().requires_grad_()
+            out, _ = position_pooled.position_weighted_embedding_bags(weights, values, offsets, p, inverse,
+                                                                      tables.encode(), key_positions, "triton",
+                                                                      False, True, 0, [])
+            (out * grad).sum().backward()
+            grads.append(p.grad)
+    assert torch.equal(grads[0], grads[1])
+    p64 = pw.double().requires_grad_()
+    pooled = _reference(weights.double(), tables, values, offsets, p64, key_positions)
+    cols = tables.plan.out_offsets
+    expected = torch.cat([pooled[inverse[f], cols[f]:cols[f + 1]] for f in range(4)], dim=1)
+    (expected * grad.double()).sum().backward()
+    assert_close(grads[0], p64.grad, what="position weight grad")
+    assert grads[0][key_positions[6]:].abs().sum() == 0  # key 3 has no ids

@@ -2,12 +2,15 @@
 ``EmbeddingBagCollection`` whose per-id weights come from feature processors.
 
 With position weights (``PositionWeightedModule`` per feature, or a
-``PositionWeightedModuleCollection``) the weights of a batch are one gather of the
-concatenated position weights (``feature_processor_.gather_position_weights``) and the
-collection pools with them; any other processor runs as TorchRec runs it, feature by feature.
-The processors' parameters are ordinary dense parameters: with a fused optimizer on the
-tables they train with the dense optimizer, their gradient being the per-id weight gradient
-summed by position.
+``PositionWeightedModuleCollection``) the collection pools with
+``jaggedrec::position_weighted_embedding_bags``, which takes the concatenated position
+weights, not per-id weights: the kernels read each id's weight by its position inside the
+gather, and the torch path builds the ``[N]`` weights inside the op (one running sum, one
+gather, no autograd graph). Sparse gradients, and any other processor, take the weighted-KJT
+route: the processors give ``[N]`` weights (position weights in one gather,
+``feature_processor_.gather_position_weights``; others feature by feature, as TorchRec runs
+them) and the collection pools with those. The processors' parameters are ordinary dense
+parameters: with a fused optimizer on the tables they train with the dense optimizer.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import torch
 from torch import nn
 
 from jaggedrec.modules.embedding_modules import EmbeddingBagCollection
-from jaggedrec.ops.backends import use_kernels
 from jaggedrec.modules import feature_processor_
 from jaggedrec.modules.feature_processor_ import (FeatureProcessor, FeatureProcessorsCollection,
                                                   position_weight_tables, with_weights)
@@ -129,11 +131,21 @@ class FeatureProcessedEmbeddingBagCollection(nn.Module):
         """
         ebc = self._embedding_bag_collection
         tables = position_weight_tables(self._feature_processors)
-        if tables is not None and use_kernels(ebc.options.backend, ebc.device):
-            # the kernels read each id's position weight inside the gather: no [N] weights
-            features = as_keyed_jagged_tensor(features)
-            position_weights = feature_processor_.keyed_position_table(features, tables, _OWNER)
-            # the collection checks that a weighted batch has [N] weights: a stride-0 view, never read
-            placeholder = position_weights[0].new_ones(1).expand(features.values().shape[0])
-            return ebc.pool_position_weighted(with_weights(features, placeholder), position_weights)
+        if tables is not None and not ebc.options.sparse:
+            # position weights read by position inside the op: the kernels read them in the
+            # gather; the torch path builds the [N] weights there, without autograd, in one
+            # running sum and one gather (sparse gradients take the weighted-KJT route below)
+            return pool_by_position(ebc, features, tables)
         return ebc(process_features(self._feature_processors, features, _OWNER))
+
+
+@torch.fx.wrap  # one node of a torch.fx graph: it reads the batch's layout
+def pool_by_position(ebc: EmbeddingBagCollection, features: KeyedJaggedTensor,
+                     tables: Dict[str, torch.Tensor]) -> KeyedTensor:
+    """``ebc``'s pooled ``[B, sum(dims)]`` KeyedTensor of ``features`` (jaggedrec's or TorchRec's
+    KJT), each id weighted by ``tables[key][position in its bag]`` (1 for keys not in ``tables``)."""
+    features = as_keyed_jagged_tensor(features)
+    position_weights = feature_processor_.keyed_position_table(features, tables, _OWNER)
+    # the collection checks that a weighted batch has [N] weights: a stride-0 view, never read
+    placeholder = position_weights[0].new_ones(1).expand(features.values().shape[0])
+    return ebc.pool_position_weighted(with_weights(features, placeholder), position_weights)

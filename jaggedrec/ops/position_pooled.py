@@ -5,10 +5,12 @@ The op takes the position weights themselves (``[P]``, every key's concatenated)
 each key's start and length, not a per-id weight tensor: the Triton forward reads an id's
 weight from its position inside the pooling loop (``kernels/pooled_fwd.py``, ``POSITIONAL``),
 so the forward builds no ``[N]`` weights. The torch path, whose ``embedding_bag`` only takes
-per-id weights, builds them in two passes (:func:`per_id_position_weights`). The backward
-builds them once, for the row gradients and the fused step, and gives the position weights'
-gradient: per position, the sum over the ids at that position of dot(bag gradient, row),
-which is the per-id weight gradient summed by position.
+per-id weights, builds them in one running sum over the ids and one gather
+(:func:`position_lookup`). The backward rebuilds them for the row gradients and the fused
+step, and gives the position weights' gradient (per position weight, the sum over the ids
+that read it of dot(bag gradient, row)) with them: on the torch path the per-id weight
+gradient summed back through the same gather index, on the kernel path one kernel that sums
+the dots per position weight, deterministically, with no per-id gradient.
 
 Positions at or past a key's length are refused by the caller (``check_bag_lengths`` in
 ``modules/feature_processor_.py``, as TorchRec's gather fails on them): eagerly a ValueError
@@ -31,50 +33,66 @@ from jaggedrec.ops.weight_grads import clipped_grad, state_grads, weight_grad
 _INT32_MAX = 2 ** 31 - 1
 
 
-def bag_bases(key_positions: Sequence[int], bags_per_key: int, device: torch.device) -> torch.Tensor:
-    """``[K*B']`` int64: where each bag's key's position weights start (key-major bags).
+def _bag_jumps(bases: Tuple[int, ...], bags_per_key: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[K*B']`` per bag (key-major) how far its key's base is from the bag before's: 0 inside
+    a key, the change of base at a key's first bag, ``base - 1`` at bag 0 (the count's start)."""
+    starts = [bases[0] - 1] + [bases[k] - bases[k - 1] for k in range(1, len(bases))]
+    jumps = torch.zeros(len(bases), bags_per_key, dtype=dtype, device=device)
+    if bags_per_key:
+        jumps[:, 0] = torch.tensor(starts, dtype=dtype, device=device)
+    return jumps.view(-1)
 
-    Args:
-        key_positions: per key ``base, length`` flattened (``length < 0``: no position weights).
+
+# eager calls reuse the jumps of a layout (never written to); a compiled graph builds them afresh
+_cached_bag_jumps = functools.lru_cache(maxsize=64)(_bag_jumps)
+
+
+def position_index(offsets: torch.Tensor, bases: Sequence[int], num_ids, narrow: bool = True) -> torch.Tensor:
+    """``[N]`` the index of each id's position weight: ``bases[k] + p`` for the id at position
+    ``p`` of a bag of key ``k`` (``offsets``: ``[K*B'+1]`` key-major bag starts).
+
+    One running sum over ``[N]``: each id adds 1 to the one before, and a bag's first id adds
+    ``1 + (jump of base) - (length of the bag before)``, added at its start by one ``index_add_``
+    over the bags (empty bags telescope away; trailing ones land in a spare slot). int32 when
+    ``narrow`` and it fits (the sum and the gather it feeds are cheaper than with int64 on one
+    CPU thread); a compiled graph's id count is unbacked, so int64 there rather than guard on it.
     """
-    bases = torch.tensor(list(key_positions[0::2]), dtype=torch.int64, device=device)
-    return bases.repeat_interleave(bags_per_key)
-
-
-def position_index(offsets: torch.Tensor, bag_base: torch.Tensor, num_ids, narrow: bool = True) -> torch.Tensor:
-    """``[N]`` the index of each id's weight: ``bag_base[i] + p`` for id ``p`` of bag ``i``.
-
-    A running sum: 1 per id, plus at each bag's start the change of shift (base minus start)
-    from the bag before, empty bags telescoping away, so one ``cumsum`` over ``[N]``. int32 when
-    ``narrow`` and it fits (cumsum and gather ~1.3x faster than int64 on one CPU thread); a
-    compiled graph's id count is unbacked, so int64 there rather than guard on its size.
-    """
-    narrow = narrow and not torch.compiler.is_compiling() and num_ids <= _INT32_MAX
+    compiling = torch.compiler.is_compiling()
+    narrow = narrow and not compiling and num_ids <= _INT32_MAX
     dtype = torch.int32 if narrow else torch.int64
-    shift = (bag_base - offsets[:-1]).to(dtype)
-    change = torch.diff(shift, prepend=shift.new_zeros(1))
-    steps = torch.ones(num_ids + 1, dtype=dtype, device=shift.device)
-    steps[0] = 0
-    steps.index_add_(0, offsets[:-1].long(), change)  # a start at N (trailing empty bags) lands in the spare slot
-    return steps[:num_ids].cumsum(0, dtype=dtype)
+    num_keys = len(bases)
+    bags_per_key = (offsets.shape[0] - 1) // num_keys if num_keys else 0
+    jumps = (_bag_jumps if compiling else _cached_bag_jumps)(tuple(bases), bags_per_key, dtype, offsets.device)
+    starts = offsets[:-1]
+    # minus the length of the bag before: its start minus this one's, the first bag's offset itself
+    change = jumps - starts.to(dtype)
+    change[1:] += starts[:-1].to(dtype)
+    steps = torch.ones(num_ids + 1, dtype=dtype, device=offsets.device)
+    steps.index_add_(0, starts.long(), change)
+    return steps.cumsum_(0)[:num_ids]
+
+
+def position_lookup(position_weights: torch.Tensor, offsets: torch.Tensor, key_positions: Sequence[int],
+                    num_keys: int, num_ids) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What the torch path and the backward read each id's position weight from: ``[P']``
+    ``position_weights``, followed, when some key has none, by ``N`` ones that such keys' ids
+    read, and ``[N]`` each id's index into it (:func:`position_index`). The forward gathers
+    with the index; the backward sums the per-id weight gradient back by the same index."""
+    table = position_weights
+    bases = list(key_positions[0::2])
+    if any(n < 0 for n in key_positions[1::2]):
+        table = torch.cat([position_weights, position_weights.new_ones(num_ids)])
+        bases = [b if n >= 0 else position_weights.shape[0] for b, n in zip(bases, key_positions[1::2])]
+    assert len(bases) == num_keys
+    # compiled: int64 indices (position_index), asking nothing of the unbacked sizes
+    narrow = not torch.compiler.is_compiling() and table.shape[0] <= _INT32_MAX
+    return table, position_index(offsets, bases, num_ids, narrow)
 
 
 def per_id_position_weights(position_weights: torch.Tensor, offsets: torch.Tensor, key_positions: Sequence[int],
                             num_keys: int, num_ids) -> torch.Tensor:
-    """``[N]`` the weight of each id by its position (1 for keys without position weights),
-    for the torch path and the backward: the op's ``key_positions`` read as a gather index."""
-    bags_per_key = (offsets.shape[0] - 1) // num_keys
-    lengths = key_positions[1::2]
-    table = position_weights
-    if any(n < 0 for n in lengths):
-        # keys without position weights point at a block of ones as long as any bag can be
-        table = torch.cat([position_weights, position_weights.new_ones(num_ids)])
-        key_positions = list(key_positions)
-        for k, n in enumerate(lengths):
-            if n < 0:
-                key_positions[2 * k] = position_weights.shape[0]
-    index = position_index(offsets, bag_bases(key_positions, bags_per_key, offsets.device), num_ids,
-                           table.shape[0] <= _INT32_MAX)
+    """``[N]`` the weight of each id by its position (1 for keys without position weights)."""
+    table, index = position_lookup(position_weights, offsets, key_positions, num_keys, num_ids)
     return table.index_select(0, index)
 
 
@@ -160,14 +178,17 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_out, _grad_bad_ids):
-    """As ``pooled_embedding_bags``' backward with the per-id weights built here once; the
-    position weights' gradient is the per-id weight gradient summed by position."""
+    """As ``pooled_embedding_bags``' backward, the per-id weights rebuilt here for the row
+    gradients and the fused step; the position weights' gradient comes with them: on the
+    torch path the per-id weight gradient summed back through the index the weights were
+    gathered with, on the kernel path one kernel (``pooled_bwd.position_grad``) that sums the
+    dots by position weight, with no per-id gradient."""
     weights, values, offsets, position_weights, inverse_indices, *optimizer_state = ctx.saved_tensors
     tables = feature_tables(ctx.static[0])
     need_weight_grad, need_pw_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
     key_positions = ctx.key_positions
     num_ids = values.shape[0]
-    psw = per_id_position_weights(position_weights.detach(), offsets, key_positions, tables.num_keys, num_ids)
+    kernels = use_kernels(ctx.static[1], weights.device)
     fused_grad = clipped_grad(grad_out, optimizer_state[0]) if optimizer_state else grad_out
     if inverse_indices is not None:  # VBE: from here on, one gradient row per bag slot
         clipped = fused_grad is not grad_out
@@ -180,15 +201,25 @@ def _backward(ctx, grad_out, _grad_bad_ids):
     if plan.sparse:
         raise NotImplementedError("position_weighted_embedding_bags: sparse weight gradients are not supported; "
                                   "pass per-id weights to pooled_embedding_bags instead")
+    psw = index = table = None
+    if plan.dense or plan.fused_step or (need_pw_grad and not kernels):
+        table, index = position_lookup(position_weights.detach(), offsets, key_positions, tables.num_keys, num_ids)
+        psw = table.index_select(0, index)
     grad_weights = grad_pw = None
-    if plan.dense or need_pw_grad:
+    psw_grad_here = need_pw_grad and not kernels
+    if plan.dense or psw_grad_here:
         dense_w, grad_psw = torch.ops.jaggedrec.pooled_embedding_bags_backward(
-            grad_out.contiguous(), weights, values, offsets, psw, *ctx.static, plan.dense, need_pw_grad,
+            grad_out.contiguous(), weights, values, offsets, psw, *ctx.static, plan.dense, psw_grad_here,
             ctx.deterministic)
         if plan.dense:
             grad_weights = dense_w
-        if need_pw_grad:
-            grad_pw = position_grad(grad_psw, position_weights, offsets, key_positions, tables.num_keys, num_ids)
+        if psw_grad_here:
+            grad_pw = sum_by_index(grad_psw, index, table.shape[0])[:position_weights.shape[0]]
+    if need_pw_grad and kernels:
+        grad_pw = _kernel_position_grad(grad_out, weights, values, offsets, tables, key_positions,
+                                        position_weights.shape[0])
+    if grad_pw is not None:
+        grad_pw = grad_pw.to(position_weights.dtype)
     if plan.fused_step:
         torch.ops.jaggedrec.pooled_embedding_bags_fused_update(
             fused_grad.contiguous(), weights, values, offsets, psw, inverse_indices, *ctx.static, ctx.optimizer,
@@ -197,24 +228,28 @@ def _backward(ctx, grad_out, _grad_bad_ids):
             + (state_grads(plan, needs_state_grad, grad_out),))
 
 
-def position_grad(grad_psw: torch.Tensor, position_weights: torch.Tensor, offsets: torch.Tensor,
-                  key_positions: Sequence[int], num_keys: int, num_ids) -> torch.Tensor:
-    """``[P]`` the position weights' gradient: ``grad_psw`` (``[N]``, d loss / d per-id weight)
-    summed by the position weight each id reads; keys without position weights give none.
-    Summed with ``index_put_(accumulate=True)``: deterministic on CUDA too."""
-    bags_per_key = (offsets.shape[0] - 1) // num_keys
-    num_weights = position_weights.shape[0]
-    lengths = key_positions[1::2]
-    positions = list(key_positions)
-    for k, n in enumerate(lengths):
-        if n < 0:  # a spare slot past the end, dropped below
-            positions[2 * k] = num_weights
-    index = position_index(offsets, bag_bases(positions, bags_per_key, offsets.device), num_ids, False)
-    # ids of weightless keys may count past the spare slot: clamp them into it
-    index = index.clamp(max=num_weights)
-    grad = grad_psw.new_zeros(num_weights + 1, dtype=torch.float32)
-    grad.index_put_((index,), grad_psw.float(), accumulate=True)
-    return grad[:num_weights].to(position_weights.dtype)
+def sum_by_index(grad_psw: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """``[size]`` fp32: ``grad_psw`` (``[N]``, d loss / d per-id weight) summed by ``index``
+    (``[N]``, the position weight each id read), in id order. On the CPU ``index_add_`` (one
+    serial pass, as autograd's gather backward sums); elsewhere ``index_put_(accumulate=True)``,
+    which unlike ``index_add_`` is deterministic on CUDA."""
+    grad = grad_psw.new_zeros(size, dtype=torch.float32)
+    if grad.device.type == "cpu":
+        return grad.index_add_(0, index, grad_psw.float())
+    return grad.index_put_((index.long(),), grad_psw.float(), accumulate=True)
+
+
+def _kernel_position_grad(grad_out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+                          tables: FeatureTables, key_positions: Sequence[int], num_weights: int) -> torch.Tensor:
+    """``[P]`` fp32 the position weights' gradient from one kernel launch (one program per
+    position weight, deterministic): see ``kernels/pooled_bwd.position_grad``."""
+    from jaggedrec.kernels import pooled_bwd  # imported lazily: it pulls in triton
+    out = torch.empty(num_weights, dtype=torch.float32, device=weights.device)
+    meta = tables.meta(weights)
+    position_meta = feature_position_meta(tables, key_positions, weights.device)
+    pooled_bwd.position_grad(grad_out.contiguous().float(), weights, values, offsets, meta, position_meta, out,
+                             max(tables.dims), tables.plan.alignment)
+    return out
 
 
 position_weighted_embedding_bags.register_autograd(_backward, setup_context=_setup_context)
@@ -226,4 +261,5 @@ def run_position_weighted_embedding_bags(*args) -> Tuple[torch.Tensor, torch.Ten
     return position_weighted_embedding_bags(*args)
 
 
-__all__ = ["position_weighted_embedding_bags", "per_id_position_weights", "position_index", "bag_bases"]
+__all__ = ["position_weighted_embedding_bags", "per_id_position_weights", "position_index", "position_lookup",
+           "sum_by_index"]
