@@ -18,12 +18,12 @@ OPTIMIZERS = {
 }
 
 
-def _configs():
-    # dims 8, 8, 16 in that order: every feature's columns fall into whole rows of its dim,
-    # so the bag gradients can be read in place from grad_out viewed [B * 4, 8] or [B * 2, 16]
-    return [jr.EmbeddingBagConfig(name="a", embedding_dim=8, num_embeddings=40, feature_names=["x"]),
-            jr.EmbeddingBagConfig(name="b", embedding_dim=8, num_embeddings=30, feature_names=["y"]),
-            jr.EmbeddingBagConfig(name="c", embedding_dim=16, num_embeddings=25, feature_names=["z"])]
+def _configs(dims=(8, 16)):
+    # dims d, d, 2d in that order: every feature's columns fall into whole rows of its dim,
+    # so the bag gradients can be read in place from grad_out viewed [B * 4, d] or [B * 2, 2d]
+    return [jr.EmbeddingBagConfig(name="a", embedding_dim=dims[0], num_embeddings=40, feature_names=["x"]),
+            jr.EmbeddingBagConfig(name="b", embedding_dim=dims[0], num_embeddings=30, feature_names=["y"]),
+            jr.EmbeddingBagConfig(name="c", embedding_dim=dims[1], num_embeddings=25, feature_names=["z"])]
 
 
 def _reference_step(opt, tables, sum_sq, batch, ebc, upstream):
@@ -46,10 +46,10 @@ def _reference_step(opt, tables, sum_sq, batch, ebc, upstream):
             table[touched] -= opt.lr * g / (sum_sq[t][touched].sqrt() + opt.eps)
 
 
-def _train(opt_name, weighted, one_hot, id_dtype=torch.int64, steps=4):
+def _train(opt_name, weighted, one_hot, id_dtype=torch.int64, steps=4, dims=(8, 16)):
     opt = OPTIMIZERS[opt_name]
     torch.manual_seed(5)
-    ebc = jr.EmbeddingBagCollection(_configs(), is_weighted=weighted, fused_optimizer=opt)
+    ebc = jr.EmbeddingBagCollection(_configs(dims), is_weighted=weighted, fused_optimizer=opt)
     tables = [ebc.embedding_bags[c].weight.detach().double().clone() for c in "abc"]
     sum_sq = [torch.zeros(t.shape[0] if isinstance(opt, optim.RowWiseAdagrad) else t.shape, dtype=torch.float64)
               for t in tables]
@@ -101,3 +101,31 @@ def test_bag_gradients_in_place_give_the_copys_bits(opt_name, stream, monkeypatc
         states.append(_train(opt_name, True, False)[0].state_dict())
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
+
+
+@pytest.mark.skipif(not fused_torch._CSR_ADD, reason="the one-pass SGD update needs torch's MKL sparse product")
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("one_hot", [False, True])
+@pytest.mark.parametrize("copied", [False, True])
+def test_streamed_sgd_in_one_pass_matches_float64_reference_and_the_chunked_bits(weighted, one_hot, copied,
+                                                                                 monkeypatch):
+    """Streamed plain SGD sums each row's run and adds it in one sparse product
+    (``_add_run_sums``): against float64, and bit for bit the chunked sums and add it replaces
+    (chunks of one to four rows); bag gradients read in place or from the group's copy."""
+    monkeypatch.setattr(fused_torch, "_STREAM_MIN_TOUCHED", dict.fromkeys(fused_rules.STATE_LAYOUT, 0.0))
+    if copied:
+        monkeypatch.setattr(fused_torch, "_IN_PLACE_MAX_IDS_PER_BAG", 0)
+    calls = {}
+    _counting(monkeypatch, fused_torch, "_add_run_sums", calls, lambda r: True)
+    ids = torch.int32 if one_hot else torch.int64
+    ebc, tables = _train("sgd", weighted, one_hot, id_dtype=ids, dims=(32, 64))
+    ran = calls.get("_add_run_sums", 0)
+    assert ran > 0, calls
+    for name, table in zip("abc", tables):
+        assert_close(ebc.embedding_bags[name].weight.detach(), table, what=f"sgd table {name}")
+    monkeypatch.setattr(fused_torch, "_CSR_ADD", False)
+    monkeypatch.setattr(fused_torch, "_CHUNK_BYTES", 48)
+    chunked = _train("sgd", weighted, one_hot, id_dtype=ids, dims=(32, 64))[0].state_dict()
+    assert calls["_add_run_sums"] == ran  # the second run took the chunked update
+    for key, value in ebc.state_dict().items():
+        assert torch.equal(value, chunked[key]), key

@@ -92,6 +92,11 @@ def _omp_set_num_threads():
 
 
 _OMP_SET_NUM_THREADS = _omp_set_num_threads()
+# MKL's sparse products (fused_torch's SGD update) run as many threads as the calling
+# thread's MKL count, which torch.set_num_threads sets and the OpenMP setter does not. The
+# caller sets it to one while it takes pieces too; threads started in that window would start
+# with one thread (torch's setter also sets that default), and it is restored after.
+_MKL = torch.backends.mkl.is_available()
 
 
 def run_pieces(pieces: Sequence[Callable[[], T]]) -> List[T]:
@@ -140,10 +145,14 @@ def run_pieces(pieces: Sequence[Callable[[], T]]) -> List[T]:
         # the caller is running already: it takes pieces too, on one OpenMP thread, rather
         # than wake one more worker and wait for it to be scheduled
         _OMP_SET_NUM_THREADS(1)
+        if _MKL:  # MKL keeps its own count per thread, which only torch's setter reaches
+            torch.set_num_threads(1)
         try:
             drain()
         finally:
             _OMP_SET_NUM_THREADS(threads)
+            if _MKL:
+                torch.set_num_threads(threads)
     for _ in range(workers):
         done.acquire()
     if errors:
