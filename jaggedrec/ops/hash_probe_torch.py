@@ -40,12 +40,10 @@ _COUNT_CAP = 1 << 30  # LFU scores pack count and step in one int64
 def mix(ids: torch.Tensor) -> torch.Tensor:
     """``[N]`` int64 -> ``[N]`` int64: splitmix64's finaliser of the id's 64 bits (the multiplies
     wrap; the shifts are logical, hence the masks), as a signed int64."""
-    x = ids.to(torch.int64)
-    x = x ^ ((x >> 30) & ((1 << 34) - 1))
-    x = x * _M1
-    x = x ^ ((x >> 27) & ((1 << 37) - 1))
-    x = x * _M2
-    return x ^ ((x >> 31) & ((1 << 33) - 1))
+    x = ids.to(torch.int64, copy=True)  # updated in place below: never the caller's ids
+    x.bitwise_xor_((x >> 30).bitwise_and_((1 << 34) - 1)).mul_(_M1)
+    x.bitwise_xor_((x >> 27).bitwise_and_((1 << 37) - 1)).mul_(_M2)
+    return x.bitwise_xor_((x >> 31).bitwise_and_((1 << 33) - 1))
 
 
 def bucket_of(hashed: torch.Tensor, bucket_base: torch.Tensor, num_buckets: torch.Tensor) -> torch.Tensor:
