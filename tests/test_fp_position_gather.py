@@ -275,3 +275,29 @@ def test_kernel_backward_sums_position_grads_per_weight():
     (expected * grad.double()).sum().backward()
     assert_close(grads[0], p64.grad, what="position weight grad")
     assert grads[0][key_positions[6]:].abs().sum() == 0  # key 3 has no ids
+
+
+def test_sparse_table_gradients_take_the_weighted_kjt_route(backend="torch"):
+    """sparse=True: the position op gives no sparse gradients, so the FPEBC pools a weighted KJT;
+    the tables' sparse gradients and the position weights' gradients equal the dense model's."""
+    gen = torch.Generator().manual_seed(6)
+    models = []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        configs = [jr.EmbeddingBagConfig(name="t0", embedding_dim=5, num_embeddings=23, feature_names=["f0"]),
+                   jr.EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=11, feature_names=["f1", "g1"])]
+        ebc = jr.EmbeddingBagCollection(configs, is_weighted=True, backend=backend, sparse=sparse)
+        models.append(FeatureProcessedEmbeddingBagCollection(ebc, PositionWeightedModuleCollection({"f0": 5, "f1": 3})))
+    models[1].load_state_dict(models[0].state_dict())
+    with torch.no_grad():
+        for m in models:
+            m.split()[0].position_weights["f0"].copy_(torch.linspace(-0.5, 1.5, 5))
+    kjt = _kjt(gen, ["f0", "f1", "g1"])
+    for m in models:
+        out = m(kjt).values()
+        (out * torch.arange(out.numel()).view(out.shape).sin()).sum().backward()
+    params = [dict(m.named_parameters()) for m in models]
+    for name, p in params[0].items():
+        grad = p.grad.to_dense() if p.grad.is_sparse else p.grad
+        assert_close(grad, params[1][name].grad, what=name)
+    assert any(p.grad.is_sparse for p in params[0].values())
