@@ -147,15 +147,18 @@ class Placement(NamedTuple):
     evicted_at: Optional[torch.Tensor] = None
 
 
-def _ranking(keys, last_step, count, buckets, bucket_size: int, policy, ttl, step):
+def _ranking(keys, last_step, count, buckets, bucket_size: int, policy, ttl, step, counts_kept: bool = True):
     """``[N, S]`` slots of each id's bucket, best to take first, and ``[N]`` how many may be
-    taken (see the module's rules)."""
+    taken (see the module's rules). ``counts_kept`` False: ``count`` is all 0 (no table evicts
+    by LFU), so LFU's score would be ``last_step`` itself and is not formed."""
     slots = buckets.unsqueeze(1) * bucket_size + torch.arange(bucket_size, device=keys.device)  # [N, S]
-    k, last, n = (_bucket_view(state, bucket_size).index_select(0, buckets) for state in (keys, last_step, count))
+    k, last = (_bucket_view(state, bucket_size).index_select(0, buckets) for state in (keys, last_step))
     busy = last == step  # looked up in this batch (train_step wrote those first)
     policy, ttl = policy.unsqueeze(1), ttl.unsqueeze(1)
-    lfu = n.clamp(max=_COUNT_CAP) * (1 << 32) + last
-    score = torch.where(policy == POLICY_LFU, lfu, last)
+    score = last
+    if counts_kept:
+        lfu = _bucket_view(count, bucket_size).index_select(0, buckets).clamp(max=_COUNT_CAP) * (1 << 32) + last
+        score = torch.where(policy == POLICY_LFU, lfu, last)
     evictable = (policy == POLICY_LRU) | (policy == POLICY_LFU) | ((policy == POLICY_TTL) & (step - last > ttl))
     score = torch.where(evictable & ~busy, score, NEVER)
     score = torch.where(k == EMPTY, EMPTY, score)
@@ -206,7 +209,8 @@ def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, buck
         picked = table.index_select(0, pick)
         m_slot, m_evicted = _place(keys, last_step, count, step, bucket_size, ids.index_select(0, pick),
                                    buckets.index_select(0, pick), torch.ones_like(pick, dtype=torch.bool),
-                                   table_policy.index_select(0, picked), table_ttl.index_select(0, picked))
+                                   table_policy.index_select(0, picked), table_ttl.index_select(0, picked),
+                                   counts_lookups)
         slot.index_copy_(0, pick, m_slot)
         evicted = (m_evicted >= 0).nonzero().squeeze(1)
         evicted_at = pick.index_select(0, evicted)
@@ -214,7 +218,7 @@ def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, buck
         last_step.index_copy_(0, torch.where(m_slot >= 0, m_slot, scratch), step.expand(pick.numel()))
     else:
         new_slot, evicted_slot = _place(keys, last_step, count, step, bucket_size, ids, buckets, admitted,
-                                        table_policy[table], table_ttl[table])
+                                        table_policy[table], table_ttl[table], counts_lookups)
         last_step.index_copy_(0, torch.where(new_slot >= 0, new_slot, scratch), step.expand(n))
         slot = torch.where(found, slot, new_slot)
     live = slot >= 0
@@ -224,7 +228,8 @@ def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, buck
     return Placement(slot, evicted_slot, admitted & ~live, miss & ~admitted, evicted_at)
 
 
-def _place(keys, last_step, count, step, bucket_size: int, ids, buckets, admitted, policy, ttl):
+def _place(keys, last_step, count, step, bucket_size: int, ids, buckets, admitted, policy, ttl,
+           counts_kept: bool = True):
     """Give the admitted ids slots: ``[M]`` slot of each position (``-1``: none) and the slot an
     evicted id left (``-1``: none; at each new id's first position). Writes the new ids' keys
     and zeroes their counts."""
@@ -242,7 +247,7 @@ def _place(keys, last_step, count, step, bucket_size: int, ids, buckets, admitte
     run_begin = torch.searchsorted(order_key, order_key)
     rank = seen - 1 - (seen - first.to(torch.int64))[run_begin]
     ranked, available = _ranking(keys, last_step, count, s_buckets, bucket_size, policy.index_select(0, perm),
-                                 ttl.index_select(0, perm), step)
+                                 ttl.index_select(0, perm), step, counts_kept)
     placed = first & (rank < available)
     target = ranked.gather(1, rank.clamp(0, bucket_size - 1).unsqueeze(1)).squeeze(1)
     target = torch.where(placed, target, scratch)
