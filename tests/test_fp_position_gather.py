@@ -87,7 +87,7 @@ def test_op_forward_and_grads_against_float64(backend, id_dtype):
     values[values >= 7] = 6
     w = weights.clone().requires_grad_()
     p = pw.clone().requires_grad_()
-    out, bad = position_pooled.position_weighted_embedding_bags(w, values, offsets, p, None, tables.encode(),
+    out, bad, _ = position_pooled.position_weighted_embedding_bags(w, values, offsets, p, None, tables.encode(),
                                                                 key_positions, backend, False, True, 0, [])
     w64, p64 = weights.double().requires_grad_(), pw.double().requires_grad_()
     expected = _reference(w64, tables, values, offsets, p64, key_positions)
@@ -115,8 +115,9 @@ def test_triton_forward_builds_no_per_id_weights(monkeypatch):
     launched = []
     real = pooled_fwd.pooled_fwd
     monkeypatch.setattr(position_pooled, "per_id_position_weights", refuse)
+    monkeypatch.setattr(position_pooled, "position_lookup", refuse)
     monkeypatch.setattr(pooled_fwd, "pooled_fwd", lambda *a, **k: launched.append(a[-2] is not None) or real(*a, **k))
-    out, _ = position_pooled.position_weighted_embedding_bags(weights, values, offsets, pw, None, tables.encode(),
+    out, *_ = position_pooled.position_weighted_embedding_bags(weights, values, offsets, pw, None, tables.encode(),
                                                               key_positions, "triton", False, True, 0, [])
     assert launched == [True]
     assert_close(out, _reference(weights.double(), tables, values, offsets, pw.double(), key_positions),
@@ -139,7 +140,7 @@ def test_vbe_and_non_contiguous_inputs():
         lo, hi = int(cols[f]), int(cols[f + 1])
         expected[:, lo:hi] = pooled[inverse[f], lo:hi]
     for backend in BACKENDS:
-        out, _ = position_pooled.position_weighted_embedding_bags(
+        out, *_ = position_pooled.position_weighted_embedding_bags(
             weights, strided_values, offsets, strided_pw, inverse, tables.encode(), key_positions, backend, False,
             True, 0, [])
         assert_close(out, expected, what=f"VBE forward, {backend}")
@@ -212,8 +213,9 @@ def test_fpebc_kernel_path_refuses_bags_past_max_length():
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
 def test_torch_path_pools_inside_the_op_with_the_weighted_kjts_bits(monkeypatch, id_dtype):
     """On the torch path the FPEBC builds its [N] weights inside the op, without autograd and
-    without a weighted KJT; forward, table gradients and position weight gradients are the
-    weighted-KJT route's bit for bit (the same gather, the gradient summed back in id order)."""
+    without a weighted KJT, and the backward reuses the forward's gather index; forward, table
+    gradients and position weight gradients are the weighted-KJT route's bit for bit (the same
+    gather, the gradient summed back in id order)."""
     from jaggedrec.modules import feature_processor_
     from jaggedrec.modules.fp_embedding_modules import process_features
 
@@ -233,7 +235,9 @@ def test_torch_path_pools_inside_the_op_with_the_weighted_kjts_bits(monkeypatch,
     monkeypatch.setattr(feature_processor_, "position_weighted_kjt", refuse)
     for kjt, want in zip(kjts, expected):
         out = fp(kjt).values()
-        (out * torch.arange(out.numel()).view(out.shape).cos()).sum().backward()
+        with pytest.MonkeyPatch.context() as mp:  # the backward reuses the forward's gather index
+            mp.setattr(position_pooled, "position_lookup", refuse)
+            (out * torch.arange(out.numel()).view(out.shape).cos()).sum().backward()
         assert torch.equal(out.detach(), want)
     grads = {n: p.grad for n, p in ref.named_parameters()}
     for name, p in fp.named_parameters():
@@ -262,7 +266,7 @@ def test_kernel_backward_sums_position_grads_per_weight():
         mp.setattr(pooled_bwd, "psw_grad", refuse)
         for _ in range(2):
             p = pw.clone().requires_grad_()
-            out, _ = position_pooled.position_weighted_embedding_bags(weights, values, offsets, p, inverse,
+            out, *_ = position_pooled.position_weighted_embedding_bags(weights, values, offsets, p, inverse,
                                                                       tables.encode(), key_positions, "triton",
                                                                       False, True, 0, [])
             (out * grad).sum().backward()

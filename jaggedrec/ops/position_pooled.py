@@ -132,7 +132,7 @@ def position_weighted_embedding_bags(
     deterministic: bool,
     optimizer: int,
     optimizer_state: List[torch.Tensor],
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pool each feature's rows, id ``p`` of a bag weighted by its key's position weight ``p``.
 
     Args:
@@ -142,7 +142,9 @@ def position_weighted_embedding_bags(
             before the call); ``length < 0``: the key's ids weigh 1.
         The others as in ``pooled_embedding_bags`` (there the ``[N]`` ``per_sample_weights``).
     Returns:
-        ``[B, sum(dims)]`` fp32 and ``[F]`` int64 bad-id counts, as ``pooled_embedding_bags``.
+        ``[B, sum(dims)]`` fp32 and ``[F]`` int64 bad-id counts, as ``pooled_embedding_bags``,
+        and the torch path's ``[N]`` gather index (:func:`position_lookup`; ``[0]`` on the
+        kernel path), kept for the backward, which then builds no index of its own.
     """
     table_info = feature_tables(tables)
     _check_key_positions(key_positions, table_info.num_keys, position_weights.shape[0])
@@ -153,14 +155,19 @@ def position_weighted_embedding_bags(
         if not legacy_loops.enabled():
             batch = batch_inputs(values, offsets, None, inverse_indices)
             meta = feature_position_meta(table_info, key_positions, weights.device)
-            return pooled_triton.triton_forward(weights, batch, table_info, position_weights.contiguous(), meta)
-    psw = per_id_position_weights(position_weights, offsets, key_positions, table_info.num_keys, values.shape[0])
+            pooled, bad_ids = pooled_triton.triton_forward(weights, batch, table_info, position_weights.contiguous(),
+                                                           meta)
+            return pooled, bad_ids, offsets.new_empty(0, dtype=torch.int64)
+    table, index = position_lookup(position_weights, offsets, key_positions, table_info.num_keys, values.shape[0])
+    psw = table.index_select(0, index)
     if use_kernels(backend, weights.device):  # the old loops read per-id weights only
-        return pooled_triton.triton_forward(weights, batch_inputs(values, offsets, psw, inverse_indices), table_info)
+        pooled, bad_ids = pooled_triton.triton_forward(weights, batch_inputs(values, offsets, psw, inverse_indices),
+                                                       table_info)
+        return pooled, bad_ids, index
     pooled = pooled_torch.pooled_forward(weights, batch_inputs(values, offsets, psw, inverse_indices), table_info)
     if inverse_indices is not None:
         pooled = vbe.expand_rows(pooled, inverse_indices, table_info.plan.out_offsets)
-    return pooled, torch.zeros(table_info.num_features, dtype=torch.int64, device=weights.device)
+    return pooled, torch.zeros(table_info.num_features, dtype=torch.int64, device=weights.device), index
 
 
 _STATE_ARG = 11  # optimizer_state's place among the op's arguments
@@ -169,7 +176,8 @@ _STATE_ARG = 11  # optimizer_state's place among the op's arguments
 def _setup_context(ctx, inputs, output) -> None:
     (weights, values, offsets, position_weights, inverse_indices, tables, key_positions, backend, sparse_grad,
      deterministic, optimizer, optimizer_state) = inputs
-    ctx.save_for_backward(weights, values, offsets, position_weights, inverse_indices, *optimizer_state[:4])
+    ctx.save_for_backward(weights, values, offsets, position_weights, inverse_indices, output[2],
+                          *optimizer_state[:4])
     ctx.static = (tables, backend)
     ctx.key_positions = key_positions
     ctx.sparse_grad = sparse_grad
@@ -177,13 +185,13 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.optimizer = optimizer
 
 
-def _backward(ctx, grad_out, _grad_bad_ids):
+def _backward(ctx, grad_out, _grad_bad_ids, _grad_index):
     """As ``pooled_embedding_bags``' backward, the per-id weights rebuilt here for the row
     gradients and the fused step; the position weights' gradient comes with them: on the
     torch path the per-id weight gradient summed back through the index the weights were
     gathered with, on the kernel path one kernel (``pooled_bwd.position_grad``) that sums the
     dots by position weight, with no per-id gradient."""
-    weights, values, offsets, position_weights, inverse_indices, *optimizer_state = ctx.saved_tensors
+    weights, values, offsets, position_weights, inverse_indices, index, *optimizer_state = ctx.saved_tensors
     tables = feature_tables(ctx.static[0])
     need_weight_grad, need_pw_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
     key_positions = ctx.key_positions
@@ -201,9 +209,15 @@ def _backward(ctx, grad_out, _grad_bad_ids):
     if plan.sparse:
         raise NotImplementedError("position_weighted_embedding_bags: sparse weight gradients are not supported; "
                                   "pass per-id weights to pooled_embedding_bags instead")
-    psw = index = table = None
+    psw = table = None
     if plan.dense or plan.fused_step or (need_pw_grad and not kernels):
-        table, index = position_lookup(position_weights.detach(), offsets, key_positions, tables.num_keys, num_ids)
+        if index.shape[0] == num_ids:  # the forward's (the torch path's): only the ones block to add back
+            table = position_weights.detach()
+            if any(n < 0 for n in key_positions[1::2]):
+                table = torch.cat([table, table.new_ones(num_ids)])
+        else:
+            table, index = position_lookup(position_weights.detach(), offsets, key_positions, tables.num_keys,
+                                           num_ids)
         psw = table.index_select(0, index)
     grad_weights = grad_pw = None
     psw_grad_here = need_pw_grad and not kernels
@@ -257,8 +271,9 @@ position_weighted_embedding_bags.register_autograd(_backward, setup_context=_set
 
 @torch.fx.wrap  # one node of a torch.fx graph
 def run_position_weighted_embedding_bags(*args) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`position_weighted_embedding_bags` as the modules call it."""
-    return position_weighted_embedding_bags(*args)
+    """:func:`position_weighted_embedding_bags` as the modules call it: pooled and bad-id counts."""
+    pooled, bad_ids, _ = position_weighted_embedding_bags(*args)
+    return pooled, bad_ids
 
 
 __all__ = ["position_weighted_embedding_bags", "per_id_position_weights", "position_index", "position_lookup",
