@@ -7,6 +7,14 @@ before the input dist: their parameters are dense (``DistributedModelParallel`` 
 sharded by an ``EmbeddingBagCollectionSharder`` as it would be alone; the per-id weights the
 processors give travel with the ids, and when the processors train, their gradient comes back
 through the input dist (``ShardedEmbeddingBagCollection.set_weights_require_grad``).
+
+Why per-id weights travel, not what it takes to read position weights on the owning rank: a
+row-wise shard gets each bag cut by id range (``InputDist._bucketize``), so the ids it holds
+no longer sit at their positions in the input bag, and it would need each id's position, an
+``[N]`` tensor as large as the weights. Only whole-bag shards (table-, column-wise, data
+parallel) keep positions; reading the position weights there would save the weights' all-to-all
+both ways but would need the sharded collection's lookups to take position weights, and the
+position weights' gradient to come from every owning rank.
 """
 
 from __future__ import annotations

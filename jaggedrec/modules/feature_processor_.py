@@ -8,10 +8,13 @@ learned ``[max_feature_length]`` parameter that starts at 1. A bag longer than
 ``max_feature_length`` has no weight for its last ids, and is refused with a ``ValueError``
 naming the feature (TorchRec's gather fails on it too).
 
-Every position weight of a batch comes from one gather (:func:`gather_position_weights`):
-each id's index into the features' concatenated weights is its id number plus a per-bag
-shift (the bag's key base minus the bag's start), spread over the bag's ids by one
-``repeat_interleave``. ``FeatureProcessedEmbeddingBagCollection`` uses the same gather.
+When a processor runs itself (on a ``JaggedTensor``, on a KJT, or in the sharded FPEBC
+before its input dist), every position weight of a batch comes from one gather
+(:func:`gather_position_weights`): each id's index into the features' concatenated weights
+is its id number plus a per-bag shift (the bag's key base minus the bag's start), spread
+over the bag's ids by one running sum. ``FeatureProcessedEmbeddingBagCollection`` instead
+hands the concatenated weights (:func:`keyed_position_table`) to the collection's
+position-weighted op, which reads them by position (``ops/position_pooled.py``).
 """
 
 from __future__ import annotations
