@@ -248,12 +248,13 @@ def test_kernel_backward_sums_position_grads_per_weight():
     """The kernel path's position weight gradient comes from one kernel that sums each weight's
     dots itself: no [N] per-id weights or per-id gradient are built, the sums are the same bits
     run after run, and they match float64 autograd, for a key read by two features (one MEAN),
-    a key without position weights, a key with no ids, and VBE."""
+    a key without position weights, a key with no ids, VBE and non-contiguous ids."""
     gen = torch.Generator().manual_seed(8)
     tables, weights, key_positions, pw = _setup(gen, torch.int64)
     values, offsets = _batch(gen, 4, 3, 4, torch.int64, 7, empty_keys=[3])
     inverse = torch.randint(0, 3, (4, 5), generator=gen)
     grad = torch.randn(5, tables.plan.out_offsets[-1], generator=gen)
+    strided_values = torch.stack([values, values.flip(0)], 1)[:, 0]  # non-contiguous [N] ids
     from jaggedrec.kernels import pooled_bwd
 
     def refuse(*args, **kwargs):
@@ -266,7 +267,7 @@ def test_kernel_backward_sums_position_grads_per_weight():
         mp.setattr(pooled_bwd, "psw_grad", refuse)
         for _ in range(2):
             p = pw.clone().requires_grad_()
-            out, *_ = position_pooled.position_weighted_embedding_bags(weights, values, offsets, p, inverse,
+            out, *_ = position_pooled.position_weighted_embedding_bags(weights, strided_values, offsets, p, inverse,
                                                                       tables.encode(), key_positions, "triton",
                                                                       False, True, 0, [])
             (out * grad).sum().backward()

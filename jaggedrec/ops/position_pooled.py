@@ -261,8 +261,9 @@ def _kernel_position_grad(grad_out: torch.Tensor, weights: torch.Tensor, values:
     out = torch.empty(num_weights, dtype=torch.float32, device=weights.device)
     meta = tables.meta(weights)
     position_meta = feature_position_meta(tables, key_positions, weights.device)
-    pooled_bwd.position_grad(grad_out.contiguous().float(), weights, values, offsets, meta, position_meta, out,
-                             max(tables.dims), tables.plan.alignment)
+    batch = batch_inputs(values, offsets, None)  # dense 1-D ids and offsets, as the kernels index them
+    pooled_bwd.position_grad(grad_out.contiguous().float(), weights, batch.values, batch.offsets, meta,
+                             position_meta, out, max(tables.dims), tables.plan.alignment)
     return out
 
 
