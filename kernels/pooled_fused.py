@@ -22,7 +22,10 @@ with decoupled weight decay (``w -= lr * (update + wd * w)``). For 2-4 ``weight_
 gives them all). Hyperparameters are read from a device tensor ``[lr, eps, weight_decay,
 beta1, beta2]`` (LARS-SGD: ``momentum``, ``eta`` for the betas), so changing them needs no
 recompilation. 2, 5 and 6 need sums over the whole row before any of it is updated: where a
-row spans several column tiles, a first pass over the tiles makes them.
+row spans several column tiles, a first pass over the tiles makes them. With ``MAX_NORM``
+(``hparams[6]``), each stepped row whose norm exceeds it is scaled down to it before it is
+stored (over several column tiles: after, in one more pass); how values are stored (state and
+table dtypes, stochastic rounding) is ``pooled_fused_store``'s.
 """
 
 from __future__ import annotations
@@ -33,105 +36,14 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 import triton.language as tl
 
 from .common import META_FIELDS, META_ROW_BASE, META_WEIGHT_OFFSET, persistent_programs, wrap_triton
+from .pooled_fused_counter import counter_factors
+from .pooled_fused_store import norm_scale, stored, table_values
 from .row_runs import Runs, launch_args, run_configs, run_sums, run_tile
 from .tuning import autotune
 
 SGD, ROWWISE_ADAGRAD, ADAM, EXACT_ADAGRAD, LARS_SGD, PARTIAL_ROWWISE_ADAM = 1, 2, 3, 4, 5, 6
 LAMB, PARTIAL_ROWWISE_LAMB, ROWWISE_ADAGRAD_DECOUPLED = 7, 8, 9
 ROWWISE_ADAGRAD_COUNTER, ADAM_DECOUPLED, EXACT_ADAGRAD_DECOUPLED = 10, 11, 12
-
-
-@triton.jit
-def _stored(x, ptr):
-    """fp32 ``x`` in the dtype of ``ptr`` (optimizer state in fp32, fp16 or bf16), rounded to
-    nearest even: bf16 by hand, as the interpreter's cast truncates (a GPU's rounds to nearest)."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        x = tl.where(x == x, rounded, x)  # NaN stays NaN
-    return x.to(ptr.dtype.element_ty)
-
-
-@triton.jit
-def _table_values(w, element, weights_ptr, hparams_ptr, t, STOCHASTIC: tl.constexpr):
-    """Stepped rows ``w`` (fp32) in the table's dtype: rounded to nearest, or with
-    ``STOCHASTIC`` (fp16/bf16 tables) to one of the two nearest values, the farther with
-    probability its distance over their gap, from philox bits of (seed ``hparams[8]``, step) at
-    the element's offset: the same seed gives the same bits."""
-    if STOCHASTIC:
-        key = (tl.load(hparams_ptr + 8).to(tl.int64) << 32) + t.to(tl.int64)
-        random = tl.randint(key, element)
-        bits = w.to(tl.uint32, bitcast=True)
-        if weights_ptr.dtype.element_ty == tl.bfloat16:  # 16 random bits below the kept ones
-            rounded = ((bits + (random & 0xFFFF)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        else:  # fp16: w / ulp (a power of two, at least fp16's least subnormal) split and rounded
-            exponent = tl.maximum(((bits >> 23) & 0xFF).to(tl.int32) - 127, -14)
-            ulp = ((exponent + 117) << 23).to(tl.float32, bitcast=True)
-            scaled = w / ulp
-            finite = tl.abs(scaled) < 4096.0
-            kept = tl.where(finite, scaled, 0.0).to(tl.int32).to(tl.float32)  # toward zero
-            uniform = (random >> 8).to(tl.float32) * 5.960464477539063e-08  # [0, 1), 24 bits
-            away = tl.where(uniform < tl.abs(scaled - kept), tl.where(scaled < 0.0, -1.0, 1.0), 0.0)
-            rounded = tl.where(finite, (kept + away) * ulp, w)
-        w = tl.where(w == w, rounded, w)  # NaN stays NaN
-    return w.to(weights_ptr.dtype.element_ty)
-
-
-@triton.jit
-def _counter_factors(squares, weight_squares, u, live, row, dim, run_feature_ptr, meta_ptr, state1_ptr, state2_ptr,
-                     hparams_ptr, lr, eps, weight_decay, t):
-    """Row-wise Adagrad with FBGEMM's COUNTER or COWCLIP regularization (see
-    ``jaggedrec.ops.fused_rules.counter_factors``, the same rules in fp32, as FBGEMM's GPU
-    step): updates the row's sum of mean squares and its ``[prev_iter, row_counter]`` and
-    returns ``(multiplier, correction)``, ``[BLOCK_U]`` each (``w = correction * w -
-    multiplier * g``)."""
-    reg = tl.load(hparams_ptr + 7)
-    decay_mode = tl.load(hparams_ptr + 8)
-    halflife = tl.load(hparams_ptr + 9)
-    adjustment_iter = tl.load(hparams_ptr + 10)
-    adjustment_ub = tl.load(hparams_ptr + 11)
-    lr_mode = tl.load(hparams_ptr + 12)
-    tail = tl.load(hparams_ptr + 13)
-    norm_coefficient = tl.load(hparams_ptr + 14)
-    lower = tl.load(hparams_ptr + 15)
-    meta = meta_ptr + tl.load(run_feature_ptr + u, mask=live, other=0) * META_FIELDS
-    dim = tl.maximum(dim, 1)  # dead lanes have dim 0
-    state_index = (tl.load(meta + META_ROW_BASE, mask=live, other=0)
-                   + (row - tl.load(meta + META_WEIGHT_OFFSET, mask=live, other=0)) // dim)
-    prev = tl.load(state2_ptr + 2 * state_index, mask=live, other=0.0).to(tl.float32)
-    counter = tl.load(state2_ptr + 2 * state_index + 1, mask=live, other=0.0).to(tl.float32)
-    delta = tl.where(prev == 0.0, 1.0, t - prev)
-    decayed = tl.exp(delta * (-0.6931471805599453 / tl.where(halflife > 0.0, halflife, 1.0))) * counter + 1.0
-    counter = tl.where(halflife > 0.0, decayed, tl.where(halflife == 0.0, 1.0, counter + 1.0))
-    freq = halflife / counter
-    state = tl.load(state1_ptr + state_index, mask=live, other=0.0).to(tl.float32) + squares / dim.to(tl.float32)
-    tl.store(state1_ptr + state_index, _stored(state, state1_ptr), mask=live)
-    tl.store(state2_ptr + 2 * state_index, _stored(t + 0.0 * prev, state2_ptr), mask=live)
-    tl.store(state2_ptr + 2 * state_index + 1, _stored(counter, state2_ptr), mask=live)
-    root = tl.sqrt(state)
-    multiplier = lr / (root + eps)
-    # (flags as 0/1 factors: the interpreter cannot AND a scalar flag with a vector one)
-    adjusting = tl.where(adjustment_iter <= 0.0, 1.0, tl.where(t > adjustment_iter, 1.0, 0.0))
-    counter_sgd = tl.where(counter > tail, tl.where(lr_mode == 2.0, adjusting, 0.0), 0.0)
-    counter_multiplier = tl.where(counter_sgd > 0.0, lr / (tl.sqrt(adjustment_ub * counter) + eps), multiplier)
-    adagradw = tl.where(halflife == -1.0, multiplier * tl.sqrt(counter), tl.where(
-        halflife == -2.0, tl.minimum(lr * counter, adjustment_ub) / (root + eps), counter_multiplier))
-    base = 1.0 - weight_decay * lr
-    lazy = tl.exp((tl.minimum(delta, t - adjustment_iter) - 1.0) * tl.log(base))
-    counter_multiplier = tl.where(adjusting * (decay_mode == 3.0).to(tl.float32) > 0.0, adagradw * lazy,
-                                  counter_multiplier)
-    counter_correction = tl.where(
-        decay_mode == 3.0, base * lazy, tl.where(decay_mode == 2.0, 1.0 - freq * weight_decay * lr, tl.where(
-            decay_mode == 1.0, 1.0 - freq * weight_decay * multiplier, 1.0)))
-    counter_correction = tl.where(adjusting > 0.0, counter_correction, 1.0)
-    clip = counter * tl.maximum(norm_coefficient * tl.sqrt(weight_squares), lower)
-    norm = tl.sqrt(squares)
-    cowclip_multiplier = tl.where(norm > 0.0, tl.minimum(clip / tl.where(norm > 0.0, norm, 1.0), 1.0),
-                                  1.0) * multiplier
-    cowclip_correction = tl.where(decay_mode == 2.0, base, tl.where(
-        decay_mode == 1.0, 1.0 - weight_decay * cowclip_multiplier, 1.0))
-    return (tl.where(reg == 4.0, cowclip_multiplier, counter_multiplier),
-            tl.where(reg == 4.0, cowclip_correction, counter_correction))
 
 
 @triton.jit
@@ -154,10 +66,10 @@ def _row_factor(squares, weight_squares, u, live, row, dim, run_feature_ptr, met
     if OPTIMIZER == 6 or OPTIMIZER == 8:
         v = (beta2 * tl.load(state2_ptr + state_index, mask=live, other=0.0).to(tl.float32)
              + (1.0 - beta2) * mean_square)
-        tl.store(state2_ptr + state_index, _stored(v, state2_ptr), mask=live)
+        tl.store(state2_ptr + state_index, stored(v, state2_ptr), mask=live)
         return tl.sqrt(v / (1.0 - tl.exp(t * tl.log(beta2)))) + eps
     state = tl.load(state1_ptr + state_index, mask=live, other=0.0).to(tl.float32) + mean_square
-    tl.store(state1_ptr + state_index, _stored(state, state1_ptr), mask=live)
+    tl.store(state1_ptr + state_index, stored(state, state1_ptr), mask=live)
     return lr / (tl.sqrt(state) + eps)
 
 
@@ -178,24 +90,25 @@ def _decayed_tile(d0, start, length, longest, long_rank, live, row, dim, grad_ou
 
 
 @triton.jit
-def _step_tile(g, w, element, mask, step_size, correction, weights_ptr, state1_ptr, state2_ptr, hparams_ptr, lr, eps,
-               weight_decay, beta1, beta2, t, OPTIMIZER: tl.constexpr, STOCHASTIC: tl.constexpr):
-    """Update one ``[BLOCK_U, BLOCK_D]`` tile of rows (``element``: their element offsets);
+def _step_tile(g, w, element, mask, step_size, correction, state1_ptr, state2_ptr, lr, eps, weight_decay, beta1, beta2,
+               t, OPTIMIZER: tl.constexpr):
+    """One ``[BLOCK_U, BLOCK_D]`` tile of rows stepped (``element``: their element offsets), the
+    state stored, the new rows (fp32) returned;
     ``step_size``: :func:`_row_factor`'s, or ``lr``; ``correction``: the counter kind's
     factor of the row (:func:`_counter_factors`)."""
     if OPTIMIZER == 4:
         s = tl.load(state1_ptr + element, mask=mask, other=0.0).to(tl.float32) + g * g
-        tl.store(state1_ptr + element, _stored(s, state1_ptr), mask=mask)
+        tl.store(state1_ptr + element, stored(s, state1_ptr), mask=mask)
         w = w - lr * g / (tl.sqrt(s) + eps)
     elif OPTIMIZER == 12:  # exact Adagrad, decoupled weight decay
         s = tl.load(state1_ptr + element, mask=mask, other=0.0).to(tl.float32) + g * g
-        tl.store(state1_ptr + element, _stored(s, state1_ptr), mask=mask)
+        tl.store(state1_ptr + element, stored(s, state1_ptr), mask=mask)
         w = w - lr * (g / (tl.sqrt(s) + eps) + weight_decay * w)
     elif OPTIMIZER == 11:  # Adam, decoupled weight decay
         m = beta1 * tl.load(state1_ptr + element, mask=mask, other=0.0).to(tl.float32) + (1.0 - beta1) * g
         v = beta2 * tl.load(state2_ptr + element, mask=mask, other=0.0).to(tl.float32) + (1.0 - beta2) * g * g
-        tl.store(state1_ptr + element, _stored(m, state1_ptr), mask=mask)
-        tl.store(state2_ptr + element, _stored(v, state2_ptr), mask=mask)
+        tl.store(state1_ptr + element, stored(m, state1_ptr), mask=mask)
+        tl.store(state2_ptr + element, stored(v, state2_ptr), mask=mask)
         m_hat = m / (1.0 - tl.exp(t * tl.log(beta1)))
         v_hat = v / (1.0 - tl.exp(t * tl.log(beta2)))
         w = w - lr * (m_hat / (tl.sqrt(v_hat) + eps) + weight_decay * w)
@@ -204,17 +117,17 @@ def _step_tile(g, w, element, mask, step_size, correction, weights_ptr, state1_p
     elif OPTIMIZER == 5:
         m = (beta1 * tl.load(state1_ptr + element, mask=mask, other=0.0).to(tl.float32)
              + step_size[:, None] * (g + weight_decay * w))
-        tl.store(state1_ptr + element, _stored(m, state1_ptr), mask=mask)
+        tl.store(state1_ptr + element, stored(m, state1_ptr), mask=mask)
         w = w - m
     elif OPTIMIZER == 6:
         m = beta1 * tl.load(state1_ptr + element, mask=mask, other=0.0).to(tl.float32) + (1.0 - beta1) * g
-        tl.store(state1_ptr + element, _stored(m, state1_ptr), mask=mask)
+        tl.store(state1_ptr + element, stored(m, state1_ptr), mask=mask)
         w = w - lr * (m / (1.0 - tl.exp(t * tl.log(beta1))) / step_size[:, None] + weight_decay * w)
     elif OPTIMIZER == 3:
         m = beta1 * tl.load(state1_ptr + element, mask=mask, other=0.0).to(tl.float32) + (1.0 - beta1) * g
         v = beta2 * tl.load(state2_ptr + element, mask=mask, other=0.0).to(tl.float32) + (1.0 - beta2) * g * g
-        tl.store(state1_ptr + element, _stored(m, state1_ptr), mask=mask)
-        tl.store(state2_ptr + element, _stored(v, state2_ptr), mask=mask)
+        tl.store(state1_ptr + element, stored(m, state1_ptr), mask=mask)
+        tl.store(state2_ptr + element, stored(v, state2_ptr), mask=mask)
         m_hat = m / (1.0 - tl.exp(t * tl.log(beta1)))
         v_hat = v / (1.0 - tl.exp(t * tl.log(beta2)))
         w = w - lr * m_hat / (tl.sqrt(v_hat) + eps)
@@ -222,7 +135,7 @@ def _step_tile(g, w, element, mask, step_size, correction, weights_ptr, state1_p
         w = (1.0 - lr * weight_decay) * w - step_size[:, None] * g
     else:
         w = w - step_size[:, None] * g
-    tl.store(weights_ptr + element, _table_values(w, element, weights_ptr, hparams_ptr, t, STOCHASTIC), mask=mask)
+    return w
 
 
 @triton.jit
@@ -234,12 +147,12 @@ def _lamb_direction(g, w, element, mask, row_denominator, state1_ptr, state2_ptr
     m = tl.load(state1_ptr + element, mask=mask, other=0.0).to(tl.float32)
     if UPDATE:
         m = beta1 * m + (1.0 - beta1) * g
-        tl.store(state1_ptr + element, _stored(m, state1_ptr), mask=mask)
+        tl.store(state1_ptr + element, stored(m, state1_ptr), mask=mask)
     if OPTIMIZER == 7:
         v = tl.load(state2_ptr + element, mask=mask, other=0.0).to(tl.float32)
         if UPDATE:
             v = beta2 * v + (1.0 - beta2) * g * g
-            tl.store(state2_ptr + element, _stored(v, state2_ptr), mask=mask)
+            tl.store(state2_ptr + element, stored(v, state2_ptr), mask=mask)
         denominator = tl.sqrt(v / (1.0 - tl.exp(t * tl.log(beta2)))) + eps
     else:
         denominator = row_denominator[:, None]
@@ -260,6 +173,7 @@ def _fused_update_kernel(
     OPTIMIZER: tl.constexpr, HAS_SCALE: tl.constexpr, DIM_ALIGN: tl.constexpr, ROW_STRIDE: tl.constexpr,
     BLOCK_D: tl.constexpr, LEGACY_LOOPS: tl.constexpr,
     ONE_TILE: tl.constexpr, BLOCK_U: tl.constexpr, UNROLL: tl.constexpr, STOCHASTIC: tl.constexpr = False,
+    MAX_NORM: tl.constexpr = False,
 ):
     lr = tl.load(hparams_ptr + 0)
     eps = tl.load(hparams_ptr + 1)
@@ -292,7 +206,7 @@ def _fused_update_kernel(
                 LEGACY_LOOPS)
             if OPTIMIZER == 10:
                 squared = g + squares_l2 * w
-                step_size, correction = _counter_factors(
+                step_size, correction = counter_factors(
                     tl.sum(squared * squared, axis=1), tl.sum(w * w, axis=1), u, live, row, dim, run_feature_ptr,
                     meta_ptr, state1_ptr, state2_ptr, hparams_ptr, lr, eps, weight_decay, t)
             elif ROW_SUMS:
@@ -304,11 +218,12 @@ def _fused_update_kernel(
                                             beta1, beta2, t, OPTIMIZER, True)
                 ratio = _lamb_ratio(tl.sum(w * w, axis=1), tl.sum(direction * direction, axis=1), live, lr)
                 w = w - ratio[:, None] * direction
-                tl.store(weights_ptr + element, _table_values(w, element, weights_ptr, hparams_ptr, t, STOCHASTIC),
-                         mask=mask)
             else:
-                _step_tile(g, w, element, mask, step_size, correction, weights_ptr, state1_ptr, state2_ptr,
-                           hparams_ptr, lr, eps, weight_decay, beta1, beta2, t, OPTIMIZER, STOCHASTIC)
+                w = _step_tile(g, w, element, mask, step_size, correction, state1_ptr, state2_ptr, lr, eps,
+                               weight_decay, beta1, beta2, t, OPTIMIZER)
+            if MAX_NORM:
+                w = w * norm_scale(tl.sum(tl.where(mask, w * w, 0.0), axis=1), hparams_ptr)[:, None]
+            tl.store(weights_ptr + element, table_values(w, element, weights_ptr, hparams_ptr, t, STOCHASTIC), mask=mask)
         else:
             if ROW_SUMS:
                 # the row factor needs sums over all of a row's columns before any update
@@ -325,12 +240,13 @@ def _fused_update_kernel(
                     if OPTIMIZER == 5 or OPTIMIZER == 10:
                         weight_squares += tl.sum(w * w, axis=1)
                 if OPTIMIZER == 10:
-                    step_size, correction = _counter_factors(
+                    step_size, correction = counter_factors(
                         squares, weight_squares, u, live, row, dim, run_feature_ptr, meta_ptr, state1_ptr,
                         state2_ptr, hparams_ptr, lr, eps, weight_decay, t)
                 else:
                     step_size = _row_factor(squares, weight_squares, u, live, row, dim, run_feature_ptr, meta_ptr,
                                             state1_ptr, state2_ptr, lr, eps, weight_decay, beta2, t, OPTIMIZER)
+            new_squares = tl.zeros([BLOCK_U], dtype=tl.float32)  # the stepped rows' (MAX_NORM)
             if IS_LAMB:
                 # the moments move and the norms are summed over every tile of the row ...
                 weight_squares = tl.zeros([BLOCK_U], dtype=tl.float32)
@@ -354,16 +270,33 @@ def _fused_update_kernel(
                     direction = _lamb_direction(w, w, element, mask, step_size, state1_ptr, state2_ptr, eps,
                                                 weight_decay, beta1, beta2, t, OPTIMIZER, False)
                     w = w - ratio[:, None] * direction
-                    tl.store(weights_ptr + element, _table_values(w, element, weights_ptr, hparams_ptr, t, STOCHASTIC),
-                         mask=mask)
+                    if MAX_NORM:
+                        new_squares += tl.sum(tl.where(mask, w * w, 0.0), axis=1)
+                    tl.store(weights_ptr + element, table_values(w, element, weights_ptr, hparams_ptr, t, STOCHASTIC),
+                             mask=mask)
             else:
                 for d0 in range(0, tl.max(dim, axis=0), BLOCK_D):
                     g, w, mask, element = _decayed_tile(
                         d0, start, length, longest, long_rank, live, row, dim, grad_out_ptr, item_offset_ptr,
                         item_scale_ptr, long_sums_ptr, weights_ptr, l2, ROW_STRIDE, HAS_SCALE, DIM_ALIGN,
                         BLOCK_D, UNROLL, LEGACY_LOOPS)
-                    _step_tile(g, w, element, mask, step_size, correction, weights_ptr, state1_ptr, state2_ptr,
-                               hparams_ptr, lr, eps, weight_decay, beta1, beta2, t, OPTIMIZER, STOCHASTIC)
+                    w = _step_tile(g, w, element, mask, step_size, correction, state1_ptr, state2_ptr, lr, eps,
+                                   weight_decay, beta1, beta2, t, OPTIMIZER)
+                    if MAX_NORM:
+                        new_squares += tl.sum(tl.where(mask, w * w, 0.0), axis=1)
+                    tl.store(weights_ptr + element, table_values(w, element, weights_ptr, hparams_ptr, t, STOCHASTIC),
+                             mask=mask)
+            if MAX_NORM:
+                # the rows past max_norm scaled down as stored (16-bit tables: rounded twice)
+                scale = norm_scale(new_squares, hparams_ptr)
+                tl.debug_barrier()  # the stores above, by whichever threads, before the loads
+                for d0 in range(0, tl.max(dim, axis=0), BLOCK_D):
+                    cols = d0 + tl.arange(0, BLOCK_D)
+                    mask = (live & (scale < 1.0))[:, None] & (cols[None, :] < dim[:, None])
+                    element = row[:, None] + cols[None, :]
+                    w = tl.load(weights_ptr + element, mask=mask, other=0.0).to(tl.float32) * scale[:, None]
+                    tl.store(weights_ptr + element, table_values(w, element, weights_ptr, hparams_ptr, t, STOCHASTIC),
+                             mask=mask)
 
 
 def fused_update(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, weights: torch.Tensor, fused,
@@ -374,15 +307,13 @@ def fused_update(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, weights
         weights: ``[W]`` flat weights of every table (updated).
         fused: the op layer's ``FusedStep``: ``optimizer`` 1 SGD ... 6 partial row-wise Adam
             (see the module docstring); ``hparams`` ``[5]`` fp32 ``lr, eps, weight_decay, beta1,
-            beta2``; ``step`` ``[1]`` int64 step count, already counting this step (Adam's bias
+            beta2``, then the options' (``jaggedrec.ops.fused_rules_kinds``: ``[7]`` ends with
+            ``max_norm``, ``[9]`` with stochastic rounding's); ``step`` ``[1]`` int64 step count, already counting this step (Adam's bias
             correction); ``state1`` row-wise Adagrad ``[R]`` fp32 sums of mean squares (R = rows
             of all tables), or ``[W]`` fp32 (Adam's and partial row-wise Adam's first moments,
             exact Adagrad's sums of squares, LARS-SGD's momentum), unused for SGD; ``state2``
             Adam ``[W]`` fp32 second moments, partial row-wise Adam ``[R]``, unused otherwise.
     """
-    if fused.hparams.shape[0] == 7:  # [6]: max_norm (see jaggedrec.optim.fused)
-        raise ValueError(f"max_norm: the Triton fused step of optimizer kind {fused.optimizer} does not renormalise "
-                         f"rows yet; use backend='torch' or max_norm=0")
     if statically_known_true(runs.item_offset.shape[0] == 0):
         return
     args, constants = launch_args(grad_out, runs, meta, max_dim, alignment)
@@ -390,4 +321,6 @@ def fused_update(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, weights
         *args, weights, fused.state1, fused.state2, fused.hparams, fused.step, OPTIMIZER=fused.optimizer,
         ONE_TILE=max_dim <= constants["BLOCK_D"],
         # [9]: stochastic rounding (see jaggedrec.optim.fused), for fp16/bf16 tables
-        STOCHASTIC=fused.hparams.shape[0] == 9 and weights.dtype in (torch.float16, torch.bfloat16), **constants)
+        STOCHASTIC=fused.hparams.shape[0] == 9 and weights.dtype in (torch.float16, torch.bfloat16),
+        # [7]: [6] is max_norm (set: > 0; stochastic rounding and the counter kind refuse it)
+        MAX_NORM=fused.hparams.shape[0] == 7, **constants)

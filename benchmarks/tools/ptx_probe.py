@@ -82,6 +82,9 @@ def _kernels():
     # 12 exact Adagrad decoupled) and stochastic rounding of 16-bit tables, each at every config
     fused_extra = [(f"optimizer {k}", {}, dict(OPTIMIZER=k)) for k in (10, 11, 12)]
     fused_extra += [(f"stochastic rounding, {w}", t, dict(STOCHASTIC=True)) for w, t in TABLES]
+    # max_norm: rows renormalised in the one-tile step, and over column tiles (a second pass)
+    fused_extra += [("max_norm", {}, dict(MAX_NORM=True)), ("max_norm, LAMB tiles", {}, dict(
+        MAX_NORM=True, OPTIMIZER=7, ONE_TILE=False)), ("max_norm, tiles", {}, dict(MAX_NORM=True, ONE_TILE=False))]
     return [
         ("fwd", pooled_fwd._pooled_fwd_kernel, FWD,
          dict(HAS_PSW=[False, True], HAS_INVERSE=[False, True], POSITIONAL=[False, True]),

@@ -50,8 +50,9 @@ placeholders that never step).
 Every optimizer takes ``max_norm=`` (keyword only; FBGEMM's ``max_norm``, 0: off): after its
 step, each touched row whose L2 norm exceeds ``max_norm`` is scaled down to it, as FBGEMM's
 GPU step does (FBGEMM's CPU step ignores ``max_norm``, so the forward never renormalises, and
-rows no step touched are left as they are). The torch path applies it; the Triton kernel
-refuses it (``ValueError``) for now.
+rows no step touched are left as they are). The norm is the updated row's, in fp32, before it
+is stored in the table's dtype (the Triton step, on a row wider than one 128-column tile,
+scales the stored row in one more pass: 16-bit tables round twice there).
 
 Every optimizer takes ``max_gradient=`` (keyword only; FBGEMM's ``gradient_clipping`` with
 its ``max_gradient``): each element of the output gradient is clamped to
@@ -165,7 +166,7 @@ class FusedOptimizer:
         """``[lr, eps, weight_decay, beta1, beta2]`` as the kernels read them (LARS-SGD puts
         ``momentum`` and ``eta`` where the betas go), then ``max_gradient`` where it clips;
         with further options, ``max_gradient`` (inf: none) and the options' own (see
-        ``jaggedrec.ops.fused_rules.COUNTER_HPARAMS``)."""
+        ``jaggedrec.ops.fused_rules_kinds``)."""
         extra = self._option_parameters()
         if not extra:
             return self._step_parameters(lr) + ([] if self.max_gradient is None else [self.max_gradient])
@@ -173,7 +174,7 @@ class FusedOptimizer:
 
     def _option_parameters(self) -> list:
         # stochastic rounding: the table dtype's code (1 here; the collection writes each storage
-        # group's, see jaggedrec.ops.fused_rules.ROUNDING_HPARAMS) and the seed
+        # group's, see jaggedrec.ops.fused_rules_kinds.ROUNDING_HPARAMS) and the seed
         if self.stochastic_rounding:
             return [self.max_norm, 1.0, float(self.rounding_seed)]
         return [self.max_norm] if self.max_norm else []
