@@ -20,10 +20,11 @@ from .tuning import autotune
 
 # The per-feature metadata, [F, QMETA_FIELDS] int64: the float kernels' first six fields
 # (common.META_*: META_WEIGHT_OFFSET is here the table's first byte in its storage type's
-# buffer), then these two.
+# buffer), then these three.
 QMETA_STORAGE: tl.constexpr = tl.constexpr(6)    # storage type: 1 INT8, 2 INT4, 3 FP16
 QMETA_ROW_BYTES: tl.constexpr = tl.constexpr(7)  # row stride in bytes
-QMETA_FIELDS: tl.constexpr = tl.constexpr(8)
+QMETA_FEATURE: tl.constexpr = tl.constexpr(8)    # the feature's index (its bad-id count), for quant_fwd_short
+QMETA_FIELDS: tl.constexpr = tl.constexpr(9)
 
 
 def _configs():
@@ -125,14 +126,16 @@ def _pool(acc, bad_ids, d0, cols, col_mask, dim, starts, lengths, longest, num_r
     return acc, bad_ids
 
 
-@autotune(configs=_configs(), key=["num_features", "BLOCK_D", "HAS_PSW", "ROW_ALIGN", "DIM_ALIGN"])
+@autotune(configs=_configs(), key=["num_features", "BLOCK_D", "HAS_PSW", "ROW_ALIGN", "DIM_ALIGN", "SHORT"])
 @triton.jit
 def _quant_fwd_kernel(
     int8_ptr, int4_ptr, fp16_ptr, values_ptr, offsets_ptr, psw_ptr, meta_ptr, out_ptr, bad_ids_ptr,
     batch_size, out_stride, num_features,
     HAS_PSW: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr,
-    BLOCK_B: tl.constexpr,
+    SHORT: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
+    # SHORT > 0: the pass for the bags longer than SHORT ids, which quant_fwd_short's kernel left
+    # (the others are neither read nor written; where a program has none it stops after its offsets)
     # One kernel holds the three storage types' loops, and ptxas gives it the registers of the
     # hungriest plus ~50 (208 at 32 bags of dim 128, against 141 for the INT8 loop alone). A build
     # for one storage type was tried: triton 3.6 then moved the INT8 codes' byte extraction into
@@ -155,8 +158,13 @@ def _quant_fwd_kernel(
     bag_ptrs = offsets_ptr + key * batch_size + bags
     starts = tl.load(bag_ptrs, mask=bag_mask, other=0).to(tl.int64)
     lengths = tl.load(bag_ptrs + 1, mask=bag_mask, other=0).to(tl.int64) - starts
+    if SHORT > 0:
+        bag_mask = bag_mask & (lengths > SHORT)
+        lengths = tl.where(bag_mask, lengths, 0)
     longest = tl.max(lengths, axis=0)
     bad_ids = tl.zeros([BLOCK_B], dtype=tl.int32)
+    if SHORT > 0:
+        dim = tl.where(longest > 0, dim, 0)  # no long bag here: no tile to pool or store
     for d0 in range(0, dim, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_mask = cols < dim
@@ -181,7 +189,7 @@ def _quant_fwd_kernel(
 
 
 def quant_fwd(buffers, batch, meta: torch.Tensor, out: torch.Tensor, bad_ids: torch.Tensor, max_dim: int,
-              row_align: int, dim_align: int) -> None:
+              row_align: int, dim_align: int, short: int = 0) -> None:
     """Pool every feature of the quantized tables into ``out``, in one launch.
 
     Args:
@@ -192,6 +200,8 @@ def quant_fwd(buffers, batch, meta: torch.Tensor, out: torch.Tensor, bad_ids: to
         out: ``[B, total_dim]`` fp32, written in full; bad_ids: ``[F]`` int64 counts of bad ids.
         row_align: a power of two dividing every row stride and table offset; dim_align: one
             dividing every dim (hence every output column).
+        short: 0 pools every bag; 1 or 2 only the bags longer than that (``out``'s other rows
+            left as they are), after ``quant_fwd_short`` pooled the rest.
     """
     num_features, batch_size = meta.shape[0], out.shape[0]
     if num_features == 0 or batch_size == 0:
@@ -204,4 +214,5 @@ def quant_fwd(buffers, batch, meta: torch.Tensor, out: torch.Tensor, bad_ids: to
         *[b if b.numel() else live for b in buffers], batch.values, batch.offsets,
         per_sample_weights if per_sample_weights is not None else out, meta, out, bad_ids,
         batch_size, out.stride(0), num_features,
-        HAS_PSW=per_sample_weights is not None, BLOCK_D=block_d(max_dim), ROW_ALIGN=row_align, DIM_ALIGN=dim_align)
+        HAS_PSW=per_sample_weights is not None, BLOCK_D=block_d(max_dim), ROW_ALIGN=row_align, DIM_ALIGN=dim_align,
+        SHORT=short)

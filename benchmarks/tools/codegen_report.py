@@ -64,13 +64,17 @@ class Variant:
     loop: Optional[str] = None  # what its innermost loop does, when the bound applies to it
     row_bytes: float = 4  # bytes per element of the rows the loop gathers (INT4: 0.5)
     divisible: Optional[Tuple[str, ...]] = None  # arguments specialised as multiples of 16 (None: the pointers)
-    storage: Optional[int] = None  # the quantized forward: the storage type whose loop is read
+    storage: Optional[int] = None  # the quantized forwards: the storage type whose loop is read
+    persistent: bool = False  # its loop walks blocks of bags (one round trip per block is the bound)
 
     def row_loads_per_step(self, load_bytes: int) -> int:
         """Row-load instructions per thread in one iteration of the source loop: its tile of
         ``rows x BLOCK_D`` elements over the program's threads, ``load_bytes`` at a time."""
         c = self.constexprs
+        # a persistent short-bag forward's iteration loads SHORT rows of each of its BLOCK_B bags
         rows = c.get("BLOCK_B", c.get("BLOCK_U", c.get("BLOCK_Q", 1))) * c.get("UNROLL", 1)
+        if self.persistent:
+            rows *= c.get("SHORT", 1)
         return max(1, int(rows * c["BLOCK_D"] * self.row_bytes) // (32 * self.num_warps * max(load_bytes, 1)))
 
 
@@ -80,7 +84,7 @@ def compile_kernel(kernel, types: Dict[str, str], constexprs: Dict[str, object],
     ``types`` by name (the rest constexprs); the arguments in ``divisible`` specialised as 16-byte
     aligned pointers or multiples of 16, as triton's launcher does (None: every pointer, as torch
     allocates them)."""
-    fn = getattr(kernel, "fn", kernel)
+    fn = jit_function(kernel)
     sig = {name: types.get(name, "constexpr") for name in fn.arg_names}
     consts = {(fn.arg_names.index(n),): value for n, value in constexprs.items()}
     if divisible is None:
@@ -90,7 +94,14 @@ def compile_kernel(kernel, types: Dict[str, str], constexprs: Dict[str, object],
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
 
+def jit_function(kernel):
+    """The jit function of an autotuned kernel, or the kernel itself (a plain ``@triton.jit``
+    one, whose ``fn`` is the Python function)."""
+    return kernel.fn if hasattr(kernel, "configs") else kernel
+
+
 _BUILT: Dict[tuple, object] = {}
+_FLAGS_CHECKED: set = set()
 
 
 def compile_variant(v: Variant):
@@ -191,7 +202,8 @@ class Reading:
     loop_spills: int = 0  # spill instructions (STL, LDL) inside the read loop(s)
     outer_loop_spills: int = 0  # inside any other loop (a persistent kernel's loop over tiles)
     tile_round_trips: float = 0  # a persistent kernel: round trips per pass of its outer loop
-    storage: Optional[str] = None  # the quantized forward: INT8, INT4 or FP16
+    storage: Optional[str] = None  # the quantized forwards: INT8, INT4 or FP16
+    persistent: bool = False  # round_trips are per block of bags, the prologue paid once per program
 
     @property
     def bound_applies(self) -> bool:
@@ -217,9 +229,16 @@ def read(v: Variant) -> Reading:
     cubin = compiled.asm["cubin"]
     code = next(iter(sass.parse(sass.disassemble(cubin, cuobjdump())).values()))
     res = resources(cubin)
-    log = ptxas_log(compiled.asm["ptx"])
-    if log["registers"] != res["registers"] or log["stack_frame"] != res["stack"]:
-        raise RuntimeError(f"{v.kernel} {v.label}: ptxas rerun gives {log}, the cubin {res}: not triton's flags")
+    # ptxas's spill bytes need a second ptxas run, the report's costliest step: run where the
+    # stack frame is not empty (spills go there, so an empty one means none), and once per
+    # kernel to check that the rerun's flags are triton's
+    if res["stack"] or v.kernel not in _FLAGS_CHECKED:
+        log = ptxas_log(compiled.asm["ptx"])
+        if log["registers"] != res["registers"] or log["stack_frame"] != res["stack"]:
+            raise RuntimeError(f"{v.kernel} {v.label}: ptxas rerun gives {log}, the cubin {res}: not triton's flags")
+        _FLAGS_CHECKED.add(v.kernel)
+    else:
+        log = {"spill_stores": 0, "spill_loads": 0}
     occ = occupancy(res["registers"], max(res["shared"], int(getattr(compiled.metadata, "shared", 0) or 0)),
                     v.num_warps)
     loops = sass.innermost_loops(code)
@@ -227,7 +246,7 @@ def read(v: Variant) -> Reading:
     # the chain of loads before the first loop; the quantized forward's storage branches, alike up
     # to their loops, share it (code laid out after the first loop is another branch's)
     prologue = sass.prologue_round_trips(code, min(s for s, _ in loops)) if loops else 0
-    if v.storage is not None and timings:
+    if v.storage is not None and v.kernel == "quant_fwd" and timings:
         i = _quant_loop(timings, v.storage)
         loops, timings = [loops[i]], [timings[i]]
     # the compiler may unroll a loop further (LLVM did, 4 times, for 1-vector-per-thread tiles):
@@ -250,7 +269,7 @@ def read(v: Variant) -> Reading:
         dict(v.constexprs), v.row_bytes, res["stack"], log["spill_stores"], log["spill_loads"],
         sass.spill_instructions(code, inner), sass.spill_instructions(code, outer),
         sass.simulate(code, *max(tiles, key=lambda t: t[1] - t[0])).round_trips if tiles else 0,
-        QUANT_STORAGE.get(v.storage))
+        QUANT_STORAGE.get(v.storage), v.persistent)
 
 
 # ----------------------------------------------------------------------------- the variants
@@ -292,13 +311,16 @@ def optimizer_codes(pooled_fused) -> List[int]:
 def workload_variants(dtype: str = "fp32", dim: int = 128, ids: str = "int64", weighted: bool = False,
                       legacy: Optional[bool] = None, batch_size: int = launch_args.BATCH_SIZE) -> List[Variant]:
     """Every variant the library launches for tables of ``dtype`` and ``dim`` with ``ids``
-    ids: the forward (plain and VBE), the quantized forward (INT8, INT4, FP16 rows), the
+    ids: the forward (plain and VBE; the short-bag forward, persistent, and its pass for long
+    bags), the quantized forward (INT8, INT4, FP16 rows; the short-bag one per storage type,
+    and the general one's pass for long bags), the hash tables' probe-and-gather, the
     deterministic backward (dense and compact gradients, and the long runs' sums), the fused
     step for each optimizer, and the atomic backward; each at every autotune config. The
     kernels with a recorded launch glue (``launch_args``) are built with its arguments for a
     batch of ``batch_size`` bags; the run-tile kernels take only pointers. ``legacy`` sets
     LEGACY_LOOPS (None: the kernels' default, False)."""
-    from jaggedrec.kernels import pooled_bwd, pooled_fused, pooled_fwd, quant_fwd, row_runs, sequence_fwd
+    from jaggedrec.kernels import (hash_probe, pooled_bwd, pooled_fused, pooled_fwd, pooled_fwd_short, quant_fwd,
+                                   quant_fwd_short, row_runs, sequence_fwd)
     from jaggedrec.kernels.common import block_d
 
     fwd, runs, fused, long_runs, contrib, table = argument_types(dtype, ids)
@@ -307,18 +329,23 @@ def workload_variants(dtype: str = "fp32", dim: int = 128, ids: str = "int64", w
     recorded = launch_args.launches(dtype, dim, ids, weighted, batch_size=batch_size)
     out: List[Variant] = []
 
-    def add(kernel, fn, types, constexprs, loop=None, row_bytes=4, glue=None, storages=(None,)):
-        params = {p.name for p in fn.fn.params if p.is_constexpr}
+    def add(kernel, fn, types, constexprs, loop=None, row_bytes=4, glue=None, storages=(None,), persistent=False):
+        jit = jit_function(fn)
+        params = {p.name for p in jit.params if p.is_constexpr}
         divisible = None
+        configs = getattr(fn, "configs", None)
         if glue is not None:  # the launch's own arguments: types, constants, multiples of 16
             types, passed, divisible = launch_args.specialise(fn, recorded[glue])
+            if configs is None:  # a plain jit kernel: its launch passes the block sizes and warps
+                tuned = {k: passed.pop(k) for k in list(passed) if k.startswith("BLOCK_") and k != "BLOCK_D"}
+                configs = [launch_args.triton_config(tuned, recorded[glue].get("num_warps", 4))]
             constexprs = dict(passed, **constexprs)  # the switches this report sets over the glue's
             divisible = tuple(divisible)
         else:
             launch_args.check_no_integers(fn, types)
         shown = {k: v for k, v in constexprs.items() if k in ("HAS_PSW", "HAS_INVERSE", "DENSE", "HAS_SCALE",
-                                                              "OPTIMIZER", "BLOCK_F")}
-        for config in fn.configs:
+                                                              "OPTIMIZER", "BLOCK_F", "SHORT", "BUCKET_SIZE")}
+        for config in configs:
             full = dict(dims, ROW_STRIDE=dim, ONE_TILE=dim <= dims["BLOCK_D"], **constexprs)
             full = {k: v for k, v in dict(full, **switch).items() if k in params}
             full.update(config.kwargs)
@@ -327,7 +354,8 @@ def workload_variants(dtype: str = "fp32", dim: int = 128, ids: str = "int64", w
                 label = " ".join(what + [f"{k}={v}" for k, v in shown.items()]
                                  + [f"{k}={v}" for k, v in config.kwargs.items()] + [f"warps={config.num_warps}"])
                 bytes_ = {1: 1, 2: 0.5, 3: 2}[storage] if storage else row_bytes
-                out.append(Variant(kernel, label, fn, types, full, config.num_warps, loop, bytes_, divisible, storage))
+                out.append(Variant(kernel, label, fn, types, full, config.num_warps, loop, bytes_, divisible, storage,
+                                   persistent))
 
     elem = 2 if dtype in ("fp16", "bf16") else 4
     add("fwd", pooled_fwd._pooled_fwd_kernel, fwd, dict(HAS_PSW=weighted, HAS_INVERSE=False), "gather", elem,
@@ -352,6 +380,27 @@ def workload_variants(dtype: str = "fp32", dim: int = 128, ids: str = "int64", w
     add("seq_fwd", sequence_fwd._sequence_fwd_kernel, {}, {}, "gather", elem,
         glue="sequence_fwd._sequence_fwd_kernel")
     add("seq_grad_atomic", sequence_fwd._rows_grad_atomic_kernel, {}, {}, glue="sequence_fwd._rows_grad_atomic_kernel")
+    # batches of about one id per bag: the persistent short-bag forwards (SHORT ids per bag pipelined,
+    # 1 at the workload's one id per bag, 2 as the op layer picks up to two), and their passes for the
+    # longer bags: pooled_fwd_short's own kernel, and the general quantized kernel launched with SHORT
+    if dim <= pooled_fwd_short.MAX_DIM:
+        for short in (1, 2):
+            add("fwd_short", pooled_fwd_short._pooled_fwd_short_kernel, {}, dict(HAS_PSW=weighted, SHORT=short),
+                "gather", elem, glue="pooled_fwd_short._pooled_fwd_short_kernel", persistent=True)
+        add("fwd_long_bags", pooled_fwd_short._long_bags_kernel, {}, dict(HAS_PSW=weighted), "gather", elem,
+            glue="pooled_fwd_short._long_bags_kernel")
+        for storage in (1, 2, 3):
+            for short in (1, 2):
+                add("quant_fwd_short", quant_fwd_short._quant_fwd_short_kernel, {}, dict(HAS_PSW=weighted, SHORT=short),
+                    "gather", {1: 1, 2: 0.5, 3: 2}[storage], glue=f"quant_fwd_short._quant_fwd_short_kernel {storage}",
+                    persistent=True)
+                out[-1].storage = storage
+                out[-1].label = f"{QUANT_STORAGE[storage]} {out[-1].label}"
+        add("quant_fwd", quant_fwd._quant_fwd_kernel, {}, dict(HAS_PSW=weighted), "gather",
+            glue="quant_fwd._quant_fwd_kernel SHORT", storages=(1, 2, 3))
+    # hashed tables: probe the bucket and gather the row, one bag per program (fp32 tables, unweighted)
+    if dtype == "fp32" and not weighted:
+        add("hash_probe", hash_probe.hash_probe_pooled_kernel, {}, {}, "probe", glue="hash_probe.hash_probe_pooled_kernel")
     return out
 
 
@@ -371,7 +420,52 @@ def table(readings: Sequence[Reading]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _read_key(v: Variant) -> tuple:
+    """What a reading depends on: the build, and how its code is read."""
+    build = (id(v.fn), tuple(sorted(v.types.items())), tuple(sorted(v.constexprs.items())), v.num_warps, v.divisible)
+    return build, (v.kernel, v.label, v.loop, v.row_bytes, v.storage, v.persistent)
+
+
+def _read_group(group: List[Variant]) -> List[object]:
+    """Read the variants of one build (the quantized forward's storage loops), each a Reading or
+    the line saying why it failed."""
+    out = []
+    for v in group:
+        try:
+            out.append(read(v))
+        except Exception as e:  # noqa: BLE001 - report every variant, then fail
+            out.append(f"{v.kernel} {v.label}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}")
+    return out
+
+
+def read_workloads(workloads: Sequence[Sequence[str]], processes: int = 2) -> Dict[str, List[object]]:
+    """For each workload (this script's arguments, as a list), its readings (or failure lines), in
+    one process: a variant that several workloads launch alike is built and read once, and the
+    builds are spread over ``processes`` forked workers (the quantized forward's storage loops,
+    one build, stay together)."""
+    per_workload, groups = {}, {}
+    for workload in workloads:
+        args = _parser().parse_args(list(workload))
+        variants = workload_variants(args.dtype, args.dim, args.ids, args.weighted,
+                                     True if args.legacy_loops else None, args.batch_size)
+        if args.kernels:
+            variants = [v for v in variants if v.kernel in args.kernels.split(",")]
+        per_workload[" ".join(workload)] = variants
+        for v in variants:
+            build, how = _read_key(v)
+            groups.setdefault(build, {}).setdefault(how, v)
+    todo = [list(g.values()) for g in groups.values()]
+    if processes > 1 and len(todo) > 1:
+        import multiprocessing
+        with multiprocessing.get_context("fork").Pool(processes) as pool:  # forked before any build
+            results = pool.map(_read_group, todo, chunksize=1)
+    else:
+        results = [_read_group(g) for g in todo]
+    done = {_read_key(v): r for group, rs in zip(todo, results) for v, r in zip(group, rs)}
+    return {w: [done[_read_key(v)] for v in variants] for w, variants in per_workload.items()}
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python benchmarks/tools/codegen_report.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
@@ -385,15 +479,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--estimate", action="store_true",
                         help="Little's-law bandwidth estimates at 1 and 20 ids per bag (see estimate.py)")
     parser.add_argument("--json", help="also write every reading here")
-    args = parser.parse_args(argv)
-    variants = workload_variants(args.dtype, args.dim, args.ids, args.weighted,
-                                 True if args.legacy_loops else None, args.batch_size)
-    readings, failed = [], []
-    for v in variants:
-        try:
-            readings.append(read(v))
-        except Exception as e:  # noqa: BLE001 - report every variant, then fail
-            failed.append(f"{v.kernel} {v.label}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}")
+    parser.add_argument("--kernels", help="only these kernels (comma-separated short names: fwd_short,quant_fwd_short)")
+    parser.add_argument("--workloads", help="a JSON list of argument lists: read them all in one run (each variant "
+                        "built once, in --processes workers) and write {workload: readings} to --json, no table")
+    parser.add_argument("--processes", type=int, default=1, help="worker processes for the builds")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.workloads:
+        results = read_workloads(json.loads(args.workloads), args.processes)
+        failed = [f"{w}: {r}" for w, rs in results.items() for r in rs if isinstance(r, str)]
+        with open(args.json, "w") as f:
+            json.dump({w: [dataclasses.asdict(r) for r in rs if not isinstance(r, str)] for w, rs in results.items()}, f)
+        for line in failed:
+            print(f"# FAILED to build or read: {line}")
+        bad = [(w, r.kernel, r.label, r.unwaited) for w, rs in results.items() for r in rs
+               if not isinstance(r, str) and r.unwaited]
+        print(f"# {sum(map(len, results.values()))} readings of {len(results)} workloads; decoder check: {bad or 'ok'}")
+        return 1 if bad or failed else 0
+    read_all = read_workloads([argv if argv is not None else sys.argv[1:]], args.processes)
+    readings = [r for r in next(iter(read_all.values())) if not isinstance(r, str)]
+    failed = [r for r in next(iter(read_all.values())) if isinstance(r, str)]
     print(f"# triton {triton.__version__}, sm_90a; workload: {args.dtype} tables, dim {args.dim}, {args.ids} ids"
           f"{', weighted' if args.weighted else ''}{', legacy loops' if args.legacy_loops else ''}; built with the "
           f"arguments of a launch of {launch_args.FEATURES} features x {args.batch_size} bags")

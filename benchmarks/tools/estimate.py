@@ -58,7 +58,15 @@ def forward(r, ids_per_bag: int, dim: int, row_bytes: float, id_bytes: int, weig
     c = r.constexprs
     block, unroll = c.get("BLOCK_B", 1), c.get("UNROLL", 1)
     per_bag = ids_per_bag * (row_bytes + id_bytes + (4 if weighted else 0)) + 2 * id_bytes + 4 * dim
-    trips = r.prologue_round_trips + math.ceil(ids_per_bag / unroll) * r.round_trips
+    if getattr(r, "persistent", False):
+        # a persistent short-bag forward: a block of bags per loop iteration (at most SHORT ids a bag),
+        # the pipeline's fill paid once per program over its share of the blocks
+        if ids_per_bag > c.get("SHORT", 1):
+            return float("nan")  # the op takes the general kernel for such bags
+        blocks = TABLES * math.ceil(BATCH / block) / (MULTIPROCESSORS * max(r.blocks_per_sm, 1))
+        trips = r.round_trips + r.prologue_round_trips / max(blocks, 1)
+    else:
+        trips = r.prologue_round_trips + math.ceil(ids_per_bag / unroll) * r.round_trips
     return min(1.0, _gpu_rate(r.blocks_per_sm, block * per_bag, trips, latency_ns) / (card.copy_tbps * 1e12))
 
 
@@ -77,6 +85,23 @@ def _expected_steps(lam: float, runs: int, unroll: int) -> float:
         if p < 1e-9 or k > 64:
             return total
         k += 1
+
+
+# The index work around the fused step (ops/runs_triton.sorted_runs since kernels/run_index.py): per
+# contribution (one id of one bag), the bytes each launch reads and writes, at copy bandwidth, plus a
+# fixed gap per launch. Our byte count, not a measurement: listing the contributions 28 B (id, offsets;
+# row, feature, bag), the sort by row ~100 B (32-bit keys and 64-bit indices, four radix passes),
+# run_marks 64 B (sorted rows and order, feature, bag, offsets; starts, feature, gradient offset, scale),
+# two cumsums 24 B each, run_layout 48 B, long_marks 20 B, long_layout 28 B.
+GLUE_BYTES_PER_CONTRIBUTION = 28 + 100 + 64 + 24 + 48 + 20 + 24 + 28
+GLUE_LAUNCHES = 20  # 15 torch ops + 5 kernels (docs/gpu.md), the fused step not counted
+LAUNCH_GAP_US = 3.0  # the device's idle time between two dependent launches, assumed
+
+
+def glue_seconds(ids_per_bag: int, card: Card) -> float:
+    """The index work's estimated time over the dlrm batch (see GLUE_BYTES_PER_CONTRIBUTION)."""
+    contributions = TABLES * BATCH * ids_per_bag
+    return contributions * GLUE_BYTES_PER_CONTRIBUTION / (card.copy_tbps * 1e12) + GLUE_LAUNCHES * LAUNCH_GAP_US * 1e-6
 
 
 def backward(r, ids_per_bag: int, dim: int, elem_bytes: int, weighted: bool, card: Card,
@@ -99,8 +124,10 @@ def backward(r, ids_per_bag: int, dim: int, elem_bytes: int, weighted: bool, car
     rate = min(_gpu_rate(r.blocks_per_sm, block * per_run, trips, latency_ns), card.copy_tbps * 1e12)
     seconds = runs * per_run / rate
     formula = 2 * (4 * BATCH * TABLES * dim + 4 * BATCH * TABLES * dim * ids_per_bag)
+    whole = seconds + glue_seconds(ids_per_bag, card)
     return {"copy": rate / (card.copy_tbps * 1e12), "fbgemm_peak": formula / seconds / (card.peak_tbps * 1e12),
-            "us": seconds * 1e6}
+            "us": seconds * 1e6, "whole_us": whole * 1e6,
+            "whole_fbgemm_peak": formula / whole / (card.peak_tbps * 1e12)}
 
 
 def _best(readings, key) -> Optional[object]:
@@ -112,21 +139,28 @@ def rows(readings: Sequence, dtype: str, dim: int, ids: str = "int64", weighted:
     kernel, the config, the round trips, then each card x latency x ids per bag."""
     elem = {"fp32": 4, "fp16": 2, "bf16": 2}[dtype]
     id_bytes = 8 if ids == "int64" else 4
-    kinds = [("pooled forward" + (" (weighted)" if weighted else ""), "fwd", None, elem * dim),
-             ("pooled forward, VBE" + (" (weighted)" if weighted else ""), "fwd", "HAS_INVERSE=True", elem * dim)]
-    kinds += [(f"quantized {s} forward" + (" (weighted)" if weighted else ""), "quant_fwd", f"{s} ", b)
-              for s, b in (("INT8", (dim + 8 + 15) // 16 * 16), ("INT4", (dim // 2 + 4 + 15) // 16 * 16),
-                           ("FP16", (2 * dim + 15) // 16 * 16))]
+    w = " (weighted)" if weighted else ""
+    stored = (("INT8", (dim + 8 + 15) // 16 * 16), ("INT4", (dim // 2 + 4 + 15) // 16 * 16),
+              ("FP16", (2 * dim + 15) // 16 * 16))
+    kinds = [("pooled forward, short bags (persistent)" + w, "fwd_short", "SHORT=1", elem * dim),
+             ("pooled forward, general kernel" + w, "fwd", None, elem * dim),
+             ("pooled forward, VBE" + w, "fwd", "HAS_INVERSE=True", elem * dim)]
+    kinds += [(f"quantized {s} forward, short bags (persistent)" + w, "quant_fwd_short", f"{s} ", b) for s, b in stored]
+    kinds += [(f"quantized {s} forward, general kernel" + w, "quant_fwd", f"{s} ", b) for s, b in stored]
+    # the hash tables' probe-and-gather: each id also reads its bucket's 8 int64 keys
+    kinds += [("hashed tables: probe and gather" + w, "hash_probe", None, elem * dim + 64)]
     out = []
     for name, kernel, marker, row_bytes in kinds:
-        group = [r for r in readings if r.kernel == kernel and (marker is None and "HAS_INVERSE=True" not in r.label
-                                                                 or marker is not None and marker in r.label)]
+        # the short-bag kernels at SHORT=1 (one id per bag); the general ones as launched alone (SHORT=0)
+        group = [r for r in readings if r.kernel == kernel and r.constexprs.get("SHORT", 0) == kernel.endswith("_short")
+                 and (marker is None and "HAS_INVERSE=True" not in r.label or marker is not None and marker in r.label)]
         f = lambda r, n, card, lat: forward(r, n, dim, row_bytes, id_bytes, weighted, card, lat)  # noqa: E731
         best = _best(group, key=lambda r: f(r, 1, CARDS[0], LATENCIES_NS[0]))
         if best is not None:
-            out.append([name, best.label, f"{best.prologue_round_trips}+{best.round_trips:g}/it"]
-                       + [f"{100 * f(best, n, card, lat):.0f}%" for card in CARDS for lat in LATENCIES_NS
-                          for n in IDS_PER_BAG])
+            trips = (f"{best.prologue_round_trips} once+{best.round_trips:g}/block" if getattr(best, "persistent", False)
+                     else f"{best.prologue_round_trips}+{best.round_trips:g}/it")
+            cells = [f(best, n, card, lat) for card in CARDS for lat in LATENCIES_NS for n in IDS_PER_BAG]
+            out.append([name, best.label, trips] + ["-" if math.isnan(x) else f"{100 * x:.0f}%" for x in cells])
     for optimizer, label in OPTIMIZERS.items():
         group = [r for r in readings if r.kernel == "fused" and r.constexprs.get("OPTIMIZER") == optimizer]
         b = lambda r, n, card, lat: backward(r, n, dim, elem, weighted, card, lat)  # noqa: E731
@@ -137,7 +171,8 @@ def rows(readings: Sequence, dtype: str, dim: int, ids: str = "int64", weighted:
                 for lat in LATENCIES_NS:
                     for n in IDS_PER_BAG:
                         e = b(best, n, card, lat)
-                        cells.append(f"{100 * e['copy']:.0f}% ({100 * e['fbgemm_peak']:.0f}%)")
+                        cells.append(f"{100 * e['copy']:.0f}% ({100 * e['fbgemm_peak']:.0f}%; whole "
+                                     f"{100 * e['whole_fbgemm_peak']:.0f}%)")
             out.append([f"backward kernel, fused {label}", best.label,
                         f"{best.tile_round_trips:g}/tile+{best.round_trips:g}/it"] + cells)
     return out
@@ -147,7 +182,8 @@ def report(readings: Sequence, dtype: str, dim: int, ids: str = "int64", weighte
     header = ["kernel", "best config", "round trips"] + [f"{card.name} {lat}ns L={n}" for card in CARDS
                                                          for lat in LATENCIES_NS for n in IDS_PER_BAG]
     lines = ["# Estimated bandwidth, % of copy (backward: kernel only; in brackets FBGEMM's byte formula over",
-             "# the kernel's time, % of peak). An estimate from machine code by Little's law, not a measurement:",
+             "# the kernel's time, % of peak, then over the whole backward's: the kernel plus the index work, by",
+             "# estimate.GLUE_BYTES_PER_CONTRIBUTION). An estimate from machine code by Little's law, not a measurement:",
              f"# dlrm shape, {TABLES} tables x {ROWS} rows, {BATCH} bags, dim {dim}, {dtype} tables, {ids} ids",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows(readings, dtype, dim, ids, weighted)]

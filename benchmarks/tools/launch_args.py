@@ -40,7 +40,13 @@ class _Recorder:
 
 
 def _fn(kernel):
-    return getattr(kernel, "fn", kernel)  # an autotuner's jit function
+    return kernel.fn if hasattr(kernel, "configs") else kernel  # an autotuner's jit function, or the jit one
+
+
+def triton_config(kwargs: dict, num_warps: int):
+    """The ``triton.Config`` a plain jit kernel's launch amounts to (its block sizes, its warps)."""
+    import triton
+    return triton.Config(dict(kwargs), num_warps=num_warps)
 
 
 def kernel_name(kernel) -> str:
@@ -50,16 +56,20 @@ def kernel_name(kernel) -> str:
 
 
 @contextlib.contextmanager
-def _recording(modules):
+def _recording(modules, direct=()):
+    """Record the launches through ``wrap_triton`` in ``modules``, and of the ``(module, name)``
+    kernels in ``direct``, which their glue launches without it."""
     calls: Dict[str, dict] = {}
-    saved = [(m, m.wrap_triton) for m in modules]
+    saved = [(m, "wrap_triton", m.wrap_triton) for m in modules] + [(m, n, getattr(m, n)) for m, n in direct]
     try:
         for m in modules:
             m.wrap_triton = lambda kernel: _Recorder(calls, kernel)
+        for m, name in direct:
+            setattr(m, name, _Recorder(calls, getattr(m, name)))
         yield calls
     finally:
-        for m, original in saved:
-            m.wrap_triton = original
+        for m, name, original in saved:
+            setattr(m, name, original)
 
 
 def _meta(fields: int, dim: int, num_rows: int) -> torch.Tensor:
@@ -75,7 +85,9 @@ def launches(dtype: str = "fp32", dim: int = 128, ids: str = "int64", weighted: 
     """``module.kernel`` (``" VBE"`` appended for the forward with inverse indices) -> {argument
     name: what its glue passes}, for ``FEATURES`` features of ``dtype`` tables of dim ``dim``,
     ``batch_size`` bags of ``ids_per_bag`` ``ids`` ids each, with per-id weights if ``weighted``."""
-    from jaggedrec.kernels import pooled_bwd, pooled_fwd, quant_fwd, sequence_fwd
+    from jaggedrec.kernels import hash_probe, pooled_bwd, pooled_fwd, pooled_fwd_short, quant_fwd, quant_fwd_short, sequence_fwd
+    from jaggedrec.kernels.quant_fwd import QMETA_FIELDS
+    from jaggedrec.ops import hash_probe as hash_probe_ops
     from jaggedrec.ops.op_args import OpBatch
     from jaggedrec.ops.quantized_triton import dim_alignment
 
@@ -92,14 +104,35 @@ def launches(dtype: str = "fp32", dim: int = 128, ids: str = "int64", weighted: 
     align = 16  # as the op layer plans it: the largest power of two up to 16 dividing the dims and offsets
     while dim % align:
         align //= 2
-    with _recording([pooled_fwd, quant_fwd, sequence_fwd, pooled_bwd]) as calls:
+    with _recording([pooled_fwd, pooled_fwd_short, quant_fwd, quant_fwd_short, sequence_fwd, pooled_bwd],
+                    direct=[(hash_probe, "hash_probe_pooled_kernel")]) as calls:
         pooled_fwd.pooled_fwd(weights, batch, meta, out, bad_ids, dim, align, batch_size)
         vbe = batch._replace(inverse_indices=torch.zeros(FEATURES, batch_size, dtype=torch.int64))
         with _renamed(calls, "pooled_fwd._pooled_fwd_kernel", "pooled_fwd._pooled_fwd_kernel VBE"):
             pooled_fwd.pooled_fwd(weights, vbe, meta, out, bad_ids, dim, align, batch_size)
         # quantized rows padded to 16 bytes (row_align=16, CUDA's default)
         buffers = [torch.empty(FEATURES * rows * (2 * dim + 16), dtype=torch.uint8) for _ in range(3)]
-        quant_fwd.quant_fwd(buffers, batch, _meta(8, dim, rows), out, bad_ids, dim, 16, dim_alignment([dim]))
+        qmeta = _meta(QMETA_FIELDS.value, dim, rows)
+        quant_fwd.quant_fwd(buffers, batch, qmeta, out, bad_ids, dim, 16, dim_alignment([dim]))
+        if dim <= quant_fwd_short.MAX_DIM:
+            # short bags (the op's choice at one id per bag): a launch per storage type, then the
+            # general kernel's pass over the longer bags (recorded under its own name)
+            for storage in (1, 2, 3):
+                with _renamed(calls, "quant_fwd_short._quant_fwd_short_kernel",
+                              f"quant_fwd_short._quant_fwd_short_kernel {storage}"):
+                    quant_fwd_short.quant_fwd_short(buffers[storage - 1], batch.values, batch.offsets,
+                                                    batch.per_sample_weights, qmeta, out, bad_ids, dim, storage, 16,
+                                                    dim_alignment([dim]), 1)
+            with _renamed(calls, "quant_fwd._quant_fwd_kernel", "quant_fwd._quant_fwd_kernel SHORT"):
+                quant_fwd.quant_fwd(buffers, batch, qmeta, out, bad_ids, dim, 16, dim_alignment([dim]), 1)
+            pooled_fwd_short.pooled_fwd_short(weights, batch, meta, out, bad_ids, dim, align, batch_size, 1)
+        if dtype == "fp32" and not weighted:
+            # a hashed table per feature, buckets of 8 (the hash tables' default), one bag per program
+            keys = torch.zeros(FEATURES * rows + 1, dtype=torch.int64)
+            hash_meta = torch.zeros(FEATURES, 9, dtype=torch.int64)
+            hash_meta[:, 1], hash_meta[:, 2] = dim, torch.arange(FEATURES) * dim
+            hash_probe_ops.probe_pooled_triton(keys, 8, weights, batch.values, batch.offsets, hash_meta, batch_size,
+                                               FEATURES * dim, dim)
         sequence_fwd.sequence_fwd(weights, batch._replace(per_sample_weights=None), meta,
                                   torch.empty(n * dim, dtype=table), bad_ids, batch_size, dim, align)
         parts = pooled_bwd.Contributions(torch.zeros(n, dtype=torch.int32), torch.zeros(n, dtype=torch.int64),

@@ -27,8 +27,9 @@ from collections import Counter
 os.environ["JAGGEDREC_AUTOTUNE"] = "1"  # the kernels' configs are the tuned ones, whatever the caller's setting
 
 import triton
-from codegen_report import argument_types, compile_kernel  # beside this script
-from jaggedrec.kernels import pooled_bwd, pooled_fused, pooled_fwd, quant_fwd, row_runs, sequence_fwd
+from codegen_report import argument_types, compile_kernel, jit_function  # beside this script
+from jaggedrec.kernels import (hash_probe, pooled_bwd, pooled_fused, pooled_fwd, pooled_fwd_short, quant_fwd,
+                               quant_fwd_short, row_runs, sequence_fwd)
 from jaggedrec.kernels.common import block_d
 
 
@@ -47,6 +48,11 @@ SEQ = {"weights_ptr": f32, "values_ptr": "*i64", "offsets_ptr": "*i64", "meta_pt
 QUANT = {"int8_ptr": "*u8", "int4_ptr": "*u8", "fp16_ptr": "*u8", "values_ptr": "*i64", "offsets_ptr": "*i64",
          "psw_ptr": f32, "meta_ptr": "*i64", "out_ptr": f32, "bad_ids_ptr": "*i64", "batch_size": "i32",
          "out_stride": "i32", "num_features": "i32"}
+QUANT_SHORT = {"table_ptr": "*u8", "values_ptr": "*i64", "offsets_ptr": "*i64", "psw_ptr": f32, "meta_ptr": "*i64",
+               "out_ptr": f32, "bad_ids_ptr": "*i64", "batch_size": "i32", "out_stride": "i32", "num_features": "i32"}
+SHORT_FWD = dict(FWD)
+HASH = {"values_ptr": "*i64", "offsets_ptr": "*i64", "keys_ptr": "*i64", "weight_ptr": f32, "out_ptr": f32,
+        "meta_ptr": "*i64", "fallback_ptr": "*i64", "batch_size": "i32", "out_stride": "i32"}
 SEQ_ATOMIC = {"grad_out_ptr": f32, "rows_ptr": "*i64", "item_offset_ptr": "*i64", "contrib_feature_ptr": "*i32",
               "meta_ptr": "*i64", "dest_ptr": f32, "num_contributions": "i32"}
 
@@ -104,9 +110,24 @@ def _kernels():
          [(w, dict(t, out_ptr=t["weights_ptr"]), c) for w, t, c in tables] + i32_ids + wide),
         ("seq_grad_atomic", sequence_fwd._rows_grad_atomic_kernel, SEQ_ATOMIC, {}, wide),
         # quantized tables: every storage type in one kernel; rows 16- or 4-byte aligned
-        ("quant_fwd", quant_fwd._quant_fwd_kernel, QUANT, dict(HAS_PSW=[False, True], ROW_ALIGN=[16, 4]),
+        ("quant_fwd", quant_fwd._quant_fwd_kernel, QUANT, dict(HAS_PSW=[False, True], ROW_ALIGN=[16, 4], SHORT=[0, 2]),
          i32_ids + wide + [(w, t, {}) for w, t in PSW]),
+        # short bags: the persistent forwards (the quantized one per storage type) and the long bags' pass
+        ("fwd_short", pooled_fwd_short._pooled_fwd_short_kernel, SHORT_FWD,
+         dict(HAS_PSW=[False, True], HAS_INVERSE=[False, True], SHORT=[1, 2]), tables + i32_ids + psw),
+        ("fwd_long_bags", pooled_fwd_short._long_bags_kernel, SHORT_FWD,
+         dict(HAS_PSW=[False, True], HAS_INVERSE=[False, True], SHORT=[1]), tables + i32_ids + [wide[0]]),
+        ("quant_fwd_short", quant_fwd_short._quant_fwd_short_kernel, QUANT_SHORT,
+         dict(STORAGE=[1, 2, 3], HAS_PSW=[False, True], SHORT=[1, 2], ROW_ALIGN=[16]),
+         [("rows 4-aligned", {}, dict(ROW_ALIGN=4))] + i32_ids + [wide[0]] + [(w, t, {}) for w, t in PSW]),
+        ("hash_probe", hash_probe.hash_probe_pooled_kernel, HASH, dict(BUCKET_SIZE=[1, 8]), [("int32 ids", {
+            "values_ptr": "*i32", "offsets_ptr": "*i32"}, {})] + [wide[0]]),
     ]
+
+
+# the plain jit kernels' launch configs, as their glue passes them
+PLAIN_CONFIGS = {"fwd_long_bags": [triton.Config({"BLOCK_B": 64}, num_warps=4)],
+                 "hash_probe": [triton.Config({}, num_warps=4)]}
 
 
 def _untuned_configs():
@@ -117,7 +138,8 @@ def _untuned_configs():
                 "long_runs": row_runs._long_run_config(), "fused": row_runs.run_configs(),
                 "rows_grad_atomic": pooled_bwd._q_configs([]), "psw_grad": pooled_bwd._q_configs([]),
                 "seq_fwd": sequence_fwd._configs(), "seq_grad_atomic": sequence_fwd._atomic_configs(),
-                "quant_fwd": quant_fwd._configs()}
+                "quant_fwd": quant_fwd._configs(), "fwd_short": pooled_fwd_short._configs(),
+                "quant_fwd_short": quant_fwd_short._configs(), **PLAIN_CONFIGS}
     finally:
         os.environ["JAGGEDREC_AUTOTUNE"] = "1"
 
@@ -129,8 +151,8 @@ def variants():
     untuned = _untuned_configs()
     for name, kernel, types, switches, extras in _kernels():
         configs = list({(tuple(sorted(c.kwargs.items())), c.num_warps): c
-                        for c in kernel.configs + untuned[name]}.values())
-        params = {p.name for p in kernel.fn.params if p.is_constexpr}
+                        for c in getattr(kernel, "configs", []) + untuned[name]}.values())
+        params = {p.name for p in jit_function(kernel).params if p.is_constexpr}
         # a constexpr is covered by a switch, a config, the base dims, or an extra variant that sets it
         covered = (set(switches) | set(BASE_DIMS) | {k for c in configs for k in c.kwargs}
                    | {k for _, _, extra in extras for k in extra})
@@ -201,7 +223,7 @@ out["psw_grad"] = ptx_ops(pooled_bwd._psw_grad_kernel, dict(CONTRIB, weights_ptr
 out["seq_fwd"] = ptx_ops(sequence_fwd._sequence_fwd_kernel, SEQ,
                         dict(BLOCK_F=16, BLOCK_D=64, DIM_ALIGN=align, BLOCK_B=32, UNROLL=2))
 out["quant_fwd"] = ptx_ops(quant_fwd._quant_fwd_kernel, QUANT,
-                          dict(HAS_PSW=False, BLOCK_D=64, ROW_ALIGN=16, DIM_ALIGN=align, BLOCK_B=32))
+                          dict(HAS_PSW=False, BLOCK_D=64, ROW_ALIGN=16, DIM_ALIGN=align, SHORT=0, BLOCK_B=32))
 out["seq_grad_atomic"] = ptx_ops(sequence_fwd._rows_grad_atomic_kernel, SEQ_ATOMIC,
                                  dict(BLOCK_D=64, DIM_ALIGN=align, BLOCK_Q=32))
 print(json.dumps(out))

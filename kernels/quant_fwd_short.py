@@ -1,0 +1,203 @@
+"""Forward of quantized embedding bags for short bags (DLRM's one id per bag): persistent and
+pipelined across blocks, one launch per storage type.
+
+``quant_fwd`` pools a block of bags behind a chain of dependent loads (the feature's
+metadata, the bags' offsets, the ids, then the rows, with their scales and biases): at one
+id per bag that chain is most of a program's time. Here, as in ``pooled_fwd_short``, a
+fixed grid of programs walks the blocks of one storage type's features (block ``k``:
+``BLOCK_B`` bags of one feature), and iteration ``i`` of a program's loop issues
+
+* the metadata of block ``i+3``,
+* the offsets of block ``i+2`` (as loaded: converted in the next iteration),
+* the first ``SHORT`` ids of block ``i+1``,
+* the rows (codes, scale and bias, per-id weights) of block ``i``,
+
+then dequantizes, adds and stores block ``i-1``, whose rows the iteration before loaded. No
+load is waited for in the iteration that issues it, so a block costs one DRAM round trip.
+The storage type is a constexpr (``STORAGE``): a kernel holds one dequantizing loop, not
+three, which keeps its registers to what one needs. Bags longer than ``SHORT`` are left to
+``quant_fwd``'s kernel launched with ``SHORT`` (it pools those only, and its programs return
+after one read of the offsets where all their bags are short).
+
+Per bag the dequantized rows are added in position order onto zero, as ``quant_fwd`` adds
+them, so the output has the same bits.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import (
+    META_DIM,
+    META_KEY,
+    META_MEAN,
+    META_OUT_COLUMN,
+    META_ROWS,
+    META_WEIGHT_OFFSET,
+    block_d,
+    single_config,
+    wrap_triton,
+)
+from .pooled_fwd_short import _multiprocessors
+from .quant_fwd import QMETA_FEATURE, QMETA_FIELDS, QMETA_ROW_BYTES, _dequantize, _fetch
+from .tuning import autotune
+
+# the widest dim the kernel takes (one BLOCK_D tile per row); wider tables use quant_fwd alone
+MAX_DIM = 128
+
+
+def _configs():
+    """(BLOCK_B, warps, programs per SM). The programs per SM are what the machine code of the
+    hungriest storage loop allows (sm_90a, triton 3.6 and 3.9, dim 128, weighted or not): a
+    persistent grid larger than what fits would leave its last programs to run after the rest.
+    32 bags at 4 warps give INT4 rows of dim 128 their 16-byte loads (see quant_fwd)."""
+    if single_config():
+        return [triton.Config({"BLOCK_B": 4, "PROGRAMS_PER_SM": 1}, num_warps=1)]
+    return [triton.Config({"BLOCK_B": 32, "PROGRAMS_PER_SM": 2}, num_warps=4)]
+
+
+@triton.jit
+def _block_meta(k, num_blocks, blocks_per_feature, meta_ptr, batch_size, BLOCK_B: tl.constexpr,
+                ROW_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr):
+    """Block ``k``: its feature's fields and its bags (stage 1)."""
+    live = k < num_blocks
+    meta = meta_ptr + (k // blocks_per_feature).to(tl.int64) * QMETA_FIELDS
+    # the fields that fit, in 32 bits: four blocks' fields are live at once (the byte offset
+    # and the row count stay 64-bit: tables past 2 GiB, and ids checked against the count in 64)
+    first_byte = tl.multiple_of(tl.load(meta + META_WEIGHT_OFFSET, mask=live, other=0), ROW_ALIGN)
+    dim = tl.multiple_of(tl.load(meta + META_DIM, mask=live, other=0).to(tl.int32), DIM_ALIGN)
+    num_rows = tl.load(meta + META_ROWS, mask=live, other=0)
+    out_column = tl.multiple_of(tl.load(meta + META_OUT_COLUMN, mask=live, other=0).to(tl.int32), DIM_ALIGN)
+    key = tl.load(meta + META_KEY, mask=live, other=0).to(tl.int32)
+    mean = tl.load(meta + META_MEAN, mask=live, other=0).to(tl.int32)
+    row_bytes = tl.multiple_of(tl.load(meta + QMETA_ROW_BYTES, mask=live, other=0), ROW_ALIGN)
+    feature = tl.load(meta + QMETA_FEATURE, mask=live, other=0).to(tl.int32)
+    bags = (k % blocks_per_feature) * BLOCK_B + tl.arange(0, BLOCK_B)
+    # a vector compare for the block's liveness: the interpreter refuses scalar & vector masks
+    bag_mask = (bags < batch_size) & ((bags * 0 + k) < num_blocks)
+    return feature, first_byte, dim, num_rows, out_column, key, mean, row_bytes, bags, bag_mask
+
+
+@triton.jit
+def _bounds(offsets_ptr, key, bags, bag_mask, batch_size):
+    """The bags' offsets as loaded (stage 2), converted by the iteration after."""
+    bag_ptrs = offsets_ptr + key.to(tl.int64) * batch_size + bags
+    return tl.load(bag_ptrs, mask=bag_mask, other=0), tl.load(bag_ptrs + 1, mask=bag_mask, other=0)
+
+
+@triton.jit
+def _extent(bounds):
+    start = bounds[0].to(tl.int64)
+    return start, (bounds[1].to(tl.int64) - start).to(tl.int32)
+
+
+@triton.jit
+def _ids_of(values_ptr, starts, lengths, SHORT: tl.constexpr):
+    """The first ``SHORT`` ids of each bag (stage 3); masked-off bags have length 0."""
+    ids = ()
+    for s in tl.static_range(SHORT):
+        ids = ids + (tl.load(values_ptr + starts + s, mask=s < lengths, other=0),)
+    return ids
+
+
+@triton.jit
+def _rows_of(ids, starts, lengths, m, table_ptr, psw_ptr, cols, HAS_PSW: tl.constexpr, STORAGE: tl.constexpr,
+             ROW_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr, SHORT: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The rows of those ids as stored (stage 4), one :func:`quant_fwd._fetch` tuple per
+    position, and ``[BLOCK_B]`` counts of bad ids among them (not loaded)."""
+    fetched = ()
+    bad_ids = tl.zeros(lengths.shape, dtype=tl.int32)
+    col_mask = cols < m[2]
+    for s in tl.static_range(SHORT):
+        raw, present, psw, bad = _fetch(table_ptr + m[1], ids[s], s, starts, lengths, m[3], 0, cols, col_mask, m[2],
+                                        m[7], psw_ptr, HAS_PSW, STORAGE, ROW_ALIGN, DIM_ALIGN, BLOCK_D)
+        fetched = fetched + ((raw, present, psw),)
+        bad_ids += bad
+    return fetched, bad_ids
+
+
+@autotune(configs=_configs(), key=["num_features", "BLOCK_D", "HAS_PSW", "STORAGE", "ROW_ALIGN", "DIM_ALIGN",
+                                   "SHORT"])
+@triton.jit
+def _quant_fwd_short_kernel(
+    table_ptr, values_ptr, offsets_ptr, psw_ptr, meta_ptr, out_ptr, bad_ids_ptr,
+    batch_size, out_stride, num_features,
+    HAS_PSW: tl.constexpr, STORAGE: tl.constexpr, BLOCK_D: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    DIM_ALIGN: tl.constexpr, SHORT: tl.constexpr, BLOCK_B: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
+):
+    blocks_per_feature = tl.cdiv(batch_size, BLOCK_B)
+    num_blocks = blocks_per_feature * num_features
+    step = tl.num_programs(0)
+    first = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+
+    # fill the pipeline as the loop keeps it: rows of block 0, ids of 1, offsets of 2, metadata of 3
+    m0 = _block_meta(first, num_blocks, blocks_per_feature, meta_ptr, batch_size, BLOCK_B, ROW_ALIGN, DIM_ALIGN)
+    m1 = _block_meta(first + step, num_blocks, blocks_per_feature, meta_ptr, batch_size, BLOCK_B, ROW_ALIGN,
+                     DIM_ALIGN)
+    m2 = _block_meta(first + 2 * step, num_blocks, blocks_per_feature, meta_ptr, batch_size, BLOCK_B, ROW_ALIGN,
+                     DIM_ALIGN)
+    starts0, lengths0 = _extent(_bounds(offsets_ptr, m0[5], m0[8], m0[9], batch_size))
+    starts1, lengths1 = _extent(_bounds(offsets_ptr, m1[5], m1[8], m1[9], batch_size))
+    ids0 = _ids_of(values_ptr, starts0, lengths0, SHORT)
+    rows0, bad0 = _rows_of(ids0, starts0, lengths0, m0, table_ptr, psw_ptr, cols, HAS_PSW, STORAGE, ROW_ALIGN,
+                           DIM_ALIGN, SHORT, BLOCK_D)
+    ids1 = _ids_of(values_ptr, starts1, lengths1, SHORT)
+    bounds2 = _bounds(offsets_ptr, m2[5], m2[8], m2[9], batch_size)
+    m3 = _block_meta(first + 3 * step, num_blocks, blocks_per_feature, meta_ptr, batch_size, BLOCK_B, ROW_ALIGN,
+                     DIM_ALIGN)
+
+    for k in range(first, num_blocks, step):
+        # block k is 0; issue the rows of 1, the ids of 2, the offsets of 3, the metadata of 4
+        rows1, bad1 = _rows_of(ids1, starts1, lengths1, m1, table_ptr, psw_ptr, cols, HAS_PSW, STORAGE, ROW_ALIGN,
+                               DIM_ALIGN, SHORT, BLOCK_D)
+        starts2, lengths2 = _extent(bounds2)
+        ids2 = _ids_of(values_ptr, starts2, lengths2, SHORT)
+        bounds3 = _bounds(offsets_ptr, m3[5], m3[8], m3[9], batch_size)
+        m4 = _block_meta(k + 4 * step, num_blocks, blocks_per_feature, meta_ptr, batch_size, BLOCK_B, ROW_ALIGN,
+                         DIM_ALIGN)
+
+        # dequantize, add and store block k (its rows arrived during the iteration before)
+        col_mask = cols < m0[2]
+        acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+        for s in tl.static_range(SHORT):
+            rows = _dequantize(rows0[s][0], rows0[s][1], col_mask, STORAGE)
+            if HAS_PSW:
+                rows = rows * rows0[s][2][:, None]
+            acc += rows
+        if m0[6] != 0:
+            acc = acc / tl.maximum(lengths0, 1).to(tl.float32)[:, None]
+        short = m0[9] & (lengths0 <= SHORT)  # longer bags: quant_fwd's pass with SHORT
+        out_rows = tl.multiple_of(m0[8].to(tl.int64) * out_stride, DIM_ALIGN)
+        tl.store(out_ptr + out_rows[:, None] + m0[4] + cols[None, :], acc, mask=short[:, None] & col_mask[None, :])
+        total_bad = tl.sum(tl.where(short, bad0, 0), axis=0)
+        if total_bad > 0:
+            tl.atomic_add(bad_ids_ptr + m0[0], total_bad.to(tl.int64))
+
+        # shift the pipeline by one block
+        m0, starts0, lengths0, rows0, bad0 = m1, starts1, lengths1, rows1, bad1
+        m1, starts1, lengths1, ids1 = m2, starts2, lengths2, ids2
+        m2, bounds2 = m3, bounds3
+        m3 = m4
+
+
+def quant_fwd_short(buffer, values, offsets, per_sample_weights, meta, out, bad_ids, max_dim: int, storage: int,
+                    row_align: int, dim_align: int, short: int) -> None:
+    """Pool the bags of at most ``short`` ids of the features in ``meta`` (all of one storage
+    type, ``storage``: 1 INT8, 2 INT4, 3 FP16, whose flat uint8 ``buffer`` they read) into
+    ``out``; ``meta`` is ``[F_s, QMETA_FIELDS]`` rows of ``quant_fwd``'s metadata, whose
+    QMETA_FEATURE field names the ``bad_ids`` entry each counts into. Longer bags are left
+    for ``quant_fwd.quant_fwd(..., short=short)``. Arguments otherwise as ``quant_fwd``."""
+    num_features, batch_size = meta.shape[0], out.shape[0]
+    if num_features == 0 or batch_size == 0:
+        return
+    assert max_dim <= MAX_DIM and 1 <= short <= 2
+    tile = block_d(max_dim)
+    grid = lambda cfg: (_multiprocessors(out.device) * cfg["PROGRAMS_PER_SM"],)
+    wrap_triton(_quant_fwd_short_kernel)[grid](
+        buffer, values, offsets, per_sample_weights if per_sample_weights is not None else out, meta, out, bad_ids,
+        batch_size, out.stride(0), num_features,
+        HAS_PSW=per_sample_weights is not None, STORAGE=storage, BLOCK_D=tile, ROW_ALIGN=row_align,
+        DIM_ALIGN=dim_align, SHORT=short)
+
