@@ -109,6 +109,15 @@ for round in 1 2; do
         done
     done
 done
+# The hash tables' probe-and-gather kernel (kernels/hash_probe.py) against the static gather on the same ids and
+# rows (the same kernel with the tables marked static, and the pooled forward on the rows the probe finds): the
+# dlrm shape, 26 hashed tables of 500,000 slots, one id per bag, then 20; ~10 s each on an H100
+HASH_SMALL=()
+[[ "$DEVICE" == cpu ]] && HASH_SMALL=(--features 2 --batch-size 16 --rows 256 --repeats 1 --rounds 1)
+for pf in 1 20; do
+    step "hash-probe-L$pf" 30 $PY benchmarks/tools/hash_probe_timing.py --device "$DEVICE" --ids-per-bag "$pf" \
+        "${HASH_SMALL[@]}" --output "$OUT/hash-probe-L$pf.json"
+done
 # Pipelined loops against the loops they replaced (JAGGEDREC_LEGACY_LOOPS=1), on the same seeded
 # inputs, alternated twice, for the forward, the backward and a train step at the dlrm preset
 for round in 1 2; do
