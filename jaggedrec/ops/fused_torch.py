@@ -323,7 +323,7 @@ def update_touched_rows(block: torch.Tensor, states, ids: torch.Tensor, bags: to
 # MKL's sparse-times-dense product, where torch has it: sums each row's run of bag gradients
 # and adds it into the row in one pass over the rows. It must round as the chunked sums and
 # add do (streamed and scattered steps agree bit for bit); MKL picks its kernel by shape, and
-# on a Sapphire Rapids Xeon dims 4, 8 and 16 rounded otherwise, so each dim is checked once
+# on a Sapphire Rapids Xeon dims 4, 8, 16 and 24 rounded otherwise, so each dim is checked once
 # (:func:`_run_sums_round_alike`) and falls back where it differs.
 _CSR_ADD = torch.backends.mkl.is_available()
 if _CSR_ADD:

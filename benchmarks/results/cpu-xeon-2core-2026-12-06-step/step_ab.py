@@ -4,7 +4,9 @@ dlrm preset: 26 tables x 100k rows, dim 64, batch 4096, L ids per bag (fixed, un
 Quiet, then (with --busy) beside one process spinning on a core. Providers alternate within
 each round; 3 batches rotate; medians in ms. With --before DIR, jaggedrec is also run from the
 tree in DIR (a `git worktree add DIR <commit>`): a second copy of the package is imported from
-that tree, so both run in the same process and the same rounds.
+that tree, so both run in the same process and the same rounds. BUT the ops of both copies are
+registered under one name (torch.library), so the copy imported last serves both: --before
+does not compare the update's code. Use step_trees.py (one process per tree) for that.
 
     python step_ab.py L THREADS REPS OPTIMIZER [--busy] [--before DIR]
 
