@@ -129,3 +129,24 @@ def test_streamed_sgd_in_one_pass_matches_float64_reference_and_the_chunked_bits
     assert calls["_add_run_sums"] == ran  # the second run took the chunked update
     for key, value in ebc.state_dict().items():
         assert torch.equal(value, chunked[key]), key
+
+
+@pytest.mark.skipif(not fused_torch._CSR_ADD, reason="the one-pass SGD update needs torch's MKL sparse product")
+def test_streamed_sgd_in_one_pass_gives_the_same_bits_on_two_threads(monkeypatch):
+    """Each table a piece of work (host_tasks), stepped by the sparse product on one worker or
+    the caller: the same bits with one thread as with two."""
+    monkeypatch.setattr(fused_torch, "_STREAM_MIN_TOUCHED", dict.fromkeys(fused_rules.STATE_LAYOUT, 0.0))
+    monkeypatch.setattr(fused_torch, "_GROUP_MIN_IDS", 1)
+    calls = {}
+    _counting(monkeypatch, fused_torch, "_add_run_sums", calls, lambda r: True)
+    before = torch.get_num_threads()
+    states = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            states.append(_train("sgd", True, False, dims=(32, 64))[0].state_dict())
+        finally:
+            torch.set_num_threads(before)
+    assert calls.get("_add_run_sums", 0) > 0, calls
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key
