@@ -9,7 +9,9 @@ form a *segment*, as on the sequence path: their ids are one slice of the KJT's 
 their bags one slice of its offsets. A segment of many features with few ids is pooled by one
 call over its block of tables (the type's same-dim tables, side by side in its buffer), each id
 shifted by its table's first row; otherwise by one call per feature on that table's own rows
-(:func:`_split` weighs the two). The pieces are then put side by side by one ``cat``. When every
+(:func:`_split` weighs the two); a per-feature call gets the KJT's own offsets where torch's op
+takes them (:func:`op_takes_unbased_offsets`: the 8-bit op; the first key's start at 0 anyway),
+else offsets re-based to 0. The pieces are then put side by side by one ``cat``. When every
 bag holds one id (one-hot features) each segment's ids are taken batch-major instead, so that
 its one call returns ``[B, keys*D]`` columns in the output's layout: with one segment, the
 output itself, with no copy at all.
@@ -21,6 +23,7 @@ import functools
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from jaggedrec.ops import pooled_torch, quantized_rows
 from jaggedrec.ops.feature_tables import STORAGE_FP16, STORAGE_INT4, STORAGE_INT8, FeatureTables
@@ -89,13 +92,30 @@ def _per_feature(seg: Segment) -> Tuple[Segment, ...]:
                                                                   seg.table_rows, seg.mean)))
 
 
+# buffer -> {(first byte, rows, row bytes): (the buffer's data_ptr then, [rows, row_bytes] view)}
+_ROW_VIEWS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
 def _rows(buffers: Dict[int, torch.Tensor], seg: Segment) -> torch.Tensor:
-    """``[rows, row_bytes]`` uint8: the segment's one table, else its whole block."""
+    """``[rows, row_bytes]`` uint8: the segment's one table, else its whole block.
+
+    The view is made once per buffer and kept (each view op costs microseconds per segment
+    and step, more than the rest of a small batch's glue): a buffer replaced (``.to()``,
+    ``load_state_dict(assign=True)``) is another key, one whose storage moved (``set_``)
+    another data pointer, and a buffer's views die with it."""
     buffer = buffers[seg.storage]
     first, rows = (seg.row_bases[0], seg.table_rows[0]) if seg.one_table else (0, seg.num_rows)
-    # one as_strided: each view op costs microseconds, paid per segment and step
-    return buffer.as_strided((rows, seg.row_bytes), (seg.row_bytes, 1),
-                             buffer.storage_offset() + seg.start + first * seg.row_bytes)
+    start = buffer.storage_offset() + seg.start + first * seg.row_bytes
+    views = _ROW_VIEWS.get(buffer)
+    if views is None:
+        views = _ROW_VIEWS[buffer] = {}
+    kept = views.get((start, rows, seg.row_bytes))
+    pointer = buffer.data_ptr()
+    if kept is not None and kept[0] == pointer:
+        return kept[1]
+    view = buffer.as_strided((rows, seg.row_bytes), (seg.row_bytes, 1), start)
+    views[start, rows, seg.row_bytes] = (pointer, view)
+    return view
 
 
 def _bag_sums(rows: torch.Tensor, seg: Segment, ids: torch.Tensor, bag_offsets: torch.Tensor,
@@ -180,12 +200,14 @@ def quantized_forward(buffers: Dict[int, torch.Tensor], values: torch.Tensor, of
         if starts is None:
             starts = offsets[::batch].tolist()  # [K+1] first id of each key
         split = _split(segs, starts)
+        in_place = [_reads_in_place(buffers, seg, starts) for seg in split]
         relative = None
-        if any(len(seg.keys) == 1 for seg in split):
+        if sum(len(seg.keys) == 1 and not kept for seg, kept in zip(split, in_place)) > 2:
             # [K, B+1] each key's bag starts within its own ids, in one op (per key they would cost one each)
             relative = torch.sub(offsets.as_strided((num_keys, batch + 1), (batch, 1)),
                                  offsets.as_strided((num_keys, 1), (batch, 0)))
-        pieces = [_pooled(buffers, values, offsets, relative, psw, seg, batch, starts, check_ids) for seg in split]
+        pieces = [_pooled(buffers, values, offsets, relative, psw, seg, batch, starts, check_ids, kept)
+                  for seg, kept in zip(split, in_place)]
     # one copy into the output, as torch's cat moves columns fastest (~1.7x a strided copy per piece)
     return pieces[0].contiguous() if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
@@ -210,6 +232,53 @@ def op_refuses_bad_ids(storage: int) -> bool:
                     continue
                 return False
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def op_takes_unbased_offsets(storage: int) -> bool:
+    """Whether torch's CPU quantized embedding-bag op for ``storage`` pools one key of a KJT
+    from the KJT's own offsets (``[B+1]``, starting at the key's first id ``lo``, not at 0)
+    and its ids up to the key's end (``values[:hi]``), reading only ``values[lo:hi]``: the
+    same bags as on ids and offsets re-based to 0, and still refusing a bad id among them.
+    FBGEMM's 8-bit kernel does (it starts each bag at its offset); torch's 4-bit op starts at
+    the first id it is given, so it gets re-based offsets. Asked once per process, with a
+    tiny batch, for int32 and int64 ids, with and without per-id weights."""
+    if storage == STORAGE_FP16 or not op_refuses_bad_ids(storage):
+        return False
+    table = torch.linspace(-1.0, 1.0, 40).view(5, 8)
+    pack = torch.ops.quantized.embedding_bag_byte_prepack if storage == STORAGE_INT8 else \
+        torch.ops.quantized.embedding_bag_4bit_prepack
+    rows = pack(table)  # [5, row_bytes] in the op's own layout
+    op = _OPS[storage]
+    for dtype in (torch.int32, torch.int64):
+        values = torch.tensor([4, 0, 1, 2, 3, 4, 1, 9], dtype=dtype)  # the key: ids 1..6; 9 past the table
+        offsets = torch.tensor([0, 1, 3, 3, 7, 8], dtype=dtype)  # the key's bags: 1, 2 (empty) and 3
+        for psw in (None, torch.arange(8, dtype=torch.float32)):
+            based = op(rows, values[1:7], offsets[1:5] - 1, False, 0, False, None if psw is None else psw[1:7],
+                       None, True)
+            try:
+                unbased = op(rows, values[:7], offsets[1:5], False, 0, False, None if psw is None else psw[:7],
+                             None, True)
+            except RuntimeError:
+                return False
+            if not torch.equal(based, unbased):
+                return False
+            try:
+                op(rows, values, offsets[4:6], False, 0, False, psw, None, True)  # bag {9}: must be refused
+            except RuntimeError:
+                continue
+            return False
+    return True
+
+
+def _reads_in_place(buffers: Dict[int, torch.Tensor], seg: Segment, starts: List[int]) -> bool:
+    """Whether the segment, one key, pools straight from the KJT's offsets: those of the first
+    key start at 0 already; others where torch's op takes them as they are."""
+    if len(seg.keys) != 1:
+        return False
+    if starts[seg.keys[0]] == 0:
+        return True
+    return seg.packed and buffers[seg.storage].is_cpu and op_takes_unbased_offsets(seg.storage)
 
 
 def _op_checks(seg: Segment, rows: torch.Tensor) -> bool:
@@ -243,23 +312,37 @@ def _check_ids(ids: torch.Tensor, seg: Segment, counts: Optional[List[int]]) -> 
 
 
 def _pooled(buffers, values, offsets, relative, psw, seg: Segment, batch: int, starts: List[int],
-            check_ids: bool = False) -> torch.Tensor:
-    """``[B, keys*D]`` the segment's output columns."""
+            check_ids: bool = False, in_place: bool = False) -> torch.Tensor:
+    """``[B, keys*D]`` the segment's output columns; ``in_place``: :func:`_reads_in_place`,
+    else the offsets are re-based (``relative``, ``[K, B+1]``, when given)."""
     first, count = seg.keys[0], len(seg.keys)
     lo, hi = starts[first], starts[first + count]
     if hi == lo:
         return values.new_zeros((batch, count * seg.dim), dtype=torch.float32)
-    ids, rows = values[lo:hi], _rows(buffers, seg)
-    if not seg.one_table:
-        counts = [starts[k + 1] - starts[k] for k in seg.keys]
-        if check_ids:
-            _check_ids(ids, seg, counts)
-        ids = ids + torch.repeat_interleave(_bases(seg, ids), torch.tensor(counts, device=ids.device),
-                                            output_size=hi - lo)
-    elif check_ids and not _op_checks(seg, rows):
-        _check_ids(ids, seg, None)
-    bag_offsets = relative[first] if count == 1 else offsets[first * batch:(first + count) * batch + 1] - lo
-    sums = _bag_sums(rows, seg, ids, bag_offsets, None if psw is None else psw[lo:hi])
+    rows = _rows(buffers, seg)
+    if count == 1 and seg.one_table:
+        # no op that is not needed: each costs microseconds per feature and step
+        if check_ids and not _op_checks(seg, rows):
+            _check_ids(values[lo:hi], seg, None)
+        if in_place:  # the KJT's own offsets (the key's bag starts, from lo), ids and weights up to its end
+            ids, weights = values[:hi], None if psw is None else psw[:hi]
+            bag_offsets = offsets[first * batch:(first + 1) * batch + 1]
+        else:
+            ids, weights = values[lo:hi], None if psw is None else psw[lo:hi]
+            bag_offsets = relative[first] if relative is not None else \
+                offsets[first * batch:(first + 1) * batch + 1] - lo
+    else:
+        ids, weights = values[lo:hi], None if psw is None else psw[lo:hi]
+        if not seg.one_table:
+            counts = [starts[k + 1] - starts[k] for k in seg.keys]
+            if check_ids:
+                _check_ids(ids, seg, counts)
+            ids = ids + torch.repeat_interleave(_bases(seg, ids), torch.tensor(counts, device=ids.device),
+                                                output_size=hi - lo)
+        elif check_ids and not _op_checks(seg, rows):
+            _check_ids(ids, seg, None)
+        bag_offsets = offsets[first * batch:(first + count) * batch + 1] - lo
+    sums = _bag_sums(rows, seg, ids, bag_offsets, weights)
     if count == 1 and not seg.mean[0]:
         return sums if sums.shape[1] == seg.dim else sums[:, :seg.dim]
     sums = sums.view(count, batch, -1)[:, :, :seg.dim]  # [keys, B, D], key-major

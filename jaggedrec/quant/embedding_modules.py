@@ -165,11 +165,15 @@ class EmbeddingBagCollection(TableCollection):
         """
         features = as_keyed_jagged_tensor(features)
         options = self._options
-        buffers = (self.qweights_int8, self.qweights_int4, self.qweights_fp16)
-        if options.backend != "triton" and host_path.serves(features, buffers):
-            pooled = host_path.pooled(features, self._spec, self._tables_for(features),
-                                      dict(zip((STORAGE_INT8, STORAGE_INT4, STORAGE_FP16), buffers)), options.validate)
-            return KeyedTensor(self._embedding_names, self._length_per_embedding, pooled)
+        stride = host_path.serves(features) if options.backend != "triton" else 0
+        if stride:
+            stored = self._buffers  # read once: each attribute lookup through nn.Module searches three dicts
+            buffers = {STORAGE_INT8: stored["qweights_int8"], STORAGE_INT4: stored["qweights_int4"],
+                       STORAGE_FP16: stored["qweights_fp16"]}
+            if host_path.plain_cpu(buffers):
+                pooled = host_path.pooled(features, self._spec, self._tables_for(features), buffers, options.validate,
+                                          stride)
+                return KeyedTensor(self._embedding_names, self._length_per_embedding, pooled)
         batch = batch_reader.read_batch(features, self._spec, self._groups, self._output_features, options.validate)
         pooled, bad_ids = quantized_ops.run_quantized_embedding_bags(
             self.qweights_int8, self.qweights_int4, self.qweights_fp16, batch.values, batch.offsets, batch.weights,

@@ -28,37 +28,42 @@ import torch
 from jaggedrec.modules import validation
 from jaggedrec.modules.validation import FeatureSpec
 from jaggedrec.ops import quantized_torch
-from jaggedrec.ops.feature_tables import FeatureTables
+from jaggedrec.ops.feature_tables import STORAGE_FP16, STORAGE_INT4, STORAGE_INT8, FeatureTables
 from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 _PLAIN = torch.Tensor  # an eager CPU tensor's type; fake, functional and traced tensors are subclasses
 
 
-def serves(kjt: object, buffers: Tuple[torch.Tensor, ...]) -> bool:
-    """Whether :func:`pooled` can serve ``kjt``: eager, real CPU tensors, one bag per sample
-    (no VBE, no inverse indices), at least one bag."""
-    if not isinstance(kjt, KeyedJaggedTensor) or torch.compiler.is_compiling():
-        return False
-    values = kjt.values()
-    if type(values) is not _PLAIN or not values.is_cpu or not buffers[0].is_cpu:
-        return False
-    if kjt.variable_stride_per_key() or kjt.inverse_indices_or_none() is not None:
-        return False
-    lengths, offsets = kjt.lengths_or_none(), kjt.offsets_or_none()
-    held = lengths if lengths is not None else offsets
-    if held is None or type(held) is not _PLAIN or not kjt.keys() or kjt.stride() == 0:
-        return False
-    int8, int4, fp16 = buffers
-    return type(int8) is _PLAIN and type(int4) is _PLAIN and type(fp16) is _PLAIN
+def serves(kjt: object) -> int:
+    """B, the batch size, if :func:`pooled` can serve ``kjt`` (eager, real CPU tensors, one
+    bag per sample: no VBE, no inverse indices, at least one bag), else 0."""
+    if type(kjt) is not KeyedJaggedTensor and not isinstance(kjt, KeyedJaggedTensor):
+        return 0
+    if torch.compiler.is_compiling() or kjt.variable_stride_per_key() or kjt.inverse_indices_or_none() is not None:
+        return 0
+    values, lengths, offsets = kjt.values(), kjt.lengths_or_none(), kjt.offsets_or_none()
+    if type(values) is not _PLAIN or not values.is_cpu or (lengths is None and offsets is None) or not kjt.keys():
+        return 0
+    if (lengths is not None and type(lengths) is not _PLAIN) or (offsets is not None and type(offsets) is not _PLAIN):
+        return 0
+    return kjt.stride()
+
+
+def plain_cpu(buffers: Dict[int, torch.Tensor]) -> bool:
+    """Whether the quantized buffers are real CPU tensors (not fake, functional or on a device)."""
+    int8, int4, fp16 = buffers[STORAGE_INT8], buffers[STORAGE_INT4], buffers[STORAGE_FP16]
+    return type(int8) is _PLAIN and type(int4) is _PLAIN and type(fp16) is _PLAIN and int8.is_cpu
 
 
 def pooled(kjt: KeyedJaggedTensor, spec: FeatureSpec, tables: FeatureTables, buffers: Dict[int, torch.Tensor],
-           validate: bool) -> torch.Tensor:
+           validate: bool, batch: int) -> torch.Tensor:
     """``[B, sum(dims)]`` fp32: every feature of ``tables`` pooled from ``buffers`` (storage
-    type -> flat uint8 buffer), ``kjt`` checked as ``read_batch`` checks it."""
-    validation.check_static(kjt, spec)
-    values = kjt.values()
-    offsets, starts, shortest = _offsets(kjt, spec, validate)
+    type -> flat uint8 buffer), ``kjt`` (``batch`` = B bags per key, from :func:`serves`)
+    checked as ``read_batch`` checks it."""
+    values, weights = kjt.values(), kjt.weights_or_none()
+    if not _static_ok(kjt, spec, values, weights, batch):
+        validation.check_static(kjt, spec)  # raises, naming what is wrong
+    offsets, starts, shortest = _offsets(kjt, spec, validate, batch)
     # every bag one id: N = K*B ids in K*B bags of at least one id each (None: ask the offsets)
     one_per_bag = None if shortest is None else shortest >= 1 and starts[-1] == offsets.shape[0] - 1
     if values.dtype != offsets.dtype:  # torch's quantized ops want one index dtype
@@ -66,7 +71,6 @@ def pooled(kjt: KeyedJaggedTensor, spec: FeatureSpec, tables: FeatureTables, buf
             values, offsets = values.long(), offsets.long()
         else:  # int32 ids: their checked offsets run from 0 to N < 2**31, so they narrow exactly
             offsets = offsets.int()
-    weights = kjt.weights_or_none()
     psw = None if weights is None else weights.float().contiguous()
     try:
         return quantized_torch.quantized_forward(buffers, values.contiguous(), offsets.contiguous(), psw, tables,
@@ -79,14 +83,32 @@ def pooled(kjt: KeyedJaggedTensor, spec: FeatureSpec, tables: FeatureTables, buf
     raise failure
 
 
-def _offsets(kjt: KeyedJaggedTensor, spec: FeatureSpec,
-             validate: bool) -> Tuple[torch.Tensor, List[int], Optional[int]]:
+_ID_DTYPES = (torch.int64, torch.int32)
+
+
+def _static_ok(kjt: KeyedJaggedTensor, spec: FeatureSpec, values: torch.Tensor, weights: Optional[torch.Tensor],
+               batch: int) -> bool:
+    """Whether ``validation.check_static`` would pass a batch :func:`serves` took: its checks
+    of dtypes and shapes for one bag per sample, in one expression (that function, general
+    over VBE and compiling, costs several times this per forward). False sends the batch to
+    it, to be refused in its words."""
+    bags = len(kjt.keys()) * batch
+    lengths, offsets = kjt.lengths_or_none(), kjt.offsets_or_none()
+    return (values.dtype in _ID_DTYPES and values.dim() == 1
+            and (weights is None if not spec.is_weighted else
+                 weights is not None and weights.is_floating_point() and weights.shape == values.shape)
+            and (lengths is None or (lengths.dim() == 1 and lengths.shape[0] == bags))
+            and (offsets is None or (offsets.dim() == 1 and offsets.shape[0] == bags + 1)))
+
+
+def _offsets(kjt: KeyedJaggedTensor, spec: FeatureSpec, validate: bool,
+             batch: int) -> Tuple[torch.Tensor, List[int], Optional[int]]:
     """``[K*B+1]`` the offsets to pool with, ``[K+1]`` host ints, the first id of each key, and
     the shortest bag's length (None when not read); with ``validate``, lengths and offsets
     checked as ``validation.check_data`` checks them."""
     both = validate and kjt.has_unchecked_offsets()
     offsets = kjt.offsets() if both else kjt.lookup_offsets()
-    starts = offsets[::kjt.stride()].tolist()
+    starts = offsets[::batch].tolist()
     if not validate:
         return offsets, starts, None
     shortest = _shortest_if_sound(kjt, offsets, starts, both)
@@ -96,7 +118,7 @@ def _offsets(kjt: KeyedJaggedTensor, spec: FeatureSpec,
         return offsets, starts, shortest
     validation.check_data(kjt, spec)  # raises, naming the feature and sample
     offsets = kjt.lookup_offsets()  # not reached with a bad batch; kept for a check stricter than check_data's
-    return offsets, offsets[::kjt.stride()].tolist(), None
+    return offsets, offsets[::batch].tolist(), None
 
 
 def _shortest_if_sound(kjt: KeyedJaggedTensor, offsets: torch.Tensor, starts: List[int], both: bool) -> Optional[int]:
@@ -108,7 +130,10 @@ def _shortest_if_sound(kjt: KeyedJaggedTensor, offsets: torch.Tensor, starts: Li
     lengths: Optional[torch.Tensor] = kjt.lengths_or_none()
     if lengths is None:
         lengths = offsets[1:] - offsets[:-1]
-    elif both and not torch.equal(offsets[1:] - offsets[:-1], lengths):
+    # given both: the offsets are the lengths' running sum (offsets[0] is 0, checked above); one
+    # cumsum where the steps take two slices and a subtraction. In the offsets' dtype, so that
+    # equal compares like with like; a narrow sum that wrapped fails the lengths' sum below.
+    elif both and not torch.equal(lengths.cumsum(0, dtype=offsets.dtype), offsets[1:]):
         return None
     shortest = int(lengths.min())
     if shortest < 0:
