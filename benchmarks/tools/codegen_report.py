@@ -438,6 +438,13 @@ def _read_group(group: List[Variant]) -> List[object]:
     return out
 
 
+_TODO: List[List[Variant]] = []
+
+
+def _read_group_at(i: int) -> List[object]:
+    return _read_group(_TODO[i])
+
+
 def read_workloads(workloads: Sequence[Sequence[str]], processes: int = 2) -> Dict[str, List[object]]:
     """For each workload (this script's arguments, as a list), its readings (or failure lines), in
     one process: a variant that several workloads launch alike is built and read once, and the
@@ -457,8 +464,10 @@ def read_workloads(workloads: Sequence[Sequence[str]], processes: int = 2) -> Di
     todo = [list(g.values()) for g in groups.values()]
     if processes > 1 and len(todo) > 1:
         import multiprocessing
-        with multiprocessing.get_context("fork").Pool(processes) as pool:  # forked before any build
-            results = pool.map(_read_group, todo, chunksize=1)
+        # the workers, forked before any build, find the variants (jit functions: not picklable) here
+        _TODO[:] = todo
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            results = pool.map(_read_group_at, range(len(todo)), chunksize=1)
     else:
         results = [_read_group(g) for g in todo]
     done = {_read_key(v): r for group, rs in zip(todo, results) for v, r in zip(group, rs)}
