@@ -108,24 +108,25 @@ NOT_YET = {
     # kernels/pooled_fused.py (its run loop is row_runs.run_sums): the same, on triton 3.6, for
     # row-wise Adagrad (both), partial row-wise Adam and LAMB
     ("fused", "BLOCK_U=32 UNROLL=1", "--dtype fp16"): "1.5 round trips per step, unrolled x4 (triton 3.6)",
-    # kernels/pooled_fwd_short.py at 32 bags: 2 round trips per block at 4 warps and dim 128 (with SHORT=2,
-    # 255 registers and spills in the loop), on both Tritons, and at 8 warps, dim 64, on triton 3.6; its
-    # 16-bag tiles of fp16 rows at SHORT=2 load 8 bytes at a time on 3.6
-    ("fwd_short", "BLOCK_B=32", ""): "2 round trips per block (dim 128 at 4 warps; dim 64 on triton 3.6)",
+    # kernels/pooled_fwd_short.py: at 32 bags x 4 warps, 2 round trips per block at dim 128 (with SHORT=2, 255
+    # registers and spills in the loop), on both Tritons; on triton 3.6, at fp16 dim 64, 32 bags x 8 warps
+    # take 2 too, and 16-bag tiles at SHORT=2 load 8 bytes at a time. Its 16/4 and 32/8 configs take 1 elsewhere
+    ("fwd_short", "BLOCK_B=32 PROGRAMS_PER_SM=2", "--dim 128"): "2 round trips per block at dim 128, 4 warps",
+    ("fwd_short", "BLOCK_B=32", "--dtype fp16"): "2 round trips per block on triton 3.6 (fp16, dim 64)",
     ("fwd_short", "SHORT=2 BLOCK_B=16", "--dtype fp16"): "8-byte row loads on triton 3.6",
     # kernels/pooled_fwd_short.py's pass for long bags: the id, then its row, in one iteration
-    ("fwd_long_bags", "", ""): "not pipelined: 2 round trips per position (rare bags only)",
+    ("fwd_long_bags", "", ""): "not pipelined: 5-17 round trips per position (rare bags only)",
     # kernels/hash_probe.py: one bag per program, each id's bucket keys then its row, not pipelined
     ("hash_probe", "", ""): "3 round trips per id: id -> bucket keys -> row",
-    # kernels/quant_fwd_short.py on triton 3.6: the INT4 loop, the loops at SHORT=2 (two ids a bag), INT8
-    # at dim 64 with int32 ids, FP16 with per-id weights (16 spill instructions); 3.9: FP16 at SHORT=2
-    # with per-id weights. INT8 at one id per bag, dim 128, takes 1 on both (the test below)
-    ("quant_fwd_short", "INT4", ""): "2 round trips per block on triton 3.6 (1 on 3.9)",
-    ("quant_fwd_short", "SHORT=2", ""): "2 round trips per block on triton 3.6, and FP16 weighted on 3.9",
+    # kernels/quant_fwd_short.py: at SHORT=2 (two ids a bag), 2 round trips per block on triton 3.6 (and FP16
+    # with per-id weights on 3.9); at SHORT=1 on 3.6, INT4 at dim 128, INT8 at dim 64 with int32 ids, FP16
+    # with per-id weights (16 spill instructions). INT8 at one id per bag, dim 128, takes 1 on both (below)
+    ("quant_fwd_short", "SHORT=2", ""): "2 round trips per block on triton 3.6 (FP16 weighted: 3.9 too)",
+    ("quant_fwd_short", "INT4 SHORT=1", "--dim 128"): "2 round trips per block on triton 3.6 (1 on 3.9)",
     ("quant_fwd_short", "INT8 SHORT=1", "--dtype fp16"): "2 round trips per block on triton 3.6 (1 on 3.9)",
-    ("quant_fwd_short", "FP16 HAS_PSW=True", "--weighted"): "2 round trips, spills in the loop, on triton 3.6",
-    # kernels/quant_fwd.py's pass for the bags past SHORT: its INT4 loop on triton 3.6
-    ("quant_fwd", "SHORT=1", ""): "the long-bag pass's INT4 loop: 2 round trips on triton 3.6",
+    ("quant_fwd_short", "FP16 HAS_PSW=True SHORT=1", "--weighted"): "2 round trips, spills in the loop (3.6)",
+    # kernels/quant_fwd.py's pass for the bags past SHORT: its INT4 loop at dim 128 on triton 3.6
+    ("quant_fwd", "INT4 SHORT=1", "--dim 128"): "the long-bag pass's INT4 loop: 2 round trips on triton 3.6",
 }
 
 
@@ -185,8 +186,9 @@ def _estimate():
     import importlib.util
     spec = importlib.util.spec_from_file_location("codegen_estimate", os.path.join(TOOLS, "estimate.py"))
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.modules.setdefault(spec.name, module)  # its dataclass looks its module up there
+    spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules[spec.name]
 
 
 def test_the_quantized_short_bag_forward_takes_one_round_trip_per_block(readings):
