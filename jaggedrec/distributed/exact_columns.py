@@ -10,13 +10,13 @@ own, which only looks rows up; :class:`ExactColumns` steps it in the backward:
 1. each shard sums its touched rows' gradients (duplicate ids summed in the unsharded step's
    order, so the sums are the same bit for bit; the rows are the same on every column block
    of a table, since every block reads the table's whole batch) and computes its part of
-   their row sums (``exact_rules.row_partials``). A bag collection's ids read their bag's
+   their row sums (``fused_rules_rowwise.row_partials``). A bag collection's ids read their bag's
    gradient, an unpooled collection's each its own row's: only where a key's gradient rows
    lie differs (``ExactColumns(pooled=...)``);
 2. one ``all_to_all`` per step sends each part to the other ranks that hold a block of the
    same table, and every holder adds the parts up in block order, so that every block gets
    the same sums, bit for bit;
-3. each block steps its rows with the whole rows' sums (``exact_rules.finish_rows``); the
+3. each block steps its rows with the whole rows' sums (``fused_rules_rowwise.finish_rows``); the
    row-wise state, kept by every block, stays the same on all of them.
 
 Every rank enters the all-to-all in every step, also one that holds no exact block or got
