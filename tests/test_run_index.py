@@ -71,7 +71,7 @@ def test_kernels_match_torch_ops(seed, batch_size, max_length, id_dtype, bad, we
         assert (parts.rows >= 0).any()
         assert (parts.rows < 0).any() or not (bad or inverse)
     grad_out = torch.randn(batch.bags_per_key(TABLES.num_keys), 40)
-    gradient_rows = pooled_triton._bag_rows(grad_out, parts, batch, TABLES, meta)
+    gradient_rows = pooled_triton._bag_rows(grad_out, batch, TABLES, meta)
     _assert_runs_equal(runs_triton.sorted_runs(parts, WEIGHTS, gradient_rows),
                        runs_triton.sorted_runs_reference(want_parts, WEIGHTS, gradient_rows))
 
@@ -99,12 +99,15 @@ i32, i64 = "i32", "i64"
 builds = {
     "contributions": (run_index._contributions_kernel,
                       dict(values_ptr="*i64", offsets_ptr="*i64", pass_features_ptr="*i32", meta_ptr="*i64",
-                           id_read_ptr="*i1", feature_ptr="*i32", rows_ptr="*i64", bag_ptr="*i64", num_ids=i64,
+                           bag_read_ptr="*i1", feature_ptr="*i32", rows_ptr="*i64", bag_ptr="*i64", num_ids=i64,
                            num_bags=i64, batch_size=i32, num_keys=i32, num_passes=i32),
-                      dict(HAS_ID_READ=True, BLOCK_B=run_index.BLOCK)),
+                      dict(HAS_BAG_READ=True, BLOCK_B=run_index.BLOCK)),
     "run_marks": (run_index._run_marks_kernel,
                   dict(sorted_rows_ptr="*i32", order_ptr="*i64", feature_ptr="*i32", starts_ptr="*i32",
-                       sorted_feature_ptr="*i64", num=i64), dict(BLOCK_M=run_index.BLOCK)),
+                       sorted_feature_ptr="*i64", bag_ptr="*i64", offsets_ptr="*i32", psw_ptr="*fp32",
+                       meta_ptr="*i64", item_offset_ptr="*i64", scale_ptr="*fp32", num=i64, num_values=i64,
+                       batch_size=i32, row_stride=i32),
+                  dict(BAG_ROWS=True, HAS_PSW=True, HAS_MEAN=True, BLOCK_M=run_index.BLOCK)),
     "run_layout": (run_index._run_layout_kernel,
                    dict(sorted_rows_ptr="*i32", starts_ptr="*i32", rank_ptr="*i64", sorted_feature_ptr="*i64",
                         run_start_ptr="*i64", run_row_ptr="*i64", run_feature_ptr="*i64", num_runs_ptr="*i64",
@@ -116,18 +119,31 @@ builds = {
                     dict(marks_ptr="*i32", rank_ptr="*i64", long_rank_ptr="*i64", long_runs_ptr="*i64",
                          num_long_ptr="*i64", num=i64), dict(BLOCK_M=run_index.BLOCK)),
 }
+# every switch of the two kernels that have them
+for read in (False, True):
+    builds[f"contributions read={read}"] = (builds["contributions"][0],
+                                             dict(builds["contributions"][1], values_ptr="*i32"),
+                                             dict(HAS_BAG_READ=read, BLOCK_B=run_index.BLOCK))
+for bag_rows, psw, mean in [(False, False, False), (True, False, False), (True, True, False), (True, False, True)]:
+    builds[f"run_marks {bag_rows} {psw} {mean}"] = (builds["run_marks"][0],
+                                                   dict(builds["run_marks"][1], psw_ptr="*fp16"),
+                                                   dict(BAG_ROWS=bag_rows, HAS_PSW=psw, HAS_MEAN=mean,
+                                                        BLOCK_M=run_index.BLOCK))
 for name, (kernel, types, constexprs) in builds.items():
-    # compile_kernel takes what the library launches (autotuned: the jit function is its .fn)
-    compiled = compile_kernel(SimpleNamespace(fn=kernel), types, constexprs, num_warps=4)
+    # compile_kernel takes what the library launches: dressed as an autotuned kernel (its .fn
+    # the jit function), which every version of the tool reads
+    compiled = compile_kernel(SimpleNamespace(fn=kernel, configs=[]), types, constexprs, num_warps=4)
     assert ".local" not in compiled.asm["ptx"], name
+    if constexprs.get("HAS_MEAN"):  # MEAN's 1/length correctly rounded, as torch's reciprocal
+        assert "div.rn.f32" in compiled.asm["ptx"], name
     print(name, compiled.n_regs if hasattr(compiled, "n_regs") else "")
 print("built", len(builds))
 '''
 
 
 def test_kernels_build_for_sm90():
-    """The five kernels compile for sm_90a (no GPU needed; the lane with triton 3.6 runs it
-    too), with no local memory."""
+    """The five kernels compile for sm_90a at every switch (no GPU needed; the lane with
+    triton 3.6 runs it too), with no local memory."""
     import os
     import subprocess
     import sys
@@ -138,4 +154,4 @@ def test_kernels_build_for_sm90():
     out = subprocess.run([sys.executable, "-c", BUILD, tools], capture_output=True, text=True,
                          env=dict(os.environ, TRITON_INTERPRET="0"), timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "built 5" in out.stdout
+    assert "built 11" in out.stdout

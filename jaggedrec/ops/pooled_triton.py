@@ -2,9 +2,11 @@
 
 Forward is one launch over every feature (two for batches of about one id per bag, which go
 to the pipelined short-bag kernel and its pass for the few longer bags). Backward lists the (feature, id) contributions
-with a few torch ops that never read device data on the host (``output_size`` is always
-given), then launches the row-gradient kernel: sorted and deterministic by default, or with
-atomics. See ``runs_triton`` for the contributions and ``kernels/row_runs.py`` for the runs.
+and sorts them into runs with five index kernels around a sort and two cumsums, never reading
+device data on the host (each contribution's gradient row and factor are worked out in one
+of them, see ``_bag_rows``), then launches the row-gradient kernel: sorted and deterministic
+by default, or with atomics. See ``runs_triton`` for the contributions and
+``kernels/row_runs.py`` for the runs.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from jaggedrec.kernels import legacy_loops, pooled_bwd, pooled_fwd, pooled_fwd_short
-from jaggedrec.kernels.common import META_MEAN, META_OUT_COLUMN
 
 from jaggedrec.ops import runs_triton
 from jaggedrec.ops.feature_tables import FeatureTables
@@ -59,31 +60,18 @@ def short_length(num_ids, num_bags, max_dim: int) -> int:
     return 2 if statically_known_true(num_ids <= 2 * num_bags) else 0
 
 
-def _bag_rows(grad_out: torch.Tensor, parts: runs_triton.Contributions, batch: OpBatch, tables: FeatureTables,
-              meta: torch.Tensor) -> runs_triton.GradientRows:
+def _bag_rows(grad_out: torch.Tensor, batch: OpBatch, tables: FeatureTables,
+              meta: torch.Tensor) -> runs_triton.BagRows:
     """A contribution's gradient row is its bag's row of the ``[B, total_dim]`` output
-    gradient, scaled by its per-sample weight and, under MEAN, by 1/length."""
-    num_values = parts.bag_of_value.shape[0]
-    offsets, per_sample_weights = batch.offsets, batch.per_sample_weights
-    batch_size = batch.bags_per_key(tables.num_keys)
-    any_mean = any(tables.pooling)
-
-    def gradient_rows(order: torch.Tensor, feature: torch.Tensor):
-        value = order % num_values
-        bag = parts.bag_of_value.index_select(0, value)
-        item_offset = (bag % batch_size) * grad_out.stride(0) + meta[feature, META_OUT_COLUMN.value]
-        scale = None if per_sample_weights is None else per_sample_weights.index_select(0, value).float()
-        if any_mean:
-            lengths = (offsets[1:] - offsets[:-1]).index_select(0, bag)
-            inverse = torch.where(meta[feature, META_MEAN.value] != 0, 1.0 / lengths.clamp(min=1).float(), 1.0)
-            scale = inverse if scale is None else scale * inverse
-        return item_offset, scale
-    return gradient_rows
+    gradient, scaled by its per-sample weight and, under MEAN, by 1/length (worked out inside
+    ``run_index``'s marks kernel)."""
+    return runs_triton.BagRows(batch.offsets, batch.per_sample_weights, meta, any(tables.pooling),
+                               batch.bags_per_key(tables.num_keys), grad_out.stride(0))
 
 
 def _runs(grad_out: torch.Tensor, weights: torch.Tensor, batch: OpBatch, parts: runs_triton.Contributions,
           tables: FeatureTables, meta: torch.Tensor):
-    return runs_triton.sorted_runs(parts, weights, _bag_rows(grad_out, parts, batch, tables, meta))
+    return runs_triton.sorted_runs(parts, weights, _bag_rows(grad_out, batch, tables, meta))
 
 
 def triton_backward(grad_out: torch.Tensor, weights: torch.Tensor, batch: OpBatch, tables: FeatureTables,

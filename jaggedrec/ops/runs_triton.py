@@ -11,13 +11,14 @@ See ``kernels/row_runs.py`` for the runs.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from jaggedrec.kernels import pooled_fused, row_runs, run_index
-from jaggedrec.kernels.common import META_DIM, META_ROWS, META_WEIGHT_OFFSET, interpreting
+from jaggedrec.kernels.common import (META_DIM, META_MEAN, META_OUT_COLUMN, META_ROWS, META_WEIGHT_OFFSET,
+                                     interpreting)
 from jaggedrec.kernels.pooled_bwd import Contributions
 
 from jaggedrec.ops import vbe
@@ -52,16 +53,17 @@ def _torch_glue() -> bool:
 def contributions(batch: OpBatch, tables: FeatureTables, meta: torch.Tensor) -> Contributions:
     """Every (pass, id) pair of the batch (``[N]`` ids, ``[K*B+1]`` offsets), with no host sync.
     With VBE inverse indices, the ids of bags that no sample reads are masked: they get no
-    gradient at all. One kernel (``run_index.contributions``)."""
+    gradient at all. One kernel (``run_index.contributions``; under VBE after a scatter over
+    the ``[F, B]`` inverse indices)."""
     if _torch_glue():
         return contributions_reference(batch, tables, meta)
     values, offsets = batch.values, batch.offsets
     num_ids, num_passes = values.shape[0], len(tables.plan.passes)
-    id_read = vbe.ids_read(batch.inverse_indices, tables, offsets, num_ids)
+    bag_read = vbe.bags_read(batch.inverse_indices, tables, offsets)
     feature = torch.empty(num_passes * num_ids, dtype=torch.int32, device=values.device)
     rows = torch.empty(num_passes * num_ids, dtype=torch.int64, device=values.device)
     bag = torch.empty(num_ids, dtype=torch.int64, device=values.device)
-    run_index.contributions(values, offsets, _pass_features(tables, meta), meta, id_read, feature, rows, bag,
+    run_index.contributions(values, offsets, _pass_features(tables, meta), meta, bag_read, feature, rows, bag,
                             batch.bags_per_key(tables.num_keys))
     return Contributions(feature, rows, bag)
 
@@ -91,18 +93,53 @@ def contributions_reference(batch: OpBatch, tables: FeatureTables, meta: torch.T
 GradientRows = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
-def sorted_runs(parts: Contributions, weights: torch.Tensor, gradient_rows: GradientRows) -> row_runs.Runs:
+class BagRows(NamedTuple):
+    """What the pooled op says of its contributions, for ``run_index``'s marks kernel to work
+    out in the pass it makes anyway: a contribution's gradient row is its bag's row of the
+    ``[B, total_dim]`` output gradient, scaled by its per-sample weight and, under MEAN, by
+    1/length."""
+
+    offsets: torch.Tensor                        # [K*B+1] the bags' offsets
+    per_sample_weights: Optional[torch.Tensor]   # [N] or None
+    meta: torch.Tensor                           # [F, META_FIELDS] the features' metadata
+    any_mean: bool                               # some feature pools by MEAN
+    batch_size: int                              # B, bag slots per key
+    row_stride: int                              # the output gradient's row stride
+
+
+def bag_rows_reference(bag_rows: BagRows, parts: Contributions) -> GradientRows:
+    """:class:`BagRows` as torch ops (what the marks kernel computes)."""
+    num_values = parts.bag_of_value.shape[0]
+    offsets, per_sample_weights, meta = bag_rows.offsets, bag_rows.per_sample_weights, bag_rows.meta
+
+    def gradient_rows(order: torch.Tensor, feature: torch.Tensor):
+        value = order % num_values
+        bag = parts.bag_of_value.index_select(0, value)
+        item_offset = (bag % bag_rows.batch_size) * bag_rows.row_stride + meta[feature, META_OUT_COLUMN.value]
+        scale = None if per_sample_weights is None else per_sample_weights.index_select(0, value).float()
+        if bag_rows.any_mean:
+            lengths = (offsets[1:] - offsets[:-1]).index_select(0, bag)
+            inverse = torch.where(meta[feature, META_MEAN.value] != 0, 1.0 / lengths.clamp(min=1).float(), 1.0)
+            scale = inverse if scale is None else scale * inverse
+        return item_offset, scale
+    return gradient_rows
+
+
+def sorted_runs(parts: Contributions, weights: torch.Tensor,
+                gradient_rows: Union[GradientRows, BagRows]) -> row_runs.Runs:
     """The contributions sorted by row into runs (``row_runs.Runs``), with static shapes and no
-    host sync; masked contributions (row -1) sort first, in no run.
+    host sync; masked contributions (row -1) sort first, in no run. Torch ops: the sort and two
+    cumsums; the rest is four kernels that write every entry they are read for (no fills).
 
     Args:
         parts: the ``[M]`` contributions.
         weights: the flat weights (their size says whether row offsets fit 32-bit sort keys).
-        gradient_rows: what the op says of its contributions, given ``[M]`` contribution
-            indices in sorted order and ``[M]`` int64 their features (masked ones clamped to
-            0): ``[M]`` int64 the element of the output gradient where each one's gradient
-            row starts, and ``[M]`` fp32 its factor, or None for all 1. A pooled bag's row for
-            a pooled op, the id's own output row for a sequence op.
+        gradient_rows: what the op says of its contributions: the pooled op's
+            :class:`BagRows` (worked out in the marks kernel), or a function given ``[M]``
+            contribution indices in sorted order and ``[M]`` int64 their features (masked ones
+            clamped to 0) that returns ``[M]`` int64 the element of the output gradient where
+            each one's gradient row starts, and ``[M]`` fp32 its factor, or None for all 1
+            (the sequence op: the id's own output row).
     """
     if _torch_glue():
         return sorted_runs_reference(parts, weights, gradient_rows)
@@ -112,27 +149,38 @@ def sorted_runs(parts: Contributions, weights: torch.Tensor, gradient_rows: Grad
     sorted_rows, order = sort_rows(rows, weights.numel())
     starts = torch.empty(num, dtype=torch.int32, device=device)
     sorted_feature = torch.empty(num, dtype=torch.int64, device=device)
-    run_index.run_marks(sorted_rows, order, parts.feature, starts, sorted_feature)
-    run_start = torch.full((num + 1,), num, dtype=torch.int64, device=device)
+    if isinstance(gradient_rows, BagRows):
+        item_offset = torch.empty(num, dtype=torch.int64, device=device)
+        has_scale = gradient_rows.per_sample_weights is not None or gradient_rows.any_mean
+        scale = torch.empty(num, dtype=torch.float32, device=device) if has_scale else None
+        run_index.run_marks(sorted_rows, order, parts.feature, starts, sorted_feature, (
+            parts.bag_of_value, gradient_rows.offsets, gradient_rows.per_sample_weights, gradient_rows.meta,
+            gradient_rows.any_mean, gradient_rows.batch_size, gradient_rows.row_stride, item_offset, scale))
+    else:
+        run_index.run_marks(sorted_rows, order, parts.feature, starts, sorted_feature)
+        item_offset, scale = gradient_rows(order, sorted_feature)
+    run_start = torch.empty(num + 1, dtype=torch.int64, device=device)
     run_row = torch.empty(num, dtype=torch.int64, device=device)
     run_feature = torch.empty(num, dtype=torch.int64, device=device)
-    num_runs = torch.zeros(1, dtype=torch.int64, device=device)
+    num_runs = torch.empty(1, dtype=torch.int64, device=device)
     run_index.run_layout(sorted_rows, starts, torch.cumsum(starts, 0), sorted_feature, run_start, run_row, run_feature,
                          num_runs)
-    item_offset, scale = gradient_rows(order, sorted_feature)
     # runs of more than LONG_RUN contributions, summed by a kernel of their own (read here at
     # each call, so that a test can lower the bar)
     long_marks = torch.empty(num, dtype=torch.int32, device=device)
     run_index.long_marks(run_start, num_runs, long_marks, row_runs.LONG_RUN)
     long_rank = torch.empty(num, dtype=torch.int64, device=device)
     long_runs = torch.empty(num, dtype=torch.int64, device=device)
-    num_long = torch.zeros(1, dtype=torch.int64, device=device)
+    num_long = torch.empty(1, dtype=torch.int64, device=device)
     run_index.long_layout(long_marks, torch.cumsum(long_marks, 0), long_rank, long_runs, num_long)
     return row_runs.Runs(num_runs, run_start, run_row, run_feature, item_offset, scale, long_rank, long_runs, num_long)
 
 
-def sorted_runs_reference(parts: Contributions, weights: torch.Tensor, gradient_rows: GradientRows) -> row_runs.Runs:
+def sorted_runs_reference(parts: Contributions, weights: torch.Tensor,
+                          gradient_rows: Union[GradientRows, BagRows]) -> row_runs.Runs:
     """:func:`sorted_runs` as torch ops."""
+    if isinstance(gradient_rows, BagRows):
+        gradient_rows = bag_rows_reference(gradient_rows, parts)
     rows = parts.rows
     num = rows.shape[0]
     sorted_rows, order = sort_rows(rows, weights.numel())

@@ -108,6 +108,16 @@ def ids_read(inverse_indices: Optional[torch.Tensor], tables: FeatureTables, off
         inverse_indices: ``[F, B]`` the bag slot each sample reads, per feature of ``tables``.
         offsets: ``[K*B'+1]`` the spread bags' offsets.
     """
+    read = bags_read(inverse_indices, tables, offsets)
+    if read is None:
+        return None
+    return torch.repeat_interleave(read, (offsets[1:] - offsets[:-1]).long(), output_size=num_ids)
+
+
+def bags_read(inverse_indices: Optional[torch.Tensor], tables: FeatureTables,
+              offsets: torch.Tensor) -> Optional[torch.Tensor]:
+    """``[K*B']`` bool: some sample reads the bag (:func:`ids_read` per bag, for a kernel that
+    walks the bags anyway); None without inverse indices."""
     if inverse_indices is None:
         return None
     width = (offsets.shape[0] - 1) // tables.num_keys
@@ -115,7 +125,7 @@ def ids_read(inverse_indices: Optional[torch.Tensor], tables: FeatureTables, off
     bags = (torch.tensor(tables.keys, device=inverse_indices.device).unsqueeze(1) * width
             + inverse_indices).reshape(-1)
     read.index_fill_(0, bags, True)
-    return torch.repeat_interleave(read, (offsets[1:] - offsets[:-1]).long(), output_size=num_ids)
+    return read
 
 
 def _in_order(inverse_indices: torch.Tensor, num_slots: int) -> List[bool]:
