@@ -4,6 +4,7 @@ memory instructions by kind. Run as a script, without TRITON_INTERPRET (``test_c
     python benchmarks/tools/ptx_probe.py ALIGNMENT   ->  {"fwd": {"ld.global.v4.b32": 8, ...}, ...}
     python benchmarks/tools/ptx_probe.py sweep       ->  {"compiled": 219, "failed": ["fwd HAS_PSW=True ...", ...], ...}
     python benchmarks/tools/ptx_probe.py sweep --strict   (the same, exiting with 1 when a variant fails)
+    python benchmarks/tools/ptx_probe.py sweep --every 4  (every 4th variant, each kernel's first always)
 
 ``sweep`` builds every variant the library can launch, so that a Triton release that cannot
 build one is found before a GPU is spent on it: every combination of each kernel's constexpr
@@ -180,10 +181,14 @@ def _build(variant):
         return f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-def sweep(processes=2):
-    """Build every variant (see ``variants``) in ``processes`` worker processes: the count
-    built, the failures, and the time taken."""
+def sweep(processes=2, every=1):
+    """Build every variant (see ``variants``), or every ``every``-th and each kernel's first, in
+    ``processes`` worker processes: the count built, the failures, and the time taken."""
     todo, uncovered = variants()
+    total, firsts = len(todo), {}
+    for v in todo:
+        firsts.setdefault(v[1], v[0])
+    todo = [v for i, v in enumerate(todo) if i % every == 0 or firsts[v[1]] == v[0]]
     start = time.time()
     if processes > 1:
         # forked before any build; compiles are independent, so they split evenly
@@ -192,14 +197,15 @@ def sweep(processes=2):
     else:
         results = [_build(v) for v in todo]
     failed = [r for r in results if r]
-    return {"compiled": len(todo) - len(failed), "failed": uncovered + failed, "variants": len(todo),
+    return {"compiled": len(todo) - len(failed), "failed": uncovered + failed, "built": len(todo), "variants": total,
             "seconds": round(time.time() - start, 1), "triton": triton.__version__}
 
 
 KERNELS = {name: kernel for name, kernel, *_ in _kernels()}
 
 if sys.argv[1] == "sweep":
-    result = sweep(int(os.environ.get("JAGGEDREC_SWEEP_PROCESSES", "2")))
+    every = int(sys.argv[sys.argv.index("--every") + 1]) if "--every" in sys.argv else 1
+    result = sweep(int(os.environ.get("JAGGEDREC_SWEEP_PROCESSES", "2")), every)
     print(json.dumps(result))
     # --strict (CI): the exit status says whether every variant built
     sys.exit(1 if "--strict" in sys.argv and result["failed"] else 0)
