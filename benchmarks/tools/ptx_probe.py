@@ -54,6 +54,9 @@ QUANT_SHORT = {"table_ptr": "*u8", "values_ptr": "*i64", "offsets_ptr": "*i64", 
 SHORT_FWD = dict(FWD)
 HASH = {"values_ptr": "*i64", "offsets_ptr": "*i64", "keys_ptr": "*i64", "weight_ptr": f32, "out_ptr": f32,
         "meta_ptr": "*i64", "fallback_ptr": "*i64", "batch_size": "i32", "out_stride": "i32"}
+POSITION_GRAD = {"grad_out_ptr": f32, "grad_stride": "i32", "weights_ptr": f32, "values_ptr": "*i64",
+                 "offsets_ptr": "*i64", "meta_ptr": "*i64", "position_meta_ptr": "*i64", "out_ptr": f32,
+                 "num_features": "i32", "batch_size": "i32"}
 SEQ_ATOMIC = {"grad_out_ptr": f32, "rows_ptr": "*i64", "item_offset_ptr": "*i64", "contrib_feature_ptr": "*i32",
               "meta_ptr": "*i64", "dest_ptr": f32, "num_contributions": "i32"}
 
@@ -106,6 +109,8 @@ def _kernels():
          dict(HAS_PSW=[False, True]), i32_offsets + wide + psw),
         ("psw_grad", pooled_bwd._psw_grad_kernel, dict(CONTRIB, weights_ptr=f32, out_ptr=f32), {},
          tables + i32_offsets + wide),
+        # the position weights' gradient (the FPEBC's), one program per position weight
+        ("position_grad", pooled_bwd._position_grad_kernel, POSITION_GRAD, {}, tables + i32_ids + wide),
         # the sequence forward writes rows in the tables' dtype; BLOCK_F covers the feature count
         ("seq_fwd", sequence_fwd._sequence_fwd_kernel, SEQ, dict(BLOCK_F=[16, 128]),
          [(w, dict(t, out_ptr=t["weights_ptr"]), c) for w, t, c in tables] + i32_ids + wide),
@@ -138,6 +143,7 @@ def _untuned_configs():
         return {"fwd": pooled_fwd._configs(), "rows_grad": row_runs.run_configs(),
                 "long_runs": row_runs._long_run_config(), "fused": row_runs.run_configs(),
                 "rows_grad_atomic": pooled_bwd._q_configs([]), "psw_grad": pooled_bwd._q_configs([]),
+                "position_grad": pooled_bwd._b_configs(),
                 "seq_fwd": sequence_fwd._configs(), "seq_grad_atomic": sequence_fwd._atomic_configs(),
                 "quant_fwd": quant_fwd._configs(), "fwd_short": pooled_fwd_short._configs(),
                 "quant_fwd_short": quant_fwd_short._configs(), **PLAIN_CONFIGS}
