@@ -26,6 +26,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from jaggedrec.ops.position_pooled import traced
 from jaggedrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, as_keyed_jagged_tensor
 
 _INT32_MAX = 2 ** 31 - 1
@@ -67,7 +68,7 @@ def gather_position_weights(table: torch.Tensor, offsets: torch.Tensor, bag_base
     next to a ~12 ms pooled forward.
     """
     # a compiled graph's id count is unbacked: int64 there, rather than guard on its size
-    narrow = not torch.compiler.is_compiling() and num_ids <= _INT32_MAX and table.shape[0] <= _INT32_MAX
+    narrow = not traced(num_ids, table.shape[0]) and num_ids <= _INT32_MAX and table.shape[0] <= _INT32_MAX
     dtype = torch.int32 if narrow else torch.int64
     shift = (bag_base - offsets[:-1]).to(dtype)
     change = torch.diff(shift, prepend=shift.new_zeros(1))

@@ -33,6 +33,12 @@ from jaggedrec.ops.weight_grads import clipped_grad, state_grads, weight_grad
 _INT32_MAX = 2 ** 31 - 1
 
 
+def traced(*sizes) -> bool:
+    """Whether a graph is being traced: ``sizes`` are then symbolic, and nothing may be cached by
+    them nor guarded on them (torch 2.11 runs an op's fake kernel with ``is_compiling()`` False)."""
+    return torch.compiler.is_compiling() or not all(isinstance(n, int) for n in sizes)
+
+
 def _bag_jumps(bases: Tuple[int, ...], bags_per_key: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``[K*B']`` per bag (key-major) how far its key's base is from the bag before's: 0 inside
     a key, the change of base at a key's first bag, ``base - 1`` at bag 0 (the count's start)."""
@@ -57,7 +63,7 @@ def position_index(offsets: torch.Tensor, bases: Sequence[int], num_ids, narrow:
     ``narrow`` and it fits (the sum and the gather it feeds are cheaper than with int64 on one
     CPU thread); a compiled graph's id count is unbacked, so int64 there rather than guard on it.
     """
-    compiling = torch.compiler.is_compiling()
+    compiling = traced(num_ids, offsets.shape[0])
     narrow = narrow and not compiling and num_ids <= _INT32_MAX
     dtype = torch.int32 if narrow else torch.int64
     num_keys = len(bases)
@@ -85,7 +91,7 @@ def position_lookup(position_weights: torch.Tensor, offsets: torch.Tensor, key_p
         bases = [b if n >= 0 else position_weights.shape[0] for b, n in zip(bases, key_positions[1::2])]
     assert len(bases) == num_keys
     # compiled: int64 indices (position_index), asking nothing of the unbacked sizes
-    narrow = not torch.compiler.is_compiling() and table.shape[0] <= _INT32_MAX
+    narrow = not traced(num_ids, table.shape[0]) and table.shape[0] <= _INT32_MAX
     return table, position_index(offsets, bases, num_ids, narrow)
 
 
