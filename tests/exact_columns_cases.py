@@ -119,6 +119,19 @@ def ec_train(module, reference, rank: int, world: int, steps, seed: int = 0) -> 
             loss.backward()
 
 
+def _train_and_check(make, train_steps, plan_name, plan, mode, rank, world, group, what) -> None:
+    """Shard ``make(mode)`` by ``plan``, train it beside an unsharded ``make(mode)`` for STEPS
+    steps with ``train_steps``, and check every block and its copies against the reference."""
+    reference = make(mode)
+    module = _shard(make(mode), plan, world, group)
+    assert module._layout.exact_tables, plan_name
+    if plan_name == "idle_rank" and rank == world - 1:
+        assert not held_blocks(module, rank)
+    train_steps(module, reference, rank, world, range(STEPS))
+    check_blocks(module, reference, rank, mode, what)
+    check_copies_agree(module, rank, world, mode, what)
+
+
 def ec_step_cases(rank: int, world: int, plan_names=None, group=None) -> List[str]:
     """The unpooled collection: the optimizers of ``EC_OPTIMIZERS`` on the plans of
     :func:`plans` (or those named), ``STEPS`` steps against the unsharded module's, the
@@ -128,15 +141,8 @@ def ec_step_cases(rank: int, world: int, plan_names=None, group=None) -> List[st
         if plan_names is not None and plan_name not in plan_names:
             continue
         for mode in EC_OPTIMIZERS[plan_name]:
-            reference = _ec_module(mode)
-            module = _shard(_ec_module(mode), plan, world, group)
-            assert module._layout.exact_tables, plan_name
-            if plan_name == "idle_rank" and rank == world - 1:
-                assert not held_blocks(module, rank)
-            ec_train(module, reference, rank, world, range(STEPS))
-            what = f"unpooled {mode} on {plan_name}, world {world}"
-            check_blocks(module, reference, rank, mode, what)
-            check_copies_agree(module, rank, world, mode, what)
+            _train_and_check(_ec_module, ec_train, plan_name, plan, mode, rank, world, group,
+                             f"unpooled {mode} on {plan_name}, world {world}")
             checked.append(f"ec/{plan_name}/{mode}")
     return checked
 
@@ -241,15 +247,8 @@ def step_cases(rank: int, world: int, plan_names=None, group=None) -> List[str]:
             if (plan_name != "mixed" and mode.startswith("lars")) or (plan_name != "column_wise"
                                                                        and mode.startswith("clipped")):
                 continue
-            reference = _module(mode)
-            module = _shard(_module(mode), plan, world, group)
-            assert module._layout.exact_tables, plan_name
-            if plan_name == "idle_rank" and rank == world - 1:
-                assert not held_blocks(module, rank)
-            train(module, reference, rank, world, range(STEPS))
-            what = f"{mode} on {plan_name}, world {world}"
-            check_blocks(module, reference, rank, mode, what)
-            check_copies_agree(module, rank, world, mode, what)
+            _train_and_check(_module, train, plan_name, plan, mode, rank, world, group,
+                             f"{mode} on {plan_name}, world {world}")
             checked.append(f"{plan_name}/{mode}")
     return checked
 

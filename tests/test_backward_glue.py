@@ -71,13 +71,18 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("seed,slots,id_dtype,weighted,vbe,pooling", CASES)
-def test_dense_and_sparse_gradients(seed, slots, id_dtype, weighted, vbe, pooling):
+def _case(seed, slots, id_dtype, weighted, vbe, pooling):
+    """``_inputs`` plus the encoded tables, ``[W]`` fp32 weights and a ``[B, sum(dims)]`` output gradient."""
     values, offsets, psw, inverse, gen = _inputs(seed, slots, id_dtype, weighted, vbe)
-    tables = _tables(pooling).encode()
     batch = slots if inverse is None else inverse.shape[1]
     weights = torch.randn(WIDTH, generator=gen)
     grad_out = torch.randn(batch, sum(DIMS[t] for t in FEATURE_TABLE), generator=gen)
+    return values, offsets, psw, inverse, _tables(pooling).encode(), weights, grad_out
+
+
+@pytest.mark.parametrize("seed,slots,id_dtype,weighted,vbe,pooling", CASES)
+def test_dense_and_sparse_gradients(seed, slots, id_dtype, weighted, vbe, pooling):
+    values, offsets, psw, inverse, tables, weights, grad_out = _case(seed, slots, id_dtype, weighted, vbe, pooling)
     want = _reference(weights.double(), values, offsets, psw, inverse, pooling, grad_out)
     assert want.abs().sum() > 0
     grads = []
@@ -95,11 +100,7 @@ def test_dense_and_sparse_gradients(seed, slots, id_dtype, weighted, vbe, poolin
 @pytest.mark.parametrize("seed,slots,id_dtype,weighted,vbe,pooling", CASES[2:4])
 def test_fused_sgd_step(seed, slots, id_dtype, weighted, vbe, pooling):
     """The fused step reads each contribution's gradient row and factor from the runs too."""
-    values, offsets, psw, inverse, gen = _inputs(seed, slots, id_dtype, weighted, vbe)
-    tables = _tables(pooling).encode()
-    batch = slots if inverse is None else inverse.shape[1]
-    weights = torch.randn(WIDTH, generator=gen)
-    grad_out = torch.randn(batch, sum(DIMS[t] for t in FEATURE_TABLE), generator=gen)
+    values, offsets, psw, inverse, tables, weights, grad_out = _case(seed, slots, id_dtype, weighted, vbe, pooling)
     want = weights.double() - 0.5 * _reference(weights.double(), values, offsets, psw, inverse, pooling, grad_out)
     slot_grad = grad_out
     if inverse is not None:  # the op takes one gradient row per bag slot: the samples' rows summed
