@@ -125,6 +125,15 @@ def _stream_from(monkeypatch, touched_fraction):
     monkeypatch.setattr(fused_torch, "_STREAM_MIN_TOUCHED", dict.fromkeys(fused_torch.STATE_LAYOUT, touched_fraction))
 
 
+def use_path(monkeypatch, path: str) -> str:
+    """Send the fused step down ``path`` ("torch-streamed", "torch-scattered", "torch-static"
+    or "triton"); the collections' backend for it."""
+    if path == "torch-static":
+        monkeypatch.setattr(backends, "host_readable", lambda *tensors: False)
+    _stream_from(monkeypatch, 0.0 if path == "torch-streamed" else float("inf"))
+    return "triton" if path == "triton" else "torch"
+
+
 def _counted(fn, calls, name):
     def counting(*args):
         calls[name] += 1

@@ -14,8 +14,7 @@ import torch
 import jaggedrec as jr
 from jaggedrec import optim
 from jaggedrec.distributed.fused_params import fused_optimizer_from_params
-from jaggedrec.ops import backends
-from test_fused_optim import TRITON, _batches, _configs, _stream_from
+from test_fused_optim import TRITON, _batches, _configs, _stream_from, use_path
 from jr_testing import assert_close, reference_pooled
 
 COUNTER = optim.RowWiseAdagrad(0.1, eps=1e-5, weight_decay=0.05, weight_decay_mode="counter",
@@ -76,10 +75,7 @@ def _train(opt, backend, steps=5, dims=(4, 4, 3)):
 @pytest.mark.parametrize("name", list(OPTIONS))
 @pytest.mark.parametrize("backend", ["torch-streamed", "torch-scattered", "torch-static", TRITON])
 def test_decoupled_weight_decay_matches_float64_reference(name, backend, monkeypatch):
-    if backend == "torch-static":
-        monkeypatch.setattr(backends, "host_readable", lambda *tensors: False)
-    _stream_from(monkeypatch, 0.0 if backend == "torch-streamed" else float("inf"))
-    ebc = _train(OPTIONS[name], "triton" if backend == "triton" else "torch")
+    ebc = _train(OPTIONS[name], use_path(monkeypatch, backend))
     if backend == "torch-streamed":  # untouched rows' state stays zero (lazy: no decay, no step)
         for key, value in ebc.fused_optimizer_state.state_dict().items():
             if value.dtype == torch.float32 and value.numel() > 16:
@@ -205,9 +201,7 @@ def test_max_norm_renormalises_touched_rows_after_the_step(name, backend, monkey
     FBGEMM's CPU TBE, row-wise Adagrad: test_fused_options_fbgemm.py.)"""
     from test_fused_optim import Reference
 
-    if backend == "torch-static":
-        monkeypatch.setattr(backends, "host_readable", lambda *tensors: False)
-    _stream_from(monkeypatch, 0.0 if backend == "torch-streamed" else float("inf"))
+    use_path(monkeypatch, backend)
     opt = MAX_NORM[name]
     torch.manual_seed(0)
     configs = _configs()

@@ -14,10 +14,8 @@ import torch
 import jaggedrec as jr
 from jaggedrec import optim
 from jaggedrec.distributed.fused_params import fused_optimizer_from_params
-from jaggedrec.ops import backends
 from jaggedrec.ops.fused_rules import stochastic_round
-from test_fused_optim import TRITON, _stream_from
-from jr_testing import random_kjt
+from test_fused_optim import TRITON, use_path
 
 CODES = {torch.float16: 1, torch.bfloat16: 2}
 MANTISSA = {torch.float16: 10, torch.bfloat16: 7}
@@ -86,10 +84,7 @@ def _train(dtype, backend, rounding, seed=1):
 @pytest.mark.parametrize("dtype", list(CODES))
 @pytest.mark.parametrize("backend", ["torch-streamed", "torch-scattered", "torch-static", TRITON])
 def test_updates_below_half_an_ulp_move_rows_as_expected(dtype, backend, monkeypatch):
-    if backend == "torch-static":
-        monkeypatch.setattr(backends, "host_readable", lambda *tensors: False)
-    _stream_from(monkeypatch, 0.0 if backend == "torch-streamed" else float("inf"))
-    backend = "triton" if backend == "triton" else "torch"
+    backend = use_path(monkeypatch, backend)
     nearest, start, lr = _train(dtype, backend, False)
     if not (backend == "triton" and dtype == torch.bfloat16):  # the interpreter's bf16 cast truncates
         assert torch.equal(nearest.embedding_bags["t"].weight.double(), start)  # lost: below half an ulp

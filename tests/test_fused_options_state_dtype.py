@@ -12,8 +12,7 @@ import torch
 import jaggedrec as jr
 from jaggedrec import optim
 from jaggedrec.distributed.fused_params import fused_optimizer_from_params
-from jaggedrec.ops import backends
-from test_fused_optim import TRITON, Reference, _stream_from
+from test_fused_optim import TRITON, Reference, use_path
 from jr_testing import assert_close, random_kjt
 
 OPTIMIZERS = {
@@ -66,11 +65,8 @@ def _state(opt, ebc, ref, name):
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("backend", ["torch-streamed", "torch-scattered", "torch-static", TRITON])
 def test_state_in_half_precision_matches_rounded_float64_reference(name, dtype, backend, monkeypatch):
-    if backend == "torch-static":
-        monkeypatch.setattr(backends, "host_readable", lambda *tensors: False)
-    _stream_from(monkeypatch, 0.0 if backend == "torch-streamed" else float("inf"))
     opt = OPTIMIZERS[name](dtype)
-    ebc, ref = _train(opt, "triton" if backend == "triton" else "torch")
+    ebc, ref = _train(opt, use_path(monkeypatch, backend))
     weight = ebc.embedding_bags["t"].weight.detach()
     touched = ref.ever_touched[0]
     assert not touched.all() and touched.any()
