@@ -1,11 +1,13 @@
 """Probe and gather in one launch: pooled bags of hashed tables, read from raw ids.
 
-Each program pools one bag (one feature's sample). For every id of the bag it hashes the id
-(splitmix64's finaliser, as ``jaggedrec/ops/hash_probe_torch.py``'s ``mix``), loads its
-bucket's ``BUCKET_SIZE`` keys in one vector load, and reads the row of the slot that holds the
-id, or the table's fallback row when none does; static features read row ``id``. The row is
-accumulated in registers: no remapped id is written to memory and read back. Each program
-adds its fallback reads to its feature's count (one atomic per bag).
+Each program pools a block of ``BLOCK_B`` bags (consecutive (feature, sample) pairs), all
+lanes at once, so that a block's ids, bucket keys and rows are each one wide load in flight
+rather than one bag's. For the ``p``-th id of every bag it hashes the id (splitmix64's
+finaliser, as ``jaggedrec/ops/hash_probe_torch.py``'s ``mix``), loads its bucket's
+``BUCKET_SIZE`` keys, and reads the row of the slot that holds the id, or the table's fallback
+row when none does; static features read row ``id``. Rows are accumulated in registers: no
+remapped id is written to memory and read back. A lane that read a fallback row adds its
+count to its feature's (an atomic only where there was one).
 
 Per feature, ``meta`` holds ``HASH_FIELDS`` int64 fields at the ``HASH_*`` offsets below.
 """
@@ -33,48 +35,59 @@ def _mix(x):
 
 @triton.jit
 def hash_probe_pooled_kernel(values_ptr, offsets_ptr, keys_ptr, weight_ptr, out_ptr, meta_ptr, fallback_ptr,
-                             batch_size, out_stride, BUCKET_SIZE: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``out[b, col:col+dim]`` = the pooled rows of bag ``pid`` (feature ``pid // batch_size``).
+                             batch_size, out_stride, num_bags, BUCKET_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_B: tl.constexpr):
+    """``out[b, col:col+dim]`` = the pooled rows of the ``BLOCK_B`` bags from ``pid * BLOCK_B``
+    (bag ``i`` is feature ``i // batch_size``'s sample ``i % batch_size``).
 
     values: ``[N]`` int32/int64 raw ids; offsets: ``[K*B+1]``; keys: ``[num_slots + 1]`` int64
     (``EMPTY`` = int64 min where free); weight: the flat fp32 storage; out: ``[B, out_stride]``
-    fp32; meta: ``[K, HASH_FIELDS]`` int64; fallback: ``[K]`` int64 counts (added to).
+    fp32; meta: ``[K, HASH_FIELDS]`` int64; fallback: ``[K]`` int64 counts (added to);
+    num_bags: ``K*B``.
     """
-    bag = tl.program_id(0)
-    feature = bag // batch_size
-    sample = bag % batch_size
+    bags = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    valid = bags < num_bags
+    feature = bags // batch_size
+    sample = bags % batch_size
+    # a block's lanes may belong to different features: every field is read per lane
     meta = meta_ptr + feature * HASH_FIELDS
-    w_offset = tl.load(meta + HASH_WEIGHT_OFFSET)
-    dim = tl.load(meta + HASH_DIM)
-    out_column = tl.load(meta + HASH_OUT_COLUMN)
-    mean = tl.load(meta + HASH_MEAN)
-    hashed = tl.load(meta + HASH_HASHED) != 0
-    bucket_base = tl.load(meta + HASH_BUCKET_BASE)
-    num_buckets = tl.load(meta + HASH_NUM_BUCKETS)
-    slot_base = tl.load(meta + HASH_SLOT_BASE)
-    fallback_row = tl.load(meta + HASH_FALLBACK)
-    start = tl.load(offsets_ptr + bag).to(tl.int64)
-    end = tl.load(offsets_ptr + bag + 1).to(tl.int64)
+    w_offset = tl.load(meta + HASH_WEIGHT_OFFSET, mask=valid, other=0)
+    dim = tl.load(meta + HASH_DIM, mask=valid, other=0)
+    out_column = tl.load(meta + HASH_OUT_COLUMN, mask=valid, other=0)
+    mean = tl.load(meta + HASH_MEAN, mask=valid, other=0) != 0
+    hashed = tl.load(meta + HASH_HASHED, mask=valid, other=0) != 0
+    bucket_base = tl.load(meta + HASH_BUCKET_BASE, mask=valid, other=0)
+    num_buckets = tl.load(meta + HASH_NUM_BUCKETS, mask=valid, other=1)
+    slot_base = tl.load(meta + HASH_SLOT_BASE, mask=valid, other=0)
+    fallback_row = tl.load(meta + HASH_FALLBACK, mask=valid, other=0)
+    start = tl.load(offsets_ptr + bags, mask=valid, other=0).to(tl.int64)
+    length = tl.load(offsets_ptr + bags + 1, mask=valid, other=0).to(tl.int64) - start
+    length = tl.where(valid & (dim > 0), length, 0)  # a key no table reads is neither probed nor counted
+    probe = hashed & (dim > 0)
+    max_len = tl.max(length, 0)
     slots = tl.arange(0, BUCKET_SIZE)
     cols = tl.arange(0, BLOCK_D)
-    misses = 0
-    for d0 in range(0, dim, BLOCK_D):
-        col_mask = (d0 + cols) < dim
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for p in range(start, end):
-            raw = tl.load(values_ptr + p).to(tl.int64)
+    misses = tl.zeros([BLOCK_B], dtype=tl.int32)
+    for d0 in range(0, tl.max(dim, 0), BLOCK_D):
+        col_mask = (d0 + cols)[None, :] < dim[:, None]
+        acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+        for p in range(0, max_len):
+            live = p < length
+            raw = tl.load(values_ptr + start + p, mask=live, other=0).to(tl.int64)
             h = _mix(raw)
             bucket = bucket_base + (h & 0x7FFFFFFFFFFFFFFF) % num_buckets
-            window = tl.load(keys_ptr + bucket * BUCKET_SIZE + slots)
-            match = window == raw
-            found = tl.max(match.to(tl.int32), 0) > 0
-            slot = tl.min(tl.where(match, slots, BUCKET_SIZE), 0)
+            window = tl.load(keys_ptr + bucket[:, None] * BUCKET_SIZE + slots[None, :],
+                             mask=(live & probe)[:, None], other=0)
+            match = (window == raw[:, None]) & (live & probe)[:, None]
+            found = tl.max(match.to(tl.int32), 1) > 0
+            slot = tl.min(tl.where(match, slots[None, :], BUCKET_SIZE), 1)
             row = tl.where(found, bucket * BUCKET_SIZE + slot - slot_base, fallback_row)
             row = tl.where(hashed, row, raw)
-            misses += (hashed & ~found & (d0 == 0)).to(tl.int32)
-            acc += tl.load(weight_ptr + w_offset + row * dim + d0 + cols, mask=col_mask, other=0.0).to(tl.float32)
-        if mean != 0:
-            acc = acc / tl.maximum(end - start, 1).to(tl.float32)
-        tl.store(out_ptr + sample * out_stride + out_column + d0 + cols, acc, mask=col_mask)
-    if hashed:
-        tl.atomic_add(fallback_ptr + feature, misses.to(tl.int64))
+            misses += (probe & live & ~found & (d0 == 0)).to(tl.int32)
+            acc += tl.load(weight_ptr + (w_offset + row * dim)[:, None] + d0 + cols[None, :],
+                           mask=live[:, None] & col_mask, other=0.0).to(tl.float32)
+        acc = tl.where(mean[:, None], acc / tl.maximum(length, 1).to(tl.float32)[:, None], acc)
+        tl.store(out_ptr + (sample * out_stride + out_column)[:, None] + d0 + cols[None, :], acc,
+                 mask=valid[:, None] & col_mask)
+    # misses are rare (ids no bucket holds): only lanes that had one add to their feature's count
+    tl.atomic_add(fallback_ptr + feature, misses.to(tl.int64), mask=valid & (misses > 0))

@@ -125,7 +125,7 @@ NOT_YET = {
     ("fwd_short", "SHORT=2 BLOCK_B=16", "--dtype fp16"): "8-byte row loads on triton 3.6",
     # kernels/pooled_fwd_short.py's pass for long bags: the id, then its row, in one iteration
     ("fwd_long_bags", "", ""): "not pipelined: 5-17 round trips per position (rare bags only)",
-    # kernels/hash_probe.py: one bag per program, each id's bucket keys then its row, not pipelined
+    # kernels/hash_probe.py: a block of bags per program; each id, then its bucket keys, then its row (not pipelined)
     ("hash_probe", "", ""): "3 round trips per id: id -> bucket keys -> row",
     # kernels/quant_fwd_short.py: at SHORT=2 (two ids a bag), 2 round trips per block on triton 3.6 (and FP16
     # with per-id weights on 3.9); at SHORT=1 on 3.6, INT4 at dim 128, INT8 at dim 64 with int32 ids, FP16

@@ -16,7 +16,6 @@ from jaggedrec.ops import hash_probe
 pytestmark = pytest.mark.interpret
 
 KEYS = ["a", "x", "b", "c"]  # x: read by no table
-B = 3
 
 
 def tables():
@@ -27,7 +26,7 @@ def tables():
                                   pooling=jr.PoolingType.MEAN)]
 
 
-def batch(rng, pool, id_dtype):
+def batch(rng, pool, id_dtype, B):
     lengths, values = [], []
     for k in KEYS:
         for _ in range(B):
@@ -37,22 +36,24 @@ def batch(rng, pool, id_dtype):
     return jr.KeyedJaggedTensor(KEYS, torch.tensor(values, dtype=id_dtype), lengths=torch.tensor(lengths))
 
 
-@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
-def test_probe_kernel_matches_torch_path(id_dtype):
+# 3 samples: every bag in one block of 32; 11: two blocks, the second partly empty, both
+# holding bags of several keys
+@pytest.mark.parametrize("id_dtype,B", [(torch.int64, 3), (torch.int32, 3), (torch.int64, 11)])
+def test_probe_kernel_matches_torch_path(id_dtype, B):
     rng = random.Random(2)
     options = {"h0": HashTableOptions(bucket_size=4, unplaced="fallback"),
                "h1": HashTableOptions(bucket_size=4, eviction="lfu", unplaced="fallback")}
     model = HashEmbeddingBagCollection(tables(), options, backend="torch")
     pool = [rng.randrange(-2**31, 2**31) for _ in range(40)]
     for _ in range(4):  # place ids (training, torch path)
-        model(batch(rng, pool, id_dtype))
+        model(batch(rng, pool, id_dtype, B))
     kernel = HashEmbeddingBagCollection(tables(), options, backend="triton")
     kernel.load_state_dict(model.state_dict())
     model.eval()
     kernel.eval()
     saw_fallback = False
     for _ in range(3):
-        kjt = batch(rng, pool + [rng.randrange(2**31) for _ in range(5)], id_dtype)
+        kjt = batch(rng, pool + [rng.randrange(2**31) for _ in range(5)], id_dtype, B)
         state, tabs = model.hash_state, model.probe_tables(KEYS)
         flat = next(iter(model.flat_weights.values())).detach()
         want, want_counts = hash_probe.probe_pooled_torch(state.keys, 4, flat, kjt.values(), kjt.offsets(), tabs, B,
@@ -82,12 +83,14 @@ from triton.compiler import ASTSource
 from jaggedrec.kernels import hash_probe
 fn = hash_probe.hash_probe_pooled_kernel
 types = {"values_ptr": sys.argv[1], "offsets_ptr": "*i64", "keys_ptr": "*i64", "weight_ptr": "*fp32",
-         "out_ptr": "*fp32", "meta_ptr": "*i64", "fallback_ptr": "*i64", "batch_size": "i32", "out_stride": "i32"}
+         "out_ptr": "*fp32", "meta_ptr": "*i64", "fallback_ptr": "*i64", "batch_size": "i32", "out_stride": "i32",
+         "num_bags": "i32"}
 sig = {n: types.get(n, "constexpr") for n in fn.arg_names}
-consts = {(fn.arg_names.index("BUCKET_SIZE"),): 8, (fn.arg_names.index("BLOCK_D"),): 64}
+consts = {(fn.arg_names.index("BUCKET_SIZE"),): 8, (fn.arg_names.index("BLOCK_D"),): 64,
+          (fn.arg_names.index("BLOCK_B"),): 32}
 attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in types if types[n].startswith("*")}
 k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 2})
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 import subprocess, tempfile
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

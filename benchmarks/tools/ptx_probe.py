@@ -53,7 +53,8 @@ QUANT_SHORT = {"table_ptr": "*u8", "values_ptr": "*i64", "offsets_ptr": "*i64", 
                "out_ptr": f32, "bad_ids_ptr": "*i64", "batch_size": "i32", "out_stride": "i32", "num_features": "i32"}
 SHORT_FWD = dict(FWD)
 HASH = {"values_ptr": "*i64", "offsets_ptr": "*i64", "keys_ptr": "*i64", "weight_ptr": f32, "out_ptr": f32,
-        "meta_ptr": "*i64", "fallback_ptr": "*i64", "batch_size": "i32", "out_stride": "i32"}
+        "meta_ptr": "*i64", "fallback_ptr": "*i64", "batch_size": "i32", "out_stride": "i32",
+        "num_bags": "i32"}
 POSITION_GRAD = {"grad_out_ptr": f32, "grad_stride": "i32", "weights_ptr": f32, "values_ptr": "*i64",
                  "offsets_ptr": "*i64", "meta_ptr": "*i64", "position_meta_ptr": "*i64", "out_ptr": f32,
                  "num_features": "i32", "batch_size": "i32"}
@@ -133,7 +134,7 @@ def _kernels():
 
 # the plain jit kernels' launch configs, as their glue passes them
 PLAIN_CONFIGS = {"fwd_long_bags": [triton.Config({"BLOCK_B": 64}, num_warps=4)],
-                 "hash_probe": [triton.Config({}, num_warps=4)]}
+                 "hash_probe": [triton.Config({"BLOCK_B": 16}, num_warps=4)]}
 
 
 def _untuned_configs():
