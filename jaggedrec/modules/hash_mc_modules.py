@@ -14,6 +14,15 @@ accessed longest ago); distinct new ids contending for one slot are settled in r
 smallest id first. Ids that find no slot read their home slot, shared (TorchRec's fallback),
 or are dropped with ``disable_fallback=True``; either way :meth:`unplaced_count` counts them,
 and ``unplaced="raise"`` raises naming the feature.
+
+Opt-in (``opt_in_prob`` in 0..100, with ``percent_reserved_slots``): the last
+:meth:`get_reserved_slots_per_bucket` slots of each bucket are reserved and never hold an id;
+ids probe only the bucket's other slots. In training a new id (one its window does not hold)
+is admitted with probability ``opt_in_prob`` percent (one ``torch.rand`` draw per id, as
+TorchRec's); an id not admitted, and an id that finds no slot, reads a reserved slot picked by its
+hash, shared, without counting as unplaced. With the LRU policy opt-in does not apply (as in
+FBGEMM's kernel). ``track_id_freq``: ``_hash_zch_runtime_meta [zch_size, 1]`` counts, per slot,
+the training lookups of the id it holds, from 0 when the slot gets a new id.
 """
 
 from __future__ import annotations
@@ -33,6 +42,11 @@ from jaggedrec.sparse.jagged_tensor import JaggedTensor
 __all__ = ["HashZchManagedCollisionModule"]
 
 _INT64_MAX = torch.iinfo(torch.int64).max
+
+
+class HashZchConfigError(ValueError, AssertionError):
+    """Arguments HashZchManagedCollisionModule refuses; also an ``AssertionError``, which is what
+    TorchRec's constructor raises for them, so code that catches that keeps working."""
 
 
 def _mix(ids: torch.Tensor) -> torch.Tensor:
@@ -64,9 +78,18 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
                 raise ValueError(f"HashZchManagedCollisionModule {name}: zch_size {zch_size} is not a multiple of "
                                  f"total_num_buckets {total_num_buckets}; pass output_segments")
             output_segments = [zch_size // total_num_buckets * b for b in range(total_num_buckets + 1)]
-        if opt_in_prob > 0 or track_id_freq or inference_dispatch_div_train_world_size:
-            raise NotImplementedError("HashZchManagedCollisionModule: opt-in, id frequencies and inference "
-                                      "dispatch are not implemented in jaggedrec")
+        if inference_dispatch_div_train_world_size:
+            raise NotImplementedError("HashZchManagedCollisionModule: inference dispatch "
+                                      "(inference_dispatch_div_train_world_size) is not implemented in jaggedrec")
+        if not 0 <= percent_reserved_slots < 100:
+            raise HashZchConfigError(f"HashZchManagedCollisionModule {name}: percent_reserved_slots must be in "
+                                     f"[0, 100), got {percent_reserved_slots}")
+        if opt_in_prob > 0 and percent_reserved_slots <= 0:
+            raise HashZchConfigError(f"HashZchManagedCollisionModule {name}: opt_in_prob {opt_in_prob} needs "
+                                     "percent_reserved_slots > 0")
+        if track_id_freq and write_runtime_meta_dim > 0:
+            raise HashZchConfigError(f"HashZchManagedCollisionModule {name}: track_id_freq and write_runtime_meta_dim "
+                                     "both use _hash_zch_runtime_meta; set one")
         if unplaced not in ("fallback", "raise"):
             raise ValueError(f"HashZchManagedCollisionModule {name}: unplaced must be 'fallback' or 'raise'")
         super().__init__(device=device, output_segments=output_segments, skip_state_validation=True,
@@ -75,6 +98,19 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
         self._output_segments = list(output_segments)
         self._start_bucket = start_bucket
         self._end_bucket = total_num_buckets if end_bucket is None else end_bucket
+        self._opt_in_prob = opt_in_prob
+        self._percent_reserved_slots = percent_reserved_slots
+        self._track_id_freq = track_id_freq
+        self._tb_logging_frequency = tb_logging_frequency
+        self._persist_hash_zch_bucket = persist_hash_zch_bucket
+        # per bucket, as TorchRec counts them: this module's share of the table over its buckets
+        self._reserved = (-1 if opt_in_prob == -1 else
+                          int(zch_size * percent_reserved_slots / 100 / (self._end_bucket - start_bucket)))
+        own_sizes = [output_segments[b + 1] - output_segments[b] for b in range(start_bucket, self._end_bucket)]
+        if self._reserved != -1 and not 1 <= self._reserved < min(own_sizes):
+            raise HashZchConfigError(f"HashZchManagedCollisionModule {name}: opt-in needs 1 to (bucket size - 1) "
+                                     f"reserved slots per bucket; percent_reserved_slots {percent_reserved_slots} "
+                                     f"gives {self._reserved} of buckets of {min(own_sizes)}")
         self._input_hash_size = input_hash_size
         self._is_inference = is_inference
         self._name = name
@@ -87,6 +123,8 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
         self._eviction_config = eviction_config
         self._eviction_module = (HashZchEvictionModule(eviction_policy_name, device, eviction_config)
                                  if eviction_policy_name is not None else None)
+        lru = eviction_policy_name == HashZchEvictionPolicyName.LRU_EVICTION
+        self._opt_in_reserved = 0 if lru or self._reserved == -1 else self._reserved  # slots ids do not probe
         dev = torch.device(device)
         self._hash_zch_identities = torch.nn.Parameter(torch.full((zch_size, 1), -1, dtype=torch.int64, device=dev),
                                                        requires_grad=False)
@@ -95,15 +133,16 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
                              persistent=persist_hash_zch_bucket)
         segs = torch.tensor(output_segments, dtype=torch.int64, device=dev)
         self.register_buffer("_segment_starts", segs[:-1] - segs[start_bucket], persistent=False)
-        self.register_buffer("_segment_sizes", segs[1:] - segs[:-1], persistent=False)
+        self.register_buffer("_segment_sizes", segs[1:] - segs[:-1] - self._opt_in_reserved, persistent=False)
         self.register_buffer("_unplaced_count", torch.zeros(1, dtype=torch.int64, device=dev), persistent=False)
         self.register_buffer("_evicted_mask", torch.zeros(zch_size, dtype=torch.bool, device=dev), persistent=False)
         # [zch_size, write_runtime_meta_dim] int64 written by remap(write_weights=...), zeroed when
         # the slot's id is replaced
         self._hash_zch_runtime_meta: Optional[torch.Tensor] = None
-        if write_runtime_meta_dim > 0:
+        if write_runtime_meta_dim > 0 or track_id_freq:
             self._hash_zch_runtime_meta = torch.nn.Parameter(
-                torch.zeros((zch_size, write_runtime_meta_dim), dtype=torch.int64, device=dev), requires_grad=False)
+                torch.zeros((zch_size, max(write_runtime_meta_dim, 1)), dtype=torch.int64, device=dev),
+                requires_grad=False)
         self._write_runtime_meta_dim = write_runtime_meta_dim
         self._evicted = False
         if is_inference:
@@ -233,9 +272,27 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
         return type(self)(zch_size=output_id_range[1] - output_id_range[0], device=device or self.device,
                           total_num_buckets=self._buckets, max_probe=self._max_probe,
                           input_hash_size=self._input_hash_size, output_segments=segments, name=self._name,
+                          is_inference=self._is_inference, tb_logging_frequency=self._tb_logging_frequency,
                           eviction_policy_name=self._eviction_policy_name, eviction_config=self._eviction_config,
                           start_bucket=start, end_bucket=segments.index(output_id_range[1]),
-                          disable_fallback=self._disable_fallback, no_bag=self._no_bag, unplaced=self._unplaced)
+                          opt_in_prob=self._opt_in_prob, percent_reserved_slots=self._percent_reserved_slots,
+                          disable_fallback=self._disable_fallback, track_id_freq=self._track_id_freq,
+                          read_only_suffix=self._read_only_suffix,
+                          enable_per_feature_lookups=self._enable_per_feature_lookups, no_bag=self._no_bag,
+                          write_runtime_meta_dim=self._write_runtime_meta_dim,
+                          persist_hash_zch_bucket=self._persist_hash_zch_bucket, unplaced=self._unplaced)
+
+    def get_reserved_slots_per_bucket(self) -> int:
+        """Reserved slots at the end of each bucket, or -1 without opt-in (``opt_in_prob=-1``)."""
+        return self._reserved
+
+    def get_indices_of_reserved_slots_per_bucket(self) -> Optional[torch.Tensor]:
+        """``[buckets * reserved]`` int64 local rows of this module's buckets' reserved slots, or None."""
+        if self._reserved == -1:
+            return None
+        segs, first = self._output_segments, self._output_segments[self._start_bucket]
+        return torch.cat([torch.arange(segs[b + 1] - self._reserved, segs[b + 1], device=self.device) - first
+                          for b in range(self._start_bucket, self._end_bucket)])
 
     def bucket_segments(self) -> List[int]:
         """The ``buckets() + 1`` row edges of the buckets (``output_segments``)."""
@@ -270,9 +327,14 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
         meta = self._hash_zch_metadata.view(-1)
         match = (table[rows] == ids[:, None]) & in_window
         hit = match.any(1)
-        row = torch.where(hit, rows.gather(1, match.long().argmax(1, keepdim=True)).squeeze(1), rows[:, 0])
+        row = torch.where(hit, rows.gather(1, match.long().argmax(1, keepdim=True)).squeeze(1),
+                          self._fallback_rows(ids, rows))
         if jt is None:
             return row, hit
+        opted_out = torch.zeros_like(hit)
+        if self._opt_in_reserved and 0 < self._opt_in_prob < 100:  # 100: every id is admitted
+            draws = (torch.rand_like(ids, dtype=torch.float) * 100).to(torch.int32)
+            opted_out = ~hit & (draws >= self._opt_in_prob)
         expiry, now = (None, 0) if self._eviction_module is None else self._eviction_module(jt)
         lru = self._eviction_policy_name == HashZchEvictionPolicyName.LRU_EVICTION
         scratch = self._zch_size
@@ -280,7 +342,7 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
         fresh = torch.zeros(scratch + 1, dtype=torch.bool, device=ids.device)
         fresh.index_put_((torch.where(hit, row, scratch),), torch.ones_like(hit))
         for _ in range(self._max_probe):
-            pending = ~hit
+            pending = ~hit & ~opted_out
             ident = table[rows]
             free = ident == -1
             if expiry is not None:
@@ -314,9 +376,29 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
             fresh.index_put_((target,), torch.ones_like(won))
             hit = hit | won
             row = torch.where(won, choice, row)
+        if self._opt_in_prob < 100 and self._opt_in_reserved:  # an id admitted by one of its lookups: all
+            match = (table[rows] == ids[:, None]) & in_window & opted_out[:, None]
+            now_held = match.any(1)
+            row = torch.where(now_held, rows.gather(1, match.long().argmax(1, keepdim=True)).squeeze(1), row)
+            hit, opted_out = hit | now_held, opted_out & ~now_held
         self._evicted = True
         if expiry is not None:  # every id seen, old or new, lives on from now
             meta_ext = torch.cat([meta, meta.new_zeros(1)])
             meta_ext.index_put_((torch.where(hit, row, scratch),), expiry)
             meta.copy_(meta_ext[:-1])
-        return row, hit
+        if self._track_id_freq:  # each lookup of an id in its own slot
+            counts = self._hash_zch_runtime_meta.data.view(-1)
+            ext = torch.cat([counts, counts.new_zeros(1)]).index_add_(0, torch.where(hit, row, scratch),
+                                                                       torch.ones_like(row))
+            counts.copy_(ext[:-1])
+        # ids not admitted read their reserved slot, by design: not unplaced
+        return row, hit | opted_out
+
+    def _fallback_rows(self, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``[N]`` the local row an id reads without a slot of its own: its home slot, or with
+        opt-in one of its bucket's reserved slots (by its hash)."""
+        if not self._opt_in_reserved:
+            return rows[:, 0]
+        bucket = self.bucket_of(ids)
+        first_reserved = self._segment_starts[bucket] + self._segment_sizes[bucket]  # sizes leave them out
+        return first_reserved + torch.remainder(_mix(ids), self._opt_in_reserved)
