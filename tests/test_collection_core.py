@@ -47,7 +47,6 @@ def test_every_collection_stands_on_one_core():
     (lambda cls: [cls(name="a", embedding_dim=2, num_embeddings=3), cls(name="a", embedding_dim=4,
                                                                         num_embeddings=5)],
      ValueError, r"duplicate table names: \['a'\]"),
-    (lambda cls: [], ValueError, "needs at least one table"),
     (lambda cls: [jr.EmbeddingConfig(name="a", embedding_dim=2, num_embeddings=3)], TypeError,
      "tables must be EmbeddingBagConfig, got EmbeddingConfig"),
 ])
@@ -117,3 +116,44 @@ def test_quantized_state_dict_is_one_entry_per_table_and_loads_back():
     state["embedding_bags.t1.weight"] = state["embedding_bags.t1.weight"].float()
     with pytest.raises(RuntimeError, match=r"size mismatch for embedding_bags.t1.weight: copying torch.float32 rows"):
         fresh.load_state_dict(state)
+
+
+@pytest.mark.parametrize("module, message", [(jr.EmbeddingBagCollection, "nothing to pool"),
+                                             (jr.EmbeddingCollection, "nothing to look up")])
+def test_a_collection_without_tables_builds_and_refuses_to_run(module, message):
+    """TorchRec builds collections with no tables (a model's placeholder; its DLRM asserts on
+    one); running one raises naming the problem, where TorchRec's fails inside torch.cat."""
+    empty = module(tables=[])
+    assert list(empty.state_dict()) == [] and not list(empty.parameters())
+    kjt = jr.KeyedJaggedTensor(["a"], torch.tensor([1, 2]), lengths=torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match=f"has no tables: there is {message}"):
+        empty(kjt)
+
+
+def test_configs_have_torchrecs_fields_in_its_order():
+    """Code that builds configs positionally or reads TorchRec's fields (need_pos,
+    num_features(), get_weight_init_min(), ...) works; what jaggedrec lacks is refused."""
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(jr.EmbeddingBagConfig)]
+    assert names[:16] == ["num_embeddings", "embedding_dim", "name", "data_type", "feature_names",
+                          "weight_init_max", "weight_init_min", "num_embeddings_post_pruning", "init_fn", "need_pos",
+                          "input_dim", "total_num_buckets", "use_virtual_table", "virtual_table_eviction_policy",
+                          "enable_embedding_update", "stash_weights"]
+    try:
+        import torchrec
+    except ImportError:
+        torchrec = None
+    if torchrec is not None:
+        for ours, theirs in ((jr.EmbeddingBagConfig, torchrec.EmbeddingBagConfig),
+                             (jr.EmbeddingConfig, torchrec.EmbeddingConfig)):
+            theirs_names = [f.name for f in dataclasses.fields(theirs)]
+            assert [f.name for f in dataclasses.fields(ours)] == [n for n in theirs_names if n in names + [
+                "pooling"]], theirs_names
+    c = jr.EmbeddingBagConfig(25, 4, "t", jr.DataType.FP32, ["a", "b"], need_pos=True, total_num_buckets=5)
+    assert c.num_features() == 2 and c.need_pos and c.get_weight_init_min() == -0.2 and c.get_weight_init_max() == 0.2
+    for field in ("use_virtual_table", "enable_embedding_update", "stash_weights"):
+        with pytest.raises(NotImplementedError, match=f"table 't': {field}"):
+            jr.EmbeddingBagConfig(num_embeddings=5, embedding_dim=4, name="t", **{field: True})
+    with pytest.raises(NotImplementedError, match="num_embeddings_post_pruning"):
+        jr.EmbeddingConfig(num_embeddings=5, embedding_dim=4, name="t", num_embeddings_post_pruning=3)

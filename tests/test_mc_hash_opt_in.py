@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaggedrec.modules import hash_mc_evictions as ev
-from jaggedrec.modules.hash_mc_modules import HashZchConfigError, HashZchManagedCollisionModule
+from jaggedrec.modules.embedding_configs import ConfigError
+from jaggedrec.modules.hash_mc_modules import HashZchManagedCollisionModule
 from test_mc_hash_modules import REAL_CLOCK, Oracle, _home, _module, _remap
 
 
@@ -145,7 +146,7 @@ def test_rebuilt_shard_keeps_every_option():
     (dict(opt_in_prob=20, percent_reserved_slots=1.0), "reserved slots per bucket"),
 ])
 def test_refused_options_raise_naming_the_module(kwargs, match):
-    with pytest.raises(HashZchConfigError, match=match) as info:
+    with pytest.raises(ConfigError, match=match) as info:
         HashZchManagedCollisionModule(zch_size=10, device=torch.device("cpu"), total_num_buckets=2, name="user_t",
                                       **kwargs)
     assert "user_t" in str(info.value) and isinstance(info.value, AssertionError)

@@ -121,8 +121,8 @@ def test_crossnets(name, args):
 
 
 def _models(kind, lib_dlrm, lib, dim=8):
+    torch.manual_seed(5)  # the tables draw as TorchRec's do, so every weight follows from the seed
     ebc = lib.EmbeddingBagCollection(_configs(lib, dim))
-    torch.manual_seed(5)  # after the tables, which each library draws its own way
     common = (ebc, 6, [9, dim], [7, 4, 1])
     if kind == "DLRM":
         return lib_dlrm.DLRM(*common)
@@ -136,10 +136,11 @@ def _models(kind, lib_dlrm, lib, dim=8):
 def test_dlrm_family(kind):
     theirs = tr_dlrm.DLRMTrain(_models(kind, tr_dlrm, torchrec))
     ours = dlrm.DLRMTrain(_models(kind, dlrm, jaggedrec))
-    # from one seed, the dense arches' weights are TorchRec's 
+    # from one seed, every weight is TorchRec's, the tables' included
+    theirs_state = theirs.state_dict()
+    assert set(ours.state_dict()) == set(theirs_state)
     for k, v in ours.state_dict().items():
-        if "embedding_bag_collection" not in k:
-            assert torch.equal(v, theirs.state_dict()[k]), k
+        assert torch.equal(v, theirs_state[k]), k
     _load_both_ways(ours, theirs)
     for dense, kjt, tkjt, labels in _batches(seed=6):
         _close(ours.model(dense, kjt), theirs.model(dense, tkjt), 1e-5)
@@ -179,3 +180,27 @@ def test_qcomm_registry_names_torchrecs_collectives():
     theirs = tr_q.get_qcomm_codecs_registry(tr_q.QCommsConfig(tr_q.CommType.FP16, tr_q.CommType.BF16),
                                             device=torch.device("cpu"))
     assert sorted(ours) == sorted(theirs)
+
+
+@pytest.mark.parametrize("data_type", ["FP32", "FP16"])
+def test_seeded_tables_and_random_state_follow_torchrecs(data_type):
+    """The collections draw what TorchRec's draw (nn.EmbeddingBag's / nn.Embedding's own N(0, 1),
+    then the init), so the same seed gives the same tables and leaves the generator where
+    TorchRec leaves it; reset_parameters() then draws the init alone, as TorchRec's does."""
+    for bag in (True, False):
+        def build(lib):
+            config = lib.EmbeddingBagConfig if bag else lib.EmbeddingConfig
+            dims = (3, 5) if bag else (4, 4)
+            tables = [config(name=f"t{i}", embedding_dim=d, num_embeddings=n, feature_names=[f"f{i}"],
+                             data_type=getattr(lib.DataType, data_type)) for i, (d, n) in enumerate(zip(dims, (10, 37)))]
+            torch.manual_seed(11)
+            module = (lib.EmbeddingBagCollection if bag else lib.EmbeddingCollection)(tables=tables)
+            after = torch.rand(3)
+            module.reset_parameters()
+            return module.state_dict(), after, torch.rand(3)
+
+        (ours, ours_after, ours_reset), (theirs, theirs_after, theirs_reset) = build(jaggedrec), build(torchrec)
+        assert set(ours) == set(theirs)
+        for k in ours:
+            assert torch.equal(ours[k], theirs[k]), (bag, k)
+        assert torch.equal(ours_after, theirs_after) and torch.equal(ours_reset, theirs_reset)

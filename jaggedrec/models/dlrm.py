@@ -23,9 +23,10 @@ from torch import nn
 
 from jaggedrec.datasets.utils import Batch
 from jaggedrec.modules.crossnet import LowRankCrossNet
+from jaggedrec.modules.embedding_configs import ConfigError
 from jaggedrec.modules.embedding_modules import EmbeddingBagCollection
 from jaggedrec.modules.mlp import MLP
-from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
+from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 
 def choose(n: int, k: int) -> int:
@@ -45,10 +46,10 @@ def _shared_dim(ebc: EmbeddingBagCollection) -> int:
     ``meta`` works)."""
     configs = ebc.embedding_bag_configs()
     if not configs:
-        raise ValueError("DLRM: the embedding bag collection has no tables; it needs at least one")
+        raise ConfigError("DLRM: the embedding bag collection has no tables; it needs at least one")
     dims = {c.name: c.embedding_dim for c in configs}
     if len(set(dims.values())) != 1:
-        raise ValueError(f"DLRM: every table must have the same embedding_dim, got {dims}")
+        raise ConfigError(f"DLRM: every table must have the same embedding_dim, got {dims}")
     return configs[0].embedding_dim
 
 
@@ -75,12 +76,17 @@ class SparseArch(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.embedding_bag_collection(features)
-        if pooled.keys() == self._sparse_feature_names:
-            values = pooled.values()
-        else:  # a collection that orders its output otherwise (a sharded one may)
-            by_name = pooled.to_dict()
-            values = torch.cat([by_name[f] for f in self._sparse_feature_names], dim=1)
-        return values.reshape(-1, self.F, self.D)
+        return _concat_in_feature_order(pooled, self._sparse_feature_names).reshape(-1, self.F, self.D)
+
+
+@torch.fx.wrap  # one node of a torch.fx graph: the branch reads the output's keys
+def _concat_in_feature_order(pooled: KeyedTensor, names: List[str]) -> torch.Tensor:
+    """``[B, F * D]`` the pooled values with features in ``names``' order: the values as they
+    are when the collection already orders them so, else a copy (a sharded one may not)."""
+    if pooled.keys() == names:
+        return pooled.values()
+    by_name = pooled.to_dict()
+    return torch.cat([by_name[f] for f in names], dim=1)
 
 
 class DenseArch(nn.Module):

@@ -272,14 +272,23 @@ class TableCollection(nn.Module):
 class FloatTableCollection(TableCollection):
     """Float tables, trained: one flat parameter per dtype (``flat_weights``, laid out by
     ``TableLayout``), initialised from the configs, and the fused optimizer's state and
-    learning rate. Base of ``EmbeddingBagCollection`` and ``EmbeddingCollection``."""
+    learning rate. Base of ``EmbeddingBagCollection`` and ``EmbeddingCollection``.
+
+    At construction the tables take the random numbers TorchRec's modules take: TorchRec builds
+    each table as an ``nn.EmbeddingBag`` / ``nn.Embedding``, whose own init draws N(0, 1), and
+    then runs the config's ``init_fn``. Drawing (and overwriting) the same numbers keeps a seeded
+    program's tables equal to TorchRec's. ``draws_all_first``: TorchRec's bag collection draws
+    every table before initialising any; its unpooled one initialises each after its draw.
+    """
+
+    draws_all_first: bool = True
 
     def __init__(self, tables: Sequence[BaseEmbeddingConfig], device: Optional[torch.device],
                  options: CollectionOptions, is_weighted: Optional[bool]) -> None:
         device = torch.device(device) if device is not None else None
         super().__init__(TableLayout(tables, self.config_type), options, is_weighted, device)
         if device is None or device.type != "meta":
-            self.reset_parameters()
+            self._init_tables(torchrec_draws=True)
         if any(flat.device.type == "cpu" for flat in self.flat_weights.values()):
             retain_freed_memory()  # after the tables are allocated: they keep their own mappings
 
@@ -299,16 +308,23 @@ class FloatTableCollection(TableCollection):
     def _storage_key(self, slot: TableSlot) -> str:
         return f"flat_weights.{self._layout.groups[slot.group].name}"
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
         """Re-initialise every table: its config's ``init_fn``, else uniform in [min, max]."""
+        self._init_tables(torchrec_draws=False)
+
+    @torch.no_grad()
+    def _init_tables(self, torchrec_draws: bool) -> None:
         for flat in self.flat_weights.values():
             if flat.device.type != "meta":
                 flat.zero_()  # the alignment gaps between blocks stay zero
-        for t, config in enumerate(self._layout.configs):
-            view = self.table_weight(t)
-            if view.device.type == "meta":
-                continue
+        tables = [t for t in range(len(self._layout.configs)) if self.table_weight(t).device.type != "meta"]
+        if torchrec_draws and self.draws_all_first:
+            for t in tables:
+                self.table_weight(t).normal_()  # [rows, dim], contiguous: nn.EmbeddingBag's own draw
+        for t in tables:
+            config, view = self._layout.configs[t], self.table_weight(t)
+            if torchrec_draws and not self.draws_all_first:
+                view.normal_()  # nn.Embedding's own draw
             if config.init_fn is not None:
                 result = config.init_fn(view)
                 if isinstance(result, torch.Tensor) and result.data_ptr() != view.data_ptr():

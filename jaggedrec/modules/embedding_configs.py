@@ -48,6 +48,11 @@ class DataType(Enum):
 _TORCH_DTYPES = {DataType.FP32: torch.float32, DataType.FP16: torch.float16, DataType.BF16: torch.bfloat16}
 
 
+class ConfigError(ValueError, AssertionError):
+    """Arguments a module refuses. Also an ``AssertionError``: TorchRec asserts on the same
+    arguments, and code written for it (its own tests among them) catches that."""
+
+
 @dataclass
 class BaseEmbeddingConfig:
     """Fields shared by pooled and unpooled tables.
@@ -56,6 +61,11 @@ class BaseEmbeddingConfig:
     and an empty ``feature_names`` means the table serves one feature named like it.
     ``init_fn``, when given, is called on the table's ``[num_embeddings, embedding_dim]``
     weight view and replaces the uniform init.
+
+    The fields are TorchRec's, in its order. ``need_pos``, ``input_dim`` and
+    ``total_num_buckets`` are kept for code that reads them; the features jaggedrec does not
+    have (pruned tables, virtual tables, embedding updates, stashed weights) are refused when
+    set, with ``NotImplementedError``.
     """
 
     num_embeddings: int
@@ -65,7 +75,15 @@ class BaseEmbeddingConfig:
     feature_names: List[str] = field(default_factory=list)
     weight_init_max: Optional[float] = None
     weight_init_min: Optional[float] = None
+    num_embeddings_post_pruning: Optional[int] = None
     init_fn: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None
+    need_pos: bool = False  # the table's features are position weighted (TorchRec's RW sharding reads it)
+    input_dim: Optional[int] = None
+    total_num_buckets: Optional[int] = None
+    use_virtual_table: bool = False
+    virtual_table_eviction_policy: Optional[object] = None
+    enable_embedding_update: bool = False
+    stash_weights: bool = False
 
     def __post_init__(self) -> None:
         label = f"table '{self.name}'"
@@ -79,6 +97,14 @@ class BaseEmbeddingConfig:
                 raise ValueError(f"{label}: {attr} must be positive, got {value}")
         if not isinstance(self.data_type, DataType):
             raise TypeError(f"{label}: data_type must be a DataType, got {self.data_type!r}")
+        unsupported = {"num_embeddings_post_pruning": self.num_embeddings_post_pruning is not None,
+                       "use_virtual_table": self.use_virtual_table,
+                       "virtual_table_eviction_policy": self.virtual_table_eviction_policy is not None,
+                       "enable_embedding_update": self.enable_embedding_update, "stash_weights": self.stash_weights}
+        named = [k for k, on in unsupported.items() if on]
+        if named:
+            raise NotImplementedError(f"{label}: {', '.join(named)} (pruned or virtual tables, embedding updates, "
+                                      "stashed weights) are not implemented in jaggedrec")
         self.feature_names = list(self.feature_names) or [self.name]
         if len(set(self.feature_names)) != len(self.feature_names):
             raise ValueError(f"{label}: feature_names has duplicates: {self.feature_names}")
@@ -88,9 +114,14 @@ class BaseEmbeddingConfig:
         if self.weight_init_min is None:
             self.weight_init_min = -bound
 
-    @property
     def num_features(self) -> int:
         return len(self.feature_names)
+
+    def get_weight_init_max(self) -> float:
+        return self.weight_init_max
+
+    def get_weight_init_min(self) -> float:
+        return self.weight_init_min
 
 
 @dataclass

@@ -112,6 +112,8 @@ class EmbeddingBagCollection(FloatTableCollection):
               position_weights: Optional[Tuple[torch.Tensor, List[int]]]) -> KeyedTensor:
         # kept out of forward's signature: torch.fx makes every forward argument a graph input,
         # and a traced "position_weights is not None" would always take the weighted branch
+        if not self._layout.configs:  # built empty (TorchRec allows it, as a model's placeholder)
+            raise ValueError("EmbeddingBagCollection has no tables: there is nothing to pool")
         features = as_keyed_jagged_tensor(features)
         # The module's own calls go through module attributes (batch_reader.read_batch, ...):
         # those are what torch.fx.wrap swaps for graph nodes while symbolic_trace runs.
@@ -163,6 +165,7 @@ class EmbeddingCollection(FloatTableCollection):
     """
 
     config_type = EmbeddingConfig
+    draws_all_first = False  # TorchRec's initialises each table right after drawing it
     view_type = Embedding
     views_name = "embeddings"
 
@@ -174,7 +177,7 @@ class EmbeddingCollection(FloatTableCollection):
                                                            fused_optimizer), None)
         self._need_indices = need_indices
         self._embedding_names = self._layout.embedding_names
-        self._embedding_dim = self._layout.configs[0].embedding_dim
+        self._embedding_dim = self._layout.configs[0].embedding_dim if self._layout.configs else -1
         # per output feature: its storage group and its position among the group's features
         place = {i: (g, j) for g, group in enumerate(self._groups) for j, i in enumerate(group.features)}
         self._output_places = tuple(place[i] for i in range(len(self._layout.features)))
@@ -202,6 +205,8 @@ class EmbeddingCollection(FloatTableCollection):
         Returns:
             per feature, a JaggedTensor of ``[N_f, dim]`` rows.
         """
+        if not self._layout.configs:
+            raise ValueError("EmbeddingCollection has no tables: there is nothing to look up")
         features = as_keyed_jagged_tensor(features)
         options = self._options
         batch = batch_reader.read_batch(features, self._spec, self._groups, self._output_features, options.validate)

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from jaggedrec.modules.embedding_configs import ConfigError
 from jaggedrec.modules.hash_mc_evictions import (
     HashZchEvictionConfig,
     HashZchEvictionModule,
@@ -42,11 +43,6 @@ from jaggedrec.sparse.jagged_tensor import JaggedTensor
 __all__ = ["HashZchManagedCollisionModule"]
 
 _INT64_MAX = torch.iinfo(torch.int64).max
-
-
-class HashZchConfigError(ValueError, AssertionError):
-    """Arguments HashZchManagedCollisionModule refuses; also an ``AssertionError``, which is what
-    TorchRec's constructor raises for them, so code that catches that keeps working."""
 
 
 def _mix(ids: torch.Tensor) -> torch.Tensor:
@@ -82,13 +78,13 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
             raise NotImplementedError("HashZchManagedCollisionModule: inference dispatch "
                                       "(inference_dispatch_div_train_world_size) is not implemented in jaggedrec")
         if not 0 <= percent_reserved_slots < 100:
-            raise HashZchConfigError(f"HashZchManagedCollisionModule {name}: percent_reserved_slots must be in "
+            raise ConfigError(f"HashZchManagedCollisionModule {name}: percent_reserved_slots must be in "
                                      f"[0, 100), got {percent_reserved_slots}")
         if opt_in_prob > 0 and percent_reserved_slots <= 0:
-            raise HashZchConfigError(f"HashZchManagedCollisionModule {name}: opt_in_prob {opt_in_prob} needs "
+            raise ConfigError(f"HashZchManagedCollisionModule {name}: opt_in_prob {opt_in_prob} needs "
                                      "percent_reserved_slots > 0")
         if track_id_freq and write_runtime_meta_dim > 0:
-            raise HashZchConfigError(f"HashZchManagedCollisionModule {name}: track_id_freq and write_runtime_meta_dim "
+            raise ConfigError(f"HashZchManagedCollisionModule {name}: track_id_freq and write_runtime_meta_dim "
                                      "both use _hash_zch_runtime_meta; set one")
         if unplaced not in ("fallback", "raise"):
             raise ValueError(f"HashZchManagedCollisionModule {name}: unplaced must be 'fallback' or 'raise'")
@@ -108,7 +104,7 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
                           int(zch_size * percent_reserved_slots / 100 / (self._end_bucket - start_bucket)))
         own_sizes = [output_segments[b + 1] - output_segments[b] for b in range(start_bucket, self._end_bucket)]
         if self._reserved != -1 and not 1 <= self._reserved < min(own_sizes):
-            raise HashZchConfigError(f"HashZchManagedCollisionModule {name}: opt-in needs 1 to (bucket size - 1) "
+            raise ConfigError(f"HashZchManagedCollisionModule {name}: opt-in needs 1 to (bucket size - 1) "
                                      f"reserved slots per bucket; percent_reserved_slots {percent_reserved_slots} "
                                      f"gives {self._reserved} of buckets of {min(own_sizes)}")
         self._input_hash_size = input_hash_size

@@ -98,8 +98,6 @@ class TableLayout:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"duplicate table names: {duplicates}")
-        if not configs:
-            raise ValueError("an embedding collection needs at least one table")
         self.configs = list(configs)
         self.check_data_types()
 

@@ -32,6 +32,10 @@ FILES=(
     torchrec/modules/tests/test_mc_embedding_modules.py
     torchrec/modules/tests/test_hash_mc_modules.py
     torchrec/modules/tests/test_hash_mc_evictions.py
+    torchrec/modules/tests/test_mlp.py
+    torchrec/modules/tests/test_crossnet.py
+    torchrec/modules/tests/test_activation.py
+    torchrec/models/tests/test_dlrm.py
 )
 # the test files run from a flat folder of their own, so that `import torchrec` finds the
 # installed package and not the checkout's sources

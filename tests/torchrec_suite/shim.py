@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+import torchrec
 import torchrec.modules
 import torchrec.sparse
 
@@ -22,6 +23,8 @@ import torchrec.sparse
 _CHECKOUT = os.environ["TORCHREC_CHECKOUT"]
 torchrec.sparse.__path__.append(os.path.join(_CHECKOUT, "torchrec", "sparse"))
 torchrec.modules.__path__.append(os.path.join(_CHECKOUT, "torchrec", "modules"))
+# ... and so are the packages the wheel leaves out that test files import (``torchrec.ir``)
+torchrec.__path__.append(os.path.join(_CHECKOUT, "torchrec"))
 
 # TorchScript tests, left out of the count on both sides: jaggedrec targets torch.export.
 TORCHSCRIPT_MARKERS = ("torch.jit.script", "torch.jit.trace")
@@ -68,6 +71,13 @@ def _point_torchrec_at_jaggedrec() -> None:
     tr_hash.HashZchManagedCollisionModule = hash_mc_modules.HashZchManagedCollisionModule
     for name in ("HashZchEvictionConfig", "HashZchEvictionModule", "HashZchEvictionPolicyName"):
         setattr(tr_hash_ev, name, getattr(hash_mc_evictions, name))
+    # the dense building blocks and the DLRM models: every public name jaggedrec has
+    import importlib
+
+    for path in ("modules.mlp", "modules.crossnet", "modules.activation", "models.dlrm"):
+        ours, theirs = importlib.import_module(f"jaggedrec.{path}"), importlib.import_module(f"torchrec.{path}")
+        for name in ours.__all__:
+            setattr(theirs, name, getattr(ours, name))
 
 
 if os.environ.get("JAGGEDREC_SUITE") == "jaggedrec":
