@@ -36,11 +36,21 @@ FILES=(
     torchrec/modules/tests/test_crossnet.py
     torchrec/modules/tests/test_activation.py
     torchrec/models/tests/test_dlrm.py
+    torchrec/models/tests/test_deepfm.py
+    torchrec/modules/tests/test_deepfm.py
+    torchrec/modules/tests/test_regroup.py
+    torchrec/modules/tests/test_feature_processor.py
+    torchrec/modules/tests/test_lazy_extension.py
 )
 # the test files run from a flat folder of their own, so that `import torchrec` finds the
 # installed package and not the checkout's sources
 mkdir -p "$WORK/cases"
-for f in "${FILES[@]}"; do cp "$CHECKOUT/$f" "$WORK/cases/"; done
+# (the models' tests as test_models_*.py: test_deepfm.py is in both folders)
+for f in "${FILES[@]}"; do
+    n="$(basename "$f")"
+    case "$f" in */models/tests/*) n="test_models_${n#test_}" ;; esac
+    cp "$CHECKOUT/$f" "$WORK/cases/$n"
+done
 printf '[pytest]\nmarkers =\n    torchscript: uses torch.jit\n' > "$WORK/pytest.ini"
 for side in torchrec jaggedrec; do
     echo "running TorchRec's tests on $side ..."
