@@ -175,3 +175,30 @@ def test_opt_in_compiles_to_one_graph():
     assert torch.equal(model.state_dict()["_hash_zch_runtime_meta"], eager.state_dict()["_hash_zch_runtime_meta"])
     assert not counters["graph_break"] and cnt.frame_count == 1
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("input_hash_size", [0, 40])
+def test_dispatch_divided_ids_keep_their_bucket_and_store_their_part(input_hash_size):
+    """inference_dispatch_div_train_world_size: the bucket comes from the id, the key the slot
+    holds (and hashes) is the id's part within its bucket, as TorchRec's input mapper makes it."""
+    buckets, zch = 4, 16
+    module = _module(zch, buckets, 4, inference_dispatch_div_train_world_size=True, input_hash_size=input_hash_size)
+    block = -(-input_hash_size // buckets) if input_hash_size else None
+    oracle = Oracle(zch, buckets, 4, None, False)
+    ids = [3, 7, 38, 11, 21, 30, 3, 17]
+    keys = [i // buckets if block is None else i % block for i in ids]
+    bucket = [i % buckets if block is None else i // block for i in ids]
+    # the oracle places the keys in the ids' buckets: its window of a key, moved to the id's bucket
+    oracle.window = lambda k, b=None: [b * oracle.size + (_home(k) % oracle.size + p) % oracle.size
+                                       for p in range(min(oracle.probe, oracle.size))]
+    slots, table = [], {}
+    for k, b in zip(keys, bucket):
+        own = [s for s in oracle.window(k, b) if table.get(s) == k]
+        if not own:
+            free = [s for s in oracle.window(k, b) if s not in table]
+            if free:
+                table[free[0]] = k
+                own = free[:1]
+        slots.append(own[0] if own else oracle.window(k, b)[0])
+    assert _remap(module, ids).tolist() == slots
+    assert module.state_dict()["_hash_zch_identities"].view(-1).tolist() == [table.get(s, -1) for s in range(zch)]

@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from jaggedrec.modules.embedding_configs import ConfigError
+from jaggedrec.modules.hash_mc_placement import ZchPlacement
 from jaggedrec.modules.hash_mc_evictions import (
     HashZchEvictionConfig,
     HashZchEvictionModule,
@@ -42,19 +43,7 @@ from jaggedrec.sparse.jagged_tensor import JaggedTensor
 
 __all__ = ["HashZchManagedCollisionModule"]
 
-_INT64_MAX = torch.iinfo(torch.int64).max
-
-
-def _mix(ids: torch.Tensor) -> torch.Tensor:
-    """A 64-bit mix of int64 ids (splitmix64's steps; the multiplies wrap), non-negative."""
-    x = ids ^ (ids >> 31)
-    x = x * -7046029254386353131
-    x = x ^ (x >> 29)
-    x = x * -4658895280553007687
-    return (x ^ (x >> 32)) & 0x7FFFFFFFFFFFFFFF
-
-
-class HashZchManagedCollisionModule(ManagedCollisionModule):
+class HashZchManagedCollisionModule(ZchPlacement, ManagedCollisionModule):
     IDENTITY_BUFFER: str = "_hash_zch_identities"
     METADATA_BUFFER: str = "_hash_zch_metadata"
     BUCKET_BUFFER: str = "_hash_zch_bucket"
@@ -74,9 +63,6 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
                 raise ValueError(f"HashZchManagedCollisionModule {name}: zch_size {zch_size} is not a multiple of "
                                  f"total_num_buckets {total_num_buckets}; pass output_segments")
             output_segments = [zch_size // total_num_buckets * b for b in range(total_num_buckets + 1)]
-        if inference_dispatch_div_train_world_size:
-            raise NotImplementedError("HashZchManagedCollisionModule: inference dispatch "
-                                      "(inference_dispatch_div_train_world_size) is not implemented in jaggedrec")
         if not 0 <= percent_reserved_slots < 100:
             raise ConfigError(f"HashZchManagedCollisionModule {name}: percent_reserved_slots must be in "
                                      f"[0, 100), got {percent_reserved_slots}")
@@ -98,6 +84,7 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
         self._percent_reserved_slots = percent_reserved_slots
         self._track_id_freq = track_id_freq
         self._tb_logging_frequency = tb_logging_frequency
+        self._dispatch_div = inference_dispatch_div_train_world_size
         self._persist_hash_zch_bucket = persist_hash_zch_bucket
         # per bucket, as TorchRec counts them: this module's share of the table over its buckets
         self._reserved = (-1 if opt_in_prob == -1 else
@@ -161,8 +148,9 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
         out: Dict[str, JaggedTensor] = {}
         for name, jt in features.items():
             writes = self.training and not name.lower().endswith(self._read_only_suffix)
-            ids = jt.values().to(torch.int64)
-            rows, hit = self._place(ids, jt if writes else None)
+            raw = jt.values().to(torch.int64)
+            ids = self.table_keys(raw)
+            rows, hit = self._place(ids, self.bucket_of(raw), jt if writes else None)
             misses = (~hit).sum().reshape(1)
             self._unplaced_count.add_(misses)
             if self._unplaced == "raise":
@@ -269,6 +257,7 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
                           total_num_buckets=self._buckets, max_probe=self._max_probe,
                           input_hash_size=self._input_hash_size, output_segments=segments, name=self._name,
                           is_inference=self._is_inference, tb_logging_frequency=self._tb_logging_frequency,
+                          inference_dispatch_div_train_world_size=self._dispatch_div,
                           eviction_policy_name=self._eviction_policy_name, eviction_config=self._eviction_config,
                           start_bucket=start, end_bucket=segments.index(output_id_range[1]),
                           opt_in_prob=self._opt_in_prob, percent_reserved_slots=self._percent_reserved_slots,
@@ -298,103 +287,3 @@ class HashZchManagedCollisionModule(ManagedCollisionModule):
         """The state_dict entries indexed by slot (``[zch_size, ...]``): a row-wise shard holds its block."""
         names = [self.IDENTITY_BUFFER, self.METADATA_BUFFER]
         return names + (["_hash_zch_runtime_meta"] if self._hash_zch_runtime_meta is not None else [])
-
-    # --- the machinery ----------------------------------------------------------------------------
-    def bucket_of(self, ids: torch.Tensor) -> torch.Tensor:
-        """``[N]`` int64 ids -> ``[N]`` bucket, as TorchRec assigns them."""
-        if self._input_hash_size == 0:
-            return torch.remainder(ids, self._buckets)
-        block = -(-self._input_hash_size // self._buckets)
-        return ids // block
-
-    def probe_rows(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``[N]`` ids -> (``[N, P]`` local rows in probe order, ``[N, P]`` bool: within the bucket)."""
-        bucket = self.bucket_of(ids)  # a shard is fed only ids of its own buckets
-        start, size = self._segment_starts[bucket], self._segment_sizes[bucket]
-        home = torch.remainder(_mix(ids), size)
-        steps = torch.arange(self._max_probe, device=ids.device)
-        rows = start[:, None] + torch.remainder(home[:, None] + steps, size[:, None])
-        return rows, steps < size[:, None]
-
-    def _place(self, ids: torch.Tensor, jt: Optional[JaggedTensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``[N]`` ids -> (``[N]`` local rows, ``[N]`` bool: own slot); inserts when ``jt`` is given."""
-        rows, in_window = self.probe_rows(ids)
-        table = self._hash_zch_identities.view(-1)
-        meta = self._hash_zch_metadata.view(-1)
-        match = (table[rows] == ids[:, None]) & in_window
-        hit = match.any(1)
-        row = torch.where(hit, rows.gather(1, match.long().argmax(1, keepdim=True)).squeeze(1),
-                          self._fallback_rows(ids, rows))
-        if jt is None:
-            return row, hit
-        opted_out = torch.zeros_like(hit)
-        if self._opt_in_reserved and 0 < self._opt_in_prob < 100:  # 100: every id is admitted
-            draws = (torch.rand_like(ids, dtype=torch.float) * 100).to(torch.int32)
-            opted_out = ~hit & (draws >= self._opt_in_prob)
-        expiry, now = (None, 0) if self._eviction_module is None else self._eviction_module(jt)
-        lru = self._eviction_policy_name == HashZchEvictionPolicyName.LRU_EVICTION
-        scratch = self._zch_size
-        # slots held by an id of this batch (found or placed now) are not free, expired or not
-        fresh = torch.zeros(scratch + 1, dtype=torch.bool, device=ids.device)
-        fresh.index_put_((torch.where(hit, row, scratch),), torch.ones_like(hit))
-        for _ in range(self._max_probe):
-            pending = ~hit & ~opted_out
-            ident = table[rows]
-            free = ident == -1
-            if expiry is not None:
-                free = free | (meta[rows] < now)
-            free = free & in_window & ~fresh[rows]
-            if lru:  # among free slots, the one accessed longest ago (never used: first)
-                key = torch.where(free, torch.where(ident == -1, -1, meta[rows].long()), _INT64_MAX)
-                pick = key.argmin(1, keepdim=True)
-            else:
-                pick = free.long().argmax(1, keepdim=True)
-            choice = rows.gather(1, pick).squeeze(1)
-            cand = pending & free.any(1)
-            if not torch.compiler.is_compiling() and not bool(cand.any()):
-                break  # eager: nothing left to settle (on CPU this read costs nothing)
-            target = torch.where(cand, choice, scratch)
-            best = torch.full((scratch + 1,), _INT64_MAX, dtype=torch.int64, device=ids.device)
-            best = best.scatter_reduce(0, target, ids, "amin")
-            won = cand & (best[choice] == ids)
-            target = torch.where(won, choice, scratch)
-            replaced = torch.cat([table != -1, table.new_zeros(1, dtype=torch.bool)])[target] & won
-            mask = torch.cat([self._evicted_mask, self._evicted_mask.new_zeros(1)])
-            mask.index_put_((torch.where(replaced, choice, scratch),), torch.ones_like(replaced))
-            self._evicted_mask.copy_(mask[:-1])
-            if self._hash_zch_runtime_meta is not None:  # a replaced id's metadata goes with it
-                rm = self._hash_zch_runtime_meta.data
-                ext = torch.cat([rm, rm.new_zeros(1, rm.shape[1])])
-                ext.index_put_((torch.where(replaced, choice, scratch),), rm.new_zeros(ids.numel(), rm.shape[1]))
-                rm.copy_(ext[:-1])
-            new_table = torch.cat([table, table.new_zeros(1)]).index_put_((target,), ids)
-            table.copy_(new_table[:-1])
-            fresh.index_put_((target,), torch.ones_like(won))
-            hit = hit | won
-            row = torch.where(won, choice, row)
-        if self._opt_in_prob < 100 and self._opt_in_reserved:  # an id admitted by one of its lookups: all
-            match = (table[rows] == ids[:, None]) & in_window & opted_out[:, None]
-            now_held = match.any(1)
-            row = torch.where(now_held, rows.gather(1, match.long().argmax(1, keepdim=True)).squeeze(1), row)
-            hit, opted_out = hit | now_held, opted_out & ~now_held
-        self._evicted = True
-        if expiry is not None:  # every id seen, old or new, lives on from now
-            meta_ext = torch.cat([meta, meta.new_zeros(1)])
-            meta_ext.index_put_((torch.where(hit, row, scratch),), expiry)
-            meta.copy_(meta_ext[:-1])
-        if self._track_id_freq:  # each lookup of an id in its own slot
-            counts = self._hash_zch_runtime_meta.data.view(-1)
-            ext = torch.cat([counts, counts.new_zeros(1)]).index_add_(0, torch.where(hit, row, scratch),
-                                                                       torch.ones_like(row))
-            counts.copy_(ext[:-1])
-        # ids not admitted read their reserved slot, by design: not unplaced
-        return row, hit | opted_out
-
-    def _fallback_rows(self, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``[N]`` the local row an id reads without a slot of its own: its home slot, or with
-        opt-in one of its bucket's reserved slots (by its hash)."""
-        if not self._opt_in_reserved:
-            return rows[:, 0]
-        bucket = self.bucket_of(ids)
-        first_reserved = self._segment_starts[bucket] + self._segment_sizes[bucket]  # sizes leave them out
-        return first_reserved + torch.remainder(_mix(ids), self._opt_in_reserved)
