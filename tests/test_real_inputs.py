@@ -140,7 +140,7 @@ def test_strided_inputs_for_sparse_and_fused_gradients(backend):
                                       fused_optimizer=optim.RowWiseAdagrad(lr=0.5))
     twin = copy.deepcopy(fused)
     before = fused.flat_weights["fp32"].detach().clone()
-    upstream = torch.randn(kjt.stride(), sum(fused._length_per_embedding), generator=gen)
+    upstream = torch.randn(kjt.stride(), sum(c.embedding_dim * c.num_features() for c in configs), generator=gen)
     (fused(strided.to(torch.device(DEVICE))).values() * upstream).sum().backward()
     (twin(kjt.to(torch.device(DEVICE))).values() * upstream).sum().backward()
     assert not torch.equal(fused.flat_weights["fp32"], before)  # the step happened

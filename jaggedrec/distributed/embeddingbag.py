@@ -81,7 +81,7 @@ class ShardedEmbeddingBagCollection(ShardedCollection):
                                                     module.is_weighted())])
         self._output_dists = nn.ModuleList([_OutputDistModule(layout, rank)])
         self._embedding_names = list(module.layout.embedding_names)
-        self._length_per_embedding = list(module.layout.embedding_dims())
+        self._lengths_per_embedding = list(module.layout.embedding_dims())
         self._exchange_widths = [layout.exchange_width(r) for r in range(env.world_size)]
         self._column_plan = _column_plan(layout, device)
         self._local_columns = _local_columns(layout, rank)
@@ -152,7 +152,7 @@ class ShardedEmbeddingBagCollection(ShardedCollection):
                 lens = own_lengths[key].to(out.device).clamp(min=1).to(out.dtype)
                 scale[:, start:start + width] = (1.0 / lens).unsqueeze(1)
             out = out * scale
-        return KeyedTensor(self._embedding_names, self._length_per_embedding, out)
+        return KeyedTensor(self._embedding_names, self._lengths_per_embedding, out)
 
     def embedding_bag_configs(self):
         return list(self._layout.configs)

@@ -72,7 +72,7 @@ class EmbeddingBagCollection(FloatTableCollection):
                                                            fused_optimizer), is_weighted)
         self._is_weighted = is_weighted
         self._embedding_names = self._layout.embedding_names
-        self._length_per_embedding = self._layout.embedding_dims()
+        self._lengths_per_embedding = self._layout.embedding_dims()
         self._feature_names = [list(c.feature_names) for c in self._layout.configs]
         self._column_runs = self._layout.column_runs()
 
@@ -138,7 +138,7 @@ class EmbeddingBagCollection(FloatTableCollection):
             pooled = outputs[0]
         else:  # tables of several dtypes: interleave their columns back into output order
             pooled = torch.cat([outputs[g].narrow(1, start, width) for g, start, width in self._column_runs], dim=1)
-        return KeyedTensor(self._embedding_names, self._length_per_embedding, pooled)
+        return KeyedTensor(self._embedding_names, self._lengths_per_embedding, pooled)
 
 
 class Embedding(TableView):

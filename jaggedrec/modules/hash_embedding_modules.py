@@ -267,13 +267,13 @@ class HashEmbeddingBagCollection(EmbeddingBagCollection):
         flat = next(iter(self.flat_weights.values()))
         pooled, fallback = hash_probe.probe_pooled_triton(
             self.hash_state.keys, self.hash_state.bucket_size, flat.detach(), features.values(), features.offsets(),
-            hash_probe.probe_meta(tables, flat.device), features.stride(), sum(self._length_per_embedding),
+            hash_probe.probe_meta(tables, flat.device), features.stride(), sum(self._lengths_per_embedding),
             max(t.dim for t in tables))
         key_feature = self.hash_state.key_maps(keys, flat.device)[1]
         scratch = len(self.hash_state.features)
         self.hash_state.fallback.index_add_(0, key_feature.clamp(max=scratch - 1),
                                             torch.where(key_feature < scratch, fallback, 0))
-        return KeyedTensor(self._embedding_names, self._length_per_embedding, pooled)
+        return KeyedTensor(self._embedding_names, self._lengths_per_embedding, pooled)
 
     @torch.no_grad()
     def _reset_evicted(self, table: torch.Tensor, evicted_row: torch.Tensor) -> None:
