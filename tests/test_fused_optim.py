@@ -14,7 +14,7 @@ import torch
 
 import jaggedrec as jr
 from jaggedrec import optim
-from jaggedrec.ops import backends, fused_torch, pooled_torch
+from jaggedrec.ops import backends, fused_groups, fused_rows, pooled_torch
 from fused_reference import reference_step
 from jr_testing import assert_close, key_rows, random_kjt, reference_pooled
 
@@ -122,7 +122,7 @@ TRITON = pytest.param("triton", marks=pytest.mark.interpret)
 
 def _stream_from(monkeypatch, touched_fraction):
     """Make the eager update stream whole blocks from this fraction of touched rows on."""
-    monkeypatch.setattr(fused_torch, "_STREAM_MIN_TOUCHED", dict.fromkeys(fused_torch.STATE_LAYOUT, touched_fraction))
+    monkeypatch.setattr(fused_rows, "_STREAM_MIN_TOUCHED", dict.fromkeys(fused_rows.STATE_LAYOUT, touched_fraction))
 
 
 def use_path(monkeypatch, path: str) -> str:
@@ -148,18 +148,18 @@ def _counted(fn, calls, name):
 def test_fused_optimizer_matches_dense_reference(opt_name, weighted, backend, monkeypatch):
     calls = {"_step_row_range": 0, "_step_scattered_rows": 0, "_add_run_sums": 0}
     for name in calls:  # which eager update each chunk of rows took
-        monkeypatch.setattr(fused_torch, name, _counted(getattr(fused_torch, name), calls, name))
+        monkeypatch.setattr(fused_rows, name, _counted(getattr(fused_rows, name), calls, name))
     if backend == "torch-static":  # the static-shape branch that compiled graphs take
         monkeypatch.setattr(backends, "host_readable", lambda *tensors: False)
     if backend.startswith("torch-chunked"):  # a few rows at a time
-        monkeypatch.setattr(fused_torch, "_CHUNK_BYTES", 48)  # 1 to 4 rows
+        monkeypatch.setattr(fused_rows, "_CHUNK_BYTES", 48)  # 1 to 4 rows
     # eager: touched rows only (as with few ids), or every row of the block streamed
     if backend in ("torch-scattered", "torch-chunked"):
         _stream_from(monkeypatch, math.inf)
     if backend in ("torch", "torch-chunked-streamed", "torch-pieces"):
         _stream_from(monkeypatch, 0.0)
     if backend == "torch-pieces":  # each table, and each feature's bags, a piece of work on two workers
-        monkeypatch.setattr(fused_torch, "_GROUP_MIN_IDS", 1)
+        monkeypatch.setattr(fused_groups, "_GROUP_MIN_IDS", 1)
         monkeypatch.setattr(pooled_torch, "_PER_FEATURE_MIN_IDS", 0)
     threads = torch.get_num_threads()
     if backend == "torch-pieces":
@@ -171,8 +171,8 @@ def test_fused_optimizer_matches_dense_reference(opt_name, weighted, backend, mo
     streamed = backend in ("torch", "torch-chunked-streamed", "torch-pieces")
     expected = set() if backend in ("torch-static", "triton") else {
         "_step_row_range" if streamed else "_step_scattered_rows"}
-    if streamed and opt_name == "sgd" and fused_torch._CSR_ADD:  # dims where one sparse product adds the sums
-        expected = {"_add_run_sums" if fused_torch._run_sums_round_alike(d) else "_step_row_range" for d in (4, 3)}
+    if streamed and opt_name == "sgd" and fused_rows._CSR_ADD:  # dims where one sparse product adds the sums
+        expected = {"_add_run_sums" if fused_rows._run_sums_round_alike(d) else "_step_row_range" for d in (4, 3)}
     assert {name for name, n in calls.items() if n} == expected
     assert all(p.grad is None for p in ebc.flat_weights.values())  # no weight gradient was materialised
     assert any(not m.all() for m in ref.ever_touched)  # some rows no step touched

@@ -7,7 +7,7 @@ import torch
 
 import jaggedrec as jr
 from jaggedrec import optim
-from jaggedrec.ops import fused_rules, fused_torch
+from jaggedrec.ops import fused_groups, fused_rows, fused_rules
 from jr_testing import assert_close, random_kjt, reference_pooled
 
 OPTIMIZERS = {
@@ -80,9 +80,9 @@ def _counting(monkeypatch, module, name, calls, is_taken):
 @pytest.mark.parametrize("one_hot", [False, True])
 def test_sparse_add_and_in_place_bag_gradients_match_float64_reference(opt_name, weighted, one_hot, monkeypatch):
     calls = {}
-    _counting(monkeypatch, fused_torch, "_bag_rows_in_place", calls, lambda r: r is not None)
-    _counting(monkeypatch, fused_torch, "scaled_gradient", calls, lambda r: r is not None)
-    monkeypatch.setattr(fused_torch, "_STREAM_MIN_TOUCHED", dict.fromkeys(fused_rules.STATE_LAYOUT, 2.0))
+    _counting(monkeypatch, fused_groups, "_bag_rows_in_place", calls, lambda r: r is not None)
+    _counting(monkeypatch, fused_rows, "scaled_gradient", calls, lambda r: r is not None)
+    monkeypatch.setattr(fused_rows, "_STREAM_MIN_TOUCHED", dict.fromkeys(fused_rules.STATE_LAYOUT, 2.0))
     ebc, tables = _train(opt_name, weighted, one_hot, id_dtype=torch.int32 if one_hot else torch.int64)
     assert calls["_bag_rows_in_place"] > 0 and calls["scaled_gradient"] > 0, calls  # both fast paths ran
     for name, table in zip("abc", tables):
@@ -93,17 +93,17 @@ def test_sparse_add_and_in_place_bag_gradients_match_float64_reference(opt_name,
 @pytest.mark.parametrize("stream", [False, True])
 def test_bag_gradients_in_place_give_the_copys_bits(opt_name, stream, monkeypatch):
     """Read in place or from the group's copy of its columns, the same sums in the same order."""
-    monkeypatch.setattr(fused_torch, "_STREAM_MIN_TOUCHED",
+    monkeypatch.setattr(fused_rows, "_STREAM_MIN_TOUCHED",
                         dict.fromkeys(fused_rules.STATE_LAYOUT, 0.0 if stream else 2.0))
     states = []
     for most in (0, 2):  # 0: every group copies its columns
-        monkeypatch.setattr(fused_torch, "_IN_PLACE_MAX_IDS_PER_BAG", most)
+        monkeypatch.setattr(fused_groups, "_IN_PLACE_MAX_IDS_PER_BAG", most)
         states.append(_train(opt_name, True, False)[0].state_dict())
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
 
 
-@pytest.mark.skipif(not fused_torch._CSR_ADD, reason="the one-pass SGD update needs torch's MKL sparse product")
+@pytest.mark.skipif(not fused_rows._CSR_ADD, reason="the one-pass SGD update needs torch's MKL sparse product")
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("one_hot", [False, True])
 @pytest.mark.parametrize("copied", [False, True])
@@ -112,33 +112,33 @@ def test_streamed_sgd_in_one_pass_matches_float64_reference_and_the_chunked_bits
     """Streamed plain SGD sums each row's run and adds it in one sparse product
     (``_add_run_sums``): against float64, and bit for bit the chunked sums and add it replaces
     (chunks of one to four rows); bag gradients read in place or from the group's copy."""
-    monkeypatch.setattr(fused_torch, "_STREAM_MIN_TOUCHED", dict.fromkeys(fused_rules.STATE_LAYOUT, 0.0))
+    monkeypatch.setattr(fused_rows, "_STREAM_MIN_TOUCHED", dict.fromkeys(fused_rules.STATE_LAYOUT, 0.0))
     if copied:
-        monkeypatch.setattr(fused_torch, "_IN_PLACE_MAX_IDS_PER_BAG", 0)
+        monkeypatch.setattr(fused_groups, "_IN_PLACE_MAX_IDS_PER_BAG", 0)
     calls = {}
-    _counting(monkeypatch, fused_torch, "_add_run_sums", calls, lambda r: True)
+    _counting(monkeypatch, fused_rows, "_add_run_sums", calls, lambda r: True)
     ids = torch.int32 if one_hot else torch.int64
     ebc, tables = _train("sgd", weighted, one_hot, id_dtype=ids, dims=(32, 64))
     ran = calls.get("_add_run_sums", 0)
     assert ran > 0, calls
     for name, table in zip("abc", tables):
         assert_close(ebc.embedding_bags[name].weight.detach(), table, what=f"sgd table {name}")
-    monkeypatch.setattr(fused_torch, "_CSR_ADD", False)
-    monkeypatch.setattr(fused_torch, "_CHUNK_BYTES", 48)
+    monkeypatch.setattr(fused_rows, "_CSR_ADD", False)
+    monkeypatch.setattr(fused_rows, "_CHUNK_BYTES", 48)
     chunked = _train("sgd", weighted, one_hot, id_dtype=ids, dims=(32, 64))[0].state_dict()
     assert calls["_add_run_sums"] == ran  # the second run took the chunked update
     for key, value in ebc.state_dict().items():
         assert torch.equal(value, chunked[key]), key
 
 
-@pytest.mark.skipif(not fused_torch._CSR_ADD, reason="the one-pass SGD update needs torch's MKL sparse product")
+@pytest.mark.skipif(not fused_rows._CSR_ADD, reason="the one-pass SGD update needs torch's MKL sparse product")
 def test_streamed_sgd_in_one_pass_gives_the_same_bits_on_two_threads(monkeypatch):
     """Each table a piece of work (host_tasks), stepped by the sparse product on one worker or
     the caller: the same bits with one thread as with two."""
-    monkeypatch.setattr(fused_torch, "_STREAM_MIN_TOUCHED", dict.fromkeys(fused_rules.STATE_LAYOUT, 0.0))
-    monkeypatch.setattr(fused_torch, "_GROUP_MIN_IDS", 1)
+    monkeypatch.setattr(fused_rows, "_STREAM_MIN_TOUCHED", dict.fromkeys(fused_rules.STATE_LAYOUT, 0.0))
+    monkeypatch.setattr(fused_groups, "_GROUP_MIN_IDS", 1)
     calls = {}
-    _counting(monkeypatch, fused_torch, "_add_run_sums", calls, lambda r: True)
+    _counting(monkeypatch, fused_rows, "_add_run_sums", calls, lambda r: True)
     before = torch.get_num_threads()
     states = []
     for threads in (1, 2):

@@ -9,7 +9,7 @@ import torch
 
 import jaggedrec as jr
 from jaggedrec import optim
-from jaggedrec.ops import fused_torch, pooled_torch
+from jaggedrec.ops import fused_groups, pooled_torch
 from jaggedrec.ops.host_tasks import run_pieces
 from jr_testing import assert_close, random_kjt, reference_pooled
 
@@ -100,7 +100,7 @@ def _train(seed: int, opt, weighted: bool, steps: int = 3):
                          ids=["sgd", "rowwise_adagrad", "adam"])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_train_step_in_pieces_gives_the_same_bits_on_one_and_two_threads(opt, weighted, threads, monkeypatch):
-    monkeypatch.setattr(fused_torch, "_GROUP_MIN_IDS", 1)  # every table its own piece
+    monkeypatch.setattr(fused_groups, "_GROUP_MIN_IDS", 1)  # every table its own piece
     monkeypatch.setattr(pooled_torch, "_PER_FEATURE_MIN_IDS", 0)  # every feature's bags a piece
     results = []
     for count in (1, 2):

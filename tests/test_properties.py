@@ -218,9 +218,9 @@ CODE_PATHS = {
     "static": (("jaggedrec.ops.backends.host_readable", lambda *tensors: False),),
     # fused torch step: stream every block of rows whole, or step the touched rows one by one,
     # or step a few rows (48 bytes) at a time
-    "stream": (("jaggedrec.ops.fused_torch._STREAM_MIN_TOUCHED", dict.fromkeys((1, 2, 3), 0.0)),),
-    "scatter": (("jaggedrec.ops.fused_torch._STREAM_MIN_TOUCHED", dict.fromkeys((1, 2, 3), float("inf"))),),
-    "small_chunks": (("jaggedrec.ops.fused_torch._CHUNK_BYTES", 48),),
+    "stream": (("jaggedrec.ops.fused_rows._STREAM_MIN_TOUCHED", dict.fromkeys((1, 2, 3), 0.0)),),
+    "scatter": (("jaggedrec.ops.fused_rows._STREAM_MIN_TOUCHED", dict.fromkeys((1, 2, 3), float("inf"))),),
+    "small_chunks": (("jaggedrec.ops.fused_rows._CHUNK_BYTES", 48),),
     # Triton backward: rows read more than LONG_RUN times (hot rows) are summed by a kernel of
     # their own; at 1 tiny batches have both kinds of rows, at 0 every row is hot
     "hot_rows": (("jaggedrec.kernels.row_runs.LONG_RUN", 1),),
