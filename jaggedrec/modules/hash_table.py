@@ -144,6 +144,7 @@ class HashTableState(nn.Module):
         self._key_maps: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._admits = any(t.options.admit_threshold > 1 for t in tables)
         self._counts_lookups = any(t.options.eviction == "lfu" for t in tables)
+        self._policies = frozenset(EVICTION_POLICIES[t.options.eviction] for t in tables)
         self._feature_table = {f: i for i, t in enumerate(tables) for f in t.features}
         self._feature_index = {f: i for i, f in enumerate(self.features)}
 
@@ -209,7 +210,7 @@ class HashTableState(nn.Module):
                 placement = hp.train_step(
                     self.keys, self.last_step, self.count, self.sketch, self.step, self.bucket_size, raw, buckets,
                     hashed_mask, table, self.column("policy"), self.column("ttl"), admission,
-                    compact=self.compacts(raw), counts_lookups=self._counts_lookups)
+                    compact=self.compacts(raw), counts_lookups=self._counts_lookups, policies=self._policies)
             slot, evicted_slot, unplaced = placement.slot, placement.evicted_slot, placement.unplaced
             evicted_at = placement.evicted_at
         else:
@@ -230,7 +231,7 @@ class HashTableState(nn.Module):
                                                        -1))
         evicted_table = table.index_select(0, evicted_at)
         base = self.column("slot_base").index_select(0, evicted_table)
-        return Remapped(values, evicted_table, evicted_slot.index_select(0, evicted_at) - base)
+        return Remapped(values, evicted_table, evicted_slot - base)
 
     def _count(self, counts: torch.Tensor, per_key: torch.Tensor, key_feature: torch.Tensor) -> None:
         """Add ``[K]`` counts into the ``[F]`` per-feature ``counts`` (keys not hashed: none)."""

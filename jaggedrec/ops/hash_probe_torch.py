@@ -32,6 +32,7 @@ import torch
 EMPTY = torch.iinfo(torch.int64).min  # a free slot's key; the id equal to it is never placed
 NEVER = torch.iinfo(torch.int64).max  # the ranking score of a slot that cannot be taken
 POLICY_NONE, POLICY_LRU, POLICY_LFU, POLICY_TTL = 0, 1, 2, 3
+ALL_POLICIES = frozenset((POLICY_NONE, POLICY_LRU, POLICY_LFU, POLICY_TTL))
 _M1, _M2 = -4658895280553007687, -7723592293110705685  # splitmix64's multipliers, as int64
 _LOW63 = 0x7FFFFFFFFFFFFFFF
 _COUNT_CAP = 1 << 30  # LFU scores pack count and step in one int64
@@ -131,7 +132,9 @@ def _byte_index(packed: torch.Tensor, bucket_size: int) -> torch.Tensor:
     if bucket_size == 1:
         return torch.zeros_like(packed)
     magic = sum((bucket_size - 1 - m) << (8 * m) for m in range(bucket_size))
-    return ((packed * magic) >> (8 * (bucket_size - 1))) & 0xFF
+    index = (packed * magic) >> (8 * (bucket_size - 1))
+    # at 8 slots byte 7 is the top byte (index < 8: no sign bits to clear); else mask the bytes above
+    return index if bucket_size == 8 else index.bitwise_and_(0xFF)
 
 
 class Placement(NamedTuple):
@@ -140,35 +143,48 @@ class Placement(NamedTuple):
     each placed id only)."""
 
     slot: torch.Tensor  # [N] int64
-    evicted_slot: torch.Tensor  # [N] int64
+    evicted_slot: torch.Tensor  # [N] int64 ([E] in compact steps: see evicted_at)
     unplaced: torch.Tensor  # [N] bool: admitted, but no slot could be had
     pending: torch.Tensor  # [N] bool: missing and not admitted (yet)
-    # [E] int64 positions whose id evicted another (compact steps; None on fixed shapes)
+    # [E] int64 positions whose id evicted another (compact steps, where ``evicted_slot`` is
+    # ``[E]`` too, the slot each of them left; None on fixed shapes)
     evicted_at: Optional[torch.Tensor] = None
 
 
-def _ranking(keys, last_step, count, buckets, bucket_size: int, policy, ttl, step, counts_kept: bool = True):
-    """``[N, S]`` slots of each id's bucket, best to take first, and ``[N]`` how many may be
-    taken (see the module's rules). ``counts_kept`` False: ``count`` is all 0 (no table evicts
-    by LFU), so LFU's score would be ``last_step`` itself and is not formed."""
-    slots = buckets.unsqueeze(1) * bucket_size + torch.arange(bucket_size, device=keys.device)  # [N, S]
+def _ranking(keys, last_step, count, buckets, bucket_size: int, policy, ttl, step, counts_kept: bool = True,
+             policies=None):
+    """``[N, S]`` offsets (``0 .. S-1``) of the slots of each id's bucket, best to take first, and
+    ``[N]`` how many may be taken (see the module's rules). ``counts_kept`` False: ``count`` is
+    all 0 (no table evicts by LFU), so LFU's score would be ``last_step`` itself and is not
+    formed. ``policies``: the policies the tables use (None: any); ``policy`` and ``ttl``
+    (``[N]``) are read only where they matter, so may be None when ``policies`` is {LRU} or
+    {LRU, LFU} and ``counts_kept`` is False (every slot evictable, one score)."""
     k, last = (_bucket_view(state, bucket_size).index_select(0, buckets) for state in (keys, last_step))
-    busy = last == step  # looked up in this batch (train_step wrote those first)
-    policy, ttl = policy.unsqueeze(1), ttl.unsqueeze(1)
+    policies = ALL_POLICIES if policies is None else frozenset(policies)
+    blocked = last == step  # looked up in this batch (train_step wrote those first): never evicted
+    if not policies <= {POLICY_LRU, POLICY_LFU}:  # some slots are not evictable at all
+        table_policy = policy.unsqueeze(1)
+        evictable = (table_policy == POLICY_LRU) | (table_policy == POLICY_LFU)
+        if POLICY_TTL in policies:
+            evictable = evictable | (table_policy == POLICY_TTL) & (step - last > ttl.unsqueeze(1))
+        blocked |= ~evictable
     score = last
     if counts_kept:
         lfu = _bucket_view(count, bucket_size).index_select(0, buckets).clamp(max=_COUNT_CAP) * (1 << 32) + last
-        score = torch.where(policy == POLICY_LFU, lfu, last)
-    evictable = (policy == POLICY_LRU) | (policy == POLICY_LFU) | ((policy == POLICY_TTL) & (step - last > ttl))
-    score = torch.where(evictable & ~busy, score, NEVER)
-    score = torch.where(k == EMPTY, EMPTY, score)
+        score = torch.where(policy.unsqueeze(1) == POLICY_LFU, lfu, last)
+    score = score.masked_fill(blocked, NEVER).masked_fill_(k == EMPTY, EMPTY)
     score, order = torch.sort(score, dim=1, stable=True)
-    return slots.gather(1, order), (score != NEVER).sum(1)
+    return order, (score != NEVER).sum(1)
+
+
+def _reads_policy(policies, counts_kept: bool) -> bool:
+    """Whether :func:`_ranking` reads the per-position policy (see there)."""
+    return counts_kept or policies is None or not frozenset(policies) <= {POLICY_LRU, POLICY_LFU}
 
 
 def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, buckets, hashed_mask, table,
                table_policy, table_ttl, admission=None, compact: bool = False,
-               counts_lookups: bool = True) -> Placement:
+               counts_lookups: bool = True, policies=None) -> Placement:
     """One training batch: look ids up, admit, place and evict, updating the state in place.
 
     Args:
@@ -185,40 +201,46 @@ def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, buck
         compact: place only the admitted positions, picked with ``nonzero`` (a data-dependent
             size: for eager CPU tensors, where it waits on no device); else every position
             goes through the placement, masked (fixed shapes: compiled graphs, GPUs).
+        policies: the eviction policies the tables use (a set of ``POLICY_*``, known when the
+            state is built; None: any), so that the placement forms only their scores.
     """
     n = ids.numel()
     scratch = keys.numel() - 1
     valid = hashed_mask & (ids != EMPTY)  # EMPTY is the free slots' key: never found nor placed
     found, slot = _probe(keys, bucket_size, ids, buckets, valid)
     # the slots looked up now take this step first: the ranking reads "last_step == step" as
-    # "looked up in this batch" (earlier steps are all smaller), which it never evicts
+    # "looked up in this batch" (earlier steps are all smaller), which it never evicts; found
+    # slots stay, the others read -1 until placed (positions of features not hashed are never
+    # found nor admitted, so they stay -1)
+    slot = torch.where(found, slot, -1)
     last_step.index_copy_(0, torch.where(found, slot, scratch), step.expand(n))
-    miss = hashed_mask & ~found
-    admitted = valid & ~found
+    not_found = ~found
+    miss = hashed_mask & not_found
+    admitted = valid & not_found
     if admission is not None:  # occurrences of missing ids in their table's counters
         sketch_index, threshold = admission
         counted = miss & (threshold > 1)
         sketch.index_add_(0, torch.where(counted, sketch_index, sketch.numel() - 1), counted.to(torch.int64))
         admitted = admitted & ((threshold <= 1) | (sketch.index_select(0, sketch_index) >= threshold))
-    # found slots stay, the others read -1 until placed (positions of features not hashed are
-    # never found nor admitted, so they stay -1)
-    slot = torch.where(found, slot, -1)
+    reads_policy = _reads_policy(policies, counts_lookups)
     evicted_at = None
     if compact:
         pick = admitted.nonzero().squeeze(1)
-        picked = table.index_select(0, pick)
+        picked = table.index_select(0, pick) if reads_policy else None
         m_slot, m_evicted = _place(keys, last_step, count, step, bucket_size, ids.index_select(0, pick),
-                                   buckets.index_select(0, pick), torch.ones_like(pick, dtype=torch.bool),
-                                   table_policy.index_select(0, picked), table_ttl.index_select(0, picked),
-                                   counts_lookups)
+                                   buckets.index_select(0, pick), None,
+                                   None if picked is None else table_policy.index_select(0, picked),
+                                   None if picked is None else table_ttl.index_select(0, picked),
+                                   counts_lookups, policies)
         slot.index_copy_(0, pick, m_slot)
         evicted = (m_evicted >= 0).nonzero().squeeze(1)
         evicted_at = pick.index_select(0, evicted)
-        evicted_slot = torch.full_like(ids, -1).index_copy_(0, evicted_at, m_evicted.index_select(0, evicted))
+        evicted_slot = m_evicted.index_select(0, evicted)
         last_step.index_copy_(0, torch.where(m_slot >= 0, m_slot, scratch), step.expand(pick.numel()))
     else:
         new_slot, evicted_slot = _place(keys, last_step, count, step, bucket_size, ids, buckets, admitted,
-                                        table_policy[table], table_ttl[table], counts_lookups)
+                                        table_policy[table] if reads_policy else None,
+                                        table_ttl[table] if reads_policy else None, counts_lookups, policies)
         last_step.index_copy_(0, torch.where(new_slot >= 0, new_slot, scratch), step.expand(n))
         slot = torch.where(found, slot, new_slot)
     live = slot >= 0
@@ -229,38 +251,50 @@ def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, buck
 
 
 def _place(keys, last_step, count, step, bucket_size: int, ids, buckets, admitted, policy, ttl,
-           counts_kept: bool = True):
+           counts_kept: bool = True, policies=None):
     """Give the admitted ids slots: ``[M]`` slot of each position (``-1``: none) and the slot an
     evicted id left (``-1``: none; at each new id's first position). Writes the new ids' keys
-    and zeroes their counts."""
+    and zeroes their counts. ``admitted`` None: every position is admitted (compact steps).
+    ``policy``, ``ttl``: ``[M]`` per position, or None where :func:`_reads_policy` says so."""
     n = ids.numel()
     scratch = keys.numel() - 1
     # distinct admitted ids, by (bucket, id): two stable sorts; the others sort last
     by_id = torch.sort(ids, stable=True).indices
-    order_key, by_bucket = torch.sort(torch.where(admitted, buckets, NEVER)[by_id], stable=True)
-    perm = by_id[by_bucket]
-    s_ids, s_buckets, s_admitted = ids.index_select(0, perm), buckets.index_select(0, perm), admitted.index_select(0, perm)
+    sort_key = buckets if admitted is None else torch.where(admitted, buckets, NEVER)
+    order_key, by_bucket = torch.sort(sort_key.index_select(0, by_id), stable=True)
+    perm = by_id.index_select(0, by_bucket)
+    s_ids = ids.index_select(0, perm)
+    s_buckets = order_key if admitted is None else buckets.index_select(0, perm)
     same_id = (s_ids[1:] == s_ids[:-1]) & (s_buckets[1:] == s_buckets[:-1])
-    first = s_admitted & ~torch.cat([same_id.new_zeros(1), same_id])
+    first = torch.cat([same_id.new_zeros(1), same_id]).narrow(0, 0, n).logical_not_()
+    s_admitted = None
+    if admitted is not None:
+        s_admitted = admitted.index_select(0, perm)
+        first &= s_admitted
     # rank of each new id in its bucket: the firsts before it, less those before its bucket's run
-    seen = torch.cumsum(first.to(torch.int64), 0)
+    first_count = first.to(torch.int64)
+    seen = torch.cumsum(first_count, 0)
     run_begin = torch.searchsorted(order_key, order_key)
-    rank = seen - 1 - (seen - first.to(torch.int64))[run_begin]
-    ranked, available = _ranking(keys, last_step, count, s_buckets, bucket_size, policy.index_select(0, perm),
-                                 ttl.index_select(0, perm), step, counts_kept)
+    rank = seen - 1 - (seen - first_count).index_select(0, run_begin)
+    ranked, available = _ranking(keys, last_step, count, s_buckets, bucket_size,
+                                 None if policy is None else policy.index_select(0, perm),
+                                 None if ttl is None else ttl.index_select(0, perm), step, counts_kept, policies)
     placed = first & (rank < available)
     target = ranked.gather(1, rank.clamp(0, bucket_size - 1).unsqueeze(1)).squeeze(1)
-    target = torch.where(placed, target, scratch)
-    evicted = placed & (keys[target] != EMPTY)
+    target = torch.where(placed, target.add_(s_buckets * bucket_size), scratch)
+    evicted = placed & (keys.index_select(0, target) != EMPTY)
     # every duplicate reads its first's slot: the firsts' slots by their number (seen - 1)
     by_number = torch.full((n + 1,), -1, dtype=torch.int64, device=ids.device)
     by_number.index_copy_(0, torch.where(first, seen - 1, n), torch.where(placed, target, -1))
-    s_slot = torch.where(s_admitted, by_number[(seen - 1).clamp(min=0)], -1)
+    s_slot = by_number.index_select(0, (seen - 1).clamp_(min=0))
+    if s_admitted is not None:
+        s_slot = torch.where(s_admitted, s_slot, -1)
     new_slot = torch.empty_like(s_slot).index_copy_(0, perm, s_slot)
     evicted_slot = torch.empty_like(s_slot).index_copy_(0, perm, torch.where(evicted, target, -1))
     # write the new ids; the scratch slot takes the writes of the others
     keys.index_copy_(0, target, torch.where(placed, s_ids, EMPTY))
-    count.index_fill_(0, target, 0)
+    if counts_kept:  # else every count is 0 already
+        count.index_fill_(0, target, 0)
     return new_slot, evicted_slot
 
 
