@@ -11,111 +11,31 @@ call over its block of tables (the type's same-dim tables, side by side in its b
 shifted by its table's first row; otherwise by one call per feature on that table's own rows
 (:func:`_split` weighs the two); a per-feature call gets the KJT's own offsets where torch's op
 takes them (:func:`op_takes_unbased_offsets`: the 8-bit op; the first key's start at 0 anyway),
-else offsets re-based to 0. The pieces are then put side by side by one ``cat``. When every
+else offsets re-based to 0 (the 8-bit op then also takes all of the KJT's ids, so that a key
+costs one slice and its call). The pieces are then put side by side by one ``cat``. When every
 bag holds one id (one-hot features) each segment's ids are taken batch-major instead, so that
 its one call returns ``[B, keys*D]`` columns in the output's layout: with one segment, the
 output itself, with no copy at all.
+
+The segments, their per-feature cuts, the row views and the block shifts are worked out once
+per layout and kept (``quantized_plan.QuantPlan``): on a small batch they cost more than the
+pooling's own glue.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from jaggedrec.ops import pooled_torch, quantized_rows
 from jaggedrec.ops.feature_tables import STORAGE_FP16, STORAGE_INT4, STORAGE_INT8, FeatureTables
+from jaggedrec.ops.quantized_plan import QuantPlan, Segment, plan_for
 
 
 _OPS = {STORAGE_INT8: torch.ops.quantized.embedding_bag_byte_rowwise_offsets,
         STORAGE_INT4: torch.ops.quantized.embedding_bag_4bit_rowwise_offsets}
-
-
-class Segment(NamedTuple):
-    features: Tuple[int, ...]   # consecutive features, in the op's order
-    keys: Tuple[int, ...]       # their keys, consecutive and increasing
-    storage: int
-    dim: int
-    row_bytes: int
-    start: int                  # first byte of the block (the type's tables of this dim) in its buffer
-    num_rows: int               # rows of the block
-    row_bases: Tuple[int, ...]  # per feature, its table's first row in the block
-    table_rows: Tuple[int, ...]  # per feature, its table's rows
-    mean: Tuple[bool, ...]      # per feature, MEAN pooling
-    column: int                 # the first output column of its first feature
-    one_table: bool             # every feature reads one table: ids index its own rows, unshifted
-    packed: bool                # rows as torch's CPU quantized ops read them (INT8/INT4, no padding)
-
-
-@functools.lru_cache(maxsize=256)
-def segments(tables: FeatureTables) -> Tuple[Segment, ...]:
-    """The features cut into segments (see the module docstring)."""
-    blocks: Dict[Tuple[int, int], Tuple[int, int]] = {}  # (storage, dim) -> (first byte, end byte)
-    for f in range(tables.num_features):
-        key = (tables.storage[f], tables.dims[f])
-        lo, hi = blocks.get(key, (tables.weight_offsets[f], 0))
-        blocks[key] = (min(lo, tables.weight_offsets[f]),
-                       max(hi, tables.weight_offsets[f] + tables.rows[f] * tables.row_bytes[f]))
-    runs: List[List[int]] = []  # features of each segment
-    for f in range(tables.num_features):
-        last = runs[-1][-1] if runs else None
-        if (last is not None and (tables.storage[last], tables.dims[last]) == (tables.storage[f], tables.dims[f])
-                and tables.keys[f] == tables.keys[last] + 1):
-            runs[-1].append(f)
-        else:
-            runs.append([f])
-    out: List[Segment] = []
-    for run in runs:
-        f = run[0]
-        storage, dim, stride = tables.storage[f], tables.dims[f], tables.row_bytes[f]
-        start, end = blocks[storage, dim]
-        for g in run:
-            if (tables.weight_offsets[g] - start) % stride:
-                raise ValueError(f"feature {g}: table offset {tables.weight_offsets[g]} is not row-aligned in the "
-                                 f"block of dim-{dim} tables starting at byte {start}")
-        bases = tuple((tables.weight_offsets[g] - start) // stride for g in run)
-        out.append(Segment(tuple(run), tuple(tables.keys[g] for g in run), storage, dim, stride, start,
-                           (end - start) // stride, bases, tuple(tables.rows[g] for g in run),
-                           tuple(bool(tables.pooling[g]) for g in run), sum(tables.dims[:f]), len(set(bases)) == 1,
-                           storage != STORAGE_FP16 and stride == quantized_rows.row_bytes(storage, dim)))
-    return tuple(out)
-
-
-@functools.lru_cache(maxsize=1024)
-def _per_feature(seg: Segment) -> Tuple[Segment, ...]:
-    """``seg`` cut into one segment per feature."""
-    return tuple(Segment((f,), (k,), seg.storage, seg.dim, seg.row_bytes, seg.start, seg.num_rows, (base,), (rows,),
-                         (mean,), seg.column + i * seg.dim, True, seg.packed)
-                 for i, (f, k, base, rows, mean) in enumerate(zip(seg.features, seg.keys, seg.row_bases,
-                                                                  seg.table_rows, seg.mean)))
-
-
-# buffer -> {(first byte, rows, row bytes): (the buffer's data_ptr then, [rows, row_bytes] view)}
-_ROW_VIEWS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def _rows(buffers: Dict[int, torch.Tensor], seg: Segment) -> torch.Tensor:
-    """``[rows, row_bytes]`` uint8: the segment's one table, else its whole block.
-
-    The view is made once per buffer and kept (each view op costs microseconds per segment
-    and step, more than the rest of a small batch's glue): a buffer replaced (``.to()``,
-    ``load_state_dict(assign=True)``) is another key, one whose storage moved (``set_``)
-    another data pointer, and a buffer's views die with it."""
-    buffer = buffers[seg.storage]
-    first, rows = (seg.row_bases[0], seg.table_rows[0]) if seg.one_table else (0, seg.num_rows)
-    start = buffer.storage_offset() + seg.start + first * seg.row_bytes
-    views = _ROW_VIEWS.get(buffer)
-    if views is None:
-        views = _ROW_VIEWS[buffer] = {}
-    kept = views.get((start, rows, seg.row_bytes))
-    pointer = buffer.data_ptr()
-    if kept is not None and kept[0] == pointer:
-        return kept[1]
-    view = buffer.as_strided((rows, seg.row_bytes), (seg.row_bytes, 1), start)
-    views[start, rows, seg.row_bytes] = (pointer, view)
-    return view
 
 
 def _bag_sums(rows: torch.Tensor, seg: Segment, ids: torch.Tensor, bag_offsets: torch.Tensor,
@@ -160,10 +80,6 @@ def _arange(n: int, like: torch.Tensor) -> torch.Tensor:
     return kept[:n]
 
 
-def _bases(seg: Segment, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(seg.row_bases, dtype=like.dtype, device=like.device)
-
-
 class IdsOutOfRange(RuntimeError):
     """Ids outside their tables, found by :func:`quantized_forward` with ``check_ids``; the
     caller words the error (feature, id, sample)."""
@@ -171,7 +87,8 @@ class IdsOutOfRange(RuntimeError):
 
 def quantized_forward(buffers: Dict[int, torch.Tensor], values: torch.Tensor, offsets: torch.Tensor,
                       psw: Optional[torch.Tensor], tables: FeatureTables, starts: Optional[List[int]] = None,
-                      check_ids: bool = False, one_per_bag: Optional[bool] = None) -> torch.Tensor:
+                      check_ids: bool = False, one_per_bag: Optional[bool] = None,
+                      plan: Optional[QuantPlan] = None) -> torch.Tensor:
     """``[B, sum(dims)]`` fp32 pooled bags of every feature.
 
     Args:
@@ -187,26 +104,30 @@ def quantized_forward(buffers: Dict[int, torch.Tensor], values: torch.Tensor, of
             and the other paths, are checked per table first.
         one_per_bag: whether every bag holds one id, when the caller knows (validated lengths
             tell it for free); None: found out here, with one pass over the offsets.
+        plan: ``tables``' plan (``quantized_plan.QuantPlan``), when the caller keeps one.
     """
     num_keys = tables.num_keys
     batch = (offsets.shape[0] - 1) // num_keys
-    segs = segments(tables)
+    if plan is None:
+        plan = plan_for(tables)
+    plan.check_buffers(buffers)
+    segs = plan.segments
     if one_per_bag is None:
         one_per_bag = (values.shape[0] == num_keys * batch
                        and torch.equal(offsets, _arange(num_keys * batch + 1, offsets)))
     if one_per_bag:
-        pieces = [_one_id_per_bag(buffers, values, psw, seg, batch, check_ids) for seg in segs]
+        pieces = [_one_id_per_bag(plan, values, psw, seg, batch, check_ids) for seg in segs]
     else:
         if starts is None:
             starts = offsets[::batch].tolist()  # [K+1] first id of each key
-        split = _split(segs, starts)
+        split = _split(plan, starts)
         in_place = [_reads_in_place(buffers, seg, starts) for seg in split]
         relative = None
         if sum(len(seg.keys) == 1 and not kept for seg, kept in zip(split, in_place)) > 2:
             # [K, B+1] each key's bag starts within its own ids, in one op (per key they would cost one each)
             relative = torch.sub(offsets.as_strided((num_keys, batch + 1), (batch, 1)),
                                  offsets.as_strided((num_keys, 1), (batch, 0)))
-        pieces = [_pooled(buffers, values, offsets, relative, psw, seg, batch, starts, check_ids, kept)
+        pieces = [_pooled(plan, values, offsets, relative, psw, seg, batch, starts, check_ids, kept)
                   for seg, kept in zip(split, in_place)]
     # one copy into the output, as torch's cat moves columns fastest (~1.7x a strided copy per piece)
     return pieces[0].contiguous() if len(pieces) == 1 else torch.cat(pieces, dim=1)
@@ -238,11 +159,13 @@ def op_refuses_bad_ids(storage: int) -> bool:
 def op_takes_unbased_offsets(storage: int) -> bool:
     """Whether torch's CPU quantized embedding-bag op for ``storage`` pools one key of a KJT
     from the KJT's own offsets (``[B+1]``, starting at the key's first id ``lo``, not at 0)
-    and its ids up to the key's end (``values[:hi]``), reading only ``values[lo:hi]``: the
-    same bags as on ids and offsets re-based to 0, and still refusing a bad id among them.
-    FBGEMM's 8-bit kernel does (it starts each bag at its offset); torch's 4-bit op starts at
-    the first id it is given, so it gets re-based offsets. Asked once per process, with a
-    tiny batch, for int32 and int64 ids, with and without per-id weights."""
+    and all of its ids and weights (``values``, ``[N]``), reading only the key's
+    ``values[lo:hi]``: the same bags as on ids and offsets re-based to 0, ids after the key's
+    (a bad one among them) left unread, and still refusing a bad id of the key. FBGEMM's
+    8-bit kernel does (it starts each bag at its offset and reads up to the key's last
+    offset); torch's 4-bit op starts at the first id it is given and wants the last offset at
+    the ids' end, so it gets re-based offsets. Asked once per process, with a tiny batch, for
+    int32 and int64 ids, with and without per-id weights."""
     if storage == STORAGE_FP16 or not op_refuses_bad_ids(storage):
         return False
     table = torch.linspace(-1.0, 1.0, 40).view(5, 8)
@@ -257,8 +180,7 @@ def op_takes_unbased_offsets(storage: int) -> bool:
             based = op(rows, values[1:7], offsets[1:5] - 1, False, 0, False, None if psw is None else psw[1:7],
                        None, True)
             try:
-                unbased = op(rows, values[:7], offsets[1:5], False, 0, False, None if psw is None else psw[:7],
-                             None, True)
+                unbased = op(rows, values, offsets[1:5], False, 0, False, psw, None, True)
             except RuntimeError:
                 return False
             if not torch.equal(based, unbased):
@@ -271,14 +193,18 @@ def op_takes_unbased_offsets(storage: int) -> bool:
     return True
 
 
-def _reads_in_place(buffers: Dict[int, torch.Tensor], seg: Segment, starts: List[int]) -> bool:
-    """Whether the segment, one key, pools straight from the KJT's offsets: those of the first
-    key start at 0 already; others where torch's op takes them as they are."""
+REBASED, FROM_ZERO, ALL_IDS = 0, 1, 2  # how a one-key segment's call gets its offsets and ids
+
+
+def _reads_in_place(buffers: Dict[int, torch.Tensor], seg: Segment, starts: List[int]) -> int:
+    """How the segment, one key, pools: ``ALL_IDS``, straight from the KJT's offsets and all
+    its ids, where torch's op takes them as they are; ``FROM_ZERO``, the KJT's offsets and the
+    ids up to the key's end, when the key's offsets start at 0; else ``REBASED`` (0)."""
     if len(seg.keys) != 1:
-        return False
-    if starts[seg.keys[0]] == 0:
-        return True
-    return seg.packed and buffers[seg.storage].is_cpu and op_takes_unbased_offsets(seg.storage)
+        return REBASED
+    if seg.packed and buffers[seg.storage].is_cpu and op_takes_unbased_offsets(seg.storage):
+        return ALL_IDS
+    return FROM_ZERO if starts[seg.keys[0]] == 0 else REBASED
 
 
 def _op_checks(seg: Segment, rows: torch.Tensor) -> bool:
@@ -311,20 +237,23 @@ def _check_ids(ids: torch.Tensor, seg: Segment, counts: Optional[List[int]]) -> 
         raise IdsOutOfRange(f"ids outside their tables among features {list(seg.features)}")
 
 
-def _pooled(buffers, values, offsets, relative, psw, seg: Segment, batch: int, starts: List[int],
-            check_ids: bool = False, in_place: bool = False) -> torch.Tensor:
-    """``[B, keys*D]`` the segment's output columns; ``in_place``: :func:`_reads_in_place`,
-    else the offsets are re-based (``relative``, ``[K, B+1]``, when given)."""
+def _pooled(plan: QuantPlan, values, offsets, relative, psw, seg: Segment, batch: int, starts: List[int],
+            check_ids: bool = False, in_place: int = REBASED) -> torch.Tensor:
+    """``[B, keys*D]`` the segment's output columns; ``in_place``: :func:`_reads_in_place`
+    (``REBASED``: the offsets re-based, from ``relative``, ``[K, B+1]``, when given)."""
     first, count = seg.keys[0], len(seg.keys)
     lo, hi = starts[first], starts[first + count]
     if hi == lo:
         return values.new_zeros((batch, count * seg.dim), dtype=torch.float32)
-    rows = _rows(buffers, seg)
+    rows = plan.rows(seg)
     if count == 1 and seg.one_table:
         # no op that is not needed: each costs microseconds per feature and step
         if check_ids and not _op_checks(seg, rows):
             _check_ids(values[lo:hi], seg, None)
-        if in_place:  # the KJT's own offsets (the key's bag starts, from lo), ids and weights up to its end
+        if in_place == ALL_IDS:  # the KJT's own offsets (the key's bag starts, from lo), ids and weights
+            ids, weights = values, psw
+            bag_offsets = offsets[first * batch:(first + 1) * batch + 1]
+        elif in_place == FROM_ZERO:  # the same, from 0 (lo = 0), and the ids up to the key's end
             ids, weights = values[:hi], None if psw is None else psw[:hi]
             bag_offsets = offsets[first * batch:(first + 1) * batch + 1]
         else:
@@ -337,7 +266,7 @@ def _pooled(buffers, values, offsets, relative, psw, seg: Segment, batch: int, s
             counts = [starts[k + 1] - starts[k] for k in seg.keys]
             if check_ids:
                 _check_ids(ids, seg, counts)
-            ids = ids + torch.repeat_interleave(_bases(seg, ids), torch.tensor(counts, device=ids.device),
+            ids = ids + torch.repeat_interleave(plan.bases(seg, ids), torch.tensor(counts, device=ids.device),
                                                 output_size=hi - lo)
         elif check_ids and not _op_checks(seg, rows):
             _check_ids(ids, seg, None)
@@ -364,32 +293,42 @@ def _pooled(buffers, values, offsets, relative, psw, seg: Segment, batch: int, s
 _CALL_NS, _SHIFT_NS, _SHIFT_NS_PER_ID, _SHIFT_MAX_IDS = 15_000, 120_000, 2.6, 1 << 19
 
 
-def _split(segs: Tuple[Segment, ...], starts: List[int]) -> List[Segment]:
-    """``segs``, with those of several tables cut into one per feature where that is cheaper."""
+def _split(plan: QuantPlan, starts: List[int]) -> List[Segment]:
+    """The plan's segments, with those of several tables cut into one per feature where that is cheaper."""
+    costs = (_CALL_NS, _SHIFT_NS, _SHIFT_NS_PER_ID, _SHIFT_MAX_IDS)  # module constants, which tests vary
+    fixed = plan.splits.get(costs)
+    if fixed is None:
+        # no block call can pay when the calls it saves cost less than the shift's fixed part:
+        # then the cut is the same for every batch, and kept
+        fixed = plan.splits[costs] = [] if any(not seg.one_table and len(seg.keys) * _CALL_NS > _SHIFT_NS
+                                               for seg in plan.segments) else \
+            [s for seg, cut in zip(plan.segments, plan.cuts) for s in ((seg,) if seg.one_table else cut)]
+    if fixed:
+        return fixed
     out: List[Segment] = []
-    for seg in segs:
+    for seg, cut in zip(plan.segments, plan.cuts):
         ids = starts[seg.keys[-1] + 1] - starts[seg.keys[0]]
         if seg.one_table or (ids <= _SHIFT_MAX_IDS and len(seg.keys) * _CALL_NS > _SHIFT_NS + _SHIFT_NS_PER_ID * ids):
             out.append(seg)
         else:
-            out.extend(_per_feature(seg))
+            out.extend(cut)
     return out
 
 
-def _one_id_per_bag(buffers, values, psw, seg: Segment, batch: int, check_ids: bool = False) -> torch.Tensor:
+def _one_id_per_bag(plan: QuantPlan, values, psw, seg: Segment, batch: int, check_ids: bool = False) -> torch.Tensor:
     """``[B, keys*D]`` the segment's output columns when every bag holds one id: its row (times
     its weight; MEAN divides by 1). The ids are taken batch-major, so that the call returns
     the columns in the output's layout."""
     first, count = seg.keys[0], len(seg.keys)
     by_key = values[first * batch:(first + count) * batch].view(count, batch)
-    rows = _rows(buffers, seg)
+    rows = plan.rows(seg)
     if check_ids and not _op_checks(seg, rows):
         _check_ids(by_key, seg, None)
     ids = torch.empty((batch, count), dtype=values.dtype, device=values.device)
     if seg.one_table:
         ids.copy_(by_key.t())
     else:
-        torch.add(by_key.t(), _bases(seg, values), out=ids)  # written once, in batch-major order
+        torch.add(by_key.t(), plan.bases(seg, values), out=ids)  # written once, in batch-major order
     weights = None
     if psw is not None:
         weights = psw[first * batch:(first + count) * batch].view(count, batch).t().contiguous().view(-1)

@@ -17,7 +17,8 @@ from jaggedrec.modules.embedding_modules import EmbeddingBagCollection as FloatE
 from jaggedrec.modules.table_layout import TableSlot
 from jaggedrec.ops import quantized as quantized_ops
 from jaggedrec.ops import vbe
-from jaggedrec.ops.feature_tables import STORAGE_FP16, STORAGE_INT4, STORAGE_INT8, FeatureTables, feature_tables
+from jaggedrec.ops.feature_tables import STORAGE_FP16, STORAGE_INT4, STORAGE_INT8, feature_tables
+from jaggedrec.ops.quantized_plan import QuantPlan
 from jaggedrec.quant import host_path
 from jaggedrec.quant.rowwise import CLAMP_LIMIT, ON_OVERFLOW, QUANT_TYPES, fit_rows, quantize_rows
 from jaggedrec.quant.storage import BUFFER_NAMES, QuantLayout
@@ -74,9 +75,9 @@ class EmbeddingBagCollection(TableCollection):
         super().__init__(QuantLayout(tables, row_align), options, is_weighted, device)
         self._is_weighted = is_weighted
         self._embedding_names = self._layout.embedding_names
-        self._length_per_embedding = self._layout.embedding_dims()
+        self._lengths_per_embedding = self._layout.embedding_dims()
         columns = [0]
-        for d in self._length_per_embedding:
+        for d in self._lengths_per_embedding:
             columns.append(columns[-1] + d)
         self._column_offsets = columns  # where each feature's columns start, for VBE's expansion
 
@@ -163,17 +164,18 @@ class EmbeddingBagCollection(TableCollection):
         Returns:
             KeyedTensor with ``[B, sum(dims)]`` fp32 values.
         """
-        features = as_keyed_jagged_tensor(features)
+        if type(features) is not KeyedJaggedTensor:
+            features = as_keyed_jagged_tensor(features)
         options = self._options
-        stride = host_path.serves(features) if options.backend != "triton" else 0
-        if stride:
+        if options.backend != "triton":
             stored = self._buffers  # read once: each attribute lookup through nn.Module searches three dicts
             buffers = {STORAGE_INT8: stored["qweights_int8"], STORAGE_INT4: stored["qweights_int4"],
                        STORAGE_FP16: stored["qweights_fp16"]}
-            if host_path.plain_cpu(buffers):
-                pooled = host_path.pooled(features, self._spec, self._tables_for(features), buffers, options.validate,
+            stride = host_path.serves(features, buffers)
+            if stride:
+                pooled = host_path.pooled(features, self._spec, self._plan_for(features), buffers, options.validate,
                                           stride)
-                return KeyedTensor(self._embedding_names, self._length_per_embedding, pooled)
+                return KeyedTensor(self._embedding_names, self._lengths_per_embedding, pooled)
         batch = batch_reader.read_batch(features, self._spec, self._groups, self._output_features, options.validate)
         pooled, bad_ids = quantized_ops.run_quantized_embedding_bags(
             self.qweights_int8, self.qweights_int4, self.qweights_fp16, batch.values, batch.offsets, batch.weights,
@@ -182,19 +184,20 @@ class EmbeddingBagCollection(TableCollection):
         inverse = batch.group_inverse[0]
         if inverse is not None:
             pooled = vbe.expand_rows(pooled, inverse, self._column_offsets)
-        return KeyedTensor(self._embedding_names, self._length_per_embedding, pooled)
+        return KeyedTensor(self._embedding_names, self._lengths_per_embedding, pooled)
 
-    def _tables_for(self, features: KeyedJaggedTensor) -> FeatureTables:
-        """The op's tables for ``features``' key order (raises naming missing features), kept per order."""
+    def _plan_for(self, features: KeyedJaggedTensor) -> QuantPlan:
+        """The torch path's plan for ``features``' key order (raises naming missing features),
+        kept per order with its row views."""
         # kept in the instance's dict: a module pickled before this cache existed gets it on first use
-        cache: Dict[Tuple[str, ...], FeatureTables] = self.__dict__.setdefault("_host_tables", {})
+        cache: Dict[Tuple[str, ...], QuantPlan] = self.__dict__.setdefault("_host_plans", {})
         keys = tuple(features.keys())
-        tables = cache.get(keys)
-        if tables is None:
+        plan = cache.get(keys)
+        if plan is None:
             encoded = batch_reader.group_feature_tables(keys, self._groups, tuple(self._spec.key_rows),
                                                         self._spec.owner)[0]
-            tables = cache[keys] = feature_tables(encoded)
-        return tables
+            plan = cache[keys] = QuantPlan(feature_tables(encoded))
+        return plan
 
 
 def quantize_embeddings(module: nn.Module, dtype: torch.dtype = torch.qint8, inplace: bool = True,

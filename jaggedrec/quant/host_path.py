@@ -28,17 +28,19 @@ import torch
 from jaggedrec.modules import validation
 from jaggedrec.modules.validation import FeatureSpec
 from jaggedrec.ops import quantized_torch
-from jaggedrec.ops.feature_tables import STORAGE_FP16, STORAGE_INT4, STORAGE_INT8, FeatureTables
+from jaggedrec.ops.feature_tables import STORAGE_FP16, STORAGE_INT4, STORAGE_INT8
+from jaggedrec.ops.quantized_plan import QuantPlan
 from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 _PLAIN = torch.Tensor  # an eager CPU tensor's type; fake, functional and traced tensors are subclasses
 
 
-def serves(kjt: object) -> int:
-    """B, the batch size, if :func:`pooled` can serve ``kjt`` (eager, real CPU tensors, one
-    bag per sample: no VBE, no inverse indices, at least one bag), else 0."""
+def serves(kjt: object, buffers: Dict[int, torch.Tensor]) -> int:
+    """B, the batch size, if :func:`pooled` can serve ``kjt`` (a KJT of eager real CPU
+    tensors, one bag per sample: no VBE, no inverse indices, at least one bag) with
+    ``buffers`` (storage type -> flat uint8 buffer: real CPU tensors too), else 0."""
     if type(kjt) is not KeyedJaggedTensor and not isinstance(kjt, KeyedJaggedTensor):
-        return 0
+        return 0  # a torch.fx proxy, while tracing
     if torch.compiler.is_compiling() or kjt.variable_stride_per_key() or kjt.inverse_indices_or_none() is not None:
         return 0
     values, lengths, offsets = kjt.values(), kjt.lengths_or_none(), kjt.offsets_or_none()
@@ -46,18 +48,16 @@ def serves(kjt: object) -> int:
         return 0
     if (lengths is not None and type(lengths) is not _PLAIN) or (offsets is not None and type(offsets) is not _PLAIN):
         return 0
+    int8 = buffers[STORAGE_INT8]
+    if type(int8) is not _PLAIN or type(buffers[STORAGE_INT4]) is not _PLAIN or \
+            type(buffers[STORAGE_FP16]) is not _PLAIN or not int8.is_cpu:
+        return 0
     return kjt.stride()
 
 
-def plain_cpu(buffers: Dict[int, torch.Tensor]) -> bool:
-    """Whether the quantized buffers are real CPU tensors (not fake, functional or on a device)."""
-    int8, int4, fp16 = buffers[STORAGE_INT8], buffers[STORAGE_INT4], buffers[STORAGE_FP16]
-    return type(int8) is _PLAIN and type(int4) is _PLAIN and type(fp16) is _PLAIN and int8.is_cpu
-
-
-def pooled(kjt: KeyedJaggedTensor, spec: FeatureSpec, tables: FeatureTables, buffers: Dict[int, torch.Tensor],
+def pooled(kjt: KeyedJaggedTensor, spec: FeatureSpec, plan: QuantPlan, buffers: Dict[int, torch.Tensor],
            validate: bool, batch: int) -> torch.Tensor:
-    """``[B, sum(dims)]`` fp32: every feature of ``tables`` pooled from ``buffers`` (storage
+    """``[B, sum(dims)]`` fp32: every feature of ``plan.tables`` pooled from ``buffers`` (storage
     type -> flat uint8 buffer), ``kjt`` (``batch`` = B bags per key, from :func:`serves`)
     checked as ``read_batch`` checks it."""
     values, weights = kjt.values(), kjt.weights_or_none()
@@ -73,8 +73,8 @@ def pooled(kjt: KeyedJaggedTensor, spec: FeatureSpec, tables: FeatureTables, buf
             offsets = offsets.int()
     psw = None if weights is None else weights.float().contiguous()
     try:
-        return quantized_torch.quantized_forward(buffers, values.contiguous(), offsets.contiguous(), psw, tables,
-                                                 starts, check_ids=validate, one_per_bag=one_per_bag)
+        return quantized_torch.quantized_forward(buffers, values.contiguous(), offsets.contiguous(), psw, plan.tables,
+                                                 starts, check_ids=validate, one_per_bag=one_per_bag, plan=plan)
     except RuntimeError as error:
         failure = error
     # outside the handler, so that the user's error does not come chained to the op's
