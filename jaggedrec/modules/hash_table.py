@@ -145,6 +145,8 @@ class HashTableState(nn.Module):
         self._admits = any(t.options.admit_threshold > 1 for t in tables)
         self._counts_lookups = any(t.options.eviction == "lfu" for t in tables)
         self._policies = frozenset(EVICTION_POLICIES[t.options.eviction] for t in tables)
+        sizes = set(columns["num_buckets"][:-1])
+        self._num_buckets = sizes.pop() if len(sizes) == 1 else 0  # every hashed table's buckets, if one
         self._feature_table = {f: i for i, t in enumerate(tables) for f in t.features}
         self._feature_index = {f: i for i, f in enumerate(self.features)}
 
@@ -197,7 +199,10 @@ class HashTableState(nn.Module):
         hashed = hp.mix(raw)
         per_table = self.per_table
         bucket_base = self.column("bucket_base").index_select(0, table)
-        buckets = hp.bucket_of(hashed, bucket_base, self.column("num_buckets").index_select(0, table))
+        # one table size (the common case): a scalar divisor, no per-position gather (positions
+        # not hashed then get some bucket of the first table: any valid bucket serves them)
+        num_buckets = self._num_buckets if self._num_buckets else self.column("num_buckets").index_select(0, table)
+        buckets = hp.bucket_of(hashed, bucket_base, num_buckets)
         evicted_at = None
         if self.training:
             admission = None

@@ -47,9 +47,10 @@ def mix(ids: torch.Tensor) -> torch.Tensor:
     return x.bitwise_xor_((x >> 31).bitwise_and_((1 << 33) - 1))
 
 
-def bucket_of(hashed: torch.Tensor, bucket_base: torch.Tensor, num_buckets: torch.Tensor) -> torch.Tensor:
-    """Global bucket of each id: ``bucket_base + (hashed & 2^63-1) % num_buckets`` (per position)."""
-    return bucket_base + (hashed & _LOW63) % num_buckets
+def bucket_of(hashed: torch.Tensor, bucket_base, num_buckets) -> torch.Tensor:
+    """Global bucket of each id: ``bucket_base + (hashed & 2^63-1) % num_buckets`` (``[N]``
+    tensors or ints each)."""
+    return (hashed & _LOW63).remainder_(num_buckets).add_(bucket_base)
 
 
 def sketch_of(hashed: torch.Tensor, sketch_base: torch.Tensor, sketch_width: torch.Tensor) -> torch.Tensor:
@@ -225,7 +226,7 @@ def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, buck
     reads_policy = _reads_policy(policies, counts_lookups)
     evicted_at = None
     if compact:
-        pick = admitted.nonzero().squeeze(1)
+        pick = torch.arange(n, device=ids.device).masked_select(admitted)  # cheaper than nonzero on CPU
         picked = table.index_select(0, pick) if reads_policy else None
         m_slot, m_evicted = _place(keys, last_step, count, step, bucket_size, ids.index_select(0, pick),
                                    buckets.index_select(0, pick), None,
