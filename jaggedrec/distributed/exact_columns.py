@@ -41,6 +41,7 @@ from jaggedrec.optim import FusedOptimizer
 from jaggedrec.distributed.checkpoint import state_views
 from jaggedrec.ops.fused_rules_rowwise import ROW_SUMS, finish_rows, row_partials
 from jaggedrec.distributed.shard_layout import Shard, ShardLayout
+from jaggedrec.sparse.jagged_tensor import repeat_counts
 
 # config fields the exact step reads; any other set away from its default is refused
 _STEPPED_FIELDS = frozenset(("lr", "max_gradient", "eps", "weight_decay", "weight_decay_mode", "betas", "eta",
@@ -180,7 +181,7 @@ class ExactColumns:
                 lo, hi = starts[j], starts[j + 1]
                 if self._pooled:
                     n = lengths[j].long()
-                    bag = torch.repeat_interleave(torch.arange(stride, device=device), n, output_size=hi - lo)
+                    bag = repeat_counts(torch.arange(stride, device=device), n, output_size=hi - lo)
                     means.append((1.0 / n.clamp(min=1).to(torch.float32)).unsqueeze(1) if mean else None)
                 else:
                     bag = torch.arange(hi - lo, device=device)
@@ -196,7 +197,7 @@ class ExactColumns:
             rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
             run_offsets = F.pad(counts.cumsum(0), (1, 0))
             inverse = torch.empty_like(order)
-            inverse[order] = torch.repeat_interleave(torch.arange(rows.shape[0], device=device), counts)
+            inverse[order] = repeat_counts(torch.arange(rows.shape[0], device=device), counts)
             sorted_bags = torch.cat(bags)[order]
             sorted_weights = None if psw is None else torch.cat(weights)[order]
             blocks = []

@@ -23,6 +23,7 @@ from jaggedrec.modules import validation
 from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
 from jaggedrec.distributed.comm import Agreement, joins_backward, start_agree, start_exchange
 from jaggedrec.distributed.shard_layout import REPLICA, ShardLayout
+from jaggedrec.sparse.jagged_tensor import repeat_counts
 
 
 @dataclass
@@ -133,7 +134,7 @@ class InputDist(nn.Module):
         else:  # per received id: its local feature's factor, blocks [source, feature]
             sizes = received[0].view(self._world, len(scales), -1).sum(-1).reshape(-1)
             per_feature = torch.tensor(scales, dtype=torch.float32, device=sizes.device).repeat(self._world)
-            scale = torch.repeat_interleave(per_feature, sizes)
+            scale = repeat_counts(per_feature, sizes)
         return WeightsDist.apply(joins_backward([sent])[0], received[2], counts, recv_counts, scale, self._group)
 
     def finish(self, received: List[torch.Tensor], b: int) -> KeyedJaggedTensor:
@@ -182,7 +183,7 @@ class InputDist(nn.Module):
         row_starts = self._row_starts[table].to(ids.device)
         n = row_starts.numel()
         shard_of = torch.searchsorted(row_starts[1:], ids, right=True)
-        bag = torch.repeat_interleave(torch.arange(b, device=ids.device), lens)
+        bag = repeat_counts(torch.arange(b, device=ids.device), lens)
         slot = shard_of * b + bag
         order = torch.argsort(slot, stable=True)  # ids keep their order within a bag
         per_slot = torch.bincount(slot, minlength=n * b).view(n, b)
@@ -202,7 +203,7 @@ class InputDist(nn.Module):
         src_start = (torch.cumsum(sizes.view(-1), 0) - sizes.view(-1)).view(world, n_local)
         dst_sizes = sizes.t().reshape(-1)
         dst_start = torch.cumsum(dst_sizes, 0) - dst_sizes
-        gather = (torch.repeat_interleave(src_start.t().reshape(-1) - dst_start, dst_sizes)
+        gather = (repeat_counts(src_start.t().reshape(-1) - dst_start, dst_sizes)
                   + torch.arange(values.numel(), device=values.device))
         return KeyedJaggedTensor(self._local_keys, values[gather],
                                  weights[gather] if weights is not None else None,

@@ -43,6 +43,7 @@ from jaggedrec.distributed.comm import exchange, start_agree
 from jaggedrec.distributed.mc_layout import BucketLayout
 from jaggedrec.distributed.mc_state import MODULES, load_entries, load_pre_hook, state_entries
 from jaggedrec.distributed.types import EmbeddingModuleShardingPlan, ModuleSharder, ShardingEnv, ShardingType
+from jaggedrec.sparse.jagged_tensor import repeat_counts
 
 _OWNER = "ShardedManagedCollisionCollection"
 
@@ -219,9 +220,9 @@ class ShardedManagedCollisionCollection(nn.Module):
             bucket = router.bucket_of(table_ids)
             n_buckets = len(self._layout.owners[t])
             part_sizes = [p.numel() for p in parts]
-            feature = torch.repeat_interleave(torch.arange(len(names), device=device),
-                                              torch.tensor(part_sizes, dtype=torch.int64, device=device),
-                                              output_size=table_ids.numel())
+            feature = repeat_counts(torch.arange(len(names), device=device),
+                                    torch.tensor(part_sizes, dtype=torch.int64, device=device),
+                                    output_size=table_ids.numel())
             bad.append((bucket < 0) | (bucket >= n_buckets))
             slots.append(slot_index[t][bucket.clamp(0, n_buckets - 1), feature])  # bad ids raise below
             ids.append(table_ids)
@@ -268,8 +269,8 @@ class ShardedManagedCollisionCollection(nn.Module):
         src_start = (torch.cumsum(sizes, 0) - sizes).view(world, mine)
         dst_sizes = slot_counts.t().reshape(-1)
         dst_start = torch.cumsum(dst_sizes, 0) - dst_sizes
-        gather = (torch.repeat_interleave(src_start.t().reshape(-1) - dst_start, dst_sizes,
-                                          output_size=got_ids.numel())
+        gather = (repeat_counts(src_start.t().reshape(-1) - dst_start, dst_sizes,
+                                output_size=got_ids.numel())
                   + torch.arange(got_ids.numel(), device=got_ids.device))
         by_slot = got_ids[gather]
         per_slot = iter(torch.split(by_slot, slot_counts.sum(0).tolist()))
@@ -323,7 +324,7 @@ class ShardedManagedCollisionCollection(nn.Module):
             return rows
         _, _, picked, fallback_rows = self._on(rows.device)
         per_feature = torch.tensor(sizes, dtype=torch.int64, device=rows.device)
-        fallback = torch.repeat_interleave(fallback_rows, per_feature, output_size=rows.numel())
+        fallback = repeat_counts(fallback_rows, per_feature, output_size=rows.numel())
         edges = torch.cat([per_feature.new_zeros(1), per_feature.cumsum(0)])
         for counts, flags in ((self.unplaced, unplaced), (self.fallback, rows == fallback)):
             running = torch.cat([flags.new_zeros(1, dtype=torch.int64), flags.to(torch.int64).cumsum(0)])

@@ -16,6 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from jaggedrec.sparse.jagged_tensor import JaggedTensor
+from jaggedrec.sparse.jagged_tensor import repeat_counts
 
 __all__ = ["HashZchEvictionConfig", "HashZchEvictionModule", "HashZchEvictionPolicyName", "now_hours"]
 
@@ -66,5 +67,5 @@ class HashZchEvictionModule(torch.nn.Module):
             # the JaggedTensor's weights hold the number of ids of each feature, as TorchRec's
             ttl = torch.tensor(self._config.per_feature_ttl, dtype=torch.int32, device=values.device)
             split = feature.weights().to(torch.int64)
-            return (ttl.repeat_interleave(split, output_size=values.numel()) + now).to(torch.int32), now
+            return (repeat_counts(ttl, split, output_size=values.numel()) + now).to(torch.int32), now
         return torch.full_like(values, self._config.single_ttl + now, dtype=torch.int32), now

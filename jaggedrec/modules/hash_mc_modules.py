@@ -40,6 +40,7 @@ from jaggedrec.modules.hash_mc_evictions import (
 )
 from jaggedrec.modules.mc_modules import ManagedCollisionModule
 from jaggedrec.sparse.jagged_tensor import JaggedTensor
+from jaggedrec.sparse.jagged_tensor import repeat_counts
 
 __all__ = ["HashZchManagedCollisionModule"]
 
@@ -164,8 +165,8 @@ class HashZchManagedCollisionModule(ZchPlacement, ManagedCollisionModule):
                 if self._no_bag:
                     rows = torch.where(hit, rows, 0)
                 else:
-                    bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=rows.device), lengths.long(),
-                                                  output_size=rows.numel())
+                    bag = repeat_counts(torch.arange(lengths.numel(), device=rows.device), lengths.long(),
+                                        output_size=rows.numel())
                     rows = rows[hit]
                     if mutate_miss_lengths:
                         lengths = torch.zeros_like(lengths).index_add_(0, bag[hit], torch.ones_like(rows).to(

@@ -17,6 +17,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
+from jaggedrec.sparse.jagged_tensor import repeat_counts
 
 
 class FeatureSpec(NamedTuple):
@@ -201,7 +202,7 @@ def _assert_in_graph(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
     limits = torch.tensor([spec.key_rows.get(k, unchecked) for k in keys], dtype=values.dtype, device=values.device)
     # [N] each id's limit; bad ids counted per key from a running count at the key bounds (no
     # per-id key lookup, no scatter into K counters: ~2x cheaper on CPU)
-    limit_of_id = torch.repeat_interleave(limits, key_counts, output_size=num_ids)
+    limit_of_id = repeat_counts(limits, key_counts, output_size=num_ids)
     bad_so_far = torch.nn.functional.pad(((values < 0) | (values >= limit_of_id)).to(torch.int32).cumsum(0), (1, 0))
     bad_per_key = bad_so_far.index_select(0, key_starts[1:]) - bad_so_far.index_select(0, key_starts[:-1])
     for key, rows in spec.key_rows.items():

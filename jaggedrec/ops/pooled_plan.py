@@ -18,6 +18,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from jaggedrec.ops import backends
+from jaggedrec.sparse.jagged_tensor import repeat_counts
 
 POOLING_SUM, POOLING_MEAN = 0, 1
 
@@ -115,7 +116,7 @@ def shifted_ids(p: Pass, values: torch.Tensor,
             start += count
         return ids, None
     base = torch.tensor(p.key_row_base, dtype=values.dtype, device=values.device)
-    shift = torch.repeat_interleave(base, key_counts, output_size=values.shape[0])
+    shift = repeat_counts(base, key_counts, output_size=values.shape[0])
     ids = values + shift
     if p.covers_all_keys:
         return ids, None
@@ -174,4 +175,4 @@ def bag_of_id(offsets: torch.Tensor, num_keys: int, batch_size: int, num_ids: in
     # int32 when it fits: half the bytes to sort-gather in the backward
     dtype = torch.int32 if num_keys * batch_size < 2**31 else torch.int64
     bags = torch.arange(num_keys * batch_size, device=offsets.device, dtype=dtype).view(batch_size, num_keys).t()
-    return torch.repeat_interleave(bags.reshape(-1), lengths, output_size=num_ids)
+    return repeat_counts(bags.reshape(-1), lengths, output_size=num_ids)

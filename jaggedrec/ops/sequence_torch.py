@@ -20,6 +20,7 @@ from jaggedrec.ops import backends, fused_torch
 from jaggedrec.ops.feature_tables import FeatureTables
 from jaggedrec.ops.op_args import FusedStep
 from jaggedrec.ops.pooled_plan import Pass, block_view
+from jaggedrec.sparse.jagged_tensor import repeat_counts
 
 
 class Segment(NamedTuple):
@@ -78,7 +79,7 @@ def _segment_ids(seg: Segment, values: torch.Tensor, key_lengths: List[int], key
         return ids
     bases = torch.tensor(seg.row_bases, dtype=ids.dtype, device=ids.device)
     counts = torch.tensor([key_lengths[k] for k in seg.keys], device=ids.device)
-    return ids + torch.repeat_interleave(bases, counts, output_size=hi - lo)
+    return ids + repeat_counts(bases, counts, output_size=hi - lo)
 
 
 # A segment whose features have at least this many ids each on average is served feature by

@@ -26,6 +26,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from jaggedrec.sparse.jagged_tensor import lengths_to_offsets
 from jaggedrec.ops.feature_tables import FeatureTables
+from jaggedrec.sparse.jagged_tensor import repeat_counts
 
 
 @torch.fx.wrap
@@ -46,7 +47,7 @@ def vbe_offsets(lengths: torch.Tensor, stride_per_key: List[int]) -> torch.Tenso
         return lengths_to_offsets(lengths)
     # slot of each bag: its index, moved up by the empty slots of the keys before it
     gaps = torch.tensor([k * width - sum(stride_per_key[:k]) for k in range(num_keys)], device=lengths.device)
-    slot = torch.arange(lengths.numel(), device=lengths.device) + torch.repeat_interleave(
+    slot = torch.arange(lengths.numel(), device=lengths.device) + repeat_counts(
         gaps, torch.tensor(stride_per_key, device=lengths.device), output_size=lengths.numel())
     spread = lengths.new_zeros(num_keys * width).index_copy_(0, slot, lengths)
     return lengths_to_offsets(spread)
@@ -111,7 +112,7 @@ def ids_read(inverse_indices: Optional[torch.Tensor], tables: FeatureTables, off
     read = bags_read(inverse_indices, tables, offsets)
     if read is None:
         return None
-    return torch.repeat_interleave(read, (offsets[1:] - offsets[:-1]).long(), output_size=num_ids)
+    return repeat_counts(read, (offsets[1:] - offsets[:-1]).long(), output_size=num_ids)
 
 
 def bags_read(inverse_indices: Optional[torch.Tensor], tables: FeatureTables,

@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.fx._symbolic_trace as fx_trace
 import torch.utils._pytree as pytree
+from jaggedrec.sparse._segments import repeat_counts
 from torch._dynamo.decorators import mark_unbacked, maybe_mark_dynamic
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -229,7 +230,7 @@ class JaggedTensor(metaclass=JaggedTensorMeta):
         out = torch.full((num_bags, width, *source.shape[1:]), padding_value, dtype=source.dtype,
                          device=source.device)
         # values past the last bag are allowed (TorchRec's are), hence no output_size here
-        bag = torch.repeat_interleave(torch.arange(num_bags, device=source.device), lengths)
+        bag = repeat_counts(torch.arange(num_bags, device=source.device), lengths)
         position = torch.arange(bag.numel(), device=source.device) - self.offsets().long()[bag]
         keep = position < width
         out[bag[keep], position[keep]] = source[:bag.numel()][keep]

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 import torch
+from jaggedrec.sparse._segments import repeat_counts
 
 
 def dist_labels(kjt) -> List[str]:
@@ -76,7 +77,7 @@ def _permute_segments(tensor: torch.Tensor, sizes: torch.Tensor, order: torch.Te
     out_sizes = sizes.to(torch.int64)[order]
     out_starts = _offsets(out_sizes)[:-1]
     # a permutation keeps the size, so no read back of the total
-    shift = torch.repeat_interleave(starts - out_starts, out_sizes, output_size=tensor.size(0))
+    shift = repeat_counts(starts - out_starts, out_sizes, output_size=tensor.size(0))
     index = torch.arange(tensor.size(0), device=tensor.device) + shift.to(tensor.device)
     return tensor.index_select(0, index)
 
