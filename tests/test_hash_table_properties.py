@@ -18,18 +18,18 @@ KEYS = ["a", "b", "c", "d"]  # a, b: table h0; c: table h1; d: static table s
 B = 3
 
 
-def make(options0, options1, fused=None, dtype=torch.float32):
+def make(options0, options1, fused=None, dtype=torch.float32, rows1=10):
     tables = [jr.EmbeddingBagConfig(name="h0", embedding_dim=4, num_embeddings=13, feature_names=["a", "b"]),
               jr.EmbeddingBagConfig(name="s", embedding_dim=3, num_embeddings=7, feature_names=["d"]),
-              jr.EmbeddingBagConfig(name="h1", embedding_dim=5, num_embeddings=10, feature_names=["c"])]
+              jr.EmbeddingBagConfig(name="h1", embedding_dim=5, num_embeddings=rows1, feature_names=["c"])]
     return HashEmbeddingBagCollection(tables, {"h0": options0, "h1": options1}, backend="torch",
                                       fused_optimizer=fused)
 
 
-def sim_for(options0, options1):
+def sim_for(options0, options1, rows1=10):
     def table(rows, o):
         return SimTable(rows, o.bucket_size, o.eviction, o.ttl, o.admit_threshold, o.sketch_width)
-    return Simulator({"h0": table(13, options0), "h1": table(10, options1)})
+    return Simulator({"h0": table(13, options0), "h1": table(rows1, options1)})
 
 
 def batch(rng, pool, id_dtype):
@@ -73,10 +73,22 @@ POLICIES = [HashTableOptions(bucket_size=3, eviction="lru", unplaced="fallback")
 @pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("policy", range(len(POLICIES)))
 def test_rows_and_evictions_match_simulator(policy, id_dtype, compaction):
-    rng = random.Random(policy * 7 + (id_dtype == torch.int32))
-    options0 = POLICIES[policy]
     options1 = HashTableOptions(bucket_size=3, eviction="lfu" if policy % 2 else "lru", unplaced="fallback")
-    model, sim = make(options0, options1), sim_for(options0, options1)
+    _match_simulator(POLICIES[policy], options1, id_dtype, compaction, policy * 7 + (id_dtype == torch.int32))
+
+
+@pytest.mark.parametrize("compaction", [True, False], ids=["compact", "fixed_shapes"])
+@pytest.mark.parametrize("eviction1", ["lru", "ttl"])
+def test_tables_of_one_bucket_count_match_simulator(eviction1, compaction):
+    """Both hashed tables with 4 buckets (the remap's one-divisor path; the static key's
+    positions take some bucket of h0 and must stay untouched), LRU alone or beside TTL."""
+    options1 = HashTableOptions(bucket_size=3, eviction=eviction1, ttl=1, unplaced="fallback")
+    _match_simulator(POLICIES[0], options1, torch.int64, compaction, 101 + (eviction1 == "ttl"), rows1=13)
+
+
+def _match_simulator(options0, options1, id_dtype, compaction, seed, rows1=10):
+    rng = random.Random(seed)
+    model, sim = make(options0, options1, rows1=rows1), sim_for(options0, options1, rows1)
     model.hash_state.eager_compaction = compaction  # eager CPU picks the positions to place; graphs do not
     high = 2**31 - 1 if id_dtype == torch.int32 else 2**62
     pool = [rng.randrange(-high, high) for _ in range(30)]
@@ -104,8 +116,8 @@ def test_rows_and_evictions_match_simulator(policy, id_dtype, compaction):
             saw_pending |= flag == "pending"
         assert {f: int(n) for f, n in model.unplaced_counts().items()} == unplaced
         assert {f: int(n) for f, n in model.fallback_counts().items()} == fallback
-    assert saw_eviction or POLICIES[policy].eviction == "none"
-    assert saw_pending == (POLICIES[policy].admit_threshold > 1)
+    assert saw_eviction or options0.eviction == "none"
+    assert saw_pending == (options0.admit_threshold > 1)
 
 
 def test_admission_threshold_counts_occurrences():
