@@ -39,6 +39,15 @@ def run_configs():
             for u, r, w in [(32, 2, 4), (32, 1, 8), (64, 1, 8)]]
 
 
+def rows_grad_configs():
+    """``_rows_grad_kernel``'s: ``run_configs``' with two steps of 32 runs on 8 warps instead
+    of 4. At 4 warps a thread holds 64 floats of each stage's rows at dim 128, and ptxas ran out
+    of registers (255, spills; inside the run loop with per-item scales, and 2 round trips per
+    step on triton 3.6). The sums are the same bits at every config."""
+    return [triton.Config(c.kwargs, num_warps=8 if c.kwargs["UNROLL"] == 2 and not single_config() else c.num_warps)
+            for c in run_configs()]
+
+
 @triton.jit
 def run_tile(u0, num_runs, run_start_ptr, run_feature_ptr, long_rank_ptr, meta_ptr, DIM_ALIGN: tl.constexpr,
              BLOCK_U: tl.constexpr):
@@ -170,13 +179,14 @@ def _long_run_sums_kernel(
             tl.store(long_sums_ptr + (i + tl.zeros([], dtype=tl.int64)) * ROW_STRIDE + cols, acc, mask=col_mask)
 
 
-@autotune(configs=run_configs(), key=["BLOCK_D", "HAS_SCALE", "DIM_ALIGN", "DENSE"])
+@autotune(configs=rows_grad_configs(), key=["BLOCK_D", "HAS_SCALE", "DIM_ALIGN", "DENSE"])
 @triton.jit
 def _rows_grad_kernel(
     grad_out_ptr, num_runs_ptr, run_start_ptr, run_row_ptr, run_feature_ptr, item_offset_ptr, item_scale_ptr,
     long_rank_ptr, long_sums_ptr, meta_ptr, dest_ptr,
     DENSE: tl.constexpr, ROW_STRIDE: tl.constexpr, HAS_SCALE: tl.constexpr, DIM_ALIGN: tl.constexpr,
-    BLOCK_D: tl.constexpr, LEGACY_LOOPS: tl.constexpr, BLOCK_U: tl.constexpr, UNROLL: tl.constexpr,
+    BLOCK_D: tl.constexpr, LEGACY_LOOPS: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_U: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     # programs take turns over tiles of BLOCK_U runs: u0 = pid, pid + G, ... (times BLOCK_U)
     num_runs = tl.load(num_runs_ptr)
@@ -187,12 +197,31 @@ def _rows_grad_kernel(
             dest = tl.multiple_of(tl.load(run_row_ptr + u, mask=live, other=0), DIM_ALIGN)
         else:  # row u of a compact [U, ROW_STRIDE] gradient
             dest = u.to(tl.int64) * ROW_STRIDE
-        for d0 in range(0, tl.max(dim, axis=0), BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            mask = live[:, None] & (cols[None, :] < dim[:, None])
-            acc = run_sums(start, length, longest, long_rank, cols, mask, grad_out_ptr, item_offset_ptr,
-                           item_scale_ptr, long_sums_ptr, ROW_STRIDE, HAS_SCALE, DIM_ALIGN, UNROLL, LEGACY_LOOPS)
-            tl.store(dest_ptr + dest[:, None] + cols[None, :], acc, mask=mask)
+        if ONE_TILE:
+            # every dim fits one tile: no loop over column tiles, whose invariants (the run
+            # offsets' addresses, the scales) ptxas otherwise kept live across it, at 255
+            # registers and spills in the run loop with per-item scales (32 runs x 2 steps)
+            _rows_grad_tile(0, live, start, length, longest, long_rank, dim, dest, grad_out_ptr, item_offset_ptr,
+                            item_scale_ptr, long_sums_ptr, dest_ptr, ROW_STRIDE, HAS_SCALE, DIM_ALIGN, BLOCK_D,
+                            UNROLL, LEGACY_LOOPS)
+        else:
+            for d0 in range(0, tl.max(dim, axis=0), BLOCK_D):
+                _rows_grad_tile(d0, live, start, length, longest, long_rank, dim, dest, grad_out_ptr,
+                                item_offset_ptr, item_scale_ptr, long_sums_ptr, dest_ptr, ROW_STRIDE, HAS_SCALE,
+                                DIM_ALIGN, BLOCK_D, UNROLL, LEGACY_LOOPS)
+
+
+@triton.jit
+def _rows_grad_tile(d0, live, start, length, longest, long_rank, dim, dest, grad_out_ptr, item_offset_ptr,
+                    item_scale_ptr, long_sums_ptr, dest_ptr, ROW_STRIDE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    DIM_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
+                    LEGACY_LOOPS: tl.constexpr):
+    """Columns ``d0 .. d0+BLOCK_D-1`` of a tile of runs' gradients, summed and stored at ``dest``."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    mask = live[:, None] & (cols[None, :] < dim[:, None])
+    acc = run_sums(start, length, longest, long_rank, cols, mask, grad_out_ptr, item_offset_ptr,
+                   item_scale_ptr, long_sums_ptr, ROW_STRIDE, HAS_SCALE, DIM_ALIGN, UNROLL, LEGACY_LOOPS)
+    tl.store(dest_ptr + dest[:, None] + cols[None, :], acc, mask=mask)
 
 
 class Runs(NamedTuple):
@@ -244,7 +273,7 @@ def rows_grad(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, dest: torc
         return
     args, constants = launch_args(grad_out, runs, meta, max_dim, alignment)
     wrap_triton(_rows_grad_kernel)[(persistent_programs(grad_out.device),)](
-        *args, dest, DENSE=dense, **constants)
+        *args, dest, DENSE=dense, ONE_TILE=max_dim <= constants["BLOCK_D"], **constants)
 
 
 def launch_args(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, max_dim: int, alignment: int):

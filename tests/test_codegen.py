@@ -110,10 +110,6 @@ NOT_YET = {
     # kernels/row_runs.py: LLVM unrolls the one-vector-per-thread run loop 4 times and the 4 steps
     # do not all overlap (fp16 dim 64)
     ("rows_grad", "BLOCK_U=32 UNROLL=1", "--dtype fp16"): "1.25-1.5 round trips per step, unrolled x4",
-    # kernels/row_runs.py: with per-item scales at 32 runs x 2 steps on 4 warps, ptxas runs out of
-    # registers (255, 240 bytes of stack) and on triton 3.6 spills inside the run loop (3 spill
-    # instructions), the compact one waiting 2 round trips (issue 27's "rows_grad with scale")
-    ("rows_grad", "HAS_SCALE=True BLOCK_U=32 UNROLL=2", "--weighted"): "spills in the run loop, 2 round trips (3.6)",
     # kernels/pooled_fused.py (its run loop is row_runs.run_sums): the same, on triton 3.6, for
     # row-wise Adagrad (both), partial row-wise Adam and LAMB
     ("fused", "BLOCK_U=32 UNROLL=1", "--dtype fp16"): "1.5 round trips per step, unrolled x4 (triton 3.6)",

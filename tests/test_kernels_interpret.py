@@ -166,6 +166,42 @@ def test_pipelined_loops_give_the_legacy_loops_bits(fused, monkeypatch):
     assert len(tables_old) == len(tables_new) and all(torch.equal(a, b) for a, b in zip(tables_old, tables_new))
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_one_tile_run_sums_give_the_column_loop_bits(sparse, monkeypatch):
+    """The deterministic backward sums a tile of runs without a loop over column tiles when
+    every dim fits one tile (ONE_TILE): the same gradient bits as that loop (the kernel before,
+    forced here), both checked against the float64 reference by check_module (per-id weights,
+    so scaled runs; dims 8, 3, 7; duplicate ids and an empty feature)."""
+    from jaggedrec.kernels import row_runs
+    launched, original = [], row_runs.wrap_triton
+
+    def spy(force):
+        def wrap(kernel):
+            launch = original(kernel)
+            if kernel is not row_runs._rows_grad_kernel:
+                return launch
+
+            class Grid:
+                def __getitem__(self, grid):
+                    def run(*args, **kwargs):
+                        launched.append(kwargs["ONE_TILE"])
+                        kwargs.update(force)
+                        return launch[grid](*args, **kwargs)
+                    return run
+            return Grid()
+        return wrap
+
+    grads = []
+    for force in ({"ONE_TILE": False}, {}):
+        monkeypatch.setattr(row_runs, "wrap_triton", spy(force))
+        torch.manual_seed(9)
+        ebc, _ = check_module(9, [8, 3, 7], True, backend="triton", deterministic=True, sparse=sparse, device=DEVICE)
+        grad = next(ebc.parameters()).grad
+        grads.append(grad.to_dense() if sparse else grad.clone())
+    assert launched and all(launched), launched  # every launch could take the one-tile path
+    assert torch.equal(grads[0], grads[1])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dims", [[64] * 8, [128, 16, 4, 1024, 7]])
 def test_gpu_realistic_sizes(dims):

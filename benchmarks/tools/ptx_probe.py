@@ -141,7 +141,7 @@ def _untuned_configs():
     """Per kernel, the config it launches with JAGGEDREC_AUTOTUNE=0 (correctness runs on GPUs)."""
     os.environ["JAGGEDREC_AUTOTUNE"] = "0"
     try:
-        return {"fwd": pooled_fwd._configs(), "rows_grad": row_runs.run_configs(),
+        return {"fwd": pooled_fwd._configs(), "rows_grad": row_runs.rows_grad_configs(),
                 "long_runs": row_runs._long_run_config(), "fused": row_runs.run_configs(),
                 "rows_grad_atomic": pooled_bwd._q_configs([]), "psw_grad": pooled_bwd._q_configs([]),
                 "position_grad": pooled_bwd._b_configs(),
