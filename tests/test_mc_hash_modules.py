@@ -156,17 +156,24 @@ def test_state_dict_keys_are_torchrecs():
         "_hash_zch_bucket": ((1, 1), torch.int64)}
 
 
-def test_compile_without_graph_breaks():
+# opt-in draws torch.rand inside the graph: each batch seeds both runs alike
+@pytest.mark.parametrize("kw", [{}, dict(opt_in_prob=50, percent_reserved_slots=25.0, track_id_freq=True)])
+def test_compile_without_graph_breaks(kw):
     torch._dynamo.reset()
     counters.clear()
-    eager, model = _module(32, 4, 4), _module(32, 4, 4)
+    eager, model = _module(32, 4, 4, **kw), _module(32, 4, 4, **kw)
     cnt = CompileCounter()
     compiled = torch.compile(lambda v: model({"f": JaggedTensor(values=v, lengths=v.new_ones(v.numel()))})["f"]
                              .values(), backend=cnt, fullgraph=True)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(10):
+    for k in range(10):
         ids = torch.randint(0, 200, (8,), generator=gen)
-        assert torch.equal(compiled(ids), _remap(eager, ids.tolist()))
+        torch.manual_seed(k)
+        got = compiled(ids)
+        torch.manual_seed(k)
+        assert torch.equal(got, _remap(eager, ids.tolist()))
+    for key, value in eager.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert cnt.frame_count == 1
     torch._dynamo.reset()

@@ -152,31 +152,6 @@ def test_refused_options_raise_naming_the_module(kwargs, match):
     assert "user_t" in str(info.value) and isinstance(info.value, AssertionError)
 
 
-def test_opt_in_compiles_to_one_graph():
-    from torch._dynamo.testing import CompileCounter
-    from torch._dynamo.utils import counters
-
-    from jaggedrec.sparse.jagged_tensor import JaggedTensor
-
-    torch._dynamo.reset()
-    counters.clear()
-    eager, model = (_module(32, 4, 4, opt_in_prob=50, percent_reserved_slots=25.0, track_id_freq=True)
-                    for _ in range(2))
-    cnt = CompileCounter()
-    compiled = torch.compile(lambda v: model({"f": JaggedTensor(values=v, lengths=v.new_ones(v.numel()))})["f"]
-                             .values(), backend=cnt, fullgraph=True)
-    gen = torch.Generator().manual_seed(0)
-    for k in range(8):
-        ids = torch.randint(0, 200, (8,), generator=gen)
-        torch.manual_seed(k)
-        got = compiled(ids)
-        torch.manual_seed(k)
-        assert torch.equal(got, _remap(eager, ids.tolist()))
-    assert torch.equal(model.state_dict()["_hash_zch_runtime_meta"], eager.state_dict()["_hash_zch_runtime_meta"])
-    assert not counters["graph_break"] and cnt.frame_count == 1
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("input_hash_size", [0, 40])
 def test_dispatch_divided_ids_keep_their_bucket_and_store_their_part(input_hash_size):
     """inference_dispatch_div_train_world_size: the bucket comes from the id, the key the slot
