@@ -223,9 +223,12 @@ class HashTableState(nn.Module):
             evicted_slot, unplaced = torch.full_like(slot, -1), torch.zeros_like(hashed_mask)
         # a table's row = its slot less the table's first slot (bucket_base * bucket_size); the
         # fallback row where none; other features' ids as they were
-        fallback = hashed_mask & (slot < 0)
-        rows = torch.where(slot >= 0, slot - bucket_base * self.bucket_size,
-                           torch.where(hashed_mask, self.column("fallback").index_select(0, table), raw))
+        live = slot >= 0
+        fallback = hashed_mask & ~live
+        otherwise = self.column("fallback").index_select(0, table)
+        if not all(k in self._feature_table for k in kjt.keys()):  # some key is static (known per key list)
+            otherwise = torch.where(hashed_mask, otherwise, raw)
+        rows = torch.where(live, slot.sub(bucket_base, alpha=self.bucket_size), otherwise)
         values = rows.to(ids.dtype)
         unplaced_per_key, fallback_per_key = _per_key(unplaced, fallback, key_offsets)
         self._count(self.unplaced, unplaced_per_key, key_feature)
