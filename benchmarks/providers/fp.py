@@ -13,6 +13,22 @@ weights with ``torch.optim.SGD``, as dense parameters.
   the timed step: what a weighted lookup alone costs);
 - ``jaggedrec_fpebc``: jaggedrec's FPEBC (the weights made from positions in the step);
 - ``torchrec_fpebc`` and ``torchrec_ebc``: TorchRec's FPEBC and unweighted collection.
+
+The CPU forward's floor against ``jaggedrec[torch]`` (issue 25 asks for 1.05x): torch's
+``embedding_bag`` reads only per-id weights, so the FPEBC pools as ``jaggedrec_weighted`` does
+(1.02-1.04x) after building the ``[N]`` weights, which takes at least two passes over the ids:
+a running sum that numbers each id within its bag (0.044-0.049x) and a gather of the position
+weights by that number (0.049-0.057x). On the 2-core Xeon, one thread, thread CPU time,
+loaded, one copy of the tables for every row, that floor is 1.146x, 1.131x and 1.111x at 20, 50
+and 100 ids per bag; the FPEBC measured 1.255x, 1.222x and 1.170x (the rest: filling the running
+sum's steps, the per-bag steps, the module's key table, bag-length check and weighted KJT)::
+
+    .venv/bin/python benchmarks/results/cpu-xeon-2core-2026-12-06-fpebc-floor/floor_parts.py 60 20 50 100
+
+Going below it needs the weight read by position inside the pooling loop (the Triton kernels
+do; on the CPU that is a kernel of our own). This module's wall-clock rows give each provider
+its own copy of the tables, which on a loaded machine moved the unweighted and weighted rows
+up to ~25% apart at 20 ids per bag: read their ratios with that in mind.
 """
 
 from __future__ import annotations

@@ -70,9 +70,10 @@ def position_index(offsets: torch.Tensor, bases: Sequence[int], num_ids, narrow:
     bags_per_key = (offsets.shape[0] - 1) // num_keys if num_keys else 0
     jumps = (_bag_jumps if compiling else _cached_bag_jumps)(tuple(bases), bags_per_key, dtype, offsets.device)
     starts = offsets[:-1]
+    narrowed = starts.to(dtype)
     # minus the length of the bag before: its start minus this one's, the first bag's offset itself
-    change = jumps - starts.to(dtype)
-    change[1:] += starts[:-1].to(dtype)
+    change = jumps - narrowed
+    change[1:] += narrowed[:-1]
     steps = torch.ones(num_ids + 1, dtype=dtype, device=offsets.device)
     steps.index_add_(0, starts.long(), change)
     return steps.cumsum_(0)[:num_ids]
@@ -282,10 +283,10 @@ position_weighted_embedding_bags.register_autograd(_backward, setup_context=_set
 def run_position_weighted_embedding_bags(*args) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`position_weighted_embedding_bags` as the modules call it: pooled and bad-id counts.
     An eager CPU forward that autograd will not see (inference) runs the op's body without the
-    dispatcher, as ``pooled.run_pooled_embedding_bags`` does: the custom-op call cost 0.09x of
-    the pooling preset's unweighted forward at 20 ids per bag (0.35 of 3.9 ms thread time, one
-    thread, 2-core Xeon, loaded). A gradient to come, a compiled or traced graph, fake tensors
-    and the kernels go through the op."""
+    dispatcher, as ``pooled.run_pooled_embedding_bags`` does: the custom-op call cost up to
+    ~0.2 ms, up to 0.05x of the pooling preset's unweighted forward at 20 ids per bag (thread
+    CPU time, one thread, 2-core Xeon, loaded; benchmarks/results/cpu-xeon-2core-2026-12-06-fpebc-floor).
+    A gradient to come, a compiled or traced graph, fake tensors and the kernels go through the op."""
     weights, values, offsets, position_weights = args[:4]
     backend, optimizer_state = args[7], args[_STATE_ARG]
     needs_grad = torch.is_grad_enabled() and any(
