@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,8 @@ _ONE_PASS_SHARE = 1 / 2
 
 
 def update_touched_rows(block: torch.Tensor, states, ids: torch.Tensor, bags: torch.Tensor, grads: torch.Tensor,
-                        per_sample_weights: Optional[torch.Tensor], rule: StepRule) -> None:
+                        per_sample_weights: Optional[torch.Tensor], rule: StepRule,
+                        segments: Optional[List[int]] = None) -> None:
     """Eager: sort the ids into runs of equal rows, then per chunk of rows sum each row's
     gradient (one ``embedding_bag`` over ``grads``), step the rows and write them back.
 
@@ -89,9 +90,11 @@ def update_touched_rows(block: torch.Tensor, states, ids: torch.Tensor, bags: to
         ids, bags: ``[N]`` block row and bag (row of ``grads``) of each id.
         grads: ``[B*K, D]`` fp32 bag gradients; ``per_sample_weights``: ``[N]`` fp32 or None.
         rule: the step, its hyper-parameters read to the host.
+        segments: the ids' pieces of ascending disjoint rows (one a table), or None
+            (``runs_torch.sort_rows``).
     """
     num_rows, dim = block.shape
-    sorted_ids, order = sort_rows(ids, num_rows)
+    sorted_ids, order = sort_rows(ids, num_rows, segments)
     alpha = _plain_sgd_alpha(rule, block, grads)
     min_touched = _STREAM_MIN_TOUCHED[rule.optimizer] * (1 if alpha is None else _ONE_PASS_SHARE)
     stream = int((sorted_ids[1:] != sorted_ids[:-1]).sum()) + 1 >= num_rows * min_touched
@@ -190,7 +193,7 @@ def _step_scattered_rows(block, states, rows, sums, rule: StepRule) -> None:
     if alpha is not None:
         for dest, value in zip(states, current):
             if dest is not None:
-                dest.index_copy_(0, rows, value)
+                copy_rows(dest, rows, value)
         # read the rows first with embedding_bag's gather, which keeps many rows in flight (one
         # bag: it writes one row); the add's row-by-row axpy then finds them in cache. dlrm
         # preset at 1 id per bag (4% of rows touched), 26 tables after a forward, 1 thread,
@@ -203,10 +206,28 @@ def _step_scattered_rows(block, states, rows, sums, rule: StepRule) -> None:
     step_in_place(rule, w, sums, *current)
     for dest, value in zip((block, *states), (w, *current)):
         if dest is not None:
-            dest.index_copy_(0, rows, value.to(dest.dtype))
+            copy_rows(dest, rows, value.to(dest.dtype))
 
 
 _FIRST_OFFSET = torch.zeros(1, dtype=torch.int64)
+
+
+def copy_rows(dest: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """``dest.index_copy_(0, rows, values)`` (``dest``: ``[R]`` or ``[R, D]``; ``rows``:
+    ``[U]`` int64; ``values``: ``[U, ...]``, ``dest``'s dtype), the same bytes. Where the rows
+    allow it, they are copied as rows of 16-byte complex numbers: torch's CPU ``index_copy_``
+    moves one element at a time, so 4x wider elements move an fp32 row of 64 in about half the
+    time (4096 scattered rows of 800k: 249 -> 125 us, 1 thread, loaded 2-core Xeon)."""
+    if dest.dim() == 2 and _as_wide(dest) and _as_wide(values):
+        dest, values = dest.view(torch.complex128), values.view(torch.complex128)
+    dest.index_copy_(0, rows, values)
+
+
+def _as_wide(t: torch.Tensor) -> bool:
+    """Whether ``t`` (``[R, D]``) views as ``[R, D * itemsize / 16]`` complex128."""
+    per = 16 // t.element_size()
+    return (t.stride(1) == 1 and t.shape[1] % per == 0 and t.stride(0) % per == 0 and t.storage_offset() % per == 0
+            and t.data_ptr() % 16 == 0)
 
 
 def _all_fp32(*tensors) -> bool:
