@@ -71,6 +71,8 @@ class EmbeddingBagCollection(FloatTableCollection):
         super().__init__(tables, device, CollectionOptions(backend, sparse, validate, bounds_check, deterministic,
                                                            fused_optimizer), is_weighted)
         self._is_weighted = is_weighted
+        # position-weighted pooling reads no per-id weights: its batches need not carry any
+        self._position_spec = self._spec._replace(is_weighted=None)
         self._embedding_names = self._layout.embedding_names
         self._lengths_per_embedding = self._layout.embedding_dims()
         self._feature_names = [list(c.feature_names) for c in self._layout.configs]
@@ -100,7 +102,7 @@ class EmbeddingBagCollection(FloatTableCollection):
         """``forward``, each id weighted by its position in its bag (the FPEBC's kernel path).
 
         Args:
-            features: as ``forward``'s; a weighted batch's own ``[N]`` weights are ignored.
+            features: as ``forward``'s, with or without per-id weights (ignored if there).
             position_weights: ``[P]`` position weights and per key ``base, length``
                 (``feature_processor_.keyed_position_table``).
         Returns:
@@ -118,7 +120,8 @@ class EmbeddingBagCollection(FloatTableCollection):
         # The module's own calls go through module attributes (batch_reader.read_batch, ...):
         # those are what torch.fx.wrap swaps for graph nodes while symbolic_trace runs.
         options = self._options
-        batch = batch_reader.read_batch(features, self._spec, self._groups, self._output_features, options.validate)
+        spec = self._spec if position_weights is None else self._position_spec
+        batch = batch_reader.read_batch(features, spec, self._groups, self._output_features, options.validate)
         outputs, bad_ids = [], []
         for i, g in enumerate(self._groups):
             if position_weights is not None:

@@ -146,6 +146,4 @@ def pool_by_position(ebc: EmbeddingBagCollection, features: KeyedJaggedTensor,
     KJT), each id weighted by ``tables[key][position in its bag]`` (1 for keys not in ``tables``)."""
     features = as_keyed_jagged_tensor(features)
     position_weights = feature_processor_.keyed_position_table(features, tables, _OWNER)
-    # the collection checks that a weighted batch has [N] weights: a stride-0 view, never read
-    placeholder = position_weights[0].new_ones(1).expand(features.values().shape[0])
-    return ebc.pool_position_weighted(with_weights(features, placeholder), position_weights)
+    return ebc.pool_position_weighted(features, position_weights)
