@@ -145,13 +145,35 @@ def _long_run_config():
     return [triton.Config({"BLOCK_Q": 32}, num_warps=4)]
 
 
+@triton.jit
+def _long_run_block(q, end, item_offset_ptr, item_scale_ptr, HAS_SCALE: tl.constexpr):
+    """Sorted positions ``q`` (``[BLOCK_Q]``) of a long run ending at ``end``: their grad_out
+    offsets (0 past the end) and scales (0 past the end; 1 without HAS_SCALE)."""
+    present = q < end
+    offset = tl.load(item_offset_ptr + q, mask=present, other=0)
+    if HAS_SCALE:
+        scale = tl.load(item_scale_ptr + q, mask=present, other=0.0)
+    else:
+        scale = tl.full(q.shape, 1.0, tl.float32)
+    return offset, scale
+
+
+@triton.jit
+def _long_run_rows(grad_out_ptr, offset, present, cols, col_mask, DIM_ALIGN: tl.constexpr):
+    """``[BLOCK_Q, BLOCK_D]`` fp32: columns ``cols`` of the gradient rows at ``offset`` (0 where
+    not ``present``)."""
+    # the promise made on the row pointers: one on loop-carried offsets is lost
+    row_ptrs = tl.multiple_of(grad_out_ptr + offset, DIM_ALIGN)
+    return tl.load(row_ptrs[:, None] + cols[None, :], mask=present[:, None] & col_mask[None, :], other=0.0)
+
+
 @autotune(configs=_long_run_config(), key=["BLOCK_D"])
 @triton.jit
 def _long_run_sums_kernel(
     grad_out_ptr, num_long_ptr, long_runs_ptr, run_start_ptr, run_feature_ptr, item_offset_ptr, item_scale_ptr,
     meta_ptr, long_sums_ptr,
     ROW_STRIDE: tl.constexpr, HAS_SCALE: tl.constexpr, DIM_ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
+    LEGACY_LOOPS: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     # A hot row's run would hold up its whole tile of runs, one contribution per step; here
     # one program takes a long run BLOCK_Q contributions at a time. Programs take turns over
@@ -166,15 +188,30 @@ def _long_run_sums_kernel(
             cols = d0 + tl.arange(0, BLOCK_D)
             col_mask = cols < dim
             acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for q0 in range(start, end, BLOCK_Q):
-                q = q0 + tl.arange(0, BLOCK_Q)
-                present = q < end
-                offset = tl.multiple_of(tl.load(item_offset_ptr + q, mask=present, other=0), DIM_ALIGN)
-                grads = tl.load(grad_out_ptr + offset[:, None] + cols[None, :],
-                                mask=present[:, None] & col_mask[None, :], other=0.0)
-                if HAS_SCALE:
-                    grads = grads * tl.load(item_scale_ptr + q, mask=present, other=0.0)[:, None]
-                acc += tl.sum(grads, axis=0)
+            if LEGACY_LOOPS:
+                acc = legacy_loops.long_run_sum(acc, start, end, cols, col_mask, grad_out_ptr, item_offset_ptr,
+                                                item_scale_ptr, HAS_SCALE, DIM_ALIGN, BLOCK_Q)
+            else:
+                # three stages: an iteration adds the gradient rows that the one before loaded,
+                # loads the next block's rows, whose offsets (and scales) came the iteration before,
+                # and the offsets of the block after. Loaded just before their rows, and the rows
+                # just before their sum, they cost 5-7 round trips per block (read with
+                # codegen_report). The same blocks, added in the same order
+                q = start + tl.arange(0, BLOCK_Q)
+                offset, scale_next = _long_run_block(q, end, item_offset_ptr, item_scale_ptr, HAS_SCALE)
+                rows_next = _long_run_rows(grad_out_ptr, offset, q < end, cols, col_mask, DIM_ALIGN)
+                offset_next, scale_after = _long_run_block(q + BLOCK_Q, end, item_offset_ptr, item_scale_ptr, HAS_SCALE)
+                for q0 in range(start, end, BLOCK_Q):
+                    grads = rows_next
+                    scale = scale_next
+                    q_next = q0 + BLOCK_Q + tl.arange(0, BLOCK_Q)
+                    rows_next = _long_run_rows(grad_out_ptr, offset_next, q_next < end, cols, col_mask, DIM_ALIGN)
+                    scale_next = scale_after
+                    offset_next, scale_after = _long_run_block(q_next + BLOCK_Q, end, item_offset_ptr, item_scale_ptr,
+                                                               HAS_SCALE)
+                    if HAS_SCALE:
+                        grads = grads * scale[:, None]
+                    acc += tl.sum(grads, axis=0)
             # int64: i * ROW_STRIDE can pass 2**31 (i is a plain int under the interpreter)
             tl.store(long_sums_ptr + (i + tl.zeros([], dtype=tl.int64)) * ROW_STRIDE + cols, acc, mask=col_mask)
 
@@ -253,7 +290,8 @@ def long_run_sums(grad_out: torch.Tensor, runs: Runs, meta: torch.Tensor, max_di
     wrap_triton(_long_run_sums_kernel)[(persistent_programs(grad_out.device),)](
         grad_out, runs.num_long, runs.long_runs, runs.run_start, runs.run_feature, runs.item_offset,
         scale if scale is not None else grad_out, meta, sums,
-        ROW_STRIDE=max_dim, HAS_SCALE=scale is not None, DIM_ALIGN=alignment, BLOCK_D=block_d(max_dim))
+        ROW_STRIDE=max_dim, HAS_SCALE=scale is not None, DIM_ALIGN=alignment, BLOCK_D=block_d(max_dim),
+        LEGACY_LOOPS=legacy_loops.enabled())
     return sums
 
 

@@ -105,8 +105,6 @@ LOOP_BOUND = 1  # serial DRAM round trips per iteration of a gather or run loop
 # (kernel, words of its label, workload flag or "" for any) -> why. Only these may break the
 # bound; each is to come off the list when its kernel is fixed on both Tritons.
 NOT_YET = {
-    # kernels/row_runs.py: the hot rows' sums load a block of offsets, then its gradient rows
-    ("long_runs", "", ""): "5-6 round trips: item_offset -> rows, one block at a time, not pipelined",
     # kernels/row_runs.py: LLVM unrolls the one-vector-per-thread run loop 4 times and the 4 steps
     # do not all overlap (fp16 dim 64)
     ("rows_grad", "BLOCK_U=32 UNROLL=1", "--dtype fp16"): "1.25-1.5 round trips per step, unrolled x4",

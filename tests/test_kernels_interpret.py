@@ -202,6 +202,33 @@ def test_one_tile_run_sums_give_the_column_loop_bits(sparse, monkeypatch):
     assert torch.equal(grads[0], grads[1])
 
 
+def test_pipelined_long_run_sums_give_the_legacy_loops_bits(monkeypatch):
+    """The hot rows' sums (_long_run_sums_kernel) load a block's rows while they add the block
+    before, and its offsets a block ahead of that: the same bits as their old loop
+    (JAGGEDREC_LEGACY_LOOPS=1), both against the float64 reference (check_module), for runs of
+    several blocks (every run of more than 2 contributions is a long run here)."""
+    from jaggedrec.kernels import row_runs
+    monkeypatch.setattr(row_runs, "LONG_RUN", 2)
+    longest, original = [], row_runs.long_run_sums
+
+    def spy(grad_out, runs, *args):
+        num_runs = int(runs.num_runs)
+        longest.append((int(runs.num_long), int(runs.run_start[1:num_runs + 1].sub(runs.run_start[:num_runs]).max())))
+        return original(grad_out, runs, *args)
+
+    monkeypatch.setattr(row_runs, "long_run_sums", spy)
+    grads = []
+    for legacy in ("1", "0"):
+        monkeypatch.setenv("JAGGEDREC_LEGACY_LOOPS", legacy)
+        torch.manual_seed(10)
+        ebc, _ = check_module(10, [8, 3, 130], True, batch=10, max_len=16, backend="triton", deterministic=True,
+                              device=DEVICE)
+        grads.append(next(ebc.parameters()).grad.clone())
+    block = row_runs._long_run_config()[0].kwargs["BLOCK_Q"]
+    assert longest and all(n > 0 for n, _ in longest) and max(m for _, m in longest) > 2 * block, (longest, block)
+    assert torch.equal(grads[0], grads[1])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dims", [[64] * 8, [128, 16, 4, 1024, 7]])
 def test_gpu_realistic_sizes(dims):

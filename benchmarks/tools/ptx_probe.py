@@ -102,7 +102,7 @@ def _kernels():
          tables + i32_ids + wide + psw + legacy),
         ("rows_grad", row_runs._rows_grad_kernel, dict(RUNS, dest_ptr=f32),
          dict(DENSE=[True, False], HAS_SCALE=[False, True]), wide + legacy),
-        ("long_runs", row_runs._long_run_sums_kernel, LONG, dict(HAS_SCALE=[False, True]), wide),
+        ("long_runs", row_runs._long_run_sums_kernel, LONG, dict(HAS_SCALE=[False, True]), wide + legacy),
         ("fused", pooled_fused._fused_update_kernel, FUSED,
          dict(OPTIMIZER=[2, 1, 3, 4, 5, 6, 7, 8, 9], ONE_TILE=[True, False], HAS_SCALE=[False, True]),
          tables + wide + legacy + fused_extra),
