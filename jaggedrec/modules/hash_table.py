@@ -278,7 +278,8 @@ class HashTableState(nn.Module):
 def _per_key(unplaced: torch.Tensor, fallback: torch.Tensor, key_offsets: torch.Tensor):
     """``([K], [K])`` int64: how many of ``unplaced`` and of ``fallback`` (``[N]`` bool each,
     key-major) each key holds; one running sum of both (fallback in the low 32 bits: N < 2^32)."""
-    both = torch.cat([fallback.new_zeros(1, dtype=torch.int64),
-                      fallback.to(torch.int64).add_(unplaced.to(torch.int64) << 32)]).cumsum_(0)
+    both = torch.zeros(fallback.numel() + 1, dtype=torch.int64, device=fallback.device)
+    both.narrow(0, 1, fallback.numel()).copy_(fallback).add_(unplaced, alpha=1 << 32)
+    both.cumsum_(0)
     at = both.index_select(0, key_offsets).diff()
     return at >> 32, at & 0xFFFFFFFF
