@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from jaggedrec.ops.position_pooled import traced
-from jaggedrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, as_keyed_jagged_tensor
+from jaggedrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, as_keyed_jagged_tensor, repeat_counts
 
 _INT32_MAX = 2 ** 31 - 1
 
@@ -116,9 +116,9 @@ def _bag_layout(bags_per_key: Union[int, Tuple[int, ...]], limits: Tuple[int, ..
     count for every key, or one per key: VBE)."""
     keys = torch.arange(len(limits), device=device)
     if isinstance(bags_per_key, tuple):
-        bag_key = keys.repeat_interleave(torch.tensor(bags_per_key, device=device))
+        bag_key = repeat_counts(keys, torch.tensor(bags_per_key, device=device))
     else:
-        bag_key = keys.repeat_interleave(bags_per_key)
+        bag_key = keys.repeat_interleave(bags_per_key)  # an int: an expand, no parallel region
     bag_limit = torch.tensor(limits, dtype=lengths_dtype, device=device).index_select(0, bag_key)
     bag_base = torch.tensor(bases, dtype=torch.int64, device=device).index_select(0, bag_key)
     return bag_key, bag_limit, bag_base
@@ -253,7 +253,7 @@ class PositionWeightedModule(FeatureProcessor):
         positions from there instead of computing them."""
         self._pre_processed = True
         lengths, offsets = features.lengths(), features.offsets()
-        positions = torch.arange(features.values().shape[0], device=lengths.device) - torch.repeat_interleave(
+        positions = torch.arange(features.values().shape[0], device=lengths.device) - repeat_counts(
             offsets[:-1].long(), lengths.long(), output_size=features.values().shape[0])
         features.weights().copy_(positions.to(torch.float32))
 
@@ -323,7 +323,7 @@ class PositionWeightedModuleCollection(FeatureProcessorsCollection):
         self._pre_processed = True
         lengths, offsets = features.lengths(), features.lookup_offsets()
         num_ids = features.values().shape[0]
-        positions = torch.arange(num_ids, device=lengths.device) - torch.repeat_interleave(
+        positions = torch.arange(num_ids, device=lengths.device) - repeat_counts(
             offsets[:-1].long(), lengths.long(), output_size=num_ids)
         features.weights().copy_(positions.to(torch.float32))
 
