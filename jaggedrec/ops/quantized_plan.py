@@ -103,6 +103,8 @@ class QuantPlan:
         self._bases: Dict[Tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
         # quantized_torch's cut of the segments where it is the same for every batch, per cost model
         self.splits: Dict[Tuple, List[Segment]] = {}
+        # quantized_torch's direct calls for a fixed cut, per (cut, buffers on the CPU, probes)
+        self.direct: Dict[Tuple, Optional[list]] = {}
 
     def check_buffers(self, buffers: Dict[int, torch.Tensor]) -> None:
         """Take ``buffers`` (storage type -> flat uint8 buffer) as the ones :meth:`rows` reads,

@@ -121,6 +121,10 @@ def quantized_forward(buffers: Dict[int, torch.Tensor], values: torch.Tensor, of
         if starts is None:
             starts = offsets[::batch].tolist()  # [K+1] first id of each key
         split = _split(plan, starts)
+        steps = _direct_steps(plan, split, buffers) if split is plan.splits.get(_costs()) else None
+        if steps is not None:
+            pieces = _direct_pieces(plan, steps, values, offsets, psw, batch, starts)
+            return pieces[0].contiguous() if len(pieces) == 1 else torch.cat(pieces, dim=1)
         in_place = [_reads_in_place(buffers, seg, starts) for seg in split]
         relative = None
         if sum(len(seg.keys) == 1 and not kept for seg, kept in zip(split, in_place)) > 2:
@@ -293,9 +297,13 @@ def _pooled(plan: QuantPlan, values, offsets, relative, psw, seg: Segment, batch
 _CALL_NS, _SHIFT_NS, _SHIFT_NS_PER_ID, _SHIFT_MAX_IDS = 15_000, 120_000, 2.6, 1 << 19
 
 
+def _costs() -> Tuple[float, ...]:
+    return _CALL_NS, _SHIFT_NS, _SHIFT_NS_PER_ID, _SHIFT_MAX_IDS  # module constants, which tests vary
+
+
 def _split(plan: QuantPlan, starts: List[int]) -> List[Segment]:
     """The plan's segments, with those of several tables cut into one per feature where that is cheaper."""
-    costs = (_CALL_NS, _SHIFT_NS, _SHIFT_NS_PER_ID, _SHIFT_MAX_IDS)  # module constants, which tests vary
+    costs = _costs()
     fixed = plan.splits.get(costs)
     if fixed is None:
         # no block call can pay when the calls it saves cost less than the shift's fixed part:
@@ -313,6 +321,51 @@ def _split(plan: QuantPlan, starts: List[int]) -> List[Segment]:
         else:
             out.extend(cut)
     return out
+
+
+def _direct_steps(plan: QuantPlan, split: List[Segment], buffers: Dict[int, torch.Tensor]):
+    """``[(key, segment, op, all_ids)]`` when every segment of a fixed cut is one key pooled by
+    one SUM call on its table's packed CPU rows, whose op refuses bad ids by itself, and at most
+    two keys need re-based offsets (more share one subtraction on the general path); else None.
+    Kept per cut, buffer device and what the probes say: :func:`_direct_pieces` then pools with
+    no per-call planning."""
+    on_cpu = all(buffers[s].is_cpu for s in plan.storages)
+    key = (id(split), on_cpu, *(op_refuses_bad_ids(s) for s in plan.storages),
+           *(op_takes_unbased_offsets(s) for s in plan.storages))
+    if key in plan.direct:
+        return plan.direct[key]
+    steps = []
+    for seg in split:
+        if not (on_cpu and len(seg.keys) == 1 and seg.one_table and seg.packed and not seg.mean[0]
+                and op_refuses_bad_ids(seg.storage)):
+            steps = None
+            break
+        steps.append((seg.keys[0], seg, _OPS[seg.storage], op_takes_unbased_offsets(seg.storage)))
+    if steps is not None and sum(not all_ids for *_, all_ids in steps) > 2:
+        steps = None
+    plan.direct[key] = steps
+    return steps
+
+
+def _direct_pieces(plan: QuantPlan, steps, values, offsets, psw, batch: int, starts: List[int]) -> List[torch.Tensor]:
+    """``_pooled``'s pieces for :func:`_direct_steps`: per key, its offsets' slice and its call
+    (a slice of the ids and a re-basing only where the op needs them)."""
+    pieces = []
+    for k, seg, op, all_ids in steps:
+        lo, hi = starts[k], starts[k + 1]
+        if hi == lo:
+            pieces.append(values.new_zeros((batch, seg.dim), dtype=torch.float32))
+            continue
+        own = offsets[k * batch:(k + 1) * batch + 1]
+        if all_ids:
+            ids, weights = values, psw
+        elif lo == 0:
+            ids, weights = values[:hi], None if psw is None else psw[:hi]
+        else:
+            ids, weights, own = values[lo:hi], None if psw is None else psw[lo:hi], own - lo
+        sums = op(plan.rows(seg), ids, own, False, 0, False, weights, None, True)
+        pieces.append(sums if sums.shape[1] == seg.dim else sums[:, :seg.dim])
+    return pieces
 
 
 def _one_id_per_bag(plan: QuantPlan, values, psw, seg: Segment, batch: int, check_ids: bool = False) -> torch.Tensor:
