@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from jaggedrec.ops import hash_probe_torch as hp
-from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
+from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor, repeat_counts
 
 EVICTION_POLICIES = {"none": hp.POLICY_NONE, "lru": hp.POLICY_LRU, "lfu": hp.POLICY_LFU, "ttl": hp.POLICY_TTL}
 UNPLACED_POLICIES = ("raise", "fallback")
@@ -193,7 +193,7 @@ class HashTableState(nn.Module):
         stride = kjt.stride()
         # [K + 1]: where each key's ids start (the values are key-major); no bags: all at 0
         key_offsets = kjt.offsets()[::stride] if stride else ids.new_zeros(len(kjt.keys()) + 1, dtype=torch.int64)
-        table = key_table.repeat_interleave(key_offsets.diff(), output_size=n)
+        table = repeat_counts(key_table, key_offsets.diff(), output_size=n)
         hashed_mask = table < len(self.tables)
         raw = ids.to(torch.int64)
         hashed = hp.mix(raw)
