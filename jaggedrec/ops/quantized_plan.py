@@ -103,18 +103,22 @@ class QuantPlan:
         self._bases: Dict[Tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
         # quantized_torch's cut of the segments where it is the same for every batch, per cost model
         self.splits: Dict[Tuple, List[Segment]] = {}
+        self.on_cpu = False  # the buffers of the last check_buffers all on the CPU
         # quantized_torch's direct calls for a fixed cut, per (cut, buffers on the CPU, probes)
         self.direct: Dict[Tuple, Optional[list]] = {}
 
     def check_buffers(self, buffers: Dict[int, torch.Tensor]) -> None:
         """Take ``buffers`` (storage type -> flat uint8 buffer) as the ones :meth:`rows` reads,
         keeping the views made of them before if they are still the same."""
+        on_cpu = True
         for storage in self.storages:
             buffer = buffers[storage]
+            on_cpu = on_cpu and buffer.is_cpu
             kept = self._kept.get(storage)
             if kept is None or kept[0]() is not buffer or kept[1] != buffer.data_ptr() or kept[2] != buffer.numel():
                 self._kept[storage] = (weakref.ref(buffer, functools.partial(_forget, weakref.ref(self), storage)),
                                        buffer.data_ptr(), buffer.numel(), {})
+        self.on_cpu = on_cpu
 
     def rows(self, seg: Segment) -> torch.Tensor:
         """``[rows, row_bytes]`` uint8: the rows ``seg``'s call reads (its one table, else its

@@ -120,8 +120,8 @@ def quantized_forward(buffers: Dict[int, torch.Tensor], values: torch.Tensor, of
     else:
         if starts is None:
             starts = offsets[::batch].tolist()  # [K+1] first id of each key
-        split = _split(plan, starts)
-        steps = _direct_steps(plan, split, buffers) if split is plan.splits.get(_costs()) else None
+        split, fixed = _split(plan, starts)
+        steps = _direct_steps(plan, split) if fixed else None
         if steps is not None:
             pieces = _direct_pieces(plan, steps, values, offsets, psw, batch, starts)
             return pieces[0].contiguous() if len(pieces) == 1 else torch.cat(pieces, dim=1)
@@ -301,8 +301,9 @@ def _costs() -> Tuple[float, ...]:
     return _CALL_NS, _SHIFT_NS, _SHIFT_NS_PER_ID, _SHIFT_MAX_IDS  # module constants, which tests vary
 
 
-def _split(plan: QuantPlan, starts: List[int]) -> List[Segment]:
-    """The plan's segments, with those of several tables cut into one per feature where that is cheaper."""
+def _split(plan: QuantPlan, starts: List[int]) -> Tuple[List[Segment], bool]:
+    """The plan's segments, with those of several tables cut into one per feature where that is
+    cheaper; and whether that cut is the plan's fixed one (the same for every batch, kept)."""
     costs = _costs()
     fixed = plan.splits.get(costs)
     if fixed is None:
@@ -312,7 +313,7 @@ def _split(plan: QuantPlan, starts: List[int]) -> List[Segment]:
                                                for seg in plan.segments) else \
             [s for seg, cut in zip(plan.segments, plan.cuts) for s in ((seg,) if seg.one_table else cut)]
     if fixed:
-        return fixed
+        return fixed, True
     out: List[Segment] = []
     for seg, cut in zip(plan.segments, plan.cuts):
         ids = starts[seg.keys[-1] + 1] - starts[seg.keys[0]]
@@ -320,21 +321,21 @@ def _split(plan: QuantPlan, starts: List[int]) -> List[Segment]:
             out.append(seg)
         else:
             out.extend(cut)
-    return out
+    return out, False
 
 
-def _direct_steps(plan: QuantPlan, split: List[Segment], buffers: Dict[int, torch.Tensor]):
+def _direct_steps(plan: QuantPlan, split: List[Segment]):
     """``[(key, segment, op, all_ids)]`` when every segment of a fixed cut is one key pooled by
     one SUM call on its table's packed CPU rows, whose op refuses bad ids by itself, and at most
     two keys need re-based offsets (more share one subtraction on the general path); else None.
     Kept per cut, buffer device and what the probes say: :func:`_direct_pieces` then pools with
     no per-call planning."""
-    on_cpu = all(buffers[s].is_cpu for s in plan.storages)
-    key = (id(split), on_cpu, *(op_refuses_bad_ids(s) for s in plan.storages),
-           *(op_takes_unbased_offsets(s) for s in plan.storages))
-    if key in plan.direct:
-        return plan.direct[key]
-    steps = []
+    # the probes themselves in the key: tests swap them for others
+    key = (id(split), plan.on_cpu, op_refuses_bad_ids, op_takes_unbased_offsets)
+    steps = plan.direct.get(key, False)
+    if steps is not False:
+        return steps
+    on_cpu, steps = plan.on_cpu, []
     for seg in split:
         if not (on_cpu and len(seg.keys) == 1 and seg.one_table and seg.packed and not seg.mean[0]
                 and op_refuses_bad_ids(seg.storage)):
