@@ -7,7 +7,7 @@ import torch
 
 import jaggedrec as jr
 from jaggedrec import optim
-from jaggedrec.ops import fused_groups, fused_rows, fused_rules, runs_torch
+from jaggedrec.ops import fused_groups, fused_rows, fused_rules
 from jr_testing import assert_close, random_kjt, reference_pooled
 
 OPTIMIZERS = {
@@ -176,38 +176,3 @@ def test_copy_rows_writes_what_a_row_loop_writes(dtype, dim, layout):
     assert torch.equal(base.view(torch.int16 if dtype != torch.float32 else torch.int32),
                        expected.view(torch.int16 if dtype != torch.float32 else torch.int32))
 
-
-@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
-@pytest.mark.parametrize("least", [1, 6, 70, 1 << 15])
-def test_sort_rows_by_table_pieces_gives_the_whole_sort(id_dtype, least, monkeypatch):
-    """Tables' ids sorted apart (``runs_torch.sort_rows`` with segments, neighbours merged
-    into pieces of at least ``least`` ids) give the one stable sort's ids and order:
-    duplicates, an empty piece, pieces of one id."""
-    monkeypatch.setattr(runs_torch, "_SORT_PIECE_MIN_IDS", least)
-    gen = torch.Generator().manual_seed(3)
-    sizes, rows = [5, 0, 1, 300, 64], [7, 3, 2, 50, 1]
-    pieces, base = [], 0
-    for n, r in zip(sizes, rows):
-        pieces.append(torch.randint(0, r, (n,), generator=gen) + base)
-        base += r
-    ids = torch.cat(pieces).to(id_dtype)
-    whole = torch.sort(ids, stable=True)
-    got = runs_torch.sort_rows(ids, base, sizes)
-    assert torch.equal(got[0].long(), whole.values.long()) and torch.equal(got[1], whole.indices)
-
-
-@pytest.mark.parametrize("opt_name", ["sgd", "adagrad"])
-@pytest.mark.parametrize("stream", [False, True])
-def test_step_with_ids_sorted_by_table_gives_the_whole_sorts_bits(opt_name, stream, monkeypatch):
-    """Three tables (two in one dim block) in one piece of work: sorted table by table or as
-    one list, the same state bits."""
-    monkeypatch.setattr(fused_rows, "_STREAM_MIN_TOUCHED", dict.fromkeys(fused_rules.STATE_LAYOUT, 0.0 if stream else 2.0))
-    monkeypatch.setattr(runs_torch, "_SORT_PIECE_MIN_IDS", 1)  # every table its own piece
-    states = []
-    whole_sort = runs_torch.sort_rows
-    for pieces in (True, False):
-        if not pieces:
-            monkeypatch.setattr(fused_rows, "sort_rows", lambda ids, num_rows, segments=None: whole_sort(ids, num_rows))
-        states.append(_train(opt_name, True, False)[0].state_dict())
-    for key, value in states[0].items():
-        assert torch.equal(value, states[1][key]), key

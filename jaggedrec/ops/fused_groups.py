@@ -104,14 +104,8 @@ def _update_table_group(group: _TableGroup, block: torch.Tensor, states, shared:
     starts, batch_size, out_offsets = shared.key_starts, shared.batch_size, shared.out_offsets
     in_place = _bag_rows_in_place(group, shared, block.shape[1])
     ids, bags, grads, psw, keep = [], [], [], [], []
-    segments, last_table_row = [], None  # ids per table: a table's reads are consecutive, tables ascend
     for r, (k, f, table_row, mean) in enumerate(group.reads):
         lo, hi = starts[k], starts[k + 1]
-        if table_row == last_table_row:
-            segments[-1] += hi - lo
-        else:
-            segments.append(hi - lo)
-            last_table_row = table_row
         ids.append(values[lo:hi] + (table_row - group.first_row))
         lengths = offsets[k * batch_size + 1:(k + 1) * batch_size + 1] - offsets[k * batch_size:(k + 1) * batch_size]
         if in_place:  # sample b's gradient of feature f: row b * per_sample + first of grad_out's rows
@@ -136,12 +130,11 @@ def _update_table_group(group: _TableGroup, block: torch.Tensor, states, shared:
         read = keep[0] if len(keep) == 1 else torch.cat(keep)
         ids, bags = ids[read], bags[read]
         per_sample_weights = None if per_sample_weights is None else per_sample_weights[read]
-        segments = None
     if ids.shape[0] == 0:
         return
     rows = slice(group.first_row, group.first_row + group.num_rows)
     update_touched_rows(block[rows], tuple(None if s is None else s[rows] for s in states), ids, bags, grads,
-                        per_sample_weights, shared.rule, segments)
+                        per_sample_weights, shared.rule)
 
 
 # With at most this many ids per bag, a group's ids read their bag gradients in grad_out as

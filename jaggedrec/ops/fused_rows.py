@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -80,8 +80,7 @@ _ONE_PASS_SHARE = 1 / 2
 
 
 def update_touched_rows(block: torch.Tensor, states, ids: torch.Tensor, bags: torch.Tensor, grads: torch.Tensor,
-                        per_sample_weights: Optional[torch.Tensor], rule: StepRule,
-                        segments: Optional[List[int]] = None) -> None:
+                        per_sample_weights: Optional[torch.Tensor], rule: StepRule) -> None:
     """Eager: sort the ids into runs of equal rows, then per chunk of rows sum each row's
     gradient (one ``embedding_bag`` over ``grads``), step the rows and write them back.
 
@@ -90,11 +89,9 @@ def update_touched_rows(block: torch.Tensor, states, ids: torch.Tensor, bags: to
         ids, bags: ``[N]`` block row and bag (row of ``grads``) of each id.
         grads: ``[B*K, D]`` fp32 bag gradients; ``per_sample_weights``: ``[N]`` fp32 or None.
         rule: the step, its hyper-parameters read to the host.
-        segments: the ids' pieces of ascending disjoint rows (one a table), or None
-            (``runs_torch.sort_rows``).
     """
     num_rows, dim = block.shape
-    sorted_ids, order = sort_rows(ids, num_rows, segments)
+    sorted_ids, order = sort_rows(ids, num_rows)
     alpha = _plain_sgd_alpha(rule, block, grads)
     min_touched = _STREAM_MIN_TOUCHED[rule.optimizer] * (1 if alpha is None else _ONE_PASS_SHARE)
     stream = int((sorted_ids[1:] != sorted_ids[:-1]).sum()) + 1 >= num_rows * min_touched

@@ -11,7 +11,7 @@ runs, like the static-shape update's, are laid out by :func:`run_starts`.
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,41 +28,11 @@ class RowRuns(NamedTuple):
     per_sample_weights: Optional[torch.Tensor]  # [N] fp32 per-sample weight of each sorted id, or None
 
 
-# See sort_rows: ids sorted in pieces of at least this many (8 pieces of 16k ids took 10 ms
-# against 3 ms for one sort of 131k, pieces of 32k 6.6 against 10 ms for 262k; same machine)
-_SORT_PIECE_MIN_IDS = 1 << 15
-
-
-def sort_rows(ids: torch.Tensor, num_rows: int,
-              segments: Optional[List[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def sort_rows(ids: torch.Tensor, num_rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``[N]`` ids sorted (int32 when rows fit), and ``[N]`` the order that sorts them. Stable,
-    so each run of equal ids, and any sum over it, comes out the same on every run.
-
-    ``segments``: where the ids come as consecutive pieces of these lengths (summing to N),
-    each piece's rows below the next piece's (one table's ids each), so that sorting each
-    piece alone gives the same result. Large pieces sort faster apart: the dlrm preset at 20
-    ids per bag, 8 tables of 82k ids, one thread, loaded 2-core Xeon: 22 -> 13 ms, thread CPU
-    time. Small ones do not (torch's sort costs ~0.25 ms a call below ~30k ids there), so
-    neighbours are merged into pieces of at least ``_SORT_PIECE_MIN_IDS``."""
+    so each run of equal ids, and any sum over it, comes out the same on every run."""
     narrow = ids.to(torch.int32) if num_rows < 2**31 else ids  # int32 sorts ~2x faster
-    pieces = []
-    for length in segments or ():
-        if pieces and pieces[-1] < _SORT_PIECE_MIN_IDS:
-            pieces[-1] += length
-        else:
-            pieces.append(length)
-    if len(pieces) > 1 and pieces[-1] < _SORT_PIECE_MIN_IDS:
-        pieces[-2:] = [pieces[-2] + pieces[-1]]
-    if len(pieces) < 2:
-        return torch.sort(narrow, stable=True)
-    sorted_ids, order = torch.empty_like(narrow), torch.empty(narrow.shape, dtype=torch.int64, device=ids.device)
-    first = 0
-    for length in pieces:
-        piece = slice(first, first + length)
-        torch.sort(narrow[piece], stable=True, out=(sorted_ids[piece], order[piece]))
-        order[piece] += first
-        first += length
-    return sorted_ids, order
+    return torch.sort(narrow, stable=True)
 
 
 def run_starts(is_start: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

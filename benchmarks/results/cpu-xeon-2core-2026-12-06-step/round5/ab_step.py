@@ -4,7 +4,7 @@
 import sys, time, statistics, torch
 import jaggedrec as jr
 from jaggedrec import optim
-from jaggedrec.ops import fused_rows, runs_torch
+from jaggedrec.ops import fused_rows
 torch.set_num_threads(int(sys.argv[4]) if len(sys.argv) > 4 else 1)
 L = int(sys.argv[1]); opt = sys.argv[2]; reps = int(sys.argv[3])
 T, R, D, B = 26, 100_000, 64, 4096
@@ -19,11 +19,10 @@ def batch():
     return jr.KeyedJaggedTensor.from_lengths_sync([f"f{i}" for i in range(T)], v, torch.full((T * B,), L))
 bs = [batch() for _ in range(3)]
 up = torch.randn(B, T * D)
-new_copy, new_sort = fused_rows.copy_rows, fused_rows.sort_rows
+new_copy = fused_rows.copy_rows
 old_copy = lambda d, r, v: d.index_copy_(0, r, v)
-old_sort = lambda ids, n, segments=None: runs_torch.sort_rows(ids, n)
 def use(k):
-    fused_rows.copy_rows, fused_rows.sort_rows = (old_copy, old_sort) if k == "old" else (new_copy, new_sort)
+    fused_rows.copy_rows = old_copy if k == "old" else new_copy
 res = {k: [] for k in ebcs}
 clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 for i in range(reps):
