@@ -33,6 +33,7 @@ import triton.language as tl
 
 from .common import (META_DIM, META_FIELDS, META_KEY, META_MEAN, META_OUT_COLUMN, META_ROWS, META_WEIGHT_OFFSET,
                      block_d, interpreting, single_config, wrap_triton)
+from .pooled_fwd import _gather
 from .tuning import autotune
 
 # the widest dim the kernel takes (one BLOCK_D tile per row); wider tables use pooled_fwd
@@ -149,17 +150,9 @@ def _long_bags_kernel(weights_ptr, values_ptr, offsets_ptr, psw_ptr, inverse_ptr
         col_mask = cols < dim
         acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
         bad_ids = tl.zeros([BLOCK_B], dtype=tl.int32)
-        for j in range(0, longest):
-            here = long & (j < lengths)
-            row = tl.load(values_ptr + starts + j, mask=here, other=0).to(tl.int64)
-            bad = here & ((row < 0) | (row >= num_rows))
-            bad_ids += bad.to(tl.int32)
-            values = tl.load(weights_ptr + weight_offset + row[:, None] * dim + cols[None, :],
-                             mask=(here & ~bad)[:, None] & col_mask[None, :], other=0.0)
-            if HAS_PSW:
-                acc += values.to(tl.float32) * tl.load(psw_ptr + starts + j, mask=here, other=0.0).to(tl.float32)[:, None]
-            else:
-                acc += values.to(tl.float32)
+        # the general forward's pipelined loop, over the long bags only (a short bag reads as empty)
+        acc, bad_ids = _gather(acc, bad_ids, 0, cols, col_mask, starts, tl.where(long, lengths, 0), longest, num_rows,
+                               dim, weights_ptr + weight_offset, values_ptr, psw_ptr, 0, 0, HAS_PSW, False, 1)
         if mean != 0:
             acc = acc / tl.maximum(lengths, 1).to(tl.float32)[:, None]
         out_rows = tl.multiple_of(samples.to(tl.int64) * out_stride, DIM_ALIGN)
@@ -266,4 +259,4 @@ def pooled_fwd_short(weights: torch.Tensor, batch, meta: torch.Tensor, out: torc
         inverse_indices.contiguous() if inverse_indices is not None else batch.offsets, meta, out, bad_ids,
         batch_size, bag_stride, out.stride(0), HAS_PSW=per_sample_weights is not None,
         HAS_INVERSE=inverse_indices is not None, BLOCK_D=block_d(max_dim), DIM_ALIGN=alignment, SHORT=short,
-        BLOCK_B=long_block, num_warps=4)
+        BLOCK_B=long_block, num_warps=8)

@@ -133,7 +133,7 @@ def _kernels():
 
 
 # the plain jit kernels' launch configs, as their glue passes them
-PLAIN_CONFIGS = {"fwd_long_bags": [triton.Config({"BLOCK_B": 64}, num_warps=4)],
+PLAIN_CONFIGS = {"fwd_long_bags": [triton.Config({"BLOCK_B": 64}, num_warps=8)],
                  "hash_probe": [triton.Config({"BLOCK_B": 16}, num_warps=4)]}
 
 
