@@ -21,6 +21,7 @@ from jaggedrec.ops.fused_rules import StepRule
 from jaggedrec.ops.host_tasks import run_pieces
 from jaggedrec.ops.op_args import FusedStep, OpBatch
 from jaggedrec.ops.pooled_plan import Pass, PooledPlan, block_view
+from jaggedrec.sparse.jagged_tensor import repeat_counts
 
 
 class _TableGroup(NamedTuple):
@@ -116,7 +117,7 @@ def _update_table_group(group: _TableGroup, block: torch.Tensor, states, shared:
             # MEAN: the bag's gradient shared out by 1/length, as in the forward
             grads.append(columns * (1.0 / lengths.clamp(min=1).to(torch.float32)).unsqueeze(1) if mean else columns)
             first_bags = backends.host_arange(batch_size, torch.int32) + r * batch_size
-        bags.append(torch.repeat_interleave(first_bags, lengths.long(), output_size=hi - lo))
+        bags.append(repeat_counts(first_bags, lengths.long(), output_size=hi - lo))
         if shared.batch.per_sample_weights is not None:
             psw.append(shared.batch.per_sample_weights[lo:hi])
         if shared.id_read is not None:
