@@ -37,6 +37,21 @@ META_ROW_BASE: tl.constexpr = tl.constexpr(6)       # the table's first row in r
 META_FIELDS: tl.constexpr = tl.constexpr(7)
 
 
+@triton.jit
+def feature_fields(meta, OFFSET_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr):
+    """The six fields of the metadata row at ``meta`` that a pooled forward reads: its table's
+    first element (or byte), dim, rows, output column, key and MEAN flag, each a scalar. The
+    layout's alignments are promised to the compiler, so that the rows and outputs move in
+    vectors: the first element a multiple of ``OFFSET_ALIGN``, the dim and column of ``DIM_ALIGN``."""
+    offset = tl.multiple_of(tl.load(meta + META_WEIGHT_OFFSET), OFFSET_ALIGN)
+    dim = tl.multiple_of(tl.load(meta + META_DIM), DIM_ALIGN)
+    num_rows = tl.load(meta + META_ROWS)
+    out_column = tl.multiple_of(tl.load(meta + META_OUT_COLUMN), DIM_ALIGN)
+    key = tl.load(meta + META_KEY)
+    mean = tl.load(meta + META_MEAN)
+    return offset, dim, num_rows, out_column, key, mean
+
+
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1, where every program instance costs ~1 ms."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -17,8 +17,7 @@ import triton
 import triton.language as tl
 
 from . import legacy_loops
-from .common import (META_DIM, META_FIELDS, META_KEY, META_MEAN, META_OUT_COLUMN, META_ROWS, META_WEIGHT_OFFSET,
-                     block_d, single_config, wrap_triton)
+from .common import META_FIELDS, block_d, feature_fields, single_config, wrap_triton
 from .tuning import autotune
 
 
@@ -189,12 +188,7 @@ def _pooled_fwd_kernel(
     meta = meta_ptr + f * META_FIELDS
     # every dim, table offset and output column is a multiple of DIM_ALIGN: saying so lets
     # the compiler turn each row's column loads and stores into 16-byte vector accesses
-    weight_offset = tl.multiple_of(tl.load(meta + META_WEIGHT_OFFSET), DIM_ALIGN)
-    dim = tl.multiple_of(tl.load(meta + META_DIM), DIM_ALIGN)
-    num_rows = tl.load(meta + META_ROWS)
-    out_column = tl.multiple_of(tl.load(meta + META_OUT_COLUMN), DIM_ALIGN)
-    key = tl.load(meta + META_KEY)
-    mean = tl.load(meta + META_MEAN)
+    weight_offset, dim, num_rows, out_column, key, mean = feature_fields(meta, DIM_ALIGN, DIM_ALIGN)
     if POSITIONAL:
         # psw_ptr holds position weights; the features' [F, 2] (base, length) of them follow
         # the [F, META_FIELDS] metadata (one tensor, so the kernel takes no extra argument)

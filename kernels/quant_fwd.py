@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (META_DIM, META_KEY, META_MEAN, META_OUT_COLUMN, META_ROWS, META_WEIGHT_OFFSET, block_d,
-                     single_config, wrap_triton)
+from .common import block_d, feature_fields, single_config, wrap_triton
 from .tuning import autotune
 
 # The per-feature metadata, [F, QMETA_FIELDS] int64: the float kernels' first six fields
@@ -144,12 +143,7 @@ def _quant_fwd_kernel(
     meta = meta_ptr + f * QMETA_FIELDS
     # the layout's alignments, promised to the compiler so that rows move in vectors: every row
     # stride and table offset a multiple of ROW_ALIGN bytes, every dim and output column of DIM_ALIGN
-    first_byte = tl.multiple_of(tl.load(meta + META_WEIGHT_OFFSET), ROW_ALIGN)
-    dim = tl.multiple_of(tl.load(meta + META_DIM), DIM_ALIGN)
-    num_rows = tl.load(meta + META_ROWS)
-    out_column = tl.multiple_of(tl.load(meta + META_OUT_COLUMN), DIM_ALIGN)
-    key = tl.load(meta + META_KEY)
-    mean = tl.load(meta + META_MEAN)
+    first_byte, dim, num_rows, out_column, key, mean = feature_fields(meta, ROW_ALIGN, DIM_ALIGN)
     storage = tl.load(meta + QMETA_STORAGE)
     row_bytes = tl.multiple_of(tl.load(meta + QMETA_ROW_BYTES), ROW_ALIGN)
 
