@@ -155,16 +155,20 @@ def _proc_status_kb(field: str) -> Optional[int]:
 
 
 def interleaved_order(providers: int, samples: int) -> List[int]:
-    """The provider of each timed sample: every provider once per turn, in forward order on
-    even turns and reversed on odd ones, for ``samples`` turns.
+    """The provider of each timed sample: every provider once per turn, for ``samples`` turns,
+    in forward order on even turns and backward on odd ones, a backward turn starting one
+    before the last provider and ending with it (``0 1 2 | 1 0 2 | 0 1 2``).
 
-    One sample at a time: each of a provider's samples follows some other provider's step, so
-    every provider meets caches that another has just filled (its tables as cold as anyone's),
-    and slow drift of a noisy machine spreads over all providers alike. Taken back to back,
-    a provider's later samples found its own tables warm, which flattered whichever provider
-    took the most samples in a row.
+    One sample at a time, and never one right after a sample of the same provider: each sample
+    follows some other provider's step, so every provider meets caches that another has just
+    filled (its tables as cold as anyone's), and slow drift of a noisy machine spreads over all
+    providers alike. A provider's sample right after its own found its tables warm: with plain
+    forward and backward turns (``0 1 2 | 2 1 0``) the first and last providers took half their
+    samples so, which read the tutorial preset's bare loop ~8% faster than it runs after another.
     """
+    forward = list(range(providers))
+    backward = list(range(providers - 2, -1, -1)) + forward[-1:]
     order: List[int] = []
     for turn in range(samples):
-        order += range(providers) if turn % 2 == 0 else reversed(range(providers))
+        order += forward if turn % 2 == 0 else backward
     return order

@@ -233,9 +233,17 @@ def test_presets_fit_their_device(name):
 
 def test_timing_helpers():
     assert quantiles([5, 1, 3, 2, 4]) == (3, pytest.approx(1.8), pytest.approx(4.2))
-    # one sample at a time, every provider once a turn, odd turns in reverse order
-    assert interleaved_order(3, 3) == [0, 1, 2, 2, 1, 0, 0, 1, 2]
+    # one sample at a time, every provider once a turn, odd turns backward from the one before last
+    assert interleaved_order(3, 3) == [0, 1, 2, 1, 0, 2, 0, 1, 2]
     assert interleaved_order(2, 0) == []
+    for providers in range(1, 6):
+        order = interleaved_order(providers, 7)
+        assert all(order.count(p) == 7 for p in range(providers))
+        # no sample right after the same provider's (it would find its own tables warm)
+        assert providers == 1 or all(a != b for a, b in zip(order, order[1:])), order
+        # each provider follows more than one other provider, where there are others
+        assert providers < 3 or all(len({a for a, b in zip(order, order[1:]) if b == p}) > 1
+                                    for p in range(providers))
     assert plan_samples(5000.0, repeats=10) == 3  # 5 s steps: as many as fit in 10 s, at least 3
     assert plan_samples(50.0, repeats=10) == 10
     assert plan_samples(0.01, repeats=10) == 100  # cheap steps: more samples, at most 10x
