@@ -152,3 +152,22 @@ def test_tensors_of_the_wrong_rank(validate):
 def test_negative_length_is_found_in_narrow_lengths():
     with pytest.raises(ValueError, match=r"feature 'item'.*sample 0 has negative length -1"):
         _ebc()(_kjt([1, 2], lengths=torch.tensor([1, 1, -1, 1], dtype=torch.int8)))
+
+
+def test_wrong_length_per_key_is_refused_by_the_unpooled_collection():
+    """A KJT built with length_per_key= (as a loader that knows the counts passes them): the
+    unpooled collection cuts its output by the counts, so wrong ones are refused, naming the
+    feature; right ones give the rows of a KJT without them."""
+    configs = [jr.EmbeddingConfig(name="t_user", embedding_dim=4, num_embeddings=10, feature_names=["user"]),
+               jr.EmbeddingConfig(name="t_item", embedding_dim=4, num_embeddings=7, feature_names=["item"])]
+    ec = jr.EmbeddingCollection(configs)
+    values, lengths = torch.tensor([1, 2, 3, 4, 5]), torch.tensor([2, 1, 0, 2])  # user: 3 ids, item: 2
+    plain = ec(jr.KeyedJaggedTensor(["user", "item"], values, lengths=lengths))
+    wrong = jr.KeyedJaggedTensor(["user", "item"], values, lengths=lengths, length_per_key=[2, 3])
+    with pytest.raises(ValueError, match=r"feature 'user'.*length_per_key says 2 ids, its lengths add up to 3"):
+        ec(wrong)
+    right = ec(jr.KeyedJaggedTensor(["user", "item"], values, lengths=lengths, length_per_key=[3, 2]))
+    for key in ("user", "item"):
+        assert torch.equal(right[key].values(), plain[key].values())
+        assert torch.equal(right[key].lengths(), plain[key].lengths())
+    assert torch.equal(plain["user"].values(), ec.embeddings["t_user"].weight[[1, 2, 3]])
