@@ -154,10 +154,11 @@ def test_negative_length_is_found_in_narrow_lengths():
         _ebc()(_kjt([1, 2], lengths=torch.tensor([1, 1, -1, 1], dtype=torch.int8)))
 
 
-def test_wrong_length_per_key_is_refused_by_the_unpooled_collection():
-    """A KJT built with length_per_key= (as a loader that knows the counts passes them): the
-    unpooled collection cuts its output by the counts, so wrong ones are refused, naming the
-    feature; right ones give the rows of a KJT without them."""
+def test_wrong_per_key_counts_are_refused():
+    """A KJT built with length_per_key= or offset_per_key= (as a loader that knows them passes
+    them): the unpooled collection cuts its output by the counts and a sharded input routes by
+    them, so every collection refuses wrong ones, naming the feature; right ones give the rows
+    of a KJT without them."""
     configs = [jr.EmbeddingConfig(name="t_user", embedding_dim=4, num_embeddings=10, feature_names=["user"]),
                jr.EmbeddingConfig(name="t_item", embedding_dim=4, num_embeddings=7, feature_names=["item"])]
     ec = jr.EmbeddingCollection(configs)
@@ -166,6 +167,13 @@ def test_wrong_length_per_key_is_refused_by_the_unpooled_collection():
     wrong = jr.KeyedJaggedTensor(["user", "item"], values, lengths=lengths, length_per_key=[2, 3])
     with pytest.raises(ValueError, match=r"feature 'user'.*length_per_key says 2 ids, its lengths add up to 3"):
         ec(wrong)
+    shifted = jr.KeyedJaggedTensor(["user", "item"], values, lengths=lengths, offset_per_key=[0, 2, 5])
+    with pytest.raises(ValueError, match=r"feature 'item'.*offset_per_key says its ids start at 2, its lengths put "
+                                         r"them at 3"):
+        ec(shifted)
+    with pytest.raises(ValueError, match=r"EmbeddingBagCollection: feature 'user'.*length_per_key says 2"):
+        jr.EmbeddingBagCollection([jr.EmbeddingBagConfig(name="t_user", embedding_dim=4, num_embeddings=10,
+                                                         feature_names=["user"])])(wrong)
     right = ec(jr.KeyedJaggedTensor(["user", "item"], values, lengths=lengths, length_per_key=[3, 2]))
     for key in ("user", "item"):
         assert torch.equal(right[key].values(), plain[key].values())

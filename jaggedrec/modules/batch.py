@@ -117,12 +117,10 @@ def _output_inverse_indices(kjt: KeyedJaggedTensor, output_features: Sequence[st
 
 
 @torch.fx.wrap
-def key_lengths(kjt: KeyedJaggedTensor, spec: FeatureSpec, validate: bool) -> List[int]:
+def key_lengths(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> List[int]:
     """``[K]`` ids of each key, for an op whose output has a row per id (eager: read from the
-    device once per KJT, then cached in it; compiled: unbacked symbols of the graph). With
-    ``validate``, counts the KJT carries (``length_per_key=`` at construction, or cached by
-    an earlier call) are checked against its lengths: trusted, wrong ones would cut the output
-    at the wrong ids."""
+    device once per KJT, then cached in it, or the counts it carries, which ``read_batch``'s
+    checks compared with its lengths; compiled: unbacked symbols of the graph)."""
     if kjt.variable_stride_per_key():
         raise ValueError(f"{spec.owner}: a KeyedJaggedTensor with a variable batch per feature "
                          "(stride_per_key_per_rank) is not supported here; pass one bag per sample")
@@ -131,12 +129,4 @@ def key_lengths(kjt: KeyedJaggedTensor, spec: FeatureSpec, validate: bool) -> Li
         # length_per_key(), kjt[key] or to_dict()): a graph that read the cached ints would
         # guard on them, and recompile for new counts
         return kjt.lengths().reshape(len(kjt.keys()), kjt.stride()).sum(1).tolist()
-    carried = kjt.length_per_key_or_none()
-    if not validate or carried is None:
-        return kjt.length_per_key()
-    counts = kjt.lengths().reshape(len(kjt.keys()), kjt.stride()).sum(1).tolist()
-    for key, said, found in zip(kjt.keys(), carried, counts):
-        if said != found:
-            raise ValueError(f"{spec.owner}: feature '{key}': the KeyedJaggedTensor's length_per_key says {said} "
-                             f"ids, its lengths add up to {found}")
-    return counts
+    return kjt.length_per_key()

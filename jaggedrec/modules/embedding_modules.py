@@ -213,7 +213,7 @@ class EmbeddingCollection(FloatTableCollection):
         features = as_keyed_jagged_tensor(features)
         options = self._options
         batch = batch_reader.read_batch(features, self._spec, self._groups, self._output_features, options.validate)
-        key_lengths = batch_reader.key_lengths(features, self._spec, options.validate)
+        key_lengths = batch_reader.key_lengths(features, self._spec)
         flats, bad_ids = [], []
         for i, g in enumerate(self._groups):
             flat, bad = sequence_ops.run_sequence_embeddings(

@@ -16,8 +16,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
-from jaggedrec.sparse.jagged_tensor import repeat_counts
+from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor, repeat_counts
 
 
 class FeatureSpec(NamedTuple):
@@ -149,6 +148,7 @@ def check_data(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
     if not (bad_length or bad_start or bad_total or any(disagree) or low < 0 or high >= min(spec.key_rows.values())):
         if both:
             kjt.mark_offsets_checked()
+        _check_carried_counts(kjt, offsets, bag_starts, spec)
         return
     if bad_length:
         where = int(torch.nonzero(lengths < 0)[0])
@@ -165,6 +165,25 @@ def check_data(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
                          f"disagree: sample {sample} has length {int(lengths[where])}, but offsets "
                          f"{int(offsets[where])} -> {int(offsets[where + 1])}")
     _check_id_ranges(values, offsets, bag_starts, keys, spec, [kjt.index_per_key()[k] for k in spec.key_rows])
+
+
+def _check_carried_counts(kjt: KeyedJaggedTensor, offsets: torch.Tensor, bag_starts: List[int],
+                          spec: FeatureSpec) -> None:
+    """The per-key id counts and starts a KJT carries (``length_per_key=`` / ``offset_per_key=``
+    at construction, or an earlier call's cache) against its offsets: modules cut ids by them
+    (the unpooled collection's output, the sharded input's routing), so wrong ones must not pass.
+    One read of the ``K+1`` key starts, only when the KJT carries counts."""
+    lengths, starts = kjt.length_per_key_or_none(), kjt.offset_per_key_or_none()
+    if lengths is None and starts is None:
+        return
+    found = offsets.index_select(0, torch.tensor(bag_starts, device=offsets.device)).tolist()
+    for k, key in enumerate(kjt.keys()):
+        if lengths is not None and lengths[k] != found[k + 1] - found[k]:
+            raise ValueError(f"{spec.owner}: feature '{key}': the KeyedJaggedTensor's length_per_key says "
+                             f"{lengths[k]} ids, its lengths add up to {found[k + 1] - found[k]}")
+        if starts is not None and starts[k] != found[k]:
+            raise ValueError(f"{spec.owner}: feature '{key}': the KeyedJaggedTensor's offset_per_key says its ids "
+                             f"start at {starts[k]}, its lengths put them at {found[k]}")
 
 
 def _bag_position(bag_starts: List[int], bag: int):
