@@ -32,6 +32,7 @@ import torch
 from jaggedrec.ops import pooled_torch, quantized_rows
 from jaggedrec.ops.feature_tables import STORAGE_FP16, STORAGE_INT4, STORAGE_INT8, FeatureTables
 from jaggedrec.ops.quantized_plan import QuantPlan, Segment, plan_for
+from jaggedrec.sparse.jagged_tensor import repeat_counts
 
 
 _OPS = {STORAGE_INT8: torch.ops.quantized.embedding_bag_byte_rowwise_offsets,
@@ -235,7 +236,7 @@ def _check_ids(ids: torch.Tensor, seg: Segment, counts: Optional[List[int]]) -> 
         if ids.dim() == 2:
             limits = limits.unsqueeze(1)
         else:
-            limits = torch.repeat_interleave(limits, torch.tensor(counts, device=ids.device), output_size=ids.shape[0])
+            limits = repeat_counts(limits, torch.tensor(counts, device=ids.device), output_size=ids.shape[0])
         bad = bool(((ids < 0) | (ids >= limits)).any())
     if bad:
         raise IdsOutOfRange(f"ids outside their tables among features {list(seg.features)}")
@@ -270,8 +271,8 @@ def _pooled(plan: QuantPlan, values, offsets, relative, psw, seg: Segment, batch
             counts = [starts[k + 1] - starts[k] for k in seg.keys]
             if check_ids:
                 _check_ids(ids, seg, counts)
-            ids = ids + torch.repeat_interleave(plan.bases(seg, ids), torch.tensor(counts, device=ids.device),
-                                                output_size=hi - lo)
+            ids = ids + repeat_counts(plan.bases(seg, ids), torch.tensor(counts, device=ids.device),
+                                      output_size=hi - lo)
         elif check_ids and not _op_checks(seg, rows):
             _check_ids(ids, seg, None)
         bag_offsets = offsets[first * batch:(first + count) * batch + 1] - lo

@@ -164,6 +164,8 @@ class EmbeddingBagCollection(TableCollection):
         Returns:
             KeyedTensor with ``[B, sum(dims)]`` fp32 values.
         """
+        if not self._lengths_per_embedding:  # built with no tables, as the float collection allows
+            raise ValueError("EmbeddingBagCollection has no tables: there is nothing to pool")
         if type(features) is not KeyedJaggedTensor:
             features = as_keyed_jagged_tensor(features)
         options = self._options
