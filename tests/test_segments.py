@@ -66,3 +66,13 @@ def test_small_inputs_open_no_parallel_region(two_threads, monkeypatch):
     assert torch.equal(repeat_counts(values, counts, output_size=24), want)
     big = torch.tensor([3, 9]), torch.tensor([600, 700])
     assert torch.equal(repeat_counts(*big), torch.cat([torch.full((600,), 3), torch.full((700,), 9)]))
+
+
+def test_fake_tensors_take_repeat_interleave(two_threads):
+    """An op's fake kernel (which torch 2.11 runs with is_compiling() False) reads no data:
+    fake inputs go to repeat_interleave, with or without output_size."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        values, counts = torch.arange(3), torch.tensor([2, 0, 3])
+        assert repeat_counts(values, counts, output_size=5).shape == (5,)

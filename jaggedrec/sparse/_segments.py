@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 # up to this many elements: a binary search per element (4 small ops, ~7 us at 24 elements)
 _SEARCH_MAX = 256
@@ -27,8 +28,7 @@ def repeat_counts(values: torch.Tensor, counts: torch.Tensor, output_size: Optio
     """``[S]`` values and ``[S]`` counts (>= 0) -> ``[sum(counts)]``: ``values[s]`` repeated
     ``counts[s]`` times, segment after segment; ``torch.repeat_interleave(values, counts,
     output_size=output_size)``'s answer (``output_size``, when given, must be the sum)."""
-    if (values.device.type != "cpu" or torch.compiler.is_compiling() or isinstance(counts, torch.fx.Proxy)
-            or torch.get_num_threads() == 1):
+    if values.device.type != "cpu" or _traced(values, counts, output_size) or torch.get_num_threads() == 1:
         return torch.repeat_interleave(values, counts, output_size=output_size)
     n = int(counts.sum()) if output_size is None else output_size
     if n > _SERIAL_MAX or values.dim() != 1:
@@ -42,6 +42,13 @@ def repeat_counts(values: torch.Tensor, counts: torch.Tensor, output_size: Optio
     if values.dtype in (torch.int32, torch.int64):
         return _stepped(values, counts, n)
     return values.index_select(0, _stepped(torch.arange(values.numel()), counts, n))
+
+
+def _traced(values: torch.Tensor, counts: torch.Tensor, output_size: Optional[int]) -> bool:
+    """Whether a graph is being traced (compiled, fx, or an op's fake kernel, which torch 2.11
+    runs with ``is_compiling()`` False): sizes may be symbolic and data unreadable there."""
+    return (torch.compiler.is_compiling() or isinstance(counts, torch.fx.Proxy) or isinstance(values, FakeTensor)
+            or isinstance(counts, FakeTensor) or not isinstance(output_size, (int, type(None))))
 
 
 def _stepped(values: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
