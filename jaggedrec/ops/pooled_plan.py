@@ -25,8 +25,10 @@ POOLING_SUM, POOLING_MEAN = 0, 1
 # With at least this many ids per key on average, the eager id shift adds each key's table
 # base in a call of its own; with fewer, the ~6 us each of those calls cost more than one
 # repeat_interleave over all ids (2-core EPYC: 10 keys of 2.5k ids 121 vs 68 us, 26 of 4k
-# 314 vs 243 us, 26 of 80k 1.5 vs 4.6 ms).
+# 314 vs 243 us, 26 of 80k 1.5 vs 4.6 ms). Up to _PER_KEY_ADD_MAX_KEYS keys the adds win at any
+# size: the shift's own ops cost ~25 us (the tutorial's 2 keys of 3k ids: ~45 vs ~12 us).
 _PER_KEY_ADD_MIN_IDS = 8192
+_PER_KEY_ADD_MAX_KEYS = 4
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,9 @@ def shifted_ids(p: Pass, values: torch.Tensor,
     when the pass covers every key.
     """
     # (host readable first: compiled, the id count is unbacked and cannot be compared)
+    num_keys = len(p.key_row_base)
     if p.covers_all_keys and backends.host_readable(values, key_counts) and (
-            values.shape[0] >= _PER_KEY_ADD_MIN_IDS * len(p.key_row_base)):
+            num_keys <= _PER_KEY_ADD_MAX_KEYS or values.shape[0] >= _PER_KEY_ADD_MIN_IDS * num_keys):
         # one add per key into one output: ~3x faster on CPU than the repeat_interleave below
         # for 26 keys of 80k ids (1.5 vs 4.6 ms), which also writes and reads an [N] shift
         ids, start = torch.empty_like(values), 0
