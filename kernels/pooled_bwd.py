@@ -30,8 +30,8 @@ import triton
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 import triton.language as tl
 
-from .common import (META_DIM, META_FIELDS, META_KEY, META_MEAN, META_OUT_COLUMN, META_ROWS, META_WEIGHT_OFFSET,
-                     block_d, single_config, wrap_triton)
+from .common import (META_DIM, META_FIELDS, META_KEY, META_MEAN, META_OUT_COLUMN, block_d, feature_fields, single_config,
+                     wrap_triton)
 from .tuning import autotune
 
 
@@ -154,13 +154,8 @@ def _position_grad_kernel(
         length = tl.load(position_meta_ptr + 2 * f + 1)
         p = j - base
         if (p >= 0) & (p < length):
-            meta = meta_ptr + f * META_FIELDS
-            weight_offset = tl.multiple_of(tl.load(meta + META_WEIGHT_OFFSET), DIM_ALIGN)
-            dim = tl.multiple_of(tl.load(meta + META_DIM), DIM_ALIGN)
-            num_rows = tl.load(meta + META_ROWS)
-            out_column = tl.multiple_of(tl.load(meta + META_OUT_COLUMN), DIM_ALIGN)
-            key = tl.load(meta + META_KEY)
-            mean = tl.load(meta + META_MEAN)
+            weight_offset, dim, num_rows, out_column, key, mean = feature_fields(
+                meta_ptr + f * META_FIELDS, DIM_ALIGN, DIM_ALIGN)
             for b0 in range(0, batch_size, BLOCK_B):
                 bags = b0 + tl.arange(0, BLOCK_B)
                 in_batch = bags < batch_size
