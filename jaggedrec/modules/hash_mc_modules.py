@@ -32,15 +32,14 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from jaggedrec.modules.embedding_configs import ConfigError
-from jaggedrec.modules.hash_mc_placement import ZchPlacement
 from jaggedrec.modules.hash_mc_evictions import (
     HashZchEvictionConfig,
     HashZchEvictionModule,
     HashZchEvictionPolicyName,
 )
+from jaggedrec.modules.hash_mc_placement import ZchPlacement
 from jaggedrec.modules.mc_modules import ManagedCollisionModule
-from jaggedrec.sparse.jagged_tensor import JaggedTensor
-from jaggedrec.sparse.jagged_tensor import repeat_counts
+from jaggedrec.sparse.jagged_tensor import JaggedTensor, repeat_counts
 
 __all__ = ["HashZchManagedCollisionModule"]
 
@@ -66,13 +65,13 @@ class HashZchManagedCollisionModule(ZchPlacement, ManagedCollisionModule):
             output_segments = [zch_size // total_num_buckets * b for b in range(total_num_buckets + 1)]
         if not 0 <= percent_reserved_slots < 100:
             raise ConfigError(f"HashZchManagedCollisionModule {name}: percent_reserved_slots must be in "
-                                     f"[0, 100), got {percent_reserved_slots}")
+                              f"[0, 100), got {percent_reserved_slots}")
         if opt_in_prob > 0 and percent_reserved_slots <= 0:
             raise ConfigError(f"HashZchManagedCollisionModule {name}: opt_in_prob {opt_in_prob} needs "
-                                     "percent_reserved_slots > 0")
+                              "percent_reserved_slots > 0")
         if track_id_freq and write_runtime_meta_dim > 0:
             raise ConfigError(f"HashZchManagedCollisionModule {name}: track_id_freq and write_runtime_meta_dim "
-                                     "both use _hash_zch_runtime_meta; set one")
+                              "both use _hash_zch_runtime_meta; set one")
         if unplaced not in ("fallback", "raise"):
             raise ValueError(f"HashZchManagedCollisionModule {name}: unplaced must be 'fallback' or 'raise'")
         super().__init__(device=device, output_segments=output_segments, skip_state_validation=True,
@@ -93,8 +92,8 @@ class HashZchManagedCollisionModule(ZchPlacement, ManagedCollisionModule):
         own_sizes = [output_segments[b + 1] - output_segments[b] for b in range(start_bucket, self._end_bucket)]
         if self._reserved != -1 and not 1 <= self._reserved < min(own_sizes):
             raise ConfigError(f"HashZchManagedCollisionModule {name}: opt-in needs 1 to (bucket size - 1) "
-                                     f"reserved slots per bucket; percent_reserved_slots {percent_reserved_slots} "
-                                     f"gives {self._reserved} of buckets of {min(own_sizes)}")
+                              f"reserved slots per bucket; percent_reserved_slots {percent_reserved_slots} "
+                              f"gives {self._reserved} of buckets of {min(own_sizes)}")
         self._input_hash_size = input_hash_size
         self._is_inference = is_inference
         self._name = name

@@ -29,6 +29,12 @@ def _mix(ids: torch.Tensor) -> torch.Tensor:
     return (x ^ (x >> 32)) & 0x7FFFFFFFFFFFFFFF
 
 
+def _first_match(rows: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
+    """``[N]`` the row of each id's first matching slot in its ``[N, P]`` probe window (any row
+    where none matches: the caller picks another there)."""
+    return rows.gather(1, match.long().argmax(1, keepdim=True)).squeeze(1)
+
+
 class ZchPlacement:
     """Placement of a batch's ids (a mixin of ``HashZchManagedCollisionModule``)."""
 
@@ -36,8 +42,7 @@ class ZchPlacement:
         """``[N]`` int64 ids -> ``[N]`` bucket, as TorchRec assigns them."""
         if self._input_hash_size == 0:
             return torch.remainder(ids, self._buckets)
-        block = -(-self._input_hash_size // self._buckets)
-        return ids // block
+        return ids // self._id_block()
 
     def table_keys(self, ids: torch.Tensor) -> torch.Tensor:
         """``[N]`` int64 ids -> the ``[N]`` keys the table holds for them: the ids themselves, or
@@ -47,7 +52,11 @@ class ZchPlacement:
             return ids
         if self._input_hash_size == 0:
             return torch.div(ids, self._buckets, rounding_mode="floor")
-        return torch.remainder(ids, -(-self._input_hash_size // self._buckets))
+        return torch.remainder(ids, self._id_block())
+
+    def _id_block(self) -> int:
+        """With ``input_hash_size``: the ids of one bucket, a block of this many consecutive ids."""
+        return -(-self._input_hash_size // self._buckets)
 
     def probe_rows(self, ids: torch.Tensor, bucket: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``[N]`` keys (:meth:`table_keys`) and their ``[N]`` buckets (a shard is fed only ids of
@@ -67,8 +76,7 @@ class ZchPlacement:
         meta = self._hash_zch_metadata.view(-1)
         match = (table[rows] == ids[:, None]) & in_window
         hit = match.any(1)
-        row = torch.where(hit, rows.gather(1, match.long().argmax(1, keepdim=True)).squeeze(1),
-                          self._fallback_rows(ids, bucket, rows))
+        row = torch.where(hit, _first_match(rows, match), self._fallback_rows(ids, bucket, rows))
         if jt is None:
             return row, hit
         opted_out = torch.zeros_like(hit)
@@ -119,7 +127,7 @@ class ZchPlacement:
         if self._opt_in_prob < 100 and self._opt_in_reserved:  # an id admitted by one of its lookups: all
             match = (table[rows] == ids[:, None]) & in_window & opted_out[:, None]
             now_held = match.any(1)
-            row = torch.where(now_held, rows.gather(1, match.long().argmax(1, keepdim=True)).squeeze(1), row)
+            row = torch.where(now_held, _first_match(rows, match), row)
             hit, opted_out = hit | now_held, opted_out & ~now_held
         self._evicted = True
         if expiry is not None:  # every id seen, old or new, lives on from now
