@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from jaggedrec.modules import validation
-from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor
+from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor, repeat_counts
 from jaggedrec.distributed.comm import Agreement, joins_backward, start_agree, start_exchange
 from jaggedrec.distributed.shard_layout import REPLICA, ShardLayout
-from jaggedrec.sparse.jagged_tensor import repeat_counts
 
 
 @dataclass

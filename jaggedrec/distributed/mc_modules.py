@@ -38,12 +38,11 @@ import torch
 from torch import nn
 
 from jaggedrec.modules.mc_modules import ManagedCollisionCollection
-from jaggedrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, as_keyed_jagged_tensor
+from jaggedrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, as_keyed_jagged_tensor, repeat_counts
 from jaggedrec.distributed.comm import exchange, start_agree
 from jaggedrec.distributed.mc_layout import BucketLayout
 from jaggedrec.distributed.mc_state import MODULES, load_entries, load_pre_hook, state_entries
 from jaggedrec.distributed.types import EmbeddingModuleShardingPlan, ModuleSharder, ShardingEnv, ShardingType
-from jaggedrec.sparse.jagged_tensor import repeat_counts
 
 _OWNER = "ShardedManagedCollisionCollection"
 

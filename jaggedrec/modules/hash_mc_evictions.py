@@ -15,8 +15,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from jaggedrec.sparse.jagged_tensor import JaggedTensor
-from jaggedrec.sparse.jagged_tensor import repeat_counts
+from jaggedrec.sparse.jagged_tensor import JaggedTensor, repeat_counts
 
 __all__ = ["HashZchEvictionConfig", "HashZchEvictionModule", "HashZchEvictionPolicyName", "now_hours"]
 

@@ -24,9 +24,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from jaggedrec.sparse.jagged_tensor import lengths_to_offsets
+from jaggedrec.sparse.jagged_tensor import lengths_to_offsets, repeat_counts
 from jaggedrec.ops.feature_tables import FeatureTables
-from jaggedrec.sparse.jagged_tensor import repeat_counts
 
 
 @torch.fx.wrap
