@@ -26,8 +26,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from jaggedrec.ops.position_pooled import traced
-from jaggedrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, as_keyed_jagged_tensor, repeat_counts
+from jaggedrec.sparse.jagged_tensor import (JaggedTensor, KeyedJaggedTensor, as_keyed_jagged_tensor, repeat_counts,
+                                             traced)
 
 _INT32_MAX = 2 ** 31 - 1
 

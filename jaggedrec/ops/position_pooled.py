@@ -29,14 +29,9 @@ from jaggedrec.ops.backends import batch_inputs, check_storage, use_kernels
 from jaggedrec.ops.feature_tables import FeatureTables, feature_tables
 from jaggedrec.ops.registry import define_op
 from jaggedrec.ops.weight_grads import clipped_grad, state_grads, weight_grad
+from jaggedrec.sparse.jagged_tensor import traced
 
 _INT32_MAX = 2 ** 31 - 1
-
-
-def traced(*sizes) -> bool:
-    """Whether a graph is being traced: ``sizes`` are then symbolic, and nothing may be cached by
-    them nor guarded on them (torch 2.11 runs an op's fake kernel with ``is_compiling()`` False)."""
-    return torch.compiler.is_compiling() or not all(isinstance(n, int) for n in sizes)
 
 
 def _bag_jumps(bases: Tuple[int, ...], bags_per_key: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -29,7 +29,7 @@ def repeat_counts(values: torch.Tensor, counts: torch.Tensor, output_size: Optio
     """``[S]`` values and ``[S]`` counts (>= 0) -> ``[sum(counts)]``: ``values[s]`` repeated
     ``counts[s]`` times, segment after segment; ``torch.repeat_interleave(values, counts,
     output_size=output_size)``'s answer (``output_size``, when given, must be the sum)."""
-    if values.device.type != "cpu" or _traced(values, counts, output_size) or torch.get_num_threads() == 1:
+    if values.device.type != "cpu" or traced(values, counts, output_size) or torch.get_num_threads() == 1:
         return torch.repeat_interleave(values, counts, output_size=output_size)
     n = int(counts.sum()) if output_size is None else output_size
     if n > _SERIAL_MAX or values.dim() != 1:
@@ -45,11 +45,13 @@ def repeat_counts(values: torch.Tensor, counts: torch.Tensor, output_size: Optio
     return values.index_select(0, _stepped(torch.arange(values.numel()), counts, n))
 
 
-def _traced(values: torch.Tensor, counts: torch.Tensor, output_size: Optional[int]) -> bool:
-    """Whether a graph is being traced (compiled, fx, or an op's fake kernel, which torch 2.11
-    runs with ``is_compiling()`` False): sizes may be symbolic and data unreadable there."""
-    return (torch.compiler.is_compiling() or isinstance(counts, torch.fx.Proxy) or isinstance(values, FakeTensor)
-            or isinstance(counts, FakeTensor) or not isinstance(output_size, (int, type(None))))
+def traced(*seen) -> bool:
+    """Whether a graph is being traced, judged also from what the caller holds (``seen``: tensors,
+    sizes or None): compiled, fx (a ``Proxy``), or an op's fake kernel, which torch 2.11 runs
+    with ``is_compiling()`` False (a fake tensor, or a symbolic size). Sizes may then be symbolic
+    and data unreadable: nothing may be cached by them, guarded on them or read back."""
+    return torch.compiler.is_compiling() or any(
+        isinstance(x, (torch.fx.Proxy, FakeTensor)) or not isinstance(x, (torch.Tensor, int, type(None))) for x in seen)
 
 
 def _stepped(values: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ from jaggedrec.sparse._jagged import JaggedTensor, JaggedTensorMeta, lengths_to_
 from jaggedrec.sparse._keyed_tensor import KeyedTensor, permute_multi_embedding, regroup_kts
 from jaggedrec.sparse._kjt import KeyedJaggedTensor
 from jaggedrec.sparse._kjt_pytree import flatten_kjt_list, unflatten_kjt_list  # also registers KJT as a pytree node
-from jaggedrec.sparse._segments import repeat_counts
+from jaggedrec.sparse._segments import repeat_counts, traced
 
 # pickles and reprs name the public path, TorchRec's, not the file that holds the code
 for _cls in (JaggedTensor, KeyedJaggedTensor, KeyedTensor):
@@ -129,4 +129,4 @@ class ComputeJTDictToKJT(torch.nn.Module):
 __all__ = ["ComputeJTDictToKJT", "ComputeKJTToJTDict", "JaggedTensor", "JaggedTensorMeta", "KeyedJaggedTensor",
            "KeyedTensor", "as_jagged_tensor", "as_keyed_jagged_tensor", "as_keyed_tensor", "flatten_kjt_list",
            "jt_is_equal", "kjt_is_equal", "lengths_to_offsets", "offsets_to_lengths", "permute_multi_embedding",
-           "regroup_kts", "repeat_counts", "unflatten_kjt_list"]
+           "regroup_kts", "repeat_counts", "traced", "unflatten_kjt_list"]
