@@ -140,6 +140,11 @@ class HashTableState(nn.Module):
                              persistent=False)
         self.register_buffer("fallback", torch.zeros(len(self.features), dtype=torch.int64, device=device),
                              persistent=False)
+        # eager CPU's probe hint (hash_probe_torch: a byte of each slot's id hash; buckets of 8
+        # only), not saved: rebuilt from the keys on load, and self-healing if ever stale
+        self.register_buffer("tags", torch.zeros(self.num_slots + 1 if self.bucket_size == hp.TAG_BUCKET else 0,
+                                                 dtype=torch.uint8, device=device), persistent=False)
+        self.register_load_state_dict_post_hook(_retag_after_load)
         self.eager_compaction = True
         self._key_maps: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._admits = any(t.options.admit_threshold > 1 for t in tables)
@@ -157,6 +162,12 @@ class HashTableState(nn.Module):
         graph, nor on a GPU. ``eager_compaction = False`` turns it off (the tests run both)."""
         return (self.eager_compaction and like.device.type == "cpu" and not torch.compiler.is_compiling()
                 and not isinstance(like, torch.fx.Proxy))
+
+    def retag(self) -> None:
+        """Rebuild the probe's tags from the keys (after the keys were written from outside)."""
+        if self.tags.numel():
+            with torch.no_grad():
+                self.tags.copy_(hp.tags_of_keys(self.keys))
 
     def column(self, name: str) -> torch.Tensor:
         """``[H + 1]`` int64: one per-table constant (``bucket_base``, ``num_buckets``, ...)."""
@@ -210,12 +221,14 @@ class HashTableState(nn.Module):
                 columns = per_table.index_select(1, table)
                 admission = (hp.sketch_of(hashed, columns[self._column["sketch_base"]],
                                           columns[self._column["sketch_width"]]), columns[self._column["threshold"]])
+            compact = self.compacts(raw)
+            tags = (self.tags, hp.tag_of(hashed)) if compact and self.tags.numel() else None
             with torch.no_grad():
                 self.step.add_(1)
                 placement = hp.train_step(
                     self.keys, self.last_step, self.count, self.sketch, self.step, self.bucket_size, raw, buckets,
                     hashed_mask, table, self.column("policy"), self.column("ttl"), admission,
-                    compact=self.compacts(raw), counts_lookups=self._counts_lookups, policies=self._policies)
+                    compact=compact, counts_lookups=self._counts_lookups, policies=self._policies, tags=tags)
             slot, evicted_slot, unplaced = placement.slot, placement.evicted_slot, placement.unplaced
             evicted_at = placement.evicted_at
         else:
@@ -273,6 +286,11 @@ class HashTableState(nn.Module):
         base = self.slot_base(table)
         num_buckets = (self.tables[table].num_embeddings - 1) // self.bucket_size
         return self.keys.narrow(0, base, num_buckets * self.bucket_size)
+
+
+def _retag_after_load(state: HashTableState, _incompatible_keys) -> None:
+    """``load_state_dict`` wrote the keys: the tags follow (a module-level hook: picklable)."""
+    state.retag()
 
 
 def _per_key(unplaced: torch.Tensor, fallback: torch.Tensor, key_offsets: torch.Tensor):

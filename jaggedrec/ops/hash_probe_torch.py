@@ -21,6 +21,12 @@ The rules, which ``tests/test_hash_table_properties.py``'s simulator restates in
   evict, best victim first (LRU: oldest ``last_step``; LFU: smallest ``count``, then oldest;
   TTL: only slots idle more than ``ttl`` steps, oldest first), ties by index. Slots looked up
   in this batch are never evicted. An admitted id past the ranking's end is *unplaced*.
+
+Eager CPU steps over buckets of 8 slots may also keep *tags* (``[num_slots + 1]`` uint8, one
+byte of each slot's id hash, :func:`tag_of`): a bucket's tags are one int64 word, so the probe
+reads one word and one key an id instead of the bucket's 8 keys. Tags are a hint only: a slot
+they point at is checked against its key, and the ids they do not place go through the full
+probe (which re-tags the slots it finds), so stale or wrong tags cost time, never a result.
 """
 
 from __future__ import annotations
@@ -88,6 +94,55 @@ def fresh_uniform(seed: int, step: torch.Tensor, table: torch.Tensor, row: torch
     x.bitwise_xor_((x >> 15) & 0x1FFFF).mul_(_LB2)
     x.bitwise_xor_((x >> 16) & 0xFFFF)
     return ((x >> 8) & 0xFFFFFF).to(torch.float32).mul_(1.0 / (1 << 24))
+
+
+TAG_BUCKET = 8  # tags serve buckets of this many slots: one bucket's tags are one int64 word
+_ONES = 0x0101010101010101  # 1 in every byte
+_HIGHS = -0x7F7F7F7F7F7F7F80  # 0x80 in every byte, as int64
+_BYTE_MAGIC = sum((7 - m) << (8 * m) for m in range(8))  # see _byte_index
+
+
+def tag_of(hashed: torch.Tensor) -> torch.Tensor:
+    """``[N]`` int64 (:func:`mix` of the ids) -> ``[N]`` int64 in ``[0, 256)``: the slot's tag
+    (the top byte of the hash; the bucket is the remainder of all 63 low bits)."""
+    return (hashed >> 56).bitwise_and_(0xFF)
+
+
+def tags_of_keys(keys: torch.Tensor) -> torch.Tensor:
+    """``[num_slots + 1]`` int64 keys -> uint8 tags, 0 at free slots (any value would do)."""
+    return torch.where(keys == EMPTY, 0, tag_of(mix(keys))).to(torch.uint8)
+
+
+def _tag_probe(keys, tags, ids, buckets, tag, valid):
+    """Where the tags place each id (buckets of :data:`TAG_BUCKET` slots): ``(found [N] bool,
+    slot [N] int64)``, found only where the key at the bucket's lowest slot of the id's tag is
+    the id. An id it does not find may still sit in its bucket (a stale tag, or a lower slot
+    of the same tag): the caller probes those in full."""
+    words = tags.narrow(0, 0, tags.numel() - 1).view(torch.int64)  # [num_buckets]: a bucket's tags
+    x = words.index_select(0, buckets).bitwise_xor_(tag * _ONES)  # bytes of the id's tag -> 0
+    # a zero byte's flag (0x80): (x - 1s) & ~x & 0x80s; the lowest flag is exact (a borrow can
+    # only flag bytes above a zero one), and it is the one kept
+    flags = x - _ONES
+    flags.bitwise_and_(x.bitwise_not_()).bitwise_and_(_HIGHS)
+    flags.bitwise_and_(flags.neg())
+    # its byte index, as _byte_index finds it (0 where no byte matched: checked like any other)
+    offset = flags.bitwise_right_shift_(7).bitwise_and_(_ONES).mul_(_BYTE_MAGIC).bitwise_right_shift_(56)
+    slot = offset.add_(buckets, alpha=TAG_BUCKET)
+    return (keys.index_select(0, slot) == ids) & valid, slot
+
+
+def _hinted_probe(keys, tags, ids, buckets, tag, valid):
+    """:func:`_probe` with the tags' hint (eager): the tag probe, then the full probe of the
+    valid ids it did not find, whose found slots take the ids' tags."""
+    found, slot = _tag_probe(keys, tags, ids, buckets, tag, valid)
+    rest = torch.arange(ids.numel(), device=ids.device).masked_select(valid & ~found)
+    r_found, r_slot = _probe(keys, TAG_BUCKET, ids.index_select(0, rest), buckets.index_select(0, rest),
+                             torch.ones_like(rest, dtype=torch.bool))
+    found.index_copy_(0, rest, r_found)
+    slot.index_copy_(0, rest, r_slot)
+    scratch = keys.numel() - 1
+    tags.index_copy_(0, torch.where(r_found, r_slot, scratch), tag.index_select(0, rest).to(torch.uint8))
+    return found, slot
 
 
 def probe(keys: torch.Tensor, bucket_size: int, ids: torch.Tensor, buckets: torch.Tensor):
@@ -185,7 +240,7 @@ def _reads_policy(policies, counts_kept: bool) -> bool:
 
 def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, buckets, hashed_mask, table,
                table_policy, table_ttl, admission=None, compact: bool = False,
-               counts_lookups: bool = True, policies=None) -> Placement:
+               counts_lookups: bool = True, policies=None, tags=None) -> Placement:
     """One training batch: look ids up, admit, place and evict, updating the state in place.
 
     Args:
@@ -204,11 +259,20 @@ def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, buck
             goes through the placement, masked (fixed shapes: compiled graphs, GPUs).
         policies: the eviction policies the tables use (a set of ``POLICY_*``, known when the
             state is built; None: any), so that the placement forms only their scores.
+        tags: None, or ``([num_slots + 1] uint8 tags, [N] int64 tag of each id)`` (compact
+            steps over buckets of :data:`TAG_BUCKET` slots): probe through them, and tag the
+            slots placed (the module's rules above).
     """
     n = ids.numel()
     scratch = keys.numel() - 1
     valid = hashed_mask & (ids != EMPTY)  # EMPTY is the free slots' key: never found nor placed
-    found, slot = _probe(keys, bucket_size, ids, buckets, valid)
+    if tags is not None and not (compact and bucket_size == TAG_BUCKET):
+        raise ValueError(f"tags serve compact steps over buckets of {TAG_BUCKET} slots (bucket_size {bucket_size}, "
+                         f"compact {compact})")
+    if tags is None:
+        found, slot = _probe(keys, bucket_size, ids, buckets, valid)
+    else:
+        found, slot = _hinted_probe(keys, tags[0], ids, buckets, tags[1], valid)
     # the slots looked up now take this step first: the ranking reads "last_step == step" as
     # "looked up in this batch" (earlier steps are all smaller), which it never evicts; found
     # slots stay, the others read -1 until placed (positions of features not hashed are never
@@ -233,6 +297,9 @@ def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, buck
                                    None if picked is None else table_policy.index_select(0, picked),
                                    None if picked is None else table_ttl.index_select(0, picked),
                                    counts_lookups, policies)
+        if tags is not None:  # the new ids' tags (a duplicate writes its first's slot again)
+            tags[0].index_copy_(0, torch.where(m_slot >= 0, m_slot, scratch),
+                                tags[1].index_select(0, pick).to(torch.uint8))
         slot.index_copy_(0, pick, m_slot)
         evicted = (m_evicted >= 0).nonzero().squeeze(1)
         evicted_at = pick.index_select(0, evicted)
