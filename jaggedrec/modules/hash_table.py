@@ -152,6 +152,8 @@ class HashTableState(nn.Module):
         self._policies = frozenset(EVICTION_POLICIES[t.options.eviction] for t in tables)
         sizes = set(columns["num_buckets"][:-1])
         self._num_buckets = sizes.pop() if len(sizes) == 1 else 0  # every hashed table's buckets, if one
+        rows = set(columns["fallback"][:-1])
+        self._fallback_row = rows.pop() if len(rows) == 1 else None  # every hashed table's fallback row, if one
         self._feature_table = {f: i for i, t in enumerate(tables) for f in t.features}
         self._feature_index = {f: i for i, f in enumerate(self.features)}
 
@@ -230,20 +232,24 @@ class HashTableState(nn.Module):
                     hashed_mask, table, self.column("policy"), self.column("ttl"), admission,
                     compact=compact, counts_lookups=self._counts_lookups, policies=self._policies, tags=tags)
             slot, evicted_slot, unplaced = placement.slot, placement.evicted_slot, placement.unplaced
-            evicted_at = placement.evicted_at
+            evicted_at, live = placement.evicted_at, placement.live
         else:
             slot = hp.lookup(self.keys, self.bucket_size, raw, buckets, hashed_mask)
-            evicted_slot, unplaced = torch.full_like(slot, -1), torch.zeros_like(hashed_mask)
+            evicted_slot, unplaced, live = torch.full_like(slot, -1), torch.zeros_like(hashed_mask), None
         # a table's row = its slot less the table's first slot (bucket_base * bucket_size); the
         # fallback row where none; other features' ids as they were
-        live = slot >= 0
+        live = slot >= 0 if live is None else live
         fallback = hashed_mask & ~live
-        otherwise = self.column("fallback").index_select(0, table)
-        if not all(k in self._feature_table for k in kjt.keys()):  # some key is static (known per key list)
-            otherwise = torch.where(hashed_mask, otherwise, raw)
-        rows = torch.where(live, slot.sub(bucket_base, alpha=self.bucket_size), otherwise)
+        every_key_hashed = all(k in self._feature_table for k in kjt.keys())  # known per key list
+        if every_key_hashed and self._fallback_row is not None:  # in place: the slots are ours
+            rows = slot.sub_(bucket_base, alpha=self.bucket_size).masked_fill_(fallback, self._fallback_row)
+        else:
+            otherwise = self.column("fallback").index_select(0, table)
+            if not every_key_hashed:
+                otherwise = torch.where(hashed_mask, otherwise, raw)
+            rows = torch.where(live, slot.sub(bucket_base, alpha=self.bucket_size), otherwise)
         values = rows.to(ids.dtype)
-        unplaced_per_key, fallback_per_key = _per_key(unplaced, fallback, key_offsets)
+        unplaced_per_key, fallback_per_key = _per_key(unplaced, fallback, key_offsets, self.compacts(raw))
         self._count(self.unplaced, unplaced_per_key, key_feature)
         self._count(self.fallback, fallback_per_key, key_feature)
         self._raise_unplaced(unplaced_per_key, kjt.keys())
@@ -293,9 +299,15 @@ def _retag_after_load(state: HashTableState, _incompatible_keys) -> None:
     state.retag()
 
 
-def _per_key(unplaced: torch.Tensor, fallback: torch.Tensor, key_offsets: torch.Tensor):
+def _per_key(unplaced: torch.Tensor, fallback: torch.Tensor, key_offsets: torch.Tensor, eager: bool = False):
     """``([K], [K])`` int64: how many of ``unplaced`` and of ``fallback`` (``[N]`` bool each,
-    key-major) each key holds; one running sum of both (fallback in the low 32 bits: N < 2^32)."""
+    key-major) each key holds; one running sum of both (fallback in the low 32 bits: N < 2^32).
+    ``eager``: a step outside any graph (``HashTableState.compacts``)."""
+    if eager and fallback.numel():  # one pass fewer, no leading 0 (a size that graphs would guard on)
+        both = fallback.to(torch.int64).add_(unplaced, alpha=1 << 32).cumsum_(0)
+        # the running sum before each key's first position (0 before position 0)
+        at = both.index_select(0, (key_offsets - 1).clamp_(min=0)).masked_fill_(key_offsets == 0, 0).diff()
+        return at >> 32, at & 0xFFFFFFFF
     both = torch.zeros(fallback.numel() + 1, dtype=torch.int64, device=fallback.device)
     both.narrow(0, 1, fallback.numel()).copy_(fallback).add_(unplaced, alpha=1 << 32)
     both.cumsum_(0)

@@ -133,16 +133,29 @@ def _tag_probe(keys, tags, ids, buckets, tag, valid):
 
 def _hinted_probe(keys, tags, ids, buckets, tag, valid):
     """:func:`_probe` with the tags' hint (eager): the tag probe, then the full probe of the
-    valid ids it did not find, whose found slots take the ids' tags."""
+    valid ids it did not find (``rest``, ``[R]`` ascending positions, returned third), whose
+    found slots take the ids' tags."""
     found, slot = _tag_probe(keys, tags, ids, buckets, tag, valid)
-    rest = torch.arange(ids.numel(), device=ids.device).masked_select(valid & ~found)
+    rest = positions(ids.numel(), ids.device).masked_select(valid & ~found)
     r_found, r_slot = _probe(keys, TAG_BUCKET, ids.index_select(0, rest), buckets.index_select(0, rest),
                              torch.ones_like(rest, dtype=torch.bool))
     found.index_copy_(0, rest, r_found)
     slot.index_copy_(0, rest, r_slot)
     scratch = keys.numel() - 1
     tags.index_copy_(0, torch.where(r_found, r_slot, scratch), tag.index_select(0, rest).to(torch.uint8))
-    return found, slot
+    return found, slot, rest
+
+
+_POSITIONS = {}  # device -> the longest arange made for it (eager use only)
+
+
+def positions(n: int, device) -> torch.Tensor:
+    """``arange(n)`` int64, narrowed from one kept arange per device (eager: the compact picks
+    ``masked_select`` from it, which costs less than ``nonzero`` on CPU; not for graphs)."""
+    kept = _POSITIONS.get(str(device))
+    if kept is None or kept.numel() < n:
+        kept = _POSITIONS[str(device)] = torch.arange(max(n, 1024), device=device)
+    return kept.narrow(0, 0, n)
 
 
 def probe(keys: torch.Tensor, bucket_size: int, ids: torch.Tensor, buckets: torch.Tensor):
@@ -205,6 +218,7 @@ class Placement(NamedTuple):
     # [E] int64 positions whose id evicted another (compact steps, where ``evicted_slot`` is
     # ``[E]`` too, the slot each of them left; None on fixed shapes)
     evicted_at: Optional[torch.Tensor] = None
+    live: Optional[torch.Tensor] = None  # [N] bool: slot >= 0
 
 
 def _ranking(keys, last_step, count, buckets, bucket_size: int, policy, ttl, step, counts_kept: bool = True,
@@ -269,10 +283,11 @@ def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, buck
     if tags is not None and not (compact and bucket_size == TAG_BUCKET):
         raise ValueError(f"tags serve compact steps over buckets of {TAG_BUCKET} slots (bucket_size {bucket_size}, "
                          f"compact {compact})")
+    rest = None  # (tags) the positions the full probe saw: every admitted one is among them
     if tags is None:
         found, slot = _probe(keys, bucket_size, ids, buckets, valid)
     else:
-        found, slot = _hinted_probe(keys, tags[0], ids, buckets, tags[1], valid)
+        found, slot, rest = _hinted_probe(keys, tags[0], ids, buckets, tags[1], valid)
     # the slots looked up now take this step first: the ranking reads "last_step == step" as
     # "looked up in this batch" (earlier steps are all smaller), which it never evicts; found
     # slots stay, the others read -1 until placed (positions of features not hashed are never
@@ -290,7 +305,10 @@ def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, buck
     reads_policy = _reads_policy(policies, counts_lookups)
     evicted_at = None
     if compact:
-        pick = torch.arange(n, device=ids.device).masked_select(admitted)  # cheaper than nonzero on CPU
+        if rest is None:
+            pick = positions(n, ids.device).masked_select(admitted)
+        else:  # the same positions, picked from the fewer the full probe saw
+            pick = rest.masked_select(admitted.index_select(0, rest))
         picked = table.index_select(0, pick) if reads_policy else None
         m_slot, m_evicted = _place(keys, last_step, count, step, bucket_size, ids.index_select(0, pick),
                                    buckets.index_select(0, pick), None,
@@ -304,18 +322,20 @@ def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, buck
         evicted = (m_evicted >= 0).nonzero().squeeze(1)
         evicted_at = pick.index_select(0, evicted)
         evicted_slot = m_evicted.index_select(0, evicted)
-        last_step.index_copy_(0, torch.where(m_slot >= 0, m_slot, scratch), step.expand(pick.numel()))
+        m_live = m_slot >= 0
+        last_step.index_copy_(0, torch.where(m_live, m_slot, scratch), step.expand(pick.numel()))
+        live = found.index_copy(0, pick, m_live)  # = slot >= 0, from bools (the picked were not found)
     else:
         new_slot, evicted_slot = _place(keys, last_step, count, step, bucket_size, ids, buckets, admitted,
                                         table_policy[table] if reads_policy else None,
                                         table_ttl[table] if reads_policy else None, counts_lookups, policies)
         last_step.index_copy_(0, torch.where(new_slot >= 0, new_slot, scratch), step.expand(n))
         slot = torch.where(found, slot, new_slot)
-    live = slot >= 0
+        live = slot >= 0
     if counts_lookups:  # LFU's score (the other policies never read it)
         count.index_add_(0, torch.where(live, slot, scratch), live.to(torch.int64))
     keys[scratch] = EMPTY
-    return Placement(slot, evicted_slot, admitted & ~live, miss & ~admitted, evicted_at)
+    return Placement(slot, evicted_slot, admitted & ~live, miss & ~admitted, evicted_at, live)
 
 
 def _place(keys, last_step, count, step, bucket_size: int, ids, buckets, admitted, policy, ttl,
