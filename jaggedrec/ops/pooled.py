@@ -88,21 +88,23 @@ _BACKEND_ARG, _OPTIMIZER_STATE_ARG = (list(inspect.signature(_pooled_embedding_b
 @torch.fx.wrap  # one node of a torch.fx graph: it branches on its arguments
 def run_pooled_embedding_bags(*args) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`pooled_embedding_bags` as the modules call it, with the same arguments. An eager
-    CPU forward that autograd will not see (inference) runs the op's body without the
-    dispatcher, whose custom-op machinery costs ~0.1 ms a call on a 2-core EPYC (a fifth of the
-    forward of 10 tables of 512 bags). Anything else goes through the op: a gradient to come, a
-    compiled or traced graph, fake tensors, the kernels."""
+    CPU call on the torch path skips the dispatcher, whose custom-op machinery costs ~0.1 ms a
+    call on a 2-core EPYC (a fifth of the forward of 10 tables of 512 bags): without a gradient
+    to come (inference) it runs the op's body; with one, :class:`_EagerPooled` runs the same body
+    and the same backward as the op's autograd formula, its backward calling the backward ops'
+    bodies directly too. Anything else goes through the op: a compiled or traced graph, fake
+    tensors, the kernels."""
     weights, values, offsets, per_sample_weights = args[:4]
     backend, optimizer_state = args[_BACKEND_ARG], args[_OPTIMIZER_STATE_ARG]
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (weights, per_sample_weights, *optimizer_state))
-    if needs_grad or use_kernels(backend, weights.device) or not backends.host_readable(weights, values, offsets):
+    if use_kernels(backend, weights.device) or not backends.host_readable(weights, values, offsets):
         return pooled_embedding_bags(*args)
+    if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (weights, per_sample_weights, *optimizer_state)):
+        return _EagerPooled.apply(*args[:_OPTIMIZER_STATE_ARG], *optimizer_state)
     return _pooled_embedding_bags(*args)
 
 
-@define_op("jaggedrec::pooled_embedding_bags_backward")
-def pooled_embedding_bags_backward(
+def _dense_backward(
     grad_out: torch.Tensor,
     weights: torch.Tensor,
     values: torch.Tensor,
@@ -135,6 +137,9 @@ def pooled_embedding_bags_backward(
     if grad_psw is None:
         grad_psw = grad_out.new_empty(0, dtype=torch.float32)
     return grad_weights, grad_psw
+
+
+pooled_embedding_bags_backward = define_op("jaggedrec::pooled_embedding_bags_backward")(_dense_backward)
 
 
 @define_op("jaggedrec::pooled_embedding_bags_fused_update",
@@ -218,8 +223,19 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_out, _grad_bad_ids):
+    """The op's autograd formula: the backward ops through the dispatcher (compiled graphs)."""
+    needs = ctx.needs_input_grad
+    grads = _grads(ctx, grad_out, needs[:4], needs[_OPTIMIZER_STATE_ARG],
+                   torch.ops.jaggedrec.pooled_embedding_bags_backward,
+                   torch.ops.jaggedrec.pooled_embedding_bags_fused_update)
+    return grads[:_OPTIMIZER_STATE_ARG] + (list(grads[_OPTIMIZER_STATE_ARG:]),)
+
+
+def _grads(ctx, grad_out: torch.Tensor, needs_input_grad, needs_state_grad, dense_backward, fused_update) -> tuple:
+    """The gradients of the op's inputs, the optimizer state's flattened at the end; the fused
+    step (if any) applied. ``dense_backward`` and ``fused_update``: the backward ops, or their bodies."""
     weights, values, offsets, psw, inverse_indices, *optimizer_state = ctx.saved_tensors
-    need_weight_grad, _, _, need_psw_grad = ctx.needs_input_grad[:4]
+    need_weight_grad, _, _, need_psw_grad = needs_input_grad
     # gradient clipping (a fused optimizer's max_gradient) acts on each sample's gradient
     fused_grad = clipped_grad(grad_out, optimizer_state[0]) if optimizer_state else grad_out
     if inverse_indices is not None:  # VBE: from here on, one gradient row per bag slot
@@ -230,26 +246,50 @@ def _backward(ctx, grad_out, _grad_bad_ids):
         fused_grad = (vbe.sum_shared_bags(fused_grad, inverse_indices, tables.plan.out_offsets, bags_per_key)
                       if clipped else grad_out)
     need_psw_grad = bool(need_psw_grad and psw is not None)
-    needs_state_grad = ctx.needs_input_grad[_OPTIMIZER_STATE_ARG]
     plan = weight_grad(ctx.optimizer, ctx.sparse_grad, need_weight_grad, needs_state_grad)
     grad_weights = grad_psw = None
     # before the fused step: d(out)/d(per-sample weight) is a row as the forward read it
     if plan.dense or need_psw_grad:
-        dense_w, dense_psw = torch.ops.jaggedrec.pooled_embedding_bags_backward(
-            grad_out.contiguous(), weights, values, offsets, psw, *ctx.static, plan.dense, need_psw_grad,
-            ctx.deterministic)
+        dense_w, dense_psw = dense_backward(grad_out.contiguous(), weights, values, offsets, psw, *ctx.static,
+                                            plan.dense, need_psw_grad, ctx.deterministic)
         if plan.dense:
             grad_weights = dense_w
         if need_psw_grad:
             grad_psw = dense_psw.to(psw.dtype)
     if plan.fused_step:
-        torch.ops.jaggedrec.pooled_embedding_bags_fused_update(
-            fused_grad.contiguous(), weights, values, offsets, psw, inverse_indices, *ctx.static, ctx.optimizer,
-            *optimizer_state)
+        fused_update(fused_grad.contiguous(), weights, values, offsets, psw, inverse_indices, *ctx.static,
+                     ctx.optimizer, *optimizer_state)
     elif plan.sparse:
         grad_weights = _sparse_weight_grad(grad_out, weights, values, offsets, psw, inverse_indices, *ctx.static)
     return ((grad_weights, None, None, grad_psw) + (None,) * (_OPTIMIZER_STATE_ARG - 4)
-            + (state_grads(plan, needs_state_grad, grad_out),))
+            + tuple(state_grads(plan, needs_state_grad, grad_out)))
 
 
 pooled_embedding_bags.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _eager_fused_update(grad_out, weights, values, offsets, psw, inverse_indices, tables, backend, optimizer,
+                        hparams, step, state1, state2) -> None:
+    """What ``pooled_embedding_bags_fused_update`` runs for CPU tensors on the torch path."""
+    _fused_update_torch(grad_out, weights, batch_inputs(values, offsets, psw, inverse_indices), tables,
+                        FusedStep(optimizer, hparams, step, state1, state2))
+
+
+class _EagerPooled(torch.autograd.Function):
+    """:func:`pooled_embedding_bags` with its autograd formula, for eager CPU calls on the torch
+    path: the same body and the same backward (bit for bit), without the dispatcher, which took
+    three custom-op calls a training step (the forward, the fused update and its host op).
+    Takes the op's arguments with ``optimizer_state`` spread out at the end."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        inputs = (*args[:_OPTIMIZER_STATE_ARG], list(args[_OPTIMIZER_STATE_ARG:]))
+        pooled, bad_ids = _pooled_embedding_bags(*inputs)
+        _setup_context(ctx, inputs, None)
+        ctx.mark_non_differentiable(bad_ids)
+        return pooled, bad_ids
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_bad_ids):
+        needs = ctx.needs_input_grad
+        return _grads(ctx, grad_out, needs[:4], needs[_OPTIMIZER_STATE_ARG:], _dense_backward, _eager_fused_update)
