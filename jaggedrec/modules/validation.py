@@ -11,7 +11,7 @@ in the graph (on CPU; see ``_assert_in_graph``).
 
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -131,6 +131,15 @@ def check_data(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
     lengths = kjt.lengths_or_none()
     both = kjt.has_unchecked_offsets()  # given lengths and offsets: compared, then the offsets serve
     offsets = kjt.offsets() if both else kjt.lookup_offsets()
+    if values.device.type == "cpu":
+        lengths_ok, ids_ok = _host_batch_ok(values, lengths, offsets, both, min(spec.key_rows.values()))
+        if lengths_ok:
+            if not ids_ok:  # some id past the smallest table: each key against its own
+                used = [kjt.index_per_key()[k] for k in spec.key_rows]
+                _check_id_ranges(values, offsets, bag_starts, keys, spec, used)
+            _accept(kjt, offsets, bag_starts, spec, both)
+            return
+    # a bad batch (or one on a device): each check on its own, to word the error
     if lengths is None:
         lengths = offsets[1:] - offsets[:-1]
     low, high = torch.aminmax(values) if num_ids else (offsets.new_zeros(()), offsets.new_zeros(()))
@@ -146,9 +155,7 @@ def check_data(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
         shortest, first, total, low, high, *disagree = torch.stack([t.long() for t in checks]).tolist()
     bad_length, bad_start, bad_total = shortest < 0, first != 0, total != num_ids
     if not (bad_length or bad_start or bad_total or any(disagree) or low < 0 or high >= min(spec.key_rows.values())):
-        if both:
-            kjt.mark_offsets_checked()
-        _check_carried_counts(kjt, offsets, bag_starts, spec)
+        _accept(kjt, offsets, bag_starts, spec, both)
         return
     if bad_length:
         where = int(torch.nonzero(lengths < 0)[0])
@@ -165,6 +172,49 @@ def check_data(kjt: KeyedJaggedTensor, spec: FeatureSpec) -> None:
                          f"disagree: sample {sample} has length {int(lengths[where])}, but offsets "
                          f"{int(offsets[where])} -> {int(offsets[where + 1])}")
     _check_id_ranges(values, offsets, bag_starts, keys, spec, [kjt.index_per_key()[k] for k in spec.key_rows])
+    _accept(kjt, offsets, bag_starts, spec, both)  # ids past the smallest table, each within its own
+
+
+def _accept(kjt: KeyedJaggedTensor, offsets: torch.Tensor, bag_starts: List[int], spec: FeatureSpec,
+            both: bool) -> None:
+    """A batch whose lengths, offsets and ids passed: its given offsets may serve, and the
+    per-key counts it carries must still agree with them."""
+    if both:
+        kjt.mark_offsets_checked()
+    _check_carried_counts(kjt, offsets, bag_starts, spec)
+
+
+def _host_batch_ok(values: torch.Tensor, lengths: Optional[torch.Tensor], offsets: torch.Tensor, both: bool,
+                   rows: int) -> Tuple[bool, bool]:
+    """The data checks of :func:`check_data` on a CPU batch, in as few torch calls as its layout
+    allows (each costs microseconds, which a small batch notices). Returns whether the lengths
+    and offsets pass (lengths not negative; offsets from 0 to the id count, and equal to the
+    lengths' running sum when both are given), and whether every id is in ``[0, rows)``. A
+    failure sends the caller to the one-by-one checks, which find and word the error.
+
+    Args:
+        values: ``[N]`` ids; lengths: ``[K*B]`` or None; offsets: ``[K*B+1]``, ``K*B >= 1``;
+        both: the lengths and offsets were both given, not yet compared.
+    """
+    num_ids = values.shape[0]
+    steps = None
+    if lengths is None or both:
+        steps = torch.diff(offsets)
+        if both and not torch.equal(steps, lengths):
+            return False, False
+    lengths = steps if lengths is None else lengths
+    if int(lengths.min()) < 0:
+        return False, False
+    first, last = offsets[::offsets.shape[0] - 1].tolist()
+    # int64 offsets whose steps are the (non-negative) lengths end at the lengths' int64 sum, wrap
+    # for wrap; int32 ones could wrap past 2**31 and still end at N, so their lengths are summed
+    if first != 0 or last != num_ids or (offsets.dtype != torch.int64
+                                         and int(lengths.sum(dtype=torch.int64)) != num_ids):
+        return False, False
+    if not num_ids:
+        return True, True
+    low, high = torch.aminmax(values)
+    return True, int(low) >= 0 and int(high) < rows
 
 
 def _check_carried_counts(kjt: KeyedJaggedTensor, offsets: torch.Tensor, bag_starts: List[int],
