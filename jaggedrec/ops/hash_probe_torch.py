@@ -47,8 +47,8 @@ _COUNT_CAP = 1 << 30  # LFU scores pack count and step in one int64
 def mix(ids: torch.Tensor) -> torch.Tensor:
     """``[N]`` int64 -> ``[N]`` int64: splitmix64's finaliser of the id's 64 bits (the multiplies
     wrap; the shifts are logical, hence the masks), as a signed int64."""
-    x = ids.to(torch.int64, copy=True)  # updated in place below: never the caller's ids
-    x.bitwise_xor_((x >> 30).bitwise_and_((1 << 34) - 1)).mul_(_M1)
+    x = ids.to(torch.int64)
+    x = x.bitwise_xor((x >> 30).bitwise_and_((1 << 34) - 1)).mul_(_M1)  # a new tensor: then in place
     x.bitwise_xor_((x >> 27).bitwise_and_((1 << 37) - 1)).mul_(_M2)
     return x.bitwise_xor_((x >> 31).bitwise_and_((1 << 33) - 1))
 
@@ -292,9 +292,10 @@ def train_step(keys, last_step, count, sketch, step, bucket_size: int, ids, buck
     # "looked up in this batch" (earlier steps are all smaller), which it never evicts; found
     # slots stay, the others read -1 until placed (positions of features not hashed are never
     # found nor admitted, so they stay -1)
-    slot = torch.where(found, slot, -1)
-    last_step.index_copy_(0, torch.where(found, slot, scratch), step.expand(n))
+    stamp = torch.where(found, slot, scratch)
+    last_step.index_copy_(0, stamp, step.expand(n))
     not_found = ~found
+    slot = stamp.masked_fill_(not_found, -1)
     miss = hashed_mask & not_found
     admitted = valid & not_found
     if admission is not None:  # occurrences of missing ids in their table's counters
