@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 
@@ -97,27 +97,43 @@ def make_plan(weight_offsets: Tuple[int, ...], rows: Tuple[int, ...], dims: Tupl
 def block_view(flat: torch.Tensor, p: Pass) -> torch.Tensor:
     """The pass's block, ``[num_rows, dim]``: the rows of its dim's tables in ``flat`` (the flat
     weights, or anything laid out as they are: a gradient, Adam's moments)."""
+    if p.weight_start == 0 and flat.shape[0] == p.num_rows * p.dim:  # the whole tensor: one call fewer
+        return flat.view(p.num_rows, p.dim)
     return flat.narrow(0, p.weight_start, p.num_rows * p.dim).view(p.num_rows, p.dim)
 
 
 def shifted_ids(p: Pass, values: torch.Tensor,
-                key_counts: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                key_counts: Union[torch.Tensor, List[int]]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``[N]`` row of each id in the pass's block, and ``[N]`` bool "id belongs to the pass".
 
     Ids of keys outside the pass point at row 0 (their bags are dropped); the mask is None
-    when the pass covers every key.
+    when the pass covers every key. ``key_counts``: ``[K]`` ids per key, a tensor or (eager
+    CPU, see :func:`host_key_counts`) host ints.
     """
     # (host readable first: compiled, the id count is unbacked and cannot be compared)
     num_keys = len(p.key_row_base)
-    if p.covers_all_keys and backends.host_readable(values, key_counts) and (
+    on_host = isinstance(key_counts, list)
+    if p.covers_all_keys and (on_host or backends.host_readable(values, key_counts)) and (
             num_keys <= _PER_KEY_ADD_MAX_KEYS or values.shape[0] >= _PER_KEY_ADD_MIN_IDS * num_keys):
         # one add per key into one output: ~3x faster on CPU than the repeat_interleave below
         # for 26 keys of 80k ids (1.5 vs 4.6 ms), which also writes and reads an [N] shift
+        counts = key_counts if on_host else key_counts.tolist()
+        if num_keys <= _PER_KEY_ADD_MAX_KEYS and 0 in p.key_row_base:
+            # a key of the block's first table keeps its ids: one copy of all, then adds in place
+            # for the others (3 calls for the tutorial's 2 keys instead of 7)
+            ids, start = values.clone(), 0
+            for count, base in zip(counts, p.key_row_base):
+                if base:
+                    ids.narrow(0, start, count).add_(base)
+                start += count
+            return ids, None
         ids, start = torch.empty_like(values), 0
-        for count, base in zip(key_counts.tolist(), p.key_row_base):
+        for count, base in zip(counts, p.key_row_base):
             torch.add(values.narrow(0, start, count), base, out=ids.narrow(0, start, count))
             start += count
         return ids, None
+    if on_host:
+        key_counts = torch.tensor(key_counts, dtype=torch.int64, device=values.device)
     base = torch.tensor(p.key_row_base, dtype=values.dtype, device=values.device)
     shift = repeat_counts(base, key_counts, output_size=values.shape[0])
     ids = values + shift
@@ -136,6 +152,13 @@ def key_counts(offsets: torch.Tensor, batch_size: int, num_keys: int) -> torch.T
         # expression the shape solver cannot reduce to K+1
         starts = offsets.index_select(0, torch.arange(num_keys + 1, device=offsets.device) * batch_size)
     return (starts[1:] - starts[:-1]).long()
+
+
+def host_key_counts(offsets: torch.Tensor, batch_size: int) -> List[int]:
+    """``[K]`` ids per key as host ints, from the key-major offsets (eager CPU: one read of the
+    ``K+1`` key starts, fewer calls than :func:`key_counts` and its ``tolist``)."""
+    starts = offsets[::batch_size].tolist()
+    return [b - a for a, b in zip(starts, starts[1:])]
 
 
 def inverse_lengths(plan: PooledPlan, offsets: torch.Tensor, num_keys: int,

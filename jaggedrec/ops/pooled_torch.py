@@ -22,8 +22,8 @@ from jaggedrec.ops import backends, vbe
 from jaggedrec.ops.feature_tables import FeatureTables
 from jaggedrec.ops.host_tasks import run_pieces
 from jaggedrec.ops.op_args import OpBatch
-from jaggedrec.ops.pooled_plan import (Pass, PooledPlan, bag_grads, bag_of_id, block_view, in_output_order,
-                                       inverse_lengths, key_counts, shifted_ids)
+from jaggedrec.ops.pooled_plan import (Pass, PooledPlan, bag_grads, bag_of_id, block_view, host_key_counts,
+                                       in_output_order, inverse_lengths, key_counts, shifted_ids)
 from jaggedrec.ops.runs_torch import sum_rows_by_id
 
 # Eager CPU forward: with at least this many ids per feature on average, one embedding_bag
@@ -194,14 +194,20 @@ def _forward_per_feature(weights, batch: OpBatch, plan: PooledPlan, num_keys: in
 def _forward_batched(weights, batch: OpBatch, plan: PooledPlan, num_keys: int, batch_size: int) -> torch.Tensor:
     """Compiled or GPU: one ``embedding_bag`` per pass over all ids, no host reads, static shapes."""
     values, offsets = batch.values, batch.offsets
-    counts = key_counts(offsets, batch_size, num_keys)
+    if backends.host_readable(values, offsets):
+        counts = host_key_counts(offsets, batch_size)
+    else:
+        counts = key_counts(offsets, batch_size, num_keys)
     inv_lengths = inverse_lengths(plan, offsets, num_keys, batch_size)
     pieces = {}
+    if offsets.dtype != values.dtype:
+        offsets = offsets.to(values.dtype)
     for p in plan.passes:
-        block = block_view(weights, p).detach()
+        block = block_view(weights, p)
+        if torch.is_grad_enabled():  # (the op's body runs with autograd off, but traced it may not)
+            block = block.detach()
         ids, _ = shifted_ids(p, values, counts)
-        bags = pooled_rows(ids, block, offsets.to(values.dtype), batch.per_sample_weights,
-                           False).view(num_keys, batch_size, p.dim)
+        bags = pooled_rows(ids, block, offsets, batch.per_sample_weights, False).view(num_keys, batch_size, p.dim)
         if in_output_order(p, plan, num_keys):
             # one transposing copy into [B, total_dim]; a cat of K slices costs ~1.5x more
             if inv_lengths is not None and any(p.mean):
