@@ -40,19 +40,44 @@ def _configs():
 @triton.jit
 def _fetch(table_ptr, ids, position, starts, lengths, num_rows, d0, cols, col_mask, dim, row_bytes, psw_ptr,
            HAS_PSW: tl.constexpr, STORAGE: tl.constexpr, ROW_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr,
-           BLOCK_D: tl.constexpr):
+           BLOCK_D: tl.constexpr, WORDS: tl.constexpr = False):
     """Issue the loads of the rows ``ids`` (at ``position`` of each bag) and return them as
     stored, for :func:`_dequantize` an iteration later: a tuple of the codes (INT8: ``[BLOCK_B,
     BLOCK_D]`` bytes; INT4: ``[BLOCK_B, BLOCK_D // 2]`` packed bytes; FP16: ``[BLOCK_B,
     BLOCK_D]`` values) and, but for FP16, the rows' scales and biases; then which rows are
-    present (in their bag, id in range), their per-id weights, and ``[BLOCK_B]`` bad-id counts."""
+    present (in their bag, id in range), their per-id weights, and ``[BLOCK_B]`` bad-id counts.
+
+    ``WORDS``: the codes or values as ``[BLOCK_B, BLOCK_D * bytes / 4]`` int32 words instead
+    (rows are 4-byte aligned, ROW_ALIGN >= 4), split by :func:`_dequantize`. Bytes and halves
+    each take a register of their own, and ptxas unpacked them from the loaded vectors in the
+    iteration that loads them, which waits for the rows there (triton 3.6); words are carried
+    to the next iteration as loaded. A word past a row's last value reads bytes inside the row
+    (its padding, scale or bias), which the column mask then zeroes."""
     ids = ids.to(tl.int64)
     present = position < lengths
     bad = present & ((ids < 0) | (ids >= num_rows))
     present = present & ~bad
     rows = tl.multiple_of(table_ptr + ids * row_bytes, ROW_ALIGN)  # each row's first byte
     mask = present[:, None] & col_mask[None, :]
-    if STORAGE == 3:  # FP16 values
+    if WORDS:
+        # values per word: 4 INT8 codes, 8 INT4 codes, 2 FP16 values
+        PER_WORD: tl.constexpr = 4 if STORAGE == 1 else (8 if STORAGE == 2 else 2)
+        words = d0 // PER_WORD + tl.arange(0, BLOCK_D // PER_WORD)
+        if DIM_ALIGN >= PER_WORD:  # the mask's bound keeps the words' alignment, and the loads their width
+            num_words = tl.multiple_of(dim // PER_WORD, DIM_ALIGN // PER_WORD)
+        else:
+            num_words = (dim + PER_WORD - 1) // PER_WORD
+        codes = tl.load(rows.to(tl.pointer_type(tl.int32))[:, None] + words[None, :],
+                        mask=present[:, None] & (words < num_words)[None, :], other=0)
+        if STORAGE == 3:
+            raw = (codes,)
+        elif STORAGE == 1:
+            scale_bias = (rows + row_bytes - 8).to(tl.pointer_type(tl.float32))
+            raw = (codes, tl.load(scale_bias, mask=present, other=0.0), tl.load(scale_bias + 1, mask=present, other=0.0))
+        else:
+            scale_bias = (rows + row_bytes - 4).to(tl.pointer_type(tl.float16))
+            raw = (codes, tl.load(scale_bias, mask=present, other=0.0), tl.load(scale_bias + 1, mask=present, other=0.0))
+    elif STORAGE == 3:  # FP16 values
         raw = (tl.load(rows.to(tl.pointer_type(tl.float16))[:, None] + cols[None, :], mask=mask, other=0.0),)
     elif STORAGE == 1:  # INT8 codes, fp32 scale and bias
         scale_bias = (rows + row_bytes - 8).to(tl.pointer_type(tl.float32))
@@ -76,9 +101,41 @@ def _fetch(table_ptr, ids, position, starts, lengths, num_rows, d0, cols, col_ma
 
 
 @triton.jit
-def _dequantize(raw, present, col_mask, STORAGE: tl.constexpr):
+def _field(words, i: tl.constexpr, BITS: tl.constexpr):
+    return (words >> (BITS * i)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _split(words, BITS: tl.constexpr, COUNT: tl.constexpr):
+    """``[R, W]`` int32 words -> ``[R, W * COUNT]`` int32 fields of ``BITS`` bits each, in memory
+    order (little-endian: the low field first). Interleaving two tensors alternates their
+    elements, so the fields are paired by bit-reversed index: (0, 4), (2, 6), then those pairs."""
+    if COUNT == 2:
+        out = tl.interleave(_field(words, 0, BITS), _field(words, 1, BITS))
+    elif COUNT == 4:
+        out = tl.interleave(tl.interleave(_field(words, 0, BITS), _field(words, 2, BITS)),
+                            tl.interleave(_field(words, 1, BITS), _field(words, 3, BITS)))
+    else:
+        even = tl.interleave(tl.interleave(_field(words, 0, BITS), _field(words, 4, BITS)),
+                             tl.interleave(_field(words, 2, BITS), _field(words, 6, BITS)))
+        odd = tl.interleave(tl.interleave(_field(words, 1, BITS), _field(words, 5, BITS)),
+                            tl.interleave(_field(words, 3, BITS), _field(words, 7, BITS)))
+        out = tl.interleave(even, odd)
+    return out
+
+
+@triton.jit
+def _dequantize(raw, present, col_mask, STORAGE: tl.constexpr, WORDS: tl.constexpr = False):
     """``[BLOCK_B, BLOCK_D]`` fp32 rows from :func:`_fetch`'s tuple (0 where not ``present``)."""
-    if STORAGE == 3:
+    if WORDS:
+        if STORAGE == 3:
+            halves = _split(raw[0], 16, 2).to(tl.int16).to(tl.float16, bitcast=True)
+            rows = tl.where(col_mask[None, :], halves.to(tl.float32), 0.0)
+        else:
+            codes = _split(raw[0], 8 if STORAGE == 1 else 4, 4 if STORAGE == 1 else 8).to(tl.float32)
+            rows = tl.where(present[:, None] & col_mask[None, :],
+                            codes * raw[1].to(tl.float32)[:, None] + raw[2].to(tl.float32)[:, None], 0.0)
+    elif STORAGE == 3:
         rows = raw[0].to(tl.float32)
     else:
         if STORAGE == 1:
@@ -94,7 +151,7 @@ def _dequantize(raw, present, col_mask, STORAGE: tl.constexpr):
 @triton.jit
 def _pool(acc, bad_ids, d0, cols, col_mask, dim, starts, lengths, longest, num_rows, row_bytes, table_ptr, values_ptr,
           psw_ptr, HAS_PSW: tl.constexpr, STORAGE: tl.constexpr, ROW_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr,
-          BLOCK_D: tl.constexpr):
+          BLOCK_D: tl.constexpr, WORDS: tl.constexpr = False):
     """Add columns ``cols`` of every bag's dequantized rows to ``acc``, one id position at a time.
 
     Pipelined two deep, as the pooled forward's loop: an iteration adds the rows that the one
@@ -105,7 +162,7 @@ def _pool(acc, bad_ids, d0, cols, col_mask, dim, starts, lengths, longest, num_r
     ids = tl.load(values_ptr + starts, mask=lengths > 0, other=0)
     raw_next, present_next, psw_next, bad = _fetch(table_ptr, ids, 0, starts, lengths, num_rows, d0, cols, col_mask,
                                                    dim, row_bytes, psw_ptr, HAS_PSW, STORAGE, ROW_ALIGN, DIM_ALIGN,
-                                                   BLOCK_D)
+                                                   BLOCK_D, WORDS)
     bad_ids += bad
     ahead = tl.load(values_ptr + starts + 1, mask=1 < lengths, other=0)
     for j in range(0, longest):
@@ -116,9 +173,9 @@ def _pool(acc, bad_ids, d0, cols, col_mask, dim, starts, lengths, longest, num_r
         ahead = tl.load(values_ptr + starts + j + 2, mask=(j + 2) < lengths, other=0)
         raw_next, present_next, psw_next, bad = _fetch(table_ptr, ids, j + 1, starts, lengths, num_rows, d0, cols,
                                                        col_mask, dim, row_bytes, psw_ptr, HAS_PSW, STORAGE, ROW_ALIGN,
-                                                       DIM_ALIGN, BLOCK_D)
+                                                       DIM_ALIGN, BLOCK_D, WORDS)
         bad_ids += bad
-        rows = _dequantize(raw_now, present_now, col_mask, STORAGE)
+        rows = _dequantize(raw_now, present_now, col_mask, STORAGE, WORDS)
         if HAS_PSW:
             rows = rows * psw_now[:, None]
         acc += rows
@@ -169,7 +226,8 @@ def _quant_fwd_kernel(
                                  int8_ptr + first_byte, values_ptr, psw_ptr, HAS_PSW, 1, ROW_ALIGN, DIM_ALIGN, BLOCK_D)
         elif storage == 2:
             acc, bad_ids = _pool(acc, bad_ids, d0, cols, col_mask, dim, starts, lengths, longest, num_rows, row_bytes,
-                                 int4_ptr + first_byte, values_ptr, psw_ptr, HAS_PSW, 2, ROW_ALIGN, DIM_ALIGN, BLOCK_D)
+                                 int4_ptr + first_byte, values_ptr, psw_ptr, HAS_PSW, 2, ROW_ALIGN, DIM_ALIGN, BLOCK_D,
+                                 ROW_ALIGN >= 4)
         else:
             acc, bad_ids = _pool(acc, bad_ids, d0, cols, col_mask, dim, starts, lengths, longest, num_rows, row_bytes,
                                  fp16_ptr + first_byte, values_ptr, psw_ptr, HAS_PSW, 3, ROW_ALIGN, DIM_ALIGN, BLOCK_D)

@@ -7,13 +7,14 @@ id per bag that chain is most of a program's time. Here, as in ``pooled_fwd_shor
 fixed grid of programs walks the blocks of one storage type's features (block ``k``:
 ``BLOCK_B`` bags of one feature), and iteration ``i`` of a program's loop issues
 
-* the metadata of block ``i+3``,
+* the key (which offsets its bags read) of block ``i+3``,
 * the offsets of block ``i+2`` (as loaded: converted in the next iteration),
-* the first ``SHORT`` ids of block ``i+1``,
-* the rows (codes, scale and bias, per-id weights) of block ``i``,
+* the first ``SHORT`` ids of block ``i+1``, and the fields that locate its rows,
+* the rows (codes, scale and bias, per-id weights) of block ``i``, and the fields its store needs,
 
 then dequantizes, adds and stores block ``i-1``, whose rows the iteration before loaded. No
 load is waited for in the iteration that issues it, so a block costs one DRAM round trip.
+INT8 and INT4 codes are loaded and carried as 32-bit words (``quant_fwd._fetch``'s WORDS).
 The storage type is a constexpr (``STORAGE``): a kernel holds one dequantizing loop, not
 three, which keeps its registers to what one needs. Bags longer than ``SHORT`` are left to
 ``quant_fwd``'s kernel launched with ``SHORT`` (it pools those only, and its programs return
@@ -58,31 +59,30 @@ def _configs():
 
 
 @triton.jit
-def _block_meta(k, num_blocks, blocks_per_feature, meta_ptr, batch_size, BLOCK_B: tl.constexpr,
-                ROW_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr):
-    """Block ``k``: its feature's fields and its bags (stage 1)."""
-    live = k < num_blocks
-    meta = meta_ptr + (k // blocks_per_feature).to(tl.int64) * QMETA_FIELDS
-    # the fields that fit, in 32 bits: four blocks' fields are live at once (the byte offset
-    # and the row count stay 64-bit: tables past 2 GiB, and ids checked against the count in 64)
-    first_byte = tl.multiple_of(tl.load(meta + META_WEIGHT_OFFSET, mask=live, other=0), ROW_ALIGN)
-    dim = tl.multiple_of(tl.load(meta + META_DIM, mask=live, other=0).to(tl.int32), DIM_ALIGN)
-    num_rows = tl.load(meta + META_ROWS, mask=live, other=0)
-    out_column = tl.multiple_of(tl.load(meta + META_OUT_COLUMN, mask=live, other=0).to(tl.int32), DIM_ALIGN)
-    key = tl.load(meta + META_KEY, mask=live, other=0).to(tl.int32)
-    mean = tl.load(meta + META_MEAN, mask=live, other=0).to(tl.int32)
-    row_bytes = tl.multiple_of(tl.load(meta + QMETA_ROW_BYTES, mask=live, other=0), ROW_ALIGN)
-    feature = tl.load(meta + QMETA_FEATURE, mask=live, other=0).to(tl.int32)
-    bags = (k % blocks_per_feature) * BLOCK_B + tl.arange(0, BLOCK_B)
-    # a vector compare for the block's liveness: the interpreter refuses scalar & vector masks
-    bag_mask = (bags < batch_size) & ((bags * 0 + k) < num_blocks)
-    return feature, first_byte, dim, num_rows, out_column, key, mean, row_bytes, bags, bag_mask
+def _block(k, num_blocks, blocks_per_feature, meta_ptr):
+    """Block ``k`` (stage 1): its feature, and the key of its bags' offsets (as loaded). Each of
+    a feature's other fields is loaded by the stage before the one that uses it, not here: four
+    blocks are in flight at once, and all their fields held for four iterations took the
+    registers that the rows needed (ptxas then moved fields to uniform registers as soon as
+    they came in, waiting for them in the iteration that loaded them)."""
+    f = k // blocks_per_feature
+    key = tl.load(meta_ptr + f.to(tl.int64) * QMETA_FIELDS + META_KEY, mask=k < num_blocks, other=0)
+    return k, f, key
 
 
 @triton.jit
-def _bounds(offsets_ptr, key, bags, bag_mask, batch_size):
+def _bags_of(block, num_blocks, blocks_per_feature, batch_size, BLOCK_B: tl.constexpr):
+    """``[BLOCK_B]`` bags of ``block`` (from :func:`_block`) and which of them exist."""
+    bags = (block[0] - block[1] * blocks_per_feature) * BLOCK_B + tl.arange(0, BLOCK_B)
+    # a vector compare for the block's liveness: the interpreter refuses scalar & vector masks
+    return bags, (bags < batch_size) & ((bags * 0 + block[0]) < num_blocks)
+
+
+@triton.jit
+def _bounds(offsets_ptr, block, num_blocks, blocks_per_feature, batch_size, BLOCK_B: tl.constexpr):
     """The bags' offsets as loaded (stage 2), converted by the iteration after."""
-    bag_ptrs = offsets_ptr + key.to(tl.int64) * batch_size + bags
+    bags, bag_mask = _bags_of(block, num_blocks, blocks_per_feature, batch_size, BLOCK_B)
+    bag_ptrs = offsets_ptr + block[2].to(tl.int64) * batch_size + bags
     return tl.load(bag_ptrs, mask=bag_mask, other=0), tl.load(bag_ptrs + 1, mask=bag_mask, other=0)
 
 
@@ -102,16 +102,46 @@ def _ids_of(values_ptr, starts, lengths, SHORT: tl.constexpr):
 
 
 @triton.jit
-def _rows_of(ids, starts, lengths, m, table_ptr, psw_ptr, cols, HAS_PSW: tl.constexpr, STORAGE: tl.constexpr,
-             ROW_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr, SHORT: tl.constexpr, BLOCK_D: tl.constexpr):
+def _row_fields(block, lengths, num_blocks, meta_ptr, ROW_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr):
+    """The fields that locate the block's rows (loaded in stage 3, used in stage 4): the table's
+    first byte, the dim, the row count and the row stride. The dim fits 32 bits; the byte
+    offset and the row count stay 64-bit (tables past 2 GiB; ids checked against the count in 64)."""
+    live = block[0] < num_blocks
+    meta = meta_ptr + block[1].to(tl.int64) * QMETA_FIELDS
+    first_byte = tl.multiple_of(tl.load(meta + META_WEIGHT_OFFSET, mask=live, other=0), ROW_ALIGN)
+    dim = tl.multiple_of(tl.load(meta + META_DIM, mask=live, other=0).to(tl.int32), DIM_ALIGN)
+    # per bag, under the bag's own mask: a value that differs by lane stays in the registers
+    # it was loaded into (a scalar went to a uniform register, moved there on arrival)
+    num_rows = tl.load(meta + META_ROWS + lengths * 0, mask=lengths > 0, other=0)
+    row_bytes = tl.multiple_of(tl.load(meta + QMETA_ROW_BYTES, mask=live, other=0), ROW_ALIGN)
+    return first_byte, dim, num_rows, row_bytes
+
+
+@triton.jit
+def _out_fields(block, num_blocks, meta_ptr, DIM_ALIGN: tl.constexpr):
+    """The fields the block's store needs (loaded in stage 4): output column, MEAN, and the
+    feature's index for its bad-id count."""
+    live = block[0] < num_blocks
+    meta = meta_ptr + block[1].to(tl.int64) * QMETA_FIELDS
+    out_column = tl.multiple_of(tl.load(meta + META_OUT_COLUMN, mask=live, other=0).to(tl.int32), DIM_ALIGN)
+    mean = tl.load(meta + META_MEAN, mask=live, other=0).to(tl.int32)
+    feature = tl.load(meta + QMETA_FEATURE, mask=live, other=0).to(tl.int32)
+    return out_column, mean, feature
+
+
+@triton.jit
+def _rows_of(ids, starts, lengths, fields, table_ptr, psw_ptr, cols, HAS_PSW: tl.constexpr, STORAGE: tl.constexpr,
+             ROW_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr, SHORT: tl.constexpr, BLOCK_D: tl.constexpr,
+             WORDS: tl.constexpr):
     """The rows of those ids as stored (stage 4), one :func:`quant_fwd._fetch` tuple per
     position, and ``[BLOCK_B]`` counts of bad ids among them (not loaded)."""
     fetched = ()
     bad_ids = tl.zeros(lengths.shape, dtype=tl.int32)
-    col_mask = cols < m[2]
+    col_mask = cols < fields[1]
     for s in tl.static_range(SHORT):
-        raw, present, psw, bad = _fetch(table_ptr + m[1], ids[s], s, starts, lengths, m[3], 0, cols, col_mask, m[2],
-                                        m[7], psw_ptr, HAS_PSW, STORAGE, ROW_ALIGN, DIM_ALIGN, BLOCK_D)
+        raw, present, psw, bad = _fetch(table_ptr + fields[0], ids[s], s, starts, lengths, fields[2], 0, cols,
+                                        col_mask, fields[1], fields[3], psw_ptr, HAS_PSW, STORAGE, ROW_ALIGN,
+                                        DIM_ALIGN, BLOCK_D, WORDS)
         fetched = fetched + ((raw, present, psw),)
         bad_ids += bad
     return fetched, bad_ids
@@ -131,55 +161,62 @@ def _quant_fwd_short_kernel(
     step = tl.num_programs(0)
     first = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
+    # codes as 32-bit words (see quant_fwd._fetch); FP16 values as loaded, which read 1 round trip
+    # where words read 2 (fp16 dim 64, SHORT=1, triton 3.6)
+    WORDS: tl.constexpr = ROW_ALIGN >= 4 and STORAGE != 3
 
-    # fill the pipeline as the loop keeps it: rows of block 0, ids of 1, offsets of 2, metadata of 3
-    m0 = _block_meta(first, num_blocks, blocks_per_feature, meta_ptr, batch_size, BLOCK_B, ROW_ALIGN, DIM_ALIGN)
-    m1 = _block_meta(first + step, num_blocks, blocks_per_feature, meta_ptr, batch_size, BLOCK_B, ROW_ALIGN,
-                     DIM_ALIGN)
-    m2 = _block_meta(first + 2 * step, num_blocks, blocks_per_feature, meta_ptr, batch_size, BLOCK_B, ROW_ALIGN,
-                     DIM_ALIGN)
-    starts0, lengths0 = _extent(_bounds(offsets_ptr, m0[5], m0[8], m0[9], batch_size))
-    starts1, lengths1 = _extent(_bounds(offsets_ptr, m1[5], m1[8], m1[9], batch_size))
+    # fill the pipeline as the loop keeps it: rows of block 0, ids of 1, offsets of 2, key of 3
+    b0 = _block(first, num_blocks, blocks_per_feature, meta_ptr)
+    b1 = _block(first + step, num_blocks, blocks_per_feature, meta_ptr)
+    b2 = _block(first + 2 * step, num_blocks, blocks_per_feature, meta_ptr)
+    b3 = _block(first + 3 * step, num_blocks, blocks_per_feature, meta_ptr)
+    starts0, lengths0 = _extent(_bounds(offsets_ptr, b0, num_blocks, blocks_per_feature, batch_size, BLOCK_B))
+    starts1, lengths1 = _extent(_bounds(offsets_ptr, b1, num_blocks, blocks_per_feature, batch_size, BLOCK_B))
+    bounds2 = _bounds(offsets_ptr, b2, num_blocks, blocks_per_feature, batch_size, BLOCK_B)
     ids0 = _ids_of(values_ptr, starts0, lengths0, SHORT)
-    rows0, bad0 = _rows_of(ids0, starts0, lengths0, m0, table_ptr, psw_ptr, cols, HAS_PSW, STORAGE, ROW_ALIGN,
-                           DIM_ALIGN, SHORT, BLOCK_D)
+    fields0 = _row_fields(b0, lengths0, num_blocks, meta_ptr, ROW_ALIGN, DIM_ALIGN)
+    rows0, bad0 = _rows_of(ids0, starts0, lengths0, fields0, table_ptr, psw_ptr, cols, HAS_PSW, STORAGE, ROW_ALIGN,
+                           DIM_ALIGN, SHORT, BLOCK_D, WORDS)
+    out0 = _out_fields(b0, num_blocks, meta_ptr, DIM_ALIGN)
+    dim0 = fields0[1]
     ids1 = _ids_of(values_ptr, starts1, lengths1, SHORT)
-    bounds2 = _bounds(offsets_ptr, m2[5], m2[8], m2[9], batch_size)
-    m3 = _block_meta(first + 3 * step, num_blocks, blocks_per_feature, meta_ptr, batch_size, BLOCK_B, ROW_ALIGN,
-                     DIM_ALIGN)
+    fields1 = _row_fields(b1, lengths1, num_blocks, meta_ptr, ROW_ALIGN, DIM_ALIGN)
 
     for k in range(first, num_blocks, step):
-        # block k is 0; issue the rows of 1, the ids of 2, the offsets of 3, the metadata of 4
-        rows1, bad1 = _rows_of(ids1, starts1, lengths1, m1, table_ptr, psw_ptr, cols, HAS_PSW, STORAGE, ROW_ALIGN,
-                               DIM_ALIGN, SHORT, BLOCK_D)
+        # block k is 0; issue the rows of 1 (and its store's fields), the ids of 2 (and its rows'
+        # fields), the offsets of 3, the key of 4
+        rows1, bad1 = _rows_of(ids1, starts1, lengths1, fields1, table_ptr, psw_ptr, cols, HAS_PSW, STORAGE,
+                               ROW_ALIGN, DIM_ALIGN, SHORT, BLOCK_D, WORDS)
+        out1 = _out_fields(b1, num_blocks, meta_ptr, DIM_ALIGN)
         starts2, lengths2 = _extent(bounds2)
         ids2 = _ids_of(values_ptr, starts2, lengths2, SHORT)
-        bounds3 = _bounds(offsets_ptr, m3[5], m3[8], m3[9], batch_size)
-        m4 = _block_meta(k + 4 * step, num_blocks, blocks_per_feature, meta_ptr, batch_size, BLOCK_B, ROW_ALIGN,
-                         DIM_ALIGN)
+        fields2 = _row_fields(b2, lengths2, num_blocks, meta_ptr, ROW_ALIGN, DIM_ALIGN)
+        bounds3 = _bounds(offsets_ptr, b3, num_blocks, blocks_per_feature, batch_size, BLOCK_B)
+        b4 = _block(k + 4 * step, num_blocks, blocks_per_feature, meta_ptr)
 
         # dequantize, add and store block k (its rows arrived during the iteration before)
-        col_mask = cols < m0[2]
+        col_mask = cols < dim0
         acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
         for s in tl.static_range(SHORT):
-            rows = _dequantize(rows0[s][0], rows0[s][1], col_mask, STORAGE)
+            rows = _dequantize(rows0[s][0], rows0[s][1], col_mask, STORAGE, WORDS)
             if HAS_PSW:
                 rows = rows * rows0[s][2][:, None]
             acc += rows
-        if m0[6] != 0:
+        if out0[1] != 0:
             acc = acc / tl.maximum(lengths0, 1).to(tl.float32)[:, None]
-        short = m0[9] & (lengths0 <= SHORT)  # longer bags: quant_fwd's pass with SHORT
-        out_rows = tl.multiple_of(m0[8].to(tl.int64) * out_stride, DIM_ALIGN)
-        tl.store(out_ptr + out_rows[:, None] + m0[4] + cols[None, :], acc, mask=short[:, None] & col_mask[None, :])
+        bags0, bag_mask0 = _bags_of(b0, num_blocks, blocks_per_feature, batch_size, BLOCK_B)
+        short = bag_mask0 & (lengths0 <= SHORT)  # longer bags: quant_fwd's pass with SHORT
+        out_rows = tl.multiple_of(bags0.to(tl.int64) * out_stride, DIM_ALIGN)
+        tl.store(out_ptr + out_rows[:, None] + out0[0] + cols[None, :], acc, mask=short[:, None] & col_mask[None, :])
         total_bad = tl.sum(tl.where(short, bad0, 0), axis=0)
         if total_bad > 0:
-            tl.atomic_add(bad_ids_ptr + m0[0], total_bad.to(tl.int64))
+            tl.atomic_add(bad_ids_ptr + out0[2], total_bad.to(tl.int64))
 
         # shift the pipeline by one block
-        m0, starts0, lengths0, rows0, bad0 = m1, starts1, lengths1, rows1, bad1
-        m1, starts1, lengths1, ids1 = m2, starts2, lengths2, ids2
-        m2, bounds2 = m3, bounds3
-        m3 = m4
+        b0, lengths0, rows0, bad0, out0, dim0 = b1, lengths1, rows1, bad1, out1, fields1[1]
+        b1, starts1, lengths1, ids1, fields1 = b2, starts2, lengths2, ids2, fields2
+        b2, bounds2 = b3, bounds3
+        b3 = b4
 
 
 def quant_fwd_short(buffer, values, offsets, per_sample_weights, meta, out, bad_ids, max_dim: int, storage: int,

@@ -63,11 +63,24 @@ def forward(r, ids_per_bag: int, dim: int, row_bytes: float, id_bytes: int, weig
         # the pipeline's fill paid once per program over its share of the blocks
         if ids_per_bag > c.get("SHORT", 1):
             return float("nan")  # the op takes the general kernel for such bags
-        blocks = TABLES * math.ceil(BATCH / block) / (MULTIPROCESSORS * max(r.blocks_per_sm, 1))
+        resident = min(r.blocks_per_sm, launched_per_sm(r))
+        blocks = TABLES * math.ceil(BATCH / block) / (MULTIPROCESSORS * max(resident, 1))
         trips = r.round_trips + r.prologue_round_trips / max(blocks, 1)
     else:
+        resident = r.blocks_per_sm
         trips = r.prologue_round_trips + math.ceil(ids_per_bag / unroll) * r.round_trips
-    return min(1.0, _gpu_rate(r.blocks_per_sm, block * per_bag, trips, latency_ns) / (card.copy_tbps * 1e12))
+    return min(1.0, _gpu_rate(resident, block * per_bag, trips, latency_ns) / (card.copy_tbps * 1e12))
+
+
+def launched_per_sm(r) -> int:
+    """The programs per multiprocessor a persistent kernel's grid launches (its PROGRAMS_PER_SM;
+    the pooled short-bag forward's launcher takes one fewer for 128-wide tiles): no more of them
+    are resident than that, whatever the registers would allow."""
+    c = r.constexprs
+    launched = c.get("PROGRAMS_PER_SM", r.blocks_per_sm)
+    if r.kernel == "fwd_short" and c.get("BLOCK_D", 0) > 64:
+        launched = max(1, launched - 1)
+    return launched
 
 
 def _zero_truncated_poisson_cdf(lam: float, k: int) -> float:
