@@ -176,3 +176,24 @@ def test_copy_rows_writes_what_a_row_loop_writes(dtype, dim, layout):
     assert torch.equal(base.view(torch.int16 if dtype != torch.float32 else torch.int32),
                        expected.view(torch.int16 if dtype != torch.float32 else torch.int32))
 
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "rowwise_adagrad", "adagrad"])
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_scattered_rows_give_the_streamed_bits(opt_name, id_dtype, monkeypatch):
+    """Scattered rows (state gathered, written back through ``scaled_gradient``'s ``store``
+    before exact Adagrad's copy becomes its denominator in place; chunks of a few rows) and
+    streamed rows (state stepped where it lies) end with the same weights and state, bit for
+    bit: duplicate ids, empty bags, several steps."""
+    calls = {}
+    _counting(monkeypatch, fused_rows, "scaled_gradient", calls, lambda r: r is not None)
+    monkeypatch.setattr(fused_rows, "_SCATTERED_CHUNK_BYTES", dict.fromkeys(fused_rules.STATE_LAYOUT, 64))  # 1-8 rows
+    states = []
+    for stream in (True, False):
+        monkeypatch.setattr(fused_rows, "_STREAM_MIN_TOUCHED",
+                            dict.fromkeys(fused_rules.STATE_LAYOUT, 0.0 if stream else 2.0))
+        monkeypatch.setattr(fused_rows, "_CSR_ADD", False)  # SGD streamed: the chunked sums and add
+        states.append(_train(opt_name, False, False, id_dtype=id_dtype, steps=3)[0].state_dict())
+    assert calls.get("scaled_gradient", 0) > 0, calls
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key

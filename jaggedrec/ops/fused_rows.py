@@ -46,12 +46,17 @@ def state_views(fused: FusedStep, p: Pass, block_row_base: int):
 # (1 MB L2 each) at dim 64, 2 MB chunks stepped ~10% faster than 8 MB ones and no slower
 # than 1 MB ones, where the per-chunk Python overhead starts to show.
 _CHUNK_BYTES = 2 << 20
-# Scattered rows: a chunk's rows, their state rows and sums are gathered and written back
-# apart, so all of them should stay in L2 (2 MB a core on the Xeon) from gather to write
-# back. dlrm preset at 1 id per bag, 1 thread, thread CPU time, loaded Xeon (load ~14):
-# exact Adagrad's update 47.7 / 44.2 / 43.3 ms with 2 MB / 1 MB / 512 kB chunks, SGD 19.8 /
-# 18.4 / 18.8.
-_SCATTERED_CHUNK_BYTES = 1 << 20
+# Scattered rows, bytes of rows per chunk by optimizer: a chunk's rows, their state rows,
+# sums and temporaries are gathered and written back apart, so all of them should stay in L2
+# (2 MB a core on the Xeon) from gather to write back, with room to spare when other
+# processes share the core; but each chunk costs ~10-15 ops (~30-60 us), which shows where
+# many rows are touched. dlrm preset, 1 thread, thread CPU time, loaded 2-core Xeon (load
+# 7-12), the whole train step with 1 MB / 256 kB chunks alternated in one process
+# (benchmarks/results/cpu-xeon-2core-2026-12-06-step-2): SGD at 1 id per bag 50.0 / 45.6 ms,
+# exact Adagrad (four [n, D] buffers) at 1 id 101.8 / 77.4, at 20 ids 1181 / 998; row-wise
+# Adagrad at 20 ids (56k rows a table: 55 chunks of 256 kB) 358 / 405, so it keeps 1 MB, as
+# do the optimizers not measured.
+_SCATTERED_CHUNK_BYTES = dict.fromkeys(STATE_LAYOUT, 1 << 20) | {SGD: 256 << 10, EXACT_ADAGRAD: 256 << 10}
 
 # With at least this fraction of a block's rows touched, the rows are stepped whole, a chunk
 # at a time, read and written in order, untouched ones left as they were; with fewer, only
@@ -94,8 +99,10 @@ def update_touched_rows(block: torch.Tensor, states, ids: torch.Tensor, bags: to
     sorted_ids, order = sort_rows(ids, num_rows)
     alpha = _plain_sgd_alpha(rule, block, grads)
     min_touched = _STREAM_MIN_TOUCHED[rule.optimizer] * (1 if alpha is None else _ONE_PASS_SHARE)
-    stream = int((sorted_ids[1:] != sorted_ids[:-1]).sum()) + 1 >= num_rows * min_touched
-    rows_per_chunk = max(1, (_CHUNK_BYTES if stream else _SCATTERED_CHUNK_BYTES) // (dim * 4))
+    # with fewer ids than the threshold's rows, too few rows are touched: no need to count them
+    stream = (ids.shape[0] >= num_rows * min_touched
+              and int((sorted_ids[1:] != sorted_ids[:-1]).sum()) + 1 >= num_rows * min_touched)
+    rows_per_chunk = max(1, (_CHUNK_BYTES if stream else _SCATTERED_CHUNK_BYTES[rule.optimizer]) // (dim * 4))
     # streamed, one run per row (empty for untouched rows): a chunk of runs is a range of rows
     runs = row_runs(sorted_ids, order, bags, per_sample_weights, num_rows, unique=not stream)
     # in the bags' dtype once, not converted by every chunk's embedding_bag
@@ -104,6 +111,7 @@ def update_touched_rows(block: torch.Tensor, states, ids: torch.Tensor, bags: to
         _add_run_sums(block, run_offsets, runs, grads, alpha)
         return
     num_runs = run_offsets.shape[0] - 1
+    rows = None if stream else runs.rows.long()  # the rows' index dtype once, not per chunk
     chunk_starts = list(range(0, num_runs, rows_per_chunk)) + [num_runs]
     first_ids = run_offsets[chunk_starts].tolist()
     for lo, hi, a, b in zip(chunk_starts, chunk_starts[1:], first_ids, first_ids[1:]):
@@ -118,7 +126,7 @@ def update_touched_rows(block: torch.Tensor, states, ids: torch.Tensor, bags: to
                        if rule.optimizer != SGD or len(rule.hparams) > 6 else None)
             _step_row_range(block, states, lo, hi, sums, touched, rule)
         else:
-            _step_scattered_rows(block, states, runs.rows[lo:hi].long(), sums, rule)
+            _step_scattered_rows(block, states, rows[lo:hi], sums, rule)
 
 
 # MKL's sparse-times-dense product, where torch has it: sums each row's run of bag gradients
@@ -186,11 +194,9 @@ def _step_scattered_rows(block, states, rows, sums, rule: StepRule) -> None:
     ``g'`` is added into the rows where they lie, one sparse add (a row's axpy per touched row):
     a third of the time of gathering the rows and writing them back, which the other steps do."""
     current = [None if s is None else s.index_select(0, rows) for s in states]
-    alpha = scaled_gradient(rule, sums, current[0]) if _all_fp32(block, *states) else None
-    if alpha is not None:
-        for dest, value in zip(states, current):
-            if dest is not None:
-                copy_rows(dest, rows, value)
+    store = None if states[0] is None else functools.partial(copy_rows, states[0], rows)
+    alpha = scaled_gradient(rule, sums, current[0], store=store) if _all_fp32(block, *states) else None
+    if alpha is not None:  # the state was written back by store (these optimizers keep no state2)
         # read the rows first with embedding_bag's gather, which keeps many rows in flight (one
         # bag: it writes one row); the add's row-by-row axpy then finds them in cache. dlrm
         # preset at 1 id per bag (4% of rows touched), 26 tables after a forward, 1 thread,

@@ -80,7 +80,7 @@ def stepped(optimizer: int, w, g, s1, s2, hparams, t):
     return w - lr * (s1 / (1 - beta1 ** t)) / ((s2 / (1 - beta2 ** t)).sqrt() + eps), s1, s2
 
 
-def scaled_gradient(rule: StepRule, g, s1, touched=None) -> float | None:
+def scaled_gradient(rule: StepRule, g, s1, touched=None, store=None) -> float | None:
     """Eager, fp32 rows: where a step is ``w += alpha * g'``, with ``g'`` made from the summed
     gradient and the row's state alone (SGD; row-wise and exact Adagrad without weight decay),
     turn ``g`` into ``g'`` in place, update ``s1`` and return ``alpha``. The caller adds ``g'``
@@ -89,7 +89,10 @@ def scaled_gradient(rule: StepRule, g, s1, touched=None) -> float | None:
     every other step: weight decay and moments read the rows, and options past
     ``max_gradient`` (hparams longer than ``[6]``) are ``fused_rules.step_in_place``'s.
 
-    Args as in ``fused_rules.step_in_place`` (``s1`` only: these optimizers keep no ``s2``).
+    Args as in ``fused_rules.step_in_place`` (``s1`` only: these optimizers keep no ``s2``),
+    and ``store``: None where ``s1`` is the state itself (a streamed chunk), or, where ``s1`` is
+    a gathered copy, a callable that writes it back: it is called with the updated ``s1``,
+    which then serves as scratch (exact Adagrad's denominator, no ``[n, D]`` temporary).
     """
     optimizer, hparams, _ = rule
     if len(hparams) > MAX_NORM or optimizer not in (SGD, ROWWISE_ADAGRAD, EXACT_ADAGRAD):
@@ -102,6 +105,8 @@ def scaled_gradient(rule: StepRule, g, s1, touched=None) -> float | None:
     if optimizer == ROWWISE_ADAGRAD:
         # each row's mean square from one pass over it (g.square().mean(1) makes two)
         s1.add_(torch.linalg.vector_norm(g, dim=1).square_().div_(g.shape[1]))
+        if store is not None:
+            store(s1)
         step_size = s1.sqrt().add_(eps).reciprocal_().mul_(lr)
         if touched is not None:  # with eps 0, a never-touched row's step size is inf, and inf * 0 NaN
             step_size = torch.where(touched, step_size, 0.0)
@@ -109,7 +114,12 @@ def scaled_gradient(rule: StepRule, g, s1, touched=None) -> float | None:
         return -1.0
     # exact Adagrad: -lr * g / denominator, rounded as step_in_place's addcdiv_ rounds it
     s1.addcmul_(g, g)
-    denominator = s1.sqrt().add_(eps)
+    if store is not None:
+        store(s1)
+    # a stored copy becomes the denominator in place: no new [n, D] tensor to allocate and to
+    # keep in cache (dlrm preset at 20 ids per bag, one table's update, loaded 2-core Xeon:
+    # sqrt and eps 4.1 -> 2.5 ms)
+    denominator = (s1.sqrt() if store is None else s1.sqrt_()).add_(eps)
     if touched is not None:  # an untouched row steps by 0 / inf: none, even with eps 0 and no state
         denominator.masked_fill_(~touched.unsqueeze(1), math.inf)
     g.mul_(-lr).div_(denominator)
