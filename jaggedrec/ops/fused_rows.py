@@ -49,14 +49,16 @@ _CHUNK_BYTES = 2 << 20
 # Scattered rows, bytes of rows per chunk by optimizer: a chunk's rows, their state rows,
 # sums and temporaries are gathered and written back apart, so all of them should stay in L2
 # (2 MB a core on the Xeon) from gather to write back, with room to spare when other
-# processes share the core; but each chunk costs ~10-15 ops (~30-60 us), which shows where
-# many rows are touched. dlrm preset, 1 thread, thread CPU time, loaded 2-core Xeon (load
-# 7-12), the whole train step with 1 MB / 256 kB chunks alternated in one process
-# (benchmarks/results/cpu-xeon-2core-2026-12-06-step-2): SGD at 1 id per bag 50.0 / 45.6 ms,
-# exact Adagrad (four [n, D] buffers) at 1 id 101.8 / 77.4, at 20 ids 1181 / 998; row-wise
-# Adagrad at 20 ids (56k rows a table: 55 chunks of 256 kB) 358 / 405, so it keeps 1 MB, as
-# do the optimizers not measured.
-_SCATTERED_CHUNK_BYTES = dict.fromkeys(STATE_LAYOUT, 1 << 20) | {SGD: 256 << 10, EXACT_ADAGRAD: 256 << 10}
+# processes share the core; but each chunk costs ~10-15 ops (~10-60 us), which shows where
+# many rows are touched. dlrm preset, 1 thread, thread CPU time, the whole train step with
+# 1 MB / 512 kB / 256 kB chunks alternated in one process, 2-core Xeon
+# (benchmarks/results/cpu-xeon-2core-2026-12-06-step-2): near quiet (load 1.5), SGD at 1 id per
+# bag 22.4 / 21.5 / 22.7 ms, exact Adagrad (four [n, D] buffers) at 20 ids 477 / 466 / 481;
+# loaded (load 8-10, caches contended), SGD 50.0 / 46.6 / 45.6, exact Adagrad at 20 ids
+# 514 / 503 / 510 and in a worse hour 1181 / - / 998. Row-wise Adagrad at 20 ids (56k rows a
+# table) paid more for the extra chunks than it gained (358 / 385 / 405, loaded), so it keeps
+# 1 MB, as do the optimizers not measured.
+_SCATTERED_CHUNK_BYTES = dict.fromkeys(STATE_LAYOUT, 1 << 20) | {SGD: 512 << 10, EXACT_ADAGRAD: 512 << 10}
 
 # With at least this fraction of a block's rows touched, the rows are stepped whole, a chunk
 # at a time, read and written in order, untouched ones left as they were; with fewer, only
