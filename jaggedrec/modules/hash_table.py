@@ -217,13 +217,13 @@ class HashTableState(nn.Module):
         num_buckets = self._num_buckets if self._num_buckets else self.column("num_buckets").index_select(0, table)
         buckets = hp.bucket_of(hashed, bucket_base, num_buckets)
         evicted_at = None
+        compact = self.compacts(raw)  # an eager CPU step (placement, tags, per-key counts)
         if self.training:
             admission = None
             if self._admits:
                 columns = per_table.index_select(1, table)
                 admission = (hp.sketch_of(hashed, columns[self._column["sketch_base"]],
                                           columns[self._column["sketch_width"]]), columns[self._column["threshold"]])
-            compact = self.compacts(raw)
             tags = (self.tags, hp.tag_of(hashed)) if compact and self.tags.numel() else None
             with torch.no_grad():
                 self.step.add_(1)
@@ -249,7 +249,7 @@ class HashTableState(nn.Module):
                 otherwise = torch.where(hashed_mask, otherwise, raw)
             rows = torch.where(live, slot.sub(bucket_base, alpha=self.bucket_size), otherwise)
         values = rows.to(ids.dtype)
-        unplaced_per_key, fallback_per_key = _per_key(unplaced, fallback, key_offsets, self.compacts(raw))
+        unplaced_per_key, fallback_per_key = _per_key(unplaced, fallback, key_offsets, compact)
         self._count(self.unplaced, unplaced_per_key, key_feature)
         self._count(self.fallback, fallback_per_key, key_feature)
         self._raise_unplaced(unplaced_per_key, kjt.keys())
