@@ -13,12 +13,15 @@ from distributed_harness import free_port
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "torchrec_intro_sharding.py"
 
 
-def _run(args, port, timeout=240):
+def _run(args, port, log_dir=None, timeout=240):
     env = dict(os.environ, MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
     done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # under torchrun each rank's own stderr (where an abort's reason is) lies in the log dir
+    ranks = "".join(f"\n== {path}\n{path.read_text()[-2000:]}"
+                    for path in sorted(log_dir.glob("*/attempt_*/*/std*.log"))) if log_dir else ""
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + ranks
     return done.stdout
 
 
@@ -46,7 +49,7 @@ def test_example_one_rank():
 def test_example_torchrun_two_ranks(tmp_path):
     port = free_port()
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-          "--redirects", "3", "--log-dir", str(tmp_path), str(EXAMPLE)], port)
+          "--redirects", "3", "--log-dir", str(tmp_path), str(EXAMPLE)], port, tmp_path)
     for rank in (0, 1):  # <log dir>/<run>/attempt_0/<rank>/stdout.log
         (path,) = tmp_path.glob(f"*/attempt_*/{rank}/stdout.log")
         _check(path.read_text(), 2, rank)
