@@ -1,4 +1,4 @@
-"""The eager probe's tag hint (``hash_probe_torch._hinted_probe``: one byte of each slot's id
+"""The eager probe's tag hint (``hash_probe_torch.hinted_probe``: one byte of each slot's id
 hash, a bucket of 8 slots' tags read as one word) against the plain-Python simulator
 (tests/hash_table_sim.py): ids that share their bucket *and* their tag (the hint names the
 lower slot, the full probe must find the id), tags overwritten with garbage between batches

@@ -10,7 +10,7 @@ run's ``keys``, ``last_step`` and ``count`` (``[buckets * bucket_size]`` each:
 ``row_state_names()``, so ``dcp`` reshards them at bucket edges) and the training step ``step``
 (``[1]``: every bucket is stepped once per training batch, so it equals the unsharded
 ``step``). Placement and eviction inside a bucket read that bucket's slots, the batch's ids of
-the bucket as a set (``hash_probe_torch.train_step`` ranks new ids by value) and the step only:
+the bucket as a set (``hash_place_torch.train_step`` ranks new ids by value) and the step only:
 a run remapped alone gives the unsharded module's rows, bit for bit.
 
 Admission by frequency: the unsharded table counts the batch's missing ids of all its buckets
@@ -29,6 +29,7 @@ import torch
 
 from jaggedrec.modules.hash_table import EVICTION_POLICIES, HashTableOptions
 from jaggedrec.modules.mc_modules import ManagedCollisionModule
+from jaggedrec.ops import hash_place_torch as place
 from jaggedrec.ops import hash_probe_torch as hp
 from jaggedrec.sparse.jagged_tensor import JaggedTensor
 
@@ -77,7 +78,7 @@ class HashBucketModule(ManagedCollisionModule):
         if self._width:
             self.register_buffer("sketch", self._sketch_full.narrow(0, 0, self._width))
         self._increment: Optional[torch.Tensor] = None
-        self._policy = torch.tensor([EVICTION_POLICIES[options.eviction], hp.POLICY_NONE], device=device)
+        self._policy = torch.tensor([EVICTION_POLICIES[options.eviction], place.POLICY_NONE], device=device)
         self._ttl = torch.tensor([options.ttl, 0], device=device)
         self._evicted: List[torch.Tensor] = []
         self._unplaced: Optional[torch.Tensor] = None
@@ -171,10 +172,10 @@ class HashBucketModule(ManagedCollisionModule):
             admission = None
             if self._width:
                 admission = (self._sketch_index(raw), torch.full_like(raw, self._options.admit_threshold))
-            placement = hp.train_step(keys, last_step, count, self._sketch_full, self.step, size, raw, buckets, mask,
-                                      torch.zeros_like(raw), self._policy, self._ttl, admission,
-                                      compact=raw.device.type == "cpu",
-                                      counts_lookups=self._counts_lookups)
+            placement = place.train_step(keys, last_step, count, self._sketch_full, self.step, size, raw, buckets,
+                                         mask, torch.zeros_like(raw), self._policy, self._ttl, admission,
+                                         compact=raw.device.type == "cpu",
+                                         counts_lookups=self._counts_lookups)
             slot, evicted = placement.slot, placement.evicted_slot
             self._unplaced = placement.unplaced
             # 'fallback' needs no host read (the collection counts the marked rows); 'raise' does

@@ -1,5 +1,6 @@
 """Hash tables of our own: raw int64 ids to table rows by bucketized open addressing, with
-LRU, LFU or TTL eviction and admission by frequency (the rules: ``jaggedrec/ops/hash_probe_torch.py``).
+LRU, LFU or TTL eviction and admission by frequency (the rules: ``jaggedrec/ops/hash_probe_torch.py``;
+the training step: ``hash_place_torch.py``).
 
 ``HashTableOptions`` configures one table; ``HashTableState`` holds every hashed table of a
 collection in one slot space (buckets of ``bucket_size`` slots, a table's buckets contiguous,
@@ -20,10 +21,12 @@ from typing import Dict, List, NamedTuple, Sequence, Tuple
 import torch
 from torch import nn
 
+from jaggedrec.ops import hash_place_torch as place
 from jaggedrec.ops import hash_probe_torch as hp
 from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor, repeat_counts
 
-EVICTION_POLICIES = {"none": hp.POLICY_NONE, "lru": hp.POLICY_LRU, "lfu": hp.POLICY_LFU, "ttl": hp.POLICY_TTL}
+EVICTION_POLICIES = {"none": place.POLICY_NONE, "lru": place.POLICY_LRU, "lfu": place.POLICY_LFU,
+                     "ttl": place.POLICY_TTL}
 UNPLACED_POLICIES = ("raise", "fallback")
 
 
@@ -125,7 +128,8 @@ class HashTableState(nn.Module):
             sketch += width
         # the entry past the last table serves features that are not hashed: a harmless bucket 0
         for key, value in (("bucket_base", 0), ("num_buckets", 1), ("sketch_base", sketch), ("sketch_width", 1),
-                           ("threshold", 1), ("policy", hp.POLICY_NONE), ("ttl", 0), ("fallback", 0), ("slot_base", 0)):
+                           ("threshold", 1), ("policy", place.POLICY_NONE), ("ttl", 0), ("fallback", 0),
+                           ("slot_base", 0)):
             columns[key].append(value)
         self.num_slots = buckets * self.bucket_size
         self.register_buffer("per_table", torch.tensor([columns[k] for k in columns], dtype=torch.int64,
@@ -227,7 +231,7 @@ class HashTableState(nn.Module):
             tags = (self.tags, hp.tag_of(hashed)) if compact and self.tags.numel() else None
             with torch.no_grad():
                 self.step.add_(1)
-                placement = hp.train_step(
+                placement = place.train_step(
                     self.keys, self.last_step, self.count, self.sketch, self.step, self.bucket_size, raw, buckets,
                     hashed_mask, table, self.column("policy"), self.column("ttl"), admission,
                     compact=compact, counts_lookups=self._counts_lookups, policies=self._policies, tags=tags)
@@ -241,8 +245,8 @@ class HashTableState(nn.Module):
         live = slot >= 0 if live is None else live
         fallback = hashed_mask & ~live
         every_key_hashed = all(k in self._feature_table for k in kjt.keys())  # known per key list
-        if every_key_hashed and self._fallback_row is not None:  # in place: the slots are ours
-            rows = slot.sub_(bucket_base, alpha=self.bucket_size).masked_fill_(fallback, self._fallback_row)
+        if every_key_hashed and self._fallback_row is not None:  # one where (the slots are ours: sub_ in place)
+            rows = torch.where(live, slot.sub_(bucket_base, alpha=self.bucket_size), self._fallback_row)
         else:
             otherwise = self.column("fallback").index_select(0, table)
             if not every_key_hashed:
