@@ -115,18 +115,72 @@ def _ids_of(values_ptr, psw_ptr, starts, lengths, sample_mask, HAS_PSW: tl.const
 @triton.jit
 def _rows_of(ids, lengths, sample_mask, num_rows, dim, weight_offset, weights_ptr, cols, SHORT: tl.constexpr):
     """The rows of those ids (stage 4), ``SHORT`` ``[BLOCK_B, BLOCK_D]`` tensors, and ``[BLOCK_B]``
-    counts of bad ids among them (not loaded)."""
+    counts of bad ids among them (not loaded); the table's fields are ``[BLOCK_B]``, per sample
+    (:func:`_row_fields`)."""
     rows = ()
     bad_ids = tl.zeros(lengths.shape, dtype=tl.int32)
-    col_mask = cols < dim
+    col_mask = cols[None, :] < dim[:, None]
     for s in tl.static_range(SHORT):
         row = ids[s].to(tl.int64)
         here = sample_mask & (s < lengths)
         bad = here & ((row < 0) | (row >= num_rows))
         bad_ids += bad.to(tl.int32)
-        rows = rows + (tl.load(weights_ptr + weight_offset + row[:, None] * dim + cols[None, :],
-                               mask=(here & ~bad)[:, None] & col_mask[None, :], other=0.0),)
+        rows = rows + (tl.load(weights_ptr + weight_offset[:, None] + row[:, None] * dim[:, None] + cols[None, :],
+                               mask=(here & ~bad)[:, None] & col_mask, other=0.0),)
     return rows, bad_ids
+
+
+@triton.jit
+def _lane_field(meta, field, samples, mask, ALIGN: tl.constexpr, WIDE: tl.constexpr = True):
+    """A feature's metadata field loaded once per sample (``[BLOCK_B]``, 0 where ``mask`` is off).
+    Loaded as a scalar, a field the loop carries to a later iteration went into a uniform
+    register, which ptxas filled in the iteration that loaded it: that iteration then waited for
+    the load. A value that differs by lane stays in the register it was loaded into. Not
+    ``WIDE``: the field's low 32 bits (it is below 2^31), a register a sample instead of two."""
+    if WIDE:
+        value = tl.load(meta + field + samples * 0, mask=mask, other=0)
+    else:
+        value = tl.load(meta.to(tl.pointer_type(tl.int32), bitcast=True) + 2 * field + samples * 0, mask=mask,
+                        other=0)
+    return tl.multiple_of(value, ALIGN)
+
+
+@triton.jit
+def _block(k, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B: tl.constexpr,
+           HAS_INVERSE: tl.constexpr):
+    """Block ``k`` (stage 1): its feature, samples, which of them exist, the bags they pool and,
+    per sample, the key of those bags' offsets. Each other field of the feature is loaded by
+    the stage before the one that uses it (:func:`_row_fields`, :func:`_out_fields`), so that
+    no field is held for more than one iteration."""
+    f = k // blocks_per_feature
+    samples = (k - f * blocks_per_feature) * BLOCK_B + tl.arange(0, BLOCK_B)
+    # a vector compare for the block's liveness: the interpreter refuses scalar & vector masks
+    sample_mask = (samples < batch_size) & ((samples * 0 + k) < num_blocks)
+    if HAS_INVERSE:
+        bags = tl.load(inverse_ptr + f.to(tl.int64) * batch_size + samples, mask=sample_mask, other=0)
+    else:
+        bags = samples
+    key = _lane_field(meta_ptr + f.to(tl.int64) * META_FIELDS, META_KEY, samples, sample_mask, 1, False)
+    return f, samples, sample_mask, bags, key
+
+
+@triton.jit
+def _row_fields(block, meta_ptr, DIM_ALIGN: tl.constexpr):
+    """Per sample, the fields that locate the block's rows (loaded in stage 3, used in stage 4):
+    the table's first element (a multiple of DIM_ALIGN, see pooled_fwd: the row loads
+    vectorise), its dim and its row count."""
+    meta = meta_ptr + block[0].to(tl.int64) * META_FIELDS
+    return (_lane_field(meta, META_WEIGHT_OFFSET, block[1], block[2], DIM_ALIGN),
+            _lane_field(meta, META_DIM, block[1], block[2], DIM_ALIGN, False),
+            _lane_field(meta, META_ROWS, block[1], block[2], 1))
+
+
+@triton.jit
+def _out_fields(block, meta_ptr, DIM_ALIGN: tl.constexpr):
+    """Per sample, the fields the block's store needs (loaded in stage 4): output column, MEAN."""
+    meta = meta_ptr + block[0].to(tl.int64) * META_FIELDS
+    return (_lane_field(meta, META_OUT_COLUMN, block[1], block[2], DIM_ALIGN, False),
+            _lane_field(meta, META_MEAN, block[1], block[2], 1, False))
 
 
 @triton.jit
@@ -162,7 +216,15 @@ def _long_bags_kernel(weights_ptr, values_ptr, offsets_ptr, psw_ptr, inverse_ptr
             tl.atomic_add(bad_ids_ptr + f, total_bad.to(tl.int64))
 
 
-@autotune(configs=_configs(), key=["num_features", "BLOCK_D", "HAS_PSW", "DIM_ALIGN", "HAS_INVERSE", "SHORT"])
+def _keep(config, args) -> bool:
+    """32 bags on 4 warps only at tiles up to 64 wide: at 128, twice the row registers took 255
+    and spilled in the loop (sm_90a, triton 3.6 and 3.9), and the launch's one program per SM
+    holds the 32 bags that 32 on 8 warps holds with twice the warps."""
+    return not (config.kwargs["BLOCK_B"] == 32 and config.num_warps == 4 and args["BLOCK_D"] > 64)
+
+
+@autotune(configs=_configs(), key=["num_features", "BLOCK_D", "HAS_PSW", "DIM_ALIGN", "HAS_INVERSE", "SHORT"],
+          keep=_keep)
 @triton.jit
 def _pooled_fwd_short_kernel(
     weights_ptr, values_ptr, offsets_ptr, psw_ptr, inverse_ptr, meta_ptr, out_ptr, bad_ids_ptr,
@@ -176,31 +238,37 @@ def _pooled_fwd_short_kernel(
     first = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
 
-    # fill the pipeline, in the order the loop keeps: the rows of this program's first block
-    # (0), the ids of its second (1), the offsets of its third (2), the metadata of its fourth (3)
-    m0 = _block_meta(first, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B, HAS_INVERSE,
-                     DIM_ALIGN)
-    m1 = _block_meta(first + step, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B,
-                     HAS_INVERSE, DIM_ALIGN)
-    m2 = _block_meta(first + 2 * step, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B,
-                     HAS_INVERSE, DIM_ALIGN)
-    starts0, lengths0 = _extent(_bounds(offsets_ptr, m0[5], m0[9], m0[8], bag_stride))
-    starts1, lengths1 = _extent(_bounds(offsets_ptr, m1[5], m1[9], m1[8], bag_stride))
-    ids0, psw0 = _ids_of(values_ptr, psw_ptr, starts0, lengths0, m0[8], HAS_PSW, SHORT)
-    rows0, bad0 = _rows_of(ids0, lengths0, m0[8], m0[3], m0[2], m0[1], weights_ptr, cols, SHORT)
-    ids1, psw1 = _ids_of(values_ptr, psw_ptr, starts1, lengths1, m1[8], HAS_PSW, SHORT)
-    bounds2 = _bounds(offsets_ptr, m2[5], m2[9], m2[8], bag_stride)
-    m3 = _block_meta(first + 3 * step, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B,
-                     HAS_INVERSE, DIM_ALIGN)
+    # fill the pipeline as the loop keeps it: the rows of this program's first block (0), the
+    # ids of its second (1), the offsets of its third (2), the key of its fourth (3)
+    b0 = _block(first, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B, HAS_INVERSE)
+    b1 = _block(first + step, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B,
+                HAS_INVERSE)
+    b2 = _block(first + 2 * step, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B,
+                HAS_INVERSE)
+    starts0, lengths0 = _extent(_bounds(offsets_ptr, b0[4], b0[3], b0[2], bag_stride))
+    starts1, lengths1 = _extent(_bounds(offsets_ptr, b1[4], b1[3], b1[2], bag_stride))
+    ids0, psw0 = _ids_of(values_ptr, psw_ptr, starts0, lengths0, b0[2], HAS_PSW, SHORT)
+    fields0 = _row_fields(b0, meta_ptr, DIM_ALIGN)
+    rows0, bad0 = _rows_of(ids0, lengths0, b0[2], fields0[2], fields0[1], fields0[0], weights_ptr, cols, SHORT)
+    out0 = _out_fields(b0, meta_ptr, DIM_ALIGN)
+    dim0 = fields0[1]
+    ids1, psw1 = _ids_of(values_ptr, psw_ptr, starts1, lengths1, b1[2], HAS_PSW, SHORT)
+    fields1 = _row_fields(b1, meta_ptr, DIM_ALIGN)
+    bounds2 = _bounds(offsets_ptr, b2[4], b2[3], b2[2], bag_stride)
+    b3 = _block(first + 3 * step, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B,
+                HAS_INVERSE)
 
     for k in range(first, num_blocks, step):
-        # block k is 0; issue the rows of 1, the ids of 2, the offsets of 3, the metadata of 4
-        rows1, bad1 = _rows_of(ids1, lengths1, m1[8], m1[3], m1[2], m1[1], weights_ptr, cols, SHORT)
+        # block k is 0; issue the rows of 1 (and its store's fields), the ids of 2 (and its rows'
+        # fields), the offsets of 3, the key of 4
+        rows1, bad1 = _rows_of(ids1, lengths1, b1[2], fields1[2], fields1[1], fields1[0], weights_ptr, cols, SHORT)
+        out1 = _out_fields(b1, meta_ptr, DIM_ALIGN)
         starts2, lengths2 = _extent(bounds2)
-        ids2, psw2 = _ids_of(values_ptr, psw_ptr, starts2, lengths2, m2[8], HAS_PSW, SHORT)
-        bounds3 = _bounds(offsets_ptr, m3[5], m3[9], m3[8], bag_stride)
-        m4 = _block_meta(k + 4 * step, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B,
-                         HAS_INVERSE, DIM_ALIGN)
+        ids2, psw2 = _ids_of(values_ptr, psw_ptr, starts2, lengths2, b2[2], HAS_PSW, SHORT)
+        fields2 = _row_fields(b2, meta_ptr, DIM_ALIGN)
+        bounds3 = _bounds(offsets_ptr, b3[4], b3[3], b3[2], bag_stride)
+        b4 = _block(k + 4 * step, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B,
+                    HAS_INVERSE)
 
         # add and store block k (its rows arrived during the iteration before)
         acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
@@ -209,21 +277,21 @@ def _pooled_fwd_short_kernel(
                 acc += rows0[s].to(tl.float32) * psw0[s].to(tl.float32)[:, None]
             else:
                 acc += rows0[s].to(tl.float32)
-        if m0[6] != 0:
-            acc = acc / tl.maximum(lengths0, 1).to(tl.float32)[:, None]
-        short = m0[8] & (lengths0 <= SHORT)  # longer bags: _long_bags_kernel's
-        out_rows = tl.multiple_of(m0[7].to(tl.int64) * out_stride, DIM_ALIGN)
-        tl.store(out_ptr + out_rows[:, None] + m0[4] + cols[None, :], acc,
-                 mask=short[:, None] & (cols < m0[2])[None, :])
+        # MEAN per sample: a SUM bag keeps its sum as it is
+        acc = tl.where((out0[1] != 0)[:, None], acc / tl.maximum(lengths0, 1).to(tl.float32)[:, None], acc)
+        short = b0[2] & (lengths0 <= SHORT)  # longer bags: _long_bags_kernel's
+        out_rows = tl.multiple_of(b0[1].to(tl.int64) * out_stride, DIM_ALIGN)
+        tl.store(out_ptr + out_rows[:, None] + out0[0][:, None] + cols[None, :], acc,
+                 mask=short[:, None] & (cols[None, :] < dim0[:, None]))
         total_bad = tl.sum(tl.where(short, bad0, 0), axis=0)
         if total_bad > 0:
-            tl.atomic_add(bad_ids_ptr + m0[0], total_bad.to(tl.int64))
+            tl.atomic_add(bad_ids_ptr + b0[0], total_bad.to(tl.int64))
 
         # shift the pipeline by one block
-        m0, starts0, lengths0, rows0, psw0, bad0 = m1, starts1, lengths1, rows1, psw1, bad1
-        m1, starts1, lengths1, ids1, psw1 = m2, starts2, lengths2, ids2, psw2
-        m2, bounds2 = m3, bounds3
-        m3 = m4
+        b0, lengths0, rows0, psw0, bad0, out0, dim0 = b1, lengths1, rows1, psw1, bad1, out1, fields1[1]
+        b1, starts1, lengths1, ids1, psw1, fields1 = b2, starts2, lengths2, ids2, psw2, fields2
+        b2, bounds2 = b3, bounds3
+        b3 = b4
 
 
 def _multiprocessors(device: torch.device) -> int:

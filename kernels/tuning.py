@@ -18,7 +18,7 @@ triton launches without pruning, is checked by :class:`CheckedAutotuner` before 
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -28,16 +28,21 @@ from triton.runtime.autotuner import Autotuner
 from .common import interpreting
 
 
-def autotune(configs: List[triton.Config], key: List[str]):
+def autotune(configs: List[triton.Config], key: List[str], keep: Optional[Callable[[triton.Config, dict], bool]] = None):
     """``triton.autotune(configs, key)``, pruned as above. Every constexpr that no config sets
     joins ``key``: each switch builds a different kernel, so each value is checked and tuned
-    on its own (a config tuned with one value is never launched untested with another)."""
+    on its own (a config tuned with one value is never launched untested with another).
+    ``keep(config, arguments)``, where given, says which configs a launch may take at all (by
+    its arguments and constexprs, by name); the kernel's ``keep`` attribute holds it, for the
+    tools that list what the library launches."""
     def decorator(fn):
         tuned = {name for config in configs for name in config.kwargs}
         switches = [p.name for p in getattr(fn, "params", ())  # the interpreter's functions have none
                     if p.is_constexpr and p.name not in tuned and p.name not in key]
-        return CheckedAutotuner(fn, fn.arg_names, configs, list(key) + switches, None, None,
-                          prune_configs_by={"early_config_prune": BuildCheck(fn)})
+        tuner = CheckedAutotuner(fn, fn.arg_names, configs, list(key) + switches, None, None,
+                                 prune_configs_by={"early_config_prune": BuildCheck(fn, keep)})
+        tuner.keep = keep
+        return tuner
     return decorator
 
 
@@ -61,13 +66,16 @@ class BuildCheck:
     """The ``early_config_prune`` hook: the configs that build for this launch, remembered per
     constexprs and argument types."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, keep=None):
         self.fn = fn
+        self.keep = keep
         self.name = getattr(fn, "__name__", None) or getattr(getattr(fn, "fn", None), "__name__", repr(fn))
         self.constexprs = {p.name for p in getattr(fn, "params", ()) if p.is_constexpr}
         self.built: Dict[Tuple, List[triton.Config]] = {}
 
     def __call__(self, configs, named_args, **kwargs):
+        if self.keep is not None:
+            configs = [c for c in configs if self.keep(c, dict(named_args, **kwargs))]
         if interpreting():  # nothing is built
             return configs
         # eager launches pass the grid and warmup flag along with the keyword arguments

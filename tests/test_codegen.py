@@ -111,12 +111,6 @@ NOT_YET = {
     # kernels/pooled_fused.py (its run loop is row_runs.run_sums): the same, on triton 3.6, for
     # row-wise Adagrad (both), partial row-wise Adam and LAMB
     ("fused", "BLOCK_U=32 UNROLL=1", "--dtype fp16"): "1.5 round trips per step, unrolled x4 (triton 3.6)",
-    # kernels/pooled_fwd_short.py: at 32 bags x 4 warps, 2 round trips per block at dim 128 (with SHORT=2, 255
-    # registers and spills in the loop), on both Tritons; on triton 3.6, at fp16 dim 64, 32 bags x 8 warps
-    # take 2 too, and 16-bag tiles at SHORT=2 load 8 bytes at a time. Its 16/4 and 32/8 configs take 1 elsewhere
-    ("fwd_short", "BLOCK_B=32 PROGRAMS_PER_SM=2", "--dim 128"): "2 round trips per block at dim 128, 4 warps",
-    ("fwd_short", "BLOCK_B=32", "--dtype fp16"): "2 round trips per block on triton 3.6 (fp16, dim 64)",
-    ("fwd_short", "SHORT=2 BLOCK_B=16", "--dtype fp16"): "8-byte row loads on triton 3.6",
     # kernels/pooled_fwd_short.py's pass for long bags (pooled_fwd's pipelined loop, 64 bags on 8 warps):
     # 2 round trips per position on triton 3.9 at fp32 dim 128, 1 on 3.6 (was 5-17 unpipelined)
     ("fwd_long_bags", "", "--dtype fp32"): "2 round trips per position on triton 3.9 (fp32, dim 128)",

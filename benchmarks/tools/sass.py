@@ -27,6 +27,7 @@ NO_BARRIER = 7
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;\s*/\*\s*(0x[0-9a-f]{16})\s*\*/")
 _HIGH = re.compile(r"^\s*/\*\s*(0x[0-9a-f]{16})\s*\*/\s*$")
 _REGISTER = re.compile(r"(?<![\w.])R(\d+)(\.64)?\b")
+_PREDICATE = re.compile(r"!?P(T|\d)")
 # ops with no destination register: every register they name is read
 _NO_DEST = ("ST", "STG", "STS", "STL", "RED", "BRA", "EXIT", "BAR", "ISETP", "FSETP", "DSETP", "HSETP2", "PLOP3",
             "DEPBAR", "WARPSYNC", "BSYNC", "BSSY", "RET", "CALL", "NOP", "MEMBAR", "ERRBAR", "CCTL", "YIELD")
@@ -71,13 +72,15 @@ class Instruction:
         written: Set[int] = set()
         read: Set[int] = set()
         width = max(1, self.load_bytes // 4)
+        # a predicate written first (SHFL.BFLY PT, R36, ...; ATOMG PT, R5, ...): the register written is next
+        dest = 1 if self.operands and _PREDICATE.fullmatch(self.operands[0]) and self.base not in _NO_DEST else 0
         for i, operand in enumerate(self.operands):
             for match in _REGISTER.finditer(operand):
                 first = int(match.group(1))
                 if first == 255:  # RZ is spelt RZ; R255 never appears, but be safe
                     continue
                 count = 2 if match.group(2) else 1
-                if i == 0 and self.base not in _NO_DEST and "[" not in operand:
+                if i == dest and self.base not in _NO_DEST and "[" not in operand:
                     if self.base in ("LDG", "LD", "LDS", "LDC"):
                         count = max(count, width)
                     elif ".WIDE" in self.opcode:

@@ -115,6 +115,8 @@ def workload_variants(dtype: str = "fp32", dim: int = 128, ids: str = "int64", w
             full = dict(dims, ROW_STRIDE=dim, ONE_TILE=dim <= dims["BLOCK_D"], **constexprs)
             full = {k: v for k, v in dict(full, **switch).items() if k in params}
             full.update(config.kwargs)
+            if getattr(fn, "keep", None) is not None and not fn.keep(config, full):
+                continue  # a config the kernel never launches with these arguments (tuning.autotune's keep)
             for storage in storages:
                 what = [QUANT_STORAGE[storage]] if storage else []
                 label = " ".join(what + [f"{k}={v}" for k, v in shown.items()]
