@@ -321,7 +321,7 @@ def pooled_fwd_short(weights: torch.Tensor, batch, meta: torch.Tensor, out: torc
         batch_size, bag_stride, out.stride(0), num_features,
         HAS_PSW=per_sample_weights is not None, HAS_INVERSE=inverse_indices is not None, BLOCK_D=tile,
         DIM_ALIGN=alignment, SHORT=short)
-    long_block = 64 if not interpreting() else 4
+    long_block = (64 if tile <= 64 else 32) if not interpreting() else 4
     wrap_triton(_long_bags_kernel)[(triton.cdiv(batch_size, long_block), num_features)](
         weights, batch.values, batch.offsets, per_sample_weights if per_sample_weights is not None else out,
         inverse_indices.contiguous() if inverse_indices is not None else batch.offsets, meta, out, bad_ids,

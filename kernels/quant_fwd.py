@@ -40,12 +40,14 @@ def _configs():
 @triton.jit
 def _fetch(table_ptr, ids, position, starts, lengths, num_rows, d0, cols, col_mask, dim, row_bytes, psw_ptr,
            HAS_PSW: tl.constexpr, STORAGE: tl.constexpr, ROW_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr,
-           BLOCK_D: tl.constexpr, WORDS: tl.constexpr = False):
+           BLOCK_D: tl.constexpr, WORDS: tl.constexpr = False, PER_BAG: tl.constexpr = False):
     """Issue the loads of the rows ``ids`` (at ``position`` of each bag) and return them as
     stored, for :func:`_dequantize` an iteration later: a tuple of the codes (INT8: ``[BLOCK_B,
     BLOCK_D]`` bytes; INT4: ``[BLOCK_B, BLOCK_D // 2]`` packed bytes; FP16: ``[BLOCK_B,
     BLOCK_D]`` values) and, but for FP16, the rows' scales and biases; then which rows are
     present (in their bag, id in range), their per-id weights, and ``[BLOCK_B]`` bad-id counts.
+    ``col_mask`` is the tile's column mask, ``[1, BLOCK_D]``, or ``[BLOCK_B, BLOCK_D]`` where
+    ``PER_BAG``: ``dim`` is then a ``[BLOCK_B, 1]`` column, a dim per bag (quant_fwd_short's).
 
     ``WORDS``: the codes or values as ``[BLOCK_B, BLOCK_D * bytes / 4]`` int32 words instead
     (rows are 4-byte aligned, ROW_ALIGN >= 4), split by :func:`_dequantize`. Bytes and halves
@@ -58,17 +60,17 @@ def _fetch(table_ptr, ids, position, starts, lengths, num_rows, d0, cols, col_ma
     bad = present & ((ids < 0) | (ids >= num_rows))
     present = present & ~bad
     rows = tl.multiple_of(table_ptr + ids * row_bytes, ROW_ALIGN)  # each row's first byte
-    mask = present[:, None] & col_mask[None, :]
+    mask = present[:, None] & col_mask
     if WORDS:
         # values per word: 4 INT8 codes, 8 INT4 codes, 2 FP16 values
         PER_WORD: tl.constexpr = 4 if STORAGE == 1 else (8 if STORAGE == 2 else 2)
         words = d0 // PER_WORD + tl.arange(0, BLOCK_D // PER_WORD)
         if DIM_ALIGN >= PER_WORD:  # the mask's bound keeps the words' alignment, and the loads their width
-            num_words = tl.multiple_of(dim // PER_WORD, DIM_ALIGN // PER_WORD)
+            num_words = tl.multiple_of(dim // PER_WORD, [DIM_ALIGN // PER_WORD] * (2 if PER_BAG else 1))
         else:
             num_words = (dim + PER_WORD - 1) // PER_WORD
         codes = tl.load(rows.to(tl.pointer_type(tl.int32))[:, None] + words[None, :],
-                        mask=present[:, None] & (words < num_words)[None, :], other=0)
+                        mask=present[:, None] & (words[None, :] < num_words), other=0)
         if STORAGE == 3:
             raw = (codes,)
         elif STORAGE == 1:
@@ -87,11 +89,11 @@ def _fetch(table_ptr, ids, position, starts, lengths, num_rows, d0, cols, col_ma
         # the tile's BLOCK_D/2 bytes, loaded once each (contiguous, so in vectors), split later
         pairs = d0 // 2 + tl.arange(0, BLOCK_D // 2)
         if DIM_ALIGN >= 2:  # even dims: the mask's bound keeps their alignment, and the loads their width
-            num_bytes = tl.multiple_of(dim // 2, DIM_ALIGN // 2)
+            num_bytes = tl.multiple_of(dim // 2, [DIM_ALIGN // 2] * (2 if PER_BAG else 1))
         else:
             num_bytes = (dim + 1) // 2
         scale_bias = (rows + row_bytes - 4).to(tl.pointer_type(tl.float16))
-        raw = (tl.load(rows[:, None] + pairs[None, :], mask=present[:, None] & (pairs < num_bytes)[None, :], other=0),
+        raw = (tl.load(rows[:, None] + pairs[None, :], mask=present[:, None] & (pairs[None, :] < num_bytes), other=0),
                tl.load(scale_bias, mask=present, other=0.0), tl.load(scale_bias + 1, mask=present, other=0.0))
     if HAS_PSW:
         psw = tl.load(psw_ptr + starts + position, mask=present, other=0.0).to(tl.float32)
@@ -126,14 +128,15 @@ def _split(words, BITS: tl.constexpr, COUNT: tl.constexpr):
 
 @triton.jit
 def _dequantize(raw, present, col_mask, STORAGE: tl.constexpr, WORDS: tl.constexpr = False):
-    """``[BLOCK_B, BLOCK_D]`` fp32 rows from :func:`_fetch`'s tuple (0 where not ``present``)."""
+    """``[BLOCK_B, BLOCK_D]`` fp32 rows from :func:`_fetch`'s tuple (0 where not ``present``);
+    ``col_mask`` as :func:`_fetch`'s."""
     if WORDS:
         if STORAGE == 3:
             halves = _split(raw[0], 16, 2).to(tl.int16).to(tl.float16, bitcast=True)
-            rows = tl.where(col_mask[None, :], halves.to(tl.float32), 0.0)
+            rows = tl.where(col_mask, halves.to(tl.float32), 0.0)
         else:
             codes = _split(raw[0], 8 if STORAGE == 1 else 4, 4 if STORAGE == 1 else 8).to(tl.float32)
-            rows = tl.where(present[:, None] & col_mask[None, :],
+            rows = tl.where(present[:, None] & col_mask,
                             codes * raw[1].to(tl.float32)[:, None] + raw[2].to(tl.float32)[:, None], 0.0)
     elif STORAGE == 3:
         rows = raw[0].to(tl.float32)
@@ -143,7 +146,7 @@ def _dequantize(raw, present, col_mask, STORAGE: tl.constexpr, WORDS: tl.constex
         else:
             packed = raw[0].to(tl.int32)
             codes = tl.interleave(packed & 15, packed >> 4).to(tl.float32)
-        rows = tl.where(present[:, None] & col_mask[None, :],
+        rows = tl.where(present[:, None] & col_mask,
                         codes * raw[1].to(tl.float32)[:, None] + raw[2].to(tl.float32)[:, None], 0.0)
     return rows
 
@@ -159,6 +162,7 @@ def _pool(acc, bad_ids, d0, cols, col_mask, dim, starts, lengths, longest, num_r
     No load is waited for in the iteration that issues it, so a position costs one DRAM round
     trip; loading each id just before its row cost two, since ptxas issued the next id load
     only after the row came back, in the row's registers (seen with codegen_report)."""
+    col_mask = col_mask[None, :]  # _fetch and _dequantize take a tile's mask: [1, BLOCK_D] here
     ids = tl.load(values_ptr + starts, mask=lengths > 0, other=0)
     raw_next, present_next, psw_next, bad = _fetch(table_ptr, ids, 0, starts, lengths, num_rows, d0, cols, col_mask,
                                                    dim, row_bytes, psw_ptr, HAS_PSW, STORAGE, ROW_ALIGN, DIM_ALIGN,

@@ -55,7 +55,17 @@ def _configs():
     32 bags at 4 warps give INT4 rows of dim 128 their 16-byte loads (see quant_fwd)."""
     if single_config():
         return [triton.Config({"BLOCK_B": 4, "PROGRAMS_PER_SM": 1}, num_warps=1)]
-    return [triton.Config({"BLOCK_B": 32, "PROGRAMS_PER_SM": 2}, num_warps=4)]
+    return [triton.Config({"BLOCK_B": b, "PROGRAMS_PER_SM": 2}, num_warps=4) for b in (32, 16)]
+
+
+def _keep(config, args) -> bool:
+    """INT8 rows at two ids a bag and 128-wide tiles take 16 bags a program, all else 32: at 32,
+    two positions' codes, scales and biases took 255 registers and spilled in the loop (triton
+    3.9). 2 programs of 16 bags per SM hold half the rows of 2 of 32, at half the round trips
+    per block that the 32-bag loop took before it loaded its fields per bag (2)."""
+    if config.kwargs["BLOCK_B"] not in (16, 32):  # JAGGEDREC_AUTOTUNE=0's lone config
+        return True
+    return (config.kwargs["BLOCK_B"] == 16) == (args["STORAGE"] == 1 and args["SHORT"] == 2 and args["BLOCK_D"] > 64)
 
 
 @triton.jit
@@ -102,31 +112,42 @@ def _ids_of(values_ptr, starts, lengths, SHORT: tl.constexpr):
 
 
 @triton.jit
-def _row_fields(block, lengths, num_blocks, meta_ptr, ROW_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr):
+def _lane_field(meta, field, lanes, mask, ALIGN: tl.constexpr, WIDE: tl.constexpr = False):
+    """A feature's metadata field loaded once per bag (``[BLOCK_B]``, 0 where ``mask`` is off):
+    loaded as a scalar, a field the loop carries to the next iteration went into a uniform
+    register, which ptxas filled in the iteration that loaded it (waiting for the load there);
+    a value that differs by lane stays in the register it was loaded into. Not ``WIDE``: the
+    field's low 32 bits (it is below 2^31), one register a bag instead of two."""
+    if WIDE:
+        value = tl.load(meta + field + lanes * 0, mask=mask, other=0)
+    else:
+        value = tl.load(meta.to(tl.pointer_type(tl.int32), bitcast=True) + 2 * field + lanes * 0, mask=mask, other=0)
+    return tl.multiple_of(value, ALIGN)
+
+
+@triton.jit
+def _row_fields(block, lengths, bag_mask, num_blocks, meta_ptr, ROW_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr):
     """The fields that locate the block's rows (loaded in stage 3, used in stage 4): the table's
-    first byte, the dim, the row count and the row stride. The dim fits 32 bits; the byte
-    offset and the row count stay 64-bit (tables past 2 GiB; ids checked against the count in 64)."""
+    first byte and row stride (scalars), and per bag the dim (which the store uses too) and
+    the row count. The dim and stride fit 32 bits; the byte offset and the row count stay
+    64-bit (tables past 2 GiB; ids checked against the count in 64)."""
     live = block[0] < num_blocks
     meta = meta_ptr + block[1].to(tl.int64) * QMETA_FIELDS
     first_byte = tl.multiple_of(tl.load(meta + META_WEIGHT_OFFSET, mask=live, other=0), ROW_ALIGN)
-    dim = tl.multiple_of(tl.load(meta + META_DIM, mask=live, other=0).to(tl.int32), DIM_ALIGN)
-    # per bag, under the bag's own mask: a value that differs by lane stays in the registers
-    # it was loaded into (a scalar went to a uniform register, moved there on arrival)
-    num_rows = tl.load(meta + META_ROWS + lengths * 0, mask=lengths > 0, other=0)
+    dim = _lane_field(meta, META_DIM, lengths, bag_mask, DIM_ALIGN)
+    num_rows = _lane_field(meta, META_ROWS, lengths, lengths > 0, 1, True)
     row_bytes = tl.multiple_of(tl.load(meta + QMETA_ROW_BYTES, mask=live, other=0), ROW_ALIGN)
     return first_byte, dim, num_rows, row_bytes
 
 
 @triton.jit
-def _out_fields(block, num_blocks, meta_ptr, DIM_ALIGN: tl.constexpr):
-    """The fields the block's store needs (loaded in stage 4): output column, MEAN, and the
-    feature's index for its bad-id count."""
-    live = block[0] < num_blocks
+def _out_fields(block, lengths, bag_mask, num_blocks, meta_ptr, DIM_ALIGN: tl.constexpr):
+    """The fields the block's store needs (loaded in stage 4): per bag the output column and the
+    feature's index for its bad-id count, and MEAN (a scalar: ptxas waited for no load of it)."""
     meta = meta_ptr + block[1].to(tl.int64) * QMETA_FIELDS
-    out_column = tl.multiple_of(tl.load(meta + META_OUT_COLUMN, mask=live, other=0).to(tl.int32), DIM_ALIGN)
-    mean = tl.load(meta + META_MEAN, mask=live, other=0).to(tl.int32)
-    feature = tl.load(meta + QMETA_FEATURE, mask=live, other=0).to(tl.int32)
-    return out_column, mean, feature
+    mean = tl.load(meta + META_MEAN, mask=block[0] < num_blocks, other=0).to(tl.int32)
+    return (_lane_field(meta, META_OUT_COLUMN, lengths, bag_mask, DIM_ALIGN), mean,
+            _lane_field(meta, QMETA_FEATURE, lengths, bag_mask, 1), _lane_field(meta, META_DIM, lengths, bag_mask, DIM_ALIGN))
 
 
 @triton.jit
@@ -137,18 +158,18 @@ def _rows_of(ids, starts, lengths, fields, table_ptr, psw_ptr, cols, HAS_PSW: tl
     position, and ``[BLOCK_B]`` counts of bad ids among them (not loaded)."""
     fetched = ()
     bad_ids = tl.zeros(lengths.shape, dtype=tl.int32)
-    col_mask = cols < fields[1]
+    col_mask = cols[None, :] < fields[1][:, None]
     for s in tl.static_range(SHORT):
         raw, present, psw, bad = _fetch(table_ptr + fields[0], ids[s], s, starts, lengths, fields[2], 0, cols,
-                                        col_mask, fields[1], fields[3], psw_ptr, HAS_PSW, STORAGE, ROW_ALIGN,
-                                        DIM_ALIGN, BLOCK_D, WORDS)
+                                        col_mask, fields[1][:, None], fields[3], psw_ptr, HAS_PSW, STORAGE,
+                                        ROW_ALIGN, DIM_ALIGN, BLOCK_D, WORDS, True)
         fetched = fetched + ((raw, present, psw),)
         bad_ids += bad
     return fetched, bad_ids
 
 
 @autotune(configs=_configs(), key=["num_features", "BLOCK_D", "HAS_PSW", "STORAGE", "ROW_ALIGN", "DIM_ALIGN",
-                                   "SHORT"])
+                                   "SHORT"], keep=_keep)
 @triton.jit
 def _quant_fwd_short_kernel(
     table_ptr, values_ptr, offsets_ptr, psw_ptr, meta_ptr, out_ptr, bad_ids_ptr,
@@ -174,28 +195,32 @@ def _quant_fwd_short_kernel(
     starts1, lengths1 = _extent(_bounds(offsets_ptr, b1, num_blocks, blocks_per_feature, batch_size, BLOCK_B))
     bounds2 = _bounds(offsets_ptr, b2, num_blocks, blocks_per_feature, batch_size, BLOCK_B)
     ids0 = _ids_of(values_ptr, starts0, lengths0, SHORT)
-    fields0 = _row_fields(b0, lengths0, num_blocks, meta_ptr, ROW_ALIGN, DIM_ALIGN)
+    fields0 = _row_fields(b0, lengths0, _bags_of(b0, num_blocks, blocks_per_feature, batch_size, BLOCK_B)[1], num_blocks,
+                          meta_ptr, ROW_ALIGN, DIM_ALIGN)
     rows0, bad0 = _rows_of(ids0, starts0, lengths0, fields0, table_ptr, psw_ptr, cols, HAS_PSW, STORAGE, ROW_ALIGN,
                            DIM_ALIGN, SHORT, BLOCK_D, WORDS)
-    out0 = _out_fields(b0, num_blocks, meta_ptr, DIM_ALIGN)
-    dim0 = fields0[1]
+    out0 = _out_fields(b0, lengths0, _bags_of(b0, num_blocks, blocks_per_feature, batch_size, BLOCK_B)[1], num_blocks,
+                       meta_ptr, DIM_ALIGN)
     ids1 = _ids_of(values_ptr, starts1, lengths1, SHORT)
-    fields1 = _row_fields(b1, lengths1, num_blocks, meta_ptr, ROW_ALIGN, DIM_ALIGN)
+    fields1 = _row_fields(b1, lengths1, _bags_of(b1, num_blocks, blocks_per_feature, batch_size, BLOCK_B)[1], num_blocks,
+                          meta_ptr, ROW_ALIGN, DIM_ALIGN)
 
     for k in range(first, num_blocks, step):
         # block k is 0; issue the rows of 1 (and its store's fields), the ids of 2 (and its rows'
         # fields), the offsets of 3, the key of 4
         rows1, bad1 = _rows_of(ids1, starts1, lengths1, fields1, table_ptr, psw_ptr, cols, HAS_PSW, STORAGE,
                                ROW_ALIGN, DIM_ALIGN, SHORT, BLOCK_D, WORDS)
-        out1 = _out_fields(b1, num_blocks, meta_ptr, DIM_ALIGN)
+        out1 = _out_fields(b1, lengths1, _bags_of(b1, num_blocks, blocks_per_feature, batch_size, BLOCK_B)[1], num_blocks,
+                           meta_ptr, DIM_ALIGN)
         starts2, lengths2 = _extent(bounds2)
         ids2 = _ids_of(values_ptr, starts2, lengths2, SHORT)
-        fields2 = _row_fields(b2, lengths2, num_blocks, meta_ptr, ROW_ALIGN, DIM_ALIGN)
+        fields2 = _row_fields(b2, lengths2, _bags_of(b2, num_blocks, blocks_per_feature, batch_size, BLOCK_B)[1],
+                              num_blocks, meta_ptr, ROW_ALIGN, DIM_ALIGN)
         bounds3 = _bounds(offsets_ptr, b3, num_blocks, blocks_per_feature, batch_size, BLOCK_B)
         b4 = _block(k + 4 * step, num_blocks, blocks_per_feature, meta_ptr)
 
         # dequantize, add and store block k (its rows arrived during the iteration before)
-        col_mask = cols < dim0
+        col_mask = cols[None, :] < out0[3][:, None]
         acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
         for s in tl.static_range(SHORT):
             rows = _dequantize(rows0[s][0], rows0[s][1], col_mask, STORAGE, WORDS)
@@ -207,13 +232,14 @@ def _quant_fwd_short_kernel(
         bags0, bag_mask0 = _bags_of(b0, num_blocks, blocks_per_feature, batch_size, BLOCK_B)
         short = bag_mask0 & (lengths0 <= SHORT)  # longer bags: quant_fwd's pass with SHORT
         out_rows = tl.multiple_of(bags0.to(tl.int64) * out_stride, DIM_ALIGN)
-        tl.store(out_ptr + out_rows[:, None] + out0[0] + cols[None, :], acc, mask=short[:, None] & col_mask[None, :])
+        tl.store(out_ptr + out_rows[:, None] + out0[0][:, None] + cols[None, :], acc, mask=short[:, None] & col_mask)
         total_bad = tl.sum(tl.where(short, bad0, 0), axis=0)
         if total_bad > 0:
-            tl.atomic_add(bad_ids_ptr + out0[2], total_bad.to(tl.int64))
+            # per bag, at its feature's count (a field per bag, as above): the same integer sum
+            tl.atomic_add(bad_ids_ptr + out0[2], bad0.to(tl.int64), mask=short & (bad0 > 0))
 
         # shift the pipeline by one block
-        b0, lengths0, rows0, bad0, out0, dim0 = b1, lengths1, rows1, bad1, out1, fields1[1]
+        b0, lengths0, rows0, bad0, out0 = b1, lengths1, rows1, bad1, out1
         b1, starts1, lengths1, ids1, fields1 = b2, starts2, lengths2, ids2, fields2
         b2, bounds2 = b3, bounds3
         b3 = b4

@@ -111,16 +111,8 @@ NOT_YET = {
     # kernels/pooled_fused.py (its run loop is row_runs.run_sums): the same, on triton 3.6, for
     # row-wise Adagrad (both), partial row-wise Adam and LAMB
     ("fused", "BLOCK_U=32 UNROLL=1", "--dtype fp16"): "1.5 round trips per step, unrolled x4 (triton 3.6)",
-    # kernels/pooled_fwd_short.py's pass for long bags (pooled_fwd's pipelined loop, 64 bags on 8 warps):
-    # 2 round trips per position on triton 3.9 at fp32 dim 128, 1 on 3.6 (was 5-17 unpipelined)
-    ("fwd_long_bags", "", "--dtype fp32"): "2 round trips per position on triton 3.9 (fp32, dim 128)",
     # kernels/hash_probe.py: a block of bags per program; each id, then its bucket keys, then its row (not pipelined)
     ("hash_probe", "", ""): "3 round trips per id: id -> bucket keys -> row",
-    # kernels/quant_fwd_short.py at SHORT=2 (two ids a bag): INT8, and FP16 at dim 64, take 2 round trips per
-    # block on both Tritons (ptxas moves a scalar field of the metadata into a uniform register in the
-    # iteration that loads it). Every SHORT=1 loop and INT4 at SHORT=2 take 1 on both
-    ("quant_fwd_short", "INT8 SHORT=2", ""): "2 round trips per block (both Tritons)",
-    ("quant_fwd_short", "FP16 SHORT=2", "--dtype fp16"): "2 round trips per block at dim 64 (both Tritons)",
 }
 
 
