@@ -82,7 +82,14 @@ def _run_rows(offsets, start, length, position, cols, mask, grad_out_ptr, item_s
     rows = ()
     scales = ()
     for k in tl.static_range(UNROLL):
-        present = offsets[k] >= 0
+        if UNROLL == 1:
+            # where the offset is not -1, said by the position and not by the loaded offset: LLVM
+            # unrolled this loop 4 times and carried the offset's compare, computed (and waited
+            # for) in the iteration that loaded it (triton 3.6 and 3.9; at UNROLL=2, not unrolled,
+            # the position's compare took the registers of a spill in the fused SGD step)
+            present = (position + k) < length
+        else:
+            present = offsets[k] >= 0
         # the promise holds for every lane that loads (a masked lane's -1 is never used);
         # made on the row pointers, as a promise on loop-carried offsets is lost
         row_ptrs = tl.multiple_of(grad_out_ptr + offsets[k], DIM_ALIGN)

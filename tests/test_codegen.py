@@ -105,12 +105,6 @@ LOOP_BOUND = 1  # serial DRAM round trips per iteration of a gather or run loop
 # (kernel, words of its label, workload flag or "" for any) -> why. Only these may break the
 # bound; each is to come off the list when its kernel is fixed on both Tritons.
 NOT_YET = {
-    # kernels/row_runs.py: LLVM unrolls the one-vector-per-thread run loop 4 times and the 4 steps
-    # do not all overlap (fp16 dim 64)
-    ("rows_grad", "BLOCK_U=32 UNROLL=1", "--dtype fp16"): "1.25-1.5 round trips per step, unrolled x4",
-    # kernels/pooled_fused.py (its run loop is row_runs.run_sums): the same, on triton 3.6, for
-    # row-wise Adagrad (both), partial row-wise Adam and LAMB
-    ("fused", "BLOCK_U=32 UNROLL=1", "--dtype fp16"): "1.5 round trips per step, unrolled x4 (triton 3.6)",
     # kernels/hash_probe.py: a block of bags per program; each id, then its bucket keys, then its row (not pipelined)
     ("hash_probe", "", ""): "3 round trips per id: id -> bucket keys -> row",
 }

@@ -133,14 +133,20 @@ def test_forward_writes_every_output_element():
         torch.testing.assert_close(out[b, 3:], expected1)
 
 
-@pytest.mark.parametrize("fused", [None, "sgd", "adagrad"])
-def test_pipelined_loops_give_the_legacy_loops_bits(fused, monkeypatch):
+@pytest.mark.parametrize("fused,unroll", [(None, 2), ("sgd", 2), ("adagrad", 2), (None, 1), ("adagrad", 1)])
+def test_pipelined_loops_give_the_legacy_loops_bits(fused, unroll, monkeypatch):
     """The two-stage gather and run loops add the same rows in the same order as the loops
     they replaced (JAGGEDREC_LEGACY_LOOPS=1): the same forward bits (fp32 SUM and MEAN, with
     per-id weights, uneven and empty bags, duplicate ids), the same deterministic weight
-    gradient, the same fused update."""
+    gradient, the same fused update. ``unroll``: the run loop's UNROLL (the interpreter's config
+    has 2; at 1 a run's rows are masked by their positions, see row_runs._run_rows)."""
+    import triton
     from jaggedrec import optim
+    from jaggedrec.kernels import pooled_fused, row_runs
     from jr_testing import key_rows, random_configs, random_kjt, shuffled_keys
+    if unroll != 2:
+        for kernel in (row_runs._rows_grad_kernel, pooled_fused._fused_update_kernel):
+            monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_U": 4, "UNROLL": unroll}, num_warps=1)])
     results = []
     for legacy in ("1", "0"):
         monkeypatch.setenv("JAGGEDREC_LEGACY_LOOPS", legacy)
