@@ -131,13 +131,19 @@ def _rows_of(ids, lengths, sample_mask, num_rows, dim, weight_offset, weights_pt
 
 
 @triton.jit
-def _lane_field(meta, field, samples, mask, ALIGN: tl.constexpr, WIDE: tl.constexpr = True):
+def _lane_field(meta, field, samples, mask, ALIGN: tl.constexpr, WIDE: tl.constexpr = True,
+                FILL: tl.constexpr = False):
     """A feature's metadata field loaded once per sample (``[BLOCK_B]``, 0 where ``mask`` is off).
     Loaded as a scalar, a field the loop carries to a later iteration went into a uniform
     register, which ptxas filled in the iteration that loaded it: that iteration then waited for
     the load. A value that differs by lane stays in the register it was loaded into. Not
     ``WIDE``: the field's low 32 bits (it is below 2^31), a register a sample instead of two."""
-    if WIDE:
+    if FILL:  # before the loop: one load, spread over the samples (the loop carries it per sample)
+        if WIDE:
+            value = tl.where(mask, tl.load(meta + field), 0)
+        else:
+            value = tl.where(mask, tl.load(meta.to(tl.pointer_type(tl.int32), bitcast=True) + 2 * field), 0)
+    elif WIDE:
         value = tl.load(meta + field + samples * 0, mask=mask, other=0)
     else:
         value = tl.load(meta.to(tl.pointer_type(tl.int32), bitcast=True) + 2 * field + samples * 0, mask=mask,
@@ -147,7 +153,7 @@ def _lane_field(meta, field, samples, mask, ALIGN: tl.constexpr, WIDE: tl.conste
 
 @triton.jit
 def _block(k, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B: tl.constexpr,
-           HAS_INVERSE: tl.constexpr):
+           HAS_INVERSE: tl.constexpr, FILL: tl.constexpr = False):
     """Block ``k`` (stage 1): its feature, samples, which of them exist, the bags they pool and,
     per sample, the key of those bags' offsets. Each other field of the feature is loaded by
     the stage before the one that uses it (:func:`_row_fields`, :func:`_out_fields`), so that
@@ -160,27 +166,27 @@ def _block(k, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size,
         bags = tl.load(inverse_ptr + f.to(tl.int64) * batch_size + samples, mask=sample_mask, other=0)
     else:
         bags = samples
-    key = _lane_field(meta_ptr + f.to(tl.int64) * META_FIELDS, META_KEY, samples, sample_mask, 1, False)
+    key = _lane_field(meta_ptr + f.to(tl.int64) * META_FIELDS, META_KEY, samples, sample_mask, 1, False, FILL)
     return f, samples, sample_mask, bags, key
 
 
 @triton.jit
-def _row_fields(block, meta_ptr, DIM_ALIGN: tl.constexpr):
+def _row_fields(block, meta_ptr, DIM_ALIGN: tl.constexpr, FILL: tl.constexpr = False):
     """Per sample, the fields that locate the block's rows (loaded in stage 3, used in stage 4):
     the table's first element (a multiple of DIM_ALIGN, see pooled_fwd: the row loads
     vectorise), its dim and its row count."""
     meta = meta_ptr + block[0].to(tl.int64) * META_FIELDS
-    return (_lane_field(meta, META_WEIGHT_OFFSET, block[1], block[2], DIM_ALIGN),
-            _lane_field(meta, META_DIM, block[1], block[2], DIM_ALIGN, False),
-            _lane_field(meta, META_ROWS, block[1], block[2], 1))
+    return (_lane_field(meta, META_WEIGHT_OFFSET, block[1], block[2], DIM_ALIGN, True, FILL),
+            _lane_field(meta, META_DIM, block[1], block[2], DIM_ALIGN, False, FILL),
+            _lane_field(meta, META_ROWS, block[1], block[2], 1, True, FILL))
 
 
 @triton.jit
-def _out_fields(block, meta_ptr, DIM_ALIGN: tl.constexpr):
+def _out_fields(block, meta_ptr, DIM_ALIGN: tl.constexpr, FILL: tl.constexpr = False):
     """Per sample, the fields the block's store needs (loaded in stage 4): output column, MEAN."""
     meta = meta_ptr + block[0].to(tl.int64) * META_FIELDS
-    return (_lane_field(meta, META_OUT_COLUMN, block[1], block[2], DIM_ALIGN, False),
-            _lane_field(meta, META_MEAN, block[1], block[2], 1, False))
+    return (_lane_field(meta, META_OUT_COLUMN, block[1], block[2], DIM_ALIGN, False, FILL),
+            _lane_field(meta, META_MEAN, block[1], block[2], 1, False, FILL))
 
 
 @triton.jit
@@ -240,23 +246,23 @@ def _pooled_fwd_short_kernel(
 
     # fill the pipeline as the loop keeps it: the rows of this program's first block (0), the
     # ids of its second (1), the offsets of its third (2), the key of its fourth (3)
-    b0 = _block(first, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B, HAS_INVERSE)
+    b0 = _block(first, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B, HAS_INVERSE, True)
     b1 = _block(first + step, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B,
-                HAS_INVERSE)
+                HAS_INVERSE, True)
     b2 = _block(first + 2 * step, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B,
-                HAS_INVERSE)
+                HAS_INVERSE, True)
     starts0, lengths0 = _extent(_bounds(offsets_ptr, b0[4], b0[3], b0[2], bag_stride))
     starts1, lengths1 = _extent(_bounds(offsets_ptr, b1[4], b1[3], b1[2], bag_stride))
     ids0, psw0 = _ids_of(values_ptr, psw_ptr, starts0, lengths0, b0[2], HAS_PSW, SHORT)
-    fields0 = _row_fields(b0, meta_ptr, DIM_ALIGN)
+    fields0 = _row_fields(b0, meta_ptr, DIM_ALIGN, True)
     rows0, bad0 = _rows_of(ids0, lengths0, b0[2], fields0[2], fields0[1], fields0[0], weights_ptr, cols, SHORT)
-    out0 = _out_fields(b0, meta_ptr, DIM_ALIGN)
+    out0 = _out_fields(b0, meta_ptr, DIM_ALIGN, True)
     dim0 = fields0[1]
     ids1, psw1 = _ids_of(values_ptr, psw_ptr, starts1, lengths1, b1[2], HAS_PSW, SHORT)
-    fields1 = _row_fields(b1, meta_ptr, DIM_ALIGN)
+    fields1 = _row_fields(b1, meta_ptr, DIM_ALIGN, True)
     bounds2 = _bounds(offsets_ptr, b2[4], b2[3], b2[2], bag_stride)
     b3 = _block(first + 3 * step, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B,
-                HAS_INVERSE)
+                HAS_INVERSE, True)
 
     for k in range(first, num_blocks, step):
         # block k is 0; issue the rows of 1 (and its store's fields), the ids of 2 (and its rows'
