@@ -100,3 +100,69 @@ def test_compiled_training_one_graph_over_evictions():
             torch.testing.assert_close(compiled.state_dict()[k], v)
         else:
             assert torch.equal(compiled.state_dict()[k], v), k
+
+
+def _flat_sizes(model):
+    """Element counts of every flat weight and fused-state tensor, and of every table in them."""
+    sizes = {t.numel() for t in model.flat_weights.values()}
+    sizes |= {v.numel() for v in model.fused_optimizer_state.state_dict().values() if v.dim() == 1}
+    return sizes | {model.table_weight(t).numel() for t in range(len(model.layout.configs))}
+
+
+def test_inductor_training_writes_in_place_and_equals_eager():
+    """Inductor (CPU), not only AOTAutograd: the compiled step's C++ runs, gives the eager rows and
+    tables over batches that evict, and re-initialises evicted rows in place: none of the
+    graph spans a whole flat tensor or table (writes through a table's narrowed view used to copy
+    the flat weights every step, and an int64 hash product overflowing in C++ made a bounds check
+    fail on valid indices with torch 2.13)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    dims, rows = (16, 16, 8), 251
+    configs = [jr.EmbeddingBagConfig(name=f"t{i}", embedding_dim=d, num_embeddings=rows, feature_names=[f"f{i}"])
+               for i, d in enumerate(dims)]
+    options = {c.name: HashTableOptions(bucket_size=8, eviction="lru", unplaced="fallback") for c in configs}
+    fused = optim.RowWiseAdagrad(lr=0.05)
+    eager = HashEmbeddingBagCollection(configs, options, backend="torch", fused_optimizer=fused)
+    compiled = HashEmbeddingBagCollection(configs, options, backend="torch", fused_optimizer=fused)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.reset_seed = eager.reset_seed
+    loss = torch.compile(lambda kjt: compiled(kjt).values().square().sum(), fullgraph=True)
+    rng = random.Random(3)
+    pool = [rng.randrange(-2**63, 2**63) for _ in range(10 * rows)]
+    codes, evictions = [], 0
+    for i in range(4):
+        lengths = [rng.choice(range(17)) for _ in range(len(dims) * 64)]
+        values = [rng.choice(pool[:rows // 2]) if rng.random() < 0.5 else rng.choice(pool) for _ in range(sum(lengths))]
+        kjt = jr.KeyedJaggedTensor([c.feature_names[0] for c in configs], torch.tensor(values),
+                                   lengths=torch.tensor(lengths))
+        before = compiled.hash_state.keys.clone()
+        if i == 0:
+            codes = run_and_get_code(lambda kjt=kjt: loss(kjt).backward())[1]
+        else:
+            loss(kjt).backward()
+        eager(kjt).values().square().sum().backward()
+        evictions += int(((before != compiled.hash_state.keys) & (before != before.min())).sum())
+        assert torch.equal(eager.hash_state.keys, compiled.hash_state.keys), i
+    assert evictions > 100
+    for k, v in eager.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(compiled.state_dict()[k], v)
+        else:
+            assert torch.equal(compiled.state_dict()[k], v), k
+    assert len(codes) == 2  # forward, backward
+    for size in _flat_sizes(compiled):  # the forward's (the backward copies its weights back whole: not yet)
+        assert f"<static_cast<int64_t>({size}L)" not in codes[0], size
+
+
+def test_wrapping_mul_is_the_int64_product_modulo_2_64():
+    """Compiled graphs hash with ``wrapping_mul`` (no int64 product overflows): Python's ints
+    say what ``x * m`` modulo 2^64 is, read as int64."""
+    from jaggedrec.ops import hash_probe_torch as hp
+
+    rng = random.Random(11)
+    xs = [rng.randrange(-2**63, 2**63) for _ in range(2000)] + [0, 1, -1, 2**63 - 1, -2**63, 2**32 - 1, 2**32, -2**32]
+    for m in (-4658895280553007687, -7723592293110705685, 3, -1, 2**63 - 1, -2**63, 0xFFFF0000FFFF):
+        got = hp.wrapping_mul(torch.tensor(xs), m).tolist()
+        want = [((x * m + 2**63) % 2**64) - 2**63 for x in xs]
+        assert got == want, m

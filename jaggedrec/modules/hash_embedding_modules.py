@@ -283,29 +283,76 @@ class HashEmbeddingBagCollection(EmbeddingBagCollection):
         The fresh values are ``hash_probe_torch.fresh_uniform``'s counter-based draw, keyed by
         (``reset_seed``, step, table, row), scaled to the table's init range: one draw for all
         tables, no generator state. Eager CPU writes the evicted rows only; fixed shapes (graphs,
-        GPUs) write at every position, those without an eviction writing the fallback row's own
+        GPUs) write at every position, those without an eviction writing a fallback row's own
         values back (so nothing changes there)."""
-        state = self.fused_optimizer_state
         compact = self.hash_state.compacts(evicted_row)  # eager CPU: remap listed the evictions only
         fresh = hp.fresh_uniform(self.reset_seed, self.hash_state.step, table, evicted_row, self._reset_dim)
         if compact:
             self._reset_compact(table, evicted_row, fresh)
             return
-        for hashed, t, low, high, offset, rows, dim, row_base, states in self._reset_plan:
-            mask = (table == hashed) & (evicted_row >= 0)
-            weight = self.table_weight(t)
-            fallback = rows - 1
-            target = torch.where(mask, evicted_row, fallback)
-            values = _scaled(fresh.narrow(1, 0, dim), low, high, weight.dtype)
-            weight.index_copy_(0, target, torch.where(mask.unsqueeze(1), values, weight[fallback]))
-            for name, per in states:
-                buffer = getattr(state, name)
-                if per == "row":
-                    view = buffer.narrow(0, row_base, rows)
-                    view.index_copy_(0, target, torch.where(mask, 0.0, view[fallback]))
-                else:
-                    view = buffer.narrow(0, offset, rows * dim).view(rows, dim)
-                    view.index_copy_(0, target, torch.where(mask.unsqueeze(1), 0.0, view[fallback]))
+        for group in self._reset_groups:
+            if group.flat:
+                self._reset_fixed(group, table, evicted_row, fresh)
+            else:
+                self._reset_fixed_own(group.plan, table, evicted_row, fresh)
+
+    def _reset_fixed(self, group: _ResetGroup, table: torch.Tensor, evicted_row: torch.Tensor,
+                     fresh: torch.Tensor) -> None:
+        """The fixed-shape reset of a flat group: ``[N]`` positions (table ``H`` and row ``-1``
+        where none evicted), one write a buffer. The writes index the flat tensors themselves (1-D,
+        element by element): a compiled graph then scatters in place, where writes through a
+        table's narrowed view (or through views of one tensor of two dims) made it copy the whole
+        flat tensor every step. Positions that evicted nothing rewrite the first member's fallback
+        row (no id ever takes it) with its own values."""
+        _, t, _, _, offset, rows, dim, row_base, _ = group.plan
+        real = evicted_row >= 0
+        tables = table.clamp(max=group.member.numel() - 1)  # not hashed (H): not real either
+        if not group.every_table:
+            real = real & group.member.index_select(0, tables)
+        flat = self._flat(self._layout.tables[t])
+        dummy = offset // dim + rows - 1  # in rows of dim elements
+        target = torch.where(real, group.weight_base.index_select(0, tables) + evicted_row, dummy)
+        columns = torch.arange(dim, dtype=torch.int64, device=target.device)
+        elements = (target.unsqueeze(1) * dim + columns).view(-1)  # [N * dim]
+        dummy_elements = columns + dummy * dim
+        values = fresh.narrow(1, 0, dim)
+        if group.init_range is not None:
+            values = _scaled(values, *group.init_range, flat.dtype)
+        else:
+            low, span, high = (c.index_select(0, tables).unsqueeze(1) for c in (group.low, group.span, group.high))
+            values = torch.minimum(torch.maximum(values * span + low, low), high).to(flat.dtype)
+        keep = real.unsqueeze(1)
+        flat.index_put_((elements,), torch.where(keep, values, flat.index_select(0, dummy_elements)).view(-1))
+        state = self.fused_optimizer_state
+        for name, per in group.states:
+            buffer = getattr(state, name)
+            if per == "row":
+                dummy_row = row_base + rows - 1
+                at = torch.where(real, group.row_base.index_select(0, tables) + evicted_row, dummy_row)
+                buffer.index_put_((at,), torch.where(real, 0.0, buffer[dummy_row]))
+            else:
+                buffer.index_put_((elements,), torch.where(keep, 0.0, buffer.index_select(0, dummy_elements)).view(-1))
+
+    def _reset_fixed_own(self, plan: tuple, table: torch.Tensor, evicted_row: torch.Tensor,
+                         fresh: torch.Tensor) -> None:
+        """The fixed-shape reset of a table not flat in its storage (a stride past its dim, or an
+        offset off the dim's grid): writes through the table's own views."""
+        hashed, t, low, high, offset, rows, dim, row_base, states = plan
+        state = self.fused_optimizer_state
+        mask = (table == hashed) & (evicted_row >= 0)
+        weight = self.table_weight(t)
+        fallback = rows - 1
+        target = torch.where(mask, evicted_row, fallback)
+        values = _scaled(fresh.narrow(1, 0, dim), low, high, weight.dtype)
+        weight.index_copy_(0, target, torch.where(mask.unsqueeze(1), values, weight[fallback]))
+        for name, per in states:
+            buffer = getattr(state, name)
+            if per == "row":
+                view = buffer.narrow(0, row_base, rows)
+                view.index_copy_(0, target, torch.where(mask, 0.0, view[fallback]))
+            else:
+                view = buffer.narrow(0, offset, rows * dim).view(rows, dim)
+                view.index_copy_(0, target, torch.where(mask.unsqueeze(1), 0.0, view[fallback]))
 
     def unplaced_counts(self) -> Dict[str, torch.Tensor]:
         """Per hashed feature, ``[]`` int64 (device): admitted ids that found no slot."""

@@ -45,9 +45,38 @@ def mix(ids: torch.Tensor) -> torch.Tensor:
     """``[N]`` int64 -> ``[N]`` int64: splitmix64's finaliser of the id's 64 bits (the multiplies
     wrap; the shifts are logical, hence the masks), as a signed int64."""
     x = ids.to(torch.int64)
+    if torch.compiler.is_compiling():  # the same bits, with no product that overflows (see wrapping_mul)
+        x = wrapping_mul(x.bitwise_xor((x >> 30).bitwise_and_((1 << 34) - 1)), _M1)
+        x = wrapping_mul(x.bitwise_xor((x >> 27).bitwise_and_((1 << 37) - 1)), _M2)
+        return x.bitwise_xor((x >> 31).bitwise_and_((1 << 33) - 1))
     x = x.bitwise_xor((x >> 30).bitwise_and_((1 << 34) - 1)).mul_(_M1)  # a new tensor: then in place
     x.bitwise_xor_((x >> 27).bitwise_and_((1 << 37) - 1)).mul_(_M2)
     return x.bitwise_xor_((x >> 31).bitwise_and_((1 << 33) - 1))
+
+
+_LOW32 = 0xFFFFFFFF
+
+
+def wrapping_mul(x: torch.Tensor, m: int) -> torch.Tensor:
+    """``[N]`` int64 times the int64 constant ``m`` modulo 2^64 (``x * m``'s bits), from products
+    of 32-bit by 16-bit halves that never overflow int64. For compiled graphs: Inductor's CPU
+    code multiplies int64 as C++ signed integers, where an overflowing product is undefined
+    behaviour, and GCC -O3 has acted on it (a per-row hash inside a [rows, dim] loop made a
+    bounds check on valid indices fail, torch 2.13); the shifts left it emits are unsigned."""
+    lo, hi = x & _LOW32, (x >> 32) & _LOW32  # x = hi * 2^32 + lo
+    m_lo, m_hi = m & _LOW32, (m >> 32) & _LOW32
+    low_product = lo * (m_lo & 0xFFFF)  # lo * m_lo = low_product + lo * (m_lo >> 16) * 2^16, each < 2^48
+    high_product = lo * (m_lo >> 16)
+    result_lo = (low_product + ((high_product & 0xFFFF) << 16)) & _LOW32
+    carry = ((low_product >> 16) + high_product) >> 16  # bits 32..63 of lo * m_lo
+    result_hi = (carry + _mul_low32(lo, m_hi) + _mul_low32(hi, m_lo)) & _LOW32
+    return (result_hi << 32) | result_lo
+
+
+def _mul_low32(a: torch.Tensor, b: int) -> torch.Tensor:
+    """``(a * b) mod 2^32`` for ``a`` in ``[0, 2^32)`` and ``b`` a 32-bit constant, each partial
+    product below 2^48."""
+    return ((a * (b & 0xFFFF)) + (((a * (b >> 16)) & 0xFFFF) << 16)) & _LOW32
 
 
 def bucket_of(hashed: torch.Tensor, bucket_base, num_buckets) -> torch.Tensor:
