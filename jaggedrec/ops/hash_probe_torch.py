@@ -192,6 +192,17 @@ def probe(keys: torch.Tensor, bucket_size: int, ids: torch.Tensor, buckets: torc
     key, which a given ``valid`` must leave out too)."""
     if valid is None:
         valid = ids != EMPTY
+    if torch.compiler.is_compiling() and bucket_size <= 16:
+        # one gather and compare per slot, unrolled: elementwise ops that Inductor fuses into one
+        # pass over the ids, where the [N, S] compare's any and argmax compiled to a slow loop
+        base = buckets * bucket_size
+        found = torch.zeros_like(valid)
+        offset = torch.zeros_like(buckets)
+        for c in range(bucket_size):
+            at = keys.index_select(0, base + c) == ids
+            found = found | at
+            offset = torch.where(at, c, offset)  # the one slot an id sits in (where found)
+        return found & valid, offset.add_(base)
     match = bucket_view(keys, bucket_size).index_select(0, buckets) == ids.unsqueeze(1)  # [N, S]
     packed = _packed(match)
     if packed is None:
