@@ -147,7 +147,8 @@ def _out_fields(block, lengths, bag_mask, num_blocks, meta_ptr, DIM_ALIGN: tl.co
     meta = meta_ptr + block[1].to(tl.int64) * QMETA_FIELDS
     mean = tl.load(meta + META_MEAN, mask=block[0] < num_blocks, other=0).to(tl.int32)
     return (_lane_field(meta, META_OUT_COLUMN, lengths, bag_mask, DIM_ALIGN), mean,
-            _lane_field(meta, QMETA_FEATURE, lengths, bag_mask, 1), _lane_field(meta, META_DIM, lengths, bag_mask, DIM_ALIGN))
+            _lane_field(meta, QMETA_FEATURE, lengths, bag_mask, 1),
+            _lane_field(meta, META_DIM, lengths, bag_mask, DIM_ALIGN))
 
 
 @triton.jit
@@ -195,23 +196,23 @@ def _quant_fwd_short_kernel(
     starts1, lengths1 = _extent(_bounds(offsets_ptr, b1, num_blocks, blocks_per_feature, batch_size, BLOCK_B))
     bounds2 = _bounds(offsets_ptr, b2, num_blocks, blocks_per_feature, batch_size, BLOCK_B)
     ids0 = _ids_of(values_ptr, starts0, lengths0, SHORT)
-    fields0 = _row_fields(b0, lengths0, _bags_of(b0, num_blocks, blocks_per_feature, batch_size, BLOCK_B)[1], num_blocks,
-                          meta_ptr, ROW_ALIGN, DIM_ALIGN)
+    fields0 = _row_fields(b0, lengths0, _bags_of(b0, num_blocks, blocks_per_feature, batch_size, BLOCK_B)[1],
+                          num_blocks, meta_ptr, ROW_ALIGN, DIM_ALIGN)
     rows0, bad0 = _rows_of(ids0, starts0, lengths0, fields0, table_ptr, psw_ptr, cols, HAS_PSW, STORAGE, ROW_ALIGN,
                            DIM_ALIGN, SHORT, BLOCK_D, WORDS)
     out0 = _out_fields(b0, lengths0, _bags_of(b0, num_blocks, blocks_per_feature, batch_size, BLOCK_B)[1], num_blocks,
                        meta_ptr, DIM_ALIGN)
     ids1 = _ids_of(values_ptr, starts1, lengths1, SHORT)
-    fields1 = _row_fields(b1, lengths1, _bags_of(b1, num_blocks, blocks_per_feature, batch_size, BLOCK_B)[1], num_blocks,
-                          meta_ptr, ROW_ALIGN, DIM_ALIGN)
+    fields1 = _row_fields(b1, lengths1, _bags_of(b1, num_blocks, blocks_per_feature, batch_size, BLOCK_B)[1],
+                          num_blocks, meta_ptr, ROW_ALIGN, DIM_ALIGN)
 
     for k in range(first, num_blocks, step):
         # block k is 0; issue the rows of 1 (and its store's fields), the ids of 2 (and its rows'
         # fields), the offsets of 3, the key of 4
         rows1, bad1 = _rows_of(ids1, starts1, lengths1, fields1, table_ptr, psw_ptr, cols, HAS_PSW, STORAGE,
                                ROW_ALIGN, DIM_ALIGN, SHORT, BLOCK_D, WORDS)
-        out1 = _out_fields(b1, lengths1, _bags_of(b1, num_blocks, blocks_per_feature, batch_size, BLOCK_B)[1], num_blocks,
-                           meta_ptr, DIM_ALIGN)
+        out1 = _out_fields(b1, lengths1, _bags_of(b1, num_blocks, blocks_per_feature, batch_size, BLOCK_B)[1],
+                           num_blocks, meta_ptr, DIM_ALIGN)
         starts2, lengths2 = _extent(bounds2)
         ids2 = _ids_of(values_ptr, starts2, lengths2, SHORT)
         fields2 = _row_fields(b2, lengths2, _bags_of(b2, num_blocks, blocks_per_feature, batch_size, BLOCK_B)[1],

@@ -28,7 +28,8 @@ from triton.runtime.autotuner import Autotuner
 from .common import interpreting
 
 
-def autotune(configs: List[triton.Config], key: List[str], keep: Optional[Callable[[triton.Config, dict], bool]] = None):
+def autotune(configs: List[triton.Config], key: List[str],
+             keep: Optional[Callable[[triton.Config, dict], bool]] = None):
     """``triton.autotune(configs, key)``, pruned as above. Every constexpr that no config sets
     joins ``key``: each switch builds a different kernel, so each value is checked and tuned
     on its own (a config tuned with one value is never launched untested with another).
