@@ -201,3 +201,29 @@ def test_runtime_meta_written_read_and_cleared_on_replacement(monkeypatch):
     monkeypatch.setattr(ev, "now_hours", lambda: 9)  # 7 and 8 expired
     _remap(module, [8, 10])  # 8 refreshed; 10 takes 7's slot, whose metadata is cleared
     assert module.lookup_custom_runtime_meta(rows[:2]).tolist() == [[0, 0], [3, 4]]
+
+
+def _mix_reference(v: int) -> int:
+    """The module's id mix in Python ints: splitmix64's steps, arithmetic shifts, wrapping products."""
+    def signed(x):
+        x %= 2 ** 64
+        return x - 2 ** 64 if x >= 2 ** 63 else x
+
+    x = v ^ (v >> 31)
+    x = signed(x * -7046029254386353131)
+    x = x ^ (x >> 29)
+    x = signed(x * -4658895280553007687)
+    return (x ^ (x >> 32)) & (2 ** 63 - 1)
+
+
+def test_id_mix_compiled_by_inductor_equals_python_ints():
+    # compiled, the mix's products must not be C++ signed int64 multiplies (overflow is undefined
+    # behaviour there): the placement module routes them through wrapping_mul
+    from jaggedrec.modules.hash_mc_placement import _mix
+
+    ids = torch.randint(-2 ** 63, 2 ** 63 - 1, (3001,), generator=torch.Generator().manual_seed(5))
+    ids[:4] = torch.tensor([0, -1, 2 ** 63 - 1, -2 ** 63])
+    torch._dynamo.reset()
+    got = torch.compile(_mix, fullgraph=True)(ids)
+    torch._dynamo.reset()
+    assert got.tolist() == [_mix_reference(v) for v in ids.tolist()]

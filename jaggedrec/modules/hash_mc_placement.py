@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from jaggedrec.modules.hash_mc_evictions import HashZchEvictionPolicyName
+from jaggedrec.ops.hash_probe_torch import wrapping_mul
 from jaggedrec.sparse.jagged_tensor import JaggedTensor
 
 _INT64_MAX = torch.iinfo(torch.int64).max
@@ -22,10 +23,13 @@ _INT64_MAX = torch.iinfo(torch.int64).max
 
 def _mix(ids: torch.Tensor) -> torch.Tensor:
     """A 64-bit mix of int64 ids (splitmix64's steps; the multiplies wrap), non-negative."""
+    # compiled, the multiplies go through wrapping_mul (the same bits): Inductor's CPU code would
+    # multiply as C++ signed int64, whose overflow is undefined behaviour
+    mul = wrapping_mul if torch.compiler.is_compiling() else torch.mul
     x = ids ^ (ids >> 31)
-    x = x * -7046029254386353131
+    x = mul(x, -7046029254386353131)
     x = x ^ (x >> 29)
-    x = x * -4658895280553007687
+    x = mul(x, -4658895280553007687)
     return (x ^ (x >> 32)) & 0x7FFFFFFFFFFFFFFF
 
 
