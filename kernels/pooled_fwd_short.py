@@ -131,19 +131,13 @@ def _rows_of(ids, lengths, sample_mask, num_rows, dim, weight_offset, weights_pt
 
 
 @triton.jit
-def _lane_field(meta, field, samples, mask, ALIGN: tl.constexpr, WIDE: tl.constexpr = True,
-                FILL: tl.constexpr = False):
+def _lane_field(meta, field, samples, mask, ALIGN: tl.constexpr, WIDE: tl.constexpr = True):
     """A feature's metadata field loaded once per sample (``[BLOCK_B]``, 0 where ``mask`` is off).
     Loaded as a scalar, a field the loop carries to a later iteration went into a uniform
     register, which ptxas filled in the iteration that loaded it: that iteration then waited for
     the load. A value that differs by lane stays in the register it was loaded into. Not
     ``WIDE``: the field's low 32 bits (it is below 2^31), a register a sample instead of two."""
-    if FILL:  # before the loop: one load, spread over the samples (the loop carries it per sample)
-        if WIDE:
-            value = tl.where(mask, tl.load(meta + field), 0)
-        else:
-            value = tl.where(mask, tl.load(meta.to(tl.pointer_type(tl.int32), bitcast=True) + 2 * field), 0)
-    elif WIDE:
+    if WIDE:
         value = tl.load(meta + field + samples * 0, mask=mask, other=0)
     else:
         value = tl.load(meta.to(tl.pointer_type(tl.int32), bitcast=True) + 2 * field + samples * 0, mask=mask,
@@ -153,7 +147,7 @@ def _lane_field(meta, field, samples, mask, ALIGN: tl.constexpr, WIDE: tl.conste
 
 @triton.jit
 def _block(k, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B: tl.constexpr,
-           HAS_INVERSE: tl.constexpr, FILL: tl.constexpr = False):
+           HAS_INVERSE: tl.constexpr):
     """Block ``k`` (stage 1): its feature, samples, which of them exist, the bags they pool and,
     per sample, the key of those bags' offsets. Each other field of the feature is loaded by
     the stage before the one that uses it (:func:`_row_fields`, :func:`_out_fields`), so that
@@ -166,27 +160,57 @@ def _block(k, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size,
         bags = tl.load(inverse_ptr + f.to(tl.int64) * batch_size + samples, mask=sample_mask, other=0)
     else:
         bags = samples
-    key = _lane_field(meta_ptr + f.to(tl.int64) * META_FIELDS, META_KEY, samples, sample_mask, 1, False, FILL)
+    key = _lane_field(meta_ptr + f.to(tl.int64) * META_FIELDS, META_KEY, samples, sample_mask, 1, False)
     return f, samples, sample_mask, bags, key
 
 
 @triton.jit
-def _row_fields(block, meta_ptr, DIM_ALIGN: tl.constexpr, FILL: tl.constexpr = False):
+def _row_fields(block, meta_ptr, DIM_ALIGN: tl.constexpr):
     """Per sample, the fields that locate the block's rows (loaded in stage 3, used in stage 4):
     the table's first element (a multiple of DIM_ALIGN, see pooled_fwd: the row loads
     vectorise), its dim and its row count."""
     meta = meta_ptr + block[0].to(tl.int64) * META_FIELDS
-    return (_lane_field(meta, META_WEIGHT_OFFSET, block[1], block[2], DIM_ALIGN, True, FILL),
-            _lane_field(meta, META_DIM, block[1], block[2], DIM_ALIGN, False, FILL),
-            _lane_field(meta, META_ROWS, block[1], block[2], 1, True, FILL))
+    return (_lane_field(meta, META_WEIGHT_OFFSET, block[1], block[2], DIM_ALIGN, True),
+            _lane_field(meta, META_DIM, block[1], block[2], DIM_ALIGN, False),
+            _lane_field(meta, META_ROWS, block[1], block[2], 1, True))
 
 
 @triton.jit
-def _out_fields(block, meta_ptr, DIM_ALIGN: tl.constexpr, FILL: tl.constexpr = False):
+def _out_fields(block, meta_ptr, DIM_ALIGN: tl.constexpr):
     """Per sample, the fields the block's store needs (loaded in stage 4): output column, MEAN."""
     meta = meta_ptr + block[0].to(tl.int64) * META_FIELDS
-    return (_lane_field(meta, META_OUT_COLUMN, block[1], block[2], DIM_ALIGN, False, FILL),
-            _lane_field(meta, META_MEAN, block[1], block[2], 1, False, FILL))
+    return (_lane_field(meta, META_OUT_COLUMN, block[1], block[2], DIM_ALIGN, False),
+            _lane_field(meta, META_MEAN, block[1], block[2], 1, False))
+
+
+@triton.jit
+def _dead_block(first, inverse_ptr, BLOCK_B: tl.constexpr, HAS_INVERSE: tl.constexpr):
+    """A block before the program's first, as :func:`_block` gives one, with no sample: what the
+    pipeline holds before the loop fills it. Each stage gets its own values, so that Triton
+    carries each through the loop (stages built from one set of values would read as unchanged)."""
+    lanes = tl.arange(0, BLOCK_B)
+    if HAS_INVERSE:
+        bags = tl.zeros([BLOCK_B], dtype=inverse_ptr.dtype.element_ty)
+    else:
+        bags = lanes
+    return first * 0, lanes, lanes < 0, bags, tl.zeros([BLOCK_B], dtype=tl.int32)
+
+
+@triton.jit
+def _dead_ids(weights_ptr, values_ptr, psw_ptr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, HAS_PSW: tl.constexpr,
+              SHORT: tl.constexpr):
+    """A dead block's rows, ids and per-sample weights (zeros, as loaded under masks all off)."""
+    rows = ()
+    ids = ()
+    psw = ()
+    for s in tl.static_range(SHORT):
+        rows = rows + (tl.zeros([BLOCK_B, BLOCK_D], dtype=weights_ptr.dtype.element_ty),)
+        ids = ids + (tl.zeros([BLOCK_B], dtype=values_ptr.dtype.element_ty),)
+        if HAS_PSW:
+            psw = psw + (tl.zeros([BLOCK_B], dtype=psw_ptr.dtype.element_ty),)
+        else:
+            psw = psw + (1.0,)
+    return rows, ids, psw
 
 
 @triton.jit
@@ -244,27 +268,27 @@ def _pooled_fwd_short_kernel(
     first = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
 
-    # fill the pipeline as the loop keeps it: the rows of this program's first block (0), the
-    # ids of its second (1), the offsets of its third (2), the key of its fourth (3)
-    b0 = _block(first, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B, HAS_INVERSE, True)
-    b1 = _block(first + step, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B,
-                HAS_INVERSE, True)
-    b2 = _block(first + 2 * step, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B,
-                HAS_INVERSE, True)
-    starts0, lengths0 = _extent(_bounds(offsets_ptr, b0[4], b0[3], b0[2], bag_stride))
-    starts1, lengths1 = _extent(_bounds(offsets_ptr, b1[4], b1[3], b1[2], bag_stride))
-    ids0, psw0 = _ids_of(values_ptr, psw_ptr, starts0, lengths0, b0[2], HAS_PSW, SHORT)
-    fields0 = _row_fields(b0, meta_ptr, DIM_ALIGN, True)
-    rows0, bad0 = _rows_of(ids0, lengths0, b0[2], fields0[2], fields0[1], fields0[0], weights_ptr, cols, SHORT)
-    out0 = _out_fields(b0, meta_ptr, DIM_ALIGN, True)
-    dim0 = fields0[1]
-    ids1, psw1 = _ids_of(values_ptr, psw_ptr, starts1, lengths1, b1[2], HAS_PSW, SHORT)
-    fields1 = _row_fields(b1, meta_ptr, DIM_ALIGN, True)
-    bounds2 = _bounds(offsets_ptr, b2[4], b2[3], b2[2], bag_stride)
-    b3 = _block(first + 3 * step, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size, BLOCK_B,
-                HAS_INVERSE, True)
+    # the pipeline starts empty: four dead blocks (masks off, nothing loaded) ahead of this
+    # program's first, which the loop's first iteration takes as its block 4. A fill of its own
+    # waited on its loads one by one (21 round trips, weighted bf16 on triton 3.9); the dead
+    # iterations take one each.
+    b0 = _dead_block(first, inverse_ptr, BLOCK_B, HAS_INVERSE)
+    b1 = _dead_block(first, inverse_ptr, BLOCK_B, HAS_INVERSE)
+    b2 = _dead_block(first, inverse_ptr, BLOCK_B, HAS_INVERSE)
+    b3 = _dead_block(first, inverse_ptr, BLOCK_B, HAS_INVERSE)
+    lengths0 = tl.zeros([BLOCK_B], dtype=tl.int64)
+    lengths1 = tl.zeros([BLOCK_B], dtype=tl.int64)
+    rows0, _, psw0 = _dead_ids(weights_ptr, values_ptr, psw_ptr, BLOCK_B, BLOCK_D, HAS_PSW, SHORT)
+    _, ids1, psw1 = _dead_ids(weights_ptr, values_ptr, psw_ptr, BLOCK_B, BLOCK_D, HAS_PSW, SHORT)
+    bad0 = tl.zeros([BLOCK_B], dtype=tl.int32)
+    out0 = (tl.zeros([BLOCK_B], dtype=tl.int32), tl.zeros([BLOCK_B], dtype=tl.int32))
+    dim0 = tl.zeros([BLOCK_B], dtype=tl.int32)
+    fields1 = (tl.zeros([BLOCK_B], dtype=tl.int64), tl.zeros([BLOCK_B], dtype=tl.int32),
+               tl.zeros([BLOCK_B], dtype=tl.int64))
+    bounds2 = (tl.zeros([BLOCK_B], dtype=offsets_ptr.dtype.element_ty),
+               tl.zeros([BLOCK_B], dtype=offsets_ptr.dtype.element_ty))
 
-    for k in range(first, num_blocks, step):
+    for k in range(first - 4 * step, num_blocks, step):
         # block k is 0; issue the rows of 1 (and its store's fields), the ids of 2 (and its rows'
         # fields), the offsets of 3, the key of 4
         rows1, bad1 = _rows_of(ids1, lengths1, b1[2], fields1[2], fields1[1], fields1[0], weights_ptr, cols, SHORT)
@@ -295,7 +319,7 @@ def _pooled_fwd_short_kernel(
 
         # shift the pipeline by one block
         b0, lengths0, rows0, psw0, bad0, out0, dim0 = b1, lengths1, rows1, psw1, bad1, out1, fields1[1]
-        b1, starts1, lengths1, ids1, psw1, fields1 = b2, starts2, lengths2, ids2, psw2, fields2
+        b1, lengths1, ids1, psw1, fields1 = b2, lengths2, ids2, psw2, fields2
         b2, bounds2 = b3, bounds3
         b3 = b4
 
