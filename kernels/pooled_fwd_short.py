@@ -72,14 +72,24 @@ def _block_meta(k, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_
     out_column = tl.multiple_of(tl.load(meta + META_OUT_COLUMN, mask=live, other=0), DIM_ALIGN)
     key = tl.load(meta + META_KEY, mask=live, other=0)
     mean = tl.load(meta + META_MEAN, mask=live, other=0)
-    samples = (k % blocks_per_feature) * BLOCK_B + tl.arange(0, BLOCK_B)
+    samples, sample_mask, bags = _samples(k, f, num_blocks, blocks_per_feature, inverse_ptr, batch_size, BLOCK_B,
+                                          HAS_INVERSE)
+    return f, weight_offset, dim, num_rows, out_column, key, mean, samples, sample_mask, bags
+
+
+@triton.jit
+def _samples(k, f, num_blocks, blocks_per_feature, inverse_ptr, batch_size, BLOCK_B: tl.constexpr,
+             HAS_INVERSE: tl.constexpr):
+    """Block ``k`` of feature ``f``: its ``[BLOCK_B]`` samples, which of them exist, and the bag
+    slot each reads (its own, or its inverse index under VBE)."""
+    samples = (k - f * blocks_per_feature) * BLOCK_B + tl.arange(0, BLOCK_B)
     # a vector compare for the block's liveness: the interpreter refuses scalar & vector masks
     sample_mask = (samples < batch_size) & ((samples * 0 + k) < num_blocks)
     if HAS_INVERSE:
         bags = tl.load(inverse_ptr + f.to(tl.int64) * batch_size + samples, mask=sample_mask, other=0)
     else:
         bags = samples
-    return f, weight_offset, dim, num_rows, out_column, key, mean, samples, sample_mask, bags
+    return samples, sample_mask, bags
 
 
 @triton.jit
@@ -153,13 +163,8 @@ def _block(k, num_blocks, blocks_per_feature, meta_ptr, inverse_ptr, batch_size,
     the stage before the one that uses it (:func:`_row_fields`, :func:`_out_fields`), so that
     no field is held for more than one iteration."""
     f = k // blocks_per_feature
-    samples = (k - f * blocks_per_feature) * BLOCK_B + tl.arange(0, BLOCK_B)
-    # a vector compare for the block's liveness: the interpreter refuses scalar & vector masks
-    sample_mask = (samples < batch_size) & ((samples * 0 + k) < num_blocks)
-    if HAS_INVERSE:
-        bags = tl.load(inverse_ptr + f.to(tl.int64) * batch_size + samples, mask=sample_mask, other=0)
-    else:
-        bags = samples
+    samples, sample_mask, bags = _samples(k, f, num_blocks, blocks_per_feature, inverse_ptr, batch_size, BLOCK_B,
+                                          HAS_INVERSE)
     key = _lane_field(meta_ptr + f.to(tl.int64) * META_FIELDS, META_KEY, samples, sample_mask, 1, False)
     return f, samples, sample_mask, bags, key
 
