@@ -75,7 +75,7 @@ def hash_probe_pooled_kernel(values_ptr, offsets_ptr, keys_ptr, weight_ptr, out_
             live = p < length
             raw = tl.load(values_ptr + start + p, mask=live, other=0).to(tl.int64)
             h = _mix(raw)
-            bucket = bucket_base + (h & 0x7FFFFFFFFFFFFFFF) % num_buckets
+            bucket = bucket_base + (((h & 0xFFFFFFFF) * num_buckets) >> 32)
             window = tl.load(keys_ptr + bucket[:, None] * BUCKET_SIZE + slots[None, :],
                              mask=(live & probe)[:, None], other=0)
             match = (window == raw[:, None]) & (live & probe)[:, None]

@@ -39,7 +39,7 @@ class SimTable:
         self.buckets = [[None] * self.bucket_size for _ in range(self.num_buckets)]
 
     def bucket(self, i: int) -> int:
-        return (mix(i) & ((1 << 63) - 1)) % self.num_buckets
+        return ((mix(i) & 0xFFFFFFFF) * self.num_buckets) >> 32  # the low 32 bits scaled to the buckets
 
     def row_of(self, i: int) -> Optional[int]:
         b = self.bucket(i)

@@ -4,7 +4,8 @@ remaps and checkpoints it.
 
 A hashed table of ``num_buckets`` buckets of ``bucket_size`` slots (``hash_table.py``) becomes a
 ``ManagedCollisionCollection`` of one ``HashBucketModule`` per table: the collection's router
-sends an id to bucket ``(mix(id) & 2^63-1) % num_buckets``, as the unsharded state does, and
+sends an id to bucket ``hash_probe_torch.bucket_of(mix(id), 0, num_buckets)``, as the
+unsharded state does, and
 each rank keeps its run of the table's buckets as one module (``holds_bucket_runs()``): the
 run's ``keys``, ``last_step`` and ``count`` (``[buckets * bucket_size]`` each:
 ``row_state_names()``, so ``dcp`` reshards them at bucket edges) and the training step ``step``

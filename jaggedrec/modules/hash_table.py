@@ -118,6 +118,9 @@ class HashTableState(nn.Module):
             if num_buckets < 1:
                 raise ValueError(f"table '{t.name}': num_embeddings {t.num_embeddings} leaves no bucket of "
                                  f"{self.bucket_size} slots beside the fallback row")
+            if num_buckets >= hp.MAX_BUCKETS:
+                raise ValueError(f"table '{t.name}': {num_buckets} buckets; at most {hp.MAX_BUCKETS - 1} a table "
+                                 f"(the bucket of an id is 32 bits of its hash scaled to the table)")
             width = t.options.sketch_width or 4 * t.num_embeddings
             for key, value in (("bucket_base", buckets), ("num_buckets", num_buckets), ("sketch_base", sketch),
                                ("sketch_width", width), ("threshold", t.options.admit_threshold),

@@ -12,7 +12,8 @@ last looked it up) and ``count`` (look-ups since the id took the slot; kept for 
 
 The rules, which ``tests/test_hash_table_properties.py``'s simulator restates in plain Python:
 
-- an id's bucket is ``mix(id) % num_buckets`` of its table, and its slot whichever slot of
+- an id's bucket is ``(low 32 bits of mix(id)) * num_buckets >> 32`` of its table (a multiply
+  and a shift: no division on the CPU or in the Triton probe), and its slot whichever slot of
   that bucket holds it;
 - in training, a missing id is counted in its table's admission sketch (one counter per
   ``mix(id) >> 32 % sketch_width``: colliding ids share a counter, so an id can be admitted
@@ -38,7 +39,6 @@ import torch
 
 EMPTY = torch.iinfo(torch.int64).min  # a free slot's key; the id equal to it is never placed
 _M1, _M2 = -4658895280553007687, -7723592293110705685  # splitmix64's multipliers, as int64
-_LOW63 = 0x7FFFFFFFFFFFFFFF
 
 
 def mix(ids: torch.Tensor) -> torch.Tensor:
@@ -79,10 +79,15 @@ def _mul_low32(a: torch.Tensor, b: int) -> torch.Tensor:
     return ((a * (b & 0xFFFF)) + (((a * (b >> 16)) & 0xFFFF) << 16)) & _LOW32
 
 
+MAX_BUCKETS = 1 << 31  # a table's buckets: below this, the product below stays under 2^63
+
+
 def bucket_of(hashed: torch.Tensor, bucket_base, num_buckets) -> torch.Tensor:
-    """Global bucket of each id: ``bucket_base + (hashed & 2^63-1) % num_buckets`` (``[N]``
-    tensors or ints each)."""
-    return (hashed & _LOW63).remainder_(num_buckets).add_(bucket_base)
+    """Global bucket of each id: ``bucket_base + ((hashed & 2^32-1) * num_buckets >> 32)``
+    (``[N]`` tensors or ints each; ``num_buckets < MAX_BUCKETS``). The low 32 bits scaled to
+    ``[0, num_buckets)``: uniform as a remainder would be, without a 64-bit division, and
+    independent of the sketch's and the tag's bits (the high 32 and the top 8)."""
+    return (hashed & _LOW32).mul_(num_buckets).bitwise_right_shift_(32).add_(bucket_base)
 
 
 def sketch_of(hashed: torch.Tensor, sketch_base: torch.Tensor, sketch_width: torch.Tensor) -> torch.Tensor:
@@ -130,7 +135,7 @@ _BYTE_MAGIC = sum((7 - m) << (8 * m) for m in range(8))  # see _byte_index
 
 def tag_of(hashed: torch.Tensor) -> torch.Tensor:
     """``[N]`` int64 (:func:`mix` of the ids) -> ``[N]`` int64 in ``[0, 256)``: the slot's tag
-    (the top byte of the hash; the bucket is the remainder of all 63 low bits)."""
+    (the top byte of the hash; the bucket comes from its low 32 bits)."""
     return (hashed >> 56).bitwise_and_(0xFF)
 
 
