@@ -28,9 +28,22 @@ from jaggedrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor, as_ke
 __all__ = ["HashEmbeddingBagCollection", "HashTableOptions", "reset_rows"]
 
 
-def table_reset_plan(collection: EmbeddingBagCollection, table: int):
-    """What re-initialising a row of ``collection``'s table ``table`` writes: ``(init min, init
-    max, flat offset, rows, dim, row base, [(fused state buffer, "row" or "element")])``."""
+class ResetPlan(NamedTuple):
+    """What re-initialising a row of one table writes."""
+
+    table: int  # the collection's table index
+    hashed: int  # its index among the hashed tables (-1: not known to the caller)
+    init_min: float
+    init_max: float
+    offset: int  # the table's first element in its storage group's flat weights
+    rows: int
+    dim: int
+    row_base: int  # the table's first entry in the group's row-wise fused state
+    states: tuple  # ((fused state buffer name, "row" or "element"), ...)
+
+
+def table_reset_plan(collection: EmbeddingBagCollection, table: int, hashed: int = -1) -> ResetPlan:
+    """The :class:`ResetPlan` of ``collection``'s table ``table``."""
     layout, config = collection.layout, collection.layout.configs[table]
     slot = layout.tables[table]
     group = layout.groups[slot.group]
@@ -38,8 +51,9 @@ def table_reset_plan(collection: EmbeddingBagCollection, table: int):
                    for f in group.features})
     row_base = sum(rows for offset, rows in used if offset < slot.offset)
     fused = collection.options.fused_optimizer
-    states = [] if fused is None else [(f"{group.name}_{name}", per) for name, per in fused.state]
-    return (config.weight_init_min, config.weight_init_max, slot.offset, slot.rows, slot.dim, row_base, states)
+    states = () if fused is None else tuple((f"{group.name}_{name}", per) for name, per in fused.state)
+    return ResetPlan(table, hashed, config.weight_init_min, config.weight_init_max, slot.offset, slot.rows, slot.dim,
+                     row_base, states)
 
 
 @torch.no_grad()
@@ -49,24 +63,24 @@ def reset_rows(collection: EmbeddingBagCollection, table: int, rows: torch.Tenso
     hashed table's rank does this for the rows its ids were evicted from)."""
     if rows.numel() == 0:
         return
-    low, high, offset, n_rows, dim, row_base, states = table_reset_plan(collection, table)
+    plan = table_reset_plan(collection, table)
     weight = collection.table_weight(table)
-    weight.index_copy_(0, rows, torch.empty(rows.numel(), dim, dtype=weight.dtype,
-                                            device=weight.device).uniform_(low, high))
+    weight.index_copy_(0, rows, torch.empty(rows.numel(), plan.dim, dtype=weight.dtype,
+                                            device=weight.device).uniform_(plan.init_min, plan.init_max))
     state = collection.fused_optimizer_state
-    for name, per in states:
+    for name, per in plan.states:
         buffer = getattr(state, name)
         if per == "row":
-            buffer.narrow(0, row_base, n_rows).index_fill_(0, rows, 0.0)
+            buffer.narrow(0, plan.row_base, plan.rows).index_fill_(0, rows, 0.0)
         else:
-            buffer.narrow(0, offset, n_rows * dim).view(n_rows, dim).index_fill_(0, rows, 0.0)
+            buffer.narrow(0, plan.offset, plan.rows * plan.dim).view(plan.rows, plan.dim).index_fill_(0, rows, 0.0)
 
 
 class _ResetGroup(NamedTuple):
     """Hashed tables whose evicted rows one compact write re-initialises (tensors ``[H]``, by
     hashed table; rows of the group's view are ``base[table] + row``)."""
 
-    plan: tuple  # a member's reset plan (the view's table when not flat)
+    plan: ResetPlan  # a member's (the view's table when not flat)
     dim: int
     flat: bool  # rows of the storage group's flat tensor (else the one table's own view)
     every_table: bool  # holds every hashed table: no selection
@@ -125,26 +139,22 @@ class HashEmbeddingBagCollection(EmbeddingBagCollection):
                          tuple(configs[t].feature_names or [configs[t].name]), hash_options[configs[t].name])
              for t in self._hashed_configs], device=device)
         self._probe_cache: Dict[tuple, List[hash_probe.KeyTable]] = {}
-        self._reset_plan = [self._table_reset_plan(h, t) for h, t in enumerate(self._hashed_configs)]
-        self._reset_dim = max(plan[6] for plan in self._reset_plan)
+        self._reset_plan = [table_reset_plan(self, t, h) for h, t in enumerate(self._hashed_configs)]
+        self._reset_dim = max(plan.dim for plan in self._reset_plan)
         self._reset_groups = self._make_reset_groups()
         # the key of evicted rows' fresh values (hash_probe_torch.fresh_uniform), drawn from
         # torch's generator: torch.manual_seed before construction makes them reproducible
         self.reset_seed = int(torch.randint(0, 1 << 62, (), dtype=torch.int64))
 
-    def _table_reset_plan(self, hashed: int, table: int):
-        """What an eviction in table ``table`` writes: its init range and fused-state slices."""
-        return (hashed, table) + table_reset_plan(self, table)
-
     def _make_reset_groups(self) -> List[_ResetGroup]:
         """The compact reset's writes: hashed tables of one storage group and one dim whose rows
         are rows of the group's flat tensor (offset a multiple of the dim) share one write;
         any other table has its own."""
-        by_key: Dict[tuple, list] = {}
+        by_key: Dict[tuple, List[ResetPlan]] = {}
         for plan in self._reset_plan:
-            hashed, t, low, high, offset, rows, dim, row_base, states = plan
-            flat = self._layout.tables[t].stride == dim and offset % dim == 0
-            by_key.setdefault((self._layout.tables[t].group, dim) if flat else ("own", t), []).append(plan)
+            table = self._layout.tables[plan.table]
+            flat = table.stride == plan.dim and plan.offset % plan.dim == 0
+            by_key.setdefault((table.group, plan.dim) if flat else ("own", plan.table), []).append(plan)
         device, count = self.hash_state.keys.device, len(self._reset_plan)
         groups = []
         for key, plans in by_key.items():
@@ -153,22 +163,24 @@ class HashEmbeddingBagCollection(EmbeddingBagCollection):
             def column(value, dtype):
                 out = [0] * count
                 for plan in plans:
-                    out[plan[0]] = value(plan)
+                    out[plan.hashed] = value(plan)
                 return torch.tensor(out, dtype=dtype, device=device)
 
             member = column(lambda plan: 1, torch.bool)
-            ranges = {(plan[2], plan[3]) for plan in plans}
+            ranges = {(plan.init_min, plan.init_max) for plan in plans}
             groups.append(_ResetGroup(
-                plans[0], plans[0][6], flat, len(plans) == count, member,
-                ranges.pop() if len(ranges) == 1 else None, column(lambda plan: plan[2], torch.float32),
-                column(lambda plan: plan[3] - plan[2], torch.float32), column(lambda plan: plan[3], torch.float32),
-                column(lambda plan: plan[4] // plan[6] if flat else 0, torch.int64),
-                column(lambda plan: plan[7] if flat else 0, torch.int64), plans[0][8]))
+                plans[0], plans[0].dim, flat, len(plans) == count, member,
+                ranges.pop() if len(ranges) == 1 else None, column(lambda plan: plan.init_min, torch.float32),
+                column(lambda plan: plan.init_max - plan.init_min, torch.float32),
+                column(lambda plan: plan.init_max, torch.float32),
+                column(lambda plan: plan.offset // plan.dim if flat else 0, torch.int64),
+                column(lambda plan: plan.row_base if flat else 0, torch.int64), plans[0].states))
         return groups
 
     def _group_view(self, group: _ResetGroup, buffer: Optional[torch.Tensor], per: str = "element") -> torch.Tensor:
         """The rows a group's bases index: the weights (``buffer`` None) or a fused-state buffer."""
-        _, t, _, _, offset, rows, dim, row_base, _ = group.plan
+        plan = group.plan
+        t, offset, rows, dim, row_base = plan.table, plan.offset, plan.rows, plan.dim, plan.row_base
         if buffer is None:
             if not group.flat:
                 return self.table_weight(t)
@@ -304,12 +316,13 @@ class HashEmbeddingBagCollection(EmbeddingBagCollection):
         table's narrowed view (or through views of one tensor of two dims) made it copy the whole
         flat tensor every step. Positions that evicted nothing rewrite the first member's fallback
         row (no id ever takes it) with its own values."""
-        _, t, _, _, offset, rows, dim, row_base, _ = group.plan
+        plan = group.plan
+        offset, rows, dim, row_base = plan.offset, plan.rows, plan.dim, plan.row_base
         real = evicted_row >= 0
         tables = table.clamp(max=group.member.numel() - 1)  # not hashed (H): not real either
         if not group.every_table:
             real = real & group.member.index_select(0, tables)
-        flat = self._flat(self._layout.tables[t])
+        flat = self._flat(self._layout.tables[plan.table])
         dummy = offset // dim + rows - 1  # in rows of dim elements
         target = torch.where(real, group.weight_base.index_select(0, tables) + evicted_row, dummy)
         columns = torch.arange(dim, dtype=torch.int64, device=target.device)
@@ -333,19 +346,19 @@ class HashEmbeddingBagCollection(EmbeddingBagCollection):
             else:
                 buffer.index_put_((elements,), torch.where(keep, 0.0, buffer.index_select(0, dummy_elements)).view(-1))
 
-    def _reset_fixed_own(self, plan: tuple, table: torch.Tensor, evicted_row: torch.Tensor,
+    def _reset_fixed_own(self, plan: ResetPlan, table: torch.Tensor, evicted_row: torch.Tensor,
                          fresh: torch.Tensor) -> None:
         """The fixed-shape reset of a table not flat in its storage (a stride past its dim, or an
         offset off the dim's grid): writes through the table's own views."""
-        hashed, t, low, high, offset, rows, dim, row_base, states = plan
+        offset, rows, dim, row_base = plan.offset, plan.rows, plan.dim, plan.row_base
         state = self.fused_optimizer_state
-        mask = (table == hashed) & (evicted_row >= 0)
-        weight = self.table_weight(t)
+        mask = (table == plan.hashed) & (evicted_row >= 0)
+        weight = self.table_weight(plan.table)
         fallback = rows - 1
         target = torch.where(mask, evicted_row, fallback)
-        values = _scaled(fresh.narrow(1, 0, dim), low, high, weight.dtype)
+        values = _scaled(fresh.narrow(1, 0, dim), plan.init_min, plan.init_max, weight.dtype)
         weight.index_copy_(0, target, torch.where(mask.unsqueeze(1), values, weight[fallback]))
-        for name, per in states:
+        for name, per in plan.states:
             buffer = getattr(state, name)
             if per == "row":
                 view = buffer.narrow(0, row_base, rows)
