@@ -46,12 +46,13 @@ class Placement(NamedTuple):
 
 def _ranking(keys, last_step, count, buckets, bucket_size: int, policy, ttl, step, counts_kept: bool = True,
              policies=None):
-    """``[N, S]`` offsets (``0 .. S-1``) of the slots of each id's bucket, best to take first, and
-    ``[N]`` how many may be taken (the rules: ``hash_probe_torch``'s docstring). ``counts_kept``
-    False: ``count`` is all 0 (no table evicts by LFU), so LFU's score would be ``last_step``
-    itself and is not formed. ``policies``: the policies the tables use (None: any); ``policy`` and ``ttl``
-    (``[N]``) are read only where they matter, so may be None when ``policies`` is {LRU} or
-    {LRU, LFU} and ``counts_kept`` is False (every slot evictable, one score)."""
+    """``[N, S]`` scores of the slots of each id's bucket (the lowest is the best to take, ties
+    to the lower offset: :func:`_nth` reads them) and ``[N]`` how many may be taken (the rules:
+    ``hash_probe_torch``'s docstring). ``counts_kept`` False: ``count`` is all 0 (no table
+    evicts by LFU), so LFU's score would be ``last_step`` itself and is not formed.
+    ``policies``: the policies the tables use (None: any); ``policy`` and ``ttl`` (``[N]``) are
+    read only where they matter, so may be None when ``policies`` is {LRU} or {LRU, LFU} and
+    ``counts_kept`` is False (every slot evictable, one score)."""
     k, last = (bucket_view(state, bucket_size).index_select(0, buckets) for state in (keys, last_step))
     policies = ALL_POLICIES if policies is None else frozenset(policies)
     blocked = last == step  # looked up in this batch (train_step wrote those first): never evicted
@@ -66,8 +67,22 @@ def _ranking(keys, last_step, count, buckets, bucket_size: int, policy, ttl, ste
         lfu = bucket_view(count, bucket_size).index_select(0, buckets).clamp(max=_COUNT_CAP) * (1 << 32) + last
         score = torch.where(policy.unsqueeze(1) == POLICY_LFU, lfu, last)
     score = score.masked_fill(blocked, NEVER).masked_fill_(k == EMPTY, EMPTY)
-    score, order = torch.sort(score, dim=1, stable=True)
-    return order, (score != NEVER).sum(1)
+    return score, (score != NEVER).sum(1)
+
+
+def _nth(score: torch.Tensor, rank: torch.Tensor, compact: bool) -> torch.Tensor:
+    """``[N]`` offset of the ``rank``-th best slot of each row of ``score`` (``[N, S]``; ``rank``
+    ``[N]`` in ``[0, S)``): the stable sort's order. ``compact`` (eager CPU): ``argmin`` (the first
+    minimum, as the stable sort puts first) serves the rows of rank 0, nearly all of them when
+    new ids are few a bucket, and only the others are sorted; fixed shapes sort every row."""
+    if not compact:
+        return torch.sort(score, dim=1, stable=True).indices.gather(1, rank.unsqueeze(1)).squeeze(1)
+    offset = score.argmin(1)
+    later = rank.nonzero().squeeze(1)
+    if later.numel():
+        order = torch.sort(score.index_select(0, later), dim=1, stable=True).indices
+        offset.index_copy_(0, later, order.gather(1, rank.index_select(0, later).unsqueeze(1)).squeeze(1))
+    return offset
 
 
 def _reads_policy(policies, counts_kept: bool) -> bool:
@@ -187,11 +202,11 @@ def _place(keys, last_step, count, step, bucket_size: int, ids, buckets, admitte
     seen = torch.cumsum(first_count, 0)
     run_begin = torch.searchsorted(order_key, order_key)
     rank = seen - 1 - (seen - first_count).index_select(0, run_begin)
-    ranked, available = _ranking(keys, last_step, count, s_buckets, bucket_size,
+    score, available = _ranking(keys, last_step, count, s_buckets, bucket_size,
                                  None if policy is None else policy.index_select(0, perm),
                                  None if ttl is None else ttl.index_select(0, perm), step, counts_kept, policies)
     placed = first & (rank < available)
-    target = ranked.gather(1, rank.clamp(0, bucket_size - 1).unsqueeze(1)).squeeze(1)
+    target = _nth(score, rank.clamp(0, bucket_size - 1), admitted is None)
     target = torch.where(placed, target.add_(s_buckets * bucket_size), scratch)
     evicted = placed & (keys.index_select(0, target) != EMPTY)
     # every duplicate reads its first's slot: the firsts' slots by their number (seen - 1)
