@@ -104,10 +104,7 @@ LOOP_BOUND = 1  # serial DRAM round trips per iteration of a gather or run loop
 # Loops that still take more on some Triton, in kernels other sessions own (issue 27 item 2):
 # (kernel, words of its label, workload flag or "" for any) -> why. Only these may break the
 # bound; each is to come off the list when its kernel is fixed on both Tritons.
-NOT_YET = {
-    # kernels/hash_probe.py: a block of bags per program; each id, then its bucket keys, then its row (not pipelined)
-    ("hash_probe", "", ""): "3 round trips per id: id -> bucket keys -> row",
-}
+NOT_YET: dict = {}  # empty since the hash probe's loop was pipelined (kernels/hash_probe.py)
 
 
 def _not_yet(workload, r):
@@ -153,6 +150,18 @@ def test_every_loop_takes_one_round_trip_per_iteration_and_spills_nothing_in_it(
     # at least: forward (plain, VBE), quantized (3 loops), dense and compact backward, 9 optimizers
     assert loops >= 3 * (2 * 4 + 3 * 2 + 2 * 3 + 9 * 3), loops
     assert len(late) < loops // 4, late
+
+
+def test_the_hash_probe_waits_one_round_trip_per_position(readings):
+    """kernels/hash_probe.py's loop over positions is pipelined (an id, its bucket's keys and its
+    row are three dependent loads, each position's issued in three successive iterations): one
+    round trip per iteration, no spill, 16-byte row loads at the dlrm workload's dim 128."""
+    probe = [(w, r) for w, rows in readings.items() if "--legacy-loops" not in w for r in rows
+             if r["kernel"] == "hash_probe"]
+    assert probe, sorted(readings)
+    for w, r in probe:
+        assert r["round_trips"] <= LOOP_BOUND and r["prologue_round_trips"] <= 2, (w, r["label"], r["round_trips"])
+        assert r["loop_spills"] == 0 and r["stack_bytes"] == 0 and r["row_load_bytes"] == 16, (w, r)
 
 
 def test_the_quantized_loops_are_read_one_by_one(readings):

@@ -12,6 +12,7 @@ import torch
 import jaggedrec as jr
 from jaggedrec.modules.hash_embedding_modules import HashEmbeddingBagCollection, HashTableOptions
 from jaggedrec.ops import hash_probe
+from jaggedrec.ops import hash_probe_torch as hp
 
 pytestmark = pytest.mark.interpret
 
@@ -74,6 +75,67 @@ def test_probe_kernel_matches_torch_path(id_dtype, B):
     assert saw_fallback
 
 
+def _direct_case(seed, bucket_size, dims, batch_size, max_len, id_dtype):
+    """Tables laid out by hand (no collection): hashed ones sharing one pool of ids, each id
+    placed in its own bucket where a slot is free (so the same id sits in neighbouring buckets
+    of other tables), some absent (the fallback row); a static one; bags of 0 to ``max_len``."""
+    rng = random.Random(seed)
+    tabs, offset, column, buckets = [], 0, 0, 0
+    for i, dim in enumerate(dims):
+        hashed = i != 1  # the second key reads a static table
+        num_buckets = rng.randint(1, 5)
+        rows = num_buckets * bucket_size + 1 if hashed else 7
+        tabs.append(hash_probe.KeyTable(offset, dim, column, rng.random() < 0.5, hashed,
+                                        buckets if hashed else 0, num_buckets if hashed else 1,
+                                        buckets * bucket_size if hashed else 0, rows - 1 if hashed else 0))
+        buckets += num_buckets if hashed else 0
+        offset, column = offset + rows * dim, column + dim
+    keys = torch.full((buckets * bucket_size + 1,), torch.iinfo(torch.int64).min, dtype=torch.int64)
+    pool = [rng.randrange(-2**31, 2**31) for _ in range(24)] + [0]  # 0 (placed last): what masked keys read as
+    for t in tabs:
+        for x in pool if t.hashed else []:
+            b = int(hp.bucket_of(hp.mix(torch.tensor([x])), t.bucket_base, t.num_buckets)[0])
+            free = [s for s in range(bucket_size) if keys[b * bucket_size + s] == torch.iinfo(torch.int64).min]
+            if free and rng.random() < 0.8:
+                keys[b * bucket_size + free[0]] = x
+    lengths, values = [], []
+    for t in tabs:
+        for _ in range(batch_size):
+            n = rng.randint(0, max_len) if max_len > 1 else 1
+            lengths.append(n)
+            values += [rng.randrange(7) if not t.hashed else rng.choice(pool) for _ in range(n)]
+    offsets = torch.tensor([0] + lengths, dtype=id_dtype).cumsum(0).to(id_dtype)
+    weights = torch.randn(offset + 3, generator=torch.Generator().manual_seed(seed))
+    return keys, weights, torch.tensor(values, dtype=id_dtype), offsets, tabs, column
+
+
+# The pipelined loop over positions: bags of one id (DLRM's), and of up to 9 (the pipeline's start
+# and end over many positions); 21 samples per key, so the blocks of 16 bags straddle keys; dims
+# that are multiples of 4 (16-byte rows promised) and not, one wider than a 128-wide tile (two
+# column tiles); buckets of 1, 2 and 16 (probed through windows of 8 and 16 keys), int32 and int64 ids
+@pytest.mark.parametrize("bucket_size,dims,max_len,id_dtype", [
+    (8, (4, 8, 20), 1, torch.int64), (8, (4, 8, 20), 9, torch.int32), (1, (5, 3, 6), 4, torch.int64),
+    (2, (132, 4, 8), 3, torch.int64), (16, (8, 3, 1), 6, torch.int32)])
+def test_pipelined_probe_matches_the_torch_path(bucket_size, dims, max_len, id_dtype):
+    keys, weights, values, offsets, tabs, total = _direct_case(7, bucket_size, dims, 21, max_len, id_dtype)
+    want, want_counts = hash_probe.probe_pooled_torch(keys, bucket_size, weights, values, offsets, tabs, 21, total)
+    align = hash_probe.probe_alignment(tabs)
+    assert align == (4 if all(d % 4 == 0 for d in dims) else 1)
+    got, got_counts = hash_probe.probe_pooled_triton(keys, bucket_size, weights, values, offsets,
+                                                     hash_probe.probe_meta(tabs, "cpu"), 21, total, max(dims), align)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got_counts, want_counts)
+    assert want_counts[0] > 0 and (want_counts[0] < (offsets[21] - offsets[0])), want_counts  # found and not
+
+
+def test_probe_alignment_is_what_every_read_key_allows():
+    t = hash_probe.KeyTable
+    assert hash_probe.probe_alignment([t(0, 8, 0, False, True), t(64, 4, 8, False, False)]) == 4
+    assert hash_probe.probe_alignment([t(0, 8, 0, False, True), t(66, 4, 8, False, False)]) == 1  # offset
+    assert hash_probe.probe_alignment([t(0, 6, 0, False, True), t(48, 4, 6, False, False)]) == 1  # dim, column
+    assert hash_probe.probe_alignment([t(0, 8, 0, False, True), t(3, 0, 5, False, False)]) == 4  # a key not read
+
+
 BUILD = r"""
 import os, sys
 os.environ["TRITON_INTERPRET"] = "0"
@@ -86,8 +148,10 @@ types = {"values_ptr": sys.argv[1], "offsets_ptr": "*i64", "keys_ptr": "*i64", "
          "out_ptr": "*fp32", "meta_ptr": "*i64", "fallback_ptr": "*i64", "batch_size": "i32", "out_stride": "i32",
          "num_bags": "i32"}
 sig = {n: types.get(n, "constexpr") for n in fn.arg_names}
-consts = {(fn.arg_names.index("BUCKET_SIZE"),): 8, (fn.arg_names.index("BLOCK_D"),): 64,
-          (fn.arg_names.index("BLOCK_B"),): 32}
+bucket, align = int(sys.argv[2]), int(sys.argv[3])
+consts = {(fn.arg_names.index("BUCKET_SIZE"),): bucket, (fn.arg_names.index("BLOCK_D"),): 64,
+          (fn.arg_names.index("BLOCK_B"),): 16, (fn.arg_names.index("DIM_ALIGN"),): align,
+          (fn.arg_names.index("WINDOW"),): max(bucket, 8)}
 attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in types if types[n].startswith("*")}
 k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                    target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
@@ -103,8 +167,8 @@ print("target", k.asm["ptx"].split(".target")[1].split()[0], "sass lines", len(s
 """
 
 
-@pytest.mark.parametrize("id_type", ["*i64", "*i32"])
-def test_probe_kernel_builds_for_sm90a(id_type):
+@pytest.mark.parametrize("id_type,bucket,align", [("*i64", 8, 4), ("*i32", 8, 4), ("*i64", 1, 1)])
+def test_probe_kernel_builds_for_sm90a(id_type, bucket, align):
     """The kernel compiles to sm_90a machine code (no GPU needed) with this venv's triton; the
     second lane (torch 2.11, triton 3.6) runs the same test."""
     import os
@@ -113,7 +177,8 @@ def test_probe_kernel_builds_for_sm90a(id_type):
 
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="0")
-    done = subprocess.run([sys.executable, "-c", BUILD, id_type], capture_output=True, text=True, env=env,
+    done = subprocess.run([sys.executable, "-c", BUILD, id_type, str(bucket), str(align)], capture_output=True,
+                          text=True, env=env,
                           timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "target sm_90a" in done.stdout, done.stdout

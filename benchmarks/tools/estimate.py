@@ -48,6 +48,10 @@ OPTIMIZERS = {1: "SGD", 2: "row-wise Adagrad", 3: "Adam", 4: "exact Adagrad", 5:
 # persistent kernels whose loop starts on dead blocks (masks off) to fill its pipeline, instead of
 # fill code before the loop: iterations of the loop paid once per program, as the prologue is
 DEAD_BLOCKS = {"fwd_short": 4}
+# loops pipelined over their own iterations (positions), which start on dead positions and run past
+# the last: the iterations beyond one a position that still wait a round trip (kernels/hash_probe.py:
+# an id, its keys and its row in three iterations, so L + 2 for bags of L ids)
+PIPELINE_FILL = {"hash_probe": 2}
 
 
 def _gpu_rate(blocks_per_sm: int, bytes_per_program: float, round_trips: float, latency_ns: float) -> float:
@@ -74,7 +78,8 @@ def forward(r, ids_per_bag: int, dim: int, row_bytes: float, id_bytes: int, weig
         trips = r.round_trips + fill / max(blocks, 1)
     else:
         resident = r.blocks_per_sm
-        trips = r.prologue_round_trips + math.ceil(ids_per_bag / unroll) * r.round_trips
+        iterations = math.ceil(ids_per_bag / unroll) + PIPELINE_FILL.get(r.kernel, 0)
+        trips = r.prologue_round_trips + iterations * r.round_trips
     return min(1.0, _gpu_rate(resident, block * per_bag, trips, latency_ns) / (card.copy_tbps * 1e12))
 
 
@@ -178,8 +183,9 @@ def rows(readings: Sequence, dtype: str, dim: int, ids: str = "int64", weighted:
         if best is not None:
             dead = DEAD_BLOCKS.get(best.kernel, 0)
             fill = f"{best.prologue_round_trips}" + (f"+{dead} dead blocks" if dead else "")
+            extra = PIPELINE_FILL.get(best.kernel, 0)
             trips = (f"{fill} once+{best.round_trips:g}/block" if getattr(best, "persistent", False)
-                     else f"{best.prologue_round_trips}+{best.round_trips:g}/it")
+                     else f"{best.prologue_round_trips}+{best.round_trips:g}/it" + (f" (+{extra} it)" if extra else ""))
             cells = [f(best, n, card, lat) for card in CARDS for lat in LATENCIES_NS for n in IDS_PER_BAG]
             out.append([name, best.label, trips] + ["-" if math.isnan(x) else f"{100 * x:.0f}%" for x in cells])
     for optimizer, label in OPTIMIZERS.items():

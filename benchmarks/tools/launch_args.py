@@ -131,8 +131,9 @@ def launches(dtype: str = "fp32", dim: int = 128, ids: str = "int64", weighted: 
             keys = torch.zeros(FEATURES * rows + 1, dtype=torch.int64)
             hash_meta = torch.zeros(FEATURES, 9, dtype=torch.int64)
             hash_meta[:, 1], hash_meta[:, 2] = dim, torch.arange(FEATURES) * dim
+            # (weight offsets 0, output columns multiples of dim: the alignment is dim's, up to 4 floats)
             hash_probe_ops.probe_pooled_triton(keys, 8, weights, batch.values, batch.offsets, hash_meta, batch_size,
-                                               FEATURES * dim, dim)
+                                               FEATURES * dim, dim, min(align, 4))
         sequence_fwd.sequence_fwd(weights, batch._replace(per_sample_weights=None), meta,
                                   torch.empty(n * dim, dtype=table), bad_ids, batch_size, dim, align)
         parts = pooled_bwd.Contributions(torch.zeros(n, dtype=torch.int32), torch.zeros(n, dtype=torch.int64),

@@ -127,8 +127,10 @@ def _kernels():
         ("quant_fwd_short", quant_fwd_short._quant_fwd_short_kernel, QUANT_SHORT,
          dict(STORAGE=[1, 2, 3], HAS_PSW=[False, True], SHORT=[1, 2], ROW_ALIGN=[16]),
          [("rows 4-aligned", {}, dict(ROW_ALIGN=4))] + i32_ids + [wide[0]] + [(w, t, {}) for w, t in PSW]),
-        ("hash_probe", hash_probe.hash_probe_pooled_kernel, HASH, dict(BUCKET_SIZE=[1, 8]), [("int32 ids", {
-            "values_ptr": "*i32", "offsets_ptr": "*i32"}, {})] + [wide[0]]),
+        # the hash probe: buckets of 8 (the default), of 1 and 16 through windows of 8 and 16 keys
+        ("hash_probe", hash_probe.hash_probe_pooled_kernel, HASH, dict(BUCKET_SIZE=[8, 1], WINDOW=[8]), [
+            ("int32 ids", {"values_ptr": "*i32", "offsets_ptr": "*i32"}, {}),
+            ("buckets of 16", {}, dict(BUCKET_SIZE=16, WINDOW=16))] + wide),
     ]
 
 

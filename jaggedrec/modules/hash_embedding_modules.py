@@ -280,7 +280,7 @@ class HashEmbeddingBagCollection(EmbeddingBagCollection):
         pooled, fallback = hash_probe.probe_pooled_triton(
             self.hash_state.keys, self.hash_state.bucket_size, flat.detach(), features.values(), features.offsets(),
             hash_probe.probe_meta(tables, flat.device), features.stride(), sum(self._lengths_per_embedding),
-            max(t.dim for t in tables))
+            max(t.dim for t in tables), hash_probe.probe_alignment(tables))
         key_feature = self.hash_state.key_maps(keys, flat.device)[1]
         scratch = len(self.hash_state.features)
         self.hash_state.fallback.index_add_(0, key_feature.clamp(max=scratch - 1),

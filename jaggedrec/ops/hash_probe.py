@@ -38,6 +38,17 @@ def probe_meta(tables: Sequence[KeyTable], device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64, device=device).view(len(rows), 9)
 
 
+def probe_alignment(tables: Sequence[KeyTable]) -> int:
+    """The launch's ``DIM_ALIGN``: 4 (16 bytes of fp32) where 4 divides every read key's dim,
+    weight offset and output column, else 1; the kernel promises it to the compiler, which
+    then moves rows in 16-byte vectors."""
+    read = [t for t in tables if t.dim]
+    aligned = all((t.dim | t.weight_offset | t.out_column) % 4 == 0 for t in read)
+    # not 2 where 4 fails: 8-byte rows at 128-wide tiles held the kernel at 128 registers with a
+    # spill in its loop (sm_90a, triton 3.9); scalar rows take ~170 and none
+    return 4 if aligned else 1
+
+
 def probe_pooled_torch(keys: torch.Tensor, bucket_size: int, weights: torch.Tensor, values: torch.Tensor,
                        offsets: torch.Tensor, tables: Sequence[KeyTable], batch_size: int,
                        total_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -72,9 +83,11 @@ def probe_pooled_torch(keys: torch.Tensor, bucket_size: int, weights: torch.Tens
 
 def probe_pooled_triton(keys: torch.Tensor, bucket_size: int, weights: torch.Tensor, values: torch.Tensor,
                         offsets: torch.Tensor, meta: torch.Tensor, batch_size: int, total_dim: int,
-                        max_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                        max_dim: int, dim_align: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
     """One launch of ``hash_probe_pooled_kernel``, a program per block of bags (arguments as
-    :func:`probe_pooled_torch`'s, ``meta`` from :func:`probe_meta`)."""
+    :func:`probe_pooled_torch`'s, ``meta`` from :func:`probe_meta`; ``dim_align`` from
+    :func:`probe_alignment` of the same tables: 1, the default, makes no promise, and the rows
+    move a float at a time)."""
     import triton
 
     from jaggedrec.kernels import hash_probe  # imported here: the torch path needs no triton
@@ -84,12 +97,15 @@ def probe_pooled_triton(keys: torch.Tensor, bucket_size: int, weights: torch.Ten
     out = torch.empty(batch_size, total_dim, dtype=torch.float32, device=weights.device)
     counts = torch.zeros(num_keys, dtype=torch.int64, device=weights.device)
     num_bags = num_keys * batch_size
-    # 16 bags a block at any tile width: 32 bags spill inside the loop at dim 64 on triton 3.6 (sm_90a),
-    # and at dim 128 read 4 round trips per position instead of 3
+    # 16 bags a block at any tile width: 32 bags spilled inside the loop at dim 64 on triton 3.6 (sm_90a)
+    # before the loop was pipelined. Buckets narrower than 8 are probed through a window of 8 keys
+    # (the slots past the bucket masked off): at 1, 2 or 4 the narrow [16, BUCKET_SIZE] tiles took
+    # 200-255 registers, and 255 with spills at 128-wide tiles, where 8 takes ~115
     bags_per_block = 16
     if num_bags:
         grid = (triton.cdiv(num_bags, bags_per_block),)
         hash_probe.hash_probe_pooled_kernel[grid](values, offsets, keys, weights, out, meta, counts, batch_size,
                                                   total_dim, num_bags, BUCKET_SIZE=bucket_size, BLOCK_D=block_d(max_dim),
-                                                  BLOCK_B=bags_per_block, num_warps=4)
+                                                  BLOCK_B=bags_per_block, DIM_ALIGN=dim_align,
+                                                  WINDOW=max(bucket_size, 8), num_warps=4)
     return out, counts
