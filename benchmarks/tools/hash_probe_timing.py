@@ -83,8 +83,12 @@ def run(args) -> dict:
     values = raw.reshape(-1).to(device)
     offsets = torch.arange(0, k * b * n + 1, n, dtype=torch.int64, device=device)
 
+    # the alignment the collection promises (ops.hash_probe.probe_alignment): offsets and columns are multiples of dim
+    align = 4 if dim % 4 == 0 else 1
+
     def probe():
-        return probe_ops.probe_pooled_triton(keys, args.bucket_size, weights, values, offsets, meta, b, k * dim, dim)
+        return probe_ops.probe_pooled_triton(keys, args.bucket_size, weights, values, offsets, meta, b, k * dim, dim,
+                                             align)
 
     # the rows the probe finds, from the keys (the torch path's lookup), for the two static gathers
     from jaggedrec.ops import hash_probe_torch as hp
@@ -97,7 +101,7 @@ def run(args) -> dict:
 
     def probe_static():
         return probe_ops.probe_pooled_triton(keys, args.bucket_size, weights, rows, offsets, static_meta, b, k * dim,
-                                             dim)
+                                             dim, align)
 
     slots = args.rows // args.bucket_size * args.bucket_size + 1
     configs = [jr.EmbeddingBagConfig(name=f"t{f}", embedding_dim=dim, num_embeddings=slots,
