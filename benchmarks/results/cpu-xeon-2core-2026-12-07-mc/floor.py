@@ -11,7 +11,11 @@ every round), medians over rounds of the mc preset's 4 batches, one thread:
 - ``reset_floor``: the writes an eviction cannot avoid, for as many rows as the hashed step
   evicted in the same batch: fresh values drawn (torch's generator, ``uniform_``: cheaper than
   the counter-based draw the collection uses so that eager, compiled and compacted steps agree)
-  and written into the evicted rows, their row-wise optimizer state zeroed.
+  and written into the evicted rows, their row-wise optimizer state zeroed;
+- ``place_floor``: the least placement of the ids the hashed step placed in that batch (its
+  evicting positions' ids): one sort by bucket, each bucket's LRU stamps gathered and the
+  oldest slot taken (no ranking of several new ids in one bucket), the keys, tags and stamps
+  written.
 
     python floor.py [rounds]
 """
@@ -47,6 +51,8 @@ train_step = place.train_step
 def counted(*a, **k):
     out = train_step(*a, **k)
     counted.last = out.evicted_slot.numel()
+    ids, buckets = a[6], a[7]  # train_step(keys, last_step, count, sketch, step, bucket_size, ids, buckets, ...)
+    counted.placed = (ids.index_select(0, out.evicted_at), buckets.index_select(0, out.evicted_at))
     return out
 
 
@@ -79,15 +85,31 @@ def reset_floor(b):
     spare_state.index_fill_(0, rows, 0.0)
 
 
+placed = {}  # batch -> (ids, buckets) the hashed step's last run of it placed with an eviction
+
+
+def place_floor(b):
+    ids, buckets = placed.get(b, (torch.zeros(0, dtype=torch.int64),) * 2)
+    keys, tags, last_step, step = (copies[k] for k in ("keys", "tags", "last_step", "step"))
+    order = torch.sort(buckets).indices
+    ids, buckets = ids.index_select(0, order), buckets.index_select(0, order)
+    stamps = last_step.narrow(0, 0, last_step.numel() - 1).view(-1, 8).index_select(0, buckets)
+    slot = stamps.argmin(1).add_(buckets, alpha=8)
+    keys.put_(slot, ids)
+    tags.put_(slot, hp.tag_of(hp.mix(ids)).to(torch.uint8))
+    last_step.put_(slot, step.expand(ids.numel()))
+
+
 def train_hash(b):
     hashed(batches[b][0]).values().sum().backward()
     evictions[b] = counted.last
+    placed[b] = counted.placed
 
 
 F = {"train_hash": train_hash,
      "train_static": lambda b: static(batches[b][1]).values().sum().backward(),
      "train_static_same_rows": lambda b: static(same[b]).values().sum().backward(),
-     "remap_floor": remap_floor, "reset_floor": reset_floor}
+     "remap_floor": remap_floor, "reset_floor": reset_floor, "place_floor": place_floor}
 copies.update({k: getattr(hashed.hash_state, k).clone() for k in ("tags", "keys", "last_step", "step")})
 for _ in range(3):
     for b in range(4):
@@ -106,9 +128,9 @@ m = {k: statistics.median(v) for k, v in T.items()}
 for k, v in m.items():
     print(f"{k:24s} {v:8.3f} ms")
 print(f"evictions a batch: {sorted(evictions.values())}")
-floor = m["remap_floor"] + m["reset_floor"]
+floor = m["remap_floor"] + m["reset_floor"] + m["place_floor"]
 print(f"hashed / static {m['train_hash'] / m['train_static']:.3f}x, hashed / static same rows "
       f"{m['train_hash'] / m['train_static_same_rows']:.3f}x")
-print(f"floor (remap + reset floors {floor:.3f} ms): (static same rows + floor) / static "
+print(f"floor (remap + reset + place floors {floor:.3f} ms): (static same rows + floor) / static "
       f"{(m['train_static_same_rows'] + floor) / m['train_static']:.3f}x, (static + floor) / static "
       f"{(m['train_static'] + floor) / m['train_static']:.3f}x")
