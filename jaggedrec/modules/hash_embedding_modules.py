@@ -100,6 +100,17 @@ def _scaled(unit: torch.Tensor, low: float, high: float, dtype: torch.dtype) -> 
     return unit.mul(high - low).add_(low).clamp_(low, high).to(dtype)
 
 
+def _group_values(group: _ResetGroup, unit: torch.Tensor, tables: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[P, group.dim]`` fresh row values from ``[P, >= group.dim]`` draws in ``[0, 1)``: scaled
+    to the members' common init range, or to each position's own table's (``tables``: ``[P]``
+    hashed table index), and kept inside it."""
+    unit = unit.narrow(1, 0, group.dim)
+    if group.init_range is not None:
+        return _scaled(unit, *group.init_range, dtype)
+    low, span, high = (c.index_select(0, tables).unsqueeze(1) for c in (group.low, group.span, group.high))
+    return torch.minimum(torch.maximum(unit * span + low, low), high).to(dtype)
+
+
 class HashEmbeddingBagCollection(EmbeddingBagCollection):
     """``EmbeddingBagCollection`` with hashed tables.
 
@@ -199,14 +210,9 @@ class HashEmbeddingBagCollection(EmbeddingBagCollection):
             if not group.every_table:
                 at = group.member.index_select(0, table).nonzero().squeeze(1)
                 tables, rows, values = table.index_select(0, at), evicted_row.index_select(0, at), fresh.index_select(0, at)
-            values = values.narrow(1, 0, group.dim)
             weight = self._group_view(group, None)
-            if group.init_range is not None:
-                values = _scaled(values, *group.init_range, weight.dtype)
-            else:
-                low, span, high = (c.index_select(0, tables).unsqueeze(1) for c in (group.low, group.span, group.high))
-                values = torch.minimum(torch.maximum(values * span + low, low), high).to(weight.dtype)
-            weight.index_copy_(0, group.weight_base.index_select(0, tables) + rows, values)
+            weight.index_copy_(0, group.weight_base.index_select(0, tables) + rows,
+                               _group_values(group, values, tables, weight.dtype))
             if group.states:
                 state_rows = group.row_base.index_select(0, tables) + rows
             for name, per in group.states:
@@ -328,12 +334,7 @@ class HashEmbeddingBagCollection(EmbeddingBagCollection):
         columns = torch.arange(dim, dtype=torch.int64, device=target.device)
         elements = (target.unsqueeze(1) * dim + columns).view(-1)  # [N * dim]
         dummy_elements = columns + dummy * dim
-        values = fresh.narrow(1, 0, dim)
-        if group.init_range is not None:
-            values = _scaled(values, *group.init_range, flat.dtype)
-        else:
-            low, span, high = (c.index_select(0, tables).unsqueeze(1) for c in (group.low, group.span, group.high))
-            values = torch.minimum(torch.maximum(values * span + low, low), high).to(flat.dtype)
+        values = _group_values(group, fresh, tables, flat.dtype)
         keep = real.unsqueeze(1)
         flat.index_put_((elements,), torch.where(keep, values, flat.index_select(0, dummy_elements)).view(-1))
         state = self.fused_optimizer_state
